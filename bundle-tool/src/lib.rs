@@ -1,1 +1,22 @@
-//! Cairn bundles.
+//! Cairn bundles and the `cairn` command line.
+//!
+//! A bundle is a Git tree's Kubernetes manifests, parsed and stored as one
+//! canonical object per Kubernetes object, addressed by SHA-256. A release
+//! signs a bundle id into a channel. This crate builds bundles from Git
+//! (gix), lays out bundle repositories, signs and verifies releases, and
+//! moves repositories across air gaps.
+//!
+//! Pure parts ([`verify`], [`bundle`], [`release`]) take bytes and `now`;
+//! IO lives in [`git`], [`repo`], [`archive`] and the [`cli`].
+
+pub mod cli;
+pub mod duration;
+
+/// Seconds since the Unix epoch, from the system clock. The one place pure
+/// code's `now` comes from in the CLI.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -1,1 +1,31 @@
-//! Cairn keys.
+//! Cairn's trust layer: Ed25519 keys, signed envelopes and the trust root.
+//!
+//! Everything here is pure except [`keyfile`] and [`fs`], which read and write
+//! key files. Verification takes the bytes to check and `now` (Unix seconds)
+//! as arguments, so the same code runs in the CLI, the agent and simulators.
+//!
+//! * [`codec`]: deterministic CBOR with a size limit on every decode.
+//! * [`key`]: key pairs, public keys and key ids.
+//! * [`envelope`]: signed, domain-separated envelopes.
+//! * [`root`]: the trust root with roles and thresholds, and root rotation.
+//! * [`embedded`]: the root compiled into every binary.
+
+pub mod codec;
+pub mod embedded;
+mod error;
+pub mod envelope;
+pub mod fs;
+pub mod key;
+pub mod keyfile;
+pub mod root;
+
+pub use envelope::{Envelope, PayloadType, Signature};
+pub use error::{Error, Result};
+pub use key::{KeyId, KeyPair, PublicKey};
+pub use root::{Role, RoleKeys, Root, RootChain, VerifiedRoot};
+
+/// Hex-encoded SHA-256 of `bytes`, prefixed `sha256:`: the address format
+/// used for every content-addressed thing in Cairn.
+pub fn sha256_address(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes)))
+}

@@ -1,0 +1,78 @@
+//! The `cairn` command line: argument definitions and dispatch. Each
+//! subcommand lives in its own module and returns `anyhow::Result`; this
+//! module turns errors into one `cairn: ...` line and an exit code.
+
+use clap::{Parser, Subcommand};
+
+mod keys;
+mod root;
+
+/// Exit code for a failed command (bad input, failed verification).
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code for a usage error (unknown flag, missing argument).
+pub const EXIT_USAGE: i32 = 2;
+
+/// Cairn: signed, content-addressed GitOps bundles for edge and air-gapped fleets.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate and inspect signing keys.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Create, rotate and verify trust roots.
+    #[command(subcommand)]
+    Root(root::RootCommand),
+}
+
+/// Runs the CLI with the process arguments and returns the exit code.
+pub fn main() -> i32 {
+    reset_sigpipe();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let result = match cli.command {
+        Command::Keys(c) => keys::run(c),
+        Command::Root(c) => root::run(c),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cairn: {}", error_chain(&e));
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// One line: the error and its causes, joined by `: `.
+pub(crate) fn error_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}
+
+/// A broken pipe (`cairn ... | head`) ends the process quietly, as Unix
+/// tools do, instead of panicking in `println!`.
+fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default at start-up,
+    // before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
