@@ -7,10 +7,18 @@
 //! moves repositories across air gaps.
 //!
 //! Pure parts ([`verify`], [`bundle`], [`release`]) take bytes and `now`;
-//! IO lives in [`git`], [`repo`], [`archive`] and the [`cli`].
+//! IO lives in the [`cli`] and the file modules.
 
+pub mod bundle;
 pub mod cli;
 pub mod duration;
+mod error;
+pub mod limits;
+pub mod release;
+pub mod repo;
+pub mod verify;
+
+pub use error::{Error, Result};
 
 /// Seconds since the Unix epoch, from the system clock. The one place pure
 /// code's `now` comes from in the CLI.

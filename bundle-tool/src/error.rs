@@ -1,0 +1,149 @@
+//! The error type of `cairn-bundle`: every rejection names what was
+//! rejected and why, and maps to a short stable reason for metrics.
+
+use std::path::PathBuf;
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors from building, reading and verifying bundles and releases.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A trust-layer error (signatures, roots, encodings).
+    #[error(transparent)]
+    Keys(#[from] cairn_keys::Error),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An object's bytes do not hash to its address.
+    #[error("object {address}: content hashes to {actual}")]
+    ObjectMismatch {
+        /// The address it was fetched or stored under.
+        address: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// An object is missing from a bundle file or repository.
+    #[error("object {address} ({what}) is missing")]
+    ObjectMissing {
+        /// Its address.
+        address: String,
+        /// What it is (entry path and name).
+        what: String,
+    },
+    /// Input exceeded a limit.
+    #[error("{what} is {actual} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// The limit.
+        limit: u64,
+        /// The actual size.
+        actual: u64,
+    },
+    /// A bundle manifest is malformed.
+    #[error("invalid bundle manifest: {0}")]
+    InvalidManifest(String),
+    /// A bundle file is malformed.
+    #[error("{}: not a valid bundle file: {reason}", path.display())]
+    InvalidBundleFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A release is malformed.
+    #[error("invalid release: {0}")]
+    InvalidRelease(String),
+    /// A release for another channel.
+    #[error("release is for channel `{found}`, expected `{expected}`")]
+    WrongChannel {
+        /// The channel asked for.
+        expected: String,
+        /// The channel in the release.
+        found: String,
+    },
+    /// A release whose sequence is not above the last adopted one.
+    #[error("rollback: release sequence {found} on channel `{channel}` is not above the last adopted {last}")]
+    Rollback {
+        /// The channel.
+        channel: String,
+        /// The last adopted sequence.
+        last: u64,
+        /// The sequence offered.
+        found: u64,
+    },
+    /// An expired release (freeze attack or stale mirror).
+    #[error("release {sequence} on channel `{channel}` expired at {expires} (now {now})")]
+    Expired {
+        /// The channel.
+        channel: String,
+        /// Its sequence.
+        sequence: u64,
+        /// Expiry, Unix seconds.
+        expires: u64,
+        /// The time of the check.
+        now: u64,
+    },
+    /// The trust root in use has expired.
+    #[error("trust root v{version} expired at {expires}; rotate the root")]
+    RootExpired {
+        /// Root version.
+        version: u64,
+        /// Its expiry.
+        expires: u64,
+    },
+    /// A Kubernetes manifest in the source is invalid.
+    #[error("{file}: {reason}")]
+    Manifest {
+        /// `path` or `path` + document index or line.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Git could not resolve or read something.
+    #[error("git: {0}")]
+    Git(String),
+    /// A repository directory is inconsistent.
+    #[error("{0}")]
+    Repository(String),
+    /// An archive is unsafe or malformed.
+    #[error("archive {}: {reason}", path.display())]
+    Archive {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// A short, stable reason for metrics labels and status fields.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Keys(cairn_keys::Error::Threshold { .. }) => "signature_threshold",
+            Error::Keys(cairn_keys::Error::VersionGap { .. }) => "root_version_gap",
+            Error::Keys(cairn_keys::Error::WrongPayloadType { .. }) => "wrong_payload_type",
+            Error::Keys(cairn_keys::Error::TooLarge { .. }) | Error::TooLarge { .. } => "too_large",
+            Error::Keys(_) => "malformed",
+            Error::Io { .. } => "io",
+            Error::ObjectMismatch { .. } => "object_hash_mismatch",
+            Error::ObjectMissing { .. } => "object_missing",
+            Error::InvalidManifest(_) | Error::InvalidBundleFile { .. } => "invalid_bundle",
+            Error::InvalidRelease(_) => "invalid_release",
+            Error::WrongChannel { .. } => "wrong_channel",
+            Error::Rollback { .. } => "rollback",
+            Error::Expired { .. } => "expired",
+            Error::RootExpired { .. } => "root_expired",
+            Error::Manifest { .. } => "invalid_manifest",
+            Error::Git(_) => "git",
+            Error::Repository(_) => "repository",
+            Error::Archive { .. } => "archive",
+        }
+    }
+}

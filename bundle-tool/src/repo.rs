@@ -1,0 +1,194 @@
+//! The bundle repository: a plain directory that any static file server,
+//! object store or USB stick can carry unchanged.
+//!
+//! ```text
+//! roots/<version>                    signed root envelopes, 1, 2, ...
+//! channels/<channel>                 the channel's latest release envelope
+//! objects/sha256/<2 hex>/<64 hex>    content-addressed objects (bundle
+//!                                    manifests and Kubernetes objects)
+//! ```
+//!
+//! The path functions here are shared by directory and HTTP sources.
+//! Writes are atomic (temporary file + rename) and objects are written only
+//! if absent, so a crash never leaves a partial file under a final name.
+
+use crate::bundle::{is_address, verify_object};
+use crate::{Error, Result};
+use cairn_keys::fs::write_atomic;
+use std::path::{Path, PathBuf};
+
+/// `roots/<version>`.
+pub fn root_path(version: u64) -> String {
+    format!("roots/{version}")
+}
+
+/// `channels/<channel>`.
+pub fn channel_path(channel: &str) -> String {
+    format!("channels/{channel}")
+}
+
+/// `objects/sha256/<2 hex>/<hex>` for a `sha256:<hex>` address, or `None`
+/// for a malformed address (which must never become a path).
+pub fn object_path(address: &str) -> Option<String> {
+    if !is_address(address) {
+        return None;
+    }
+    let hex = &address[7..];
+    Some(format!("objects/sha256/{}/{}", &hex[..2], hex))
+}
+
+/// A bundle repository on the local file system.
+#[derive(Clone, Debug)]
+pub struct RepoDir {
+    root: PathBuf,
+}
+
+impl RepoDir {
+    /// Opens (without creating) the repository at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Reads `rel` if it exists, refusing files over `limit` bytes before
+    /// reading them.
+    pub fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let p = self.root.join(rel);
+        let meta = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Self::io(&p)(e)),
+        };
+        if !meta.is_file() {
+            return Err(Error::Repository(format!("{}: not a regular file", p.display())));
+        }
+        if meta.len() > limit {
+            return Err(Error::TooLarge {
+                what: p.display().to_string(),
+                limit,
+                actual: meta.len(),
+            });
+        }
+        std::fs::read(&p).map(Some).map_err(Self::io(&p))
+    }
+
+    /// Writes `rel` atomically, creating parent directories.
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> Result<()> {
+        let p = self.root.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).map_err(Self::io(parent))?;
+        }
+        write_atomic(&p, bytes, None).map_err(Self::io(&p))
+    }
+
+    /// Whether an object is present (its content is not checked).
+    pub fn has_object(&self, address: &str) -> bool {
+        object_path(address).is_some_and(|rel| self.root.join(rel).is_file())
+    }
+
+    /// Reads an object and checks it against its address.
+    pub fn get_object(&self, address: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        let rel = object_path(address)
+            .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
+        match self.read(&rel, limit)? {
+            Some(bytes) => {
+                verify_object(address, &bytes)?;
+                Ok(Some(bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an object after checking it against its address; a present
+    /// object is left untouched. Returns whether it was written.
+    pub fn put_object(&self, address: &str, bytes: &[u8]) -> Result<bool> {
+        verify_object(address, bytes)?;
+        if self.has_object(address) {
+            return Ok(false);
+        }
+        let rel = object_path(address)
+            .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
+        self.write(&rel, bytes)?;
+        Ok(true)
+    }
+
+    /// The channel's release envelope, if any.
+    pub fn channel(&self, channel: &str, limit: u64) -> Result<Option<Vec<u8>>> {
+        self.read(&channel_path(channel), limit)
+    }
+
+    /// Names of all channels present.
+    pub fn channels(&self) -> Result<Vec<String>> {
+        self.list("channels")
+    }
+
+    /// All root envelopes, sorted by version.
+    pub fn roots(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for name in self.list("roots")? {
+            let Ok(v) = name.parse::<u64>() else { continue };
+            if let Some(b) = self.read(&root_path(v), cairn_keys::root::MAX_ROOT_BYTES as u64)? {
+                out.push((v, b));
+            }
+        }
+        out.sort_by_key(|(v, _)| *v);
+        Ok(out)
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let p = self.root.join(dir);
+        let rd = match std::fs::read_dir(&p) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Self::io(&p)(e)),
+        };
+        let mut names = Vec::new();
+        for e in rd {
+            let e = e.map_err(Self::io(&p))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_paths_refuse_traversal() {
+        assert_eq!(object_path("sha256:../../etc/passwd"), None);
+        let a = cairn_keys::sha256_address(b"x");
+        assert!(object_path(&a).unwrap().starts_with("objects/sha256/"));
+    }
+
+    #[test]
+    fn put_get_verify() {
+        let d = tempfile::tempdir().unwrap();
+        let r = RepoDir::new(d.path());
+        let a = cairn_keys::sha256_address(b"hello");
+        assert!(r.put_object(&a, b"hello").unwrap());
+        assert!(!r.put_object(&a, b"hello").unwrap());
+        assert_eq!(r.get_object(&a, 100).unwrap().unwrap(), b"hello");
+        assert!(matches!(r.put_object(&a, b"hellp"), Err(Error::ObjectMismatch { .. })));
+        // A flipped byte on disk is caught on read.
+        std::fs::write(d.path().join(object_path(&a).unwrap()), b"hellp").unwrap();
+        assert!(matches!(r.get_object(&a, 100), Err(Error::ObjectMismatch { .. })));
+        assert!(matches!(r.get_object(&a, 2), Err(Error::TooLarge { .. })));
+    }
+}
