@@ -1,1 +1,85 @@
-//! Test support.
+//! Test support for Cairn's end-to-end tests.
+//!
+//! * [`fixture`]: deterministic Git repositories of Kubernetes manifests
+//!   ([`make_manifest_repo`], [`add_kustomize_overlay`]).
+//! * [`cargo_bin`], [`run`], [`run_ok`]: find and run the workspace binaries.
+//! * [`StaticServer`]: a tiny static HTTP file server with fault injection.
+//!
+//! Nothing here depends on files outside the workspace.
+
+pub mod fixture;
+mod server;
+
+pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
+pub use server::{Fault, StaticServer};
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// The path of a workspace binary (`target/<profile>/<name>`), found next
+/// to the running test executable (`target/<profile>/deps/<test>`).
+///
+/// Panics with a clear message if the binary has not been built. Inside the
+/// binary's own package, prefer `env!("CARGO_BIN_EXE_<name>")`.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut dirs = Vec::new();
+    // target/<profile>/deps/<test> -> target/<profile>, then the other profile.
+    if let Some(profile_dir) = exe.parent().and_then(|d| d.parent()) {
+        dirs.push(profile_dir.to_path_buf());
+        if let Some(target) = profile_dir.parent() {
+            for p in ["debug", "release"] {
+                dirs.push(target.join(p));
+            }
+        }
+    }
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
+    for d in &dirs {
+        let p = d.join(&file);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "binary `{name}` not found in {:?}: run `cargo build --workspace --bins` first",
+        dirs
+    );
+}
+
+/// Runs `cmd` to completion, capturing stdout and stderr. Panics if it
+/// cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()))
+}
+
+/// Runs `cmd` and panics with its output unless it succeeds. Returns
+/// stdout as a string.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    if !out.status.success() {
+        panic!(
+            "{:?} failed ({}):\nstdout: {}\nstderr: {}",
+            cmd,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd`, panics if it succeeds, and returns its stderr (the error
+/// text to assert on).
+pub fn run_err(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    if out.status.success() {
+        panic!(
+            "{:?} succeeded but was expected to fail:\nstdout: {}\nstderr: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,257 @@
+//! A tiny static HTTP/1.1 file server for tests.
+//!
+//! Serves `GET` and `HEAD` for regular files under a root directory on
+//! `127.0.0.1:<ephemeral port>`, one thread per connection, one request
+//! per connection (`Connection: close`). Anything else is 404 (missing,
+//! outside the root, not a regular file) or 405 (other methods).
+//! [`Fault`]s can be injected to test clients against bad mirrors.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A fault applied to every following response until cleared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Fault {
+    /// Serve files as they are.
+    #[default]
+    None,
+    /// Answer every request with this status code and an empty body.
+    Status(u16),
+    /// Flip the first byte of every body.
+    FlipByte,
+    /// Send only the first half of every body, then close.
+    Truncate,
+    /// Wait this long before answering.
+    Delay(Duration),
+    /// Send headers, then stall forever without a body (slow retrieval).
+    Stall,
+}
+
+struct Shared {
+    root: PathBuf,
+    fault: Mutex<Fault>,
+    stop: AtomicBool,
+    requests: AtomicU64,
+}
+
+/// A running static file server; stopped on [`StaticServer::stop`] or drop.
+pub struct StaticServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl StaticServer {
+    /// Starts serving `root` on an ephemeral port of 127.0.0.1.
+    pub fn start(root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            root: root.into(),
+            fault: Mutex::new(Fault::None),
+            stop: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+        });
+        let s = Arc::clone(&shared);
+        let accept = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let s = Arc::clone(&s);
+                std::thread::spawn(move || {
+                    let _ = serve(&s, conn);
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            shared,
+            accept: Some(accept),
+        })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>` (no trailing slash).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sets the fault applied to following requests.
+    pub fn set_fault(&self, fault: Fault) {
+        if let Ok(mut f) = self.shared.fault.lock() {
+            *f = fault;
+        }
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting connections and waits for the accept thread.
+    /// Connections in progress finish on their own.
+    pub fn stop(&mut self) {
+        if self.shared.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Wake the blocking accept.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
+    let path = url_path.split(['?', '#']).next()?;
+    let rel = Path::new(path.trim_start_matches('/'));
+    let mut out = root.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    let meta = std::fs::symlink_metadata(&out).ok()?;
+    meta.is_file().then_some(out)
+}
+
+fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    // Drain headers.
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+            break;
+        }
+    }
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let target = parts.next().unwrap_or("/");
+    let fault = s.fault.lock().map(|f| f.clone()).unwrap_or_default();
+    let mut w = conn;
+    let respond = |w: &mut TcpStream, code: u16, reason: &str, body: &[u8], send_body: bool| {
+        write!(
+            w,
+            "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+            body.len()
+        )?;
+        if send_body {
+            w.write_all(body)?;
+        }
+        w.flush()
+    };
+    if let Fault::Delay(d) = fault {
+        std::thread::sleep(d);
+    }
+    if let Fault::Status(code) = fault {
+        return respond(&mut w, code, "Injected", b"", true);
+    }
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut w, 405, "Method Not Allowed", b"", true);
+    }
+    let Some(file) = resolve(&s.root, target) else {
+        return respond(&mut w, 404, "Not Found", b"not found\n", method == "GET");
+    };
+    let mut body = Vec::new();
+    std::fs::File::open(&file)?.read_to_end(&mut body)?;
+    match fault {
+        Fault::FlipByte => {
+            if let Some(b) = body.first_mut() {
+                *b ^= 0x01;
+            }
+            respond(&mut w, 200, "OK", &body, method == "GET")
+        }
+        Fault::Truncate => {
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            w.write_all(&body[..body.len() / 2])?;
+            w.flush()
+        }
+        Fault::Stall => {
+            write!(
+                w,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
+            w.flush()?;
+            while !s.stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
+        }
+        _ => respond(&mut w, 200, "OK", &body, method == "GET"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).unwrap();
+        let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+        let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (code, buf[split + 4..].to_vec())
+    }
+
+    #[test]
+    fn serves_files_404s_and_faults() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a")).unwrap();
+        std::fs::write(d.path().join("a/f"), b"hello").unwrap();
+        let mut s = StaticServer::start(d.path()).unwrap();
+        assert_eq!(get(s.addr(), "/a/f"), (200, b"hello".to_vec()));
+        assert_eq!(get(s.addr(), "/a/missing").0, 404);
+        assert_eq!(get(s.addr(), "/../etc/passwd").0, 404);
+        assert_eq!(get(s.addr(), "/a").0, 404);
+        s.set_fault(Fault::FlipByte);
+        assert_eq!(get(s.addr(), "/a/f"), (200, b"iello".to_vec()));
+        s.set_fault(Fault::Status(503));
+        assert_eq!(get(s.addr(), "/a/f").0, 503);
+        s.set_fault(Fault::None);
+        assert!(s.requests() >= 6);
+        s.stop();
+        assert!(TcpStream::connect(s.addr()).is_err() || get_fails(s.addr()));
+    }
+
+    fn get_fails(addr: SocketAddr) -> bool {
+        let Ok(mut c) = TcpStream::connect(addr) else {
+            return true;
+        };
+        let _ = write!(c, "GET / HTTP/1.1\r\n\r\n");
+        let mut buf = Vec::new();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        c.read_to_end(&mut buf).map(|n| n == 0).unwrap_or(true)
+    }
+}
