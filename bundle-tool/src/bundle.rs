@@ -54,12 +54,21 @@ pub struct Entry {
 impl Entry {
     /// The API group (`""` for core).
     pub fn group(&self) -> &str {
-        self.api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("")
+        self.api_version
+            .rsplit_once('/')
+            .map(|(g, _)| g)
+            .unwrap_or("")
     }
 
     /// `group/Kind/namespace/name`: unique within a bundle.
     pub fn key(&self) -> String {
-        format!("{}/{}/{}/{}", self.group(), self.kind, self.namespace, self.name)
+        format!(
+            "{}/{}/{}/{}",
+            self.group(),
+            self.kind,
+            self.namespace,
+            self.name
+        )
     }
 
     /// `Kind namespace/name` or `Kind name`, for humans.
@@ -186,7 +195,9 @@ impl Manifest {
 /// Whether `s` is a well-formed `sha256:<64 lower-case hex>` address.
 pub fn is_address(s: &str) -> bool {
     s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -214,7 +225,10 @@ pub fn write_bundle_file(
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
@@ -278,8 +292,13 @@ pub fn read_bundle_file(
     let manifest = Manifest::decode(&mbytes, None, limits).map_err(|e| bad(e.to_string()))?;
     for e in &manifest.entries {
         let mut buf = vec![0u8; e.size as usize];
-        r.read_exact(&mut buf)
-            .map_err(|_| bad(format!("truncated at object {} ({})", e.object, e.display_name())))?;
+        r.read_exact(&mut buf).map_err(|_| {
+            bad(format!(
+                "truncated at object {} ({})",
+                e.object,
+                e.display_name()
+            ))
+        })?;
         verify_object(&e.object, &buf)?;
         each(e, buf)?;
     }

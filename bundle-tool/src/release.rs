@@ -97,7 +97,10 @@ impl Release {
             return Err(Error::InvalidRelease("sequence must be at least 1".into()));
         }
         if !crate::bundle::is_address(&self.bundle) {
-            return Err(Error::InvalidRelease(format!("bad bundle id `{}`", self.bundle)));
+            return Err(Error::InvalidRelease(format!(
+                "bad bundle id `{}`",
+                self.bundle
+            )));
         }
         Ok(())
     }

@@ -71,7 +71,10 @@ impl RepoDir {
             Err(e) => return Err(Self::io(&p)(e)),
         };
         if !meta.is_file() {
-            return Err(Error::Repository(format!("{}: not a regular file", p.display())));
+            return Err(Error::Repository(format!(
+                "{}: not a regular file",
+                p.display()
+            )));
         }
         if meta.len() > limit {
             return Err(Error::TooLarge {
@@ -185,10 +188,16 @@ mod tests {
         assert!(r.put_object(&a, b"hello").unwrap());
         assert!(!r.put_object(&a, b"hello").unwrap());
         assert_eq!(r.get_object(&a, 100).unwrap().unwrap(), b"hello");
-        assert!(matches!(r.put_object(&a, b"hellp"), Err(Error::ObjectMismatch { .. })));
+        assert!(matches!(
+            r.put_object(&a, b"hellp"),
+            Err(Error::ObjectMismatch { .. })
+        ));
         // A flipped byte on disk is caught on read.
         std::fs::write(d.path().join(object_path(&a).unwrap()), b"hellp").unwrap();
-        assert!(matches!(r.get_object(&a, 100), Err(Error::ObjectMismatch { .. })));
+        assert!(matches!(
+            r.get_object(&a, 100),
+            Err(Error::ObjectMismatch { .. })
+        ));
         assert!(matches!(r.get_object(&a, 2), Err(Error::TooLarge { .. })));
     }
 }

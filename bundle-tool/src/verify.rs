@@ -100,7 +100,10 @@ impl ReleaseCheck<'_> {
     }
 
     fn check_signatures(&self, env: &Envelope, release: &Release) -> Result<Vec<KeyId>> {
-        let what = format!("release {} on channel `{}`", release.sequence, release.channel);
+        let what = format!(
+            "release {} on channel `{}`",
+            release.sequence, release.channel
+        );
         Ok(self.root.check_threshold(Role::Release, env, &what)?)
     }
 }

@@ -81,7 +81,12 @@ impl Envelope {
     /// each length-prefixed so no two inputs produce the same message.
     pub fn signed_message(format: u32, payload_type: &str, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::with_capacity(CONTEXT.len() + payload_type.len() + payload.len() + 28);
-        for part in [CONTEXT, &format.to_be_bytes(), payload_type.as_bytes(), payload] {
+        for part in [
+            CONTEXT,
+            &format.to_be_bytes(),
+            payload_type.as_bytes(),
+            payload,
+        ] {
             m.extend_from_slice(&(part.len() as u64).to_be_bytes());
             m.extend_from_slice(part);
         }

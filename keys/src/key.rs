@@ -41,7 +41,10 @@ impl PublicKey {
 
     /// The key id of this key.
     pub fn key_id(&self) -> KeyId {
-        KeyId(hex::encode(ring::digest::digest(&ring::digest::SHA256, &self.0)))
+        KeyId(hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &self.0,
+        )))
     }
 
     /// Whether `signature` is a valid signature of `message` by this key.

@@ -104,12 +104,15 @@ pub fn generate(dir: &Path, name: &str) -> Result<(KeyPair, PathBuf, PathBuf)> {
         path: key_path.clone(),
         source,
     })?;
-    write_atomic(&pub_path, render_public(&kp.public_key()).as_bytes(), Some(0o644)).map_err(
-        |source| Error::Io {
-            path: pub_path.clone(),
-            source,
-        },
-    )?;
+    write_atomic(
+        &pub_path,
+        render_public(&kp.public_key()).as_bytes(),
+        Some(0o644),
+    )
+    .map_err(|source| Error::Io {
+        path: pub_path.clone(),
+        source,
+    })?;
     Ok((kp, key_path, pub_path))
 }
 

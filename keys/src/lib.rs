@@ -12,8 +12,8 @@
 
 pub mod codec;
 pub mod embedded;
-mod error;
 pub mod envelope;
+mod error;
 pub mod fs;
 pub mod key;
 pub mod keyfile;
@@ -27,5 +27,8 @@ pub use root::{Role, RoleKeys, Root, RootChain, VerifiedRoot};
 /// Hex-encoded SHA-256 of `bytes`, prefixed `sha256:`: the address format
 /// used for every content-addressed thing in Cairn.
 pub fn sha256_address(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes)))
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+    )
 }

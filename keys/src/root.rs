@@ -179,7 +179,12 @@ impl Root {
 
     /// Checks that a threshold of distinct `role` keys signed `envelope`.
     /// Returns the keys that counted.
-    pub fn check_threshold(&self, role: Role, envelope: &Envelope, what: &str) -> Result<Vec<KeyId>> {
+    pub fn check_threshold(
+        &self,
+        role: Role,
+        envelope: &Envelope,
+        what: &str,
+    ) -> Result<Vec<KeyId>> {
         let rk = self.role(role);
         let report = envelope.valid_signers(|id| {
             if rk.key_ids.contains(id) {
@@ -326,7 +331,15 @@ mod tests {
         twice.signatures.push(one.signatures[0].clone());
         let err = VerifiedRoot::verify_initial(&twice.encode()).unwrap_err();
         assert!(
-            matches!(err, Error::Threshold { valid: 1, threshold: 2, role: Role::Root, .. }),
+            matches!(
+                err,
+                Error::Threshold {
+                    valid: 1,
+                    threshold: 2,
+                    role: Role::Root,
+                    ..
+                }
+            ),
             "{err}"
         );
     }
@@ -358,7 +371,13 @@ mod tests {
         assert!(!chain.expired);
         // A gap: v1 -> v3.
         let err = RootChain::follow(first.clone(), [&b3[..]], 0).unwrap_err();
-        assert!(matches!(err, Error::VersionGap { expected: 2, found: 3 }));
+        assert!(matches!(
+            err,
+            Error::VersionGap {
+                expected: 2,
+                found: 3
+            }
+        ));
         // v2 signed only by its new keys.
         let only_new = r2.sign(&[&k2[0], &k2[1]]).encode();
         let err = first.verify_next(&only_new).unwrap_err();
@@ -420,7 +439,10 @@ mod tests {
         let ks = keys(2);
         let b = root_with(1, &ks, 1).sign(&[&ks[0]]).encode();
         for cut in 0..b.len() {
-            assert!(VerifiedRoot::verify_initial(&b[..cut]).is_err(), "cut at {cut}");
+            assert!(
+                VerifiedRoot::verify_initial(&b[..cut]).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }

@@ -101,7 +101,10 @@ pub(crate) fn read_root_file(path: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("{}", path.display()))?
         .len();
     if len > cairn_keys::root::MAX_ROOT_BYTES as u64 {
-        bail!("{}: {len} bytes is too large for a root file", path.display());
+        bail!(
+            "{}: {len} bytes is too large for a root file",
+            path.display()
+        );
     }
     std::fs::read(path).with_context(|| format!("{}", path.display()))
 }
