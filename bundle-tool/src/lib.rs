@@ -16,6 +16,7 @@ mod error;
 pub mod limits;
 pub mod release;
 pub mod repo;
+pub mod rollout;
 pub mod verify;
 
 pub use error::{Error, Result};
