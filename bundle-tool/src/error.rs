@@ -109,6 +109,16 @@ pub enum Error {
     /// Git could not resolve or read something.
     #[error("git: {0}")]
     Git(String),
+    /// A bundle could not be built (duplicates, empty bundle, Kustomize).
+    #[error("{0}")]
+    Build(String),
+    /// A repository check found bad or missing objects; every problem is
+    /// listed, one per element, each naming the file.
+    #[error("{}{}", problems.first().map(String::as_str).unwrap_or("verification failed"), if problems.len() > 1 { format!(" (and {} more problem(s))", problems.len() - 1) } else { String::new() })]
+    Objects {
+        /// One line per bad or missing object.
+        problems: Vec<String>,
+    },
     /// A repository directory is inconsistent.
     #[error("{0}")]
     Repository(String),
@@ -142,6 +152,8 @@ impl Error {
             Error::RootExpired { .. } => "root_expired",
             Error::Manifest { .. } => "invalid_manifest",
             Error::Git(_) => "git",
+            Error::Build(_) => "build",
+            Error::Objects { .. } => "objects",
             Error::Repository(_) => "repository",
             Error::Archive { .. } => "archive",
         }

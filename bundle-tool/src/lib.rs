@@ -9,11 +9,14 @@
 //! Pure parts ([`verify`], [`bundle`], [`release`]) take bytes and `now`;
 //! IO lives in the [`cli`] and the file modules.
 
+pub mod build;
 pub mod bundle;
 pub mod cli;
 pub mod duration;
 mod error;
+pub mod git;
 pub mod limits;
+pub mod manifests;
 pub mod release;
 pub mod repo;
 pub mod rollout;

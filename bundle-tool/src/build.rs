@@ -1,0 +1,387 @@
+//! Building a bundle from a Git commit.
+//!
+//! Reads the tree with gix (see [`crate::git`]), parses every `.yaml` /
+//! `.yml` file under the chosen directory into canonical objects (see
+//! [`crate::manifests`]), renders Kustomize directories with
+//! `kubectl kustomize`, refuses duplicates, and returns the manifest plus
+//! the object bytes.
+//!
+//! **Determinism rule:** the bundle id depends only on the commit's tree
+//! under the path, the commit id, the path and the source name. Same
+//! inputs, same id, byte for byte — whichever clone or folder it is built
+//! from, however many threads parse it. Kustomize output is deterministic
+//! as long as the kustomization uses no remote resources.
+
+use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::git::{self, GitTree, TreeFile};
+use crate::limits::Limits;
+use crate::manifests::{self, ParsedObject};
+use crate::{Error, Result};
+use cairn_keys::sha256_address;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Largest source file read from the tree (64 MiB).
+pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
+
+/// Show a progress bar (if asked for) only from this many files on.
+pub const PROGRESS_MIN_FILES: usize = 200;
+
+/// File names that make a directory a Kustomize directory.
+pub const KUSTOMIZATION_FILES: &[&str] = &["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The Git repository (work tree or bare).
+    pub repository: PathBuf,
+    /// Branch, tag or commit; `HEAD` when `None`.
+    pub reference: Option<String>,
+    /// Directory (or single file) inside the tree; `""` for all of it.
+    pub path: String,
+    /// Recorded as `source.repository` (part of the bundle id).
+    pub source_name: String,
+    /// Allow a bundle with no objects.
+    pub allow_empty: bool,
+    /// The kubectl program used to render Kustomize directories.
+    pub kubectl: OsString,
+    /// Size limits.
+    pub limits: Limits,
+    /// Parser threads (at least 1).
+    pub threads: usize,
+    /// Draw a progress bar on stderr for large trees.
+    pub progress: bool,
+}
+
+impl BuildOptions {
+    /// Options with the defaults: `HEAD`, the whole tree, the source name
+    /// from [`default_source_name`], `kubectl` from `PATH`, two threads.
+    pub fn new(repository: impl Into<PathBuf>) -> Self {
+        let repository = repository.into();
+        Self {
+            source_name: default_source_name(&repository),
+            repository,
+            reference: None,
+            path: String::new(),
+            allow_empty: false,
+            kubectl: "kubectl".into(),
+            limits: Limits::default(),
+            threads: 2,
+            progress: false,
+        }
+    }
+}
+
+/// The default `source.repository`: the last component of the
+/// repository's absolute path, without a `.git` suffix (`/src/edge`,
+/// `/mnt/edge/.git` and `/srv/edge.git` all give `edge`). Two clones give
+/// the same bundle id when their folders have the same name; use an
+/// explicit source name to make folder names irrelevant.
+pub fn default_source_name(repository: &Path) -> String {
+    let abs = std::fs::canonicalize(repository).unwrap_or_else(|_| repository.to_path_buf());
+    let mut name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name == ".git" {
+        name = abs
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+    }
+    name.strip_suffix(".git").map(str::to_owned).unwrap_or(name)
+}
+
+/// A built bundle: its manifest and every object's bytes by address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltBundle {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Object bytes by address.
+    pub objects: BTreeMap<String, Vec<u8>>,
+}
+
+impl BuiltBundle {
+    /// The bundle id.
+    pub fn id(&self) -> String {
+        self.manifest.id()
+    }
+
+    /// Writes the bundle file (atomically).
+    pub fn write_file(&self, path: &Path) -> Result<()> {
+        write_bundle_file(path, &self.manifest, |e| {
+            self.objects
+                .get(&e.object)
+                .cloned()
+                .ok_or_else(|| Error::ObjectMissing {
+                    address: e.object.clone(),
+                    what: format!("{} in {}", e.display_name(), e.path),
+                })
+        })
+    }
+}
+
+fn is_under(path: &str, dir: &str) -> bool {
+    dir.is_empty() || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit_once('/').map(|(_, f)| f).unwrap_or(path)
+}
+
+/// Builds a bundle. See the module documentation for the rules.
+pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
+    let tree = GitTree::open(&opts.repository, opts.reference.as_deref())?;
+    let dir = git::normalize_tree_path(&opts.path)?;
+    let files = tree.files(&dir)?;
+
+    // Kustomize directories: the outermost ones win; everything below one
+    // belongs to its render and is not parsed on its own.
+    let mut kdirs: Vec<(String, String)> = Vec::new(); // (dir, kustomization file path)
+    for f in &files {
+        if KUSTOMIZATION_FILES.contains(&file_name(&f.path)) {
+            let d = parent(&f.path).to_owned();
+            if !kdirs.iter().any(|(k, _)| k == &d) {
+                kdirs.push((d, f.path.clone()));
+            }
+        }
+    }
+    kdirs.sort();
+    let mut outer: Vec<(String, String)> = Vec::new();
+    for (d, p) in kdirs {
+        if !outer.iter().any(|(o, _)| o == &d || is_under(&d, o)) {
+            outer.push((d, p));
+        }
+    }
+    let plain: Vec<TreeFile> = files
+        .into_iter()
+        .filter(|f| manifests::is_manifest_file(&f.path))
+        .filter(|f| !outer.iter().any(|(o, _)| is_under(&f.path, o)))
+        .collect();
+
+    let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;
+    if !outer.is_empty() {
+        let export = export_tree(&tree)?;
+        for (d, kfile) in &outer {
+            let objects = render_kustomization(export.path(), d, kfile, opts)?;
+            parsed.push((kfile.clone(), objects));
+        }
+    }
+
+    let mut entries = Vec::new();
+    let mut objects = BTreeMap::new();
+    for (path, objs) in parsed {
+        for o in objs {
+            let address = sha256_address(&o.bytes);
+            entries.push(Entry {
+                path: path.clone(),
+                document: o.document,
+                api_version: o.api_version,
+                kind: o.kind,
+                namespace: o.namespace,
+                name: o.name,
+                object: address.clone(),
+                size: o.bytes.len() as u64,
+            });
+            objects.insert(address, o.bytes);
+        }
+    }
+    entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
+    let mut seen: BTreeMap<String, &Entry> = BTreeMap::new();
+    for e in &entries {
+        if let Some(first) = seen.insert(e.key(), e) {
+            return Err(Error::Build(format!(
+                "duplicate object {}: defined in {} (document {}) and in {} (document {})",
+                e.display_name(),
+                first.path,
+                first.document,
+                e.path,
+                e.document
+            )));
+        }
+    }
+    if entries.is_empty() && !opts.allow_empty {
+        let at = if dir.is_empty() { "the tree".to_owned() } else { format!("`{dir}`") };
+        return Err(Error::Build(format!(
+            "empty bundle: no Kubernetes objects in {at} of commit {}; pass --allow-empty to build it anyway",
+            tree.commit
+        )));
+    }
+    let manifest = Manifest {
+        format: BUNDLE_FORMAT,
+        source: Source {
+            repository: opts.source_name.clone(),
+            commit: tree.commit.clone(),
+            path: dir,
+        },
+        entries,
+    };
+    manifest.validate(&opts.limits)?;
+    Ok(BuiltBundle { manifest, objects })
+}
+
+/// Reads and parses `files` on `opts.threads` threads. The result is in
+/// the order of `files` whatever the scheduling; on failure the error of
+/// the first failing file (in that order) is returned.
+fn parse_parallel(
+    tree: &GitTree,
+    files: &[TreeFile],
+    opts: &BuildOptions,
+) -> Result<Vec<(String, Vec<ParsedObject>)>> {
+    let threads = opts.threads.clamp(1, 64).min(files.len().max(1));
+    let bar = (opts.progress && files.len() >= PROGRESS_MIN_FILES).then(|| {
+        let b = indicatif::ProgressBar::new(files.len() as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("parsing {bar:40} {pos}/{len} files ({eta})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    // gix repositories are not Sync without gix's `parallel` feature: each
+    // thread opens its own handle on the same Git directory.
+    let git_dir = tree.repository().git_dir().to_path_buf();
+    let max_object = opts.limits.max_object_bytes;
+    let mut results: Vec<(usize, Result<Vec<ParsedObject>>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let git_dir = &git_dir;
+                let bar = bar.clone();
+                s.spawn(move || {
+                    let mut out = Vec::new();
+                    let repo = match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let e = Error::Git(format!("{}: {e}", git_dir.display()));
+                            out.push((t, Err(e)));
+                            return out;
+                        }
+                    };
+                    for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
+                        let r = git::read_blob(&repo, f, MAX_SOURCE_FILE_BYTES)
+                            .and_then(|bytes| manifests::parse_file(&f.path, &bytes, max_object));
+                        let failed = r.is_err();
+                        out.push((i, r));
+                        if let Some(b) = &bar {
+                            b.inc(1);
+                        }
+                        if failed {
+                            break;
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    vec![(0, Err(Error::Build("a parser thread panicked".into())))]
+                })
+            })
+            .collect()
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    results.sort_by_key(|(i, _)| *i);
+    let mut out = Vec::with_capacity(results.len());
+    for (i, r) in results {
+        out.push((files[i].path.clone(), r?));
+    }
+    Ok(out)
+}
+
+/// Writes every file of the commit's whole tree into a temporary
+/// directory, so that Kustomize can follow `../base` references.
+fn export_tree(tree: &GitTree) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::Builder::new()
+        .prefix("cairn-kustomize-")
+        .tempdir()
+        .map_err(|e| Error::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    for f in tree.files("")? {
+        let bytes = tree.read_blob(&f, MAX_SOURCE_FILE_BYTES)?;
+        let p = tmp.path().join(&f.path);
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::Io {
+                path: d.to_path_buf(),
+                source: e,
+            })?;
+        }
+        std::fs::write(&p, bytes).map_err(|e| Error::Io { path: p, source: e })?;
+    }
+    Ok(tmp)
+}
+
+fn render_kustomization(
+    root: &Path,
+    dir: &str,
+    kfile: &str,
+    opts: &BuildOptions,
+) -> Result<Vec<ParsedObject>> {
+    let target = if dir.is_empty() { root.to_path_buf() } else { root.join(dir) };
+    let output = std::process::Command::new(&opts.kubectl)
+        .arg("kustomize")
+        .arg(&target)
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                let prog = opts.kubectl.to_string_lossy();
+                let place = if prog == "kubectl" { "kubectl not found in PATH".to_owned() } else { format!("kubectl `{prog}` not found") };
+                Error::Build(format!("{place}: needed to render {kfile}; install kubectl 1.27+"))
+            } else {
+                Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
+            }
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let root_s = format!("{}/", root.display());
+        let msg = stderr.replace(&root_s, "").replace('\n', " ");
+        let msg = msg.trim();
+        let msg: String = msg.chars().take(600).collect();
+        return Err(Error::Build(format!("kubectl kustomize failed for {kfile}: {msg}")));
+    }
+    if output.stdout.len() as u64 > opts.limits.max_bundle_bytes {
+        return Err(Error::TooLarge {
+            what: format!("kustomize output of {kfile}"),
+            limit: opts.limits.max_bundle_bytes,
+            actual: output.stdout.len() as u64,
+        });
+    }
+    manifests::parse_file(
+        &format!("{kfile} (kustomize output)"),
+        &output.stdout,
+        opts.limits.max_object_bytes,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_names() {
+        assert_eq!(default_source_name(Path::new("/nonexistent/x/edge")), "edge");
+        assert_eq!(default_source_name(Path::new("/nonexistent/edge.git")), "edge");
+        assert_eq!(default_source_name(Path::new("/nonexistent/edge/.git")), "edge");
+    }
+
+    #[test]
+    fn under() {
+        assert!(is_under("a/b", ""));
+        assert!(is_under("a/b", "a"));
+        assert!(!is_under("ab/c", "a"));
+        assert!(!is_under("a", "a"));
+    }
+}
