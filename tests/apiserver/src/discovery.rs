@@ -105,30 +105,158 @@ fn builtin(
 /// The compiled-in resource types.
 pub fn builtins() -> Vec<ResourceInfo> {
     vec![
-        builtin("", "namespaces", "namespace", "Namespace", false, &["ns"], true, false),
-        builtin("", "configmaps", "configmap", "ConfigMap", true, &["cm"], false, false),
+        builtin(
+            "",
+            "namespaces",
+            "namespace",
+            "Namespace",
+            false,
+            &["ns"],
+            true,
+            false,
+        ),
+        builtin(
+            "",
+            "configmaps",
+            "configmap",
+            "ConfigMap",
+            true,
+            &["cm"],
+            false,
+            false,
+        ),
         builtin("", "secrets", "secret", "Secret", true, &[], false, false),
-        builtin("", "services", "service", "Service", true, &["svc"], true, true),
-        builtin("", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], false, false),
-        builtin("", "persistentvolumeclaims", "persistentvolumeclaim", "PersistentVolumeClaim", true, &["pvc"], true, false),
+        builtin(
+            "",
+            "services",
+            "service",
+            "Service",
+            true,
+            &["svc"],
+            true,
+            true,
+        ),
+        builtin(
+            "",
+            "serviceaccounts",
+            "serviceaccount",
+            "ServiceAccount",
+            true,
+            &["sa"],
+            false,
+            false,
+        ),
+        builtin(
+            "",
+            "persistentvolumeclaims",
+            "persistentvolumeclaim",
+            "PersistentVolumeClaim",
+            true,
+            &["pvc"],
+            true,
+            false,
+        ),
         builtin("", "events", "event", "Event", true, &["ev"], false, false),
-        builtin("apps", "deployments", "deployment", "Deployment", true, &["deploy"], true, true),
-        builtin("apps", "statefulsets", "statefulset", "StatefulSet", true, &["sts"], true, true),
-        builtin("apps", "daemonsets", "daemonset", "DaemonSet", true, &["ds"], true, true),
+        builtin(
+            "apps",
+            "deployments",
+            "deployment",
+            "Deployment",
+            true,
+            &["deploy"],
+            true,
+            true,
+        ),
+        builtin(
+            "apps",
+            "statefulsets",
+            "statefulset",
+            "StatefulSet",
+            true,
+            &["sts"],
+            true,
+            true,
+        ),
+        builtin(
+            "apps",
+            "daemonsets",
+            "daemonset",
+            "DaemonSet",
+            true,
+            &["ds"],
+            true,
+            true,
+        ),
         builtin("batch", "jobs", "job", "Job", true, &[], true, true),
-        builtin("rbac.authorization.k8s.io", "roles", "role", "Role", true, &[], false, false),
-        builtin("rbac.authorization.k8s.io", "rolebindings", "rolebinding", "RoleBinding", true, &[], false, false),
-        builtin("rbac.authorization.k8s.io", "clusterroles", "clusterrole", "ClusterRole", false, &[], false, false),
-        builtin("rbac.authorization.k8s.io", "clusterrolebindings", "clusterrolebinding", "ClusterRoleBinding", false, &[], false, false),
-        builtin("networking.k8s.io", "networkpolicies", "networkpolicy", "NetworkPolicy", true, &["netpol"], false, false),
-        builtin("apiextensions.k8s.io", "customresourcedefinitions", "customresourcedefinition", "CustomResourceDefinition", false, &["crd", "crds"], true, false),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "roles",
+            "role",
+            "Role",
+            true,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "rolebinding",
+            "RoleBinding",
+            true,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            "clusterrole",
+            "ClusterRole",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            "clusterrolebinding",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            false,
+            false,
+        ),
+        builtin(
+            "networking.k8s.io",
+            "networkpolicies",
+            "networkpolicy",
+            "NetworkPolicy",
+            true,
+            &["netpol"],
+            false,
+            false,
+        ),
+        builtin(
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            "customresourcedefinition",
+            "CustomResourceDefinition",
+            false,
+            &["crd", "crds"],
+            true,
+            false,
+        ),
     ]
 }
 
 /// Builds the [`ResourceInfo`] a CRD object defines, or an error message
 /// describing why the CRD is invalid (`(field, message)`).
 pub fn crd_resource(crd: &Value) -> Result<ResourceInfo, (String, String)> {
-    let spec = crd.get("spec").ok_or(("spec".to_string(), "Required value".to_string()))?;
+    let spec = crd
+        .get("spec")
+        .ok_or(("spec".to_string(), "Required value".to_string()))?;
     let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
     let group = s(spec.get("group"));
     let names = spec.get("names").cloned().unwrap_or(json!({}));
@@ -151,37 +279,48 @@ pub fn crd_resource(crd: &Value) -> Result<ResourceInfo, (String, String)> {
         ));
     }
     let scope = s(spec.get("scope"));
-    let namespaced = match scope.as_str() {
-        "Namespaced" => true,
-        "Cluster" => false,
-        _ => {
-            return Err((
+    let namespaced =
+        match scope.as_str() {
+            "Namespaced" => true,
+            "Cluster" => false,
+            _ => return Err((
                 "spec.scope".into(),
-                format!("Unsupported value: \"{scope}\": supported values: \"Cluster\", \"Namespaced\""),
-            ))
-        }
-    };
+                format!(
+                    "Unsupported value: \"{scope}\": supported values: \"Cluster\", \"Namespaced\""
+                ),
+            )),
+        };
     let versions = spec
         .get("versions")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
     if versions.is_empty() {
-        return Err(("spec.versions".into(), "Required value: must have exactly one version marked as storage version".into()));
+        return Err((
+            "spec.versions".into(),
+            "Required value: must have exactly one version marked as storage version".into(),
+        ));
     }
     let storage: Vec<&Value> = versions
         .iter()
         .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
         .collect();
     if storage.len() != 1 {
-        return Err(("spec.versions".into(), "Invalid value: must have exactly one version marked as storage version".into()));
+        return Err((
+            "spec.versions".into(),
+            "Invalid value: must have exactly one version marked as storage version".into(),
+        ));
     }
     let mut served: Vec<String> = Vec::new();
     let mut status_subresource = false;
     let mut printer_columns = Vec::new();
     // Storage version first (preferred), then the other served ones.
     let mut ordered: Vec<&Value> = storage.clone();
-    ordered.extend(versions.iter().filter(|v| v.get("storage").and_then(Value::as_bool) != Some(true)));
+    ordered.extend(
+        versions
+            .iter()
+            .filter(|v| v.get("storage").and_then(Value::as_bool) != Some(true)),
+    );
     for v in ordered {
         let vname = s(v.get("name"));
         if vname.is_empty() {
@@ -211,7 +350,11 @@ pub fn crd_resource(crd: &Value) -> Result<ResourceInfo, (String, String)> {
     }
     let strs = |v: Option<&Value>| -> Vec<String> {
         v.and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let singular = match s(names.get("singular")) {
@@ -305,7 +448,9 @@ pub fn group_doc(resources: &[ResourceInfo], group: &str) -> ApiResult<Value> {
         .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
         .collect();
     let pref = vs.first().cloned().unwrap_or(json!({}));
-    Ok(json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": vs, "preferredVersion": pref}))
+    Ok(
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": g, "versions": vs, "preferredVersion": pref}),
+    )
 }
 
 /// The `APIResourceList` for one group/version, or 404 if nothing is served there.
@@ -348,7 +493,9 @@ pub fn resource_list(resources: &[ResourceInfo], group: &str, version: &str) -> 
     } else {
         format!("{group}/{version}")
     };
-    Ok(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+    Ok(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}),
+    )
 }
 
 /// A tiny FNV-1a hash (for stable fake hashes).

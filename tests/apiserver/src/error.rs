@@ -83,7 +83,10 @@ impl ApiError {
         Self::new(
             409,
             "AlreadyExists",
-            format!("{} \"{name}\" already exists", group_resource(group, resource)),
+            format!(
+                "{} \"{name}\" already exists",
+                group_resource(group, resource)
+            ),
         )
         .with_details(details(group, resource, name))
     }

@@ -10,7 +10,11 @@ use crate::error::{ApiError, ApiResult};
 /// field is not a known keyed list or an item lacks its key.
 pub fn list_keys(field: &str, items: &[Value]) -> Option<&'static [&'static str]> {
     let keys: &'static [&'static str] = match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
         | "imagePullSecrets" => &["name"],
         "volumeMounts" => &["mountPath"],
         "ports" => {
@@ -30,7 +34,8 @@ pub fn list_keys(field: &str, items: &[Value]) -> Option<&'static [&'static str]
 
 /// Whether two list items have the same merge key values.
 pub fn same_key(keys: &[&str], a: &Value, b: &Value) -> bool {
-    keys.iter().all(|k| a.get(*k).is_some() && a.get(*k) == b.get(*k))
+    keys.iter()
+        .all(|k| a.get(*k).is_some() && a.get(*k) == b.get(*k))
 }
 
 /// Applies an RFC 7386 JSON merge patch.
@@ -146,7 +151,11 @@ fn parse_pointer(p: &str) -> ApiResult<Vec<String>> {
         return Ok(vec![]);
     }
     let rest = p.strip_prefix('/').ok_or_else(|| {
-        ApiError::new(422, "Invalid", format!("JSON pointer {p:?} must start with '/'"))
+        ApiError::new(
+            422,
+            "Invalid",
+            format!("JSON pointer {p:?} must start with '/'"),
+        )
     })?;
     Ok(rest
         .split('/')
@@ -222,9 +231,11 @@ fn remove_at(doc: &mut Value, path: &[String], full: &str) -> ApiResult<Value> {
         return Err(jp_err("cannot remove the document root".into()));
     };
     match parent_mut(doc, parent, full)? {
-        Value::Object(m) => m
-            .remove(last)
-            .ok_or_else(|| jp_err(format!("unable to remove nonexistent key: {last}: missing value"))),
+        Value::Object(m) => m.remove(last).ok_or_else(|| {
+            jp_err(format!(
+                "unable to remove nonexistent key: {last}: missing value"
+            ))
+        }),
         Value::Array(a) => {
             let i: usize = last
                 .parse()
@@ -254,15 +265,14 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> ApiResult<()> {
             .ok_or_else(|| ApiError::bad_request("json patch operation is missing \"path\""))?;
         let path = parse_pointer(path_s)?;
         let value = || {
-            op.get("value")
-                .cloned()
-                .ok_or_else(|| ApiError::bad_request(format!("json patch {kind} operation is missing \"value\"")))
+            op.get("value").cloned().ok_or_else(|| {
+                ApiError::bad_request(format!("json patch {kind} operation is missing \"value\""))
+            })
         };
         let from = || -> ApiResult<(String, Vec<String>)> {
-            let f = op
-                .get("from")
-                .and_then(Value::as_str)
-                .ok_or_else(|| ApiError::bad_request(format!("json patch {kind} operation is missing \"from\"")))?;
+            let f = op.get("from").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::bad_request(format!("json patch {kind} operation is missing \"from\""))
+            })?;
             Ok((f.to_string(), parse_pointer(f)?))
         };
         match kind {
@@ -303,11 +313,7 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> ApiResult<()> {
                     .ok_or_else(|| jp_err(format!("doc is missing from path: {fs:?}")))?;
                 add_at(doc, &path, v, path_s)?;
             }
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "Unexpected kind: {other}"
-                )))
-            }
+            other => return Err(ApiError::bad_request(format!("Unexpected kind: {other}"))),
         }
     }
     Ok(())
@@ -358,7 +364,9 @@ mod tests {
             .expect_err("test fails");
         assert_eq!(err.code, 422);
         assert_eq!(
-            json_patch(&mut d, &json!({"op": "x"})).expect_err("not array").code,
+            json_patch(&mut d, &json!({"op": "x"}))
+                .expect_err("not array")
+                .code,
             400
         );
     }
