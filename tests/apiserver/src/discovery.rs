@@ -279,17 +279,18 @@ pub fn crd_resource(crd: &Value) -> Result<ResourceInfo, (String, String)> {
         ));
     }
     let scope = s(spec.get("scope"));
-    let namespaced =
-        match scope.as_str() {
-            "Namespaced" => true,
-            "Cluster" => false,
-            _ => return Err((
+    let namespaced = match scope.as_str() {
+        "Namespaced" => true,
+        "Cluster" => false,
+        _ => {
+            return Err((
                 "spec.scope".into(),
                 format!(
                     "Unsupported value: \"{scope}\": supported values: \"Cluster\", \"Namespaced\""
                 ),
-            )),
-        };
+            ))
+        }
+    };
     let versions = spec
         .get("versions")
         .and_then(Value::as_array)
