@@ -29,7 +29,8 @@ pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
 pub const PROGRESS_MIN_FILES: usize = 200;
 
 /// File names that make a directory a Kustomize directory.
-pub const KUSTOMIZATION_FILES: &[&str] = &["kustomization.yaml", "kustomization.yml", "Kustomization"];
+pub const KUSTOMIZATION_FILES: &[&str] =
+    &["kustomization.yaml", "kustomization.yml", "Kustomization"];
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -207,7 +208,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
         }
     }
     if entries.is_empty() && !opts.allow_empty {
-        let at = if dir.is_empty() { "the tree".to_owned() } else { format!("`{dir}`") };
+        let at = if dir.is_empty() {
+            "the tree".to_owned()
+        } else {
+            format!("`{dir}`")
+        };
         return Err(Error::Build(format!(
             "empty bundle: no Kubernetes objects in {at} of commit {}; pass --allow-empty to build it anyway",
             tree.commit
@@ -328,7 +333,11 @@ fn render_kustomization(
     kfile: &str,
     opts: &BuildOptions,
 ) -> Result<Vec<ParsedObject>> {
-    let target = if dir.is_empty() { root.to_path_buf() } else { root.join(dir) };
+    let target = if dir.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(dir)
+    };
     let output = std::process::Command::new(&opts.kubectl)
         .arg("kustomize")
         .arg(&target)
@@ -338,8 +347,14 @@ fn render_kustomization(
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 let prog = opts.kubectl.to_string_lossy();
-                let place = if prog == "kubectl" { "kubectl not found in PATH".to_owned() } else { format!("kubectl `{prog}` not found") };
-                Error::Build(format!("{place}: needed to render {kfile}; install kubectl 1.27+"))
+                let place = if prog == "kubectl" {
+                    "kubectl not found in PATH".to_owned()
+                } else {
+                    format!("kubectl `{prog}` not found")
+                };
+                Error::Build(format!(
+                    "{place}: needed to render {kfile}; install kubectl 1.27+"
+                ))
             } else {
                 Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
             }
@@ -350,7 +365,9 @@ fn render_kustomization(
         let msg = stderr.replace(&root_s, "").replace('\n', " ");
         let msg = msg.trim();
         let msg: String = msg.chars().take(600).collect();
-        return Err(Error::Build(format!("kubectl kustomize failed for {kfile}: {msg}")));
+        return Err(Error::Build(format!(
+            "kubectl kustomize failed for {kfile}: {msg}"
+        )));
     }
     if output.stdout.len() as u64 > opts.limits.max_bundle_bytes {
         return Err(Error::TooLarge {
@@ -372,9 +389,18 @@ mod tests {
 
     #[test]
     fn source_names() {
-        assert_eq!(default_source_name(Path::new("/nonexistent/x/edge")), "edge");
-        assert_eq!(default_source_name(Path::new("/nonexistent/edge.git")), "edge");
-        assert_eq!(default_source_name(Path::new("/nonexistent/edge/.git")), "edge");
+        assert_eq!(
+            default_source_name(Path::new("/nonexistent/x/edge")),
+            "edge"
+        );
+        assert_eq!(
+            default_source_name(Path::new("/nonexistent/edge.git")),
+            "edge"
+        );
+        assert_eq!(
+            default_source_name(Path::new("/nonexistent/edge/.git")),
+            "edge"
+        );
     }
 
     #[test]

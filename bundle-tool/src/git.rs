@@ -72,21 +72,17 @@ impl GitTree {
             .detach();
         let (commit, tree) = {
             let commit = repo
-            .find_object(id)
-            .map_err(|e| not_found(&e))?
-            .peel_to_commit()
-            .map_err(|e| git_err(format!("ref `{spec}` does not name a commit: {e}")))?;
-        let tree = commit
-            .tree_id()
-            .map_err(|e| git_err(format!("commit {}: {e}", commit.id)))?
-            .detach();
+                .find_object(id)
+                .map_err(|e| not_found(&e))?
+                .peel_to_commit()
+                .map_err(|e| git_err(format!("ref `{spec}` does not name a commit: {e}")))?;
+            let tree = commit
+                .tree_id()
+                .map_err(|e| git_err(format!("commit {}: {e}", commit.id)))?
+                .detach();
             (commit.id.to_hex().to_string(), tree)
         };
-        Ok(Self {
-            commit,
-            repo,
-            tree,
-        })
+        Ok(Self { commit, repo, tree })
     }
 
     /// The underlying repository (for reading blobs from other threads via

@@ -9,17 +9,22 @@
 //! Pure parts ([`verify`], [`bundle`], [`release`]) take bytes and `now`;
 //! IO lives in the [`cli`] and the file modules.
 
+pub mod archive;
 pub mod build;
 pub mod bundle;
+pub mod check;
 pub mod cli;
+pub mod diff;
 pub mod duration;
 mod error;
 pub mod git;
 pub mod limits;
 pub mod manifests;
+pub mod publish;
 pub mod release;
 pub mod repo;
 pub mod rollout;
+pub mod trust;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -48,17 +48,28 @@ pub const CLUSTER_SCOPED: &[(&str, &str)] = &[
     ("scheduling.k8s.io", "PriorityClass"),
     ("node.k8s.io", "RuntimeClass"),
     ("networking.k8s.io", "IngressClass"),
-    ("admissionregistration.k8s.io", "MutatingWebhookConfiguration"),
-    ("admissionregistration.k8s.io", "ValidatingWebhookConfiguration"),
+    (
+        "admissionregistration.k8s.io",
+        "MutatingWebhookConfiguration",
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingWebhookConfiguration",
+    ),
     ("admissionregistration.k8s.io", "ValidatingAdmissionPolicy"),
-    ("admissionregistration.k8s.io", "ValidatingAdmissionPolicyBinding"),
+    (
+        "admissionregistration.k8s.io",
+        "ValidatingAdmissionPolicyBinding",
+    ),
     ("flowcontrol.apiserver.k8s.io", "FlowSchema"),
     ("flowcontrol.apiserver.k8s.io", "PriorityLevelConfiguration"),
 ];
 
 /// Whether objects of `kind` in API `group` are cluster-scoped.
 pub fn is_cluster_scoped(group: &str, kind: &str) -> bool {
-    CLUSTER_SCOPED.iter().any(|(g, k)| *g == group && *k == kind)
+    CLUSTER_SCOPED
+        .iter()
+        .any(|(g, k)| *g == group && *k == kind)
 }
 
 /// Whether `path` names a file the builder parses (`.yaml` or `.yml`).
@@ -154,9 +165,11 @@ fn to_json(
                 J::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                J::Number(serde_json::Number::from_f64(f).ok_or_else(|| {
-                    format!("{}: {n} cannot be represented in JSON", where_(at))
-                })?)
+                J::Number(
+                    serde_json::Number::from_f64(f).ok_or_else(|| {
+                        format!("{}: {n} cannot be represented in JSON", where_(at))
+                    })?,
+                )
             }
         }
         Y::String(s) => J::String(s.clone()),
@@ -239,7 +252,9 @@ pub fn validate_object(json: &serde_json::Value) -> std::result::Result<ParsedOb
         .unwrap_or("")
         .to_owned();
     if api_version.matches('/').count() > 1 || api_version.contains(char::is_whitespace) {
-        return Err(format!("{kind} {name}: malformed apiVersion `{api_version}`"));
+        return Err(format!(
+            "{kind} {name}: malformed apiVersion `{api_version}`"
+        ));
     }
     if kind.contains(|c: char| !c.is_ascii_alphanumeric()) {
         return Err(format!("malformed kind `{kind}`"));
@@ -304,7 +319,10 @@ mod tests {
             String::from_utf8(o.bytes).unwrap(),
             r#"{"apiVersion":"v1","data":{"a":"2","z":"1"},"kind":"ConfigMap","metadata":{"name":"a","namespace":"ns"}}"#
         );
-        assert_eq!((o.kind.as_str(), o.namespace.as_str(), o.name.as_str()), ("ConfigMap", "ns", "a"));
+        assert_eq!(
+            (o.kind.as_str(), o.namespace.as_str(), o.name.as_str()),
+            ("ConfigMap", "ns", "a")
+        );
     }
 
     #[test]
@@ -318,7 +336,12 @@ mod tests {
     fn multi_document_indices_count_empty_documents() {
         let y = "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n# only a comment\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n";
         let v = parse_file("f.yaml", y.as_bytes(), MAX).unwrap();
-        assert_eq!(v.iter().map(|o| (o.document, o.name.as_str())).collect::<Vec<_>>(), [(0, "a"), (2, "b")]);
+        assert_eq!(
+            v.iter()
+                .map(|o| (o.document, o.name.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, "a"), (2, "b")]
+        );
     }
 
     #[test]
@@ -340,7 +363,10 @@ mod tests {
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nmetadata: {name: b}\n");
         assert_eq!(e, "dir/f.yaml: document 1: missing `kind`");
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {namespace: x}\n");
-        assert_eq!(e, "dir/f.yaml: document 0: ConfigMap: missing `metadata.name`");
+        assert_eq!(
+            e,
+            "dir/f.yaml: document 0: ConfigMap: missing `metadata.name`"
+        );
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ''}\n");
         assert!(e.contains("`metadata.name` is empty"), "{e}");
         let e = fail("- a\n- b\n");
@@ -354,14 +380,18 @@ mod tests {
         let e = fail("apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: a, namespace: b}\n");
         assert!(e.contains("cluster-scoped"), "{e}");
         // A namespaced kind may leave the namespace empty.
-        assert_eq!(one("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n").namespace, "");
+        assert_eq!(
+            one("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n").namespace,
+            ""
+        );
     }
 
     #[test]
     fn non_json_yaml_is_refused() {
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata:\n  1: x\n");
         assert!(e.contains("`data`: mapping key `1` is not a string"), "{e}");
-        let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: !custom {a: b}\n");
+        let e =
+            fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: !custom {a: b}\n");
         assert!(e.contains("YAML tag"), "{e}");
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nx: .nan\n");
         assert!(e.contains("cannot be represented in JSON"), "{e}");
@@ -369,7 +399,10 @@ mod tests {
 
     #[test]
     fn oversized_object_is_refused() {
-        let big = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: a}}\ndata: {{x: {}}}\n", "y".repeat(200));
+        let big = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: a}}\ndata: {{x: {}}}\n",
+            "y".repeat(200)
+        );
         let e = parse_file("f.yaml", big.as_bytes(), 100).unwrap_err();
         assert!(matches!(e, Error::TooLarge { limit: 100, .. }), "{e}");
     }

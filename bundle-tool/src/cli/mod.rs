@@ -4,7 +4,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod bundle;
 mod keys;
+mod release;
 mod root;
 
 /// Exit code for a failed command (bad input, failed verification).
@@ -28,6 +30,18 @@ enum Command {
     /// Create, rotate and verify trust roots.
     #[command(subcommand)]
     Root(root::RootCommand),
+    /// Build bundles from Git, inspect and compare them.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Sign a bundle into a channel of a bundle repository.
+    Release(release::ReleaseArgs),
+    /// Verify a channel of a bundle repository: root chain, release
+    /// signatures and expiry, and every object.
+    Verify(release::VerifyArgs),
+    /// Export channels of a bundle repository into a tar archive.
+    Export(release::ExportArgs),
+    /// Import a tar archive into a bundle repository, verifying everything first.
+    Import(release::ImportArgs),
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -44,6 +58,11 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Keys(c) => keys::run(c),
         Command::Root(c) => root::run(c),
+        Command::Bundle(c) => bundle::run(c),
+        Command::Release(a) => release::release(a),
+        Command::Verify(a) => release::verify(a),
+        Command::Export(a) => release::export(a),
+        Command::Import(a) => release::import(a),
     };
     match result {
         Ok(()) => 0,

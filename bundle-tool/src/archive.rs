@@ -1,0 +1,428 @@
+//! Export and import: a bundle repository's channels as one tar archive,
+//! for sneakernet into air-gapped sites.
+//!
+//! An archive holds the repository layout itself: `roots/<N>`,
+//! `objects/sha256/<xx>/<hex>` and `channels/<name>`, in that order
+//! (roots by version, objects and channels by path), as regular files with
+//! mode 0644, mtime 0, uid/gid 0 and no user names, so the same
+//! repository state always gives the same archive bytes.
+//!
+//! Import trusts nothing in the archive: every member's type, path and
+//! size is checked while reading (links, devices, `..`, absolute or
+//! unexpected paths and oversized members are refused), members are staged
+//! in a temporary directory outside the repository, the root chain,
+//! every release and every object are verified there, and only then are
+//! objects written, then roots, then channel heads last.
+
+use crate::check::ChannelCheck;
+use crate::limits::Limits;
+use crate::release::{validate_channel, Release};
+use crate::repo::{channel_path, object_path, root_path, RepoDir};
+use crate::trust::TrustChain;
+use crate::{Error, Result};
+use cairn_keys::root::MAX_ROOT_BYTES;
+use cairn_keys::sha256_address;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// What an export wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Channels and their release sequences.
+    pub channels: Vec<(String, u64)>,
+    /// Root versions included.
+    pub roots: Vec<u64>,
+    /// Objects included.
+    pub objects: usize,
+    /// Bytes of file contents in the archive.
+    pub bytes: u64,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImportSummary {
+    /// Channels whose head was written, with the new sequence.
+    pub updated: Vec<(String, u64)>,
+    /// Channels already at the archive's release.
+    pub unchanged: Vec<String>,
+    /// Objects written (absent before).
+    pub objects_written: usize,
+    /// Objects the archive carried that no channel needs (not written).
+    pub unreferenced: usize,
+    /// Root versions written.
+    pub roots_written: Vec<u64>,
+}
+
+/// Exports `channels` of `repo`: each channel is verified first (against
+/// `chain`, extended with the repository's roots by the caller), then the
+/// chain's roots, the objects the channels need and the channel heads are
+/// written to `out` atomically.
+pub fn export(
+    repo: &RepoDir,
+    chain: &TrustChain,
+    channels: &[String],
+    out: &Path,
+    now: u64,
+    limits: &Limits,
+) -> Result<ExportSummary> {
+    if channels.is_empty() {
+        return Err(Error::Repository("no channel to export".into()));
+    }
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut objects = BTreeSet::new();
+    let mut heads = Vec::new();
+    let mut summary_channels = Vec::new();
+    for ch in channels {
+        validate_channel(ch).map_err(Error::Repository)?;
+        let v = ChannelCheck {
+            repo,
+            fallback: None,
+            root: &chain.current().root,
+            now,
+            limits,
+            threads: 2,
+        }
+        .verify(ch)
+        .map_err(|e| Error::Repository(format!("channel `{ch}` does not verify: {e}")))?;
+        objects.extend(v.objects.iter().cloned());
+        summary_channels.push((ch.clone(), v.release.release.sequence));
+        heads.push((channel_path(ch), v.release.bytes));
+    }
+    let roots: Vec<u64> = chain.roots().iter().map(|r| r.root.version).collect();
+    for r in chain.roots() {
+        files.push((root_path(r.root.version), r.bytes.clone()));
+    }
+    let mut object_paths: Vec<(String, String)> = objects
+        .iter()
+        .filter_map(|a| object_path(a).map(|p| (p, a.clone())))
+        .collect();
+    object_paths.sort();
+    let io = |source| Error::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let mut bytes = 0u64;
+    {
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(tmp.as_file_mut()));
+        let mut append = |path: &str, data: &[u8]| -> Result<()> {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(path).map_err(io)?;
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            bytes += data.len() as u64;
+            tar.append(&h, data).map_err(io)
+        };
+        for (p, b) in &files {
+            append(p, b)?;
+        }
+        for (p, address) in &object_paths {
+            let data = repo
+                .get_object(
+                    address,
+                    limits.max_object_bytes.max(limits.max_manifest_bytes),
+                )?
+                .ok_or_else(|| Error::ObjectMissing {
+                    address: address.clone(),
+                    what: p.clone(),
+                })?;
+            append(p, &data)?;
+        }
+        for (p, b) in &heads {
+            append(p, b)?;
+        }
+        let mut w = tar.into_inner().map_err(io)?;
+        w.flush().map_err(io)?;
+    }
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(out).map_err(|e| io(e.error))?;
+    Ok(ExportSummary {
+        channels: summary_channels,
+        roots,
+        objects: object_paths.len(),
+        bytes,
+    })
+}
+
+/// A member path an archive may hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Member {
+    Root(u64),
+    Channel(String),
+    Object(String),
+    /// A directory entry on the way to the above (ignored).
+    Dir,
+}
+
+fn classify(path: &str) -> Option<Member> {
+    let parts: Vec<&str> = path.split('/').collect();
+    let is_hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    match parts.as_slice() {
+        ["roots"] | ["channels"] | ["objects"] | ["objects", "sha256"] => Some(Member::Dir),
+        ["objects", "sha256", xx] if xx.len() == 2 && is_hex(xx) => Some(Member::Dir),
+        ["roots", n] => {
+            let v: u64 = n.parse().ok()?;
+            (v >= 1 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0'))
+                .then_some(Member::Root(v))
+        }
+        ["channels", name] => validate_channel(name)
+            .ok()
+            .map(|_| Member::Channel((*name).to_owned())),
+        ["objects", "sha256", xx, hex] => (hex.len() == 64 && is_hex(hex) && hex[..2] == **xx)
+            .then(|| Member::Object(format!("sha256:{hex}"))),
+        _ => None,
+    }
+}
+
+/// Imports an archive into `repo`. `chain` is the trusted start (the
+/// embedded root or `--root` files); it is extended with the archive's and
+/// the repository's roots. See the module documentation for the checks.
+pub fn import(
+    archive: &Path,
+    repo: &RepoDir,
+    mut chain: TrustChain,
+    now: u64,
+    limits: &Limits,
+) -> Result<ImportSummary> {
+    let bad = |reason: String| Error::Archive {
+        path: archive.to_path_buf(),
+        reason,
+    };
+    let io = |source| Error::Io {
+        path: archive.to_path_buf(),
+        source,
+    };
+    let staging_dir = tempfile::Builder::new()
+        .prefix("cairn-import-")
+        .tempdir()
+        .map_err(|e| Error::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let stage = RepoDir::new(staging_dir.path());
+    let file = std::fs::File::open(archive).map_err(io)?;
+    let mut tar = tar::Archive::new(std::io::BufReader::new(file));
+    let max_members = limits.max_entries.saturating_mul(4).saturating_add(1024);
+    let max_total = limits.max_bundle_bytes.saturating_mul(4);
+    let mut total = 0u64;
+    let mut seen = BTreeSet::new();
+    let mut roots: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut channels: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut archived_objects = BTreeSet::new();
+    for (n, entry) in tar
+        .entries()
+        .map_err(|e| bad(format!("not a tar archive: {e}")))?
+        .enumerate()
+    {
+        let mut entry = entry.map_err(|e| bad(format!("malformed tar member {n}: {e}")))?;
+        if n >= max_members {
+            return Err(bad(format!("more than {max_members} members")));
+        }
+        let raw = entry.path_bytes().into_owned();
+        let path =
+            String::from_utf8(raw).map_err(|_| bad(format!("member {n}: path is not UTF-8")))?;
+        let shown = path.escape_debug().to_string();
+        if path.starts_with('/') {
+            return Err(bad(format!(
+                "member `{shown}`: absolute paths are not allowed"
+            )));
+        }
+        let trimmed = path.strip_suffix('/').unwrap_or(&path);
+        if trimmed
+            .split('/')
+            .any(|c| c == ".." || c == "." || c.is_empty())
+        {
+            return Err(bad(format!(
+                "member `{shown}`: path traversal (`..`, `.` or empty components) is not allowed"
+            )));
+        }
+        let kind = entry.header().entry_type();
+        let member = classify(trimmed).ok_or_else(|| {
+            bad(format!(
+                "unexpected member `{shown}`: an archive holds only roots/N, channels/NAME and objects/sha256/XX/HEX"
+            ))
+        })?;
+        match (kind, &member) {
+            (tar::EntryType::Directory, Member::Dir) => continue,
+            (tar::EntryType::Regular | tar::EntryType::Continuous, m) if *m != Member::Dir => {}
+            (tar::EntryType::Regular | tar::EntryType::Continuous, _) => {
+                return Err(bad(format!("member `{shown}`: expected a directory entry")))
+            }
+            (tar::EntryType::Symlink, _) => {
+                return Err(bad(format!(
+                    "member `{shown}`: symbolic links are not allowed"
+                )))
+            }
+            (tar::EntryType::Link, _) => {
+                return Err(bad(format!("member `{shown}`: hard links are not allowed")))
+            }
+            (t, _) => {
+                return Err(bad(format!(
+                    "member `{shown}`: {t:?} entries are not allowed (regular files only)"
+                )))
+            }
+        }
+        if !seen.insert(trimmed.to_owned()) {
+            return Err(bad(format!("member `{shown}` appears twice")));
+        }
+        let limit = match &member {
+            Member::Root(_) => MAX_ROOT_BYTES as u64,
+            Member::Channel(_) => limits.max_release_bytes,
+            _ => limits.max_object_bytes.max(limits.max_manifest_bytes),
+        };
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
+        if size > limit {
+            return Err(bad(format!(
+                "member `{shown}` is {size} bytes, over the limit of {limit}"
+            )));
+        }
+        total = total.saturating_add(size);
+        if total > max_total {
+            return Err(bad(format!("archive contents exceed {max_total} bytes")));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        (&mut entry)
+            .take(limit + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
+        if data.len() as u64 != size {
+            return Err(bad(format!("member `{shown}` is truncated")));
+        }
+        match member {
+            Member::Root(v) => roots.push((v, data)),
+            Member::Channel(name) => {
+                channels.insert(name, data);
+            }
+            Member::Object(address) => {
+                let actual = sha256_address(&data);
+                if actual != address {
+                    return Err(bad(format!("member `{shown}`: content hashes to {actual}")));
+                }
+                stage.put_object(&address, &data)?;
+                archived_objects.insert(address);
+            }
+            Member::Dir => {}
+        }
+    }
+    if channels.is_empty() {
+        return Err(bad("no channels/NAME member: nothing to import".into()));
+    }
+    chain.extend(&format!("archive {}", archive.display()), &roots)?;
+    chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
+    for (name, bytes) in &channels {
+        stage.write(&channel_path(name), bytes)?;
+    }
+
+    // Verify every channel in the staging area (objects may also come from
+    // the target repository) and decide what to write.
+    let mut summary = ImportSummary::default();
+    let mut needed = BTreeSet::new();
+    let mut heads = Vec::new();
+    for (name, bytes) in &channels {
+        let v = ChannelCheck {
+            repo: &stage,
+            fallback: Some(repo),
+            root: &chain.current().root,
+            now,
+            limits,
+            threads: 2,
+        }
+        .verify(name)
+        .map_err(|e| bad(format!("{}: {e}", channel_path(name))))?;
+        needed.extend(v.objects.iter().cloned());
+        let seq = v.release.release.sequence;
+        match repo.channel(name, limits.max_release_bytes)? {
+            Some(existing) if existing == *bytes => summary.unchanged.push(name.clone()),
+            Some(existing) => {
+                let (_, old) = Release::decode_envelope(&existing, limits.max_release_bytes)
+                    .map_err(|e| {
+                        Error::Repository(format!(
+                            "{}: the repository's channel head is unreadable ({e}); repair or remove it",
+                            repo.path().join(channel_path(name)).display()
+                        ))
+                    })?;
+                if seq <= old.sequence {
+                    return Err(Error::Rollback {
+                        channel: name.clone(),
+                        last: old.sequence,
+                        found: seq,
+                    });
+                }
+                heads.push((name.clone(), seq, bytes));
+            }
+            None => heads.push((name.clone(), seq, bytes)),
+        }
+    }
+    summary.unreferenced = archived_objects.difference(&needed).count();
+
+    // Write: objects, roots, channel heads last.
+    for address in &needed {
+        if repo.has_object(address) {
+            continue;
+        }
+        if let Some(data) = stage.get_object(
+            address,
+            limits.max_object_bytes.max(limits.max_manifest_bytes),
+        )? {
+            if repo.put_object(address, &data)? {
+                summary.objects_written += 1;
+            }
+        }
+    }
+    for r in chain.roots() {
+        let rel = root_path(r.root.version);
+        if roots.iter().any(|(v, _)| *v == r.root.version)
+            && repo.read(&rel, MAX_ROOT_BYTES as u64)?.is_none()
+        {
+            repo.write(&rel, &r.bytes)?;
+            summary.roots_written.push(r.root.version);
+        }
+    }
+    for (name, seq, bytes) in heads {
+        repo.write(&channel_path(&name), bytes)?;
+        summary.updated.push((name, seq));
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_paths() {
+        let hex = "ab".repeat(32);
+        assert_eq!(classify("roots/1"), Some(Member::Root(1)));
+        assert_eq!(classify("roots/01"), None);
+        assert_eq!(classify("roots/0"), None);
+        assert_eq!(
+            classify("channels/stable"),
+            Some(Member::Channel("stable".into()))
+        );
+        assert_eq!(classify("channels/Bad"), None);
+        assert_eq!(
+            classify(&format!("objects/sha256/ab/{hex}")),
+            Some(Member::Object(format!("sha256:{hex}")))
+        );
+        assert_eq!(classify(&format!("objects/sha256/cd/{hex}")), None);
+        assert_eq!(classify("objects/sha256/ab"), Some(Member::Dir));
+        assert_eq!(classify("etc/passwd"), None);
+        assert_eq!(classify("roots/1/x"), None);
+    }
+}

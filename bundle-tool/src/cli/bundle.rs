@@ -1,0 +1,242 @@
+//! `cairn bundle`: build bundles from Git, inspect and compare them.
+
+use crate::build::{build, default_source_name, BuildOptions};
+use crate::bundle::{read_bundle_file, Entry, Manifest};
+use crate::diff::diff;
+use crate::limits::Limits;
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Build a bundle from a Git commit (read with gix: no checkout) and
+    /// print its id.
+    Build {
+        /// The Git repository (work tree or bare).
+        #[arg(long = "git", value_name = "REPO")]
+        git: PathBuf,
+        /// Branch, tag or commit id to build [default: HEAD].
+        #[arg(long = "ref", value_name = "REF")]
+        reference: Option<String>,
+        /// Directory inside the repository to bundle [default: the whole tree].
+        #[arg(long, value_name = "DIR", default_value = "")]
+        path: String,
+        /// Write the bundle file here.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Build even if no Kubernetes objects are found.
+        #[arg(long)]
+        allow_empty: bool,
+        /// Name recorded as the bundle's source repository (part of the
+        /// bundle id) [default: the repository folder's name, without .git].
+        #[arg(long, value_name = "NAME")]
+        source_name: Option<String>,
+        /// kubectl program used to render Kustomize directories.
+        #[arg(
+            long,
+            value_name = "PROGRAM",
+            env = "CAIRN_KUBECTL",
+            default_value = "kubectl"
+        )]
+        kubectl: String,
+    },
+    /// Show a bundle file's source, id and objects (the file is verified).
+    Inspect {
+        /// The bundle file.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two bundle files: objects added, removed and changed.
+    Diff {
+        /// The older bundle file.
+        old: PathBuf,
+        /// The newer bundle file.
+        new: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: BundleCommand) -> Result<()> {
+    match cmd {
+        BundleCommand::Build {
+            git,
+            reference,
+            path,
+            out,
+            allow_empty,
+            source_name,
+            kubectl,
+        } => {
+            let mut opts = BuildOptions::new(&git);
+            opts.reference = reference;
+            opts.path = path;
+            opts.allow_empty = allow_empty;
+            opts.source_name = source_name.unwrap_or_else(|| default_source_name(&git));
+            opts.kubectl = kubectl.into();
+            opts.progress = std::io::stderr().is_terminal();
+            let built = build(&opts)?;
+            built.write_file(&out)?;
+            let m = &built.manifest;
+            eprintln!(
+                "built {} object(s), {} bytes, from {} commit {}{} into {}",
+                m.entries.len(),
+                m.total_size(),
+                m.source.repository,
+                m.source.commit,
+                if m.source.path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" path {}", m.source.path)
+                },
+                out.display()
+            );
+            println!("{}", built.id());
+        }
+        BundleCommand::Inspect { file, json } => {
+            let m = read(&file)?;
+            if json {
+                let v = serde_json::json!({
+                    "id": m.id(),
+                    "format": m.format,
+                    "source": m.source,
+                    "objects": m.entries.len(),
+                    "bytes": m.total_size(),
+                    "entries": m.entries,
+                });
+                println!("{v}");
+            } else {
+                println!("bundle  {}", m.id());
+                println!("source  {} commit {}", m.source.repository, m.source.commit);
+                println!(
+                    "path    {}",
+                    if m.source.path.is_empty() {
+                        "(whole tree)"
+                    } else {
+                        &m.source.path
+                    }
+                );
+                println!("objects {} ({} bytes)", m.entries.len(), m.total_size());
+                let w = m
+                    .entries
+                    .iter()
+                    .map(|e| e.kind.len())
+                    .max()
+                    .unwrap_or(4)
+                    .max(4);
+                let nw = m
+                    .entries
+                    .iter()
+                    .map(|e| name(e).len())
+                    .max()
+                    .unwrap_or(4)
+                    .max(4);
+                println!("{:<w$}  {:<nw$}  {:>8}  SOURCE", "KIND", "NAME", "SIZE");
+                for e in &m.entries {
+                    println!(
+                        "{:<w$}  {:<nw$}  {:>8}  {}#{}",
+                        e.kind,
+                        name(e),
+                        e.size,
+                        e.path,
+                        e.document
+                    );
+                }
+            }
+        }
+        BundleCommand::Diff { old, new, json } => {
+            let (a, b) = (read(&old)?, read(&new)?);
+            let d = diff(&a, &b);
+            if json {
+                let changed: Vec<_> = d
+                    .changed
+                    .iter()
+                    .map(|c| serde_json::json!({"old": c.old, "new": c.new}))
+                    .collect();
+                let v = serde_json::json!({
+                    "old": a.id(),
+                    "new": b.id(),
+                    "added": d.added,
+                    "removed": d.removed,
+                    "changed": changed,
+                    "unchanged": d.unchanged,
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "old {} ({} commit {})",
+                    a.id(),
+                    a.source.repository,
+                    a.source.commit
+                );
+                println!(
+                    "new {} ({} commit {})",
+                    b.id(),
+                    b.source.repository,
+                    b.source.commit
+                );
+                for e in &d.added {
+                    println!(
+                        "+ {}  {} ({}#{})",
+                        e.display_name(),
+                        short(&e.object),
+                        e.path,
+                        e.document
+                    );
+                }
+                for e in &d.removed {
+                    println!(
+                        "- {}  {} ({}#{})",
+                        e.display_name(),
+                        short(&e.object),
+                        e.path,
+                        e.document
+                    );
+                }
+                for c in &d.changed {
+                    println!(
+                        "~ {}  {} -> {}, {} -> {} bytes ({}#{})",
+                        c.new.display_name(),
+                        short(&c.old.object),
+                        short(&c.new.object),
+                        c.old.size,
+                        c.new.size,
+                        c.new.path,
+                        c.new.document
+                    );
+                }
+                println!(
+                    "{} added, {} removed, {} changed, {} unchanged",
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    d.unchanged
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn name(e: &Entry) -> String {
+    if e.namespace.is_empty() {
+        e.name.clone()
+    } else {
+        format!("{}/{}", e.namespace, e.name)
+    }
+}
+
+/// `sha256:0123456789ab` — enough to tell objects apart on screen.
+fn short(address: &str) -> &str {
+    address.get(..19).unwrap_or(address)
+}
+
+fn read(file: &Path) -> Result<Manifest> {
+    read_bundle_file(file, &Limits::default(), |_, _| Ok(()))
+        .with_context(|| format!("reading bundle {}", file.display()))
+}

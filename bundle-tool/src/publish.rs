@@ -1,0 +1,185 @@
+//! Publishing a release into a bundle repository directory.
+//!
+//! Order of writes, each atomic: every object of the bundle (only those
+//! absent), the manifest itself at the bundle id, the roots of the trust
+//! chain (only those absent), and the signed release envelope at
+//! `channels/<channel>` last. Everything that can be refused is checked
+//! before the first write: the root, the keys, the threshold, the previous
+//! channel head and the whole bundle file.
+//!
+//! Two releases on the same channel at the same moment are not serialised;
+//! release engineers publish one at a time.
+
+use crate::bundle::read_bundle_file;
+use crate::limits::Limits;
+use crate::release::{validate_channel, Release, Rollout, RELEASE_FORMAT};
+use crate::repo::{channel_path, root_path, RepoDir};
+use crate::trust::TrustChain;
+use crate::verify::{ReleaseCheck, VerifiedRelease};
+use crate::{Error, Result};
+use cairn_keys::{KeyPair, Role};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What to release.
+#[derive(Clone, Debug)]
+pub struct ReleaseRequest {
+    /// The channel.
+    pub channel: String,
+    /// Seconds from now until the release expires.
+    pub expires_in: u64,
+    /// Rollout policy.
+    pub rollout: Rollout,
+    /// Agents must carry these labels.
+    pub selector: BTreeMap<String, String>,
+    /// Now, Unix seconds (`created`).
+    pub now: u64,
+}
+
+/// Parses `k=v,k2=v2` into a selector. Keys and values must be non-empty
+/// and keys distinct.
+pub fn parse_selector(spec: &str) -> std::result::Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("`{part}`: a selector label is KEY=VALUE"))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || v.is_empty() {
+            return Err(format!("`{part}`: label key and value must not be empty"));
+        }
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(format!("`{part}`: label `{k}` given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `keys` can sign releases under the chain's current root:
+/// every key is a release key of the root, and there are at least
+/// threshold distinct keys. Returns the distinct keys.
+pub fn check_release_keys<'k>(
+    chain: &TrustChain,
+    keys: &'k [KeyPair],
+    what: &str,
+) -> Result<Vec<&'k KeyPair>> {
+    let root = &chain.current().root;
+    let mut distinct: Vec<&KeyPair> = Vec::new();
+    for k in keys {
+        let id = k.key_id();
+        if !root.authorises(Role::Release, &id) {
+            return Err(cairn_keys::Error::NotAuthorised {
+                key_id: id.0,
+                role: Role::Release,
+                root_version: root.version,
+            }
+            .into());
+        }
+        if !distinct.iter().any(|d| d.key_id() == id) {
+            distinct.push(k);
+        }
+    }
+    if distinct.len() < root.release.threshold as usize {
+        return Err(cairn_keys::Error::Threshold {
+            what: what.to_owned(),
+            role: Role::Release,
+            valid: distinct.len(),
+            threshold: root.release.threshold,
+            detail: format!(
+                " (root v{}); pass at least {} distinct release keys with --key",
+                root.version, root.release.threshold
+            ),
+        }
+        .into());
+    }
+    Ok(distinct)
+}
+
+/// Releases the bundle in `bundle_file` on a channel of `repo`, signed with
+/// `keys` under the chain's current root. Returns the verified release.
+pub fn publish(
+    repo: &RepoDir,
+    chain: &TrustChain,
+    bundle_file: &Path,
+    keys: &[KeyPair],
+    req: &ReleaseRequest,
+    limits: &Limits,
+) -> Result<VerifiedRelease> {
+    validate_channel(&req.channel).map_err(Error::InvalidRelease)?;
+    let root = &chain.current().root;
+    if root.is_expired(req.now) {
+        return Err(Error::RootExpired {
+            version: root.version,
+            expires: root.expires,
+        });
+    }
+    let previous = match repo.channel(&req.channel, limits.max_release_bytes)? {
+        None => None,
+        Some(bytes) => {
+            let (_, prev) = Release::decode_envelope(&bytes, limits.max_release_bytes).map_err(|e| {
+                Error::Repository(format!(
+                    "{}: the current channel head is unreadable ({e}); repair or remove it before releasing",
+                    channel_path(&req.channel)
+                ))
+            })?;
+            Some(prev.sequence)
+        }
+    };
+    let sequence = previous.map_or(1, |s| s + 1);
+    let what = format!("release {sequence} on channel `{}`", req.channel);
+    let signers = check_release_keys(chain, keys, &what)?;
+    // Pass 1: the whole bundle file verifies before anything is written.
+    let manifest = read_bundle_file(bundle_file, limits, |_, _| Ok(()))?;
+    let release = Release {
+        format: RELEASE_FORMAT,
+        channel: req.channel.clone(),
+        sequence,
+        bundle: manifest.id(),
+        created: req.now,
+        expires: req.now.saturating_add(req.expires_in),
+        rollout: req.rollout.clone(),
+        selector: req.selector.clone(),
+    };
+    release.validate()?;
+    let envelope = release.sign(&signers).encode();
+    let verified = ReleaseCheck {
+        root,
+        channel: &req.channel,
+        last_sequence: previous,
+        now: req.now,
+        limits,
+    }
+    .verify(&envelope)?;
+    // Pass 2: objects, manifest, roots, channel head last.
+    read_bundle_file(bundle_file, limits, |e, bytes| {
+        repo.put_object(&e.object, &bytes).map(|_| ())
+    })?;
+    repo.put_object(&release.bundle, &manifest.encode())?;
+    for r in chain.roots() {
+        let rel = root_path(r.root.version);
+        if repo
+            .read(&rel, cairn_keys::root::MAX_ROOT_BYTES as u64)?
+            .is_none()
+        {
+            repo.write(&rel, &r.bytes)?;
+        }
+    }
+    repo.write(&channel_path(&req.channel), &envelope)?;
+    Ok(verified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("region=eu, tier=edge").unwrap();
+        assert_eq!(s.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(s.len(), 2);
+        assert!(parse_selector("").unwrap().is_empty());
+        assert!(parse_selector("region").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_selector("a=1,a=2").unwrap_err().contains("twice"));
+        assert!(parse_selector("=x").is_err());
+    }
+}
