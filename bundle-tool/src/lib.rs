@@ -20,6 +20,7 @@ mod error;
 pub mod git;
 pub mod limits;
 pub mod manifests;
+pub mod mesh;
 pub mod publish;
 pub mod release;
 pub mod repo;

@@ -1,0 +1,1417 @@
+//! The mesh sync protocol as a sans-IO state machine (quinn-proto style).
+//!
+//! One [`Endpoint`] is one node's view of the mesh: its connections, the
+//! heads its peers advertise, the fetches in progress, the peer table and
+//! the gossiped fleet status. It owns no sockets, reads no clock and draws
+//! no thread randomness:
+//!
+//! * **inputs** are method calls: [`Endpoint::connected`],
+//!   [`Endpoint::handle_message`], [`Endpoint::handle_wire_error`],
+//!   [`Endpoint::disconnected`], [`Endpoint::dial_failed`],
+//!   [`Endpoint::handle_timeout`] (timer ticks), local changes
+//!   ([`Endpoint::set_head`], [`Endpoint::set_local_status`]) and the
+//!   shell's answers ([`Endpoint::serve`], [`Endpoint::release_verified`],
+//!   [`Endpoint::release_rejected`], [`Endpoint::fetch_want`],
+//!   [`Endpoint::fetch_complete`]). Every input takes `now` (milliseconds,
+//!   any epoch the caller keeps monotonic).
+//! * **outputs** are drained with [`Endpoint::poll_action`] (messages to
+//!   send, connections to open or close, and [`Event`]s), and
+//!   [`Endpoint::poll_timeout`] says when to call
+//!   [`Endpoint::handle_timeout`] next.
+//!
+//! ## What the protocol does
+//!
+//! Both sides send [`Hello`](super::wire::Hello) (protocol version), then
+//! [`Heads`](super::wire::Message::Heads), peers and status. When a peer
+//! advertises a newer head for a followed channel, the endpoint fetches the
+//! missing roots and the release envelope from that peer and hands them to
+//! the shell ([`Event::VerifyRelease`]); the shell verifies them with the
+//! agent's one verification pipeline and answers
+//! [`Endpoint::release_verified`] or [`Endpoint::release_rejected`]. The
+//! shell then names the objects it lacks ([`Endpoint::fetch_want`]); the
+//! endpoint requests them in batches of at most
+//! [`MeshLimits::max_items_per_want`], with at most
+//! [`MeshLimits::max_outstanding_wants`] requests in flight, checks each
+//! received object against its address and hands it out
+//! ([`Event::Object`]). When nothing is left in flight it says so
+//! ([`Event::FetchIdle`]); the shell wants more (the bundle's entries after
+//! the manifest) or completes the fetch and, once adopted, calls
+//! [`Endpoint::set_head`], which pushes the new head to a few random peers.
+//! Anti-entropy sends heads, status and peers to one random peer per
+//! period.
+//!
+//! **Architecture invariant:** the endpoint never decides that a release is
+//! valid; only the shell's verification does. Heads are advertised only
+//! when the shell sets them, so nothing unverified is offered onward.
+//!
+//! A peer that breaks a rule (garbage, oversized frames, wrong-hash or
+//! unsolicited objects, rejected releases, too many requests, timeouts) is
+//! disconnected, reported as [`Event::Rejected`] and banned with an
+//! exponential backoff.
+
+use super::pki::PeerIdentity;
+use super::wire::{Found, Head, Hello, Item, Message, PeerInfo, StatusRecord, PROTOCOL_VERSION};
+use super::MeshLimits;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A connection, numbered by the endpoint.
+pub type ConnId = u64;
+/// A fetch (one release and its objects from one peer).
+pub type FetchId = u64;
+
+/// Timers and behaviour of an [`Endpoint`]. All durations in milliseconds.
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// This node's agent id (as in its certificate).
+    pub agent_id: String,
+    /// Channels this node fetches.
+    pub channels: Vec<String>,
+    /// The address advertised in `Hello` (`host:port`), if listening.
+    pub listen: Option<String>,
+    /// Seed peers (`host:port`), always kept in the peer table.
+    pub seeds: Vec<String>,
+    /// Seed of the endpoint's random choices (peer picks).
+    pub rng_seed: u64,
+    /// Limits.
+    pub limits: MeshLimits,
+    /// Peers a new head is pushed to (default 3).
+    pub push_fanout: usize,
+    /// Period of anti-entropy with one random peer (default 5 s).
+    pub anti_entropy_ms: u64,
+    /// A connection we sent nothing on for this long gets our heads
+    /// (default 10 s); shells should time reads out after 3x this.
+    pub keepalive_ms: u64,
+    /// How often to consider dialing more peers (default 1 s).
+    pub dial_interval_ms: u64,
+    /// An unanswered `Want` older than this cuts the peer off (default 15 s).
+    pub request_timeout_ms: u64,
+    /// A connection without `Hello` after this is closed (default 10 s).
+    pub hello_timeout_ms: u64,
+    /// First ban after an offense (default 30 s), doubling per offense.
+    pub ban_base_ms: u64,
+    /// Longest ban (default 1 h).
+    pub ban_max_ms: u64,
+    /// First retry delay after a failed dial (default 500 ms), doubling.
+    pub dial_backoff_base_ms: u64,
+    /// Longest dial retry delay (default 10 s).
+    pub dial_backoff_max_ms: u64,
+    /// Status records dated further than this in the future are ignored
+    /// (default 5 min).
+    pub max_clock_skew_ms: u64,
+}
+
+impl SyncConfig {
+    /// A configuration with default timers and limits.
+    pub fn new(agent_id: impl Into<String>, channels: Vec<String>) -> Self {
+        Self {
+            agent_id: agent_id.into(),
+            channels,
+            listen: None,
+            seeds: Vec::new(),
+            rng_seed: 0,
+            limits: MeshLimits::default(),
+            push_fanout: 3,
+            anti_entropy_ms: 5_000,
+            keepalive_ms: 10_000,
+            dial_interval_ms: 1_000,
+            request_timeout_ms: 15_000,
+            hello_timeout_ms: 10_000,
+            ban_base_ms: 30_000,
+            ban_max_ms: 3_600_000,
+            dial_backoff_base_ms: 500,
+            dial_backoff_max_ms: 10_000,
+            max_clock_skew_ms: 300_000,
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send a message on a connection.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        message: Message,
+    },
+    /// Close a connection (the endpoint has already forgotten it).
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Open a connection to `addr`; report [`Endpoint::connected`] or
+    /// [`Endpoint::dial_failed`].
+    Dial {
+        /// `host:port`.
+        addr: String,
+    },
+    /// Something happened.
+    Event(Event),
+}
+
+/// Events for the shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A connection finished its hello.
+    PeerUp {
+        /// The connection.
+        conn: ConnId,
+        /// Who.
+        peer: PeerIdentity,
+    },
+    /// A connection is gone.
+    PeerDown {
+        /// The connection.
+        conn: ConnId,
+        /// Who.
+        peer: PeerIdentity,
+    },
+    /// A peer broke a rule and was cut off (count it, log it).
+    Rejected {
+        /// Who.
+        peer: PeerIdentity,
+        /// Stable reason (`object_hash_mismatch`, `rollback`, ...).
+        reason: String,
+        /// Details for the log.
+        detail: String,
+        /// Until when it is banned.
+        banned_until: u64,
+    },
+    /// A peer wants items: answer with [`Endpoint::serve`].
+    Serve {
+        /// The connection.
+        conn: ConnId,
+        /// Request id.
+        id: u64,
+        /// What it wants.
+        items: Vec<Item>,
+    },
+    /// A release (and the roots it may need) fetched from a peer: verify
+    /// it, then call [`Endpoint::release_verified`] or
+    /// [`Endpoint::release_rejected`].
+    VerifyRelease {
+        /// The fetch.
+        fetch: FetchId,
+        /// The peer's agent id.
+        peer: String,
+        /// The channel.
+        channel: String,
+        /// The head the peer advertised.
+        head: Head,
+        /// The release envelope bytes.
+        release: Vec<u8>,
+        /// Root envelopes above ours, by version.
+        roots: Vec<(u64, Vec<u8>)>,
+    },
+    /// An object whose bytes hash to its address (store it).
+    Object {
+        /// The fetch.
+        fetch: FetchId,
+        /// The address.
+        address: String,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Everything wanted so far has arrived: want more
+    /// ([`Endpoint::fetch_want`]) or finish ([`Endpoint::fetch_complete`]).
+    FetchIdle {
+        /// The fetch.
+        fetch: FetchId,
+    },
+    /// A fetch ended without completing (peer gone, rejected, timed out).
+    FetchFailed {
+        /// The fetch.
+        fetch: FetchId,
+        /// Why.
+        reason: String,
+    },
+    /// Status records changed (new or newer records arrived).
+    StatusChanged,
+}
+
+/// One row of the peer table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerEntry {
+    /// `host:port`.
+    pub addr: String,
+    /// Agent id last seen at that address.
+    pub agent_id: Option<String>,
+    /// A configured seed (never evicted).
+    pub seed: bool,
+    /// Consecutive failed dials.
+    pub failures: u32,
+    /// Not dialed before this time.
+    pub next_attempt: u64,
+    /// Last successful connection (0: never).
+    pub last_connected: u64,
+    /// The address turned out to be this node itself.
+    pub is_self: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer: PeerIdentity,
+    outbound: bool,
+    dialed: Option<String>,
+    remote_ip: Option<String>,
+    opened: u64,
+    hello: bool,
+    last_sent: u64,
+    heads: Vec<Head>,
+    /// Peer's requests we are serving.
+    serving: BTreeSet<u64>,
+    /// Our requests: id -> (fetch, items, sent at).
+    outstanding: BTreeMap<u64, (FetchId, Vec<Item>, u64)>,
+    /// No new fetch from this connection before this time.
+    fetch_backoff_until: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Stage {
+    /// Fetching roots and the release.
+    Release,
+    /// Waiting for the shell's verdict.
+    Verdict,
+    /// Fetching objects the shell wants.
+    Objects,
+}
+
+#[derive(Debug)]
+struct Fetch {
+    conn: ConnId,
+    peer: String,
+    head: Head,
+    stage: Stage,
+    queue: VecDeque<Item>,
+    roots: BTreeMap<u64, Vec<u8>>,
+    release: Option<Vec<u8>>,
+    idle_reported: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Ban {
+    until: u64,
+    strikes: u32,
+}
+
+/// SplitMix64: small, seeded, deterministic.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Most root versions fetched ahead in one fetch.
+const MAX_ROOT_STEPS: u64 = 16;
+
+/// One node's mesh state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Endpoint {
+    config: SyncConfig,
+    rng: Rng,
+    actions: VecDeque<Action>,
+    conns: BTreeMap<ConnId, Conn>,
+    next_conn: ConnId,
+    next_request: u64,
+    fetches: BTreeMap<FetchId, Fetch>,
+    next_fetch: FetchId,
+    heads: BTreeMap<String, Head>,
+    root_version: u64,
+    status: BTreeMap<String, StatusRecord>,
+    peers: BTreeMap<String, PeerEntry>,
+    pending_dials: BTreeSet<String>,
+    bans: BTreeMap<String, Ban>,
+    next_anti_entropy: u64,
+    next_dial: u64,
+    started: bool,
+}
+
+impl Endpoint {
+    /// A new endpoint. `root_version` is the newest trust root held.
+    pub fn new(config: SyncConfig, root_version: u64) -> Self {
+        let mut ep = Self {
+            rng: Rng(config.rng_seed ^ 0x6361_6972_6e21),
+            actions: VecDeque::new(),
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            next_request: 1,
+            fetches: BTreeMap::new(),
+            next_fetch: 1,
+            heads: BTreeMap::new(),
+            root_version: root_version.max(1),
+            status: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            pending_dials: BTreeSet::new(),
+            bans: BTreeMap::new(),
+            next_anti_entropy: 0,
+            next_dial: 0,
+            started: false,
+            config,
+        };
+        for s in ep.config.seeds.clone() {
+            ep.add_peer(&s, None, true);
+        }
+        ep
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SyncConfig {
+        &self.config
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    /// The next thing the shell must do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Endpoint::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if !self.started {
+            return Some(0);
+        }
+        let mut t = self.next_anti_entropy.min(self.next_dial);
+        for c in self.conns.values() {
+            if !c.hello {
+                t = t.min(c.opened + self.config.hello_timeout_ms);
+            }
+            t = t.min(c.last_sent + self.config.keepalive_ms);
+            for (_, _, sent) in c.outstanding.values() {
+                t = t.min(sent + self.config.request_timeout_ms);
+            }
+        }
+        Some(t)
+    }
+
+    // ----- read-only views -----------------------------------------------
+
+    /// Our heads, by channel.
+    pub fn heads(&self) -> &BTreeMap<String, Head> {
+        &self.heads
+    }
+
+    /// The gossiped fleet status, by agent id (ours included).
+    pub fn status(&self) -> &BTreeMap<String, StatusRecord> {
+        &self.status
+    }
+
+    /// The peer table, by address.
+    pub fn peer_table(&self) -> impl Iterator<Item = &PeerEntry> {
+        self.peers.values()
+    }
+
+    /// Connected peers whose hello is done.
+    pub fn connected_peers(&self) -> Vec<(ConnId, PeerIdentity)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.hello)
+            .map(|(id, c)| (*id, c.peer.clone()))
+            .collect()
+    }
+
+    /// Number of fetches in progress.
+    pub fn active_fetches(&self) -> usize {
+        self.fetches.len()
+    }
+
+    /// Whether an agent id is banned at `now`.
+    pub fn is_banned(&self, agent_id: &str, now: u64) -> bool {
+        self.bans.get(agent_id).is_some_and(|b| b.until > now)
+    }
+
+    // ----- local inputs --------------------------------------------------
+
+    /// Sets (after verification) our head for a channel and pushes it to
+    /// up to `push_fanout` random peers if it is new.
+    pub fn set_head(&mut self, head: Head, now: u64) {
+        self.root_version = self.root_version.max(head.root_version);
+        if self.heads.get(&head.channel) == Some(&head) {
+            return;
+        }
+        self.heads.insert(head.channel.clone(), head);
+        let mut targets = self.agent_conns();
+        self.rng.shuffle(&mut targets);
+        targets.truncate(self.config.push_fanout);
+        let msg = self.heads_message();
+        for conn in targets {
+            self.send(conn, msg.clone(), now);
+        }
+    }
+
+    /// Removes our head for a channel (e.g. it expired); it is no longer
+    /// advertised.
+    pub fn clear_head(&mut self, channel: &str) {
+        self.heads.remove(channel);
+    }
+
+    /// Sets the newest trust root version we hold.
+    pub fn set_root_version(&mut self, version: u64) {
+        self.root_version = self.root_version.max(version);
+    }
+
+    /// Sets our own status record (its `time` is set to `now`).
+    pub fn set_local_status(&mut self, mut record: StatusRecord, now: u64) {
+        record.agent_id = self.config.agent_id.clone();
+        record.time = now;
+        self.status.insert(record.agent_id.clone(), record);
+    }
+
+    /// Adds peers (e.g. the persisted peer table at start-up).
+    pub fn learn_peers(&mut self, peers: impl IntoIterator<Item = PeerInfo>) {
+        for p in peers {
+            self.add_peer(&p.addr, p.agent_id, false);
+        }
+    }
+
+    // ----- connection inputs ---------------------------------------------
+
+    /// A TLS connection is up; `identity` comes from the peer's verified
+    /// certificate. `dialed` is the address we dialed (outbound) and
+    /// `remote_ip` the peer's IP as seen by us. Returns the connection id
+    /// (the endpoint may close it at once, e.g. a banned or duplicate peer).
+    pub fn connected(
+        &mut self,
+        identity: PeerIdentity,
+        dialed: Option<String>,
+        remote_ip: Option<String>,
+        now: u64,
+    ) -> ConnId {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        if let Some(addr) = &dialed {
+            self.pending_dials.remove(addr);
+        }
+        let outbound = dialed.is_some();
+        self.conns.insert(
+            conn,
+            Conn {
+                peer: identity.clone(),
+                outbound,
+                dialed: dialed.clone(),
+                remote_ip,
+                opened: now,
+                hello: false,
+                last_sent: now,
+                heads: Vec::new(),
+                serving: BTreeSet::new(),
+                outstanding: BTreeMap::new(),
+                fetch_backoff_until: 0,
+            },
+        );
+        if let PeerIdentity::Agent(id) = &identity {
+            if let Some(addr) = &dialed {
+                if let Some(e) = self.peers.get_mut(addr) {
+                    e.agent_id = Some(id.clone());
+                    e.failures = 0;
+                    e.last_connected = now;
+                    e.is_self = *id == self.config.agent_id;
+                }
+            }
+            if *id == self.config.agent_id {
+                self.close(conn, "connected to self".into(), now);
+                return conn;
+            }
+            if self.is_banned(id, now) {
+                self.close(conn, format!("agent {id} is banned"), now);
+                return conn;
+            }
+            if self.conns.len() > self.config.limits.max_connections {
+                self.close(conn, "too many connections".into(), now);
+                return conn;
+            }
+        }
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: self.config.listen.clone(),
+        });
+        self.send(conn, hello, now);
+        conn
+    }
+
+    /// A dial failed.
+    pub fn dial_failed(&mut self, addr: &str, now: u64) {
+        self.pending_dials.remove(addr);
+        let (base, max) = (
+            self.config.dial_backoff_base_ms,
+            self.config.dial_backoff_max_ms,
+        );
+        if let Some(e) = self.peers.get_mut(addr) {
+            e.failures = e.failures.saturating_add(1);
+            let shift = e.failures.saturating_sub(1).min(20);
+            e.next_attempt = now + base.saturating_mul(1 << shift).min(max);
+        }
+    }
+
+    /// The connection closed (by the peer or by IO). Unknown ids are
+    /// ignored.
+    pub fn disconnected(&mut self, conn: ConnId, now: u64) {
+        self.forget(conn, "connection closed", now);
+    }
+
+    /// The shell could not read a valid frame from `conn` (garbage,
+    /// oversized frame, read timeout): the peer is cut off. `reason` is a
+    /// stable label ([`super::wire::WireError::reason`]).
+    pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: u64) {
+        if reason == "closed" || reason == "io" {
+            self.disconnected(conn, now);
+        } else {
+            self.offense(conn, reason, detail.to_owned(), now);
+        }
+    }
+
+    /// A message arrived on `conn`.
+    pub fn handle_message(&mut self, conn: ConnId, msg: Message, now: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.hello {
+            let Message::Hello(h) = msg else {
+                return self.offense(
+                    conn,
+                    "no_hello",
+                    format!("{} before hello", msg.kind()),
+                    now,
+                );
+            };
+            if h.version != PROTOCOL_VERSION {
+                self.send(
+                    conn,
+                    Message::Bye(format!("protocol version {PROTOCOL_VERSION} required")),
+                    now,
+                );
+                return self.offense(
+                    conn,
+                    "protocol_version",
+                    format!("version {} (we speak {PROTOCOL_VERSION})", h.version),
+                    now,
+                );
+            }
+            c.hello = true;
+            let peer = c.peer.clone();
+            if let PeerIdentity::Agent(id) = &peer {
+                // Resolve duplicates: keep the connection dialed by the
+                // lower agent id.
+                let id = id.clone();
+                let dup = self
+                    .conns
+                    .iter()
+                    .find(|(other, oc)| **other != conn && oc.hello && oc.peer == peer)
+                    .map(|(other, oc)| (*other, oc.outbound));
+                if let Some((other, other_outbound)) = dup {
+                    let keep_outbound = self.config.agent_id < id;
+                    let this_outbound = self.conns.get(&conn).is_some_and(|c| c.outbound);
+                    let drop = if this_outbound != other_outbound && this_outbound == keep_outbound
+                    {
+                        other
+                    } else {
+                        conn
+                    };
+                    self.close(drop, format!("duplicate connection with {id}"), now);
+                    if drop == conn {
+                        return;
+                    }
+                }
+                if let Some(listen) = h.listen {
+                    let remote_ip = self.conns.get(&conn).and_then(|c| c.remote_ip.clone());
+                    if let Some(addr) = advertised_addr(&listen, remote_ip.as_deref()) {
+                        self.add_peer(&addr, Some(id.clone()), false);
+                        if let Some(e) = self.peers.get_mut(&addr) {
+                            e.last_connected = now;
+                            e.failures = 0;
+                        }
+                    }
+                }
+                self.actions
+                    .push_back(Action::Event(Event::PeerUp { conn, peer }));
+                let heads = self.heads_message();
+                self.send(conn, heads, now);
+                let peers = self.peers_message();
+                self.send(conn, peers, now);
+                self.send_status(conn, now);
+            } else {
+                self.actions
+                    .push_back(Action::Event(Event::PeerUp { conn, peer }));
+            }
+            return;
+        }
+        if let PeerIdentity::Operator(_) = c.peer {
+            return match msg {
+                Message::StatusRequest => self.send_status(conn, now),
+                Message::Bye(_) => self.close(conn, "operator said bye".into(), now),
+                other => self.offense(
+                    conn,
+                    "operator_forbidden",
+                    format!("operator sent {}", other.kind()),
+                    now,
+                ),
+            };
+        }
+        match msg {
+            Message::Hello(_) => self.offense(conn, "protocol", "second hello".into(), now),
+            Message::Heads(heads) => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.heads = heads;
+                }
+                self.maybe_start_fetches(now);
+            }
+            Message::Want { id, items } => {
+                let max = self.config.limits.max_inbound_wants;
+                let Some(c) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                if c.serving.len() >= max {
+                    return self.offense(
+                        conn,
+                        "too_many_requests",
+                        format!("more than {max} wants in flight"),
+                        now,
+                    );
+                }
+                if !c.serving.insert(id) {
+                    return self.offense(conn, "protocol", format!("want id {id} reused"), now);
+                }
+                self.actions
+                    .push_back(Action::Event(Event::Serve { conn, id, items }));
+            }
+            Message::Data { id, items } => self.handle_data(conn, id, items, now),
+            Message::Status(records) => self.merge_status(records, now),
+            Message::StatusRequest => self.send_status(conn, now),
+            Message::Peers(peers) => {
+                for p in peers {
+                    self.add_peer(&p.addr, p.agent_id, false);
+                }
+            }
+            Message::Bye(reason) => self.close(conn, format!("peer said bye: {reason}"), now),
+        }
+    }
+
+    /// Answers a [`Event::Serve`]: `found` holds what we have (in request
+    /// order). Replies are cut to [`MeshLimits::max_reply_bytes`]; what is
+    /// left out the peer asks for again.
+    pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if !c.serving.remove(&id) {
+            return;
+        }
+        let budget = self.config.limits.max_reply_bytes;
+        let frame_room = (self.config.limits.max_frame_bytes as usize).saturating_sub(64 * 1024);
+        let mut used = 0usize;
+        let mut items = Vec::new();
+        for f in found {
+            let n = f.bytes.as_ref().map_or(0, Vec::len) + 128;
+            if used + n > budget && !(items.is_empty() && n <= frame_room) {
+                break;
+            }
+            used += n;
+            items.push(f);
+        }
+        self.send(conn, Message::Data { id, items }, now);
+    }
+
+    // ----- fetch inputs --------------------------------------------------
+
+    /// The release of a fetch passed the agent's verification: the fetch
+    /// moves on to objects (name them with [`Endpoint::fetch_want`]).
+    pub fn release_verified(&mut self, fetch: FetchId, _now: u64) {
+        if let Some(f) = self.fetches.get_mut(&fetch) {
+            if f.stage == Stage::Verdict {
+                f.stage = Stage::Objects;
+                f.idle_reported = false;
+            }
+        }
+    }
+
+    /// The release of a fetch failed verification: the peer that served
+    /// it is cut off. `reason` is the verifier's stable reason
+    /// (`rollback`, `expired`, `signature_threshold`, ...).
+    ///
+    /// A `rollback` verdict while we already hold the sequence the peer
+    /// advertised is a race (we adopted it from elsewhere meanwhile), not
+    /// the peer's fault: the fetch is dropped without blame.
+    pub fn release_rejected(&mut self, fetch: FetchId, reason: &str, detail: &str, now: u64) {
+        let Some(f) = self.fetches.get(&fetch) else {
+            return;
+        };
+        let conn = f.conn;
+        let ours = self.heads.get(&f.head.channel).map_or(0, |h| h.sequence);
+        if reason == "rollback" && ours >= f.head.sequence {
+            self.fail_fetch(fetch, "already hold the advertised head".into());
+            return;
+        }
+        self.fail_fetch(fetch, format!("release rejected: {reason}"));
+        self.offense(conn, reason, detail.to_owned(), now);
+    }
+
+    /// Objects the shell lacks for a verified fetch (call it once after
+    /// [`Endpoint::release_verified`], with an empty list if nothing is
+    /// missing, and after each [`Event::FetchIdle`] as needed). Addresses
+    /// already queued or in flight, and malformed ones, are skipped.
+    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: u64) {
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        if f.stage != Stage::Objects {
+            return;
+        }
+        let in_flight = self
+            .conns
+            .get(&f.conn)
+            .into_iter()
+            .flat_map(|c| c.outstanding.values())
+            .filter(|(fid, _, _)| *fid == fetch)
+            .flat_map(|(_, items, _)| items.iter());
+        let mut queued: BTreeSet<String> = f
+            .queue
+            .iter()
+            .chain(in_flight)
+            .filter_map(|i| match i {
+                Item::Object(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect();
+        for a in addresses {
+            if crate::bundle::is_address(&a) && queued.insert(a.clone()) {
+                f.queue.push_back(Item::Object(a));
+            }
+        }
+        f.idle_reported = false;
+        self.pump(fetch, now);
+    }
+
+    /// The shell is done with a fetch (adopted, or nothing more to do).
+    pub fn fetch_complete(&mut self, fetch: FetchId, now: u64) {
+        if self.fetches.remove(&fetch).is_some() {
+            for c in self.conns.values_mut() {
+                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+            }
+            self.maybe_start_fetches(now);
+        }
+    }
+
+    /// Abandons a fetch without blaming the peer (e.g. we already hold a
+    /// newer release from elsewhere). The peer is not asked again for a
+    /// while.
+    pub fn fetch_abandon(&mut self, fetch: FetchId, now: u64) {
+        if let Some(f) = self.fetches.get(&fetch) {
+            let conn = f.conn;
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.fetch_backoff_until = now + self.config.anti_entropy_ms;
+            }
+            self.fetches.remove(&fetch);
+            for c in self.conns.values_mut() {
+                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+            }
+        }
+    }
+
+    // ----- timers --------------------------------------------------------
+
+    /// Runs timers: hello and request timeouts, keepalives, anti-entropy
+    /// and dialing.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if !self.started {
+            self.started = true;
+            self.next_anti_entropy = now + self.config.anti_entropy_ms;
+            self.next_dial = now;
+        }
+        // Timeouts.
+        let mut expired = Vec::new();
+        for (id, c) in &self.conns {
+            if !c.hello && now >= c.opened + self.config.hello_timeout_ms {
+                expired.push((*id, "hello_timeout", "no hello".to_owned()));
+            } else if let Some((rid, _)) = c
+                .outstanding
+                .iter()
+                .find(|(_, (_, _, sent))| now >= sent + self.config.request_timeout_ms)
+            {
+                expired.push((*id, "timeout", format!("want {rid} unanswered")));
+            }
+        }
+        for (conn, reason, detail) in expired {
+            self.offense(conn, reason, detail, now);
+        }
+        // Keepalives.
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.hello && now >= c.last_sent + self.config.keepalive_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in idle {
+            let m = if matches!(
+                self.conns.get(&conn).map(|c| &c.peer),
+                Some(PeerIdentity::Agent(_))
+            ) {
+                self.heads_message()
+            } else {
+                Message::Status(Vec::new())
+            };
+            self.send(conn, m, now);
+        }
+        // Anti-entropy with one random peer.
+        if now >= self.next_anti_entropy {
+            self.next_anti_entropy = now + self.config.anti_entropy_ms;
+            let targets = self.agent_conns();
+            if !targets.is_empty() {
+                let conn = targets[self.rng.below(targets.len())];
+                let m = self.heads_message();
+                self.send(conn, m, now);
+                let p = self.peers_message();
+                self.send(conn, p, now);
+                self.send_status(conn, now);
+            }
+            self.maybe_start_fetches(now);
+        }
+        // Dialing.
+        if now >= self.next_dial {
+            self.next_dial = now + self.config.dial_interval_ms;
+            self.dial_more(now);
+        }
+    }
+
+    // ----- internals -----------------------------------------------------
+
+    fn send(&mut self, conn: ConnId, message: Message, now: u64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.last_sent = now;
+            self.actions.push_back(Action::Send { conn, message });
+        }
+    }
+
+    fn agent_conns(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.hello && matches!(c.peer, PeerIdentity::Agent(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn heads_message(&self) -> Message {
+        let mut heads: Vec<Head> = self.heads.values().cloned().collect();
+        for h in &mut heads {
+            h.root_version = h.root_version.max(self.root_version);
+        }
+        heads.truncate(self.config.limits.max_heads);
+        Message::Heads(heads)
+    }
+
+    fn peers_message(&mut self) -> Message {
+        let mut good: Vec<PeerInfo> = self
+            .peers
+            .values()
+            .filter(|e| !e.is_self && e.last_connected > 0)
+            .map(|e| PeerInfo {
+                agent_id: e.agent_id.clone(),
+                addr: e.addr.clone(),
+            })
+            .collect();
+        if let Some(l) = &self.config.listen {
+            if !is_unspecified_host(l) {
+                good.push(PeerInfo {
+                    agent_id: Some(self.config.agent_id.clone()),
+                    addr: l.clone(),
+                });
+            }
+        }
+        self.rng.shuffle(&mut good);
+        good.truncate(self.config.limits.max_peers_per_message);
+        Message::Peers(good)
+    }
+
+    fn send_status(&mut self, conn: ConnId, now: u64) {
+        // Newest first, within the record count and a byte budget.
+        let mut records: Vec<&StatusRecord> = self.status.values().collect();
+        records.sort_by_key(|r| std::cmp::Reverse(r.time));
+        let budget = (self.config.limits.max_frame_bytes as usize) / 2;
+        let mut used = 0;
+        let mut out = Vec::new();
+        for r in records
+            .into_iter()
+            .take(self.config.limits.max_status_records)
+        {
+            let n = 64
+                + r.agent_id.len()
+                + r.channel.len()
+                + r.bundle.len()
+                + r.health.len()
+                + r.labels
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len() + 4)
+                    .sum::<usize>();
+            if used + n > budget {
+                break;
+            }
+            used += n;
+            out.push(r.clone());
+        }
+        self.send(conn, Message::Status(out), now);
+    }
+
+    fn merge_status(&mut self, records: Vec<StatusRecord>, now: u64) {
+        let mut changed = false;
+        for r in records {
+            if r.agent_id == self.config.agent_id || r.time > now + self.config.max_clock_skew_ms {
+                continue;
+            }
+            match self.status.get(&r.agent_id) {
+                Some(old) if old.time >= r.time => continue,
+                Some(_) => {}
+                None => {
+                    if self.status.len() >= self.config.limits.max_status_records {
+                        // Evict the oldest other record if this one is newer.
+                        let me = &self.config.agent_id;
+                        let oldest = self
+                            .status
+                            .values()
+                            .filter(|s| &s.agent_id != me)
+                            .min_by_key(|s| s.time)
+                            .map(|s| (s.agent_id.clone(), s.time));
+                        match oldest {
+                            Some((id, t)) if t < r.time => {
+                                self.status.remove(&id);
+                            }
+                            _ => continue,
+                        }
+                    }
+                }
+            }
+            self.status.insert(r.agent_id.clone(), r);
+            changed = true;
+        }
+        if changed {
+            self.actions.push_back(Action::Event(Event::StatusChanged));
+        }
+    }
+
+    fn add_peer(&mut self, addr: &str, agent_id: Option<String>, seed: bool) {
+        if addr.is_empty()
+            || addr.len() > self.config.limits.max_string
+            || is_unspecified_host(addr)
+        {
+            return;
+        }
+        if let Some(e) = self.peers.get_mut(addr) {
+            e.seed |= seed;
+            if agent_id.is_some() && e.last_connected == 0 {
+                e.agent_id = agent_id;
+            }
+            return;
+        }
+        if self.config.listen.as_deref() == Some(addr)
+            || agent_id.as_deref() == Some(&self.config.agent_id)
+        {
+            return;
+        }
+        if !seed && self.peers.len() >= self.config.limits.max_peer_table {
+            // Evict a non-seed entry that never connected, or the one with
+            // most failures.
+            let victim = self
+                .peers
+                .values()
+                .filter(|e| !e.seed)
+                .max_by_key(|e| (e.last_connected == 0, e.failures))
+                .map(|e| e.addr.clone());
+            match victim {
+                Some(v) => {
+                    self.peers.remove(&v);
+                }
+                None => return,
+            }
+        }
+        self.peers.insert(
+            addr.to_owned(),
+            PeerEntry {
+                addr: addr.to_owned(),
+                agent_id,
+                seed,
+                failures: 0,
+                next_attempt: 0,
+                last_connected: 0,
+                is_self: false,
+            },
+        );
+    }
+
+    fn dial_more(&mut self, now: u64) {
+        let open = self.agent_conns().len() + self.pending_dials.len();
+        let want = self.config.limits.target_connections.saturating_sub(open);
+        if want == 0 {
+            return;
+        }
+        let connected_ids: BTreeSet<String> = self
+            .conns
+            .values()
+            .filter_map(|c| match &c.peer {
+                PeerIdentity::Agent(id) => Some(id.clone()),
+                PeerIdentity::Operator(_) => None,
+            })
+            .collect();
+        let connected_addrs: BTreeSet<String> = self
+            .conns
+            .values()
+            .filter_map(|c| c.dialed.clone())
+            .collect();
+        let mut seeds = Vec::new();
+        let mut others = Vec::new();
+        for e in self.peers.values() {
+            let skip = e.is_self
+                || e.next_attempt > now
+                || self.pending_dials.contains(&e.addr)
+                || connected_addrs.contains(&e.addr)
+                || e.agent_id
+                    .as_ref()
+                    .is_some_and(|id| connected_ids.contains(id) || self.is_banned(id, now));
+            if !skip {
+                if e.seed {
+                    seeds.push(e.addr.clone());
+                } else {
+                    others.push(e.addr.clone());
+                }
+            }
+        }
+        self.rng.shuffle(&mut seeds);
+        self.rng.shuffle(&mut others);
+        for addr in seeds.into_iter().chain(others).take(want) {
+            self.pending_dials.insert(addr.clone());
+            // Until the dial reports back, do not pick it again.
+            if let Some(e) = self.peers.get_mut(&addr) {
+                e.next_attempt = now + self.config.dial_backoff_base_ms;
+            }
+            self.actions.push_back(Action::Dial { addr });
+        }
+    }
+
+    /// Starts fetches for followed channels where a connected peer holds
+    /// a newer head than ours.
+    fn maybe_start_fetches(&mut self, now: u64) {
+        for channel in self.config.channels.clone() {
+            if self.fetches.values().any(|f| f.head.channel == channel) {
+                continue;
+            }
+            let ours = self.heads.get(&channel).map_or(0, |h| h.sequence);
+            let mut best: Option<(ConnId, Head)> = None;
+            for (id, c) in &self.conns {
+                if !c.hello || c.fetch_backoff_until > now {
+                    continue;
+                }
+                if let Some(h) = c
+                    .heads
+                    .iter()
+                    .find(|h| h.channel == channel && h.sequence > ours)
+                {
+                    if best.as_ref().is_none_or(|(_, b)| h.sequence > b.sequence) {
+                        best = Some((*id, h.clone()));
+                    }
+                }
+            }
+            if let Some((conn, head)) = best {
+                self.start_fetch(conn, head, now);
+            }
+        }
+    }
+
+    fn start_fetch(&mut self, conn: ConnId, head: Head, now: u64) {
+        let Some(PeerIdentity::Agent(peer)) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
+            return;
+        };
+        let fetch = self.next_fetch;
+        self.next_fetch += 1;
+        let mut queue = VecDeque::new();
+        let top = head.root_version.min(self.root_version + MAX_ROOT_STEPS);
+        for v in (self.root_version + 1)..=top {
+            queue.push_back(Item::Root(v));
+        }
+        queue.push_back(Item::Release(head.channel.clone()));
+        self.fetches.insert(
+            fetch,
+            Fetch {
+                conn,
+                peer,
+                head,
+                stage: Stage::Release,
+                queue,
+                roots: BTreeMap::new(),
+                release: None,
+                idle_reported: false,
+            },
+        );
+        self.pump(fetch, now);
+    }
+
+    /// Sends wants for a fetch up to the window, and reports progress.
+    fn pump(&mut self, fetch: FetchId, now: u64) {
+        let (max_out, batch) = (
+            self.config.limits.max_outstanding_wants,
+            self.config.limits.max_items_per_want,
+        );
+        loop {
+            let Some(f) = self.fetches.get_mut(&fetch) else {
+                return;
+            };
+            let Some(c) = self.conns.get(&f.conn) else {
+                return;
+            };
+            let in_flight = c
+                .outstanding
+                .values()
+                .filter(|(fid, _, _)| *fid == fetch)
+                .count();
+            if f.stage == Stage::Verdict || f.queue.is_empty() || in_flight >= max_out {
+                break;
+            }
+            let n = f.queue.len().min(batch);
+            let items: Vec<Item> = f.queue.drain(..n).collect();
+            let conn = f.conn;
+            let id = self.next_request;
+            self.next_request += 1;
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.outstanding.insert(id, (fetch, items.clone(), now));
+            }
+            self.send(conn, Message::Want { id, items }, now);
+        }
+        // Progress.
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        let in_flight = self.conns.get(&f.conn).map_or(0, |c| {
+            c.outstanding
+                .values()
+                .filter(|(fid, _, _)| *fid == fetch)
+                .count()
+        });
+        if in_flight > 0 || !f.queue.is_empty() {
+            return;
+        }
+        match f.stage {
+            Stage::Release => {
+                let Some(release) = f.release.take() else {
+                    return self.fail_fetch(fetch, "peer lacks the release".into());
+                };
+                f.stage = Stage::Verdict;
+                let ev = Event::VerifyRelease {
+                    fetch,
+                    peer: f.peer.clone(),
+                    channel: f.head.channel.clone(),
+                    head: f.head.clone(),
+                    release,
+                    roots: std::mem::take(&mut f.roots).into_iter().collect(),
+                };
+                self.actions.push_back(Action::Event(ev));
+            }
+            Stage::Objects if !f.idle_reported => {
+                f.idle_reported = true;
+                self.actions
+                    .push_back(Action::Event(Event::FetchIdle { fetch }));
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_data(&mut self, conn: ConnId, id: u64, items: Vec<Found>, now: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some((fetch, asked, _)) = c.outstanding.remove(&id) else {
+            return self.offense(
+                conn,
+                "unsolicited",
+                format!("data for unknown request {id}"),
+                now,
+            );
+        };
+        let mut pending: BTreeSet<Item> = asked.iter().cloned().collect();
+        let mut got_any = false;
+        let mut missing = Vec::new();
+        let mut objects = Vec::new();
+        for f in items {
+            if !pending.remove(&f.item) {
+                return self.offense(
+                    conn,
+                    "unsolicited",
+                    format!("{:?} was not asked for", f.item),
+                    now,
+                );
+            }
+            got_any = true;
+            let Some(bytes) = f.bytes else {
+                missing.push(f.item);
+                continue;
+            };
+            match f.item {
+                Item::Object(address) => {
+                    if let Err(e) = crate::bundle::verify_object(&address, &bytes) {
+                        self.fail_fetch(fetch, format!("object {address} hash mismatch"));
+                        return self.offense(conn, "object_hash_mismatch", e.to_string(), now);
+                    }
+                    objects.push((address, bytes));
+                }
+                Item::Root(v) => {
+                    if let Some(fs) = self.fetches.get_mut(&fetch) {
+                        fs.roots.insert(v, bytes);
+                    }
+                }
+                Item::Release(_) => {
+                    if let Some(fs) = self.fetches.get_mut(&fetch) {
+                        fs.release = Some(bytes);
+                    }
+                }
+            }
+        }
+        for (address, bytes) in objects {
+            self.actions.push_back(Action::Event(Event::Object {
+                fetch,
+                address,
+                bytes,
+            }));
+        }
+        if !self.fetches.contains_key(&fetch) {
+            // The fetch ended (completed or abandoned) meanwhile.
+            return;
+        }
+        if !missing.is_empty() {
+            // A peer advertising a head must hold all of it; a peer that
+            // lacks part of it is not asked again for a while.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.fetch_backoff_until = now + self.config.anti_entropy_ms;
+            }
+            return self.fail_fetch(fetch, format!("peer lacks {:?}", missing[0]));
+        }
+        if !got_any && !pending.is_empty() {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.fetch_backoff_until = now + self.config.anti_entropy_ms;
+            }
+            return self.fail_fetch(fetch, "peer made no progress".into());
+        }
+        if let Some(f) = self.fetches.get_mut(&fetch) {
+            // Items left out of the reply go to the front again.
+            for item in pending.into_iter().rev() {
+                f.queue.push_front(item);
+            }
+        }
+        self.pump(fetch, now);
+    }
+
+    fn fail_fetch(&mut self, fetch: FetchId, reason: String) {
+        if self.fetches.remove(&fetch).is_some() {
+            for c in self.conns.values_mut() {
+                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+            }
+            self.actions
+                .push_back(Action::Event(Event::FetchFailed { fetch, reason }));
+        }
+    }
+
+    /// Cuts a peer off for breaking a rule, and bans it.
+    fn offense(&mut self, conn: ConnId, reason: &str, detail: String, now: u64) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let peer = c.peer.clone();
+        let ban = self.bans.entry(peer.name().to_owned()).or_insert(Ban {
+            until: 0,
+            strikes: 0,
+        });
+        let shift = ban.strikes.min(20);
+        ban.strikes = ban.strikes.saturating_add(1);
+        ban.until = now
+            + self
+                .config
+                .ban_base_ms
+                .saturating_mul(1 << shift)
+                .min(self.config.ban_max_ms);
+        let banned_until = ban.until;
+        self.actions.push_back(Action::Event(Event::Rejected {
+            peer,
+            reason: reason.to_owned(),
+            detail: detail.clone(),
+            banned_until,
+        }));
+        self.close(conn, format!("{reason}: {detail}"), now);
+    }
+
+    fn close(&mut self, conn: ConnId, reason: String, now: u64) {
+        if self.conns.contains_key(&conn) {
+            self.actions.push_back(Action::Close {
+                conn,
+                reason: reason.clone(),
+            });
+            self.forget(conn, &reason, now);
+        }
+    }
+
+    fn forget(&mut self, conn: ConnId, reason: &str, now: u64) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(addr) = &c.dialed {
+            self.pending_dials.remove(addr);
+        }
+        let failed: Vec<FetchId> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| f.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        for f in failed {
+            self.fail_fetch(f, format!("connection closed: {reason}"));
+        }
+        if c.hello {
+            self.actions
+                .push_back(Action::Event(Event::PeerDown { conn, peer: c.peer }));
+        }
+        self.maybe_start_fetches(now);
+    }
+}
+
+fn is_unspecified_host(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.is_empty() || host == "0.0.0.0" || host == "::"
+}
+
+/// The address to dial a peer on: its `listen` address, with an
+/// unspecified host replaced by the IP we see it on.
+fn advertised_addr(listen: &str, remote_ip: Option<&str>) -> Option<String> {
+    let (_, port) = listen.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    if !is_unspecified_host(listen) {
+        return Some(listen.to_owned());
+    }
+    let ip = remote_ip?;
+    if ip.contains(':') {
+        Some(format!("[{ip}]:{port}"))
+    } else {
+        Some(format!("{ip}:{port}"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,864 @@
+//! In-memory tests: N endpoints on a virtual clock, every message passed
+//! through real frame encoding and decoding, with a toy release format
+//! (the real verification pipeline is exercised by the agent's tests).
+
+use super::*;
+use crate::mesh::wire::{decode_body, encode_frame};
+use cairn_keys::{codec, sha256_address};
+
+const LATENCY: u64 = 5;
+
+/// Toy release: (channel, sequence, manifest address, valid).
+type ToyRelease = (String, u64, String, bool);
+
+fn toy_release(channel: &str, seq: u64, manifest: &str, valid: bool) -> Vec<u8> {
+    codec::encode(&(channel.to_owned(), seq, manifest.to_owned(), valid))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    Honest,
+    /// Flips a byte of every object it serves.
+    Tamper,
+    /// Never answers wants.
+    Silent,
+}
+
+struct Node {
+    id: String,
+    addr: String,
+    ep: Endpoint,
+    objects: BTreeMap<String, Vec<u8>>,
+    releases: BTreeMap<String, Vec<u8>>,
+    /// fetch -> (head, manifest address).
+    pending: BTreeMap<FetchId, (Head, String)>,
+    behaviour: Behaviour,
+    rejections: Vec<(String, String)>,
+    object_bytes_in: usize,
+    objects_in: usize,
+}
+
+impl Node {
+    fn seq(&self, channel: &str) -> u64 {
+        self.ep.heads().get(channel).map_or(0, |h| h.sequence)
+    }
+
+    fn missing(&self, manifest: &str) -> Vec<String> {
+        match self.objects.get(manifest) {
+            None => vec![manifest.to_owned()],
+            Some(m) => {
+                let entries: Vec<String> = codec::decode("toy manifest", m, 1 << 20).unwrap();
+                entries
+                    .into_iter()
+                    .filter(|a| !self.objects.contains_key(a))
+                    .collect()
+            }
+        }
+    }
+}
+
+enum Wire {
+    Msg(usize, ConnId, Vec<u8>),
+    Closed(usize, ConnId),
+}
+
+struct Sim {
+    nodes: Vec<Node>,
+    now: u64,
+    links: BTreeMap<(usize, ConnId), (usize, ConnId)>,
+    queue: Vec<(u64, Wire)>,
+    blocked: BTreeSet<(usize, usize)>,
+    /// Per node: its wants in flight, and the most seen at once.
+    open_wants: BTreeMap<usize, BTreeSet<u64>>,
+    max_open_wants: BTreeMap<usize, usize>,
+}
+
+fn cfg(i: usize, seeds: Vec<usize>) -> SyncConfig {
+    let mut c = SyncConfig::new(format!("a{i}"), vec!["stable".into()]);
+    c.listen = Some(addr(i));
+    c.seeds = seeds.into_iter().map(addr).collect();
+    c.rng_seed = i as u64;
+    c
+}
+
+fn addr(i: usize) -> String {
+    format!("127.0.0.{}:7440", i + 1)
+}
+
+impl Sim {
+    fn new(configs: Vec<SyncConfig>) -> Self {
+        let nodes = configs
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| Node {
+                id: c.agent_id.clone(),
+                addr: addr(i),
+                ep: Endpoint::new(c, 1),
+                objects: BTreeMap::new(),
+                releases: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                behaviour: Behaviour::Honest,
+                rejections: Vec::new(),
+                object_bytes_in: 0,
+                objects_in: 0,
+            })
+            .collect();
+        Sim {
+            nodes,
+            now: 1_000_000,
+            links: BTreeMap::new(),
+            queue: Vec::new(),
+            blocked: BTreeSet::new(),
+            open_wants: BTreeMap::new(),
+            max_open_wants: BTreeMap::new(),
+        }
+    }
+
+    fn line(n: usize) -> Self {
+        Sim::new(
+            (0..n)
+                .map(|i| cfg(i, if i + 1 < n { vec![i + 1] } else { vec![] }))
+                .collect(),
+        )
+    }
+
+    /// Node `i` adopts a release from a "source": objects stored, head set.
+    fn publish(&mut self, i: usize, seq: u64, objects: &[Vec<u8>], valid: bool) -> String {
+        let addrs: Vec<String> = objects.iter().map(|o| sha256_address(o)).collect();
+        let manifest = codec::encode(&addrs);
+        let maddr = sha256_address(&manifest);
+        let n = &mut self.nodes[i];
+        for (a, o) in addrs.iter().zip(objects) {
+            n.objects.insert(a.clone(), o.clone());
+        }
+        n.objects.insert(maddr.clone(), manifest);
+        n.releases
+            .insert("stable".into(), toy_release("stable", seq, &maddr, valid));
+        let head = Head {
+            channel: "stable".into(),
+            sequence: seq,
+            bundle: maddr.clone(),
+            root_version: 1,
+        };
+        n.ep.set_head(head, self.now);
+        maddr
+    }
+
+    fn blocked(&self, a: usize, b: usize) -> bool {
+        self.blocked.contains(&(a.min(b), a.max(b)))
+    }
+
+    fn partition(&mut self, group_a: &[usize], group_b: &[usize]) {
+        for &a in group_a {
+            for &b in group_b {
+                self.blocked.insert((a.min(b), a.max(b)));
+            }
+        }
+        let cut: Vec<((usize, ConnId), (usize, ConnId))> = self
+            .links
+            .iter()
+            .filter(|((a, _), (b, _))| self.blocked(*a, *b))
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (x, y) in cut {
+            self.links.remove(&x);
+            self.links.remove(&y);
+            self.nodes[x.0].ep.disconnected(x.1, self.now);
+            self.nodes[y.0].ep.disconnected(y.1, self.now);
+        }
+    }
+
+    fn heal(&mut self) {
+        self.blocked.clear();
+    }
+
+    /// Drives every node's actions until none are left at this instant.
+    fn settle(&mut self) {
+        loop {
+            let mut progressed = false;
+            for i in 0..self.nodes.len() {
+                while let Some(a) = self.nodes[i].ep.poll_action() {
+                    progressed = true;
+                    self.act(i, a);
+                }
+            }
+            // Deliver due messages.
+            let now = self.now;
+            let due: Vec<(u64, Wire)> = {
+                let (due, rest): (Vec<_>, Vec<_>) =
+                    self.queue.drain(..).partition(|(t, _)| *t <= now);
+                self.queue = rest;
+                due
+            };
+            for (_, w) in due {
+                progressed = true;
+                match w {
+                    Wire::Msg(to, conn, frame) => {
+                        let lim = self.nodes[to].ep.config().limits.clone();
+                        let msg = decode_body(&frame[4..], &lim).unwrap();
+                        if let Message::Data { id, .. } = &msg {
+                            self.open_wants.entry(to).or_default().remove(id);
+                        }
+                        self.nodes[to].ep.handle_message(conn, msg, now);
+                    }
+                    Wire::Closed(to, conn) => self.nodes[to].ep.disconnected(conn, now),
+                }
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn act(&mut self, i: usize, a: Action) {
+        let now = self.now;
+        match a {
+            Action::Send { conn, message } => {
+                if let Message::Want { id, items } = &message {
+                    assert!(items.len() <= self.nodes[i].ep.config().limits.max_items_per_want);
+                    let open = self.open_wants.entry(i).or_default();
+                    open.insert(*id);
+                    let n = open.len();
+                    let m = self.max_open_wants.entry(i).or_default();
+                    *m = (*m).max(n);
+                }
+                let frame =
+                    encode_frame(&message, self.nodes[i].ep.config().limits.max_frame_bytes)
+                        .unwrap();
+                if let Some(&(j, cj)) = self.links.get(&(i, conn)) {
+                    self.queue.push((now + LATENCY, Wire::Msg(j, cj, frame)));
+                }
+            }
+            Action::Close { conn, .. } => {
+                if let Some((j, cj)) = self.links.remove(&(i, conn)) {
+                    self.links.remove(&(j, cj));
+                    self.queue.push((now + LATENCY, Wire::Closed(j, cj)));
+                }
+            }
+            Action::Dial { addr } => {
+                let target = self.nodes.iter().position(|n| n.addr == addr);
+                match target {
+                    Some(j) if !self.blocked(i, j) => {
+                        let (idi, idj) = (self.nodes[i].id.clone(), self.nodes[j].id.clone());
+                        let ipi = self.nodes[i].addr.split(':').next().map(str::to_owned);
+                        let ipj = self.nodes[j].addr.split(':').next().map(str::to_owned);
+                        let ci = self.nodes[i].ep.connected(
+                            PeerIdentity::Agent(idj),
+                            Some(addr),
+                            ipj,
+                            now,
+                        );
+                        let cj =
+                            self.nodes[j]
+                                .ep
+                                .connected(PeerIdentity::Agent(idi), None, ipi, now);
+                        self.links.insert((i, ci), (j, cj));
+                        self.links.insert((j, cj), (i, ci));
+                    }
+                    _ => self.nodes[i].ep.dial_failed(&addr, now),
+                }
+            }
+            Action::Event(e) => self.event(i, e),
+        }
+    }
+
+    fn event(&mut self, i: usize, e: Event) {
+        let now = self.now;
+        let n = &mut self.nodes[i];
+        match e {
+            Event::Serve { conn, id, items } => {
+                if n.behaviour == Behaviour::Silent {
+                    return;
+                }
+                let found = items
+                    .into_iter()
+                    .map(|item| {
+                        let bytes = match &item {
+                            Item::Root(_) => None,
+                            Item::Release(c) => n.releases.get(c).cloned(),
+                            Item::Object(a) => n.objects.get(a).cloned().map(|mut b| {
+                                if n.behaviour == Behaviour::Tamper {
+                                    b[0] ^= 1;
+                                }
+                                b
+                            }),
+                        };
+                        Found { item, bytes }
+                    })
+                    .collect();
+                n.ep.serve(conn, id, found, now);
+            }
+            Event::VerifyRelease {
+                fetch,
+                release,
+                head,
+                ..
+            } => {
+                let (channel, seq, manifest, valid): ToyRelease =
+                    codec::decode("toy release", &release, 1 << 16).unwrap();
+                if !valid {
+                    return n
+                        .ep
+                        .release_rejected(fetch, "signature_threshold", "toy", now);
+                }
+                if seq <= n.seq(&channel) {
+                    return n.ep.release_rejected(fetch, "rollback", "toy", now);
+                }
+                let head = Head {
+                    sequence: seq,
+                    bundle: manifest.clone(),
+                    ..head
+                };
+                n.pending.insert(fetch, (head, manifest.clone()));
+                n.releases.insert(format!("pending-{fetch}"), release);
+                n.ep.release_verified(fetch, now);
+                let missing = n.missing(&manifest);
+                n.ep.fetch_want(fetch, missing, now);
+            }
+            Event::Object { address, bytes, .. } => {
+                assert_eq!(
+                    sha256_address(&bytes),
+                    address,
+                    "endpoint passed a bad object"
+                );
+                n.object_bytes_in += bytes.len();
+                n.objects_in += 1;
+                n.objects.insert(address, bytes);
+            }
+            Event::FetchIdle { fetch } => {
+                let Some((head, manifest)) = n.pending.get(&fetch).cloned() else {
+                    return;
+                };
+                let missing = n.missing(&manifest);
+                if !missing.is_empty() {
+                    return n.ep.fetch_want(fetch, missing, now);
+                }
+                n.pending.remove(&fetch);
+                if let Some(r) = n.releases.remove(&format!("pending-{fetch}")) {
+                    n.releases.insert(head.channel.clone(), r);
+                }
+                n.ep.set_head(head, now);
+                n.ep.fetch_complete(fetch, now);
+            }
+            Event::FetchFailed { fetch, .. } => {
+                n.pending.remove(&fetch);
+                n.releases.remove(&format!("pending-{fetch}"));
+            }
+            Event::Rejected { peer, reason, .. } => {
+                n.rejections.push((peer.name().to_owned(), reason))
+            }
+            Event::PeerUp { .. } | Event::PeerDown { .. } | Event::StatusChanged => {}
+        }
+    }
+
+    /// Runs the virtual clock for `ms`, jumping to the next wake-up.
+    fn run(&mut self, ms: u64) {
+        let end = self.now + ms;
+        let mut steps = 0;
+        while self.now <= end {
+            steps += 1;
+            assert!(steps < 1_000_000, "simulation does not settle");
+            let now = self.now;
+            for n in &mut self.nodes {
+                if n.ep.poll_timeout().is_some_and(|t| t <= now) {
+                    n.ep.handle_timeout(now);
+                }
+            }
+            self.settle();
+            let next_timer = self.nodes.iter().filter_map(|n| n.ep.poll_timeout()).min();
+            let next_msg = self.queue.iter().map(|(t, _)| *t).min();
+            let next = [next_timer, next_msg]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(end + 1);
+            self.now = next.max(self.now + 1);
+        }
+    }
+
+    fn converged(&self, seq: u64) -> bool {
+        self.nodes.iter().all(|n| n.seq("stable") == seq)
+    }
+}
+
+fn objects(n: usize, tag: &str) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| format!("{tag}-object-{i}-{}", "x".repeat(200)).into_bytes())
+        .collect()
+}
+
+#[test]
+fn a_release_travels_down_a_line_of_five() {
+    let mut sim = Sim::line(5);
+    sim.run(3_000);
+    sim.publish(0, 1, &objects(10, "v1"), true);
+    sim.run(60_000);
+    assert!(
+        sim.converged(1),
+        "{:?}",
+        sim.nodes
+            .iter()
+            .map(|n| n.seq("stable"))
+            .collect::<Vec<_>>()
+    );
+    for n in &sim.nodes {
+        assert_eq!(n.objects.len(), 11, "{}", n.id);
+        assert!(n.rejections.is_empty(), "{}: {:?}", n.id, n.rejections);
+    }
+    // A second release entering in the middle reaches both ends.
+    sim.publish(2, 2, &objects(10, "v2"), true);
+    sim.run(60_000);
+    assert!(sim.converged(2));
+}
+
+#[test]
+fn push_is_faster_than_anti_entropy() {
+    let mut sim = Sim::line(3);
+    sim.run(3_000);
+    sim.publish(0, 1, &objects(3, "v1"), true);
+    // Well under one anti-entropy period per hop.
+    sim.run(1_000);
+    assert!(sim.converged(1));
+}
+
+#[test]
+fn only_missing_objects_move() {
+    let mut sim = Sim::line(2);
+    sim.run(2_000);
+    let mut objs = objects(100, "v1");
+    sim.publish(0, 1, &objs, true);
+    sim.run(30_000);
+    assert!(sim.converged(1));
+    let (bytes0, n0) = (sim.nodes[1].object_bytes_in, sim.nodes[1].objects_in);
+    assert_eq!(n0, 101);
+    objs[42] = b"changed object".to_vec();
+    let manifest = sim.publish(0, 2, &objs, true);
+    sim.run(30_000);
+    assert!(sim.converged(2));
+    let moved = sim.nodes[1].object_bytes_in - bytes0;
+    let expected = sim.nodes[0].objects[&manifest].len() + b"changed object".len();
+    assert_eq!(sim.nodes[1].objects_in - n0, 2);
+    assert_eq!(moved, expected);
+}
+
+#[test]
+fn objects_move_in_bounded_batches() {
+    let mut c0 = cfg(0, vec![1]);
+    c0.limits.max_items_per_want = 7;
+    c0.limits.max_outstanding_wants = 2;
+    let mut c1 = cfg(1, vec![]);
+    c1.limits.max_items_per_want = 7;
+    let mut sim = Sim::new(vec![c0, c1]);
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(50, "v1"), true);
+    sim.run(30_000);
+    assert!(sim.converged(1));
+    assert_eq!(sim.max_open_wants[&0], 2);
+}
+
+#[test]
+fn a_tampered_object_cuts_the_peer_off_and_nothing_bad_is_stored() {
+    let mut sim = Sim::line(2);
+    sim.nodes[1].behaviour = Behaviour::Tamper;
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(5, "v1"), true);
+    sim.run(10_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 0);
+    assert!(sim.nodes[0].objects.is_empty());
+    assert_eq!(
+        sim.nodes[0].rejections[0],
+        ("a1".to_string(), "object_hash_mismatch".to_string())
+    );
+    assert!(sim.nodes[0].ep.is_banned("a1", sim.now));
+}
+
+#[test]
+fn a_rejected_release_cuts_the_peer_off() {
+    let mut sim = Sim::line(2);
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(5, "v1"), false);
+    sim.run(10_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 0);
+    assert_eq!(sim.nodes[0].rejections[0].1, "signature_threshold");
+    // No object was even asked for.
+    assert_eq!(sim.nodes[0].objects_in, 0);
+}
+
+#[test]
+fn a_rolled_back_head_is_refused() {
+    let mut sim = Sim::line(2);
+    sim.run(2_000);
+    sim.publish(0, 5, &objects(2, "v5"), true);
+    // The peer advertises sequence 9 but serves a release with sequence 3.
+    let m = sim.publish(1, 9, &objects(2, "v9"), true);
+    sim.nodes[1]
+        .releases
+        .insert("stable".into(), toy_release("stable", 3, &m, true));
+    sim.run(10_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 5);
+    assert!(sim.nodes[0]
+        .rejections
+        .iter()
+        .any(|(p, r)| p == "a1" && r == "rollback"));
+}
+
+#[test]
+fn a_silent_peer_times_out_and_another_serves() {
+    // Node 0 knows a silent peer (1) and an honest one (2), both with v1.
+    let mut sim = Sim::new(vec![cfg(0, vec![1, 2]), cfg(1, vec![]), cfg(2, vec![])]);
+    sim.nodes[1].behaviour = Behaviour::Silent;
+    sim.run(2_000);
+    let objs = objects(5, "v1");
+    // Only the silent peer has the head at first.
+    sim.publish(1, 1, &objs, true);
+    sim.run(20_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 0);
+    assert_eq!(
+        sim.nodes[0].rejections,
+        vec![("a1".to_string(), "timeout".to_string())]
+    );
+    sim.publish(2, 1, &objs, true);
+    sim.run(30_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 1);
+    // Node 2 may also have tried the silent peer; nobody blamed anyone else.
+    for n in &sim.nodes {
+        assert!(
+            n.rejections
+                .iter()
+                .all(|(p, r)| p == "a1" && r == "timeout"),
+            "{:?}",
+            n.rejections
+        );
+    }
+}
+
+#[test]
+fn partitioned_groups_diverge_then_converge() {
+    let all: Vec<usize> = (0..6).collect();
+    let mut sim = Sim::new(
+        (0..6)
+            .map(|i| cfg(i, all.iter().copied().filter(|j| *j != i).collect()))
+            .collect(),
+    );
+    sim.run(3_000);
+    sim.partition(&[0, 1, 2], &[3, 4, 5]);
+    sim.publish(0, 1, &objects(4, "left"), true);
+    sim.run(20_000);
+    assert_eq!(
+        (0..6)
+            .map(|i| sim.nodes[i].seq("stable"))
+            .collect::<Vec<_>>(),
+        vec![1, 1, 1, 0, 0, 0]
+    );
+    sim.publish(4, 2, &objects(4, "right"), true);
+    sim.run(20_000);
+    assert_eq!(
+        (0..6)
+            .map(|i| sim.nodes[i].seq("stable"))
+            .collect::<Vec<_>>(),
+        vec![1, 1, 1, 2, 2, 2]
+    );
+    sim.heal();
+    sim.run(60_000);
+    assert!(sim.converged(2));
+}
+
+#[test]
+fn status_gossip_spreads_and_newest_wins() {
+    let mut sim = Sim::line(5);
+    for i in 0..5 {
+        let r = StatusRecord {
+            agent_id: String::new(),
+            channel: "stable".into(),
+            labels: BTreeMap::new(),
+            sequence: 0,
+            bundle: String::new(),
+            health: "healthy".into(),
+            time: 0,
+        };
+        let now = sim.now;
+        sim.nodes[i].ep.set_local_status(r, now);
+    }
+    sim.run(60_000);
+    for n in &sim.nodes {
+        assert_eq!(n.ep.status().len(), 5, "{}", n.id);
+    }
+    let mut r = sim.nodes[4].ep.status()["a4"].clone();
+    r.health = "failed".into();
+    let now = sim.now;
+    sim.nodes[4].ep.set_local_status(r, now);
+    sim.run(60_000);
+    assert_eq!(sim.nodes[0].ep.status()["a4"].health, "failed");
+}
+
+#[test]
+fn status_records_from_the_future_or_about_us_are_ignored() {
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let now = 1_000_000;
+    let rec = |id: &str, time| StatusRecord {
+        agent_id: id.into(),
+        channel: String::new(),
+        labels: BTreeMap::new(),
+        sequence: 0,
+        bundle: String::new(),
+        health: "bad".into(),
+        time,
+    };
+    let c = ep.connected(PeerIdentity::Agent("a1".into()), None, None, now);
+    ep.handle_message(
+        c,
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: None,
+        }),
+        now,
+    );
+    ep.handle_message(
+        c,
+        Message::Status(vec![
+            rec("a0", now),
+            rec("a9", now + 3_600_000),
+            rec("a2", now),
+        ]),
+        now,
+    );
+    assert_eq!(ep.status().keys().collect::<Vec<_>>(), vec!["a2"]);
+}
+
+#[test]
+fn status_table_is_bounded() {
+    let mut c = cfg(0, vec![]);
+    c.limits.max_status_records = 3;
+    let mut ep = Endpoint::new(c, 1);
+    let now = 1_000_000;
+    let conn = ep.connected(PeerIdentity::Agent("a1".into()), None, None, now);
+    ep.handle_message(
+        conn,
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: None,
+        }),
+        now,
+    );
+    let recs = (0..3)
+        .map(|i| StatusRecord {
+            agent_id: format!("x{i}"),
+            channel: String::new(),
+            labels: BTreeMap::new(),
+            sequence: 0,
+            bundle: String::new(),
+            health: String::new(),
+            time: now - 10 + i,
+        })
+        .collect();
+    ep.handle_message(conn, Message::Status(recs), now);
+    let newer = StatusRecord {
+        agent_id: "y".into(),
+        channel: String::new(),
+        labels: BTreeMap::new(),
+        sequence: 0,
+        bundle: String::new(),
+        health: String::new(),
+        time: now,
+    };
+    ep.handle_message(conn, Message::Status(vec![newer]), now);
+    assert_eq!(
+        ep.status().keys().collect::<Vec<_>>(),
+        vec!["x1", "x2", "y"]
+    );
+}
+
+#[test]
+fn peer_exchange_spreads_addresses() {
+    let mut sim = Sim::line(4);
+    sim.run(20_000);
+    let known: BTreeSet<String> = sim.nodes[0]
+        .ep
+        .peer_table()
+        .map(|e| e.addr.clone())
+        .collect();
+    assert!(
+        known.contains(&addr(2)) && known.contains(&addr(3)),
+        "{known:?}"
+    );
+}
+
+#[test]
+fn peer_table_is_bounded_and_keeps_seeds() {
+    let mut c = cfg(0, vec![1]);
+    c.limits.max_peer_table = 4;
+    let mut ep = Endpoint::new(c, 1);
+    ep.learn_peers((0..20).map(|i| PeerInfo {
+        agent_id: None,
+        addr: format!("10.9.0.{i}:7440"),
+    }));
+    let table: Vec<PeerEntry> = ep.peer_table().cloned().collect();
+    assert_eq!(table.len(), 4);
+    assert!(table.iter().any(|e| e.seed && e.addr == addr(1)));
+}
+
+fn hello(ep: &mut Endpoint, id: &str, now: u64) -> ConnId {
+    let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, now);
+    ep.handle_message(
+        c,
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: None,
+        }),
+        now,
+    );
+    while ep.poll_action().is_some() {}
+    c
+}
+
+fn drain_rejections(ep: &mut Endpoint) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(a) = ep.poll_action() {
+        if let Action::Event(Event::Rejected { reason, .. }) = a {
+            out.push(reason);
+        }
+    }
+    out
+}
+
+#[test]
+fn protocol_violations_cut_the_peer_off() {
+    let now = 1_000_000;
+    let addr0 = sha256_address(b"x");
+    // Message before hello.
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
+    ep.handle_message(c, Message::Heads(vec![]), now);
+    assert_eq!(drain_rejections(&mut ep), vec!["no_hello"]);
+    // Wrong protocol version.
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
+    ep.handle_message(
+        c,
+        Message::Hello(Hello {
+            version: 99,
+            listen: None,
+        }),
+        now,
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["protocol_version"]);
+    // Unsolicited data.
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = hello(&mut ep, "p", now);
+    ep.handle_message(
+        c,
+        Message::Data {
+            id: 77,
+            items: vec![],
+        },
+        now,
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
+    // Too many requests in flight.
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = hello(&mut ep, "p", now);
+    let max = ep.config().limits.max_inbound_wants as u64;
+    for id in 0..=max {
+        ep.handle_message(
+            c,
+            Message::Want {
+                id,
+                items: vec![Item::Object(addr0.clone())],
+            },
+            now,
+        );
+    }
+    assert_eq!(drain_rejections(&mut ep), vec!["too_many_requests"]);
+    // Garbage on the wire reported by the shell.
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = hello(&mut ep, "p", now);
+    ep.handle_wire_error(c, "oversized_frame", "5 GB", now);
+    assert_eq!(drain_rejections(&mut ep), vec!["oversized_frame"]);
+    // ...and the peer stays banned: a reconnect is closed at once.
+    let c2 = ep.connected(PeerIdentity::Agent("p".into()), None, None, now + 1);
+    assert!(matches!(ep.poll_action(), Some(Action::Close { conn, .. }) if conn == c2));
+    // After the ban it may come back.
+    let later = now + ep.config().ban_base_ms + 1;
+    let c3 = ep.connected(PeerIdentity::Agent("p".into()), None, None, later);
+    assert!(matches!(ep.poll_action(), Some(Action::Send { conn, .. }) if conn == c3));
+}
+
+#[test]
+fn operators_may_only_read_status() {
+    let now = 1_000_000;
+    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let c = ep.connected(PeerIdentity::Operator("ops".into()), None, None, now);
+    ep.handle_message(
+        c,
+        Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: None,
+        }),
+        now,
+    );
+    while ep.poll_action().is_some() {}
+    ep.handle_message(c, Message::StatusRequest, now);
+    assert!(matches!(
+        ep.poll_action(),
+        Some(Action::Send {
+            message: Message::Status(_),
+            ..
+        })
+    ));
+    ep.handle_message(c, Message::Heads(vec![]), now);
+    assert_eq!(drain_rejections(&mut ep), vec!["operator_forbidden"]);
+}
+
+#[test]
+fn duplicate_connections_keep_one() {
+    let mut sim = Sim::new(vec![cfg(0, vec![1]), cfg(1, vec![0])]);
+    sim.run(10_000);
+    assert_eq!(sim.nodes[0].ep.connected_peers().len(), 1);
+    assert_eq!(sim.nodes[1].ep.connected_peers().len(), 1);
+}
+
+#[test]
+fn self_dials_are_remembered() {
+    // A seed list that includes ourselves.
+    let mut c = cfg(0, vec![0, 1]);
+    c.listen = None;
+    let mut sim = Sim::new(vec![c, cfg(1, vec![])]);
+    sim.run(10_000);
+    assert!(sim.nodes[0]
+        .ep
+        .peer_table()
+        .any(|e| e.addr == addr(0) && e.is_self));
+    assert_eq!(sim.nodes[0].ep.connected_peers().len(), 1);
+}
+
+#[test]
+fn advertised_addresses() {
+    assert_eq!(
+        advertised_addr("0.0.0.0:7440", Some("10.0.0.2")).as_deref(),
+        Some("10.0.0.2:7440")
+    );
+    assert_eq!(
+        advertised_addr("[::]:7440", Some("fd00::2")).as_deref(),
+        Some("[fd00::2]:7440")
+    );
+    assert_eq!(
+        advertised_addr("edge.local:7440", Some("10.0.0.2")).as_deref(),
+        Some("edge.local:7440")
+    );
+    assert_eq!(advertised_addr("nonsense", Some("10.0.0.2")), None);
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let run = || {
+        let mut sim = Sim::line(4);
+        sim.run(2_000);
+        sim.publish(0, 1, &objects(20, "v1"), true);
+        sim.run(30_000);
+        sim.nodes
+            .iter()
+            .map(|n| (n.objects_in, n.object_bytes_in))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
+}

@@ -1,0 +1,260 @@
+//! rustls configurations for the mesh: TLS 1.3 only, the ring provider,
+//! mutual authentication against the fleet CA.
+//!
+//! Both sides verify the other's chain to the fleet CA with stock WebPKI
+//! verification; a peer without a certificate from that CA fails the
+//! handshake. Clients check the server name [`pki::MESH_SERVER_NAME`], which
+//! every agent certificate carries, and both sides then read the peer's
+//! identity from its certificate with [`peer_identity`].
+
+use super::pki::{self, PeerIdentity, PkiError};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The ALPN protocol id of the mesh.
+pub const ALPN: &[u8] = b"cairn-mesh/1";
+
+/// Errors building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Reading certificates or keys failed.
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Paths of an agent's or operator's mesh credentials.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialPaths {
+    /// Certificate (chain), PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+    /// The fleet CA certificate, PEM.
+    pub ca: PathBuf,
+}
+
+/// Loaded credentials.
+#[derive(Debug)]
+pub struct Credentials {
+    /// Our certificate chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: PrivateKeyDer<'static>,
+    /// The fleet CA as a root store.
+    pub roots: Arc<RootCertStore>,
+    /// Our own identity, read from our certificate.
+    pub identity: PeerIdentity,
+}
+
+impl Credentials {
+    /// Reads and checks the three files.
+    pub fn load(paths: &CredentialPaths) -> Result<Self, TlsError> {
+        let chain = pki::read_certs(&paths.cert)?;
+        let key = pki::read_key(&paths.key)?;
+        let roots = load_roots(&paths.ca)?;
+        let identity = pki::identity_of(&chain[0])?;
+        Ok(Self {
+            chain,
+            key,
+            roots,
+            identity,
+        })
+    }
+}
+
+fn load_roots(ca: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in pki::read_certs(ca)? {
+        roots
+            .add(c)
+            .map_err(|e| TlsError::Config(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn cfg(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Config(e.to_string())
+}
+
+/// The server side: TLS 1.3, ring, client certificates required and
+/// verified against the fleet CA.
+pub fn server_config(creds: &Credentials) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(creds.roots.clone(), provider())
+        .build()
+        .map_err(cfg)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(cfg)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(cfg)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The client side: TLS 1.3, ring, the server verified against the fleet
+/// CA for [`pki::MESH_SERVER_NAME`], our certificate presented.
+pub fn client_config(creds: &Credentials) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(creds.roots.clone(), provider())
+        .build()
+        .map_err(cfg)?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(cfg)?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(creds.chain.clone(), creds.key.clone_key())
+        .map_err(cfg)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server name every mesh client asks for.
+pub fn server_name() -> ServerName<'static> {
+    // A constant, valid DNS name: conversion cannot fail.
+    ServerName::try_from(pki::MESH_SERVER_NAME)
+        .unwrap_or_else(|_| ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()))
+}
+
+/// The identity of the peer of a finished handshake, from its end-entity
+/// certificate (already verified against the fleet CA by rustls).
+pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, PkiError> {
+    let first = certs.and_then(|c| c.first()).ok_or(PkiError::NoIdentity)?;
+    pki::identity_of(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::pki::{init_ca_dir, issue_to_dir};
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    fn now() -> u64 {
+        crate::unix_now()
+    }
+
+    fn creds(dir: &Path, ca: &Path, id: PeerIdentity) -> Credentials {
+        issue_to_dir(ca, &id, dir, now(), 1).unwrap();
+        let stem = match id {
+            PeerIdentity::Agent(_) => "agent",
+            PeerIdentity::Operator(_) => "operator",
+        };
+        Credentials::load(&CredentialPaths {
+            cert: dir.join(format!("{stem}.crt")),
+            key: dir.join(format!("{stem}.key")),
+            ca: dir.join("ca.crt"),
+        })
+        .unwrap()
+    }
+
+    /// Runs one handshake over 127.0.0.1; returns what each side saw as
+    /// the other's identity, or the errors.
+    fn handshake(
+        server: &Credentials,
+        client: &Credentials,
+    ) -> (Result<PeerIdentity, String>, Result<PeerIdentity, String>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scfg = server_config(server).unwrap();
+        let t = std::thread::spawn(move || -> Result<PeerIdentity, String> {
+            let (sock, _) = listener.accept().map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn = rustls::ServerConnection::new(scfg).map_err(|e| e.to_string())?;
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            tls.write_all(b"world").map_err(|e| e.to_string())?;
+            tls.flush().map_err(|e| e.to_string())?;
+            assert_eq!(
+                tls.conn.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            peer_identity(tls.conn.peer_certificates()).map_err(|e| e.to_string())
+        });
+        let ccfg = client_config(client).unwrap();
+        let client_side = (|| -> Result<PeerIdentity, String> {
+            let sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let conn =
+                rustls::ClientConnection::new(ccfg, server_name()).map_err(|e| e.to_string())?;
+            let mut tls = rustls::StreamOwned::new(conn, sock);
+            tls.write_all(b"hello").map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 5];
+            tls.read_exact(&mut buf).map_err(|e| e.to_string())?;
+            peer_identity(tls.conn.peer_certificates()).map_err(|e| e.to_string())
+        })();
+        let server_side = t.join().unwrap();
+        (server_side, client_side)
+    }
+
+    #[test]
+    fn fleet_members_authenticate_each_other() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca_dir(&ca, "fleet", now(), 10).unwrap();
+        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let b = creds(&d.path().join("b"), &ca, PeerIdentity::Agent("b".into()));
+        let (s, c) = handshake(&a, &b);
+        assert_eq!(s.unwrap(), PeerIdentity::Agent("b".into()));
+        assert_eq!(c.unwrap(), PeerIdentity::Agent("a".into()));
+        // An operator can connect as a client.
+        let o = creds(
+            &d.path().join("o"),
+            &ca,
+            PeerIdentity::Operator("ops".into()),
+        );
+        let (s, c) = handshake(&a, &o);
+        assert_eq!(s.unwrap(), PeerIdentity::Operator("ops".into()));
+        assert_eq!(c.unwrap(), PeerIdentity::Agent("a".into()));
+    }
+
+    #[test]
+    fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
+        let d = tempfile::tempdir().unwrap();
+        let (ca, other) = (d.path().join("ca"), d.path().join("other"));
+        init_ca_dir(&ca, "fleet", now(), 10).unwrap();
+        init_ca_dir(&other, "intruder", now(), 10).unwrap();
+        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let mut x = creds(&d.path().join("x"), &other, PeerIdentity::Agent("a".into()));
+        // The intruder even trusts the fleet CA, so only its own
+        // certificate is wrong.
+        x.roots = a.roots.clone();
+        // The intruder as client: the fleet server refuses its certificate.
+        let (s, c) = handshake(&a, &x);
+        let err = s.unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        assert!(c.is_err());
+        // The intruder as server: the fleet client refuses it.
+        let (s, c) = handshake(&x, &a);
+        let err = c.unwrap_err();
+        assert!(err.contains("UnknownIssuer"), "{err}");
+        assert!(s.is_err());
+    }
+
+    #[test]
+    fn an_operator_certificate_cannot_serve() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca_dir(&ca, "fleet", now(), 10).unwrap();
+        let o = creds(
+            &d.path().join("o"),
+            &ca,
+            PeerIdentity::Operator("ops".into()),
+        );
+        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let (_s, c) = handshake(&o, &a);
+        assert!(c.is_err());
+    }
+}

@@ -1,0 +1,538 @@
+//! Mesh messages and their frames.
+//!
+//! A frame is a 4-byte big-endian body length followed by that many bytes
+//! of CBOR ([`cairn_keys::codec`]) encoding one [`Message`]. The length is
+//! checked against [`MeshLimits::max_frame_bytes`] before the body is
+//! allocated, and every decoded message is checked by
+//! [`Message::validate`] (counts, string lengths, address syntax) before
+//! the protocol sees it.
+//!
+//! Protocol version [`PROTOCOL_VERSION`] is carried in [`Hello`]; a peer
+//! with another version is disconnected.
+
+use super::pki::validate_identity;
+use super::MeshLimits;
+use crate::bundle::is_address;
+use crate::release::validate_channel;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+/// The mesh protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Bytes of the frame length prefix.
+pub const HEADER_BYTES: usize = 4;
+
+/// Errors reading, writing or validating frames.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// A frame announced or carried more than the limit.
+    #[error("frame of {actual} bytes is over the limit of {limit}")]
+    Oversized {
+        /// The limit.
+        limit: u32,
+        /// The announced or actual size.
+        actual: u64,
+    },
+    /// The body is not a CBOR message.
+    #[error("undecodable frame: {0}")]
+    Garbage(String),
+    /// The message decoded but breaks a rule.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The stream ended.
+    #[error("connection closed")]
+    Closed,
+    /// The stream failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl WireError {
+    /// A short, stable reason for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            WireError::Oversized { .. } => "oversized_frame",
+            WireError::Garbage(_) => "garbage",
+            WireError::Invalid(_) => "invalid_message",
+            WireError::Closed => "closed",
+            WireError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => "timeout",
+            WireError::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => "timeout",
+            WireError::Io(_) => "io",
+        }
+    }
+}
+
+/// The first message on every connection, both ways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub version: u32,
+    /// The address the sender accepts mesh connections on (`host:port`),
+    /// if it listens. An unspecified host (`0.0.0.0`) means "the address
+    /// you see me on".
+    pub listen: Option<String>,
+}
+
+/// A channel head: the newest verified release a node holds for a channel.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Head {
+    /// The channel.
+    pub channel: String,
+    /// The release's sequence.
+    pub sequence: u64,
+    /// The release's bundle id.
+    pub bundle: String,
+    /// The version of the newest trust root the node holds.
+    pub root_version: u64,
+}
+
+/// Something one node asks another for, named as in a bundle repository.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Item {
+    /// `roots/<version>`: a signed root envelope.
+    Root(u64),
+    /// `channels/<channel>`: the head release envelope of a channel.
+    Release(String),
+    /// `objects/sha256/..`: an object by address.
+    Object(String),
+}
+
+impl Item {
+    /// The item's path in the repository layout.
+    pub fn path(&self) -> String {
+        match self {
+            Item::Root(v) => crate::repo::root_path(*v),
+            Item::Release(c) => crate::repo::channel_path(c),
+            Item::Object(a) => crate::repo::object_path(a).unwrap_or_default(),
+        }
+    }
+}
+
+/// One answered item. `bytes` is `None` when the sender does not hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Found {
+    /// What was asked for.
+    pub item: Item,
+    /// Its bytes, if held.
+    #[serde(with = "serde_bytes")]
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// A compact status record about one agent, gossiped fleet-wide. The
+/// newest (`time`) record per agent wins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    /// The agent it describes.
+    pub agent_id: String,
+    /// Its channel.
+    pub channel: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Adopted release sequence (0: none).
+    pub sequence: u64,
+    /// Adopted bundle id (empty: none).
+    pub bundle: String,
+    /// Health: `healthy`, `degraded`, `failed`, `unknown`, ...
+    pub health: String,
+    /// When the agent produced the record, Unix milliseconds.
+    pub time: u64,
+}
+
+/// A peer known to the sender.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Its agent id, if the sender has connected to it.
+    pub agent_id: Option<String>,
+    /// `host:port` to dial.
+    pub addr: String,
+}
+
+/// A mesh message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Version and listening address; first on every connection.
+    Hello(Hello),
+    /// The sender's channel heads (only verified releases).
+    Heads(Vec<Head>),
+    /// A request for items, answered by one `Data` with the same id.
+    Want {
+        /// Request id, unique among the sender's open requests.
+        id: u64,
+        /// What is wanted.
+        items: Vec<Item>,
+    },
+    /// The answer to a `Want`. Items left out (over the reply budget) may
+    /// be asked for again.
+    Data {
+        /// The `Want` id.
+        id: u64,
+        /// The answers.
+        items: Vec<Found>,
+    },
+    /// Status records (gossip, or the answer to `StatusRequest`).
+    Status(Vec<StatusRecord>),
+    /// Asks for every status record the receiver holds (operator CLI).
+    StatusRequest,
+    /// Peer exchange.
+    Peers(Vec<PeerInfo>),
+    /// The sender is closing, and why.
+    Bye(String),
+}
+
+impl Message {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Heads(_) => "heads",
+            Message::Want { .. } => "want",
+            Message::Data { .. } => "data",
+            Message::Status(_) => "status",
+            Message::StatusRequest => "status_request",
+            Message::Peers(_) => "peers",
+            Message::Bye(_) => "bye",
+        }
+    }
+
+    /// Checks counts, lengths and syntax against `limits`.
+    pub fn validate(&self, limits: &MeshLimits) -> Result<(), WireError> {
+        let bad = |s: String| Err(WireError::Invalid(s));
+        let string = |what: &str, s: &str| {
+            if s.len() > limits.max_string {
+                Err(WireError::Invalid(format!(
+                    "{what} longer than {} bytes",
+                    limits.max_string
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        let channel = |c: &str| validate_channel(c).map_err(WireError::Invalid);
+        let address = |a: &str| {
+            if is_address(a) {
+                Ok(())
+            } else {
+                Err(WireError::Invalid(format!(
+                    "malformed address `{}`",
+                    a.escape_debug()
+                )))
+            }
+        };
+        let item = |i: &Item| match i {
+            Item::Root(v) if *v == 0 => bad("root version 0".into()),
+            Item::Root(_) => Ok(()),
+            Item::Release(c) => channel(c),
+            Item::Object(a) => address(a),
+        };
+        match self {
+            Message::Hello(h) => {
+                if let Some(l) = &h.listen {
+                    string("listen address", l)?;
+                }
+            }
+            Message::Heads(hs) => {
+                if hs.len() > limits.max_heads {
+                    return bad(format!(
+                        "{} heads, over the limit of {}",
+                        hs.len(),
+                        limits.max_heads
+                    ));
+                }
+                for h in hs {
+                    channel(&h.channel)?;
+                    address(&h.bundle)?;
+                    if h.sequence == 0 || h.root_version == 0 {
+                        return bad("head with sequence or root version 0".into());
+                    }
+                }
+            }
+            Message::Want { items, .. } => {
+                if items.is_empty() || items.len() > limits.max_items_per_want {
+                    return bad(format!(
+                        "want of {} items (1 to {} allowed)",
+                        items.len(),
+                        limits.max_items_per_want
+                    ));
+                }
+                items.iter().try_for_each(item)?;
+            }
+            Message::Data { items, .. } => {
+                if items.len() > limits.max_items_per_want {
+                    return bad(format!("data with {} items", items.len()));
+                }
+                items.iter().try_for_each(|f| item(&f.item))?;
+            }
+            Message::Status(rs) => {
+                if rs.len() > limits.max_status_records {
+                    return bad(format!("{} status records", rs.len()));
+                }
+                for r in rs {
+                    validate_identity(&r.agent_id)
+                        .map_err(|e| WireError::Invalid(e.to_string()))?;
+                    if !r.channel.is_empty() {
+                        channel(&r.channel)?;
+                    }
+                    if !r.bundle.is_empty() {
+                        address(&r.bundle)?;
+                    }
+                    string("health", &r.health)?;
+                    if r.labels.len() > limits.max_labels {
+                        return bad(format!("{} labels", r.labels.len()));
+                    }
+                    for (k, v) in &r.labels {
+                        string("label", k)?;
+                        string("label", v)?;
+                    }
+                }
+            }
+            Message::Peers(ps) => {
+                if ps.len() > limits.max_peers_per_message {
+                    return bad(format!("{} peers", ps.len()));
+                }
+                for p in ps {
+                    string("peer address", &p.addr)?;
+                    if let Some(id) = &p.agent_id {
+                        validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
+                    }
+                }
+            }
+            Message::StatusRequest => {}
+            Message::Bye(reason) => string("bye reason", reason)?,
+        }
+        Ok(())
+    }
+}
+
+/// Encodes `msg` as one frame (length prefix and body), refusing bodies
+/// over `limit`.
+pub fn encode_frame(msg: &Message, limit: u32) -> Result<Vec<u8>, WireError> {
+    let body = cairn_keys::codec::encode(msg);
+    if body.len() as u64 > u64::from(limit) {
+        return Err(WireError::Oversized {
+            limit,
+            actual: body.len() as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The body length announced by a frame header, checked against `limit`
+/// before anything is allocated.
+pub fn body_len(header: [u8; HEADER_BYTES], limit: u32) -> Result<usize, WireError> {
+    let len = u32::from_be_bytes(header);
+    if len > limit {
+        return Err(WireError::Oversized {
+            limit,
+            actual: u64::from(len),
+        });
+    }
+    Ok(len as usize)
+}
+
+/// Decodes and validates a frame body.
+pub fn decode_body(body: &[u8], limits: &MeshLimits) -> Result<Message, WireError> {
+    let msg: Message =
+        cairn_keys::codec::decode("mesh frame", body, limits.max_frame_bytes as usize).map_err(
+            |e| match e {
+                cairn_keys::Error::TooLarge { limit, actual, .. } => WireError::Oversized {
+                    limit: limit as u32,
+                    actual: actual as u64,
+                },
+                other => WireError::Garbage(other.to_string()),
+            },
+        )?;
+    msg.validate(limits)?;
+    Ok(msg)
+}
+
+/// Reads one frame from a blocking reader (the CLI; the agent reads
+/// headers and bodies itself with tokio and calls [`body_len`] and
+/// [`decode_body`]). End of stream before a header is [`WireError::Closed`].
+pub fn read_frame(r: &mut impl Read, limits: &MeshLimits) -> Result<Message, WireError> {
+    let mut header = [0u8; HEADER_BYTES];
+    match r.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = body_len(header, limits.max_frame_bytes)?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    decode_body(&body, limits)
+}
+
+/// Writes one frame to a blocking writer and flushes it.
+pub fn write_frame(
+    w: &mut impl Write,
+    msg: &Message,
+    limits: &MeshLimits,
+) -> Result<(), WireError> {
+    let frame = encode_frame(msg, limits.max_frame_bytes)?;
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lim() -> MeshLimits {
+        MeshLimits::default()
+    }
+
+    fn sample() -> Vec<Message> {
+        let a = cairn_keys::sha256_address(b"x");
+        vec![
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                listen: Some("127.0.0.1:7440".into()),
+            }),
+            Message::Heads(vec![Head {
+                channel: "stable".into(),
+                sequence: 3,
+                bundle: a.clone(),
+                root_version: 1,
+            }]),
+            Message::Want {
+                id: 7,
+                items: vec![
+                    Item::Root(2),
+                    Item::Release("stable".into()),
+                    Item::Object(a.clone()),
+                ],
+            },
+            Message::Data {
+                id: 7,
+                items: vec![
+                    Found {
+                        item: Item::Object(a.clone()),
+                        bytes: Some(b"x".to_vec()),
+                    },
+                    Found {
+                        item: Item::Root(2),
+                        bytes: None,
+                    },
+                ],
+            },
+            Message::Status(vec![StatusRecord {
+                agent_id: "a1".into(),
+                channel: "stable".into(),
+                labels: [("site".to_string(), "north".to_string())].into(),
+                sequence: 3,
+                bundle: a,
+                health: "healthy".into(),
+                time: 5,
+            }]),
+            Message::StatusRequest,
+            Message::Peers(vec![PeerInfo {
+                agent_id: Some("a2".into()),
+                addr: "10.0.0.2:7440".into(),
+            }]),
+            Message::Bye("done".into()),
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for m in sample() {
+            let f = encode_frame(&m, lim().max_frame_bytes).unwrap();
+            let back = read_frame(&mut &f[..], &lim()).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let header = (lim().max_frame_bytes + 1).to_be_bytes();
+        // Only the header exists: the reader must fail on the length alone.
+        let err = read_frame(&mut &header[..], &lim()).unwrap_err();
+        assert!(
+            matches!(err, WireError::Oversized { actual, .. } if actual == u64::from(lim().max_frame_bytes) + 1)
+        );
+        let err = read_frame(&mut &u32::MAX.to_be_bytes()[..], &lim()).unwrap_err();
+        assert_eq!(err.reason(), "oversized_frame");
+        // And the sender refuses to build one.
+        let big = Message::Bye("x".repeat(100));
+        assert!(matches!(
+            encode_frame(&big, 10),
+            Err(WireError::Oversized { limit: 10, .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        let mut f = 5u32.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0xff, 0x00, 0x13, 0x37, 0x99]);
+        let err = read_frame(&mut &f[..], &lim()).unwrap_err();
+        assert!(matches!(err, WireError::Garbage(_)), "{err}");
+        // A valid CBOR value that is not a message.
+        let body = cairn_keys::codec::encode(&42u32);
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&body);
+        assert!(matches!(
+            read_frame(&mut &f[..], &lim()),
+            Err(WireError::Garbage(_))
+        ));
+        // Truncated body.
+        let f = encode_frame(&sample()[1], lim().max_frame_bytes).unwrap();
+        assert!(matches!(
+            read_frame(&mut &f[..f.len() - 1], &lim()),
+            Err(WireError::Io(_))
+        ));
+        // Nothing at all: closed.
+        assert!(matches!(
+            read_frame(&mut &[][..], &lim()),
+            Err(WireError::Closed)
+        ));
+    }
+
+    #[test]
+    fn invalid_messages_are_refused() {
+        let cases = vec![
+            Message::Want {
+                id: 1,
+                items: vec![Item::Object("sha256:../../etc/passwd".into())],
+            },
+            Message::Want {
+                id: 1,
+                items: vec![],
+            },
+            Message::Want {
+                id: 1,
+                items: vec![Item::Root(1); lim().max_items_per_want + 1],
+            },
+            Message::Heads(vec![Head {
+                channel: "../x".into(),
+                sequence: 1,
+                bundle: cairn_keys::sha256_address(b""),
+                root_version: 1,
+            }]),
+            Message::Status(vec![StatusRecord {
+                agent_id: "bad id".into(),
+                channel: String::new(),
+                labels: BTreeMap::new(),
+                sequence: 0,
+                bundle: String::new(),
+                health: String::new(),
+                time: 0,
+            }]),
+            Message::Peers(vec![
+                PeerInfo {
+                    agent_id: None,
+                    addr: "a:1".into()
+                };
+                lim().max_peers_per_message + 1
+            ]),
+        ];
+        for m in cases {
+            let f = encode_frame(&m, lim().max_frame_bytes).unwrap();
+            let err = read_frame(&mut &f[..], &lim()).unwrap_err();
+            assert!(matches!(err, WireError::Invalid(_)), "{m:?}: {err}");
+        }
+    }
+}
