@@ -1,1 +1,46 @@
-//! Cairn agent.
+//! The Cairn agent: pull signed releases from sources, verify them against
+//! the trust root compiled into the binary, keep the last-good state on local
+//! disk and reconcile a target with it, online or offline.
+//!
+//! The loop is **discover → fetch → verify → store → decide → apply →
+//! observe → report**. Pure cores and thin IO shells:
+//!
+//! * [`pipeline`] (pure): root rotation, release and object verification,
+//!   the adopt-or-reject decision. No IO, no clock, no tokio.
+//! * [`target::plan`] (pure): desired objects + observed files → actions.
+//! * [`source`] (IO): the [`source::Source`] trait, HTTP(S) and directory
+//!   sources, [`source::SourceSet`]. A mesh peer is another `Source`.
+//! * [`store`] (IO): sled trees and content-addressed objects; the only module
+//!   that names sled.
+//! * [`target`] (IO): the [`target::Target`] trait and the manifests-directory
+//!   target.
+//! * [`agent`] (IO): the [`Agent`] runtime that ties them together
+//!   ([`Agent::sync_from`], [`Agent::reconcile`], [`Agent::subscribe`]).
+//! * [`config`], [`retry`], [`metrics`], [`status`], [`http`], [`cli`]: the
+//!   process around it.
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+mod error;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod retry;
+pub mod source;
+pub mod status;
+pub mod store;
+pub mod target;
+
+pub use agent::Agent;
+pub use error::{Error, Result};
+
+/// Seconds since the Unix epoch from the system clock: the one place the
+/// agent's `now` comes from (pure code receives it as an argument).
+pub fn unix_now() -> u64 {
+    cairn_bundle::unix_now()
+}
+
+/// A boxed, sendable future, used by the object-safe async traits
+/// ([`source::Source`], [`target::Target`]).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

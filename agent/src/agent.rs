@@ -1,0 +1,1081 @@
+//! The agent runtime: the IO shell around the pipeline, the store, the
+//! sources and the target.
+//!
+//! * [`Agent::open`] opens the store and re-verifies everything in it
+//!   against the embedded root (root chain, adopted release, manifest,
+//!   object hashes); missing or corrupt objects are re-fetched from the
+//!   sources when possible, otherwise start-up fails with a clear error.
+//! * [`Agent::sync_from`] runs one [`Source`] through the pipeline: follow
+//!   new roots, read the channel's release, fetch only missing objects,
+//!   verify each, adopt atomically. Any source — including a mesh peer —
+//!   goes through this one function.
+//! * [`Agent::reconcile`] applies the adopted release to the target.
+//! * [`Agent::run`] is the long-running loop: one task per source (poll,
+//!   backoff on failure), a reconcile loop (interval and on adoption), the
+//!   HTTP listener.
+//! * [`Agent::subscribe`] notifies on every adoption (for the mesh: announce
+//!   new heads to peers).
+//!
+//! The agent never decides trust itself: every decision is
+//! [`crate::pipeline`]'s.
+
+use crate::config::Config;
+use crate::metrics::{ChannelLabel, Metrics, ResultLabel, SourceErrorLabel, SourceLabel};
+use crate::pipeline::{self, AdoptedRef, Context, Ingest, Rejection, Stage, Start, Want};
+use crate::retry::{jitter, Backoff};
+use crate::source::{Source, SourceError, SourceOptions, SourceSet};
+use crate::status::{
+    ReconcileStatus, RejectionStatus, ReleaseStatus, RootStatus, SourceStatus, Status,
+    STATUS_FORMAT,
+};
+use crate::store::{Store, StoreError};
+use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
+use crate::{unix_now, Error, Result};
+use cairn_bundle::bundle::Manifest;
+use cairn_bundle::limits::Limits;
+use cairn_bundle::release::Release;
+use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_keys::{RootChain, VerifiedRoot};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How many objects one sync fetches at once from one source.
+pub const FETCH_CONCURRENCY: usize = 8;
+
+/// The head adopted on the agent's channel, as published to subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedHead {
+    /// Channel.
+    pub channel: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Bundle id.
+    pub bundle: String,
+    /// Address of the release envelope bytes.
+    pub release_address: String,
+}
+
+/// What one sync from one source did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The source offers the adopted release (or nothing newer).
+    UpToDate,
+    /// The source has no release for the channel.
+    NoRelease,
+    /// A newer release was verified and adopted.
+    Adopted {
+        /// Its sequence.
+        sequence: u64,
+    },
+    /// Something the source offered was rejected (logged, counted, in status).
+    Rejected {
+        /// [`Rejection::reason`].
+        reason: &'static str,
+    },
+}
+
+/// Why a sync could not complete (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The adopted release, verified, with its manifest.
+#[derive(Clone, Debug)]
+struct HeadState {
+    release: Release,
+    bytes: Vec<u8>,
+    address: String,
+    manifest: Manifest,
+}
+
+impl HeadState {
+    fn status(&self, now: u64) -> ReleaseStatus {
+        release_status(&self.release, &self.address, &self.manifest, now)
+    }
+
+    fn published(&self) -> AdoptedHead {
+        AdoptedHead {
+            channel: self.release.channel.clone(),
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            release_address: self.address.clone(),
+        }
+    }
+}
+
+fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> ReleaseStatus {
+    ReleaseStatus {
+        channel: r.channel.clone(),
+        sequence: r.sequence,
+        bundle: r.bundle.clone(),
+        release: address.to_owned(),
+        source_repository: m.source.repository.clone(),
+        source_commit: m.source.commit.clone(),
+        objects: m.entries.len(),
+        created: r.created,
+        expires: r.expires,
+        expired: now >= r.expires,
+    }
+}
+
+struct State {
+    root: VerifiedRoot,
+    head: Option<HeadState>,
+    last_good: Option<ReleaseStatus>,
+    sources: BTreeMap<String, SourceStatus>,
+    last_rejection: Option<RejectionStatus>,
+    reconcile: Option<ReconcileStatus>,
+    listen: Option<SocketAddr>,
+}
+
+struct Inner {
+    config: Config,
+    agent_id: String,
+    store: Store,
+    metrics: Metrics,
+    limits: Limits,
+    sources: SourceSet,
+    target: Arc<dyn Target>,
+    state: Mutex<State>,
+    adopt_lock: tokio::sync::Mutex<()>,
+    reconcile_lock: tokio::sync::Mutex<()>,
+    status_lock: Mutex<()>,
+    adopted_tx: watch::Sender<Option<AdoptedHead>>,
+}
+
+/// The agent. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("agent_id", &self.inner.agent_id)
+            .field("channel", &self.inner.config.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Opens the store in the configured data directory and verifies it:
+    /// the stored root chain from the embedded root, the adopted release
+    /// (signatures, channel), its manifest and every object's hash. Missing
+    /// or corrupt objects are re-fetched from the sources; if that fails the
+    /// agent refuses to start rather than enforce a partial state. Nothing
+    /// is ever deleted except a corrupt object copy that is replaced.
+    pub async fn open(config: Config) -> Result<Agent> {
+        let embedded = cairn_keys::embedded::root().map_err(Error::EmbeddedRoot)?;
+        let data_dir = config.data_dir.clone();
+        let store = {
+            let d = data_dir.clone();
+            tokio::task::spawn_blocking(move || Store::open(&d))
+                .await
+                .map_err(|e| Error::Status(format!("store open task failed: {e}")))??
+        };
+        let corrupt = |detail: String| Error::CorruptState {
+            dir: data_dir.clone(),
+            detail,
+        };
+        let agent_id = match (&config.agent_id, store.agent_id()?) {
+            (Some(c), Some(s)) if *c == s => s,
+            (Some(c), _) => {
+                store.set_agent_id(c)?;
+                c.clone()
+            }
+            (None, Some(s)) => s,
+            (None, None) => {
+                let id = generate_agent_id();
+                store.set_agent_id(&id)?;
+                id
+            }
+        };
+        let stored_roots = store.roots()?;
+        let rest: Vec<&[u8]> = stored_roots
+            .iter()
+            .filter(|(v, _)| *v > embedded.root.version)
+            .map(|(_, b)| b.as_slice())
+            .collect();
+        let now = unix_now();
+        let chain = RootChain::follow(embedded, rest, now)
+            .map_err(|e| corrupt(format!("stored root chain: {e}")))?;
+        if chain.expired {
+            tracing::warn!(
+                version = chain.current.root.version,
+                "the trust root has expired: no new release can be adopted until a newer root is published"
+            );
+        }
+        let limits = Limits::default();
+        let opts = SourceOptions {
+            request_timeout: config.request_timeout,
+            ..SourceOptions::default()
+        };
+        let sources = SourceSet::from_specs(&config.sources, &opts).map_err(|m| {
+            Error::Config(crate::config::ConfigError {
+                lines: vec![format!("sources: {m}")],
+            })
+        })?;
+        let target = target::from_config(&config.target, store.clone())?;
+        let metrics = Metrics::new();
+        metrics.root_version.set(chain.current.root.version as i64);
+
+        let mut head = None;
+        if let Some(bytes) = store.head(&config.channel)? {
+            let (_, rel) =
+                Release::decode_envelope(&bytes, limits.max_release_bytes).map_err(|e| {
+                    corrupt(format!(
+                        "adopted release of channel `{}`: {e}",
+                        config.channel
+                    ))
+                })?;
+            let manifest_bytes = store.bundle(&rel.bundle)?.ok_or_else(|| {
+                corrupt(format!(
+                    "bundle manifest {} of the adopted release is missing",
+                    rel.bundle
+                ))
+            })?;
+            let (verified, manifest) = pipeline::reverify_adopted(
+                &chain.current.root,
+                &config.channel,
+                &limits,
+                now,
+                &bytes,
+                &manifest_bytes,
+            )
+            .map_err(|r| {
+                corrupt(format!(
+                    "adopted release of channel `{}`: {r}",
+                    config.channel
+                ))
+            })?;
+            head = Some(HeadState {
+                address: cairn_keys::sha256_address(&bytes),
+                release: verified.release,
+                bytes,
+                manifest,
+            });
+        }
+        let last_good = match store.last_good(&config.channel)? {
+            None => None,
+            Some(bytes) => {
+                let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
+                    .map_err(|e| corrupt(format!("last-good release: {e}")))?;
+                let m = store
+                    .bundle(&rel.bundle)?
+                    .and_then(|b| Manifest::decode(&b, Some(&rel.bundle), &limits).ok());
+                m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
+            }
+        };
+        let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
+        if let Some(h) = &head {
+            metrics
+                .adopted_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: h.release.channel.clone(),
+                })
+                .set(h.release.sequence as i64);
+        }
+        if let Some(lg) = &last_good {
+            metrics
+                .last_good_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: lg.channel.clone(),
+                })
+                .set(lg.sequence as i64);
+        }
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                agent_id,
+                store,
+                metrics,
+                limits,
+                sources,
+                target,
+                state: Mutex::new(State {
+                    root: chain.current,
+                    head,
+                    last_good,
+                    sources: BTreeMap::new(),
+                    last_rejection: None,
+                    reconcile: None,
+                    listen: None,
+                }),
+                adopt_lock: tokio::sync::Mutex::new(()),
+                reconcile_lock: tokio::sync::Mutex::new(()),
+                status_lock: Mutex::new(()),
+                adopted_tx,
+                config,
+            }),
+        };
+        agent.repair_objects().await?;
+        agent.publish_status();
+        Ok(agent)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The agent id (configured, or generated once and persisted).
+    pub fn agent_id(&self) -> &str {
+        &self.inner.agent_id
+    }
+
+    /// The store (read API for the mesh: heads, objects, roots, peers).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The configured sources.
+    pub fn sources(&self) -> &SourceSet {
+        &self.inner.sources
+    }
+
+    /// The current trust root (end of the verified chain).
+    pub fn root(&self) -> VerifiedRoot {
+        self.state().root.clone()
+    }
+
+    /// The adopted head of the agent's channel, if any.
+    pub fn adopted(&self) -> Option<AdoptedHead> {
+        self.state().head.as_ref().map(HeadState::published)
+    }
+
+    /// A receiver that changes on every adoption (the mesh announces new
+    /// heads to peers from here).
+    pub fn subscribe(&self) -> watch::Receiver<Option<AdoptedHead>> {
+        self.inner.adopted_tx.subscribe()
+    }
+
+    /// Checks every object of the adopted release; re-fetches missing or
+    /// corrupt ones from the sources; fails if any stays missing.
+    async fn repair_objects(&self) -> Result<()> {
+        let Some(head) = self.state().head.clone() else {
+            return Ok(());
+        };
+        let store = &self.inner.store;
+        let mut missing = Vec::new();
+        for e in &head.manifest.entries {
+            match store.get_object(&e.object) {
+                Ok(Some(_)) => {}
+                Ok(None) => missing.push(e.clone()),
+                Err(StoreError::Corrupt { reason, .. }) => {
+                    tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
+                    store.remove_object(&e.object)?;
+                    missing.push(e.clone());
+                }
+                Err(other) => return Err(other.into()),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut still = Vec::new();
+        for e in &missing {
+            if !self.fetch_object_anywhere(&e.object, e.size).await {
+                still.push(e.display_name());
+            }
+        }
+        store.flush()?;
+        if still.is_empty() {
+            tracing::info!(
+                count = missing.len(),
+                "re-fetched missing objects of the adopted release"
+            );
+            return Ok(());
+        }
+        Err(Error::CorruptState {
+            dir: self.inner.config.data_dir.clone(),
+            detail: format!(
+                "{} object(s) of adopted release {} are missing or corrupt and no source could provide them (first: {})",
+                still.len(),
+                head.release.sequence,
+                still[0]
+            ),
+        })
+    }
+
+    /// Tries each source for an object, verifying it; stores it on success.
+    async fn fetch_object_anywhere(&self, address: &str, size: u64) -> bool {
+        let Some(rel) = object_path(address) else {
+            return false;
+        };
+        for s in self.inner.sources.iter() {
+            match s.get(&rel, size).await {
+                Ok(Some(bytes)) => {
+                    if pipeline::check_object_bytes(address, size, &bytes).is_ok()
+                        && self.inner.store.put_object(address, &bytes).is_ok()
+                    {
+                        return true;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(source = s.name(), error = %e, "object fetch failed"),
+            }
+        }
+        false
+    }
+
+    fn record_rejection(&self, source: &str, rej: &Rejection) -> SyncOutcome {
+        let reason = rej.reason();
+        tracing::warn!(source, reason, stage = %rej.stage, error = %rej.error, "rejected");
+        self.inner.metrics.reject(reason);
+        let r = RejectionStatus {
+            at: unix_now(),
+            source: source.to_owned(),
+            reason: reason.to_owned(),
+            message: rej.to_string(),
+        };
+        let mut st = self.state();
+        st.last_rejection = Some(r.clone());
+        st.sources
+            .entry(source.to_owned())
+            .or_default()
+            .last_rejection = Some(r);
+        SyncOutcome::Rejected { reason }
+    }
+
+    /// Syncs from one source: follows new roots, reads the channel's
+    /// release, fetches only objects the store lacks, verifies everything
+    /// through [`crate::pipeline`] and adopts atomically. Rejections are
+    /// logged, counted and recorded in status, and leave the adopted state
+    /// untouched. The mesh calls this with a peer as the source.
+    pub async fn sync_from(
+        &self,
+        source: &dyn Source,
+    ) -> std::result::Result<SyncOutcome, SyncError> {
+        let name = source.name().to_owned();
+        let started = unix_now();
+        let result = self.sync_inner(source).await;
+        let m = &self.inner.metrics;
+        {
+            let mut st = self.state();
+            let s = st.sources.entry(name.clone()).or_default();
+            s.source = name.clone();
+            s.last_attempt = started;
+            match &result {
+                Ok(o) => {
+                    s.last_success = Some(unix_now());
+                    s.error = None;
+                    s.ok = !matches!(o, SyncOutcome::Rejected { .. });
+                    s.result = match o {
+                        SyncOutcome::UpToDate => "up-to-date",
+                        SyncOutcome::NoRelease => "no-release",
+                        SyncOutcome::Adopted { .. } => "adopted",
+                        SyncOutcome::Rejected { .. } => "rejected",
+                    }
+                    .into();
+                }
+                Err(e) => {
+                    s.ok = false;
+                    s.result = "error".into();
+                    s.error = Some(e.to_string());
+                    if let SyncError::Source(se) = e {
+                        if !matches!(se, SourceError::Unavailable { .. }) {
+                            s.last_success = Some(unix_now());
+                        }
+                    }
+                }
+            }
+            let up = matches!(
+                &result,
+                Ok(_)
+                    | Err(SyncError::Source(
+                        SourceError::TooLarge { .. } | SourceError::Invalid { .. }
+                    ))
+            );
+            m.source_up
+                .get_or_create(&SourceLabel {
+                    source: name.clone(),
+                })
+                .set(i64::from(up));
+            if let Ok(json) = serde_json::to_vec(&*s) {
+                let _ = self.inner.store.set_sync_status(&name, &json);
+            }
+        }
+        if let Err(SyncError::Source(e)) = &result {
+            m.fetch_errors
+                .get_or_create(&SourceErrorLabel {
+                    source: name.clone(),
+                    kind: e.kind().to_owned(),
+                })
+                .inc();
+            tracing::warn!(source = %name, error = %e, "source fetch failed");
+        }
+        self.publish_status();
+        result
+    }
+
+    fn context_parts(&self) -> (cairn_keys::Root, Option<(u64, Vec<u8>)>) {
+        let st = self.state();
+        (
+            st.root.root.clone(),
+            st.head
+                .as_ref()
+                .map(|h| (h.release.sequence, h.bytes.clone())),
+        )
+    }
+
+    async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
+        let name = source.name();
+        let store = &self.inner.store;
+        let limits = &self.inner.limits;
+        let channel = self.inner.config.channel.clone();
+        let mut root_rejected = None;
+
+        // 1. Roots: follow roots/<v+1> until the source has no more.
+        loop {
+            let current = self.state().root.clone();
+            let next = current.root.version + 1;
+            let Some(bytes) = source
+                .get(&root_path(next), cairn_keys::root::MAX_ROOT_BYTES as u64)
+                .await?
+            else {
+                break;
+            };
+            match pipeline::check_root(&current, &bytes) {
+                Ok(vr) => {
+                    store.put_root(next, &bytes)?;
+                    tracing::info!(source = name, version = next, "trust root rotated");
+                    self.inner.metrics.root_version.set(next as i64);
+                    self.state().root = vr;
+                }
+                Err(rej) => {
+                    root_rejected = Some(self.record_rejection(name, &rej));
+                    break;
+                }
+            }
+        }
+
+        // 2. The channel's release.
+        let Some(release_bytes) = source
+            .get(&channel_path(&channel), limits.max_release_bytes)
+            .await?
+        else {
+            return Ok(root_rejected.unwrap_or(SyncOutcome::NoRelease));
+        };
+        let (root, adopted) = self.context_parts();
+        let ctx = Context {
+            root: &root,
+            channel: &channel,
+            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
+                sequence: *s,
+                bytes: b,
+            }),
+            now: unix_now(),
+            limits,
+        };
+        let mut ingest = match Ingest::start(&ctx, &release_bytes) {
+            Ok(Start::UpToDate) => return Ok(root_rejected.unwrap_or(SyncOutcome::UpToDate)),
+            Ok(Start::Candidate(i)) => *i,
+            Err(rej) => return Ok(self.record_rejection(name, &rej)),
+        };
+        let sequence = ingest.release().release.sequence;
+        tracing::info!(source = name, channel = %channel, sequence, "new release found; fetching");
+
+        // 3. The bundle manifest (from the store if present).
+        if let Want::Manifest { address, limit } = ingest.want() {
+            let bytes = match store.bundle(&address)? {
+                Some(b) => Some(b),
+                None => match object_path(&address) {
+                    Some(p) => source.get(&p, limit).await?,
+                    None => None,
+                },
+            };
+            let Some(bytes) = bytes else {
+                let rej = Rejection::new(
+                    Stage::Manifest,
+                    cairn_bundle::Error::ObjectMissing {
+                        address,
+                        what: "bundle manifest".into(),
+                    },
+                );
+                return Ok(self.record_rejection(name, &rej));
+            };
+            if let Err(rej) = ingest.handle_manifest(&bytes) {
+                return Ok(self.record_rejection(name, &rej));
+            }
+        }
+
+        // 4. Only the objects the store lacks, a few at a time.
+        if let Want::Objects(list) = ingest.want() {
+            let mut to_fetch = Vec::new();
+            for (address, size) in list {
+                if store.has_object(&address)? {
+                    ingest.mark_present(&address);
+                } else {
+                    to_fetch.push((address, size));
+                }
+            }
+            let fetched = to_fetch.len();
+            let mut stream = futures::stream::iter(to_fetch)
+                .map(|(address, size)| async move {
+                    let r = match object_path(&address) {
+                        Some(p) => source.get(&p, size).await,
+                        None => Ok(None),
+                    };
+                    (address, r)
+                })
+                .buffer_unordered(FETCH_CONCURRENCY);
+            while let Some((address, r)) = stream.next().await {
+                let Some(bytes) = r? else {
+                    let what = ingest
+                        .manifest()
+                        .and_then(|m| m.entries.iter().find(|e| e.object == address))
+                        .map(|e| e.display_name())
+                        .unwrap_or_default();
+                    let rej = Rejection::new(
+                        Stage::Object,
+                        cairn_bundle::Error::ObjectMissing { address, what },
+                    );
+                    return Ok(self.record_rejection(name, &rej));
+                };
+                if let Err(rej) = ingest.handle_object(&address, &bytes) {
+                    return Ok(self.record_rejection(name, &rej));
+                }
+                store.put_object(&address, &bytes)?;
+            }
+            tracing::debug!(source = name, fetched, "objects fetched");
+        }
+
+        // 5. Commit: re-check against the head at this moment, then switch.
+        let _guard = self.inner.adopt_lock.lock().await;
+        let candidate_bytes = ingest.release().bytes.clone();
+        let (root, adopted) = self.context_parts();
+        let ctx = Context {
+            root: &root,
+            channel: &channel,
+            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
+                sequence: *s,
+                bytes: b,
+            }),
+            now: unix_now(),
+            limits,
+        };
+        let adoption = match ingest.finish(&ctx) {
+            Ok(a) => a,
+            Err(_) if adopted.as_ref().is_some_and(|(_, b)| *b == candidate_bytes) => {
+                // Another source adopted this very release meanwhile.
+                return Ok(SyncOutcome::UpToDate);
+            }
+            Err(rej) => return Ok(self.record_rejection(name, &rej)),
+        };
+        let rel = &adoption.release.release;
+        store.adopt(
+            &channel,
+            &adoption.release.bytes,
+            &rel.bundle,
+            &adoption.manifest_bytes,
+        )?;
+        let head = HeadState {
+            address: cairn_keys::sha256_address(&adoption.release.bytes),
+            release: rel.clone(),
+            bytes: adoption.release.bytes.clone(),
+            manifest: adoption.manifest.clone(),
+        };
+        let published = head.published();
+        self.state().head = Some(head);
+        let m = &self.inner.metrics;
+        m.adoptions.inc();
+        m.adopted_sequence
+            .get_or_create(&ChannelLabel {
+                channel: channel.clone(),
+            })
+            .set(rel.sequence as i64);
+        tracing::info!(
+            source = name,
+            channel = %channel,
+            sequence = rel.sequence,
+            bundle = %rel.bundle,
+            objects = adoption.manifest.entries.len(),
+            "release adopted"
+        );
+        self.inner.adopted_tx.send_replace(Some(published));
+        Ok(SyncOutcome::Adopted {
+            sequence: rel.sequence,
+        })
+    }
+
+    /// Syncs every configured source once, concurrently.
+    pub async fn sync_all(&self) -> Vec<(String, std::result::Result<SyncOutcome, SyncError>)> {
+        let futs = self.inner.sources.iter().map(|s| {
+            let s = s.clone();
+            let this = self.clone();
+            async move { (s.name().to_owned(), this.sync_from(s.as_ref()).await) }
+        });
+        futures::future::join_all(futs).await
+    }
+
+    /// Applies the adopted release to the target. Returns the report, or
+    /// an error when nothing is adopted or the target failed.
+    pub async fn reconcile(&self) -> Result<ApplyReport> {
+        let _guard = self.inner.reconcile_lock.lock().await;
+        let started = Instant::now();
+        let channel = self.inner.config.channel.clone();
+        let head = self.state().head.clone();
+        let result = match &head {
+            None => Err(Error::NoRelease {
+                channel: channel.clone(),
+                detail: self.why_no_release(),
+            }),
+            Some(h) => self.apply_head(h).await,
+        };
+        let elapsed = started.elapsed();
+        let m = &self.inner.metrics;
+        m.reconcile_duration.observe(elapsed.as_secs_f64());
+        let ok = matches!(&result, Ok(r) if r.in_sync());
+        m.reconciles
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+        let now = unix_now();
+        if let Some(h) = &head {
+            let expired = now >= h.release.expires;
+            m.adopted_release_expired.set(i64::from(expired));
+            if expired {
+                tracing::warn!(
+                    sequence = h.release.sequence,
+                    "the enforced release has expired; keeping it (last-good) until a newer valid release arrives"
+                );
+            }
+        }
+        match &result {
+            Ok(r) => {
+                m.drift_corrections.inc_by(r.drift_corrected as u64);
+                if r.created + r.updated + r.deleted + r.drift_corrected > 0 || !r.in_sync() {
+                    tracing::info!(
+                        created = r.created,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        drift_corrected = r.drift_corrected,
+                        conflicts = r.conflicts.len(),
+                        "reconciled"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+        }
+        if let (true, Some(h)) = (ok, &head) {
+            if let Err(e) = self.inner.store.set_last_good(&channel, &h.bytes) {
+                tracing::warn!(error = %e, "cannot record last-good release");
+            }
+            m.last_good_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: channel.clone(),
+                })
+                .set(h.release.sequence as i64);
+            self.state().last_good = Some(h.status(now));
+        }
+        self.state().reconcile = Some(ReconcileStatus {
+            at: now,
+            ok,
+            sequence: head.as_ref().map(|h| h.release.sequence),
+            duration_ms: elapsed.as_millis() as u64,
+            report: result.as_ref().ok().cloned(),
+            error: match &result {
+                Ok(r) if !r.in_sync() => Some(format!("conflicts: {}", r.conflicts.join(" "))),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            },
+        });
+        self.publish_status();
+        result
+    }
+
+    async fn apply_head(&self, h: &HeadState) -> Result<ApplyReport> {
+        let mut objects = Vec::with_capacity(h.manifest.entries.len());
+        for e in &h.manifest.entries {
+            let bytes = match self.inner.store.get_object(&e.object) {
+                Ok(Some(b)) => b,
+                Ok(None) | Err(StoreError::Corrupt { .. }) => {
+                    let _ = self.inner.store.remove_object(&e.object);
+                    if !self.fetch_object_anywhere(&e.object, e.size).await {
+                        return Err(Error::CorruptState {
+                            dir: self.inner.config.data_dir.clone(),
+                            detail: format!(
+                                "object {} ({}) of the adopted release is missing and no source has it",
+                                e.object,
+                                e.display_name()
+                            ),
+                        });
+                    }
+                    match self.inner.store.get_object(&e.object)? {
+                        Some(b) => b,
+                        None => {
+                            return Err(Error::Status(format!(
+                                "object {} vanished from the store",
+                                e.object
+                            )))
+                        }
+                    }
+                }
+                Err(other) => return Err(other.into()),
+            };
+            objects.push(DesiredObject {
+                entry: e.clone(),
+                bytes,
+            });
+        }
+        let desired = Arc::new(DesiredState {
+            channel: h.release.channel.clone(),
+            sequence: h.release.sequence,
+            bundle: h.release.bundle.clone(),
+            objects,
+        });
+        Ok(self.inner.target.apply(desired).await?)
+    }
+
+    fn why_no_release(&self) -> String {
+        let st = self.state();
+        let mut parts = Vec::new();
+        if self.inner.sources.is_empty() {
+            parts.push("no sources configured".to_owned());
+        }
+        for s in st.sources.values() {
+            if let Some(e) = &s.error {
+                parts.push(e.clone());
+            } else if s.result == "no-release" {
+                parts.push(format!(
+                    "{}: no release published on this channel",
+                    s.source
+                ));
+            }
+        }
+        if let Some(r) = &st.last_rejection {
+            parts.push(format!("last rejection: {}", r.message));
+        }
+        if parts.is_empty() {
+            parts.push("no source has been synced yet".into());
+        }
+        parts.join("; ")
+    }
+
+    /// Whether no source was reachable in its last attempt.
+    pub fn is_offline(&self) -> bool {
+        let st = self.state();
+        !st.sources
+            .values()
+            .any(|s| s.last_success.is_some_and(|t| t >= s.last_attempt))
+    }
+
+    /// `(ready, reason)` as `/readyz` reports it: ready when a release is
+    /// adopted and the last reconcile made the target match it.
+    pub fn readiness(&self) -> (bool, String) {
+        let st = self.state();
+        match (&st.head, &st.reconcile) {
+            (None, _) => (
+                false,
+                format!(
+                    "no release adopted on channel `{}` yet",
+                    self.inner.config.channel
+                ),
+            ),
+            (Some(_), None) => (false, "not reconciled yet".into()),
+            (Some(h), Some(r)) if r.ok && r.sequence == Some(h.release.sequence) => (
+                true,
+                format!(
+                    "enforcing release {} on channel `{}`",
+                    h.release.sequence, h.release.channel
+                ),
+            ),
+            (Some(h), Some(r)) if r.ok => (
+                false,
+                format!("release {} adopted, not yet applied", h.release.sequence),
+            ),
+            (Some(_), Some(r)) => (
+                false,
+                format!(
+                    "last reconcile failed: {}",
+                    r.error.clone().unwrap_or_default()
+                ),
+            ),
+        }
+    }
+
+    /// The current status document.
+    pub fn status(&self) -> Status {
+        let now = unix_now();
+        let offline = self.is_offline();
+        self.inner.metrics.offline.set(i64::from(offline));
+        let (ready, ready_reason) = self.readiness();
+        let st = self.state();
+        Status {
+            format: STATUS_FORMAT,
+            agent_id: self.inner.agent_id.clone(),
+            pid: std::process::id(),
+            updated: now,
+            channel: self.inner.config.channel.clone(),
+            labels: self.inner.config.labels.clone(),
+            target: self.inner.target.describe(),
+            listen: st.listen.map(|a| a.to_string()),
+            root: RootStatus {
+                version: st.root.root.version,
+                expires: st.root.root.expires,
+                expired: st.root.root.is_expired(now),
+            },
+            adopted: st.head.as_ref().map(|h| h.status(now)),
+            last_good: st.last_good.clone(),
+            offline,
+            sources: st.sources.values().cloned().collect(),
+            last_rejection: st.last_rejection.clone(),
+            reconcile: st.reconcile.clone(),
+            ready,
+            ready_reason,
+        }
+    }
+
+    /// Writes the status document to `<dataDir>/status.json` (atomically)
+    /// and into the store.
+    pub fn publish_status(&self) {
+        let s = self.status();
+        let _g = self
+            .inner
+            .status_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = s.write(&self.inner.config.data_dir) {
+            tracing::warn!(error = %e, "cannot write the status file");
+        }
+        if let Ok(json) = serde_json::to_vec(&s) {
+            let _ = self.inner.store.set_status(&json);
+        }
+    }
+
+    /// Records the bound HTTP address (shown in status).
+    pub fn set_listen(&self, addr: SocketAddr) {
+        self.state().listen = Some(addr);
+        self.publish_status();
+    }
+
+    /// One sync of every source, one reconcile; `Ok` when the target
+    /// matches the adopted release (`cairn-agent run --once`).
+    pub async fn run_once(&self) -> Result<ApplyReport> {
+        self.sync_all().await;
+        let report = self.reconcile().await?;
+        if !report.in_sync() {
+            let h = self.adopted();
+            return Err(Error::NotInSync {
+                channel: self.inner.config.channel.clone(),
+                sequence: h.map(|h| h.sequence).unwrap_or(0),
+                detail: format!(
+                    "files not written by cairn-agent occupy: {}",
+                    report.conflicts.join(", ")
+                ),
+            });
+        }
+        self.inner.store.flush()?;
+        Ok(report)
+    }
+
+    /// Runs until `shutdown` resolves: one polling task per source (with
+    /// backoff on failure), the reconcile loop, and the HTTP listener if
+    /// configured.
+    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(addr) = self.inner.config.listen_http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Io {
+                    what: format!("listen.http {addr}"),
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| Error::Io {
+                what: format!("listen.http {addr}"),
+                source,
+            })?;
+            tracing::info!(address = %bound, "serving /healthz /readyz /metrics");
+            self.set_listen(bound);
+            let agent = self.clone();
+            tasks.spawn(async move { crate::http::serve(listener, agent).await });
+        }
+        for source in self.inner.sources.iter().cloned() {
+            let agent = self.clone();
+            tasks.spawn(async move { agent.poll_source(source).await });
+        }
+        let agent = self.clone();
+        tasks.spawn(async move { agent.reconcile_loop().await });
+        if self.inner.sources.is_empty() {
+            tracing::warn!("no sources configured: enforcing the stored state only");
+        }
+        shutdown.await;
+        tracing::info!("shutting down");
+        tasks.abort_all();
+        self.publish_status();
+        self.inner.store.flush()?;
+        Ok(())
+    }
+
+    async fn poll_source(&self, source: Arc<dyn Source>) {
+        let cfg = &self.inner.config;
+        let mut backoff = Backoff::new(
+            Duration::from_secs(1).min(cfg.poll_interval),
+            cfg.max_backoff,
+        );
+        loop {
+            let delay = match self.sync_from(source.as_ref()).await {
+                Ok(_) => {
+                    backoff.reset();
+                    jitter(cfg.poll_interval, 0.1)
+                }
+                Err(SyncError::Source(_)) => {
+                    let d = backoff.next_delay();
+                    tracing::debug!(
+                        source = source.name(),
+                        delay_ms = d.as_millis() as u64,
+                        "retrying after backoff"
+                    );
+                    d
+                }
+                Err(SyncError::Store(e)) => {
+                    tracing::error!(error = %e, "store error during sync");
+                    backoff.next_delay()
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn reconcile_loop(&self) {
+        let mut rx = self.subscribe();
+        loop {
+            let _ = self.reconcile().await;
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(self.inner.config.reconcile_interval, 0.05)) => {}
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn generate_agent_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("agent-{:012x}", n & 0xffff_ffff_ffff)
+}

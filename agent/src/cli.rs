@@ -1,0 +1,203 @@
+//! The `cairn-agent` command line: `run` and `status`.
+//!
+//! Errors print as `cairn-agent: ...` (one line each) with exit code 1;
+//! usage errors exit 2.
+
+use crate::config::{Config, LogFormat};
+use crate::status::Status;
+use crate::{Agent, Error};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// Exit code for a failed command.
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit code for a usage error.
+pub const EXIT_USAGE: i32 = 2;
+
+/// The Cairn agent: pulls signed releases, verifies them against the
+/// embedded trust root, keeps the last-good state and reconciles it.
+#[derive(Debug, Parser)]
+#[command(name = "cairn-agent", version, about, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (sync, verify, store, reconcile).
+    Run {
+        /// Configuration file (YAML); CAIRN_* environment variables override it.
+        #[arg(long, env = "CAIRN_CONFIG")]
+        config: Option<PathBuf>,
+        /// One sync and one reconcile, then exit: 0 when the target matches
+        /// the adopted release, 1 with the reason otherwise.
+        #[arg(long)]
+        once: bool,
+        /// Log format (overrides `logFormat`).
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
+    },
+    /// Show the agent's status (from <dataDir>/status.json, written by the
+    /// agent after every sync and reconcile).
+    Status {
+        /// Configuration file, to find the data directory.
+        #[arg(long, env = "CAIRN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the configuration).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the CLI with the process arguments and returns the exit code.
+pub fn main() -> i32 {
+    reset_sigpipe();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                eprintln!("cairn-agent: {line}");
+            }
+            EXIT_FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<i32, Error> {
+    match cli.command {
+        Command::Run {
+            config,
+            once,
+            log_format,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let format = match log_format {
+                Some(LogFormatArg::Json) => LogFormat::Json,
+                Some(LogFormatArg::Text) => LogFormat::Text,
+                None => cfg.log_format,
+            };
+            init_logging(format);
+            // One crypto provider for rustls (reqwest, kube, mesh): ring.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|source| Error::Io {
+                    what: "starting the runtime".into(),
+                    source,
+                })?;
+            rt.block_on(run(cfg, once))
+        }
+        Command::Status {
+            config,
+            data_dir,
+            json,
+        } => {
+            let dir = match (data_dir, config) {
+                (Some(d), _) => d,
+                (None, Some(c)) => Config::load(Some(&c))?.data_dir,
+                (None, None) => std::env::var_os("CAIRN_DATA_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR)),
+            };
+            let s = Status::read(&dir)?;
+            if json {
+                let text =
+                    serde_json::to_string_pretty(&s).map_err(|e| Error::Status(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{}", s.render(crate::unix_now()));
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn run(cfg: Config, once: bool) -> Result<i32, Error> {
+    tracing::info!(
+        channel = %cfg.channel,
+        data_dir = %cfg.data_dir.display(),
+        sources = cfg.sources.len(),
+        root_origin = cairn_keys::embedded::ORIGIN,
+        "starting cairn-agent"
+    );
+    let agent = Agent::open(cfg).await?;
+    tracing::info!(agent_id = agent.agent_id(), "store verified");
+    if once {
+        let r = agent.run_once().await?;
+        tracing::info!(
+            created = r.created,
+            updated = r.updated,
+            deleted = r.deleted,
+            drift_corrected = r.drift_corrected,
+            unchanged = r.unchanged,
+            "target matches the adopted release"
+        );
+        return Ok(0);
+    }
+    agent.run(shutdown_signal()).await?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().flatten_event(true).try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+/// A broken pipe (`cairn-agent status | head`) ends the process quietly.
+fn reset_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal disposition to its default at start-up,
+    // before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -1,0 +1,586 @@
+//! The agent's configuration: a YAML file plus `CAIRN_<FIELD>` environment
+//! overrides, validated field by field.
+//!
+//! Parsing happens in two steps: serde reads the YAML into optional raw
+//! fields (unknown fields are refused, naming the field), then
+//! [`Config::from_raw`] checks every value and collects one error line per
+//! bad field (`pollInterval: unknown unit ...`). Environment variables
+//! replace file values before validation. The reference is in
+//! `docs/OPERATIONS.md`.
+
+use cairn_bundle::duration::parse_duration;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cairn";
+/// Default HTTP listen address.
+pub const DEFAULT_LISTEN_HTTP: &str = "127.0.0.1:9440";
+
+/// One or more configuration errors, each a line naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", lines.join("\n"))]
+pub struct ConfigError {
+    /// `config <file>: <field>: <message>` lines.
+    pub lines: Vec<String>,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("`{other}`: expected `text` or `json`")),
+        }
+    }
+}
+
+/// Where desired state is applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetConfig {
+    /// Write objects as files into a directory (e.g. the k3s auto-deploy
+    /// folder).
+    ManifestsDir(PathBuf),
+    /// Apply to a Kubernetes API server (server-side apply). Parsed now,
+    /// implemented by issue 6.
+    Kubernetes(KubernetesTarget),
+}
+
+/// The Kubernetes target's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesTarget {
+    /// A kubeconfig file; `None` means in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace for the agent's own objects (status, inventory).
+    pub namespace: String,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it was read from, if any.
+    pub path: Option<PathBuf>,
+    /// The agent id; `None` means generate once and persist in the store.
+    pub agent_id: Option<String>,
+    /// Where the store and status file live.
+    pub data_dir: PathBuf,
+    /// The channel followed.
+    pub channel: String,
+    /// The agent's labels (matched by release selectors).
+    pub labels: BTreeMap<String, String>,
+    /// Bundle repositories: URLs or directories.
+    pub sources: Vec<String>,
+    /// How often each source is polled.
+    pub poll_interval: Duration,
+    /// How often the target is reconciled (also after every adoption).
+    pub reconcile_interval: Duration,
+    /// Upper bound on one source request.
+    pub request_timeout: Duration,
+    /// Longest delay between retries of a failing source.
+    pub max_backoff: Duration,
+    /// Where desired state goes.
+    pub target: TargetConfig,
+    /// The HTTP listener (`/healthz`, `/readyz`, `/metrics`); `None` = off.
+    pub listen_http: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    agent_id: Option<String>,
+    data_dir: Option<String>,
+    channel: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    sources: Option<Vec<String>>,
+    poll_interval: Option<String>,
+    reconcile_interval: Option<String>,
+    request_timeout: Option<String>,
+    max_backoff: Option<String>,
+    target: Option<RawTarget>,
+    listen: Option<RawListen>,
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawTarget {
+    manifests_dir: Option<String>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawKubernetes {
+    kubeconfig: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawListen {
+    http: Option<String>,
+}
+
+/// Largest configuration file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl Config {
+    /// Reads `path` (if given), applies `CAIRN_*` overrides from the process
+    /// environment and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::load`] with an injected environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let origin = match path {
+            Some(p) => format!("config {}", p.display()),
+            None => "config (environment)".to_owned(),
+        };
+        let one = |msg: String| ConfigError {
+            lines: vec![format!("{origin}: {msg}")],
+        };
+        let mut raw = match path {
+            Some(p) => {
+                let meta = std::fs::metadata(p).map_err(|e| one(e.to_string()))?;
+                if meta.len() > MAX_CONFIG_BYTES {
+                    return Err(one(format!(
+                        "{} bytes is too large for a config file",
+                        meta.len()
+                    )));
+                }
+                let text = std::fs::read_to_string(p).map_err(|e| one(e.to_string()))?;
+                parse_yaml(&text).map_err(one)?
+            }
+            None => RawConfig::default(),
+        };
+        apply_env(&mut raw, env);
+        Self::from_raw(raw, path, &origin)
+    }
+
+    /// Parses YAML text (no environment) — used by tests and `--check`.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw = parse_yaml(text).map_err(|m| ConfigError {
+            lines: vec![format!("{origin}: {m}")],
+        })?;
+        Self::from_raw(raw, None, origin)
+    }
+
+    fn from_raw(raw: RawConfig, path: Option<&Path>, origin: &str) -> Result<Config, ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, msg: String| errors.push(format!("{origin}: {field}: {msg}"));
+
+        let agent_id = raw.agent_id.filter(|s| !s.is_empty());
+        if let Some(id) = &agent_id {
+            if let Err(m) = validate_agent_id(id) {
+                err("agentId", m);
+            }
+        }
+        let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+        if data_dir.as_os_str().is_empty() {
+            err("dataDir", "must not be empty".into());
+        }
+        let channel = raw.channel.unwrap_or_default();
+        if channel.is_empty() {
+            err(
+                "channel",
+                "required (the release channel to follow, e.g. `stable`)".into(),
+            );
+        } else if let Err(m) = cairn_bundle::release::validate_channel(&channel) {
+            err("channel", m);
+        }
+        let labels = raw.labels.unwrap_or_default();
+        for (k, v) in &labels {
+            if let Err(m) = validate_label(k, v) {
+                err(&format!("labels.{k}"), m);
+            }
+        }
+        let sources: Vec<String> = raw.sources.unwrap_or_default();
+        for (i, s) in sources.iter().enumerate() {
+            if let Err(m) = validate_source(s) {
+                err(&format!("sources[{i}]"), m);
+            }
+        }
+        let mut duration = |field: &str, v: Option<String>, default: Duration| -> Duration {
+            match v {
+                None => default,
+                Some(s) => match parse_duration(&s) {
+                    Ok(d) if d.is_zero() => {
+                        err(field, "must be greater than zero".into());
+                        default
+                    }
+                    Ok(d) => d,
+                    Err(m) => {
+                        err(field, m);
+                        default
+                    }
+                },
+            }
+        };
+        let poll_interval = duration("pollInterval", raw.poll_interval, Duration::from_secs(30));
+        let reconcile_interval = duration(
+            "reconcileInterval",
+            raw.reconcile_interval,
+            Duration::from_secs(60),
+        );
+        let request_timeout = duration(
+            "requestTimeout",
+            raw.request_timeout,
+            Duration::from_secs(60),
+        );
+        let max_backoff = duration("maxBackoff", raw.max_backoff, Duration::from_secs(300));
+
+        let target = match raw.target {
+            None => {
+                err(
+                    "target",
+                    "required (`manifestsDir: DIR` or `kubernetes: {...}`)".into(),
+                );
+                TargetConfig::ManifestsDir(PathBuf::new())
+            }
+            Some(t) => match (t.manifests_dir, t.kubernetes) {
+                (Some(d), None) if !d.is_empty() => TargetConfig::ManifestsDir(PathBuf::from(d)),
+                (Some(_), None) => {
+                    err("target.manifestsDir", "must not be empty".into());
+                    TargetConfig::ManifestsDir(PathBuf::new())
+                }
+                (None, Some(k)) => TargetConfig::Kubernetes(KubernetesTarget {
+                    kubeconfig: k.kubeconfig.filter(|s| !s.is_empty()).map(PathBuf::from),
+                    namespace: k.namespace.unwrap_or_else(|| "cairn-system".into()),
+                }),
+                (Some(_), Some(_)) => {
+                    err(
+                        "target",
+                        "set either `manifestsDir` or `kubernetes`, not both".into(),
+                    );
+                    TargetConfig::ManifestsDir(PathBuf::new())
+                }
+                (None, None) => {
+                    err("target", "set `manifestsDir` or `kubernetes`".into());
+                    TargetConfig::ManifestsDir(PathBuf::new())
+                }
+            },
+        };
+        let listen_text = raw
+            .listen
+            .and_then(|l| l.http)
+            .unwrap_or_else(|| DEFAULT_LISTEN_HTTP.into());
+        let listen_http = match listen_text.as_str() {
+            "" | "off" => None,
+            s => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    err(
+                        "listen.http",
+                        format!("`{s}`: expected HOST:PORT with an IP address (e.g. 127.0.0.1:9440), or `off`"),
+                    );
+                    None
+                }
+            },
+        };
+        let log_format = match raw.log_format {
+            None => LogFormat::Text,
+            Some(s) => s.parse().unwrap_or_else(|m| {
+                err("logFormat", m);
+                LogFormat::Text
+            }),
+        };
+        if !errors.is_empty() {
+            return Err(ConfigError { lines: errors });
+        }
+        Ok(Config {
+            path: path.map(Path::to_path_buf),
+            agent_id,
+            data_dir,
+            channel,
+            labels,
+            sources,
+            poll_interval,
+            reconcile_interval,
+            request_timeout,
+            max_backoff,
+            target,
+            listen_http,
+            log_format,
+        })
+    }
+
+    /// The status file the running agent publishes.
+    pub fn status_path(&self) -> PathBuf {
+        crate::status::status_path(&self.data_dir)
+    }
+}
+
+fn parse_yaml(text: &str) -> Result<RawConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    serde_norway::from_str::<Option<RawConfig>>(text)
+        .map(Option::unwrap_or_default)
+        .map_err(|e| e.to_string())
+}
+
+/// Environment variables and the fields they replace.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("CAIRN_AGENT_ID", "agentId"),
+    ("CAIRN_DATA_DIR", "dataDir"),
+    ("CAIRN_CHANNEL", "channel"),
+    ("CAIRN_LABELS", "labels (k=v,k=v)"),
+    ("CAIRN_SOURCES", "sources (comma-separated)"),
+    ("CAIRN_POLL_INTERVAL", "pollInterval"),
+    ("CAIRN_RECONCILE_INTERVAL", "reconcileInterval"),
+    ("CAIRN_REQUEST_TIMEOUT", "requestTimeout"),
+    ("CAIRN_MAX_BACKOFF", "maxBackoff"),
+    ("CAIRN_MANIFESTS_DIR", "target.manifestsDir"),
+    ("CAIRN_LISTEN_HTTP", "listen.http"),
+    ("CAIRN_LOG_FORMAT", "logFormat"),
+];
+
+fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
+    let get = |k: &str| env(k);
+    if let Some(v) = get("CAIRN_AGENT_ID") {
+        raw.agent_id = Some(v);
+    }
+    if let Some(v) = get("CAIRN_DATA_DIR") {
+        raw.data_dir = Some(v);
+    }
+    if let Some(v) = get("CAIRN_CHANNEL") {
+        raw.channel = Some(v);
+    }
+    if let Some(v) = get("CAIRN_LABELS") {
+        let mut m = BTreeMap::new();
+        for pair in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
+            m.insert(k.trim().to_owned(), val.trim().to_owned());
+        }
+        raw.labels = Some(m);
+    }
+    if let Some(v) = get("CAIRN_SOURCES") {
+        raw.sources = Some(
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        );
+    }
+    if let Some(v) = get("CAIRN_POLL_INTERVAL") {
+        raw.poll_interval = Some(v);
+    }
+    if let Some(v) = get("CAIRN_RECONCILE_INTERVAL") {
+        raw.reconcile_interval = Some(v);
+    }
+    if let Some(v) = get("CAIRN_REQUEST_TIMEOUT") {
+        raw.request_timeout = Some(v);
+    }
+    if let Some(v) = get("CAIRN_MAX_BACKOFF") {
+        raw.max_backoff = Some(v);
+    }
+    if let Some(v) = get("CAIRN_MANIFESTS_DIR") {
+        raw.target = Some(RawTarget {
+            manifests_dir: Some(v),
+            kubernetes: None,
+        });
+    }
+    if let Some(v) = get("CAIRN_LISTEN_HTTP") {
+        raw.listen = Some(RawListen { http: Some(v) });
+    }
+    if let Some(v) = get("CAIRN_LOG_FORMAT") {
+        raw.log_format = Some(v);
+    }
+}
+
+fn validate_agent_id(id: &str) -> Result<(), String> {
+    let ok = id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{id}`: use up to 128 characters of A-Z, a-z, 0-9, '-', '_' and '.', not starting with '.' or '-'"
+        ))
+    }
+}
+
+fn validate_label(k: &str, v: &str) -> Result<(), String> {
+    let part_ok = |s: &str, allow_empty: bool| {
+        (allow_empty || !s.is_empty())
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    };
+    if !part_ok(k, false) {
+        return Err("label keys are 1-63 characters of A-Z, a-z, 0-9, '-', '_' and '.'".into());
+    }
+    if !part_ok(v, true) {
+        return Err(format!(
+            "value `{v}`: up to 63 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_source(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        return Err("empty source".into());
+    }
+    if s.starts_with("http://") || s.starts_with("https://") {
+        let url = reqwest::Url::parse(s).map_err(|e| format!("`{s}`: {e}"))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(format!("`{s}`: no host"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("`{s}`: a repository URL has no query or fragment"));
+        }
+        return Ok(());
+    }
+    if s.contains("://") {
+        return Err(format!(
+            "`{s}`: unsupported scheme (use http://, https:// or a directory path)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agentId: edge-berlin-1
+dataDir: /var/lib/cairn
+channel: stable
+labels: {region: eu, tier: edge}
+sources:
+  - https://bundles.example.com/fleet
+  - /mnt/usb/cairn
+pollInterval: 30s
+reconcileInterval: 1m
+target:
+  manifestsDir: /var/lib/rancher/k3s/server/manifests/cairn
+listen:
+  http: 127.0.0.1:9440
+"#;
+
+    fn lines(text: &str) -> Vec<String> {
+        Config::parse(text, "config f.yaml").unwrap_err().lines
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = Config::parse(GOOD, "config f.yaml").unwrap();
+        assert_eq!(c.channel, "stable");
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.reconcile_interval, Duration::from_secs(60));
+        assert_eq!(c.labels["region"], "eu");
+        assert!(matches!(c.target, TargetConfig::ManifestsDir(_)));
+        assert_eq!(c.listen_http, Some("127.0.0.1:9440".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let l = lines(&format!("{GOOD}\npollIntervall: 5s\n"));
+        assert_eq!(l.len(), 1);
+        assert!(l[0].starts_with("config f.yaml: "), "{l:?}");
+        assert!(l[0].contains("pollIntervall"), "{l:?}");
+        let l = lines("channel: a\ntarget: {manifestDir: /x}\n");
+        assert!(l[0].contains("manifestDir"), "{l:?}");
+    }
+
+    #[test]
+    fn each_bad_value_is_one_line_naming_the_field() {
+        let l = lines(
+            "channel: Stable!\npollInterval: 30y\nreconcileInterval: 0s\nsources: [ftp://x]\n\
+             target: {manifestsDir: /x}\nlisten: {http: localhost}\nlogFormat: xml\nagentId: -x\n",
+        );
+        let want = [
+            "agentId:",
+            "channel:",
+            "sources[0]:",
+            "pollInterval: `30y`: unknown unit",
+            "reconcileInterval:",
+            "listen.http:",
+            "logFormat:",
+        ];
+        assert_eq!(l.len(), want.len(), "{l:#?}");
+        for w in want {
+            assert!(l.iter().any(|x| x.contains(w)), "missing {w}: {l:#?}");
+        }
+    }
+
+    #[test]
+    fn missing_required_fields() {
+        let l = lines("sources: []\n");
+        assert!(l.iter().any(|x| x.contains("channel: required")), "{l:?}");
+        assert!(l.iter().any(|x| x.contains("target: required")), "{l:?}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported() {
+        let l = lines("channel: stable\npollInterval: [1]\ntarget: {manifestsDir: /x}\n");
+        assert!(l[0].contains("pollInterval"), "{l:?}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.yaml");
+        std::fs::write(&p, GOOD).unwrap();
+        let env = |k: &str| match k {
+            "CAIRN_CHANNEL" => Some("beta".to_owned()),
+            "CAIRN_SOURCES" => Some("/a, https://b.example/x".to_owned()),
+            "CAIRN_POLL_INTERVAL" => Some("5s".to_owned()),
+            "CAIRN_LABELS" => Some("a=b,c=d".to_owned()),
+            _ => None,
+        };
+        let c = Config::load_with_env(Some(&p), &env).unwrap();
+        assert_eq!(c.channel, "beta");
+        assert_eq!(
+            c.sources,
+            vec!["/a".to_owned(), "https://b.example/x".to_owned()]
+        );
+        assert_eq!(c.poll_interval, Duration::from_secs(5));
+        assert_eq!(c.labels.len(), 2);
+        let bad = |k: &str| (k == "CAIRN_POLL_INTERVAL").then(|| "soon".to_owned());
+        let e = Config::load_with_env(Some(&p), &bad).unwrap_err();
+        assert!(e.lines[0].contains("pollInterval"), "{e}");
+    }
+
+    #[test]
+    fn kubernetes_target_parses() {
+        let c = Config::parse(
+            "channel: stable\ntarget:\n  kubernetes: {namespace: cairn-system}\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.target,
+            TargetConfig::Kubernetes(KubernetesTarget {
+                kubeconfig: None,
+                namespace: "cairn-system".into()
+            })
+        );
+    }
+}

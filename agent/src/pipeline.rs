@@ -1,0 +1,739 @@
+//! The verification pipeline: a pure state machine that turns untrusted
+//! bytes (roots, a release, a bundle manifest, objects) into an adoption or a
+//! rejection with a reason.
+//!
+//! ```text
+//! roots/<v+1>  --check_root-->  VerifiedRoot (persist, then follow on)
+//! channels/<c> --Ingest::start--> UpToDate | Ingest (release verified)
+//! Ingest::want()  -> Manifest{address,limit} | Objects[(address,limit)] | Complete
+//! Ingest::handle_manifest / handle_object / mark_present
+//! Ingest::finish(ctx) -> Adoption   (re-checked against the head at commit time)
+//! ```
+//!
+//! **Architecture invariant:** this module knows neither sources, sled,
+//! tokio nor the clock. Time (`now`), the trusted root and the last adopted
+//! release arrive as arguments. The agent's sync loop and the mesh feed it
+//! the same way, and unit tests drive it directly.
+//!
+//! What it checks: the root chain (each new root signed by a threshold of the
+//! previous root's root keys and of its own), the release (signatures and
+//! threshold by the current root's release keys, channel, sequence strictly
+//! above the last adopted one, not expired, root not expired), the bundle
+//! manifest (hash equals the bundle id, canonical, within limits) and every
+//! object (hash equals its address, size equals the manifest's). Nothing of a
+//! rejected release becomes adoptable: an [`Adoption`] only exists once every
+//! check passed.
+
+use cairn_bundle::bundle::{verify_object, Entry, Manifest};
+use cairn_bundle::limits::Limits;
+use cairn_bundle::verify::{ReleaseCheck, VerifiedRelease};
+use cairn_keys::{Root, VerifiedRoot};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Which part of a candidate was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// A new root offered by a source.
+    Root,
+    /// The channel's release envelope.
+    Release,
+    /// The bundle manifest the release names.
+    Manifest,
+    /// One of the bundle's objects.
+    Object,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stage::Root => "root",
+            Stage::Release => "release",
+            Stage::Manifest => "bundle manifest",
+            Stage::Object => "object",
+        })
+    }
+}
+
+/// Why a candidate was refused: the stage and the concrete error.
+#[derive(Debug)]
+pub struct Rejection {
+    /// Where it failed.
+    pub stage: Stage,
+    /// The verification error (its [`cairn_bundle::Error::reason`] is the
+    /// metric label, see [`Rejection::reason`]).
+    pub error: cairn_bundle::Error,
+}
+
+impl Rejection {
+    /// A rejection at `stage` for `error`.
+    pub fn new(stage: Stage, error: impl Into<cairn_bundle::Error>) -> Self {
+        Self {
+            stage,
+            error: error.into(),
+        }
+    }
+
+    /// The short, stable reason used as the `reason` label of
+    /// `cairn_release_rejections_total` and in status. It is
+    /// [`cairn_bundle::Error::reason`], except that every failure of a new
+    /// root is `root_rotation` (the message has the detail).
+    pub fn reason(&self) -> &'static str {
+        match self.stage {
+            Stage::Root => "root_rotation",
+            _ => self.error.reason(),
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} rejected ({}): {}",
+            self.stage,
+            self.reason(),
+            self.error
+        )
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// Verifies the next root offered by a source against the current one.
+/// Expiry is not checked here: an expired root is still a valid link in the
+/// chain (a later one may follow); release checks refuse to adopt under an
+/// expired root.
+pub fn check_root(current: &VerifiedRoot, bytes: &[u8]) -> Result<VerifiedRoot, Rejection> {
+    current
+        .verify_next(bytes)
+        .map_err(|e| Rejection::new(Stage::Root, e))
+}
+
+/// The release adopted on the channel, as the pipeline needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedRef<'a> {
+    /// Its sequence.
+    pub sequence: u64,
+    /// Its exact envelope bytes.
+    pub bytes: &'a [u8],
+}
+
+/// Everything a decision depends on besides the candidate's bytes.
+#[derive(Clone, Debug)]
+pub struct Context<'a> {
+    /// The current trusted root (end of the verified chain).
+    pub root: &'a Root,
+    /// The channel this agent follows.
+    pub channel: &'a str,
+    /// The release adopted on that channel, if any.
+    pub adopted: Option<AdoptedRef<'a>>,
+    /// Now, Unix seconds.
+    pub now: u64,
+    /// Size limits.
+    pub limits: &'a Limits,
+}
+
+impl Context<'_> {
+    fn release_check(&self) -> ReleaseCheck<'_> {
+        ReleaseCheck {
+            root: self.root,
+            channel: self.channel,
+            last_sequence: self.adopted.as_ref().map(|a| a.sequence),
+            now: self.now,
+            limits: self.limits,
+        }
+    }
+}
+
+/// What an [`Ingest`] needs next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// The bundle manifest, stored as an object at the bundle id.
+    Manifest {
+        /// The bundle id.
+        address: String,
+        /// Largest acceptable size.
+        limit: u64,
+    },
+    /// Objects not yet present, each with its exact size (the fetch limit).
+    Objects(Vec<(String, u64)>),
+    /// Everything is present and verified: call [`Ingest::finish`].
+    Complete,
+}
+
+/// A release that passed verification, with its verified manifest: the
+/// only value the store accepts for adoption.
+#[derive(Clone, Debug)]
+pub struct Adoption {
+    /// The verified release.
+    pub release: VerifiedRelease,
+    /// The verified bundle manifest.
+    pub manifest: Manifest,
+    /// The manifest's exact bytes (hash = bundle id).
+    pub manifest_bytes: Vec<u8>,
+}
+
+/// The result of looking at a channel's release.
+#[derive(Debug)]
+pub enum Start {
+    /// The bytes are exactly the adopted release: nothing to do.
+    UpToDate,
+    /// A newer, valid release: fetch what it needs.
+    Candidate(Box<Ingest>),
+}
+
+/// One candidate release being ingested: tracks what is still missing and
+/// verifies everything that arrives.
+#[derive(Debug)]
+pub struct Ingest {
+    release: VerifiedRelease,
+    limits: Limits,
+    manifest: Option<(Manifest, Vec<u8>)>,
+    /// Objects still missing: address → size.
+    missing: BTreeMap<String, u64>,
+}
+
+impl Ingest {
+    /// Verifies a channel's release envelope against `ctx`. Returns
+    /// [`Start::UpToDate`] when the bytes are the adopted release itself.
+    pub fn start(ctx: &Context<'_>, release_bytes: &[u8]) -> Result<Start, Rejection> {
+        if ctx
+            .adopted
+            .as_ref()
+            .is_some_and(|a| a.bytes == release_bytes)
+        {
+            return Ok(Start::UpToDate);
+        }
+        let release = ctx
+            .release_check()
+            .verify(release_bytes)
+            .map_err(|e| Rejection::new(Stage::Release, e))?;
+        Ok(Start::Candidate(Box::new(Ingest {
+            release,
+            limits: ctx.limits.clone(),
+            manifest: None,
+            missing: BTreeMap::new(),
+        })))
+    }
+
+    /// The verified release being ingested.
+    pub fn release(&self) -> &VerifiedRelease {
+        &self.release
+    }
+
+    /// The verified manifest, once [`Ingest::handle_manifest`] accepted it.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref().map(|(m, _)| m)
+    }
+
+    /// What is needed next.
+    pub fn want(&self) -> Want {
+        match &self.manifest {
+            None => Want::Manifest {
+                address: self.release.release.bundle.clone(),
+                limit: self.limits.max_manifest_bytes,
+            },
+            Some(_) if self.missing.is_empty() => Want::Complete,
+            Some(_) => Want::Objects(self.missing.iter().map(|(a, s)| (a.clone(), *s)).collect()),
+        }
+    }
+
+    /// Verifies the bundle manifest: its hash is the release's bundle id,
+    /// it is canonical and within the limits. All its objects become
+    /// missing until fetched or marked present.
+    pub fn handle_manifest(&mut self, bytes: &[u8]) -> Result<(), Rejection> {
+        let m = Manifest::decode(bytes, Some(&self.release.release.bundle), &self.limits)
+            .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+        self.missing = m
+            .entries
+            .iter()
+            .map(|e| (e.object.clone(), e.size))
+            .collect();
+        self.manifest = Some((m, bytes.to_vec()));
+        Ok(())
+    }
+
+    /// Verifies one object against the manifest: its address must be one
+    /// the manifest lists, its size the listed size and its hash the address.
+    pub fn handle_object(&mut self, address: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        let expected = self.expected_size(address)?;
+        check_object_bytes(address, expected, bytes)?;
+        self.missing.remove(address);
+        Ok(())
+    }
+
+    /// Marks an object the store already holds (the store verifies hashes
+    /// on write and on start-up, so its objects need no second check).
+    pub fn mark_present(&mut self, address: &str) {
+        self.missing.remove(address);
+    }
+
+    fn expected_size(&self, address: &str) -> Result<u64, Rejection> {
+        match self.manifest() {
+            Some(m) => m
+                .entries
+                .iter()
+                .find(|e| e.object == address)
+                .map(|e| e.size)
+                .ok_or_else(|| {
+                    Rejection::new(
+                        Stage::Object,
+                        cairn_bundle::Error::InvalidManifest(format!(
+                            "object {address} is not listed in bundle {}",
+                            self.release.release.bundle
+                        )),
+                    )
+                }),
+            None => Err(Rejection::new(
+                Stage::Object,
+                cairn_bundle::Error::InvalidManifest("object before its manifest".into()),
+            )),
+        }
+    }
+
+    /// Completes the ingest. `ctx` must describe the state *at commit time*
+    /// (another source may have adopted something meanwhile): the release
+    /// is checked again, so a concurrent newer adoption turns this one
+    /// into a rollback, and an expiry passed during the fetch is caught.
+    pub fn finish(self, ctx: &Context<'_>) -> Result<Adoption, Rejection> {
+        let Some((manifest, manifest_bytes)) = self.manifest else {
+            return Err(Rejection::new(
+                Stage::Manifest,
+                cairn_bundle::Error::ObjectMissing {
+                    address: self.release.release.bundle.clone(),
+                    what: "bundle manifest".into(),
+                },
+            ));
+        };
+        if let Some((address, _)) = self.missing.iter().next() {
+            let what = manifest
+                .entries
+                .iter()
+                .find(|e| &e.object == address)
+                .map(Entry::display_name)
+                .unwrap_or_default();
+            return Err(Rejection::new(
+                Stage::Object,
+                cairn_bundle::Error::ObjectMissing {
+                    address: address.clone(),
+                    what,
+                },
+            ));
+        }
+        let release = ctx
+            .release_check()
+            .verify(&self.release.bytes)
+            .map_err(|e| Rejection::new(Stage::Release, e))?;
+        Ok(Adoption {
+            release,
+            manifest,
+            manifest_bytes,
+        })
+    }
+}
+
+/// Checks object bytes against an address and an exact size.
+pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), Rejection> {
+    if bytes.len() as u64 > size {
+        return Err(Rejection::new(
+            Stage::Object,
+            cairn_bundle::Error::TooLarge {
+                what: format!("object {address}"),
+                limit: size,
+                actual: bytes.len() as u64,
+            },
+        ));
+    }
+    verify_object(address, bytes).map_err(|e| Rejection::new(Stage::Object, e))?;
+    if bytes.len() as u64 != size {
+        return Err(Rejection::new(
+            Stage::Object,
+            cairn_bundle::Error::InvalidManifest(format!(
+                "object {address} is {} bytes, the manifest says {size}",
+                bytes.len()
+            )),
+        ));
+    }
+    Ok(())
+}
+
+/// Re-verifies stored state at start-up: the adopted release's signatures
+/// and channel against the current root (no rollback or expiry check: the
+/// last-good release keeps being enforced after it expires), and the stored
+/// manifest against the release's bundle id.
+pub fn reverify_adopted(
+    root: &Root,
+    channel: &str,
+    limits: &Limits,
+    now: u64,
+    release_bytes: &[u8],
+    manifest_bytes: &[u8],
+) -> Result<(VerifiedRelease, Manifest), Rejection> {
+    let check = ReleaseCheck {
+        root,
+        channel,
+        last_sequence: None,
+        now,
+        limits,
+    };
+    let release = check
+        .reverify_adopted(release_bytes)
+        .map_err(|e| Rejection::new(Stage::Release, e))?;
+    let manifest = Manifest::decode(manifest_bytes, Some(&release.release.bundle), limits)
+        .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+    Ok((release, manifest))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use cairn_bundle::bundle::{Source as BundleSource, BUNDLE_FORMAT};
+    use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
+    use cairn_keys::{KeyPair, Role};
+
+    pub(crate) const NOW: u64 = 1_800_000_000;
+
+    pub(crate) fn dev_key(name: &str) -> KeyPair {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../keys/trust/dev")
+            .join(format!("{name}.key"));
+        cairn_keys::keyfile::read_private(&p).unwrap()
+    }
+
+    pub(crate) fn object(ns: &str, name: &str, data: &str) -> (Entry, Vec<u8>) {
+        let bytes = format!(
+            r#"{{"apiVersion":"v1","data":{{"k":"{data}"}},"kind":"ConfigMap","metadata":{{"name":"{name}","namespace":"{ns}"}}}}"#
+        )
+        .into_bytes();
+        let e = Entry {
+            path: format!("{name}.yaml"),
+            document: 0,
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            object: cairn_keys::sha256_address(&bytes),
+            size: bytes.len() as u64,
+        };
+        (e, bytes)
+    }
+
+    pub(crate) fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
+        let mut entries: Vec<Entry> = objs.iter().map(|(e, _)| e.clone()).collect();
+        entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
+        Manifest {
+            format: BUNDLE_FORMAT,
+            source: BundleSource {
+                repository: "fixture".into(),
+                commit: "0".repeat(40),
+                path: String::new(),
+            },
+            entries,
+        }
+    }
+
+    pub(crate) fn release(channel: &str, sequence: u64, bundle: &str, expires: u64) -> Release {
+        Release {
+            format: RELEASE_FORMAT,
+            channel: channel.into(),
+            sequence,
+            bundle: bundle.into(),
+            created: NOW - 100,
+            expires,
+            rollout: Rollout::default(),
+            selector: Default::default(),
+        }
+    }
+
+    fn root() -> VerifiedRoot {
+        cairn_keys::embedded::root().unwrap()
+    }
+
+    fn ctx<'a>(root: &'a Root, limits: &'a Limits, adopted: Option<AdoptedRef<'a>>) -> Context<'a> {
+        Context {
+            root,
+            channel: "stable",
+            adopted,
+            now: NOW,
+            limits,
+        }
+    }
+
+    fn signed(r: &Release) -> Vec<u8> {
+        r.sign(&[&dev_key("dev-release-1")]).encode()
+    }
+
+    fn start_err(ctx: &Context<'_>, bytes: &[u8]) -> Rejection {
+        match Ingest::start(ctx, bytes) {
+            Err(r) => r,
+            Ok(s) => panic!("expected a rejection, got {s:?}"),
+        }
+    }
+
+    #[test]
+    fn full_ingest_adopts() {
+        let r = root();
+        let limits = Limits::default();
+        let objs = [object("a", "one", "1"), object("a", "two", "2")];
+        let m = manifest(&objs);
+        let rel = signed(&release("stable", 1, &m.id(), NOW + 1000));
+        let c = ctx(&r.root, &limits, None);
+        let Start::Candidate(mut ing) = Ingest::start(&c, &rel).unwrap() else {
+            panic!("not a candidate")
+        };
+        assert!(matches!(ing.want(), Want::Manifest { .. }));
+        ing.handle_manifest(&m.encode()).unwrap();
+        let Want::Objects(w) = ing.want() else {
+            panic!()
+        };
+        assert_eq!(w.len(), 2);
+        ing.handle_object(&objs[0].0.object, &objs[0].1).unwrap();
+        ing.mark_present(&objs[1].0.object);
+        assert_eq!(ing.want(), Want::Complete);
+        let a = ing.finish(&c).unwrap();
+        assert_eq!(a.release.release.sequence, 1);
+        // The same bytes again are up to date, not a rollback.
+        let adopted = AdoptedRef {
+            sequence: 1,
+            bytes: &rel,
+        };
+        let c2 = ctx(&r.root, &limits, Some(adopted));
+        assert!(matches!(Ingest::start(&c2, &rel), Ok(Start::UpToDate)));
+    }
+
+    #[test]
+    fn rollback_is_rejected() {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let newer = signed(&release("stable", 5, &m.id(), NOW + 1000));
+        let older = signed(&release("stable", 4, &m.id(), NOW + 1000));
+        let same_seq_other_bytes = signed(&release("stable", 5, &m.id(), NOW + 2000));
+        let adopted = AdoptedRef {
+            sequence: 5,
+            bytes: &newer,
+        };
+        let c = ctx(&r.root, &limits, Some(adopted));
+        let e = start_err(&c, &older);
+        assert!(
+            matches!(
+                e.error,
+                cairn_bundle::Error::Rollback {
+                    last: 5,
+                    found: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.reason(), "rollback");
+        assert_eq!(start_err(&c, &same_seq_other_bytes).reason(), "rollback");
+    }
+
+    #[test]
+    fn expired_release_is_rejected() {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let rel = signed(&release("stable", 1, &m.id(), NOW - 1));
+        let e = start_err(&ctx(&r.root, &limits, None), &rel);
+        assert!(
+            matches!(e.error, cairn_bundle::Error::Expired { .. }),
+            "{e}"
+        );
+        assert_eq!(e.reason(), "expired");
+    }
+
+    #[test]
+    fn wrong_channel_is_rejected() {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let rel = signed(&release("beta", 1, &m.id(), NOW + 100));
+        let e = start_err(&ctx(&r.root, &limits, None), &rel);
+        assert!(
+            matches!(e.error, cairn_bundle::Error::WrongChannel { .. }),
+            "{e}"
+        );
+        assert_eq!(e.reason(), "wrong_channel");
+    }
+
+    #[test]
+    fn unsigned_unknown_key_and_root_key_are_below_threshold() {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let doc = release("stable", 1, &m.id(), NOW + 100);
+        let stranger = KeyPair::generate().unwrap();
+        for env in [
+            doc.sign(&[]),
+            doc.sign(&[&stranger]),
+            doc.sign(&[&dev_key("dev-root-1")]),
+        ] {
+            let e = start_err(&ctx(&r.root, &limits, None), &env.encode());
+            assert!(
+                matches!(
+                    e.error,
+                    cairn_bundle::Error::Keys(cairn_keys::Error::Threshold {
+                        role: Role::Release,
+                        valid: 0,
+                        ..
+                    })
+                ),
+                "{e}"
+            );
+            assert_eq!(e.reason(), "signature_threshold");
+        }
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_malformed() {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
+        let c = ctx(&r.root, &limits, None);
+        assert_eq!(
+            start_err(&c, b"<html>not found</html>").reason(),
+            "malformed"
+        );
+        assert_eq!(start_err(&c, &rel[..rel.len() / 2]).reason(), "malformed");
+        let mut big = rel.clone();
+        big.resize(limits.max_release_bytes as usize + 1, 0);
+        assert_eq!(start_err(&c, &big).reason(), "too_large");
+    }
+
+    #[test]
+    fn root_expired_blocks_new_adoption() {
+        let mut r = root().root;
+        r.expires = NOW - 1;
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
+        assert_eq!(
+            start_err(&ctx(&r, &limits, None), &rel).reason(),
+            "root_expired"
+        );
+    }
+
+    fn candidate(objs: &[(Entry, Vec<u8>)]) -> (Ingest, Manifest) {
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(objs);
+        let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
+        match Ingest::start(&ctx(&r.root, &limits, None), &rel).unwrap() {
+            Start::Candidate(i) => (*i, m),
+            Start::UpToDate => panic!(),
+        }
+    }
+
+    #[test]
+    fn manifest_hash_mismatch_is_rejected() {
+        let objs = [object("a", "one", "1")];
+        let (mut ing, _) = candidate(&objs);
+        let other = manifest(&[object("a", "one", "2")]);
+        let e = ing.handle_manifest(&other.encode()).unwrap_err();
+        assert_eq!(e.stage, Stage::Manifest);
+        assert_eq!(e.reason(), "object_hash_mismatch");
+        assert!(matches!(ing.want(), Want::Manifest { .. }));
+    }
+
+    #[test]
+    fn flipped_byte_object_is_rejected() {
+        let objs = [object("a", "one", "1")];
+        let (mut ing, m) = candidate(&objs);
+        ing.handle_manifest(&m.encode()).unwrap();
+        let mut bad = objs[0].1.clone();
+        bad[3] ^= 1;
+        let e = ing.handle_object(&objs[0].0.object, &bad).unwrap_err();
+        assert_eq!(e.reason(), "object_hash_mismatch");
+        let mut long = objs[0].1.clone();
+        long.push(b' ');
+        assert_eq!(
+            ing.handle_object(&objs[0].0.object, &long)
+                .unwrap_err()
+                .reason(),
+            "too_large"
+        );
+        let e = ing
+            .handle_object(&objs[0].0.object, &objs[0].1[..4])
+            .unwrap_err();
+        assert_eq!(e.reason(), "object_hash_mismatch");
+        // Nothing of it is adoptable: finishing now names the missing object.
+        let r = root();
+        let limits = Limits::default();
+        let e = ing.finish(&ctx(&r.root, &limits, None)).unwrap_err();
+        assert_eq!(e.reason(), "object_missing");
+    }
+
+    #[test]
+    fn unlisted_object_is_rejected() {
+        let objs = [object("a", "one", "1")];
+        let (mut ing, m) = candidate(&objs);
+        ing.handle_manifest(&m.encode()).unwrap();
+        let (e2, b2) = object("a", "two", "2");
+        assert_eq!(
+            ing.handle_object(&e2.object, &b2).unwrap_err().reason(),
+            "invalid_bundle"
+        );
+    }
+
+    #[test]
+    fn concurrent_newer_adoption_turns_finish_into_rollback() {
+        let objs = [object("a", "one", "1")];
+        let (mut ing, m) = candidate(&objs);
+        ing.handle_manifest(&m.encode()).unwrap();
+        ing.mark_present(&objs[0].0.object);
+        let r = root();
+        let limits = Limits::default();
+        let other = signed(&release("stable", 3, &m.id(), NOW + 100));
+        let adopted = AdoptedRef {
+            sequence: 3,
+            bytes: &other,
+        };
+        let e = ing
+            .finish(&ctx(&r.root, &limits, Some(adopted)))
+            .unwrap_err();
+        assert_eq!(e.reason(), "rollback");
+    }
+
+    #[test]
+    fn root_rotation_not_signed_by_previous_root_is_rejected() {
+        let current = root();
+        let newkey = KeyPair::generate().unwrap();
+        let mut next = current.root.clone();
+        next.version = 2;
+        next = Root::new(
+            2,
+            next.expires,
+            &[newkey.public_key()],
+            1,
+            &[dev_key("dev-release-1").public_key()],
+            1,
+        )
+        .unwrap();
+        let only_new = next.sign(&[&newkey]).encode();
+        let e = check_root(&current, &only_new).unwrap_err();
+        assert_eq!(e.reason(), "root_rotation");
+        assert!(e.to_string().contains("by root v1"), "{e}");
+        let both = next.sign(&[&newkey, &dev_key("dev-root-1")]).encode();
+        assert_eq!(check_root(&current, &both).unwrap().root.version, 2);
+    }
+
+    #[test]
+    fn reverify_catches_tampered_manifest() {
+        let r = root();
+        let limits = Limits::default();
+        let objs = [object("a", "one", "1")];
+        let m = manifest(&objs);
+        let rel = signed(&release("stable", 1, &m.id(), NOW - 5));
+        // Expired is fine for re-verification.
+        reverify_adopted(&r.root, "stable", &limits, NOW, &rel, &m.encode()).unwrap();
+        let mut bad = m.encode();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let e = reverify_adopted(&r.root, "stable", &limits, NOW, &rel, &bad).unwrap_err();
+        assert_eq!(e.stage, Stage::Manifest);
+    }
+}

@@ -1,0 +1,375 @@
+//! The agent's status document: what `cairn-agent status` shows and what
+//! the running agent publishes as `<dataDir>/status.json`.
+//!
+//! sled holds an exclusive lock while the agent runs, so the agent writes
+//! this file atomically after every sync and reconcile, and `status`
+//! **always** reads the file (never the database). The JSON shape is stable:
+//! fields are only added (`format` changes if one is ever removed).
+
+use crate::target::ApplyReport;
+use crate::Error;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Status document format.
+pub const STATUS_FORMAT: u32 = 1;
+
+/// `<dataDir>/status.json`.
+pub fn status_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("status.json")
+}
+
+/// A release as status shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReleaseStatus {
+    /// Channel.
+    pub channel: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Bundle id.
+    pub bundle: String,
+    /// Address of the release envelope.
+    pub release: String,
+    /// Repository the bundle was built from.
+    pub source_repository: String,
+    /// Commit the bundle was built from.
+    pub source_commit: String,
+    /// Number of objects.
+    pub objects: usize,
+    /// Created, Unix seconds.
+    pub created: u64,
+    /// Expires, Unix seconds.
+    pub expires: u64,
+    /// Whether it had expired when the status was written.
+    pub expired: bool,
+}
+
+/// A rejection as status shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectionStatus {
+    /// When, Unix seconds.
+    pub at: u64,
+    /// Which source offered it.
+    pub source: String,
+    /// Stable reason (the metric label).
+    pub reason: String,
+    /// The full message.
+    pub message: String,
+}
+
+/// One source's last sync.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// The source.
+    pub source: String,
+    /// Last attempt, Unix seconds.
+    pub last_attempt: u64,
+    /// Last attempt that reached the source, Unix seconds.
+    pub last_success: Option<u64>,
+    /// Whether the last attempt reached the source and found no problem.
+    pub ok: bool,
+    /// `up-to-date`, `adopted`, `no-release`, `rejected` or `error`.
+    pub result: String,
+    /// The error of the last attempt, if any.
+    pub error: Option<String>,
+    /// The last rejection of something this source offered.
+    pub last_rejection: Option<RejectionStatus>,
+}
+
+/// The last reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileStatus {
+    /// When it finished, Unix seconds.
+    pub at: u64,
+    /// Whether the target matches the release.
+    pub ok: bool,
+    /// The release sequence reconciled.
+    pub sequence: Option<u64>,
+    /// How long it took, milliseconds.
+    pub duration_ms: u64,
+    /// What it did.
+    pub report: Option<ApplyReport>,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+/// The trust root in use.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootStatus {
+    /// Version.
+    pub version: u64,
+    /// Expiry, Unix seconds.
+    pub expires: u64,
+    /// Whether it has expired.
+    pub expired: bool,
+}
+
+/// The whole status document.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// [`STATUS_FORMAT`].
+    pub format: u32,
+    /// Agent id.
+    pub agent_id: String,
+    /// Process id of the agent that wrote it.
+    pub pid: u32,
+    /// When written, Unix seconds.
+    pub updated: u64,
+    /// Channel followed.
+    pub channel: String,
+    /// Agent labels.
+    pub labels: BTreeMap<String, String>,
+    /// The target.
+    pub target: String,
+    /// Bound HTTP address (`/healthz`, `/readyz`, `/metrics`), if any.
+    pub listen: Option<String>,
+    /// Trust root.
+    pub root: RootStatus,
+    /// The adopted release (what is enforced).
+    pub adopted: Option<ReleaseStatus>,
+    /// The release last reconciled successfully.
+    pub last_good: Option<ReleaseStatus>,
+    /// Whether no source was reachable in the last attempt.
+    pub offline: bool,
+    /// Per source.
+    pub sources: Vec<SourceStatus>,
+    /// The most recent rejection from any source.
+    pub last_rejection: Option<RejectionStatus>,
+    /// The last reconcile.
+    pub reconcile: Option<ReconcileStatus>,
+    /// Whether `/readyz` answers 200.
+    pub ready: bool,
+    /// Why (not) ready.
+    pub ready_reason: String,
+}
+
+impl Status {
+    /// Writes the document atomically to `<data_dir>/status.json`.
+    pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
+        let p = status_path(data_dir);
+        let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Status(e.to_string()))?;
+        cairn_keys::fs::write_atomic(&p, &json, Some(0o644)).map_err(|source| Error::Io {
+            what: format!("writing {}", p.display()),
+            source,
+        })
+    }
+
+    /// Reads `<data_dir>/status.json`.
+    pub fn read(data_dir: &Path) -> Result<Status, Error> {
+        let p = status_path(data_dir);
+        let bytes = match std::fs::read(&p) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Status(format!(
+                    "{}: no status yet; has cairn-agent run with data dir {}?",
+                    p.display(),
+                    data_dir.display()
+                )))
+            }
+            Err(source) => {
+                return Err(Error::Io {
+                    what: format!("reading {}", p.display()),
+                    source,
+                })
+            }
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Status(format!("{}: unreadable status file: {e}", p.display())))
+    }
+
+    /// Human-readable rendering, relative to `now`.
+    pub fn render(&self, now: u64) -> String {
+        let mut o = String::new();
+        let mut line = |k: &str, v: String| o.push_str(&format!("{k:<15} {v}\n"));
+        line("agent", format!("{} (pid {})", self.agent_id, self.pid));
+        line("channel", self.channel.clone());
+        let rel = |r: &Option<ReleaseStatus>| match r {
+            None => "none".to_owned(),
+            Some(r) => format!(
+                "sequence {}, bundle {}, commit {}, {} objects, expires {}{}",
+                r.sequence,
+                short(&r.bundle),
+                r.source_commit.get(..12).unwrap_or(&r.source_commit),
+                r.objects,
+                format_time(r.expires),
+                if r.expired {
+                    " (EXPIRED: still enforced, no newer release)"
+                } else {
+                    ""
+                }
+            ),
+        };
+        line("adopted", rel(&self.adopted));
+        line("last-good", rel(&self.last_good));
+        line(
+            "root",
+            format!(
+                "v{}, expires {}{}",
+                self.root.version,
+                format_time(self.root.expires),
+                if self.root.expired { " (EXPIRED)" } else { "" }
+            ),
+        );
+        line("target", self.target.clone());
+        line(
+            "offline",
+            if self.offline {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        );
+        line(
+            "ready",
+            format!(
+                "{} ({})",
+                if self.ready { "yes" } else { "no" },
+                self.ready_reason
+            ),
+        );
+        match &self.reconcile {
+            None => line("reconcile", "not yet".into()),
+            Some(r) => {
+                let what = match (&r.report, &r.error) {
+                    (_, Some(e)) => format!("error: {e}"),
+                    (Some(rep), None) => format!(
+                        "{} created, {} updated, {} deleted, {} drift corrected, {} unchanged{}",
+                        rep.created,
+                        rep.updated,
+                        rep.deleted,
+                        rep.drift_corrected,
+                        rep.unchanged,
+                        if rep.conflicts.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", conflicts: {}", rep.conflicts.join(" "))
+                        }
+                    ),
+                    (None, None) => String::new(),
+                };
+                line(
+                    "reconcile",
+                    format!(
+                        "{} {} ({}): {what}",
+                        if r.ok { "ok" } else { "FAILED" },
+                        format_time(r.at),
+                        ago(now, r.at)
+                    ),
+                )
+            }
+        }
+        if let Some(r) = &self.last_rejection {
+            line(
+                "last rejection",
+                format!(
+                    "{} from {} at {}: {}",
+                    r.reason,
+                    r.source,
+                    format_time(r.at),
+                    r.message
+                ),
+            );
+        }
+        o.push_str("sources:\n");
+        if self.sources.is_empty() {
+            o.push_str("  (none)\n");
+        }
+        for s in &self.sources {
+            o.push_str(&format!(
+                "  {}  {}  {} ({}){}\n",
+                s.source,
+                if s.ok { "ok" } else { "ERROR" },
+                s.result,
+                ago(now, s.last_attempt),
+                s.error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+        o.push_str(&format!(
+            "updated         {} ({})\n",
+            format_time(self.updated),
+            ago(now, self.updated)
+        ));
+        o
+    }
+}
+
+fn short(addr: &str) -> &str {
+    addr.get(..19).unwrap_or(addr)
+}
+
+fn ago(now: u64, t: u64) -> String {
+    if t == 0 {
+        return "never".into();
+    }
+    let d = now.saturating_sub(t);
+    format!(
+        "{} ago",
+        cairn_bundle::duration::format_duration(std::time::Duration::from_secs(d))
+    )
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn format_time(t: u64) -> String {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        (secs % 3600) / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn round_trip_and_render() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Status {
+            format: STATUS_FORMAT,
+            agent_id: "a".into(),
+            channel: "stable".into(),
+            sources: vec![SourceStatus {
+                source: "/x".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.write(d.path()).unwrap();
+        let back = Status::read(d.path()).unwrap();
+        assert_eq!(back, s);
+        assert!(back.render(10).contains("channel         stable"));
+        let e = Status::read(&d.path().join("nope")).unwrap_err();
+        assert!(e.to_string().contains("no status yet"));
+    }
+}

@@ -1,0 +1,119 @@
+//! Targets: where the adopted release's objects are applied.
+//!
+//! A [`Target`] receives the complete desired state (every object of the
+//! adopted bundle, verified) and makes the target match it: create, update,
+//! prune what it owns and no longer wants, and restore drift. Implemented
+//! here: [`ManifestsDir`] (files in a directory, e.g. the k3s auto-deploy
+//! folder). The Kubernetes target (server-side apply) plugs in behind the
+//! same trait.
+//!
+//! Planning is pure ([`plan`]); targets are the thin IO shell around it.
+
+pub mod manifests_dir;
+pub mod plan;
+
+pub use manifests_dir::ManifestsDir;
+
+use crate::config::TargetConfig;
+use crate::store::{Store, StoreError};
+use crate::BoxFuture;
+use cairn_bundle::bundle::Entry;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// One object to apply, with its verified bytes (canonical JSON).
+#[derive(Clone, Debug)]
+pub struct DesiredObject {
+    /// The manifest entry (kind, namespace, name, address, size).
+    pub entry: Entry,
+    /// The object's bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Everything the adopted release wants applied.
+#[derive(Clone, Debug)]
+pub struct DesiredState {
+    /// The channel.
+    pub channel: String,
+    /// The release's sequence.
+    pub sequence: u64,
+    /// The bundle id.
+    pub bundle: String,
+    /// Every object, in manifest order.
+    pub objects: Vec<DesiredObject>,
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyReport {
+    /// Objects created.
+    pub created: usize,
+    /// Objects changed by the new release.
+    pub updated: usize,
+    /// Objects pruned (owned, no longer desired).
+    pub deleted: usize,
+    /// Objects restored after a hand edit or deletion.
+    pub drift_corrected: usize,
+    /// Objects already as desired.
+    pub unchanged: usize,
+    /// Desired objects that could not be applied because something foreign
+    /// occupies their place.
+    pub conflicts: Vec<String>,
+}
+
+impl ApplyReport {
+    /// Whether the target now matches the desired state.
+    pub fn in_sync(&self) -> bool {
+        self.conflicts.is_empty()
+    }
+}
+
+/// Why an apply failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store (inventory) failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored inventory is unreadable.
+    #[error("inventory of {target}: {reason}")]
+    Inventory {
+        /// The target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The configured target kind is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Something the agent reconciles. Object-safe so targets can be chosen at
+/// run time; futures are boxed.
+pub trait Target: Send + Sync {
+    /// A short description for logs and status (e.g. `manifests-dir /x`).
+    fn describe(&self) -> String;
+
+    /// Makes the target match `desired`: apply every object, prune owned
+    /// objects no longer desired, restore drift. Never touches what the
+    /// target does not own.
+    fn apply(&self, desired: Arc<DesiredState>) -> BoxFuture<'_, Result<ApplyReport, TargetError>>;
+}
+
+/// Builds the configured target.
+pub fn from_config(cfg: &TargetConfig, store: Store) -> Result<Arc<dyn Target>, TargetError> {
+    match cfg {
+        TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(dir.clone(), store))),
+        TargetConfig::Kubernetes(_) => Err(TargetError::Unsupported(
+            "target.kubernetes is not supported by this build yet; use target.manifestsDir".into(),
+        )),
+    }
+}
