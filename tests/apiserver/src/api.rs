@@ -695,7 +695,7 @@ pub fn patch(
         return server_side_apply(s, t, body, params);
     }
     if !PATCH_TYPES.contains(&ct) {
-        return Err(ApiError::unsupported_media_type(ct, &PATCH_TYPES[..]));
+        return Err(ApiError::unsupported_media_type(ct, PATCH_TYPES));
     }
     if ct == "application/strategic-merge-patch+json" && !t.info.builtin {
         return Err(ApiError::unsupported_media_type(
