@@ -560,9 +560,22 @@ fn export_import_round_trip_is_idempotent_and_refuses_rollback() {
     assert!(!w.path("bad.tar").exists());
 }
 
+/// A raw tar member: path bytes, type, data, declared size override.
+type RawMember<'a> = (&'a [u8], tar::EntryType, &'a [u8], Option<u64>);
+
+/// A bad-member case: name, path bytes, type, data, declared size, expected error.
+type BadCase = (
+    &'static str,
+    Vec<u8>,
+    tar::EntryType,
+    Vec<u8>,
+    Option<u64>,
+    &'static str,
+);
+
 /// Writes a tar whose members are given raw: (path bytes, type, data,
 /// declared size override).
-fn raw_tar(path: &Path, members: &[(&[u8], tar::EntryType, &[u8], Option<u64>)]) {
+fn raw_tar(path: &Path, members: &[RawMember]) {
     let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
     for (name, kind, data, size) in members {
         let mut h = tar::Header::new_gnu();
@@ -608,7 +621,7 @@ fn unsafe_archives_are_rejected_before_anything_is_written() {
     let obj_hex = "ab".repeat(32);
     let obj_path = format!("objects/sha256/ab/{obj_hex}");
     let big = vec![0u8; 100 << 10];
-    let cases: Vec<(&str, Vec<u8>, tar::EntryType, Vec<u8>, Option<u64>, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "traversal",
             b"../escape".to_vec(),
@@ -692,7 +705,7 @@ fn unsafe_archives_are_rejected_before_anything_is_written() {
     ];
     for (what, name, kind, data, size, want) in cases {
         let tar_path = w.path(&format!("{}.tar", what.replace(' ', "-")));
-        let mut members: Vec<(&[u8], tar::EntryType, &[u8], Option<u64>)> = good
+        let mut members: Vec<RawMember> = good
             .iter()
             .map(|(p, d)| (p.as_bytes(), tar::EntryType::Regular, d.as_slice(), None))
             .collect();
@@ -708,7 +721,7 @@ fn unsafe_archives_are_rejected_before_anything_is_written() {
         assert!(!w.path("escape").exists() && !w.p().parent().unwrap().join("escape").exists());
     }
     // An archive missing an object is incomplete.
-    let members: Vec<(&[u8], tar::EntryType, &[u8], Option<u64>)> = good
+    let members: Vec<RawMember> = good
         .iter()
         .enumerate()
         .filter(|(i, _)| *i != 2)
