@@ -1,0 +1,303 @@
+//! Each attack from the security model, served to a real agent that has
+//! already adopted release 2: the attack is refused with its specific
+//! reason (logs, status, metrics) and the manifests directory keeps the
+//! last-good content.
+
+mod support;
+
+use cairn_bundle::bundle::read_bundle_file;
+use cairn_bundle::limits::Limits;
+use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
+use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_keys::{KeyPair, Root};
+use cairn_test_support::{Fault, StaticServer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use support::*;
+
+struct Setup {
+    w: World,
+    /// Files of release 2 (the last-good state).
+    want: BTreeMap<String, Vec<u8>>,
+    /// The release-1 envelope (for the rollback attack).
+    old_release: Vec<u8>,
+    /// Bundle 3 (not yet released).
+    b3: PathBuf,
+    b3_id: String,
+    /// An object of bundle 3 that bundle 2 does not have.
+    b3_new_object: String,
+}
+
+fn setup() -> Setup {
+    let w = World::new(3, 3, 1);
+    let b1 = w.build("HEAD~2", "b1.bundle");
+    let b2 = w.build("HEAD~1", "b2.bundle");
+    let b3 = w.build("HEAD", "b3.bundle");
+    w.release(&b1);
+    let old_release = std::fs::read(w.repo.join(channel_path("stable"))).unwrap();
+    w.release(&b2);
+    let cfg = w.config("good.yaml", &[w.repo.display().to_string()]);
+    w.once_ok(&cfg);
+    let want = expected_files(&b2);
+    assert_eq!(w.files(), want);
+    let objects = |b: &Path| {
+        let mut v = Vec::new();
+        let m = read_bundle_file(b, &Limits::default(), |e, _| {
+            v.push(e.object.clone());
+            Ok(())
+        })
+        .unwrap();
+        (m.id(), v)
+    };
+    let (_, o2) = objects(&b2);
+    let (b3_id, o3) = objects(&b3);
+    let b3_new_object = o3
+        .into_iter()
+        .find(|o| !o2.contains(o))
+        .expect("bundle 3 has a new object");
+    Setup {
+        w,
+        want,
+        old_release,
+        b3,
+        b3_id,
+        b3_new_object,
+    }
+}
+
+impl Setup {
+    /// A copy of the repository with bundle 3 properly released (seq 3),
+    /// ready to be tampered with.
+    fn attack_repo(&self) -> PathBuf {
+        let dir = self.w.path("attack-repo");
+        copy_dir(&self.w.repo, &dir);
+        self.w.release_into(&dir, &self.b3, "stable");
+        dir
+    }
+
+    fn release_doc(&self, channel: &str, sequence: u64, expires: u64) -> Release {
+        let now = cairn_bundle::unix_now();
+        Release {
+            format: RELEASE_FORMAT,
+            channel: channel.into(),
+            sequence,
+            bundle: self.b3_id.clone(),
+            created: now.saturating_sub(1000),
+            expires,
+            rollout: Rollout::default(),
+            selector: BTreeMap::new(),
+        }
+    }
+
+    /// Serves `dir` over HTTP, runs `--once`, and checks that the attack was
+    /// refused with `reason` while the last-good files stay.
+    fn expect_refused(&self, dir: &Path, reason: &str) -> String {
+        let server = StaticServer::start(dir).unwrap();
+        let cfg = self.w.config("attack.yaml", &[server.url()]);
+        let logs = self.w.once_ok(&cfg);
+        assert_eq!(self.w.files(), self.want, "last-good content kept");
+        let s = self.w.status().unwrap();
+        assert_eq!(
+            s.adopted.as_ref().unwrap().sequence,
+            2,
+            "still on release 2"
+        );
+        let rej = s
+            .last_rejection
+            .clone()
+            .unwrap_or_else(|| panic!("no rejection recorded:\n{logs}"));
+        assert_eq!(rej.reason, reason, "{rej:?}");
+        let src = s.sources.iter().find(|x| x.source == server.url()).unwrap();
+        assert_eq!(src.last_rejection.as_ref().unwrap().reason, reason);
+        assert!(logs.contains("rejected") && logs.contains(reason), "{logs}");
+        logs
+    }
+}
+
+fn write_channel(dir: &Path, bytes: &[u8]) {
+    std::fs::write(dir.join(channel_path("stable")), bytes).unwrap();
+}
+
+const FAR: u64 = 4_000_000_000;
+
+#[test]
+fn rollback_to_an_old_release_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    write_channel(&dir, &s.old_release);
+    s.expect_refused(&dir, "rollback");
+}
+
+#[test]
+fn expired_release_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let now = cairn_bundle::unix_now();
+    let env = s
+        .release_doc("stable", 3, now - 10)
+        .sign(&[&dev_key("dev-release-1")]);
+    write_channel(&dir, &env.encode());
+    s.expect_refused(&dir, "expired");
+}
+
+#[test]
+fn release_for_another_channel_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let env = s
+        .release_doc("beta", 3, FAR)
+        .sign(&[&dev_key("dev-release-1")]);
+    write_channel(&dir, &env.encode());
+    s.expect_refused(&dir, "wrong_channel");
+}
+
+#[test]
+fn release_signed_by_an_unknown_key_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let stranger = KeyPair::generate().unwrap();
+    let env = s.release_doc("stable", 3, FAR).sign(&[&stranger]);
+    write_channel(&dir, &env.encode());
+    let logs = s.expect_refused(&dir, "signature_threshold");
+    assert!(logs.contains("unknown key"), "{logs}");
+}
+
+#[test]
+fn unsigned_release_is_below_threshold() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let env = s.release_doc("stable", 3, FAR).sign(&[]);
+    write_channel(&dir, &env.encode());
+    s.expect_refused(&dir, "signature_threshold");
+}
+
+#[test]
+fn release_signed_by_a_root_key_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let env = s
+        .release_doc("stable", 3, FAR)
+        .sign(&[&dev_key("dev-root-1")]);
+    write_channel(&dir, &env.encode());
+    s.expect_refused(&dir, "signature_threshold");
+}
+
+#[test]
+fn garbage_channel_file_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    write_channel(&dir, b"<html><body>502 Bad Gateway</body></html>");
+    s.expect_refused(&dir, "malformed");
+}
+
+#[test]
+fn truncated_release_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let good = std::fs::read(dir.join(channel_path("stable"))).unwrap();
+    write_channel(&dir, &good[..good.len() / 2]);
+    s.expect_refused(&dir, "malformed");
+}
+
+#[test]
+fn flipped_byte_in_an_object_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let p = dir.join(object_path(&s.b3_new_object).unwrap());
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&p, bytes).unwrap();
+    s.expect_refused(&dir, "object_hash_mismatch");
+    // Nothing of it became adoptable: with the object fixed, release 3 is
+    // adopted normally.
+    let clean = s.w.path("clean-repo");
+    copy_dir(&s.w.repo, &clean);
+    s.w.release_into(&clean, &s.b3, "stable");
+    let cfg = s.w.config("clean.yaml", &[clean.display().to_string()]);
+    s.w.once_ok(&cfg);
+    assert_eq!(s.w.files(), expected_files(&s.b3));
+}
+
+#[test]
+fn root_rotation_not_signed_by_the_previous_root_is_refused() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let current = cairn_keys::embedded::root().unwrap();
+    let newkey = KeyPair::generate().unwrap();
+    let r2 = Root::new(2, FAR, &[newkey.public_key()], 1, &[newkey.public_key()], 1).unwrap();
+    assert_eq!(current.root.version, 1);
+    std::fs::write(dir.join(root_path(2)), r2.sign(&[&newkey]).encode()).unwrap();
+    // Also offer a release signed only by the rogue root's release key.
+    let env = s.release_doc("stable", 3, FAR).sign(&[&newkey]);
+    write_channel(&dir, &env.encode());
+    let server = StaticServer::start(&dir).unwrap();
+    let cfg = s.w.config("attack.yaml", &[server.url()]);
+    let logs = s.w.once_ok(&cfg);
+    assert!(logs.contains("root_rotation"), "{logs}");
+    assert!(logs.contains("signature_threshold"), "{logs}");
+    assert_eq!(s.w.files(), s.want);
+    let st = s.w.status().unwrap();
+    assert_eq!(st.root.version, 1, "rogue root not adopted");
+    assert_eq!(st.adopted.unwrap().sequence, 2);
+}
+
+#[test]
+fn endless_data_is_cut_at_the_limit() {
+    let s = setup();
+    let dir = s.attack_repo();
+    write_channel(&dir, &vec![b'x'; 8 << 20]);
+    let server = StaticServer::start(&dir).unwrap();
+    let cfg = s.w.config("attack.yaml", &[server.url()]);
+    s.w.once_ok(&cfg);
+    assert_eq!(s.w.files(), s.want);
+    let st = s.w.status().unwrap();
+    let src = &st.sources[0];
+    assert!(
+        src.error.as_ref().unwrap().contains("exceeds the limit"),
+        "{src:?}"
+    );
+}
+
+#[test]
+fn truncating_mirror_is_a_fetch_error_and_last_good_stays() {
+    let s = setup();
+    let dir = s.attack_repo();
+    let server = StaticServer::start(&dir).unwrap();
+    server.set_fault(Fault::Truncate);
+    let cfg = s.w.config("attack.yaml", &[server.url()]);
+    s.w.once_ok(&cfg);
+    assert_eq!(s.w.files(), s.want);
+    let st = s.w.status().unwrap();
+    assert_eq!(st.adopted.unwrap().sequence, 2);
+    assert!(!st.sources[0].ok, "{:?}", st.sources[0]);
+}
+
+#[test]
+fn rejections_are_counted_in_metrics() {
+    let s = setup();
+    let dir = s.attack_repo();
+    write_channel(&dir, &s.old_release);
+    let server = StaticServer::start(&dir).unwrap();
+    let cfg = s.w.config("attack.yaml", &[server.url()]);
+    let mut agent = s.w.spawn(&cfg, "agent.log");
+    wait_for(60, "listening", || {
+        s.w.status()
+            .is_some_and(|x| x.listen.is_some() && x.pid == agent.id())
+    });
+    let addr = s.w.status().unwrap().listen.unwrap();
+    wait_for(60, "rollback counted", || {
+        http_get(&addr, "/metrics")
+            .1
+            .contains("cairn_release_rejections_total{reason=\"rollback\"}")
+    });
+    assert_eq!(
+        http_get(&addr, "/readyz").0,
+        200,
+        "last-good still enforced"
+    );
+    assert_eq!(s.w.files(), s.want);
+    terminate(&mut agent);
+    let log = s.w.log("agent.log");
+    assert!(log.contains("\"reason\":\"rollback\""), "{log}");
+}

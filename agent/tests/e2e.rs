@@ -1,0 +1,296 @@
+//! End-to-end: fixture Git repo → `cairn bundle build` + `cairn release` →
+//! served over HTTP (or as a directory) → `cairn-agent run` with a
+//! manifests-dir target. Real processes throughout.
+
+mod support;
+
+use cairn_test_support::StaticServer;
+use std::process::Command;
+use support::*;
+
+#[test]
+fn once_over_http_writes_every_object() {
+    let w = World::new(3, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let server = StaticServer::start(&w.repo).unwrap();
+    let cfg = w.config("agent.yaml", &[server.url()]);
+    w.once_ok(&cfg);
+    let want = expected_files(&b1);
+    assert!(want.len() >= 11, "{} objects", want.len());
+    assert_eq!(w.files(), want);
+    let s = w.status().unwrap();
+    assert_eq!(s.adopted.as_ref().unwrap().sequence, 1);
+    assert_eq!(s.last_good.as_ref().unwrap().sequence, 1);
+    assert!(!s.offline);
+    assert!(s.ready, "{}", s.ready_reason);
+    // A second run fetches nothing new and changes nothing.
+    let before = server.requests();
+    w.once_ok(&cfg);
+    assert!(
+        server.requests() - before <= 3,
+        "only roots/2 and the channel"
+    );
+    // `status` reads the published file.
+    let out = ok(Command::new(agent_bin())
+        .args(["status", "--config"])
+        .arg(&cfg));
+    assert!(out.contains("sequence 1"), "{out}");
+    let json = ok(Command::new(agent_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&cfg));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["adopted"]["sequence"], 1);
+    assert_eq!(v["channel"], "stable");
+}
+
+#[test]
+fn directory_source_works_and_missing_dir_is_offline() {
+    let w = World::new(2, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let missing = w.path("not-mounted");
+    let cfg = w.config(
+        "agent.yaml",
+        &[missing.display().to_string(), w.repo.display().to_string()],
+    );
+    w.once_ok(&cfg);
+    assert_eq!(w.files(), expected_files(&b1));
+    let s = w.status().unwrap();
+    let bad = s
+        .sources
+        .iter()
+        .find(|x| x.source.contains("not-mounted"))
+        .unwrap();
+    assert!(!bad.ok);
+    assert!(
+        bad.error.as_ref().unwrap().contains("not mounted"),
+        "{bad:?}"
+    );
+    assert!(!s.offline, "one source answered");
+}
+
+#[test]
+fn running_agent_updates_prunes_and_corrects_drift() {
+    let w = World::new(3, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    w.release(&b1);
+    let server = StaticServer::start(&w.repo).unwrap();
+    let cfg = w.config("agent.yaml", &[server.url()]);
+    let mut agent = w.spawn(&cfg, "agent.log");
+    let want1 = expected_files(&b1);
+    wait_for(60, "release 1 applied", || w.files() == want1);
+    wait_for(30, "ready", || {
+        w.status().is_some_and(|s| s.ready && s.listen.is_some())
+    });
+    let addr = w.status().unwrap().listen.unwrap();
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/readyz").0, 200);
+
+    // Hand edit, hand delete: both restored; a foreign file is left alone.
+    let (name, bytes) = want1
+        .iter()
+        .next()
+        .map(|(n, b)| (n.clone(), b.clone()))
+        .unwrap();
+    let (name2, bytes2) = want1
+        .iter()
+        .nth(1)
+        .map(|(n, b)| (n.clone(), b.clone()))
+        .unwrap();
+    std::fs::write(w.manifests.join(&name), b"kind: Edited\n").unwrap();
+    std::fs::remove_file(w.manifests.join(&name2)).unwrap();
+    std::fs::write(w.manifests.join("zz-foreign.yaml"), b"mine: true\n").unwrap();
+    wait_for(60, "drift corrected", || {
+        std::fs::read(w.manifests.join(&name)).ok().as_ref() == Some(&bytes)
+            && std::fs::read(w.manifests.join(&name2)).ok().as_ref() == Some(&bytes2)
+    });
+
+    // Release 2: one ConfigMap changes and an app is removed (pruned).
+    cairn_test_support::fixture::git_run(
+        &w.git,
+        "2026-03-01T00:00:00Z",
+        &["rm", "-rq", "clusters/edge/app-0002"],
+    )
+    .unwrap();
+    cairn_test_support::fixture::git_run(
+        &w.git,
+        "2026-03-01T00:00:00Z",
+        &["commit", "-qm", "drop app-0002"],
+    )
+    .unwrap();
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b2);
+    let mut want2 = expected_files(&b2);
+    assert!(want2.len() < want1.len());
+    wait_for(60, "release 2 applied and pruned", || {
+        let mut f = w.files();
+        f.remove("zz-foreign.yaml");
+        f == want2
+    });
+    want2.insert("zz-foreign.yaml".into(), b"mine: true\n".to_vec());
+    assert_eq!(w.files(), want2, "foreign file untouched");
+
+    wait_for(30, "metrics show sequence 2", || {
+        http_get(&addr, "/metrics")
+            .1
+            .contains("cairn_adopted_sequence{channel=\"stable\"} 2")
+    });
+    let metrics = http_get(&addr, "/metrics").1;
+    let drift: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_drift_corrections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(drift >= 2, "{metrics}");
+    assert!(metrics.contains("cairn_offline 0"), "{metrics}");
+    assert!(
+        metrics.contains("cairn_reconcile_duration_seconds_count"),
+        "{metrics}"
+    );
+
+    let st = terminate(&mut agent);
+    assert!(st.success(), "clean exit on SIGTERM: {st:?}");
+    let s = w.status().unwrap();
+    assert_eq!(s.adopted.unwrap().sequence, 2);
+    assert!(w.log("agent.log").contains("release adopted"));
+}
+
+#[test]
+fn offline_restart_enforces_last_good() {
+    let w = World::new(2, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let mut server = StaticServer::start(&w.repo).unwrap();
+    let cfg = w.config("agent.yaml", &[server.url()]);
+    w.once_ok(&cfg);
+    let want = expected_files(&b1);
+    assert_eq!(w.files(), want);
+    server.stop();
+    drop(server);
+    // Source gone, a managed file deleted and another edited by hand.
+    let mut names = want.keys();
+    let n1 = names.next().unwrap().clone();
+    let n2 = names.next().unwrap().clone();
+    std::fs::remove_file(w.manifests.join(&n1)).unwrap();
+    std::fs::write(w.manifests.join(&n2), b"edited").unwrap();
+    let logs = w.once_ok(&cfg);
+    assert_eq!(w.files(), want, "restored from the store with no source");
+    let s = w.status().unwrap();
+    assert!(s.offline, "status reports offline");
+    assert!(s.ready);
+    assert!(logs.contains("source fetch failed"), "{logs}");
+    let text = ok(Command::new(agent_bin())
+        .args(["status", "--config"])
+        .arg(&cfg));
+    assert!(text.contains("offline         yes"), "{text}");
+}
+
+#[test]
+fn unreachable_source_backs_off_without_crashing() {
+    let w = World::new(1, 1, 1);
+    // A port nobody listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = w.config("agent.yaml", &[format!("http://127.0.0.1:{port}/fleet")]);
+    let out = w.once(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cairn-agent: no release adopted on channel `stable`"),
+        "{err}"
+    );
+
+    let mut agent = w.spawn(&cfg, "agent.log");
+    wait_for(60, "several failed attempts", || {
+        w.log("agent.log").matches("source fetch failed").count() >= 3
+    });
+    assert!(agent.try_wait().unwrap().is_none(), "still running");
+    let s = w.status().unwrap();
+    assert!(s.offline);
+    assert!(!s.ready);
+    let addr = s.listen.unwrap();
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 503);
+    assert!(body.contains("no release adopted"), "{body}");
+    let m = http_get(&addr, "/metrics").1;
+    assert!(m.contains("cairn_source_fetch_errors_total{"), "{m}");
+    assert!(m.contains("cairn_offline 1"), "{m}");
+    terminate(&mut agent);
+}
+
+#[test]
+fn sigkill_during_sync_restarts_cleanly() {
+    let w = World::new(40, 1, 16);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let server = StaticServer::start(&w.repo).unwrap();
+    server.set_fault(cairn_test_support::Fault::Delay(
+        std::time::Duration::from_millis(30),
+    ));
+    let cfg = w.config("agent.yaml", &[server.url()]);
+    for round in 0..2 {
+        let mut agent = w.spawn(&cfg, &format!("agent-{round}.log"));
+        let start = server.requests();
+        wait_for(60, "sync under way", || {
+            server.requests() >= start + 10 + round * 5
+        });
+        agent.kill().unwrap(); // SIGKILL
+        agent.wait().unwrap();
+    }
+    server.set_fault(cairn_test_support::Fault::None);
+    w.once_ok(&cfg);
+    assert_eq!(w.files(), expected_files(&b1));
+    // And once more from the store alone.
+    w.once_ok(&cfg);
+}
+
+#[test]
+fn broken_config_names_the_field() {
+    let w = World::new(1, 1, 1);
+    let cfg = w.path("bad.yaml");
+    std::fs::write(
+        &cfg,
+        "channel: stable\npollInterval: 30y\ntarget: {manifestsDir: /tmp/x}\n",
+    )
+    .unwrap();
+    let out = w.once(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "cairn-agent: config {}: pollInterval: `30y`: unknown unit",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(
+        &cfg,
+        "channel: stable\nsourcez: []\ntarget: {manifestsDir: /tmp/x}\n",
+    )
+    .unwrap();
+    let out = w.once(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `sourcez`"), "{err}");
+    // Usage error.
+    let out = Command::new(agent_bin())
+        .args(["run", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // Environment override with a bad value names the field too.
+    let good = w.config("good.yaml", &[]);
+    let out = Command::new(agent_bin())
+        .args(["run", "--once", "--config"])
+        .arg(&good)
+        .env("CAIRN_POLL_INTERVAL", "soon")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pollInterval: `soon`"), "{err}");
+}
