@@ -476,6 +476,17 @@ pub fn resource_list(resources: &[ResourceInfo], group: &str, version: &str) -> 
             e["categories"] = json!(r.categories);
         }
         list.push(e);
+        if r.builtin && (r.kind == "Deployment" || r.kind == "StatefulSet") {
+            list.push(json!({
+                "name": format!("{}/scale", r.plural),
+                "singularName": "",
+                "namespaced": r.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
         if r.status_subresource {
             list.push(json!({
                 "name": format!("{}/status", r.plural),

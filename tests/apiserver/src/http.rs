@@ -214,7 +214,9 @@ fn parse_target(sh: &Shared, group: &str, version: &str, rest: &[String]) -> Api
         return Err(ApiError::no_route());
     }
     if let Some(s) = &sub {
-        if s != "status" || !info.status_subresource {
+        let ok =
+            (s == "status" && info.status_subresource) || (s == "scale" && api::has_scale(&info));
+        if !ok {
             return Err(ApiError::no_route());
         }
     }
@@ -284,6 +286,9 @@ async fn resource_request(
     let dry_run = params.dry_run();
     let name = t.name.clone();
 
+    if t.sub.as_deref() == Some("scale") {
+        return scale_request(sh, req, &t, &params, &manager, &content_type).await;
+    }
     match (method, name.is_some()) {
         (Method::GET, false) => {
             let watch = params.flag("watch");
@@ -373,6 +378,60 @@ async fn resource_request(
         }
         _ => Err(ApiError::method_not_allowed()),
     }
+}
+
+async fn scale_request(
+    sh: &Arc<Shared>,
+    req: Request<Incoming>,
+    t: &Target,
+    params: &Params,
+    manager: &str,
+    content_type: &str,
+) -> ApiResult<Response<Body>> {
+    let name = t.name.clone();
+    let method = req.method().clone();
+    let verb = match method {
+        Method::GET => "get",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        _ => return Err(ApiError::method_not_allowed()),
+    };
+    check_deny(sh, t, verb, name.as_deref())?;
+    let body = if method == Method::GET {
+        Bytes::new()
+    } else {
+        read_body(sh, req).await?
+    };
+    let ct = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let change = |current: Value| -> ApiResult<Value> {
+        if method == Method::PUT {
+            return api::parse_body(&body, ct.contains("yaml"));
+        }
+        let mut doc = current;
+        let p = api::parse_body(&body, ct.contains("yaml"))?;
+        match ct.as_str() {
+            "application/json-patch+json" => crate::patch::json_patch(&mut doc, &p)?,
+            "application/merge-patch+json" => crate::patch::merge_patch(&mut doc, &p),
+            "application/strategic-merge-patch+json" => {
+                crate::patch::strategic_merge_patch(&mut doc, &p)
+            }
+            "application/apply-patch+yaml" => crate::apply::merge_applied(&mut doc, &p, false),
+            other => return Err(ApiError::unsupported_media_type(other, api::PATCH_TYPES)),
+        }
+        Ok(doc)
+    };
+    let mut s = sh.store.lock();
+    let (code, v) = if method == Method::GET {
+        api::scale(&mut s, t, None, manager, false)?
+    } else {
+        api::scale(&mut s, t, Some(&change), manager, params.dry_run())?
+    };
+    Ok(json_response(code, &v))
 }
 
 fn check_media(ct: &str) -> ApiResult<()> {

@@ -596,6 +596,21 @@ spec:
         .unwrap_or(Value::Null);
     assert_eq!(available["status"], "False", "{d}");
     assert_eq!(d["status"].get("availableReplicas"), None);
+    // kubectl scale goes through the scale subresource.
+    let o = env.ok(&["scale", "deployment/good", "--replicas=3"]).await;
+    assert!(o.contains("deployment.apps/good scaled"), "{o}");
+    let ready = eventually(Duration::from_secs(20), || async {
+        let d = env.json(&["get", "deploy", "good", "-o", "json"]).await;
+        (d["spec"]["replicas"] == 3
+            && d["status"]["readyReplicas"] == 3
+            && d["metadata"]["generation"] == 2)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        ready.is_some(),
+        "scaled deployment becomes ready with 3 replicas"
+    );
     let table = env.ok(&["get", "jobs"]).await;
     assert!(
         table
