@@ -270,17 +270,23 @@ fn normalize(s: &mut StoreInner, t: &Target, obj: &mut Value, old: Option<&Value
                 }
             }
             let spec = m.entry("spec").or_insert_with(|| json!({}));
-            if spec.get("finalizers").is_none() {
-                spec["finalizers"] = json!(["kubernetes"]);
+            if let Some(spec) = spec.as_object_mut() {
+                spec.entry("finalizers")
+                    .or_insert_with(|| json!(["kubernetes"]));
             }
             m.insert("status".into(), json!({"phase": "Active"}));
         }
         ("", "secrets") => {
             if let Some(Value::Object(sd)) = m.remove("stringData") {
                 let data = m.entry("data").or_insert_with(|| json!({}));
-                for (k, v) in sd {
-                    let text = v.as_str().unwrap_or_default();
-                    data[k] = json!(util::base64_encode(text.as_bytes()));
+                if !data.is_object() {
+                    *data = json!({});
+                }
+                if let Some(data) = data.as_object_mut() {
+                    for (k, v) in sd {
+                        let text = v.as_str().unwrap_or_default();
+                        data.insert(k, json!(util::base64_encode(text.as_bytes())));
+                    }
                 }
             }
             m.entry("type").or_insert_with(|| json!("Opaque"));
@@ -326,19 +332,19 @@ fn normalize(s: &mut StoreInner, t: &Target, obj: &mut Value, old: Option<&Value
         }
         ("apps", "deployments") | ("apps", "statefulsets") => {
             let spec = m.entry("spec").or_insert_with(|| json!({}));
-            if spec.is_object() && spec.get("replicas").is_none() {
-                spec["replicas"] = json!(1);
+            if let Some(spec) = spec.as_object_mut() {
+                spec.entry("replicas").or_insert_with(|| json!(1));
             }
         }
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             let spec = m.get("spec").cloned().unwrap_or(json!({}));
             let mut names = spec.get("names").cloned().unwrap_or(json!({}));
             if let Some(kind) = names.get("kind").and_then(Value::as_str).map(String::from) {
-                if names.get("singular").is_none() {
-                    names["singular"] = json!(kind.to_lowercase());
-                }
-                if names.get("listKind").is_none() {
-                    names["listKind"] = json!(format!("{kind}List"));
+                if let Some(n) = names.as_object_mut() {
+                    n.entry("singular")
+                        .or_insert_with(|| json!(kind.to_lowercase()));
+                    n.entry("listKind")
+                        .or_insert_with(|| json!(format!("{kind}List")));
                 }
             }
             let storage: Vec<Value> = spec
