@@ -222,6 +222,7 @@ pub fn import(
     let mut roots: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut channels: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut archived_objects = BTreeSet::new();
+    let mut staged = stage.object_batch();
     for (n, entry) in tar
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?
@@ -314,12 +315,13 @@ pub fn import(
                 if actual != address {
                     return Err(bad(format!("member `{shown}`: content hashes to {actual}")));
                 }
-                stage.put_object(&address, &data)?;
+                staged.add(&address, &data)?;
                 archived_objects.insert(address);
             }
             Member::Dir => {}
         }
     }
+    staged.commit()?;
     if channels.is_empty() {
         return Err(bad("no channels/NAME member: nothing to import".into()));
     }
@@ -372,6 +374,7 @@ pub fn import(
     summary.unreferenced = archived_objects.difference(&needed).count();
 
     // Write: objects, roots, channel heads last.
+    let mut batch = repo.object_batch();
     for address in &needed {
         if repo.has_object(address) {
             continue;
@@ -380,11 +383,10 @@ pub fn import(
             address,
             limits.max_object_bytes.max(limits.max_manifest_bytes),
         )? {
-            if repo.put_object(address, &data)? {
-                summary.objects_written += 1;
-            }
+            batch.add(address, &data)?;
         }
     }
+    summary.objects_written = batch.commit()?;
     for r in chain.roots() {
         let rel = root_path(r.root.version);
         if roots.iter().any(|(v, _)| *v == r.root.version)

@@ -151,10 +151,12 @@ pub fn publish(
     }
     .verify(&envelope)?;
     // Pass 2: objects, manifest, roots, channel head last.
+    let mut batch = repo.object_batch();
     read_bundle_file(bundle_file, limits, |e, bytes| {
-        repo.put_object(&e.object, &bytes).map(|_| ())
+        batch.add(&e.object, &bytes).map(|_| ())
     })?;
-    repo.put_object(&release.bundle, &manifest.encode())?;
+    batch.add(&release.bundle, &manifest.encode())?;
+    batch.commit()?;
     for r in chain.roots() {
         let rel = root_path(r.root.version);
         if repo
