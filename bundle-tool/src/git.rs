@@ -62,7 +62,7 @@ impl GitTree {
         let spec = reference.unwrap_or("HEAD");
         let not_found = |e: &dyn std::fmt::Display| {
             git_err(format!(
-                "ref `{spec}` not found in {}: {e}",
+                "ref `{spec}` not found in {}: not a branch, tag or commit of this repository ({e})",
                 repo_path.display()
             ))
         };

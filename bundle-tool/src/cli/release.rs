@@ -168,7 +168,11 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             threads: 2,
         }
         .verify(&a.channel)
-        .with_context(|| channel_path(&a.channel))?;
+        .map_err(|e| match e {
+            // Object problems already name their files.
+            e @ crate::Error::Objects { .. } => anyhow::Error::from(e),
+            e => anyhow::Error::from(e).context(channel_path(&a.channel)),
+        })?;
         Ok((chain, v))
     })();
     let (chain, v) = match result {
