@@ -505,3 +505,21 @@ fn inspect_and_diff_show_objects() {
     let e = fails(&["bundle", "inspect", &old]);
     assert!(e.contains("content hashes to"), "{e}");
 }
+
+#[test]
+fn thread_count_does_not_change_the_id() {
+    let f = Fixture::new(30, 1);
+    add_kustomize_overlay(&f.repo()).unwrap();
+    let ids: Vec<String> = [1, 2, 7]
+        .iter()
+        .map(|&threads| {
+            let mut o = cairn_bundle::build::BuildOptions::new(f.repo());
+            o.threads = threads;
+            cairn_bundle::build::build(&o).unwrap().id()
+        })
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(ids[0], ids[2]);
+    let (cli, _) = f.build("cli.bundle", &[]);
+    assert_eq!(cli, ids[0], "the library and the CLI agree");
+}

@@ -278,3 +278,34 @@ pub fn commit_files(
     )?;
     git_run(repo, date, &["rev-parse", "HEAD"])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_options_same_commit_ids_as_the_original_script() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = FixtureOptions {
+            apps: 3,
+            configmap_kb: 1,
+            commits: 3,
+        };
+        let a = make_manifest_repo(&d.path().join("a"), &opts).unwrap();
+        let b = make_manifest_repo(&d.path().join("b"), &opts).unwrap();
+        assert_eq!(a, b);
+        // The head the Python `make-manifest-repo` prints for these options.
+        assert_eq!(a, "0aa184d8f84805a858091d373994062ced55463f");
+        let log = git_run(&d.path().join("a"), FIRST_DATE, &["log", "--format=%s"]).unwrap();
+        assert_eq!(
+            log,
+            "edge: bump app-0001 config to 3\nedge: bump app-0000 config to 2\nedge: initial manifests"
+        );
+        assert!(make_manifest_repo(&d.path().join("a"), &opts)
+            .unwrap_err()
+            .to_string()
+            .contains("not empty"));
+        let k = add_kustomize_overlay(&d.path().join("a")).unwrap();
+        assert_ne!(k, a);
+    }
+}
