@@ -1011,6 +1011,17 @@ impl Agent {
             let agent = self.clone();
             tasks.spawn(async move { crate::http::serve(listener, agent).await });
         }
+        if let Some(mesh) = self.inner.config.mesh.clone() {
+            let metrics = self.inner.metrics.mesh.clone();
+            let mesh = crate::mesh::Mesh::bind(self.clone(), mesh, metrics)
+                .await
+                .map_err(|e| {
+                    Error::Config(crate::config::ConfigError {
+                        lines: vec![format!("mesh: {e}")],
+                    })
+                })?;
+            tasks.spawn(mesh.run());
+        }
         for source in self.inner.sources.iter().cloned() {
             let agent = self.clone();
             tasks.spawn(async move { agent.poll_source(source).await });

@@ -98,6 +98,8 @@ pub struct Config {
     pub listen_http: Option<SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
+    /// The mesh (`mesh:` section); `None` = no mesh.
+    pub mesh: Option<crate::mesh::MeshConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +117,7 @@ struct RawConfig {
     target: Option<RawTarget>,
     listen: Option<RawListen>,
     log_format: Option<String>,
+    mesh: Option<crate::mesh::RawMeshConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +307,11 @@ impl Config {
                 LogFormat::Text
             }),
         };
+        let mesh = raw.mesh.and_then(|m| {
+            m.validate()
+                .map_err(|es| es.into_iter().for_each(|(f, m)| err(&f, m)))
+                .ok()
+        });
         if !errors.is_empty() {
             return Err(ConfigError { lines: errors });
         }
@@ -321,6 +329,7 @@ impl Config {
             target,
             listen_http,
             log_format,
+            mesh,
         })
     }
 

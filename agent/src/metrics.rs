@@ -87,6 +87,8 @@ pub struct Metrics {
     pub root_version: Gauge,
     /// 1 when the enforced release has expired (kept, with a warning).
     pub adopted_release_expired: Gauge,
+    /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
+    pub mesh: crate::mesh::MeshMetrics,
 }
 
 impl Default for Metrics {
@@ -112,8 +114,10 @@ impl Metrics {
             offline: Gauge::default(),
             root_version: Gauge::default(),
             adopted_release_expired: Gauge::default(),
+            mesh: crate::mesh::MeshMetrics::default(),
             registry: Registry::default(),
         };
+        m.mesh.register(&mut registry);
         registry.register(
             "cairn_adopted_sequence",
             "Sequence of the adopted release per channel",

@@ -5,7 +5,9 @@
 use clap::{Parser, Subcommand};
 
 mod bundle;
+mod fleet;
 mod keys;
+mod mesh;
 mod release;
 mod root;
 
@@ -42,6 +44,12 @@ enum Command {
     Export(release::ExportArgs),
     /// Import a tar archive into a bundle repository, verifying everything first.
     Import(release::ImportArgs),
+    /// The mesh's certificates: a fleet CA, agent and operator certificates.
+    #[command(subcommand)]
+    Mesh(mesh::MeshCommand),
+    /// Look at the fleet through the mesh.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -63,6 +71,8 @@ pub fn main() -> i32 {
         Command::Verify(a) => release::verify(a),
         Command::Export(a) => release::export(a),
         Command::Import(a) => release::import(a),
+        Command::Mesh(c) => mesh::run(c),
+        Command::Fleet(c) => fleet::run(c),
     };
     match result {
         Ok(()) => 0,
