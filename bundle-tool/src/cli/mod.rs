@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod bundle;
+mod demo;
 mod fleet;
 mod keys;
 mod mesh;
@@ -50,6 +51,9 @@ enum Command {
     /// Look at the fleet through the mesh.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
+    /// The whole loop on one machine: a Git repository, a signed release,
+    /// agents meshing in a line, a change moving as a delta.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -73,6 +77,7 @@ pub fn main() -> i32 {
         Command::Import(a) => release::import(a),
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
+        Command::Demo(a) => demo::run(a),
     };
     match result {
         Ok(()) => 0,
