@@ -35,6 +35,7 @@ use cairn_bundle::bundle::Manifest;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::Release;
 use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_bundle::rollout::FleetReports;
 use cairn_keys::{RootChain, VerifiedRoot};
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -70,6 +71,14 @@ pub enum SyncOutcome {
     Adopted {
         /// Its sequence.
         sequence: u64,
+    },
+    /// A newer valid release exists but is not for this agent now
+    /// (selector, rollout wave, circuit breaker).
+    Deferred {
+        /// Its sequence.
+        sequence: u64,
+        /// Why, for humans.
+        why: String,
     },
     /// Something the source offered was rejected (logged, counted, in status).
     Rejected {
@@ -150,6 +159,7 @@ struct Inner {
     adopt_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
     status_lock: Mutex<()>,
+    fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
 }
 
@@ -314,6 +324,7 @@ impl Agent {
                 adopt_lock: tokio::sync::Mutex::new(()),
                 reconcile_lock: tokio::sync::Mutex::new(()),
                 status_lock: Mutex::new(()),
+                fleet_reports: Mutex::new(BTreeMap::new()),
                 adopted_tx,
                 config,
             }),
@@ -479,17 +490,25 @@ impl Agent {
                 Ok(o) => {
                     s.last_success = Some(unix_now());
                     s.error = None;
+                    s.note = match o {
+                        SyncOutcome::Deferred { sequence, why } => {
+                            Some(format!("release {sequence}: {why}"))
+                        }
+                        _ => None,
+                    };
                     s.ok = !matches!(o, SyncOutcome::Rejected { .. });
                     s.result = match o {
                         SyncOutcome::UpToDate => "up-to-date",
                         SyncOutcome::NoRelease => "no-release",
                         SyncOutcome::Adopted { .. } => "adopted",
+                        SyncOutcome::Deferred { .. } => "deferred",
                         SyncOutcome::Rejected { .. } => "rejected",
                     }
                     .into();
                 }
                 Err(e) => {
                     s.ok = false;
+                    s.note = None;
                     s.result = "error".into();
                     s.error = Some(e.to_string());
                     if let SyncError::Source(se) = e {
@@ -526,6 +545,31 @@ impl Agent {
         }
         self.publish_status();
         result
+    }
+
+    /// This agent as the rollout decision sees it (id, labels, and the
+    /// fleet reports the mesh recorded for `bundle` via
+    /// [`Agent::set_fleet_reports`]).
+    pub fn audience(&self, bundle: &str) -> pipeline::Audience<'_> {
+        let reports = self
+            .inner
+            .fleet_reports
+            .lock()
+            .map(|m| m.get(bundle).copied().unwrap_or_default())
+            .unwrap_or_default();
+        pipeline::Audience {
+            agent_id: &self.inner.agent_id,
+            labels: &self.inner.config.labels,
+            reports,
+        }
+    }
+
+    /// Records what gossip says about a bundle (adopters, failures), for the
+    /// rollout circuit breaker. Called by the mesh.
+    pub fn set_fleet_reports(&self, bundle: &str, reports: FleetReports) {
+        if let Ok(mut m) = self.inner.fleet_reports.lock() {
+            m.insert(bundle.to_owned(), reports);
+        }
     }
 
     fn context_parts(&self) -> (cairn_keys::Root, Option<(u64, Vec<u8>)>) {
@@ -593,6 +637,15 @@ impl Agent {
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
         let sequence = ingest.release().release.sequence;
+        if let Some(decision) = pipeline::rollout_gate(
+            ingest.release(),
+            &self.audience(&ingest.release().release.bundle),
+            unix_now(),
+        ) {
+            let why = pipeline::describe_decision(&decision);
+            tracing::info!(source = name, sequence, %why, "newer release not adopted now");
+            return Ok(SyncOutcome::Deferred { sequence, why });
+        }
         tracing::info!(source = name, channel = %channel, sequence, "new release found; fetching");
 
         // 3. The bundle manifest (from the store if present).

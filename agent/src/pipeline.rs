@@ -26,6 +26,7 @@
 
 use cairn_bundle::bundle::{verify_object, Entry, Manifest};
 use cairn_bundle::limits::Limits;
+use cairn_bundle::rollout::{self, Decision, FleetReports};
 use cairn_bundle::verify::{ReleaseCheck, VerifiedRelease};
 use cairn_keys::{Root, VerifiedRoot};
 use std::collections::BTreeMap;
@@ -179,8 +180,49 @@ pub struct Adoption {
 pub enum Start {
     /// The bytes are exactly the adopted release: nothing to do.
     UpToDate,
-    /// A newer, valid release: fetch what it needs.
+    /// A newer, valid release: fetch what it needs (after asking
+    /// [`rollout_gate`] whether it is for this agent now).
     Candidate(Box<Ingest>),
+}
+
+/// Who is asking, for the rollout decision.
+#[derive(Clone, Copy, Debug)]
+pub struct Audience<'a> {
+    /// This agent's id (its rollout bucket).
+    pub agent_id: &'a str,
+    /// This agent's labels (matched against the release's selector).
+    pub labels: &'a BTreeMap<String, String>,
+    /// What gossip says about the release's bundle (circuit breaker);
+    /// default (nothing known) without a mesh.
+    pub reports: FleetReports,
+}
+
+/// Whether a verified candidate is for this agent now: `None` to go ahead,
+/// or the deferring decision (selector does not match, rollout wave not open
+/// yet, circuit breaker tripped). A deferred release is not a rejection: the
+/// adopted one stays, and the next sync asks again. Pure.
+pub fn rollout_gate(release: &VerifiedRelease, who: &Audience<'_>, now: u64) -> Option<Decision> {
+    let decision = rollout::decide(&release.release, who.agent_id, who.labels, who.reports, now);
+    match decision {
+        Decision::Adopt { .. } => None,
+        other => Some(other),
+    }
+}
+
+/// A one-line explanation of a deferring rollout decision.
+pub fn describe_decision(d: &Decision) -> String {
+    match d {
+        Decision::Adopt { wave } => format!("adopt (wave {wave})"),
+        Decision::NotSelected { missing } => {
+            format!("not selected: the release requires {missing}")
+        }
+        Decision::WaitForWave { wave, opens_at } => {
+            format!("waiting for rollout wave {wave}, which opens at {opens_at} (Unix seconds)")
+        }
+        Decision::BreakerTripped { failed, adopted } => {
+            format!("held: {failed} of {adopted} adopters report this release failed")
+        }
+    }
 }
 
 /// One candidate release being ingested: tracks what is still missing and
@@ -719,6 +761,57 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("by root v1"), "{e}");
         let both = next.sign(&[&newkey, &dev_key("dev-root-1")]).encode();
         assert_eq!(check_root(&current, &both).unwrap().root.version, 2);
+    }
+
+    #[test]
+    fn selector_wave_and_breaker_defer_without_rejecting() {
+        use cairn_bundle::release::{FailureLimit, Wave};
+        let r = root();
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        let c = ctx(&r.root, &limits, None);
+        let labels: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
+        let mut who = Audience {
+            agent_id: "agent-test",
+            labels: &labels,
+            reports: FleetReports::default(),
+        };
+        let gate = |doc: &Release, who: &Audience<'_>| {
+            let verified = match Ingest::start(&c, &signed(doc)).unwrap() {
+                Start::Candidate(i) => i.release().clone(),
+                Start::UpToDate => panic!(),
+            };
+            rollout_gate(&verified, who, NOW)
+        };
+        let mut doc = release("stable", 1, &m.id(), NOW + 1000);
+        doc.selector.insert("region".into(), "us".into());
+        assert_eq!(
+            gate(&doc, &who),
+            Some(Decision::NotSelected {
+                missing: "region=us".into()
+            })
+        );
+        doc.selector.insert("region".into(), "eu".into());
+        assert_eq!(gate(&doc, &who), None);
+        // A wave covering everyone that opens far in the future.
+        doc.rollout.waves = vec![Wave {
+            basis_points: 10_000,
+            delay_secs: 1_000_000,
+        }];
+        assert!(matches!(
+            gate(&doc, &who),
+            Some(Decision::WaitForWave { wave: 1, .. })
+        ));
+        doc.rollout.waves.clear();
+        doc.rollout.max_failures = Some(FailureLimit::Count(2));
+        who.reports = FleetReports {
+            adopted: 5,
+            failed: 2,
+        };
+        assert!(matches!(
+            gate(&doc, &who),
+            Some(Decision::BreakerTripped { .. })
+        ));
     }
 
     #[test]

@@ -72,8 +72,11 @@ pub struct SourceStatus {
     pub last_success: Option<u64>,
     /// Whether the last attempt reached the source and found no problem.
     pub ok: bool,
-    /// `up-to-date`, `adopted`, `no-release`, `rejected` or `error`.
+    /// `up-to-date`, `adopted`, `deferred`, `no-release`, `rejected` or `error`.
     pub result: String,
+    /// Why a newer release was deferred (selector, rollout wave, breaker).
+    #[serde(default)]
+    pub note: Option<String>,
     /// The error of the last attempt, if any.
     pub error: Option<String>,
     /// The last rejection of something this source offered.

@@ -294,3 +294,29 @@ fn broken_config_names_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pollInterval: `soon`"), "{err}");
 }
+
+#[test]
+fn release_for_other_labels_is_deferred_not_rejected() {
+    let w = World::new(1, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    w.release(&b1);
+    let b2 = w.build("HEAD", "b2.bundle");
+    ok(Command::new(cairn_bin())
+        .arg("release")
+        .arg("--repo")
+        .arg(&w.repo)
+        .arg("--bundle")
+        .arg(&b2)
+        .args(["--channel", "stable", "--selector", "region=us", "--key"])
+        .arg(dev_key_path("dev-release-1")));
+    let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
+    // The agent (region=eu) never saw release 1, and release 2 is not for it.
+    let out = w.once(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let s = w.status().unwrap();
+    assert!(s.adopted.is_none());
+    assert!(s.last_rejection.is_none(), "deferral is not a rejection");
+    let src = &s.sources[0];
+    assert_eq!(src.result, "deferred");
+    assert!(src.note.as_ref().unwrap().contains("region=us"), "{src:?}");
+}
