@@ -644,18 +644,24 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
     });
     // Still on release 2, its files untouched, nothing of bundle 3 adopted.
     assert_eq!(f.sequence(0), 2);
-    let files: BTreeMap<String, Vec<u8>> = std::fs::read_dir(f.dir(0, "manifests"))
-        .unwrap()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| {
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(files, expected_files(&b2));
+    let read_files = || -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(f.dir(0, "manifests"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect()
+    };
+    let want = expected_files(&b2);
+    wait_for(30, "release 2's files in the manifests directory", || {
+        read_files() == want
+    });
+
     let log = f.log(0);
     assert!(log.contains("mesh peer cut off"), "{log}");
     // The agent's own view: no tampered object made it into the store.

@@ -192,10 +192,15 @@ pub fn spawn_io(
         loop {
             let r = read_one(&mut rd, &reader_limits, read_timeout).await;
             let input = match r {
-                Ok((msg, bytes)) => {
+                Ok(Some((msg, bytes))) => {
                     reader_metrics.frame("in", bytes);
                     Input::Message { conn, msg }
                 }
+                Ok(None) => Input::WireError {
+                    conn,
+                    reason: "idle",
+                    detail: "no frame within the read deadline".into(),
+                },
                 Err(e) => Input::WireError {
                     conn,
                     reason: e.reason(),
@@ -256,21 +261,19 @@ pub fn spawn_io(
     }
 }
 
-/// Reads one frame: the header (with the idle deadline), then the body
-/// (with the same deadline), the length checked before allocation.
+/// Reads one frame: the header (with the idle deadline; `None` when it
+/// passes), then the body (with the same deadline, a timeout there is an
+/// error), the length checked before allocation.
 pub async fn read_one<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     limits: &MeshLimits,
     deadline: Duration,
-) -> Result<(Message, usize), WireError> {
+) -> Result<Option<(Message, usize)>, WireError> {
     let mut header = [0u8; HEADER_BYTES];
     match tokio::time::timeout(deadline, rd.read_exact(&mut header)).await {
-        Err(_) => {
-            return Err(WireError::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "no frame within the read deadline",
-            )))
-        }
+        // Silence between frames: the peer is gone or cut off by the
+        // network, not provably misbehaving (it sends keepalives).
+        Err(_) => return Ok(None),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Err(WireError::Closed)
         }
@@ -290,5 +293,5 @@ pub async fn read_one<R: tokio::io::AsyncRead + Unpin>(
         Ok(Ok(_)) => {}
     }
     let msg = wire::decode_body(&body, limits)?;
-    Ok((msg, HEADER_BYTES + len))
+    Ok(Some((msg, HEADER_BYTES + len)))
 }

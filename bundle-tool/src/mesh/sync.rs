@@ -575,10 +575,12 @@ impl Endpoint {
     }
 
     /// The shell could not read a valid frame from `conn` (garbage,
-    /// oversized frame, read timeout): the peer is cut off. `reason` is a
-    /// stable label ([`super::wire::WireError::reason`]).
+    /// oversized frame, a frame body that stalls): the peer is cut off.
+    /// `reason` is a stable label ([`super::wire::WireError::reason`]);
+    /// `closed`, `io` and `idle` (no frame at all within the idle
+    /// deadline) only disconnect, without a ban.
     pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: u64) {
-        if reason == "closed" || reason == "io" {
+        if matches!(reason, "closed" | "io" | "idle") {
             self.disconnected(conn, now);
         } else {
             self.offense(conn, reason, detail.to_owned(), now);
