@@ -37,6 +37,10 @@ struct Shared {
     fault: Mutex<Fault>,
     stop: AtomicBool,
     requests: AtomicU64,
+    /// Bytes written to clients (status lines, headers and bodies).
+    bytes_sent: AtomicU64,
+    /// Body bytes written to clients.
+    body_bytes_sent: AtomicU64,
 }
 
 /// A running static file server; stopped on [`StaticServer::stop`] or drop.
@@ -56,6 +60,8 @@ impl StaticServer {
             fault: Mutex::new(Fault::None),
             stop: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            body_bytes_sent: AtomicU64::new(0),
         });
         let s = Arc::clone(&shared);
         let accept = std::thread::spawn(move || {
@@ -99,6 +105,26 @@ impl StaticServer {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Bytes written to clients so far: status lines, headers and bodies
+    /// (what a client actually downloads, TCP/IP framing aside).
+    pub fn bytes_sent(&self) -> u64 {
+        self.shared.bytes_sent.load(Ordering::SeqCst)
+    }
+
+    /// Body bytes written to clients so far (file contents only).
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.shared.body_bytes_sent.load(Ordering::SeqCst)
+    }
+
+    /// Sets [`StaticServer::requests`], [`StaticServer::bytes_sent`] and
+    /// [`StaticServer::body_bytes_sent`] back to zero (e.g. between the
+    /// phases of a measurement).
+    pub fn reset_counters(&self) {
+        self.shared.requests.store(0, Ordering::SeqCst);
+        self.shared.bytes_sent.store(0, Ordering::SeqCst);
+        self.shared.body_bytes_sent.store(0, Ordering::SeqCst);
+    }
+
     /// Stops accepting connections and waits for the accept thread.
     /// Connections in progress finish on their own.
     pub fn stop(&mut self) {
@@ -134,6 +160,35 @@ fn resolve(root: &Path, url_path: &str) -> Option<PathBuf> {
     meta.is_file().then_some(out)
 }
 
+/// A connection that counts what is written to it.
+struct Counting<'a> {
+    inner: TcpStream,
+    s: &'a Shared,
+}
+
+impl Counting<'_> {
+    /// Writes body bytes (counted in both counters).
+    fn write_body(&mut self, body: &[u8]) -> std::io::Result<()> {
+        self.write_all(body)?;
+        self.s
+            .body_bytes_sent
+            .fetch_add(body.len() as u64, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Write for Counting<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.s.bytes_sent.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -151,15 +206,15 @@ fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
     let method = parts.next().unwrap_or("");
     let target = parts.next().unwrap_or("/");
     let fault = s.fault.lock().map(|f| f.clone()).unwrap_or_default();
-    let mut w = conn;
-    let respond = |w: &mut TcpStream, code: u16, reason: &str, body: &[u8], send_body: bool| {
+    let mut w = Counting { inner: conn, s };
+    let respond = |w: &mut Counting, code: u16, reason: &str, body: &[u8], send_body: bool| {
         write!(
             w,
             "HTTP/1.1 {code} {reason}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
             body.len()
         )?;
         if send_body {
-            w.write_all(body)?;
+            w.write_body(body)?;
         }
         w.flush()
     };
@@ -190,7 +245,7 @@ fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             )?;
-            w.write_all(&body[..body.len() / 2])?;
+            w.write_body(&body[..body.len() / 2])?;
             w.flush()
         }
         Fault::Stall => {
@@ -240,6 +295,19 @@ mod tests {
         assert_eq!(get(s.addr(), "/a/f").0, 503);
         s.set_fault(Fault::None);
         assert!(s.requests() >= 6);
+        s.reset_counters();
+        assert_eq!(
+            (s.requests(), s.bytes_sent(), s.body_bytes_sent()),
+            (0, 0, 0)
+        );
+        assert_eq!(get(s.addr(), "/a/f"), (200, b"hello".to_vec()));
+        assert_eq!(s.requests(), 1);
+        assert_eq!(s.body_bytes_sent(), 5);
+        assert!(
+            s.bytes_sent() > 5 + 30,
+            "headers counted: {}",
+            s.bytes_sent()
+        );
         s.stop();
         assert!(TcpStream::connect(s.addr()).is_err() || get_fails(s.addr()));
     }

@@ -1,0 +1,1129 @@
+//! `bench`: Cairn's performance figures side by side with their floors and
+//! peers, as one markdown table on stdout (progress on stderr).
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/bench                 # full size: 3000 apps (~9,000 objects), 5 runs
+//! target/release/bench --quick         # small fixture, 1 run (CI)
+//! ```
+//!
+//! Every timing row is the median of `--runs` runs; the baseline of a row is
+//! measured in the same run, right after Cairn's command, on the same
+//! (warm) files. The binaries (`cairn`, `cairn-agent`) are found next to
+//! this one (`--bin-dir` overrides). Options:
+//!
+//! * `--quick`: 30 apps, 1 run, mesh of 3 agents.
+//! * `--runs N`, `--apps N`, `--configmap-kb N`: fixture size and repeats.
+//! * `--mesh 10,20`: mesh sizes (`--mesh none` skips the mesh rows).
+//! * `--mesh-runs N`: runs per mesh row (default 1: a 20-agent run of the
+//!   full fixture takes a while).
+//! * `--json FILE`: also write the raw figures as JSON.
+//! * `--keep DIR`: work in DIR and keep it (fixtures, repositories, logs).
+//!
+//! Network: loopback only (a static file server on 127.0.0.1 and mesh
+//! agents on 127.0.<block>.x).
+
+use anyhow::{anyhow, bail, Context, Result};
+use cairn_test_support::{make_manifest_repo, FixtureOptions, StaticServer};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Command-line options.
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    runs: usize,
+    mesh_runs: usize,
+    apps: usize,
+    configmap_kb: usize,
+    mesh: Vec<usize>,
+    bin_dir: PathBuf,
+    key: PathBuf,
+    json: Option<PathBuf>,
+    keep: Option<PathBuf>,
+}
+
+fn usage() -> &'static str {
+    "usage: bench [--quick] [--runs N] [--mesh-runs N] [--apps N] [--configmap-kb N] \
+     [--mesh 10,20|none] [--bin-dir DIR] [--key FILE] [--json FILE] [--keep DIR]"
+}
+
+fn parse_args() -> Result<Opts> {
+    let exe = std::env::current_exe().context("current_exe")?;
+    let bin_dir = exe
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("no directory for {}", exe.display()))?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut o = Opts {
+        quick: false,
+        runs: 5,
+        mesh_runs: 1,
+        apps: 3000,
+        configmap_kb: 1,
+        mesh: vec![10, 20],
+        bin_dir,
+        key: workspace.join("keys/trust/dev/dev-release-1.key"),
+        json: None,
+        keep: None,
+    };
+    let mut explicit = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| {
+            args.next()
+                .ok_or_else(|| anyhow!("{name} needs a value\n{}", usage()))
+        };
+        let num = |s: String, name: &str| -> Result<usize> {
+            s.parse()
+                .map_err(|_| anyhow!("{name}: `{s}` is not a number"))
+        };
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--runs" => o.runs = num(val("--runs")?, "--runs")?.max(1),
+            "--mesh-runs" => o.mesh_runs = num(val("--mesh-runs")?, "--mesh-runs")?.max(1),
+            "--apps" => o.apps = num(val("--apps")?, "--apps")?.max(1),
+            "--configmap-kb" => o.configmap_kb = num(val("--configmap-kb")?, "--configmap-kb")?,
+            "--mesh" => {
+                let v = val("--mesh")?;
+                o.mesh = if v == "none" {
+                    Vec::new()
+                } else {
+                    v.split(',')
+                        .map(|s| num(s.trim().to_owned(), "--mesh"))
+                        .collect::<Result<_>>()?
+                };
+            }
+            "--bin-dir" => o.bin_dir = PathBuf::from(val("--bin-dir")?),
+            "--key" => o.key = PathBuf::from(val("--key")?),
+            "--json" => o.json = Some(PathBuf::from(val("--json")?)),
+            "--keep" => o.keep = Some(PathBuf::from(val("--keep")?)),
+            "-h" | "--help" => {
+                println!("{}", usage());
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument `{other}`\n{}", usage()),
+        }
+        explicit.push(a);
+    }
+    if o.quick {
+        let set = |f: &str| explicit.iter().any(|a| a == f);
+        if !set("--runs") {
+            o.runs = 1;
+        }
+        if !set("--apps") {
+            o.apps = 30;
+        }
+        if !set("--mesh") {
+            o.mesh = vec![3];
+        }
+    }
+    Ok(o)
+}
+
+/// One row of the table.
+struct Row {
+    figure: String,
+    cairn: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    met: String,
+}
+
+fn row(
+    figure: &str,
+    cairn: String,
+    baseline: String,
+    ratio: String,
+    target: &str,
+    met: Option<bool>,
+) -> Row {
+    Row {
+        figure: figure.to_owned(),
+        cairn,
+        baseline,
+        ratio,
+        target: target.to_owned(),
+        met: match met {
+            Some(true) => "yes".into(),
+            Some(false) => "**no**".into(),
+            None => "—".into(),
+        },
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0} ms", s * 1000.0)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn mib(bytes: f64) -> String {
+    format!("{:.1} MiB", bytes / (1024.0 * 1024.0))
+}
+
+fn human_bytes(b: u64) -> String {
+    if b < 10 * 1024 {
+        format!("{b} B")
+    } else if b < 10 * 1024 * 1024 {
+        format!("{:.1} KiB", b as f64 / 1024.0)
+    } else {
+        mib(b as f64)
+    }
+}
+
+/// Runs `cmd`, failing with its stderr unless it succeeds; returns stdout.
+fn run_ok(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Seconds `f` takes.
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+/// `git` without user or system configuration.
+fn git(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null");
+    c
+}
+
+/// `git archive HEAD <path> | sha256sum`: reading and hashing the tree.
+fn git_archive_sha256(repo: &Path, path: &str) -> Result<()> {
+    let mut archive = git(repo)
+        .args(["archive", "HEAD", path])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("git archive")?;
+    let stdout = archive
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("git archive: no stdout"))?;
+    let out = Command::new("sha256sum")
+        .stdin(stdout)
+        .output()
+        .context("sha256sum")?;
+    let st = archive.wait()?;
+    if !st.success() || !out.status.success() {
+        bail!("git archive | sha256sum failed");
+    }
+    Ok(())
+}
+
+/// Every regular file under `dir`, sorted.
+fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| d.display().to_string())? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// `sha256sum` over `files` (in batches like `xargs`), output discarded.
+fn sha256sum_files(files: &[PathBuf]) -> Result<()> {
+    for chunk in files.chunks(2000) {
+        let st = Command::new("sha256sum")
+            .args(chunk)
+            .stdout(Stdio::null())
+            .status()
+            .context("sha256sum")?;
+        if !st.success() {
+            bail!("sha256sum failed");
+        }
+    }
+    Ok(())
+}
+
+/// The benchmark's shared state: binaries, fixture, repositories.
+struct Bench {
+    o: Opts,
+    work: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    cairn: PathBuf,
+    agent: PathBuf,
+    git: PathBuf,
+    b1: PathBuf,
+    b2: PathBuf,
+    objects: u64,
+    object_bytes: u64,
+    results: serde_json::Map<String, Value>,
+}
+
+impl Bench {
+    fn new(o: Opts) -> Result<Self> {
+        let (work, tmp) = match &o.keep {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                if std::fs::read_dir(d)?.next().is_some() {
+                    bail!("--keep {}: directory is not empty", d.display());
+                }
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new().prefix("cairn-bench").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let exe = |n: &str| -> Result<PathBuf> {
+            let p = o.bin_dir.join(n);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                bail!(
+                    "{} not found: build the binaries first (cargo build --release --workspace --bins)",
+                    p.display()
+                )
+            }
+        };
+        let cairn = exe("cairn")?;
+        let agent = exe("cairn-agent")?;
+        if !o.key.is_file() {
+            bail!("release key {} not found (--key FILE)", o.key.display());
+        }
+        Ok(Bench {
+            cairn,
+            agent,
+            git: work.join("git"),
+            b1: work.join("b1.bundle"),
+            b2: work.join("b2.bundle"),
+            objects: 0,
+            object_bytes: 0,
+            results: serde_json::Map::new(),
+            work,
+            _tmp: tmp,
+            o,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.work.join(name)
+    }
+
+    fn record(&mut self, key: &str, v: Value) {
+        self.results.insert(key.to_owned(), v);
+    }
+
+    fn build(&self, git_ref: &str, out: &Path) -> Result<()> {
+        let _ = std::fs::remove_file(out);
+        run_ok(
+            Command::new(&self.cairn)
+                .args(["bundle", "build", "--git"])
+                .arg(&self.git)
+                .args([
+                    "--ref",
+                    git_ref,
+                    "--path",
+                    "clusters/edge",
+                    "--source-name",
+                    "bench",
+                    "--out",
+                ])
+                .arg(out),
+        )?;
+        Ok(())
+    }
+
+    fn release(&self, repo: &Path, bundle: &Path) -> Result<()> {
+        std::fs::create_dir_all(repo)?;
+        run_ok(
+            Command::new(&self.cairn)
+                .arg("release")
+                .arg("--repo")
+                .arg(repo)
+                .arg("--bundle")
+                .arg(bundle)
+                .args(["--channel", "stable", "--key"])
+                .arg(&self.o.key),
+        )?;
+        Ok(())
+    }
+
+    fn fixture(&mut self) -> Result<()> {
+        progress(&format!(
+            "fixture: {} apps, {} KiB ConfigMaps, 2 commits",
+            self.o.apps, self.o.configmap_kb
+        ));
+        make_manifest_repo(
+            &self.git,
+            &FixtureOptions {
+                apps: self.o.apps,
+                configmap_kb: self.o.configmap_kb.max(1),
+                commits: 2,
+            },
+        )?;
+        self.build("HEAD~1", &self.b1.clone())?;
+        self.build("HEAD", &self.b2.clone())?;
+        let inspect = run_ok(
+            Command::new(&self.cairn)
+                .args(["bundle", "inspect", "--json"])
+                .arg(&self.b1),
+        )?;
+        let v: Value = serde_json::from_str(&inspect).context("bundle inspect --json")?;
+        self.objects = v["objects"].as_u64().unwrap_or(0);
+        self.object_bytes = v["bytes"].as_u64().unwrap_or(0);
+        let size = std::fs::metadata(&self.b1)?.len();
+        self.record("objects", json!(self.objects));
+        self.record("object_bytes", json!(self.object_bytes));
+        self.record("bundle_file_bytes", json!(size));
+        Ok(())
+    }
+
+    /// Bundle build vs `git archive | sha256sum` and vs `kubectl kustomize`.
+    fn build_rows(&mut self, rows: &mut Vec<Row>) -> Result<()> {
+        // A checkout with a kustomization listing every file, for kubectl.
+        let checkout = self.path("checkout");
+        std::fs::create_dir_all(&checkout)?;
+        let tar = self.path("tree.tar");
+        run_ok(
+            git(&self.git)
+                .args(["archive", "-o"])
+                .arg(&tar)
+                .args(["HEAD", "clusters/edge"]),
+        )?;
+        run_ok(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&tar)
+                .arg("-C")
+                .arg(&checkout),
+        )?;
+        let edge = checkout.join("clusters/edge");
+        let mut resources = String::from(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n",
+        );
+        for f in files_under(&edge)? {
+            if let Ok(rel) = f.strip_prefix(&edge) {
+                resources.push_str(&format!("  - {}\n", rel.display()));
+            }
+        }
+        std::fs::write(edge.join("kustomization.yaml"), resources)?;
+        let kubectl = Command::new("kubectl")
+            .args(["version", "--client"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+
+        let out = self.path("bench.bundle");
+        let kustomize = || -> Result<()> {
+            let mut child = Command::new("kubectl")
+                .arg("kustomize")
+                .arg(&edge)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let mut sink = Vec::new();
+            if let Some(mut s) = child.stdout.take() {
+                s.read_to_end(&mut sink)?;
+            }
+            if !child.wait()?.success() {
+                bail!("kubectl kustomize failed");
+            }
+            if sink.is_empty() {
+                bail!("kubectl kustomize printed nothing");
+            }
+            Ok(())
+        };
+        // Warm-up (page cache, kubectl's first start).
+        self.build("HEAD", &out)?;
+        git_archive_sha256(&self.git, "clusters/edge")?;
+        if kubectl {
+            kustomize()?;
+        }
+        let (mut c, mut a, mut k) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..self.o.runs {
+            progress(&format!("build run {}/{}", r + 1, self.o.runs));
+            c.push(timed(|| self.build("HEAD", &out))?);
+            a.push(timed(|| git_archive_sha256(&self.git, "clusters/edge"))?);
+            if kubectl {
+                k.push(timed(kustomize)?);
+            }
+        }
+        let (c, a) = (median(c), median(a));
+        let n = self.objects;
+        rows.push(row(
+            &format!("bundle build ({n} objects) vs `git archive | sha256sum`"),
+            secs(c),
+            secs(a),
+            format!("{:.2}×", c / a),
+            "≤ 3×",
+            Some(c <= 3.0 * a),
+        ));
+        self.record("build_secs", json!(c));
+        self.record("git_archive_secs", json!(a));
+        if kubectl {
+            let k = median(k);
+            rows.push(row(
+                &format!("bundle build ({n} objects) vs `kubectl kustomize`"),
+                secs(c),
+                secs(k),
+                format!("{:.2}×", c / k),
+                "< 1×",
+                Some(c < k),
+            ));
+            self.record("kustomize_secs", json!(k));
+        } else {
+            rows.push(row(
+                &format!("bundle build ({n} objects) vs `kubectl kustomize`"),
+                secs(c),
+                "n/a (kubectl not found)".into(),
+                "—".into(),
+                "< 1×",
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    /// `cairn verify` vs `sha256sum` over the same object files.
+    fn verify_rows(&mut self, repo: &Path, rows: &mut Vec<Row>) -> Result<()> {
+        let files = files_under(&repo.join("objects"))?;
+        let verify = || -> Result<()> {
+            run_ok(
+                Command::new(&self.cairn)
+                    .args(["verify", "--repo"])
+                    .arg(repo)
+                    .args(["--channel", "stable"]),
+            )
+            .map(|_| ())
+        };
+        verify()?;
+        sha256sum_files(&files)?;
+        let (mut v, mut s) = (Vec::new(), Vec::new());
+        for r in 0..self.o.runs {
+            progress(&format!("verify run {}/{}", r + 1, self.o.runs));
+            v.push(timed(verify)?);
+            s.push(timed(|| sha256sum_files(&files))?);
+        }
+        let (v, s) = (median(v), median(s));
+        rows.push(row(
+            &format!("verify ({} object files) vs `sha256sum`", files.len()),
+            secs(v),
+            secs(s),
+            format!("{:.2}×", v / s),
+            "≤ 1.5×",
+            Some(v <= 1.5 * s),
+        ));
+        self.record("verify_secs", json!(v));
+        self.record("sha256sum_secs", json!(s));
+        Ok(())
+    }
+
+    /// Writes `<dir>/config.yaml` for agent `id` (dir relative to the work
+    /// directory); returns its path.
+    fn agent_config(
+        &self,
+        dir: &str,
+        id: &str,
+        sources: &[String],
+        extra: &str,
+    ) -> Result<PathBuf> {
+        let name = id;
+        let dir = self.path(dir);
+        std::fs::create_dir_all(&dir)?;
+        let src: String = sources.iter().map(|s| format!("\n  - {s}")).collect();
+        let text = format!(
+            "agentId: {name}\ndataDir: {data}\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
+             reconcileInterval: 60s\nmaxBackoff: 1s\nrequestTimeout: 30s\ntarget:\n  manifestsDir: {man}\n\
+             listen:\n  http: 127.0.0.1:0\n{extra}",
+            data = dir.join("data").display(),
+            src = if src.is_empty() { " []".to_owned() } else { src },
+            man = dir.join("manifests").display(),
+        );
+        let p = dir.join("config.yaml");
+        std::fs::write(&p, text)?;
+        Ok(p)
+    }
+
+    fn once(&self, cfg: &Path) -> Result<()> {
+        run_ok(
+            Command::new(&self.agent)
+                .args(["run", "--once", "--config"])
+                .arg(cfg)
+                .env("CAIRN_LOG", "warn"),
+        )
+        .map(|_| ())
+    }
+
+    /// Bytes an agent downloads for commit 2 after commit 1, vs the first
+    /// (full) download; real bytes counted by the file server.
+    fn delta_rows(&mut self, repo: &Path, rows: &mut Vec<Row>) -> Result<()> {
+        progress("delta: full sync, then the one-object update");
+        let server = StaticServer::start(repo)?;
+        let cfg = self.agent_config("delta-agent", "delta-agent", &[server.url()], "")?;
+        server.reset_counters();
+        self.once(&cfg)?;
+        let full = server.bytes_sent();
+        let full_requests = server.requests();
+        self.release(repo, &self.b2.clone())?;
+        server.reset_counters();
+        self.once(&cfg)?;
+        let delta = server.bytes_sent();
+        let delta_requests = server.requests();
+        let bundle_size = std::fs::metadata(&self.b2)?.len();
+        let pct = 100.0 * delta as f64 / full.max(1) as f64;
+        rows.push(row(
+            &format!(
+                "delta: one of {} objects changed, bytes fetched",
+                self.objects
+            ),
+            format!("{} ({delta_requests} requests)", human_bytes(delta)),
+            format!(
+                "{} full fetch ({full_requests} requests); bundle file {}",
+                human_bytes(full),
+                human_bytes(bundle_size)
+            ),
+            format!("{pct:.3} %"),
+            "≤ 2 %",
+            Some(pct <= 2.0),
+        ));
+        self.record("delta_bytes", json!(delta));
+        self.record("full_bytes", json!(full));
+        self.record("delta_requests", json!(delta_requests));
+        self.record("full_requests", json!(full_requests));
+        self.record("bundle2_file_bytes", json!(bundle_size));
+        Ok(())
+    }
+
+    /// Idle and peak RSS of a running agent that applied the bundle, and
+    /// binary sizes.
+    fn footprint_rows(&mut self, repo: &Path, rows: &mut Vec<Row>) -> Result<()> {
+        let server = StaticServer::start(repo)?;
+        let runs = self.o.runs.min(3);
+        let (mut idle, mut peak) = (Vec::new(), Vec::new());
+        for r in 0..runs {
+            progress(&format!("footprint run {}/{runs}", r + 1));
+            let cfg =
+                self.agent_config(&format!("rss-agent-{r}"), "rss-agent", &[server.url()], "")?;
+            let data = self.path(&format!("rss-agent-{r}/data"));
+            let mut child = Command::new(&self.agent)
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("CAIRN_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let res = (|| -> Result<(u64, u64)> {
+                wait_until(
+                    Duration::from_secs(300),
+                    "the agent to apply the bundle",
+                    || {
+                        Ok(read_status(&data).is_some_and(|s| {
+                            s["ready"] == json!(true)
+                                && s["lastGood"]["sequence"].as_u64().is_some()
+                        }))
+                    },
+                )?;
+                // Idle: let the post-adoption work and allocator settle.
+                std::thread::sleep(Duration::from_secs(3));
+                let st = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+                Ok((
+                    proc_kib(&st, "VmRSS")? * 1024,
+                    proc_kib(&st, "VmHWM")? * 1024,
+                ))
+            })();
+            let _ = child.kill();
+            let _ = child.wait();
+            let (i, p) = res?;
+            idle.push(i as f64);
+            peak.push(p as f64);
+        }
+        let (idle, peak) = (median(idle), median(peak));
+        let n = self.objects;
+        rows.push(row(
+            &format!("agent idle RSS after applying {n} objects"),
+            mib(idle),
+            "—".into(),
+            "—".into(),
+            "≤ 30 MiB",
+            Some(idle <= 30.0 * 1024.0 * 1024.0),
+        ));
+        rows.push(row(
+            &format!("agent peak RSS during sync of {n} objects (VmHWM)"),
+            mib(peak),
+            "—".into(),
+            "—".into(),
+            "—",
+            None,
+        ));
+        self.record("idle_rss_bytes", json!(idle));
+        self.record("peak_rss_bytes", json!(peak));
+        for (name, path) in [
+            ("cairn-agent", self.agent.clone()),
+            ("cairn", self.cairn.clone()),
+        ] {
+            let size = std::fs::metadata(&path)?.len();
+            rows.push(row(
+                &format!("binary size `{name}` ({})", profile_of(&path)),
+                mib(size as f64),
+                "—".into(),
+                "—".into(),
+                "≤ 20 MiB",
+                Some(size <= 20 << 20),
+            ));
+            self.record(&format!("binary_bytes_{name}"), json!(size));
+        }
+        Ok(())
+    }
+
+    /// A release reaching `n` agent processes through the mesh.
+    fn mesh_rows(&mut self, staged: &Path, rows: &mut Vec<Row>) -> Result<()> {
+        if self.o.mesh.is_empty() {
+            return Ok(());
+        }
+        let ca = self.path("mesh-ca");
+        if let Err(e) = run_ok(
+            Command::new(&self.cairn)
+                .args(["mesh", "ca", "init", "--out"])
+                .arg(&ca),
+        ) {
+            for &n in &self.o.mesh.clone() {
+                for topo in ["line", "random"] {
+                    rows.push(row(
+                        &format!("mesh: release reaches {n} agents ({topo})"),
+                        "n/a (mesh not ready)".into(),
+                        "—".into(),
+                        "—".into(),
+                        "—",
+                        None,
+                    ));
+                }
+            }
+            progress(&format!("mesh not ready: {e:#}"));
+            return Ok(());
+        }
+        let bundle_bytes = std::fs::metadata(&self.b1)?.len();
+        let mut block = 100 + (std::process::id() % 100) as u8;
+        let mut failure: Option<anyhow::Error> = None;
+        for &n in &self.o.mesh.clone() {
+            for topo in [Topology::Line, Topology::Random] {
+                let (mut times, mut bytes) = (Vec::new(), Vec::new());
+                for r in 0..self.o.mesh_runs {
+                    progress(&format!(
+                        "mesh: {n} agents, {}, run {}/{}",
+                        topo.name(),
+                        r + 1,
+                        self.o.mesh_runs
+                    ));
+                    block = block.wrapping_add(1).max(100);
+                    match self.mesh_run(&ca, staged, n, topo, block, r) {
+                        Ok(m) => {
+                            times.push(m.secs);
+                            bytes.push(m.bytes as f64);
+                        }
+                        Err(e) => {
+                            progress(&format!("mesh run failed: {e:#}"));
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if let Some(e) = failure.take() {
+                    let first = format!("{e}");
+                    rows.push(row(
+                        &format!("mesh: release reaches {n} agents ({})", topo.name()),
+                        format!(
+                            "n/a (mesh not ready: {})",
+                            first.lines().next().unwrap_or("")
+                        ),
+                        "—".into(),
+                        "—".into(),
+                        "—",
+                        None,
+                    ));
+                    continue;
+                }
+                let (t, b) = (median(times), median(bytes));
+                let base = bundle_bytes as f64 * n as f64;
+                rows.push(row(
+                    &format!("mesh: release reaches {n} agents ({})", topo.name()),
+                    format!("{}, {} total", secs(t), human_bytes(b as u64)),
+                    format!("bundle × {n} = {}", human_bytes(base as u64)),
+                    format!("{:.2}× bytes", b / base),
+                    "—",
+                    None,
+                ));
+                self.record(&format!("mesh_{n}_{}_secs", topo.name()), json!(t));
+                self.record(&format!("mesh_{n}_{}_bytes", topo.name()), json!(b));
+            }
+        }
+        Ok(())
+    }
+
+    fn mesh_run(
+        &self,
+        ca: &Path,
+        staged: &Path,
+        n: usize,
+        topo: Topology,
+        block: u8,
+        run: usize,
+    ) -> Result<MeshRun> {
+        let name = format!("mesh-{n}-{}-{run}", topo.name());
+        let base = self.path(&name);
+        // Agent 0's source: an HTTP server over an empty folder, into which
+        // the released repository is renamed at t0.
+        let src = base.join("src");
+        std::fs::create_dir_all(&src)?;
+        let server = StaticServer::start(&src)?;
+        let addrs: Vec<String> = (0..n)
+            .map(|i| free_port(block, i).map(|p| format!("127.0.{block}.{}:{p}", i + 1)))
+            .collect::<Result<_>>()?;
+        let seeds = topo.seeds(n, block as u64 * 7919 + n as u64);
+        let mut fleet = Fleet(Vec::new());
+        let mut data = Vec::new();
+        for i in 0..n {
+            let id = format!("{name}-a{i}");
+            let cert = base.join(format!("cert-{i}"));
+            run_ok(
+                Command::new(&self.cairn)
+                    .args(["mesh", "issue", "--ca"])
+                    .arg(ca)
+                    .args(["--agent-id", &id, "--out"])
+                    .arg(&cert),
+            )?;
+            let peers: Vec<String> = seeds[i]
+                .iter()
+                .map(|&j| format!("\"{}\"", addrs[j]))
+                .collect();
+            let mesh = format!(
+                "mesh:\n  listen: {listen}\n  cert: {c}/agent.crt\n  key: {c}/agent.key\n  ca: {c}/ca.crt\n  \
+                 peers: [{peers}]\n  antiEntropyInterval: 1s\n",
+                listen = addrs[i],
+                c = cert.display(),
+                peers = peers.join(", "),
+            );
+            let sources = if i == 0 {
+                vec![server.url()]
+            } else {
+                Vec::new()
+            };
+            let cfg = self.agent_config(&format!("{name}/{id}"), &id, &sources, &mesh)?;
+            let log = std::fs::File::create(base.join(format!("{id}.log")))?;
+            fleet.0.push(
+                Command::new(&self.agent)
+                    .args(["run", "--log-format", "json", "--config"])
+                    .arg(&cfg)
+                    .env("CAIRN_LOG", "warn")
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()?,
+            );
+            data.push(self.path(&format!("{name}/{id}/data")));
+        }
+        // Wait for every agent to be up, then for the mesh to form.
+        wait_until(Duration::from_secs(60), "mesh agents to start", || {
+            fleet.check_alive(&base)?;
+            Ok(data.iter().all(|d| read_status(d).is_some()))
+        })?;
+        std::thread::sleep(Duration::from_millis(if self.o.quick {
+            2000
+        } else {
+            4000
+        }));
+        let listens: Vec<String> = data
+            .iter()
+            .map(|d| {
+                read_status(d)
+                    .and_then(|s| s["listen"].as_str().map(str::to_owned))
+                    .ok_or_else(|| anyhow!("{}: no HTTP address in status", d.display()))
+            })
+            .collect::<Result<_>>()?;
+        let before = mesh_bytes_in(&listens)?;
+        // t0: the release appears at agent 0's source.
+        std::fs::remove_dir(&src)?;
+        copy_dir(staged, &src)?;
+        let t0 = Instant::now();
+        let seq = |d: &PathBuf| read_status(d).and_then(|s| s["adopted"]["sequence"].as_u64());
+        wait_until(
+            Duration::from_secs(600),
+            "every mesh agent to adopt the release",
+            || {
+                fleet.check_alive(&base)?;
+                Ok(data.iter().all(|d| seq(d) == Some(1)))
+            },
+        )?;
+        let secs = t0.elapsed().as_secs_f64();
+        let after = mesh_bytes_in(&listens)?;
+        drop(fleet);
+        Ok(MeshRun {
+            secs,
+            bytes: after.saturating_sub(before) + server.bytes_sent(),
+        })
+    }
+}
+
+/// Child processes killed on drop.
+struct Fleet(Vec<Child>);
+
+impl Fleet {
+    /// Fails (with the end of its log) if an agent has exited.
+    fn check_alive(&mut self, logs: &Path) -> Result<()> {
+        for (i, c) in self.0.iter_mut().enumerate() {
+            if let Some(st) = c.try_wait()? {
+                let log = files_under(logs)?
+                    .into_iter()
+                    .find(|p| p.to_string_lossy().ends_with(&format!("-a{i}.log")))
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                let tail: String = log.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+                bail!("mesh agent {i} exited ({st}): {tail}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct MeshRun {
+    secs: f64,
+    bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Topology {
+    /// Agent i knows only agent i-1 (agent 0 has the source).
+    Line,
+    /// Agent i knows a random earlier agent and one random other.
+    Random,
+}
+
+impl Topology {
+    fn name(self) -> &'static str {
+        match self {
+            Topology::Line => "line",
+            Topology::Random => "random",
+        }
+    }
+
+    /// Configured peers of each agent.
+    fn seeds(self, n: usize, seed: u64) -> Vec<Vec<usize>> {
+        let mut x = seed | 1;
+        let mut next = |m: usize| {
+            // xorshift64*
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) % m as u64) as usize
+        };
+        (0..n)
+            .map(|i| match self {
+                _ if i == 0 => Vec::new(),
+                Topology::Line => vec![i - 1],
+                Topology::Random => {
+                    let a = next(i);
+                    let b = next(n);
+                    if b != a && b != i {
+                        vec![a, b]
+                    } else {
+                        vec![a]
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Sum of `cairn_mesh_bytes_total{direction="in"}` over agents.
+fn mesh_bytes_in(listens: &[String]) -> Result<u64> {
+    let mut total = 0u64;
+    for l in listens {
+        let text = http_get(l, "/metrics")?;
+        for line in text.lines() {
+            if line.starts_with("cairn_mesh_bytes_total{") && line.contains("direction=\"in\"") {
+                if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                    total += v as u64;
+                }
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::Write;
+    let mut c = std::net::TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    c.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+/// A free TCP port on 127.0.<block>.<i+1>.
+fn free_port(block: u8, i: usize) -> Result<u16> {
+    let ip = std::net::Ipv4Addr::new(127, 0, block, (i + 1) as u8);
+    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if !st.success() {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+fn read_status(data: &Path) -> Option<Value> {
+    let bytes = std::fs::read(data.join("status.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("timed out after {limit:?} waiting for {what}")
+}
+
+/// A `/proc/PID/status` field in KiB.
+fn proc_kib(status: &str, field: &str) -> Result<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("{field} missing from /proc status"))
+}
+
+fn profile_of(path: &Path) -> &'static str {
+    if path.components().any(|c| c.as_os_str() == "release") {
+        "release, stripped"
+    } else {
+        "debug build"
+    }
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let o = parse_args()?;
+    let mut b = Bench::new(o)?;
+    let started = Instant::now();
+    b.fixture()?;
+    let mut rows = Vec::new();
+    b.build_rows(&mut rows)?;
+    // The released repository (commit 1).
+    let repo = b.path("repo");
+    progress("release of commit 1");
+    b.release(&repo, &b.b1.clone())?;
+    b.verify_rows(&repo, &mut rows)?;
+    // A copy of the commit-1 repository for the mesh runs.
+    let staged = b.path("staged-repo");
+    copy_dir(&repo, &staged)?;
+    b.footprint_rows(&repo, &mut rows)?;
+    b.delta_rows(&repo, &mut rows)?;
+    b.mesh_rows(&staged, &mut rows)?;
+
+    let o = &b.o;
+    println!(
+        "Cairn benchmark: {} objects ({} apps, {} KiB ConfigMaps; {} of object bytes), \
+         {} run(s) per row (median){}, {} cores, binaries from {}\n",
+        b.objects,
+        o.apps,
+        o.configmap_kb.max(1),
+        human_bytes(b.object_bytes),
+        o.runs,
+        if o.mesh.is_empty() {
+            String::new()
+        } else {
+            format!(", {} per mesh row", o.mesh_runs)
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.bin_dir.display(),
+    );
+    println!("| figure | Cairn | baseline | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.figure, r.cairn, r.baseline, r.ratio, r.target, r.met
+        );
+    }
+    progress(&format!("done in {:.1} s", started.elapsed().as_secs_f64()));
+    if let Some(p) = &b.o.json {
+        b.results.insert(
+            "rows".into(),
+            json!(rows.iter().map(|r| r.figure.clone()).collect::<Vec<_>>()),
+        );
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(&Value::Object(b.results.clone()))?,
+        )?;
+    }
+    Ok(())
+}

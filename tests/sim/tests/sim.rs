@@ -1,0 +1,175 @@
+//! The fleet simulator at small size: determinism, convergence under loss,
+//! partitions and churn, attacks, deltas and rollout waves. Each test runs
+//! in a few seconds in a debug build.
+
+use cairn_sim::{run, Churn, Partition, Report, SimConfig};
+
+fn small(seed: u64) -> SimConfig {
+    SimConfig::new(200, seed)
+}
+
+fn assert_clean(r: &Report) {
+    assert!(r.violations.is_empty(), "violations: {:#?}", r.violations);
+    assert!(r.converged, "did not converge: {r:#?}");
+    for rel in &r.releases {
+        assert!(
+            rel.converged_after_ms.is_some(),
+            "release {} did not converge: {rel:?}",
+            rel.sequence
+        );
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    let cfg = SimConfig {
+        loss: 0.002,
+        partition: Some(Partition {
+            fraction: 0.3,
+            at_release: 2,
+            duration_ms: 20_000,
+        }),
+        churn: Some(Churn {
+            interval_ms: 3_000,
+            down_ms: 5_000,
+        }),
+        ..small(7)
+    };
+    let a = run(cfg.clone());
+    let b = run(cfg.clone());
+    assert_eq!(a.trace_hash, b.trace_hash);
+    assert_eq!(a, b);
+    assert!(a.events > 1000 && a.messages > 1000, "{a:?}");
+    let c = run(SimConfig { seed: 8, ..cfg });
+    assert_ne!(a.trace_hash, c.trace_hash, "another seed, another trace");
+}
+
+#[test]
+fn a_fleet_converges_with_loss_and_a_partition_for_several_seeds() {
+    for seed in [1, 2, 3] {
+        let cfg = SimConfig {
+            loss: 0.005,
+            partition: Some(Partition {
+                fraction: 0.4,
+                at_release: 2,
+                duration_ms: 30_000,
+            }),
+            ..small(seed)
+        };
+        let r = run(cfg);
+        assert_clean(&r);
+        assert!(r.lost > 0, "seed {seed}: loss was simulated: {r:?}");
+        // Release 2 cannot reach the far side before the partition heals.
+        let rel2 = &r.releases[1];
+        assert!(
+            rel2.converged_after_ms.unwrap_or(0) >= 30_000,
+            "seed {seed}: {rel2:?}"
+        );
+        assert_eq!(rel2.holders, 200, "seed {seed}");
+    }
+}
+
+#[test]
+fn churn_loses_no_state_and_sequences_never_go_back() {
+    let cfg = SimConfig {
+        churn: Some(Churn {
+            interval_ms: 500,
+            down_ms: 4_000,
+        }),
+        releases: 3,
+        ..small(11)
+    };
+    let r = run(cfg);
+    assert_clean(&r);
+    assert!(r.crashes > 20, "{r:?}");
+    assert_eq!(r.releases.len(), 3);
+}
+
+#[test]
+fn forged_releases_and_tampered_objects_are_refused() {
+    let cfg = SimConfig {
+        malicious: 20,
+        ..small(5)
+    };
+    let r = run(cfg);
+    // No violation: nothing forged adopted, nothing tampered stored.
+    assert_clean(&r);
+    assert!(
+        r.rejections
+            .get("signature_threshold")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{:?}",
+        r.rejections
+    );
+    assert!(
+        r.rejections
+            .get("object_hash_mismatch")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{:?}",
+        r.rejections
+    );
+}
+
+#[test]
+fn only_the_changed_object_moves() {
+    let r = run(small(3));
+    assert_clean(&r);
+    let (full, delta) = (&r.releases[0], &r.releases[1]);
+    assert_eq!(full.new_bytes, full.bundle_bytes);
+    assert!(delta.new_bytes < full.bundle_bytes / 4, "{delta:?}");
+    // Every agent but the origin fetches exactly the new bytes, once.
+    let expected = delta.new_bytes as f64 * 199.0 / 200.0;
+    assert!(
+        (delta.object_bytes_mean - expected).abs() < 1.0,
+        "{} vs {expected}",
+        delta.object_bytes_mean
+    );
+    assert!(full.object_bytes_mean > 0.9 * full.bundle_bytes as f64);
+}
+
+#[test]
+fn rollout_waves_hold_agents_back_until_their_wave_opens() {
+    // Release `created` is simulated second 0; wave 2 opens at 40 s.
+    let cfg = SimConfig {
+        rollout: Some("30%:0s,100%:40s".into()),
+        releases: 1,
+        status_gossip: true,
+        ..small(9)
+    };
+    let r = run(cfg);
+    assert_clean(&r);
+    let rel = &r.releases[0];
+    let done = rel.published_ms + rel.converged_after_ms.unwrap_or(0);
+    assert!(
+        done >= 40_000,
+        "converged at {done} ms, before wave 2: {rel:?}"
+    );
+}
+
+#[test]
+fn a_partition_that_outlasts_the_deadline_is_reported() {
+    let cfg = SimConfig {
+        partition: Some(Partition {
+            fraction: 0.5,
+            at_release: 1,
+            duration_ms: 10_000_000,
+        }),
+        releases: 1,
+        deadline_ms: 30_000,
+        ..SimConfig::new(60, 4)
+    };
+    let r = run(cfg);
+    assert!(!r.converged);
+    assert!(r.releases[0].converged_after_ms.is_none());
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.contains("not every live agent holds release 1")),
+        "{:?}",
+        r.violations
+    );
+}
