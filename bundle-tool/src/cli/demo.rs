@@ -1164,6 +1164,20 @@ fn report_delta(fleet: &Fleet, o: &Outcome) {
     );
 }
 
+/// A path as one shell word (single-quoted when it needs to be), for
+/// commands the user copies.
+fn sh(p: &Path) -> String {
+    let t = p.display().to_string();
+    if !t.is_empty()
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=".contains(&b))
+    {
+        t
+    } else {
+        format!("'{}'", t.replace('\'', "'\\''"))
+    }
+}
+
 fn print_where(
     layout: &Layout,
     fleet: &Fleet,
@@ -1178,7 +1192,7 @@ fn print_where(
     s.push_str(&format!("\nEverything is in {}:\n", layout.dir.display()));
     s.push_str(&format!(
         "  git/         the manifests (Git)        {}\n",
-        layout.git.display()
+        sh(&layout.git)
     ));
     s.push_str("  repository/  the signed bundle repository (agent 1's source)\n");
     s.push_str("  bundles/     the bundle files; mesh/ the CA and the operator certificate\n");
@@ -1187,18 +1201,18 @@ fn print_where(
     if let Some(l) = last {
         s.push_str(&format!(
             "  {} fleet status --peer {} --cert {} --key {} --ca {}\n",
-            cairn.display(),
+            sh(cairn),
             l.mesh,
-            layout.operator.join("operator.crt").display(),
-            layout.operator.join("operator.key").display(),
-            layout.operator.join(pki::CA_CERT_FILE).display()
+            sh(&layout.operator.join("operator.crt")),
+            sh(&layout.operator.join("operator.key")),
+            sh(&layout.operator.join(pki::CA_CERT_FILE))
         ));
         s.push_str(&format!(
             "  {} status --config {}\n",
-            agent.display(),
-            l.config.display()
+            sh(agent),
+            sh(&l.config)
         ));
-        s.push_str(&format!("  ls {}\n", l.target.display()));
+        s.push_str(&format!("  ls {}\n", sh(&l.target)));
         s.push_str(&format!(
             "  curl -s http://{}/metrics | grep cairn_mesh\n",
             l.http
@@ -1206,27 +1220,27 @@ fn print_where(
     }
     s.push_str(&format!(
         "  {} verify --repo {} --channel {CHANNEL}\n",
-        cairn.display(),
-        layout.repository.display()
+        sh(cairn),
+        sh(&layout.repository)
     ));
     if let Some(f) = first {
         s.push_str("\nRelease a change yourself (while the agents run):\n");
         s.push_str(&format!(
             "  cd {git} && sed -i 's/release 2/release 3/' apps/web/configmap.yaml && git commit -qam 'release 3'\n",
-            git = layout.git.display()
+            git = sh(&layout.git)
         ));
         s.push_str(&format!(
             "  {c} bundle build --git {git} --source-name {SOURCE_NAME} --out {b}\n",
-            c = cairn.display(),
-            git = layout.git.display(),
-            b = layout.dir.join("bundles").join("3.bundle").display()
+            c = sh(cairn),
+            git = sh(&layout.git),
+            b = sh(&layout.dir.join("bundles").join("3.bundle"))
         ));
         s.push_str(&format!(
             "  {c} release --repo {r} --bundle {b} --channel {CHANNEL} --key {k}\n",
-            c = cairn.display(),
-            r = layout.repository.display(),
-            b = layout.dir.join("bundles").join("3.bundle").display(),
-            k = key.display()
+            c = sh(cairn),
+            r = sh(&layout.repository),
+            b = sh(&layout.dir.join("bundles").join("3.bundle")),
+            k = sh(key)
         ));
         s.push_str(&format!(
             "  (agent {} polls the repository every second; the others get it over the mesh)\n",
@@ -1386,6 +1400,16 @@ mod tests {
             .map(|(a, _)| a.name.as_str())
             .collect();
         assert_eq!(changed, ["web-config"]);
+    }
+
+    #[test]
+    fn printed_paths_are_one_shell_word() {
+        assert_eq!(
+            sh(Path::new("/tmp/cairn-demo-x1/git")),
+            "/tmp/cairn-demo-x1/git"
+        );
+        assert_eq!(sh(Path::new("/tmp/my demo")), "'/tmp/my demo'");
+        assert_eq!(sh(Path::new("/tmp/it's")), "'/tmp/it'\\''s'");
     }
 
     #[test]
