@@ -218,18 +218,15 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
         f.spawn(i, &cfg);
     }
     f.wait_sequence(&[0, 1, 2, 3, 4], 1, 90);
-    assert_eq!(
-        expected_files(&b1).len(),
-        std::fs::read_dir(f.dir(4, "manifests"))
-            .unwrap()
-            .filter(|e| !e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with('.'))
-            .count()
-    );
+    let want = expected_files(&b1);
+    wait_for(30, "agent 4 writes release 1's files", || {
+        std::fs::read_dir(f.dir(4, "manifests")).is_ok_and(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+                == want.len()
+        })
+    });
 
     // The release engineer signs release 2 in a copy of the repository and
     // exports it; the origin disappears; the archive is imported into
