@@ -25,8 +25,8 @@ use crate::pipeline::{self, AdoptedRef, Context, Ingest, Rejection, Stage, Start
 use crate::retry::{jitter, Backoff};
 use crate::source::{Source, SourceError, SourceOptions, SourceSet};
 use crate::status::{
-    ReconcileStatus, RejectionStatus, ReleaseStatus, RootStatus, SourceStatus, Status,
-    STATUS_FORMAT,
+    FailedRelease, ReconcileStatus, RejectionStatus, ReleaseStatus, RootStatus, SourceStatus,
+    Status, STATUS_FORMAT,
 };
 use crate::store::{Store, StoreError};
 use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
@@ -141,6 +141,7 @@ struct State {
     root: VerifiedRoot,
     head: Option<HeadState>,
     last_good: Option<ReleaseStatus>,
+    failed: Option<FailedRelease>,
     sources: BTreeMap<String, SourceStatus>,
     last_rejection: Option<RejectionStatus>,
     reconcile: Option<ReconcileStatus>,
@@ -236,7 +237,7 @@ impl Agent {
                 lines: vec![format!("sources: {m}")],
             })
         })?;
-        let target = target::from_config(&config.target, store.clone())?;
+        let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
         metrics.root_version.set(chain.current.root.version as i64);
 
@@ -287,6 +288,14 @@ impl Agent {
                 m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
             }
         };
+        // A failed release stays failed (not retried) while it is the head.
+        let failed_release = store
+            .failed_release(&config.channel)?
+            .and_then(|b| serde_json::from_slice::<FailedRelease>(&b).ok())
+            .filter(|f| {
+                head.as_ref()
+                    .is_some_and(|h| h.release.sequence == f.sequence)
+            });
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
             metrics
@@ -314,6 +323,7 @@ impl Agent {
                 target,
                 state: Mutex::new(State {
                     root: chain.current,
+                    failed: failed_release,
                     head,
                     last_good,
                     sources: BTreeMap::new(),
@@ -787,14 +797,73 @@ impl Agent {
         let _guard = self.inner.reconcile_lock.lock().await;
         let started = Instant::now();
         let channel = self.inner.config.channel.clone();
-        let head = self.state().head.clone();
-        let result = match &head {
-            None => Err(Error::NoRelease {
-                channel: channel.clone(),
-                detail: self.why_no_release(),
-            }),
-            Some(h) => self.apply_head(h).await,
+        let adopted = self.state().head.clone();
+        let failed = self.state().failed.clone();
+        // The release to enforce: the adopted one, unless it failed its
+        // health checks, then the last-good one (not retried until a newer
+        // release is adopted).
+        let (mut head, mut result) = match &adopted {
+            None => (
+                None,
+                Err(Error::NoRelease {
+                    channel: channel.clone(),
+                    detail: self.why_no_release(),
+                }),
+            ),
+            Some(h)
+                if failed
+                    .as_ref()
+                    .is_some_and(|f| f.sequence == h.release.sequence) =>
+            {
+                match self.last_good_state() {
+                    Some(lg) => {
+                        let r = self.apply_head(&lg, failed.as_ref()).await;
+                        (Some(lg), r)
+                    }
+                    None => (None, Err(Error::Status(format!(
+                        "release {} failed its health checks and there is no last-good release to roll back to",
+                        h.release.sequence
+                    )))),
+                }
+            }
+            Some(h) => {
+                let r = self.apply_head(h, None).await;
+                (Some(h.clone()), r)
+            }
         };
+        if let (Ok(report), Some(h)) = (&result, &adopted) {
+            let is_last_good = self
+                .state()
+                .last_good
+                .as_ref()
+                .is_some_and(|lg| lg.sequence == h.release.sequence);
+            if let (Some(reason), false) = (&report.unhealthy, is_last_good) {
+                let f = FailedRelease {
+                    sequence: h.release.sequence,
+                    bundle: h.release.bundle.clone(),
+                    reason: reason.clone(),
+                    at: unix_now(),
+                };
+                tracing::error!(
+                    sequence = f.sequence,
+                    reason = %f.reason,
+                    "release failed its health checks; rolling back to the last-good release"
+                );
+                if let Ok(json) = serde_json::to_vec(&f) {
+                    if let Err(e) = self.inner.store.set_failed_release(&channel, Some(&json)) {
+                        tracing::warn!(error = %e, "cannot record the failed release");
+                    }
+                }
+                self.inner.metrics.rollbacks.inc();
+                self.state().failed = Some(f.clone());
+                if let Some(lg) = self.last_good_state() {
+                    result = self.apply_head(&lg, Some(&f)).await;
+                    head = Some(lg);
+                } else {
+                    tracing::error!("no last-good release to roll back to");
+                }
+            }
+        }
         let elapsed = started.elapsed();
         let m = &self.inner.metrics;
         m.reconcile_duration.observe(elapsed.as_secs_f64());
@@ -858,7 +927,28 @@ impl Agent {
         result
     }
 
-    async fn apply_head(&self, h: &HeadState) -> Result<ApplyReport> {
+    /// The last-good release as a head, if its manifest is still stored.
+    fn last_good_state(&self) -> Option<HeadState> {
+        let channel = &self.inner.config.channel;
+        let bytes = self.inner.store.last_good(channel).ok()??;
+        let (_, release) =
+            Release::decode_envelope(&bytes, self.inner.limits.max_release_bytes).ok()?;
+        let manifest_bytes = self.inner.store.bundle(&release.bundle).ok()??;
+        let manifest =
+            Manifest::decode(&manifest_bytes, Some(&release.bundle), &self.inner.limits).ok()?;
+        Some(HeadState {
+            address: cairn_keys::sha256_address(&bytes),
+            release,
+            bytes,
+            manifest,
+        })
+    }
+
+    async fn apply_head(
+        &self,
+        h: &HeadState,
+        failed: Option<&FailedRelease>,
+    ) -> Result<ApplyReport> {
         let mut objects = Vec::with_capacity(h.manifest.entries.len());
         for e in &h.manifest.entries {
             let bytes = match self.inner.store.get_object(&e.object) {
@@ -897,6 +987,7 @@ impl Agent {
             sequence: h.release.sequence,
             bundle: h.release.bundle.clone(),
             objects,
+            failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
         });
         Ok(self.inner.target.apply(desired).await?)
     }
@@ -991,6 +1082,7 @@ impl Agent {
             },
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
+            failed_release: st.failed.clone(),
             offline,
             sources: st.sources.values().cloned().collect(),
             last_rejection: st.last_rejection.clone(),
@@ -1028,15 +1120,31 @@ impl Agent {
     pub async fn run_once(&self) -> Result<ApplyReport> {
         self.sync_all().await;
         let report = self.reconcile().await?;
+        let failed = self.state().failed.clone();
+        let h = self.adopted();
+        if let (Some(f), Some(h)) = (&failed, &h) {
+            if f.sequence == h.sequence {
+                return Err(Error::NotInSync {
+                    channel: self.inner.config.channel.clone(),
+                    sequence: h.sequence,
+                    detail: format!(
+                        "the release failed its health checks ({}); the last-good release is enforced instead",
+                        f.reason
+                    ),
+                });
+            }
+        }
         if !report.in_sync() {
-            let h = self.adopted();
             return Err(Error::NotInSync {
                 channel: self.inner.config.channel.clone(),
                 sequence: h.map(|h| h.sequence).unwrap_or(0),
-                detail: format!(
-                    "files not written by cairn-agent occupy: {}",
-                    report.conflicts.join(", ")
-                ),
+                detail: report
+                    .unhealthy
+                    .iter()
+                    .cloned()
+                    .chain(report.conflicts.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             });
         }
         self.inner.store.flush()?;

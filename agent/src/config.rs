@@ -65,8 +65,13 @@ pub enum TargetConfig {
 pub struct KubernetesTarget {
     /// A kubeconfig file; `None` means in-cluster configuration.
     pub kubeconfig: Option<PathBuf>,
-    /// Namespace for the agent's own objects (status, inventory).
+    /// Namespace for the agent's own objects (the status ConfigMap).
     pub namespace: String,
+    /// How long a newly adopted release may take to become healthy before
+    /// it is marked failed and the last-good release is re-applied.
+    pub health_timeout: Duration,
+    /// Server-side apply with `force`: take over fields other managers own.
+    pub force: bool,
 }
 
 /// The validated configuration.
@@ -132,6 +137,8 @@ struct RawTarget {
 struct RawKubernetes {
     kubeconfig: Option<String>,
     namespace: Option<String>,
+    health_timeout: Option<String>,
+    force: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,6 +276,12 @@ impl Config {
                 (None, Some(k)) => TargetConfig::Kubernetes(KubernetesTarget {
                     kubeconfig: k.kubeconfig.filter(|s| !s.is_empty()).map(PathBuf::from),
                     namespace: k.namespace.unwrap_or_else(|| "cairn-system".into()),
+                    health_timeout: duration(
+                        "target.kubernetes.healthTimeout",
+                        k.health_timeout,
+                        Duration::from_secs(300),
+                    ),
+                    force: k.force.unwrap_or(true),
                 }),
                 (Some(_), Some(_)) => {
                     err(
@@ -588,7 +601,9 @@ listen:
             c.target,
             TargetConfig::Kubernetes(KubernetesTarget {
                 kubeconfig: None,
-                namespace: "cairn-system".into()
+                namespace: "cairn-system".into(),
+                health_timeout: Duration::from_secs(300),
+                force: true,
             })
         );
     }

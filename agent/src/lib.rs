@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 mod error;
 pub mod http;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod pipeline;

@@ -11,6 +11,7 @@
 //! | `cairn_reconcile_duration_seconds` | histogram | |
 //! | `cairn_reconciles_total` | counter | `result` (`ok`, `error`) |
 //! | `cairn_drift_corrections_total` | counter | |
+//! | `cairn_rollbacks_total` | counter | | releases that failed their health checks and were rolled back |
 //! | `cairn_offline` | gauge | |
 //! | `cairn_root_version` | gauge | |
 //! | `cairn_adopted_release_expired` | gauge | |
@@ -81,6 +82,8 @@ pub struct Metrics {
     pub reconciles: Family<ResultLabel, Counter>,
     /// Files restored after hand edits or deletions.
     pub drift_corrections: Counter,
+    /// Releases that failed their health checks and were rolled back.
+    pub rollbacks: Counter,
     /// 1 when no source was reachable in the last attempt.
     pub offline: Gauge,
     /// Version of the current trust root.
@@ -111,6 +114,7 @@ impl Metrics {
             reconcile_duration: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
             reconciles: Family::default(),
             drift_corrections: Counter::default(),
+            rollbacks: Counter::default(),
             offline: Gauge::default(),
             root_version: Gauge::default(),
             adopted_release_expired: Gauge::default(),
@@ -158,6 +162,11 @@ impl Metrics {
             "cairn_drift_corrections",
             "Target objects restored after hand edits or deletions",
             m.drift_corrections.clone(),
+        );
+        registry.register(
+            "cairn_rollbacks",
+            "Releases that failed their health checks and were rolled back to last-good",
+            m.rollbacks.clone(),
         );
         registry.register(
             "cairn_offline",

@@ -101,6 +101,21 @@ pub struct ReconcileStatus {
     pub error: Option<String>,
 }
 
+/// A release that failed its health checks and was rolled back from. It is
+/// not retried; a newer release replaces it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedRelease {
+    /// Its sequence.
+    pub sequence: u64,
+    /// Its bundle id.
+    pub bundle: String,
+    /// Why it failed.
+    pub reason: String,
+    /// When, Unix seconds.
+    pub at: u64,
+}
+
 /// The trust root in use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -139,6 +154,10 @@ pub struct Status {
     pub adopted: Option<ReleaseStatus>,
     /// The release last reconciled successfully.
     pub last_good: Option<ReleaseStatus>,
+    /// The adopted release, if it failed its health checks and the last-good
+    /// release is enforced instead.
+    #[serde(default)]
+    pub failed_release: Option<FailedRelease>,
     /// Whether no source was reachable in the last attempt.
     pub offline: bool,
     /// Per source.

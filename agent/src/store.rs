@@ -367,6 +367,27 @@ impl Store {
         self.flush()
     }
 
+    /// The release on `channel` that failed its health checks and was rolled
+    /// back, as the agent serialised it (JSON), if any.
+    pub fn failed_release(&self, channel: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.meta_get(&format!("failed/{channel}"))
+    }
+
+    /// Records (or with `None` clears) the failed release of `channel`, and
+    /// flushes: a restarted agent must not retry it.
+    pub fn set_failed_release(&self, channel: &str, json: Option<&[u8]>) -> StoreResult<()> {
+        let key = format!("failed/{channel}");
+        match json {
+            Some(j) => self.meta_put(&key, j)?,
+            None => {
+                self.meta
+                    .remove(key.as_bytes())
+                    .map_err(|e| self.db_err(e))?;
+            }
+        }
+        self.flush()
+    }
+
     /// A target's inventory (what it owns), as the target serialised it.
     pub fn inventory(&self, target: &str) -> StoreResult<Option<Vec<u8>>> {
         self.get(&self.inventory, target.as_bytes())

@@ -190,6 +190,7 @@ mod tests {
 
     fn state(seq: u64, objs: &[(cairn_bundle::bundle::Entry, Vec<u8>)]) -> DesiredState {
         DesiredState {
+            failed_release: None,
             channel: "stable".into(),
             sequence: seq,
             bundle: String::new(),

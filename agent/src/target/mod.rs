@@ -41,6 +41,9 @@ pub struct DesiredState {
     pub bundle: String,
     /// Every object, in manifest order.
     pub objects: Vec<DesiredObject>,
+    /// A newer release that failed its health checks and was rolled back
+    /// from (sequence, reason), for targets that publish status.
+    pub failed_release: Option<(u64, String)>,
 }
 
 /// What one apply did.
@@ -58,14 +61,19 @@ pub struct ApplyReport {
     /// Objects already as desired.
     pub unchanged: usize,
     /// Desired objects that could not be applied because something foreign
-    /// occupies their place.
+    /// occupies their place, or that the target refused (per object).
     pub conflicts: Vec<String>,
+    /// Set when the applied objects did not become healthy (a workload that
+    /// never rolls out, a failed Job): the release is failed and the agent
+    /// rolls back to the last-good release.
+    #[serde(default)]
+    pub unhealthy: Option<String>,
 }
 
 impl ApplyReport {
     /// Whether the target now matches the desired state.
     pub fn in_sync(&self) -> bool {
-        self.conflicts.is_empty()
+        self.conflicts.is_empty() && self.unhealthy.is_none()
     }
 }
 
@@ -109,11 +117,17 @@ pub trait Target: Send + Sync {
 }
 
 /// Builds the configured target.
-pub fn from_config(cfg: &TargetConfig, store: Store) -> Result<Arc<dyn Target>, TargetError> {
+pub fn from_config(
+    cfg: &TargetConfig,
+    store: Store,
+    agent_id: &str,
+) -> Result<Arc<dyn Target>, TargetError> {
     match cfg {
         TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(dir.clone(), store))),
-        TargetConfig::Kubernetes(_) => Err(TargetError::Unsupported(
-            "target.kubernetes is not supported by this build yet; use target.manifestsDir".into(),
-        )),
+        TargetConfig::Kubernetes(k) => Ok(Arc::new(crate::kubernetes::KubernetesTarget::new(
+            k.clone(),
+            store,
+            agent_id.to_owned(),
+        ))),
     }
 }

@@ -1,0 +1,296 @@
+//! The Kubernetes target: server-side apply with field manager `cairn`,
+//! ordered apply (namespaces, CRDs, cluster-scoped, namespaced), pruning of
+//! what a release dropped, drift correction, health checks, and a status
+//! ConfigMap in the agent's namespace.
+//!
+//! [`plan`] is pure (ordering, pruning, drift, health rules); [`cluster`] is
+//! the kube-rs shell; [`reconcile`] runs one pass. [`KubernetesTarget`] plugs
+//! them into the agent's [`Target`] trait.
+
+pub mod cluster;
+pub mod plan;
+pub mod reconcile;
+
+use crate::config::KubernetesTarget as KubernetesConfig;
+use crate::store::Store;
+use crate::target::{ApplyReport, DesiredState, Target, TargetError};
+use crate::BoxFuture;
+use cluster::Cluster;
+use plan::{Health, InventoryItem};
+use reconcile::{KubeReport, PassOptions};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Name of the status ConfigMap in the agent's namespace.
+pub const STATUS_CONFIGMAP: &str = "cairn-status";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredInventory {
+    format: u32,
+    items: Vec<InventoryItem>,
+}
+
+/// The outcome of the last pass, kept for status and health decisions.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct LastPass {
+    /// The sequence applied.
+    pub sequence: u64,
+    /// Overall health after the pass.
+    pub health: Option<Health>,
+    /// Drift corrections since the agent started.
+    pub drift_total: u64,
+}
+
+/// Applies releases to a Kubernetes cluster.
+pub struct KubernetesTarget {
+    config: KubernetesConfig,
+    store: Store,
+    cluster: Mutex<Option<Cluster>>,
+    last: std::sync::Mutex<LastPass>,
+    /// How long a new release may take to become healthy.
+    pub health_timeout: Duration,
+    /// Server-side apply `force`.
+    pub force: bool,
+    agent_id: String,
+}
+
+impl KubernetesTarget {
+    /// A target for the configured cluster. Connects lazily, so the agent
+    /// starts (and keeps its last-good state) while the API server is down.
+    pub fn new(config: KubernetesConfig, store: Store, agent_id: String) -> Self {
+        Self {
+            health_timeout: config.health_timeout,
+            force: config.force,
+            config,
+            store,
+            cluster: Mutex::new(None),
+            last: std::sync::Mutex::new(LastPass::default()),
+            agent_id,
+        }
+    }
+
+    fn key(&self) -> String {
+        format!(
+            "kubernetes:{}",
+            self.config
+                .kubeconfig
+                .as_ref()
+                .map_or("in-cluster".into(), |p| p.display().to_string())
+        )
+    }
+
+    fn load_inventory(&self) -> Result<Vec<InventoryItem>, TargetError> {
+        match self.store.inventory(&self.key())? {
+            None => Ok(Vec::new()),
+            Some(bytes) => serde_json::from_slice::<StoredInventory>(&bytes)
+                .map(|s| s.items)
+                .map_err(|e| TargetError::Inventory {
+                    target: self.describe(),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    fn save_inventory(&self, items: &[InventoryItem]) -> Result<(), TargetError> {
+        let bytes = serde_json::to_vec(&StoredInventory {
+            format: 1,
+            items: items.to_vec(),
+        })
+        .map_err(|e| TargetError::Inventory {
+            target: self.describe(),
+            reason: e.to_string(),
+        })?;
+        Ok(self.store.set_inventory(&self.key(), &bytes)?)
+    }
+
+    /// The last pass's outcome.
+    pub fn last_pass(&self) -> LastPass {
+        self.last.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    async fn pass(&self, desired: &DesiredState) -> Result<(KubeReport, Health), TargetError> {
+        let mut guard = self.cluster.lock().await;
+        if guard.is_none() {
+            let c = Cluster::connect(self.config.kubeconfig.as_deref())
+                .await
+                .map_err(TargetError::Unsupported)?;
+            *guard = Some(c);
+        }
+        let Some(cluster) = guard.as_mut() else {
+            return Err(TargetError::Unsupported("no cluster connection".into()));
+        };
+        let raw: Vec<(&[u8], &str)> = desired
+            .objects
+            .iter()
+            .map(|o| (o.bytes.as_slice(), o.entry.object.as_str()))
+            .collect();
+        let objects = reconcile::desired_objects(&raw, &desired.channel).map_err(|reason| {
+            TargetError::Inventory {
+                target: self.describe(),
+                reason,
+            }
+        })?;
+        let previous = self.load_inventory()?;
+        // Own everything we are about to create before creating it, so a
+        // crash mid-pass never leaves objects no inventory knows of.
+        let mut intended = previous.clone();
+        for d in &objects {
+            if !intended.iter().any(|i| i.object == d.object) {
+                intended.push(InventoryItem {
+                    object: d.object.clone(),
+                    prunable: plan::prunable(&d.value),
+                    address: String::new(),
+                });
+            }
+        }
+        self.save_inventory(&intended)?;
+        let opts = PassOptions {
+            channel: desired.channel.clone(),
+            force: self.force,
+            crd_timeout: Duration::from_secs(30),
+        };
+        let report = reconcile::reconcile(cluster, &objects, &previous, &opts).await;
+        self.save_inventory(&report.inventory)?;
+        // A connection-level failure on every object means the API server is
+        // unreachable: drop the client so the next pass reconnects.
+        if !report.errors.is_empty() && report.errors.iter().all(|e| e.code == 0) {
+            *guard = None;
+            return Ok((report, Health::Progressing("API server unreachable".into())));
+        }
+        let new_release = self.last_pass().sequence != desired.sequence;
+        let deadline = tokio::time::Instant::now()
+            + if new_release {
+                self.health_timeout
+            } else {
+                Duration::ZERO
+            };
+        let health = loop {
+            let h = reconcile::overall(&reconcile::health(cluster, &objects).await);
+            match &h {
+                Health::Healthy | Health::Failed(_) => break h,
+                Health::Progressing(_) if tokio::time::Instant::now() >= deadline => {
+                    break if new_release {
+                        Health::Failed(format!(
+                            "not healthy within {}s: {}",
+                            self.health_timeout.as_secs(),
+                            match &h {
+                                Health::Progressing(m) => m.as_str(),
+                                _ => "",
+                            }
+                        ))
+                    } else {
+                        h
+                    };
+                }
+                Health::Progressing(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        };
+        let drift_total = {
+            let mut last = self
+                .last
+                .lock()
+                .map_err(|_| TargetError::Unsupported("poisoned".into()))?;
+            last.sequence = desired.sequence;
+            last.health = Some(health.clone());
+            last.drift_total += report.drift_corrected as u64;
+            last.drift_total
+        };
+        if let Err(e) = write_status(
+            cluster,
+            &self.config.namespace,
+            &self.agent_id,
+            desired,
+            &report,
+            &health,
+            drift_total,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot write the status ConfigMap");
+        }
+        Ok((report, health))
+    }
+}
+
+async fn write_status(
+    cluster: &mut Cluster,
+    namespace: &str,
+    agent_id: &str,
+    desired: &DesiredState,
+    report: &KubeReport,
+    health: &Health,
+    drift_total: u64,
+) -> Result<(), cluster::ObjectError> {
+    let (health_word, detail) = match health {
+        Health::Healthy => ("Healthy", String::new()),
+        Health::Progressing(m) => ("Progressing", m.clone()),
+        Health::Failed(m) => ("Failed", m.clone()),
+    };
+    let errors: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+    let cm = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": STATUS_CONFIGMAP,
+            "namespace": namespace,
+            "labels": {plan::MANAGED_BY_LABEL: plan::MANAGER, "app.kubernetes.io/name": "cairn-agent"},
+        },
+        "data": {
+            "agentId": agent_id,
+            "channel": desired.channel,
+            "appliedSequence": desired.sequence.to_string(),
+            "bundle": desired.bundle,
+            "health": health_word,
+            "healthDetail": detail,
+            "lastReconcile": crate::unix_now().to_string(),
+            "objects": desired.objects.len().to_string(),
+            "driftCorrections": drift_total.to_string(),
+            "errors": errors.join("\n"),
+            "failedRelease": desired
+                .failed_release
+                .as_ref()
+                .map(|(seq, why)| format!("{seq}: {why}"))
+                .unwrap_or_default(),
+        },
+    });
+    let r = plan::ObjectRef::from_object(&cm).map_err(|m| cluster::ObjectError {
+        object: STATUS_CONFIGMAP.into(),
+        code: 0,
+        message: m,
+    })?;
+    cluster.apply(&r, &cm, true).await.map(|_| ())
+}
+
+impl Target for KubernetesTarget {
+    fn describe(&self) -> String {
+        match &self.config.kubeconfig {
+            Some(p) => format!("kubernetes ({})", p.display()),
+            None => "kubernetes (in-cluster)".into(),
+        }
+    }
+
+    fn apply(&self, desired: Arc<DesiredState>) -> BoxFuture<'_, Result<ApplyReport, TargetError>> {
+        Box::pin(async move {
+            let (report, health) = self.pass(&desired).await?;
+            let mut conflicts: Vec<String> =
+                report.errors.iter().map(ToString::to_string).collect();
+            let mut unhealthy = None;
+            match &health {
+                Health::Healthy => {}
+                Health::Progressing(m) => conflicts.push(format!("not yet healthy: {m}")),
+                Health::Failed(m) => unhealthy = Some(m.clone()),
+            }
+            Ok(ApplyReport {
+                created: report.created,
+                updated: report.updated,
+                deleted: report.pruned,
+                drift_corrected: report.drift_corrected,
+                unchanged: report.unchanged,
+                conflicts,
+                unhealthy,
+            })
+        })
+    }
+}
