@@ -1226,7 +1226,7 @@ fn print_where(
     if let Some(f) = first {
         s.push_str("\nRelease a change yourself (while the agents run):\n");
         s.push_str(&format!(
-            "  cd {git} && sed -i 's/release 2/release 3/' apps/web/configmap.yaml && git commit -qam 'release 3'\n",
+            "  cd {git} && sed -i 's/release 2/release 3/' apps/web/configmap.yaml && git -c user.name=demo -c user.email=demo@cairn.invalid commit -qam 'release 3'\n",
             git = sh(&layout.git)
         ));
         s.push_str(&format!(
