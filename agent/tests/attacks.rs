@@ -301,3 +301,32 @@ fn rejections_are_counted_in_metrics() {
     let log = s.w.log("agent.log");
     assert!(log.contains("\"reason\":\"rollback\""), "{log}");
 }
+
+#[test]
+fn slow_retrieval_times_out_without_stalling_other_sources() {
+    let s = setup();
+    let dir = s.attack_repo();
+    // A mirror that sends headers and then nothing, next to a good source.
+    let stalled = StaticServer::start(&dir).unwrap();
+    stalled.set_fault(Fault::Stall);
+    let cfg =
+        s.w.config("slow.yaml", &[stalled.url(), dir.display().to_string()]);
+    let logs = s.w.once_ok(&cfg);
+    let st = s.w.status().unwrap();
+    assert_eq!(
+        st.adopted.as_ref().unwrap().sequence,
+        3,
+        "the good source was not held up by the stalled one:\n{logs}"
+    );
+    let slow = st
+        .sources
+        .iter()
+        .find(|x| x.source == stalled.url())
+        .unwrap();
+    assert!(!slow.ok, "{slow:?}");
+    let err = slow.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("timed out") || err.contains("timeout"),
+        "{err}"
+    );
+}
