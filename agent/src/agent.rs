@@ -20,13 +20,14 @@
 //! [`crate::pipeline`]'s.
 
 use crate::config::Config;
+use crate::hold::Hold;
 use crate::metrics::{ChannelLabel, Metrics, ResultLabel, SourceErrorLabel, SourceLabel};
-use crate::pipeline::{self, AdoptedRef, Context, Ingest, Rejection, Stage, Start, Want};
+use crate::pipeline::{self, AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
 use crate::retry::{jitter, Backoff};
 use crate::source::{Source, SourceError, SourceOptions, SourceSet};
 use crate::status::{
-    FailedRelease, ReconcileStatus, RejectionStatus, ReleaseStatus, RootStatus, SourceStatus,
-    Status, STATUS_FORMAT,
+    format_time, FailedRelease, HoldStatus, ReconcileStatus, RejectionStatus, ReleaseStatus,
+    RolloutStatus, RootStatus, SourceStatus, Status, STATUS_FORMAT,
 };
 use crate::store::{Store, StoreError};
 use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
@@ -35,7 +36,7 @@ use cairn_bundle::bundle::Manifest;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::Release;
 use cairn_bundle::repo::{channel_path, object_path, root_path};
-use cairn_bundle::rollout::FleetReports;
+use cairn_bundle::rollout::{Decision, FleetReports};
 use cairn_keys::{RootChain, VerifiedRoot};
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -137,9 +138,52 @@ fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> Release
     }
 }
 
+/// A newer verified release not adopted now (see [`Deferral`]). When
+/// `manifest` is set it is *staged*: its manifest and every object are in
+/// the store, verified, so adoption needs no source and mesh peers can
+/// fetch it from this agent.
+#[derive(Clone, Debug)]
+struct PendingState {
+    release: Release,
+    bytes: Vec<u8>,
+    address: String,
+    manifest: Option<Manifest>,
+    deferral: Deferral,
+}
+
+impl PendingState {
+    fn status(&self) -> RolloutStatus {
+        let (wave, opens_at) = match &self.deferral {
+            Deferral::Rollout(Decision::WaitForWave { wave, opens_at }) => {
+                (Some(*wave), Some(*opens_at))
+            }
+            _ => (None, None),
+        };
+        RolloutStatus {
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            state: self.deferral.state().to_owned(),
+            wave,
+            opens_at,
+            message: self.deferral.describe(format_time),
+            staged: self.manifest.is_some(),
+        }
+    }
+
+    fn published(&self) -> AdoptedHead {
+        AdoptedHead {
+            channel: self.release.channel.clone(),
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            release_address: self.address.clone(),
+        }
+    }
+}
+
 struct State {
     root: VerifiedRoot,
     head: Option<HeadState>,
+    pending: Option<PendingState>,
     last_good: Option<ReleaseStatus>,
     failed: Option<FailedRelease>,
     sources: BTreeMap<String, SourceStatus>,
@@ -162,6 +206,7 @@ struct Inner {
     status_lock: Mutex<()>,
     fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
+    relay_tx: watch::Sender<Option<AdoptedHead>>,
 }
 
 /// The agent. Cheap to clone; clones share everything.
@@ -297,6 +342,7 @@ impl Agent {
                     .is_some_and(|h| h.release.sequence == f.sequence)
             });
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
+        let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
             metrics
                 .adopted_sequence
@@ -325,6 +371,7 @@ impl Agent {
                     root: chain.current,
                     failed: failed_release,
                     head,
+                    pending: None,
                     last_good,
                     sources: BTreeMap::new(),
                     last_rejection: None,
@@ -336,6 +383,7 @@ impl Agent {
                 status_lock: Mutex::new(()),
                 fleet_reports: Mutex::new(BTreeMap::new()),
                 adopted_tx,
+                relay_tx,
                 config,
             }),
         };
@@ -388,6 +436,76 @@ impl Agent {
     /// heads to peers from here).
     pub fn subscribe(&self) -> watch::Receiver<Option<AdoptedHead>> {
         self.inner.adopted_tx.subscribe()
+    }
+
+    /// The newest verified release this agent holds for its channel: a
+    /// staged pending release (newer than the adopted one, waiting for its
+    /// wave, held or not selected) or else the adopted head. The mesh
+    /// advertises and serves this one, so a release an agent defers still
+    /// travels on through it.
+    pub fn relay_head(&self) -> Option<AdoptedHead> {
+        let st = self.state();
+        let adopted = st.head.as_ref().map(HeadState::published);
+        match st.pending.as_ref().filter(|p| p.manifest.is_some()) {
+            Some(p)
+                if adopted
+                    .as_ref()
+                    .is_none_or(|h| p.release.sequence > h.sequence) =>
+            {
+                Some(p.published())
+            }
+            _ => adopted,
+        }
+    }
+
+    /// The envelope bytes of [`Agent::relay_head`] for `channel` (what a
+    /// mesh peer gets for `channels/<channel>`).
+    pub fn relay_release_bytes(&self, channel: &str) -> Option<Vec<u8>> {
+        if channel == self.inner.config.channel {
+            let st = self.state();
+            let adopted_seq = st.head.as_ref().map(|h| h.release.sequence);
+            if let Some(p) = st
+                .pending
+                .as_ref()
+                .filter(|p| p.manifest.is_some() && Some(p.release.sequence) > adopted_seq)
+            {
+                return Some(p.bytes.clone());
+            }
+        }
+        self.inner.store.head(channel).ok().flatten()
+    }
+
+    /// A receiver that changes whenever [`Agent::relay_head`] does (every
+    /// adoption and every newly staged release).
+    pub fn subscribe_relay(&self) -> watch::Receiver<Option<AdoptedHead>> {
+        self.inner.relay_tx.subscribe()
+    }
+
+    fn publish_relay(&self) {
+        let h = self.relay_head();
+        self.inner.relay_tx.send_if_modified(|cur| {
+            if *cur == h {
+                false
+            } else {
+                *cur = h;
+                true
+            }
+        });
+    }
+
+    /// The local hold file, read now. An unreadable file counts as a hold
+    /// until released (the safe side), with a warning.
+    pub fn current_hold(&self, now: u64) -> Option<Hold> {
+        match Hold::read(&self.inner.config.data_dir) {
+            Ok(h) => h.filter(|h| h.active(now)),
+            Err(e) => {
+                tracing::warn!(error = %e, "treating adoption as held");
+                Some(Hold {
+                    since: now,
+                    until: None,
+                })
+            }
+        }
     }
 
     /// Checks every object of the adopted release; re-fetches missing or
@@ -582,6 +700,14 @@ impl Agent {
         }
     }
 
+    /// Replaces every bundle's fleet reports at once (the mesh, from its
+    /// gossiped status view).
+    pub fn replace_fleet_reports(&self, reports: BTreeMap<String, FleetReports>) {
+        if let Ok(mut m) = self.inner.fleet_reports.lock() {
+            *m = reports;
+        }
+    }
+
     fn context_parts(&self) -> (cairn_keys::Root, Option<(u64, Vec<u8>)>) {
         let st = self.state();
         (
@@ -647,20 +773,43 @@ impl Agent {
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
         let sequence = ingest.release().release.sequence;
-        if let Some(decision) = pipeline::rollout_gate(
-            ingest.release(),
+        let now = unix_now();
+        let hold = self.current_hold(now);
+        let deferral = pipeline::adoption_gate(
+            &ingest.release().release,
             &self.audience(&ingest.release().release.bundle),
-            unix_now(),
-        ) {
-            let why = pipeline::describe_decision(&decision);
-            tracing::info!(source = name, sequence, %why, "newer release not adopted now");
-            return Ok(SyncOutcome::Deferred { sequence, why });
+            hold.as_ref(),
+            now,
+        );
+        if let Some(d) = &deferral {
+            let why = d.describe(format_time);
+            // Stage (download and verify ahead) unless the release is not
+            // for this agent at all and no mesh peer could want it from us.
+            let stage = !matches!(d, Deferral::Rollout(Decision::NotSelected { .. }))
+                || self.inner.config.mesh.is_some();
+            let known = self
+                .state()
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.bytes == ingest.release().bytes && p.manifest.is_some());
+            if !known {
+                tracing::info!(source = name, sequence, %why, stage, "newer release not adopted now");
+            }
+            if !stage {
+                self.set_pending(ingest.release(), None, d.clone());
+                return Ok(SyncOutcome::Deferred { sequence, why });
+            }
+        } else {
+            tracing::info!(source = name, channel = %channel, sequence, "new release found; fetching");
         }
-        tracing::info!(source = name, channel = %channel, sequence, "new release found; fetching");
 
         // 3. The bundle manifest (from the store if present).
         if let Want::Manifest { address, limit } = ingest.want() {
-            let bytes = match store.bundle(&address)? {
+            let stored = match store.bundle(&address)? {
+                Some(b) => Some(b),
+                None => store.get_object(&address).ok().flatten(),
+            };
+            let bytes = match stored {
                 Some(b) => Some(b),
                 None => match object_path(&address) {
                     Some(p) => source.get(&p, limit).await?,
@@ -723,6 +872,17 @@ impl Agent {
             tracing::debug!(source = name, fetched, "objects fetched");
         }
 
+        // A deferred release is staged: its manifest goes into the object
+        // store too (mesh peers fetch it by address), then it waits.
+        if let Some(d) = deferral {
+            if let Some(m) = ingest.manifest_bytes() {
+                store.put_object(&ingest.release().release.bundle, m)?;
+            }
+            let why = d.describe(format_time);
+            self.set_pending(ingest.release(), ingest.manifest().cloned(), d);
+            return Ok(SyncOutcome::Deferred { sequence, why });
+        }
+
         // 5. Commit: re-check against the head at this moment, then switch.
         let _guard = self.inner.adopt_lock.lock().await;
         let candidate_bytes = ingest.release().bytes.clone();
@@ -759,7 +919,17 @@ impl Agent {
             manifest: adoption.manifest.clone(),
         };
         let published = head.published();
-        self.state().head = Some(head);
+        {
+            let mut st = self.state();
+            st.head = Some(head);
+            if st
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.release.sequence <= rel.sequence)
+            {
+                st.pending = None;
+            }
+        }
         let m = &self.inner.metrics;
         m.adoptions.inc();
         m.adopted_sequence
@@ -776,9 +946,112 @@ impl Agent {
             "release adopted"
         );
         self.inner.adopted_tx.send_replace(Some(published));
+        self.publish_relay();
         Ok(SyncOutcome::Adopted {
             sequence: rel.sequence,
         })
+    }
+
+    /// Records a deferred release (replacing an older or unstaged one).
+    fn set_pending(
+        &self,
+        release: &cairn_bundle::verify::VerifiedRelease,
+        manifest: Option<Manifest>,
+        deferral: Deferral,
+    ) {
+        {
+            let mut st = self.state();
+            let keep = st.pending.as_ref().is_some_and(|p| {
+                p.release.sequence > release.release.sequence
+                    || (p.bytes == release.bytes && p.manifest.is_some() && manifest.is_none())
+            });
+            if keep {
+                if let Some(p) = st.pending.as_mut() {
+                    if p.bytes == release.bytes {
+                        p.deferral = deferral;
+                    }
+                }
+            } else {
+                st.pending = Some(PendingState {
+                    address: cairn_keys::sha256_address(&release.bytes),
+                    release: release.release.clone(),
+                    bytes: release.bytes.clone(),
+                    manifest,
+                    deferral,
+                });
+            }
+        }
+        self.publish_relay();
+    }
+
+    /// Asks the adoption gate again about the pending release (its wave may
+    /// have opened, a hold ended, the breaker's counts changed) and adopts
+    /// a staged one through the one adoption path when it passes. Runs
+    /// every second in [`Agent::run`], so an agent that learned of the
+    /// release only from a mesh peer adopts when its wave opens.
+    pub async fn reevaluate_pending(&self) {
+        let Some(p) = self.state().pending.clone() else {
+            return;
+        };
+        if self
+            .state()
+            .head
+            .as_ref()
+            .is_some_and(|h| h.release.sequence >= p.release.sequence)
+        {
+            self.state().pending = None;
+            self.publish_relay();
+            return;
+        }
+        let now = unix_now();
+        let hold = self.current_hold(now);
+        let gate = pipeline::adoption_gate(
+            &p.release,
+            &self.audience(&p.release.bundle),
+            hold.as_ref(),
+            now,
+        );
+        match gate {
+            Some(d) => {
+                if d != p.deferral {
+                    if let Some(cur) = self.state().pending.as_mut() {
+                        if cur.bytes == p.bytes {
+                            cur.deferral = d;
+                        }
+                    }
+                    self.publish_status();
+                }
+            }
+            // Not staged: the next poll of a source fetches it.
+            None if p.manifest.is_none() => {}
+            None => {
+                let src = StagedRelease {
+                    channel_path: channel_path(&self.inner.config.channel),
+                    release: p.bytes.clone(),
+                    store: self.inner.store.clone(),
+                };
+                match self.sync_inner(&src).await {
+                    Ok(SyncOutcome::Rejected { reason }) => {
+                        tracing::warn!(reason, "staged release no longer valid; dropped");
+                        let mut st = self.state();
+                        if st.pending.as_ref().is_some_and(|c| c.bytes == p.bytes) {
+                            st.pending = None;
+                        }
+                    }
+                    Ok(o) => tracing::debug!(outcome = ?o, "staged release re-evaluated"),
+                    Err(e) => tracing::warn!(error = %e, "adopting the staged release failed"),
+                }
+                self.publish_relay();
+                self.publish_status();
+            }
+        }
+    }
+
+    async fn pending_loop(&self) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            self.reevaluate_pending().await;
+        }
     }
 
     /// Syncs every configured source once, concurrently.
@@ -1065,6 +1338,10 @@ impl Agent {
         let offline = self.is_offline();
         self.inner.metrics.offline.set(i64::from(offline));
         let (ready, ready_reason) = self.readiness();
+        let hold = self.current_hold(now).map(|h| HoldStatus {
+            since: h.since,
+            until: h.until,
+        });
         let st = self.state();
         Status {
             format: STATUS_FORMAT,
@@ -1083,6 +1360,8 @@ impl Agent {
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),
+            rollout: st.pending.as_ref().map(PendingState::status),
+            hold,
             offline,
             sources: st.sources.values().cloned().collect(),
             last_rejection: st.last_rejection.clone(),
@@ -1189,6 +1468,8 @@ impl Agent {
         }
         let agent = self.clone();
         tasks.spawn(async move { agent.reconcile_loop().await });
+        let agent = self.clone();
+        tasks.spawn(async move { agent.pending_loop().await });
         if self.inner.sources.is_empty() {
             tracing::warn!("no sources configured: enforcing the stored state only");
         }
@@ -1243,6 +1524,44 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// A staged release as a [`Source`]: the envelope from memory, everything
+/// else (manifest, objects) from the store, where staging put it verified.
+struct StagedRelease {
+    channel_path: String,
+    release: Vec<u8>,
+    store: Store,
+}
+
+impl Source for StagedRelease {
+    fn name(&self) -> &str {
+        "staged"
+    }
+
+    fn get<'a>(
+        &'a self,
+        rel_path: &'a str,
+        limit: u64,
+    ) -> crate::BoxFuture<'a, std::result::Result<Option<Vec<u8>>, SourceError>> {
+        Box::pin(async move {
+            if rel_path == self.channel_path {
+                return Ok(Some(self.release.clone()).filter(|b| b.len() as u64 <= limit));
+            }
+            let Some(hex) = rel_path
+                .strip_prefix("objects/sha256/")
+                .and_then(|r| r.split('/').nth(1))
+            else {
+                return Ok(None);
+            };
+            Ok(self
+                .store
+                .get_object(&format!("sha256:{hex}"))
+                .ok()
+                .flatten()
+                .filter(|b| b.len() as u64 <= limit))
+        })
     }
 }
 

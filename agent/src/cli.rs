@@ -1,9 +1,11 @@
-//! The `cairn-agent` command line: `run` and `status`.
+//! The `cairn-agent` command line: `run`, `status`, `hold` and
+//! `release-hold`.
 //!
 //! Errors print as `cairn-agent: ...` (one line each) with exit code 1;
 //! usage errors exit 2.
 
 use crate::config::{Config, LogFormat};
+use crate::hold::Hold;
 use crate::status::Status;
 use crate::{Agent, Error};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -57,6 +59,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Pause adoption of new releases on this cluster (a maintenance
+    /// window): the running agent keeps enforcing and drift-correcting
+    /// the adopted release. Writes <dataDir>/hold.json; shown in status
+    /// and gossiped to the fleet.
+    Hold {
+        /// Configuration file, to find the data directory.
+        #[arg(long, env = "CAIRN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the configuration).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// When the hold ends by itself: an RFC 3339 time
+        /// (2026-12-01T06:00:00Z) or a duration from now (2h)
+        /// [default: until `cairn-agent release-hold`].
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+    },
+    /// End a hold placed with `cairn-agent hold`: the agent adopts a newer
+    /// release at its next check (within about a second) if its rollout
+    /// wave is open.
+    ReleaseHold {
+        /// Configuration file, to find the data directory.
+        #[arg(long, env = "CAIRN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Data directory (overrides the configuration).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// The data directory from `--data-dir`, the configuration, or the
+/// environment / default.
+fn data_dir(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, Error> {
+    Ok(match (data_dir, config) {
+        (Some(d), _) => d,
+        (None, Some(c)) => Config::load(Some(&c))?.data_dir,
+        (None, None) => std::env::var_os("CAIRN_DATA_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR)),
+    })
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -112,13 +154,7 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             data_dir,
             json,
         } => {
-            let dir = match (data_dir, config) {
-                (Some(d), _) => d,
-                (None, Some(c)) => Config::load(Some(&c))?.data_dir,
-                (None, None) => std::env::var_os("CAIRN_DATA_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_DATA_DIR)),
-            };
+            let dir = self::data_dir(data_dir, config)?;
             let s = Status::read(&dir)?;
             if json {
                 let text =
@@ -126,6 +162,46 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
                 println!("{text}");
             } else {
                 print!("{}", s.render(crate::unix_now()));
+            }
+            Ok(0)
+        }
+        Command::Hold {
+            config,
+            data_dir,
+            until,
+        } => {
+            let dir = self::data_dir(data_dir, config)?;
+            if !dir.is_dir() {
+                return Err(Error::Hold(format!(
+                    "{}: no such data directory; pass the agent's --config or --data-dir",
+                    dir.display()
+                )));
+            }
+            let now = crate::unix_now();
+            let until = until
+                .map(|u| crate::hold::parse_until(&u, now))
+                .transpose()
+                .map_err(Error::Hold)?;
+            Hold { since: now, until }.write(&dir)?;
+            match until {
+                Some(t) => println!(
+                    "holding new releases until {} ({})",
+                    crate::status::format_time(t),
+                    crate::hold::hold_path(&dir).display()
+                ),
+                None => println!(
+                    "holding new releases until `cairn-agent release-hold` ({})",
+                    crate::hold::hold_path(&dir).display()
+                ),
+            }
+            Ok(0)
+        }
+        Command::ReleaseHold { config, data_dir } => {
+            let dir = self::data_dir(data_dir, config)?;
+            if Hold::remove(&dir)? {
+                println!("hold released; new releases are adopted again as their waves open");
+            } else {
+                println!("no hold in {}", dir.display());
             }
             Ok(0)
         }

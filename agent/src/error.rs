@@ -56,6 +56,9 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A local hold file is unreadable or cannot be written.
+    #[error("hold: {0}")]
+    Hold(String),
     /// `status` found nothing to show.
     #[error("{0}")]
     Status(String),

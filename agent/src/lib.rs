@@ -16,6 +16,7 @@
 //!   target.
 //! * [`agent`] (IO): the [`Agent`] runtime that ties them together
 //!   ([`Agent::sync_from`], [`Agent::reconcile`], [`Agent::subscribe`]).
+//! * [`hold`]: local holds (`<dataDir>/hold.json`) that pause adoption.
 //! * [`config`], [`retry`], [`metrics`], [`status`], [`http`], [`cli`]: the
 //!   process around it.
 
@@ -23,6 +24,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod hold;
 pub mod http;
 pub mod kubernetes;
 pub mod mesh;

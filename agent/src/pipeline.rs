@@ -225,6 +225,66 @@ pub fn describe_decision(d: &Decision) -> String {
     }
 }
 
+/// Why a verified, newer release is not adopted now. Not a rejection: the
+/// adopted release stays enforced and the question is asked again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deferral {
+    /// A local hold (`cairn-agent hold`) is in force.
+    Held {
+        /// When it ends, Unix seconds; `None`: until released.
+        until: Option<u64>,
+    },
+    /// The rollout decision: selector, wave not open, or breaker tripped
+    /// (never [`Decision::Adopt`]).
+    Rollout(Decision),
+}
+
+impl Deferral {
+    /// A short, stable name: `held`, `not-selected`, `waiting` or `breaker`
+    /// (status documents and the gossiped status record).
+    pub fn state(&self) -> &'static str {
+        match self {
+            Deferral::Held { .. } => "held",
+            Deferral::Rollout(Decision::NotSelected { .. }) => "not-selected",
+            Deferral::Rollout(Decision::WaitForWave { .. }) => "waiting",
+            Deferral::Rollout(Decision::BreakerTripped { .. }) => "breaker",
+            Deferral::Rollout(Decision::Adopt { .. }) => "adopt",
+        }
+    }
+
+    /// One line for humans, times rendered with `fmt_time`, e.g. `waiting
+    /// for wave 2 (opens at 2026-12-01T06:00:00Z)`.
+    pub fn describe(&self, fmt_time: impl Fn(u64) -> String) -> String {
+        match self {
+            Deferral::Held { until: None } => {
+                "held locally until released (cairn-agent release-hold)".into()
+            }
+            Deferral::Held { until: Some(t) } => format!("held locally until {}", fmt_time(*t)),
+            Deferral::Rollout(Decision::WaitForWave { wave, opens_at }) => {
+                format!("waiting for wave {wave} (opens at {})", fmt_time(*opens_at))
+            }
+            Deferral::Rollout(d) => describe_decision(d),
+        }
+    }
+}
+
+/// The adoption gate: a local hold first, then [`rollout::decide`]. `None`
+/// to adopt now. Pure.
+pub fn adoption_gate(
+    release: &cairn_bundle::release::Release,
+    who: &Audience<'_>,
+    hold: Option<&crate::hold::Hold>,
+    now: u64,
+) -> Option<Deferral> {
+    if let Some(h) = hold.filter(|h| h.active(now)) {
+        return Some(Deferral::Held { until: h.until });
+    }
+    match rollout::decide(release, who.agent_id, who.labels, who.reports, now) {
+        Decision::Adopt { .. } => None,
+        other => Some(Deferral::Rollout(other)),
+    }
+}
+
 /// One candidate release being ingested: tracks what is still missing and
 /// verifies everything that arrives.
 #[derive(Debug)]
@@ -267,6 +327,11 @@ impl Ingest {
     /// The verified manifest, once [`Ingest::handle_manifest`] accepted it.
     pub fn manifest(&self) -> Option<&Manifest> {
         self.manifest.as_ref().map(|(m, _)| m)
+    }
+
+    /// The verified manifest's exact bytes, once accepted.
+    pub fn manifest_bytes(&self) -> Option<&[u8]> {
+        self.manifest.as_ref().map(|(_, b)| b.as_slice())
     }
 
     /// What is needed next.
@@ -812,6 +877,41 @@ pub(crate) mod tests {
             gate(&doc, &who),
             Some(Decision::BreakerTripped { .. })
         ));
+    }
+
+    #[test]
+    fn local_hold_defers_before_rollout_and_ends_by_itself() {
+        let m = manifest(&[object("a", "one", "1")]);
+        let doc = release("stable", 1, &m.id(), NOW + 1000);
+        let labels = BTreeMap::new();
+        let who = Audience {
+            agent_id: "agent-test",
+            labels: &labels,
+            reports: FleetReports::default(),
+        };
+        let hold = crate::hold::Hold {
+            since: NOW - 10,
+            until: Some(NOW + 60),
+        };
+        let d = adoption_gate(&doc, &who, Some(&hold), NOW).unwrap();
+        assert_eq!(
+            d,
+            Deferral::Held {
+                until: Some(NOW + 60)
+            }
+        );
+        assert_eq!(d.state(), "held");
+        assert_eq!(adoption_gate(&doc, &who, Some(&hold), NOW + 60), None);
+        assert_eq!(adoption_gate(&doc, &who, None, NOW), None);
+        let wait = Deferral::Rollout(Decision::WaitForWave {
+            wave: 2,
+            opens_at: 0,
+        });
+        assert_eq!(
+            wait.describe(|t| format!("T{t}")),
+            "waiting for wave 2 (opens at T0)"
+        );
+        assert_eq!(wait.state(), "waiting");
     }
 
     #[test]

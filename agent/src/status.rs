@@ -116,6 +116,39 @@ pub struct FailedRelease {
     pub at: u64,
 }
 
+/// A newer verified release the agent holds but has not adopted, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Its sequence.
+    pub sequence: u64,
+    /// Its bundle id.
+    pub bundle: String,
+    /// `waiting`, `breaker`, `held` or `not-selected`.
+    pub state: String,
+    /// The rollout wave (1-based) the agent falls in, if the release has
+    /// waves and the agent is selected.
+    pub wave: Option<usize>,
+    /// When that wave opens, Unix seconds (state `waiting`).
+    pub opens_at: Option<u64>,
+    /// One line for humans, e.g. `waiting for wave 2 (opens at
+    /// 2026-12-01T06:00:00Z)`.
+    pub message: String,
+    /// Whether its objects are already downloaded and verified (adoption
+    /// is then immediate, and mesh peers can fetch it from this agent).
+    pub staged: bool,
+}
+
+/// A local hold (`cairn-agent hold`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HoldStatus {
+    /// Placed at, Unix seconds.
+    pub since: u64,
+    /// Ends at, Unix seconds; `None`: until `cairn-agent release-hold`.
+    pub until: Option<u64>,
+}
+
 /// The trust root in use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -158,6 +191,13 @@ pub struct Status {
     /// release is enforced instead.
     #[serde(default)]
     pub failed_release: Option<FailedRelease>,
+    /// A newer release not adopted yet (rollout wave, breaker, hold,
+    /// selector).
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+    /// The local hold in force, if any.
+    #[serde(default)]
+    pub hold: Option<HoldStatus>,
     /// Whether no source was reachable in the last attempt.
     pub offline: bool,
     /// Per source.
@@ -239,6 +279,44 @@ impl Status {
                 if self.root.expired { " (EXPIRED)" } else { "" }
             ),
         );
+        if let Some(r) = &self.rollout {
+            line(
+                "pending",
+                format!(
+                    "release {} (bundle {}): {}",
+                    r.sequence,
+                    short(&r.bundle),
+                    r.message
+                ),
+            );
+        }
+        if let Some(h) = &self.hold {
+            line(
+                "hold",
+                match h.until {
+                    Some(t) => format!(
+                        "new releases held until {} (placed {})",
+                        format_time(t),
+                        format_time(h.since)
+                    ),
+                    None => format!(
+                        "new releases held until `cairn-agent release-hold` (placed {})",
+                        format_time(h.since)
+                    ),
+                },
+            );
+        }
+        if let Some(f) = &self.failed_release {
+            line(
+                "failed",
+                format!(
+                    "release {} failed its health checks at {}: {} (rolled back)",
+                    f.sequence,
+                    format_time(f.at),
+                    f.reason
+                ),
+            );
+        }
         line("target", self.target.clone());
         line(
             "offline",

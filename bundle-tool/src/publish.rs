@@ -95,16 +95,29 @@ pub fn check_release_keys<'k>(
     Ok(distinct)
 }
 
-/// Releases the bundle in `bundle_file` on a channel of `repo`, signed with
-/// `keys` under the chain's current root. Returns the verified release.
-pub fn publish(
+/// A release signed and verified, not yet written: what [`sign_release`]
+/// returns for [`publish`] and [`promote`] to commit.
+#[derive(Clone, Debug)]
+pub struct SignedRelease {
+    /// The release, verified as an agent would verify it.
+    pub verified: VerifiedRelease,
+    /// The previous head's sequence on the channel, if any.
+    pub previous: Option<u64>,
+}
+
+/// Everything that can be refused before the first write, shared by
+/// [`publish`] and [`promote`]: the channel name, the root's expiry, the
+/// channel's current head (the new sequence is one above it), the keys and
+/// threshold. Signs a release of `bundle` on `req.channel` and verifies the
+/// envelope exactly as an agent would.
+pub fn sign_release(
     repo: &RepoDir,
     chain: &TrustChain,
-    bundle_file: &Path,
+    bundle: &str,
     keys: &[KeyPair],
     req: &ReleaseRequest,
     limits: &Limits,
-) -> Result<VerifiedRelease> {
+) -> Result<SignedRelease> {
     validate_channel(&req.channel).map_err(Error::InvalidRelease)?;
     let root = &chain.current().root;
     if root.is_expired(req.now) {
@@ -128,13 +141,11 @@ pub fn publish(
     let sequence = previous.map_or(1, |s| s + 1);
     let what = format!("release {sequence} on channel `{}`", req.channel);
     let signers = check_release_keys(chain, keys, &what)?;
-    // Pass 1: the whole bundle file verifies before anything is written.
-    let manifest = read_bundle_file(bundle_file, limits, |_, _| Ok(()))?;
     let release = Release {
         format: RELEASE_FORMAT,
         channel: req.channel.clone(),
         sequence,
-        bundle: manifest.id(),
+        bundle: bundle.to_owned(),
         created: req.now,
         expires: req.now.saturating_add(req.expires_in),
         rollout: req.rollout.clone(),
@@ -150,13 +161,12 @@ pub fn publish(
         limits,
     }
     .verify(&envelope)?;
-    // Pass 2: objects, manifest, roots, channel head last.
-    let mut batch = repo.object_batch();
-    read_bundle_file(bundle_file, limits, |e, bytes| {
-        batch.add(&e.object, &bytes).map(|_| ())
-    })?;
-    batch.add(&release.bundle, &manifest.encode())?;
-    batch.commit()?;
+    Ok(SignedRelease { verified, previous })
+}
+
+/// Writes the chain's roots the repository lacks, then the channel head
+/// (last, atomically): the final step of [`publish`] and [`promote`].
+fn commit_head(repo: &RepoDir, chain: &TrustChain, signed: &SignedRelease) -> Result<()> {
     for r in chain.roots() {
         let rel = root_path(r.root.version);
         if repo
@@ -166,8 +176,87 @@ pub fn publish(
             repo.write(&rel, &r.bytes)?;
         }
     }
-    repo.write(&channel_path(&req.channel), &envelope)?;
-    Ok(verified)
+    repo.write(
+        &channel_path(&signed.verified.release.channel),
+        &signed.verified.bytes,
+    )
+}
+
+/// Releases the bundle in `bundle_file` on a channel of `repo`, signed with
+/// `keys` under the chain's current root. Returns the verified release.
+pub fn publish(
+    repo: &RepoDir,
+    chain: &TrustChain,
+    bundle_file: &Path,
+    keys: &[KeyPair],
+    req: &ReleaseRequest,
+    limits: &Limits,
+) -> Result<VerifiedRelease> {
+    validate_channel(&req.channel).map_err(Error::InvalidRelease)?;
+    // Pass 1: the whole bundle file verifies before anything is written.
+    let manifest = read_bundle_file(bundle_file, limits, |_, _| Ok(()))?;
+    let signed = sign_release(repo, chain, &manifest.id(), keys, req, limits)?;
+    // Pass 2: objects, manifest, roots, channel head last.
+    let mut batch = repo.object_batch();
+    read_bundle_file(bundle_file, limits, |e, bytes| {
+        batch.add(&e.object, &bytes).map(|_| ())
+    })?;
+    batch.add(&signed.verified.release.bundle, &manifest.encode())?;
+    batch.commit()?;
+    commit_head(repo, chain, &signed)?;
+    Ok(signed.verified)
+}
+
+/// What [`promote`] did.
+#[derive(Clone, Debug)]
+pub struct Promotion {
+    /// The source channel's head that was promoted (verified).
+    pub from: VerifiedRelease,
+    /// The new release on the target channel.
+    pub to: VerifiedRelease,
+}
+
+/// Signs the bundle of `from`'s head into `req.channel` (one sequence
+/// above that channel's head) without rebuilding it. The source head is
+/// verified first like `cairn verify` does (signatures against the chain's
+/// current root, expiry, the manifest and every object present with the
+/// right hash); nothing is written unless it passes.
+pub fn promote(
+    repo: &RepoDir,
+    chain: &TrustChain,
+    from: &str,
+    keys: &[KeyPair],
+    req: &ReleaseRequest,
+    limits: &Limits,
+) -> Result<Promotion> {
+    validate_channel(from).map_err(Error::InvalidRelease)?;
+    if from == req.channel {
+        return Err(Error::InvalidRelease(format!(
+            "cannot promote channel `{from}` into itself; pass another --to channel"
+        )));
+    }
+    let source = crate::check::ChannelCheck {
+        repo,
+        fallback: None,
+        root: &chain.current().root,
+        now: req.now,
+        limits,
+        threads: 2,
+    }
+    .verify(from)?;
+    let signed = sign_release(
+        repo,
+        chain,
+        &source.release.release.bundle,
+        keys,
+        req,
+        limits,
+    )?;
+    commit_head(repo, chain, &signed)?;
+    Ok(Promotion {
+        from: source.release,
+        to: signed.verified,
+    })
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use crate::store::Store;
 use crate::{Agent, BoxFuture};
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
-use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, StatusRecord};
+use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_bundle::rollout::FleetReports;
 use cairn_keys::codec;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -110,7 +111,8 @@ pub async fn run(mesh: Mesh) {
         read_timeout,
     };
     d.refresh_local();
-    let mut adopted = agent.subscribe();
+    // Adoptions and newly staged (deferred) releases: both are advertised.
+    let mut adopted = agent.subscribe_relay();
     let mut status_tick = tokio::time::interval(STATUS_EVERY);
     let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
     loop {
@@ -183,6 +185,9 @@ impl Driver {
             Input::AdoptDone { fetch, outcome } => {
                 tracing::debug!(fetch, %outcome, "mesh adoption finished");
                 self.fetches.remove(&fetch);
+                // Our head first (adopted, or staged when the release was
+                // deferred), so the endpoint does not fetch it again.
+                self.refresh_local();
                 self.ep.fetch_complete(fetch, now);
             }
         }
@@ -267,7 +272,7 @@ impl Driver {
                 let found = items
                     .into_iter()
                     .map(|item| Found {
-                        bytes: read_item(self.agent.store(), &item),
+                        bytes: read_item(&self.agent, &item),
                         item,
                     })
                     .collect();
@@ -292,7 +297,7 @@ impl Driver {
                     tracing::info!(peer = %f.peer, %reason, "mesh fetch failed");
                 }
             }
-            Event::StatusChanged => {}
+            Event::StatusChanged => self.update_fleet_reports(),
         }
     }
 
@@ -486,7 +491,7 @@ impl Driver {
         let now = now_ms();
         let root_version = self.agent.root().root.version;
         self.ep.set_root_version(root_version);
-        if let Some(h) = self.agent.adopted() {
+        if let Some(h) = self.agent.relay_head() {
             self.ep.set_head(
                 Head {
                     channel: h.channel,
@@ -502,10 +507,19 @@ impl Driver {
 
     fn refresh_status(&mut self) {
         let st = self.agent.status();
-        let health = if st.ready {
+        let rolled_back = st.failed_release.as_ref().is_some_and(|f| {
+            st.adopted
+                .as_ref()
+                .is_some_and(|a| a.sequence == f.sequence)
+        });
+        let health = if rolled_back {
+            // The adopted release failed its health checks and the target
+            // went back to the last-good one: counts for the breaker.
+            "failed"
+        } else if st.ready {
             "healthy"
         } else if st.reconcile.as_ref().is_some_and(|r| !r.ok) {
-            "failed"
+            "degraded"
         } else if st.adopted.is_some() {
             "progressing"
         } else {
@@ -518,6 +532,21 @@ impl Driver {
             .take(limits.max_labels)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let rollout = (st.rollout.is_some() || st.hold.is_some()).then(|| {
+            let mut r = RolloutRecord::default();
+            if let Some(p) = &st.rollout {
+                r.pending_sequence = p.sequence;
+                r.pending_bundle = p.bundle.clone();
+                r.state = p.state.clone();
+                r.wave = p.wave.map_or(0, |w| w as u32);
+                r.opens_at = p.opens_at.unwrap_or(0);
+            }
+            if let Some(h) = &st.hold {
+                r.held = true;
+                r.held_until = h.until.unwrap_or(0);
+            }
+            r
+        });
         let record = StatusRecord {
             agent_id: st.agent_id.clone(),
             channel: st.channel.clone(),
@@ -530,8 +559,29 @@ impl Driver {
                 .unwrap_or_default(),
             health: health.into(),
             time: 0,
+            rollout,
         };
         self.ep.set_local_status(record, now_ms());
+        self.update_fleet_reports();
+    }
+
+    /// The rollout breaker's inputs from the gossiped status view: per
+    /// bundle, agents on our channel that adopted it, and those of them
+    /// reporting it failed (rolled back).
+    fn update_fleet_reports(&self) {
+        let channel = &self.agent.config().channel;
+        let mut reports: BTreeMap<String, FleetReports> = BTreeMap::new();
+        for r in self.ep.status().values() {
+            if r.channel != *channel || r.bundle.is_empty() {
+                continue;
+            }
+            let e = reports.entry(r.bundle.clone()).or_default();
+            e.adopted += 1;
+            if r.health == "failed" {
+                e.failed += 1;
+            }
+        }
+        self.agent.replace_fleet_reports(reports);
     }
 
     fn persist_peers(&self) {
@@ -549,8 +599,10 @@ impl Driver {
 }
 
 /// Reads what a peer asked for from the store (roots, the channel's
-/// release, objects and manifests).
-fn read_item(store: &Store, item: &Item) -> Option<Vec<u8>> {
+/// release — the staged one if newer than the adopted one — objects and
+/// manifests).
+fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
+    let store = agent.store();
     match item {
         Item::Root(v) => store
             .roots()
@@ -558,7 +610,7 @@ fn read_item(store: &Store, item: &Item) -> Option<Vec<u8>> {
             .into_iter()
             .find(|(rv, _)| rv == v)
             .map(|(_, b)| b),
-        Item::Release(c) => store.head(c).ok().flatten(),
+        Item::Release(c) => agent.relay_release_bytes(c),
         Item::Object(a) => match store.get_object(a) {
             Ok(Some(b)) => Some(b),
             _ => store.bundle(a).ok().flatten(),

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
 pub enum FleetCommand {
-    /// Print the fleet as seen by one agent: one row per agent (id,
-    /// channel, sequence, bundle, health, last seen).
+    /// Print the fleet as seen by one agent: per channel and release, how
+    /// many agents adopted, wait for their wave, hold, failed, and whether
+    /// the rollout breaker tripped; then one row per agent.
     Status(StatusArgs),
 }
 
@@ -34,9 +35,11 @@ pub struct StatusArgs {
     /// Seconds to wait for connecting and for each answer.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
-    /// JSON output: `{"peer": ID, "agents": [{"agent_id", "channel",
-    /// "labels", "sequence", "bundle", "health", "time_ms"}]}`, agents
-    /// sorted by id.
+    /// JSON output: `{"peer": ID, "releases": [{"channel", "sequence",
+    /// "bundle", "adopted", "failed", "waiting", "held", "not_selected",
+    /// "breaker_tripped"}], "agents": [{"agent_id", "channel", "labels",
+    /// "sequence", "bundle", "health", "time_ms", "rollout"}]}`, agents
+    /// sorted by id, releases by channel and sequence.
     #[arg(long)]
     json: bool,
 }
@@ -121,6 +124,77 @@ impl Drop for IgnoreSigpipe {
     }
 }
 
+/// One release's rollout across the agents that report about it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseSummary {
+    /// Channel.
+    pub channel: String,
+    /// Highest sequence seen carrying the bundle on that channel.
+    pub sequence: u64,
+    /// Bundle id.
+    pub bundle: String,
+    /// Agents enforcing it (healthy, progressing or degraded).
+    pub adopted: u32,
+    /// Agents that adopted it and report it failed (rolled back).
+    pub failed: u32,
+    /// Agents holding it, waiting for their wave to open.
+    pub waiting: u32,
+    /// Agents holding it under a local hold.
+    pub held: u32,
+    /// Agents holding it whose labels the selector does not match.
+    pub not_selected: u32,
+    /// Agents holding it because the breaker tripped.
+    pub breaker: u32,
+}
+
+/// Groups status records by channel and bundle: adopted releases and
+/// pending (deferred) ones. Pure.
+pub fn summarize(records: &[StatusRecord]) -> Vec<ReleaseSummary> {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<(String, String), ReleaseSummary> = BTreeMap::new();
+    for r in records {
+        if !r.bundle.is_empty() {
+            let e = by
+                .entry((r.channel.clone(), r.bundle.clone()))
+                .or_insert_with(|| ReleaseSummary {
+                    channel: r.channel.clone(),
+                    bundle: r.bundle.clone(),
+                    ..Default::default()
+                });
+            e.sequence = e.sequence.max(r.sequence);
+            if r.health == "failed" {
+                e.failed += 1;
+            } else {
+                e.adopted += 1;
+            }
+        }
+        if let Some(ro) = r
+            .rollout
+            .as_ref()
+            .filter(|ro| !ro.pending_bundle.is_empty())
+        {
+            let e = by
+                .entry((r.channel.clone(), ro.pending_bundle.clone()))
+                .or_insert_with(|| ReleaseSummary {
+                    channel: r.channel.clone(),
+                    bundle: ro.pending_bundle.clone(),
+                    ..Default::default()
+                });
+            e.sequence = e.sequence.max(ro.pending_sequence);
+            match ro.state.as_str() {
+                "waiting" => e.waiting += 1,
+                "held" => e.held += 1,
+                "breaker" => e.breaker += 1,
+                "not-selected" => e.not_selected += 1,
+                _ => {}
+            }
+        }
+    }
+    let mut out: Vec<ReleaseSummary> = by.into_values().collect();
+    out.sort_by(|a, b| (&a.channel, a.sequence).cmp(&(&b.channel, b.sequence)));
+    out
+}
+
 fn status(a: StatusArgs) -> Result<()> {
     let paths = CredentialPaths {
         cert: a.cert,
@@ -132,7 +206,24 @@ fn status(a: StatusArgs) -> Result<()> {
         fetch_status(&a.peer, &paths, Duration::from_secs(a.timeout.max(1)))?
     };
     let now_ms = crate::unix_now().saturating_mul(1000);
+    let releases = summarize(&records);
     if a.json {
+        let releases: Vec<serde_json::Value> = releases
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "channel": s.channel,
+                    "sequence": s.sequence,
+                    "bundle": s.bundle,
+                    "adopted": s.adopted,
+                    "failed": s.failed,
+                    "waiting": s.waiting,
+                    "held": s.held,
+                    "not_selected": s.not_selected,
+                    "breaker_tripped": s.breaker > 0,
+                })
+            })
+            .collect();
         let agents: Vec<serde_json::Value> = records
             .iter()
             .map(|r| {
@@ -144,17 +235,53 @@ fn status(a: StatusArgs) -> Result<()> {
                     "bundle": r.bundle,
                     "health": r.health,
                     "time_ms": r.time,
+                    "rollout": r.rollout.as_ref().map(|ro| serde_json::json!({
+                        "pending_sequence": ro.pending_sequence,
+                        "pending_bundle": ro.pending_bundle,
+                        "state": ro.state,
+                        "wave": ro.wave,
+                        "opens_at": ro.opens_at,
+                        "held": ro.held,
+                        "held_until": ro.held_until,
+                    })),
                 })
             })
             .collect();
-        let out = serde_json::json!({ "peer": who, "agents": agents });
+        let out = serde_json::json!({ "peer": who, "releases": releases, "agents": agents });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("fleet as seen by {who} ({} agents)", records.len());
     println!(
-        "{:<24} {:<16} {:>8} {:<19} {:<10} LAST SEEN",
-        "AGENT", "CHANNEL", "SEQUENCE", "BUNDLE", "HEALTH"
+        "{:<16} {:>8} {:<19} {:>7} {:>7} {:>7} {:>6} {:>8} BREAKER",
+        "CHANNEL", "SEQUENCE", "BUNDLE", "ADOPTED", "WAITING", "HELD", "FAILED", "NOT-SEL"
+    );
+    for s in &releases {
+        println!(
+            "{:<16} {:>8} {:<19} {:>7} {:>7} {:>7} {:>6} {:>8} {}",
+            if s.channel.is_empty() {
+                "-"
+            } else {
+                &s.channel
+            },
+            s.sequence,
+            s.bundle.chars().take(19).collect::<String>(),
+            s.adopted,
+            s.waiting,
+            s.held,
+            s.failed,
+            s.not_selected,
+            if s.breaker > 0 {
+                format!("TRIPPED ({} holding)", s.breaker)
+            } else {
+                "ok".to_owned()
+            }
+        );
+    }
+    println!();
+    println!(
+        "{:<24} {:<16} {:>8} {:<19} {:<11} {:<40} LAST SEEN",
+        "AGENT", "CHANNEL", "SEQUENCE", "BUNDLE", "HEALTH", "ROLLOUT"
     );
     for r in &records {
         let bundle = if r.bundle.is_empty() {
@@ -168,8 +295,9 @@ fn status(a: StatusArgs) -> Result<()> {
             r.sequence.to_string()
         };
         let age = now_ms.saturating_sub(r.time) / 1000;
+        let rollout = rollout_cell(r);
         println!(
-            "{:<24} {:<16} {:>8} {:<19} {:<10} {}s ago",
+            "{:<24} {:<16} {:>8} {:<19} {:<11} {:<40} {}s ago",
             r.agent_id,
             if r.channel.is_empty() {
                 "-"
@@ -179,8 +307,84 @@ fn status(a: StatusArgs) -> Result<()> {
             seq,
             bundle,
             r.health,
+            rollout,
             age
         );
     }
     Ok(())
+}
+
+/// `waiting for wave 2 of release 5`, `held until ...`, `-`.
+fn rollout_cell(r: &StatusRecord) -> String {
+    let Some(ro) = &r.rollout else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    if ro.pending_sequence > 0 {
+        parts.push(match ro.state.as_str() {
+            "waiting" => format!("{} {}: wave {}", ro.state, ro.pending_sequence, ro.wave),
+            s => format!("{s} {}", ro.pending_sequence),
+        });
+    }
+    if ro.held {
+        parts.push(if ro.held_until == 0 {
+            "hold".into()
+        } else {
+            format!("hold until {}", ro.held_until)
+        });
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::wire::RolloutRecord;
+
+    fn rec(id: &str, bundle: &str, health: &str, pending: Option<(&str, &str)>) -> StatusRecord {
+        StatusRecord {
+            agent_id: id.into(),
+            channel: "stable".into(),
+            labels: Default::default(),
+            sequence: u64::from(!bundle.is_empty()),
+            bundle: bundle.into(),
+            health: health.into(),
+            time: 0,
+            rollout: pending.map(|(b, state)| RolloutRecord {
+                pending_sequence: 2,
+                pending_bundle: b.into(),
+                state: state.into(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn summary_counts_per_release() {
+        let a = cairn_keys::sha256_address(b"a");
+        let b = cairn_keys::sha256_address(b"b");
+        let s = summarize(&[
+            rec("x1", &a, "healthy", None),
+            rec("x2", &a, "healthy", Some((&b, "waiting"))),
+            rec("x3", &b, "failed", None),
+            rec("x4", &a, "healthy", Some((&b, "breaker"))),
+            rec("x5", "", "unknown", Some((&b, "held"))),
+        ]);
+        assert_eq!(s.len(), 2);
+        let (ra, rb) = (&s[0], &s[1]);
+        assert_eq!(
+            (ra.bundle.as_str(), ra.adopted, ra.failed),
+            (a.as_str(), 3, 0)
+        );
+        assert_eq!(rb.bundle, b);
+        assert_eq!(
+            (rb.adopted, rb.failed, rb.waiting, rb.breaker, rb.held),
+            (0, 1, 1, 1, 1)
+        );
+        assert_eq!(rb.sequence, 2);
+    }
 }

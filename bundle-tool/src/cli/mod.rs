@@ -9,6 +9,7 @@ mod demo;
 mod fleet;
 mod keys;
 mod mesh;
+mod promote;
 mod release;
 mod root;
 
@@ -38,6 +39,9 @@ enum Command {
     Bundle(bundle::BundleCommand),
     /// Sign a bundle into a channel of a bundle repository.
     Release(release::ReleaseArgs),
+    /// Sign the bundle of one channel's head into another channel (e.g.
+    /// beta to stable) without rebuilding, after verifying it.
+    Promote(promote::PromoteArgs),
     /// Verify a channel of a bundle repository: root chain, release
     /// signatures and expiry, and every object.
     Verify(release::VerifyArgs),
@@ -72,6 +76,7 @@ pub fn main() -> i32 {
         Command::Root(c) => root::run(c),
         Command::Bundle(c) => bundle::run(c),
         Command::Release(a) => release::release(a),
+        Command::Promote(a) => promote::run(a),
         Command::Verify(a) => release::verify(a),
         Command::Export(a) => release::export(a),
         Command::Import(a) => release::import(a),

@@ -25,7 +25,7 @@ pub struct RootArgs {
 
 impl RootArgs {
     /// The trusted start of the chain.
-    fn start(&self) -> Result<TrustChain> {
+    pub(super) fn start(&self) -> Result<TrustChain> {
         if self.roots.is_empty() {
             return TrustChain::embedded().context("embedded root");
         }
@@ -37,7 +37,7 @@ impl RootArgs {
     }
 
     /// The chain continued with the repository's roots.
-    fn chain(&self, repo: &RepoDir) -> Result<TrustChain> {
+    pub(super) fn chain(&self, repo: &RepoDir) -> Result<TrustChain> {
         let mut chain = self.start()?;
         chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
         Ok(chain)
@@ -117,7 +117,7 @@ pub struct ImportArgs {
     root: RootArgs,
 }
 
-fn read_keys(paths: &[PathBuf]) -> Result<Vec<cairn_keys::KeyPair>> {
+pub(super) fn read_keys(paths: &[PathBuf]) -> Result<Vec<cairn_keys::KeyPair>> {
     paths
         .iter()
         .map(|p| cairn_keys::keyfile::read_private(p).map_err(Into::into))

@@ -133,10 +133,39 @@ pub struct StatusRecord {
     pub sequence: u64,
     /// Adopted bundle id (empty: none).
     pub bundle: String,
-    /// Health: `healthy`, `degraded`, `failed`, `unknown`, ...
+    /// Health: `healthy`, `progressing`, `degraded`, `failed`, `unknown`.
+    /// `failed` means the adopted release failed its health checks and was
+    /// rolled back; it counts towards the release's rollout circuit breaker.
     pub health: String,
     /// When the agent produced the record, Unix milliseconds.
     pub time: u64,
+    /// Rollout state (waiting for a wave, breaker, local hold). Added
+    /// within protocol version 1 as an optional field: records from older
+    /// agents decode with `None`, and older agents ignore it.
+    #[serde(default)]
+    pub rollout: Option<RolloutRecord>,
+}
+
+/// An agent's rollout state in its [`StatusRecord`]: a newer verified
+/// release it holds but has not adopted, and why; and its local hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// The newer release not adopted: its sequence (0: none).
+    pub pending_sequence: u64,
+    /// Its bundle id (empty: none).
+    pub pending_bundle: String,
+    /// Why it is not adopted: `waiting` (wave not open), `breaker` (too
+    /// many failures reported), `held` (local hold), `not-selected`;
+    /// empty when nothing is pending.
+    pub state: String,
+    /// The wave (1-based) the agent falls in for it (0: none).
+    pub wave: u32,
+    /// When that wave opens, Unix seconds (0: not waiting).
+    pub opens_at: u64,
+    /// Whether a local hold (`cairn-agent hold`) is in place.
+    pub held: bool,
+    /// When the hold ends, Unix seconds (0: until released).
+    pub held_until: u64,
 }
 
 /// A peer known to the sender.
@@ -277,6 +306,12 @@ impl Message {
                         address(&r.bundle)?;
                     }
                     string("health", &r.health)?;
+                    if let Some(ro) = &r.rollout {
+                        if !ro.pending_bundle.is_empty() {
+                            address(&ro.pending_bundle)?;
+                        }
+                        string("rollout state", &ro.state)?;
+                    }
                     if r.labels.len() > limits.max_labels {
                         return bad(format!("{} labels", r.labels.len()));
                     }
@@ -427,6 +462,7 @@ mod tests {
                 bundle: a,
                 health: "healthy".into(),
                 time: 5,
+                rollout: None,
             }]),
             Message::StatusRequest,
             Message::Peers(vec![PeerInfo {
@@ -520,6 +556,7 @@ mod tests {
                 bundle: String::new(),
                 health: String::new(),
                 time: 0,
+                rollout: None,
             }]),
             Message::Peers(vec![
                 PeerInfo {

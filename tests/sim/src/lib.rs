@@ -1346,6 +1346,7 @@ impl Sim {
             bundle,
             health: "healthy".into(),
             time: now,
+            rollout: None,
         };
         if let Some(ep) = n.ep.as_mut() {
             ep.set_local_status(rec, now);

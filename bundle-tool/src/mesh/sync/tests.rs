@@ -575,6 +575,7 @@ fn status_gossip_spreads_and_newest_wins() {
             bundle: String::new(),
             health: "healthy".into(),
             time: 0,
+            rollout: None,
         };
         let now = sim.now;
         sim.nodes[i].ep.set_local_status(r, now);
@@ -603,6 +604,7 @@ fn status_records_from_the_future_or_about_us_are_ignored() {
         bundle: String::new(),
         health: "bad".into(),
         time,
+        rollout: None,
     };
     let c = ep.connected(PeerIdentity::Agent("a1".into()), None, None, now);
     ep.handle_message(
@@ -649,6 +651,7 @@ fn status_table_is_bounded() {
             bundle: String::new(),
             health: String::new(),
             time: now - 10 + i,
+            rollout: None,
         })
         .collect();
     ep.handle_message(conn, Message::Status(recs), now);
@@ -660,6 +663,7 @@ fn status_table_is_bounded() {
         bundle: String::new(),
         health: String::new(),
         time: now,
+        rollout: None,
     };
     ep.handle_message(conn, Message::Status(vec![newer]), now);
     assert_eq!(
