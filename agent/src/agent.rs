@@ -105,7 +105,9 @@ struct HeadState {
     release: Release,
     bytes: Vec<u8>,
     address: String,
-    manifest: Manifest,
+    /// Shared: a head is cloned for every reconcile and status, and a
+    /// manifest of 9,000 entries is a few MiB.
+    manifest: Arc<Manifest>,
 }
 
 impl HeadState {
@@ -319,7 +321,7 @@ impl Agent {
                 address: cairn_keys::sha256_address(&bytes),
                 release: verified.release,
                 bytes,
-                manifest,
+                manifest: Arc::new(manifest),
             });
         }
         let last_good = match store.last_good(&config.channel)? {
@@ -916,7 +918,7 @@ impl Agent {
             address: cairn_keys::sha256_address(&adoption.release.bytes),
             release: rel.clone(),
             bytes: adoption.release.bytes.clone(),
-            manifest: adoption.manifest.clone(),
+            manifest: Arc::new(adoption.manifest.clone()),
         };
         let published = head.published();
         {
@@ -1213,7 +1215,7 @@ impl Agent {
             address: cairn_keys::sha256_address(&bytes),
             release,
             bytes,
-            manifest,
+            manifest: Arc::new(manifest),
         })
     }
 
@@ -1488,7 +1490,9 @@ impl Agent {
             cfg.max_backoff,
         );
         loop {
-            let delay = match self.sync_from(source.as_ref()).await {
+            let synced = self.sync_from(source.as_ref()).await;
+            release_freed_memory();
+            let delay = match synced {
                 Ok(_) => {
                     backoff.reset();
                     jitter(cfg.poll_interval, 0.1)
@@ -1515,6 +1519,7 @@ impl Agent {
         let mut rx = self.subscribe();
         loop {
             let _ = self.reconcile().await;
+            release_freed_memory();
             tokio::select! {
                 _ = tokio::time::sleep(jitter(self.inner.config.reconcile_interval, 0.05)) => {}
                 changed = rx.changed() => {
@@ -1524,6 +1529,20 @@ impl Agent {
                 }
             }
         }
+    }
+}
+
+/// Hands memory freed by a sync or reconcile (fetched objects, the desired
+/// state, plans) back to the OS. glibc keeps freed heap pages in its
+/// arenas, so without this the idle agent stays at its peak RSS (measured
+/// with 9,000 objects: about 55 MiB before, 29 MiB after; see
+/// docs/PERFORMANCE.md).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused pages of the allocator's own
+    // arenas to the kernel; it frees nothing that is in use.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
