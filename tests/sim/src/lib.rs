@@ -158,6 +158,11 @@ pub struct ReleaseReport {
     /// Simulated time from publishing until every live honest agent held
     /// it, if that happened before the deadline.
     pub converged_after_ms: Option<u64>,
+    /// Simulated time from publishing until half of the honest agents
+    /// held it.
+    pub p50_ms: Option<u64>,
+    /// ... until 90 % of them held it.
+    pub p90_ms: Option<u64>,
     /// Rounds: the longest chain of peer-to-peer hops from an origin.
     pub rounds: u32,
     /// Honest agents holding it at the end of its window.
@@ -520,6 +525,8 @@ pub struct Sim {
     crashes: u64,
     rejections: BTreeMap<String, u64>,
     violations: Vec<String>,
+    /// Adoption instants per sequence.
+    adoptions: BTreeMap<u64, Vec<u64>>,
 }
 
 fn secs(ms: u64) -> u64 {
@@ -600,6 +607,7 @@ impl Sim {
             crashes: 0,
             rejections: BTreeMap::new(),
             violations: Vec::new(),
+            adoptions: BTreeMap::new(),
         };
         for i in 0..n {
             let at = sim.rng.random_range(0..1000);
@@ -1308,6 +1316,12 @@ impl Sim {
         }
         self.trace.add(10 << 32 | i as u64);
         self.trace.add(release.sequence);
+        if n.role != Role::Forger {
+            self.adoptions
+                .entry(release.sequence)
+                .or_default()
+                .push(now);
+        }
         n.hops = hops;
         n.adopted = Some(Adopted {
             sequence: release.sequence,
@@ -1450,7 +1464,14 @@ impl Sim {
             let bytes: Vec<u64> = honest.iter().map(|&i| after[i].0 - before[i].0).collect();
             let obj: u64 = honest.iter().map(|&i| after[i].1 - before[i].1).sum();
             let p = &self.world.releases[seq as usize - 1];
+            let times = self.adoptions.get(&seq).cloned().unwrap_or_default();
+            let pct = |q: usize| {
+                let k = (honest.len() * q).div_ceil(100).max(1);
+                times.get(k - 1).map(|t| t - t0)
+            };
             releases.push(ReleaseReport {
+                p50_ms: pct(50),
+                p90_ms: pct(90),
                 sequence: seq,
                 published_ms: t0,
                 converged_after_ms: ok.then(|| self.now - t0),

@@ -78,10 +78,15 @@ fn real_main() -> Result<()> {
         }
     }
     println!(
-        "| agents | release | converged after (simulated) | rounds | mesh bytes in per agent (mean / max) | object bytes per agent | bundle / new bytes | events | wall time | invariants |"
+        "| agents | release | 50 % / 90 % / all hold it (simulated) | rounds | mesh bytes in per agent (mean / max) | object bytes per agent | bundle / new bytes | events | wall time | invariants |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut failed = false;
+    let fmt_ms = |ms: Option<u64>| {
+        ms.map_or("—".to_owned(), |ms| {
+            format!("{:.1} s", ms as f64 / 1000.0)
+        })
+    };
     for n in sizes {
         let cfg = SimConfig {
             agents: n,
@@ -97,11 +102,16 @@ fn real_main() -> Result<()> {
             format!("**{} violations**: {}", r.violations.len(), r.violations[0])
         };
         for rel in &r.releases {
-            println!(
-                "| {n} | {} | {} | {} | {:.1} KiB / {:.1} KiB | {:.1} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
-                rel.sequence,
+            let times = format!(
+                "{} / {} / {}",
+                fmt_ms(rel.p50_ms),
+                fmt_ms(rel.p90_ms),
                 rel.converged_after_ms
-                    .map_or("**not converged**".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+                    .map_or("**not converged**".to_owned(), |ms| fmt_ms(Some(ms)))
+            );
+            println!(
+                "| {n} | {} | {times} | {} | {:.1} KiB / {:.1} KiB | {:.1} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
+                rel.sequence,
                 rel.rounds,
                 rel.bytes_in_mean / 1024.0,
                 rel.bytes_in_max as f64 / 1024.0,
