@@ -17,6 +17,10 @@
 //! * `--mesh 10,20`: mesh sizes (`--mesh none` skips the mesh rows).
 //! * `--mesh-runs N`: runs per mesh row (default 1: a 20-agent run of the
 //!   full fixture takes a while).
+//! * `--kustomize-runs N` (default 1), `--kustomize-timeout SECS` (default
+//!   1200): `kubectl kustomize` takes minutes on thousands of resources,
+//!   so it has its own, shorter series; a render past the limit is stopped
+//!   and reported as "> limit".
 //! * `--json FILE`: also write the raw figures as JSON.
 //! * `--keep DIR`: work in DIR and keep it (fixtures, repositories, logs).
 //!
@@ -44,11 +48,14 @@ struct Opts {
     key: PathBuf,
     json: Option<PathBuf>,
     keep: Option<PathBuf>,
+    kustomize_runs: usize,
+    kustomize_timeout: u64,
 }
 
 fn usage() -> &'static str {
     "usage: bench [--quick] [--runs N] [--mesh-runs N] [--apps N] [--configmap-kb N] \
-     [--mesh 10,20|none] [--bin-dir DIR] [--key FILE] [--json FILE] [--keep DIR]"
+     [--mesh 10,20|none] [--kustomize-runs N] [--kustomize-timeout SECS] [--bin-dir DIR] \
+     [--key FILE] [--json FILE] [--keep DIR]"
 }
 
 fn parse_args() -> Result<Opts> {
@@ -69,6 +76,8 @@ fn parse_args() -> Result<Opts> {
         key: workspace.join("keys/trust/dev/dev-release-1.key"),
         json: None,
         keep: None,
+        kustomize_runs: 1,
+        kustomize_timeout: 1200,
     };
     let mut explicit = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -101,6 +110,13 @@ fn parse_args() -> Result<Opts> {
             "--key" => o.key = PathBuf::from(val("--key")?),
             "--json" => o.json = Some(PathBuf::from(val("--json")?)),
             "--keep" => o.keep = Some(PathBuf::from(val("--keep")?)),
+            "--kustomize-runs" => {
+                o.kustomize_runs = num(val("--kustomize-runs")?, "--kustomize-runs")?.max(1)
+            }
+            "--kustomize-timeout" => {
+                o.kustomize_timeout =
+                    num(val("--kustomize-timeout")?, "--kustomize-timeout")? as u64
+            }
             "-h" | "--help" => {
                 println!("{}", usage());
                 std::process::exit(0);
@@ -455,38 +471,65 @@ impl Bench {
             .unwrap_or(false);
 
         let out = self.path("bench.bundle");
-        let kustomize = || -> Result<()> {
+        let render = self.path("kustomize.out");
+        let limit = Duration::from_secs(self.o.kustomize_timeout);
+        // Seconds kubectl kustomize takes, or None if it passed the limit.
+        let kustomize = || -> Result<Option<f64>> {
+            let t = Instant::now();
             let mut child = Command::new("kubectl")
                 .arg("kustomize")
                 .arg(&edge)
-                .stdout(Stdio::piped())
+                .stdout(std::fs::File::create(&render)?)
                 .stderr(Stdio::null())
                 .spawn()?;
-            let mut sink = Vec::new();
-            if let Some(mut s) = child.stdout.take() {
-                s.read_to_end(&mut sink)?;
+            loop {
+                if let Some(st) = child.try_wait()? {
+                    if !st.success() {
+                        bail!("kubectl kustomize failed ({st})");
+                    }
+                    break;
+                }
+                if t.elapsed() > limit {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(None);
+                }
+                std::thread::sleep(Duration::from_millis(5));
             }
-            if !child.wait()?.success() {
-                bail!("kubectl kustomize failed");
-            }
-            if sink.is_empty() {
+            let secs = t.elapsed().as_secs_f64();
+            if std::fs::metadata(&render)?.len() == 0 {
                 bail!("kubectl kustomize printed nothing");
             }
-            Ok(())
+            Ok(Some(secs))
         };
-        // Warm-up (page cache, kubectl's first start).
+        // Warm-up (page cache; kubectl's first start only in quick mode,
+        // where one render is short).
         self.build("HEAD", &out)?;
         git_archive_sha256(&self.git, "clusters/edge")?;
-        if kubectl {
+        if kubectl && self.o.quick {
             kustomize()?;
         }
-        let (mut c, mut a, mut k) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut c, mut a) = (Vec::new(), Vec::new());
         for r in 0..self.o.runs {
             progress(&format!("build run {}/{}", r + 1, self.o.runs));
             c.push(timed(|| self.build("HEAD", &out))?);
             a.push(timed(|| git_archive_sha256(&self.git, "clusters/edge"))?);
-            if kubectl {
-                k.push(timed(kustomize)?);
+        }
+        // kubectl kustomize is slow on thousands of resources: its own,
+        // shorter series.
+        let mut k = Vec::new();
+        let mut timed_out = false;
+        if kubectl {
+            let runs = self.o.kustomize_runs.min(self.o.runs);
+            for r in 0..runs {
+                progress(&format!("kubectl kustomize run {}/{runs}", r + 1));
+                match kustomize()? {
+                    Some(t) => k.push(t),
+                    None => {
+                        timed_out = true;
+                        break;
+                    }
+                }
             }
         }
         let (c, a) = (median(c), median(a));
@@ -501,10 +544,31 @@ impl Bench {
         ));
         self.record("build_secs", json!(c));
         self.record("git_archive_secs", json!(a));
-        if kubectl {
+        let figure = format!("bundle build ({n} objects) vs `kubectl kustomize`");
+        if !kubectl {
+            rows.push(row(
+                &figure,
+                secs(c),
+                "n/a (kubectl not found)".into(),
+                "—".into(),
+                "< 1×",
+                None,
+            ));
+        } else if timed_out {
+            let l = limit.as_secs_f64();
+            rows.push(row(
+                &figure,
+                secs(c),
+                format!("> {} (stopped)", secs(l)),
+                format!("< {:.3}×", c / l),
+                "< 1×",
+                Some(c < l),
+            ));
+            self.record("kustomize_secs", json!(format!("> {l}")));
+        } else {
             let k = median(k);
             rows.push(row(
-                &format!("bundle build ({n} objects) vs `kubectl kustomize`"),
+                &figure,
                 secs(c),
                 secs(k),
                 format!("{:.2}×", c / k),
@@ -512,15 +576,6 @@ impl Bench {
                 Some(c < k),
             ));
             self.record("kustomize_secs", json!(k));
-        } else {
-            rows.push(row(
-                &format!("bundle build ({n} objects) vs `kubectl kustomize`"),
-                secs(c),
-                "n/a (kubectl not found)".into(),
-                "—".into(),
-                "< 1×",
-                None,
-            ));
         }
         Ok(())
     }
@@ -611,13 +666,35 @@ impl Bench {
         let delta = server.bytes_sent();
         let delta_requests = server.requests();
         let bundle_size = std::fs::metadata(&self.b2)?.len();
+        // Where the delta goes: the new manifest is fetched whole.
+        let inspect = run_ok(
+            Command::new(&self.cairn)
+                .args(["bundle", "inspect", "--json"])
+                .arg(&self.b2),
+        )?;
+        let id = serde_json::from_str::<Value>(&inspect)?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let hex = id.strip_prefix("sha256:").unwrap_or(&id);
+        let manifest = std::fs::metadata(
+            repo.join("objects/sha256")
+                .join(hex.get(..2).unwrap_or(""))
+                .join(hex),
+        )
+        .map(|m| m.len())
+        .unwrap_or(0);
         let pct = 100.0 * delta as f64 / full.max(1) as f64;
         rows.push(row(
             &format!(
                 "delta: one of {} objects changed, bytes fetched",
                 self.objects
             ),
-            format!("{} ({delta_requests} requests)", human_bytes(delta)),
+            format!(
+                "{} ({delta_requests} requests; of which the new manifest {})",
+                human_bytes(delta),
+                human_bytes(manifest)
+            ),
             format!(
                 "{} full fetch ({full_requests} requests); bundle file {}",
                 human_bytes(full),
@@ -628,6 +705,7 @@ impl Bench {
             Some(pct <= 2.0),
         ));
         self.record("delta_bytes", json!(delta));
+        self.record("delta_manifest_bytes", json!(manifest));
         self.record("full_bytes", json!(full));
         self.record("delta_requests", json!(delta_requests));
         self.record("full_requests", json!(full_requests));
