@@ -199,8 +199,12 @@ fn a_timeout_fails_with_the_agents_that_did_not_converge_and_stops_them() {
         .collect();
     assert!(!pending.is_empty(), "{s:#}");
     let last = stderr.lines().last().unwrap_or_default();
+    // Which release misses the deadline depends on how fast the agents are
+    // at the first look; either way the demo must fail and say so.
     assert!(
-        last.starts_with("cairn: release 1 did not reach ") && last.contains("--timeout"),
+        (last.starts_with("cairn: release 1 did not reach ")
+            || last.starts_with("cairn: release 2 did not reach "))
+            && last.contains("--timeout"),
         "{stderr}"
     );
     for id in &pending {
