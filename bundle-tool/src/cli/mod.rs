@@ -40,7 +40,8 @@ enum Command {
     /// Sign a bundle into a channel of a bundle repository.
     Release(release::ReleaseArgs),
     /// Sign the bundle of one channel's head into another channel (e.g.
-    /// beta to stable) without rebuilding, after verifying it.
+    /// beta to stable) without rebuilding, after verifying it. The new release has its own
+    /// expiry, rollout and selector: none are copied from the source release.
     Promote(promote::PromoteArgs),
     /// Verify a channel of a bundle repository: root chain, release
     /// signatures and expiry, and every object.

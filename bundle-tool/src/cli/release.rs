@@ -56,11 +56,19 @@ pub struct ReleaseArgs {
     /// The channel, e.g. stable.
     #[arg(long, value_name = "NAME")]
     channel: String,
+    #[command(flatten)]
+    signing: SigningArgs,
+}
+
+/// What signs a new release, and its policy: shared by `cairn release` and
+/// `cairn promote`.
+#[derive(Debug, Args)]
+pub struct SigningArgs {
     /// Private release key file (repeat to reach the threshold).
     #[arg(long = "key", value_name = "KEY", required = true)]
     keys: Vec<PathBuf>,
     #[command(flatten)]
-    root: RootArgs,
+    pub(super) root: RootArgs,
     /// How long the release stays valid, e.g. 30d.
     #[arg(long, default_value = "30d", value_parser = crate::duration::parse_duration)]
     expires: std::time::Duration,
@@ -71,6 +79,25 @@ pub struct ReleaseArgs {
     /// Only agents with these labels, e.g. `region=eu,tier=edge`.
     #[arg(long, value_name = "K=V,...", value_parser = parse_selector)]
     selector: Option<BTreeMap<String, String>>,
+}
+
+impl SigningArgs {
+    /// Reads the signing keys and builds the request for a release on
+    /// `channel`, signed now.
+    pub(super) fn request(
+        self,
+        channel: &str,
+    ) -> Result<(Vec<cairn_keys::KeyPair>, ReleaseRequest)> {
+        let keys = read_keys(&self.keys)?;
+        let req = ReleaseRequest {
+            channel: channel.to_owned(),
+            expires_in: self.expires.as_secs(),
+            rollout: self.rollout.unwrap_or_default(),
+            selector: self.selector.unwrap_or_default(),
+            now: crate::unix_now(),
+        };
+        Ok((keys, req))
+    }
 }
 
 /// `cairn verify`.
@@ -127,15 +154,8 @@ pub(super) fn read_keys(paths: &[PathBuf]) -> Result<Vec<cairn_keys::KeyPair>> {
 pub fn release(a: ReleaseArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
-    let chain = a.root.chain(&repo)?;
-    let keys = read_keys(&a.keys)?;
-    let req = ReleaseRequest {
-        channel: a.channel.clone(),
-        expires_in: a.expires.as_secs(),
-        rollout: a.rollout.unwrap_or_default(),
-        selector: a.selector.unwrap_or_default(),
-        now: crate::unix_now(),
-    };
+    let chain = a.signing.root.chain(&repo)?;
+    let (keys, req) = a.signing.request(&a.channel)?;
     let v = publish(&repo, &chain, &a.bundle, &keys, &req, &limits)?;
     let r = &v.release;
     eprintln!(
