@@ -319,8 +319,13 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
         .arg(&data7));
     f.wait(20, "the released agent adopted", |f| f.sequence(held) == 1);
     assert!(f.status(held).unwrap().hold.is_none());
+    // Adoption is published before the reconcile that writes the files
+    // finishes: wait for the target, then compare every file.
     let expected = expected_files(&b);
     let dir = f.dir(held, "manifests");
+    f.wait(20, "the released agent wrote its target", |_| {
+        expected.keys().all(|name| dir.join(name).is_file())
+    });
     for (name, bytes) in &expected {
         assert_eq!(&std::fs::read(dir.join(name)).unwrap(), bytes, "{name}");
     }
