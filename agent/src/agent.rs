@@ -1354,11 +1354,7 @@ impl Agent {
             labels: self.inner.config.labels.clone(),
             target: self.inner.target.describe(),
             listen: st.listen.map(|a| a.to_string()),
-            root: RootStatus {
-                version: st.root.root.version,
-                expires: st.root.root.expires,
-                expired: st.root.root.is_expired(now),
-            },
+            root: RootStatus::new(&st.root.root, now),
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),

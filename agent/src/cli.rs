@@ -131,6 +131,8 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             log_format,
         } => {
             let cfg = Config::load(config.as_deref())?;
+            // Before anything is opened: no store, no listener, no target.
+            cfg.check_trust_root(cairn_keys::embedded::ORIGIN)?;
             let format = match log_format {
                 Some(LogFormatArg::Json) => LogFormat::Json,
                 Some(LogFormatArg::Text) => LogFormat::Text,
@@ -209,6 +211,14 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
 }
 
 async fn run(cfg: Config, once: bool) -> Result<i32, Error> {
+    if cairn_keys::embedded::is_development() {
+        tracing::warn!(
+            root_origin = cairn_keys::embedded::ORIGIN,
+            "INSECURE: running with the DEVELOPMENT trust root because insecureAllowDevelopmentRoot is set; \
+             its private keys are public and anyone can sign releases this agent adopts. \
+             Never deploy this binary; rebuild with CAIRN_TRUST_ROOT=/path/to/root.v1"
+        );
+    }
     tracing::info!(
         channel = %cfg.channel,
         data_dir = %cfg.data_dir.display(),

@@ -105,6 +105,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The mesh (`mesh:` section); `None` = no mesh.
     pub mesh: Option<crate::mesh::MeshConfig>,
+    /// `insecureAllowDevelopmentRoot`: run even though the embedded trust
+    /// root is the development root (demos and tests only; see
+    /// [`Config::check_trust_root`]).
+    pub insecure_allow_development_root: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +127,11 @@ struct RawConfig {
     listen: Option<RawListen>,
     log_format: Option<String>,
     mesh: Option<crate::mesh::RawMeshConfig>,
+    insecure_allow_development_root: Option<bool>,
+    /// A `CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT` value that is not a
+    /// boolean (reported by validation).
+    #[serde(skip)]
+    bad_env_allow_development_root: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,6 +334,12 @@ impl Config {
                 .map_err(|es| es.into_iter().for_each(|(f, m)| err(&f, m)))
                 .ok()
         });
+        if let Some(v) = &raw.bad_env_allow_development_root {
+            err(
+                "insecureAllowDevelopmentRoot",
+                format!("CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`{v}`: expected `true` or `false`"),
+            );
+        }
         if !errors.is_empty() {
             return Err(ConfigError { lines: errors });
         }
@@ -343,6 +358,38 @@ impl Config {
             listen_http,
             log_format,
             mesh,
+            insecure_allow_development_root: raw.insecure_allow_development_root.unwrap_or(false),
+        })
+    }
+
+    /// Refuses to run with the development trust root (`origin` is
+    /// [`cairn_keys::embedded::ORIGIN`]) unless
+    /// `insecureAllowDevelopmentRoot` is set: its private keys are checked
+    /// in and compiled into the public `cairn` binary, so anyone could sign
+    /// releases such an agent adopts. Called before anything is opened.
+    pub fn check_trust_root(&self, origin: &str) -> Result<(), ConfigError> {
+        if origin != cairn_keys::embedded::DEVELOPMENT || self.insecure_allow_development_root {
+            return Ok(());
+        }
+        let at = match &self.path {
+            Some(p) => format!("config {}", p.display()),
+            None => "config (environment)".to_owned(),
+        };
+        Err(ConfigError {
+            lines: vec![
+                "refusing to run: this cairn-agent embeds the DEVELOPMENT trust root (keys/trust/root.v1)."
+                    .into(),
+                "Its private keys are public (keys/trust/dev/, and the release key is inside every development `cairn` binary),"
+                    .into(),
+                "so anyone could sign releases this agent would adopt.".into(),
+                "Rebuild the agent with your organisation's root: `CAIRN_TRUST_ROOT=/path/to/root.v1 cargo build --release`"
+                    .into(),
+                "(container image: `--build-arg CAIRN_TRUST_ROOT=...`; see docs/SECURITY.md).".into(),
+                format!(
+                    "For a demo or a test only, set `insecureAllowDevelopmentRoot: true` in {at} \
+                     or CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=true."
+                ),
+            ],
         })
     }
 
@@ -375,6 +422,10 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("CAIRN_MANIFESTS_DIR", "target.manifestsDir"),
     ("CAIRN_LISTEN_HTTP", "listen.http"),
     ("CAIRN_LOG_FORMAT", "logFormat"),
+    (
+        "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT",
+        "insecureAllowDevelopmentRoot",
+    ),
 ];
 
 fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
@@ -428,6 +479,13 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
     }
     if let Some(v) = get("CAIRN_LOG_FORMAT") {
         raw.log_format = Some(v);
+    }
+    if let Some(v) = get("CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT") {
+        match v.trim() {
+            "true" => raw.insecure_allow_development_root = Some(true),
+            "false" => raw.insecure_allow_development_root = Some(false),
+            _ => raw.bad_env_allow_development_root = Some(v),
+        }
     }
 }
 
@@ -588,6 +646,30 @@ listen:
         let bad = |k: &str| (k == "CAIRN_POLL_INTERVAL").then(|| "soon".to_owned());
         let e = Config::load_with_env(Some(&p), &bad).unwrap_err();
         assert!(e.lines[0].contains("pollInterval"), "{e}");
+    }
+
+    #[test]
+    fn the_development_root_needs_the_insecure_key() {
+        let base = "channel: stable\ntarget: {manifestsDir: /x}\n";
+        let c = Config::parse(base, "x").unwrap();
+        assert!(!c.insecure_allow_development_root);
+        let e = c.check_trust_root("development").unwrap_err().to_string();
+        assert!(e.contains("DEVELOPMENT trust root"), "{e}");
+        assert!(e.contains("CAIRN_TRUST_ROOT="), "{e}");
+        assert!(e.contains("insecureAllowDevelopmentRoot: true"), "{e}");
+        c.check_trust_root("/etc/cairn/root.v1").unwrap();
+        let c = Config::parse(&format!("{base}insecureAllowDevelopmentRoot: true\n"), "x").unwrap();
+        c.check_trust_root("development").unwrap();
+
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.yaml");
+        std::fs::write(&p, base).unwrap();
+        let env = |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "true".to_owned());
+        let c = Config::load_with_env(Some(&p), &env).unwrap();
+        assert!(c.insecure_allow_development_root);
+        let env = |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "yes".to_owned());
+        let e = Config::load_with_env(Some(&p), &env).unwrap_err();
+        assert!(e.lines[0].contains("insecureAllowDevelopmentRoot: CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`yes`"), "{e}");
     }
 
     #[test]

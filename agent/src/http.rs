@@ -2,7 +2,8 @@
 //!
 //! * `/healthz`: 200 while the process runs.
 //! * `/readyz`: 200 when a release is adopted and the last reconcile made
-//!   the target match it; otherwise 503 with the reason as the body.
+//!   the target match it; otherwise 503. The body is the reason, then a
+//!   line `trust root: ORIGIN vN` naming the embedded trust root.
 //! * `/metrics`: Prometheus/OpenMetrics text ([`crate::metrics`]).
 
 use crate::Agent;
@@ -66,7 +67,16 @@ pub fn route<B>(agent: &Agent, req: &Request<B>) -> Response<Full<Bytes>> {
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            text(code, PLAIN, format!("{reason}\n"))
+            // The second line names the trust root, so a probe log shows a
+            // development-root agent for what it is.
+            text(
+                code,
+                PLAIN,
+                format!(
+                    "{reason}\ntrust root: {}\n",
+                    crate::status::describe_embedded_root()
+                ),
+            )
         }
         "/metrics" => {
             // Refresh derived gauges (offline) before encoding.

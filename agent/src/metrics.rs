@@ -14,6 +14,8 @@
 //! | `cairn_rollbacks_total` | counter | | releases that failed their health checks and were rolled back |
 //! | `cairn_offline` | gauge | |
 //! | `cairn_root_version` | gauge | |
+//! | `cairn_trust_root_info` | gauge (always 1) | `origin`, `version` of the embedded root |
+//! | `cairn_development_root` | gauge | 1 when the embedded root is the development root |
 //! | `cairn_adopted_release_expired` | gauge | |
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -53,6 +55,15 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// `origin` + `version` labels of the embedded trust root.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrustRootLabel {
+    /// [`cairn_keys::embedded::ORIGIN`].
+    pub origin: String,
+    /// The embedded root's version.
+    pub version: String,
+}
+
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -90,6 +101,10 @@ pub struct Metrics {
     pub root_version: Gauge,
     /// 1 when the enforced release has expired (kept, with a warning).
     pub adopted_release_expired: Gauge,
+    /// Always 1, labelled with the embedded root's origin and version.
+    pub trust_root_info: Family<TrustRootLabel, Gauge>,
+    /// 1 when the embedded root is the development root.
+    pub development_root: Gauge,
     /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
     pub mesh: crate::mesh::MeshMetrics,
 }
@@ -118,6 +133,8 @@ impl Metrics {
             offline: Gauge::default(),
             root_version: Gauge::default(),
             adopted_release_expired: Gauge::default(),
+            trust_root_info: Family::default(),
+            development_root: Gauge::default(),
             mesh: crate::mesh::MeshMetrics::default(),
             registry: Registry::default(),
         };
@@ -183,6 +200,24 @@ impl Metrics {
             "1 when the enforced release has expired (still enforced)",
             m.adopted_release_expired.clone(),
         );
+        m.trust_root_info
+            .get_or_create(&TrustRootLabel {
+                origin: cairn_keys::embedded::ORIGIN.to_owned(),
+                version: crate::status::embedded_root_version().to_string(),
+            })
+            .set(1);
+        m.development_root
+            .set(i64::from(cairn_keys::embedded::is_development()));
+        registry.register(
+            "cairn_trust_root_info",
+            "The trust root compiled into the agent (always 1)",
+            m.trust_root_info.clone(),
+        );
+        registry.register(
+            "cairn_development_root",
+            "1 when the agent embeds the development trust root, whose private keys are public",
+            m.development_root.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -218,5 +253,17 @@ mod tests {
         );
         assert!(t.contains("cairn_drift_corrections_total 1"), "{t}");
         assert!(t.contains("cairn_reconcile_duration_seconds_bucket"), "{t}");
+        let dev = i64::from(cairn_keys::embedded::is_development());
+        assert!(
+            t.contains(&format!("cairn_development_root {dev}\n")),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!(
+                "cairn_trust_root_info{{origin=\"{}\",version=\"1\"}} 1",
+                cairn_keys::embedded::ORIGIN
+            )),
+            "{t}"
+        );
     }
 }

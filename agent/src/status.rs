@@ -159,6 +159,64 @@ pub struct RootStatus {
     pub expires: u64,
     /// Whether it has expired.
     pub expired: bool,
+    /// Where the root compiled into the agent came from:
+    /// `development` (the checked-in development root, whose private keys
+    /// are public; the agent runs with it only when
+    /// `insecureAllowDevelopmentRoot` is set) or the `CAIRN_TRUST_ROOT`
+    /// path it was built with.
+    #[serde(default)]
+    pub origin: String,
+    /// Version of the root compiled into the agent (the chain starts there).
+    #[serde(default)]
+    pub embedded_version: u64,
+}
+
+impl RootStatus {
+    /// The status of `current` (the newest root of the chain) at `now`,
+    /// with the embedded root's origin and version.
+    pub fn new(current: &cairn_keys::Root, now: u64) -> RootStatus {
+        RootStatus {
+            version: current.version,
+            expires: current.expires,
+            expired: current.is_expired(now),
+            origin: cairn_keys::embedded::ORIGIN.to_owned(),
+            embedded_version: embedded_root_version(),
+        }
+    }
+
+    /// `development v1` or `/etc/cairn/root.v1 v3`, with a warning for the
+    /// development root.
+    pub fn describe_origin(&self) -> String {
+        describe_root(&self.origin, self.embedded_version)
+    }
+}
+
+/// [`RootStatus::describe_origin`] for this binary's embedded root (the
+/// second line of `/readyz`).
+pub fn describe_embedded_root() -> String {
+    describe_root(cairn_keys::embedded::ORIGIN, embedded_root_version())
+}
+
+fn describe_root(origin: &str, version: u64) -> String {
+    format!(
+        "{origin} v{version}{}",
+        if origin == cairn_keys::embedded::DEVELOPMENT {
+            " (INSECURE: its private keys are public; never deploy this agent)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Version of the embedded root (0 if it does not verify, which
+/// `Agent::open` refuses anyway).
+pub fn embedded_root_version() -> u64 {
+    static VERSION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        cairn_keys::embedded::root()
+            .map(|r| r.root.version)
+            .unwrap_or(0)
+    })
 }
 
 /// The whole status document.
@@ -279,6 +337,9 @@ impl Status {
                 if self.root.expired { " (EXPIRED)" } else { "" }
             ),
         );
+        if !self.root.origin.is_empty() {
+            line("trust root", self.root.describe_origin());
+        }
         if let Some(r) = &self.rollout {
             line(
                 "pending",

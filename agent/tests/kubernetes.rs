@@ -96,7 +96,7 @@ impl Drop for ApiServer {
 fn kube_config(w: &World, name: &str, kubeconfig: &Path, extra: &str) -> PathBuf {
     let p = w.path(name);
     let text = format!(
-        "dataDir: {}\nchannel: stable\nsources:\n  - {}\npollInterval: 1s\nreconcileInterval: 1s\n\
+        "insecureAllowDevelopmentRoot: true\ndataDir: {}\nchannel: stable\nsources:\n  - {}\npollInterval: 1s\nreconcileInterval: 1s\n\
          maxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  kubernetes:\n    kubeconfig: {}\n    \
          namespace: cairn-system\n    healthTimeout: 5s\n{extra}listen:\n  http: 127.0.0.1:0\n",
         w.data.display(),

@@ -82,7 +82,7 @@ impl Fleet {
             .collect();
         let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
         let text = format!(
-            "agentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
+            "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
              sources:{src}\npollInterval: 1s\nreconcileInterval: 1s\nmaxBackoff: 2s\n\
              requestTimeout: 10s\ntarget:\n  manifestsDir: {man}\nlisten:\n  http: 127.0.0.1:0\n\
              mesh:\n  listen: {listen}\n  cert: {cert}/agent.crt\n  key: {cert}/agent.key\n  \

@@ -193,7 +193,7 @@ fn partitioned_groups_diverge_then_converge() {
         std::fs::write(
             &cfg,
             format!(
-                "agentId: a{i}\ndataDir: {d}/data\nchannel: stable\nsources:{sources}\npollInterval: 1s\n\
+                "insecureAllowDevelopmentRoot: true\nagentId: a{i}\ndataDir: {d}/data\nchannel: stable\nsources:{sources}\npollInterval: 1s\n\
                  reconcileInterval: 1s\nmaxBackoff: 2s\ntarget:\n  manifestsDir: {d}/manifests\n\
                  listen:\n  http: \"off\"\nmesh:\n  listen: {addr}\n  cert: {c}/agent.crt\n  \
                  key: {c}/agent.key\n  ca: {c}/ca.crt\n  peers: [{p}]\n  antiEntropyInterval: 1s\n",

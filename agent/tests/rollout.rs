@@ -80,7 +80,7 @@ impl Fleet {
             format!("\"{}\"", mesh_addr(self.block, i - 1))
         };
         let text = format!(
-            "agentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
+            "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
              sources:{sources}pollInterval: 1s\nreconcileInterval: 1s\nmaxBackoff: 2s\n\
              requestTimeout: 10s\n{target}listen:\n  http: 127.0.0.1:0\n\
              mesh:\n  listen: {listen}\n  cert: {cert}/agent.crt\n  key: {cert}/agent.key\n  \

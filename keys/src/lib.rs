@@ -9,6 +9,7 @@
 //! * [`envelope`]: signed, domain-separated envelopes.
 //! * [`root`]: the trust root with roles and thresholds, and root rotation.
 //! * [`embedded`]: the root compiled into every binary.
+//! * [`text`]: escaping untrusted strings before they are shown.
 
 pub mod codec;
 pub mod embedded;
@@ -18,6 +19,7 @@ pub mod fs;
 pub mod key;
 pub mod keyfile;
 pub mod root;
+pub mod text;
 
 pub use envelope::{Envelope, PayloadType, Signature};
 pub use error::{Error, Result};

@@ -146,7 +146,7 @@ impl World {
         let p = self.path(name);
         let src: String = sources.iter().map(|s| format!("  - {s}\n")).collect();
         let text = format!(
-            "dataDir: {}\nchannel: stable\nlabels: {{region: eu}}\nsources:\n{}pollInterval: 1s\n\
+            "insecureAllowDevelopmentRoot: true\ndataDir: {}\nchannel: stable\nlabels: {{region: eu}}\nsources:\n{}pollInterval: 1s\n\
              reconcileInterval: 1s\nmaxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {}\n\
              listen:\n  http: 127.0.0.1:0\n",
             self.data.display(),

@@ -36,11 +36,22 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// The development release key (`keys/trust/dev/dev-release-1.key`),
-/// compiled in **only** for the demo. Agents built with the development
-/// root accept its signatures; the demo refuses to run in a binary built
-/// with any other root ([`cairn_keys::embedded::ORIGIN`]).
-const DEV_RELEASE_KEY: &[u8] = include_bytes!("../../../keys/trust/dev/dev-release-1.key");
+/// The development release key (`keys/trust/dev/dev-release-1.key`).
+/// cairn-keys compiles it in only when the embedded root is the
+/// development root (cfg `cairn_dev_root`): a `cairn` built with
+/// `CAIRN_TRUST_ROOT` does not contain it, and its demo refuses to run.
+fn dev_release_key() -> Result<cairn_keys::KeyPair> {
+    let bytes = cairn_keys::embedded::development_release_key().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the demo signs with the development release key, but this cairn embeds the trust root from {} \
+             (CAIRN_TRUST_ROOT at build time) and does not contain that key; \
+             run the demo from a build without CAIRN_TRUST_ROOT",
+            cairn_keys::embedded::ORIGIN
+        )
+    })?;
+    cairn_keys::KeyPair::from_pkcs8(bytes)
+        .map_err(|e| anyhow::anyhow!("the embedded development release key: {e}"))
+}
 
 /// The channel the demo releases on and the agents follow.
 const CHANNEL: &str = "demo";
@@ -345,8 +356,7 @@ fn build_and_release(layout: &Layout, rev: u32, commit: &str) -> Result<DemoRele
     let repo = RepoDir::new(&layout.repository);
     let mut chain = TrustChain::embedded().context("embedded root")?;
     chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
-    let key = cairn_keys::KeyPair::from_pkcs8(DEV_RELEASE_KEY)
-        .map_err(|e| anyhow::anyhow!("the embedded development release key: {e}"))?;
+    let key = dev_release_key()?;
     let req = ReleaseRequest {
         channel: CHANNEL.to_owned(),
         expires_in: u64::from(VALID_DAYS) * 86_400,
@@ -529,7 +539,10 @@ fn write_agent(
          target:\n  manifestsDir: {target}\n\
          listen:\n  http: {http}\n\
          mesh:\n  listen: {mesh}\n  cert: {crt}\n  key: {key}\n  ca: {ca}\n  peers: [{peers}]\n  \
-         antiEntropyInterval: 1s\n",
+         antiEntropyInterval: 1s\n\
+         # The demo's releases are signed with the development key, so its agents\n\
+         # must run with the development root. Never set this in production.\n\
+         insecureAllowDevelopmentRoot: true\n",
         data = qp(&data),
         pos = index + 1,
         target = qp(&target),
@@ -925,14 +938,9 @@ struct Outcome {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    if cairn_keys::embedded::ORIGIN != "development" {
-        bail!(
-            "the demo signs with the development release key, but this cairn embeds the trust root from {} \
-             (CAIRN_TRUST_ROOT at build time), so its agents would reject every demo release; \
-             run the demo from a build without CAIRN_TRUST_ROOT",
-            cairn_keys::embedded::ORIGIN
-        );
-    }
+    // Before anything is written: a build for an organisation's root has
+    // no development key (and its agents would reject the demo releases).
+    dev_release_key()?;
     let agent_bin = agent_binary()?;
     let cairn_bin = std::env::current_exe().context("finding this executable")?;
     let layout = Layout::new(demo_dir(a.dir.clone())?);
@@ -1431,10 +1439,13 @@ mod tests {
 
     #[test]
     fn the_embedded_development_key_is_a_release_key_of_the_development_root() {
-        let key = cairn_keys::KeyPair::from_pkcs8(DEV_RELEASE_KEY).unwrap();
         let root = cairn_keys::embedded::root().unwrap();
-        if cairn_keys::embedded::ORIGIN == "development" {
-            assert!(root.root.release.key_ids.contains(&key.key_id()));
+        match dev_release_key() {
+            Ok(key) => assert!(root.root.release.key_ids.contains(&key.key_id())),
+            Err(e) => {
+                assert!(!cairn_keys::embedded::is_development());
+                assert!(e.to_string().contains("does not contain that key"), "{e}");
+            }
         }
     }
 }

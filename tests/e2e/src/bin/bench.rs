@@ -628,7 +628,7 @@ impl Bench {
         std::fs::create_dir_all(&dir)?;
         let src: String = sources.iter().map(|s| format!("\n  - {s}")).collect();
         let text = format!(
-            "agentId: {name}\ndataDir: {data}\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
+            "insecureAllowDevelopmentRoot: true\nagentId: {name}\ndataDir: {data}\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
              reconcileInterval: 60s\nmaxBackoff: 1s\nrequestTimeout: 30s\ntarget:\n  manifestsDir: {man}\n\
              listen:\n  http: 127.0.0.1:0\n{extra}",
             data = dir.join("data").display(),
