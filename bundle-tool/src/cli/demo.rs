@@ -41,16 +41,20 @@ use std::time::{Duration, Instant};
 /// development root (cfg `cairn_dev_root`): a `cairn` built with
 /// `CAIRN_TRUST_ROOT` does not contain it, and its demo refuses to run.
 fn dev_release_key() -> Result<cairn_keys::KeyPair> {
-    let bytes = cairn_keys::embedded::development_release_key().ok_or_else(|| {
+    cairn_keys::KeyPair::from_pkcs8(dev_release_key_bytes()?)
+        .map_err(|e| anyhow::anyhow!("the embedded development release key: {e}"))
+}
+
+/// [`dev_release_key`] as PKCS#8 bytes.
+fn dev_release_key_bytes() -> Result<&'static [u8]> {
+    cairn_keys::embedded::development_release_key().ok_or_else(|| {
         anyhow::anyhow!(
             "the demo signs with the development release key, but this cairn embeds the trust root from {} \
              (CAIRN_TRUST_ROOT at build time) and does not contain that key; \
              run the demo from a build without CAIRN_TRUST_ROOT",
             cairn_keys::embedded::ORIGIN
         )
-    })?;
-    cairn_keys::KeyPair::from_pkcs8(bytes)
-        .map_err(|e| anyhow::anyhow!("the embedded development release key: {e}"))
+    })
 }
 
 /// The channel the demo releases on and the agents follow.
@@ -977,7 +981,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     // The key as a file, so `cairn release` can be tried by hand.
     let key_file = layout.dir.join("keys").join("dev-release-1.key");
     std::fs::create_dir_all(layout.dir.join("keys"))?;
-    cairn_keys::fs::write_atomic(&key_file, DEV_RELEASE_KEY, Some(0o600))
+    cairn_keys::fs::write_atomic(&key_file, dev_release_key_bytes()?, Some(0o600))
         .with_context(|| format!("writing {}", key_file.display()))?;
 
     // 3. Mesh PKI.
