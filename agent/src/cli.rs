@@ -115,8 +115,10 @@ pub fn main() -> i32 {
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
+            // Errors may quote what a source served before it was
+            // verified: no control sequences reach the terminal.
             for line in e.to_string().lines() {
-                eprintln!("cairn-agent: {line}");
+                eprintln!("cairn-agent: {}", cairn_keys::text::escape_untrusted(line));
             }
             EXIT_FAILURE
         }

@@ -307,7 +307,14 @@ impl Status {
     /// Human-readable rendering, relative to `now`.
     pub fn render(&self, now: u64) -> String {
         let mut o = String::new();
-        let mut line = |k: &str, v: String| o.push_str(&format!("{k:<15} {v}\n"));
+        // Values may quote what a source or peer served (rejection
+        // messages, source errors): no control sequences reach the terminal.
+        let mut line = |k: &str, v: String| {
+            o.push_str(&format!(
+                "{k:<15} {}\n",
+                cairn_keys::text::escape_untrusted(&v)
+            ))
+        };
         line("agent", format!("{} (pid {})", self.agent_id, self.pid));
         line("channel", self.channel.clone());
         let rel = |r: &Option<ReleaseStatus>| match r {
@@ -443,16 +450,17 @@ impl Status {
             o.push_str("  (none)\n");
         }
         for s in &self.sources {
+            let error = s
+                .error
+                .as_ref()
+                .map(|e| format!(": {}", cairn_keys::text::escape_untrusted(e)))
+                .unwrap_or_default();
             o.push_str(&format!(
-                "  {}  {}  {} ({}){}\n",
+                "  {}  {}  {} ({}){error}\n",
                 s.source,
                 if s.ok { "ok" } else { "ERROR" },
                 s.result,
                 ago(now, s.last_attempt),
-                s.error
-                    .as_ref()
-                    .map(|e| format!(": {e}"))
-                    .unwrap_or_default()
             ));
         }
         o.push_str(&format!(

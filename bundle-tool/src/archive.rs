@@ -235,7 +235,7 @@ pub fn import(
         let raw = entry.path_bytes().into_owned();
         let path =
             String::from_utf8(raw).map_err(|_| bad(format!("member {n}: path is not UTF-8")))?;
-        let shown = path.escape_debug().to_string();
+        let shown = cairn_keys::text::escape_untrusted(&path);
         if path.starts_with('/') {
             return Err(bad(format!(
                 "member `{shown}`: absolute paths are not allowed"

@@ -99,7 +99,7 @@ impl Release {
         if !crate::bundle::is_address(&self.bundle) {
             return Err(Error::InvalidRelease(format!(
                 "bad bundle id `{}`",
-                self.bundle
+                cairn_keys::text::escape_untrusted(&self.bundle)
             )));
         }
         Ok(())
@@ -119,7 +119,8 @@ pub fn validate_channel(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "channel `{name}`: use 1-63 characters of a-z, 0-9 and '-', not starting with '-'"
+            "channel `{}`: use 1-63 characters of a-z, 0-9 and '-', not starting with '-'",
+            cairn_keys::text::escape_untrusted(name)
         ))
     }
 }

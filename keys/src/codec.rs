@@ -28,6 +28,7 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8], limit: usiz
     }
     serde_cbor::from_slice(bytes).map_err(|e| Error::Decode {
         what,
-        reason: e.to_string(),
+        // serde names unknown fields and variants from the input verbatim.
+        reason: crate::text::escape_untrusted(&e.to_string()),
     })
 }

@@ -88,7 +88,12 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("cairn: {}", error_chain(&e));
+            // Errors may quote unverified input (names from an archive or
+            // a repository): no control sequences reach the terminal.
+            eprintln!(
+                "cairn: {}",
+                cairn_keys::text::escape_untrusted(&error_chain(&e))
+            );
             EXIT_FAILURE
         }
     }
