@@ -8,9 +8,10 @@
 //! repository state always gives the same archive bytes.
 //!
 //! Import trusts nothing in the archive: every member's type, path and
-//! size is checked while reading (links, devices, `..`, absolute or
-//! unexpected paths and oversized members are refused), members are staged
-//! in a temporary directory outside the repository, the root chain,
+//! size is checked before it is read (links, devices, GNU long names, PAX
+//! headers, `..`, absolute or unexpected paths and oversized members are
+//! refused), members are streamed to a temporary directory outside the
+//! repository (only roots, boundedly, stay in memory), the root chain,
 //! every release and every object are verified there, and only then are
 //! objects written, then roots, then channel heads last.
 
@@ -21,8 +22,7 @@ use crate::repo::{channel_path, object_path, root_path, RepoDir};
 use crate::trust::TrustChain;
 use crate::{Error, Result};
 use cairn_keys::root::MAX_ROOT_BYTES;
-use cairn_keys::sha256_address;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -187,9 +187,51 @@ fn classify(path: &str) -> Option<Member> {
     }
 }
 
+/// Most bytes of root members an archive may carry in total. Roots are
+/// the only members held in memory until the chain is checked (a root is
+/// about a kilobyte; this allows thousands of rotations).
+pub const MAX_ARCHIVE_ROOT_BYTES: u64 = 4 << 20;
+
+/// Copies at most `limit` bytes of `from` into a new file `to`, hashing
+/// them; returns the byte count (`limit + 1` means "more than `limit`")
+/// and the `sha256:` address of what was read.
+fn copy_hashed(from: &mut impl Read, to: &Path, limit: u64) -> std::io::Result<(u64, String)> {
+    let mut out = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(to)?,
+    );
+    let mut hasher = cairn_keys::AddressHasher::default();
+    let mut from = from.take(limit.saturating_add(1));
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
+        n += k as u64;
+    }
+    out.flush()?;
+    Ok((n, hasher.finish()))
+}
+
 /// Imports an archive into `repo`. `chain` is the trusted start (the
 /// embedded root or `--root` files); it is extended with the archive's and
 /// the repository's roots. See the module documentation for the checks.
+///
+/// Memory stays within fixed bounds whatever the archive holds: each
+/// member's size is checked against its kind's limit before it is read,
+/// objects and channel files are written to the staging directory as they
+/// are read (objects hashed on the way), and only roots stay in memory, at
+/// most [`MAX_ARCHIVE_ROOT_BYTES`] of them. The tar is read raw: GNU long
+/// names and PAX headers, which the tar reader would otherwise buffer
+/// whole, are refused like any other non-regular member.
 pub fn import(
     archive: &Path,
     repo: &RepoDir,
@@ -213,19 +255,24 @@ pub fn import(
             source: e,
         })?;
     let stage = RepoDir::new(staging_dir.path());
+    let stage_io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
     let file = std::fs::File::open(archive).map_err(io)?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
     let max_members = limits.max_entries.saturating_mul(4).saturating_add(1024);
     let max_total = limits.max_bundle_bytes.saturating_mul(4);
     let mut total = 0u64;
+    let mut root_bytes = 0u64;
     let mut seen = BTreeSet::new();
     let mut roots: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut channels: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut channels: BTreeSet<String> = BTreeSet::new();
     let mut archived_objects = BTreeSet::new();
-    let mut staged = stage.object_batch();
     for (n, entry) in tar
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?
+        .raw(true)
         .enumerate()
     {
         let mut entry = entry.map_err(|e| bad(format!("malformed tar member {n}: {e}")))?;
@@ -297,46 +344,82 @@ pub fn import(
         if total > max_total {
             return Err(bad(format!("archive contents exceed {max_total} bytes")));
         }
-        let mut data = Vec::with_capacity(size as usize);
-        (&mut entry)
-            .take(limit + 1)
-            .read_to_end(&mut data)
-            .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
-        if data.len() as u64 != size {
-            return Err(bad(format!("member `{shown}` is truncated")));
-        }
         match member {
-            Member::Root(v) => roots.push((v, data)),
-            Member::Channel(name) => {
-                channels.insert(name, data);
-            }
             Member::Object(address) => {
-                let actual = sha256_address(&data);
+                // Straight to the staging directory, hashed on the way.
+                let rel = object_path(&address).ok_or_else(|| {
+                    bad(format!("member `{shown}`: malformed object address"))
+                })?;
+                let dest = staging_dir.path().join(rel);
+                let dir = dest.parent().unwrap_or(staging_dir.path()).to_path_buf();
+                std::fs::create_dir_all(&dir).map_err(stage_io(&dir))?;
+                let tmp = dir.join(".partial");
+                let (read, actual) =
+                    copy_hashed(&mut entry, &tmp, limit).map_err(|e| match e.kind() {
+                        std::io::ErrorKind::UnexpectedEof => bad(format!("member `{shown}` is truncated")),
+                        _ => bad(format!("member `{shown}`: {e}")),
+                    })?;
+                if read != size {
+                    return Err(bad(format!("member `{shown}` is truncated")));
+                }
                 if actual != address {
                     return Err(bad(format!("member `{shown}`: content hashes to {actual}")));
                 }
-                staged.add(&address, &data)?;
+                std::fs::rename(&tmp, &dest).map_err(stage_io(&dest))?;
                 archived_objects.insert(address);
+            }
+            Member::Root(_) | Member::Channel(_) => {
+                if let Member::Root(_) = member {
+                    root_bytes = root_bytes.saturating_add(size);
+                    if root_bytes > MAX_ARCHIVE_ROOT_BYTES {
+                        return Err(bad(format!(
+                            "root members exceed {MAX_ARCHIVE_ROOT_BYTES} bytes in total"
+                        )));
+                    }
+                }
+                // `size` is at most the member kind's small limit.
+                let mut data = Vec::with_capacity(size as usize);
+                (&mut entry)
+                    .take(limit + 1)
+                    .read_to_end(&mut data)
+                    .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
+                if data.len() as u64 != size {
+                    return Err(bad(format!("member `{shown}` is truncated")));
+                }
+                match member {
+                    Member::Root(v) => roots.push((v, data)),
+                    Member::Channel(name) => {
+                        // Staged now; read back one at a time to verify.
+                        let dest = staging_dir.path().join(channel_path(&name));
+                        let dir = dest.parent().unwrap_or(staging_dir.path()).to_path_buf();
+                        std::fs::create_dir_all(&dir).map_err(stage_io(&dir))?;
+                        std::fs::write(&dest, &data).map_err(stage_io(&dest))?;
+                        channels.insert(name);
+                    }
+                    _ => {}
+                }
             }
             Member::Dir => {}
         }
     }
-    staged.commit()?;
     if channels.is_empty() {
         return Err(bad("no channels/NAME member: nothing to import".into()));
     }
     chain.extend(&format!("archive {}", archive.display()), &roots)?;
     chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
-    for (name, bytes) in &channels {
-        stage.write(&channel_path(name), bytes)?;
-    }
+    let staged_channel = |name: &str| -> Result<Vec<u8>> {
+        stage
+            .channel(name, limits.max_release_bytes)?
+            .ok_or_else(|| bad(format!("{}: missing from the staging area", channel_path(name))))
+    };
 
     // Verify every channel in the staging area (objects may also come from
     // the target repository) and decide what to write.
     let mut summary = ImportSummary::default();
     let mut needed = BTreeSet::new();
     let mut heads = Vec::new();
-    for (name, bytes) in &channels {
+    for name in &channels {
+        let bytes = &staged_channel(name)?;
         let v = ChannelCheck {
             repo: &stage,
             fallback: Some(repo),
@@ -366,9 +449,9 @@ pub fn import(
                         found: seq,
                     });
                 }
-                heads.push((name.clone(), seq, bytes));
+                heads.push((name.clone(), seq));
             }
-            None => heads.push((name.clone(), seq, bytes)),
+            None => heads.push((name.clone(), seq)),
         }
     }
     summary.unreferenced = archived_objects.difference(&needed).count();
@@ -396,8 +479,8 @@ pub fn import(
             summary.roots_written.push(r.root.version);
         }
     }
-    for (name, seq, bytes) in heads {
-        repo.write(&channel_path(&name), bytes)?;
+    for (name, seq) in heads {
+        repo.write(&channel_path(&name), &staged_channel(&name)?)?;
         summary.updated.push((name, seq));
     }
     Ok(summary)

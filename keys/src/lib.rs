@@ -34,3 +34,38 @@ pub fn sha256_address(bytes: &[u8]) -> String {
         hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
     )
 }
+
+/// [`sha256_address`] computed over a stream (for contents too large to
+/// hold in memory, e.g. archive members written straight to disk).
+pub struct AddressHasher(ring::digest::Context);
+
+impl Default for AddressHasher {
+    fn default() -> Self {
+        Self(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+}
+
+impl AddressHasher {
+    /// Adds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    /// The `sha256:<hex>` address of everything added.
+    pub fn finish(self) -> String {
+        format!("sha256:{}", hex::encode(self.0.finish()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn streamed_address_equals_the_one_shot_address() {
+        let data = b"hello, cairn".repeat(1000);
+        let mut h = super::AddressHasher::default();
+        for chunk in data.chunks(777) {
+            h.update(chunk);
+        }
+        assert_eq!(h.finish(), super::sha256_address(&data));
+    }
+}
