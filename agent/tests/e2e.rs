@@ -320,3 +320,149 @@ fn release_for_other_labels_is_deferred_not_rejected() {
     assert_eq!(src.result, "deferred");
     assert!(src.note.as_ref().unwrap().contains("region=us"), "{src:?}");
 }
+
+/// The config `w.config` writes, without `insecureAllowDevelopmentRoot`:
+/// what an operator deploying a default (development-root) build has.
+fn config_without_the_insecure_key(w: &World, name: &str, sources: &[String]) -> std::path::PathBuf {
+    let cfg = w.config(name, sources);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let stripped = text.replace("insecureAllowDevelopmentRoot: true\n", "");
+    assert_ne!(stripped, text, "the helper sets the key");
+    std::fs::write(&cfg, stripped).unwrap();
+    cfg
+}
+
+/// Waits up to `secs` for `child` to exit; kills it and fails otherwise.
+fn exit_within(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent was still running after {secs}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// An agent built as the Containerfile would build it without a trust root
+/// (the default build: the development root) refuses to start unless the
+/// config or the environment explicitly allows the development root, and
+/// opens nothing before refusing.
+#[test]
+fn a_development_root_agent_refuses_to_start_without_the_insecure_key() {
+    assert!(
+        cairn_keys::embedded::is_development(),
+        "these tests run against the default build (development root)"
+    );
+    let w = World::new(1, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let cfg = config_without_the_insecure_key(&w, "agent.yaml", &[w.repo.display().to_string()]);
+    for args in [&["run"][..], &["run", "--once"][..]] {
+        let mut child = Command::new(agent_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(w.path("refused.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let status = exit_within(&mut child, 60);
+        let err = w.log("refused.log");
+        assert_eq!(status.code(), Some(1), "{args:?}: {err}");
+        for want in [
+            "cairn-agent: refusing to run: this cairn-agent embeds the DEVELOPMENT trust root",
+            "private keys are public",
+            "CAIRN_TRUST_ROOT=/path/to/root.v1 cargo build --release",
+            "--build-arg CAIRN_TRUST_ROOT=",
+            &format!(
+                "`insecureAllowDevelopmentRoot: true` in config {}",
+                cfg.display()
+            ),
+            "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=true",
+        ] {
+            assert!(err.contains(want), "{args:?}: missing {want:?} in\n{err}");
+        }
+        assert!(!w.data.exists(), "no data directory was created");
+        assert!(!w.manifests.exists(), "nothing was applied");
+    }
+    // A value that is not a boolean is a config error, not a yes.
+    let out = Command::new(agent_bin())
+        .args(["run", "--once", "--config"])
+        .arg(&cfg)
+        .env("CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("insecureAllowDevelopmentRoot: CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`1`: expected `true` or `false`"),
+        "{err}"
+    );
+    assert!(!w.data.exists());
+    // The environment variable allows it too.
+    let out = Command::new(agent_bin())
+        .args(["run", "--once", "--config"])
+        .arg(&cfg)
+        .env("CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT", "true")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(w.files(), expected_files(&b1));
+}
+
+/// With the key set, the agent runs, warns loudly, and names its root in
+/// `status` (text and JSON), `/readyz` and `/metrics`.
+#[test]
+fn an_allowed_development_root_shows_in_status_readyz_metrics_and_the_log() {
+    let w = World::new(1, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
+    let mut agent = w.spawn(&cfg, "agent.log");
+    wait_for(60, "ready", || {
+        w.status().is_some_and(|s| s.ready && s.listen.is_some())
+    });
+    let addr = w.status().unwrap().listen.unwrap();
+    let (code, body) = http_get(&addr, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\ntrust root: development v1 (INSECURE: its private keys are public"),
+        "{body}"
+    );
+    let (code, metrics) = http_get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("cairn_trust_root_info{origin=\"development\",version=\"1\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("cairn_development_root 1\n"), "{metrics}");
+    let json = ok(Command::new(agent_bin())
+        .args(["status", "--json", "--config"])
+        .arg(&cfg));
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["root"]["origin"], "development", "{json}");
+    assert_eq!(v["root"]["embeddedVersion"], 1, "{json}");
+    let text = ok(Command::new(agent_bin())
+        .args(["status", "--config"])
+        .arg(&cfg));
+    assert!(
+        text.contains("trust root      development v1 (INSECURE"),
+        "{text}"
+    );
+    let log = w.log("agent.log");
+    let warn = log
+        .lines()
+        .find(|l| l.contains("INSECURE: running with the DEVELOPMENT trust root"))
+        .unwrap_or_else(|| panic!("no warning in\n{log}"));
+    assert!(warn.contains("\"level\":\"WARN\""), "{warn}");
+    assert!(terminate(&mut agent).success());
+}

@@ -849,3 +849,204 @@ fn full_flow_with_fresh_keys() {
     .unwrap();
     assert_eq!(v2, v, "the site verifies exactly like the origin");
 }
+
+/// The members of `repo`'s export of `stable`, as (path, bytes).
+fn exported_members(w: &Work, out: &str) -> Vec<(String, Vec<u8>)> {
+    w.ok(&[
+        "export",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--out",
+        out,
+    ]);
+    let mut members = Vec::new();
+    for e in tar::Archive::new(std::fs::File::open(w.path(out)).unwrap())
+        .entries()
+        .unwrap()
+    {
+        let mut e = e.unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        members.push((e.path().unwrap().display().to_string(), data));
+    }
+    members
+}
+
+/// Peak resident memory of this process's waited-for children, bytes.
+fn children_max_rss() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) },
+        0
+    );
+    ru.ru_maxrss as u64 * 1024
+}
+
+/// `cairn import` of an archive whose last member's header claims a
+/// gigabyte (a sparse file: the bytes are really there, as zeros) is
+/// refused at the header, without reading or allocating the member, for
+/// every kind: channel, root, and the GNU long-name and PAX headers the tar
+/// reader would otherwise buffer whole. Nothing reaches the repository.
+#[test]
+fn import_refuses_huge_members_without_allocating_them() {
+    let (w, _) = Work::released(1);
+    let good = exported_members(&w, "good.tar");
+    let gib = 1u64 << 30;
+    let cases: [(&str, &[u8], tar::EntryType, &str); 4] = [
+        (
+            "channel",
+            b"channels/huge",
+            tar::EntryType::Regular,
+            "member `channels/huge` is 1073741824 bytes, over the limit of 65536",
+        ),
+        (
+            "root",
+            b"roots/2",
+            tar::EntryType::Regular,
+            "member `roots/2` is 1073741824 bytes, over the limit of 262144",
+        ),
+        (
+            "gnu long name",
+            b"channels/stable",
+            tar::EntryType::GNULongName,
+            "member `channels/stable`: GNULongName entries are not allowed",
+        ),
+        (
+            "pax header",
+            b"channels/stable",
+            tar::EntryType::XHeader,
+            "member `channels/stable`: XHeader entries are not allowed",
+        ),
+    ];
+    for (what, name, kind, want) in cases {
+        let tar_path = w.path(&format!("huge-{}.tar", what.replace(' ', "-")));
+        let members: Vec<RawMember> = good
+            .iter()
+            .map(|(p, d)| (p.as_bytes(), tar::EntryType::Regular, d.as_slice(), None))
+            .collect();
+        raw_tar(&tar_path, &members);
+        // Replace the end-of-archive blocks by the huge member's header,
+        // then extend the file (sparsely) by its claimed size.
+        let mut bytes = std::fs::read(&tar_path).unwrap();
+        while bytes.len() >= 512 && bytes[bytes.len() - 512..].iter().all(|b| *b == 0) {
+            bytes.truncate(bytes.len() - 512);
+        }
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(gib);
+        h.set_cksum();
+        bytes.extend_from_slice(h.as_bytes());
+        std::fs::write(&tar_path, &bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tar_path)
+            .unwrap();
+        f.set_len(bytes.len() as u64 + gib + 1024).unwrap();
+        drop(f);
+        let e = w.fails(&["import", tar_path.to_str().unwrap(), "--repo", "target"]);
+        assert!(e.contains(want), "{what}: {e}");
+        assert!(!w.path("target").exists(), "{what}: nothing written");
+        std::fs::remove_file(&tar_path).unwrap();
+    }
+    // No child (cairn) ever held anything near the gigabyte.
+    let rss = children_max_rss();
+    assert!(rss < 256 << 20, "peak RSS of a cairn process: {rss} bytes");
+}
+
+/// Roots are the only members held in memory until the chain is checked;
+/// their total is bounded whatever their count.
+#[test]
+fn import_bounds_the_root_bytes_it_holds() {
+    let (w, _) = Work::released(1);
+    let good = exported_members(&w, "good.tar");
+    let root = vec![0u8; 256 << 10];
+    let names: Vec<String> = (2..=17).map(|v| format!("roots/{v}")).collect();
+    let mut members: Vec<RawMember> = Vec::new();
+    members.push((
+        good[0].0.as_bytes(),
+        tar::EntryType::Regular,
+        good[0].1.as_slice(),
+        None,
+    ));
+    assert_eq!(good[0].0, "roots/1");
+    for n in &names {
+        members.push((n.as_bytes(), tar::EntryType::Regular, &root, None));
+    }
+    for (p, d) in &good[1..] {
+        members.push((p.as_bytes(), tar::EntryType::Regular, d, None));
+    }
+    raw_tar(&w.path("many-roots.tar"), &members);
+    let e = w.fails(&["import", "many-roots.tar", "--repo", "target"]);
+    assert!(
+        e.contains("root members exceed 4194304 bytes in total"),
+        "{e}"
+    );
+    assert!(!w.path("target").exists());
+}
+
+/// Asserts `stderr` has no raw control character (ESC, BEL, CR ...)
+/// except line ends, and contains `want`.
+fn assert_escaped(stderr: &str, want: &str) {
+    assert!(
+        !stderr.chars().any(|c| c.is_control() && c != '\n'),
+        "raw control characters reached the terminal: {stderr:?}"
+    );
+    assert!(stderr.contains(want), "missing {want:?} in {stderr:?}");
+}
+
+/// Channel names from unverified data (an archive member's name, the
+/// channel inside a forged release in a repository or an archive) are
+/// shown escaped: an ANSI sequence cannot recolour or rewrite the
+/// operator's terminal.
+#[test]
+fn untrusted_channel_names_are_escaped_in_errors() {
+    let (w, _) = Work::released(1);
+    let good = exported_members(&w, "good.tar");
+
+    // An archive member named with an ANSI sequence.
+    let evil_name = b"channels/\x1b[31mred\x1b[0m";
+    let mut members: Vec<RawMember> = good
+        .iter()
+        .map(|(p, d)| (p.as_bytes(), tar::EntryType::Regular, d.as_slice(), None))
+        .collect();
+    members.push((evil_name, tar::EntryType::Regular, b"x", None));
+    raw_tar(&w.path("evil-name.tar"), &members);
+    let e = w.fails(&["import", "evil-name.tar", "--repo", "target"]);
+    assert_escaped(&e, "unexpected member `channels/\\x1b[31mred\\x1b[0m`");
+    assert!(!w.path("target").exists());
+
+    // A release in the repository whose channel field holds a terminal
+    // title escape and a screen clear (unsigned: found before any
+    // signature check).
+    forge(
+        &w,
+        "stable",
+        |r| r.channel = "\x1b]0;pwned\x07\x1b[2Jstable".into(),
+        &[],
+    );
+    let e = w.verify_err("repo", "stable");
+    assert_escaped(&e, "channel `\\x1b]0;pwned\\x07\\x1b[2Jstable`");
+
+    // The same channel file carried in an archive.
+    let forged = std::fs::read(w.path("repo/channels/stable")).unwrap();
+    let members: Vec<RawMember> = good
+        .iter()
+        .map(|(p, d)| {
+            let d = if p == "channels/stable" {
+                forged.as_slice()
+            } else {
+                d.as_slice()
+            };
+            (p.as_bytes(), tar::EntryType::Regular, d, None)
+        })
+        .collect();
+    raw_tar(&w.path("evil-release.tar"), &members);
+    let e = w.fails(&["import", "evil-release.tar", "--repo", "target"]);
+    assert_escaped(&e, "channel `\\x1b]0;pwned\\x07\\x1b[2Jstable`");
+    assert!(!w.path("target").exists());
+}

@@ -269,6 +269,9 @@ fn the_configmaps_agent_yaml_is_accepted_by_the_agent_and_matches_the_deployment
     let text = agent_yaml(&objects);
     let cfg = Config::parse(&text, "deploy/kubernetes/configmap.yaml agent.yaml")
         .unwrap_or_else(|e| panic!("the agent refuses deploy/'s agent.yaml:\n{e}"));
+    // A deployed agent embeds the organisation's root: never allow the
+    // development one here.
+    assert!(!cfg.insecure_allow_development_root);
     let d = find(&objects, "Deployment", "cairn-agent");
     let c = &d["spec"]["template"]["spec"]["containers"][0];
     let mounts = c["volumeMounts"].as_array().unwrap();
@@ -352,6 +355,7 @@ fn the_systemd_agent_yaml_is_accepted_and_matches_the_unit() {
     // No CAIRN_* overrides from the test's environment.
     let cfg = Config::load_with_env(Some(&path), &|_| None)
         .unwrap_or_else(|e| panic!("the agent refuses {}:\n{e}", path.display()));
+    assert!(!cfg.insecure_allow_development_root);
     let unit = std::fs::read_to_string(deploy("systemd/cairn-agent.service")).unwrap();
     let line = |key: &str| -> String {
         unit.lines()
@@ -381,4 +385,78 @@ fn the_systemd_agent_yaml_is_accepted_and_matches_the_unit() {
         cfg.listen_http.is_some_and(|a| a.ip().is_loopback()),
         "metrics stay on the host's loopback"
     );
+}
+
+/// The Containerfile's guard: a build without `--build-arg
+/// CAIRN_TRUST_ROOT=...` fails with a message saying what to pass, unless
+/// `CAIRN_ALLOW_DEVELOPMENT_ROOT=true` is given; it runs before anything is
+/// installed or compiled. (Runs the guard's shell command itself: no
+/// container engine in CI.)
+#[test]
+fn the_containerfile_refuses_to_build_with_the_development_root() {
+    let text = std::fs::read_to_string(deploy("container/Containerfile")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "# guard: development root")
+        .expect("the guard's marker comment");
+    let mut script = String::new();
+    for l in &lines[at + 1..] {
+        script.push_str(l.strip_prefix("RUN ").unwrap_or(l));
+        script.push('\n');
+        if !l.ends_with('\\') {
+            break;
+        }
+    }
+    let position = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no `{needle}` line"))
+    };
+    assert!(position("ARG CAIRN_TRUST_ROOT=") < at);
+    assert!(position("ARG CAIRN_ALLOW_DEVELOPMENT_ROOT=") < at);
+    assert!(at < position("RUN apt-get"), "the guard runs first");
+    assert!(at < position("RUN cargo build"));
+
+    let run = |env: &[(&str, &str)]| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(&script)
+            .env_remove("CAIRN_TRUST_ROOT")
+            .env_remove("CAIRN_ALLOW_DEVELOPMENT_ROOT");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().expect("sh")
+    };
+    for env in [
+        &[][..],
+        &[("CAIRN_TRUST_ROOT", "")][..],
+        &[("CAIRN_ALLOW_DEVELOPMENT_ROOT", "1")][..],
+        &[("CAIRN_ALLOW_DEVELOPMENT_ROOT", "yes")][..],
+    ] {
+        let out = run(env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{env:?}: {err}");
+        for want in [
+            "error: no trust root given",
+            "--build-arg CAIRN_TRUST_ROOT=",
+            "DEVELOPMENT root, whose private keys are public",
+            "--build-arg CAIRN_ALLOW_DEVELOPMENT_ROOT=true",
+        ] {
+            assert!(err.contains(want), "{env:?}: missing {want:?} in {err}");
+        }
+    }
+    for env in [
+        &[("CAIRN_TRUST_ROOT", "keys/trust/acme-root.v1")][..],
+        &[("CAIRN_ALLOW_DEVELOPMENT_ROOT", "true")][..],
+    ] {
+        let out = run(env);
+        assert!(
+            out.status.success(),
+            "{env:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
