@@ -664,12 +664,19 @@ listen:
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.yaml");
         std::fs::write(&p, base).unwrap();
-        let env = |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "true".to_owned());
+        let env =
+            |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "true".to_owned());
         let c = Config::load_with_env(Some(&p), &env).unwrap();
         assert!(c.insecure_allow_development_root);
-        let env = |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "yes".to_owned());
+        let env =
+            |k: &str| (k == "CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT").then(|| "yes".to_owned());
         let e = Config::load_with_env(Some(&p), &env).unwrap_err();
-        assert!(e.lines[0].contains("insecureAllowDevelopmentRoot: CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`yes`"), "{e}");
+        assert!(
+            e.lines[0].contains(
+                "insecureAllowDevelopmentRoot: CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`yes`"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

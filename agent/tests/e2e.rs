@@ -323,7 +323,11 @@ fn release_for_other_labels_is_deferred_not_rejected() {
 
 /// The config `w.config` writes, without `insecureAllowDevelopmentRoot`:
 /// what an operator deploying a default (development-root) build has.
-fn config_without_the_insecure_key(w: &World, name: &str, sources: &[String]) -> std::path::PathBuf {
+fn config_without_the_insecure_key(
+    w: &World,
+    name: &str,
+    sources: &[String],
+) -> std::path::PathBuf {
     let cfg = w.config(name, sources);
     let text = std::fs::read_to_string(&cfg).unwrap();
     let stripped = text.replace("insecureAllowDevelopmentRoot: true\n", "");

@@ -347,16 +347,17 @@ pub fn import(
         match member {
             Member::Object(address) => {
                 // Straight to the staging directory, hashed on the way.
-                let rel = object_path(&address).ok_or_else(|| {
-                    bad(format!("member `{shown}`: malformed object address"))
-                })?;
+                let rel = object_path(&address)
+                    .ok_or_else(|| bad(format!("member `{shown}`: malformed object address")))?;
                 let dest = staging_dir.path().join(rel);
                 let dir = dest.parent().unwrap_or(staging_dir.path()).to_path_buf();
                 std::fs::create_dir_all(&dir).map_err(stage_io(&dir))?;
                 let tmp = dir.join(".partial");
                 let (read, actual) =
                     copy_hashed(&mut entry, &tmp, limit).map_err(|e| match e.kind() {
-                        std::io::ErrorKind::UnexpectedEof => bad(format!("member `{shown}` is truncated")),
+                        std::io::ErrorKind::UnexpectedEof => {
+                            bad(format!("member `{shown}` is truncated"))
+                        }
                         _ => bad(format!("member `{shown}`: {e}")),
                     })?;
                 if read != size {
@@ -410,7 +411,12 @@ pub fn import(
     let staged_channel = |name: &str| -> Result<Vec<u8>> {
         stage
             .channel(name, limits.max_release_bytes)?
-            .ok_or_else(|| bad(format!("{}: missing from the staging area", channel_path(name))))
+            .ok_or_else(|| {
+                bad(format!(
+                    "{}: missing from the staging area",
+                    channel_path(name)
+                ))
+            })
     };
 
     // Verify every channel in the staging area (objects may also come from

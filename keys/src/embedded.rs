@@ -69,10 +69,7 @@ mod tests {
 
     #[test]
     fn the_development_key_comes_only_with_the_development_root() {
-        assert_eq!(
-            super::is_development(),
-            super::ORIGIN == super::DEVELOPMENT
-        );
+        assert_eq!(super::is_development(), super::ORIGIN == super::DEVELOPMENT);
         assert_eq!(
             super::development_release_key().is_some(),
             super::is_development()
