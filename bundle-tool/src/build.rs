@@ -13,6 +13,7 @@
 //! as long as the kustomization uses no remote resources.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::export::{self, ExportLimits};
 use crate::git::{self, GitTree, TreeFile};
 use crate::limits::Limits;
 use crate::manifests::{self, ParsedObject};
@@ -28,9 +29,7 @@ pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
 /// Show a progress bar (if asked for) only from this many files on.
 pub const PROGRESS_MIN_FILES: usize = 200;
 
-/// File names that make a directory a Kustomize directory.
-pub const KUSTOMIZATION_FILES: &[&str] =
-    &["kustomization.yaml", "kustomization.yml", "Kustomization"];
+pub use crate::export::KUSTOMIZATION_FILES;
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -53,6 +52,9 @@ pub struct BuildOptions {
     pub threads: usize,
     /// Draw a progress bar on stderr for large trees.
     pub progress: bool,
+    /// What the Kustomize export may write, and whether kustomizations may
+    /// reference remote resources.
+    pub export: ExportLimits,
 }
 
 impl BuildOptions {
@@ -70,6 +72,7 @@ impl BuildOptions {
             limits: Limits::default(),
             threads: 2,
             progress: false,
+            export: ExportLimits::default(),
         }
     }
 }
@@ -168,7 +171,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
 
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;
     if !outer.is_empty() {
-        let export = export_tree(&tree)?;
+        let start: Vec<String> = outer.iter().map(|(d, _)| d.clone()).collect();
+        let export = export::export(&tree, &start, &opts.export)?;
         for (d, kfile) in &outer {
             let objects = render_kustomization(export.path(), d, kfile, opts)?;
             parsed.push((kfile.clone(), objects));
@@ -303,30 +307,6 @@ fn parse_parallel(
     Ok(out)
 }
 
-/// Writes every file of the commit's whole tree into a temporary
-/// directory, so that Kustomize can follow `../base` references.
-fn export_tree(tree: &GitTree) -> Result<tempfile::TempDir> {
-    let tmp = tempfile::Builder::new()
-        .prefix("cairn-kustomize-")
-        .tempdir()
-        .map_err(|e| Error::Io {
-            path: std::env::temp_dir(),
-            source: e,
-        })?;
-    for f in tree.files("")? {
-        let bytes = tree.read_blob(&f, MAX_SOURCE_FILE_BYTES)?;
-        let p = tmp.path().join(&f.path);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::Io {
-                path: d.to_path_buf(),
-                source: e,
-            })?;
-        }
-        std::fs::write(&p, bytes).map_err(|e| Error::Io { path: p, source: e })?;
-    }
-    Ok(tmp)
-}
-
 fn render_kustomization(
     root: &Path,
     dir: &str,
@@ -338,11 +318,26 @@ fn render_kustomization(
     } else {
         root.join(dir)
     };
-    let output = std::process::Command::new(&opts.kubectl)
-        .arg("kustomize")
+    let mut cmd = std::process::Command::new(&opts.kubectl);
+    // Kustomize's root-only load restrictor (its default, made explicit):
+    // files a kustomization loads stay inside its own directory. No
+    // plugins, no Helm, no exec functions (none of their flags is given).
+    cmd.arg("kustomize")
+        .arg("--load-restrictor")
+        .arg("LoadRestrictionsRootOnly")
         .arg(&target)
         .current_dir(root)
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::null());
+    if !opts.export.allow_remote {
+        // Nothing remote is referenced (the export refused it); give
+        // kubectl no proxies, credentials or configuration either.
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
+        cmd.env("HOME", root).env("TMPDIR", root);
+    }
+    let output = cmd
         .output()
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

@@ -15,6 +15,7 @@ pub mod bundle;
 pub mod check;
 pub mod cli;
 pub mod diff;
+pub mod export;
 pub mod duration;
 mod error;
 pub mod git;
@@ -27,6 +28,7 @@ pub mod repo;
 pub mod rollout;
 pub mod trust;
 pub mod verify;
+pub mod yaml;
 
 pub use error::{Error, Result};
 
