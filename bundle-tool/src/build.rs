@@ -337,23 +337,21 @@ fn render_kustomization(
         }
         cmd.env("HOME", root).env("TMPDIR", root);
     }
-    let output = cmd
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                let prog = opts.kubectl.to_string_lossy();
-                let place = if prog == "kubectl" {
-                    "kubectl not found in PATH".to_owned()
-                } else {
-                    format!("kubectl `{prog}` not found")
-                };
-                Error::Build(format!(
-                    "{place}: needed to render {kfile}; install kubectl 1.27+"
-                ))
+    let output = cmd.output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            let prog = opts.kubectl.to_string_lossy();
+            let place = if prog == "kubectl" {
+                "kubectl not found in PATH".to_owned()
             } else {
-                Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
-            }
-        })?;
+                format!("kubectl `{prog}` not found")
+            };
+            Error::Build(format!(
+                "{place}: needed to render {kfile}; install kubectl 1.27+"
+            ))
+        } else {
+            Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
+        }
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let root_s = format!("{}/", root.display());

@@ -117,8 +117,9 @@ fn clearly_remote(r: &str) -> bool {
 /// Whether a reference not found in the tree looks like `host.tld/path`,
 /// which Kustomize would try to fetch.
 fn host_like(r: &str) -> bool {
-    r.split_once('/')
-        .is_some_and(|(host, rest)| host.contains('.') && !host.starts_with('.') && !rest.is_empty())
+    r.split_once('/').is_some_and(|(host, rest)| {
+        host.contains('.') && !host.starts_with('.') && !rest.is_empty()
+    })
 }
 
 /// Where a reference points.
@@ -221,10 +222,7 @@ fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<St
                     continue; // inline generator or transformer configuration
                 }
                 if let Target::Inside(p) = refs.check(field, v)? {
-                    if matches!(
-                        resolve_kind(tree, &p)?,
-                        Some((EntryKind::Dir, _))
-                    ) {
+                    if matches!(resolve_kind(tree, &p)?, Some((EntryKind::Dir, _))) {
                         dirs.push(resolve_kind(tree, &p)?.map(|(_, p)| p).unwrap_or(p));
                     }
                 }

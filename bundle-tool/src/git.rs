@@ -345,7 +345,10 @@ fn walk_tree(
                 }
                 pending.push((oid, path.clone(), depth + 1));
             }
-            if entries.insert(path.clone(), TreeNode { oid, kind }).is_some() {
+            if entries
+                .insert(path.clone(), TreeNode { oid, kind })
+                .is_some()
+            {
                 return Err(git_err(format!(
                     "commit {commit}: tree entry `{}` appears twice; refused",
                     escape_name(&path)

@@ -331,13 +331,23 @@ mod tests {
     fn hostile_yaml_is_refused_before_parsing() {
         let e = fail(&"[".repeat(1 << 20));
         assert!(
-            e.starts_with("dir/f.yaml: line 1 column 100: collections nested deeper than 100 levels"),
+            e.starts_with(
+                "dir/f.yaml: line 1 column 100: collections nested deeper than 100 levels"
+            ),
             "{e}"
         );
-        let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: !!binary aGk=}\n");
-        assert!(e.starts_with("dir/f.yaml: line 4 column 10: YAML tag `!!binary`"), "{e}");
+        let e = fail(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: !!binary aGk=}\n",
+        );
+        assert!(
+            e.starts_with("dir/f.yaml: line 4 column 11: YAML tag `!!binary`"),
+            "{e}"
+        );
         let e = fail("a: !!python/object/apply:os.system [\"id\"]\n");
-        assert!(e.contains("`!!python/object/apply:os.system` is not allowed"), "{e}");
+        assert!(
+            e.contains("`!!python/object/apply:os.system` is not allowed"),
+            "{e}"
+        );
     }
 
     #[test]

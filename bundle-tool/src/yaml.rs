@@ -472,11 +472,7 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
                     line_indent: indent,
                 });
                 if s.open.len() > MAX_NESTING * 2 {
-                    return Err(at(
-                        ln,
-                        i,
-                        "too many nested anchors; refused".into(),
-                    ));
+                    return Err(at(ln, i, "too many nested anchors; refused".into()));
                 }
                 i = end;
             }
@@ -566,7 +562,10 @@ mod tests {
             t.push_str("a:\n");
         }
         let e = refused(&t);
-        assert!(e.starts_with("line 101 column 101: collections nested deeper"), "{e}");
+        assert!(
+            e.starts_with("line 101 column 101: collections nested deeper"),
+            "{e}"
+        );
         let e = refused(&format!("{}x\n", "- ".repeat(300)));
         assert!(e.contains("nested deeper"), "{e}");
     }
@@ -590,14 +589,20 @@ mod tests {
     #[test]
     fn non_core_tags_are_refused_with_line() {
         for (t, tag) in [
-            ("a: b\nc: !!python/object:os.system x\n", "!!python/object:os.system"),
+            (
+                "a: b\nc: !!python/object:os.system x\n",
+                "!!python/object:os.system",
+            ),
             ("a: !!binary aGVsbG8=\n", "!!binary"),
             ("a:\n  - !custom {x: 1}\n", "!custom"),
             ("a: [1, !<tag:x> 2]\n", "!<tag:x>"),
             ("a: !!timestamp 2001-12-14\n", "!!timestamp"),
         ] {
             let e = refused(t);
-            assert!(e.contains(&format!("YAML tag `{tag}` is not allowed")), "{e}");
+            assert!(
+                e.contains(&format!("YAML tag `{tag}` is not allowed")),
+                "{e}"
+            );
             assert!(e.starts_with("line "), "{e}");
         }
         let e = refused("%TAG !! tag:evil.example,2000:\n---\na: !!str x\n");
@@ -612,7 +617,9 @@ mod tests {
 
     #[test]
     fn billion_laughs_is_refused() {
-        let mut t = String::from("a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let mut t = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
         let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
         let mut prev = "a";
         for n in names {
@@ -625,7 +632,11 @@ mod tests {
         let e = refused(&t);
         assert!(e.contains("aliases expand the document"), "{e}");
         // Wide rather than deep: one big anchor, many aliases.
-        let big = format!("a: &a [{}]\nb: [{}]\n", "1,".repeat(300_000), "*a,".repeat(100));
+        let big = format!(
+            "a: &a [{}]\nb: [{}]\n",
+            "1,".repeat(300_000),
+            "*a,".repeat(100)
+        );
         assert!(refused(&big).contains("aliases expand"));
         // Block-context anchors are measured too.
         let mut t = String::from("base: &b\n");
@@ -641,7 +652,8 @@ mod tests {
 
     #[test]
     fn ordinary_anchors_and_merge_keys_parse() {
-        let v = parse_documents("base: &b {x: 1}\ndata:\n  <<: *b\n  y: 2\n---\n---\nz: 1\n").unwrap();
+        let v =
+            parse_documents("base: &b {x: 1}\ndata:\n  <<: *b\n  y: 2\n---\n---\nz: 1\n").unwrap();
         assert_eq!(v.len(), 3);
         assert_eq!(v[1].value, None);
         assert_eq!(
