@@ -222,8 +222,8 @@ fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<St
                     continue; // inline generator or transformer configuration
                 }
                 if let Target::Inside(p) = refs.check(field, v)? {
-                    if matches!(resolve_kind(tree, &p)?, Some((EntryKind::Dir, _))) {
-                        dirs.push(resolve_kind(tree, &p)?.map(|(_, p)| p).unwrap_or(p));
+                    if let Some((EntryKind::Dir, d)) = resolve_kind(tree, &p)? {
+                        dirs.push(d);
                     }
                 }
             }

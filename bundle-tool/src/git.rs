@@ -71,7 +71,7 @@ fn git_err(what: impl std::fmt::Display) -> Error {
 pub fn escape_name(name: &str) -> String {
     name.chars()
         .flat_map(|c| {
-            if c.is_control() || c == '`' {
+            if c.is_control() {
                 c.escape_default().collect::<Vec<_>>()
             } else {
                 vec![c]
@@ -376,4 +376,43 @@ pub fn read_blob(repo: &gix::Repository, file: &TreeFile, limit: u64) -> Result<
         .find_blob(file.oid)
         .map_err(|e| git_err(format!("{}: {e}", file.path)))?;
     Ok(blob.take_data())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_normal_single_components_are_entry_names() {
+        for ok in [&b"a"[..], b"kustomization.yaml", b"...", b".gitignore", b"git", b"a b"] {
+            assert_eq!(check_entry_name(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a/b",
+            b"/etc",
+            b"a\0b",
+            b".git",
+            b".GIT",
+            b".Git",
+        ] {
+            assert!(check_entry_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_escaped_for_terminals() {
+        assert_eq!(escape_name("a\x1b[31mb\n"), "a\\u{1b}[31mb\\n");
+        assert_eq!(escape_name("plain/ü"), "plain/ü");
+    }
+
+    #[test]
+    fn within() {
+        assert!(is_within("a/b", "a"));
+        assert!(is_within("a", "a"));
+        assert!(is_within("a", ""));
+        assert!(!is_within("ab", "a"));
+    }
 }
