@@ -384,7 +384,14 @@ mod tests {
 
     #[test]
     fn only_normal_single_components_are_entry_names() {
-        for ok in [&b"a"[..], b"kustomization.yaml", b"...", b".gitignore", b"git", b"a b"] {
+        for ok in [
+            &b"a"[..],
+            b"kustomization.yaml",
+            b"...",
+            b".gitignore",
+            b"git",
+            b"a b",
+        ] {
             assert_eq!(check_entry_name(ok), Ok(()), "{ok:?}");
         }
         for bad in [

@@ -725,11 +725,13 @@ fn evil_tree_entry_names_are_refused_and_nothing_is_written() {
             "a `.git` directory name",
         ),
     ];
+    let clean = raw_tree(&repo, &[("100644", b"cm.yaml", &cm)]);
     for (name, mode, id, why) in &cases {
         let shown = String::from_utf8_lossy(name).into_owned();
-        // The evil entry sits in `app/`, next to a kustomization (the
-        // old export joined every path onto its temporary folder).
-        let app = raw_tree(
+        // The evil entry at the root (where `..` and an absolute name
+        // escaped the old export's temporary folder) and inside `app/`,
+        // next to a kustomization; each with and without `--path`.
+        let evil_app = raw_tree(
             &repo,
             &[
                 ("100644", b"kustomization.yaml", &kust),
@@ -737,25 +739,46 @@ fn evil_tree_entry_names_are_refused_and_nothing_is_written() {
                 (mode, name, id),
             ],
         );
-        let clean = raw_tree(&repo, &[("100644", b"cm.yaml", &cm)]);
-        let root = raw_tree(
+        let good_app = raw_tree(
             &repo,
-            &[("40000", b"app", &app), ("40000", b"clean", &clean)],
+            &[
+                ("100644", b"kustomization.yaml", &kust),
+                ("100644", b"cm.yaml", &cm),
+            ],
         );
-        let commit = commit_tree(&repo, &root);
-        for extra in [&[][..], &["--path", "clean"][..]] {
-            let (ok, e, sentinel) = build_with_sentinel(&repo, f.dir.path(), &commit, extra);
-            assert!(!ok, "entry {shown:?} must be refused ({extra:?})");
-            assert!(
-                e.contains(&format!("tree entry `{shown}` in `app` is {why}")),
-                "{shown:?} {extra:?}: {e}"
-            );
-            assert!(e.contains(&commit), "names the commit: {e}");
-            assert_eq!(
-                sentinel.contents(),
-                Vec::<PathBuf>::new(),
-                "TMPDIR left empty"
-            );
+        let at_root = raw_tree(
+            &repo,
+            &[
+                ("40000", b"app", &good_app),
+                ("40000", b"clean", &clean),
+                ("100644", b"kustomization.yaml", &kust),
+                ("100644", b"cm.yaml", &cm),
+                (mode, name, id),
+            ],
+        );
+        let in_app = raw_tree(
+            &repo,
+            &[("40000", b"app", &evil_app), ("40000", b"clean", &clean)],
+        );
+        for (root, place) in [(at_root, "the root"), (in_app, "`app`")] {
+            let commit = commit_tree(&repo, &root);
+            for extra in [&[][..], &["--path", "clean"][..], &["--path", "app"][..]] {
+                let (ok, e, sentinel) = build_with_sentinel(&repo, f.dir.path(), &commit, extra);
+                assert!(
+                    !ok,
+                    "entry {shown:?} in {place} must be refused ({extra:?})"
+                );
+                assert!(
+                    e.contains(&format!("tree entry `{shown}` in {place} is {why}")),
+                    "{shown:?} {extra:?}: {e}"
+                );
+                assert!(e.contains(&commit), "names the commit: {e}");
+                assert_eq!(
+                    sentinel.contents(),
+                    Vec::<PathBuf>::new(),
+                    "TMPDIR left empty"
+                );
+            }
         }
     }
     assert_eq!(sentinel_target.contents(), Vec::<PathBuf>::new());
