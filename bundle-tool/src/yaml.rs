@@ -219,8 +219,9 @@ struct Scan {
     /// Inside a quoted scalar: its quote byte.
     quote: Option<u8>,
     /// Inside a block scalar: the indentation its content must exceed
-    /// (`None` = parent at column -1, any indent is content).
-    block_scalar: Option<Option<usize>>,
+    /// (`None` = parent at column -1, any indent is content), and the
+    /// content's indentation once its first line is seen.
+    block_scalar: Option<(Option<usize>, Option<usize>)>,
     anchors: HashMap<String, u64>,
     open: Vec<OpenAnchor>,
     /// Bytes added by aliases in the current document.
@@ -265,21 +266,65 @@ fn token_end(line: &[u8], from: usize, flow: bool) -> usize {
 /// with the line and column of the first problem.
 pub fn prescan(text: &str) -> Result<(), YamlError> {
     let mut s = Scan::default();
-    let mut offset = 0usize; // byte offset of the current line
-    for (ln, line) in text.split('\n').enumerate() {
-        let line = line.as_bytes();
+    for (ln, (offset, line)) in lines(text.as_bytes()).enumerate() {
+        // libyaml skips a byte order mark at the start of any line.
+        let (offset, line) = match line.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) => (offset + 3, rest),
+            None => (offset, line),
+        };
         scan_line(&mut s, ln, line, offset)?;
-        offset += line.len() + 1;
     }
     Ok(())
+}
+
+/// Splits at every line break libyaml knows: LF, CRLF, CR, NEL (U+0085),
+/// LS (U+2028) and PS (U+2029). Yields (byte offset, line).
+fn lines(text: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut start = 0usize;
+    let mut i = 0usize;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while i < text.len() {
+            let brk = match text[i] {
+                b'\n' => 1,
+                b'\r' if text.get(i + 1) == Some(&b'\n') => 2,
+                b'\r' => 1,
+                0xC2 if text.get(i + 1) == Some(&0x85) => 2,
+                0xE2 if text.get(i + 1) == Some(&0x80)
+                    && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) =>
+                {
+                    3
+                }
+                _ => 0,
+            };
+            if brk > 0 {
+                let line = (start, &text[start..i]);
+                i += brk;
+                start = i;
+                return Some(line);
+            }
+            i += 1;
+        }
+        done = true;
+        Some((start, &text[start..]))
+    })
 }
 
 fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), YamlError> {
     let indent = line.iter().take_while(|&&b| b == b' ').count();
     let content = line[indent..].iter().any(|&b| !is_blank(b));
     // Block scalar content: skipped while indented deeper than its parent.
-    if let Some(parent) = s.block_scalar {
-        if !content || parent.is_none_or(|p| indent > p) {
+    if let Some((parent, content_indent)) = s.block_scalar {
+        if !content {
+            return Ok(());
+        }
+        let inside =
+            parent.is_none_or(|p| indent > p) && content_indent.is_none_or(|c| indent >= c);
+        if inside {
+            s.block_scalar = Some((parent, Some(content_indent.unwrap_or(indent))));
             return Ok(());
         }
         s.block_scalar = None;
@@ -438,11 +483,12 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
             b'|' | b'>' if !flow => {
                 // A document-level block scalar (`--- |`) may hold
                 // content at any indentation.
-                s.block_scalar = Some(if line.starts_with(b"---") {
+                let parent = if line.starts_with(b"---") {
                     None
                 } else {
                     Some(indent)
-                });
+                };
+                s.block_scalar = Some((parent, None));
                 return Ok(());
             }
             b'!' => {
@@ -660,6 +706,32 @@ mod tests {
             v[0].value.as_ref().unwrap()["data"],
             serde_json::json!({"x": 1, "y": 2})
         );
+    }
+
+    #[test]
+    fn every_libyaml_line_break_and_bom_is_seen() {
+        for brk in ["\r", "\r\n", "\u{85}", "\u{2028}", "\u{2029}"] {
+            let e = refused(&format!("a: b{brk}c: !!python/object x{brk}"));
+            assert!(e.starts_with("line 2 column 4: YAML tag"), "{brk:?}: {e}");
+            let e = refused(&format!("a: b{brk}{}", "[".repeat(1000)));
+            assert!(e.contains("nested deeper"), "{brk:?}: {e}");
+        }
+        let e = refused(&format!("\u{feff}{}", "[".repeat(1000)));
+        assert!(e.contains("nested deeper"), "{e}");
+        let e = refused(&format!("a: 1\n\u{feff}b: {}", "{".repeat(1000)));
+        assert!(e.starts_with("line 2 column 1"), "{e}");
+    }
+
+    #[test]
+    fn a_block_scalar_ends_where_libyaml_ends_it() {
+        // Less indented than the scalar's first line: no longer content.
+        let e = refused(&format!("key: |\n      first\n   {}\n", "[".repeat(500)));
+        assert!(e.starts_with("line 3 column "), "{e}");
+        prescan(&format!(
+            "key: |\n  first\n    {}\nnext: 1\n",
+            "[".repeat(500)
+        ))
+        .unwrap();
     }
 
     #[test]
