@@ -307,6 +307,27 @@ fn parse_parallel(
     Ok(out)
 }
 
+/// Runs the command in a network namespace of its own (only a loopback
+/// interface, down) where the system allows it: as root, or with
+/// unprivileged user namespaces. Elsewhere it runs as it is; the export
+/// already refused every remote reference.
+fn isolate_network(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the unshare system call, which is async-signal-safe; it
+    // touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                // Not privileged: a user namespace grants the right to
+                // make a network namespace inside it. Failure is fine.
+                let _ = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
+            }
+            Ok(())
+        });
+    }
+}
+
 fn render_kustomization(
     root: &Path,
     dir: &str,
@@ -336,6 +357,7 @@ fn render_kustomization(
             cmd.env("PATH", path);
         }
         cmd.env("HOME", root).env("TMPDIR", root);
+        isolate_network(&mut cmd);
     }
     let output = cmd.output().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {

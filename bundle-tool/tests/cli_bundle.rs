@@ -1076,3 +1076,67 @@ fn hostile_yaml_is_refused_before_parsing() {
     }
     drop(f);
 }
+
+#[test]
+fn kubectl_runs_root_only_without_environment_or_network() {
+    // A stand-in kubectl that reports what it was given: its arguments,
+    // its environment's names and its network interfaces (from its own
+    // network namespace's /proc view).
+    let f = Fixture::new(1, 1);
+    let bin = tempfile::tempdir().unwrap();
+    let script = bin.path().join("kubectl");
+    std::fs::write(
+        &script,
+        r#"#!/bin/sh
+ifaces=$(tail -n +3 /proc/self/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\n' ,)
+envs=$(env | cut -d= -f1 | grep -v -e '^PWD$' -e '^SHLVL$' -e '^_$' | sort | tr '\n' ,)
+printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: seen}\ndata:\n  args: "%s %s %s"\n  env: "%s"\n  net: "%s"\n' "$1" "$2" "$3" "$envs" "$ifaces"
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let commit = f.commit(&[
+        ("clusters/k/kustomization.yaml", KUSTOMIZATION),
+        ("clusters/k/cm.yaml", CONFIGMAP),
+    ]);
+    let kubectl = script.display().to_string();
+    let out = f.out("seen.bundle");
+    let repo = f.repo_s();
+    let o = cairn_cmd(&[
+        "bundle",
+        "build",
+        "--git",
+        &repo,
+        "--ref",
+        &commit,
+        "--path",
+        "clusters/k",
+        "--out",
+        &out,
+        "--kubectl",
+        &kubectl,
+    ])
+    .env("HTTPS_PROXY", "http://proxy.invalid:3128")
+    .env("AWS_SECRET_ACCESS_KEY", "hunter2")
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = inspect_json(&out);
+    assert_eq!(j["objects"], 1);
+    let entries = j["entries"].as_array().unwrap();
+    assert_eq!(entries[0]["name"], "seen");
+    // The object's bytes are in the bundle file: read them back through
+    // the canonical JSON (compact, so the fields are searchable).
+    let bytes = std::fs::read(&out).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains(r#""args":"kustomize --load-restrictor LoadRestrictionsRootOnly""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""env":"HOME,PATH,TMPDIR,""#), "{text}");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // As root the render always gets a network namespace of its own.
+        assert!(text.contains(r#""net":"lo,""#), "{text}");
+    }
+}
