@@ -81,8 +81,9 @@ pub fn escape_name(name: &str) -> String {
 }
 
 /// Checks that a tree entry name is one normal path component: not empty,
-/// not `.` or `..`, no `/` or NUL, and not `.git` in any case (a checkout
-/// would write into the Git directory). Returns why not.
+/// not `.` or `..`, no `/` or NUL, not `.git` in any case (a checkout
+/// would write into the Git directory), and no control characters. Returns
+/// why not.
 pub fn check_entry_name(name: &[u8]) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         Err("an empty name")
@@ -94,6 +95,10 @@ pub fn check_entry_name(name: &[u8]) -> std::result::Result<(), &'static str> {
         Err("a name containing NUL")
     } else if name.eq_ignore_ascii_case(b".git") {
         Err("a `.git` directory name")
+    } else if std::str::from_utf8(name).is_ok_and(|n| n.chars().any(char::is_control)) {
+        // Terminal escape sequences hidden in file names would reach the
+        // release engineer's terminal in every message naming the file.
+        Err("a name containing a control character")
     } else {
         Ok(())
     }
@@ -404,6 +409,9 @@ mod tests {
             b".git",
             b".GIT",
             b".Git",
+            b"a\x1b[31m",
+            b"tab\there",
+            "c1\u{9b}x".as_bytes(),
         ] {
             assert!(check_entry_name(bad).is_err(), "{bad:?}");
         }

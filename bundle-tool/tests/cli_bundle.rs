@@ -724,10 +724,26 @@ fn evil_tree_entry_names_are_refused_and_nothing_is_written() {
             &pwn_dir,
             "a `.git` directory name",
         ),
+        (
+            b"x\x1b]0;owned\x07.yaml".to_vec(),
+            "100644",
+            &payload,
+            "a name containing a control character",
+        ),
     ];
     let clean = raw_tree(&repo, &[("100644", b"cm.yaml", &cm)]);
     for (name, mode, id, why) in &cases {
-        let shown = String::from_utf8_lossy(name).into_owned();
+        // Shown escaped: no raw control characters reach the terminal.
+        let shown = String::from_utf8_lossy(name)
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>();
         // The evil entry at the root (where `..` and an absolute name
         // escaped the old export's temporary folder) and inside `app/`,
         // next to a kustomization; each with and without `--path`.
@@ -773,6 +789,7 @@ fn evil_tree_entry_names_are_refused_and_nothing_is_written() {
                     "{shown:?} {extra:?}: {e}"
                 );
                 assert!(e.contains(&commit), "names the commit: {e}");
+                assert!(!e.contains('\x1b') && !e.contains('\x07'), "{e:?}");
                 assert_eq!(
                     sentinel.contents(),
                     Vec::<PathBuf>::new(),
