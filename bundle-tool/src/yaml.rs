@@ -212,6 +212,8 @@ struct OpenAnchor {
 /// Scanner state across lines.
 #[derive(Default)]
 struct Scan {
+    /// The nesting limit ([`MAX_NESTING`]; lower in tests).
+    max_nesting: usize,
     /// Open flow collections.
     flow: usize,
     /// Indentation levels of enclosing block collections.
@@ -265,7 +267,14 @@ fn token_end(line: &[u8], from: usize, flow: bool) -> usize {
 /// The linear pre-scan described in the module documentation. Refuses
 /// with the line and column of the first problem.
 pub fn prescan(text: &str) -> Result<(), YamlError> {
-    let mut s = Scan::default();
+    prescan_limited(text, MAX_NESTING)
+}
+
+fn prescan_limited(text: &str, max_nesting: usize) -> Result<(), YamlError> {
+    let mut s = Scan {
+        max_nesting,
+        ..Scan::default()
+    };
     for (ln, (offset, line)) in lines(text.as_bytes()).enumerate() {
         // libyaml skips a byte order mark at the start of any line.
         let (offset, line) = match line.strip_prefix(b"\xEF\xBB\xBF") {
@@ -377,11 +386,14 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
                 s.indents.pop();
             }
             s.indents.push(indent);
-            if s.indents.len() > MAX_NESTING {
+            if s.indents.len() > s.max_nesting {
                 return Err(at(
                     ln,
                     indent,
-                    format!("collections nested deeper than {MAX_NESTING} levels; refused"),
+                    format!(
+                        "collections nested deeper than {} levels; refused",
+                        s.max_nesting
+                    ),
                 ));
             }
         }
@@ -428,11 +440,14 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
         if b == b'[' || b == b'{' {
             if flow || node_start {
                 s.flow += 1;
-                if depth(s, compact) > MAX_NESTING {
+                if depth(s, compact) > s.max_nesting {
                     return Err(at(
                         ln,
                         i,
-                        format!("collections nested deeper than {MAX_NESTING} levels; refused"),
+                        format!(
+                            "collections nested deeper than {} levels; refused",
+                            s.max_nesting
+                        ),
                     ));
                 }
                 node_start = true;
@@ -460,11 +475,14 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
         match b {
             b'-' | b'?' if next_blank && !flow => {
                 compact += 1;
-                if depth(s, compact) > MAX_NESTING {
+                if depth(s, compact) > s.max_nesting {
                     return Err(at(
                         ln,
                         i,
-                        format!("collections nested deeper than {MAX_NESTING} levels; refused"),
+                        format!(
+                            "collections nested deeper than {} levels; refused",
+                            s.max_nesting
+                        ),
                     ));
                 }
                 i += 1;
@@ -517,7 +535,7 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
                     flow_depth: s.flow,
                     line_indent: indent,
                 });
-                if s.open.len() > MAX_NESTING * 2 {
+                if s.open.len() > s.max_nesting * 2 {
                     return Err(at(ln, i, "too many nested anchors; refused".into()));
                 }
                 i = end;
@@ -581,6 +599,55 @@ fn skip_quoted(line: &[u8], from: usize, quote: u8) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn json_depth(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::Array(a) => 1 + a.iter().map(json_depth).max().unwrap_or(0),
+            serde_json::Value::Object(o) => 1 + o.values().map(json_depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Pieces of YAML syntax, so that random texts are often valid and
+    /// nested.
+    const PIECES: &[&str] = &[
+        "[", "]", "{", "}", ", ", ": ", "a", "b: ", "- ", "\n", "\n  ", "\n    ", "\"x\"", "'y'",
+        " #c", "|", ">", "&a ", "*a", "!!str ", "? ", "--- ", "\r", "\u{2028}", "[[", "]]", "\t",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// The scan never under-counts: whatever it lets through parses
+        /// (if at all) to no deeper nesting than its limit, and nothing
+        /// panics.
+        #[test]
+        fn scan_bounds_the_parsed_depth(
+            pieces in prop::collection::vec(prop::sample::select(PIECES), 0..40)
+        ) {
+            let text = pieces.concat();
+            let limit = 3;
+            if prescan_limited(&text, limit).is_ok() {
+                let mut docs = Vec::new();
+                for doc in serde_norway::Deserializer::from_str(&text) {
+                    match serde_norway::Value::deserialize(doc) {
+                        Ok(v) => docs.push(v),
+                        Err(_) => break,
+                    }
+                }
+                for v in docs {
+                    if let Ok(j) = serde_json::to_value(&v) {
+                        prop_assert!(
+                            json_depth(&j) <= limit,
+                            "{text:?} parsed to depth {}",
+                            json_depth(&j)
+                        );
+                    }
+                }
+            }
+            let _ = parse_documents(&text);
+        }
+    }
 
     fn refused(text: &str) -> String {
         prescan(text).unwrap_err().to_string()
