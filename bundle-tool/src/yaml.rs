@@ -216,6 +216,12 @@ struct Scan {
     max_nesting: usize,
     /// Open flow collections.
     flow: usize,
+    /// Per open flow collection: whether it is a sequence, and whether its
+    /// current entry is an implicit single-pair mapping (`[a: b]`), which
+    /// nests one level more.
+    levels: Vec<(bool, bool)>,
+    /// How many open sequences hold such a pair now.
+    pairs: usize,
     /// Indentation levels of enclosing block collections.
     indents: Vec<usize>,
     /// Inside a quoted scalar: its quote byte.
@@ -246,6 +252,8 @@ impl Scan {
         self.indents.clear();
         self.expansion = 0;
         self.flow = 0;
+        self.levels.clear();
+        self.pairs = 0;
     }
 }
 
@@ -401,7 +409,17 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
         node_start = true;
     }
     let mut compact = 0usize; // `- ` / `? ` nesting opened on this line
-    let depth = |s: &Scan, compact: usize| s.indents.len() + compact + s.flow;
+    let depth = |s: &Scan, compact: usize| s.indents.len() + compact + s.flow + s.pairs;
+    let too_deep = |s: &Scan, i: usize| {
+        at(
+            ln,
+            i,
+            format!(
+                "collections nested deeper than {} levels; refused",
+                s.max_nesting
+            ),
+        )
+    };
     while i < line.len() {
         let b = line[i];
         let next = line.get(i + 1).copied();
@@ -425,7 +443,16 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
             }
             if b == b',' {
                 node_start = true;
+                if let Some(top) = s.levels.last_mut() {
+                    if top.1 {
+                        top.1 = false;
+                        s.pairs -= 1;
+                    }
+                }
             } else {
+                if let Some((_, true)) = s.levels.pop() {
+                    s.pairs -= 1;
+                }
                 s.flow -= 1;
                 node_start = false;
                 if s.flow == 0 {
@@ -440,15 +467,9 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
         if b == b'[' || b == b'{' {
             if flow || node_start {
                 s.flow += 1;
+                s.levels.push((b == b'[', false));
                 if depth(s, compact) > s.max_nesting {
-                    return Err(at(
-                        ln,
-                        i,
-                        format!(
-                            "collections nested deeper than {} levels; refused",
-                            s.max_nesting
-                        ),
-                    ));
+                    return Err(too_deep(s, i));
                 }
                 node_start = true;
             } else {
@@ -457,12 +478,24 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
             i += 1;
             continue;
         }
-        if b == b':' && (next_blank || (flow && matches!(next, Some(b',' | b']' | b'}')))) {
-            node_start = true;
-            i += 1;
-            continue;
+        let value_indicator = b == b':'
+            && (next_blank
+                || (flow && matches!(next, Some(b',' | b']' | b'}')))
+                || (flow && i > 0 && matches!(line[i - 1], b'"' | b'\'' | b']' | b'}')));
+        let flow_key = flow && node_start && b == b'?' && next_blank;
+        if flow && (value_indicator || flow_key) {
+            // `[a: b]` or `[? a]`: a single-pair mapping inside the sequence.
+            if let Some(top) = s.levels.last_mut() {
+                if top.0 && !top.1 {
+                    top.1 = true;
+                    s.pairs += 1;
+                    if depth(s, compact) > s.max_nesting {
+                        return Err(too_deep(s, i));
+                    }
+                }
+            }
         }
-        if flow && b == b':' && i > 0 && matches!(line[i - 1], b'"' | b'\'' | b']' | b'}') {
+        if value_indicator {
             node_start = true;
             i += 1;
             continue;
@@ -621,15 +654,57 @@ mod tests {
     /// Pieces of YAML syntax, so that random texts are often valid and
     /// nested.
     const PIECES: &[&str] = &[
-        "[", "]", "{", "}", ", ", ": ", "a", "b: ", "- ", "\n", "\n  ", "\n    ", "\"x\"", "'y'",
-        " #c", "|", ">", "&a ", "*a", "!!str ", "? ", "--- ", "\r", "\u{2028}", "[[", "]]", "\t",
+        "[",
+        "]",
+        "{",
+        "}",
+        ", ",
+        ": ",
+        "a",
+        "b: ",
+        "- ",
+        "\n",
+        "\n  ",
+        "\n    ",
+        "\"x\"",
+        "'y'",
+        " #c",
+        "|",
+        ">",
+        "&a ",
+        "*a",
+        "!!str ",
+        "? ",
+        "--- ",
+        "\r",
+        "\u{2028}",
+        "[[",
+        "]]",
+        "\t",
+        "!x ",
+        "!!binary ",
+        "!<t> ",
+        "%TAG ! t:\n",
+        "!",
+        "a!b ",
     ];
+
+    /// Whether a parsed value carries a tag anywhere.
+    fn tagged(v: &serde_norway::Value) -> bool {
+        use serde_norway::Value as Y;
+        match v {
+            Y::Sequence(a) => a.iter().any(tagged),
+            Y::Mapping(m) => m.iter().any(|(k, v)| tagged(k) || tagged(v)),
+            Y::Tagged(_) => true,
+            _ => false,
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
         /// The scan never under-counts: whatever it lets through parses
-        /// (if at all) to no deeper nesting than its limit, and nothing
-        /// panics.
+        /// (if at all) to no deeper nesting than its limit and carries no
+        /// tag, and nothing panics.
         #[test]
         fn scan_bounds_the_parsed_depth(
             pieces in prop::collection::vec(prop::sample::select(PIECES), 0..40)
@@ -650,6 +725,7 @@ mod tests {
                         "{text:?} parsed to depth {}",
                         depth(&v)
                     );
+                    prop_assert!(!tagged(&v), "{text:?} passed with a tag: {v:?}");
                 }
             }
             let _ = parse_documents(&text);
@@ -669,6 +745,11 @@ mod tests {
         );
         let e = refused(&format!("a: {}", "{a: ".repeat(500)));
         assert!(e.contains("nested deeper"), "{e}");
+        // Single-pair mappings inside flow sequences nest one level more
+        // (found by `scan_bounds_the_parsed_depth`).
+        assert!(prescan_limited("[[b: ]]: ", 3).is_err());
+        assert!(prescan_limited("[[? b]]", 3).is_err());
+        prescan_limited("[{b: c}]", 3).unwrap();
         // Just under the limit is fine for the scan.
         let ok = format!("{}{}", "[".repeat(90), "]".repeat(90));
         prescan(&ok).unwrap();
