@@ -214,6 +214,8 @@ struct OpenAnchor {
 struct Scan {
     /// The nesting limit ([`MAX_NESTING`]; lower in tests).
     max_nesting: usize,
+    /// The alias expansion limit ([`MAX_ALIAS_EXPANSION`]; lower in tests).
+    max_expansion: u64,
     /// Open flow collections.
     flow: usize,
     /// Per open flow collection: whether it is a sequence, and whether its
@@ -275,12 +277,13 @@ fn token_end(line: &[u8], from: usize, flow: bool) -> usize {
 /// The linear pre-scan described in the module documentation. Refuses
 /// with the line and column of the first problem.
 pub fn prescan(text: &str) -> Result<(), YamlError> {
-    prescan_limited(text, MAX_NESTING)
+    prescan_limited(text, MAX_NESTING, MAX_ALIAS_EXPANSION)
 }
 
-fn prescan_limited(text: &str, max_nesting: usize) -> Result<(), YamlError> {
+fn prescan_limited(text: &str, max_nesting: usize, max_expansion: u64) -> Result<(), YamlError> {
     let mut s = Scan {
         max_nesting,
+        max_expansion,
         ..Scan::default()
     };
     for (ln, (offset, line)) in lines(text.as_bytes()).enumerate() {
@@ -338,8 +341,12 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
         if !content {
             return Ok(());
         }
-        let inside =
-            parent.is_none_or(|p| indent > p) && content_indent.is_none_or(|c| indent >= c);
+        // A document marker at column 0 ends any block scalar.
+        let marker = (line.starts_with(b"---") || line.starts_with(b"..."))
+            && line.get(3).is_none_or(|&b| is_blank(b));
+        let inside = !marker
+            && parent.is_none_or(|p| indent > p)
+            && content_indent.is_none_or(|c| indent >= c);
         if inside {
             s.block_scalar = Some((parent, Some(content_indent.unwrap_or(indent))));
             return Ok(());
@@ -583,13 +590,14 @@ fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), 
                 for a in &mut s.open {
                     a.extra = a.extra.saturating_add(size);
                 }
-                if s.expansion > MAX_ALIAS_EXPANSION {
+                if s.expansion > s.max_expansion {
                     return Err(at(
                         ln,
                         i,
                         format!(
-                            "aliases expand the document by more than {MAX_ALIAS_EXPANSION} bytes \
+                            "aliases expand the document by more than {} bytes \
                              (alias `*{}`); refused",
+                            s.max_expansion,
                             name.escape_default()
                         ),
                     ));
@@ -700,6 +708,64 @@ mod tests {
         }
     }
 
+    /// Values with anchors and aliases, for the expansion property; each
+    /// test text is a mapping `kN: VALUE` per line, so most texts parse.
+    const ALIAS_VALUES: &[&str] = &[
+        "&a [x, x, x, x, x, x, x, x]",
+        "&b [*a, *a, *a, *a]",
+        "[*b, *b, *b, *b]",
+        "*a",
+        "*b",
+        "&a\n  - x\n  - x\n  - x",
+        "&b\n  - *a\n  - *a\n  - *a",
+        "&b\n  p: *a\n  q: [*a, *a]",
+        "[*a, *a]",
+        "{x: *b, y: *b}",
+        "&a {p: [*b, *b]}",
+        "&a \"xxxxxxxxxxxxxxxx\"",
+        "x",
+    ];
+
+    /// Nodes in a parsed value (aliases counted as expanded).
+    fn nodes(v: &serde_norway::Value) -> u64 {
+        use serde_norway::Value as Y;
+        1 + match v {
+            Y::Sequence(a) => a.iter().map(nodes).sum(),
+            Y::Mapping(m) => m.iter().map(|(k, v)| nodes(k) + nodes(v)).sum(),
+            Y::Tagged(t) => nodes(&t.value),
+            _ => 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// The alias estimate never under-counts: what passes the scan
+        /// parses to at most about one node per byte of the text plus the
+        /// expansion allowance.
+        #[test]
+        fn scan_bounds_alias_expansion(
+            values in prop::collection::vec(prop::sample::select(ALIAS_VALUES), 0..12)
+        ) {
+            let text: String = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("k{i}: {v}\n"))
+                .collect();
+            let allowance = 16;
+            if prescan_limited(&text, MAX_NESTING, allowance).is_ok() {
+                let mut total = 0;
+                for doc in serde_norway::Deserializer::from_str(&text) {
+                    match serde_norway::Value::deserialize(doc) {
+                        Ok(v) => total += nodes(&v),
+                        Err(_) => break,
+                    }
+                }
+                let bound = 2 * (text.len() as u64 + allowance) + 2;
+                prop_assert!(total <= bound, "{text:?}: {total} nodes, bound {bound}");
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
         /// The scan never under-counts: whatever it lets through parses
@@ -711,7 +777,7 @@ mod tests {
         ) {
             let text = pieces.concat();
             let limit = 3;
-            if prescan_limited(&text, limit).is_ok() {
+            if prescan_limited(&text, limit, MAX_ALIAS_EXPANSION).is_ok() {
                 let mut docs = Vec::new();
                 for doc in serde_norway::Deserializer::from_str(&text) {
                     match serde_norway::Value::deserialize(doc) {
@@ -747,9 +813,9 @@ mod tests {
         assert!(e.contains("nested deeper"), "{e}");
         // Single-pair mappings inside flow sequences nest one level more
         // (found by `scan_bounds_the_parsed_depth`).
-        assert!(prescan_limited("[[b: ]]: ", 3).is_err());
-        assert!(prescan_limited("[[? b]]", 3).is_err());
-        prescan_limited("[{b: c}]", 3).unwrap();
+        assert!(prescan_limited("[[b: ]]: ", 3, MAX_ALIAS_EXPANSION).is_err());
+        assert!(prescan_limited("[[? b]]", 3, MAX_ALIAS_EXPANSION).is_err());
+        prescan_limited("[{b: c}]", 3, MAX_ALIAS_EXPANSION).unwrap();
         // Just under the limit is fine for the scan.
         let ok = format!("{}{}", "[".repeat(90), "]".repeat(90));
         prescan(&ok).unwrap();
@@ -879,6 +945,9 @@ mod tests {
 
     #[test]
     fn a_block_scalar_ends_where_libyaml_ends_it() {
+        // At a document marker (found by `scan_bounds_the_parsed_depth`).
+        let e = refused("--- |\r--- \t!x \n");
+        assert!(e.contains("YAML tag `!x`"), "{e}");
         // Less indented than the scalar's first line: no longer content.
         let e = refused(&format!("key: |\n      first\n   {}\n", "[".repeat(500)));
         assert!(e.starts_with("line 3 column "), "{e}");
