@@ -13,6 +13,7 @@
 //! as long as the kustomization uses no remote resources.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::export::{self, ExportLimits};
 use crate::git::{self, GitTree, TreeFile};
 use crate::limits::Limits;
 use crate::manifests::{self, ParsedObject};
@@ -28,9 +29,7 @@ pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
 /// Show a progress bar (if asked for) only from this many files on.
 pub const PROGRESS_MIN_FILES: usize = 200;
 
-/// File names that make a directory a Kustomize directory.
-pub const KUSTOMIZATION_FILES: &[&str] =
-    &["kustomization.yaml", "kustomization.yml", "Kustomization"];
+pub use crate::export::KUSTOMIZATION_FILES;
 
 /// What to build.
 #[derive(Clone, Debug)]
@@ -53,6 +52,9 @@ pub struct BuildOptions {
     pub threads: usize,
     /// Draw a progress bar on stderr for large trees.
     pub progress: bool,
+    /// What the Kustomize export may write, and whether kustomizations may
+    /// reference remote resources.
+    pub export: ExportLimits,
 }
 
 impl BuildOptions {
@@ -70,6 +72,7 @@ impl BuildOptions {
             limits: Limits::default(),
             threads: 2,
             progress: false,
+            export: ExportLimits::default(),
         }
     }
 }
@@ -168,7 +171,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
 
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;
     if !outer.is_empty() {
-        let export = export_tree(&tree)?;
+        let start: Vec<String> = outer.iter().map(|(d, _)| d.clone()).collect();
+        let export = export::export(&tree, &start, &opts.export)?;
         for (d, kfile) in &outer {
             let objects = render_kustomization(export.path(), d, kfile, opts)?;
             parsed.push((kfile.clone(), objects));
@@ -303,28 +307,25 @@ fn parse_parallel(
     Ok(out)
 }
 
-/// Writes every file of the commit's whole tree into a temporary
-/// directory, so that Kustomize can follow `../base` references.
-fn export_tree(tree: &GitTree) -> Result<tempfile::TempDir> {
-    let tmp = tempfile::Builder::new()
-        .prefix("cairn-kustomize-")
-        .tempdir()
-        .map_err(|e| Error::Io {
-            path: std::env::temp_dir(),
-            source: e,
-        })?;
-    for f in tree.files("")? {
-        let bytes = tree.read_blob(&f, MAX_SOURCE_FILE_BYTES)?;
-        let p = tmp.path().join(&f.path);
-        if let Some(d) = p.parent() {
-            std::fs::create_dir_all(d).map_err(|e| Error::Io {
-                path: d.to_path_buf(),
-                source: e,
-            })?;
-        }
-        std::fs::write(&p, bytes).map_err(|e| Error::Io { path: p, source: e })?;
+/// Runs the command in a network namespace of its own (only a loopback
+/// interface, down) where the system allows it: as root, or with
+/// unprivileged user namespaces. Elsewhere it runs as it is; the export
+/// already refused every remote reference.
+fn isolate_network(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes the unshare system call, which is async-signal-safe; it
+    // touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                // Not privileged: a user namespace grants the right to
+                // make a network namespace inside it. Failure is fine.
+                let _ = libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET);
+            }
+            Ok(())
+        });
     }
-    Ok(tmp)
 }
 
 fn render_kustomization(
@@ -338,27 +339,41 @@ fn render_kustomization(
     } else {
         root.join(dir)
     };
-    let output = std::process::Command::new(&opts.kubectl)
-        .arg("kustomize")
+    let mut cmd = std::process::Command::new(&opts.kubectl);
+    // Kustomize's root-only load restrictor (its default, made explicit):
+    // files a kustomization loads stay inside its own directory. No
+    // plugins, no Helm, no exec functions (none of their flags is given).
+    cmd.arg("kustomize")
+        .arg("--load-restrictor")
+        .arg("LoadRestrictionsRootOnly")
         .arg(&target)
         .current_dir(root)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                let prog = opts.kubectl.to_string_lossy();
-                let place = if prog == "kubectl" {
-                    "kubectl not found in PATH".to_owned()
-                } else {
-                    format!("kubectl `{prog}` not found")
-                };
-                Error::Build(format!(
-                    "{place}: needed to render {kfile}; install kubectl 1.27+"
-                ))
+        .stdin(std::process::Stdio::null());
+    if !opts.export.allow_remote {
+        // Nothing remote is referenced (the export refused it); give
+        // kubectl no proxies, credentials or configuration either.
+        cmd.env_clear();
+        if let Some(path) = std::env::var_os("PATH") {
+            cmd.env("PATH", path);
+        }
+        cmd.env("HOME", root).env("TMPDIR", root);
+        isolate_network(&mut cmd);
+    }
+    let output = cmd.output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            let prog = opts.kubectl.to_string_lossy();
+            let place = if prog == "kubectl" {
+                "kubectl not found in PATH".to_owned()
             } else {
-                Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
-            }
-        })?;
+                format!("kubectl `{prog}` not found")
+            };
+            Error::Build(format!(
+                "{place}: needed to render {kfile}; install kubectl 1.27+"
+            ))
+        } else {
+            Error::Build(format!("running kubectl kustomize for {kfile}: {e}"))
+        }
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let root_s = format!("{}/", root.display());

@@ -7,7 +7,19 @@
 use crate::{Error, Result};
 use gix::bstr::ByteSlice;
 use gix::ObjectId;
+use std::collections::BTreeMap;
 use std::path::Path;
+
+/// Most entries (files, directories, links) a build walks in one tree.
+/// Git stores a subtree once however often it is referenced, so a small
+/// repository can name millions of paths; the walk stops here.
+pub const MAX_TREE_ENTRIES: usize = 1_000_000;
+
+/// Deepest directory nesting a build walks.
+pub const MAX_TREE_DEPTH: usize = 256;
+
+/// Largest symbolic link target read (Linux's PATH_MAX).
+pub const MAX_LINK_TARGET_BYTES: u64 = 4096;
 
 /// A file (blob) in a Git tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,16 +30,78 @@ pub struct TreeFile {
     pub oid: ObjectId,
 }
 
-/// A resolved commit of an opened repository.
+/// What a tree entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A regular file (executable or not).
+    File,
+    /// A symbolic link; its blob holds the target.
+    Link,
+    /// A directory (subtree).
+    Dir,
+    /// A submodule (a commit of another repository).
+    Submodule,
+}
+
+/// One entry of the walked tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeNode {
+    /// The object id (blob, tree or commit).
+    pub oid: ObjectId,
+    /// What it is.
+    pub kind: EntryKind,
+}
+
+/// A resolved commit of an opened repository, its whole tree walked and
+/// every entry name checked (see [`check_entry_name`]).
 pub struct GitTree {
     repo: gix::Repository,
     /// The commit id (hex).
     pub commit: String,
-    tree: ObjectId,
+    /// Every entry of the commit's tree by `/`-separated path.
+    entries: BTreeMap<String, TreeNode>,
 }
 
 fn git_err(what: impl std::fmt::Display) -> Error {
     Error::Git(what.to_string())
+}
+
+/// Shows an untrusted name with control characters and quotes escaped, so
+/// that it can be printed to a terminal or a log.
+pub fn escape_name(name: &str) -> String {
+    name.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// Checks that a tree entry name is one normal path component: not empty,
+/// not `.` or `..`, no `/` or NUL, not `.git` in any case (a checkout
+/// would write into the Git directory), and no control characters. Returns
+/// why not.
+pub fn check_entry_name(name: &[u8]) -> std::result::Result<(), &'static str> {
+    if name.is_empty() {
+        Err("an empty name")
+    } else if name == b"." || name == b".." {
+        Err("a relative path component")
+    } else if name.contains(&b'/') {
+        Err("a name containing `/` (more than one path component, or an absolute path)")
+    } else if name.contains(&0) {
+        Err("a name containing NUL")
+    } else if name.eq_ignore_ascii_case(b".git") {
+        Err("a `.git` directory name")
+    } else if std::str::from_utf8(name).is_ok_and(|n| n.chars().any(char::is_control)) {
+        // Terminal escape sequences hidden in file names would reach the
+        // release engineer's terminal in every message naming the file.
+        Err("a name containing a control character")
+    } else {
+        Ok(())
+    }
 }
 
 /// Normalises a path inside the tree: strips `./`, leading and trailing
@@ -39,7 +113,8 @@ pub fn normalize_tree_path(p: &str) -> Result<String> {
             "" | "." => {}
             ".." => {
                 return Err(Error::Git(format!(
-                    "path `{p}`: `..` is not allowed; give a directory inside the repository"
+                    "path `{}`: `..` is not allowed; give a directory inside the repository",
+                    escape_name(p)
                 )))
             }
             c => parts.push(c),
@@ -48,10 +123,37 @@ pub fn normalize_tree_path(p: &str) -> Result<String> {
     Ok(parts.join("/"))
 }
 
+/// Joins a `/`-separated relative `reference` onto the tree directory
+/// `base` lexically (`.` dropped, `..` pops). `None` when the result would
+/// leave the repository root or `reference` is absolute.
+pub fn join_inside(base: &str, reference: &str) -> Option<String> {
+    if reference.starts_with('/') {
+        return None;
+    }
+    let mut parts: Vec<&str> = base.split('/').filter(|c| !c.is_empty()).collect();
+    for c in reference.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            c => parts.push(c),
+        }
+    }
+    Some(parts.join("/"))
+}
+
+/// Whether `path` is `dir` itself or inside it (`""` is the root).
+pub fn is_within(path: &str, dir: &str) -> bool {
+    dir.is_empty() || path == dir || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
 impl GitTree {
     /// Opens the repository at `repo_path` (a work tree or a bare
-    /// repository) and resolves `reference` (a branch, tag, commit id or any
-    /// revision gix understands; `HEAD` when `None`) to a commit.
+    /// repository), resolves `reference` (a branch, tag, commit id or any
+    /// revision gix understands; `HEAD` when `None`) to a commit, and walks
+    /// its whole tree, refusing entry names that are not one normal path
+    /// component and trees over [`MAX_TREE_ENTRIES`] or [`MAX_TREE_DEPTH`].
     pub fn open(repo_path: &Path, reference: Option<&str>) -> Result<Self> {
         let repo = gix::open_opts(repo_path, gix::open::Options::isolated()).map_err(|e| {
             git_err(format!(
@@ -60,9 +162,10 @@ impl GitTree {
             ))
         })?;
         let spec = reference.unwrap_or("HEAD");
+        let shown = escape_name(spec);
         let not_found = |e: &dyn std::fmt::Display| {
             git_err(format!(
-                "ref `{spec}` not found in {}: not a branch, tag or commit of this repository ({e})",
+                "ref `{shown}` not found in {}: not a branch, tag or commit of this repository ({e})",
                 repo_path.display()
             ))
         };
@@ -75,14 +178,19 @@ impl GitTree {
                 .find_object(id)
                 .map_err(|e| not_found(&e))?
                 .peel_to_commit()
-                .map_err(|e| git_err(format!("ref `{spec}` does not name a commit: {e}")))?;
+                .map_err(|e| git_err(format!("ref `{shown}` does not name a commit: {e}")))?;
             let tree = commit
                 .tree_id()
                 .map_err(|e| git_err(format!("commit {}: {e}", commit.id)))?
                 .detach();
             (commit.id.to_hex().to_string(), tree)
         };
-        Ok(Self { commit, repo, tree })
+        let entries = walk_tree(&repo, &commit, tree)?;
+        Ok(Self {
+            commit,
+            repo,
+            entries,
+        })
     }
 
     /// The underlying repository (for reading blobs from other threads via
@@ -91,59 +199,124 @@ impl GitTree {
         &self.repo
     }
 
+    /// The entry at `path` (normalised, `/`-separated), if any. The root
+    /// (`""`) is not an entry.
+    pub fn entry(&self, path: &str) -> Option<TreeNode> {
+        self.entries.get(path).copied()
+    }
+
+    /// Every entry strictly below directory `dir` (`""` for the whole
+    /// tree), in path order.
+    pub fn entries_under<'a>(
+        &'a self,
+        dir: &'a str,
+    ) -> impl Iterator<Item = (&'a String, &'a TreeNode)> + 'a {
+        let start = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        self.entries
+            .range(start.clone()..)
+            .take_while(move |(p, _)| p.starts_with(&start))
+    }
+
     /// Every regular file (blob, executable or not) at or under `dir` (a
     /// normalised tree path, `""` for the whole tree), sorted by path.
     /// Symbolic links and submodules are skipped. Fails if `dir` is not in
     /// the tree.
     pub fn files(&self, dir: &str) -> Result<Vec<TreeFile>> {
-        let root = self
-            .repo
-            .find_tree(self.tree)
-            .map_err(|e| git_err(format!("commit {}: {e}", self.commit)))?;
-        let mut out = Vec::new();
-        if dir.is_empty() {
-            self.walk(self.tree, "", &mut out)?;
-        } else {
-            let entry = root
-                .lookup_entry_by_path(dir)
-                .map_err(|e| git_err(format!("looking up `{dir}`: {e}")))?
-                .ok_or_else(|| {
-                    git_err(format!(
-                        "path `{dir}` not found in the tree of commit {}",
+        if !dir.is_empty() {
+            match self.entry(dir) {
+                None => {
+                    return Err(git_err(format!(
+                        "path `{}` not found in the tree of commit {}",
+                        escape_name(dir),
                         self.commit
-                    ))
-                })?;
-            let mode = entry.mode();
-            if mode.is_tree() {
-                self.walk(entry.object_id(), dir, &mut out)?;
-            } else if mode.is_blob() {
-                out.push(TreeFile {
-                    path: dir.to_owned(),
-                    oid: entry.object_id(),
-                });
-            } else {
-                return Err(git_err(format!(
-                    "path `{dir}` in commit {} is neither a directory nor a file",
-                    self.commit
-                )));
+                    )))
+                }
+                Some(TreeNode {
+                    kind: EntryKind::File,
+                    oid,
+                }) => {
+                    return Ok(vec![TreeFile {
+                        path: dir.to_owned(),
+                        oid,
+                    }])
+                }
+                Some(TreeNode {
+                    kind: EntryKind::Dir,
+                    ..
+                }) => {}
+                Some(_) => {
+                    return Err(git_err(format!(
+                        "path `{}` in commit {} is neither a directory nor a file",
+                        escape_name(dir),
+                        self.commit
+                    )))
+                }
             }
         }
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(out)
+        Ok(self
+            .entries_under(dir)
+            .filter(|(_, n)| n.kind == EntryKind::File)
+            .map(|(p, n)| TreeFile {
+                path: p.clone(),
+                oid: n.oid,
+            })
+            .collect())
     }
 
-    fn walk(&self, tree: ObjectId, prefix: &str, out: &mut Vec<TreeFile>) -> Result<()> {
-        let t = self
+    /// Reads a blob, refusing blobs over `limit` bytes before reading them.
+    pub fn read_blob(&self, file: &TreeFile, limit: u64) -> Result<Vec<u8>> {
+        read_blob(&self.repo, file, limit)
+    }
+
+    /// The size of a blob, from its header (nothing is decompressed).
+    pub fn blob_size(&self, file: &TreeFile) -> Result<u64> {
+        Ok(self
             .repo
+            .find_header(file.oid)
+            .map_err(|e| git_err(format!("{}: {e}", escape_name(&file.path))))?
+            .size())
+    }
+}
+
+/// Walks the tree `root` of `commit` iteratively, checking every entry
+/// name and the entry and depth caps.
+fn walk_tree(
+    repo: &gix::Repository,
+    commit: &str,
+    root: ObjectId,
+) -> Result<BTreeMap<String, TreeNode>> {
+    let mut entries = BTreeMap::new();
+    let mut pending: Vec<(ObjectId, String, usize)> = vec![(root, String::new(), 0)];
+    while let Some((tree, prefix, depth)) = pending.pop() {
+        let shown_dir = if prefix.is_empty() {
+            "the root".to_owned()
+        } else {
+            format!("`{}`", escape_name(&prefix))
+        };
+        let t = repo
             .find_tree(tree)
-            .map_err(|e| git_err(format!("tree {tree}: {e}")))?;
-        let mut subtrees = Vec::new();
+            .map_err(|e| git_err(format!("commit {commit}: tree {tree} at {shown_dir}: {e}")))?;
         for entry in t.iter() {
-            let entry = entry.map_err(|e| git_err(format!("tree {tree}: {e}")))?;
+            let entry = entry.map_err(|e| {
+                git_err(format!(
+                    "commit {commit}: tree {tree} at {shown_dir} is malformed: {e}"
+                ))
+            })?;
+            let raw: &[u8] = entry.inner.filename.as_ref();
+            let lossy = escape_name(&entry.inner.filename.to_str_lossy());
+            if let Err(why) = check_entry_name(raw) {
+                return Err(git_err(format!(
+                    "commit {commit}: tree entry `{lossy}` in {shown_dir} is {why}; \
+                     every entry must be one normal file name, so this commit is refused"
+                )));
+            }
             let name = entry.inner.filename.to_str().map_err(|_| {
                 git_err(format!(
-                    "{prefix}/{}: file name is not UTF-8",
-                    entry.inner.filename.to_str_lossy()
+                    "commit {commit}: tree entry `{lossy}` in {shown_dir}: file name is not UTF-8"
                 ))
             })?;
             let path = if prefix.is_empty() {
@@ -152,25 +325,43 @@ impl GitTree {
                 format!("{prefix}/{name}")
             };
             let mode = entry.inner.mode;
-            if mode.is_tree() {
-                subtrees.push((entry.inner.oid.to_owned(), path));
+            let kind = if mode.is_tree() {
+                EntryKind::Dir
+            } else if mode.is_link() {
+                EntryKind::Link
             } else if mode.is_blob() {
-                out.push(TreeFile {
-                    path,
-                    oid: entry.inner.oid.to_owned(),
-                });
+                EntryKind::File
+            } else {
+                EntryKind::Submodule
+            };
+            if entries.len() >= MAX_TREE_ENTRIES {
+                return Err(git_err(format!(
+                    "commit {commit}: the tree has more than {MAX_TREE_ENTRIES} entries \
+                     (counting every path of repeated subtrees); refused"
+                )));
+            }
+            let oid = entry.inner.oid.to_owned();
+            if kind == EntryKind::Dir {
+                if depth + 1 > MAX_TREE_DEPTH {
+                    return Err(git_err(format!(
+                        "commit {commit}: `{}` is nested deeper than {MAX_TREE_DEPTH} directories; refused",
+                        escape_name(&path)
+                    )));
+                }
+                pending.push((oid, path.clone(), depth + 1));
+            }
+            if entries
+                .insert(path.clone(), TreeNode { oid, kind })
+                .is_some()
+            {
+                return Err(git_err(format!(
+                    "commit {commit}: tree entry `{}` appears twice; refused",
+                    escape_name(&path)
+                )));
             }
         }
-        for (oid, path) in subtrees {
-            self.walk(oid, &path, out)?;
-        }
-        Ok(())
     }
-
-    /// Reads a blob, refusing blobs over `limit` bytes before reading them.
-    pub fn read_blob(&self, file: &TreeFile, limit: u64) -> Result<Vec<u8>> {
-        read_blob(&self.repo, file, limit)
-    }
+    Ok(entries)
 }
 
 /// Reads a blob of `repo`, refusing blobs over `limit` bytes before
@@ -190,4 +381,53 @@ pub fn read_blob(repo: &gix::Repository, file: &TreeFile, limit: u64) -> Result<
         .find_blob(file.oid)
         .map_err(|e| git_err(format!("{}: {e}", file.path)))?;
     Ok(blob.take_data())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_normal_single_components_are_entry_names() {
+        for ok in [
+            &b"a"[..],
+            b"kustomization.yaml",
+            b"...",
+            b".gitignore",
+            b"git",
+            b"a b",
+        ] {
+            assert_eq!(check_entry_name(ok), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &b""[..],
+            b".",
+            b"..",
+            b"a/b",
+            b"/etc",
+            b"a\0b",
+            b".git",
+            b".GIT",
+            b".Git",
+            b"a\x1b[31m",
+            b"tab\there",
+            "c1\u{9b}x".as_bytes(),
+        ] {
+            assert!(check_entry_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_escaped_for_terminals() {
+        assert_eq!(escape_name("a\x1b[31mb\n"), "a\\u{1b}[31mb\\n");
+        assert_eq!(escape_name("plain/ü"), "plain/ü");
+    }
+
+    #[test]
+    fn within() {
+        assert!(is_within("a/b", "a"));
+        assert!(is_within("a", "a"));
+        assert!(is_within("a", ""));
+        assert!(!is_within("ab", "a"));
+    }
 }

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod diff;
 pub mod duration;
 mod error;
+pub mod export;
 pub mod git;
 pub mod limits;
 pub mod manifests;
@@ -27,6 +28,7 @@ pub mod repo;
 pub mod rollout;
 pub mod trust;
 pub mod verify;
+pub mod yaml;
 
 pub use error::{Error, Result};
 

@@ -10,8 +10,7 @@
 //! **Architecture invariant:** pure — bytes in, objects out; no file
 //! system, no Git, no clock.
 
-use crate::{Error, Result};
-use serde::Deserialize;
+use crate::{yaml, Error, Result};
 
 /// One Kubernetes object parsed from a YAML document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,37 +78,25 @@ pub fn is_manifest_file(path: &str) -> bool {
 
 /// Parses every document of a YAML file at `path` (used in messages) into
 /// validated canonical objects. Empty documents are skipped. Objects over
-/// `max_object_bytes` are refused.
+/// `max_object_bytes` are refused. Hostile YAML (deep nesting, alias
+/// bombs, non-core tags) is refused before parsing, in time linear in the
+/// input (see [`crate::yaml`]). Never panics, whatever the bytes.
 pub fn parse_file(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<Vec<ParsedObject>> {
     let err = |reason: String| Error::Manifest {
         file: path.to_owned(),
         reason,
     };
-    if std::str::from_utf8(bytes).is_err() {
+    let Ok(text) = std::str::from_utf8(bytes) else {
         return Err(err("not UTF-8 text".into()));
-    }
+    };
+    let documents = yaml::parse_documents(text).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_slice(bytes).enumerate() {
-        let index = u32::try_from(i).map_err(|_| err("too many documents".into()))?;
-        let mut value = serde_norway::Value::deserialize(doc).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            // serde_norway appends its own " at line L column C"; keep the
-            // position once, in front, where people look for it.
-            let msg = e.to_string();
-            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-            err(format!("invalid YAML at {at}{msg}"))
-        })?;
-        if value.is_null() {
+    for doc in documents {
+        let index = doc.index;
+        let Some(json) = doc.value else {
             continue;
-        }
+        };
         let doc_err = |reason: String| err(format!("document {index}: {reason}"));
-        value
-            .apply_merge()
-            .map_err(|e| doc_err(format!("YAML merge key: {e}")))?;
-        let json = to_json(&value, &mut Vec::new()).map_err(doc_err)?;
         let obj = validate_object(&json).map_err(doc_err)?;
         let canonical = serde_json::to_vec(&json).map_err(|e| doc_err(e.to_string()))?;
         if canonical.len() as u64 > max_object_bytes {
@@ -138,76 +125,6 @@ fn display(namespace: &str, name: &str) -> String {
     } else {
         format!("{namespace}/{name}")
     }
-}
-
-/// Converts YAML to JSON, refusing what JSON cannot carry. `at` is the key
-/// path, for messages.
-fn to_json(
-    v: &serde_norway::Value,
-    at: &mut Vec<String>,
-) -> std::result::Result<serde_json::Value, String> {
-    use serde_json::Value as J;
-    use serde_norway::Value as Y;
-    let where_ = |at: &Vec<String>| {
-        if at.is_empty() {
-            "the document".to_owned()
-        } else {
-            format!("`{}`", at.join("."))
-        }
-    };
-    Ok(match v {
-        Y::Null => J::Null,
-        Y::Bool(b) => J::Bool(*b),
-        Y::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                J::from(i)
-            } else if let Some(u) = n.as_u64() {
-                J::from(u)
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                J::Number(
-                    serde_json::Number::from_f64(f).ok_or_else(|| {
-                        format!("{}: {n} cannot be represented in JSON", where_(at))
-                    })?,
-                )
-            }
-        }
-        Y::String(s) => J::String(s.clone()),
-        Y::Sequence(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                at.push(i.to_string());
-                out.push(to_json(item, at)?);
-                at.pop();
-            }
-            J::Array(out)
-        }
-        Y::Mapping(m) => {
-            let mut out = serde_json::Map::new();
-            for (k, val) in m {
-                let Y::String(key) = k else {
-                    let shown = serde_norway::to_string(k).unwrap_or_default();
-                    return Err(format!(
-                        "{}: mapping key `{}` is not a string; JSON (and Kubernetes) needs string keys, quote it",
-                        where_(at),
-                        shown.trim()
-                    ));
-                };
-                at.push(key.clone());
-                let jv = to_json(val, at)?;
-                at.pop();
-                out.insert(key.clone(), jv);
-            }
-            J::Object(out)
-        }
-        Y::Tagged(t) => {
-            return Err(format!(
-                "{}: YAML tag `{}` is not supported in Kubernetes manifests",
-                where_(at),
-                t.tag
-            ))
-        }
-    })
 }
 
 fn field<'a>(
@@ -392,7 +309,10 @@ mod tests {
         assert!(e.contains("`data`: mapping key `1` is not a string"), "{e}");
         let e =
             fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: !custom {a: b}\n");
-        assert!(e.contains("YAML tag"), "{e}");
+        assert_eq!(
+            e,
+            "dir/f.yaml: line 4 column 7: YAML tag `!custom` is not allowed; only the core schema's !!str, !!int, !!float, !!bool, !!null, !!map, !!seq are"
+        );
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nx: .nan\n");
         assert!(e.contains("cannot be represented in JSON"), "{e}");
     }
@@ -405,6 +325,45 @@ mod tests {
         );
         let e = parse_file("f.yaml", big.as_bytes(), 100).unwrap_err();
         assert!(matches!(e, Error::TooLarge { limit: 100, .. }), "{e}");
+    }
+
+    #[test]
+    fn hostile_yaml_is_refused_before_parsing() {
+        let e = fail(&"[".repeat(1 << 20));
+        assert!(
+            e.starts_with(
+                "dir/f.yaml: line 1 column 100: collections nested deeper than 100 levels"
+            ),
+            "{e}"
+        );
+        let e = fail(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: !!binary aGk=}\n",
+        );
+        assert!(
+            e.starts_with("dir/f.yaml: line 4 column 11: YAML tag `!!binary`"),
+            "{e}"
+        );
+        let e = fail("a: !!python/object/apply:os.system [\"id\"]\n");
+        assert!(
+            e.contains("`!!python/object/apply:os.system` is not allowed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for bytes in [
+            &b"\xff\xfe"[..],
+            b"*a",
+            b"&a [*a]",
+            b"- &a\n- *a\n- *b",
+            b"\"unterminated",
+            b"{{{{}}}}]]]]",
+            b"---\n...\n%YAML 1.2\n---\n|\n  x\n",
+            b"? [a]\n: b\n",
+        ] {
+            let _ = parse_file("f.yaml", bytes, MAX);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use crate::build::{build, default_source_name, BuildOptions};
 use crate::bundle::{read_bundle_file, Entry, Manifest};
 use crate::diff::diff;
+use crate::export::{DEFAULT_MAX_EXPORT_BYTES, DEFAULT_MAX_EXPORT_FILES};
 use crate::limits::Limits;
 use anyhow::{Context, Result};
 use clap::Subcommand;
@@ -41,6 +42,18 @@ pub enum BundleCommand {
             default_value = "kubectl"
         )]
         kubectl: String,
+        /// Allow kustomizations to reference remote resources (URLs,
+        /// `git@...`, `github.com/...`). Off by default: a bundle must be a
+        /// function of its commit, and a remote resource can change under it.
+        #[arg(long)]
+        allow_remote: bool,
+        /// Most bytes the Kustomize export may write to the temporary folder
+        /// handed to `kubectl kustomize`.
+        #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_EXPORT_BYTES)]
+        max_export_bytes: u64,
+        /// Most files the Kustomize export may write.
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EXPORT_FILES)]
+        max_export_files: usize,
     },
     /// Show a bundle file's source, id and objects (the file is verified).
     Inspect {
@@ -72,6 +85,9 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             allow_empty,
             source_name,
             kubectl,
+            allow_remote,
+            max_export_bytes,
+            max_export_files,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -80,6 +96,9 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.source_name = source_name.unwrap_or_else(|| default_source_name(&git));
             opts.kubectl = kubectl.into();
             opts.progress = std::io::stderr().is_terminal();
+            opts.export.allow_remote = allow_remote;
+            opts.export.max_bytes = max_export_bytes;
+            opts.export.max_files = max_export_files;
             let built = build(&opts)?;
             built.write_file(&out)?;
             let m = &built.manifest;

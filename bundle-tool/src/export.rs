@@ -1,0 +1,530 @@
+//! The Kustomize export: the part of a commit's tree that
+//! `kubectl kustomize` needs, written into a private temporary folder.
+//!
+//! A commit is hostile input on the machine that holds the release keys,
+//! so the export:
+//!
+//! * writes only the Kustomize directories being rendered and the
+//!   directories their kustomizations reference (`resources`, `bases`,
+//!   `components`, `generators`, `transformers`, `validators`), followed
+//!   recursively, each with everything below it (Kustomize's default load
+//!   restrictor confines file references such as patches and generator
+//!   files to that subtree);
+//! * refuses references that leave the repository root or are absolute,
+//!   in any field that names a file or directory, naming the kustomization
+//!   file and the field; refuses remote references (URLs, `git@...`,
+//!   `github.com/...`) unless remote resources are allowed;
+//! * never creates a symbolic link: a link in an exported directory whose
+//!   target (resolved inside the tree) is a file is written as a copy of
+//!   that file; a link that leaves the repository or is absolute is
+//!   refused; a link to a directory is refused; a link to nothing in the
+//!   tree is left out;
+//! * creates every file new (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600) under
+//!   directories it created itself, from names [`crate::git`] already
+//!   checked to be single normal path components;
+//! * caps the files and bytes written, checked from blob headers before a
+//!   blob is read, so a small repository whose entries all point at one big
+//!   blob cannot fill the disk.
+
+use crate::git::{self, escape_name, EntryKind, GitTree, TreeFile};
+use crate::yaml;
+use crate::{Error, Result};
+use std::collections::{BTreeSet, VecDeque};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+
+/// File names that make a directory a Kustomize directory.
+pub const KUSTOMIZATION_FILES: &[&str] =
+    &["kustomization.yaml", "kustomization.yml", "Kustomization"];
+
+/// Default cap on the bytes of one export (256 MiB).
+pub const DEFAULT_MAX_EXPORT_BYTES: u64 = 256 << 20;
+
+/// Default cap on the files of one export.
+pub const DEFAULT_MAX_EXPORT_FILES: usize = 20_000;
+
+/// Largest kustomization file read (1 MiB).
+pub const MAX_KUSTOMIZATION_BYTES: u64 = 1 << 20;
+
+/// Most symbolic links followed to reach a file.
+pub const MAX_LINK_HOPS: usize = 8;
+
+/// How much an export may write and read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportLimits {
+    /// Allow remote references (URLs, `git@...`, `github.com/...`).
+    pub allow_remote: bool,
+    /// Most bytes written.
+    pub max_bytes: u64,
+    /// Most files written.
+    pub max_files: usize,
+    /// Largest single file.
+    pub max_file_bytes: u64,
+}
+
+impl Default for ExportLimits {
+    fn default() -> Self {
+        Self {
+            allow_remote: false,
+            max_bytes: DEFAULT_MAX_EXPORT_BYTES,
+            max_files: DEFAULT_MAX_EXPORT_FILES,
+            max_file_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A written export; the folder is removed when this is dropped.
+pub struct Export {
+    dir: tempfile::TempDir,
+    /// Files written.
+    pub files: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The exported directories (tree paths; `""` is the root).
+    pub roots: Vec<String>,
+}
+
+impl Export {
+    /// The export's root folder (the repository root).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Fields whose entries may be Kustomize directories (exported, and
+/// followed) or files.
+const DIR_FIELDS: &[&str] = &[
+    "resources",
+    "bases",
+    "components",
+    "generators",
+    "transformers",
+    "validators",
+];
+
+/// Fields whose entries (strings) are file paths or inline YAML.
+const FILE_LIST_FIELDS: &[&str] = &["patchesStrategicMerge", "crds", "configurations"];
+
+/// Fields that are lists of objects with a `path`.
+const PATH_OBJECT_FIELDS: &[&str] = &["patches", "patchesJson6902", "replacements"];
+
+/// Whether a reference is remote (Kustomize would fetch it), judged before
+/// looking in the tree.
+fn clearly_remote(r: &str) -> bool {
+    r.contains("://") || r.starts_with("git@") || r.contains("?ref=")
+}
+
+/// Whether a reference not found in the tree looks like `host.tld/path`,
+/// which Kustomize would try to fetch.
+fn host_like(r: &str) -> bool {
+    r.split_once('/').is_some_and(|(host, rest)| {
+        host.contains('.') && !host.starts_with('.') && !rest.is_empty()
+    })
+}
+
+/// Where a reference points.
+enum Target {
+    /// A path inside the tree (it may not exist).
+    Inside(String),
+    /// A remote reference, allowed by the caller.
+    Remote,
+}
+
+struct Refs<'a> {
+    tree: &'a GitTree,
+    limits: &'a ExportLimits,
+    kfile: &'a str,
+    dir: &'a str,
+}
+
+impl Refs<'_> {
+    fn refuse(&self, field: &str, value: &str, why: &str) -> Error {
+        Error::Build(format!(
+            "{}: `{field}` entry `{}` {why}; a bundle is built only from its commit's tree",
+            escape_name(self.kfile),
+            escape_name(value)
+        ))
+    }
+
+    fn check(&self, field: &str, value: &str) -> Result<Target> {
+        let remote = || {
+            if self.limits.allow_remote {
+                Ok(Target::Remote)
+            } else {
+                Err(self.refuse(
+                    field,
+                    value,
+                    "is a remote reference, refused: a bundle must be a function of its commit \
+                     (pass --allow-remote to allow remote resources)",
+                ))
+            }
+        };
+        if value.starts_with('/') {
+            return Err(self.refuse(field, value, "is an absolute path"));
+        }
+        if clearly_remote(value) {
+            return remote();
+        }
+        let Some(path) = git::join_inside(self.dir, value) else {
+            return Err(self.refuse(field, value, "leaves the repository"));
+        };
+        if self.tree.entry(&path).is_none() && host_like(value) {
+            return remote();
+        }
+        Ok(Target::Inside(path))
+    }
+}
+
+fn strings(v: &serde_json::Value) -> Vec<&str> {
+    match v {
+        serde_json::Value::String(s) => vec![s.as_str()],
+        serde_json::Value::Array(items) => items.iter().filter_map(|i| i.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Reads the kustomization file of `dir` and returns the directories it
+/// references inside the tree, checking every reference.
+fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<String>> {
+    let Some(kfile) = KUSTOMIZATION_FILES
+        .iter()
+        .map(|f| join(dir, f))
+        .find(|p| tree.entry(p).is_some())
+    else {
+        // Kustomize reports the missing kustomization itself.
+        return Ok(Vec::new());
+    };
+    let Some(file) = resolve_file(tree, &kfile)? else {
+        return Ok(Vec::new());
+    };
+    let bytes = tree.read_blob(&file, MAX_KUSTOMIZATION_BYTES)?;
+    let shown = escape_name(&kfile);
+    let text = std::str::from_utf8(&bytes).map_err(|_| Error::Manifest {
+        file: shown.clone(),
+        reason: "not UTF-8 text".into(),
+    })?;
+    let docs = yaml::parse_documents(text).map_err(|e| Error::Manifest {
+        file: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let refs = Refs {
+        tree,
+        limits,
+        kfile: &kfile,
+        dir,
+    };
+    let mut dirs = Vec::new();
+    for doc in docs.iter().filter_map(|d| d.value.as_ref()) {
+        let Some(k) = doc.as_object() else { continue };
+        for field in DIR_FIELDS {
+            for v in k.get(*field).map(strings).unwrap_or_default() {
+                if v.contains('\n') {
+                    continue; // inline generator or transformer configuration
+                }
+                if let Target::Inside(p) = refs.check(field, v)? {
+                    if let Some((EntryKind::Dir, d)) = resolve_kind(tree, &p)? {
+                        dirs.push(d);
+                    }
+                }
+            }
+        }
+        for field in FILE_LIST_FIELDS {
+            for v in k.get(*field).map(strings).unwrap_or_default() {
+                if !v.contains('\n') && !v.trim_start().starts_with('{') {
+                    refs.check(field, v)?;
+                }
+            }
+        }
+        for field in PATH_OBJECT_FIELDS {
+            if let Some(items) = k.get(*field).and_then(|v| v.as_array()) {
+                for item in items {
+                    if let Some(p) = item.get("path").and_then(|p| p.as_str()) {
+                        refs.check(&format!("{field}.path"), p)?;
+                    }
+                }
+            }
+        }
+        if let Some(p) = k
+            .get("openapi")
+            .and_then(|o| o.get("path"))
+            .and_then(|p| p.as_str())
+        {
+            refs.check("openapi.path", p)?;
+        }
+        for field in ["configMapGenerator", "secretGenerator"] {
+            let Some(items) = k.get(field).and_then(|v| v.as_array()) else {
+                continue;
+            };
+            for item in items {
+                for sub in ["files", "envs", "env"] {
+                    for v in item.get(sub).map(strings).unwrap_or_default() {
+                        // `files` entries may be `key=path`.
+                        let p = v.split_once('=').map(|(_, p)| p).unwrap_or(v);
+                        refs.check(&format!("{field}.{sub}"), p)?;
+                    }
+                }
+            }
+        }
+        if let Some(items) = k.get("helmCharts").and_then(|v| v.as_array()) {
+            for item in items {
+                for sub in ["valuesFile", "additionalValuesFiles"] {
+                    for v in item.get(sub).map(strings).unwrap_or_default() {
+                        refs.check(&format!("helmCharts.{sub}"), v)?;
+                    }
+                }
+            }
+        }
+        if let Some(g) = k.get("helmGlobals") {
+            for sub in ["chartHome", "configHome"] {
+                for v in g.get(sub).map(strings).unwrap_or_default() {
+                    refs.check(&format!("helmGlobals.{sub}"), v)?;
+                }
+            }
+        }
+    }
+    Ok(dirs)
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+fn parent(path: &str) -> &str {
+    path.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
+}
+
+/// Follows symbolic links from `path` inside the tree: the final entry's
+/// kind and path, `None` when nothing in the tree is there. Refuses links
+/// that are absolute or leave the repository, and chains over
+/// [`MAX_LINK_HOPS`].
+fn resolve_kind(tree: &GitTree, path: &str) -> Result<Option<(EntryKind, String)>> {
+    let mut at = path.to_owned();
+    for _ in 0..=MAX_LINK_HOPS {
+        let Some(node) = tree.entry(&at) else {
+            return Ok(None);
+        };
+        if node.kind != EntryKind::Link {
+            return Ok(Some((node.kind, at)));
+        }
+        let link = TreeFile {
+            path: at.clone(),
+            oid: node.oid,
+        };
+        let target = tree.read_blob(&link, git::MAX_LINK_TARGET_BYTES)?;
+        let target = String::from_utf8_lossy(&target).into_owned();
+        let refuse = |why: &str| {
+            Error::Build(format!(
+                "symbolic link `{}` -> `{}` {why}; refused (links are resolved inside the repository only)",
+                escape_name(&link.path),
+                escape_name(&target)
+            ))
+        };
+        if target.starts_with('/') {
+            return Err(refuse("is absolute"));
+        }
+        if target.contains('\0') {
+            return Err(refuse("contains NUL"));
+        }
+        at = git::join_inside(parent(&link.path), &target)
+            .ok_or_else(|| refuse("leaves the repository"))?;
+    }
+    Err(Error::Build(format!(
+        "symbolic link `{}`: more than {MAX_LINK_HOPS} links in a chain; refused",
+        escape_name(path)
+    )))
+}
+
+/// The file a path names, following links; `None` when nothing is there.
+/// Refuses a link to a directory.
+fn resolve_file(tree: &GitTree, path: &str) -> Result<Option<TreeFile>> {
+    match resolve_kind(tree, path)? {
+        Some((EntryKind::File, p)) => {
+            let node = tree.entry(&p).ok_or_else(|| {
+                Error::Git(format!("`{}` vanished from the tree", escape_name(&p)))
+            })?;
+            Ok(Some(TreeFile { path: p, oid: node.oid }))
+        }
+        Some((EntryKind::Dir, p)) if p != path => Err(Error::Build(format!(
+            "symbolic link `{}` points to the directory `{}`; links to directories are not exported, refused",
+            escape_name(path),
+            escape_name(&p)
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// The Kustomize directories `start` (tree paths) and every directory their
+/// kustomizations reference, recursively; outermost first, nested ones
+/// dropped.
+pub fn closure(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result<Vec<String>> {
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut queue: VecDeque<String> = start.iter().cloned().collect();
+    while let Some(d) = queue.pop_front() {
+        if !seen.insert(d.clone()) {
+            continue;
+        }
+        for r in references(tree, &d, limits)? {
+            if !seen.contains(&r) {
+                queue.push_back(r);
+            }
+        }
+    }
+    let mut roots: Vec<String> = Vec::new();
+    for d in seen {
+        // BTreeSet order puts a directory before everything inside it.
+        if !roots.iter().any(|r| git::is_within(&d, r)) {
+            roots.push(d);
+        }
+    }
+    Ok(roots)
+}
+
+/// Writes the export for rendering the Kustomize directories `start`.
+pub fn export(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result<Export> {
+    let roots = closure(tree, start, limits)?;
+    let tmp = tempfile::Builder::new()
+        .prefix("cairn-kustomize-")
+        .tempdir()
+        .map_err(|e| Error::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let mut w = Writer {
+        base: tmp.path(),
+        made: BTreeSet::new(),
+        files: 0,
+        bytes: 0,
+        limits,
+    };
+    for root in &roots {
+        w.dir(root)?;
+        for (path, node) in tree.entries_under(root) {
+            match node.kind {
+                EntryKind::Dir => w.dir(path)?,
+                EntryKind::File => w.file(
+                    tree,
+                    path,
+                    &TreeFile {
+                        path: path.clone(),
+                        oid: node.oid,
+                    },
+                )?,
+                EntryKind::Link => {
+                    if let Some(f) = resolve_file(tree, path)? {
+                        w.file(tree, path, &f)?;
+                    }
+                }
+                EntryKind::Submodule => {}
+            }
+        }
+    }
+    let (files, bytes) = (w.files, w.bytes);
+    Ok(Export {
+        dir: tmp,
+        files,
+        bytes,
+        roots,
+    })
+}
+
+struct Writer<'a> {
+    base: &'a Path,
+    made: BTreeSet<String>,
+    files: usize,
+    bytes: u64,
+    limits: &'a ExportLimits,
+}
+
+impl Writer<'_> {
+    /// Creates directory `path` and its parents (all inside the export,
+    /// all made by this writer).
+    fn dir(&mut self, path: &str) -> Result<()> {
+        if path.is_empty() || self.made.contains(path) {
+            return Ok(());
+        }
+        self.dir(parent(path))?;
+        let p = self.base.join(path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .map_err(|e| Error::Io { path: p, source: e })?;
+        self.made.insert(path.to_owned());
+        Ok(())
+    }
+
+    /// Writes the blob `from` at `path`, within the caps.
+    fn file(&mut self, tree: &GitTree, path: &str, from: &TreeFile) -> Result<()> {
+        let size = tree.blob_size(from)?;
+        if self.files + 1 > self.limits.max_files {
+            return Err(Error::Build(format!(
+                "kustomize export: more than {} files (at `{}`); refused \
+                 (raise the cap with --max-export-files)",
+                self.limits.max_files,
+                escape_name(path)
+            )));
+        }
+        if self.bytes.saturating_add(size) > self.limits.max_bytes {
+            return Err(Error::Build(format!(
+                "kustomize export: more than {} bytes (at `{}`, {size} bytes); refused \
+                 (raise the cap with --max-export-bytes)",
+                self.limits.max_bytes,
+                escape_name(path)
+            )));
+        }
+        let bytes = tree.read_blob(from, self.limits.max_file_bytes)?;
+        self.dir(parent(path))?;
+        let p = self.base.join(path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| Error::Io {
+                path: p.clone(),
+                source: e,
+            })?;
+        std::io::Write::write_all(&mut f, &bytes).map_err(|e| Error::Io { path: p, source: e })?;
+        self.files += 1;
+        self.bytes += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_references_are_recognised() {
+        for r in [
+            "https://github.com/org/repo//base?ref=v1",
+            "git@github.com:org/repo.git",
+            "ssh://git@example.com/repo",
+            "github.com/org/repo/base?ref=main",
+            "github.com//org/repo",
+        ] {
+            assert!(clearly_remote(r) || host_like(r), "{r}");
+        }
+        assert!(host_like("github.com/kubernetes-sigs/kustomize/examples"));
+        for r in ["base", "../base", "./x.yaml", "v1.2/dir", ".hidden/x"] {
+            assert!(!clearly_remote(r), "{r}");
+        }
+        assert!(!host_like(".hidden/x"));
+        assert!(!host_like("x.yaml"));
+    }
+
+    #[test]
+    fn joins_stay_inside() {
+        assert_eq!(git::join_inside("a/b", "../c").as_deref(), Some("a/c"));
+        assert_eq!(git::join_inside("a/b", "../../c").as_deref(), Some("c"));
+        assert_eq!(git::join_inside("a/b", "../../../c"), None);
+        assert_eq!(git::join_inside("", ".."), None);
+        assert_eq!(git::join_inside("a", "/etc"), None);
+        assert_eq!(git::join_inside("a", "./x/./y").as_deref(), Some("a/x/y"));
+    }
+}

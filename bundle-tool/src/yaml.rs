@@ -1,0 +1,967 @@
+//! YAML text to JSON values, hardened against hostile input. The one
+//! module that touches the YAML parser (serde_norway).
+//!
+//! libyaml (under serde_norway) takes time quadratic in the flow nesting
+//! depth (`[[[[...`), and expanding aliases can turn a few kilobytes into
+//! gigabytes ("billion laughs"). So before the parser sees a byte, a
+//! linear pre-scan ([`prescan`]) walks the text once and refuses, naming
+//! the line and column:
+//!
+//! * nesting (flow collections, block indentation levels and compact
+//!   `- - -` sequences together) deeper than [`MAX_NESTING`];
+//! * aliases whose expansion would add more than [`MAX_ALIAS_EXPANSION`]
+//!   bytes to a document (each anchored node's size is estimated from the
+//!   text, generously, and aliases inside anchored nodes multiply);
+//! * every tag except the core schema's `!!str`, `!!int`, `!!float`,
+//!   `!!bool`, `!!null`, `!!map` and `!!seq` (so `!!python/...`,
+//!   `!!binary`, `!custom`, `!<verbatim>` and `%TAG` directives), instead of
+//!   letting a tag be dropped or misread further down.
+//!
+//! The scanner is deliberately conservative: it follows YAML's rules for
+//! where a node starts (so `key: a[0]` or `echo hi!` are plain text), skips
+//! comments, quoted scalars and block scalars, and over-estimates where it
+//! has to. Only then is the text parsed.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+
+/// Deepest nesting of collections accepted (flow and block together).
+/// Kubernetes objects, even CRD schemas, stay well below; serde_norway's
+/// own recursion limit is 128.
+pub const MAX_NESTING: usize = 100;
+
+/// Most bytes alias expansion may add to one document (16 MiB).
+pub const MAX_ALIAS_EXPANSION: u64 = 16 << 20;
+
+/// Tags of the YAML core schema that are accepted.
+pub const CORE_TAGS: &[&str] = &[
+    "!!str", "!!int", "!!float", "!!bool", "!!null", "!!map", "!!seq",
+];
+
+/// A YAML problem: what, and where (1-based line and column when known).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct YamlError {
+    /// 1-based line, if known.
+    pub line: Option<usize>,
+    /// 1-based column, if known.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl std::fmt::Display for YamlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "line {l} column {c}: {}", self.reason),
+            // Parser errors carry their position in the reason.
+            _ => f.write_str(&self.reason),
+        }
+    }
+}
+
+fn at(line: usize, col: usize, reason: String) -> YamlError {
+    YamlError {
+        line: Some(line + 1),
+        column: Some(col + 1),
+        reason,
+    }
+}
+
+/// One YAML document of a stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Document {
+    /// Index in the stream (0-based, counting empty documents).
+    pub index: u32,
+    /// The document as JSON; `None` for an empty document.
+    pub value: Option<serde_json::Value>,
+}
+
+/// Parses a multi-document YAML stream into JSON values, after
+/// [`prescan`]. YAML merge keys (`<<:`) are applied; values JSON cannot
+/// carry (non-string keys, `.nan`, tags) are refused, naming the key path.
+pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
+    prescan(text)?;
+    let mut out = Vec::new();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let index = u32::try_from(i).map_err(|_| YamlError {
+            line: None,
+            column: None,
+            reason: "too many documents".into(),
+        })?;
+        let mut value = serde_norway::Value::deserialize(doc).map_err(|e| {
+            // serde_norway appends its own " at line L column C"; keep the
+            // position once, in front, where people look for it.
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
+            let at = e
+                .location()
+                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            YamlError {
+                line: e.location().map(|l| l.line()),
+                column: None,
+                reason: format!("invalid YAML at {at}{msg}"),
+            }
+        })?;
+        if value.is_null() {
+            out.push(Document { index, value: None });
+            continue;
+        }
+        let doc_err = |reason: String| YamlError {
+            line: None,
+            column: None,
+            reason: format!("document {index}: {reason}"),
+        };
+        value
+            .apply_merge()
+            .map_err(|e| doc_err(format!("YAML merge key: {e}")))?;
+        let json = to_json(&value, &mut Vec::new()).map_err(doc_err)?;
+        out.push(Document {
+            index,
+            value: Some(json),
+        });
+    }
+    Ok(out)
+}
+
+/// Converts YAML to JSON, refusing what JSON cannot carry. `at` is the key
+/// path, for messages.
+fn to_json(
+    v: &serde_norway::Value,
+    at: &mut Vec<String>,
+) -> std::result::Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    use serde_norway::Value as Y;
+    let where_ = |at: &Vec<String>| {
+        if at.is_empty() {
+            "the document".to_owned()
+        } else {
+            format!("`{}`", at.join("."))
+        }
+    };
+    Ok(match v {
+        Y::Null => J::Null,
+        Y::Bool(b) => J::Bool(*b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                J::from(i)
+            } else if let Some(u) = n.as_u64() {
+                J::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                J::Number(
+                    serde_json::Number::from_f64(f).ok_or_else(|| {
+                        format!("{}: {n} cannot be represented in JSON", where_(at))
+                    })?,
+                )
+            }
+        }
+        Y::String(s) => J::String(s.clone()),
+        Y::Sequence(items) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                at.push(i.to_string());
+                out.push(to_json(item, at)?);
+                at.pop();
+            }
+            J::Array(out)
+        }
+        Y::Mapping(m) => {
+            let mut out = serde_json::Map::new();
+            for (k, val) in m {
+                let Y::String(key) = k else {
+                    let shown = serde_norway::to_string(k).unwrap_or_default();
+                    return Err(format!(
+                        "{}: mapping key `{}` is not a string; JSON (and Kubernetes) needs string keys, quote it",
+                        where_(at),
+                        shown.trim()
+                    ));
+                };
+                at.push(key.clone());
+                let jv = to_json(val, at)?;
+                at.pop();
+                out.insert(key.clone(), jv);
+            }
+            J::Object(out)
+        }
+        Y::Tagged(t) => {
+            return Err(format!(
+                "{}: YAML tag `{}` is not supported in Kubernetes manifests",
+                where_(at),
+                t.tag
+            ))
+        }
+    })
+}
+
+/// An anchored node whose end the scanner has not reached yet.
+struct OpenAnchor {
+    name: String,
+    /// Byte offset where the node starts.
+    start: usize,
+    /// Bytes added by aliases inside it so far.
+    extra: u64,
+    /// Flow depth at the anchor; in flow the node ends at the next `,` or
+    /// closing bracket at this depth.
+    flow_depth: usize,
+    /// Indentation of the anchor's line; in block context the node ends at
+    /// the next line indented no deeper (or with a non-`-` at that indent).
+    line_indent: usize,
+}
+
+/// Scanner state across lines.
+#[derive(Default)]
+struct Scan {
+    /// The nesting limit ([`MAX_NESTING`]; lower in tests).
+    max_nesting: usize,
+    /// The alias expansion limit ([`MAX_ALIAS_EXPANSION`]; lower in tests).
+    max_expansion: u64,
+    /// Open flow collections.
+    flow: usize,
+    /// Per open flow collection: whether it is a sequence, and whether its
+    /// current entry is an implicit single-pair mapping (`[a: b]`), which
+    /// nests one level more.
+    levels: Vec<(bool, bool)>,
+    /// How many open sequences hold such a pair now.
+    pairs: usize,
+    /// Indentation levels of enclosing block collections.
+    indents: Vec<usize>,
+    /// Inside a quoted scalar: its quote byte.
+    quote: Option<u8>,
+    /// Inside a block scalar: the indentation its content must exceed
+    /// (`None` = parent at column -1, any indent is content), and the
+    /// content's indentation once its first line is seen.
+    block_scalar: Option<(Option<usize>, Option<usize>)>,
+    anchors: HashMap<String, u64>,
+    open: Vec<OpenAnchor>,
+    /// Bytes added by aliases in the current document.
+    expansion: u64,
+}
+
+impl Scan {
+    fn close_anchor(&mut self, end: usize) {
+        if let Some(a) = self.open.pop() {
+            let size = (end.saturating_sub(a.start) as u64).saturating_add(a.extra);
+            self.anchors.insert(a.name, size);
+        }
+    }
+
+    fn new_document(&mut self, end: usize) {
+        while !self.open.is_empty() {
+            self.close_anchor(end);
+        }
+        self.anchors.clear();
+        self.indents.clear();
+        self.expansion = 0;
+        self.flow = 0;
+        self.levels.clear();
+        self.pairs = 0;
+    }
+}
+
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t' || b == b'\r'
+}
+
+fn token_end(line: &[u8], from: usize, flow: bool) -> usize {
+    let mut j = from;
+    while j < line.len()
+        && !is_blank(line[j])
+        && !(flow && matches!(line[j], b',' | b'[' | b']' | b'{' | b'}'))
+    {
+        j += 1;
+    }
+    j
+}
+
+/// The linear pre-scan described in the module documentation. Refuses
+/// with the line and column of the first problem.
+pub fn prescan(text: &str) -> Result<(), YamlError> {
+    prescan_limited(text, MAX_NESTING, MAX_ALIAS_EXPANSION)
+}
+
+fn prescan_limited(text: &str, max_nesting: usize, max_expansion: u64) -> Result<(), YamlError> {
+    let mut s = Scan {
+        max_nesting,
+        max_expansion,
+        ..Scan::default()
+    };
+    for (ln, (offset, line)) in lines(text.as_bytes()).enumerate() {
+        // libyaml skips a byte order mark at the start of any line.
+        let (offset, line) = match line.strip_prefix(b"\xEF\xBB\xBF") {
+            Some(rest) => (offset + 3, rest),
+            None => (offset, line),
+        };
+        scan_line(&mut s, ln, line, offset)?;
+    }
+    Ok(())
+}
+
+/// Splits at every line break libyaml knows: LF, CRLF, CR, NEL (U+0085),
+/// LS (U+2028) and PS (U+2029). Yields (byte offset, line).
+fn lines(text: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut start = 0usize;
+    let mut i = 0usize;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while i < text.len() {
+            let brk = match text[i] {
+                b'\n' => 1,
+                b'\r' if text.get(i + 1) == Some(&b'\n') => 2,
+                b'\r' => 1,
+                0xC2 if text.get(i + 1) == Some(&0x85) => 2,
+                0xE2 if text.get(i + 1) == Some(&0x80)
+                    && matches!(text.get(i + 2), Some(0xA8 | 0xA9)) =>
+                {
+                    3
+                }
+                _ => 0,
+            };
+            if brk > 0 {
+                let line = (start, &text[start..i]);
+                i += brk;
+                start = i;
+                return Some(line);
+            }
+            i += 1;
+        }
+        done = true;
+        Some((start, &text[start..]))
+    })
+}
+
+fn scan_line(s: &mut Scan, ln: usize, line: &[u8], offset: usize) -> Result<(), YamlError> {
+    let indent = line.iter().take_while(|&&b| b == b' ').count();
+    let content = line[indent..].iter().any(|&b| !is_blank(b));
+    // Block scalar content: skipped while indented deeper than its parent.
+    if let Some((parent, content_indent)) = s.block_scalar {
+        if !content {
+            return Ok(());
+        }
+        // A document marker at column 0 ends any block scalar.
+        let marker = (line.starts_with(b"---") || line.starts_with(b"..."))
+            && line.get(3).is_none_or(|&b| is_blank(b));
+        let inside = !marker
+            && parent.is_none_or(|p| indent > p)
+            && content_indent.is_none_or(|c| indent >= c);
+        if inside {
+            s.block_scalar = Some((parent, Some(content_indent.unwrap_or(indent))));
+            return Ok(());
+        }
+        s.block_scalar = None;
+    }
+    let mut i = 0usize;
+    let mut node_start;
+    if let Some(q) = s.quote {
+        // A quoted scalar continues from the previous line.
+        match skip_quoted(line, 0, q) {
+            Some(end) => {
+                s.quote = None;
+                i = end;
+                node_start = false;
+            }
+            None => return Ok(()),
+        }
+    } else {
+        if line.starts_with(b"%") && s.flow == 0 {
+            if line.starts_with(b"%TAG") {
+                return Err(at(
+                    ln,
+                    0,
+                    "`%TAG` directive: tag handles are not allowed (only the core schema's !!tags)"
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
+        let marker = |m: &[u8]| line.starts_with(m) && line.get(3).is_none_or(|&b| is_blank(b));
+        if s.flow == 0 && (marker(b"---") || marker(b"...")) {
+            s.new_document(offset);
+            i = 3;
+        }
+        if !content {
+            return Ok(());
+        }
+        if s.flow == 0 && line[indent] != b'#' {
+            // Block context: end anchored nodes this line is not part of,
+            // and track the indentation levels.
+            while let Some(a) = s.open.last() {
+                let ends = a.flow_depth == 0
+                    && (indent < a.line_indent
+                        || (indent == a.line_indent && line.get(indent) != Some(&b'-')));
+                if !ends {
+                    break;
+                }
+                s.close_anchor(offset);
+            }
+            while s.indents.last().is_some_and(|&t| t >= indent) {
+                s.indents.pop();
+            }
+            s.indents.push(indent);
+            if s.indents.len() > s.max_nesting {
+                return Err(at(
+                    ln,
+                    indent,
+                    format!(
+                        "collections nested deeper than {} levels; refused",
+                        s.max_nesting
+                    ),
+                ));
+            }
+        }
+        i = i.max(indent);
+        node_start = true;
+    }
+    let mut compact = 0usize; // `- ` / `? ` nesting opened on this line
+    let depth = |s: &Scan, compact: usize| s.indents.len() + compact + s.flow + s.pairs;
+    let too_deep = |s: &Scan, i: usize| {
+        at(
+            ln,
+            i,
+            format!(
+                "collections nested deeper than {} levels; refused",
+                s.max_nesting
+            ),
+        )
+    };
+    while i < line.len() {
+        let b = line[i];
+        let next = line.get(i + 1).copied();
+        let next_blank = next.is_none_or(is_blank);
+        if is_blank(b) {
+            i += 1;
+            continue;
+        }
+        if b == b'#' && (i == 0 || is_blank(line[i - 1])) {
+            break; // comment
+        }
+        let flow = s.flow > 0;
+        if flow && matches!(b, b',' | b']' | b'}') {
+            // The end of a node in this collection: close anchors on it.
+            while s
+                .open
+                .last()
+                .is_some_and(|a| a.flow_depth == s.flow || (b != b',' && a.flow_depth > s.flow))
+            {
+                s.close_anchor(offset + i);
+            }
+            if b == b',' {
+                node_start = true;
+                if let Some(top) = s.levels.last_mut() {
+                    if top.1 {
+                        top.1 = false;
+                        s.pairs -= 1;
+                    }
+                }
+            } else {
+                if let Some((_, true)) = s.levels.pop() {
+                    s.pairs -= 1;
+                }
+                s.flow -= 1;
+                node_start = false;
+                if s.flow == 0 {
+                    while s.open.last().is_some_and(|a| a.flow_depth > 0) {
+                        s.close_anchor(offset + i + 1);
+                    }
+                }
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'[' || b == b'{' {
+            if flow || node_start {
+                s.flow += 1;
+                s.levels.push((b == b'[', false));
+                if depth(s, compact) > s.max_nesting {
+                    return Err(too_deep(s, i));
+                }
+                node_start = true;
+            } else {
+                node_start = false;
+            }
+            i += 1;
+            continue;
+        }
+        let value_indicator = b == b':'
+            && (next_blank
+                || (flow && matches!(next, Some(b',' | b']' | b'}')))
+                || (flow && i > 0 && matches!(line[i - 1], b'"' | b'\'' | b']' | b'}')));
+        let flow_key = flow && node_start && b == b'?' && next_blank;
+        if flow && (value_indicator || flow_key) {
+            // `[a: b]` or `[? a]`: a single-pair mapping inside the sequence.
+            if let Some(top) = s.levels.last_mut() {
+                if top.0 && !top.1 {
+                    top.1 = true;
+                    s.pairs += 1;
+                    if depth(s, compact) > s.max_nesting {
+                        return Err(too_deep(s, i));
+                    }
+                }
+            }
+        }
+        if value_indicator {
+            node_start = true;
+            i += 1;
+            continue;
+        }
+        if !node_start {
+            // Inside a plain scalar: nothing here starts a node.
+            i += 1;
+            continue;
+        }
+        match b {
+            b'-' | b'?' if next_blank && !flow => {
+                compact += 1;
+                if depth(s, compact) > s.max_nesting {
+                    return Err(at(
+                        ln,
+                        i,
+                        format!(
+                            "collections nested deeper than {} levels; refused",
+                            s.max_nesting
+                        ),
+                    ));
+                }
+                i += 1;
+            }
+            b'?' if next_blank => i += 1,
+            b'"' | b'\'' => match skip_quoted(line, i + 1, b) {
+                Some(end) => {
+                    i = end;
+                    node_start = false;
+                }
+                None => {
+                    s.quote = Some(b);
+                    return Ok(());
+                }
+            },
+            b'|' | b'>' if !flow => {
+                // A document-level block scalar (`--- |`) may hold
+                // content at any indentation.
+                let parent = if line.starts_with(b"---") {
+                    None
+                } else {
+                    Some(indent)
+                };
+                s.block_scalar = Some((parent, None));
+                return Ok(());
+            }
+            b'!' => {
+                let end = token_end(line, i, flow);
+                let tag = String::from_utf8_lossy(&line[i..end]);
+                if !CORE_TAGS.contains(&tag.as_ref()) {
+                    return Err(at(
+                        ln,
+                        i,
+                        format!(
+                            "YAML tag `{}` is not allowed; only the core schema's {} are",
+                            tag.escape_default(),
+                            CORE_TAGS.join(", ")
+                        ),
+                    ));
+                }
+                i = end;
+            }
+            b'&' => {
+                let end = token_end(line, i + 1, flow);
+                let name = String::from_utf8_lossy(&line[i + 1..end]).into_owned();
+                s.open.push(OpenAnchor {
+                    name,
+                    start: offset + i,
+                    extra: 0,
+                    flow_depth: s.flow,
+                    line_indent: indent,
+                });
+                if s.open.len() > s.max_nesting * 2 {
+                    return Err(at(ln, i, "too many nested anchors; refused".into()));
+                }
+                i = end;
+            }
+            b'*' => {
+                let end = token_end(line, i + 1, flow);
+                let name = String::from_utf8_lossy(&line[i + 1..end]);
+                // An unknown or still-open anchor is the parser's error to
+                // report; count what is known.
+                let size = s.anchors.get(name.as_ref()).copied().unwrap_or(0);
+                s.expansion = s.expansion.saturating_add(size);
+                for a in &mut s.open {
+                    a.extra = a.extra.saturating_add(size);
+                }
+                if s.expansion > s.max_expansion {
+                    return Err(at(
+                        ln,
+                        i,
+                        format!(
+                            "aliases expand the document by more than {} bytes \
+                             (alias `*{}`); refused",
+                            s.max_expansion,
+                            name.escape_default()
+                        ),
+                    ));
+                }
+                i = end;
+                node_start = false;
+            }
+            _ => {
+                node_start = false;
+                i += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Skips a quoted scalar's body from `from` (just after the opening quote);
+/// returns the index after the closing quote, or `None` if the line ends
+/// first.
+fn skip_quoted(line: &[u8], from: usize, quote: u8) -> Option<usize> {
+    let mut j = from;
+    while j < line.len() {
+        let c = line[j];
+        if quote == b'"' && c == b'\\' {
+            j += 2;
+            continue;
+        }
+        if c == quote {
+            if quote == b'\'' && line.get(j + 1) == Some(&b'\'') {
+                j += 2;
+                continue;
+            }
+            return Some(j + 1);
+        }
+        j += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Collection nesting of a parsed value (keys count too).
+    fn depth(v: &serde_norway::Value) -> usize {
+        use serde_norway::Value as Y;
+        match v {
+            Y::Sequence(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Y::Mapping(m) => {
+                1 + m
+                    .iter()
+                    .map(|(k, v)| depth(k).max(depth(v)))
+                    .max()
+                    .unwrap_or(0)
+            }
+            Y::Tagged(t) => depth(&t.value),
+            _ => 0,
+        }
+    }
+
+    /// Pieces of YAML syntax, so that random texts are often valid and
+    /// nested.
+    const PIECES: &[&str] = &[
+        "[",
+        "]",
+        "{",
+        "}",
+        ", ",
+        ": ",
+        "a",
+        "b: ",
+        "- ",
+        "\n",
+        "\n  ",
+        "\n    ",
+        "\"x\"",
+        "'y'",
+        " #c",
+        "|",
+        ">",
+        "&a ",
+        "*a",
+        "!!str ",
+        "? ",
+        "--- ",
+        "\r",
+        "\u{2028}",
+        "[[",
+        "]]",
+        "\t",
+        "!x ",
+        "!!binary ",
+        "!<t> ",
+        "%TAG ! t:\n",
+        "!",
+        "a!b ",
+    ];
+
+    /// Whether a parsed value carries a tag anywhere.
+    fn tagged(v: &serde_norway::Value) -> bool {
+        use serde_norway::Value as Y;
+        match v {
+            Y::Sequence(a) => a.iter().any(tagged),
+            Y::Mapping(m) => m.iter().any(|(k, v)| tagged(k) || tagged(v)),
+            Y::Tagged(_) => true,
+            _ => false,
+        }
+    }
+
+    /// Values with anchors and aliases, for the expansion property; each
+    /// test text is a mapping `kN: VALUE` per line, so most texts parse.
+    const ALIAS_VALUES: &[&str] = &[
+        "&a [x, x, x, x, x, x, x, x]",
+        "&b [*a, *a, *a, *a]",
+        "[*b, *b, *b, *b]",
+        "*a",
+        "*b",
+        "&a\n  - x\n  - x\n  - x",
+        "&b\n  - *a\n  - *a\n  - *a",
+        "&b\n  p: *a\n  q: [*a, *a]",
+        "[*a, *a]",
+        "{x: *b, y: *b}",
+        "&a {p: [*b, *b]}",
+        "&a \"xxxxxxxxxxxxxxxx\"",
+        "x",
+    ];
+
+    /// Nodes in a parsed value (aliases counted as expanded).
+    fn nodes(v: &serde_norway::Value) -> u64 {
+        use serde_norway::Value as Y;
+        1 + match v {
+            Y::Sequence(a) => a.iter().map(nodes).sum(),
+            Y::Mapping(m) => m.iter().map(|(k, v)| nodes(k) + nodes(v)).sum(),
+            Y::Tagged(t) => nodes(&t.value),
+            _ => 0,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// The alias estimate never under-counts: what passes the scan
+        /// parses to at most about one node per byte of the text plus the
+        /// expansion allowance.
+        #[test]
+        fn scan_bounds_alias_expansion(
+            values in prop::collection::vec(prop::sample::select(ALIAS_VALUES), 0..12)
+        ) {
+            let text: String = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("k{i}: {v}\n"))
+                .collect();
+            let allowance = 16;
+            if prescan_limited(&text, MAX_NESTING, allowance).is_ok() {
+                let mut total = 0;
+                for doc in serde_norway::Deserializer::from_str(&text) {
+                    match serde_norway::Value::deserialize(doc) {
+                        Ok(v) => total += nodes(&v),
+                        Err(_) => break,
+                    }
+                }
+                let bound = 2 * (text.len() as u64 + allowance) + 2;
+                prop_assert!(total <= bound, "{text:?}: {total} nodes, bound {bound}");
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// The scan never under-counts: whatever it lets through parses
+        /// (if at all) to no deeper nesting than its limit and carries no
+        /// tag, and nothing panics.
+        #[test]
+        fn scan_bounds_the_parsed_depth(
+            pieces in prop::collection::vec(prop::sample::select(PIECES), 0..40)
+        ) {
+            let text = pieces.concat();
+            let limit = 3;
+            if prescan_limited(&text, limit, MAX_ALIAS_EXPANSION).is_ok() {
+                let mut docs = Vec::new();
+                for doc in serde_norway::Deserializer::from_str(&text) {
+                    match serde_norway::Value::deserialize(doc) {
+                        Ok(v) => docs.push(v),
+                        Err(_) => break,
+                    }
+                }
+                for v in docs {
+                    prop_assert!(
+                        depth(&v) <= limit,
+                        "{text:?} parsed to depth {}",
+                        depth(&v)
+                    );
+                    prop_assert!(!tagged(&v), "{text:?} passed with a tag: {v:?}");
+                }
+            }
+            let _ = parse_documents(&text);
+        }
+    }
+
+    fn refused(text: &str) -> String {
+        prescan(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn deep_flow_nesting_is_refused_at_the_limit() {
+        let e = refused(&"[".repeat(1 << 20));
+        assert!(
+            e.starts_with("line 1 column 100: collections nested deeper than 100"),
+            "{e}"
+        );
+        let e = refused(&format!("a: {}", "{a: ".repeat(500)));
+        assert!(e.contains("nested deeper"), "{e}");
+        // Single-pair mappings inside flow sequences nest one level more
+        // (found by `scan_bounds_the_parsed_depth`).
+        assert!(prescan_limited("[[b: ]]: ", 3, MAX_ALIAS_EXPANSION).is_err());
+        assert!(prescan_limited("[[? b]]", 3, MAX_ALIAS_EXPANSION).is_err());
+        prescan_limited("[{b: c}]", 3, MAX_ALIAS_EXPANSION).unwrap();
+        // Just under the limit is fine for the scan.
+        let ok = format!("{}{}", "[".repeat(90), "]".repeat(90));
+        prescan(&ok).unwrap();
+    }
+
+    #[test]
+    fn deep_block_nesting_is_refused() {
+        let mut t = String::new();
+        for i in 0..200 {
+            t.push_str(&" ".repeat(i));
+            t.push_str("a:\n");
+        }
+        let e = refused(&t);
+        assert!(
+            e.starts_with("line 101 column 101: collections nested deeper"),
+            "{e}"
+        );
+        let e = refused(&format!("{}x\n", "- ".repeat(300)));
+        assert!(e.contains("nested deeper"), "{e}");
+    }
+
+    #[test]
+    fn brackets_inside_scalars_and_comments_are_text() {
+        let t = format!(
+            "a: b[{}\nc: \"{}\"\nd: '{}'\n# {}\ne: |\n  {}\n  {}\nf: ok\n",
+            "[".repeat(300),
+            "[".repeat(300),
+            "{".repeat(300),
+            "[".repeat(300),
+            "[".repeat(300),
+            "!!python/object x",
+        );
+        prescan(&t).unwrap();
+        let v = parse_documents(&t).unwrap();
+        assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn non_core_tags_are_refused_with_line() {
+        for (t, tag) in [
+            (
+                "a: b\nc: !!python/object:os.system x\n",
+                "!!python/object:os.system",
+            ),
+            ("a: !!binary aGVsbG8=\n", "!!binary"),
+            ("a:\n  - !custom {x: 1}\n", "!custom"),
+            ("a: [1, !<tag:x> 2]\n", "!<tag:x>"),
+            ("a: !!timestamp 2001-12-14\n", "!!timestamp"),
+        ] {
+            let e = refused(t);
+            assert!(
+                e.contains(&format!("YAML tag `{tag}` is not allowed")),
+                "{e}"
+            );
+            assert!(e.starts_with("line "), "{e}");
+        }
+        let e = refused("%TAG !! tag:evil.example,2000:\n---\na: !!str x\n");
+        assert!(e.contains("%TAG"), "{e}");
+        // Core tags and `!` inside text are fine.
+        let v = parse_documents("a: !!str 1\nb: hello!\nc: \"!x\"\n").unwrap();
+        assert_eq!(
+            v[0].value.as_ref().unwrap(),
+            &serde_json::json!({"a": "1", "b": "hello!", "c": "!x"})
+        );
+    }
+
+    #[test]
+    fn billion_laughs_is_refused() {
+        let mut t = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        let mut prev = "a";
+        for n in names {
+            t.push_str(&format!(
+                "{n}: &{n} [{}]\n",
+                vec![format!("*{prev}"); 9].join(",")
+            ));
+            prev = n;
+        }
+        let e = refused(&t);
+        assert!(e.contains("aliases expand the document"), "{e}");
+        // Wide rather than deep: one big anchor, many aliases.
+        let big = format!(
+            "a: &a [{}]\nb: [{}]\n",
+            "1,".repeat(300_000),
+            "*a,".repeat(100)
+        );
+        assert!(refused(&big).contains("aliases expand"));
+        // Block-context anchors are measured too.
+        let mut t = String::from("base: &b\n");
+        for i in 0..20_000 {
+            t.push_str(&format!("  k{i}: value\n"));
+        }
+        t.push_str("list:\n");
+        for _ in 0..2000 {
+            t.push_str("  - *b\n");
+        }
+        assert!(refused(&t).contains("aliases expand"));
+    }
+
+    #[test]
+    fn ordinary_anchors_and_merge_keys_parse() {
+        let v =
+            parse_documents("base: &b {x: 1}\ndata:\n  <<: *b\n  y: 2\n---\n---\nz: 1\n").unwrap();
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[1].value, None);
+        assert_eq!(
+            v[0].value.as_ref().unwrap()["data"],
+            serde_json::json!({"x": 1, "y": 2})
+        );
+    }
+
+    #[test]
+    fn every_libyaml_line_break_and_bom_is_seen() {
+        for brk in ["\r", "\r\n", "\u{85}", "\u{2028}", "\u{2029}"] {
+            let e = refused(&format!("a: b{brk}c: !!python/object x{brk}"));
+            assert!(e.starts_with("line 2 column 4: YAML tag"), "{brk:?}: {e}");
+            let e = refused(&format!("a: b{brk}{}", "[".repeat(1000)));
+            assert!(e.contains("nested deeper"), "{brk:?}: {e}");
+        }
+        let e = refused(&format!("\u{feff}{}", "[".repeat(1000)));
+        assert!(e.contains("nested deeper"), "{e}");
+        let e = refused(&format!("a: 1\n\u{feff}b: {}", "{".repeat(1000)));
+        assert!(e.starts_with("line 2 column 1"), "{e}");
+    }
+
+    #[test]
+    fn a_block_scalar_ends_where_libyaml_ends_it() {
+        // At a document marker (found by `scan_bounds_the_parsed_depth`).
+        let e = refused("--- |\r--- \t!x \n");
+        assert!(e.contains("YAML tag `!x`"), "{e}");
+        // Less indented than the scalar's first line: no longer content.
+        let e = refused(&format!("key: |\n      first\n   {}\n", "[".repeat(500)));
+        assert!(e.starts_with("line 3 column "), "{e}");
+        prescan(&format!(
+            "key: |\n  first\n    {}\nnext: 1\n",
+            "[".repeat(500)
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn multi_line_quoted_scalars_are_skipped() {
+        let t = "a: \"first [[[\n  second {{{ \\\" still\n  end\"\nb: 1\n";
+        prescan(t).unwrap();
+        assert_eq!(parse_documents(t).unwrap().len(), 1);
+    }
+}
