@@ -80,11 +80,14 @@ fn data_dir_moved_aside_recovers_to_an_exact_ready_target() {
     assert!(want2.len() < want1.len());
     want2.insert("zz-foreign.yaml".into(), b"mine: true\n".to_vec());
     wait_for(120, "ready at release 2", || {
-        w.status().is_some_and(|s| {
-            s.ready && s.adopted.as_ref().is_some_and(|a| a.sequence == 2)
-        })
+        w.status()
+            .is_some_and(|s| s.ready && s.adopted.as_ref().is_some_and(|a| a.sequence == 2))
     });
-    assert_exact(&w.files(), &want2, "stale files pruned, foreign file spared");
+    assert_exact(
+        &w.files(),
+        &want2,
+        "stale files pruned, foreign file spared",
+    );
     let s = w.status().unwrap();
     assert_eq!(s.agent_id, id, "identity taken back from the target");
     let rep = s.reconcile.as_ref().unwrap().report.as_ref().unwrap();
@@ -120,7 +123,10 @@ fn kill_during_a_first_large_reconcile_is_not_drift() {
     let mut agent = w.spawn(&cfg, "agent-1.log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
     while count() < 300 {
-        assert!(std::time::Instant::now() < deadline, "reconcile never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reconcile never started"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     agent.kill().unwrap(); // SIGKILL
@@ -293,12 +299,7 @@ fn tampered_ownership_record_deletes_nothing_outside() {
     // A release that wants nothing is the most a record could make the
     // agent delete. With the data directory lost the record is all the
     // agent has: it refuses it, names the entry, and changes nothing.
-    git_run(
-        &w.git,
-        "2026-03-01T00:00:00Z",
-        &["rm", "-rq", "clusters"],
-    )
-    .unwrap();
+    git_run(&w.git, "2026-03-01T00:00:00Z", &["rm", "-rq", "clusters"]).unwrap();
     let _ = commit_files(
         &w.git,
         &[(

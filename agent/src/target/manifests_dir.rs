@@ -286,8 +286,7 @@ impl ManifestsDir {
                     .get(name.as_str())
                     .copied()
                     .unwrap_or_default();
-                cairn_keys::fs::write_atomic(&path, bytes, Some(0o644))
-                    .map_err(Self::io(&path))?;
+                cairn_keys::fs::write_atomic(&path, bytes, Some(0o644)).map_err(Self::io(&path))?;
                 match reason {
                     WriteReason::Create => report.created += 1,
                     WriteReason::Update => report.updated += 1,
@@ -318,13 +317,16 @@ impl ManifestsDir {
         let path = self.dir.join(name);
         let bytes = match copies.by_address.get(address) {
             Some(b) => b.clone(),
-            None => self.store.get_object(address)?.ok_or_else(|| TargetError::Io {
-                path: path.clone(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no copy of its previous content {address} to restore"),
-                ),
-            })?,
+            None => self
+                .store
+                .get_object(address)?
+                .ok_or_else(|| TargetError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no copy of its previous content {address} to restore"),
+                    ),
+                })?,
         };
         cairn_keys::fs::write_atomic(&path, &bytes, Some(0o644)).map_err(Self::io(&path))
     }
@@ -397,11 +399,7 @@ impl ManifestsDir {
             bytes_by_name.insert(name.as_str(), obj.bytes.as_slice());
         }
         let mut observed = BTreeMap::new();
-        let owned_names = loaded
-            .owned
-            .files
-            .keys()
-            .chain(loaded.owned.pending.keys());
+        let owned_names = loaded.owned.files.keys().chain(loaded.owned.pending.keys());
         for name in want.iter().map(|d| &d.name).chain(owned_names) {
             if !observed.contains_key(name) {
                 observed.insert(name.clone(), self.observe(name)?);
@@ -629,7 +627,10 @@ mod tests {
         let e = t
             .apply_blocking(&state(2, &[a2, c, z.clone()]))
             .unwrap_err();
-        assert!(matches!(e, TargetError::SwitchUndone { sequence: 2, .. }), "{e}");
+        assert!(
+            matches!(e, TargetError::SwitchUndone { sequence: 2, .. }),
+            "{e}"
+        );
         let mut want = release1.clone();
         want.remove("web__ConfigMap__z.yaml");
         assert_eq!(listing(&dir), want, "exactly release 1 again");
@@ -662,7 +663,9 @@ mod tests {
             Store::open(&d.path().join("data2")).unwrap(),
             "edge-1".into(),
         );
-        let r = t.apply_blocking(&state(2, std::slice::from_ref(&a))).unwrap();
+        let r = t
+            .apply_blocking(&state(2, std::slice::from_ref(&a)))
+            .unwrap();
         assert!(r.in_sync(), "{r:?}");
         assert_eq!((r.deleted, r.unchanged, r.drift_corrected), (1, 1, 0));
         let files = listing(&dir);
@@ -691,7 +694,8 @@ mod tests {
             Store::open(&d.path().join("data")).unwrap(),
             "edge-1".into(),
         );
-        t.apply_blocking(&state(1, std::slice::from_ref(&a))).unwrap();
+        t.apply_blocking(&state(1, std::slice::from_ref(&a)))
+            .unwrap();
         std::fs::write(d.path().join("x"), b"outside").unwrap();
         let mut rec = owner::read(&dir).unwrap().unwrap();
         rec.files.insert("../x".into(), a.0.object.clone());
@@ -700,9 +704,14 @@ mod tests {
         t.apply_blocking(&state(2, &[])).unwrap();
         assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"outside");
         assert!(listing(&dir).is_empty());
-        assert!(!owner::read(&dir).unwrap().unwrap().files.contains_key("../x"));
+        assert!(!owner::read(&dir)
+            .unwrap()
+            .unwrap()
+            .files
+            .contains_key("../x"));
         // Without it (a new data dir): an error naming the entry.
-        t.apply_blocking(&state(3, std::slice::from_ref(&a))).unwrap();
+        t.apply_blocking(&state(3, std::slice::from_ref(&a)))
+            .unwrap();
         let mut rec = owner::read(&dir).unwrap().unwrap();
         rec.files.insert("../x".into(), a.0.object.clone());
         owner::write(&dir, &rec).unwrap();
@@ -723,7 +732,9 @@ mod tests {
         let dir = d.path().join("m");
         let store = Store::open(&d.path().join("data")).unwrap();
         let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
-        let objs: Vec<_> = (0..6).map(|i| object("web", &format!("o{i}"), "1")).collect();
+        let objs: Vec<_> = (0..6)
+            .map(|i| object("web", &format!("o{i}"), "1"))
+            .collect();
         let names = plan::file_names(&objs.iter().map(|o| o.0.clone()).collect::<Vec<_>>());
         // What a crash leaves: the switch announced, half of the files
         // written, temporary files of interrupted writes.
@@ -752,7 +763,10 @@ mod tests {
         std::fs::write(dir.join(".notes.tmp-1-1"), b"not ours").unwrap();
         let r = t.apply_blocking(&state(1, &objs)).unwrap();
         assert_eq!((r.created, r.unchanged, r.drift_corrected), (3, 3, 0));
-        let left: Vec<_> = listing(&dir).into_keys().filter(|n| n.starts_with('.')).collect();
+        let left: Vec<_> = listing(&dir)
+            .into_keys()
+            .filter(|n| n.starts_with('.'))
+            .collect();
         assert_eq!(left, [".notes.tmp-1-1"]);
         assert!(owner::read(&dir).unwrap().unwrap().switch.is_none());
     }

@@ -140,13 +140,20 @@ fn is_agent_id(id: &str) -> bool {
 
 fn is_address(a: &str) -> bool {
     a.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
 /// An untrusted string for a message: escaped, at most 80 characters.
 fn shown(s: &str) -> String {
-    let mut out: String = s.chars().take(80).collect::<String>().escape_debug().collect();
+    let mut out: String = s
+        .chars()
+        .take(80)
+        .collect::<String>()
+        .escape_debug()
+        .collect();
     if s.chars().count() > 80 {
         out.push('…');
     }
@@ -224,11 +231,7 @@ mod tests {
         );
         bad(
             &|r| {
-                r.switch
-                    .as_mut()
-                    .unwrap()
-                    .changes
-                    .insert("..".into(), None);
+                r.switch.as_mut().unwrap().changes.insert("..".into(), None);
             },
             "`switch.changes`",
         );

@@ -220,7 +220,7 @@ pub fn plan(
             obs => {
                 p.pending.insert(name.clone(), None);
                 deletes.push(Action::Delete {
-                name: name.clone(),
+                    name: name.clone(),
                     previous: obs.address().map(str::to_owned),
                 })
             }
@@ -496,7 +496,10 @@ mod tests {
             ]
         );
         assert_eq!(p.unchanged, 2);
-        assert!(p.before.contains_key("d"), "a completed pending create is owned");
+        assert!(
+            p.before.contains_key("d"),
+            "a completed pending create is owned"
+        );
         // A newer release that drops d and wants x back (x had the same
         // content before): d is pruned, x is recreated, nothing is drift.
         let p = plan(&[d("a", "2"), d("x", "9")], &owned, &observed);
@@ -504,7 +507,9 @@ mod tests {
             name: "d".into(),
             previous: Some("5".into())
         }));
-        assert!(p.actions.contains(&write("x", "9", WriteReason::Create, None)));
+        assert!(p
+            .actions
+            .contains(&write("x", "9", WriteReason::Create, None)));
         assert!(!p.actions.iter().any(|a| matches!(
             a,
             Action::Write {
@@ -563,8 +568,17 @@ mod tests {
     #[test]
     fn entry_names_stay_inside_the_directory() {
         for bad in [
-            "", ".", "..", "../x.yaml", "a/b.yaml", "/etc/x.yaml", ".cairn-owner.json",
-            ".hidden.yaml", "x.yml", "a\\b.yaml", "a\0.yaml",
+            "",
+            ".",
+            "..",
+            "../x.yaml",
+            "a/b.yaml",
+            "/etc/x.yaml",
+            ".cairn-owner.json",
+            ".hidden.yaml",
+            "x.yml",
+            "a\\b.yaml",
+            "a\0.yaml",
         ] {
             assert!(!is_entry_name(bad), "{bad:?}");
         }
