@@ -254,7 +254,17 @@ impl Agent {
             }
             (None, Some(s)) => s,
             (None, None) => {
-                let id = generate_agent_id();
+                // A new data directory: if the target says which agent
+                // manages it (its ownership record), this is that agent.
+                let cfg = config.target.clone();
+                let recorded = tokio::task::spawn_blocking(move || target::recorded_agent_id(&cfg))
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(id) = &recorded {
+                    tracing::info!(agent_id = %id, "agent id taken from the target's ownership record");
+                }
+                let id = recorded.unwrap_or_else(generate_agent_id);
                 store.set_agent_id(&id)?;
                 id
             }

@@ -3,13 +3,29 @@
 //!
 //! File names come from [`super::plan::file_names`]; content is the
 //! object's canonical JSON, byte for byte (valid YAML, and its SHA-256 is
-//! the object's address, so drift is detected by hashing). Ownership is the
-//! inventory kept in the store: files the agent did not write are never
-//! modified or deleted. The inventory of intended files is made durable
-//! before any write, so a crash never leaves an unowned file behind. Writes
-//! are atomic (temporary file, fsync, rename).
+//! the object's address, so drift is detected by hashing). Writes are
+//! atomic (temporary file, fsync, rename).
+//!
+//! Ownership lives in the target itself, in the ownership record
+//! ([`super::owner`]), so it survives the loss of the data directory; the
+//! store keeps a copy (used when the record is missing, e.g. after an
+//! upgrade, or unusable). Files the agent did not write are never modified
+//! or deleted. A reconcile that changes anything:
+//!
+//! 1. removes temporary files an interrupted write left behind;
+//! 2. announces its changes in the record (durably) before the first one,
+//!    so a crash mid-way is recognised at restart as unfinished work, not
+//!    drift, and never leaves an unowned file;
+//! 3. deletes first, then writes in the order that keeps the peak disk use
+//!    lowest ([`super::plan`]);
+//! 4. if any step fails (a full disk), undoes every step it made — old
+//!    contents come from the store, or from a copy read before the step —
+//!    so the target holds what it held before, and reports the error;
+//! 5. records the new inventory.
 
-use super::plan::{self, Action, DesiredFile, Inventory, Observed, WriteReason};
+use super::local_file::{read_regular, LocalFile};
+use super::owner::{self, OwnerRecord, Switch};
+use super::plan::{self, Action, DesiredFile, Inventory, Observed, Ownership, WriteReason};
 use super::{ApplyReport, DesiredState, Target, TargetError};
 use crate::store::Store;
 use crate::BoxFuture;
@@ -20,11 +36,17 @@ use std::sync::Arc;
 /// Files larger than this are never read back (they cannot be objects).
 const MAX_OBSERVED_BYTES: u64 = 64 << 20;
 
+/// Memory for copies of replaced or deleted files whose content the store
+/// does not hold (only after the data directory was lost), kept to undo a
+/// failed switch. Beyond it such files cannot be restored by an undo.
+const MAX_UNDO_COPY_BYTES: u64 = 256 << 20;
+
 /// A directory of manifests.
 #[derive(Clone, Debug)]
 pub struct ManifestsDir {
     dir: PathBuf,
     store: Store,
+    agent_id: String,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -34,11 +56,31 @@ struct StoredInventory {
     files: Inventory,
 }
 
+/// Ownership as loaded at the start of a reconcile.
+struct Loaded {
+    owned: Ownership,
+    /// The valid record of this agent, if there was one.
+    record: Option<OwnerRecord>,
+    /// The store's copy of the inventory, as stored.
+    stored: Option<Vec<u8>>,
+}
+
+/// Copies of old contents the store lacks, for undoing.
+#[derive(Default)]
+struct UndoCopies {
+    by_address: BTreeMap<String, Vec<u8>>,
+    bytes: u64,
+}
+
 impl ManifestsDir {
-    /// A target writing into `dir` (created if missing), keeping its
-    /// inventory in `store`.
-    pub fn new(dir: PathBuf, store: Store) -> Self {
-        Self { dir, store }
+    /// A target writing into `dir` (created if missing) for the agent
+    /// `agent_id`, keeping a copy of its inventory in `store`.
+    pub fn new(dir: PathBuf, store: Store, agent_id: String) -> Self {
+        Self {
+            dir,
+            store,
+            agent_id,
+        }
     }
 
     fn key(&self) -> String {
@@ -52,48 +94,298 @@ impl ManifestsDir {
         }
     }
 
-    fn load_inventory(&self) -> Result<Inventory, TargetError> {
-        match self.store.inventory(&self.key())? {
-            None => Ok(Inventory::new()),
-            Some(bytes) => serde_json::from_slice::<StoredInventory>(&bytes)
-                .map(|s| s.files)
-                .map_err(|e| TargetError::Inventory {
-                    target: self.describe(),
-                    reason: e.to_string(),
-                }),
-        }
+    fn parse_stored(&self, bytes: &[u8]) -> Result<Inventory, TargetError> {
+        serde_json::from_slice::<StoredInventory>(bytes)
+            .map(|s| s.files)
+            .map_err(|e| TargetError::Inventory {
+                target: self.describe(),
+                reason: e.to_string(),
+            })
     }
 
-    fn save_inventory(&self, files: &Inventory) -> Result<(), TargetError> {
+    fn stored_bytes(&self, files: &Inventory) -> Result<Vec<u8>, TargetError> {
         let doc = StoredInventory {
             format: 1,
             dir: self.dir.clone(),
             files: files.clone(),
         };
-        let bytes = serde_json::to_vec(&doc).map_err(|e| TargetError::Inventory {
+        serde_json::to_vec(&doc).map_err(|e| TargetError::Inventory {
             target: self.describe(),
             reason: e.to_string(),
-        })?;
-        Ok(self.store.set_inventory(&self.key(), &bytes)?)
+        })
+    }
+
+    /// What this agent owns: the record in the directory if it is this
+    /// agent's; else the store's copy; a record of another agent, or an
+    /// unusable record with no copy in the store, is an error (nothing is
+    /// changed: the agent cannot tell its files from foreign ones).
+    fn load(&self) -> Result<Loaded, TargetError> {
+        let stored = self.store.inventory(&self.key())?;
+        let path = owner::record_path(&self.dir);
+        match owner::read(&self.dir) {
+            Ok(Some(rec)) if rec.agent == self.agent_id => Ok(Loaded {
+                owned: Ownership {
+                    files: rec.files.clone(),
+                    pending: rec
+                        .switch
+                        .as_ref()
+                        .map(|s| s.changes.clone())
+                        .unwrap_or_default(),
+                },
+                record: Some(rec),
+                stored,
+            }),
+            // Agent ids in a record are validated (safe to print).
+            Ok(Some(rec)) => Err(TargetError::Owner {
+                path,
+                reason: format!(
+                    "the directory is managed by agent `{}`, not by this agent (`{}`); nothing was changed. \
+                     Give each agent its own manifests directory, or, if this is agent `{}` with a new data \
+                     directory, set `agentId: {}` in its config",
+                    rec.agent, self.agent_id, rec.agent, rec.agent
+                ),
+            }),
+            Ok(None) => Ok(Loaded {
+                owned: Ownership {
+                    files: match &stored {
+                        Some(b) => self.parse_stored(b)?,
+                        None => Inventory::new(),
+                    },
+                    pending: Default::default(),
+                },
+                record: None,
+                stored,
+            }),
+            Err(reason) => match &stored {
+                Some(b) => {
+                    let files = self.parse_stored(b)?;
+                    tracing::warn!(
+                        record = %path.display(),
+                        %reason,
+                        "the ownership record is unusable; using the inventory in the data directory and rewriting the record"
+                    );
+                    Ok(Loaded {
+                        owned: Ownership {
+                            files,
+                            pending: Default::default(),
+                        },
+                        record: None,
+                        stored,
+                    })
+                }
+                None => Err(TargetError::Owner {
+                    path,
+                    reason: format!(
+                        "{reason}; the agent cannot tell its own files from foreign ones and changed nothing. \
+                         Restore the record, or remove it (every existing file then counts as foreign)"
+                    ),
+                }),
+            },
+        }
+    }
+
+    fn write_record(
+        &self,
+        files: &Inventory,
+        sequence: Option<u64>,
+        switch: Option<Switch>,
+    ) -> Result<OwnerRecord, TargetError> {
+        let rec = OwnerRecord {
+            format: owner::RECORD_FORMAT,
+            agent: self.agent_id.clone(),
+            target: self.describe(),
+            sequence,
+            files: files.clone(),
+            switch,
+        };
+        let path = owner::record_path(&self.dir);
+        owner::write(&self.dir, &rec).map_err(Self::io(&path))?;
+        Ok(rec)
+    }
+
+    /// Removes temporary files an interrupted atomic write left behind
+    /// (only names of this agent's own temporary pattern). Runs under the
+    /// reconcile lock, so no write of this process is in flight.
+    fn remove_stale_temp_files(&self) -> Result<(), TargetError> {
+        let mut removed = 0usize;
+        for e in std::fs::read_dir(&self.dir).map_err(Self::io(&self.dir))? {
+            let e = e.map_err(Self::io(&self.dir))?;
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !owner::is_own_temp_file(name) {
+                continue;
+            }
+            let path = e.path();
+            if e.file_type().map_err(Self::io(&path))?.is_dir() {
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Self::io(&path)(e)),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(dir = %self.dir.display(), removed, "removed temporary files left by an interrupted write");
+        }
+        Ok(())
     }
 
     fn observe(&self, name: &str) -> Result<Observed, TargetError> {
         let p = self.dir.join(name);
-        let meta = match std::fs::symlink_metadata(&p) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Observed::Missing),
-            Err(e) => return Err(Self::io(&p)(e)),
-        };
-        if !meta.is_file() || meta.len() > MAX_OBSERVED_BYTES {
-            return Ok(Observed::Other);
+        Ok(
+            match read_regular(&p, MAX_OBSERVED_BYTES).map_err(Self::io(&p))? {
+                LocalFile::Missing => Observed::Missing,
+                LocalFile::Bytes(b) => Observed::Content {
+                    address: cairn_keys::sha256_address(&b),
+                    size: b.len() as u64,
+                },
+                LocalFile::NotRegular | LocalFile::TooLarge(_) => Observed::Other,
+            },
+        )
+    }
+
+    /// Before a file holding `address` is replaced or deleted: keep a copy
+    /// in memory if the store cannot provide the content for an undo.
+    fn keep_copy(&self, name: &str, address: &str, copies: &mut UndoCopies) {
+        if self.store.has_object(address).unwrap_or(false)
+            || copies.by_address.contains_key(address)
+        {
+            return;
         }
-        let bytes = std::fs::read(&p).map_err(Self::io(&p))?;
-        Ok(Observed::Content(cairn_keys::sha256_address(&bytes)))
+        let path = self.dir.join(name);
+        if let Ok(LocalFile::Bytes(b)) = read_regular(&path, MAX_OBSERVED_BYTES) {
+            if copies.bytes + b.len() as u64 <= MAX_UNDO_COPY_BYTES
+                && cairn_keys::sha256_address(&b) == address
+            {
+                copies.bytes += b.len() as u64;
+                copies.by_address.insert(address.to_owned(), b);
+            }
+        }
+    }
+
+    fn carry_out(
+        &self,
+        action: &Action,
+        bytes_by_name: &BTreeMap<&str, &[u8]>,
+        copies: &mut UndoCopies,
+        report: &mut ApplyReport,
+    ) -> Result<(), TargetError> {
+        match action {
+            Action::Write {
+                name,
+                reason,
+                previous,
+                ..
+            } => {
+                if let Some(old) = previous {
+                    self.keep_copy(name, old, copies);
+                }
+                let path = self.dir.join(name);
+                let bytes = bytes_by_name
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or_default();
+                cairn_keys::fs::write_atomic(&path, bytes, Some(0o644)).map_err(Self::io(&path))?;
+                match reason {
+                    WriteReason::Create => report.created += 1,
+                    WriteReason::Update => report.updated += 1,
+                    WriteReason::Drift => {
+                        tracing::warn!(file = %path.display(), "drift: file was edited or deleted by hand; restored");
+                        report.drift_corrected += 1
+                    }
+                }
+            }
+            Action::Delete { name, previous } => {
+                if let Some(old) = previous {
+                    self.keep_copy(name, old, copies);
+                }
+                let path = self.dir.join(name);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => report.deleted += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Self::io(&path)(e)),
+                }
+            }
+            Action::Conflict { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Puts back the content `address` under `name`.
+    fn restore(&self, name: &str, address: &str, copies: &UndoCopies) -> Result<(), TargetError> {
+        let path = self.dir.join(name);
+        let bytes = match copies.by_address.get(address) {
+            Some(b) => b.clone(),
+            None => self
+                .store
+                .get_object(address)?
+                .ok_or_else(|| TargetError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no copy of its previous content {address} to restore"),
+                    ),
+                })?,
+        };
+        cairn_keys::fs::write_atomic(&path, &bytes, Some(0o644)).map_err(Self::io(&path))
+    }
+
+    /// Undoes `done` (in reverse: removing what was created frees space
+    /// before old contents come back). Returns the first failure; keeps
+    /// going past it so as much as possible is undone.
+    fn undo(&self, done: &[&Action], copies: &UndoCopies) -> Result<(), TargetError> {
+        let mut first = None;
+        for a in done.iter().rev() {
+            let r = match a {
+                // A restored hand edit: the content is right for both
+                // releases; nothing to undo.
+                Action::Write {
+                    reason: WriteReason::Drift,
+                    ..
+                } => Ok(()),
+                Action::Write {
+                    name,
+                    previous: None,
+                    ..
+                } => {
+                    let path = self.dir.join(name);
+                    match std::fs::remove_file(&path) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            Err(Self::io(&path)(e))
+                        }
+                        _ => Ok(()),
+                    }
+                }
+                Action::Write {
+                    name,
+                    previous: Some(old),
+                    ..
+                }
+                | Action::Delete {
+                    name,
+                    previous: Some(old),
+                } => self.restore(name, old, copies),
+                Action::Delete { previous: None, .. } | Action::Conflict { .. } => Ok(()),
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    fn sync_dir(&self) {
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
     }
 
     /// The blocking body of [`Target::apply`].
     pub fn apply_blocking(&self, desired: &DesiredState) -> Result<ApplyReport, TargetError> {
         std::fs::create_dir_all(&self.dir).map_err(Self::io(&self.dir))?;
+        let loaded = self.load()?;
+        self.remove_stale_temp_files()?;
         let entries: Vec<_> = desired.objects.iter().map(|o| o.entry.clone()).collect();
         let names = plan::file_names(&entries);
         let mut bytes_by_name = BTreeMap::new();
@@ -102,65 +394,92 @@ impl ManifestsDir {
             want.push(DesiredFile {
                 name: name.clone(),
                 address: obj.entry.object.clone(),
+                size: obj.bytes.len() as u64,
             });
             bytes_by_name.insert(name.as_str(), obj.bytes.as_slice());
         }
-        let inventory = self.load_inventory()?;
         let mut observed = BTreeMap::new();
-        for name in want.iter().map(|d| &d.name).chain(inventory.keys()) {
+        let owned_names = loaded.owned.files.keys().chain(loaded.owned.pending.keys());
+        for name in want.iter().map(|d| &d.name).chain(owned_names) {
             if !observed.contains_key(name) {
                 observed.insert(name.clone(), self.observe(name)?);
             }
         }
-        let p = plan::plan(&want, &inventory, &observed);
+        let p = plan::plan(&want, &loaded.owned, &observed);
         let mut report = ApplyReport {
             unchanged: p.unchanged,
             ..ApplyReport::default()
         };
-        if p.intent != inventory {
-            self.save_inventory(&p.intent)?;
+        let changes: Vec<&Action> = p
+            .actions
+            .iter()
+            .filter(|a| !matches!(a, Action::Conflict { .. }))
+            .collect();
+        let before_sequence = loaded.record.as_ref().and_then(|r| r.sequence);
+        if !changes.is_empty() {
+            self.write_record(
+                &p.before,
+                before_sequence,
+                Some(Switch {
+                    sequence: desired.sequence,
+                    changes: p.pending.clone(),
+                }),
+            )?;
         }
-        for action in &p.actions {
-            match action {
-                Action::Write { name, reason, .. } => {
-                    let path = self.dir.join(name);
-                    let bytes = bytes_by_name
-                        .get(name.as_str())
-                        .copied()
-                        .unwrap_or_default();
-                    cairn_keys::fs::write_atomic(&path, bytes, Some(0o644))
-                        .map_err(Self::io(&path))?;
-                    match reason {
-                        WriteReason::Create => report.created += 1,
-                        WriteReason::Update => report.updated += 1,
-                        WriteReason::Drift => {
-                            tracing::warn!(file = %path.display(), "drift: file was edited or deleted by hand; restored");
-                            report.drift_corrected += 1
+        let mut copies = UndoCopies::default();
+        for (i, action) in changes.iter().enumerate() {
+            if let Err(cause) = self.carry_out(action, &bytes_by_name, &mut copies, &mut report) {
+                let undone = self.undo(&changes[..i], &copies);
+                self.sync_dir();
+                let cause = Box::new(cause);
+                return Err(match undone {
+                    Ok(()) => {
+                        // The announced switch is void; if this write fails
+                        // the record still owns exactly the right files.
+                        if let Err(e) = self.write_record(&p.before, before_sequence, None) {
+                            tracing::warn!(error = %e, "cannot clear the announced switch from the ownership record");
+                        }
+                        TargetError::SwitchUndone {
+                            sequence: desired.sequence,
+                            cause,
                         }
                     }
-                }
-                Action::Delete { name } => {
-                    let path = self.dir.join(name);
-                    match std::fs::remove_file(&path) {
-                        Ok(()) => report.deleted += 1,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(Self::io(&path)(e)),
-                    }
-                }
-                Action::Conflict { name } => {
-                    tracing::warn!(
-                        file = %self.dir.join(name).display(),
-                        "a file not written by cairn-agent occupies this object's name; left alone"
-                    );
-                    report.conflicts.push(name.clone());
-                }
+                    Err(undo) => TargetError::SwitchStuck {
+                        sequence: desired.sequence,
+                        cause,
+                        undo: Box::new(undo),
+                    },
+                });
             }
         }
-        if p.after != p.intent || p.intent != inventory {
-            self.save_inventory(&p.after)?;
+        for action in &p.actions {
+            if let Action::Conflict { name } = action {
+                tracing::warn!(
+                    file = %self.dir.join(name).display(),
+                    "a file not written by cairn-agent occupies this object's name; left alone"
+                );
+                report.conflicts.push(name.clone());
+            }
         }
-        if let Ok(d) = std::fs::File::open(&self.dir) {
-            let _ = d.sync_all();
+        let done = OwnerRecord {
+            format: owner::RECORD_FORMAT,
+            agent: self.agent_id.clone(),
+            target: self.describe(),
+            sequence: Some(desired.sequence),
+            files: p.after.clone(),
+            switch: None,
+        };
+        // Always after an announced switch (it must be cleared); else only
+        // when the record is missing, stale, or was unusable.
+        if !changes.is_empty() || loaded.record.as_ref() != Some(&done) {
+            self.write_record(&done.files, done.sequence, None)?;
+        }
+        let stored = self.stored_bytes(&p.after)?;
+        if loaded.stored.as_deref() != Some(stored.as_slice()) {
+            self.store.set_inventory(&self.key(), &stored)?;
+        }
+        if !changes.is_empty() {
+            self.sync_dir();
         }
         Ok(report)
     }
@@ -211,7 +530,7 @@ mod tests {
         let dir = d.path().join("manifests");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("foreign.yaml"), b"mine").unwrap();
-        let t = ManifestsDir::new(dir.clone(), store);
+        let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
         let a = object("web", "a", "1");
         let b = object("web", "b", "1");
         let r = t
@@ -256,7 +575,7 @@ mod tests {
         let dir = d.path().join("m");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("web__ConfigMap__a.yaml"), b"someone else's").unwrap();
-        let t = ManifestsDir::new(dir.clone(), store);
+        let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
         let r = t
             .apply_blocking(&state(1, &[object("web", "a", "1")]))
             .unwrap();
@@ -265,5 +584,190 @@ mod tests {
             std::fs::read(dir.join("web__ConfigMap__a.yaml")).unwrap(),
             b"someone else's"
         );
+    }
+
+    fn listing(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .filter(|(n, _)| n != owner::RECORD_NAME)
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_switch_is_undone_to_the_previous_files() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(&d.path().join("data")).unwrap();
+        let dir = d.path().join("m");
+        let t = ManifestsDir::new(dir.clone(), store.clone(), "edge-1".into());
+        let (a, b, z) = (
+            object("web", "a", "1"),
+            object("web", "b", "1"),
+            object("web", "z", "1"),
+        );
+        for (e, bytes) in [&a, &b, &z] {
+            store.put_object(&e.object, bytes).unwrap();
+        }
+        t.apply_blocking(&state(1, &[a.clone(), b.clone(), z.clone()]))
+            .unwrap();
+        let release1 = listing(&dir);
+        // z is replaced by a non-empty directory: restoring it fails, after
+        // b was deleted, a updated and c created.
+        let fz = dir.join("web__ConfigMap__z.yaml");
+        std::fs::remove_file(&fz).unwrap();
+        std::fs::create_dir_all(fz.join("x")).unwrap();
+        let (a2, c) = (object("web", "a", "2"), object("web", "c", "1"));
+        let e = t
+            .apply_blocking(&state(2, &[a2, c, z.clone()]))
+            .unwrap_err();
+        assert!(
+            matches!(e, TargetError::SwitchUndone { sequence: 2, .. }),
+            "{e}"
+        );
+        let mut want = release1.clone();
+        want.remove("web__ConfigMap__z.yaml");
+        assert_eq!(listing(&dir), want, "exactly release 1 again");
+        let rec = owner::read(&dir).unwrap().unwrap();
+        assert!(rec.switch.is_none());
+        assert_eq!(rec.sequence, Some(1));
+        // Once the obstacle is gone release 1 is restored completely.
+        std::fs::remove_dir_all(&fz).unwrap();
+        t.apply_blocking(&state(1, &[a, b, z])).unwrap();
+        assert_eq!(listing(&dir), release1);
+    }
+
+    #[test]
+    fn a_lost_data_dir_is_recognised_by_the_record() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("m");
+        let (a, b) = (object("web", "a", "1"), object("web", "b", "1"));
+        let t = ManifestsDir::new(
+            dir.clone(),
+            Store::open(&d.path().join("data")).unwrap(),
+            "edge-1".into(),
+        );
+        t.apply_blocking(&state(1, &[a.clone(), b])).unwrap();
+        std::fs::write(dir.join("foreign.yaml"), b"theirs").unwrap();
+        drop(t);
+        // A new data directory, the same agent: b is pruned, a kept, the
+        // foreign file spared.
+        let t = ManifestsDir::new(
+            dir.clone(),
+            Store::open(&d.path().join("data2")).unwrap(),
+            "edge-1".into(),
+        );
+        let r = t
+            .apply_blocking(&state(2, std::slice::from_ref(&a)))
+            .unwrap();
+        assert!(r.in_sync(), "{r:?}");
+        assert_eq!((r.deleted, r.unchanged, r.drift_corrected), (1, 1, 0));
+        let files = listing(&dir);
+        assert_eq!(
+            files.keys().collect::<Vec<_>>(),
+            ["foreign.yaml", "web__ConfigMap__a.yaml"]
+        );
+        // Another agent's directory: an error, nothing changed.
+        let other = ManifestsDir::new(
+            dir.clone(),
+            Store::open(&d.path().join("data3")).unwrap(),
+            "edge-2".into(),
+        );
+        let e = other.apply_blocking(&state(3, &[])).unwrap_err();
+        assert!(e.to_string().contains("managed by agent `edge-1`"), "{e}");
+        assert_eq!(listing(&dir), files);
+    }
+
+    #[test]
+    fn a_tampered_record_never_reaches_outside_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("m");
+        let a = object("web", "a", "1");
+        let t = ManifestsDir::new(
+            dir.clone(),
+            Store::open(&d.path().join("data")).unwrap(),
+            "edge-1".into(),
+        );
+        t.apply_blocking(&state(1, std::slice::from_ref(&a)))
+            .unwrap();
+        std::fs::write(d.path().join("x"), b"outside").unwrap();
+        let mut rec = owner::read(&dir).unwrap().unwrap();
+        rec.files.insert("../x".into(), a.0.object.clone());
+        owner::write(&dir, &rec).unwrap();
+        // With the store's copy: the record is rebuilt from it.
+        t.apply_blocking(&state(2, &[])).unwrap();
+        assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"outside");
+        assert!(listing(&dir).is_empty());
+        assert!(!owner::read(&dir)
+            .unwrap()
+            .unwrap()
+            .files
+            .contains_key("../x"));
+        // Without it (a new data dir): an error naming the entry.
+        t.apply_blocking(&state(3, std::slice::from_ref(&a)))
+            .unwrap();
+        let mut rec = owner::read(&dir).unwrap().unwrap();
+        rec.files.insert("../x".into(), a.0.object.clone());
+        owner::write(&dir, &rec).unwrap();
+        let fresh = ManifestsDir::new(
+            dir.clone(),
+            Store::open(&d.path().join("data2")).unwrap(),
+            "edge-1".into(),
+        );
+        let e = fresh.apply_blocking(&state(4, &[])).unwrap_err();
+        assert!(e.to_string().contains("\"../x\" is not a file name"), "{e}");
+        assert_eq!(std::fs::read(d.path().join("x")).unwrap(), b"outside");
+        assert_eq!(listing(&dir).len(), 1, "nothing changed");
+    }
+
+    #[test]
+    fn an_interrupted_switch_is_finished_without_drift() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("m");
+        let store = Store::open(&d.path().join("data")).unwrap();
+        let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
+        let objs: Vec<_> = (0..6)
+            .map(|i| object("web", &format!("o{i}"), "1"))
+            .collect();
+        let names = plan::file_names(&objs.iter().map(|o| o.0.clone()).collect::<Vec<_>>());
+        // What a crash leaves: the switch announced, half of the files
+        // written, temporary files of interrupted writes.
+        let rec = OwnerRecord {
+            format: owner::RECORD_FORMAT,
+            agent: "edge-1".into(),
+            target: t.describe(),
+            sequence: None,
+            files: Inventory::new(),
+            switch: Some(Switch {
+                sequence: 1,
+                changes: names
+                    .iter()
+                    .zip(&objs)
+                    .map(|(n, o)| (n.clone(), Some(o.0.object.clone())))
+                    .collect(),
+            }),
+        };
+        std::fs::create_dir_all(&dir).unwrap();
+        owner::write(&dir, &rec).unwrap();
+        for (n, o) in names.iter().zip(&objs).take(3) {
+            std::fs::write(dir.join(n), &o.1).unwrap();
+        }
+        std::fs::write(dir.join(format!(".{}.tmp-77-3", names[3])), b"part").unwrap();
+        std::fs::write(dir.join("..cairn-owner.json.tmp-77-4"), b"part").unwrap();
+        std::fs::write(dir.join(".notes.tmp-1-1"), b"not ours").unwrap();
+        let r = t.apply_blocking(&state(1, &objs)).unwrap();
+        assert_eq!((r.created, r.unchanged, r.drift_corrected), (3, 3, 0));
+        let left: Vec<_> = listing(&dir)
+            .into_keys()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert_eq!(left, [".notes.tmp-1-1"]);
+        assert!(owner::read(&dir).unwrap().unwrap().switch.is_none());
     }
 }

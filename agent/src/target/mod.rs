@@ -9,7 +9,9 @@
 //!
 //! Planning is pure ([`plan`]); targets are the thin IO shell around it.
 
+mod local_file;
 pub mod manifests_dir;
+pub mod owner;
 pub mod plan;
 
 pub use manifests_dir::ManifestsDir;
@@ -99,6 +101,34 @@ pub enum TargetError {
         /// Why.
         reason: String,
     },
+    /// The target's ownership record is unusable or names another agent.
+    #[error("ownership record {}: {reason}", path.display())]
+    Owner {
+        /// The record.
+        path: PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A switch failed part-way and every change it made was undone: the
+    /// target holds what it held before the reconcile.
+    #[error("switching to release {sequence} failed: {cause}; every change was undone, the target holds what it held before")]
+    SwitchUndone {
+        /// The release being applied.
+        sequence: u64,
+        /// The failure.
+        cause: Box<TargetError>,
+    },
+    /// A switch failed part-way and undoing it failed too: the target is
+    /// mixed until a later reconcile finishes or undoes it.
+    #[error("switching to release {sequence} failed: {cause}; undoing it failed too ({undo}): the target is mixed until a later reconcile succeeds")]
+    SwitchStuck {
+        /// The release being applied.
+        sequence: u64,
+        /// The failure.
+        cause: Box<TargetError>,
+        /// Why undoing failed.
+        undo: Box<TargetError>,
+    },
     /// The configured target kind is not available in this build.
     #[error("{0}")]
     Unsupported(String),
@@ -123,11 +153,26 @@ pub fn from_config(
     agent_id: &str,
 ) -> Result<Arc<dyn Target>, TargetError> {
     match cfg {
-        TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(dir.clone(), store))),
+        TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(
+            dir.clone(),
+            store,
+            agent_id.to_owned(),
+        ))),
         TargetConfig::Kubernetes(k) => Ok(Arc::new(crate::kubernetes::KubernetesTarget::new(
             k.clone(),
             store,
             agent_id.to_owned(),
         ))),
+    }
+}
+
+/// The agent id named by the configured target's ownership record, if it
+/// has a valid one (manifests-dir only). Lets an agent whose data directory
+/// was lost, and whose config sets no `agentId`, take back its identity and
+/// with it the ownership of its files. Blocking (reads a file).
+pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<String> {
+    match cfg {
+        TargetConfig::ManifestsDir(dir) => owner::read(dir).ok().flatten().map(|r| r.agent),
+        TargetConfig::Kubernetes(_) => None,
     }
 }

@@ -1,10 +1,22 @@
 //! Reconcile planning for file-based targets: desired objects + what the
-//! target owns + what is observed → actions. Pure.
+//! target owns + what is observed → ordered actions. Pure.
 //!
 //! **Architecture invariant:** no file system, no clock. The shell
 //! ([`super::manifests_dir`]) observes files, calls [`plan`] and carries out
 //! the [`Plan`]. Ownership is the inventory: a file the inventory does not
 //! list is foreign and is never overwritten or deleted.
+//!
+//! Ownership has two parts ([`Ownership`]): the files as the last completed
+//! reconcile left them, and the writes a reconcile announced before it
+//! started (its *pending* writes). A restart after a crash finds some of
+//! those writes done and some not: a difference on a pending name is the
+//! agent's own unfinished work (a create or update), never hand-made drift.
+//!
+//! Order matters on a nearly full file system: deletes come first (they
+//! free space), then writes by growing size difference (shrinking updates
+//! before growing ones, creates last), so the peak is as low as the switch
+//! allows. Each action carries the address the file held before, so the
+//! shell can undo a switch that fails half-way.
 
 use cairn_bundle::bundle::Entry;
 use std::collections::{BTreeMap, BTreeSet};
@@ -16,6 +28,8 @@ pub struct DesiredFile {
     pub name: String,
     /// The object's address (= SHA-256 of the file content).
     pub address: String,
+    /// The object's size in bytes.
+    pub size: u64,
 }
 
 /// What a file currently holds.
@@ -23,21 +37,58 @@ pub struct DesiredFile {
 pub enum Observed {
     /// Absent.
     Missing,
-    /// Present with content hashing to this address.
-    Content(String),
+    /// A regular file with content hashing to `address`, `size` bytes.
+    Content {
+        /// SHA-256 address of the content.
+        address: String,
+        /// Size in bytes.
+        size: u64,
+    },
     /// Present but not a regular file, or too large to be an object.
     Other,
 }
 
+impl Observed {
+    fn address(&self) -> Option<&str> {
+        match self {
+            Observed::Content { address, .. } => Some(address),
+            _ => None,
+        }
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Observed::Content { size, .. } => *size,
+            _ => 0,
+        }
+    }
+}
+
 /// The files the target owns: file name → address last written.
 pub type Inventory = BTreeMap<String, String>;
+
+/// Announced changes: file name → address being written, `None` for a
+/// delete.
+pub type Pending = BTreeMap<String, Option<String>>;
+
+/// What the agent knows it owns before a reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// The files as the last completed reconcile left them.
+    pub files: Inventory,
+    /// What an interrupted reconcile announced: name → address it was
+    /// writing, or `None` for a delete. A pending name not in `files` is
+    /// owned only while it holds exactly the announced content.
+    pub pending: Pending,
+}
 
 /// Why a file is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WriteReason {
     /// A new object.
     Create,
-    /// The object changed in a new release.
+    /// The object changed in a new release (or an interrupted write of the
+    /// agent's own is finished).
     Update,
     /// The file was edited or deleted by hand: restore it.
     Drift,
@@ -54,11 +105,16 @@ pub enum Action {
         address: String,
         /// Why.
         reason: WriteReason,
+        /// What the file held before (to undo the write): `None` when it
+        /// was missing or not a regular file.
+        previous: Option<String>,
     },
     /// Delete an owned file whose object is no longer desired.
     Delete {
         /// File name.
         name: String,
+        /// What the file held (to undo the delete), if a regular file.
+        previous: Option<String>,
     },
     /// A foreign file occupies a desired name with other content: left
     /// alone and reported.
@@ -71,11 +127,16 @@ pub enum Action {
 /// The outcome of planning.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Actions, writes before deletes, each group sorted by name.
+    /// Actions: deletes first (by name), then writes by ascending size
+    /// difference (then name), then conflicts.
     pub actions: Vec<Action>,
-    /// Inventory to record *before* acting: everything owned now or about
-    /// to be written, so a crash mid-way never orphans a written file.
-    pub intent: Inventory,
+    /// Owned files before acting (`Ownership::files` plus pending names
+    /// whose write had completed): what an undone switch leaves owned.
+    pub before: Inventory,
+    /// The changes to announce before acting (writes with their address,
+    /// deletes as `None`), so a crash mid-way is recognised as unfinished
+    /// work and never orphans a file.
+    pub pending: Pending,
     /// Inventory to record after every action succeeded.
     pub after: Inventory,
     /// Files already as desired.
@@ -90,67 +151,110 @@ impl Plan {
 }
 
 /// Plans the actions that make the observed files equal the desired ones.
-/// `observed` must hold an entry for every desired and every inventory
-/// name (missing entries count as [`Observed::Missing`]).
+/// `observed` must hold an entry for every desired, owned and pending name
+/// (missing entries count as [`Observed::Missing`]).
 pub fn plan(
     desired: &[DesiredFile],
-    inventory: &Inventory,
+    owned: &Ownership,
     observed: &BTreeMap<String, Observed>,
 ) -> Plan {
     let mut p = Plan::default();
-    let mut writes = Vec::new();
+    let look = |name: &str| observed.get(name).unwrap_or(&Observed::Missing);
+    // Effective ownership before acting.
+    p.before = owned.files.clone();
+    for (name, address) in &owned.pending {
+        if let Some(address) = address {
+            if !p.before.contains_key(name) && look(name).address() == Some(address.as_str()) {
+                p.before.insert(name.clone(), address.clone());
+            }
+        }
+    }
+    let mut writes: Vec<(i128, Action)> = Vec::new();
     let mut deletes = Vec::new();
+    let mut conflicts = Vec::new();
     let desired_names: BTreeSet<&str> = desired.iter().map(|d| d.name.as_str()).collect();
     for d in desired {
-        let obs = observed.get(&d.name).unwrap_or(&Observed::Missing);
-        let owned = inventory.get(&d.name);
-        if *obs == Observed::Content(d.address.clone()) {
+        let obs = look(&d.name);
+        if obs.address() == Some(d.address.as_str()) {
             // Already right (ours, or a foreign file with identical bytes,
             // which we now own).
             p.unchanged += 1;
             p.after.insert(d.name.clone(), d.address.clone());
             continue;
         }
-        match owned {
+        // A name an interrupted reconcile was writing or deleting: any
+        // difference is that reconcile's unfinished work, not drift.
+        let touched = owned.pending.contains_key(&d.name);
+        let reason = match p.before.get(&d.name) {
             None if *obs != Observed::Missing => {
-                p.actions.push(Action::Conflict {
+                conflicts.push(Action::Conflict {
                     name: d.name.clone(),
                 });
                 continue;
             }
-            None => writes.push(Action::Write {
+            None => WriteReason::Create,
+            Some(_) if touched && *obs == Observed::Missing => WriteReason::Create,
+            Some(_) if touched => WriteReason::Update,
+            Some(prev) if *prev == d.address => WriteReason::Drift,
+            Some(_) => WriteReason::Update,
+        };
+        let delta = i128::from(d.size) - i128::from(obs.size());
+        writes.push((
+            delta,
+            Action::Write {
                 name: d.name.clone(),
                 address: d.address.clone(),
-                reason: WriteReason::Create,
-            }),
-            Some(prev) => writes.push(Action::Write {
-                name: d.name.clone(),
-                address: d.address.clone(),
-                reason: if *prev == d.address {
-                    WriteReason::Drift
-                } else {
-                    WriteReason::Update
-                },
-            }),
-        }
+                reason,
+                previous: obs.address().map(str::to_owned),
+            },
+        ));
+        p.pending.insert(d.name.clone(), Some(d.address.clone()));
         p.after.insert(d.name.clone(), d.address.clone());
     }
-    for name in inventory.keys() {
+    for name in p.before.keys() {
         if desired_names.contains(name.as_str()) {
             continue;
         }
-        match observed.get(name).unwrap_or(&Observed::Missing) {
+        match look(name) {
             Observed::Missing => {}
-            _ => deletes.push(Action::Delete { name: name.clone() }),
+            obs => {
+                p.pending.insert(name.clone(), None);
+                deletes.push(Action::Delete {
+                    name: name.clone(),
+                    previous: obs.address().map(str::to_owned),
+                })
+            }
         }
     }
-    p.intent = inventory.clone();
-    for (k, v) in &p.after {
-        p.intent.insert(k.clone(), v.clone());
-    }
-    p.actions.extend(writes);
+    // Stable: equal differences keep name order (desired order is by
+    // manifest, so sort by name explicitly).
+    writes.sort_by(|(da, a), (db, b)| da.cmp(db).then_with(|| action_name(a).cmp(action_name(b))));
     p.actions.extend(deletes);
+    p.actions.extend(writes.into_iter().map(|(_, a)| a));
+    p.actions.extend(conflicts);
     p
+}
+
+/// The file name an action is about.
+pub fn action_name(a: &Action) -> &str {
+    match a {
+        Action::Write { name, .. } | Action::Delete { name, .. } | Action::Conflict { name } => {
+            name
+        }
+    }
+}
+
+/// Whether `name` is a file name [`file_names`] can produce: 1–255 bytes
+/// of `A-Za-z0-9._-`, not starting with `.`, ending in `.yaml`. Such a
+/// name can never leave the directory, name a hidden file, or be `.`/`..`.
+pub fn is_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.ends_with(".yaml")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
 }
 
 /// Stable file names for a bundle's entries:
@@ -223,6 +327,15 @@ mod tests {
         DesiredFile {
             name: name.into(),
             address: addr.into(),
+            size: 10,
+        }
+    }
+
+    fn sized(name: &str, addr: &str, size: u64) -> DesiredFile {
+        DesiredFile {
+            name: name.into(),
+            address: addr.into(),
+            size,
         }
     }
 
@@ -240,41 +353,68 @@ mod tests {
             .collect()
     }
 
+    fn owns(pairs: &[(&str, &str)]) -> Ownership {
+        Ownership {
+            files: inv(pairs),
+            pending: Pending::new(),
+        }
+    }
+
     fn c(a: &str) -> Observed {
-        Observed::Content(a.into())
+        Observed::Content {
+            address: a.into(),
+            size: 10,
+        }
+    }
+
+    fn cs(a: &str, size: u64) -> Observed {
+        Observed::Content {
+            address: a.into(),
+            size,
+        }
+    }
+
+    fn write(name: &str, addr: &str, reason: WriteReason, previous: Option<&str>) -> Action {
+        Action::Write {
+            name: name.into(),
+            address: addr.into(),
+            reason,
+            previous: previous.map(str::to_owned),
+        }
     }
 
     #[test]
-    fn fresh_directory_creates_everything() {
+    fn fresh_directory_creates_everything_and_announces_it() {
         let p = plan(
             &[d("a", "1"), d("b", "2")],
-            &Inventory::new(),
+            &Ownership::default(),
             &BTreeMap::new(),
         );
-        assert_eq!(p.actions.len(), 2);
-        assert!(p.actions.iter().all(|a| matches!(
-            a,
-            Action::Write {
-                reason: WriteReason::Create,
-                ..
-            }
-        )));
+        assert_eq!(
+            p.actions,
+            vec![
+                write("a", "1", WriteReason::Create, None),
+                write("b", "2", WriteReason::Create, None)
+            ]
+        );
         assert_eq!(p.after, inv(&[("a", "1"), ("b", "2")]));
-        assert_eq!(p.intent, p.after);
+        assert_eq!(p.pending.len(), 2);
+        assert!(p.before.is_empty());
     }
 
     #[test]
     fn in_sync_is_noop() {
-        let p = plan(&[d("a", "1")], &inv(&[("a", "1")]), &obs(&[("a", c("1"))]));
+        let p = plan(&[d("a", "1")], &owns(&[("a", "1")]), &obs(&[("a", c("1"))]));
         assert!(p.is_noop());
+        assert!(p.pending.is_empty());
         assert_eq!(p.unchanged, 1);
     }
 
     #[test]
-    fn update_prune_and_drift() {
+    fn update_prune_and_drift_deletes_first() {
         let p = plan(
             &[d("a", "1"), d("b", "3"), d("e", "5")],
-            &inv(&[
+            &owns(&[
                 ("a", "1"),
                 ("b", "2"),
                 ("c", "4"),
@@ -291,34 +431,112 @@ mod tests {
         assert_eq!(
             p.actions,
             vec![
-                Action::Write {
-                    name: "a".into(),
-                    address: "1".into(),
-                    reason: WriteReason::Drift
+                Action::Delete {
+                    name: "c".into(),
+                    previous: Some("4".into())
                 },
-                Action::Write {
-                    name: "b".into(),
-                    address: "3".into(),
-                    reason: WriteReason::Update
-                },
-                Action::Write {
-                    name: "e".into(),
-                    address: "5".into(),
-                    reason: WriteReason::Drift
-                },
-                Action::Delete { name: "c".into() },
+                write("a", "1", WriteReason::Drift, Some("x")),
+                write("b", "3", WriteReason::Update, Some("2")),
+                write("e", "5", WriteReason::Drift, None),
             ]
         );
-        // The intent keeps the files still to delete; after drops them.
-        assert!(p.intent.contains_key("c"));
+        assert_eq!(p.pending.get("c"), Some(&None), "deletes are announced");
         assert_eq!(p.after, inv(&[("a", "1"), ("b", "3"), ("e", "5")]));
+    }
+
+    #[test]
+    fn writes_are_ordered_to_keep_the_peak_low() {
+        // Shrinking updates free space before growing ones and creates.
+        let p = plan(
+            &[
+                sized("grow", "g2", 500),
+                sized("new", "n", 100),
+                sized("shrink", "s2", 10),
+            ],
+            &owns(&[("grow", "g1"), ("shrink", "s1"), ("old", "o")]),
+            &obs(&[
+                ("grow", cs("g1", 400)),
+                ("shrink", cs("s1", 900)),
+                ("old", cs("o", 1000)),
+            ]),
+        );
+        let names: Vec<&str> = p.actions.iter().map(action_name).collect();
+        assert_eq!(names, ["old", "shrink", "grow", "new"]);
+    }
+
+    #[test]
+    fn an_interrupted_switch_is_unfinished_work_not_drift() {
+        // The crashed reconcile announced a→2 (done), b→3 (not done), c
+        // created (not done), d created (done) and x deleted (done).
+        let owned = Ownership {
+            files: inv(&[("a", "1"), ("b", "2"), ("x", "9")]),
+            pending: [
+                ("a", Some("2")),
+                ("b", Some("3")),
+                ("c", Some("4")),
+                ("d", Some("5")),
+                ("x", None),
+            ]
+            .into_iter()
+            .map(|(n, a)| (n.to_string(), a.map(str::to_owned)))
+            .collect(),
+        };
+        let observed = obs(&[("a", c("2")), ("b", c("2")), ("d", c("5"))]);
+        // The same release again: finish it.
+        let p = plan(
+            &[d("a", "2"), d("b", "3"), d("c", "4"), d("d", "5")],
+            &owned,
+            &observed,
+        );
+        assert_eq!(
+            p.actions,
+            vec![
+                write("b", "3", WriteReason::Update, Some("2")),
+                write("c", "4", WriteReason::Create, None),
+            ]
+        );
+        assert_eq!(p.unchanged, 2);
+        assert!(
+            p.before.contains_key("d"),
+            "a completed pending create is owned"
+        );
+        // A newer release that drops d and wants x back (x had the same
+        // content before): d is pruned, x is recreated, nothing is drift.
+        let p = plan(&[d("a", "2"), d("x", "9")], &owned, &observed);
+        assert!(p.actions.contains(&Action::Delete {
+            name: "d".into(),
+            previous: Some("5".into())
+        }));
+        assert!(p
+            .actions
+            .contains(&write("x", "9", WriteReason::Create, None)));
+        assert!(!p.actions.iter().any(|a| matches!(
+            a,
+            Action::Write {
+                reason: WriteReason::Drift,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn a_pending_name_with_foreign_content_is_not_owned() {
+        let owned = Ownership {
+            files: Inventory::new(),
+            pending: [("c".to_string(), Some("4".to_string()))].into(),
+        };
+        // Someone else's file took the name: a conflict, and never pruned.
+        let p = plan(&[d("c", "4")], &owned, &obs(&[("c", c("theirs"))]));
+        assert_eq!(p.actions, vec![Action::Conflict { name: "c".into() }]);
+        let p = plan(&[], &owned, &obs(&[("c", c("theirs"))]));
+        assert!(p.is_noop());
     }
 
     #[test]
     fn foreign_files_are_never_touched() {
         let p = plan(
             &[d("a", "1"), d("same", "2")],
-            &Inventory::new(),
+            &Ownership::default(),
             &obs(&[("a", c("other")), ("same", c("2")), ("foreign", c("f"))]),
         );
         assert_eq!(p.actions, vec![Action::Conflict { name: "a".into() }]);
@@ -327,23 +545,46 @@ mod tests {
             p.after.contains_key("same"),
             "identical foreign file is adopted"
         );
-        assert!(!p.intent.contains_key("foreign"));
+        assert!(!p.pending.contains_key("foreign"));
     }
 
     #[test]
     fn changed_file_type_is_rewritten_only_if_owned() {
         let p = plan(
             &[d("a", "1")],
-            &inv(&[("a", "1")]),
+            &owns(&[("a", "1")]),
             &obs(&[("a", Observed::Other)]),
         );
         assert!(matches!(
             p.actions[0],
             Action::Write {
                 reason: WriteReason::Drift,
+                previous: None,
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn entry_names_stay_inside_the_directory() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x.yaml",
+            "a/b.yaml",
+            "/etc/x.yaml",
+            ".cairn-owner.json",
+            ".hidden.yaml",
+            "x.yml",
+            "a\\b.yaml",
+            "a\0.yaml",
+        ] {
+            assert!(!is_entry_name(bad), "{bad:?}");
+        }
+        assert!(is_entry_name("web__ConfigMap__a.yaml"));
+        assert!(is_entry_name(&format!("{}.yaml", "a".repeat(250))));
+        assert!(!is_entry_name(&format!("{}.yaml", "a".repeat(251))));
     }
 
     fn entry(group_version: &str, kind: &str, ns: &str, name: &str) -> Entry {
@@ -375,5 +616,6 @@ mod tests {
         assert_eq!(n[3], "web__Ingress.extensions__x.yaml");
         assert_eq!(n[4], "_._..__Secret__a_b.yaml");
         assert!(n.iter().all(|x| !x.contains('/') && !x.starts_with('.')));
+        assert!(n.iter().all(|x| is_entry_name(x)), "{n:?}");
     }
 }
