@@ -184,6 +184,9 @@ impl PendingState {
 
 struct State {
     root: VerifiedRoot,
+    /// Every root of the verified chain, oldest first (`root` last): the
+    /// release epoch and start-up re-verification need them.
+    chain: Vec<cairn_keys::Root>,
     head: Option<HeadState>,
     pending: Option<PendingState>,
     last_good: Option<ReleaseStatus>,
@@ -304,7 +307,7 @@ impl Agent {
                 ))
             })?;
             let (verified, manifest) = pipeline::reverify_adopted(
-                &chain.current.root,
+                &chain.roots,
                 &config.channel,
                 &limits,
                 now,
@@ -371,6 +374,7 @@ impl Agent {
                 target,
                 state: Mutex::new(State {
                     root: chain.current,
+                    chain: chain.roots,
                     failed: failed_release,
                     head,
                     pending: None,
@@ -710,14 +714,28 @@ impl Agent {
         }
     }
 
-    fn context_parts(&self) -> (cairn_keys::Root, Option<(u64, Vec<u8>)>) {
+    /// The current root, the roots of its release epoch and the adopted
+    /// release: what a [`Context`] borrows.
+    fn context_parts(
+        &self,
+    ) -> (
+        cairn_keys::Root,
+        Vec<cairn_keys::Root>,
+        Option<(u64, Vec<u8>)>,
+    ) {
         let st = self.state();
         (
             st.root.root.clone(),
+            cairn_keys::root::release_epoch(&st.chain).to_vec(),
             st.head
                 .as_ref()
                 .map(|h| (h.release.sequence, h.bytes.clone())),
         )
+    }
+
+    /// Every root of the verified chain, oldest first.
+    pub fn root_chain(&self) -> Vec<cairn_keys::Root> {
+        self.state().chain.clone()
     }
 
     async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
@@ -742,7 +760,16 @@ impl Agent {
                     store.put_root(next, &bytes)?;
                     tracing::info!(source = name, version = next, "trust root rotated");
                     self.inner.metrics.root_version.set(next as i64);
-                    self.state().root = vr;
+                    let mut st = self.state();
+                    if vr.root.starts_release_epoch(&st.chain) {
+                        tracing::warn!(
+                            source = name,
+                            version = next,
+                            "trust root v{next} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
+                        );
+                    }
+                    st.chain.push(vr.root.clone());
+                    st.root = vr;
                 }
                 Err(rej) => {
                     root_rejected = Some(self.record_rejection(name, &rej));
@@ -758,9 +785,10 @@ impl Agent {
         else {
             return Ok(root_rejected.unwrap_or(SyncOutcome::NoRelease));
         };
-        let (root, adopted) = self.context_parts();
+        let (root, epoch, adopted) = self.context_parts();
         let ctx = Context {
             root: &root,
+            epoch: &epoch,
             channel: &channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,
@@ -888,9 +916,10 @@ impl Agent {
         // 5. Commit: re-check against the head at this moment, then switch.
         let _guard = self.inner.adopt_lock.lock().await;
         let candidate_bytes = ingest.release().bytes.clone();
-        let (root, adopted) = self.context_parts();
+        let (root, epoch, adopted) = self.context_parts();
         let ctx = Context {
             root: &root,
+            epoch: &epoch,
             channel: &channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,

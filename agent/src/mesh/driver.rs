@@ -313,6 +313,7 @@ impl Driver {
         now: u64,
     ) {
         let mut root = self.agent.root();
+        let mut chain = self.agent.root_chain();
         let mut kept = BTreeMap::new();
         for (v, bytes) in roots {
             if v != root.root.version + 1 {
@@ -320,6 +321,7 @@ impl Driver {
             }
             match pipeline::check_root(&root, &bytes) {
                 Ok(next) => {
+                    chain.push(next.root.clone());
                     root = next;
                     kept.insert(v, bytes);
                 }
@@ -333,6 +335,7 @@ impl Driver {
         let adopted = self.adopted_ref();
         let ctx = Context {
             root: &root.root,
+            epoch: cairn_keys::root::release_epoch(&chain),
             channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,
