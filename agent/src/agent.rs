@@ -289,7 +289,7 @@ impl Agent {
         })?;
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
-        metrics.root_version.set(chain.current.root.version as i64);
+        metrics.root_version.set(gauge(chain.current.root.version));
 
         let mut head = None;
         if let Some(bytes) = store.head(&config.channel)? {
@@ -354,7 +354,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: h.release.channel.clone(),
                 })
-                .set(h.release.sequence as i64);
+                .set(gauge(h.release.sequence));
         }
         if let Some(lg) = &last_good {
             metrics
@@ -362,7 +362,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: lg.channel.clone(),
                 })
-                .set(lg.sequence as i64);
+                .set(gauge(lg.sequence));
         }
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -759,7 +759,7 @@ impl Agent {
                 Ok(vr) => {
                     store.put_root(next, &bytes)?;
                     tracing::info!(source = name, version = next, "trust root rotated");
-                    self.inner.metrics.root_version.set(next as i64);
+                    self.inner.metrics.root_version.set(gauge(next));
                     let mut st = self.state();
                     if vr.root.starts_release_epoch(&st.chain) {
                         tracing::warn!(
@@ -967,7 +967,7 @@ impl Agent {
             .get_or_create(&ChannelLabel {
                 channel: channel.clone(),
             })
-            .set(rel.sequence as i64);
+            .set(gauge(rel.sequence));
         tracing::info!(
             source = name,
             channel = %channel,
@@ -1212,7 +1212,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: channel.clone(),
                 })
-                .set(h.release.sequence as i64);
+                .set(gauge(h.release.sequence));
             self.state().last_good = Some(h.status(now));
         }
         self.state().reconcile = Some(ReconcileStatus {
@@ -1611,6 +1611,12 @@ impl Source for StagedRelease {
                 .filter(|b| b.len() as u64 <= limit))
         })
     }
+}
+
+/// A sequence or version as a gauge value: saturating at `i64::MAX`, so a
+/// forged release at 2^64 − 1 reads as a huge number, never as −1.
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn generate_agent_id() -> String {
