@@ -738,6 +738,22 @@ impl Agent {
         self.state().chain.clone()
     }
 
+    /// Whether the adopted release no longer sets a rollback floor: a root
+    /// rotation replaced the release keys that signed it, so the next
+    /// release under the new keys is adopted whatever its sequence
+    /// ([`cairn_bundle::verify::binding_floor`]).
+    pub fn floor_unbound(&self) -> bool {
+        let (_, epoch, adopted) = self.context_parts();
+        adopted.is_some_and(|(sequence, bytes)| {
+            cairn_bundle::verify::binding_floor(
+                &epoch,
+                Some((sequence, &bytes)),
+                &self.inner.limits,
+            )
+            .is_none()
+        })
+    }
+
     async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
         let name = source.name();
         let store = &self.inner.store;

@@ -131,7 +131,10 @@ pub async fn run(mesh: Mesh) {
                     d.refresh_local();
                 }
             }
-            _ = status_tick.tick() => d.refresh_status(),
+            _ = status_tick.tick() => {
+                d.refresh_trust();
+                d.refresh_status();
+            }
             _ = persist_tick.tick() => d.persist_peers(),
         }
     }
@@ -493,7 +496,7 @@ impl Driver {
     fn refresh_local(&mut self) {
         let now = now_ms();
         let root_version = self.agent.root().root.version;
-        self.ep.set_root_version(root_version);
+        self.refresh_trust();
         if let Some(h) = self.agent.relay_head() {
             self.ep.set_head(
                 Head {
@@ -506,6 +509,15 @@ impl Driver {
             );
         }
         self.refresh_status();
+    }
+
+    /// Our root version and whether our head still sets a rollback floor
+    /// (a root from a source may have replaced the release keys).
+    fn refresh_trust(&mut self) {
+        self.ep.set_root_version(self.agent.root().root.version);
+        let channel = self.agent.config().channel.clone();
+        self.ep
+            .set_floor_unbound(&channel, self.agent.floor_unbound());
     }
 
     fn refresh_status(&mut self) {
