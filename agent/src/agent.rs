@@ -182,6 +182,14 @@ impl PendingState {
     }
 }
 
+/// What a [`Context`] borrows, owned: the current root, the roots of its
+/// release epoch, and the adopted release (sequence and envelope bytes).
+type ContextParts = (
+    cairn_keys::Root,
+    Vec<cairn_keys::Root>,
+    Option<(u64, Vec<u8>)>,
+);
+
 struct State {
     root: VerifiedRoot,
     /// Every root of the verified chain, oldest first (`root` last): the
@@ -716,13 +724,7 @@ impl Agent {
 
     /// The current root, the roots of its release epoch and the adopted
     /// release: what a [`Context`] borrows.
-    fn context_parts(
-        &self,
-    ) -> (
-        cairn_keys::Root,
-        Vec<cairn_keys::Root>,
-        Option<(u64, Vec<u8>)>,
-    ) {
+    fn context_parts(&self) -> ContextParts {
         let st = self.state();
         (
             st.root.root.clone(),

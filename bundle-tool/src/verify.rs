@@ -257,7 +257,7 @@ mod tests {
         let v2 = root(2, &rk, &[&new], 1);
         let chain = [v1.clone(), v2.clone()];
         let epoch = release_epoch(&chain);
-        assert_eq!(epoch, &[v2.clone()]);
+        assert_eq!(epoch, std::slice::from_ref(&v2));
         let floor = binding_floor(epoch, Some((u64::MAX, &max)), &limits);
         assert_eq!(floor, None);
         let first = release(1, &[&new]);
