@@ -182,8 +182,19 @@ impl PendingState {
     }
 }
 
+/// What a [`Context`] borrows, owned: the current root, the roots of its
+/// release epoch, and the adopted release (sequence and envelope bytes).
+type ContextParts = (
+    cairn_keys::Root,
+    Vec<cairn_keys::Root>,
+    Option<(u64, Vec<u8>)>,
+);
+
 struct State {
     root: VerifiedRoot,
+    /// Every root of the verified chain, oldest first (`root` last): the
+    /// release epoch and start-up re-verification need them.
+    chain: Vec<cairn_keys::Root>,
     head: Option<HeadState>,
     pending: Option<PendingState>,
     last_good: Option<ReleaseStatus>,
@@ -296,7 +307,7 @@ impl Agent {
         })?;
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
-        metrics.root_version.set(chain.current.root.version as i64);
+        metrics.root_version.set(gauge(chain.current.root.version));
 
         let mut head = None;
         if let Some(bytes) = store.head(&config.channel)? {
@@ -314,7 +325,7 @@ impl Agent {
                 ))
             })?;
             let (verified, manifest) = pipeline::reverify_adopted(
-                &chain.current.root,
+                &chain.roots,
                 &config.channel,
                 &limits,
                 now,
@@ -361,7 +372,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: h.release.channel.clone(),
                 })
-                .set(h.release.sequence as i64);
+                .set(gauge(h.release.sequence));
         }
         if let Some(lg) = &last_good {
             metrics
@@ -369,7 +380,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: lg.channel.clone(),
                 })
-                .set(lg.sequence as i64);
+                .set(gauge(lg.sequence));
         }
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -381,6 +392,7 @@ impl Agent {
                 target,
                 state: Mutex::new(State {
                     root: chain.current,
+                    chain: chain.roots,
                     failed: failed_release,
                     head,
                     pending: None,
@@ -720,14 +732,38 @@ impl Agent {
         }
     }
 
-    fn context_parts(&self) -> (cairn_keys::Root, Option<(u64, Vec<u8>)>) {
+    /// The current root, the roots of its release epoch and the adopted
+    /// release: what a [`Context`] borrows.
+    fn context_parts(&self) -> ContextParts {
         let st = self.state();
         (
             st.root.root.clone(),
+            cairn_keys::root::release_epoch(&st.chain).to_vec(),
             st.head
                 .as_ref()
                 .map(|h| (h.release.sequence, h.bytes.clone())),
         )
+    }
+
+    /// Every root of the verified chain, oldest first.
+    pub fn root_chain(&self) -> Vec<cairn_keys::Root> {
+        self.state().chain.clone()
+    }
+
+    /// Whether the adopted release no longer sets a rollback floor: a root
+    /// rotation replaced the release keys that signed it, so the next
+    /// release under the new keys is adopted whatever its sequence
+    /// ([`cairn_bundle::verify::binding_floor`]).
+    pub fn floor_unbound(&self) -> bool {
+        let (_, epoch, adopted) = self.context_parts();
+        adopted.is_some_and(|(sequence, bytes)| {
+            cairn_bundle::verify::binding_floor(
+                &epoch,
+                Some((sequence, &bytes)),
+                &self.inner.limits,
+            )
+            .is_none()
+        })
     }
 
     async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
@@ -751,8 +787,17 @@ impl Agent {
                 Ok(vr) => {
                     store.put_root(next, &bytes)?;
                     tracing::info!(source = name, version = next, "trust root rotated");
-                    self.inner.metrics.root_version.set(next as i64);
-                    self.state().root = vr;
+                    self.inner.metrics.root_version.set(gauge(next));
+                    let mut st = self.state();
+                    if vr.root.starts_release_epoch(&st.chain) {
+                        tracing::warn!(
+                            source = name,
+                            version = next,
+                            "trust root v{next} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
+                        );
+                    }
+                    st.chain.push(vr.root.clone());
+                    st.root = vr;
                 }
                 Err(rej) => {
                     root_rejected = Some(self.record_rejection(name, &rej));
@@ -768,9 +813,10 @@ impl Agent {
         else {
             return Ok(root_rejected.unwrap_or(SyncOutcome::NoRelease));
         };
-        let (root, adopted) = self.context_parts();
+        let (root, epoch, adopted) = self.context_parts();
         let ctx = Context {
             root: &root,
+            epoch: &epoch,
             channel: &channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,
@@ -898,9 +944,10 @@ impl Agent {
         // 5. Commit: re-check against the head at this moment, then switch.
         let _guard = self.inner.adopt_lock.lock().await;
         let candidate_bytes = ingest.release().bytes.clone();
-        let (root, adopted) = self.context_parts();
+        let (root, epoch, adopted) = self.context_parts();
         let ctx = Context {
             root: &root,
+            epoch: &epoch,
             channel: &channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,
@@ -948,7 +995,7 @@ impl Agent {
             .get_or_create(&ChannelLabel {
                 channel: channel.clone(),
             })
-            .set(rel.sequence as i64);
+            .set(gauge(rel.sequence));
         tracing::info!(
             source = name,
             channel = %channel,
@@ -1193,7 +1240,7 @@ impl Agent {
                 .get_or_create(&ChannelLabel {
                     channel: channel.clone(),
                 })
-                .set(h.release.sequence as i64);
+                .set(gauge(h.release.sequence));
             self.state().last_good = Some(h.status(now));
         }
         self.state().reconcile = Some(ReconcileStatus {
@@ -1588,6 +1635,12 @@ impl Source for StagedRelease {
                 .filter(|b| b.len() as u64 <= limit))
         })
     }
+}
+
+/// A sequence or version as a gauge value: saturating at `i64::MAX`, so a
+/// forged release at 2^64 − 1 reads as a huge number, never as −1.
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn generate_agent_id() -> String {

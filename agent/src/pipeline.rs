@@ -27,7 +27,7 @@
 use cairn_bundle::bundle::{verify_object, Entry, Manifest};
 use cairn_bundle::limits::Limits;
 use cairn_bundle::rollout::{self, Decision, FleetReports};
-use cairn_bundle::verify::{ReleaseCheck, VerifiedRelease};
+use cairn_bundle::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
 use cairn_keys::{Root, VerifiedRoot};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -125,6 +125,12 @@ pub struct AdoptedRef<'a> {
 pub struct Context<'a> {
     /// The current trusted root (end of the verified chain).
     pub root: &'a Root,
+    /// The roots of the current release epoch, `root` last
+    /// ([`cairn_keys::RootChain::release_epoch`]): the adopted release's
+    /// sequence is a rollback floor only if one of them signed it, so a
+    /// rotation to new release keys recovers a channel that a stolen key
+    /// pushed to 2^64 − 1 ([`cairn_bundle::verify::binding_floor`]).
+    pub epoch: &'a [Root],
     /// The channel this agent follows.
     pub channel: &'a str,
     /// The release adopted on that channel, if any.
@@ -140,7 +146,11 @@ impl Context<'_> {
         ReleaseCheck {
             root: self.root,
             channel: self.channel,
-            last_sequence: self.adopted.as_ref().map(|a| a.sequence),
+            last_sequence: binding_floor(
+                self.epoch,
+                self.adopted.as_ref().map(|a| (a.sequence, a.bytes)),
+                self.limits,
+            ),
             now: self.now,
             limits: self.limits,
         }
@@ -466,27 +476,50 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
 }
 
 /// Re-verifies stored state at start-up: the adopted release's signatures
-/// and channel against the current root (no rollback or expiry check: the
-/// last-good release keeps being enforced after it expires), and the stored
-/// manifest against the release's bundle id.
+/// and channel against a root of the verified chain `roots` (oldest first;
+/// no rollback or expiry check: the last-good release keeps being enforced
+/// after it expires, and after a rotation to new release keys until a
+/// release signed by them arrives), and the stored manifest against the
+/// release's bundle id. The error, if every root refuses, is the newest
+/// root's.
 pub fn reverify_adopted(
-    root: &Root,
+    roots: &[Root],
     channel: &str,
     limits: &Limits,
     now: u64,
     release_bytes: &[u8],
     manifest_bytes: &[u8],
 ) -> Result<(VerifiedRelease, Manifest), Rejection> {
-    let check = ReleaseCheck {
-        root,
-        channel,
-        last_sequence: None,
-        now,
-        limits,
+    let mut newest_error = None;
+    let mut verified = None;
+    for root in roots.iter().rev() {
+        let check = ReleaseCheck {
+            root,
+            channel,
+            last_sequence: None,
+            now,
+            limits,
+        };
+        match check.reverify_adopted(release_bytes) {
+            Ok(v) => {
+                verified = Some(v);
+                break;
+            }
+            Err(e) => {
+                newest_error.get_or_insert(e);
+            }
+        }
+    }
+    let release = match (verified, newest_error) {
+        (Some(v), _) => v,
+        (None, Some(e)) => return Err(Rejection::new(Stage::Release, e)),
+        (None, None) => {
+            return Err(Rejection::new(
+                Stage::Release,
+                cairn_bundle::Error::Repository("no trusted root to verify against".into()),
+            ))
+        }
     };
-    let release = check
-        .reverify_adopted(release_bytes)
-        .map_err(|e| Rejection::new(Stage::Release, e))?;
     let manifest = Manifest::decode(manifest_bytes, Some(&release.release.bundle), limits)
         .map_err(|e| Rejection::new(Stage::Manifest, e))?;
     Ok((release, manifest))
@@ -560,6 +593,7 @@ pub(crate) mod tests {
     fn ctx<'a>(root: &'a Root, limits: &'a Limits, adopted: Option<AdoptedRef<'a>>) -> Context<'a> {
         Context {
             root,
+            epoch: std::slice::from_ref(root),
             channel: "stable",
             adopted,
             now: NOW,
@@ -914,6 +948,96 @@ pub(crate) mod tests {
         assert_eq!(wait.state(), "waiting");
     }
 
+    /// Root v2 after the development root, with `release` as its only
+    /// release key (threshold 1).
+    fn root_v2_releasing(release: &KeyPair) -> Root {
+        Root::new(
+            2,
+            root().root.expires,
+            &[dev_key("dev-root-1").public_key()],
+            1,
+            &[release.public_key()],
+            1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_new_release_epoch_recovers_a_channel_pushed_to_the_maximum() {
+        let v1 = root().root;
+        let limits = Limits::default();
+        let m = manifest(&[object("a", "one", "1")]);
+        // A stolen development release key signs the largest sequence.
+        let max = signed(&release("stable", u64::MAX, &m.id(), NOW + 1000));
+        let adopted = || {
+            Some(AdoptedRef {
+                sequence: u64::MAX,
+                bytes: &max,
+            })
+        };
+        let next = signed(&release("stable", 1, &m.id(), NOW + 1000));
+        let e = start_err(&ctx(&v1, &limits, adopted()), &next);
+        assert_eq!(e.reason(), "rollback");
+
+        // A rotation that keeps the release keys changes nothing.
+        let mut same = v1.clone();
+        same.version = 2;
+        let chain = [v1.clone(), same.clone()];
+        let c = Context {
+            root: &same,
+            epoch: cairn_keys::root::release_epoch(&chain),
+            ..ctx(&same, &limits, adopted())
+        };
+        assert_eq!(start_err(&c, &next).reason(), "rollback");
+
+        // A rotation to a new release key starts an epoch.
+        let new_key = KeyPair::generate().unwrap();
+        let v2 = root_v2_releasing(&new_key);
+        let chain = [v1.clone(), v2.clone()];
+        let c = Context {
+            root: &v2,
+            epoch: cairn_keys::root::release_epoch(&chain),
+            ..ctx(&v2, &limits, adopted())
+        };
+        // The adopted maximum itself is still "up to date" (kept enforced).
+        assert!(matches!(Ingest::start(&c, &max), Ok(Start::UpToDate)));
+        // The old key can no longer sign anything, whatever the sequence.
+        assert_eq!(start_err(&c, &next).reason(), "signature_threshold");
+        // Sequence 1 under the new key is adopted.
+        let fresh = release("stable", 1, &m.id(), NOW + 1000)
+            .sign(&[&new_key])
+            .encode();
+        let Start::Candidate(ing) = Ingest::start(&c, &fresh).unwrap() else {
+            panic!("not a candidate")
+        };
+        assert_eq!(ing.release().release.sequence, 1);
+        // After it, the old maximum replayed is refused, and the floor
+        // binds again inside the new epoch.
+        let after = Context {
+            adopted: Some(AdoptedRef {
+                sequence: 1,
+                bytes: &fresh,
+            }),
+            ..c.clone()
+        };
+        assert_eq!(start_err(&after, &max).reason(), "signature_threshold");
+        let again = release("stable", 1, &m.id(), NOW + 2000)
+            .sign(&[&new_key])
+            .encode();
+        assert_eq!(start_err(&after, &again).reason(), "rollback");
+        let jump = release("stable", u64::MAX, &m.id(), NOW + 1000)
+            .sign(&[&new_key])
+            .encode();
+        assert_eq!(start_err(&after, &jump).reason(), "sequence_jump");
+
+        // At start-up the old-epoch release is still re-verified against
+        // the chain (kept enforced), but not against the new root alone.
+        reverify_adopted(&chain, "stable", &limits, NOW, &max, &m.encode()).unwrap();
+        let e =
+            reverify_adopted(&chain[1..], "stable", &limits, NOW, &max, &m.encode()).unwrap_err();
+        assert_eq!(e.reason(), "signature_threshold");
+    }
+
     #[test]
     fn reverify_catches_tampered_manifest() {
         let r = root();
@@ -922,11 +1046,27 @@ pub(crate) mod tests {
         let m = manifest(&objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW - 5));
         // Expired is fine for re-verification.
-        reverify_adopted(&r.root, "stable", &limits, NOW, &rel, &m.encode()).unwrap();
+        reverify_adopted(
+            std::slice::from_ref(&r.root),
+            "stable",
+            &limits,
+            NOW,
+            &rel,
+            &m.encode(),
+        )
+        .unwrap();
         let mut bad = m.encode();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        let e = reverify_adopted(&r.root, "stable", &limits, NOW, &rel, &bad).unwrap_err();
+        let e = reverify_adopted(
+            std::slice::from_ref(&r.root),
+            "stable",
+            &limits,
+            NOW,
+            &rel,
+            &bad,
+        )
+        .unwrap_err();
         assert_eq!(e.stage, Stage::Manifest);
     }
 }

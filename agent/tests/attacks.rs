@@ -330,3 +330,207 @@ fn slow_retrieval_times_out_without_stalling_other_sources() {
         "{err}"
     );
 }
+
+/// A forged release on `stable` of an already released bundle, signed by
+/// `key`.
+fn forged_release(bundle: &Path, sequence: u64, key: &KeyPair) -> Vec<u8> {
+    let m = read_bundle_file(bundle, &Limits::default(), |_, _| Ok(())).unwrap();
+    let now = cairn_bundle::unix_now();
+    Release {
+        format: RELEASE_FORMAT,
+        channel: "stable".into(),
+        sequence,
+        bundle: m.id(),
+        created: now.saturating_sub(1000),
+        expires: FAR,
+        rollout: Rollout::default(),
+        selector: BTreeMap::new(),
+    }
+    .sign(&[key])
+    .encode()
+}
+
+#[test]
+fn a_forged_sequence_jump_is_refused() {
+    let s = setup();
+    let dev = dev_key("dev-release-1");
+    let dir = s.attack_repo();
+    // Floor 2: more than 2^32 above it is a forged fast-forward.
+    write_channel(&dir, &forged_release(&s.b3, 3 + (1 << 32), &dev));
+    let logs = s.expect_refused(&dir, "sequence_jump");
+    assert!(logs.contains("a release key was stolen"), "{logs}");
+    write_channel(&dir, &forged_release(&s.b3, u64::MAX, &dev));
+    s.expect_refused(&dir, "sequence_jump");
+    // Exactly 2^32 above is still a release.
+    write_channel(&dir, &forged_release(&s.b3, 2 + (1 << 32), &dev));
+    s.w.once_ok(&s.w.config("jump.yaml", &[dir.display().to_string()]));
+    assert_eq!(
+        s.w.status().unwrap().adopted.unwrap().sequence,
+        2 + (1 << 32)
+    );
+    assert_eq!(s.w.files(), expected_files(&s.b3));
+}
+
+#[test]
+fn a_stolen_release_key_at_the_maximum_sequence_is_recovered_by_rotating_the_release_keys() {
+    let w = World::new(3, 3, 1);
+    let b1 = w.build("HEAD~2", "b1.bundle");
+    let b2 = w.build("HEAD~1", "b2.bundle");
+    let stolen = dev_key("dev-release-1");
+    let stable = w.repo.join(channel_path("stable"));
+    let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
+
+    // The thief publishes sequence 2^64 − 1; a fresh agent (no floor)
+    // adopts it.
+    w.release(&b1);
+    let max = forged_release(&b1, u64::MAX, &stolen);
+    std::fs::write(&stable, &max).unwrap();
+    w.once_ok(&cfg);
+    let st = w.status().unwrap();
+    assert_eq!(st.adopted.as_ref().unwrap().sequence, u64::MAX);
+    assert_eq!(w.files(), expected_files(&b1));
+
+    // `cairn release` cannot go above it and says so, instead of wrapping
+    // to 0; the channel is left alone.
+    let out = std::process::Command::new(cairn_bin())
+        .args(["release", "--repo"])
+        .arg(&w.repo)
+        .arg("--bundle")
+        .arg(&b2)
+        .args(["--channel", "stable", "--key"])
+        .arg(dev_key_path("dev-release-1"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("exhausted") && err.contains("rotate the release keys"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&stable).unwrap(), max, "channel unchanged");
+
+    // Any later release under the old keys is a rollback.
+    let later = w.path("later-repo");
+    copy_dir(&w.repo, &later);
+    std::fs::write(
+        later.join(channel_path("stable")),
+        forged_release(&b2, 2, &dev_key("dev-release-2")),
+    )
+    .unwrap();
+    let logs = w.once_ok(&w.config("later.yaml", &[later.display().to_string()]));
+    let st = w.status().unwrap();
+    assert_eq!(
+        st.last_rejection.as_ref().unwrap().reason,
+        "rollback",
+        "{logs}"
+    );
+    assert_eq!(st.adopted.as_ref().unwrap().sequence, u64::MAX);
+
+    // The runbook: new release keys in root v2 (signed by the root keys).
+    let keys = w.path("keys");
+    let cairn = |args: &[&str]| {
+        ok(std::process::Command::new(cairn_bin())
+            .args(args)
+            .current_dir(&keys))
+    };
+    std::fs::create_dir_all(&keys).unwrap();
+    cairn(&["keys", "generate", "release-3", "--dir", "."]);
+    let dev = |n: &str| dev_key_path(n).display().to_string();
+    let root_v1 = workspace().join("keys/trust/root.v1").display().to_string();
+    cairn(&[
+        "root",
+        "rotate",
+        "--previous",
+        &root_v1,
+        "--root-key",
+        &dev("dev-root-1").replace(".key", ".pub"),
+        "--root-threshold",
+        "1",
+        "--release-key",
+        "release-3.pub",
+        "--release-threshold",
+        "1",
+        "--expires",
+        "365d",
+        "--sign",
+        &dev("dev-root-1"),
+        "--out",
+        "root.v2",
+    ]);
+
+    // Root v2 alone (no release yet): the agent follows it, keeps
+    // enforcing the old maximum (also across a restart), and a replay of
+    // the old key's releases is refused.
+    std::fs::create_dir_all(w.repo.join("roots")).unwrap();
+    std::fs::copy(keys.join("root.v2"), w.repo.join(root_path(2))).unwrap();
+    w.once_ok(&cfg);
+    let logs = w.once_ok(&cfg);
+    let st = w.status().unwrap();
+    assert_eq!(st.root.version, 2, "{logs}");
+    assert_eq!(st.adopted.as_ref().unwrap().sequence, u64::MAX);
+    assert_eq!(w.files(), expected_files(&b1), "last-good kept");
+
+    // The release engineer releases with the new key: the sequence
+    // restarts at 1 and the agent adopts it.
+    let out = ok(std::process::Command::new(cairn_bin())
+        .args(["release", "--repo"])
+        .arg(&w.repo)
+        .arg("--bundle")
+        .arg(&b2)
+        .args(["--channel", "stable", "--key"])
+        .arg(keys.join("release-3.key"))
+        .args(["--root", &root_v1, "--root"])
+        .arg(keys.join("root.v2")));
+    assert_eq!(out.trim(), "stable 1");
+    let fresh = std::fs::read(&stable).unwrap();
+    let mut agent = w.spawn(&cfg, "agent.log");
+    wait_for(60, "the new-epoch release adopted", || {
+        w.status().is_some_and(|x| {
+            x.pid == agent.id()
+                && x.listen.is_some()
+                && x.adopted.as_ref().is_some_and(|a| a.sequence == 1)
+        })
+    });
+    wait_for(60, "files of release 1 under the new key", || {
+        w.files() == expected_files(&b2)
+    });
+    let addr = w.status().unwrap().listen.unwrap();
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    wait_for(60, "metrics show the new epoch", || {
+        let m = http_get(&addr, "/metrics").1;
+        m.contains("cairn_adopted_sequence{channel=\"stable\"} 1\n")
+            && m.contains("cairn_root_version 2\n")
+    });
+
+    // The old maximum replayed after the rotation: signatures no longer
+    // count, nothing changes.
+    std::fs::write(&stable, &max).unwrap();
+    wait_for(60, "the replay refused", || {
+        w.status().is_some_and(|x| {
+            x.last_rejection
+                .as_ref()
+                .is_some_and(|r| r.reason == "signature_threshold")
+        })
+    });
+    let st = w.status().unwrap();
+    assert_eq!(st.adopted.as_ref().unwrap().sequence, 1);
+    assert_eq!(w.files(), expected_files(&b2));
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
+    terminate(&mut agent);
+
+    // Inside the new epoch rollback protection holds again, and the
+    // stolen key cannot sign anything at all.
+    let new_key = cairn_keys::keyfile::read_private(&keys.join("release-3.key")).unwrap();
+    for (replay, reason) in [
+        (forged_release(&b1, 1, &new_key), "rollback"),
+        (forged_release(&b1, 5, &stolen), "signature_threshold"),
+    ] {
+        std::fs::write(&stable, replay).unwrap();
+        w.once_ok(&cfg);
+        let st = w.status().unwrap();
+        assert_eq!(st.last_rejection.unwrap().reason, reason);
+        assert_eq!(st.adopted.unwrap().sequence, 1);
+        assert_eq!(w.files(), expected_files(&b2));
+    }
+    assert_ne!(fresh, max);
+}

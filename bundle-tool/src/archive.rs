@@ -20,6 +20,7 @@ use crate::limits::Limits;
 use crate::release::{validate_channel, Release};
 use crate::repo::{channel_path, object_path, root_path, RepoDir};
 use crate::trust::TrustChain;
+use crate::verify::{binding_floor, check_sequence};
 use crate::{Error, Result};
 use cairn_keys::root::MAX_ROOT_BYTES;
 use std::collections::BTreeSet;
@@ -424,6 +425,8 @@ pub fn import(
     let mut summary = ImportSummary::default();
     let mut needed = BTreeSet::new();
     let mut heads = Vec::new();
+    let chain_roots: Vec<cairn_keys::Root> = chain.roots().iter().map(|r| r.root.clone()).collect();
+    let epoch = cairn_keys::root::release_epoch(&chain_roots).to_vec();
     for name in &channels {
         let bytes = &staged_channel(name)?;
         let v = ChannelCheck {
@@ -448,13 +451,10 @@ pub fn import(
                             repo.path().join(channel_path(name)).display()
                         ))
                     })?;
-                if seq <= old.sequence {
-                    return Err(Error::Rollback {
-                        channel: name.clone(),
-                        last: old.sequence,
-                        found: seq,
-                    });
-                }
+                // The same rollback rule as an agent's: the repository's
+                // head binds only inside the current release epoch.
+                let floor = binding_floor(&epoch, Some((old.sequence, &existing)), limits);
+                check_sequence(name, floor, seq)?;
                 heads.push((name.clone(), seq));
             }
             None => heads.push((name.clone(), seq)),

@@ -78,6 +78,27 @@ pub enum Error {
         /// The sequence offered.
         found: u64,
     },
+    /// A release whose sequence jumps implausibly far above the last
+    /// adopted one (a forged fast-forward towards 2^64 − 1).
+    #[error("sequence jump: release sequence {found} on channel `{channel}` is more than {max_step} above the last adopted {last} (a forged fast-forward? see docs/SECURITY.md, \"a release key was stolen\")")]
+    SequenceJump {
+        /// The channel.
+        channel: String,
+        /// The last adopted sequence.
+        last: u64,
+        /// The sequence offered.
+        found: u64,
+        /// The largest step allowed.
+        max_step: u64,
+    },
+    /// No sequence is left above the channel's head.
+    #[error("channel `{channel}` is exhausted: its head has sequence {sequence}, the largest there is, so no later release can follow it; if a release key was stolen, rotate the release keys (docs/SECURITY.md, \"a release key was stolen\") and release again: the sequence restarts at 1 under the new keys")]
+    ChannelExhausted {
+        /// The channel.
+        channel: String,
+        /// The head's sequence.
+        sequence: u64,
+    },
     /// An expired release (freeze attack or stale mirror).
     #[error("release {sequence} on channel `{channel}` expired at {expires} (now {now})")]
     Expired {
@@ -148,6 +169,8 @@ impl Error {
             Error::InvalidRelease(_) => "invalid_release",
             Error::WrongChannel { .. } => "wrong_channel",
             Error::Rollback { .. } => "rollback",
+            Error::SequenceJump { .. } => "sequence_jump",
+            Error::ChannelExhausted { .. } => "channel_exhausted",
             Error::Expired { .. } => "expired",
             Error::RootExpired { .. } => "root_expired",
             Error::Manifest { .. } => "invalid_manifest",

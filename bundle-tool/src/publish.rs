@@ -15,8 +15,10 @@ use crate::limits::Limits;
 use crate::release::{validate_channel, Release, Rollout, RELEASE_FORMAT};
 use crate::repo::{channel_path, root_path, RepoDir};
 use crate::trust::TrustChain;
-use crate::verify::{ReleaseCheck, VerifiedRelease};
+use crate::verify::{binding_floor, signed_under_any, ReleaseCheck, VerifiedRelease};
 use crate::{Error, Result};
+use cairn_keys::root::release_epoch;
+use cairn_keys::Root;
 use cairn_keys::{KeyPair, Role};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -135,10 +137,18 @@ pub fn sign_release(
                     channel_path(&req.channel)
                 ))
             })?;
-            Some(prev.sequence)
+            Some((prev.sequence, bytes))
         }
     };
-    let sequence = previous.map_or(1, |s| s + 1);
+    let floor = release_floor(chain, &req.channel, previous.as_ref(), limits)?;
+    let previous = previous.map(|(s, _)| s);
+    let sequence = match floor {
+        None => 1,
+        Some(s) => s.checked_add(1).ok_or_else(|| Error::ChannelExhausted {
+            channel: req.channel.clone(),
+            sequence: s,
+        })?,
+    };
     let what = format!("release {sequence} on channel `{}`", req.channel);
     let signers = check_release_keys(chain, keys, &what)?;
     let release = Release {
@@ -156,12 +166,41 @@ pub fn sign_release(
     let verified = ReleaseCheck {
         root,
         channel: &req.channel,
-        last_sequence: previous,
+        last_sequence: floor,
         now: req.now,
         limits,
     }
     .verify(&envelope)?;
     Ok(SignedRelease { verified, previous })
+}
+
+/// The rollback floor the channel's current head sets for the next
+/// release: its sequence while a root of the chain's current release epoch
+/// signed it (the next release is one above it), `None` when the epoch has
+/// replaced the release role that signed it (the next release restarts at
+/// 1: agents drop that floor the same way, [`binding_floor`]). A head no
+/// root of the chain signed is an error: releasing on top of it would
+/// guess the agents' floor.
+fn release_floor(
+    chain: &TrustChain,
+    channel: &str,
+    head: Option<&(u64, Vec<u8>)>,
+    limits: &Limits,
+) -> Result<Option<u64>> {
+    let Some((sequence, bytes)) = head else {
+        return Ok(None);
+    };
+    let roots: Vec<Root> = chain.roots().iter().map(|r| r.root.clone()).collect();
+    let floor = binding_floor(release_epoch(&roots), Some((*sequence, bytes)), limits);
+    if floor.is_none() && !signed_under_any(&roots, bytes, limits) {
+        return Err(Error::Repository(format!(
+            "{}: the current channel head (sequence {sequence}) is not signed by a threshold of release keys of any root of the trust chain (v{}..v{}); pass the --root files it was signed under, or repair or remove it before releasing",
+            channel_path(channel),
+            roots.first().map_or(0, |r| r.version),
+            roots.last().map_or(0, |r| r.version),
+        )));
+    }
+    Ok(floor)
 }
 
 /// Writes the chain's roots the repository lacks, then the channel head

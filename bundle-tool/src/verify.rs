@@ -20,6 +20,69 @@ pub struct VerifiedRelease {
     pub signers: Vec<KeyId>,
 }
 
+/// The largest step a release's sequence may take above a binding
+/// rollback floor: 2^32. `cairn release` always steps by one, so an honest
+/// channel never comes near it; a forged jump (say to 2^64 − 1, which would
+/// leave the channel no sequence above it) is refused as `sequence_jump`.
+/// A first release, or the first under a new release epoch, has no floor
+/// and so no bound.
+pub const MAX_SEQUENCE_STEP: u64 = 1 << 32;
+
+/// Whether a threshold of release keys of one of `roots` signed the
+/// release envelope `bytes` (garbage is simply `false`).
+pub fn signed_under_any(roots: &[Root], bytes: &[u8], limits: &Limits) -> bool {
+    let Ok((env, release)) = Release::decode_envelope(bytes, limits.max_release_bytes) else {
+        return false;
+    };
+    let what = format!("release {}", release.sequence);
+    roots
+        .iter()
+        .any(|r| r.check_threshold(Role::Release, &env, &what).is_ok())
+}
+
+/// The rollback floor that binds a candidate, from the release adopted (or
+/// published) before it: its sequence if a threshold of release keys of a
+/// root of the current release epoch (`epoch`, see
+/// [`cairn_keys::root::release_epoch`]) signed it; `None` when the epoch
+/// has replaced the release role that signed it, so that a rotation to new
+/// release keys recovers a channel a stolen key pushed to 2^64 − 1 (TUF's
+/// fast-forward recovery). Sound because no release signed only by keys of
+/// an earlier epoch verifies under the epoch's first root, so nothing of the
+/// old epoch can be replayed once the floor is dropped; inside the epoch
+/// the floor binds as before.
+pub fn binding_floor(
+    epoch: &[Root],
+    previous: Option<(u64, &[u8])>,
+    limits: &Limits,
+) -> Option<u64> {
+    let (sequence, bytes) = previous?;
+    signed_under_any(epoch, bytes, limits).then_some(sequence)
+}
+
+/// The sequence rule: strictly above a binding `floor` (rollback), and at
+/// most [`MAX_SEQUENCE_STEP`] above it (a forged jump towards 2^64 − 1).
+pub fn check_sequence(channel: &str, floor: Option<u64>, found: u64) -> Result<()> {
+    let Some(last) = floor else {
+        return Ok(());
+    };
+    if found <= last {
+        return Err(Error::Rollback {
+            channel: channel.to_owned(),
+            last,
+            found,
+        });
+    }
+    if found - last > MAX_SEQUENCE_STEP {
+        return Err(Error::SequenceJump {
+            channel: channel.to_owned(),
+            last,
+            found,
+            max_step: MAX_SEQUENCE_STEP,
+        });
+    }
+    Ok(())
+}
+
 /// What to check a candidate release against.
 #[derive(Clone, Debug)]
 pub struct ReleaseCheck<'a> {
@@ -27,7 +90,9 @@ pub struct ReleaseCheck<'a> {
     pub root: &'a Root,
     /// The channel the caller follows.
     pub channel: &'a str,
-    /// The highest sequence already adopted on that channel, if any.
+    /// The rollback floor: the sequence of the release adopted on that
+    /// channel, if it binds ([`binding_floor`]: `None` when nothing was
+    /// adopted or a new release epoch replaced the role that signed it).
     pub last_sequence: Option<u64>,
     /// Now, Unix seconds.
     pub now: u64,
@@ -38,8 +103,9 @@ pub struct ReleaseCheck<'a> {
 impl ReleaseCheck<'_> {
     /// Verifies a release envelope: size, type, format, signatures by a
     /// threshold of distinct release keys of the root, channel, sequence
-    /// strictly above the last adopted (rollback), not expired (freeze), and
-    /// the root itself not expired.
+    /// strictly above the last adopted and at most [`MAX_SEQUENCE_STEP`]
+    /// above it ([`check_sequence`]), not expired (freeze), and the root
+    /// itself not expired.
     pub fn verify(&self, bytes: &[u8]) -> Result<VerifiedRelease> {
         let (env, release) = Release::decode_envelope(bytes, self.limits.max_release_bytes)?;
         let signers = self.check_signatures(&env, &release)?;
@@ -49,15 +115,7 @@ impl ReleaseCheck<'_> {
                 found: release.channel,
             });
         }
-        if let Some(last) = self.last_sequence {
-            if release.sequence <= last {
-                return Err(Error::Rollback {
-                    channel: release.channel,
-                    last,
-                    found: release.sequence,
-                });
-            }
-        }
+        check_sequence(&release.channel, self.last_sequence, release.sequence)?;
         if self.now >= release.expires {
             return Err(Error::Expired {
                 channel: release.channel,
@@ -105,5 +163,145 @@ impl ReleaseCheck<'_> {
             release.sequence, release.channel
         );
         Ok(self.root.check_threshold(Role::Release, env, &what)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::release::{Rollout, RELEASE_FORMAT};
+    use cairn_keys::root::release_epoch;
+    use cairn_keys::KeyPair;
+
+    const NOW: u64 = 1_800_000_000;
+    const FAR: u64 = 4_000_000_000;
+
+    fn root(version: u64, root_key: &KeyPair, release_keys: &[&KeyPair], t: u32) -> Root {
+        let rel: Vec<_> = release_keys.iter().map(|k| k.public_key()).collect();
+        Root::new(version, FAR, &[root_key.public_key()], 1, &rel, t).unwrap()
+    }
+
+    fn release(sequence: u64, keys: &[&KeyPair]) -> Vec<u8> {
+        Release {
+            format: RELEASE_FORMAT,
+            channel: "stable".into(),
+            sequence,
+            bundle: format!("sha256:{}", "ab".repeat(32)),
+            created: NOW - 10,
+            expires: NOW + 1000,
+            rollout: Rollout::default(),
+            selector: Default::default(),
+        }
+        .sign(keys)
+        .encode()
+    }
+
+    fn check<'a>(root: &'a Root, floor: Option<u64>, limits: &'a Limits) -> ReleaseCheck<'a> {
+        ReleaseCheck {
+            root,
+            channel: "stable",
+            last_sequence: floor,
+            now: NOW,
+            limits,
+        }
+    }
+
+    #[test]
+    fn sequence_rule_refuses_rollback_and_absurd_jumps_and_never_wraps() {
+        assert!(check_sequence("stable", None, u64::MAX).is_ok());
+        assert!(check_sequence("stable", Some(5), 6).is_ok());
+        let e = check_sequence("stable", Some(5), 5).unwrap_err();
+        assert_eq!(e.reason(), "rollback");
+        assert!(check_sequence("stable", Some(5), 5 + MAX_SEQUENCE_STEP).is_ok());
+        let e = check_sequence("stable", Some(5), 6 + MAX_SEQUENCE_STEP).unwrap_err();
+        assert_eq!(e.reason(), "sequence_jump");
+        assert!(e.to_string().contains("a release key was stolen"), "{e}");
+        let e = check_sequence("stable", Some(1), u64::MAX).unwrap_err();
+        assert_eq!(e.reason(), "sequence_jump");
+        // At the top nothing is above: every candidate is a rollback.
+        for found in [0, 1, u64::MAX] {
+            let e = check_sequence("stable", Some(u64::MAX), found).unwrap_err();
+            assert_eq!(e.reason(), "rollback");
+        }
+        assert!(check_sequence("stable", Some(u64::MAX - 1), u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn a_new_release_epoch_drops_the_old_floor_and_refuses_old_releases() {
+        let limits = Limits::default();
+        let rk = KeyPair::generate().unwrap();
+        let (old, new) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let v1 = root(1, &rk, &[&old], 1);
+        // The stolen key pushes the channel to the top: an agent with a
+        // floor refuses the jump, a fresh one (no floor) adopts it.
+        let max = release(u64::MAX, &[&old]);
+        let e = check(&v1, Some(3), &limits).verify(&max).unwrap_err();
+        assert_eq!(e.reason(), "sequence_jump");
+        let adopted = check(&v1, None, &limits).verify(&max).unwrap();
+        assert_eq!(adopted.release.sequence, u64::MAX);
+
+        // A rotation that keeps the release role (new expiry only) keeps
+        // the floor: the channel stays frozen.
+        let v2_same = root(2, &rk, &[&old], 1);
+        let chain = [v1.clone(), v2_same.clone()];
+        let epoch = release_epoch(&chain);
+        let floor = binding_floor(epoch, Some((u64::MAX, &max)), &limits);
+        assert_eq!(floor, Some(u64::MAX));
+        let e = check(&v2_same, floor, &limits)
+            .verify(&release(1, &[&old]))
+            .unwrap_err();
+        assert_eq!(e.reason(), "rollback");
+
+        // A rotation to a new release key starts an epoch: the old floor no
+        // longer binds and sequence 1 under the new key is adopted.
+        let v2 = root(2, &rk, &[&new], 1);
+        let chain = [v1.clone(), v2.clone()];
+        let epoch = release_epoch(&chain);
+        assert_eq!(epoch, std::slice::from_ref(&v2));
+        let floor = binding_floor(epoch, Some((u64::MAX, &max)), &limits);
+        assert_eq!(floor, None);
+        let first = release(1, &[&new]);
+        let adopted = check(&v2, floor, &limits).verify(&first).unwrap();
+        assert_eq!(adopted.release.sequence, 1);
+
+        // The old key's releases, replayed after the rotation, no longer
+        // verify: neither the old maximum nor a fresh forgery.
+        for forged in [max.clone(), release(2, &[&old])] {
+            let e = check(&v2, floor, &limits).verify(&forged).unwrap_err();
+            assert_eq!(e.reason(), "signature_threshold");
+        }
+
+        // Inside the new epoch the floor binds again.
+        let floor = binding_floor(epoch, Some((1, &first)), &limits);
+        assert_eq!(floor, Some(1));
+        let e = check(&v2, floor, &limits)
+            .verify(&release(1, &[&new]))
+            .unwrap_err();
+        assert_eq!(e.reason(), "rollback");
+        assert!(check(&v2, floor, &limits)
+            .verify(&release(2, &[&new]))
+            .is_ok());
+        // Garbage as the previous release never binds and never panics.
+        assert_eq!(binding_floor(epoch, Some((9, b"junk")), &limits), None);
+    }
+
+    #[test]
+    fn keeping_threshold_old_keys_keeps_the_epoch_and_the_floor() {
+        let limits = Limits::default();
+        let rk = KeyPair::generate().unwrap();
+        let ks: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate().unwrap()).collect();
+        let v1 = root(1, &rk, &[&ks[0], &ks[1]], 1);
+        // Dropping ks[0] but keeping ks[1] at threshold 1: a release by
+        // ks[1] alone still verifies, so the epoch (and its floor) stay.
+        let v2 = root(2, &rk, &[&ks[1], &ks[2]], 1);
+        let chain = [v1, v2];
+        let epoch = release_epoch(&chain);
+        assert_eq!(epoch.len(), 2);
+        let by_dropped = release(7, &[&ks[0]]);
+        // The floor release verifies under v1, a root of the epoch.
+        assert_eq!(
+            binding_floor(epoch, Some((7, &by_dropped)), &limits),
+            Some(7)
+        );
     }
 }

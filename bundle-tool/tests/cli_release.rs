@@ -1050,3 +1050,138 @@ fn untrusted_channel_names_are_escaped_in_errors() {
     assert_escaped(&e, "channel `\\x1b]0;pwned\\x07\\x1b[2Jstable`");
     assert!(!w.path("target").exists());
 }
+
+#[test]
+fn release_and_import_recover_from_a_maximum_sequence_by_rotating_the_release_keys() {
+    let w = Work::new(3, 2);
+    w.build("b1.bundle", "main~1");
+    w.build("b2.bundle", "main");
+    w.release("repo", "b1.bundle", "stable", &[]);
+    // A stolen release key pushed the channel to the top.
+    forge(
+        &w,
+        "stable",
+        |r| r.sequence = u64::MAX,
+        &[&dev_key(DEV_RELEASE_KEY)],
+    );
+    let head = std::fs::read(w.path("repo/channels/stable")).unwrap();
+    let e = w.fails(&[
+        "release",
+        "--repo",
+        "repo",
+        "--bundle",
+        "b2.bundle",
+        "--channel",
+        "stable",
+        "--key",
+        DEV_RELEASE_KEY,
+    ]);
+    assert!(
+        e.contains("channel `stable` is exhausted") && e.contains("rotate the release keys"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(w.path("repo/channels/stable")).unwrap(), head);
+    w.ok(&[
+        "export",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--out",
+        "old.tar",
+    ]);
+    w.ok(&["import", "old.tar", "--repo", "air"]);
+    assert_eq!(w.verify_json("air", "stable")["sequence"], u64::MAX);
+
+    // Rotate to a new release key; the next release restarts at 1.
+    let root_v1 = concat!(env!("CARGO_MANIFEST_DIR"), "/../keys/trust/root.v1");
+    let dev_root_pub = DEV_ROOT_KEY.replace(".key", ".pub");
+    w.ok(&["keys", "generate", "release-3", "--dir", "."]);
+    w.ok(&[
+        "root",
+        "rotate",
+        "--previous",
+        root_v1,
+        "--root-key",
+        &dev_root_pub,
+        "--root-threshold",
+        "1",
+        "--release-key",
+        "release-3.pub",
+        "--release-threshold",
+        "1",
+        "--sign",
+        DEV_ROOT_KEY,
+        "--out",
+        "root.v2",
+    ]);
+    let out = w.ok(&[
+        "release",
+        "--repo",
+        "repo",
+        "--bundle",
+        "b2.bundle",
+        "--channel",
+        "stable",
+        "--key",
+        "release-3.key",
+        "--root",
+        root_v1,
+        "--root",
+        "root.v2",
+    ]);
+    assert_eq!(out.trim(), "stable 1");
+    let v = w.verify_json("repo", "stable");
+    assert_eq!(
+        (v["sequence"].as_u64(), v["root_version"].as_u64()),
+        (Some(1), Some(2))
+    );
+    // The next one steps by one inside the new epoch.
+    let out = w.ok(&[
+        "release",
+        "--repo",
+        "repo",
+        "--bundle",
+        "b2.bundle",
+        "--channel",
+        "stable",
+        "--key",
+        "release-3.key",
+        "--root",
+        root_v1,
+        "--root",
+        "root.v2",
+    ]);
+    assert_eq!(out.trim(), "stable 2");
+
+    // Import moves the new-epoch head over the old maximum ...
+    w.ok(&[
+        "export",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--out",
+        "new.tar",
+    ]);
+    w.ok(&["import", "new.tar", "--repo", "air"]);
+    assert_eq!(w.verify_json("air", "stable")["sequence"], 2);
+    // ... and the old maximum cannot come back: its key no longer counts.
+    let e = w.fails(&["import", "old.tar", "--repo", "air"]);
+    assert!(e.contains("signed by 0 valid release key(s)"), "{e}");
+    assert_eq!(w.verify_json("air", "stable")["sequence"], 2);
+    // The old key cannot release any more either.
+    let e = w.fails(&[
+        "release",
+        "--repo",
+        "repo",
+        "--bundle",
+        "b1.bundle",
+        "--channel",
+        "stable",
+        "--key",
+        DEV_RELEASE_KEY,
+    ]);
+    assert!(e.contains("is not a release key of root v2"), "{e}");
+    assert_eq!(w.verify_json("repo", "stable")["sequence"], 2);
+}

@@ -172,6 +172,27 @@ impl Root {
         self.role(role).key_ids.contains(key_id)
     }
 
+    /// Whether this root starts a new *release epoch* after `earlier` (every
+    /// root before it in the chain): fewer than this root's release
+    /// threshold of its release keys were release keys of any earlier root.
+    /// Then no release signed only by keys that were ever release keys
+    /// before can reach this root's threshold, so the rollback floor set by
+    /// releases of the earlier epoch stops binding (TUF's fast-forward
+    /// recovery; `docs/SECURITY.md`, "a release key was stolen").
+    pub fn starts_release_epoch<'a>(&self, earlier: impl IntoIterator<Item = &'a Root>) -> bool {
+        let mut retired: Vec<&KeyId> = Vec::new();
+        for r in earlier {
+            retired.extend(r.release.key_ids.iter());
+        }
+        let shared = self
+            .release
+            .key_ids
+            .iter()
+            .filter(|k| retired.contains(k))
+            .count();
+        shared < self.release.threshold as usize
+    }
+
     /// Whether the root has expired at `now` (Unix seconds).
     pub fn is_expired(&self, now: u64) -> bool {
         now >= self.expires
@@ -282,6 +303,22 @@ pub struct RootChain {
     pub current: VerifiedRoot,
     /// Whether `current` has expired at the time given.
     pub expired: bool,
+    /// Every root of the chain, oldest first (`current` last).
+    pub roots: Vec<Root>,
+}
+
+/// The current release epoch of a chain (oldest first, consecutive
+/// versions): the suffix that starts at the last root for which
+/// [`Root::starts_release_epoch`] holds against every root before it (the
+/// first root starts the first epoch). A release adopted in this epoch
+/// verifies under one of these roots; one that verifies under none of them
+/// was signed by a release role the chain has since replaced.
+pub fn release_epoch(chain: &[Root]) -> &[Root] {
+    let start = (1..chain.len())
+        .rev()
+        .find(|&i| chain[i].starts_release_epoch(&chain[..i]))
+        .unwrap_or(0);
+    &chain[start..]
 }
 
 impl RootChain {
@@ -292,12 +329,23 @@ impl RootChain {
         rest: impl IntoIterator<Item = &'a [u8]>,
         now: u64,
     ) -> Result<Self> {
+        let mut roots = vec![first.root.clone()];
         let mut current = first;
         for bytes in rest {
             current = current.verify_next(bytes)?;
+            roots.push(current.root.clone());
         }
         let expired = current.root.is_expired(now);
-        Ok(Self { current, expired })
+        Ok(Self {
+            current,
+            expired,
+            roots,
+        })
+    }
+
+    /// The roots of the chain's current release epoch ([`release_epoch`]).
+    pub fn release_epoch(&self) -> &[Root] {
+        release_epoch(&self.roots)
     }
 }
 
@@ -386,6 +434,47 @@ mod tests {
         let only_old = r2.sign(&[&k1[0], &k1[1]]).encode();
         let err = first.verify_next(&only_old).unwrap_err();
         assert!(err.to_string().contains("by its own keys"), "{err}");
+    }
+
+    #[test]
+    fn release_epochs_start_when_fewer_than_threshold_keys_carry_over() {
+        let rk = pubs(&keys(1));
+        let rel = pubs(&keys(5));
+        let (a, b, c, d, e) = (&rel[0], &rel[1], &rel[2], &rel[3], &rel[4]);
+        let v = |n: u64, ks: &[&PublicKey], t: u32| {
+            let owned: Vec<PublicKey> = ks.iter().map(|k| (*k).clone()).collect();
+            Root::new(n, FAR, &rk, 1, &owned, t).unwrap()
+        };
+        let r1 = v(1, &[a, b], 1);
+        // Only the expiry or root keys change: same epoch.
+        let r2 = v(2, &[a, b], 1);
+        assert!(!r2.starts_release_epoch([&r1]));
+        // One key dropped, one kept at threshold 1: the kept key alone can
+        // still sign, so old releases still verify: same epoch.
+        let r3 = v(3, &[a, c], 1);
+        assert!(!r3.starts_release_epoch([&r1, &r2]));
+        // Threshold raised to 2 with one old key: an old key alone is below
+        // threshold: new epoch.
+        let r4 = v(4, &[a, d], 2);
+        assert!(r4.starts_release_epoch([&r1, &r2, &r3]));
+        // Every key replaced: new epoch.
+        let r5 = v(5, &[d, e], 1);
+        assert!(!r5.starts_release_epoch([&r4]), "d was a key of r4");
+        let r5 = v(5, &[e], 1);
+        assert!(r5.starts_release_epoch([&r1, &r2, &r3, &r4]));
+        // Re-adding a key retired long ago does not start an epoch.
+        let r6 = v(6, &[b], 1);
+        assert!(!r6.starts_release_epoch([&r1, &r2, &r3, &r4, &r5]));
+
+        let chain = [r1.clone(), r2.clone(), r3.clone()];
+        assert_eq!(release_epoch(&chain), &chain[..]);
+        let chain = [r1, r2, r3, r4.clone(), r5.clone(), r6.clone()];
+        let epoch = release_epoch(&chain);
+        assert_eq!(
+            epoch.iter().map(|r| r.version).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+        assert!(release_epoch(&[]).is_empty());
     }
 
     #[test]

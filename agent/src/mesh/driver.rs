@@ -131,7 +131,10 @@ pub async fn run(mesh: Mesh) {
                     d.refresh_local();
                 }
             }
-            _ = status_tick.tick() => d.refresh_status(),
+            _ = status_tick.tick() => {
+                d.refresh_trust();
+                d.refresh_status();
+            }
             _ = persist_tick.tick() => d.persist_peers(),
         }
     }
@@ -313,6 +316,7 @@ impl Driver {
         now: u64,
     ) {
         let mut root = self.agent.root();
+        let mut chain = self.agent.root_chain();
         let mut kept = BTreeMap::new();
         for (v, bytes) in roots {
             if v != root.root.version + 1 {
@@ -320,6 +324,7 @@ impl Driver {
             }
             match pipeline::check_root(&root, &bytes) {
                 Ok(next) => {
+                    chain.push(next.root.clone());
                     root = next;
                     kept.insert(v, bytes);
                 }
@@ -333,6 +338,7 @@ impl Driver {
         let adopted = self.adopted_ref();
         let ctx = Context {
             root: &root.root,
+            epoch: cairn_keys::root::release_epoch(&chain),
             channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
                 sequence: *s,
@@ -490,7 +496,7 @@ impl Driver {
     fn refresh_local(&mut self) {
         let now = now_ms();
         let root_version = self.agent.root().root.version;
-        self.ep.set_root_version(root_version);
+        self.refresh_trust();
         if let Some(h) = self.agent.relay_head() {
             self.ep.set_head(
                 Head {
@@ -503,6 +509,15 @@ impl Driver {
             );
         }
         self.refresh_status();
+    }
+
+    /// Our root version and whether our head still sets a rollback floor
+    /// (a root from a source may have replaced the release keys).
+    fn refresh_trust(&mut self) {
+        self.ep.set_root_version(self.agent.root().root.version);
+        let channel = self.agent.config().channel.clone();
+        self.ep
+            .set_floor_unbound(&channel, self.agent.floor_unbound());
     }
 
     fn refresh_status(&mut self) {

@@ -289,6 +289,12 @@ struct Fetch {
     roots: BTreeMap<u64, Vec<u8>>,
     release: Option<Vec<u8>>,
     idle_reported: bool,
+    /// A refused release is not the peer's fault: the fetch started
+    /// although the peer's sequence is not above ours (our floor no longer
+    /// binds, or the peer holds a newer root), or the peer holds an older
+    /// root than ours (its head may be signed by release keys our newer
+    /// root replaced). A bad root still is its fault.
+    excused: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -342,6 +348,9 @@ pub struct Endpoint {
     next_fetch: FetchId,
     heads: BTreeMap<String, Head>,
     root_version: u64,
+    /// Channels whose adopted head no longer sets a rollback floor (a root
+    /// rotation replaced the release keys that signed it).
+    unbound_floors: BTreeSet<String>,
     status: BTreeMap<String, StatusRecord>,
     peers: BTreeMap<String, PeerEntry>,
     pending_dials: BTreeSet<String>,
@@ -364,6 +373,7 @@ impl Endpoint {
             next_fetch: 1,
             heads: BTreeMap::new(),
             root_version: root_version.max(1),
+            unbound_floors: BTreeSet::new(),
             status: BTreeMap::new(),
             peers: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
@@ -473,6 +483,19 @@ impl Endpoint {
     /// Sets the newest trust root version we hold.
     pub fn set_root_version(&mut self, version: u64) {
         self.root_version = self.root_version.max(version);
+    }
+
+    /// Says whether our head on `channel` still sets a rollback floor. A
+    /// root rotation that replaced the release keys unbinds it
+    /// (`cairn_bundle::verify::binding_floor`): then a peer's head with a
+    /// *lower* sequence may be the recovery release of the new epoch, and
+    /// is fetched (the verifier decides).
+    pub fn set_floor_unbound(&mut self, channel: &str, unbound: bool) {
+        if unbound {
+            self.unbound_floors.insert(channel.to_owned());
+        } else {
+            self.unbound_floors.remove(channel);
+        }
     }
 
     /// Sets our own status record (its `time` is set to `now`).
@@ -766,6 +789,15 @@ impl Endpoint {
         let ours = self.heads.get(&f.head.channel).map_or(0, |h| h.sequence);
         if reason == "rollback" && ours >= f.head.sequence {
             self.fail_fetch(fetch, "already hold the advertised head".into());
+            return;
+        }
+        if f.excused && reason != "root_rotation" {
+            // Not newer under our rules (e.g. an old-epoch head): not
+            // asked again for a while, not blamed. A bad root still is.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.fetch_backoff_until = now + self.config.anti_entropy_ms;
+            }
+            self.fail_fetch(fetch, format!("release not newer: {reason}"));
             return;
         }
         self.fail_fetch(fetch, format!("release rejected: {reason}"));
@@ -1118,29 +1150,51 @@ impl Endpoint {
             if self.fetches.values().any(|f| f.head.channel == channel) {
                 continue;
             }
-            let ours = self.heads.get(&channel).map_or(0, |h| h.sequence);
-            let mut best: Option<(ConnId, Head)> = None;
+            let mine = self.heads.get(&channel);
+            let ours = mine.map_or(0, |h| h.sequence);
+            let unbound = self.unbound_floors.contains(&channel);
+            // Ranked: a higher sequence first, then (speculative) a head
+            // under a newer root, or any other head under at least our
+            // root while our floor is unbound.
+            let mut best: Option<(bool, ConnId, Head)> = None;
             for (id, c) in &self.conns {
                 if !c.hello || c.fetch_backoff_until > now {
                     continue;
                 }
-                if let Some(h) = c
-                    .heads
-                    .iter()
-                    .find(|h| h.channel == channel && h.sequence > ours)
-                {
-                    if best.as_ref().is_none_or(|(_, b)| h.sequence > b.sequence) {
-                        best = Some((*id, h.clone()));
+                let Some(h) = c.heads.iter().find(|h| h.channel == channel) else {
+                    continue;
+                };
+                let newer = h.sequence > ours;
+                let same = mine.is_some_and(|m| m.sequence == h.sequence && m.bundle == h.bundle);
+                let speculative = !newer
+                    && !same
+                    && (h.root_version > self.root_version
+                        || (unbound && h.root_version >= self.root_version));
+                if !newer && !speculative {
+                    continue;
+                }
+                let rank = |spec: bool, h: &Head| {
+                    if spec {
+                        (0, h.root_version, h.sequence)
+                    } else {
+                        (1, 0, h.sequence)
                     }
+                };
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(spec, _, b)| rank(speculative, h) > rank(*spec, b));
+                if better {
+                    best = Some((speculative, *id, h.clone()));
                 }
             }
-            if let Some((conn, head)) = best {
-                self.start_fetch(conn, head, now);
+            if let Some((speculative, conn, head)) = best {
+                let excused = speculative || head.root_version < self.root_version;
+                self.start_fetch(conn, head, excused, now);
             }
         }
     }
 
-    fn start_fetch(&mut self, conn: ConnId, head: Head, now: u64) {
+    fn start_fetch(&mut self, conn: ConnId, head: Head, excused: bool, now: u64) {
         let Some(PeerIdentity::Agent(peer)) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
@@ -1163,6 +1217,7 @@ impl Endpoint {
                 roots: BTreeMap::new(),
                 release: None,
                 idle_reported: false,
+                excused,
             },
         );
         self.pump(fetch, now);

@@ -33,6 +33,9 @@ struct Node {
     /// fetch -> (head, manifest address).
     pending: BTreeMap<FetchId, (Head, String)>,
     behaviour: Behaviour,
+    /// Toy release epochs: sequences signed by release keys this node's
+    /// root has replaced (refused as `signature_threshold`).
+    distrusted: BTreeSet<u64>,
     rejections: Vec<(String, String)>,
     object_bytes_in: usize,
     objects_in: usize,
@@ -98,6 +101,7 @@ impl Sim {
                 releases: BTreeMap::new(),
                 pending: BTreeMap::new(),
                 behaviour: Behaviour::Honest,
+                distrusted: BTreeSet::new(),
                 rejections: Vec::new(),
                 object_bytes_in: 0,
                 objects_in: 0,
@@ -274,6 +278,9 @@ impl Sim {
                     .into_iter()
                     .map(|item| {
                         let bytes = match &item {
+                            Item::Root(v) if *v <= n.ep.root_version => {
+                                Some(format!("toy root {v}").into_bytes())
+                            }
                             Item::Root(_) => None,
                             Item::Release(c) => n.releases.get(c).cloned(),
                             Item::Object(a) => n.objects.get(a).cloned().map(|mut b| {
@@ -292,16 +299,25 @@ impl Sim {
                 fetch,
                 release,
                 head,
+                roots,
                 ..
             } => {
                 let (channel, seq, manifest, valid): ToyRelease =
                     codec::decode("toy release", &release, 1 << 16).unwrap();
-                if !valid {
+                // Toy rotation: every newer root replaces the release keys
+                // that signed our head, so our floor stops binding.
+                if let Some((v, _)) = roots.last() {
+                    let ours = n.seq(&channel);
+                    n.distrusted.insert(ours);
+                    n.ep.set_root_version(*v);
+                    n.ep.set_floor_unbound(&channel, true);
+                }
+                if !valid || n.distrusted.contains(&seq) {
                     return n
                         .ep
                         .release_rejected(fetch, "signature_threshold", "toy", now);
                 }
-                if seq <= n.seq(&channel) {
+                if seq <= n.seq(&channel) && !n.ep.unbound_floors.contains(&channel) {
                     return n.ep.release_rejected(fetch, "rollback", "toy", now);
                 }
                 let head = Head {
@@ -500,6 +516,46 @@ fn a_rolled_back_head_is_refused() {
         .rejections
         .iter()
         .any(|(p, r)| p == "a1" && r == "rollback"));
+}
+
+#[test]
+fn a_new_epoch_head_with_a_lower_sequence_is_fetched_and_nobody_is_banned() {
+    let mut sim = Sim::line(3);
+    sim.run(2_000);
+    // A stolen key's release at the top reaches everyone.
+    sim.publish(0, u64::MAX, &objects(2, "max"), true);
+    sim.run(10_000);
+    assert!(sim.converged(u64::MAX));
+    // Node 2 follows root v2 (new release keys) from its own source and
+    // adopts the new epoch's release 1 there.
+    let n2 = &mut sim.nodes[2];
+    n2.distrusted.insert(u64::MAX);
+    n2.ep.set_root_version(2);
+    n2.ep.set_floor_unbound("stable", true);
+    sim.publish(2, 1, &objects(2, "epoch2"), true);
+    sim.run(30_000);
+    // Node 1 (still on root v1, floor bound) fetches the lower head because
+    // it comes with a newer root, then node 0 from node 1; node 2 refuses
+    // the old maximum its peers still advertised without banning them.
+    for n in &sim.nodes {
+        assert_eq!(n.seq("stable"), 1, "{}", n.id);
+        assert!(n.rejections.is_empty(), "{}: {:?}", n.id, n.rejections);
+        for other in ["a0", "a1", "a2"] {
+            assert!(!n.ep.is_banned(other, sim.now), "{} banned {other}", n.id);
+        }
+    }
+    // Inside the new epoch a rolled-back head is still refused.
+    let m = sim.publish(0, 7, &objects(2, "v7"), true);
+    sim.nodes[0]
+        .releases
+        .insert("stable".into(), toy_release("stable", 1, &m, true));
+    sim.nodes[1].ep.set_floor_unbound("stable", false);
+    sim.run(10_000);
+    assert_eq!(sim.nodes[1].seq("stable"), 1);
+    assert!(sim.nodes[1]
+        .rejections
+        .iter()
+        .any(|(p, r)| p == "a0" && r == "rollback"));
 }
 
 #[test]
