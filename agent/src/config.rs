@@ -171,14 +171,12 @@ impl Config {
         };
         let mut raw = match path {
             Some(p) => {
-                let meta = std::fs::metadata(p).map_err(|e| one(e.to_string()))?;
-                if meta.len() > MAX_CONFIG_BYTES {
-                    return Err(one(format!(
-                        "{} bytes is too large for a config file",
-                        meta.len()
-                    )));
-                }
-                let text = std::fs::read_to_string(p).map_err(|e| one(e.to_string()))?;
+                // A regular file of bounded size; a link is followed
+                // (Kubernetes mounts ConfigMaps as links).
+                let bytes =
+                    crate::fsread::read_capped(p, MAX_CONFIG_BYTES, crate::fsread::Links::Follow)
+                        .map_err(|e| one(e.reason()))?;
+                let text = String::from_utf8(bytes).map_err(|e| one(format!("not UTF-8: {e}")))?;
                 parse_yaml(&text).map_err(one)?
             }
             None => RawConfig::default(),
