@@ -281,6 +281,7 @@ impl Agent {
         let limits = Limits::default();
         let opts = SourceOptions {
             request_timeout: config.request_timeout,
+            redirect_hosts: config.redirect_hosts.clone(),
             ..SourceOptions::default()
         };
         let sources = SourceSet::from_specs(&config.sources, &opts).map_err(|m| {
