@@ -217,7 +217,11 @@ fn partitioned_groups_diverge_then_converge() {
             .spawn()
             .expect("spawn agent in namespace");
         // `ip netns exec` execs the agent: the child is the agent.
-        watch_agent(&child, &format!("a{i} ({})", a.addr), &a.dir.join("agent.log"));
+        watch_agent(
+            &child,
+            &format!("a{i} ({})", a.addr),
+            &a.dir.join("agent.log"),
+        );
         net.children.push(child);
     }
     let all: Vec<&Agent> = agents.iter().collect();
