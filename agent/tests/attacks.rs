@@ -869,3 +869,31 @@ fn an_http_source_redirecting_to_another_host_is_refused_unless_allowed() {
     assert_eq!(w.files(), want);
     assert!(other.requests() > 0);
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SIGPIPE is ignored (so that sockets fail with errors instead); a
+    // closed stdout (`cairn-agent status | head`) must still end quietly.
+    let d = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both are open and owned by nothing else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let out = std::process::Command::new(agent_bin())
+        .args(["hold", "--data-dir"])
+        .arg(d.path())
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        d.path().join("hold.json").is_file(),
+        "the hold was still placed"
+    );
+}
