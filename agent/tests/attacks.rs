@@ -488,7 +488,14 @@ fn an_authenticated_peer_that_says_hello_and_resets_cannot_kill_the_agent() {
     let evil_cert = issue_agent_cert(&w, &ca, "evil");
     let dir = w.path("victim");
     let listen = "127.0.60.1:7440";
-    let cfg = mesh_agent_config(&dir, "victim", &[w.repo.clone()], listen, &[], &victim_cert);
+    let cfg = mesh_agent_config(
+        &dir,
+        "victim",
+        std::slice::from_ref(&w.repo),
+        listen,
+        &[],
+        &victim_cert,
+    );
     let mut agent = spawn_agent("victim", &dir, &cfg);
     let addr = http_addr(&dir, agent.id());
     wait_for(60, "release 1 adopted", || adopted_sequence(&dir) == 1);
@@ -717,7 +724,7 @@ fn a_flood_of_connections_that_never_handshake_does_not_starve_peers() {
     );
     let (d0, d1) = (w.path("a0"), w.path("a1"));
     let (l0, l1) = ("127.0.61.1:7440", "127.0.61.2:7440");
-    let cfg0 = mesh_agent_config(&d0, "a0", &[w.repo.clone()], l0, &[], &c0);
+    let cfg0 = mesh_agent_config(&d0, "a0", std::slice::from_ref(&w.repo), l0, &[], &c0);
     let cfg1 = mesh_agent_config(&d1, "a1", &[], l1, &[l0.to_owned()], &c1);
     let mut a0 = spawn_agent("a0", &d0, &cfg0);
     let addr0 = http_addr(&d0, a0.id());
