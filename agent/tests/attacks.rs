@@ -904,3 +904,64 @@ fn output_to_a_closed_pipe_ends_the_command_quietly() {
         "the hold was still placed"
     );
 }
+
+#[test]
+fn a_peer_that_stalls_past_the_read_deadline_and_comes_back_kills_nobody() {
+    // The agents' side of the reset: a peer that stops (paused, swapped
+    // out, behind a stalled link) long enough for the others to give up
+    // on it, then resumes and writes into connections they have closed,
+    // while they write into its.
+    let w = World::new(2, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b1);
+    let ca = mesh_ca(&w);
+    let addrs = ["127.0.62.1:7440", "127.0.62.2:7440", "127.0.62.3:7440"];
+    let mut agents = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, listen) in addrs.iter().enumerate() {
+        let id = format!("a{i}");
+        let cert = issue_agent_cert(&w, &ca, &id);
+        let dir = w.path(&id);
+        let sources = if i == 0 { vec![w.repo.clone()] } else { vec![] };
+        let seeds: Vec<String> = addrs
+            .iter()
+            .filter(|a| *a != listen)
+            .map(|a| a.to_string())
+            .collect();
+        let cfg = mesh_agent_config(&dir, &id, &sources, listen, &seeds, &cert);
+        agents.push(spawn_agent(&id, &dir, &cfg));
+        dirs.push(dir);
+    }
+    let http: Vec<String> = (0..3)
+        .map(|i| http_addr(&dirs[i], agents[i].id()))
+        .collect();
+    wait_for(90, "every agent at release 1", || {
+        dirs.iter().all(|d| adopted_sequence(d) == 1)
+    });
+    // Stop a1 for longer than the mesh read deadline (3 keepalives, 30 s).
+    let paused = agents[1].id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(paused, libc::SIGSTOP) };
+    let stopped_at = std::time::Instant::now();
+    wait_for(60, "a1 stopped for 35 s", || {
+        stopped_at.elapsed() > std::time::Duration::from_secs(35)
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(paused, libc::SIGCONT) };
+    let resumed_at = std::time::Instant::now();
+    wait_for(60, "10 s after a1 resumed", || {
+        resumed_at.elapsed() > std::time::Duration::from_secs(10)
+    });
+    for a in &http {
+        assert_healthy(a);
+    }
+    w.release(&b2);
+    wait_for(90, "a0 and a2 at release 2", || {
+        adopted_sequence(&dirs[0]) == 2 && adopted_sequence(&dirs[2]) == 2
+    });
+    for a in &mut agents {
+        let st = terminate(a);
+        assert!(st.success(), "{st:?}");
+    }
+}
