@@ -116,7 +116,11 @@ pub fn main() -> i32 {
         Ok(code) => code,
         // The reader of our output went away (`cairn-agent status | head`):
         // end quietly, as Unix tools do.
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(Error::Io { what, source })
+            if what == WRITING_STDOUT && source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            0
+        }
         Err(e) => {
             use std::io::Write;
             let mut err = std::io::stderr().lock();
@@ -274,6 +278,9 @@ fn init_logging(format: LogFormat) {
     };
 }
 
+/// What [`out`] reports a failed write as.
+const WRITING_STDOUT: &str = "writing to stdout";
+
 /// Writes command output to stdout. A closed stdout is an `Io` error of
 /// kind `BrokenPipe` (which [`main`] turns into a quiet exit), never a
 /// panic or a signal.
@@ -283,7 +290,7 @@ fn out(text: &str) -> Result<(), Error> {
     o.write_all(text.as_bytes())
         .and_then(|()| o.flush())
         .map_err(|source| Error::Io {
-            what: "writing to stdout".into(),
+            what: WRITING_STDOUT.into(),
             source,
         })
 }
