@@ -289,7 +289,11 @@ impl Mesh {
         config: MeshConfig,
         metrics: MeshMetrics,
     ) -> Result<Mesh, MeshError> {
-        let creds = Credentials::load(&config.credentials)?;
+        // File reads: off the runtime.
+        let paths = config.credentials.clone();
+        let creds = tokio::task::spawn_blocking(move || Credentials::load(&paths))
+            .await
+            .map_err(|e| MeshError::Identity(format!("loading the credentials failed: {e}")))??;
         let agent_id = match &creds.identity {
             cairn_bundle::mesh::pki::PeerIdentity::Agent(id) => id.clone(),
             other => {
