@@ -389,7 +389,7 @@ fn mesh_agent_config(
 }
 
 /// Starts `cairn-agent run` with logs in `<dir>/agent.log`, watched.
-fn spawn_agent(name: &str, dir: &Path, cfg: &Path) -> std::process::Child {
+fn spawn_agent(name: &str, dir: &Path, cfg: &Path) -> AgentProcess {
     let log = dir.join("agent.log");
     let child = std::process::Command::new(agent_bin())
         .args(["run", "--log-format", "json", "--config"])
@@ -400,7 +400,7 @@ fn spawn_agent(name: &str, dir: &Path, cfg: &Path) -> std::process::Child {
         .spawn()
         .expect("spawn agent");
     watch_agent(&child, name, &log);
-    child
+    AgentProcess(child)
 }
 
 fn read_status(dir: &Path) -> Option<cairn_agent::status::Status> {

@@ -94,6 +94,34 @@ pub fn assert_agents_alive(what: &str) {
     }
 }
 
+/// A started agent process, killed when dropped (a failing test must not
+/// leave agents behind holding ports and directories). Derefs to the
+/// [`Child`].
+pub struct AgentProcess(pub Child);
+
+impl std::ops::Deref for AgentProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        unwatch_agent(self.0.id());
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The last `n` lines of `s`.
 pub fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
@@ -268,8 +296,9 @@ impl World {
     }
 
     /// Starts a long-running agent with logs in `<name>.log`; it is
-    /// watched (see [`watch_agent`]) until [`terminate`]d.
-    pub fn spawn(&self, cfg: &Path, log: &str) -> Child {
+    /// watched (see [`watch_agent`]) until [`terminate`]d, and killed
+    /// when dropped.
+    pub fn spawn(&self, cfg: &Path, log: &str) -> AgentProcess {
         let f = std::fs::File::create(self.path(log)).expect("log file");
         let child = Command::new(agent_bin())
             .args(["run", "--log-format", "json", "--config"])
@@ -280,7 +309,7 @@ impl World {
             .spawn()
             .expect("spawn agent");
         watch_agent(&child, log, &self.path(log));
-        child
+        AgentProcess(child)
     }
 
     pub fn log(&self, name: &str) -> String {
