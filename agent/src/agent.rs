@@ -217,6 +217,10 @@ struct Inner {
     adopt_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
     status_lock: Mutex<()>,
+    /// The hold file as last read (by [`Agent::current_hold`], off the
+    /// runtime), for the synchronous [`Agent::status`]; and the last read
+    /// error, logged once per change rather than once per read.
+    hold: Mutex<(Option<Hold>, Option<String>)>,
     fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
     relay_tx: watch::Sender<Option<AdoptedHead>>,
@@ -298,6 +302,7 @@ impl Agent {
         let limits = Limits::default();
         let opts = SourceOptions {
             request_timeout: config.request_timeout,
+            redirect_hosts: config.redirect_hosts.clone(),
             ..SourceOptions::default()
         };
         let sources = SourceSet::from_specs(&config.sources, &opts).map_err(|m| {
@@ -405,6 +410,7 @@ impl Agent {
                 adopt_lock: tokio::sync::Mutex::new(()),
                 reconcile_lock: tokio::sync::Mutex::new(()),
                 status_lock: Mutex::new(()),
+                hold: Mutex::new((None, None)),
                 fleet_reports: Mutex::new(BTreeMap::new()),
                 adopted_tx,
                 relay_tx,
@@ -517,19 +523,47 @@ impl Agent {
         });
     }
 
-    /// The local hold file, read now. An unreadable file counts as a hold
-    /// until released (the safe side), with a warning.
-    pub fn current_hold(&self, now: u64) -> Option<Hold> {
-        match Hold::read(&self.inner.config.data_dir) {
-            Ok(h) => h.filter(|h| h.active(now)),
-            Err(e) => {
-                tracing::warn!(error = %e, "treating adoption as held");
-                Some(Hold {
-                    since: now,
-                    until: None,
-                })
+    /// The local hold file, read now (in a blocking task: the file is
+    /// local input and must never stall the runtime). An unreadable file
+    /// counts as a hold until released (the safe side), with a warning
+    /// each time the reason changes.
+    pub async fn current_hold(&self, now: u64) -> Option<Hold> {
+        let dir = self.inner.config.data_dir.clone();
+        let read = tokio::task::spawn_blocking(move || Hold::read(&dir))
+            .await
+            .unwrap_or_else(|e| Err(Error::Hold(format!("reading the hold file failed: {e}"))));
+        let mut cache = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
+        let hold = match read {
+            Ok(h) => {
+                cache.1 = None;
+                h
             }
-        }
+            Err(e) => {
+                let msg = e.to_string();
+                if cache.1.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "treating adoption as held");
+                    cache.1 = Some(msg);
+                }
+                Some(
+                    cache
+                        .0
+                        .clone()
+                        .filter(|h| h.until.is_none())
+                        .unwrap_or(Hold {
+                            since: now,
+                            until: None,
+                        }),
+                )
+            }
+        };
+        cache.0 = hold.clone();
+        hold.filter(|h| h.active(now))
+    }
+
+    /// The hold as last read by [`Agent::current_hold`] (no IO).
+    fn last_hold(&self, now: u64) -> Option<Hold> {
+        let cache = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
+        cache.0.clone().filter(|h| h.active(now))
     }
 
     /// Checks every object of the adopted release; re-fetches missing or
@@ -832,7 +866,7 @@ impl Agent {
         };
         let sequence = ingest.release().release.sequence;
         let now = unix_now();
-        let hold = self.current_hold(now);
+        let hold = self.current_hold(now).await;
         let deferral = pipeline::adoption_gate(
             &ingest.release().release,
             &self.audience(&ingest.release().release.bundle),
@@ -1063,7 +1097,7 @@ impl Agent {
             return;
         }
         let now = unix_now();
-        let hold = self.current_hold(now);
+        let hold = self.current_hold(now).await;
         let gate = pipeline::adoption_gate(
             &p.release,
             &self.audience(&p.release.bundle),
@@ -1109,6 +1143,9 @@ impl Agent {
     async fn pending_loop(&self) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            // Keeps the hold shown in status current even with nothing
+            // staged.
+            let _ = self.current_hold(unix_now()).await;
             self.reevaluate_pending().await;
         }
     }
@@ -1397,7 +1434,7 @@ impl Agent {
         let offline = self.is_offline();
         self.inner.metrics.offline.set(i64::from(offline));
         let (ready, ready_reason) = self.readiness();
-        let hold = self.current_hold(now).map(|h| HoldStatus {
+        let hold = self.last_hold(now).map(|h| HoldStatus {
             since: h.since,
             until: h.until,
         });

@@ -103,7 +103,7 @@ fn data_dir(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBu
 
 /// Runs the CLI with the process arguments and returns the exit code.
 pub fn main() -> i32 {
-    reset_sigpipe();
+    ignore_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -114,11 +114,25 @@ pub fn main() -> i32 {
     };
     match dispatch(cli) {
         Ok(code) => code,
+        // The reader of our output went away (`cairn-agent status | head`):
+        // end quietly, as Unix tools do.
+        Err(Error::Io { what, source })
+            if what == WRITING_STDOUT && source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            0
+        }
         Err(e) => {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
             // Errors may quote what a source served before it was
             // verified: no control sequences reach the terminal.
             for line in e.to_string().lines() {
-                eprintln!("cairn-agent: {}", cairn_keys::text::escape_untrusted(line));
+                // Nothing to do if stderr is gone too.
+                let _ = writeln!(
+                    err,
+                    "cairn-agent: {}",
+                    cairn_keys::text::escape_untrusted(line)
+                );
             }
             EXIT_FAILURE
         }
@@ -163,9 +177,9 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             if json {
                 let text =
                     serde_json::to_string_pretty(&s).map_err(|e| Error::Status(e.to_string()))?;
-                println!("{text}");
+                out(&format!("{text}\n"))?;
             } else {
-                print!("{}", s.render(crate::unix_now()));
+                out(&s.render(crate::unix_now()))?;
             }
             Ok(0)
         }
@@ -187,25 +201,25 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
                 .transpose()
                 .map_err(Error::Hold)?;
             Hold { since: now, until }.write(&dir)?;
-            match until {
-                Some(t) => println!(
-                    "holding new releases until {} ({})",
+            out(&match until {
+                Some(t) => format!(
+                    "holding new releases until {} ({})\n",
                     crate::status::format_time(t),
                     crate::hold::hold_path(&dir).display()
                 ),
-                None => println!(
-                    "holding new releases until `cairn-agent release-hold` ({})",
+                None => format!(
+                    "holding new releases until `cairn-agent release-hold` ({})\n",
                     crate::hold::hold_path(&dir).display()
                 ),
-            }
+            })?;
             Ok(0)
         }
         Command::ReleaseHold { config, data_dir } => {
             let dir = self::data_dir(data_dir, config)?;
             if Hold::remove(&dir)? {
-                println!("hold released; new releases are adopted again as their waves open");
+                out("hold released; new releases are adopted again as their waves open\n")?;
             } else {
-                println!("no hold in {}", dir.display());
+                out(&format!("no hold in {}\n", dir.display()))?;
             }
             Ok(0)
         }
@@ -280,12 +294,35 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// A broken pipe (`cairn-agent status | head`) ends the process quietly.
-fn reset_sigpipe() {
+/// What [`out`] reports a failed write as.
+const WRITING_STDOUT: &str = "writing to stdout";
+
+/// Writes command output to stdout. A closed stdout is an `Io` error of
+/// kind `BrokenPipe` (which [`main`] turns into a quiet exit), never a
+/// panic or a signal.
+fn out(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    o.write_all(text.as_bytes())
+        .and_then(|()| o.flush())
+        .map_err(|source| Error::Io {
+            what: WRITING_STDOUT.into(),
+            source,
+        })
+}
+
+/// Writes to a closed socket or pipe must be errors, never signals: a
+/// mesh peer or HTTP client that resets its connection while rustls or
+/// hyper writes to it (with `writev`, which has no `MSG_NOSIGNAL`) would
+/// otherwise kill the whole agent with SIGPIPE. The Rust runtime already
+/// ignores SIGPIPE; this makes it explicit and independent of how the
+/// process was started. Child processes get the default back (the
+/// standard library resets it before `exec`).
+fn ignore_sigpipe() {
     #[cfg(unix)]
-    // SAFETY: resetting a signal disposition to its default at start-up,
-    // before any threads exist.
+    // SAFETY: setting a signal disposition at start-up, before any
+    // threads exist.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
 }

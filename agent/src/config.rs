@@ -89,6 +89,10 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Bundle repositories: URLs or directories.
     pub sources: Vec<String>,
+    /// Per HTTP source (keyed by its entry in `sources`): the other hosts
+    /// it may redirect to (`allowRedirectsTo`). Redirects to any other
+    /// host are refused.
+    pub redirect_hosts: BTreeMap<String, Vec<String>>,
     /// How often each source is polled.
     pub poll_interval: Duration,
     /// How often the target is reconciled (also after every adoption).
@@ -118,7 +122,7 @@ struct RawConfig {
     data_dir: Option<String>,
     channel: Option<String>,
     labels: Option<BTreeMap<String, String>>,
-    sources: Option<Vec<String>>,
+    sources: Option<Vec<serde_norway::Value>>,
     poll_interval: Option<String>,
     reconcile_interval: Option<String>,
     request_timeout: Option<String>,
@@ -132,6 +136,14 @@ struct RawConfig {
     /// boolean (reported by validation).
     #[serde(skip)]
     bad_env_allow_development_root: Option<String>,
+}
+
+/// A `sources` entry written as a map (a plain string is just the URL).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawSource {
+    url: String,
+    allow_redirects_to: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,14 +192,12 @@ impl Config {
         };
         let mut raw = match path {
             Some(p) => {
-                let meta = std::fs::metadata(p).map_err(|e| one(e.to_string()))?;
-                if meta.len() > MAX_CONFIG_BYTES {
-                    return Err(one(format!(
-                        "{} bytes is too large for a config file",
-                        meta.len()
-                    )));
-                }
-                let text = std::fs::read_to_string(p).map_err(|e| one(e.to_string()))?;
+                // A regular file of bounded size; a link is followed
+                // (Kubernetes mounts ConfigMaps as links).
+                let bytes =
+                    crate::fsread::read_capped(p, MAX_CONFIG_BYTES, crate::fsread::Links::Follow)
+                        .map_err(|e| one(e.reason()))?;
+                let text = String::from_utf8(bytes).map_err(|e| one(format!("not UTF-8: {e}")))?;
                 parse_yaml(&text).map_err(one)?
             }
             None => RawConfig::default(),
@@ -233,11 +243,48 @@ impl Config {
                 err(&format!("labels.{k}"), m);
             }
         }
-        let sources: Vec<String> = raw.sources.unwrap_or_default();
-        for (i, s) in sources.iter().enumerate() {
-            if let Err(m) = validate_source(s) {
-                err(&format!("sources[{i}]"), m);
+        let mut sources: Vec<String> = Vec::new();
+        let mut redirect_hosts = BTreeMap::new();
+        for (i, v) in raw.sources.unwrap_or_default().into_iter().enumerate() {
+            let field = format!("sources[{i}]");
+            let (url, hosts) = match v {
+                serde_norway::Value::String(s) => (s, None),
+                v @ serde_norway::Value::Mapping(_) => {
+                    match serde_norway::from_value::<RawSource>(v) {
+                        Ok(r) => (r.url, r.allow_redirects_to),
+                        Err(e) => {
+                            err(&field, e.to_string());
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    err(
+                        &field,
+                        "expected a URL or directory, or {url: ..., allowRedirectsTo: [...]}"
+                            .into(),
+                    );
+                    continue;
+                }
+            };
+            if let Err(m) = validate_source(&url) {
+                err(&field, m);
             }
+            if let Some(hosts) = hosts {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    err(
+                        &format!("{field}.allowRedirectsTo"),
+                        "only for http:// and https:// sources".into(),
+                    );
+                }
+                for (j, h) in hosts.iter().enumerate() {
+                    if let Err(m) = validate_redirect_host(h) {
+                        err(&format!("{field}.allowRedirectsTo[{j}]"), m);
+                    }
+                }
+                redirect_hosts.insert(url.clone(), hosts);
+            }
+            sources.push(url);
         }
         let mut duration = |field: &str, v: Option<String>, default: Duration| -> Duration {
             match v {
@@ -350,6 +397,7 @@ impl Config {
             channel,
             labels,
             sources,
+            redirect_hosts,
             poll_interval,
             reconcile_interval,
             request_timeout,
@@ -452,7 +500,7 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
             v.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(str::to_owned)
+                .map(|s| serde_norway::Value::String(s.to_owned()))
                 .collect(),
         );
     }
@@ -520,6 +568,22 @@ fn validate_label(k: &str, v: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A host name or IP address, as in a URL, without scheme, port or path.
+fn validate_redirect_host(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':' | b'[' | b']'))
+        && reqwest::Url::parse(&format!("http://{h}/")).is_ok_and(|u| u.port().is_none());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{h}`: expected a host name or IP address (no scheme, port or path)"
+        ))
+    }
 }
 
 fn validate_source(s: &str) -> Result<(), String> {
@@ -677,6 +741,36 @@ listen:
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sources_may_allow_redirects_to_named_hosts() {
+        let c = Config::parse(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  - /usb\n  \
+             - url: https://a.example/fleet\n    allowRedirectsTo: [cdn.example, 10.0.0.2]\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.sources, ["/usb", "https://a.example/fleet"]);
+        assert_eq!(
+            c.redirect_hosts["https://a.example/fleet"],
+            ["cdn.example", "10.0.0.2"]
+        );
+        let l = lines(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  \
+             - {url: /usb, allowRedirectsTo: [a]}\n  - {url: http://a, allowRedirectTo: [b]}\n  \
+             - {url: http://a, allowRedirectsTo: ['http://b/x']}\n  - [1]\n",
+        );
+        let want = [
+            "sources[0].allowRedirectsTo: only for http",
+            "sources[1]: unknown field `allowRedirectTo`",
+            "sources[2].allowRedirectsTo[0]: `http://b/x`",
+            "sources[3]: expected a URL",
+        ];
+        assert_eq!(l.len(), want.len(), "{l:#?}");
+        for w in want {
+            assert!(l.iter().any(|x| x.contains(w)), "missing {w}: {l:#?}");
+        }
     }
 
     #[test]

@@ -40,31 +40,23 @@ impl Hold {
     }
 
     /// Reads `<data_dir>/hold.json`: `Ok(None)` when there is none. A file
-    /// that cannot be parsed is an error (the agent then treats adoption as
-    /// held, the safe side, and says so in its log).
+    /// that cannot be parsed, or that is not a small regular file, is an
+    /// error (the agent then treats adoption as held, the safe side, and
+    /// says so in its log). Blocking: async code calls it through
+    /// `spawn_blocking`.
     pub fn read(data_dir: &Path) -> Result<Option<Hold>, Error> {
         let p = hold_path(data_dir);
-        let meta = match std::fs::metadata(&p) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    what: format!("reading {}", p.display()),
-                    source,
-                })
+        // Anyone who can write the data directory could leave a FIFO or a
+        // link to /dev/zero here: read only a small regular file.
+        let bytes = match crate::fsread::read_regular_file_capped(&p, MAX_HOLD_BYTES) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => {
+                return Err(Error::Hold(format!(
+                    "{e}; remove it with `cairn-agent release-hold`"
+                )))
             }
         };
-        if meta.len() > MAX_HOLD_BYTES {
-            return Err(Error::Hold(format!(
-                "{}: {} bytes, over the limit of {MAX_HOLD_BYTES}; remove it with `cairn-agent release-hold`",
-                p.display(),
-                meta.len()
-            )));
-        }
-        let bytes = std::fs::read(&p).map_err(|source| Error::Io {
-            what: format!("reading {}", p.display()),
-            source,
-        })?;
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             Error::Hold(format!(
                 "{}: unreadable hold file ({e}); remove it with `cairn-agent release-hold`",

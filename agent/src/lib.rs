@@ -16,6 +16,8 @@
 //!   target.
 //! * [`agent`] (IO): the [`Agent`] runtime that ties them together
 //!   ([`Agent::sync_from`], [`Agent::reconcile`], [`Agent::subscribe`]).
+//! * [`fsread`]: the one way files outside the store are read (regular
+//!   files only, size-capped, links refused).
 //! * [`hold`]: local holds (`<dataDir>/hold.json`) that pause adoption.
 //! * [`config`], [`retry`], [`metrics`], [`status`], [`http`], [`cli`]: the
 //!   process around it.
@@ -24,6 +26,7 @@ pub mod agent;
 pub mod cli;
 pub mod config;
 mod error;
+pub mod fsread;
 pub mod hold;
 pub mod http;
 pub mod kubernetes;

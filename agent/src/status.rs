@@ -270,6 +270,9 @@ pub struct Status {
     pub ready_reason: String,
 }
 
+/// Largest status file read back.
+pub const MAX_STATUS_BYTES: u64 = 16 << 20;
+
 impl Status {
     /// Writes the document atomically to `<data_dir>/status.json`.
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
@@ -281,24 +284,22 @@ impl Status {
         })
     }
 
-    /// Reads `<data_dir>/status.json`.
+    /// Reads `<data_dir>/status.json` (a regular file of at most
+    /// [`MAX_STATUS_BYTES`]).
     pub fn read(data_dir: &Path) -> Result<Status, Error> {
         let p = status_path(data_dir);
-        let bytes = match std::fs::read(&p) {
+        // Only a regular file of bounded size: a FIFO or a link to
+        // /dev/zero in the data dir must not hang or flood `status`.
+        let bytes = match crate::fsread::read_regular_file_capped(&p, MAX_STATUS_BYTES) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.is_not_found() => {
                 return Err(Error::Status(format!(
                     "{}: no status yet; has cairn-agent run with data dir {}?",
                     p.display(),
                     data_dir.display()
                 )))
             }
-            Err(source) => {
-                return Err(Error::Io {
-                    what: format!("reading {}", p.display()),
-                    source,
-                })
-            }
+            Err(e) => return Err(Error::Status(e.to_string())),
         };
         serde_json::from_slice(&bytes)
             .map_err(|e| Error::Status(format!("{}: unreadable status file: {e}", p.display())))

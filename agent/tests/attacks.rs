@@ -534,3 +534,638 @@ fn a_stolen_release_key_at_the_maximum_sequence_is_recovered_by_rotating_the_rel
     }
     assert_ne!(fresh, max);
 }
+
+// ----- the agent's own boundary: peers, local files, redirects ---------
+//
+// Issue 13 §2: no peer and no local file can stop an agent. Each test
+// plays the attacker against a real agent process and checks that it is
+// still alive (every wait helper fails at once if it died), still answers
+// /healthz and still adopts.
+
+/// A `cairn mesh` certificate directory for an agent id.
+fn issue_agent_cert(w: &World, ca: &Path, id: &str) -> PathBuf {
+    let out = w.path(&format!("cert-{id}"));
+    ok(std::process::Command::new(cairn_bin())
+        .args(["mesh", "issue", "--ca"])
+        .arg(ca)
+        .args(["--agent-id", id, "--out"])
+        .arg(&out));
+    out
+}
+
+/// A fleet CA made with the CLI.
+fn mesh_ca(w: &World) -> PathBuf {
+    let ca = w.path("mesh-ca");
+    ok(std::process::Command::new(cairn_bin())
+        .args(["mesh", "ca", "init", "--out"])
+        .arg(&ca));
+    ca
+}
+
+/// An agent configuration with a mesh section, in `<dir>/config.yaml`.
+fn mesh_agent_config(
+    dir: &Path,
+    id: &str,
+    sources: &[PathBuf],
+    listen: &str,
+    seeds: &[String],
+    cert: &Path,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let src: String = sources
+        .iter()
+        .map(|s| format!("\n  - {}", s.display()))
+        .collect();
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        "agentId: {id}\ndataDir: {d}/data\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
+         reconcileInterval: 1s\nmaxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {d}/manifests\n\
+         listen:\n  http: 127.0.0.1:0\nmesh:\n  listen: {listen}\n  cert: {c}/agent.crt\n  \
+         key: {c}/agent.key\n  ca: {c}/ca.crt\n  peers: [{p}]\n  antiEntropyInterval: 1s\n",
+        d = dir.display(),
+        src = if src.is_empty() { " []".into() } else { src },
+        c = cert.display(),
+        p = seeds.join(", "),
+    );
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Starts `cairn-agent run` with logs in `<dir>/agent.log`, watched.
+fn spawn_agent(name: &str, dir: &Path, cfg: &Path) -> AgentProcess {
+    let log = dir.join("agent.log");
+    let child = std::process::Command::new(agent_bin())
+        .args(["run", "--log-format", "json", "--config"])
+        .arg(cfg)
+        .env("CAIRN_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn agent");
+    watch_agent(&child, name, &log);
+    AgentProcess(child)
+}
+
+fn read_status(dir: &Path) -> Option<cairn_agent::status::Status> {
+    cairn_agent::status::Status::read(&dir.join("data")).ok()
+}
+
+fn adopted_sequence(dir: &Path) -> u64 {
+    read_status(dir)
+        .and_then(|s| s.adopted.map(|a| a.sequence))
+        .unwrap_or(0)
+}
+
+/// Waits until the agent in `dir` (pid `pid`) publishes its HTTP address.
+fn http_addr(dir: &Path, pid: u32) -> String {
+    let mut addr = String::new();
+    wait_for(60, "the agent's HTTP listener", || {
+        match read_status(dir)
+            .filter(|s| s.pid == pid)
+            .and_then(|s| s.listen)
+        {
+            Some(a) => {
+                addr = a;
+                true
+            }
+            None => false,
+        }
+    });
+    addr
+}
+
+/// `/healthz` answers 200 promptly.
+fn assert_healthy(addr: &str) {
+    let started = std::time::Instant::now();
+    assert_eq!(http_get(addr, "/healthz").0, 200, "/healthz of {addr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "/healthz took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Sets SO_LINGER to 0 so that closing sends a TCP reset.
+fn linger_zero(fd: std::os::fd::RawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_LINGER");
+}
+
+/// The mesh's TLS client with `cert`'s credentials.
+fn mesh_connector(cert: &Path) -> tokio_rustls::TlsConnector {
+    use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let creds = Credentials::load(&CredentialPaths {
+        cert: cert.join("agent.crt"),
+        key: cert.join("agent.key"),
+        ca: cert.join("ca.crt"),
+    })
+    .unwrap();
+    tokio_rustls::TlsConnector::from(tls::client_config(&creds).unwrap())
+}
+
+#[test]
+fn an_authenticated_peer_that_says_hello_and_resets_cannot_kill_the_agent() {
+    use cairn_bundle::mesh::wire::{self, Hello, Message, PROTOCOL_VERSION};
+    use std::os::fd::AsRawFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new(2, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b1);
+    let ca = mesh_ca(&w);
+    let victim_cert = issue_agent_cert(&w, &ca, "victim");
+    let evil_cert = issue_agent_cert(&w, &ca, "evil");
+    let dir = w.path("victim");
+    let listen = "127.0.60.1:7440";
+    let cfg = mesh_agent_config(
+        &dir,
+        "victim",
+        std::slice::from_ref(&w.repo),
+        listen,
+        &[],
+        &victim_cert,
+    );
+    let mut agent = spawn_agent("victim", &dir, &cfg);
+    let addr = http_addr(&dir, agent.id());
+    wait_for(60, "release 1 adopted", || adopted_sequence(&dir) == 1);
+
+    // Say Hello (a valid certificate of the fleet), then reset the TCP
+    // connection, again and again, at different points: right after the
+    // Hello while the agent is still answering, and after its first frame.
+    let connector = mesh_connector(&evil_cert);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let hello = wire::encode_frame(
+        &Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            listen: None,
+        }),
+        cairn_bundle::mesh::MeshLimits::default().max_frame_bytes,
+    )
+    .unwrap();
+    let mut handshakes = 0;
+    for round in 0..60 {
+        rt.block_on(async {
+            let sock = tokio::net::TcpStream::connect(listen).await.unwrap();
+            let fd = sock.as_raw_fd();
+            let connect = connector.connect(cairn_bundle::mesh::tls::server_name(), sock);
+            let Ok(Ok(mut tls)) =
+                tokio::time::timeout(std::time::Duration::from_secs(10), connect).await
+            else {
+                return;
+            };
+            handshakes += 1;
+            let _ = tls.write_all(&hello).await;
+            let _ = tls.flush().await;
+            if round % 2 == 1 {
+                let mut b = [0u8; 64];
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), tls.read(&mut b)).await;
+            }
+            linger_zero(fd);
+            drop(tls);
+        });
+        assert_agents_alive(&format!("reset round {round}"));
+    }
+    assert!(handshakes >= 50, "only {handshakes} handshakes completed");
+    // Give the agent time to write into the dead connections (its
+    // answers to the Hellos, keepalives), then check it is all there.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_agents_alive("the agent to survive the resets");
+    assert_healthy(&addr);
+    // And it still adopts.
+    w.release(&b2);
+    wait_for(60, "release 2 adopted after the resets", || {
+        adopted_sequence(&dir) == 2
+    });
+    assert_healthy(&addr);
+    let st = terminate(&mut agent);
+    assert!(st.success(), "{st:?}");
+}
+
+/// Runs `cmd` with a deadline (a hang is a failure, not a stuck test);
+/// returns (success, stdout, stderr, elapsed).
+fn run_with_deadline(
+    w: &World,
+    cmd: &mut std::process::Command,
+    secs: u64,
+) -> (bool, String, String, std::time::Duration) {
+    let out = w.path("cmd.out");
+    let err = w.path("cmd.err");
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let end = started + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {secs}s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    (
+        status.success(),
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(&err).unwrap(),
+        started.elapsed(),
+    )
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {p:?}"
+    );
+}
+
+#[test]
+fn a_fifo_or_a_link_to_dev_zero_as_hold_file_is_refused_and_the_agent_stays_responsive() {
+    let w = World::new(2, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b1);
+    let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
+    let mut agent = w.spawn(&cfg, "agent.log");
+    let addr = http_addr(w.tmp.path(), agent.id());
+    wait_for(60, "release 1 adopted", || {
+        w.status()
+            .is_some_and(|s| s.adopted.is_some_and(|a| a.sequence == 1))
+    });
+    let hold = w.data.join("hold.json");
+
+    // A FIFO: opening it for reading would block until a writer comes.
+    mkfifo(&hold);
+    wait_for(30, "the FIFO hold file reported", || {
+        w.log("agent.log")
+            .contains("hold.json: is a FIFO, not a regular file")
+    });
+    assert_healthy(&addr);
+    // The safe side: adoption counts as held, and status says so.
+    w.release(&b2);
+    wait_for(30, "release 2 held", || {
+        w.status().is_some_and(|s| {
+            s.hold.is_some()
+                && s.rollout
+                    .is_some_and(|r| r.sequence == 2 && r.state == "held")
+        })
+    });
+    assert_eq!(w.status().unwrap().adopted.unwrap().sequence, 1);
+    let (ok_, out, err, took) = run_with_deadline(
+        &w,
+        std::process::Command::new(agent_bin())
+            .args(["status", "--data-dir"])
+            .arg(&w.data),
+        20,
+    );
+    assert!(ok_ && out.contains("hold"), "{out}{err} after {took:?}");
+
+    // A link to /dev/zero: following it would read for ever.
+    std::fs::remove_file(&hold).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &hold).unwrap();
+    wait_for(30, "the linked hold file reported", || {
+        w.log("agent.log")
+            .contains("hold.json: is a symbolic link; refusing to follow it")
+    });
+    assert_healthy(&addr);
+    assert_eq!(w.status().unwrap().adopted.unwrap().sequence, 1);
+
+    // `release-hold` removes whatever is there; the agent adopts.
+    let (ok_, out, err, _) = run_with_deadline(
+        &w,
+        std::process::Command::new(agent_bin())
+            .args(["release-hold", "--data-dir"])
+            .arg(&w.data),
+        20,
+    );
+    assert!(ok_ && out.contains("hold released"), "{out}{err}");
+    assert!(std::fs::symlink_metadata(&hold).is_err());
+    wait_for(30, "release 2 adopted once the hold is gone", || {
+        w.status()
+            .is_some_and(|s| s.adopted.is_some_and(|a| a.sequence == 2))
+    });
+
+    // With a FIFO in place again, SIGTERM still stops it within seconds.
+    mkfifo(&hold);
+    wait_for(30, "the FIFO read again", || {
+        w.log("agent.log").matches("is a FIFO").count() >= 2
+    });
+    let started = std::time::Instant::now();
+    let st = terminate(&mut agent);
+    assert!(st.success(), "{st:?}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "SIGTERM took {:?}",
+        started.elapsed()
+    );
+
+    // `cairn-agent status` refuses a FIFO or a link as status.json, fast.
+    let status_json = w.data.join("status.json");
+    std::fs::remove_file(&status_json).unwrap();
+    mkfifo(&status_json);
+    let mut status_cmd = std::process::Command::new(agent_bin());
+    status_cmd.args(["status", "--data-dir"]).arg(&w.data);
+    let (ok_, _, err, took) = run_with_deadline(&w, &mut status_cmd, 20);
+    assert!(!ok_, "{err}");
+    assert!(
+        err.starts_with("cairn-agent: ") && err.contains("status.json: is a FIFO"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    std::fs::remove_file(&status_json).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &status_json).unwrap();
+    let (ok_, _, err, _) = run_with_deadline(&w, &mut status_cmd, 20);
+    assert!(
+        !ok_ && err.contains("status.json: is a symbolic link"),
+        "{err}"
+    );
+
+    // And a FIFO as the configuration file.
+    let fifo_cfg = w.path("fifo.yaml");
+    mkfifo(&fifo_cfg);
+    let (ok_, _, err, _) = run_with_deadline(
+        &w,
+        std::process::Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&fifo_cfg),
+        20,
+    );
+    assert!(!ok_ && err.contains("fifo.yaml: is a FIFO"), "{err}");
+}
+
+#[test]
+fn a_flood_of_connections_that_never_handshake_does_not_starve_peers() {
+    let w = World::new(2, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let ca = mesh_ca(&w);
+    let (c0, c1) = (
+        issue_agent_cert(&w, &ca, "a0"),
+        issue_agent_cert(&w, &ca, "a1"),
+    );
+    let (d0, d1) = (w.path("a0"), w.path("a1"));
+    let (l0, l1) = ("127.0.61.1:7440", "127.0.61.2:7440");
+    let cfg0 = mesh_agent_config(&d0, "a0", std::slice::from_ref(&w.repo), l0, &[], &c0);
+    let cfg1 = mesh_agent_config(&d1, "a1", &[], l1, &[l0.to_owned()], &c1);
+    let mut a0 = spawn_agent("a0", &d0, &cfg0);
+    let addr0 = http_addr(&d0, a0.id());
+    wait_for(60, "a0 adopted release 1", || adopted_sequence(&d0) == 1);
+
+    // The attacker, from its own address: connections that never start a
+    // handshake, opened continuously and held, plus plain-text requests
+    // that fail the handshake at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            use tokio::io::AsyncWriteExt;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut held = std::collections::VecDeque::new();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let s = tokio::net::TcpSocket::new_v4().unwrap();
+                    s.bind("127.0.61.99:0".parse().unwrap()).unwrap();
+                    if let Ok(mut c) = s.connect(l0.parse().unwrap()).await {
+                        opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        n += 1;
+                        if n % 10 == 0 {
+                            let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+                        }
+                        held.push_back(c);
+                        if held.len() > 300 {
+                            held.pop_front();
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            });
+        })
+    };
+    wait_for(60, "the flood under way", || {
+        opened.load(std::sync::atomic::Ordering::SeqCst) >= 300
+    });
+    let flood_started = std::time::Instant::now();
+
+    // A legitimate peer joins during the flood and gets the release.
+    let mut a1 = spawn_agent("a1", &d1, &cfg1);
+    assert_healthy(&addr0);
+    wait_for(
+        90,
+        "a1 adopted release 1 over the mesh during the flood",
+        || adopted_sequence(&d1) == 1,
+    );
+    assert_healthy(&addr0);
+    // Keep flooding past a log interval, to see the suppression at work.
+    wait_for(60, "15 s of flood", || {
+        flood_started.elapsed() > std::time::Duration::from_secs(15)
+    });
+    assert_healthy(&addr0);
+    let metrics = http_get(&addr0, "/metrics").1;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    flood.join().unwrap();
+    let elapsed = flood_started.elapsed().as_secs() + 20;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let refused = value("cairn_mesh_connections_refused_total");
+    let failed = value("cairn_mesh_handshake_failures_total");
+    assert!(refused >= 100.0, "refused {refused}:\n{metrics}");
+    assert!(failed >= 10.0, "handshake failures {failed}:\n{metrics}");
+    // Log lines about them: at most one per kind per 10 s.
+    let log = std::fs::read_to_string(d0.join("agent.log")).unwrap();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("mesh handshake") || l.contains("mesh connection refused"))
+        .count() as u64;
+    // Five kinds: accept errors, limits, refused, timed out, no identity.
+    let bound = 5 * (elapsed / 10 + 1);
+    assert!(
+        lines <= bound && (lines as f64) < (refused + failed) / 10.0,
+        "{lines} log lines (bound {bound}) for {refused} refused and {failed} failed"
+    );
+    let suppressed_some = log.lines().any(|l| {
+        l.split("\"suppressed\":")
+            .nth(1)
+            .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit() && c != '0'))
+    });
+    assert!(
+        suppressed_some,
+        "no line reports suppressed failures:\n{}",
+        tail(&log, 20)
+    );
+    terminate(&mut a1);
+    terminate(&mut a0);
+}
+
+#[test]
+fn an_http_source_redirecting_to_another_host_is_refused_unless_allowed() {
+    let w = World::new(2, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let want = expected_files(&b1);
+    // The repository on "another host", and a mirror on 127.0.0.1 that
+    // redirects every request there.
+    let other = StaticServer::start_on("127.0.0.2", &w.repo).unwrap();
+    let empty = w.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let redirector = StaticServer::start_on("127.0.0.1", &empty).unwrap();
+    redirector.set_fault(Fault::Redirect(other.url()));
+
+    let cfg = w.config("redirect.yaml", &[redirector.url()]);
+    let out = w.once(&cfg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("redirect to another host `127.0.0.2` refused")
+            && err.contains("allowRedirectsTo"),
+        "{err}"
+    );
+    assert_eq!(other.requests(), 0, "the other host was never asked");
+    assert!(w.files().is_empty(), "nothing applied");
+    assert!(w.status().is_none_or(|s| s.adopted.is_none()));
+
+    // Redirects on the same host are followed without configuration.
+    let same = StaticServer::start_on("127.0.0.1", &w.repo).unwrap();
+    let same_redirector = StaticServer::start_on("127.0.0.1", &empty).unwrap();
+    same_redirector.set_fault(Fault::Redirect(same.url()));
+    let cfg = w.config("same-host.yaml", &[same_redirector.url()]);
+    w.once_ok(&cfg);
+    assert_eq!(w.files(), want);
+    assert!(same.requests() > 0);
+
+    // Allowed by name: followed.
+    std::fs::remove_dir_all(&w.manifests).unwrap();
+    std::fs::remove_dir_all(&w.data).unwrap();
+    let cfg = w.config(
+        "allowed.yaml",
+        &[format!(
+            "{{url: \"{}\", allowRedirectsTo: [127.0.0.2]}}",
+            redirector.url()
+        )],
+    );
+    w.once_ok(&cfg);
+    assert_eq!(w.files(), want);
+    assert!(other.requests() > 0);
+}
+
+#[test]
+fn output_to_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SIGPIPE is ignored (so that sockets fail with errors instead); a
+    // closed stdout (`cairn-agent status | head`) must still end quietly.
+    let d = tempfile::tempdir().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills two descriptors we then own.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both are open and owned by nothing else.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let out = std::process::Command::new(agent_bin())
+        .args(["hold", "--data-dir"])
+        .arg(d.path())
+        .stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(err.is_empty(), "{err}");
+    assert!(
+        d.path().join("hold.json").is_file(),
+        "the hold was still placed"
+    );
+}
+
+#[test]
+fn a_peer_that_stalls_past_the_read_deadline_and_comes_back_kills_nobody() {
+    // The agents' side of the reset: a peer that stops (paused, swapped
+    // out, behind a stalled link) long enough for the others to give up
+    // on it, then resumes and writes into connections they have closed,
+    // while they write into its.
+    let w = World::new(2, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b1);
+    let ca = mesh_ca(&w);
+    let addrs = ["127.0.62.1:7440", "127.0.62.2:7440", "127.0.62.3:7440"];
+    let mut agents = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, listen) in addrs.iter().enumerate() {
+        let id = format!("a{i}");
+        let cert = issue_agent_cert(&w, &ca, &id);
+        let dir = w.path(&id);
+        let sources = if i == 0 { vec![w.repo.clone()] } else { vec![] };
+        let seeds: Vec<String> = addrs
+            .iter()
+            .filter(|a| *a != listen)
+            .map(|a| a.to_string())
+            .collect();
+        let cfg = mesh_agent_config(&dir, &id, &sources, listen, &seeds, &cert);
+        agents.push(spawn_agent(&id, &dir, &cfg));
+        dirs.push(dir);
+    }
+    let http: Vec<String> = (0..3)
+        .map(|i| http_addr(&dirs[i], agents[i].id()))
+        .collect();
+    wait_for(90, "every agent at release 1", || {
+        dirs.iter().all(|d| adopted_sequence(d) == 1)
+    });
+    // Stop a1 for longer than the mesh read deadline (3 keepalives, 30 s).
+    let paused = agents[1].id() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(paused, libc::SIGSTOP) };
+    let stopped_at = std::time::Instant::now();
+    wait_for(60, "a1 stopped for 35 s", || {
+        stopped_at.elapsed() > std::time::Duration::from_secs(35)
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(paused, libc::SIGCONT) };
+    let resumed_at = std::time::Instant::now();
+    wait_for(60, "10 s after a1 resumed", || {
+        resumed_at.elapsed() > std::time::Duration::from_secs(10)
+    });
+    for a in &http {
+        assert_healthy(a);
+    }
+    w.release(&b2);
+    wait_for(90, "a0 and a2 at release 2", || {
+        adopted_sequence(&dirs[0]) == 2 && adopted_sequence(&dirs[2]) == 2
+    });
+    for a in &mut agents {
+        let st = terminate(a);
+        assert!(st.success(), "{st:?}");
+    }
+}

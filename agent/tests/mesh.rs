@@ -113,6 +113,7 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
+        watch_agent(&child, &Fleet::id(i), &self.dir(i, "agent.log"));
         self.children.push(child);
     }
 
@@ -134,6 +135,7 @@ impl Fleet {
         let what = format!("agents {agents:?} at sequence {seq}");
         let end = std::time::Instant::now() + Duration::from_secs(secs);
         while std::time::Instant::now() < end {
+            assert_agents_alive(&what);
             if agents.iter().all(|&i| self.sequence(i) == seq) {
                 return;
             }
@@ -155,11 +157,6 @@ impl Fleet {
             .expect("agent HTTP address");
         http_get(&addr, "/metrics").1
     }
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Sum of a metric's samples whose line contains every `filter`.
@@ -324,6 +321,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
         metric(&f.metrics(0), "cairn_mesh_handshake_failures_total", &[]) >= 1.0
     });
     std::thread::sleep(Duration::from_secs(3));
+    assert_agents_alive("the intruder to get nothing");
     assert_eq!(f.sequence(1), 0, "the intruder got nothing");
     assert_eq!(
         metric(&f.metrics(0), "cairn_mesh_peers_connected", &[]),

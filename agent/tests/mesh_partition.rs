@@ -128,6 +128,7 @@ fn sequence(dir: &Path) -> u64 {
 fn wait_seq(agents: &[&Agent], seq: u64, secs: u64) {
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
+        assert_agents_alive(&format!("sequence {seq}"));
         if agents.iter().all(|a| sequence(&a.dir) == seq) {
             return;
         }
@@ -215,6 +216,12 @@ fn partitioned_groups_diverge_then_converge() {
             .stderr(log)
             .spawn()
             .expect("spawn agent in namespace");
+        // `ip netns exec` execs the agent: the child is the agent.
+        watch_agent(
+            &child,
+            &format!("a{i} ({})", a.addr),
+            &a.dir.join("agent.log"),
+        );
         net.children.push(child);
     }
     let all: Vec<&Agent> = agents.iter().collect();
@@ -225,6 +232,7 @@ fn partitioned_groups_diverge_then_converge() {
     w.release(&b2);
     wait_seq(&all[..2], 2, 60);
     std::thread::sleep(Duration::from_secs(5));
+    assert_agents_alive("group B to stay at release 1 while cut off");
     assert_eq!(
         (sequence(&agents[2].dir), sequence(&agents[3].dir)),
         (1, 1),

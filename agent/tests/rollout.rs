@@ -104,6 +104,7 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .expect("spawn agent");
+        watch_agent(&child, &self.ids[i], &self.dir(i, "agent.log"));
         self.children.push(child);
     }
 
@@ -127,6 +128,7 @@ impl Fleet {
     fn wait(&self, secs: u64, what: &str, mut cond: impl FnMut(&Fleet) -> bool) {
         let end = std::time::Instant::now() + Duration::from_secs(secs);
         while std::time::Instant::now() < end {
+            assert_agents_alive(what);
             if cond(self) {
                 return;
             }

@@ -2,6 +2,15 @@
 //! and writer tasks. Every read has a deadline and every frame length is
 //! checked before its body is allocated; a peer can stall only its own
 //! tasks.
+//!
+//! Inbound connections are limited before any TLS work: at most
+//! [`MAX_INBOUND_CONNECTIONS`] accepted connections at a time (handshaking
+//! or established), at most [`MAX_HANDSHAKES`] handshakes in progress and
+//! [`MAX_HANDSHAKES_PER_IP`] from one address, each with a deadline of
+//! [`INBOUND_HANDSHAKE_TIMEOUT`]. A connection over a limit is closed at
+//! once. Handshake failures are counted in a metric and logged at most
+//! once per [`FAILURE_LOG_INTERVAL`] per kind, with the number suppressed,
+//! so a flood cannot flood the log.
 
 use super::MeshMetrics;
 use cairn_bundle::mesh::pki::PeerIdentity;
@@ -9,25 +18,198 @@ use cairn_bundle::mesh::sync::ConnId;
 use cairn_bundle::mesh::tls;
 use cairn_bundle::mesh::wire::{self, Message, WireError, HEADER_BYTES};
 use cairn_bundle::mesh::MeshLimits;
-use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsStream;
 
-/// Connect + handshake deadline.
+/// Connect + handshake deadline (outbound).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshake deadline for an accepted connection: a real peer finishes in
+/// milliseconds; a silent one gives its slot back quickly.
+pub const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Accepted connections at a time, handshaking or established (a fleet
+/// mesh has a handful of neighbours per agent).
+pub const MAX_INBOUND_CONNECTIONS: usize = 256;
+/// Inbound TLS handshakes in progress at a time.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Inbound TLS handshakes in progress from one IP address, so one host
+/// cannot take every handshake slot.
+pub const MAX_HANDSHAKES_PER_IP: usize = 8;
+/// At most one log line per kind of inbound failure in this interval.
+pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Outgoing messages queued per connection; a peer that lets its queue
 /// fill up is too slow and is disconnected.
 pub const SEND_QUEUE: usize = 256;
+
+/// A TCP stream that holds its share of the inbound connection limit
+/// for as long as it lives (outbound streams hold none).
+pub struct LimitedTcp {
+    sock: TcpStream,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl AsyncRead for LimitedTcp {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedTcp {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().sock).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().sock).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().sock).poll_shutdown(cx)
+    }
+}
+
+/// A mesh connection's stream.
+pub type MeshStream = TlsStream<LimitedTcp>;
+
+/// Allows one log line per interval and counts the events it suppressed.
+/// Pure: the caller passes the time.
+#[derive(Debug, Default)]
+pub struct LogWindow {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogWindow {
+    /// Records one event at `now`: `Some(n)` if a line may be written
+    /// (`n` events were suppressed since the last one), `None` if not.
+    pub fn note(&mut self, now: Instant, interval: Duration) -> Option<u64> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < interval => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Rate-limited logging of inbound failures, one window per kind.
+#[derive(Clone, Default)]
+struct FailureLog {
+    windows: Arc<Mutex<HashMap<&'static str, LogWindow>>>,
+}
+
+impl FailureLog {
+    /// `Some(suppressed)` if a line about `kind` may be written now.
+    fn allow(&self, kind: &'static str) -> Option<u64> {
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        w.entry(kind)
+            .or_default()
+            .note(Instant::now(), FAILURE_LOG_INTERVAL)
+    }
+}
+
+/// The inbound limits: the semaphores and the per-address counts.
+#[derive(Clone)]
+struct InboundLimits {
+    connections: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One address's handshake slot; given back on drop.
+struct IpSlot {
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl InboundLimits {
+    fn new() -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(MAX_INBOUND_CONNECTIONS)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            per_ip: Arc::default(),
+        }
+    }
+
+    /// The three permits a new connection needs, or which limit it hit.
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        ip: IpAddr,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit, IpSlot), &'static str> {
+        let conn = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .map_err(|_| "connections")?;
+        let hs = Arc::clone(&self.handshakes)
+            .try_acquire_owned()
+            .map_err(|_| "handshakes")?;
+        let mut m = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_HANDSHAKES_PER_IP {
+            return Err("handshakes from one address");
+        }
+        *n += 1;
+        drop(m);
+        Ok((
+            conn,
+            hs,
+            IpSlot {
+                ip,
+                per_ip: Arc::clone(&self.per_ip),
+            },
+        ))
+    }
+}
 
 /// What connection tasks tell the driver.
 pub enum Input {
     /// A TLS connection is up.
     Connected {
         /// The stream.
-        stream: Box<TlsStream<TcpStream>>,
+        stream: Box<MeshStream>,
         /// The peer, from its certificate.
         identity: PeerIdentity,
         /// The address we dialed (outbound only).
@@ -73,7 +255,8 @@ fn identity_of(
     tls::peer_identity(certs).map_err(|e| e.to_string())
 }
 
-/// Accepts connections until the task is aborted.
+/// Accepts connections until the task is aborted, within the inbound
+/// limits (see the module documentation).
 pub async fn accept_loop(
     listener: tokio::net::TcpListener,
     server: Arc<rustls::ServerConfig>,
@@ -81,30 +264,64 @@ pub async fn accept_loop(
     metrics: MeshMetrics,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(server);
+    let limits = InboundLimits::new();
+    let log = FailureLog::default();
     loop {
         let (sock, remote) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "mesh accept failed");
+                // E.g. out of file descriptors: wait for some to close.
+                if let Some(suppressed) = log.allow("accept") {
+                    tracing::warn!(error = %e, suppressed, "mesh accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (conn_permit, handshake_permit, ip_slot) = match limits.admit(remote.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                // Closed before any TLS work; the peer may try again.
+                drop(sock);
+                metrics.connections_refused.inc();
+                if let Some(suppressed) = log.allow("limit") {
+                    tracing::warn!(
+                        peer = %remote,
+                        limit,
+                        suppressed,
+                        "mesh connection refused: too many {limit}"
+                    );
+                }
                 continue;
             }
         };
         let acceptor = acceptor.clone();
         let tx = tx.clone();
         let metrics = metrics.clone();
+        let log = log.clone();
         tokio::spawn(async move {
             let _ = sock.set_nodelay(true);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+            let sock = LimitedTcp {
+                sock,
+                _permit: Some(conn_permit),
+            };
+            let handshake =
+                tokio::time::timeout(INBOUND_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await;
+            drop((handshake_permit, ip_slot));
+            let tls = match handshake {
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     metrics.handshake_failures.inc();
-                    tracing::warn!(peer = %remote, error = %e, "mesh handshake refused");
+                    if let Some(suppressed) = log.allow("refused") {
+                        tracing::warn!(peer = %remote, error = %e, suppressed, "mesh handshake refused");
+                    }
                     return;
                 }
                 Err(_) => {
                     metrics.handshake_failures.inc();
-                    tracing::warn!(peer = %remote, "mesh handshake timed out");
+                    if let Some(suppressed) = log.allow("timeout") {
+                        tracing::warn!(peer = %remote, suppressed, "mesh handshake timed out");
+                    }
                     return;
                 }
             };
@@ -112,7 +329,9 @@ pub async fn accept_loop(
                 Ok(i) => i,
                 Err(e) => {
                     metrics.handshake_failures.inc();
-                    tracing::warn!(peer = %remote, error = %e, "mesh peer without a Cairn identity");
+                    if let Some(suppressed) = log.allow("identity") {
+                        tracing::warn!(peer = %remote, error = %e, suppressed, "mesh peer without a Cairn identity");
+                    }
                     return;
                 }
             };
@@ -141,6 +360,10 @@ pub fn dial(
             let sock = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
             let _ = sock.set_nodelay(true);
             let remote = sock.peer_addr().map(|a| a.ip().to_string()).ok();
+            let sock = LimitedTcp {
+                sock,
+                _permit: None,
+            };
             let tls = connector
                 .connect(tls::server_name(), sock)
                 .await
@@ -177,7 +400,7 @@ pub struct ConnHandle {
 /// Starts the reader and writer tasks of a connection.
 pub fn spawn_io(
     conn: ConnId,
-    stream: TlsStream<TcpStream>,
+    stream: MeshStream,
     limits: MeshLimits,
     read_timeout: Duration,
     tx: mpsc::Sender<Input>,
@@ -294,4 +517,39 @@ pub async fn read_one<R: tokio::io::AsyncRead + Unpin>(
     }
     let msg = wire::decode_body(&body, limits)?;
     Ok(Some((msg, HEADER_BYTES + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_window_allows_one_line_per_interval_and_counts_the_rest() {
+        let mut w = LogWindow::default();
+        let t0 = Instant::now();
+        let i = Duration::from_secs(10);
+        assert_eq!(w.note(t0, i), Some(0));
+        for k in 1..=5 {
+            assert_eq!(w.note(t0 + Duration::from_secs(k), i), None);
+        }
+        assert_eq!(w.note(t0 + Duration::from_secs(10), i), Some(5));
+        assert_eq!(w.note(t0 + Duration::from_secs(11), i), None);
+        assert_eq!(w.note(t0 + Duration::from_secs(25), i), Some(1));
+    }
+
+    #[test]
+    fn inbound_limits_cap_handshakes_per_address_and_give_slots_back() {
+        let l = InboundLimits::new();
+        let a: IpAddr = "127.0.0.9".parse().unwrap();
+        let b: IpAddr = "127.0.0.10".parse().unwrap();
+        let held: Vec<_> = (0..MAX_HANDSHAKES_PER_IP)
+            .map(|_| l.admit(a).unwrap())
+            .collect();
+        assert_eq!(l.admit(a).err(), Some("handshakes from one address"));
+        let other = l.admit(b).unwrap();
+        drop(held);
+        assert!(l.admit(a).is_ok());
+        drop(other);
+        assert!(l.per_ip.lock().unwrap().is_empty());
+    }
 }

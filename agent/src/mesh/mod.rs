@@ -174,6 +174,7 @@ pub struct PeerReasonLabel {
 /// | `cairn_mesh_object_bytes_fetched_total` | counter | `from` (`peer`) |
 /// | `cairn_mesh_rejections_total` | counter | `peer`, `reason` |
 /// | `cairn_mesh_handshake_failures_total` | counter | |
+/// | `cairn_mesh_connections_refused_total` | counter | |
 #[derive(Debug, Default, Clone)]
 pub struct MeshMetrics {
     /// Peers with a finished hello.
@@ -190,6 +191,9 @@ pub struct MeshMetrics {
     pub rejections: Family<PeerReasonLabel, Counter>,
     /// TLS handshakes that failed (e.g. a certificate from another CA).
     pub handshake_failures: Counter,
+    /// Inbound connections closed before the handshake because a
+    /// connection limit was reached.
+    pub connections_refused: Counter,
 }
 
 impl MeshMetrics {
@@ -221,6 +225,11 @@ impl MeshMetrics {
             "cairn_mesh_handshake_failures",
             "Mesh TLS handshakes that failed",
             self.handshake_failures.clone(),
+        );
+        registry.register(
+            "cairn_mesh_connections_refused",
+            "Inbound mesh connections closed before the TLS handshake: a connection limit was reached",
+            self.connections_refused.clone(),
         );
     }
 
@@ -280,7 +289,11 @@ impl Mesh {
         config: MeshConfig,
         metrics: MeshMetrics,
     ) -> Result<Mesh, MeshError> {
-        let creds = Credentials::load(&config.credentials)?;
+        // File reads: off the runtime.
+        let paths = config.credentials.clone();
+        let creds = tokio::task::spawn_blocking(move || Credentials::load(&paths))
+            .await
+            .map_err(|e| MeshError::Identity(format!("loading the credentials failed: {e}")))??;
         let agent_id = match &creds.identity {
             cairn_bundle::mesh::pki::PeerIdentity::Agent(id) => id.clone(),
             other => {

@@ -10,19 +10,75 @@ use crate::BoxFuture;
 /// counted so a server that lies about (or omits) the length cannot make
 /// the agent hold more than the limit. 404 and 410 mean "absent"; other
 /// non-success statuses are errors.
+///
+/// Redirects are followed only to the source's own host or to a host
+/// listed in its `allowRedirectsTo`, at most [`MAX_REDIRECTS`] in a row,
+/// and never from `https` to `http`: a mirror (or whoever controls its
+/// redirects) cannot send the agent to arbitrary hosts, such as services
+/// on the agent's own network.
 #[derive(Debug, Clone)]
 pub struct HttpSource {
     base: String,
     client: reqwest::Client,
 }
 
+/// Redirects followed in a row.
+pub const MAX_REDIRECTS: usize = 5;
+
+/// A host as written in a URL or in `allowRedirectsTo`, for comparison:
+/// lower case, IPv6 without brackets.
+fn host_key(h: &str) -> String {
+    h.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+/// Whether a redirect from `from` to `to` may be followed.
+fn redirect_allowed(
+    from: &reqwest::Url,
+    to: &reqwest::Url,
+    allowed: &[String],
+    hops: usize,
+) -> Result<(), String> {
+    if hops > MAX_REDIRECTS {
+        return Err(format!("more than {MAX_REDIRECTS} redirects in a row"));
+    }
+    if from.scheme() == "https" && to.scheme() != "https" {
+        return Err(format!("redirect from https to {}: refused", to.scheme()));
+    }
+    let from_host = from.host_str().map(host_key).unwrap_or_default();
+    let to_host = to.host_str().map(host_key).unwrap_or_default();
+    if to_host == from_host || allowed.iter().any(|h| host_key(h) == to_host) {
+        return Ok(());
+    }
+    Err(format!(
+        "redirect to another host `{to_host}` refused; list it in this source's \
+         allowRedirectsTo to follow it"
+    ))
+}
+
 impl HttpSource {
     /// A source rooted at `base` (e.g. `https://bundles.example.com/fleet`).
     pub fn new(base: &str, opts: &SourceOptions) -> Result<Self, String> {
+        let allowed = opts.redirect_hosts.get(base).cloned().unwrap_or_default();
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            // `previous` holds every URL so far, the original request's
+            // first; the redirect is judged against the one answering it.
+            let hops = attempt.previous().len();
+            let from = attempt.previous().last().cloned();
+            let verdict = match &from {
+                Some(from) => redirect_allowed(from, attempt.url(), &allowed, hops),
+                None => Ok(()),
+            };
+            match verdict {
+                Ok(()) => attempt.follow(),
+                Err(reason) => attempt.error(reason),
+            }
+        });
         let client = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.request_timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(policy)
             .user_agent(concat!("cairn-agent/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("{base}: cannot build an HTTP client: {e}"))?;
@@ -109,5 +165,37 @@ impl Source for HttpSource {
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(self.fetch(rel_path, limit))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> reqwest::Url {
+        reqwest::Url::parse(s).unwrap()
+    }
+
+    #[test]
+    fn redirects_stay_on_the_host_unless_allowed() {
+        let a = url("http://127.0.0.1:8080/fleet/channels/stable");
+        assert!(redirect_allowed(&a, &url("http://127.0.0.1:9090/x"), &[], 1).is_ok());
+        let e = redirect_allowed(&a, &url("http://127.0.0.2:8080/x"), &[], 1).unwrap_err();
+        assert!(
+            e.contains("`127.0.0.2`") && e.contains("allowRedirectsTo"),
+            "{e}"
+        );
+        assert!(redirect_allowed(&a, &url("http://127.0.0.2/x"), &["127.0.0.2".into()], 1).is_ok());
+        let v6 = url("http://[::1]:1/x");
+        assert!(redirect_allowed(&a, &v6, &["::1".into()], 1).is_ok());
+        assert!(
+            redirect_allowed(&a, &url("http://CDN.example/x"), &["cdn.example".into()], 1).is_ok()
+        );
+        let e =
+            redirect_allowed(&a, &url("http://127.0.0.1/x"), &[], MAX_REDIRECTS + 1).unwrap_err();
+        assert!(e.contains("redirects in a row"), "{e}");
+        let s = url("https://a.example/x");
+        let e = redirect_allowed(&s, &url("http://a.example/y"), &[], 1).unwrap_err();
+        assert!(e.contains("https to http"), "{e}");
     }
 }

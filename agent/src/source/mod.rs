@@ -101,6 +101,9 @@ pub struct SourceOptions {
     pub request_timeout: Duration,
     /// Upper bound for establishing a connection.
     pub connect_timeout: Duration,
+    /// Per HTTP source (keyed by its spec): other hosts it may redirect
+    /// to. A source not listed follows redirects on its own host only.
+    pub redirect_hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for SourceOptions {
@@ -108,6 +111,7 @@ impl Default for SourceOptions {
         Self {
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            redirect_hosts: Default::default(),
         }
     }
 }

@@ -7,11 +7,126 @@ use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::repo::RepoDir;
 use cairn_test_support::{make_manifest_repo, FixtureOptions};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// An agent process the test expects to keep running.
+struct Watched {
+    pid: u32,
+    name: String,
+    log: PathBuf,
+}
+
+thread_local! {
+    /// The agents this test started and has not stopped: every wait loop
+    /// checks them, so a dead agent fails the test at once, with its log,
+    /// instead of as a timeout much later.
+    static WATCHED: RefCell<Vec<Watched>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers a started agent: from now on [`assert_agents_alive`] (and so
+/// every wait helper) fails if it exits before [`unwatch_agent`] or
+/// [`terminate`].
+pub fn watch_agent(child: &Child, name: &str, log: &Path) {
+    WATCHED.with(|w| {
+        let mut w = w.borrow_mut();
+        w.retain(|x| x.pid != child.id());
+        w.push(Watched {
+            pid: child.id(),
+            name: name.to_owned(),
+            log: log.to_path_buf(),
+        });
+    });
+}
+
+/// Stops watching an agent the test is about to stop itself.
+pub fn unwatch_agent(pid: u32) {
+    WATCHED.with(|w| w.borrow_mut().retain(|x| x.pid != pid));
+}
+
+/// How a child exited, if it has, without reaping it (`waitid` with
+/// `WNOWAIT`: the owner's `Child::wait` still works). `None` while it runs
+/// or when it is no longer our child (already reaped by its owner).
+fn exited(pid: u32) -> Option<String> {
+    // SAFETY: an all-zero siginfo_t is valid; waitid only writes to it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall with a valid out pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: reading fields waitid filled in for a SIGCHLD-style result.
+    let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if r != 0 || child == 0 {
+        return None;
+    }
+    Some(match info.si_code {
+        libc::CLD_EXITED => format!("exit code {status}"),
+        _ => format!("killed by signal {status}"),
+    })
+}
+
+/// Fails the test at once, naming the agent and showing its log tail, if
+/// a watched agent has exited. `what` is what the test was waiting for.
+pub fn assert_agents_alive(what: &str) {
+    let dead = WATCHED.with(|w| {
+        w.borrow()
+            .iter()
+            .find_map(|a| exited(a.pid).map(|how| (a.name.clone(), a.pid, a.log.clone(), how)))
+    });
+    if let Some((name, pid, log, how)) = dead {
+        unwatch_agent(pid);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!(
+            "agent {name} (pid {pid}) died ({how}) while waiting for: {what}\n\
+             --- last 40 lines of {} ---\n{}",
+            log.display(),
+            tail(&text, 40)
+        );
+    }
+}
+
+/// A started agent process, killed when dropped (a failing test must not
+/// leave agents behind holding ports and directories). Derefs to the
+/// [`Child`].
+pub struct AgentProcess(pub Child);
+
+impl std::ops::Deref for AgentProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for AgentProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        unwatch_agent(self.0.id());
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The last `n` lines of `s`.
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
 
 /// The agent binary under test.
 pub fn agent_bin() -> PathBuf {
@@ -180,17 +295,21 @@ impl World {
         err
     }
 
-    /// Starts a long-running agent with logs in `<name>.log`.
-    pub fn spawn(&self, cfg: &Path, log: &str) -> Child {
+    /// Starts a long-running agent with logs in `<name>.log`; it is
+    /// watched (see [`watch_agent`]) until [`terminate`]d, and killed
+    /// when dropped.
+    pub fn spawn(&self, cfg: &Path, log: &str) -> AgentProcess {
         let f = std::fs::File::create(self.path(log)).expect("log file");
-        Command::new(agent_bin())
+        let child = Command::new(agent_bin())
             .args(["run", "--log-format", "json", "--config"])
             .arg(cfg)
             .env("CAIRN_LOG", "info")
             .stdout(Stdio::null())
             .stderr(f)
             .spawn()
-            .expect("spawn agent")
+            .expect("spawn agent");
+        watch_agent(&child, log, &self.path(log));
+        AgentProcess(child)
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -242,10 +361,12 @@ pub fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// Polls `cond` every 100 ms until it holds, panicking after `secs`.
+/// Polls `cond` every 100 ms until it holds, panicking after `secs`, or
+/// at once if a watched agent dies.
 pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
+        assert_agents_alive(what);
         if cond() {
             return;
         }
@@ -299,6 +420,8 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// Sends SIGTERM and waits for the process (up to 30 s).
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    unwatch_agent(child.id());
+    // SAFETY: signalling our own child.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

@@ -30,6 +30,9 @@ pub enum Fault {
     Delay(Duration),
     /// Send headers, then stall forever without a body (slow retrieval).
     Stall,
+    /// Answer every request with `302 Found` to this base URL followed by
+    /// the request's path (`Redirect("http://127.0.0.2:8080")`).
+    Redirect(String),
 }
 
 struct Shared {
@@ -53,7 +56,13 @@ pub struct StaticServer {
 impl StaticServer {
     /// Starts serving `root` on an ephemeral port of 127.0.0.1.
     pub fn start(root: impl Into<PathBuf>) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        Self::start_on("127.0.0.1", root)
+    }
+
+    /// Starts serving `root` on an ephemeral port of `ip` (e.g. another
+    /// loopback address, `127.0.0.2`, to play another host).
+    pub fn start_on(ip: &str, root: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             root: root.into(),
@@ -88,7 +97,7 @@ impl StaticServer {
         self.addr
     }
 
-    /// `http://127.0.0.1:<port>` (no trailing slash).
+    /// `http://<ip>:<port>` (no trailing slash).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -224,6 +233,13 @@ fn serve(s: &Shared, conn: TcpStream) -> std::io::Result<()> {
     if let Fault::Status(code) = fault {
         return respond(&mut w, code, "Injected", b"", true);
     }
+    if let Fault::Redirect(base) = &fault {
+        write!(
+            w,
+            "HTTP/1.1 302 Found\r\nLocation: {base}{target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return w.flush();
+    }
     if method != "GET" && method != "HEAD" {
         return respond(&mut w, 405, "Method Not Allowed", b"", true);
     }
@@ -293,6 +309,16 @@ mod tests {
         assert_eq!(get(s.addr(), "/a/f"), (200, b"iello".to_vec()));
         s.set_fault(Fault::Status(503));
         assert_eq!(get(s.addr(), "/a/f").0, 503);
+        s.set_fault(Fault::Redirect("http://127.0.0.2:1".into()));
+        let mut c = TcpStream::connect(s.addr()).unwrap();
+        write!(c, "GET /a/f HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut head = String::new();
+        c.read_to_string(&mut head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 302 "), "{head}");
+        assert!(
+            head.contains("Location: http://127.0.0.2:1/a/f\r\n"),
+            "{head}"
+        );
         s.set_fault(Fault::None);
         assert!(s.requests() >= 6);
         s.reset_counters();
