@@ -25,6 +25,7 @@ pub mod publish;
 pub mod release;
 pub mod repo;
 pub mod rollout;
+pub mod text;
 pub mod trust;
 pub mod verify;
 

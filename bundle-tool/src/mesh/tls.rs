@@ -8,6 +8,8 @@
 //! identity from its certificate with [`peer_identity`].
 
 use super::pki::{self, PeerIdentity, PkiError};
+use super::sync::{RecordKeys, RecordRejection};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -131,6 +133,149 @@ pub fn server_name() -> ServerName<'static> {
 pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, PkiError> {
     let first = certs.and_then(|c| c.first()).ok_or(PkiError::NoIdentity)?;
     pki::identity_of(first)
+}
+
+/// Most verified certificates remembered by [`X509RecordKeys`] (the cache
+/// is emptied when full).
+const MAX_CACHED_CERTS: usize = 8192;
+
+/// A certificate that passed chain verification, remembered so that a new
+/// record from the same agent costs one signature check.
+#[derive(Debug, Clone)]
+struct VerifiedCert {
+    agent_id: String,
+    public_key: Vec<u8>,
+    not_before_ms: u64,
+    not_after_ms: u64,
+}
+
+/// Status record keys from mesh credentials: our records are signed with
+/// our mesh (TLS) private key and carry our certificate; others' are
+/// verified with the same WebPKI verification as a TLS server
+/// certificate — chain to the fleet CA, validity at the receiver's `now`,
+/// server authentication and the name [`pki::MESH_SERVER_NAME`], which
+/// only agent certificates have — then their URI must name an agent and
+/// the ECDSA P-256 signature must verify with the certificate's key.
+pub struct X509RecordKeys {
+    cert: Vec<u8>,
+    signer: Box<dyn rustls::sign::Signer>,
+    verifier: Arc<WebPkiServerVerifier>,
+    cache: std::sync::Mutex<std::collections::HashMap<Vec<u8>, VerifiedCert>>,
+}
+
+impl std::fmt::Debug for X509RecordKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509RecordKeys")
+            .field("cert_bytes", &self.cert.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl X509RecordKeys {
+    /// Keys from loaded credentials. The private key must be ECDSA P-256
+    /// (what `cairn mesh issue` makes).
+    pub fn new(creds: &Credentials) -> Result<Self, TlsError> {
+        let provider = provider();
+        let key = provider
+            .key_provider
+            .load_private_key(creds.key.clone_key())
+            .map_err(cfg)?;
+        let signer = key
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+            .ok_or_else(|| {
+                TlsError::Config(
+                    "the mesh key must be ECDSA P-256 to sign status records".into(),
+                )
+            })?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(creds.roots.clone(), provider)
+            .build()
+            .map_err(cfg)?;
+        Ok(Self {
+            cert: creds.chain[0].to_vec(),
+            signer,
+            verifier,
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    fn check_cert(&self, cert: &[u8], now_ms: u64) -> Result<VerifiedCert, RecordRejection> {
+        let key = ring::digest::digest(&ring::digest::SHA256, cert).as_ref().to_vec();
+        if let Ok(cache) = self.cache.lock() {
+            if let Some(v) = cache.get(&key) {
+                if v.not_before_ms <= now_ms && now_ms <= v.not_after_ms {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let der = CertificateDer::from(cert);
+        let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(
+            now_ms,
+        ));
+        if let Err(e) = self
+            .verifier
+            .verify_server_cert(&der, &[], &server_name(), &[], now)
+        {
+            use rustls::{CertificateError, Error};
+            return Err(match e {
+                Error::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => RecordRejection::Stale(e.to_string()),
+                other => RecordRejection::Forged(format!("certificate: {other}")),
+            });
+        }
+        let agent_id = match pki::identity_of(cert) {
+            Ok(PeerIdentity::Agent(id)) => id,
+            Ok(other) => {
+                return Err(RecordRejection::Forged(format!(
+                    "certificate of {other} cannot author agent records"
+                )))
+            }
+            Err(e) => return Err(RecordRejection::Forged(e.to_string())),
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| RecordRejection::Forged(format!("certificate: {e}")))?;
+        let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+        let v = VerifiedCert {
+            agent_id,
+            public_key: parsed.public_key().subject_public_key.data.to_vec(),
+            not_before_ms: ms(parsed.validity().not_before),
+            not_after_ms: ms(parsed.validity().not_after),
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHED_CERTS {
+                cache.clear();
+            }
+            cache.insert(key, v.clone());
+        }
+        Ok(v)
+    }
+}
+
+impl RecordKeys for X509RecordKeys {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let sig = self.signer.sign(message).map_err(|e| e.to_string())?;
+        Ok((self.cert.clone(), sig))
+    }
+
+    fn verify(
+        &self,
+        cert: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        now_ms: u64,
+    ) -> Result<String, RecordRejection> {
+        let v = self.check_cert(cert, now_ms)?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &v.public_key,
+        )
+        .verify(message, signature)
+        .map_err(|_| RecordRejection::Forged("bad signature".into()))?;
+        Ok(v.agent_id)
+    }
 }
 
 #[cfg(test)]
