@@ -21,7 +21,7 @@ mod conn;
 mod driver;
 
 use crate::Agent;
-use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials};
+use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -174,6 +174,7 @@ pub struct PeerReasonLabel {
 /// | `cairn_mesh_object_bytes_fetched_total` | counter | `from` (`peer`) |
 /// | `cairn_mesh_rejections_total` | counter | `peer`, `reason` |
 /// | `cairn_mesh_handshake_failures_total` | counter | |
+/// | `cairn_mesh_status_dropped_total` | counter | `reason` |
 #[derive(Debug, Default, Clone)]
 pub struct MeshMetrics {
     /// Peers with a finished hello.
@@ -190,6 +191,16 @@ pub struct MeshMetrics {
     pub rejections: Family<PeerReasonLabel, Counter>,
     /// TLS handshakes that failed (e.g. a certificate from another CA).
     pub handshake_failures: Counter,
+    /// Gossiped status records dropped, by reason (`forged`, `expired`,
+    /// `future`, `stale_cert`, `table_full`).
+    pub status_dropped: Family<ReasonLabel, Counter>,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A stable reason.
+    pub reason: String,
 }
 
 impl MeshMetrics {
@@ -221,6 +232,11 @@ impl MeshMetrics {
             "cairn_mesh_handshake_failures",
             "Mesh TLS handshakes that failed",
             self.handshake_failures.clone(),
+        );
+        registry.register(
+            "cairn_mesh_status_dropped",
+            "Gossiped status records dropped (forged, expired, dated ahead, ...)",
+            self.status_dropped.clone(),
         );
     }
 
@@ -269,6 +285,7 @@ pub struct Mesh {
     listener: tokio::net::TcpListener,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    record_keys: X509RecordKeys,
     metrics: MeshMetrics,
 }
 
@@ -300,6 +317,8 @@ impl Mesh {
         }
         let server = tls::server_config(&creds)?;
         let client = tls::client_config(&creds)?;
+        // Our status records are signed with the mesh key.
+        let record_keys = X509RecordKeys::new(&creds)?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| MeshError::Bind {
@@ -313,6 +332,7 @@ impl Mesh {
             listener,
             server,
             client,
+            record_keys,
             metrics,
         })
     }

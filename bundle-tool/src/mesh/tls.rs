@@ -282,6 +282,7 @@ impl RecordKeys for X509RecordKeys {
 mod tests {
     use super::*;
     use crate::mesh::pki::{init_ca_dir, issue_to_dir};
+    use crate::mesh::MeshLimits;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
@@ -386,6 +387,81 @@ mod tests {
         let err = c.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
         assert!(s.is_err());
+    }
+
+    #[test]
+    fn status_records_are_signed_and_verified_with_mesh_certificates() {
+        use crate::mesh::pki::{issue, new_ca};
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca_dir(&ca, "fleet", now(), 10).unwrap();
+        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let b = creds(&d.path().join("b"), &ca, PeerIdentity::Agent("b".into()));
+        let (ka, kb) = (
+            X509RecordKeys::new(&a).unwrap(),
+            X509RecordKeys::new(&b).unwrap(),
+        );
+        let now_ms = now() * 1000;
+        let msg = b"cairn-mesh-status-record-v2\0record";
+        let (cert, sig) = ka.sign(msg).unwrap();
+        assert!(cert.len() < MeshLimits::default().max_cert_bytes, "{}", cert.len());
+        assert!(sig.len() <= MeshLimits::default().max_signature_bytes);
+        // b verifies a's record as a's, twice (the second from the cache).
+        for _ in 0..2 {
+            assert_eq!(kb.verify(&cert, msg, &sig, now_ms).unwrap(), "a");
+        }
+        // Another message, or b's signature with a's certificate: forged.
+        assert!(matches!(
+            kb.verify(&cert, b"other", &sig, now_ms),
+            Err(RecordRejection::Forged(_))
+        ));
+        let (_, sig_b) = kb.sign(msg).unwrap();
+        assert!(matches!(
+            kb.verify(&cert, msg, &sig_b, now_ms),
+            Err(RecordRejection::Forged(_))
+        ));
+        // Outside the certificate's validity (by the receiver's clock):
+        // stale, not forged — also once it is cached.
+        let later = now_ms + 3 * 86_400_000;
+        assert!(matches!(
+            kb.verify(&cert, msg, &sig, later),
+            Err(RecordRejection::Stale(_))
+        ));
+        // An operator certificate of the same fleet cannot author records.
+        let o = creds(
+            &d.path().join("o"),
+            &ca,
+            PeerIdentity::Operator("ops".into()),
+        );
+        let (ocert, osig) = X509RecordKeys::new(&o).unwrap().sign(msg).unwrap();
+        let err = kb.verify(&ocert, msg, &osig, now_ms).unwrap_err();
+        assert!(matches!(err, RecordRejection::Forged(_)), "{err:?}");
+        // A certificate from another CA naming agent "b": forged.
+        let other = new_ca("intruder", now(), 10).unwrap();
+        let x = issue(
+            &other.cert_pem,
+            &other.key_pem,
+            &PeerIdentity::Agent("b".into()),
+            now(),
+            1,
+        )
+        .unwrap();
+        let xdir = d.path().join("x");
+        std::fs::create_dir_all(&xdir).unwrap();
+        std::fs::write(xdir.join("agent.crt"), &x.cert_pem).unwrap();
+        std::fs::write(xdir.join("agent.key"), &x.key_pem).unwrap();
+        let xc = Credentials::load(&CredentialPaths {
+            cert: xdir.join("agent.crt"),
+            key: xdir.join("agent.key"),
+            ca: d.path().join("a").join("ca.crt"),
+        })
+        .unwrap();
+        let (xcert, xsig) = X509RecordKeys::new(&xc).unwrap().sign(msg).unwrap();
+        let err = ka.verify(&xcert, msg, &xsig, now_ms).unwrap_err();
+        assert!(
+            matches!(&err, RecordRejection::Forged(e) if e.contains("UnknownIssuer")),
+            "{err:?}"
+        );
     }
 
     #[test]
