@@ -45,7 +45,10 @@ mod tests {
 
     #[test]
     fn controls_ansi_and_bidi_are_escaped() {
-        assert!(matches!(escape_untrusted("edge-17 healthy"), Cow::Borrowed(_)));
+        assert!(matches!(
+            escape_untrusted("edge-17 healthy"),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(
             escape_untrusted("\u{1b}[2J\u{1b}[31mfailed\r\n"),
             "\\u{1b}[2J\\u{1b}[31mfailed\\u{d}\\u{a}"

@@ -587,7 +587,11 @@ impl Endpoint {
             same.time = record.time;
             if same == record
                 && held.signed.is_some()
-                && now < held.record.time.saturating_add(self.config.status_refresh_ms)
+                && now
+                    < held
+                        .record
+                        .time
+                        .saturating_add(self.config.status_refresh_ms)
             {
                 return;
             }
@@ -768,8 +772,8 @@ impl Endpoint {
                 }
                 if let Some(listen) = h.listen {
                     let remote_ip = self.conns.get(&conn).and_then(|c| c.remote_ip.clone());
-                    if let Some(addr) = advertised_addr(&listen, remote_ip.as_deref())
-                        .filter(|a| is_dialable(a))
+                    if let Some(addr) =
+                        advertised_addr(&listen, remote_ip.as_deref()).filter(|a| is_dialable(a))
                     {
                         self.add_peer(&addr, Some(id.clone()), false);
                         if let Some(e) = self.peers.get_mut(&addr) {

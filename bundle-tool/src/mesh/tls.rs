@@ -183,9 +183,7 @@ impl X509RecordKeys {
         let signer = key
             .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
             .ok_or_else(|| {
-                TlsError::Config(
-                    "the mesh key must be ECDSA P-256 to sign status records".into(),
-                )
+                TlsError::Config("the mesh key must be ECDSA P-256 to sign status records".into())
             })?;
         let verifier = WebPkiServerVerifier::builder_with_provider(creds.roots.clone(), provider)
             .build()
@@ -199,7 +197,9 @@ impl X509RecordKeys {
     }
 
     fn check_cert(&self, cert: &[u8], now_ms: u64) -> Result<VerifiedCert, RecordRejection> {
-        let key = ring::digest::digest(&ring::digest::SHA256, cert).as_ref().to_vec();
+        let key = ring::digest::digest(&ring::digest::SHA256, cert)
+            .as_ref()
+            .to_vec();
         if let Ok(cache) = self.cache.lock() {
             if let Some(v) = cache.get(&key) {
                 if v.not_before_ms <= now_ms && now_ms <= v.not_after_ms {
@@ -208,9 +208,8 @@ impl X509RecordKeys {
             }
         }
         let der = CertificateDer::from(cert);
-        let now = rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(
-            now_ms,
-        ));
+        let now =
+            rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
         if let Err(e) = self
             .verifier
             .verify_server_cert(&der, &[], &server_name(), &[], now)
@@ -237,7 +236,8 @@ impl X509RecordKeys {
         };
         let (_, parsed) = x509_parser::parse_x509_certificate(cert)
             .map_err(|e| RecordRejection::Forged(format!("certificate: {e}")))?;
-        let ms = |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+        let ms =
+            |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
         let v = VerifiedCert {
             agent_id,
             public_key: parsed.public_key().subject_public_key.data.to_vec(),
@@ -404,7 +404,11 @@ mod tests {
         let now_ms = now() * 1000;
         let msg = b"cairn-mesh-status-record-v2\0record";
         let (cert, sig) = ka.sign(msg).unwrap();
-        assert!(cert.len() < MeshLimits::default().max_cert_bytes, "{}", cert.len());
+        assert!(
+            cert.len() < MeshLimits::default().max_cert_bytes,
+            "{}",
+            cert.len()
+        );
         assert!(sig.len() <= MeshLimits::default().max_signature_bytes);
         // b verifies a's record as a's, twice (the second from the cache).
         for _ in 0..2 {

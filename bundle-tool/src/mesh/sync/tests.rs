@@ -28,7 +28,10 @@ fn test_signature(id: &str, message: &[u8]) -> Vec<u8> {
 
 impl RecordKeys for TestKeys {
     fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-        Ok((self.id.as_bytes().to_vec(), test_signature(&self.id, message)))
+        Ok((
+            self.id.as_bytes().to_vec(),
+            test_signature(&self.id, message),
+        ))
     }
 
     fn verify(
@@ -715,7 +718,10 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
     let bundle = sha256_address(b"bundle");
     for (what, forged) in [
         // A fleet member's own key, a record about another agent.
-        ("id mismatch", signed_by("evil", &record("a2", "failed", now))),
+        (
+            "id mismatch",
+            signed_by("evil", &record("a2", "failed", now)),
+        ),
         // The victim's "certificate", the attacker's signature.
         ("bad signature", {
             let mut s = signed_by("a2", &record("a2", "failed", now));
@@ -754,7 +760,10 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         }
         assert_eq!(
             rejected,
-            vec![("forged_status".to_owned(), PeerIdentity::Agent("evil".into()))],
+            vec![(
+                "forged_status".to_owned(),
+                PeerIdentity::Agent("evil".into())
+            )],
             "{what}"
         );
         if what != "altered" {
@@ -828,7 +837,10 @@ fn expired_status_records_are_dropped_and_not_relayed() {
             ..
         } = a
         {
-            relayed.extend(rs.iter().map(|s| s.decode_record(&MeshLimits::default()).unwrap().agent_id));
+            relayed.extend(
+                rs.iter()
+                    .map(|s| s.decode_record(&MeshLimits::default()).unwrap().agent_id),
+            );
         }
     }
     assert_eq!(relayed, vec!["a0"]);
@@ -875,10 +887,8 @@ fn a_flood_cannot_evict_real_records() {
             }
         })
         .collect();
-    let (forged, genuine): (Vec<_>, Vec<_>) = flood
-        .into_iter()
-        .enumerate()
-        .partition(|(i, _)| i % 3 == 0);
+    let (forged, genuine): (Vec<_>, Vec<_>) =
+        flood.into_iter().enumerate().partition(|(i, _)| i % 3 == 0);
     let flood_conn = hello(&mut ep, "a9", now);
     ep.handle_message(
         flood_conn,
@@ -1009,7 +1019,12 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
 
 #[test]
 fn dialable_addresses() {
-    for ok in ["10.0.0.1:7440", "127.0.3.4:1", "[fd00::1]:7440", "edge-7.local:7440"] {
+    for ok in [
+        "10.0.0.1:7440",
+        "127.0.3.4:1",
+        "[fd00::1]:7440",
+        "edge-7.local:7440",
+    ] {
         assert!(is_dialable(ok), "{ok}");
     }
     for bad in [
