@@ -342,6 +342,10 @@ struct Conn {
     outstanding: BTreeMap<u64, (FetchId, Vec<Item>, u64)>,
     /// No new fetch from this connection before this time.
     fetch_backoff_until: u64,
+    /// Status records already sent on this connection (agent id -> record
+    /// time): gossip sends only what is newer, so an unchanged fleet costs
+    /// nothing to exchange.
+    status_sent: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -653,6 +657,7 @@ impl Endpoint {
                 serving: BTreeSet::new(),
                 outstanding: BTreeMap::new(),
                 fetch_backoff_until: 0,
+                status_sent: BTreeMap::new(),
             },
         );
         if let PeerIdentity::Agent(id) = &identity {
@@ -786,7 +791,7 @@ impl Endpoint {
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
                 let heads = self.heads_message();
                 self.send(conn, heads, now);
-                self.send_status(conn, now);
+                self.send_status(conn, false, now);
             } else {
                 self.actions
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
@@ -795,7 +800,7 @@ impl Endpoint {
         }
         if let PeerIdentity::Operator(_) = c.peer {
             return match msg {
-                Message::StatusRequest => self.send_status(conn, now),
+                Message::StatusRequest => self.send_status(conn, true, now),
                 Message::Bye(_) => self.close(conn, "operator said bye".into(), now),
                 // Operators may not author or relay records.
                 other => self.offense(
@@ -835,7 +840,7 @@ impl Endpoint {
             }
             Message::Data { id, items } => self.handle_data(conn, id, items, now),
             Message::Status(records) => self.merge_status(conn, records, now),
-            Message::StatusRequest => self.send_status(conn, now),
+            Message::StatusRequest => self.send_status(conn, true, now),
             Message::Bye(reason) => self.close(
                 conn,
                 format!("peer said bye: {}", escape_untrusted(&reason)),
@@ -1017,7 +1022,7 @@ impl Endpoint {
                 let conn = targets[self.rng.below(targets.len())];
                 let m = self.heads_message();
                 self.send(conn, m, now);
-                self.send_status(conn, now);
+                self.send_status(conn, false, now);
             }
             self.maybe_start_fetches(now);
             self.expire_status(now);
@@ -1079,18 +1084,33 @@ impl Endpoint {
         Message::Heads(heads)
     }
 
-    fn send_status(&mut self, conn: ConnId, now: u64) {
+    /// Sends live signed records on `conn`: all of them (`full`, the
+    /// answer to `StatusRequest`), or those newer than what was already
+    /// sent there (gossip; nothing is sent when nothing is new).
+    fn send_status(&mut self, conn: ConnId, full: bool, now: u64) {
         // Newest first, within the record count and a byte budget; only
         // live records with a signature (expired ones are not relayed).
+        let Some(already) = self.conns.get(&conn).map(|c| &c.status_sent) else {
+            return;
+        };
         let mut records: Vec<&HeldStatus> = self
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, now))
+            .filter(|h| {
+                full || already
+                    .get(&h.record.agent_id)
+                    .is_none_or(|t| *t < h.record.time)
+            })
             .collect();
+        if records.is_empty() && !full {
+            return;
+        }
         records.sort_by_key(|h| std::cmp::Reverse(h.record.time));
         let budget = (self.config.limits.max_frame_bytes as usize) / 2;
         let mut used = 0;
         let mut out = Vec::new();
+        let mut sent = Vec::new();
         for h in records
             .into_iter()
             .take(self.config.limits.max_status_records)
@@ -1102,6 +1122,13 @@ impl Endpoint {
             }
             used += n;
             out.push(signed.clone());
+            sent.push((h.record.agent_id.clone(), h.record.time));
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.status_sent.len() > 2 * self.config.limits.max_status_records {
+                c.status_sent.clear();
+            }
+            c.status_sent.extend(sent);
         }
         self.send(conn, Message::Status(out), now);
     }
