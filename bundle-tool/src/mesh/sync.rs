@@ -1668,11 +1668,11 @@ pub fn is_dialable(addr: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<IpAddr>() {
         Ok(IpAddr::V4(ip)) => {
-            !bracketed
-                && !(ip.is_unspecified()
-                    || ip.is_multicast()
-                    || ip.is_broadcast()
-                    || ip.octets()[0] == 0)
+            !(bracketed
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || ip.octets()[0] == 0)
         }
         Ok(IpAddr::V6(ip)) => bracketed && !(ip.is_unspecified() || ip.is_multicast()),
         Err(_) => {
