@@ -684,3 +684,296 @@ fn store_objects(b: &Path) -> Vec<(String, usize)> {
     .unwrap();
     v
 }
+
+/// One attacker connection: a TLS client with a valid fleet certificate
+/// that says hello, sends `frames` (already encoded) and waits until the
+/// agent closes the connection (it cuts the attacker off) or 5 s pass.
+async fn attack(addr: String, creds: CredentialPaths, frames: Vec<Vec<u8>>) {
+    use tokio::io::AsyncWriteExt;
+    let c = Credentials::load(&creds).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls::client_config(&c).unwrap());
+    let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut s = connector.connect(tls::server_name(), sock).await.unwrap();
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        listen: None,
+    });
+    send(&mut s, &hello).await.unwrap();
+    for f in frames {
+        // The agent may cut us off half-way: that is the point.
+        if s.write_all(&f).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while recv(&mut s).await.is_some() {}
+    })
+    .await;
+}
+
+/// Issue 13 §4 with real processes: three agents and attackers holding
+/// valid fleet certificates. One forges "failed" records for every agent
+/// (and for agents that do not exist) for the bundle about to be released
+/// with `max-failures=1`; one floods 4,096 records dated an hour ahead,
+/// each naming an address of ours to dial; one sends a protocol-1 `Peers`
+/// list of 500 of our addresses. The breaker does not trip (every agent
+/// adopts), `cairn fleet status` shows exactly the real agents, nobody
+/// dials our addresses, and every agent still answers /healthz.
+#[test]
+fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
+    use cairn_bundle::mesh::sync::RecordKeys;
+    use cairn_bundle::mesh::tls::X509RecordKeys;
+    use cairn_bundle::mesh::wire::{PeerInfo, SignedStatus, StatusRecord};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let w = World::new(3, 2, 1);
+    let b1 = w.build("HEAD~1", "b1.bundle");
+    let b2 = w.build("HEAD", "b2.bundle");
+    let b2_id = read_bundle_file(&b2, &Limits::default(), |_, _| Ok(()))
+        .unwrap()
+        .id();
+    w.release(&b1);
+    let mut f = Fleet::new(15, w);
+    let ca = f.ca.clone();
+    let certs: Vec<PathBuf> = (0..3).map(|i| f.issue(&ca, i)).collect();
+    let seeds = |i: usize| -> Vec<String> {
+        if i == 0 {
+            vec![]
+        } else {
+            vec![mesh_addr(15, i - 1)]
+        }
+    };
+    for (i, cert) in certs.iter().enumerate() {
+        let sources = if i == 0 {
+            vec![f.w.repo.clone()]
+        } else {
+            vec![]
+        };
+        let cfg = f.config(i, &sources, &seeds(i), cert);
+        f.spawn(i, &cfg);
+    }
+    f.wait_sequence(&[0, 1, 2], 1, 90);
+
+    // A listener of ours behind every address the attackers name: any
+    // connection to it is a dial the attack caused.
+    let trap = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = trap.local_addr().unwrap().port();
+    trap.set_nonblocking(true).unwrap();
+    let dials = std::sync::Arc::new(AtomicUsize::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trap_thread = {
+        let (dials, stop) = (dials.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match trap.accept() {
+                    Ok(_) => {
+                        dials.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+    };
+    let trap_addr = |i: usize| format!("127.1.{}.{}:{port}", i / 250, i % 250 + 1);
+
+    // Attackers: fleet members a7, a8, a9 (valid certificates).
+    let attacker = |i: usize| -> (CredentialPaths, X509RecordKeys) {
+        let dir = f.issue(&ca, i);
+        let paths = CredentialPaths {
+            cert: dir.join("agent.crt"),
+            key: dir.join("agent.key"),
+            ca: dir.join("ca.crt"),
+        };
+        let keys = X509RecordKeys::new(&Credentials::load(&paths).unwrap()).unwrap();
+        (paths, keys)
+    };
+    let (a7, _) = attacker(7);
+    let (a8, k8) = attacker(8);
+    let (a9, k9) = attacker(9);
+    let now_ms = cairn_bundle::unix_now() * 1000;
+    let record = |id: &str, time: u64, listen: Option<String>| StatusRecord {
+        agent_id: id.into(),
+        channel: "stable".into(),
+        labels: BTreeMap::new(),
+        sequence: 2,
+        bundle: b2_id.clone(),
+        health: "failed".into(),
+        time,
+        rollout: None,
+        listen,
+    };
+    let sign = |k: &X509RecordKeys, r: &StatusRecord| {
+        let bytes = cairn_keys::codec::encode(r);
+        let (cert, sig) = k.sign(&SignedStatus::signed_message(&bytes)).unwrap();
+        SignedStatus {
+            record: bytes,
+            cert,
+            sig,
+        }
+    };
+    let frame = |m: &Message| wire::encode_frame(m, MeshLimits::default().max_frame_bytes).unwrap();
+    // a9: "failed" for the three agents and three made-up ones, signed
+    // with a9's key; and one carrying a0's own certificate.
+    let mut forged: Vec<SignedStatus> = ["a0", "a1", "a2", "x1", "x2", "x3"]
+        .iter()
+        .map(|id| sign(&k9, &record(id, now_ms, Some(trap_addr(0)))))
+        .collect();
+    let a0_cert = tls::Credentials::load(&CredentialPaths {
+        cert: certs[0].join("agent.crt"),
+        key: certs[0].join("agent.key"),
+        ca: certs[0].join("ca.crt"),
+    })
+    .unwrap()
+    .chain[0]
+        .to_vec();
+    let mut with_victim_cert = sign(&k9, &record("a0", now_ms, None));
+    with_victim_cert.cert = a0_cert;
+    forged.insert(0, with_victim_cert);
+    let forge_frames = vec![frame(&Message::Status(forged))];
+    // a8: 4,096 records dated an hour ahead, each with an address to dial.
+    let flood: Vec<SignedStatus> = (0..4096)
+        .map(|i| {
+            sign(
+                &k8,
+                &record(
+                    &format!("f{i}"),
+                    now_ms + 3_600_000,
+                    Some(trap_addr(i % 500)),
+                ),
+            )
+        })
+        .collect();
+    let flood_frames = flood
+        .chunks(1024)
+        .map(|c| frame(&Message::Status(c.to_vec())))
+        .collect();
+    // a7: protocol 1's unsigned peer exchange, 500 addresses of ours.
+    #[derive(serde::Serialize)]
+    enum V1 {
+        Peers(Vec<PeerInfo>),
+    }
+    let peers_frames = (0..500)
+        .map(|i| PeerInfo {
+            agent_id: Some(format!("p{i}")),
+            addr: trap_addr(i),
+        })
+        .collect::<Vec<_>>()
+        .chunks(32)
+        .map(|c| {
+            let body = cairn_keys::codec::encode(&V1::Peers(c.to_vec()));
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(&body);
+            f
+        })
+        .collect::<Vec<_>>();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..3 {
+            for (who, frames) in [
+                (&a9, &forge_frames),
+                (&a8, &flood_frames),
+                (&a7, &peers_frames),
+            ] {
+                tasks.push(tokio::spawn(attack(
+                    mesh_addr(15, i),
+                    who.clone(),
+                    frames.clone(),
+                )));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    // Forgers and the protocol-1 peer list are cut off; the flood dated
+    // ahead is dropped before any signature check.
+    for i in 0..3 {
+        wait_for(60, &format!("agent {i} refused every attack"), || {
+            let m = f.metrics(i);
+            let cut = |peer: &str, reason: &str| {
+                metric(
+                    &m,
+                    "cairn_mesh_rejections_total",
+                    &[&format!("peer=\"{peer}\""), &format!("reason=\"{reason}\"")],
+                ) >= 1.0
+            };
+            let dropped = |reason: &str| metric(&m, "cairn_mesh_status_dropped_total", &[reason]);
+            cut("a9", "forged_status")
+                && cut("a7", "garbage")
+                && dropped("reason=\"forged\"") >= 1.0
+                && dropped("reason=\"future\"") >= 4096.0
+        });
+    }
+
+    // The release the forged records call failed, with a breaker at one
+    // failure: it must roll on to every agent.
+    ok(Command::new(cairn_bin())
+        .arg("release")
+        .arg("--repo")
+        .arg(&f.w.repo)
+        .arg("--bundle")
+        .arg(&b2)
+        .args([
+            "--channel",
+            "stable",
+            "--rollout",
+            "100%:0s,max-failures=1",
+            "--key",
+        ])
+        .arg(dev_key_path("dev-release-1")));
+    f.wait_sequence(&[0, 1, 2], 2, 90);
+
+    // Real records, and only those, as the operator sees them.
+    let op = f.w.path("operator");
+    ok(Command::new(cairn_bin())
+        .args(["mesh", "issue", "--ca"])
+        .arg(&ca)
+        .args(["--operator", "ops", "--out"])
+        .arg(&op));
+    let mut st = serde_json::Value::Null;
+    wait_for(
+        60,
+        "fleet status with the three agents on release 2",
+        || {
+            st = fleet_status_json(&f, 2, &op);
+            st["agents"]
+                .as_array()
+                .is_some_and(|a| a.len() == 3 && a.iter().all(|r| r["sequence"] == 2))
+        },
+    );
+    let ids: Vec<&str> = st["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a0", "a1", "a2"], "{st:#}");
+    for r in st["agents"].as_array().unwrap() {
+        assert_ne!(r["health"], "failed", "{st:#}");
+    }
+    let rel2 = st["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["sequence"] == 2)
+        .expect("release 2 in fleet status");
+    assert_eq!(rel2["breaker_tripped"], false, "{st:#}");
+    assert_eq!(rel2["failed"], 0, "{st:#}");
+
+    // Several dial rounds later, nobody has dialed an attacker's address.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    trap_thread.join().unwrap();
+    assert_eq!(
+        dials.load(Ordering::Relaxed),
+        0,
+        "agents dialed our addresses"
+    );
+    for i in 0..3 {
+        let addr = f.status(i).and_then(|s| s.listen).expect("HTTP address");
+        assert_eq!(http_get(&addr, "/healthz").0, 200, "agent {i}");
+    }
+    drop(rt);
+}

@@ -15,6 +15,7 @@ use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, Statu
 use cairn_bundle::repo::{channel_path, object_path, root_path};
 use cairn_bundle::rollout::FleetReports;
 use cairn_keys::codec;
+use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,7 @@ pub async fn run(mesh: Mesh) {
         listener,
         server,
         client,
+        record_keys,
         metrics,
     } = mesh;
     let bound = listener.local_addr().ok();
@@ -86,7 +88,7 @@ pub async fn run(mesh: Mesh) {
     sc.anti_entropy_ms = config.anti_entropy_ms;
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
     let root_version = agent.root().root.version;
-    let mut ep = Endpoint::new(sc, root_version);
+    let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));
     if let Ok(stored) = agent.store().peers() {
         let learned = stored.into_iter().filter_map(|(_, bytes)| {
             codec::decode::<PeerInfo>("peer record", &bytes, MAX_PEER_RECORD).ok()
@@ -228,7 +230,7 @@ impl Driver {
                     }
                 }
                 Action::Close { conn, reason } => {
-                    tracing::debug!(conn, %reason, "mesh connection closed");
+                    tracing::debug!(conn, reason = %escape_untrusted(&reason), "mesh connection closed");
                     self.drop_conn(conn);
                 }
                 Action::Dial { addr } => conn::dial(
@@ -265,7 +267,7 @@ impl Driver {
                 tracing::warn!(
                     %peer,
                     %reason,
-                    %detail,
+                    detail = %escape_untrusted(&detail),
                     banned_for_s = banned_until.saturating_sub(now) / 1000,
                     "mesh peer cut off"
                 );
@@ -301,6 +303,19 @@ impl Driver {
                 }
             }
             Event::StatusChanged => self.update_fleet_reports(),
+            Event::StatusDropped {
+                peer,
+                reason,
+                count,
+            } => {
+                tracing::debug!(%peer, reason, count, "mesh status records dropped");
+                self.metrics
+                    .status_dropped
+                    .get_or_create(&super::ReasonLabel {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(count);
+            }
         }
     }
 
@@ -575,6 +590,7 @@ impl Driver {
             health: health.into(),
             time: 0,
             rollout,
+            listen: None,
         };
         self.ep.set_local_status(record, now_ms());
         self.update_fleet_reports();
@@ -582,11 +598,12 @@ impl Driver {
 
     /// The rollout breaker's inputs from the gossiped status view: per
     /// bundle, agents on our channel that adopted it, and those of them
-    /// reporting it failed (rolled back).
+    /// reporting it failed (rolled back). The view holds only records
+    /// signed by the agent they describe and younger than the TTL.
     fn update_fleet_reports(&self) {
         let channel = &self.agent.config().channel;
         let mut reports: BTreeMap<String, FleetReports> = BTreeMap::new();
-        for r in self.ep.status().values() {
+        for r in self.ep.status(now_ms()) {
             if r.channel != *channel || r.bundle.is_empty() {
                 continue;
             }

@@ -21,7 +21,7 @@ mod conn;
 mod driver;
 
 use crate::Agent;
-use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials};
+use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -175,6 +175,7 @@ pub struct PeerReasonLabel {
 /// | `cairn_mesh_rejections_total` | counter | `peer`, `reason` |
 /// | `cairn_mesh_handshake_failures_total` | counter | |
 /// | `cairn_mesh_connections_refused_total` | counter | |
+/// | `cairn_mesh_status_dropped_total` | counter | `reason` |
 #[derive(Debug, Default, Clone)]
 pub struct MeshMetrics {
     /// Peers with a finished hello.
@@ -194,6 +195,16 @@ pub struct MeshMetrics {
     /// Inbound connections closed before the handshake because a
     /// connection limit was reached.
     pub connections_refused: Counter,
+    /// Gossiped status records dropped, by reason (`forged`, `expired`,
+    /// `future`, `stale_cert`, `table_full`).
+    pub status_dropped: Family<ReasonLabel, Counter>,
+}
+
+/// `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A stable reason.
+    pub reason: String,
 }
 
 impl MeshMetrics {
@@ -230,6 +241,11 @@ impl MeshMetrics {
             "cairn_mesh_connections_refused",
             "Inbound mesh connections closed before the TLS handshake: a connection limit was reached",
             self.connections_refused.clone(),
+        );
+        registry.register(
+            "cairn_mesh_status_dropped",
+            "Gossiped status records dropped (forged, expired, dated ahead, ...)",
+            self.status_dropped.clone(),
         );
     }
 
@@ -278,6 +294,7 @@ pub struct Mesh {
     listener: tokio::net::TcpListener,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
+    record_keys: X509RecordKeys,
     metrics: MeshMetrics,
 }
 
@@ -313,6 +330,8 @@ impl Mesh {
         }
         let server = tls::server_config(&creds)?;
         let client = tls::client_config(&creds)?;
+        // Our status records are signed with the mesh key.
+        let record_keys = X509RecordKeys::new(&creds)?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| MeshError::Bind {
@@ -326,6 +345,7 @@ impl Mesh {
             listener,
             server,
             client,
+            record_keys,
             metrics,
         })
     }

@@ -1,10 +1,12 @@
 //! `cairn fleet status`: the fleet as one agent sees it, read over the
 //! mesh with an operator (or agent) certificate.
 
-use crate::mesh::tls::{self, CredentialPaths, Credentials};
-use crate::mesh::wire::{self, Hello, Message, StatusRecord, PROTOCOL_VERSION};
+use crate::mesh::sync::RecordKeys;
+use crate::mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
+use crate::mesh::wire::{self, Hello, Message, SignedStatus, StatusRecord, PROTOCOL_VERSION};
 use crate::mesh::MeshLimits;
 use anyhow::{bail, Context, Result};
+use cairn_keys::text::escape_untrusted;
 use clap::{Args, Subcommand};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
@@ -51,13 +53,16 @@ pub fn run(cmd: FleetCommand) -> Result<()> {
 }
 
 /// Connects, says hello, asks for status and returns (peer identity,
-/// records sorted by agent id).
+/// records sorted by agent id, records dropped). Every record is verified
+/// here too (certificate from the fleet CA naming the record's agent, the
+/// agent's signature); those that fail are dropped and counted.
 pub fn fetch_status(
     peer: &str,
     paths: &CredentialPaths,
     timeout: Duration,
-) -> Result<(String, Vec<StatusRecord>)> {
+) -> Result<(String, Vec<StatusRecord>, usize)> {
     let creds = Credentials::load(paths).context("loading mesh credentials")?;
+    let keys = X509RecordKeys::new(&creds)?;
     let config = tls::client_config(&creds)?;
     let addr = peer
         .to_socket_addrs()
@@ -86,16 +91,45 @@ pub fn fetch_status(
         match wire::read_frame(&mut stream, &limits)
             .with_context(|| format!("reading from {peer}"))?
         {
-            Message::Status(mut records) => {
+            Message::Status(signed) => {
                 let _ = wire::write_frame(&mut stream, &Message::Bye("done".into()), &limits);
+                let total = signed.len();
+                let now_ms = crate::unix_now().saturating_mul(1000);
+                let mut records: Vec<StatusRecord> = signed
+                    .iter()
+                    .filter_map(|s| verified_record(&keys, s, &limits, now_ms))
+                    .collect();
                 records.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-                return Ok((who, records));
+                let dropped = total - records.len();
+                return Ok((who, records, dropped));
             }
-            Message::Bye(reason) => bail!("{peer} closed the connection: {reason}"),
+            Message::Bye(reason) => bail!(
+                "{peer} closed the connection: {}",
+                escape_untrusted(&reason)
+            ),
             _ => continue,
         }
     }
     bail!("{peer} did not answer the status request")
+}
+
+/// The record if its certificate names its agent and that agent signed it.
+fn verified_record(
+    keys: &X509RecordKeys,
+    s: &SignedStatus,
+    limits: &MeshLimits,
+    now_ms: u64,
+) -> Option<StatusRecord> {
+    let r = s.decode_record(limits).ok()?;
+    let author = keys
+        .verify(
+            &s.cert,
+            &SignedStatus::signed_message(&s.record),
+            &s.sig,
+            now_ms,
+        )
+        .ok()?;
+    (author == r.agent_id).then_some(r)
 }
 
 /// A peer that closes the connection (e.g. refusing our certificate after
@@ -201,10 +235,15 @@ fn status(a: StatusArgs) -> Result<()> {
         key: a.key,
         ca: a.ca,
     };
-    let (who, records) = {
+    let (who, records, dropped) = {
         let _guard = IgnoreSigpipe::new();
         fetch_status(&a.peer, &paths, Duration::from_secs(a.timeout.max(1)))?
     };
+    if dropped > 0 {
+        eprintln!(
+            "warning: {dropped} status record(s) from {who} dropped: not signed by the agent they describe"
+        );
+    }
     let now_ms = crate::unix_now().saturating_mul(1000);
     let releases = summarize(&records);
     if a.json {
@@ -251,6 +290,8 @@ fn status(a: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
+    // Everything below comes from gossip: escaped before the terminal.
+    let esc = |s: &str| escape_untrusted(s);
     println!("fleet as seen by {who} ({} agents)", records.len());
     println!(
         "{:<16} {:>8} {:<19} {:>7} {:>7} {:>7} {:>6} {:>8} BREAKER",
@@ -260,12 +301,12 @@ fn status(a: StatusArgs) -> Result<()> {
         println!(
             "{:<16} {:>8} {:<19} {:>7} {:>7} {:>7} {:>6} {:>8} {}",
             if s.channel.is_empty() {
-                "-"
+                "-".to_owned()
             } else {
-                &s.channel
+                esc(&s.channel)
             },
             s.sequence,
-            s.bundle.chars().take(19).collect::<String>(),
+            esc(&s.bundle.chars().take(19).collect::<String>()),
             s.adopted,
             s.waiting,
             s.held,
@@ -287,7 +328,7 @@ fn status(a: StatusArgs) -> Result<()> {
         let bundle = if r.bundle.is_empty() {
             "-".to_owned()
         } else {
-            r.bundle.chars().take(19).collect()
+            esc(&r.bundle.chars().take(19).collect::<String>())
         };
         let seq = if r.sequence == 0 {
             "-".to_owned()
@@ -295,18 +336,18 @@ fn status(a: StatusArgs) -> Result<()> {
             r.sequence.to_string()
         };
         let age = now_ms.saturating_sub(r.time) / 1000;
-        let rollout = rollout_cell(r);
+        let rollout = esc(&rollout_cell(r));
         println!(
             "{:<24} {:<16} {:>8} {:<19} {:<11} {:<40} {}s ago",
-            r.agent_id,
+            esc(&r.agent_id),
             if r.channel.is_empty() {
-                "-"
+                "-".to_owned()
             } else {
-                &r.channel
+                esc(&r.channel)
             },
             seq,
             bundle,
-            r.health,
+            esc(&r.health),
             rollout,
             age
         );
@@ -354,6 +395,7 @@ mod tests {
             bundle: bundle.into(),
             health: health.into(),
             time: 0,
+            listen: None,
             rollout: pending.map(|(b, state)| RolloutRecord {
                 pending_sequence: 2,
                 pending_bundle: b.into(),

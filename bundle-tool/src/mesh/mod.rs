@@ -39,12 +39,18 @@ pub struct MeshLimits {
     pub max_reply_bytes: usize,
     /// Heads in one message (default 64).
     pub max_heads: usize,
-    /// Status records kept (default 4096) and sent in one message.
+    /// Status records kept (default 4096: at most one per agent) and sent
+    /// in one message.
     pub max_status_records: usize,
+    /// Largest encoded status record (default 4 KiB).
+    pub max_record_bytes: usize,
+    /// Largest certificate carried with a status record (default 2 KiB;
+    /// `cairn mesh issue` makes about 600 bytes).
+    pub max_cert_bytes: usize,
+    /// Largest status record signature (default 160 bytes).
+    pub max_signature_bytes: usize,
     /// Entries in the peer table (default 256).
     pub max_peer_table: usize,
-    /// Peers in one peer-exchange message (default 32).
-    pub max_peers_per_message: usize,
     /// Connections we try to keep open (default 8).
     pub target_connections: usize,
     /// Most connections at once, in and out (default 64).
@@ -65,8 +71,10 @@ impl Default for MeshLimits {
             max_reply_bytes: 3 << 20,
             max_heads: 64,
             max_status_records: 4096,
+            max_record_bytes: 4096,
+            max_cert_bytes: 2048,
+            max_signature_bytes: 160,
             max_peer_table: 256,
-            max_peers_per_message: 32,
             target_connections: 8,
             max_connections: 64,
             max_labels: 32,

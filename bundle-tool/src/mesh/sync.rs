@@ -45,14 +45,70 @@
 //! when the shell sets them, so nothing unverified is offered onward.
 //!
 //! A peer that breaks a rule (garbage, oversized frames, wrong-hash or
-//! unsolicited objects, rejected releases, too many requests, timeouts) is
-//! disconnected, reported as [`Event::Rejected`] and banned with an
-//! exponential backoff.
+//! unsolicited objects, rejected releases, too many requests, timeouts,
+//! forged status records) is disconnected, reported as [`Event::Rejected`]
+//! and banned with an exponential backoff.
+//!
+//! ## Status gossip and peer exchange
+//!
+//! Every status record is signed by the agent it describes
+//! ([`SignedStatus`]); the endpoint is given a [`RecordKeys`] (the agent:
+//! X.509 against the fleet CA, [`super::tls::X509RecordKeys`]) and keeps a
+//! record only if the certificate it carries verifies, names the record's
+//! agent id and signed it. One record per agent id (so a flood cannot
+//! evict real records: only that agent's own newer record replaces its
+//! record), dropped `status_ttl_ms` after it was signed by the receiver's
+//! clock, refused when dated more than `max_clock_skew_ms` ahead.
+//!
+//! Addresses to dial come only from the configuration (seeds), from the
+//! `Hello` of an authenticated agent (its own listen address) and from the
+//! `listen` field of verified records: nobody can make us dial an address
+//! on another agent's behalf, and one certificate names one address.
+//! Addresses that are not unicast (unspecified, multicast, broadcast, port
+//! 0) are never dialed.
 
 use super::pki::PeerIdentity;
-use super::wire::{Found, Head, Hello, Item, Message, PeerInfo, StatusRecord, PROTOCOL_VERSION};
+use super::wire::{
+    Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord, PROTOCOL_VERSION,
+};
 use super::MeshLimits;
+use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+
+/// Why a signed status record was not accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordRejection {
+    /// The certificate does not chain to the fleet CA, is not an agent
+    /// certificate, or the signature is wrong: nobody honest relays such
+    /// a record, so the peer that sent it is cut off.
+    Forged(String),
+    /// The certificate is not valid at our `now` (expired, not yet
+    /// valid): clocks differ; the record is dropped without blame.
+    Stale(String),
+}
+
+/// The keys behind status gossip: sign our own records, verify others'.
+/// The agent uses X.509 against the fleet CA
+/// ([`super::tls::X509RecordKeys`]); the fleet simulator supplies its
+/// own cheap scheme. There is no default: an [`Endpoint`] cannot be built
+/// without one.
+pub trait RecordKeys: std::fmt::Debug + Send {
+    /// Signs `message` (an already domain-separated record) with our
+    /// key: returns the certificate to carry and the signature.
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String>;
+
+    /// Verifies that `signature` over `message` was made by the holder of
+    /// `cert`, an agent certificate of this fleet valid at `now_ms` (Unix
+    /// milliseconds for X.509 keys), and returns the agent id it names.
+    fn verify(
+        &self,
+        cert: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        now_ms: u64,
+    ) -> Result<String, RecordRejection>;
+}
 
 /// A connection, numbered by the endpoint.
 pub type ConnId = u64;
@@ -98,6 +154,12 @@ pub struct SyncConfig {
     /// Status records dated further than this in the future are ignored
     /// (default 5 min).
     pub max_clock_skew_ms: u64,
+    /// A status record older than this (by our clock, from the time its
+    /// author signed it) is dropped (default 10 min).
+    pub status_ttl_ms: u64,
+    /// Our own record is signed again after this long even if nothing
+    /// changed, so it never expires while we run (default 1 min).
+    pub status_refresh_ms: u64,
 }
 
 impl SyncConfig {
@@ -121,6 +183,8 @@ impl SyncConfig {
             dial_backoff_base_ms: 500,
             dial_backoff_max_ms: 10_000,
             max_clock_skew_ms: 300_000,
+            status_ttl_ms: 600_000,
+            status_refresh_ms: 60_000,
         }
     }
 }
@@ -228,8 +292,19 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// Status records changed (new or newer records arrived).
+    /// Status records changed (new or newer records arrived, or records
+    /// expired).
     StatusChanged,
+    /// Status records from a peer were dropped (for metrics; forged ones
+    /// also cut the peer off with [`Event::Rejected`]).
+    StatusDropped {
+        /// Who sent them.
+        peer: PeerIdentity,
+        /// Stable reason (`forged`, `expired`, `future`, `stale_cert`).
+        reason: &'static str,
+        /// How many.
+        count: u64,
+    },
 }
 
 /// One row of the peer table.
@@ -267,6 +342,10 @@ struct Conn {
     outstanding: BTreeMap<u64, (FetchId, Vec<Item>, u64)>,
     /// No new fetch from this connection before this time.
     fetch_backoff_until: u64,
+    /// Status records already sent on this connection (agent id -> record
+    /// time): gossip sends only what is newer, so an unchanged fleet costs
+    /// nothing to exchange.
+    status_sent: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -335,6 +414,15 @@ impl Rng {
 /// Most root versions fetched ahead in one fetch.
 const MAX_ROOT_STEPS: u64 = 16;
 
+/// A verified status record (or our own) and its signed form as gossiped.
+#[derive(Debug, Clone)]
+struct HeldStatus {
+    record: StatusRecord,
+    /// `None` only for our own record when signing failed: it is then
+    /// shown locally but not gossiped.
+    signed: Option<SignedStatus>,
+}
+
 /// One node's mesh state machine. See the module documentation.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -351,7 +439,8 @@ pub struct Endpoint {
     /// Channels whose adopted head no longer sets a rollback floor (a root
     /// rotation replaced the release keys that signed it).
     unbound_floors: BTreeSet<String>,
-    status: BTreeMap<String, StatusRecord>,
+    keys: Box<dyn RecordKeys>,
+    status: BTreeMap<String, HeldStatus>,
     peers: BTreeMap<String, PeerEntry>,
     pending_dials: BTreeSet<String>,
     bans: BTreeMap<String, Ban>,
@@ -361,8 +450,9 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// A new endpoint. `root_version` is the newest trust root held.
-    pub fn new(config: SyncConfig, root_version: u64) -> Self {
+    /// A new endpoint. `root_version` is the newest trust root held;
+    /// `keys` sign our status records and verify everyone else's.
+    pub fn new(config: SyncConfig, root_version: u64, keys: Box<dyn RecordKeys>) -> Self {
         let mut ep = Self {
             rng: Rng(config.rng_seed ^ 0x6361_6972_6e21),
             actions: VecDeque::new(),
@@ -374,6 +464,7 @@ impl Endpoint {
             heads: BTreeMap::new(),
             root_version: root_version.max(1),
             unbound_floors: BTreeSet::new(),
+            keys,
             status: BTreeMap::new(),
             peers: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
@@ -426,9 +517,18 @@ impl Endpoint {
         &self.heads
     }
 
-    /// The gossiped fleet status, by agent id (ours included).
-    pub fn status(&self) -> &BTreeMap<String, StatusRecord> {
-        &self.status
+    /// The gossiped fleet status at `now`, by agent id (ours included):
+    /// only verified records younger than the TTL.
+    pub fn status(&self, now: u64) -> impl Iterator<Item = &StatusRecord> + '_ {
+        self.status
+            .values()
+            .map(|h| &h.record)
+            .filter(move |r| !self.expired(r, now))
+    }
+
+    fn expired(&self, r: &StatusRecord, now: u64) -> bool {
+        r.agent_id != self.config.agent_id
+            && r.time.saturating_add(self.config.status_ttl_ms) <= now
     }
 
     /// The peer table, by address.
@@ -498,17 +598,52 @@ impl Endpoint {
         }
     }
 
-    /// Sets our own status record (its `time` is set to `now`).
+    /// Sets our own status record: its agent id and listen address are
+    /// ours, its `time` is `now`. It is signed again only when it changed
+    /// or is older than `status_refresh_ms`, so peers do not verify an
+    /// unchanged record over and over.
     pub fn set_local_status(&mut self, mut record: StatusRecord, now: u64) {
         record.agent_id = self.config.agent_id.clone();
+        record.listen = self
+            .config
+            .listen
+            .clone()
+            .filter(|l| !is_unspecified_host(l));
+        if let Some(held) = self.status.get(&record.agent_id) {
+            let mut same = held.record.clone();
+            same.time = record.time;
+            if same == record
+                && held.signed.is_some()
+                && now
+                    < held
+                        .record
+                        .time
+                        .saturating_add(self.config.status_refresh_ms)
+            {
+                return;
+            }
+        }
         record.time = now;
-        self.status.insert(record.agent_id.clone(), record);
+        let bytes = cairn_keys::codec::encode(&record);
+        let signed = self
+            .keys
+            .sign(&SignedStatus::signed_message(&bytes))
+            .ok()
+            .map(|(cert, sig)| SignedStatus {
+                record: bytes,
+                cert,
+                sig,
+            });
+        self.status
+            .insert(record.agent_id.clone(), HeldStatus { record, signed });
     }
 
     /// Adds peers (e.g. the persisted peer table at start-up).
     pub fn learn_peers(&mut self, peers: impl IntoIterator<Item = PeerInfo>) {
         for p in peers {
-            self.add_peer(&p.addr, p.agent_id, false);
+            if is_dialable(&p.addr) {
+                self.add_peer(&p.addr, p.agent_id, false);
+            }
         }
     }
 
@@ -545,6 +680,7 @@ impl Endpoint {
                 serving: BTreeSet::new(),
                 outstanding: BTreeMap::new(),
                 fetch_backoff_until: 0,
+                status_sent: BTreeMap::new(),
             },
         );
         if let PeerIdentity::Agent(id) = &identity {
@@ -664,7 +800,9 @@ impl Endpoint {
                 }
                 if let Some(listen) = h.listen {
                     let remote_ip = self.conns.get(&conn).and_then(|c| c.remote_ip.clone());
-                    if let Some(addr) = advertised_addr(&listen, remote_ip.as_deref()) {
+                    if let Some(addr) =
+                        advertised_addr(&listen, remote_ip.as_deref()).filter(|a| is_dialable(a))
+                    {
                         self.add_peer(&addr, Some(id.clone()), false);
                         if let Some(e) = self.peers.get_mut(&addr) {
                             e.last_connected = now;
@@ -676,9 +814,7 @@ impl Endpoint {
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
                 let heads = self.heads_message();
                 self.send(conn, heads, now);
-                let peers = self.peers_message();
-                self.send(conn, peers, now);
-                self.send_status(conn, now);
+                self.send_status(conn, false, now);
             } else {
                 self.actions
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
@@ -687,8 +823,9 @@ impl Endpoint {
         }
         if let PeerIdentity::Operator(_) = c.peer {
             return match msg {
-                Message::StatusRequest => self.send_status(conn, now),
+                Message::StatusRequest => self.send_status(conn, true, now),
                 Message::Bye(_) => self.close(conn, "operator said bye".into(), now),
+                // Operators may not author or relay records.
                 other => self.offense(
                     conn,
                     "operator_forbidden",
@@ -725,14 +862,13 @@ impl Endpoint {
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
             }
             Message::Data { id, items } => self.handle_data(conn, id, items, now),
-            Message::Status(records) => self.merge_status(records, now),
-            Message::StatusRequest => self.send_status(conn, now),
-            Message::Peers(peers) => {
-                for p in peers {
-                    self.add_peer(&p.addr, p.agent_id, false);
-                }
-            }
-            Message::Bye(reason) => self.close(conn, format!("peer said bye: {reason}"), now),
+            Message::Status(records) => self.merge_status(conn, records, now),
+            Message::StatusRequest => self.send_status(conn, true, now),
+            Message::Bye(reason) => self.close(
+                conn,
+                format!("peer said bye: {}", escape_untrusted(&reason)),
+                now,
+            ),
         }
     }
 
@@ -918,11 +1054,34 @@ impl Endpoint {
                 let conn = targets[self.rng.below(targets.len())];
                 let m = self.heads_message();
                 self.send(conn, m, now);
-                let p = self.peers_message();
-                self.send(conn, p, now);
-                self.send_status(conn, now);
+                self.send_status(conn, false, now);
             }
             self.maybe_start_fetches(now);
+            self.expire_status(now);
+        }
+        // Our own record: always present (a minimal one if the shell set
+        // none, so our address travels) and signed again before it ages.
+        let stale = self
+            .status
+            .get(&self.config.agent_id)
+            .is_none_or(|h| now >= h.record.time.saturating_add(self.config.status_refresh_ms));
+        if stale {
+            let record = self
+                .status
+                .get(&self.config.agent_id)
+                .map(|h| h.record.clone())
+                .unwrap_or_else(|| StatusRecord {
+                    agent_id: self.config.agent_id.clone(),
+                    channel: String::new(),
+                    labels: BTreeMap::new(),
+                    sequence: 0,
+                    bundle: String::new(),
+                    health: "unknown".into(),
+                    time: now,
+                    rollout: None,
+                    listen: None,
+                });
+            self.set_local_status(record, now);
         }
         // Dialing.
         if now >= self.next_dial {
@@ -957,92 +1116,193 @@ impl Endpoint {
         Message::Heads(heads)
     }
 
-    fn peers_message(&mut self) -> Message {
-        let mut good: Vec<PeerInfo> = self
-            .peers
+    /// Sends live signed records on `conn`: all of them (`full`, the
+    /// answer to `StatusRequest`), or those newer than what was already
+    /// sent there (gossip; nothing is sent when nothing is new).
+    fn send_status(&mut self, conn: ConnId, full: bool, now: u64) {
+        // Newest first, within the record count and a byte budget; only
+        // live records with a signature (expired ones are not relayed).
+        let Some(already) = self.conns.get(&conn).map(|c| &c.status_sent) else {
+            return;
+        };
+        let mut records: Vec<&HeldStatus> = self
+            .status
             .values()
-            .filter(|e| !e.is_self && e.last_connected > 0)
-            .map(|e| PeerInfo {
-                agent_id: e.agent_id.clone(),
-                addr: e.addr.clone(),
+            .filter(|h| h.signed.is_some() && !self.expired(&h.record, now))
+            .filter(|h| {
+                full || already
+                    .get(&h.record.agent_id)
+                    .is_none_or(|t| *t < h.record.time)
             })
             .collect();
-        if let Some(l) = &self.config.listen {
-            if !is_unspecified_host(l) {
-                good.push(PeerInfo {
-                    agent_id: Some(self.config.agent_id.clone()),
-                    addr: l.clone(),
-                });
-            }
+        if records.is_empty() && !full {
+            return;
         }
-        self.rng.shuffle(&mut good);
-        good.truncate(self.config.limits.max_peers_per_message);
-        Message::Peers(good)
-    }
-
-    fn send_status(&mut self, conn: ConnId, now: u64) {
-        // Newest first, within the record count and a byte budget.
-        let mut records: Vec<&StatusRecord> = self.status.values().collect();
-        records.sort_by_key(|r| std::cmp::Reverse(r.time));
+        records.sort_by_key(|h| std::cmp::Reverse(h.record.time));
         let budget = (self.config.limits.max_frame_bytes as usize) / 2;
         let mut used = 0;
         let mut out = Vec::new();
-        for r in records
+        let mut sent = Vec::new();
+        for h in records
             .into_iter()
             .take(self.config.limits.max_status_records)
         {
-            let n = 64
-                + r.agent_id.len()
-                + r.channel.len()
-                + r.bundle.len()
-                + r.health.len()
-                + r.labels
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len() + 4)
-                    .sum::<usize>();
+            let Some(signed) = &h.signed else { continue };
+            let n = 16 + signed.record.len() + signed.cert.len() + signed.sig.len();
             if used + n > budget {
                 break;
             }
             used += n;
-            out.push(r.clone());
+            out.push(signed.clone());
+            sent.push((h.record.agent_id.clone(), h.record.time));
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.status_sent.len() > 2 * self.config.limits.max_status_records {
+                c.status_sent.clear();
+            }
+            c.status_sent.extend(sent);
         }
         self.send(conn, Message::Status(out), now);
     }
 
-    fn merge_status(&mut self, records: Vec<StatusRecord>, now: u64) {
+    /// Drops records older than the TTL.
+    fn expire_status(&mut self, now: u64) {
+        let before = self.status.len();
+        let ttl = self.config.status_ttl_ms;
+        let me = self.config.agent_id.clone();
+        self.status
+            .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > now);
+        if self.status.len() != before {
+            self.actions.push_back(Action::Event(Event::StatusChanged));
+        }
+    }
+
+    /// Merges signed records from a peer. Cheap checks first (syntax,
+    /// about us, dated ahead, expired, not newer than what we hold), then
+    /// the signature: only records whose certificate names their agent id
+    /// and whose author signed them are kept. A forged record cuts the
+    /// peer off. One record per agent id; a new agent id takes a free or
+    /// expired slot, never a live record's.
+    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64) {
+        let Some(peer) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
+            return;
+        };
+        let limits = self.config.limits.clone();
         let mut changed = false;
-        for r in records {
-            if r.agent_id == self.config.agent_id || r.time > now + self.config.max_clock_skew_ms {
+        let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut forged: Option<String> = None;
+        let mut learned = Vec::new();
+        for signed in records {
+            let Ok(r) = signed.decode_record(&limits) else {
+                forged.get_or_insert_with(|| "undecodable status record".into());
+                continue;
+            };
+            if r.agent_id == self.config.agent_id {
                 continue;
             }
-            match self.status.get(&r.agent_id) {
-                Some(old) if old.time >= r.time => continue,
-                Some(_) => {}
-                None => {
-                    if self.status.len() >= self.config.limits.max_status_records {
-                        // Evict the oldest other record if this one is newer.
-                        let me = &self.config.agent_id;
-                        let oldest = self
-                            .status
-                            .values()
-                            .filter(|s| &s.agent_id != me)
-                            .min_by_key(|s| s.time)
-                            .map(|s| (s.agent_id.clone(), s.time));
-                        match oldest {
-                            Some((id, t)) if t < r.time => {
-                                self.status.remove(&id);
-                            }
-                            _ => continue,
-                        }
+            if r.time > now.saturating_add(self.config.max_clock_skew_ms) {
+                *dropped.entry("future").or_default() += 1;
+                continue;
+            }
+            if r.time.saturating_add(self.config.status_ttl_ms) <= now {
+                *dropped.entry("expired").or_default() += 1;
+                continue;
+            }
+            if self
+                .status
+                .get(&r.agent_id)
+                .is_some_and(|old| old.record.time >= r.time && !self.expired(&old.record, now))
+            {
+                continue;
+            }
+            let message = SignedStatus::signed_message(&signed.record);
+            match self.keys.verify(&signed.cert, &message, &signed.sig, now) {
+                Ok(author) if author == r.agent_id => {}
+                Ok(author) => {
+                    *dropped.entry("forged").or_default() += 1;
+                    forged.get_or_insert_with(|| {
+                        format!(
+                            "status record for agent {} signed by agent {author}",
+                            r.agent_id
+                        )
+                    });
+                    continue;
+                }
+                Err(RecordRejection::Forged(why)) => {
+                    *dropped.entry("forged").or_default() += 1;
+                    forged.get_or_insert_with(|| {
+                        format!("status record for agent {}: {why}", r.agent_id)
+                    });
+                    continue;
+                }
+                Err(RecordRejection::Stale(_)) => {
+                    *dropped.entry("stale_cert").or_default() += 1;
+                    continue;
+                }
+            }
+            if !self.status.contains_key(&r.agent_id)
+                && self.status.len() >= limits.max_status_records
+            {
+                // Full: only an expired record makes room.
+                let ttl = self.config.status_ttl_ms;
+                let me = &self.config.agent_id;
+                let victim = self
+                    .status
+                    .iter()
+                    .filter(|(id, h)| *id != me && h.record.time.saturating_add(ttl) <= now)
+                    .min_by_key(|(_, h)| h.record.time)
+                    .map(|(id, _)| id.clone());
+                match victim {
+                    Some(v) => {
+                        self.status.remove(&v);
+                    }
+                    None => {
+                        *dropped.entry("table_full").or_default() += 1;
+                        continue;
                     }
                 }
             }
-            self.status.insert(r.agent_id.clone(), r);
+            if let Some(l) = &r.listen {
+                learned.push((l.clone(), r.agent_id.clone()));
+            }
+            self.status.insert(
+                r.agent_id.clone(),
+                HeldStatus {
+                    record: r,
+                    signed: Some(signed),
+                },
+            );
             changed = true;
+        }
+        for (addr, id) in learned {
+            self.learn_signed_address(&addr, &id);
+        }
+        for (reason, count) in dropped {
+            self.actions.push_back(Action::Event(Event::StatusDropped {
+                peer: peer.clone(),
+                reason,
+                count,
+            }));
         }
         if changed {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
+        if let Some(detail) = forged {
+            self.offense(conn, "forged_status", detail, now);
+        }
+    }
+
+    /// An agent's address from its own signed record: it replaces the
+    /// addresses we learned for that agent but never connected to (one
+    /// address per agent id; seeds stay).
+    fn learn_signed_address(&mut self, addr: &str, agent_id: &str) {
+        if !is_dialable(addr) || self.peers.contains_key(addr) {
+            return;
+        }
+        self.peers.retain(|_, e| {
+            e.seed || e.last_connected > 0 || e.agent_id.as_deref() != Some(agent_id)
+        });
+        self.add_peer(addr, Some(agent_id.to_owned()), false);
     }
 
     fn add_peer(&mut self, addr: &str, agent_id: Option<String>, seed: bool) {
@@ -1445,6 +1705,40 @@ impl Endpoint {
                 .push_back(Action::Event(Event::PeerDown { conn, peer: c.peer }));
         }
         self.maybe_start_fetches(now);
+    }
+}
+
+/// Whether `addr` may be dialed when learned from a peer (`Hello`, a
+/// signed record, the persisted table): `host:port` with a port above 0
+/// and either a DNS name or a unicast IP (not unspecified, multicast or
+/// broadcast). Seeds from the configuration are the operator's choice.
+pub fn is_dialable(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+        return false;
+    }
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => {
+            !(bracketed
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || ip.octets()[0] == 0)
+        }
+        Ok(IpAddr::V6(ip)) => bracketed && !(ip.is_unspecified() || ip.is_multicast()),
+        Err(_) => {
+            !bracketed
+                && !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+                && !host.starts_with(['-', '.'])
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 //! identity from its certificate with [`peer_identity`].
 
 use super::pki::{self, PeerIdentity, PkiError};
+use super::sync::{RecordKeys, RecordRejection};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
@@ -133,10 +135,154 @@ pub fn peer_identity(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentit
     pki::identity_of(first)
 }
 
+/// Most verified certificates remembered by [`X509RecordKeys`] (the cache
+/// is emptied when full).
+const MAX_CACHED_CERTS: usize = 8192;
+
+/// A certificate that passed chain verification, remembered so that a new
+/// record from the same agent costs one signature check.
+#[derive(Debug, Clone)]
+struct VerifiedCert {
+    agent_id: String,
+    public_key: Vec<u8>,
+    not_before_ms: u64,
+    not_after_ms: u64,
+}
+
+/// Status record keys from mesh credentials: our records are signed with
+/// our mesh (TLS) private key and carry our certificate; others' are
+/// verified with the same WebPKI verification as a TLS server
+/// certificate — chain to the fleet CA, validity at the receiver's `now`,
+/// server authentication and the name [`pki::MESH_SERVER_NAME`], which
+/// only agent certificates have — then their URI must name an agent and
+/// the ECDSA P-256 signature must verify with the certificate's key.
+pub struct X509RecordKeys {
+    cert: Vec<u8>,
+    signer: Box<dyn rustls::sign::Signer>,
+    verifier: Arc<WebPkiServerVerifier>,
+    cache: std::sync::Mutex<std::collections::HashMap<Vec<u8>, VerifiedCert>>,
+}
+
+impl std::fmt::Debug for X509RecordKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X509RecordKeys")
+            .field("cert_bytes", &self.cert.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl X509RecordKeys {
+    /// Keys from loaded credentials. The private key must be ECDSA P-256
+    /// (what `cairn mesh issue` makes).
+    pub fn new(creds: &Credentials) -> Result<Self, TlsError> {
+        let provider = provider();
+        let key = provider
+            .key_provider
+            .load_private_key(creds.key.clone_key())
+            .map_err(cfg)?;
+        let signer = key
+            .choose_scheme(&[rustls::SignatureScheme::ECDSA_NISTP256_SHA256])
+            .ok_or_else(|| {
+                TlsError::Config("the mesh key must be ECDSA P-256 to sign status records".into())
+            })?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(creds.roots.clone(), provider)
+            .build()
+            .map_err(cfg)?;
+        Ok(Self {
+            cert: creds.chain[0].to_vec(),
+            signer,
+            verifier,
+            cache: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
+    }
+
+    fn check_cert(&self, cert: &[u8], now_ms: u64) -> Result<VerifiedCert, RecordRejection> {
+        let key = ring::digest::digest(&ring::digest::SHA256, cert)
+            .as_ref()
+            .to_vec();
+        if let Ok(cache) = self.cache.lock() {
+            if let Some(v) = cache.get(&key) {
+                if v.not_before_ms <= now_ms && now_ms <= v.not_after_ms {
+                    return Ok(v.clone());
+                }
+            }
+        }
+        let der = CertificateDer::from(cert);
+        let now =
+            rustls::pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_millis(now_ms));
+        if let Err(e) = self
+            .verifier
+            .verify_server_cert(&der, &[], &server_name(), &[], now)
+        {
+            use rustls::{CertificateError, Error};
+            return Err(match e {
+                Error::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => RecordRejection::Stale(e.to_string()),
+                other => RecordRejection::Forged(format!("certificate: {other}")),
+            });
+        }
+        let agent_id = match pki::identity_of(cert) {
+            Ok(PeerIdentity::Agent(id)) => id,
+            Ok(other) => {
+                return Err(RecordRejection::Forged(format!(
+                    "certificate of {other} cannot author agent records"
+                )))
+            }
+            Err(e) => return Err(RecordRejection::Forged(e.to_string())),
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| RecordRejection::Forged(format!("certificate: {e}")))?;
+        let ms =
+            |t: x509_parser::time::ASN1Time| (t.timestamp().max(0) as u64).saturating_mul(1000);
+        let v = VerifiedCert {
+            agent_id,
+            public_key: parsed.public_key().subject_public_key.data.to_vec(),
+            not_before_ms: ms(parsed.validity().not_before),
+            not_after_ms: ms(parsed.validity().not_after),
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHED_CERTS {
+                cache.clear();
+            }
+            cache.insert(key, v.clone());
+        }
+        Ok(v)
+    }
+}
+
+impl RecordKeys for X509RecordKeys {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        let sig = self.signer.sign(message).map_err(|e| e.to_string())?;
+        Ok((self.cert.clone(), sig))
+    }
+
+    fn verify(
+        &self,
+        cert: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        now_ms: u64,
+    ) -> Result<String, RecordRejection> {
+        let v = self.check_cert(cert, now_ms)?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &v.public_key,
+        )
+        .verify(message, signature)
+        .map_err(|_| RecordRejection::Forged("bad signature".into()))?;
+        Ok(v.agent_id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mesh::pki::{init_ca_dir, issue_to_dir};
+    use crate::mesh::MeshLimits;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
@@ -241,6 +387,85 @@ mod tests {
         let err = c.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
         assert!(s.is_err());
+    }
+
+    #[test]
+    fn status_records_are_signed_and_verified_with_mesh_certificates() {
+        use crate::mesh::pki::{issue, new_ca};
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca_dir(&ca, "fleet", now(), 10).unwrap();
+        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let b = creds(&d.path().join("b"), &ca, PeerIdentity::Agent("b".into()));
+        let (ka, kb) = (
+            X509RecordKeys::new(&a).unwrap(),
+            X509RecordKeys::new(&b).unwrap(),
+        );
+        let now_ms = now() * 1000;
+        let msg = b"cairn-mesh-status-record-v2\0record";
+        let (cert, sig) = ka.sign(msg).unwrap();
+        assert!(
+            cert.len() < MeshLimits::default().max_cert_bytes,
+            "{}",
+            cert.len()
+        );
+        assert!(sig.len() <= MeshLimits::default().max_signature_bytes);
+        // b verifies a's record as a's, twice (the second from the cache).
+        for _ in 0..2 {
+            assert_eq!(kb.verify(&cert, msg, &sig, now_ms).unwrap(), "a");
+        }
+        // Another message, or b's signature with a's certificate: forged.
+        assert!(matches!(
+            kb.verify(&cert, b"other", &sig, now_ms),
+            Err(RecordRejection::Forged(_))
+        ));
+        let (_, sig_b) = kb.sign(msg).unwrap();
+        assert!(matches!(
+            kb.verify(&cert, msg, &sig_b, now_ms),
+            Err(RecordRejection::Forged(_))
+        ));
+        // Outside the certificate's validity (by the receiver's clock):
+        // stale, not forged — also once it is cached.
+        let later = now_ms + 3 * 86_400_000;
+        assert!(matches!(
+            kb.verify(&cert, msg, &sig, later),
+            Err(RecordRejection::Stale(_))
+        ));
+        // An operator certificate of the same fleet cannot author records.
+        let o = creds(
+            &d.path().join("o"),
+            &ca,
+            PeerIdentity::Operator("ops".into()),
+        );
+        let (ocert, osig) = X509RecordKeys::new(&o).unwrap().sign(msg).unwrap();
+        let err = kb.verify(&ocert, msg, &osig, now_ms).unwrap_err();
+        assert!(matches!(err, RecordRejection::Forged(_)), "{err:?}");
+        // A certificate from another CA naming agent "b": forged.
+        let other = new_ca("intruder", now(), 10).unwrap();
+        let x = issue(
+            &other.cert_pem,
+            &other.key_pem,
+            &PeerIdentity::Agent("b".into()),
+            now(),
+            1,
+        )
+        .unwrap();
+        let xdir = d.path().join("x");
+        std::fs::create_dir_all(&xdir).unwrap();
+        std::fs::write(xdir.join("agent.crt"), &x.cert_pem).unwrap();
+        std::fs::write(xdir.join("agent.key"), &x.key_pem).unwrap();
+        let xc = Credentials::load(&CredentialPaths {
+            cert: xdir.join("agent.crt"),
+            key: xdir.join("agent.key"),
+            ca: d.path().join("a").join("ca.crt"),
+        })
+        .unwrap();
+        let (xcert, xsig) = X509RecordKeys::new(&xc).unwrap().sign(msg).unwrap();
+        let err = ka.verify(&xcert, msg, &xsig, now_ms).unwrap_err();
+        assert!(
+            matches!(&err, RecordRejection::Forged(e) if e.contains("UnknownIssuer")),
+            "{err:?}"
+        );
     }
 
     #[test]

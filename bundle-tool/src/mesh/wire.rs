@@ -18,8 +18,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-/// The mesh protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The mesh protocol version spoken by this build. Version 2: status
+/// records are signed by the agent they describe ([`SignedStatus`]) and
+/// carry its `listen` address; the unsigned `Peers` message of version 1
+/// is gone (addresses travel only inside signed records).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Domain separator of status record signatures: the signed message is
+/// these bytes followed by the record's CBOR bytes exactly as carried.
+pub const STATUS_SIGNATURE_DOMAIN: &[u8] = b"cairn-mesh-status-record-v2\0";
 /// Bytes of the frame length prefix.
 pub const HEADER_BYTES: usize = 4;
 
@@ -119,8 +125,9 @@ pub struct Found {
     pub bytes: Option<Vec<u8>>,
 }
 
-/// A compact status record about one agent, gossiped fleet-wide. The
-/// newest (`time`) record per agent wins.
+/// A compact status record about one agent, gossiped fleet-wide inside a
+/// [`SignedStatus`] signed by that agent. The newest (`time`) verified
+/// record per agent wins.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRecord {
     /// The agent it describes.
@@ -144,6 +151,88 @@ pub struct StatusRecord {
     /// agents decode with `None`, and older agents ignore it.
     #[serde(default)]
     pub rollout: Option<RolloutRecord>,
+    /// The address (`host:port`) the agent accepts mesh connections on,
+    /// if it listens on a specified host: how peers learn where to dial
+    /// it (signed by the agent, so nobody else can point it elsewhere).
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// A status record as gossiped: its CBOR bytes, the certificate (DER) of
+/// the agent it describes and that agent's signature over
+/// [`STATUS_SIGNATURE_DOMAIN`] ‖ `record`. Receivers verify the
+/// certificate against the fleet CA, that it names the record's agent id,
+/// and the signature, before the record counts for anything.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedStatus {
+    /// The CBOR encoding of a [`StatusRecord`], signed as is.
+    #[serde(with = "serde_bytes")]
+    pub record: Vec<u8>,
+    /// The author's certificate (DER).
+    #[serde(with = "serde_bytes")]
+    pub cert: Vec<u8>,
+    /// The author's signature (ECDSA P-256 SHA-256, ASN.1 DER, for the
+    /// X.509 keys `cairn mesh issue` makes).
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+}
+
+impl SignedStatus {
+    /// The bytes a signature covers: the domain separator, then the
+    /// record's bytes.
+    pub fn signed_message(record: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(STATUS_SIGNATURE_DOMAIN.len() + record.len());
+        m.extend_from_slice(STATUS_SIGNATURE_DOMAIN);
+        m.extend_from_slice(record);
+        m
+    }
+
+    /// Decodes and validates the record (sizes were checked with the
+    /// message). Says nothing about who wrote it: verify the signature.
+    pub fn decode_record(&self, limits: &MeshLimits) -> Result<StatusRecord, WireError> {
+        let r: StatusRecord =
+            cairn_keys::codec::decode("status record", &self.record, limits.max_record_bytes)
+                .map_err(|e| WireError::Invalid(e.to_string()))?;
+        validate_record(&r, limits)?;
+        Ok(r)
+    }
+}
+
+/// Checks a status record's fields against `limits`.
+pub fn validate_record(r: &StatusRecord, limits: &MeshLimits) -> Result<(), WireError> {
+    let bad = |s: String| Err(WireError::Invalid(s));
+    let string = |what: &str, s: &str| {
+        if s.len() > limits.max_string {
+            bad(format!("{what} longer than {} bytes", limits.max_string))
+        } else {
+            Ok(())
+        }
+    };
+    validate_identity(&r.agent_id).map_err(|e| WireError::Invalid(e.to_string()))?;
+    if !r.channel.is_empty() {
+        validate_channel(&r.channel).map_err(WireError::Invalid)?;
+    }
+    if !r.bundle.is_empty() && !is_address(&r.bundle) {
+        return bad("malformed bundle address in a status record".into());
+    }
+    string("health", &r.health)?;
+    if let Some(ro) = &r.rollout {
+        if !ro.pending_bundle.is_empty() && !is_address(&ro.pending_bundle) {
+            return bad("malformed pending bundle address in a status record".into());
+        }
+        string("rollout state", &ro.state)?;
+    }
+    if r.labels.len() > limits.max_labels {
+        return bad(format!("{} labels", r.labels.len()));
+    }
+    for (k, v) in &r.labels {
+        string("label", k)?;
+        string("label", v)?;
+    }
+    if let Some(l) = &r.listen {
+        string("listen address", l)?;
+    }
+    Ok(())
 }
 
 /// An agent's rollout state in its [`StatusRecord`]: a newer verified
@@ -168,7 +257,8 @@ pub struct RolloutRecord {
     pub held_until: u64,
 }
 
-/// A peer known to the sender.
+/// A peer address and the agent id last seen there (the agent's persisted
+/// peer table; no longer a wire message since protocol version 2).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// Its agent id, if the sender has connected to it.
@@ -199,12 +289,11 @@ pub enum Message {
         /// The answers.
         items: Vec<Found>,
     },
-    /// Status records (gossip, or the answer to `StatusRequest`).
-    Status(Vec<StatusRecord>),
+    /// Signed status records (gossip, or the answer to `StatusRequest`).
+    /// Peer exchange rides on them: each carries its author's address.
+    Status(Vec<SignedStatus>),
     /// Asks for every status record the receiver holds (operator CLI).
     StatusRequest,
-    /// Peer exchange.
-    Peers(Vec<PeerInfo>),
     /// The sender is closing, and why.
     Bye(String),
 }
@@ -219,7 +308,6 @@ impl Message {
             Message::Data { .. } => "data",
             Message::Status(_) => "status",
             Message::StatusRequest => "status_request",
-            Message::Peers(_) => "peers",
             Message::Bye(_) => "bye",
         }
     }
@@ -297,39 +385,21 @@ impl Message {
                     return bad(format!("{} status records", rs.len()));
                 }
                 for r in rs {
-                    validate_identity(&r.agent_id)
-                        .map_err(|e| WireError::Invalid(e.to_string()))?;
-                    if !r.channel.is_empty() {
-                        channel(&r.channel)?;
+                    if r.record.len() > limits.max_record_bytes
+                        || r.cert.len() > limits.max_cert_bytes
+                        || r.sig.len() > limits.max_signature_bytes
+                    {
+                        return bad(format!(
+                            "signed status record of {}+{}+{} bytes (limits: record {}, certificate {}, signature {})",
+                            r.record.len(),
+                            r.cert.len(),
+                            r.sig.len(),
+                            limits.max_record_bytes,
+                            limits.max_cert_bytes,
+                            limits.max_signature_bytes
+                        ));
                     }
-                    if !r.bundle.is_empty() {
-                        address(&r.bundle)?;
-                    }
-                    string("health", &r.health)?;
-                    if let Some(ro) = &r.rollout {
-                        if !ro.pending_bundle.is_empty() {
-                            address(&ro.pending_bundle)?;
-                        }
-                        string("rollout state", &ro.state)?;
-                    }
-                    if r.labels.len() > limits.max_labels {
-                        return bad(format!("{} labels", r.labels.len()));
-                    }
-                    for (k, v) in &r.labels {
-                        string("label", k)?;
-                        string("label", v)?;
-                    }
-                }
-            }
-            Message::Peers(ps) => {
-                if ps.len() > limits.max_peers_per_message {
-                    return bad(format!("{} peers", ps.len()));
-                }
-                for p in ps {
-                    string("peer address", &p.addr)?;
-                    if let Some(id) = &p.agent_id {
-                        validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
-                    }
+                    r.decode_record(limits)?;
                 }
             }
             Message::StatusRequest => {}
@@ -420,6 +490,14 @@ mod tests {
         MeshLimits::default()
     }
 
+    fn signed(r: &StatusRecord) -> SignedStatus {
+        SignedStatus {
+            record: cairn_keys::codec::encode(r),
+            cert: vec![1; 16],
+            sig: vec![2; 8],
+        }
+    }
+
     fn sample() -> Vec<Message> {
         let a = cairn_keys::sha256_address(b"x");
         vec![
@@ -454,7 +532,7 @@ mod tests {
                     },
                 ],
             },
-            Message::Status(vec![StatusRecord {
+            Message::Status(vec![signed(&StatusRecord {
                 agent_id: "a1".into(),
                 channel: "stable".into(),
                 labels: [("site".to_string(), "north".to_string())].into(),
@@ -463,12 +541,9 @@ mod tests {
                 health: "healthy".into(),
                 time: 5,
                 rollout: None,
-            }]),
+                listen: Some("10.0.0.1:7440".into()),
+            })]),
             Message::StatusRequest,
-            Message::Peers(vec![PeerInfo {
-                agent_id: Some("a2".into()),
-                addr: "10.0.0.2:7440".into(),
-            }]),
             Message::Bye("done".into()),
         ]
     }
@@ -548,7 +623,7 @@ mod tests {
                 bundle: cairn_keys::sha256_address(b""),
                 root_version: 1,
             }]),
-            Message::Status(vec![StatusRecord {
+            Message::Status(vec![signed(&StatusRecord {
                 agent_id: "bad id".into(),
                 channel: String::new(),
                 labels: BTreeMap::new(),
@@ -557,19 +632,50 @@ mod tests {
                 health: String::new(),
                 time: 0,
                 rollout: None,
+                listen: None,
+            })]),
+            // A certificate over the cap.
+            Message::Status(vec![SignedStatus {
+                cert: vec![0; lim().max_cert_bytes + 1],
+                ..signed(&StatusRecord {
+                    agent_id: "a1".into(),
+                    channel: String::new(),
+                    labels: BTreeMap::new(),
+                    sequence: 0,
+                    bundle: String::new(),
+                    health: String::new(),
+                    time: 0,
+                    rollout: None,
+                    listen: None,
+                })
             }]),
-            Message::Peers(vec![
-                PeerInfo {
-                    agent_id: None,
-                    addr: "a:1".into()
-                };
-                lim().max_peers_per_message + 1
-            ]),
+            // Record bytes that are not a record.
+            Message::Status(vec![SignedStatus {
+                record: vec![0xff; 8],
+                cert: vec![],
+                sig: vec![],
+            }]),
         ];
         for m in cases {
             let f = encode_frame(&m, lim().max_frame_bytes).unwrap();
             let err = read_frame(&mut &f[..], &lim()).unwrap_err();
             assert!(matches!(err, WireError::Invalid(_)), "{m:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_version_1_peers_message_is_refused_as_garbage() {
+        // Protocol version 1's unsigned peer exchange, as a v1 peer (or an
+        // attacker) would encode it: no longer a message.
+        #[derive(Serialize)]
+        enum V1 {
+            Peers(Vec<PeerInfo>),
+        }
+        let body = cairn_keys::codec::encode(&V1::Peers(vec![PeerInfo {
+            agent_id: Some("a2".into()),
+            addr: "10.0.0.2:7440".into(),
+        }]));
+        let err = decode_body(&body, &lim()).unwrap_err();
+        assert_eq!(err.reason(), "garbage", "{err}");
     }
 }

@@ -38,7 +38,9 @@
 use cairn_bundle::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
+use cairn_bundle::mesh::sync::{
+    Action, ConnId, Endpoint, Event, FetchId, RecordKeys, RecordRejection, SyncConfig,
+};
 use cairn_bundle::mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_bundle::rollout::{decide, Decision, FleetReports};
@@ -529,6 +531,52 @@ pub struct Sim {
     adoptions: BTreeMap<u64, Vec<u64>>,
 }
 
+/// Status record keys of the simulated fleet: thousands of X.509
+/// certificates and ECDSA signatures would dominate the run, so the
+/// "certificate" is the agent id and the "signature" a keyed SHA-256 under
+/// a fleet secret every simulated agent shares. The endpoint's checks
+/// (the certificate names the record's agent, the signature covers the
+/// record) are the real ones; only the cryptography is cheaper.
+#[derive(Debug)]
+struct SimKeys {
+    agent_id: String,
+}
+
+const SIM_FLEET_SECRET: &[u8] = b"cairn-sim fleet secret";
+
+fn sim_signature(agent_id: &str, message: &[u8]) -> Vec<u8> {
+    let mut m = SIM_FLEET_SECRET.to_vec();
+    m.extend_from_slice(agent_id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(message);
+    sha256_address(&m).into_bytes()
+}
+
+impl RecordKeys for SimKeys {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        Ok((
+            self.agent_id.as_bytes().to_vec(),
+            sim_signature(&self.agent_id, message),
+        ))
+    }
+
+    fn verify(
+        &self,
+        cert: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        _now_ms: u64,
+    ) -> Result<String, RecordRejection> {
+        let id = std::str::from_utf8(cert)
+            .map_err(|_| RecordRejection::Forged("certificate is not an agent id".into()))?;
+        if sim_signature(id, message) == signature {
+            Ok(id.to_owned())
+        } else {
+            Err(RecordRejection::Forged("bad signature".into()))
+        }
+    }
+}
+
 fn secs(ms: u64) -> u64 {
     EPOCH + ms / 1000
 }
@@ -807,7 +855,10 @@ impl Sim {
         c.rng_seed = self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(n.inc);
         c.anti_entropy_ms = self.cfg.anti_entropy_ms;
         c.limits.target_connections = self.cfg.target_connections;
-        Endpoint::new(c, 1)
+        let keys = SimKeys {
+            agent_id: n.id.clone(),
+        };
+        Endpoint::new(c, 1, Box::new(keys))
     }
 
     fn start(&mut self, i: usize) {
@@ -1105,7 +1156,10 @@ impl Sim {
             Event::Rejected { reason, .. } => {
                 *self.rejections.entry(reason).or_default() += 1;
             }
-            Event::PeerUp { .. } | Event::PeerDown { .. } | Event::StatusChanged => {}
+            Event::PeerUp { .. }
+            | Event::PeerDown { .. }
+            | Event::StatusChanged
+            | Event::StatusDropped { .. } => {}
         }
     }
 
@@ -1137,7 +1191,7 @@ impl Sim {
     fn reports(&self, i: usize, bundle: &str) -> FleetReports {
         let mut r = FleetReports::default();
         if let Some(ep) = &self.nodes[i].ep {
-            for s in ep.status().values().filter(|s| s.bundle == bundle) {
+            for s in ep.status(self.now).filter(|s| s.bundle == bundle) {
                 r.adopted += 1;
                 if s.health == "failed" {
                     r.failed += 1;
@@ -1361,6 +1415,7 @@ impl Sim {
             health: "healthy".into(),
             time: now,
             rollout: None,
+            listen: None,
         };
         if let Some(ep) = n.ep.as_mut() {
             ep.set_local_status(rec, now);

@@ -8,6 +8,97 @@ use cairn_keys::{codec, sha256_address};
 
 const LATENCY: u64 = 5;
 
+/// Test record keys: the "certificate" is the agent id, the "signature" a
+/// SHA-256 keyed with a fleet secret (the real X.509 keys are tested in
+/// `tls.rs` and through the agent). Whoever lacks the secret cannot sign.
+#[derive(Debug)]
+struct TestKeys {
+    id: String,
+}
+
+const FLEET_SECRET: &[u8] = b"sync tests fleet secret";
+
+fn test_signature(id: &str, message: &[u8]) -> Vec<u8> {
+    let mut m = FLEET_SECRET.to_vec();
+    m.extend_from_slice(id.as_bytes());
+    m.push(0);
+    m.extend_from_slice(message);
+    sha256_address(&m).into_bytes()
+}
+
+impl RecordKeys for TestKeys {
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+        Ok((
+            self.id.as_bytes().to_vec(),
+            test_signature(&self.id, message),
+        ))
+    }
+
+    fn verify(
+        &self,
+        cert: &[u8],
+        message: &[u8],
+        signature: &[u8],
+        _now_ms: u64,
+    ) -> Result<String, RecordRejection> {
+        let id = std::str::from_utf8(cert).map_err(|e| RecordRejection::Forged(e.to_string()))?;
+        if let Some(id) = id.strip_prefix("expired:") {
+            return Err(RecordRejection::Stale(format!("{id}: certificate expired")));
+        }
+        if test_signature(id, message) == signature {
+            Ok(id.to_owned())
+        } else {
+            Err(RecordRejection::Forged("bad signature".into()))
+        }
+    }
+}
+
+fn new_ep(c: SyncConfig) -> Endpoint {
+    let keys = Box::new(TestKeys {
+        id: c.agent_id.clone(),
+    });
+    Endpoint::new(c, 1, keys)
+}
+
+/// `r` signed by `author` (a fleet member, or an attacker signing a
+/// record about someone else).
+fn signed_by(author: &str, r: &StatusRecord) -> SignedStatus {
+    let record = codec::encode(r);
+    let (cert, sig) = TestKeys { id: author.into() }
+        .sign(&SignedStatus::signed_message(&record))
+        .unwrap();
+    SignedStatus { record, cert, sig }
+}
+
+fn record(id: &str, health: &str, time: u64) -> StatusRecord {
+    StatusRecord {
+        agent_id: id.into(),
+        channel: "stable".into(),
+        labels: BTreeMap::new(),
+        sequence: 1,
+        bundle: sha256_address(b"bundle"),
+        health: health.into(),
+        time,
+        rollout: None,
+        listen: None,
+    }
+}
+
+/// Agent ids in `ep`'s status view at `now`.
+fn status_ids(ep: &Endpoint, now: u64) -> Vec<String> {
+    ep.status(now).map(|r| r.agent_id.clone()).collect()
+}
+
+/// Adopters and failures of `bundle`, as the agent computes its breaker
+/// inputs from the status view.
+fn breaker_inputs(ep: &Endpoint, bundle: &str, now: u64) -> (u64, u64) {
+    let rs: Vec<&StatusRecord> = ep.status(now).filter(|r| r.bundle == bundle).collect();
+    (
+        rs.len() as u64,
+        rs.iter().filter(|r| r.health == "failed").count() as u64,
+    )
+}
+
 /// Toy release: (channel, sequence, manifest address, valid).
 type ToyRelease = (String, u64, String, bool);
 
@@ -96,7 +187,7 @@ impl Sim {
             .map(|(i, c)| Node {
                 id: c.agent_id.clone(),
                 addr: addr(i),
-                ep: Endpoint::new(c, 1),
+                ep: new_ep(c),
                 objects: BTreeMap::new(),
                 releases: BTreeMap::new(),
                 pending: BTreeMap::new(),
@@ -363,7 +454,10 @@ impl Sim {
             Event::Rejected { peer, reason, .. } => {
                 n.rejections.push((peer.name().to_owned(), reason))
             }
-            Event::PeerUp { .. } | Event::PeerDown { .. } | Event::StatusChanged => {}
+            Event::PeerUp { .. }
+            | Event::PeerDown { .. }
+            | Event::StatusChanged
+            | Event::StatusDropped { .. } => {}
         }
     }
 
@@ -632,100 +726,398 @@ fn status_gossip_spreads_and_newest_wins() {
             health: "healthy".into(),
             time: 0,
             rollout: None,
+            listen: None,
         };
         let now = sim.now;
         sim.nodes[i].ep.set_local_status(r, now);
     }
     sim.run(60_000);
-    for n in &sim.nodes {
-        assert_eq!(n.ep.status().len(), 5, "{}", n.id);
-    }
-    let mut r = sim.nodes[4].ep.status()["a4"].clone();
-    r.health = "failed".into();
     let now = sim.now;
+    for n in &sim.nodes {
+        assert_eq!(n.ep.status(now).count(), 5, "{}", n.id);
+    }
+    let mut r = sim.nodes[4]
+        .ep
+        .status(now)
+        .find(|r| r.agent_id == "a4")
+        .unwrap()
+        .clone();
+    r.health = "failed".into();
     sim.nodes[4].ep.set_local_status(r, now);
     sim.run(60_000);
-    assert_eq!(sim.nodes[0].ep.status()["a4"].health, "failed");
+    let now = sim.now;
+    let a4 = sim.nodes[0].ep.status(now).find(|r| r.agent_id == "a4");
+    assert_eq!(a4.unwrap().health, "failed");
 }
 
 #[test]
 fn status_records_from_the_future_or_about_us_are_ignored() {
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let now = 1_000_000;
-    let rec = |id: &str, time| StatusRecord {
-        agent_id: id.into(),
-        channel: String::new(),
-        labels: BTreeMap::new(),
-        sequence: 0,
-        bundle: String::new(),
-        health: "bad".into(),
-        time,
-        rollout: None,
-    };
-    let c = ep.connected(PeerIdentity::Agent("a1".into()), None, None, now);
-    ep.handle_message(
-        c,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
-        now,
-    );
+    let c = hello(&mut ep, "a1", now);
     ep.handle_message(
         c,
         Message::Status(vec![
-            rec("a0", now),
-            rec("a9", now + 3_600_000),
-            rec("a2", now),
+            signed_by("a0", &record("a0", "failed", now)),
+            signed_by("a9", &record("a9", "failed", now + 3_600_000)),
+            signed_by("a2", &record("a2", "healthy", now)),
         ]),
         now,
     );
-    assert_eq!(ep.status().keys().collect::<Vec<_>>(), vec!["a2"]);
+    assert_eq!(status_ids(&ep, now), vec!["a2"]);
+    assert!(drain_rejections(&mut ep).is_empty());
 }
 
 #[test]
-fn status_table_is_bounded() {
-    let mut c = cfg(0, vec![]);
-    c.limits.max_status_records = 3;
-    let mut ep = Endpoint::new(c, 1);
+fn forged_status_records_are_refused_and_cut_the_peer_off() {
     let now = 1_000_000;
-    let conn = ep.connected(PeerIdentity::Agent("a1".into()), None, None, now);
-    ep.handle_message(
-        conn,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
+    let bundle = sha256_address(b"bundle");
+    for (what, forged) in [
+        // A fleet member's own key, a record about another agent.
+        (
+            "id mismatch",
+            signed_by("evil", &record("a2", "failed", now)),
+        ),
+        // The victim's "certificate", the attacker's signature.
+        ("bad signature", {
+            let mut s = signed_by("a2", &record("a2", "failed", now));
+            s.sig = test_signature("evil", &SignedStatus::signed_message(&s.record));
+            s
         }),
+        // A genuine record altered after signing.
+        ("altered", {
+            let mut s = signed_by("a2", &record("a2", "healthy", now));
+            s.record = codec::encode(&record("a2", "failed", now));
+            s
+        }),
+    ] {
+        let mut ep = new_ep(cfg(0, vec![]));
+        // a2's real record first.
+        let honest = hello(&mut ep, "a3", now);
+        ep.handle_message(
+            honest,
+            Message::Status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
+            now,
+        );
+        let c = hello(&mut ep, "evil", now);
+        ep.handle_message(c, Message::Status(vec![forged]), now);
+        let mut rejected = Vec::new();
+        let mut dropped = Vec::new();
+        while let Some(a) = ep.poll_action() {
+            match a {
+                Action::Event(Event::Rejected { reason, peer, .. }) => {
+                    rejected.push((reason, peer))
+                }
+                Action::Event(Event::StatusDropped { reason, count, .. }) => {
+                    dropped.push((reason, count))
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            rejected,
+            vec![(
+                "forged_status".to_owned(),
+                PeerIdentity::Agent("evil".into())
+            )],
+            "{what}"
+        );
+        if what != "altered" {
+            assert_eq!(dropped, vec![("forged", 1)], "{what}");
+        }
+        assert!(ep.is_banned("evil", now), "{what}");
+        // a2's own record stands, and the breaker sees no failure.
+        let a2 = ep.status(now).find(|r| r.agent_id == "a2").unwrap();
+        assert_eq!(a2.health, "healthy", "{what}");
+        assert_eq!(breaker_inputs(&ep, &bundle, now), (1, 0), "{what}");
+    }
+}
+
+#[test]
+fn breaker_inputs_count_only_verified_records() {
+    let now = 1_000_000;
+    let bundle = sha256_address(b"bundle");
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "a1", now);
+    // Three genuine adopters, one of them failed.
+    ep.handle_message(
+        c,
+        Message::Status(vec![
+            signed_by("a1", &record("a1", "healthy", now)),
+            signed_by("a2", &record("a2", "failed", now)),
+            signed_by("a3", &record("a3", "healthy", now)),
+        ]),
         now,
     );
-    let recs = (0..3)
-        .map(|i| StatusRecord {
-            agent_id: format!("x{i}"),
-            channel: String::new(),
-            labels: BTreeMap::new(),
-            sequence: 0,
-            bundle: String::new(),
-            health: String::new(),
-            time: now - 10 + i,
-            rollout: None,
+    assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
+    // A fleet member forges three "failed" records for agents that do not
+    // exist and one for a3: none counts.
+    let e = hello(&mut ep, "evil", now);
+    let forged = ["x1", "x2", "x3", "a3"]
+        .iter()
+        .map(|id| signed_by("evil", &record(id, "failed", now + 1)))
+        .collect();
+    ep.handle_message(e, Message::Status(forged), now);
+    assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
+}
+
+#[test]
+fn expired_status_records_are_dropped_and_not_relayed() {
+    let mut c = cfg(0, vec![]);
+    c.status_ttl_ms = 60_000;
+    let ttl = c.status_ttl_ms;
+    let mut ep = new_ep(c);
+    let now = 1_000_000;
+    let conn = hello(&mut ep, "a1", now);
+    ep.handle_message(
+        conn,
+        Message::Status(vec![
+            signed_by("a2", &record("a2", "failed", now - 1_000)),
+            // Already older than the TTL on arrival.
+            signed_by("a3", &record("a3", "failed", now - ttl - 1)),
+        ]),
+        now,
+    );
+    assert_eq!(status_ids(&ep, now), vec!["a2"]);
+    let later = now + ttl;
+    ep.handle_timeout(later);
+    // Our own record is kept fresh; a2's aged out of the view...
+    assert_eq!(status_ids(&ep, later), vec!["a0"]);
+    // ...and is not relayed to anyone.
+    while ep.poll_action().is_some() {}
+    ep.handle_message(conn, Message::StatusRequest, later);
+    let mut relayed = Vec::new();
+    while let Some(a) = ep.poll_action() {
+        if let Action::Send {
+            message: Message::Status(rs),
+            ..
+        } = a
+        {
+            relayed.extend(
+                rs.iter()
+                    .map(|s| s.decode_record(&MeshLimits::default()).unwrap().agent_id),
+            );
+        }
+    }
+    assert_eq!(relayed, vec!["a0"]);
+    // An older copy relayed by a slow peer does not bring it back.
+    ep.handle_message(
+        conn,
+        Message::Status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
+        later,
+    );
+    assert_eq!(status_ids(&ep, later), vec!["a0"]);
+}
+
+#[test]
+fn a_flood_cannot_evict_real_records() {
+    let mut c = cfg(0, vec![]);
+    c.limits.max_status_records = 4;
+    c.status_ttl_ms = 60_000;
+    let mut ep = new_ep(c);
+    let now = 1_000_000;
+    let conn = hello(&mut ep, "a1", now);
+    while ep.poll_action().is_some() {}
+    ep.handle_timeout(now);
+    ep.handle_message(
+        conn,
+        Message::Status(vec![
+            signed_by("a1", &record("a1", "healthy", now - 30_000)),
+            signed_by("a2", &record("a2", "healthy", now - 20_000)),
+            signed_by("a3", &record("a3", "failed", now - 10_000)),
+        ]),
+        now,
+    );
+    let real = vec!["a0", "a1", "a2", "a3"];
+    assert_eq!(status_ids(&ep, now), real);
+    // 4,096 records dated in the future: forged (about other agents, by
+    // the sender's key), beyond the skew, or genuine members' records
+    // that find the table full of live records.
+    let flood: Vec<SignedStatus> = (0..4096)
+        .map(|i| {
+            let id = format!("f{i}");
+            match i % 3 {
+                0 => signed_by("a1", &record(&id, "failed", now + 60_000)),
+                1 => signed_by(&id, &record(&id, "failed", now + 3_600_000)),
+                _ => signed_by(&id, &record(&id, "failed", now + 1_000)),
+            }
         })
         .collect();
-    ep.handle_message(conn, Message::Status(recs), now);
-    let newer = StatusRecord {
-        agent_id: "y".into(),
-        channel: String::new(),
-        labels: BTreeMap::new(),
-        sequence: 0,
-        bundle: String::new(),
-        health: String::new(),
-        time: now,
-        rollout: None,
-    };
-    ep.handle_message(conn, Message::Status(vec![newer]), now);
-    assert_eq!(
-        ep.status().keys().collect::<Vec<_>>(),
-        vec!["x1", "x2", "y"]
+    let (forged, genuine): (Vec<_>, Vec<_>) =
+        flood.into_iter().enumerate().partition(|(i, _)| i % 3 == 0);
+    let flood_conn = hello(&mut ep, "a9", now);
+    ep.handle_message(
+        flood_conn,
+        Message::Status(genuine.into_iter().map(|(_, s)| s).collect()),
+        now,
     );
+    assert_eq!(status_ids(&ep, now), real);
+    assert!(!ep.is_banned("a9", now));
+    ep.handle_message(
+        flood_conn,
+        Message::Status(forged.into_iter().map(|(_, s)| s).collect()),
+        now,
+    );
+    assert_eq!(status_ids(&ep, now), real);
+    assert!(ep.is_banned("a9", now));
+    // Once a1's record expires, a genuine newcomer takes its slot, and
+    // only that one.
+    let later = now + 30_001;
+    let conn = hello(&mut ep, "a2", later);
+    ep.handle_message(
+        conn,
+        Message::Status(vec![
+            signed_by("n1", &record("n1", "healthy", later)),
+            signed_by("n2", &record("n2", "healthy", later)),
+        ]),
+        later,
+    );
+    assert_eq!(status_ids(&ep, later), vec!["a0", "a2", "a3", "n1"]);
+}
+
+#[test]
+fn our_record_is_signed_again_only_when_it_changes_or_ages() {
+    let mut c = cfg(0, vec![]);
+    c.status_refresh_ms = 60_000;
+    let mut ep = new_ep(c);
+    let now = 1_000_000;
+    ep.set_local_status(record("ignored", "healthy", 0), now);
+    let time = |ep: &Endpoint| ep.status(now).next().unwrap().time;
+    assert_eq!(time(&ep), now);
+    // Unchanged two seconds later: the same signed record.
+    ep.set_local_status(record("a0", "healthy", 0), now + 2_000);
+    assert_eq!(time(&ep), now);
+    // Changed: signed anew.
+    ep.set_local_status(record("a0", "failed", 0), now + 4_000);
+    let r = ep.status(now).next().unwrap().clone();
+    assert_eq!((r.time, r.health.as_str()), (now + 4_000, "failed"));
+    // Our listen address goes into our record.
+    assert_eq!(r.listen.as_deref(), Some(addr(0).as_str()));
+    // Aged past the refresh period: signed anew by the timer.
+    ep.handle_timeout(now + 64_000);
+    assert_eq!(ep.status(now).next().unwrap().time, now + 64_000);
+}
+
+#[test]
+fn addresses_are_learned_only_from_signed_records_one_per_agent() {
+    let now = 1_000_000;
+    let mut ep = new_ep(cfg(0, vec![]));
+    let conn = hello(&mut ep, "a1", now);
+    let with_listen = |id: &str, listen: &str, t: u64| StatusRecord {
+        listen: Some(listen.into()),
+        ..record(id, "healthy", t)
+    };
+    ep.handle_message(
+        conn,
+        Message::Status(vec![
+            signed_by("a2", &with_listen("a2", "10.0.0.2:7440", now)),
+            // Not unicast, or no port: never dialed.
+            signed_by("m1", &with_listen("m1", "224.0.0.1:7440", now)),
+            signed_by("m2", &with_listen("m2", "255.255.255.255:7440", now)),
+            signed_by("m3", &with_listen("m3", "0.0.0.0:7440", now)),
+            signed_by("m4", &with_listen("m4", "10.0.0.4:0", now)),
+            signed_by("m5", &with_listen("m5", "[ff02::1]:7440", now)),
+        ]),
+        now,
+    );
+    let table = |ep: &Endpoint| -> Vec<(String, Option<String>)> {
+        ep.peer_table()
+            .map(|e| (e.addr.clone(), e.agent_id.clone()))
+            .collect()
+    };
+    assert_eq!(
+        table(&ep),
+        vec![("10.0.0.2:7440".to_owned(), Some("a2".to_owned()))]
+    );
+    // a2 moves: its newer signed record replaces the address.
+    ep.handle_message(
+        conn,
+        Message::Status(vec![signed_by(
+            "a2",
+            &with_listen("a2", "10.0.0.22:7440", now + 1),
+        )]),
+        now + 1,
+    );
+    assert_eq!(
+        table(&ep),
+        vec![("10.0.0.22:7440".to_owned(), Some("a2".to_owned()))]
+    );
+    // A fleet member cannot point others at addresses for a2: a forged
+    // record is refused and the sender cut off.
+    let evil = hello(&mut ep, "evil", now + 2);
+    let forged = (0..500)
+        .map(|i| {
+            signed_by(
+                "evil",
+                &with_listen("a2", &format!("10.66.{}.{}:22", i / 250, i % 250), now + 2),
+            )
+        })
+        .collect();
+    ep.handle_message(evil, Message::Status(forged), now + 2);
+    assert_eq!(
+        table(&ep),
+        vec![("10.0.0.22:7440".to_owned(), Some("a2".to_owned()))]
+    );
+    // The dialer only ever sees that address.
+    let mut dials = Vec::new();
+    for t in 0..30 {
+        ep.handle_timeout(now + 3 + t * 1_000);
+        while let Some(a) = ep.poll_action() {
+            if let Action::Dial { addr } = a {
+                ep.dial_failed(&addr, now + 3 + t * 1_000);
+                dials.push(addr);
+            }
+        }
+    }
+    assert!(!dials.is_empty());
+    assert!(dials.iter().all(|d| d == "10.0.0.22:7440"), "{dials:?}");
+}
+
+#[test]
+fn dialable_addresses() {
+    for ok in [
+        "10.0.0.1:7440",
+        "127.0.3.4:1",
+        "[fd00::1]:7440",
+        "edge-7.local:7440",
+    ] {
+        assert!(is_dialable(ok), "{ok}");
+    }
+    for bad in [
+        "0.0.0.0:7440",
+        "0.1.2.3:7440",
+        "224.0.0.1:7440",
+        "255.255.255.255:7440",
+        "[::]:7440",
+        "[ff02::1]:7440",
+        "10.0.0.1:0",
+        "10.0.0.1",
+        "fd00::1:7440",
+        "[10.0.0.1]:7440",
+        "evil host:7440",
+        "-x:7440",
+        ":7440",
+    ] {
+        assert!(!is_dialable(bad), "{bad}");
+    }
+}
+
+#[test]
+fn stale_certificates_drop_records_without_blame() {
+    let now = 1_000_000;
+    let mut ep = new_ep(cfg(0, vec![]));
+    let conn = hello(&mut ep, "a1", now);
+    let rec = record("a2", "failed", now);
+    let bytes = codec::encode(&rec);
+    let stale = SignedStatus {
+        cert: b"expired:a2".to_vec(),
+        sig: test_signature("a2", &SignedStatus::signed_message(&bytes)),
+        record: bytes,
+    };
+    ep.handle_message(conn, Message::Status(vec![stale]), now);
+    assert!(status_ids(&ep, now).is_empty());
+    assert!(drain_rejections(&mut ep).is_empty());
+    assert!(!ep.is_banned("a1", now));
 }
 
 #[test]
@@ -747,7 +1139,7 @@ fn peer_exchange_spreads_addresses() {
 fn peer_table_is_bounded_and_keeps_seeds() {
     let mut c = cfg(0, vec![1]);
     c.limits.max_peer_table = 4;
-    let mut ep = Endpoint::new(c, 1);
+    let mut ep = new_ep(c);
     ep.learn_peers((0..20).map(|i| PeerInfo {
         agent_id: None,
         addr: format!("10.9.0.{i}:7440"),
@@ -786,12 +1178,12 @@ fn protocol_violations_cut_the_peer_off() {
     let now = 1_000_000;
     let addr0 = sha256_address(b"x");
     // Message before hello.
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
     ep.handle_message(c, Message::Heads(vec![]), now);
     assert_eq!(drain_rejections(&mut ep), vec!["no_hello"]);
     // Wrong protocol version.
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
     ep.handle_message(
         c,
@@ -803,7 +1195,7 @@ fn protocol_violations_cut_the_peer_off() {
     );
     assert_eq!(drain_rejections(&mut ep), vec!["protocol_version"]);
     // Unsolicited data.
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = hello(&mut ep, "p", now);
     ep.handle_message(
         c,
@@ -815,7 +1207,7 @@ fn protocol_violations_cut_the_peer_off() {
     );
     assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
     // Too many requests in flight.
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = hello(&mut ep, "p", now);
     let max = ep.config().limits.max_inbound_wants as u64;
     for id in 0..=max {
@@ -830,7 +1222,7 @@ fn protocol_violations_cut_the_peer_off() {
     }
     assert_eq!(drain_rejections(&mut ep), vec!["too_many_requests"]);
     // Garbage on the wire reported by the shell.
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = hello(&mut ep, "p", now);
     ep.handle_wire_error(c, "oversized_frame", "5 GB", now);
     assert_eq!(drain_rejections(&mut ep), vec!["oversized_frame"]);
@@ -846,7 +1238,7 @@ fn protocol_violations_cut_the_peer_off() {
 #[test]
 fn operators_may_only_read_status() {
     let now = 1_000_000;
-    let mut ep = Endpoint::new(cfg(0, vec![]), 1);
+    let mut ep = new_ep(cfg(0, vec![]));
     let c = ep.connected(PeerIdentity::Operator("ops".into()), None, None, now);
     ep.handle_message(
         c,
