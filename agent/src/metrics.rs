@@ -15,6 +15,8 @@
 //! | `cairn_offline` | gauge | |
 //! | `cairn_root_version` | gauge | |
 //! | `cairn_adopted_release_expired` | gauge | |
+//! | `cairn_store_up` | gauge | | 0 while the local store is out of service (IO error) |
+//! | `cairn_store_errors_total` | counter | | IO errors of the local store |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -90,6 +92,11 @@ pub struct Metrics {
     pub root_version: Gauge,
     /// 1 when the enforced release has expired (kept, with a warning).
     pub adopted_release_expired: Gauge,
+    /// 1 while the local store takes writes, 0 after an IO error until it
+    /// recovers.
+    pub store_up: Gauge,
+    /// IO errors of the local store.
+    pub store_errors: Counter,
     /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
     pub mesh: crate::mesh::MeshMetrics,
 }
@@ -118,6 +125,8 @@ impl Metrics {
             offline: Gauge::default(),
             root_version: Gauge::default(),
             adopted_release_expired: Gauge::default(),
+            store_up: Gauge::default(),
+            store_errors: Counter::default(),
             mesh: crate::mesh::MeshMetrics::default(),
             registry: Registry::default(),
         };
@@ -182,6 +191,16 @@ impl Metrics {
             "cairn_adopted_release_expired",
             "1 when the enforced release has expired (still enforced)",
             m.adopted_release_expired.clone(),
+        );
+        registry.register(
+            "cairn_store_up",
+            "1 while the local store takes writes; 0 after an IO error (full or failing disk) until it recovers",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "cairn_store_errors",
+            "IO errors of the local store",
+            m.store_errors.clone(),
         );
         Self { registry, ..m }
     }

@@ -149,6 +149,20 @@ pub struct HoldStatus {
     pub until: Option<u64>,
 }
 
+/// The local store's health. A store error (a full, read-only or failing
+/// data directory) is the agent's own problem, never a source's: sources
+/// stay up and the agent is not offline because of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStatus {
+    /// Whether the store takes writes (no IO error outstanding).
+    pub ok: bool,
+    /// The IO error that put the store out of service, until it recovers.
+    pub error: Option<String>,
+    /// IO errors since start (`cairn_store_errors_total`).
+    pub errors: u64,
+}
+
 /// The trust root in use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -210,6 +224,9 @@ pub struct Status {
     pub ready: bool,
     /// Why (not) ready.
     pub ready_reason: String,
+    /// The local store's health.
+    #[serde(default)]
+    pub store: StoreStatus,
 }
 
 impl Status {
@@ -318,6 +335,13 @@ impl Status {
             );
         }
         line("target", self.target.clone());
+        line(
+            "store",
+            match &self.store.error {
+                None => "ok".into(),
+                Some(e) => format!("ERROR: {e} (retrying by itself)"),
+            },
+        );
         line(
             "offline",
             if self.offline {
