@@ -14,15 +14,24 @@
 //! | `peers` | peer id | peer record (opaque; owned by the mesh) |
 //! | `meta` | `format`, `agent_id`, `failed/<channel>` | store format, agent id, failed release |
 //!
-//! **Durability.** sled 0.34 writes any log message over about 128 KiB (a
-//! quarter of its 512 KiB segment) as a separate "blob" file, and neither
-//! that file nor its `conf` file is ever fsynced: a flush that returned
-//! does not make a large manifest or inventory durable, and a power cut
-//! soon after an adoption lost the adopted head (sled drops blobs newer
-//! than its stable log on recovery). So sled only ever holds values of at
-//! most [`INLINE_MAX`] bytes — with sled's split threshold of 16 entries
-//! per leaf, no page it writes comes near the blob threshold (a unit test
-//! checks that `db/blobs` stays empty). Larger values are files:
+//! **Durability.** sled 0.34's flush is not durable on its own, for two
+//! reasons found with the power-cut test (`tests/reliability.rs`):
+//!
+//! * On Linux it makes its log "stable" with `sync_file_range`, which
+//!   writes the data pages but neither the file's metadata (its new size
+//!   and extents) nor the device cache: the log tail holding an adoption
+//!   was lost on a power cut although the flush had returned. So every
+//!   [`Store::flush`] fsyncs the log file (`db/db`) after sled's flush.
+//! * It writes any log message over about 128 KiB (a quarter of its
+//!   512 KiB segment) as a separate "blob" file, and never fsyncs that file
+//!   nor its `conf` file: a large manifest or inventory was not durable
+//!   either (sled drops blobs newer than its stable log on recovery). So
+//!   sled only ever holds values of at most [`INLINE_MAX`] bytes — with
+//!   sled's split threshold of 16 entries per leaf no page it writes comes
+//!   near the blob threshold (a unit test checks that `db/blobs` stays
+//!   empty) — and `conf` and sled's directories are fsynced at open.
+//!
+//! Larger values are files beside sled:
 //!
 //! * content-addressed values (objects, manifests) in
 //!   `<dataDir>/objects/sha256/<2 hex>/<62 hex>`, written to a temporary
@@ -791,6 +800,11 @@ impl Store {
         self.sync_files()?;
         let h = self.handles()?;
         h.db.flush().map_err(|e| self.db_err(e))?;
+        // sled's flush only ran sync_file_range on its log: fsync it.
+        let log = Self::db_path(&self.inner.dir).join("db");
+        std::fs::File::open(&log)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| self.io_fail(format!("syncing {}", log.display()), e))?;
         if self.inner.values_gc.swap(false, Ordering::AcqRel) {
             self.collect_values()?;
         }

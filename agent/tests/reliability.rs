@@ -86,7 +86,12 @@ impl Mount {
 
     fn loop_mount(image: &Path, dir: &Path) -> Mount {
         std::fs::create_dir_all(dir).expect("mkdir");
-        must(Command::new("mount").args(["-o", "loop"]).arg(image).arg(dir));
+        must(
+            Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(image)
+                .arg(dir),
+        );
         Mount {
             dir: dir.to_path_buf(),
         }
@@ -147,7 +152,8 @@ fn adopted(data: &Path) -> Option<u64> {
 /// Whether the JSON log has a "release adopted" line for `sequence`.
 fn logged_adoption(log: &str, sequence: u64) -> bool {
     log.lines().any(|l| {
-        l.contains("\"message\":\"release adopted\"") && l.contains(&format!("\"sequence\":{sequence},"))
+        l.contains("\"message\":\"release adopted\"")
+            && l.contains(&format!("\"sequence\":{sequence},"))
     })
 }
 
@@ -174,7 +180,12 @@ fn cut_power(dir: &Path) {
     let mut flags = EXT4_GOING_FLAGS_NOLOGFLUSH;
     // SAFETY: the ioctl reads one u32 from a live stack variable.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), EXT4_IOC_SHUTDOWN as _, &mut flags) };
-    assert_eq!(rc, 0, "EXT4_IOC_SHUTDOWN: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "EXT4_IOC_SHUTDOWN: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {
@@ -200,7 +211,11 @@ fn power_cut_round(w: &World, b2: &Path, old_repo: &Path, round: usize, delay: D
     w.release_into(&repo, b2, "stable");
     let end = Instant::now() + Duration::from_secs(120);
     while !logged_adoption(&w.log(&log), 2) {
-        assert!(Instant::now() < end, "release 2 never adopted:\n{}", w.log(&log));
+        assert!(
+            Instant::now() < end,
+            "release 2 never adopted:\n{}",
+            w.log(&log)
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(delay);
@@ -290,7 +305,9 @@ fn full_data_dir_is_a_store_error_recovers_by_itself_and_stops_on_sigterm() {
     wait_for(120, "release 1 adopted and ready", || {
         status(&data).is_some_and(|s| s.ready && s.adopted.is_some_and(|a| a.sequence == 1))
     });
-    let addr = status(&data).and_then(|s| s.listen).expect("listen address");
+    let addr = status(&data)
+        .and_then(|s| s.listen)
+        .expect("listen address");
 
     // Disk full while release 2 arrives: a store error, not an offline source.
     fill(&data);
@@ -305,7 +322,10 @@ fn full_data_dir_is_a_store_error_recovers_by_itself_and_stops_on_sigterm() {
     assert!(body.starts_with("store: "), "{body}");
     let (_, m) = http_get(&addr, "/metrics");
     assert_eq!(metric(&m, "cairn_store_up"), Some(0.0), "{m}");
-    assert!(metric(&m, "cairn_store_errors_total").is_some_and(|n| n >= 1.0), "{m}");
+    assert!(
+        metric(&m, "cairn_store_errors_total").is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
     assert_eq!(metric(&m, "cairn_offline"), Some(0.0), "{m}");
     let source_up = format!("cairn_source_up{{source=\"{}\"}}", w.repo.display());
     assert_eq!(metric(&m, &source_up), Some(1.0), "{m}");
@@ -314,9 +334,8 @@ fn full_data_dir_is_a_store_error_recovers_by_itself_and_stops_on_sigterm() {
     // Space back: the agent recovers and adopts by itself.
     std::fs::remove_file(data.join("ballast")).expect("remove ballast");
     wait_for(120, "release 2 adopted after the disk was freed", || {
-        status(&data).is_some_and(|s| {
-            s.store.ok && s.ready && s.adopted.is_some_and(|a| a.sequence == 2)
-        })
+        status(&data)
+            .is_some_and(|s| s.store.ok && s.ready && s.adopted.is_some_and(|a| a.sequence == 2))
     });
     assert!(logged_adoption(&w.log(log), 2));
     let (_, m) = http_get(&addr, "/metrics");
@@ -359,7 +378,10 @@ fn read_only_data_dir_is_named_as_such_not_as_damage() {
     let line = err.lines().last().unwrap_or_default();
     assert!(line.contains("read-only file system"), "{err}");
     assert!(line.contains("make it writable"), "{err}");
-    assert!(!line.contains("backup") && !line.contains("move it aside"), "{err}");
+    assert!(
+        !line.contains("backup") && !line.contains("move it aside"),
+        "{err}"
+    );
     // Writable again, the same store opens with its release.
     must(Command::new("mount").args(["-o", "remount,rw"]).arg(&data));
     w.once_ok(&cfg);
