@@ -48,11 +48,6 @@ use tokio::sync::watch;
 /// How many objects one sync fetches at once from one source.
 pub const FETCH_CONCURRENCY: usize = 8;
 
-/// Space kept in the data directory (`.status-reserve`) so status.json can
-/// still be written when the disk fills up.
-const STATUS_RESERVE_FILE: &str = ".status-reserve";
-const STATUS_RESERVE_BYTES: usize = 256 << 10;
-
 /// How long shutdown waits for the last status write and store flush.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -1472,28 +1467,12 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let Some(s) = staged else { return };
-        let dir = &self.inner.config.data_dir;
-        let reserve = dir.join(STATUS_RESERVE_FILE);
-        match s.write(dir) {
-            Ok(()) => {
-                // Keep space for the status of the next full disk.
-                if !reserve.exists() {
-                    let _ = std::fs::write(&reserve, vec![0u8; STATUS_RESERVE_BYTES]);
-                }
+        if let Some(s) = staged {
+            // Status writes need no free space (see `Status::write`), so a
+            // full data directory is reported, not left stale.
+            if let Err(e) = s.write(&self.inner.config.data_dir) {
+                tracing::warn!(error = %e, "cannot write the status file");
             }
-            // A full data directory: give up the reserve so status.json
-            // still says what is wrong (the store error) instead of going
-            // stale.
-            Err(Error::Io { source, .. })
-                if source.raw_os_error() == Some(libc::ENOSPC)
-                    && std::fs::remove_file(&reserve).is_ok() =>
-            {
-                if let Err(e) = s.write(dir) {
-                    tracing::warn!(error = %e, "cannot write the status file");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot write the status file"),
         }
     }
 

@@ -20,6 +20,56 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join("status.json")
 }
 
+/// Size of status.json and its spare (JSON padded with spaces).
+const STATUS_FILE_BYTES: usize = 128 << 10;
+
+/// Writes `json` as status.json without needing free space, so a full data
+/// directory is still reported (not a stale file): two files of
+/// [`STATUS_FILE_BYTES`] take turns. The JSON is written into the spare's
+/// existing blocks (padded with spaces, valid JSON whitespace), the spare
+/// is renamed over status.json, and the old status.json — kept alive by a
+/// hard link, never freed — becomes the next spare. Only the first write
+/// (creating the spare) needs space.
+fn write_padded(data_dir: &Path, json: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    let main = status_path(data_dir);
+    let spare = data_dir.join(".status.json.spare");
+    let old = data_dir.join(".status.json.old");
+    let size_ok =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() == STATUS_FILE_BYTES as u64);
+    if !size_ok(&spare) && size_ok(&old) {
+        std::fs::rename(&old, &spare)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&spare)?;
+    let mut buf = json.to_vec();
+    buf.resize(STATUS_FILE_BYTES - 1, b' ');
+    buf.push(b'\n');
+    f.seek(std::io::SeekFrom::Start(0))?;
+    f.write_all(&buf)?;
+    f.set_len(STATUS_FILE_BYTES as u64)?;
+    f.sync_all()?;
+    drop(f);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&spare, std::fs::Permissions::from_mode(0o644));
+    }
+    let _ = std::fs::remove_file(&old);
+    let kept = size_ok(&main) && std::fs::hard_link(&main, &old).is_ok();
+    std::fs::rename(&spare, &main)?;
+    if let Ok(d) = std::fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    if kept {
+        std::fs::rename(&old, &spare)?;
+    }
+    Ok(())
+}
+
 /// A release as status shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -230,14 +280,19 @@ pub struct Status {
 }
 
 impl Status {
-    /// Writes the document atomically to `<data_dir>/status.json`.
+    /// Writes the document atomically to `<data_dir>/status.json`, also on
+    /// a full disk (see [`write_padded`]).
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
         let p = status_path(data_dir);
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Status(e.to_string()))?;
-        cairn_keys::fs::write_atomic(&p, &json, Some(0o644)).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             what: format!("writing {}", p.display()),
             source,
-        })
+        };
+        if json.len() < STATUS_FILE_BYTES {
+            return write_padded(data_dir, &json).map_err(io);
+        }
+        cairn_keys::fs::write_atomic(&p, &json, Some(0o644)).map_err(io)
     }
 
     /// Reads `<data_dir>/status.json`.

@@ -94,9 +94,9 @@ pub enum StoreError {
         /// The data directory.
         dir: PathBuf,
     },
-    /// The data directory cannot be written (read-only file system, or
-    /// permissions). The store itself may well be intact.
-    #[error("data dir {}: {reason}; make it writable (the store in it is not damaged by this, nothing needs restoring)", dir.display())]
+    /// The data directory takes no writes (read-only file system,
+    /// permissions, full). The store itself may well be intact.
+    #[error("data dir {}: {reason}; the store in it is not damaged by this, nothing needs restoring", dir.display())]
     NotWritable {
         /// The data directory.
         dir: PathBuf,
@@ -271,16 +271,21 @@ fn decode(raw: &[u8]) -> Stored {
     Stored::Inline(raw.to_vec())
 }
 
-/// Whether an IO error means the directory cannot be written at all
-/// (rather than a damaged store).
+/// Whether an IO error means the directory takes no writes (rather than a
+/// damaged store), and what to do about it.
 fn not_writable(e: &std::io::Error) -> Option<String> {
     match e.raw_os_error() {
-        Some(libc::EROFS) => Some("the data directory is on a read-only file system".into()),
+        Some(libc::EROFS) => {
+            Some("the data directory is on a read-only file system (make it writable)".into())
+        }
         Some(libc::EACCES) | Some(libc::EPERM) => Some(format!(
-            "the data directory is not writable by uid {} ({e})",
+            "the data directory is not writable by uid {} (make it writable: {e})",
             // SAFETY: geteuid has no preconditions and cannot fail.
             unsafe { libc::geteuid() }
         )),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            Some("the data directory's file system is full (free space)".into())
+        }
         _ => None,
     }
 }
