@@ -20,46 +20,58 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join("status.json")
 }
 
-/// Size of status.json and its spare (JSON padded with spaces).
+/// Size of the spare status files (JSON padded with spaces).
 const STATUS_FILE_BYTES: usize = 128 << 10;
 
-/// Writes `json` as status.json without needing free space, so a full data
-/// directory is still reported (not a stale file): two files of
-/// [`STATUS_FILE_BYTES`] take turns. The JSON is written into the spare's
-/// existing blocks (padded with spaces, valid JSON whitespace), the spare
-/// is renamed over status.json, and the old status.json — kept alive by a
-/// hard link, never freed — becomes the next spare. Only the first write
-/// (creating the spare) needs space.
-fn write_padded(data_dir: &Path, json: &[u8]) -> std::io::Result<()> {
+fn spare_paths(data_dir: &Path) -> [PathBuf; 2] {
+    [
+        data_dir.join(".status.json.spare"),
+        data_dir.join(".status.json.spare2"),
+    ]
+}
+
+fn is_spare_size(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.len() == STATUS_FILE_BYTES as u64)
+}
+
+/// Keeps two spare status files of [`STATUS_FILE_BYTES`] while there is
+/// space, for [`write_without_space`].
+fn keep_spares(data_dir: &Path) {
+    for p in spare_paths(data_dir) {
+        if !is_spare_size(&p) {
+            let _ = std::fs::write(&p, vec![b' '; STATUS_FILE_BYTES]);
+        }
+    }
+}
+
+/// Writes status.json on a full disk, where a new file cannot be
+/// allocated: the JSON goes into a spare's existing blocks (padded with
+/// spaces, valid JSON whitespace), the spare is renamed over status.json,
+/// and the previous status.json — if it is a padded one, kept alive by a
+/// hard link — becomes the next spare. Two spares cover the first switch
+/// from a normal status.json. A reader that opened status.json just before
+/// a switch can see the next write torn; [`Status::read`] reads again.
+fn write_without_space(data_dir: &Path, json: &[u8]) -> std::io::Result<()> {
     use std::io::{Seek, Write};
     let main = status_path(data_dir);
-    let spare = data_dir.join(".status.json.spare");
+    let [spare, spare2] = spare_paths(data_dir);
     let old = data_dir.join(".status.json.old");
-    let size_ok =
-        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.len() == STATUS_FILE_BYTES as u64);
-    if !size_ok(&spare) && size_ok(&old) {
-        std::fs::rename(&old, &spare)?;
+    if !is_spare_size(&spare) && is_spare_size(&spare2) {
+        std::fs::rename(&spare2, &spare)?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&spare)?;
+    if !is_spare_size(&spare) {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open(&spare)?;
     let mut buf = json.to_vec();
     buf.resize(STATUS_FILE_BYTES - 1, b' ');
     buf.push(b'\n');
     f.seek(std::io::SeekFrom::Start(0))?;
     f.write_all(&buf)?;
-    f.set_len(STATUS_FILE_BYTES as u64)?;
     f.sync_all()?;
     drop(f);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&spare, std::fs::Permissions::from_mode(0o644));
-    }
     let _ = std::fs::remove_file(&old);
-    let kept = size_ok(&main) && std::fs::hard_link(&main, &old).is_ok();
+    let kept = is_spare_size(&main) && std::fs::hard_link(&main, &old).is_ok();
     std::fs::rename(&spare, &main)?;
     if let Ok(d) = std::fs::File::open(data_dir) {
         let _ = d.sync_all();
@@ -281,7 +293,7 @@ pub struct Status {
 
 impl Status {
     /// Writes the document atomically to `<data_dir>/status.json`, also on
-    /// a full disk (see [`write_padded`]).
+    /// a full disk (see [`write_without_space`]).
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
         let p = status_path(data_dir);
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Status(e.to_string()))?;
@@ -289,10 +301,16 @@ impl Status {
             what: format!("writing {}", p.display()),
             source,
         };
-        if json.len() < STATUS_FILE_BYTES {
-            return write_padded(data_dir, &json).map_err(io);
+        match cairn_keys::fs::write_atomic(&p, &json, Some(0o644)) {
+            Ok(()) => {
+                keep_spares(data_dir);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && json.len() < STATUS_FILE_BYTES => {
+                write_without_space(data_dir, &json).map_err(io)
+            }
+            Err(e) => Err(io(e)),
         }
-        cairn_keys::fs::write_atomic(&p, &json, Some(0o644)).map_err(io)
     }
 
     /// Reads `<data_dir>/status.json`.
@@ -314,8 +332,20 @@ impl Status {
                 })
             }
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Status(format!("{}: unreadable status file: {e}", p.display())))
+        match serde_json::from_slice(&bytes) {
+            Ok(s) => Ok(s),
+            // Possibly torn by a full-disk write (see `write_without_space`):
+            // the file is whole again at the next read.
+            Err(_) => {
+                let bytes = std::fs::read(&p).map_err(|source| Error::Io {
+                    what: format!("reading {}", p.display()),
+                    source,
+                })?;
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::Status(format!("{}: unreadable status file: {e}", p.display()))
+                })
+            }
+        }
     }
 
     /// Human-readable rendering, relative to `now`.

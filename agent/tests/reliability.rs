@@ -317,6 +317,9 @@ fn full_data_dir_is_a_store_error_recovers_by_itself_and_stops_on_sigterm() {
     assert!(!st.offline, "a full disk is not an offline source: {st:#?}");
     assert!(st.sources.iter().all(|s| s.ok), "{st:#?}");
     assert_eq!(st.adopted.as_ref().map(|a| a.sequence), Some(1));
+    // That status.json was written with no free space (into a spare).
+    let written = std::fs::metadata(data.join("status.json")).map(|m| m.len());
+    assert_eq!(written.ok(), Some(128 << 10));
     let (code, body) = http_get(&addr, "/readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.starts_with("store: "), "{body}");
