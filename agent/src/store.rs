@@ -35,8 +35,9 @@
 //!
 //! * content-addressed values (objects, manifests) in
 //!   `<dataDir>/objects/sha256/<2 hex>/<62 hex>`, written to a temporary
-//!   file and renamed, made durable together by one `syncfs` before the
-//!   records that need them are flushed;
+//!   file and renamed, then fsynced together (files, then their
+//!   directories, from a few threads) before the records that need them
+//!   are flushed;
 //! * other large values (inventories, large envelopes) in
 //!   `<dataDir>/values/sha256/<2 hex>/<62 hex>`, written to a temporary
 //!   file, fsynced, renamed and the directory fsynced before the record
@@ -48,7 +49,7 @@
 //! read as they are.
 //!
 //! **Crash safety.** Objects and the manifest are written first; adopting a
-//! release makes every file durable (`syncfs`), then one transaction
+//! release makes every file durable (fsync), then one transaction
 //! inserts the manifest record and switches the channel head, then a
 //! flush (fsync of sled's log) before the adoption is reported. A crash or
 //! power cut at any point leaves either the old head or the new one, each
@@ -189,7 +190,7 @@ impl T {
     }
 
     /// Values keyed by their own address: large ones go to `objects/`,
-    /// written once, made durable by the next flush's `syncfs`.
+    /// written once, fsynced together by the next flush.
     fn content_addressed(self) -> bool {
         matches!(self, T::Objects | T::Bundles)
     }
@@ -219,8 +220,8 @@ struct Shared {
     values_lock: Mutex<()>,
     /// A value file lost its last reference: collect after the next flush.
     values_gc: AtomicBool,
-    /// Object files written since the last `syncfs`.
-    unsynced_files: AtomicBool,
+    /// Object files written since the last flush, not yet fsynced.
+    unsynced_files: Mutex<Vec<PathBuf>>,
     /// The IO error that put the store out of service, if any.
     failure: Mutex<Option<String>>,
     /// IO errors seen since start (`cairn_store_errors_total`).
@@ -331,7 +332,7 @@ impl Store {
                 handles: RwLock::new(Some(handles)),
                 values_lock: Mutex::new(()),
                 values_gc: AtomicBool::new(true),
-                unsynced_files: AtomicBool::new(false),
+                unsynced_files: Mutex::new(Vec::new()),
                 failure: Mutex::new(None),
                 errors: AtomicU64::new(0),
                 tmp_counter: AtomicU64::new(0),
@@ -339,6 +340,14 @@ impl Store {
         };
         store.check_format()?;
         store.remove_temp_files();
+        // Files an earlier process wrote but never synced (it was killed
+        // before its flush) may still be only in the page cache: make them
+        // durable once, before anything new can depend on them.
+        if let Ok(d) = std::fs::File::open(data_dir) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: syncfs on a valid open descriptor; no memory is shared.
+            unsafe { libc::syncfs(d.as_raw_fd()) };
+        }
         store.flush()?;
         Ok(store)
     }
@@ -623,13 +632,14 @@ impl Store {
             .file_path(t, &address)
             .ok_or_else(|| self.invalid(format!("bad address {address}")))?;
         let present = std::fs::metadata(&path).is_ok_and(|m| m.len() == value.len() as u64);
+        let durable = !t.content_addressed();
         if !present {
-            let durable = !t.content_addressed();
             self.write_file(&path, value, durable)
                 .map_err(|e| self.io_fail(format!("writing {}", path.display()), e))?;
-            if !durable {
-                self.inner.unsynced_files.store(true, Ordering::Release);
-            }
+        }
+        if !durable {
+            // Also when present: it may be an unsynced earlier write.
+            self.lock_unsynced().push(path);
         }
         Ok(encode_pointer(value.len() as u64, &address))
     }
@@ -774,26 +784,66 @@ impl Store {
         Ok(out)
     }
 
-    /// Makes the value files written so far durable: one `syncfs` of the
-    /// data directory's file system (files, renames and new directories in
-    /// one journal commit, instead of an fsync per object).
+    fn lock_unsynced(&self) -> MutexGuard<'_, Vec<PathBuf>> {
+        self.inner
+            .unsynced_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the object files written since the last flush durable: each
+    /// file, then each directory that gained an entry, fsynced from a few
+    /// threads at once (the file system commits concurrent fsyncs together).
+    /// Only these files: a `syncfs` would also wait for every other
+    /// writer's dirty data on a shared file system.
     fn sync_files(&self) -> StoreResult<()> {
-        if !self.inner.unsynced_files.swap(false, Ordering::AcqRel) {
+        let files = std::mem::take(&mut *self.lock_unsynced());
+        if files.is_empty() {
             return Ok(());
         }
-        let synced = std::fs::File::open(&self.inner.dir).and_then(|f| {
-            use std::os::fd::AsRawFd;
-            // SAFETY: syncfs on a valid open descriptor; no memory is shared.
-            let rc = unsafe { libc::syncfs(f.as_raw_fd()) };
-            if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
+        let mut dirs: std::collections::BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .collect();
+        // New fan-out directories are entries of these.
+        for base in ["objects", "values"] {
+            let sha = self.inner.dir.join(base).join("sha256");
+            if sha.exists() {
+                dirs.insert(sha);
+                dirs.insert(self.inner.dir.join(base));
             }
-        });
+        }
+        dirs.insert(self.inner.dir.clone());
+        let sync_all = |paths: Vec<PathBuf>, dir: bool| -> std::io::Result<()> {
+            const THREADS: usize = 4;
+            let chunk = paths.len().div_ceil(THREADS).max(1);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = paths
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(move || -> std::io::Result<()> {
+                            for p in part {
+                                if dir {
+                                    fsync_dir(p)?;
+                                } else {
+                                    std::fs::File::open(p)?.sync_data()?;
+                                }
+                            }
+                            Ok(())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().try_for_each(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked")))
+                })
+            })
+        };
+        let synced = sync_all(files.clone(), false)
+            .and_then(|()| sync_all(dirs.into_iter().collect(), true));
         if let Err(e) = synced {
-            self.inner.unsynced_files.store(true, Ordering::Release);
-            return Err(self.io_fail(format!("syncing {}", self.inner.dir.display()), e));
+            self.lock_unsynced().extend(files);
+            return Err(self.io_fail(format!("syncing files in {}", self.inner.dir.display()), e));
         }
         Ok(())
     }
