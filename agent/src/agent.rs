@@ -27,7 +27,7 @@ use crate::retry::{jitter, Backoff};
 use crate::source::{Source, SourceError, SourceOptions, SourceSet};
 use crate::status::{
     format_time, FailedRelease, HoldStatus, ReconcileStatus, RejectionStatus, ReleaseStatus,
-    RolloutStatus, RootStatus, SourceStatus, Status, STATUS_FORMAT,
+    RolloutStatus, RootStatus, SourceStatus, Status, StoreStatus, STATUS_FORMAT,
 };
 use crate::store::{Store, StoreError};
 use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
@@ -47,6 +47,9 @@ use tokio::sync::watch;
 
 /// How many objects one sync fetches at once from one source.
 pub const FETCH_CONCURRENCY: usize = 8;
+
+/// How long shutdown waits for the last status write and store flush.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// The head adopted on the agent's channel, as published to subscribers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,11 +219,16 @@ struct Inner {
     state: Mutex<State>,
     adopt_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// Held while writing status.json; `status_slot` holds the newest
+    /// document not yet written.
     status_lock: Mutex<()>,
     /// The hold file as last read (by [`Agent::current_hold`], off the
     /// runtime), for the synchronous [`Agent::status`]; and the last read
     /// error, logged once per change rather than once per read.
     hold: Mutex<(Option<Hold>, Option<String>)>,
+    status_slot: Mutex<Option<Status>>,
+    /// Woken when the store recovers from an IO error (sources retry now).
+    store_recovered: tokio::sync::Notify,
     fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
     relay_tx: watch::Sender<Option<AdoptedHead>>,
@@ -257,42 +265,19 @@ impl Agent {
                 .await
                 .map_err(|e| Error::Status(format!("store open task failed: {e}")))??
         };
-        let corrupt = |detail: String| Error::CorruptState {
-            dir: data_dir.clone(),
-            detail,
+        let loaded = {
+            let (store, config) = (store.clone(), config.clone());
+            tokio::task::spawn_blocking(move || load_stored(&store, &config, embedded, unix_now()))
+                .await
+                .map_err(|e| Error::Status(format!("store load task failed: {e}")))??
         };
-        let agent_id = match (&config.agent_id, store.agent_id()?) {
-            (Some(c), Some(s)) if *c == s => s,
-            (Some(c), _) => {
-                store.set_agent_id(c)?;
-                c.clone()
-            }
-            (None, Some(s)) => s,
-            (None, None) => {
-                // A new data directory: if the target says which agent
-                // manages it (its ownership record), this is that agent.
-                let cfg = config.target.clone();
-                let recorded = tokio::task::spawn_blocking(move || target::recorded_agent_id(&cfg))
-                    .await
-                    .ok()
-                    .flatten();
-                if let Some(id) = &recorded {
-                    tracing::info!(agent_id = %id, "agent id taken from the target's ownership record");
-                }
-                let id = recorded.unwrap_or_else(generate_agent_id);
-                store.set_agent_id(&id)?;
-                id
-            }
-        };
-        let stored_roots = store.roots()?;
-        let rest: Vec<&[u8]> = stored_roots
-            .iter()
-            .filter(|(v, _)| *v > embedded.root.version)
-            .map(|(_, b)| b.as_slice())
-            .collect();
-        let now = unix_now();
-        let chain = RootChain::follow(embedded, rest, now)
-            .map_err(|e| corrupt(format!("stored root chain: {e}")))?;
+        let LoadedState {
+            agent_id,
+            chain,
+            head,
+            last_good,
+            failed: failed_release,
+        } = loaded;
         if chain.expired {
             tracing::warn!(
                 version = chain.current.root.version,
@@ -313,62 +298,6 @@ impl Agent {
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
         metrics.root_version.set(gauge(chain.current.root.version));
-
-        let mut head = None;
-        if let Some(bytes) = store.head(&config.channel)? {
-            let (_, rel) =
-                Release::decode_envelope(&bytes, limits.max_release_bytes).map_err(|e| {
-                    corrupt(format!(
-                        "adopted release of channel `{}`: {e}",
-                        config.channel
-                    ))
-                })?;
-            let manifest_bytes = store.bundle(&rel.bundle)?.ok_or_else(|| {
-                corrupt(format!(
-                    "bundle manifest {} of the adopted release is missing",
-                    rel.bundle
-                ))
-            })?;
-            let (verified, manifest) = pipeline::reverify_adopted(
-                &chain.roots,
-                &config.channel,
-                &limits,
-                now,
-                &bytes,
-                &manifest_bytes,
-            )
-            .map_err(|r| {
-                corrupt(format!(
-                    "adopted release of channel `{}`: {r}",
-                    config.channel
-                ))
-            })?;
-            head = Some(HeadState {
-                address: cairn_keys::sha256_address(&bytes),
-                release: verified.release,
-                bytes,
-                manifest: Arc::new(manifest),
-            });
-        }
-        let last_good = match store.last_good(&config.channel)? {
-            None => None,
-            Some(bytes) => {
-                let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
-                    .map_err(|e| corrupt(format!("last-good release: {e}")))?;
-                let m = store
-                    .bundle(&rel.bundle)?
-                    .and_then(|b| Manifest::decode(&b, Some(&rel.bundle), &limits).ok());
-                m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
-            }
-        };
-        // A failed release stays failed (not retried) while it is the head.
-        let failed_release = store
-            .failed_release(&config.channel)?
-            .and_then(|b| serde_json::from_slice::<FailedRelease>(&b).ok())
-            .filter(|f| {
-                head.as_ref()
-                    .is_some_and(|h| h.release.sequence == f.sequence)
-            });
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
@@ -411,6 +340,8 @@ impl Agent {
                 reconcile_lock: tokio::sync::Mutex::new(()),
                 status_lock: Mutex::new(()),
                 hold: Mutex::new((None, None)),
+                status_slot: Mutex::new(None),
+                store_recovered: tokio::sync::Notify::new(),
                 fleet_reports: Mutex::new(BTreeMap::new()),
                 adopted_tx,
                 relay_tx,
@@ -418,13 +349,30 @@ impl Agent {
             }),
         };
         agent.repair_objects().await?;
-        agent.publish_status();
+        agent.publish_status_now().await;
         Ok(agent)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep going.
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs store work on a blocking thread: every store call may wait on
+    /// the disk (fsync, a full or failing device), and must never stall the
+    /// runtime that serves `/readyz` and SIGTERM.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> std::result::Result<R, StoreError> + Send + 'static,
+    ) -> std::result::Result<R, StoreError> {
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Db {
+                dir: self.inner.config.data_dir.clone(),
+                reason: format!("store task failed: {e}"),
+            }),
+        }
     }
 
     /// The configuration.
@@ -572,20 +520,25 @@ impl Agent {
         let Some(head) = self.state().head.clone() else {
             return Ok(());
         };
-        let store = &self.inner.store;
-        let mut missing = Vec::new();
-        for e in &head.manifest.entries {
-            match store.get_object(&e.object) {
-                Ok(Some(_)) => {}
-                Ok(None) => missing.push(e.clone()),
-                Err(StoreError::Corrupt { reason, .. }) => {
-                    tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
-                    store.remove_object(&e.object)?;
-                    missing.push(e.clone());
+        let entries = head.manifest.clone();
+        let missing = self
+            .blocking(move |store| {
+                let mut missing = Vec::new();
+                for e in &entries.entries {
+                    match store.get_object(&e.object) {
+                        Ok(Some(_)) => {}
+                        Ok(None) => missing.push(e.clone()),
+                        Err(StoreError::Corrupt { reason, .. }) => {
+                            tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
+                            store.remove_object(&e.object)?;
+                            missing.push(e.clone());
+                        }
+                        Err(other) => return Err(other),
+                    }
                 }
-                Err(other) => return Err(other.into()),
-            }
-        }
+                Ok(missing)
+            })
+            .await?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -595,7 +548,7 @@ impl Agent {
                 still.push(e.display_name());
             }
         }
-        store.flush()?;
+        self.blocking(|s| s.flush()).await?;
         if still.is_empty() {
             tracing::info!(
                 count = missing.len(),
@@ -622,10 +575,15 @@ impl Agent {
         for s in self.inner.sources.iter() {
             match s.get(&rel, size).await {
                 Ok(Some(bytes)) => {
-                    if pipeline::check_object_bytes(address, size, &bytes).is_ok()
-                        && self.inner.store.put_object(address, &bytes).is_ok()
-                    {
-                        return true;
+                    if pipeline::check_object_bytes(address, size, &bytes).is_ok() {
+                        let a = address.to_owned();
+                        if self
+                            .blocking(move |s| s.put_object(&a, &bytes))
+                            .await
+                            .is_ok()
+                        {
+                            return true;
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -667,7 +625,7 @@ impl Agent {
         let started = unix_now();
         let result = self.sync_inner(source).await;
         let m = &self.inner.metrics;
-        {
+        let sync_json = {
             let mut st = self.state();
             let s = st.sources.entry(name.clone()).or_default();
             s.source = name.clone();
@@ -692,6 +650,18 @@ impl Agent {
                     }
                     .into();
                 }
+                // A store error is this agent's disk, not the source: every
+                // store call in a sync comes after a successful read from the
+                // source, so the source counts as reached (not offline). The
+                // error itself is reported as the store's (status `store`,
+                // `cairn_store_up`, `/readyz`).
+                Err(SyncError::Store(e)) => {
+                    s.ok = true;
+                    s.note = Some(format!("not stored: {e}"));
+                    s.result = "store-error".into();
+                    s.error = None;
+                    s.last_success = Some(unix_now());
+                }
                 Err(e) => {
                     s.ok = false;
                     s.note = None;
@@ -707,6 +677,7 @@ impl Agent {
             let up = matches!(
                 &result,
                 Ok(_)
+                    | Err(SyncError::Store(_))
                     | Err(SyncError::Source(
                         SourceError::TooLarge { .. } | SourceError::Invalid { .. }
                     ))
@@ -716,9 +687,11 @@ impl Agent {
                     source: name.clone(),
                 })
                 .set(i64::from(up));
-            if let Ok(json) = serde_json::to_vec(&*s) {
-                let _ = self.inner.store.set_sync_status(&name, &json);
-            }
+            serde_json::to_vec(&*s).ok()
+        };
+        if let Some(json) = sync_json {
+            let n = name.clone();
+            let _ = self.blocking(move |s| s.set_sync_status(&n, &json)).await;
         }
         if let Err(SyncError::Source(e)) = &result {
             m.fetch_errors
@@ -802,7 +775,6 @@ impl Agent {
 
     async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
         let name = source.name();
-        let store = &self.inner.store;
         let limits = &self.inner.limits;
         let channel = self.inner.config.channel.clone();
         let mut root_rejected = None;
@@ -819,7 +791,7 @@ impl Agent {
             };
             match pipeline::check_root(&current, &bytes) {
                 Ok(vr) => {
-                    store.put_root(next, &bytes)?;
+                    self.blocking(move |s| s.put_root(next, &bytes)).await?;
                     tracing::info!(source = name, version = next, "trust root rotated");
                     self.inner.metrics.root_version.set(gauge(next));
                     let mut st = self.state();
@@ -897,9 +869,13 @@ impl Agent {
 
         // 3. The bundle manifest (from the store if present).
         if let Want::Manifest { address, limit } = ingest.want() {
-            let stored = match store.bundle(&address)? {
-                Some(b) => Some(b),
-                None => store.get_object(&address).ok().flatten(),
+            let stored = {
+                let a = address.clone();
+                self.blocking(move |s| match s.bundle(&a)? {
+                    Some(b) => Ok(Some(b)),
+                    None => Ok(s.get_object(&a).ok().flatten()),
+                })
+                .await?
             };
             let bytes = match stored {
                 Some(b) => Some(b),
@@ -926,8 +902,18 @@ impl Agent {
         // 4. Only the objects the store lacks, a few at a time.
         if let Want::Objects(list) = ingest.want() {
             let mut to_fetch = Vec::new();
-            for (address, size) in list {
-                if store.has_object(&address)? {
+            let present = {
+                let addrs: Vec<String> = list.iter().map(|(a, _)| a.clone()).collect();
+                self.blocking(move |s| {
+                    addrs
+                        .iter()
+                        .map(|a| s.has_object(a))
+                        .collect::<std::result::Result<Vec<bool>, StoreError>>()
+                })
+                .await?
+            };
+            for ((address, size), present) in list.into_iter().zip(present) {
+                if present {
                     ingest.mark_present(&address);
                 } else {
                     to_fetch.push((address, size));
@@ -959,7 +945,8 @@ impl Agent {
                 if let Err(rej) = ingest.handle_object(&address, &bytes) {
                     return Ok(self.record_rejection(name, &rej));
                 }
-                store.put_object(&address, &bytes)?;
+                self.blocking(move |s| s.put_object(&address, &bytes))
+                    .await?;
             }
             tracing::debug!(source = name, fetched, "objects fetched");
         }
@@ -968,7 +955,8 @@ impl Agent {
         // store too (mesh peers fetch it by address), then it waits.
         if let Some(d) = deferral {
             if let Some(m) = ingest.manifest_bytes() {
-                store.put_object(&ingest.release().release.bundle, m)?;
+                let (a, m) = (ingest.release().release.bundle.clone(), m.to_vec());
+                self.blocking(move |s| s.put_object(&a, &m)).await?;
             }
             let why = d.describe(format_time);
             self.set_pending(ingest.release(), ingest.manifest().cloned(), d);
@@ -999,12 +987,16 @@ impl Agent {
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
         let rel = &adoption.release.release;
-        store.adopt(
-            &channel,
-            &adoption.release.bytes,
-            &rel.bundle,
-            &adoption.manifest_bytes,
-        )?;
+        {
+            // Durable before anything is reported, logged or acted on.
+            let (c, r, b, m) = (
+                channel.clone(),
+                adoption.release.bytes.clone(),
+                rel.bundle.clone(),
+                adoption.manifest_bytes.clone(),
+            );
+            self.blocking(move |s| s.adopt(&c, &r, &b, &m)).await?;
+        }
         let head = HeadState {
             address: cairn_keys::sha256_address(&adoption.release.bytes),
             release: rel.clone(),
@@ -1184,7 +1176,7 @@ impl Agent {
                     .as_ref()
                     .is_some_and(|f| f.sequence == h.release.sequence) =>
             {
-                match self.last_good_state() {
+                match self.last_good_state().await {
                     Some(lg) => {
                         let r = self.apply_head(&lg, failed.as_ref()).await;
                         (Some(lg), r)
@@ -1219,13 +1211,17 @@ impl Agent {
                     "release failed its health checks; rolling back to the last-good release"
                 );
                 if let Ok(json) = serde_json::to_vec(&f) {
-                    if let Err(e) = self.inner.store.set_failed_release(&channel, Some(&json)) {
+                    let c = channel.clone();
+                    if let Err(e) = self
+                        .blocking(move |s| s.set_failed_release(&c, Some(&json)))
+                        .await
+                    {
                         tracing::warn!(error = %e, "cannot record the failed release");
                     }
                 }
                 self.inner.metrics.rollbacks.inc();
                 self.state().failed = Some(f.clone());
-                if let Some(lg) = self.last_good_state() {
+                if let Some(lg) = self.last_good_state().await {
                     result = self.apply_head(&lg, Some(&f)).await;
                     head = Some(lg);
                 } else {
@@ -1270,7 +1266,8 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "reconcile failed"),
         }
         if let (true, Some(h)) = (ok, &head) {
-            if let Err(e) = self.inner.store.set_last_good(&channel, &h.bytes) {
+            let (c, b) = (channel.clone(), h.bytes.clone());
+            if let Err(e) = self.blocking(move |s| s.set_last_good(&c, &b)).await {
                 tracing::warn!(error = %e, "cannot record last-good release");
             }
             m.last_good_sequence
@@ -1297,12 +1294,13 @@ impl Agent {
     }
 
     /// The last-good release as a head, if its manifest is still stored.
-    fn last_good_state(&self) -> Option<HeadState> {
-        let channel = &self.inner.config.channel;
-        let bytes = self.inner.store.last_good(channel).ok()??;
+    async fn last_good_state(&self) -> Option<HeadState> {
+        let channel = self.inner.config.channel.clone();
+        let bytes = self.blocking(move |s| s.last_good(&channel)).await.ok()??;
         let (_, release) =
             Release::decode_envelope(&bytes, self.inner.limits.max_release_bytes).ok()?;
-        let manifest_bytes = self.inner.store.bundle(&release.bundle).ok()??;
+        let bundle = release.bundle.clone();
+        let manifest_bytes = self.blocking(move |s| s.bundle(&bundle)).await.ok()??;
         let manifest =
             Manifest::decode(&manifest_bytes, Some(&release.bundle), &self.inner.limits).ok()?;
         Some(HeadState {
@@ -1318,12 +1316,30 @@ impl Agent {
         h: &HeadState,
         failed: Option<&FailedRelease>,
     ) -> Result<ApplyReport> {
+        // One blocking pass reads every object; missing or corrupt ones
+        // (dropped) are fetched again from the sources.
+        let manifest = h.manifest.clone();
+        let mut read = self
+            .blocking(move |store| {
+                let mut out = Vec::with_capacity(manifest.entries.len());
+                for e in &manifest.entries {
+                    out.push(match store.get_object(&e.object) {
+                        Ok(b) => b,
+                        Err(StoreError::Corrupt { .. }) => {
+                            let _ = store.remove_object(&e.object);
+                            None
+                        }
+                        Err(other) => return Err(other),
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
         let mut objects = Vec::with_capacity(h.manifest.entries.len());
-        for e in &h.manifest.entries {
-            let bytes = match self.inner.store.get_object(&e.object) {
-                Ok(Some(b)) => b,
-                Ok(None) | Err(StoreError::Corrupt { .. }) => {
-                    let _ = self.inner.store.remove_object(&e.object);
+        for (e, bytes) in h.manifest.entries.iter().zip(read.iter_mut()) {
+            let bytes = match bytes.take() {
+                Some(b) => b,
+                None => {
                     if !self.fetch_object_anywhere(&e.object, e.size).await {
                         return Err(Error::CorruptState {
                             dir: self.inner.config.data_dir.clone(),
@@ -1334,7 +1350,8 @@ impl Agent {
                             ),
                         });
                     }
-                    match self.inner.store.get_object(&e.object)? {
+                    let a = e.object.clone();
+                    match self.blocking(move |s| s.get_object(&a)).await? {
                         Some(b) => b,
                         None => {
                             return Err(Error::Status(format!(
@@ -1344,7 +1361,6 @@ impl Agent {
                         }
                     }
                 }
-                Err(other) => return Err(other.into()),
             };
             objects.push(DesiredObject {
                 entry: e.clone(),
@@ -1397,6 +1413,12 @@ impl Agent {
     /// `(ready, reason)` as `/readyz` reports it: ready when a release is
     /// adopted and the last reconcile made the target match it.
     pub fn readiness(&self) -> (bool, String) {
+        if let Some(e) = self.inner.store.failure() {
+            return (
+                false,
+                format!("store: {e}; the agent retries by itself once the data directory takes writes again"),
+            );
+        }
         let st = self.state();
         match (&st.head, &st.reconcile) {
             (None, _) => (
@@ -1433,6 +1455,7 @@ impl Agent {
         let now = unix_now();
         let offline = self.is_offline();
         self.inner.metrics.offline.set(i64::from(offline));
+        let store = self.store_status();
         let (ready, ready_reason) = self.readiness();
         let hold = self.last_hold(now).map(|h| HoldStatus {
             since: h.since,
@@ -1460,23 +1483,76 @@ impl Agent {
             reconcile: st.reconcile.clone(),
             ready,
             ready_reason,
+            store,
+        }
+    }
+
+    /// The store's health, also refreshing `cairn_store_up` and
+    /// `cairn_store_errors_total`.
+    fn store_status(&self) -> StoreStatus {
+        let store = &self.inner.store;
+        let error = store.failure();
+        let errors = store.error_count();
+        let m = &self.inner.metrics;
+        m.store_up.set(i64::from(error.is_none()));
+        let counted = m.store_errors.get();
+        if errors > counted {
+            m.store_errors.inc_by(errors - counted);
+        }
+        StoreStatus {
+            ok: error.is_none(),
+            error,
+            errors,
         }
     }
 
     /// Writes the status document to `<dataDir>/status.json` (atomically)
-    /// and into the store.
+    /// on a blocking thread; the newest document always wins.
     pub fn publish_status(&self) {
+        self.stage_status();
+        let agent = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || agent.write_staged_status());
+            }
+            Err(_) => agent.write_staged_status(),
+        }
+    }
+
+    /// [`Agent::publish_status`], returning once the file is written.
+    pub async fn publish_status_now(&self) {
+        self.stage_status();
+        let agent = self.clone();
+        let _ = tokio::task::spawn_blocking(move || agent.write_staged_status()).await;
+    }
+
+    fn stage_status(&self) {
         let s = self.status();
+        *self
+            .inner
+            .status_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(s);
+    }
+
+    fn write_staged_status(&self) {
         let _g = self
             .inner
             .status_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = s.write(&self.inner.config.data_dir) {
-            tracing::warn!(error = %e, "cannot write the status file");
-        }
-        if let Ok(json) = serde_json::to_vec(&s) {
-            let _ = self.inner.store.set_status(&json);
+        let staged = self
+            .inner
+            .status_slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(s) = staged {
+            // Status writes need no free space (see `Status::write`), so a
+            // full data directory is reported, not left stale.
+            if let Err(e) = s.write(&self.inner.config.data_dir) {
+                tracing::warn!(error = %e, "cannot write the status file");
+            }
         }
     }
 
@@ -1518,7 +1594,8 @@ impl Agent {
                     .join("; "),
             });
         }
-        self.inner.store.flush()?;
+        self.blocking(|s| s.flush()).await?;
+        self.publish_status_now().await;
         Ok(report)
     }
 
@@ -1562,15 +1639,107 @@ impl Agent {
         tasks.spawn(async move { agent.reconcile_loop().await });
         let agent = self.clone();
         tasks.spawn(async move { agent.pending_loop().await });
+        let agent = self.clone();
+        tasks.spawn(async move { agent.store_recovery_loop().await });
         if self.inner.sources.is_empty() {
             tracing::warn!("no sources configured: enforcing the stored state only");
         }
         shutdown.await;
         tracing::info!("shutting down");
         tasks.abort_all();
-        self.publish_status();
-        self.inner.store.flush()?;
+        // The last status and flush get a few seconds: a store stuck on a
+        // failing disk must not keep the agent from stopping (everything
+        // adopted is durable already; this only saves sync results).
+        let agent = self.clone();
+        let last = tokio::task::spawn_blocking(move || {
+            agent.stage_status();
+            agent.write_staged_status();
+            agent.inner.store.flush()
+        });
+        match tokio::time::timeout(SHUTDOWN_GRACE, last).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final store flush failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "final store flush failed"),
+            Err(_) => tracing::warn!(
+                grace_s = SHUTDOWN_GRACE.as_secs(),
+                "final store flush did not finish; stopping anyway"
+            ),
+        }
         Ok(())
+    }
+
+    /// Reopens the store after an IO error (a full disk, say) once it takes
+    /// writes again, then picks up what is durable in it and wakes the
+    /// sources, so no restart is needed.
+    async fn store_recovery_loop(&self) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.inner.store.failure().is_none() {
+                backoff.reset();
+                continue;
+            }
+            match self.blocking(|s| s.recover()).await {
+                Ok(()) => {
+                    tracing::info!("store recovered: the data directory takes writes again");
+                    backoff.reset();
+                    self.reload_head().await;
+                    self.inner.store_recovered.notify_waiters();
+                    self.publish_status();
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "store still failing");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    /// After a store recovery: the durable head is the truth. An adoption
+    /// whose flush failed was never reported; if it reached the disk anyway
+    /// it is picked up here (verified again), otherwise the old head stays.
+    async fn reload_head(&self) {
+        let roots = self.state().chain.clone();
+        let config = self.inner.config.clone();
+        let store = self.inner.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            load_head(&store, &roots, &config, &Limits::default(), unix_now())
+        })
+        .await;
+        let head = match loaded {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "stored head unreadable after store recovery");
+                return;
+            }
+            Err(_) => return,
+        };
+        let Some(head) = head else { return };
+        let changed = self
+            .state()
+            .head
+            .as_ref()
+            .is_none_or(|h| h.bytes != head.bytes);
+        if !changed {
+            return;
+        }
+        let published = head.published();
+        tracing::info!(
+            channel = %head.release.channel,
+            sequence = head.release.sequence,
+            "release adopted (found durable in the store after recovery)"
+        );
+        self.inner
+            .metrics
+            .adopted_sequence
+            .get_or_create(&ChannelLabel {
+                channel: head.release.channel.clone(),
+            })
+            .set(head.release.sequence as i64);
+        self.state().head = Some(head);
+        self.inner.adopted_tx.send_replace(Some(published));
+        self.publish_relay();
     }
 
     async fn poll_source(&self, source: Arc<dyn Source>) {
@@ -1601,7 +1770,10 @@ impl Agent {
                     backoff.next_delay()
                 }
             };
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.inner.store_recovered.notified() => backoff.reset(),
+            }
         }
     }
 
@@ -1678,6 +1850,129 @@ impl Source for StagedRelease {
 /// forged release at 2^64 − 1 reads as a huge number, never as −1.
 fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// What [`Agent::open`] reads from the store, verified.
+struct LoadedState {
+    agent_id: String,
+    chain: RootChain,
+    head: Option<HeadState>,
+    last_good: Option<ReleaseStatus>,
+    failed: Option<FailedRelease>,
+}
+
+/// Reads and verifies the stored state (blocking: call from a blocking
+/// thread): agent id, root chain, adopted head, last-good, failed release.
+fn load_stored(
+    store: &Store,
+    config: &Config,
+    embedded: VerifiedRoot,
+    now: u64,
+) -> Result<LoadedState> {
+    let data_dir = &config.data_dir;
+    let corrupt = |detail: String| Error::CorruptState {
+        dir: data_dir.clone(),
+        detail,
+    };
+    let agent_id = match (&config.agent_id, store.agent_id()?) {
+        (Some(c), Some(s)) if *c == s => s,
+        (Some(c), _) => {
+            store.set_agent_id(c)?;
+            c.clone()
+        }
+        (None, Some(s)) => s,
+        (None, None) => {
+            // A new data directory: if the target says which agent
+            // manages it (its ownership record), this is that agent.
+            let recorded = target::recorded_agent_id(&config.target);
+            if let Some(id) = &recorded {
+                tracing::info!(agent_id = %id, "agent id taken from the target's ownership record");
+            }
+            let id = recorded.unwrap_or_else(generate_agent_id);
+            store.set_agent_id(&id)?;
+            id
+        }
+    };
+    let stored_roots = store.roots()?;
+    let rest: Vec<&[u8]> = stored_roots
+        .iter()
+        .filter(|(v, _)| *v > embedded.root.version)
+        .map(|(_, b)| b.as_slice())
+        .collect();
+    let chain = RootChain::follow(embedded, rest, now)
+        .map_err(|e| corrupt(format!("stored root chain: {e}")))?;
+    let limits = Limits::default();
+    let head = load_head(store, &chain.roots, config, &limits, now)?;
+    let last_good = match store.last_good(&config.channel)? {
+        None => None,
+        Some(bytes) => {
+            let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
+                .map_err(|e| corrupt(format!("last-good release: {e}")))?;
+            let m = store
+                .bundle(&rel.bundle)?
+                .and_then(|b| Manifest::decode(&b, Some(&rel.bundle), &limits).ok());
+            m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
+        }
+    };
+    // A failed release stays failed (not retried) while it is the head.
+    let failed = store
+        .failed_release(&config.channel)?
+        .and_then(|b| serde_json::from_slice::<FailedRelease>(&b).ok())
+        .filter(|f| {
+            head.as_ref()
+                .is_some_and(|h| h.release.sequence == f.sequence)
+        });
+    Ok(LoadedState {
+        agent_id,
+        chain,
+        head,
+        last_good,
+        failed,
+    })
+}
+
+/// The stored head of the configured channel, re-verified against `root`
+/// (blocking).
+fn load_head(
+    store: &Store,
+    roots: &[cairn_keys::Root],
+    config: &Config,
+    limits: &Limits,
+    now: u64,
+) -> Result<Option<HeadState>> {
+    let corrupt = |detail: String| Error::CorruptState {
+        dir: config.data_dir.clone(),
+        detail,
+    };
+    let Some(bytes) = store.head(&config.channel)? else {
+        return Ok(None);
+    };
+    let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes).map_err(|e| {
+        corrupt(format!(
+            "adopted release of channel `{}`: {e}",
+            config.channel
+        ))
+    })?;
+    let manifest_bytes = store.bundle(&rel.bundle)?.ok_or_else(|| {
+        corrupt(format!(
+            "bundle manifest {} of the adopted release is missing",
+            rel.bundle
+        ))
+    })?;
+    let (verified, manifest) =
+        pipeline::reverify_adopted(roots, &config.channel, limits, now, &bytes, &manifest_bytes)
+            .map_err(|r| {
+                corrupt(format!(
+                    "adopted release of channel `{}`: {r}",
+                    config.channel
+                ))
+            })?;
+    Ok(Some(HeadState {
+        address: cairn_keys::sha256_address(&bytes),
+        release: verified.release,
+        bytes,
+        manifest: Arc::new(manifest),
+    }))
 }
 
 fn generate_agent_id() -> String {

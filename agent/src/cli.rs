@@ -165,7 +165,11 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
                     what: "starting the runtime".into(),
                     source,
                 })?;
-            rt.block_on(run(cfg, once))
+            let r = rt.block_on(run(cfg, once));
+            // Do not wait for blocking work still running (a store call
+            // stuck on a failing disk): SIGTERM must stop the agent.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            r
         }
         Command::Status {
             config,

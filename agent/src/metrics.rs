@@ -17,6 +17,8 @@
 //! | `cairn_trust_root_info` | gauge (always 1) | `origin`, `version` of the embedded root |
 //! | `cairn_development_root` | gauge | 1 when the embedded root is the development root |
 //! | `cairn_adopted_release_expired` | gauge | |
+//! | `cairn_store_up` | gauge | | 0 while the local store is out of service (IO error) |
+//! | `cairn_store_errors_total` | counter | | IO errors of the local store |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -105,6 +107,11 @@ pub struct Metrics {
     pub trust_root_info: Family<TrustRootLabel, Gauge>,
     /// 1 when the embedded root is the development root.
     pub development_root: Gauge,
+    /// 1 while the local store takes writes, 0 after an IO error until it
+    /// recovers.
+    pub store_up: Gauge,
+    /// IO errors of the local store.
+    pub store_errors: Counter,
     /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
     pub mesh: crate::mesh::MeshMetrics,
 }
@@ -135,6 +142,8 @@ impl Metrics {
             adopted_release_expired: Gauge::default(),
             trust_root_info: Family::default(),
             development_root: Gauge::default(),
+            store_up: Gauge::default(),
+            store_errors: Counter::default(),
             mesh: crate::mesh::MeshMetrics::default(),
             registry: Registry::default(),
         };
@@ -217,6 +226,16 @@ impl Metrics {
             "cairn_development_root",
             "1 when the agent embeds the development trust root, whose private keys are public",
             m.development_root.clone(),
+        );
+        registry.register(
+            "cairn_store_up",
+            "1 while the local store takes writes; 0 after an IO error (full or failing disk) until it recovers",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "cairn_store_errors",
+            "IO errors of the local store",
+            m.store_errors.clone(),
         );
         Self { registry, ..m }
     }

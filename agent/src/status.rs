@@ -20,6 +20,68 @@ pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join("status.json")
 }
 
+/// Size of the spare status files (JSON padded with spaces).
+const STATUS_FILE_BYTES: usize = 128 << 10;
+
+fn spare_paths(data_dir: &Path) -> [PathBuf; 2] {
+    [
+        data_dir.join(".status.json.spare"),
+        data_dir.join(".status.json.spare2"),
+    ]
+}
+
+fn is_spare_size(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.len() == STATUS_FILE_BYTES as u64)
+}
+
+/// Keeps two spare status files of [`STATUS_FILE_BYTES`] while there is
+/// space, for [`write_without_space`].
+fn keep_spares(data_dir: &Path) {
+    for p in spare_paths(data_dir) {
+        if !is_spare_size(&p) {
+            let _ = std::fs::write(&p, vec![b' '; STATUS_FILE_BYTES]);
+        }
+    }
+}
+
+/// Writes status.json on a full disk, where a new file cannot be
+/// allocated: the JSON goes into a spare's existing blocks (padded with
+/// spaces, valid JSON whitespace), the spare is renamed over status.json,
+/// and the previous status.json — if it is a padded one, kept alive by a
+/// hard link — becomes the next spare. Two spares cover the first switch
+/// from a normal status.json. A reader that opened status.json just before
+/// a switch can see the next write torn; [`Status::read`] reads again.
+fn write_without_space(data_dir: &Path, json: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    let main = status_path(data_dir);
+    let [spare, spare2] = spare_paths(data_dir);
+    let old = data_dir.join(".status.json.old");
+    if !is_spare_size(&spare) && is_spare_size(&spare2) {
+        std::fs::rename(&spare2, &spare)?;
+    }
+    if !is_spare_size(&spare) {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).open(&spare)?;
+    let mut buf = json.to_vec();
+    buf.resize(STATUS_FILE_BYTES - 1, b' ');
+    buf.push(b'\n');
+    f.seek(std::io::SeekFrom::Start(0))?;
+    f.write_all(&buf)?;
+    f.sync_all()?;
+    drop(f);
+    let _ = std::fs::remove_file(&old);
+    let kept = is_spare_size(&main) && std::fs::hard_link(&main, &old).is_ok();
+    std::fs::rename(&spare, &main)?;
+    if let Ok(d) = std::fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    if kept {
+        std::fs::rename(&old, &spare)?;
+    }
+    Ok(())
+}
+
 /// A release as status shows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -149,6 +211,20 @@ pub struct HoldStatus {
     pub until: Option<u64>,
 }
 
+/// The local store's health. A store error (a full, read-only or failing
+/// data directory) is the agent's own problem, never a source's: sources
+/// stay up and the agent is not offline because of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreStatus {
+    /// Whether the store takes writes (no IO error outstanding).
+    pub ok: bool,
+    /// The IO error that put the store out of service, until it recovers.
+    pub error: Option<String>,
+    /// IO errors since start (`cairn_store_errors_total`).
+    pub errors: u64,
+}
+
 /// The trust root in use.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -268,20 +344,34 @@ pub struct Status {
     pub ready: bool,
     /// Why (not) ready.
     pub ready_reason: String,
+    /// The local store's health.
+    #[serde(default)]
+    pub store: StoreStatus,
 }
 
 /// Largest status file read back.
 pub const MAX_STATUS_BYTES: u64 = 16 << 20;
 
 impl Status {
-    /// Writes the document atomically to `<data_dir>/status.json`.
+    /// Writes the document atomically to `<data_dir>/status.json`, also on
+    /// a full disk (see [`write_without_space`]).
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
         let p = status_path(data_dir);
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Status(e.to_string()))?;
-        cairn_keys::fs::write_atomic(&p, &json, Some(0o644)).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             what: format!("writing {}", p.display()),
             source,
-        })
+        };
+        match cairn_keys::fs::write_atomic(&p, &json, Some(0o644)) {
+            Ok(()) => {
+                keep_spares(data_dir);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && json.len() < STATUS_FILE_BYTES => {
+                write_without_space(data_dir, &json).map_err(io)
+            }
+            Err(e) => Err(io(e)),
+        }
     }
 
     /// Reads `<data_dir>/status.json` (a regular file of at most
@@ -301,8 +391,20 @@ impl Status {
             }
             Err(e) => return Err(Error::Status(e.to_string())),
         };
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Status(format!("{}: unreadable status file: {e}", p.display())))
+        match serde_json::from_slice(&bytes) {
+            Ok(s) => Ok(s),
+            // Possibly torn by a full-disk write (see `write_without_space`):
+            // the file is whole again at the next read.
+            Err(_) => {
+                let bytes = std::fs::read(&p).map_err(|source| Error::Io {
+                    what: format!("reading {}", p.display()),
+                    source,
+                })?;
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::Status(format!("{}: unreadable status file: {e}", p.display()))
+                })
+            }
+        }
     }
 
     /// Human-readable rendering, relative to `now`.
@@ -387,6 +489,13 @@ impl Status {
             );
         }
         line("target", self.target.clone());
+        line(
+            "store",
+            match &self.store.error {
+                None => "ok".into(),
+                Some(e) => format!("ERROR: {e} (retrying by itself)"),
+            },
+        );
         line(
             "offline",
             if self.offline {
