@@ -7,7 +7,7 @@
 //! only messages signed here may ever verify.
 
 use cairn_bundle::mesh::wire::{
-    encode_frame, Found, Head, Hello, Item, Message, PeerInfo, StatusRecord, PROTOCOL_VERSION,
+    encode_frame, Found, Head, Hello, Item, Message, SignedStatus, StatusRecord, PROTOCOL_VERSION,
 };
 use cairn_bundle::mesh::MeshLimits;
 use cairn_bundle::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
@@ -197,25 +197,25 @@ fn main() {
         ),
         (
             "status",
-            Message::Status(vec![StatusRecord {
-                agent_id: "agent-1".into(),
-                channel: "stable".into(),
-                labels: [("site".to_string(), "north".to_string())].into(),
-                sequence: 3,
-                bundle: bundle.clone(),
-                health: "healthy".into(),
-                time: 1_700_000_000_000,
-                rollout: Default::default(),
+            // Signature and certificate are placeholders: the decoder only
+            // bounds them; verification is the receiver's `RecordKeys`.
+            Message::Status(vec![SignedStatus {
+                record: cairn_keys::codec::encode(&StatusRecord {
+                    agent_id: "agent-1".into(),
+                    channel: "stable".into(),
+                    labels: [("site".to_string(), "north".to_string())].into(),
+                    sequence: 3,
+                    bundle: bundle.clone(),
+                    health: "healthy".into(),
+                    time: 1_700_000_000_000,
+                    rollout: Default::default(),
+                    listen: Some("10.0.0.1:7440".into()),
+                }),
+                cert: vec![0x30; 64],
+                sig: vec![0x30; 70],
             }]),
         ),
         ("status-request", Message::StatusRequest),
-        (
-            "peers",
-            Message::Peers(vec![PeerInfo {
-                agent_id: Some("agent-2".into()),
-                addr: "10.0.0.2:7440".into(),
-            }]),
-        ),
         ("bye", Message::Bye("shutting down".into())),
     ];
     let mut stream = Vec::new();
