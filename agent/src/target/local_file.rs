@@ -2,12 +2,11 @@
 //! to it can replace: never follow a symbolic link, never block on a FIFO
 //! or device, and never allocate more than a cap known before reading.
 //!
-//! (A private helper: the agent has no shared no-follow reader yet. If
-//! `crate::fsread` appears, this module should become a call to it.)
+//! A view of [`crate::fsread`] (the agent's one no-follow, capped reader)
+//! that sorts the outcomes the way the target needs them.
 
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use crate::fsread::{read_regular_file_capped, ReadFileErrorKind};
+use std::io;
 use std::path::Path;
 
 /// What reading a local file found.
@@ -29,34 +28,17 @@ pub enum LocalFile {
 /// type and size are checked on the open descriptor, and the read stops at
 /// `cap + 1` bytes in case the file grows meanwhile.
 pub fn read_regular(path: &Path, cap: u64) -> io::Result<LocalFile> {
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(LocalFile::Missing),
-        // ELOOP: the last component is a symlink.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Ok(LocalFile::NotRegular),
-        Err(e) => return Err(e),
-    };
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Ok(LocalFile::NotRegular);
+    match read_regular_file_capped(path, cap) {
+        Ok(bytes) => Ok(LocalFile::Bytes(bytes)),
+        Err(e) => match e.kind {
+            ReadFileErrorKind::NotFound => Ok(LocalFile::Missing),
+            ReadFileErrorKind::Symlink | ReadFileErrorKind::NotRegular(_) => {
+                Ok(LocalFile::NotRegular)
+            }
+            ReadFileErrorKind::TooLarge { size, .. } => Ok(LocalFile::TooLarge(size)),
+            ReadFileErrorKind::Io(e) => Err(e),
+        },
     }
-    if meta.len() > cap {
-        return Ok(LocalFile::TooLarge(meta.len()));
-    }
-    read_capped(f, cap, meta.len())
-}
-
-fn read_capped(f: File, cap: u64, hint: u64) -> io::Result<LocalFile> {
-    let mut buf = Vec::with_capacity(hint as usize);
-    f.take(cap + 1).read_to_end(&mut buf)?;
-    if buf.len() as u64 > cap {
-        return Ok(LocalFile::TooLarge(buf.len() as u64));
-    }
-    Ok(LocalFile::Bytes(buf))
 }
 
 #[cfg(test)]
