@@ -1565,6 +1565,15 @@ impl Agent {
     /// One sync of every source, one reconcile; `Ok` when the target
     /// matches the adopted release (`cairn-agent run --once`).
     pub async fn run_once(&self) -> Result<ApplyReport> {
+        let result = self.sync_and_reconcile_once().await;
+        // The process exits right after: write the final status.json here,
+        // on every path (status writes elsewhere are fire-and-forget and
+        // may not have run yet).
+        self.publish_status_now().await;
+        result
+    }
+
+    async fn sync_and_reconcile_once(&self) -> Result<ApplyReport> {
         self.sync_all().await;
         let report = self.reconcile().await?;
         let failed = self.state().failed.clone();
@@ -1595,7 +1604,6 @@ impl Agent {
             });
         }
         self.blocking(|s| s.flush()).await?;
-        self.publish_status_now().await;
         Ok(report)
     }
 

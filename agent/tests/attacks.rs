@@ -578,7 +578,7 @@ fn mesh_agent_config(
         .collect();
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
-        "agentId: {id}\ndataDir: {d}/data\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
+        "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {d}/data\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
          reconcileInterval: 1s\nmaxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {d}/manifests\n\
          listen:\n  http: 127.0.0.1:0\nmesh:\n  listen: {listen}\n  cert: {c}/agent.crt\n  \
          key: {c}/agent.key\n  ca: {c}/ca.crt\n  peers: [{p}]\n  antiEntropyInterval: 1s\n",

@@ -106,14 +106,14 @@ fn data_dir_moved_aside_recovers_to_an_exact_ready_target() {
 
 #[test]
 fn kill_during_a_first_large_reconcile_is_not_drift() {
-    // 1,000 apps: 3,003 objects.
+    // 3,000 apps: 9,003 objects (the scale of the reliability run).
     let t0 = std::time::Instant::now();
-    let w = World::new(1000, 1, 1);
+    let w = World::new(3000, 1, 1);
     let b1 = w.build("HEAD", "b1.bundle");
     w.release(&b1);
     eprintln!("fixture built and released in {:?}", t0.elapsed());
     let want = expected_files(&b1);
-    assert_eq!(want.len(), 3003);
+    assert_eq!(want.len(), 9003);
     let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
     let count = || {
         std::fs::read_dir(&w.manifests)
