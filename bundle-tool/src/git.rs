@@ -10,6 +10,10 @@ use gix::ObjectId;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Shows an untrusted tree entry name safely in a terminal or log: the
+/// project's one escaping rule.
+pub use cairn_keys::text::escape_untrusted as escape_name;
+
 /// Most entries (files, directories, links) a build walks in one tree.
 /// Git stores a subtree once however often it is referenced, so a small
 /// repository can name millions of paths; the walk stops here.
@@ -64,20 +68,6 @@ pub struct GitTree {
 
 fn git_err(what: impl std::fmt::Display) -> Error {
     Error::Git(what.to_string())
-}
-
-/// Shows an untrusted name with control characters and quotes escaped, so
-/// that it can be printed to a terminal or a log.
-pub fn escape_name(name: &str) -> String {
-    name.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
 }
 
 /// Checks that a tree entry name is one normal path component: not empty,
@@ -419,7 +409,7 @@ mod tests {
 
     #[test]
     fn names_are_escaped_for_terminals() {
-        assert_eq!(escape_name("a\x1b[31mb\n"), "a\\u{1b}[31mb\\n");
+        assert_eq!(escape_name("a\x1b[31mb\n"), "a\\x1b[31mb\\n");
         assert_eq!(escape_name("plain/ü"), "plain/ü");
     }
 

@@ -736,12 +736,12 @@ fn evil_tree_entry_names_are_refused_and_nothing_is_written() {
         // Shown escaped: no raw control characters reach the terminal.
         let shown = String::from_utf8_lossy(name)
             .chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
+            .map(|c| match c {
+                '\t' => "\\t".to_owned(),
+                '\n' => "\\n".to_owned(),
+                '\r' => "\\r".to_owned(),
+                c if c.is_ascii_control() => format!("\\x{:02x}", c as u32),
+                c => c.to_string(),
             })
             .collect::<String>();
         // The evil entry at the root (where `..` and an absolute name
