@@ -3,13 +3,11 @@
 //! tampered ownership record. Real agent processes; the disk-pressure test
 //! mounts a tmpfs (run as root, as CI does).
 
-mod support;
-
+use crate::support::*;
 use cairn_test_support::fixture::{commit_files, configmap, git_run};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::*;
 
 const RECORD: &str = ".cairn-owner.json";
 

@@ -8,12 +8,10 @@
 //! traffic leaves the namespaces. Needs root and `ip`; otherwise the test
 //! says why and passes without running.
 
-mod support;
-
+use crate::support::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 fn can_run() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.

@@ -7,15 +7,13 @@
 //! breaker so that the remaining agents hold it. Blocks 127.0.21.x and
 //! 127.0.22.x.
 
-mod support;
-
+use crate::support::*;
 use cairn_bundle::release::Release;
 use cairn_bundle::rollout::bucket_ppm;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use support::*;
 
 /// One test's fleet of agent processes and their directories.
 struct Fleet {

@@ -2,11 +2,9 @@
 //! served over HTTP (or as a directory) → `cairn-agent run` with a
 //! manifests-dir target. Real processes throughout.
 
-mod support;
-
+use crate::support::*;
 use cairn_test_support::StaticServer;
 use std::process::Command;
-use support::*;
 
 #[test]
 fn once_over_http_writes_every_object() {

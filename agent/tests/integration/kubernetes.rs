@@ -1,13 +1,11 @@
 //! The Kubernetes target end to end: real `cairn-agent` processes against
 //! the test API server (`cairn-test-apiserver`), checked with real `kubectl`.
 
-mod support;
-
+use crate::support::{ok, World};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{ok, World};
 
 /// A running test API server process.
 struct ApiServer {

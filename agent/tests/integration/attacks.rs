@@ -3,8 +3,7 @@
 //! reason (logs, status, metrics) and the manifests directory keeps the
 //! last-good content.
 
-mod support;
-
+use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
@@ -13,7 +12,6 @@ use cairn_keys::{KeyPair, Root};
 use cairn_test_support::{Fault, StaticServer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use support::*;
 
 struct Setup {
     w: World,

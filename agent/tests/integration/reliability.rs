@@ -4,13 +4,11 @@
 //! Without mounts (not root, no loop devices) the tests print why and pass,
 //! except under CI (`CI` set), where that is a failure.
 
-mod support;
-
+use crate::support::*;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use support::*;
 
 fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output()

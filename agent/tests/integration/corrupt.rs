@@ -1,11 +1,9 @@
 //! A damaged data directory: a clear error and no silent wipe; objects
 //! re-fetched when a source has them.
 
-mod support;
-
+use crate::support::*;
 use cairn_agent::store::{dangerous, Store};
 use cairn_test_support::StaticServer;
-use support::*;
 
 fn adopted_world() -> (World, std::path::PathBuf, Vec<String>) {
     let w = World::new(2, 1, 1);

@@ -3,8 +3,7 @@
 //! and "only changed objects move". (The partition test lives in
 //! `mesh_partition.rs`.) Every test uses its own 127.0.<T>.x block.
 
-mod support;
-
+use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials};
@@ -16,7 +15,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::Duration;
-use support::*;
 
 /// One test's fleet: a CA, agents (processes) and their directories.
 struct Fleet {
