@@ -542,22 +542,12 @@ fn a_stolen_release_key_at_the_maximum_sequence_is_recovered_by_rotating_the_rel
 
 /// A `cairn mesh` certificate directory for an agent id.
 fn issue_agent_cert(w: &World, ca: &Path, id: &str) -> PathBuf {
-    let out = w.path(&format!("cert-{id}"));
-    ok(std::process::Command::new(cairn_bin())
-        .args(["mesh", "issue", "--ca"])
-        .arg(ca)
-        .args(["--agent-id", id, "--out"])
-        .arg(&out));
-    out
+    mesh_issue(ca, id, &w.path(&format!("cert-{id}")))
 }
 
 /// A fleet CA made with the CLI.
 fn mesh_ca(w: &World) -> PathBuf {
-    let ca = w.path("mesh-ca");
-    ok(std::process::Command::new(cairn_bin())
-        .args(["mesh", "ca", "init", "--out"])
-        .arg(&ca));
-    ca
+    mesh_ca_init(&w.path("mesh-ca"))
 }
 
 /// An agent configuration with a mesh section, in `<dir>/config.yaml`.
@@ -569,50 +559,28 @@ fn mesh_agent_config(
     seeds: &[String],
     cert: &Path,
 ) -> PathBuf {
-    std::fs::create_dir_all(dir).unwrap();
-    let src: String = sources
-        .iter()
-        .map(|s| format!("\n  - {}", s.display()))
-        .collect();
-    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
-    let text = format!(
-        "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {d}/data\nchannel: stable\nsources:{src}\npollInterval: 1s\n\
-         reconcileInterval: 1s\nmaxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {d}/manifests\n\
-         listen:\n  http: 127.0.0.1:0\nmesh:\n  listen: {listen}\n  cert: {c}/agent.crt\n  \
-         key: {c}/agent.key\n  ca: {c}/ca.crt\n  peers: [{p}]\n  antiEntropyInterval: 1s\n",
-        d = dir.display(),
-        src = if src.is_empty() { " []".into() } else { src },
-        c = cert.display(),
-        p = seeds.join(", "),
-    );
-    let p = dir.join("config.yaml");
-    std::fs::write(&p, text).unwrap();
-    p
+    let mut c = cairn_test_support::AgentConfig::new(&dir.join("data"), &dir.join("manifests"));
+    c.id = Some(id.to_owned());
+    c.sources = sources.iter().map(|s| s.display().to_string()).collect();
+    c.mesh = Some(MeshConfig {
+        listen: listen.to_owned(),
+        cert: cert.to_path_buf(),
+        seeds: seeds.to_vec(),
+    });
+    c.write(&dir.join("config.yaml"))
 }
 
 /// Starts `cairn-agent run` with logs in `<dir>/agent.log`, watched.
 fn spawn_agent(name: &str, dir: &Path, cfg: &Path) -> AgentProcess {
-    let log = dir.join("agent.log");
-    let child = std::process::Command::new(agent_bin())
-        .args(["run", "--log-format", "json", "--config"])
-        .arg(cfg)
-        .env("CAIRN_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("spawn agent");
-    watch_agent(&child, name, &log);
-    AgentProcess(child)
+    cairn_test_support::spawn_agent(&agent_bin(), cfg, "info", name, &dir.join("agent.log"))
 }
 
 fn read_status(dir: &Path) -> Option<cairn_agent::status::Status> {
-    cairn_agent::status::Status::read(&dir.join("data")).ok()
+    status_in(&dir.join("data"))
 }
 
 fn adopted_sequence(dir: &Path) -> u64 {
-    read_status(dir)
-        .and_then(|s| s.adopted.map(|a| a.sequence))
-        .unwrap_or(0)
+    sequence_in(&dir.join("data"))
 }
 
 /// Waits until the agent in `dir` (pid `pid`) publishes its HTTP address.

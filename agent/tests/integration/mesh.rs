@@ -13,148 +13,14 @@ use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_bundle::repo::{channel_path, RepoDir};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
-/// One test's fleet: a CA, agents (processes) and their directories.
-struct Fleet {
-    w: World,
-    block: u8,
-    ca: PathBuf,
-    children: Vec<Child>,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn mesh_addr(block: u8, i: usize) -> String {
-    format!("127.0.{block}.{}:7440", i + 1)
-}
-
-impl Fleet {
-    fn new(block: u8, w: World) -> Fleet {
-        let ca = w.path("mesh-ca");
-        ok(Command::new(cairn_bin())
-            .args(["mesh", "ca", "init", "--out"])
-            .arg(&ca));
-        Fleet {
-            w,
-            block,
-            ca,
-            children: Vec::new(),
-        }
-    }
-
-    fn id(i: usize) -> String {
-        format!("a{i}")
-    }
-
-    fn dir(&self, i: usize, what: &str) -> PathBuf {
-        self.w.path(&format!("agent{i}/{what}"))
-    }
-
-    /// Issues a certificate with the CLI into `agent<i>/cert`.
-    fn issue(&self, ca: &Path, i: usize) -> PathBuf {
-        let out = self.dir(i, "cert");
-        ok(Command::new(cairn_bin())
-            .args(["mesh", "issue", "--ca"])
-            .arg(ca)
-            .args(["--agent-id", &Fleet::id(i), "--out"])
-            .arg(&out));
-        out
-    }
-
-    /// Writes agent i's config: its sources, mesh seeds, cert dir.
-    fn config(&self, i: usize, sources: &[PathBuf], seeds: &[String], cert: &Path) -> PathBuf {
-        let p = self.dir(i, "config.yaml");
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let src: String = sources
-            .iter()
-            .map(|s| format!("  - {}\n", s.display()))
-            .collect();
-        let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
-        let text = format!(
-            "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
-             sources:{src}\npollInterval: 1s\nreconcileInterval: 1s\nmaxBackoff: 2s\n\
-             requestTimeout: 10s\ntarget:\n  manifestsDir: {man}\nlisten:\n  http: 127.0.0.1:0\n\
-             mesh:\n  listen: {listen}\n  cert: {cert}/agent.crt\n  key: {cert}/agent.key\n  \
-             ca: {cert}/ca.crt\n  peers: [{seeds}]\n  antiEntropyInterval: 1s\n",
-            id = Fleet::id(i),
-            data = self.dir(i, "data").display(),
-            src = if src.is_empty() {
-                " []".to_owned()
-            } else {
-                format!("\n{src}")
-            },
-            man = self.dir(i, "manifests").display(),
-            listen = mesh_addr(self.block, i),
-            cert = cert.display(),
-            seeds = seeds.join(", "),
-        );
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn spawn(&mut self, i: usize, cfg: &Path) {
-        let log = std::fs::File::create(self.dir(i, "agent.log")).unwrap();
-        let child = Command::new(agent_bin())
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(cfg)
-            .env("CAIRN_LOG", "info,cairn_agent::mesh=debug")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
-        watch_agent(&child, &Fleet::id(i), &self.dir(i, "agent.log"));
-        self.children.push(child);
-    }
-
-    fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir(i, "agent.log")).unwrap_or_default()
-    }
-
-    fn status(&self, i: usize) -> Option<cairn_agent::status::Status> {
-        cairn_agent::status::Status::read(&self.dir(i, "data")).ok()
-    }
-
-    fn sequence(&self, i: usize) -> u64 {
-        self.status(i)
-            .and_then(|s| s.adopted.map(|a| a.sequence))
-            .unwrap_or(0)
-    }
-
-    fn wait_sequence(&self, agents: &[usize], seq: u64, secs: u64) {
-        let what = format!("agents {agents:?} at sequence {seq}");
-        let end = std::time::Instant::now() + Duration::from_secs(secs);
-        while std::time::Instant::now() < end {
-            assert_agents_alive(&what);
-            if agents.iter().all(|&i| self.sequence(i) == seq) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let seqs: Vec<u64> = agents.iter().map(|&i| self.sequence(i)).collect();
-        let logs: String = agents
-            .iter()
-            .map(|&i| format!("--- agent {i} ---\n{}\n", tail(&self.log(i), 40)))
-            .collect();
-        panic!("timed out after {secs}s waiting for {what}: {seqs:?}\n{logs}");
-    }
-
-    /// `/metrics` of agent i.
-    fn metrics(&self, i: usize) -> String {
-        let addr = self
-            .status(i)
-            .and_then(|s| s.listen)
-            .expect("agent HTTP address");
-        http_get(&addr, "/metrics").1
-    }
+/// The shared [`Fleet`], with the mesh logged at debug level.
+fn mesh_fleet(block: u8, w: World) -> Fleet {
+    let mut f = fleet(block, w, Vec::new());
+    f.log_filter = "info,cairn_agent::mesh=debug".into();
+    f
 }
 
 /// Sum of a metric's samples whose line contains every `filter`.
@@ -194,7 +60,7 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
     let b1 = w.build("HEAD~1", "b1.bundle");
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
-    let mut f = Fleet::new(11, w);
+    let mut f = mesh_fleet(11, w);
     let sneaker = f.w.path("usb");
     std::fs::create_dir_all(&sneaker).unwrap();
     for i in 0..5 {
@@ -301,7 +167,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     let w = World::new(2, 1, 1);
     let b1 = w.build("HEAD", "b1.bundle");
     w.release(&b1);
-    let mut f = Fleet::new(12, w);
+    let mut f = mesh_fleet(12, w);
     let other_ca = f.w.path("other-ca");
     ok(Command::new(cairn_bin())
         .args(["mesh", "ca", "init", "--out"])
@@ -355,7 +221,7 @@ fn only_the_changed_object_moves_over_the_mesh() {
     let b1 = w.build("HEAD~1", "b1.bundle");
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
-    let mut f = Fleet::new(13, w);
+    let mut f = mesh_fleet(13, w);
     let c0 = f.issue(&f.ca.clone(), 0);
     let c1 = f.issue(&f.ca.clone(), 1);
     let cfg0 = f.config(0, &[f.w.repo.clone()], &[], &c0);
@@ -575,7 +441,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
     .sign(&[&dev_key("dev-release-1")])
     .encode();
 
-    let mut f = Fleet::new(14, w);
+    let mut f = mesh_fleet(14, w);
     let c0 = f.issue(&f.ca.clone(), 0);
     let evils = [
         Evil::Tamper,
@@ -732,7 +598,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
         .unwrap()
         .id();
     w.release(&b1);
-    let mut f = Fleet::new(15, w);
+    let mut f = mesh_fleet(15, w);
     let ca = f.ca.clone();
     let certs: Vec<PathBuf> = (0..3).map(|i| f.issue(&ca, i)).collect();
     let seeds = |i: usize| -> Vec<String> {

@@ -10,8 +10,8 @@
 
 use crate::support::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 fn can_run() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
@@ -29,7 +29,7 @@ struct Net {
     a: String,
     b: String,
     veth_a: String,
-    children: Vec<Child>,
+    children: Vec<AgentProcess>,
 }
 
 impl Drop for Net {
@@ -117,35 +117,30 @@ struct Agent {
 }
 
 fn sequence(dir: &Path) -> u64 {
-    cairn_agent::status::Status::read(&dir.join("data"))
-        .ok()
-        .and_then(|s| s.adopted.map(|a| a.sequence))
-        .unwrap_or(0)
+    sequence_in(&dir.join("data"))
 }
 
 fn wait_seq(agents: &[&Agent], seq: u64, secs: u64) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        assert_agents_alive(&format!("sequence {seq}"));
-        if agents.iter().all(|a| sequence(&a.dir) == seq) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let seqs: Vec<u64> = agents.iter().map(|a| sequence(&a.dir)).collect();
-    let logs: String = agents
-        .iter()
-        .map(|a| {
-            let l = std::fs::read_to_string(a.dir.join("agent.log")).unwrap_or_default();
-            let lines: Vec<&str> = l.lines().collect();
-            format!(
-                "--- {} ---\n{}\n",
-                a.addr,
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            )
-        })
-        .collect();
-    panic!("timed out waiting for sequence {seq}: {seqs:?}\n{logs}");
+    cairn_test_support::wait_until(
+        Duration::from_secs(secs),
+        Duration::from_millis(200),
+        &format!("sequence {seq}"),
+        || agents.iter().all(|a| sequence(&a.dir) == seq),
+        || {
+            let seqs: Vec<u64> = agents.iter().map(|a| sequence(&a.dir)).collect();
+            let logs: String = agents
+                .iter()
+                .map(|a| {
+                    format!(
+                        "--- {} ---\n{}\n",
+                        a.addr,
+                        log_tail(&a.dir.join("agent.log"), 30)
+                    )
+                })
+                .collect();
+            format!("{seqs:?}\n{logs}")
+        },
+    );
 }
 
 #[test]
@@ -158,10 +153,7 @@ fn partitioned_groups_diverge_then_converge() {
     let b1 = w.build("HEAD~1", "b1.bundle");
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
-    let ca = w.path("mesh-ca");
-    ok(Command::new(cairn_bin())
-        .args(["mesh", "ca", "init", "--out"])
-        .arg(&ca));
+    let ca = mesh_ca_init(&w.path("mesh-ca"));
     let mut net = Net::new();
     // Group A: a0 (has the repository), a1. Group B: a2, a3.
     let agents: Vec<Agent> = (0..4)
@@ -173,50 +165,29 @@ fn partitioned_groups_diverge_then_converge() {
         .collect();
     let seeds = [vec![1, 2], vec![0], vec![3, 0], vec![2, 1]];
     for (i, a) in agents.iter().enumerate() {
-        let cert = a.dir.join("cert");
-        ok(Command::new(cairn_bin())
-            .args(["mesh", "issue", "--ca"])
-            .arg(&ca)
-            .args(["--agent-id", &format!("a{i}"), "--out"])
-            .arg(&cert));
-        let sources = if i == 0 {
-            format!("\n  - {}", w.repo.display())
-        } else {
-            " []".into()
-        };
-        let peers: Vec<String> = seeds[i]
-            .iter()
-            .map(|j| format!("\"{}\"", agents[*j].addr))
-            .collect();
-        let cfg = a.dir.join("config.yaml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "insecureAllowDevelopmentRoot: true\nagentId: a{i}\ndataDir: {d}/data\nchannel: stable\nsources:{sources}\npollInterval: 1s\n\
-                 reconcileInterval: 1s\nmaxBackoff: 2s\ntarget:\n  manifestsDir: {d}/manifests\n\
-                 listen:\n  http: \"off\"\nmesh:\n  listen: {addr}\n  cert: {c}/agent.crt\n  \
-                 key: {c}/agent.key\n  ca: {c}/ca.crt\n  peers: [{p}]\n  antiEntropyInterval: 1s\n",
-                d = a.dir.display(),
-                addr = a.addr,
-                c = cert.display(),
-                p = peers.join(", "),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(a.dir.join("agent.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &a.ns])
-            .arg(agent_bin())
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(&cfg)
-            .env("CAIRN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent in namespace");
+        let cert = mesh_issue(&ca, &format!("a{i}"), &a.dir.join("cert"));
+        let mut c =
+            cairn_test_support::AgentConfig::new(&a.dir.join("data"), &a.dir.join("manifests"));
+        c.id = Some(format!("a{i}"));
+        if i == 0 {
+            c.sources = vec![w.repo.display().to_string()];
+        }
+        c.request_timeout = None;
+        c.http = "\"off\"".into();
+        c.mesh = Some(MeshConfig {
+            listen: a.addr.clone(),
+            cert,
+            seeds: seeds[i].iter().map(|j| agents[*j].addr.clone()).collect(),
+        });
+        let cfg = c.write(&a.dir.join("config.yaml"));
         // `ip netns exec` execs the agent: the child is the agent.
-        watch_agent(
-            &child,
+        let child = spawn_watched(
+            Command::new("ip")
+                .args(["netns", "exec", &a.ns])
+                .arg(agent_bin())
+                .args(["run", "--log-format", "json", "--config"])
+                .arg(&cfg)
+                .env("CAIRN_LOG", "info"),
             &format!("a{i} ({})", a.addr),
             &a.dir.join("agent.log"),
         );

@@ -13,153 +13,6 @@ use cairn_bundle::rollout::bucket_ppm;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-/// One test's fleet of agent processes and their directories.
-struct Fleet {
-    w: World,
-    block: u8,
-    ca: PathBuf,
-    ids: Vec<String>,
-    children: Vec<Child>,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn mesh_addr(block: u8, i: usize) -> String {
-    format!("127.0.{block}.{}:7440", i + 1)
-}
-
-impl Fleet {
-    fn new(block: u8, w: World, ids: Vec<String>) -> Fleet {
-        let ca = w.path("mesh-ca");
-        ok(Command::new(cairn_bin())
-            .args(["mesh", "ca", "init", "--out"])
-            .arg(&ca));
-        Fleet {
-            w,
-            block,
-            ca,
-            ids,
-            children: Vec::new(),
-        }
-    }
-
-    fn dir(&self, i: usize, what: &str) -> PathBuf {
-        self.w.path(&format!("agent{i}/{what}"))
-    }
-
-    /// Issues agent i's certificate and writes its config: the bundle
-    /// repository as a source only for agent 0, agent i-1 as mesh seed.
-    fn configure(&self, i: usize, target: &str) -> PathBuf {
-        let cert = self.dir(i, "cert");
-        ok(Command::new(cairn_bin())
-            .args(["mesh", "issue", "--ca"])
-            .arg(&self.ca)
-            .args(["--agent-id", &self.ids[i], "--out"])
-            .arg(&cert));
-        std::fs::create_dir_all(self.dir(i, "data")).unwrap();
-        let p = self.dir(i, "config.yaml");
-        let sources = if i == 0 {
-            format!("\n  - {}\n", self.w.repo.display())
-        } else {
-            " []\n".to_owned()
-        };
-        let seeds = if i == 0 {
-            String::new()
-        } else {
-            format!("\"{}\"", mesh_addr(self.block, i - 1))
-        };
-        let text = format!(
-            "insecureAllowDevelopmentRoot: true\nagentId: {id}\ndataDir: {data}\nchannel: stable\nlabels: {{site: s{i}}}\n\
-             sources:{sources}pollInterval: 1s\nreconcileInterval: 1s\nmaxBackoff: 2s\n\
-             requestTimeout: 10s\n{target}listen:\n  http: 127.0.0.1:0\n\
-             mesh:\n  listen: {listen}\n  cert: {cert}/agent.crt\n  key: {cert}/agent.key\n  \
-             ca: {cert}/ca.crt\n  peers: [{seeds}]\n  antiEntropyInterval: 1s\n",
-            id = self.ids[i],
-            data = self.dir(i, "data").display(),
-            listen = mesh_addr(self.block, i),
-            cert = cert.display(),
-        );
-        std::fs::write(&p, text).unwrap();
-        p
-    }
-
-    fn spawn(&mut self, i: usize, cfg: &Path) {
-        let log = std::fs::File::create(self.dir(i, "agent.log")).unwrap();
-        let child = Command::new(agent_bin())
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(cfg)
-            .env("CAIRN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn agent");
-        watch_agent(&child, &self.ids[i], &self.dir(i, "agent.log"));
-        self.children.push(child);
-    }
-
-    fn status(&self, i: usize) -> Option<cairn_agent::status::Status> {
-        cairn_agent::status::Status::read(&self.dir(i, "data")).ok()
-    }
-
-    fn sequence(&self, i: usize) -> u64 {
-        self.status(i)
-            .and_then(|s| s.adopted.map(|a| a.sequence))
-            .unwrap_or(0)
-    }
-
-    /// The pending release's state (`waiting`, `breaker`, `held`, ...).
-    fn pending_state(&self, i: usize) -> Option<(u64, String)> {
-        self.status(i)
-            .and_then(|s| s.rollout)
-            .map(|r| (r.sequence, r.state))
-    }
-
-    fn wait(&self, secs: u64, what: &str, mut cond: impl FnMut(&Fleet) -> bool) {
-        let end = std::time::Instant::now() + Duration::from_secs(secs);
-        while std::time::Instant::now() < end {
-            assert_agents_alive(what);
-            if cond(self) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let states: Vec<String> = (0..self.ids.len())
-            .map(|i| {
-                format!(
-                    "{}: seq {} pending {:?}",
-                    self.ids[i],
-                    self.sequence(i),
-                    self.pending_state(i)
-                )
-            })
-            .collect();
-        let logs: String = (0..self.ids.len())
-            .map(|i| {
-                let log = std::fs::read_to_string(self.dir(i, "agent.log")).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                format!(
-                    "--- {} ---\n{}\n",
-                    self.ids[i],
-                    lines[lines.len().saturating_sub(15)..].join("\n")
-                )
-            })
-            .collect();
-        panic!("timed out after {secs}s waiting for {what}: {states:#?}\n{logs}");
-    }
-
-    fn cairn(&self, args: &[&str]) -> String {
-        ok(Command::new(cairn_bin()).args(args))
-    }
-}
 
 /// The release at the head of `channel` in `repo`.
 fn head(repo: &Path, channel: &str) -> Release {
@@ -196,7 +49,7 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
         "fixture: both waves need agents ({first:?} / {second:?})"
     );
 
-    let mut f = Fleet::new(21, w, ids);
+    let mut f = fleet(21, w, ids);
     let repo = f.w.repo.display().to_string();
     let key = dev_key_path("dev-release-1").display().to_string();
     // beta first, then promoted to stable with waves: same bundle id.
@@ -417,7 +270,7 @@ fn a_broken_release_trips_the_breaker_and_the_rest_hold() {
     }
     let ids: Vec<String> = early.iter().chain(late.iter()).cloned().collect();
     assert_eq!(ids.len(), 6);
-    let mut f = Fleet::new(22, w, ids);
+    let mut f = fleet(22, w, ids);
     let mut apis = Vec::new();
     for i in 0..6 {
         let api = ApiServer::start(&f.dir(i, "api"));

@@ -1,156 +1,32 @@
 //! Helpers shared by the agent's end-to-end tests: fixture repositories,
-//! the real `cairn` CLI, agent processes and polling.
+//! the real `cairn` CLI and the agent's status. The generic helpers
+//! (`ok`, `wait_for`, watched agent processes, `Fleet`, `AgentConfig`) are
+//! `cairn-test-support`'s, re-exported here.
 
 #![allow(dead_code)]
 
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::repo::RepoDir;
-use cairn_test_support::{make_manifest_repo, FixtureOptions};
-use std::cell::RefCell;
+use cairn_test_support::{make_manifest_repo, AgentConfig, FixtureOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-/// An agent process the test expects to keep running.
-struct Watched {
-    pid: u32,
-    name: String,
-    log: PathBuf,
-}
-
-thread_local! {
-    /// The agents this test started and has not stopped: every wait loop
-    /// checks them, so a dead agent fails the test at once, with its log,
-    /// instead of as a timeout much later.
-    static WATCHED: RefCell<Vec<Watched>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Registers a started agent: from now on [`assert_agents_alive`] (and so
-/// every wait helper) fails if it exits before [`unwatch_agent`] or
-/// [`terminate`].
-pub fn watch_agent(child: &Child, name: &str, log: &Path) {
-    WATCHED.with(|w| {
-        let mut w = w.borrow_mut();
-        w.retain(|x| x.pid != child.id());
-        w.push(Watched {
-            pid: child.id(),
-            name: name.to_owned(),
-            log: log.to_path_buf(),
-        });
-    });
-}
-
-/// Stops watching an agent the test is about to stop itself.
-pub fn unwatch_agent(pid: u32) {
-    WATCHED.with(|w| w.borrow_mut().retain(|x| x.pid != pid));
-}
-
-/// How a child exited, if it has, without reaping it (`waitid` with
-/// `WNOWAIT`: the owner's `Child::wait` still works). `None` while it runs
-/// or when it is no longer our child (already reaped by its owner).
-fn exited(pid: u32) -> Option<String> {
-    // SAFETY: an all-zero siginfo_t is valid; waitid only writes to it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: plain syscall with a valid out pointer.
-    let r = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-        )
-    };
-    // SAFETY: reading fields waitid filled in for a SIGCHLD-style result.
-    let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if r != 0 || child == 0 {
-        return None;
-    }
-    Some(match info.si_code {
-        libc::CLD_EXITED => format!("exit code {status}"),
-        _ => format!("killed by signal {status}"),
-    })
-}
-
-/// Fails the test at once, naming the agent and showing its log tail, if
-/// a watched agent has exited. `what` is what the test was waiting for.
-pub fn assert_agents_alive(what: &str) {
-    let dead = WATCHED.with(|w| {
-        w.borrow()
-            .iter()
-            .find_map(|a| exited(a.pid).map(|how| (a.name.clone(), a.pid, a.log.clone(), how)))
-    });
-    if let Some((name, pid, log, how)) = dead {
-        unwatch_agent(pid);
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        panic!(
-            "agent {name} (pid {pid}) died ({how}) while waiting for: {what}\n\
-             --- last 40 lines of {} ---\n{}",
-            log.display(),
-            tail(&text, 40)
-        );
-    }
-}
-
-/// A started agent process, killed when dropped (a failing test must not
-/// leave agents behind holding ports and directories). Derefs to the
-/// [`Child`].
-pub struct AgentProcess(pub Child);
-
-impl std::ops::Deref for AgentProcess {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for AgentProcess {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        unwatch_agent(self.0.id());
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// The last `n` lines of `s`.
-pub fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub use cairn_test_support::{
+    assert_agents_alive, copy_dir, http_get, log_tail, mesh_addr, mesh_ca_init, mesh_issue, ok,
+    spawn_agent, spawn_watched, tail, terminate, wait_for, AgentProcess, MeshConfig,
+};
 
 /// The agent binary under test.
 pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cairn-agent"))
 }
 
-/// The `cairn` CLI; built on first use if the workspace binaries are not.
+/// The `cairn` CLI, built before the tests run (`cargo build --workspace
+/// --bins`, as `tests/run` does); a test never builds it.
 pub fn cairn_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let found = std::panic::catch_unwind(|| cairn_test_support::cargo_bin("cairn"));
-        if let Ok(p) = found {
-            return p;
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-q", "-p", "cairn-bundle", "--bin", "cairn"])
-            .current_dir(workspace())
-            .status()
-            .expect("run cargo build for cairn");
-        assert!(st.success(), "building the cairn CLI failed");
-        cairn_test_support::cargo_bin("cairn")
-    })
-    .clone()
+    cairn_test_support::cargo_bin("cairn")
 }
 
 /// The workspace root.
@@ -168,19 +44,6 @@ pub fn dev_key_path(name: &str) -> PathBuf {
 /// Loads a development key.
 pub fn dev_key(name: &str) -> cairn_keys::KeyPair {
     cairn_keys::keyfile::read_private(&dev_key_path(name)).expect("dev key")
-}
-
-/// Runs a command, panicking with its output unless it succeeds.
-pub fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("start command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A scratch area with a fixture Git repository and a bundle repository.
@@ -256,21 +119,18 @@ impl World {
         self.release_into(&self.repo, bundle, "stable");
     }
 
+    /// This world's agent config (not written): its data and manifests
+    /// directories, `labels: {region: eu}`, the given sources.
+    pub fn agent_config(&self, sources: &[String]) -> AgentConfig {
+        let mut c = AgentConfig::new(&self.data, &self.manifests);
+        c.labels = Some("{region: eu}".into());
+        c.sources = sources.to_vec();
+        c
+    }
+
     /// Writes an agent config with the given sources; returns its path.
     pub fn config(&self, name: &str, sources: &[String]) -> PathBuf {
-        let p = self.path(name);
-        let src: String = sources.iter().map(|s| format!("  - {s}\n")).collect();
-        let text = format!(
-            "insecureAllowDevelopmentRoot: true\ndataDir: {}\nchannel: stable\nlabels: {{region: eu}}\nsources:\n{}pollInterval: 1s\n\
-             reconcileInterval: 1s\nmaxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {}\n\
-             listen:\n  http: 127.0.0.1:0\n",
-            self.data.display(),
-            if src.is_empty() { "  []\n".to_owned() } else { src },
-            self.manifests.display()
-        );
-        let text = text.replace("sources:\n  []\n", "sources: []\n");
-        std::fs::write(&p, text).expect("write config");
-        p
+        self.agent_config(sources).write(&self.path(name))
     }
 
     /// `cairn-agent run --config <cfg> --once`.
@@ -299,17 +159,7 @@ impl World {
     /// watched (see [`watch_agent`]) until [`terminate`]d, and killed
     /// when dropped.
     pub fn spawn(&self, cfg: &Path, log: &str) -> AgentProcess {
-        let f = std::fs::File::create(self.path(log)).expect("log file");
-        let child = Command::new(agent_bin())
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(cfg)
-            .env("CAIRN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .expect("spawn agent");
-        watch_agent(&child, log, &self.path(log));
-        AgentProcess(child)
+        spawn_agent(&agent_bin(), cfg, "info", log, &self.path(log))
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -361,79 +211,112 @@ pub fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-/// Polls `cond` every 100 ms until it holds, panicking after `secs`, or
-/// at once if a watched agent dies.
-pub fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < end {
-        assert_agents_alive(what);
-        if cond() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
-}
-
-/// Copies a directory tree.
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
-        let p = e.path();
-        let t = to.join(e.file_name());
-        if p.is_dir() {
-            copy_dir(&p, &t);
-        } else {
-            std::fs::copy(&p, &t).expect("copy");
-        }
-    }
-}
-
 /// Opens a bundle repository directory.
 pub fn repo(dir: &Path) -> RepoDir {
     RepoDir::new(dir)
 }
 
-/// GET `http://<addr><path>` with a plain TCP client; returns (status, body).
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to agent");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf);
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+/// The agent's status document in `data`, if written yet.
+pub fn status_in(data: &Path) -> Option<cairn_agent::status::Status> {
+    cairn_agent::status::Status::read(data).ok()
 }
 
-/// Sends SIGTERM and waits for the process (up to 30 s).
-pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    unwatch_agent(child.id());
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+/// The sequence of the release adopted in `data` (0 for none yet).
+pub fn sequence_in(data: &Path) -> u64 {
+    status_in(data)
+        .and_then(|s| s.adopted.map(|a| a.sequence))
+        .unwrap_or(0)
+}
+
+/// The one fleet of meshed agent processes (`cairn_test_support::Fleet`)
+/// over a [`World`].
+pub type Fleet = cairn_test_support::Fleet<World>;
+
+/// A fleet in loopback block 127.0.<block>.x under the world's scratch
+/// directory, with a new CA. Agent ids are `ids`, then `a<i>`.
+pub fn fleet(block: u8, w: World, ids: Vec<String>) -> Fleet {
+    let root = w.tmp.path().to_path_buf();
+    cairn_test_support::Fleet::new(w, &root, block, ids)
+}
+
+/// What the agent tests do with a fleet: read its agents' status, wait
+/// for states, configure a line, run the CLI.
+pub trait AgentFleet {
+    /// Agent i's status document, if written yet.
+    fn status(&self, i: usize) -> Option<cairn_agent::status::Status>;
+    /// Agent i's adopted sequence (0 for none).
+    fn sequence(&self, i: usize) -> u64;
+    /// Agent i's pending rollout (sequence, state), if any.
+    fn pending_state(&self, i: usize) -> Option<(u64, String)>;
+    /// Every agent's id, sequence and pending rollout, one per line.
+    fn states(&self) -> String;
+    /// Waits until every listed agent is at `seq`.
+    fn wait_sequence(&self, agents: &[usize], seq: u64, secs: u64);
+    /// Agent i's `/metrics`.
+    fn metrics(&self, i: usize) -> String;
+    /// Waits until `cond` holds; on timeout shows every agent's state
+    /// and log tail.
+    fn wait(&self, secs: u64, what: &str, cond: impl FnMut(&Fleet) -> bool);
+    /// A line over the world's bundle repository (source of agent 0
+    /// only): issues agent i's certificate, writes its config with the
+    /// given `target:` section.
+    fn configure(&self, i: usize, target: &str) -> PathBuf;
+    /// `cairn <args>`, which must succeed; its stdout.
+    fn cairn(&self, args: &[&str]) -> String;
+}
+
+impl AgentFleet for Fleet {
+    fn status(&self, i: usize) -> Option<cairn_agent::status::Status> {
+        status_in(&self.dir(i, "data"))
     }
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return st;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("agent did not exit after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+
+    fn sequence(&self, i: usize) -> u64 {
+        sequence_in(&self.dir(i, "data"))
+    }
+
+    fn pending_state(&self, i: usize) -> Option<(u64, String)> {
+        self.status(i)
+            .and_then(|s| s.rollout)
+            .map(|r| (r.sequence, r.state))
+    }
+
+    fn states(&self) -> String {
+        (0..self.children.len().max(self.ids.len()))
+            .map(|i| {
+                format!(
+                    "{}: seq {} pending {:?}\n",
+                    self.id(i),
+                    self.sequence(i),
+                    self.pending_state(i)
+                )
+            })
+            .collect()
+    }
+
+    fn wait_sequence(&self, agents: &[usize], seq: u64, secs: u64) {
+        let what = format!("agents {agents:?} at sequence {seq}");
+        self.wait(secs, &what, |f| {
+            agents.iter().all(|&i| f.sequence(i) == seq)
+        });
+    }
+
+    fn wait(&self, secs: u64, what: &str, cond: impl FnMut(&Fleet) -> bool) {
+        self.wait_until(secs, what, cond, |f| f.states());
+    }
+
+    fn configure(&self, i: usize, target: &str) -> PathBuf {
+        self.configure_line(i, &self.w.repo, target)
+    }
+
+    fn cairn(&self, args: &[&str]) -> String {
+        ok(Command::new(cairn_bin()).args(args))
+    }
+
+    fn metrics(&self, i: usize) -> String {
+        let addr = self
+            .status(i)
+            .and_then(|s| s.listen)
+            .expect("agent HTTP address");
+        http_get(&addr, "/metrics").1
     }
 }

@@ -4,13 +4,26 @@
 //!   ([`make_manifest_repo`], [`add_kustomize_overlay`]).
 //! * [`cargo_bin`], [`run`], [`run_ok`]: find and run the workspace binaries.
 //! * [`StaticServer`]: a tiny static HTTP file server with fault injection.
+//! * [`process`]: the one [`ok`], [`wait_for`] / [`wait_until`] with a
+//!   deadline, watched agent processes ([`AgentProcess`],
+//!   [`assert_agents_alive`], log tails on failure), [`terminate`],
+//!   [`http_get`].
+//! * [`fleet`]: the one agent config writer ([`AgentConfig`]), the mesh
+//!   PKI through the CLI, and the one [`Fleet`] of meshed agents.
 //!
 //! Nothing here depends on files outside the workspace.
 
 pub mod fixture;
+pub mod fleet;
+pub mod process;
 mod server;
 
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
+pub use fleet::{mesh_addr, mesh_ca_init, mesh_issue, AgentConfig, Fleet, MeshConfig};
+pub use process::{
+    assert_agents_alive, copy_dir, http_get, log_tail, ok, spawn_agent, spawn_watched, tail,
+    terminate, unwatch_agent, wait_for, wait_until, watch_agent, AgentProcess,
+};
 pub use server::{Fault, StaticServer};
 
 use std::path::PathBuf;
