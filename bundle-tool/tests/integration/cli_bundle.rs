@@ -2,37 +2,16 @@
 //! fixture repositories: determinism, ref and path selection, Kustomize,
 //! and each bad input with its one-line error.
 
+use crate::support::{cairn as cairn_cmd, fails_code, ok};
 use cairn_test_support::fixture::{git_run, FIRST_DATE};
 use cairn_test_support::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cairn_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
-    c.args(args);
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    cairn_cmd(args).output().expect("run cairn")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use std::process::Command;
 
 /// Runs a command that must fail with exit code 1 and a one-line
 /// `cairn: ` error; returns that line.
 fn fails(args: &[&str]) -> String {
-    let out = run(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "cairn {args:?}: {stderr}");
+    let stderr = fails_code(args, None, 1);
     assert!(stderr.starts_with("cairn: "), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     stderr

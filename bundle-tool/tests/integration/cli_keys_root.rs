@@ -1,33 +1,12 @@
 //! `cairn keys` and `cairn root`, run as processes: the happy path and each
 //! bad input from the foundation issue.
 
+use crate::support::{fails_code, ok_in as ok, run_in as cairn};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn cairn(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run cairn")
-}
-
-fn ok(args: &[&str], cwd: &Path) -> String {
-    let out = cairn(args, cwd);
-    assert!(
-        out.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Runs a command that must fail with exit code `code`; returns stderr.
 fn fails(args: &[&str], cwd: &Path, code: i32) -> String {
-    let out = cairn(args, cwd);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(code), "cairn {args:?}: {stderr}");
-    stderr
+    fails_code(args, Some(cwd), code)
 }
 
 struct Keys {

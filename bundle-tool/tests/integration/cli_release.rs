@@ -4,11 +4,11 @@
 //! rollback, and unsafe members rejected before anything is written), and
 //! the full flow with freshly generated keys.
 
+use crate::support::{fails_code, ok_in, run_in};
 use cairn_bundle::release::Release;
 use cairn_bundle::repo::{channel_path, object_path};
 use cairn_test_support::{make_manifest_repo, FixtureOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const DEV_RELEASE_KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -23,29 +23,9 @@ const DEV_ROOT_KEY: &str = concat!(
     "/../keys/trust/dev/dev-root-1.key"
 );
 
-fn run_in(args: &[&str], cwd: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run cairn")
-}
-
-fn ok_in(args: &[&str], cwd: &Path) -> String {
-    let out = run_in(args, cwd);
-    assert!(
-        out.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Must fail with exit 1 and a `cairn: ` error; returns stderr.
 fn fails_in(args: &[&str], cwd: &Path) -> String {
-    let out = run_in(args, cwd);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "cairn {args:?}: {stderr}");
+    let stderr = fails_code(args, Some(cwd), 1);
     assert!(
         stderr.lines().last().unwrap_or("").starts_with("cairn: "),
         "{stderr}"

@@ -4,6 +4,8 @@
 //! New tests go here as modules, not as new files in `bundle-tool/tests/`.
 //! See docs/TESTING.md.
 
+mod support;
+
 mod cli_bundle;
 mod cli_keys_root;
 mod cli_release;
