@@ -2,92 +2,17 @@
 //! the test API server (`cairn-test-apiserver`), checked with real `kubectl`.
 
 use crate::support::{ok, World};
-use std::io::{BufRead, BufReader};
+use cairn_test_support::ApiServer;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running test API server process.
-struct ApiServer {
-    child: Child,
-    kubeconfig: PathBuf,
-}
-
-impl ApiServer {
-    fn start(dir: &Path, listen: &str, deny: &[&str]) -> ApiServer {
-        let kubeconfig = dir.join("kubeconfig");
-        let mut cmd = Command::new(cairn_test_support::cargo_bin("cairn-test-apiserver"));
-        cmd.args([
-            "--listen",
-            listen,
-            "--deployment-ready-delay-ms",
-            "100",
-            "--kubeconfig",
-        ])
-        .arg(&kubeconfig)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-        for d in deny {
-            cmd.args(["--deny", d]);
-        }
-        let mut child = cmd.spawn().expect("start cairn-test-apiserver");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("READY line");
-        assert!(line.starts_with("READY "), "unexpected: {line}");
-        ApiServer { child, kubeconfig }
+/// The test API server on `listen`, refusing the `deny` kinds.
+fn api_server(dir: &Path, listen: &str, deny: &[&str]) -> ApiServer {
+    let mut args = vec!["--listen", listen, "--deployment-ready-delay-ms", "100"];
+    for d in deny {
+        args.extend(["--deny", d]);
     }
-
-    fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .expect("run kubectl")
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Creates the agent's namespace (kubectl's imperative `create
-    /// namespace` speaks protobuf, which the test server does not).
-    fn create_namespace(&self, dir: &Path, name: &str) {
-        let f = dir.join(format!("ns-{name}.yaml"));
-        std::fs::write(
-            &f,
-            format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"),
-        )
-        .expect("write namespace");
-        self.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "-f",
-            f.to_str().expect("utf-8 path"),
-        ]);
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.extend_from_slice(&["-o", "json"]);
-        serde_json::from_str(&self.kubectl_ok(&a)).expect("kubectl json")
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    ApiServer::start(dir, &args)
 }
 
 /// Writes an agent config with a Kubernetes target.
@@ -128,7 +53,7 @@ fn status_cm(api: &ApiServer) -> serde_json::Value {
 #[test]
 fn applies_updates_prunes_corrects_drift_and_rolls_back() {
     let w = World::new(3, 2, 1);
-    let api = ApiServer::start(w.tmp.path(), "127.0.0.1:0", &[]);
+    let api = api_server(w.tmp.path(), "127.0.0.1:0", &[]);
     api.create_namespace(w.tmp.path(), "cairn-system");
     let cfg = kube_config(&w, "agent.yaml", &api.kubeconfig, "");
 
@@ -256,7 +181,7 @@ fn forbidden_kind_is_reported_per_object_and_the_rest_applies() {
     let w = World::new(2, 1, 1);
     let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: token\n  namespace: edge-apps\nstringData:\n  t: x\n";
     commit(&w, &[("clusters/edge/secret.yaml", secret)], "add a secret");
-    let api = ApiServer::start(w.tmp.path(), "127.0.0.1:0", &["Secret"]);
+    let api = api_server(w.tmp.path(), "127.0.0.1:0", &["Secret"]);
     api.create_namespace(w.tmp.path(), "cairn-system");
     let cfg = kube_config(&w, "agent.yaml", &api.kubeconfig, "");
     let b = w.build("HEAD", "b.bundle");
@@ -306,7 +231,7 @@ fn agent_started_with_the_api_server_down_converges_when_it_comes_up() {
         "the agent keeps running: {}",
         w.log("agent.log")
     );
-    let api = ApiServer::start(w.tmp.path(), &listen, &[]);
+    let api = api_server(w.tmp.path(), &listen, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = api.kubectl(&["-n", "edge-apps", "get", "deployments", "-o", "json"]);

@@ -10,9 +10,9 @@
 use crate::support::*;
 use cairn_bundle::release::Release;
 use cairn_bundle::rollout::bucket_ppm;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use cairn_test_support::ApiServer;
+use std::path::Path;
+use std::process::Command;
 
 /// The release at the head of `channel` in `repo`.
 fn head(repo: &Path, channel: &str) -> Release {
@@ -184,55 +184,19 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
     }
 }
 
-/// A running test API server process.
-struct ApiServer {
-    child: Child,
-    kubeconfig: PathBuf,
-}
-
-impl ApiServer {
-    fn start(dir: &Path) -> ApiServer {
-        std::fs::create_dir_all(dir).unwrap();
-        let kubeconfig = dir.join("kubeconfig");
-        let mut child = Command::new(cairn_test_support::cargo_bin("cairn-test-apiserver"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--deployment-ready-delay-ms",
-                "100",
-                "--kubeconfig",
-            ])
-            .arg(&kubeconfig)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start cairn-test-apiserver");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("READY line");
-        assert!(line.starts_with("READY "), "unexpected: {line}");
-        let ns = dir.join("ns.yaml");
-        std::fs::write(
-            &ns,
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: cairn-system\n",
-        )
-        .unwrap();
-        ok(Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["apply", "--server-side", "-f"])
-            .arg(&ns));
-        ApiServer { child, kubeconfig }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A test API server on 127.0.0.1:0 with the `cairn-system` namespace.
+fn api_server(dir: &Path) -> ApiServer {
+    let api = ApiServer::start(
+        dir,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--deployment-ready-delay-ms",
+            "100",
+        ],
+    );
+    api.create_namespace(dir, "cairn-system");
+    api
 }
 
 #[test]
@@ -273,7 +237,7 @@ fn a_broken_release_trips_the_breaker_and_the_rest_hold() {
     let mut f = fleet(22, w, ids);
     let mut apis = Vec::new();
     for i in 0..6 {
-        let api = ApiServer::start(&f.dir(i, "api"));
+        let api = api_server(&f.dir(i, "api"));
         let target = format!(
             "target:\n  kubernetes:\n    kubeconfig: {}\n    namespace: cairn-system\n    healthTimeout: 3s\n",
             api.kubeconfig.display()

@@ -8,16 +8,19 @@
 //!   deadline, watched agent processes ([`AgentProcess`],
 //!   [`assert_agents_alive`], log tails on failure), [`terminate`],
 //!   [`http_get`].
+//! * [`ApiServer`]: the test Kubernetes API server as a process, and kubectl.
 //! * [`fleet`]: the one agent config writer ([`AgentConfig`]), the mesh
 //!   PKI through the CLI, and the one [`Fleet`] of meshed agents.
 //!
 //! Nothing here depends on files outside the workspace.
 
+mod apiserver;
 pub mod fixture;
 pub mod fleet;
 pub mod process;
 mod server;
 
+pub use apiserver::ApiServer;
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
 pub use fleet::{mesh_addr, mesh_ca_init, mesh_issue, AgentConfig, Fleet, MeshConfig};
 pub use process::{

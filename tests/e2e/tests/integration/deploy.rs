@@ -8,12 +8,11 @@
 //! `cairn-test-apiserver` binary (`cargo build --workspace --bins`).
 
 use cairn_agent::config::{Config, TargetConfig};
-use cairn_test_support::{cargo_bin, run_ok};
+use cairn_test_support::{run_ok, ApiServer};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -26,78 +25,17 @@ fn deploy(rel: &str) -> PathBuf {
     workspace().join("deploy").join(rel)
 }
 
-/// The test API server as a process, stopped with SIGTERM on drop.
-struct ApiServer {
-    child: Child,
-    kubeconfig: PathBuf,
-    home: PathBuf,
-}
-
-impl ApiServer {
-    fn start(dir: &Path) -> ApiServer {
-        let kubeconfig = dir.join("kubeconfig");
-        let mut child = Command::new(cargo_bin("cairn-test-apiserver"))
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start cairn-test-apiserver");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        // Blocks until the READY line or EOF (the server exited).
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read READY line");
-        assert!(
-            line.starts_with("READY address=http://127.0.0.1:"),
-            "unexpected first line from cairn-test-apiserver: {line:?}"
-        );
-        assert!(line.contains("kubeconfig="), "{line}");
-        let home = dir.join("home");
-        std::fs::create_dir_all(&home).unwrap();
-        ApiServer {
-            child,
-            kubeconfig,
-            home,
-        }
-    }
-
-    /// `kubectl --kubeconfig ...` with a private cache and HOME.
-    fn kubectl(&self) -> Command {
-        let mut c = Command::new("kubectl");
-        c.env("HOME", &self.home)
-            .env_remove("KUBECONFIG")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.home.join("cache"));
-        c
-    }
-
-    fn get_json(&self, args: &[&str]) -> Value {
-        let out = run_ok(self.kubectl().arg("get").args(args).args(["-o", "json"]));
-        serde_json::from_str(&out).expect("kubectl get -o json")
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The test API server as a process (stopped with SIGTERM on drop), with
+/// the READY line this test expects.
+fn api_server(dir: &Path) -> ApiServer {
+    let server = ApiServer::start(dir, &[]);
+    let line = &server.ready;
+    assert!(
+        line.starts_with("READY address=http://127.0.0.1:"),
+        "unexpected first line from cairn-test-apiserver: {line:?}"
+    );
+    assert!(line.contains("kubeconfig="), "{line}");
+    server
 }
 
 /// `kubectl kustomize deploy/kubernetes` (no cluster needed).
@@ -138,10 +76,10 @@ fn agent_yaml(objects: &[Value]) -> String {
 fn the_kustomize_base_applies_server_side_with_the_expected_objects() {
     let dir = tempfile::tempdir().unwrap();
     let rendered = render();
-    let server = ApiServer::start(dir.path());
+    let server = api_server(dir.path());
 
     let mut child = server
-        .kubectl()
+        .kubectl_cmd()
         .args(["apply", "--server-side", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
