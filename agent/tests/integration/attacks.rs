@@ -738,18 +738,7 @@ fn run_with_deadline(
         .stderr(std::fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let end = started + std::time::Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if std::time::Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} still running after {secs}s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = cairn_test_support::exit_within(&mut child, secs, &format!("{cmd:?}"));
     (
         status.success(),
         std::fs::read_to_string(&out).unwrap(),

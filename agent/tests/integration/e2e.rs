@@ -105,16 +105,11 @@ fn running_agent_updates_prunes_and_corrects_drift() {
     });
 
     // Release 2: one ConfigMap changes and an app is removed (pruned).
-    cairn_test_support::fixture::git_run(
+    cairn_test_support::fixture::remove_and_commit(
         &w.git,
+        "clusters/edge/app-0002",
+        "drop app-0002",
         "2026-03-01T00:00:00Z",
-        &["rm", "-rq", "clusters/edge/app-0002"],
-    )
-    .unwrap();
-    cairn_test_support::fixture::git_run(
-        &w.git,
-        "2026-03-01T00:00:00Z",
-        &["commit", "-qm", "drop app-0002"],
     )
     .unwrap();
     let b2 = w.build("HEAD", "b2.bundle");
@@ -336,18 +331,7 @@ fn config_without_the_insecure_key(
 
 /// Waits up to `secs` for `child` to exit; kills it and fails otherwise.
 fn exit_within(child: &mut std::process::Child, secs: u64) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the agent was still running after {secs}s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    cairn_test_support::exit_within(child, secs, "the agent")
 }
 
 /// An agent built as the Containerfile would build it without a trust root

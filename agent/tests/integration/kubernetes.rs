@@ -36,14 +36,13 @@ fn commit(w: &World, files: &[(&str, &str)], msg: &str) {
 }
 
 fn git_rm(w: &World, path: &str) {
-    cairn_test_support::fixture::git_run(&w.git, "2026-02-02T00:00:00Z", &["rm", "-rq", path])
-        .expect("git rm");
-    cairn_test_support::fixture::git_run(
+    cairn_test_support::fixture::remove_and_commit(
         &w.git,
+        path,
+        &format!("remove {path}"),
         "2026-02-02T00:00:00Z",
-        &["commit", "-qm", &format!("remove {path}")],
     )
-    .expect("git commit");
+    .expect("git rm and commit");
 }
 
 fn status_cm(api: &ApiServer) -> serde_json::Value {

@@ -36,24 +36,6 @@ fn metric(text: &str, name: &str, filters: &[&str]) -> f64 {
         .sum()
 }
 
-fn fleet_status_json(f: &Fleet, peer: usize, op: &Path) -> serde_json::Value {
-    let out = ok(Command::new(cairn_bin())
-        .args([
-            "fleet",
-            "status",
-            "--json",
-            "--peer",
-            &mesh_addr(f.block, peer),
-            "--cert",
-        ])
-        .arg(op.join("operator.crt"))
-        .arg("--key")
-        .arg(op.join("operator.key"))
-        .arg("--ca")
-        .arg(op.join("ca.crt")));
-    serde_json::from_str(&out).expect("fleet status JSON")
-}
-
 #[test]
 fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
     let w = World::new(3, 2, 1);
@@ -129,11 +111,7 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
 
     // The whole fleet, as agent 4 sees it, through an operator certificate.
     let op = f.w.path("operator");
-    ok(Command::new(cairn_bin())
-        .args(["mesh", "issue", "--ca"])
-        .arg(&f.ca)
-        .args(["--operator", "ops", "--out"])
-        .arg(&op));
+    mesh_issue_operator(&f.ca, "ops", &op);
     let mut last = serde_json::Value::Null;
     wait_for(30, "fleet status shows five agents at sequence 2", || {
         last = fleet_status_json(&f, 4, &op);
@@ -169,9 +147,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     w.release(&b1);
     let mut f = mesh_fleet(12, w);
     let other_ca = f.w.path("other-ca");
-    ok(Command::new(cairn_bin())
-        .args(["mesh", "ca", "init", "--out"])
-        .arg(&other_ca));
+    mesh_ca_init(&other_ca);
     let c0 = f.issue(&f.ca.clone(), 0);
     let c1 = f.issue(&other_ca, 1);
     let cfg0 = f.config(0, &[f.w.repo.clone()], &[], &c0);
@@ -791,11 +767,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
 
     // Real records, and only those, as the operator sees them.
     let op = f.w.path("operator");
-    ok(Command::new(cairn_bin())
-        .args(["mesh", "issue", "--ca"])
-        .arg(&ca)
-        .args(["--operator", "ops", "--out"])
-        .arg(&op));
+    mesh_issue_operator(&ca, "ops", &op);
     let mut st = serde_json::Value::Null;
     wait_for(
         60,

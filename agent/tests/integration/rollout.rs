@@ -137,28 +137,10 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
 
     // The fleet view: one release, seven adopted, one held.
     let op = f.w.path("operator");
-    ok(Command::new(cairn_bin())
-        .args(["mesh", "issue", "--ca"])
-        .arg(&f.ca)
-        .args(["--operator", "ops", "--out"])
-        .arg(&op));
+    mesh_issue_operator(&f.ca, "ops", &op);
     let mut last = serde_json::Value::Null;
     f.wait(30, "fleet status counts the release", |f| {
-        let out = ok(Command::new(cairn_bin())
-            .args([
-                "fleet",
-                "status",
-                "--json",
-                "--peer",
-                &mesh_addr(f.block, 0),
-                "--cert",
-            ])
-            .arg(op.join("operator.crt"))
-            .arg("--key")
-            .arg(op.join("operator.key"))
-            .arg("--ca")
-            .arg(op.join("ca.crt")));
-        last = serde_json::from_str(&out).unwrap();
+        last = fleet_status_json(f, 0, &op);
         let rel = &last["releases"][0];
         rel["bundle"] == bundle.as_str()
             && rel["adopted"] == 7

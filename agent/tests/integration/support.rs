@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub use cairn_test_support::{
-    assert_agents_alive, copy_dir, http_get, log_tail, mesh_addr, mesh_ca_init, mesh_issue, ok,
-    spawn_agent, spawn_watched, tail, terminate, wait_for, AgentProcess, MeshConfig,
+    assert_agents_alive, copy_dir, http_get, log_tail, mesh_addr, mesh_ca_init, mesh_issue,
+    mesh_issue_operator, ok, spawn_agent, spawn_watched, tail, terminate, wait_for, AgentProcess,
+    MeshConfig,
 };
 
 /// The agent binary under test.
@@ -319,4 +320,24 @@ impl AgentFleet for Fleet {
             .expect("agent HTTP address");
         http_get(&addr, "/metrics").1
     }
+}
+
+/// `cairn fleet status --json` asked of fleet agent `peer` with the
+/// operator certificate in `op`, parsed.
+pub fn fleet_status_json(f: &Fleet, peer: usize, op: &Path) -> serde_json::Value {
+    let out = ok(Command::new(cairn_bin())
+        .args([
+            "fleet",
+            "status",
+            "--json",
+            "--peer",
+            &mesh_addr(f.block, peer),
+            "--cert",
+        ])
+        .arg(op.join("operator.crt"))
+        .arg("--key")
+        .arg(op.join("operator.key"))
+        .arg("--ca")
+        .arg(op.join("ca.crt")));
+    serde_json::from_str(&out).expect("fleet status JSON")
 }

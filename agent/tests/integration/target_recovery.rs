@@ -57,16 +57,11 @@ fn data_dir_moved_aside_recovers_to_an_exact_ready_target() {
 
     // Release 2 drops an app; meanwhile the data directory is moved aside,
     // as docs/OPERATIONS.md advises for a damaged store.
-    git_run(
+    cairn_test_support::fixture::remove_and_commit(
         &w.git,
+        "clusters/edge/app-0002",
+        "drop app-0002",
         "2026-03-01T00:00:00Z",
-        &["rm", "-rq", "clusters/edge/app-0002"],
-    )
-    .unwrap();
-    git_run(
-        &w.git,
-        "2026-03-01T00:00:00Z",
-        &["commit", "-qm", "drop app-0002"],
     )
     .unwrap();
     let b2 = w.build("HEAD", "b2.bundle");

@@ -279,6 +279,14 @@ pub fn commit_files(
     git_run(repo, date, &["rev-parse", "HEAD"])
 }
 
+/// Removes `path` (a file or a directory) with `git rm -rq` and commits
+/// with a fixed identity and `date`. Returns the new head commit id.
+pub fn remove_and_commit(repo: &Path, path: &str, message: &str, date: &str) -> Result<String> {
+    git_run(repo, date, &["rm", "-rq", path])?;
+    git_run(repo, date, &["commit", "-qm", message])?;
+    git_run(repo, date, &["rev-parse", "HEAD"])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -129,6 +129,17 @@ pub fn mesh_issue(ca: &Path, id: &str, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
+/// `cairn mesh issue --ca <ca> --operator <name> --out <out>`: an operator
+/// certificate directory (for `cairn fleet status`).
+pub fn mesh_issue_operator(ca: &Path, name: &str, out: &Path) -> PathBuf {
+    ok(Command::new(cargo_bin("cairn"))
+        .args(["mesh", "issue", "--ca"])
+        .arg(ca)
+        .args(["--operator", name, "--out"])
+        .arg(out));
+    out.to_path_buf()
+}
+
 /// `127.0.<block>.<i+1>:7440`: agent i's mesh address in a test's own
 /// loopback block.
 pub fn mesh_addr(block: u8, i: usize) -> String {

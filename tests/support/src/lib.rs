@@ -22,10 +22,12 @@ mod server;
 
 pub use apiserver::ApiServer;
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
-pub use fleet::{mesh_addr, mesh_ca_init, mesh_issue, AgentConfig, Fleet, MeshConfig};
+pub use fleet::{
+    mesh_addr, mesh_ca_init, mesh_issue, mesh_issue_operator, AgentConfig, Fleet, MeshConfig,
+};
 pub use process::{
-    assert_agents_alive, copy_dir, http_get, log_tail, ok, spawn_agent, spawn_watched, tail,
-    terminate, unwatch_agent, wait_for, wait_until, watch_agent, AgentProcess,
+    assert_agents_alive, copy_dir, exit_within, http_get, log_tail, ok, spawn_agent, spawn_watched,
+    tail, terminate, unwatch_agent, wait_for, wait_until, watch_agent, AgentProcess,
 };
 pub use server::{Fault, StaticServer};
 

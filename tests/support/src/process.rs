@@ -197,6 +197,25 @@ pub fn wait_until(
     );
 }
 
+/// Waits up to `secs` for `child` to exit; past that kills it and fails
+/// the test, saying it was still running `what`.
+pub fn exit_within(child: &mut Child, secs: u64, what: &str) -> ExitStatus {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st,
+            Ok(None) => {}
+            Err(e) => panic!("waiting for pid {} ({what}): {e}", child.id()),
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pid {} was still running after {secs}s: {what}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends SIGTERM and waits for the process (up to 30 s).
 pub fn terminate(child: &mut Child) -> ExitStatus {
     unwatch_agent(child.id());
@@ -204,17 +223,7 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return st;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            panic!("agent did not exit after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    exit_within(child, 30, "the agent did not exit after SIGTERM")
 }
 
 /// GET `http://<addr><path>` with a plain TCP client; returns (status, body).
