@@ -17,17 +17,15 @@ fn api_server(dir: &Path, listen: &str, deny: &[&str]) -> ApiServer {
 
 /// Writes an agent config with a Kubernetes target.
 fn kube_config(w: &World, name: &str, kubeconfig: &Path, extra: &str) -> PathBuf {
-    let p = w.path(name);
-    let text = format!(
-        "insecureAllowDevelopmentRoot: true\ndataDir: {}\nchannel: stable\nsources:\n  - {}\npollInterval: 1s\nreconcileInterval: 1s\n\
-         maxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  kubernetes:\n    kubeconfig: {}\n    \
-         namespace: cairn-system\n    healthTimeout: 5s\n{extra}listen:\n  http: 127.0.0.1:0\n",
-        w.data.display(),
-        w.repo.display(),
-        kubeconfig.display(),
+    let mut c = cairn_test_support::AgentConfig::new(&w.data, &w.manifests);
+    c.sources = vec![w.repo.display().to_string()];
+    c.target = format!(
+        "target:\n  kubernetes:\n    kubeconfig: {}\n    namespace: cairn-system\n    \
+         healthTimeout: 5s\n",
+        kubeconfig.display()
     );
-    std::fs::write(&p, text).expect("write config");
-    p
+    c.extra = extra.to_owned();
+    c.write(&w.path(name))
 }
 
 fn commit(w: &World, files: &[(&str, &str)], msg: &str) {

@@ -127,16 +127,9 @@ impl Drop for Mount {
 
 /// An agent config for `data` with one source.
 fn config(w: &World, name: &str, data: &Path, source: &Path) -> PathBuf {
-    let p = w.path(name);
-    let text = format!(
-        "insecureAllowDevelopmentRoot: true\ndataDir: {}\nchannel: stable\nsources:\n  - {}\npollInterval: 1s\nreconcileInterval: 1s\n\
-         maxBackoff: 2s\nrequestTimeout: 10s\ntarget:\n  manifestsDir: {}\nlisten:\n  http: 127.0.0.1:0\n",
-        data.display(),
-        source.display(),
-        w.manifests.display()
-    );
-    std::fs::write(&p, text).expect("write config");
-    p
+    let mut c = cairn_test_support::AgentConfig::new(data, &w.manifests);
+    c.sources = vec![source.display().to_string()];
+    c.write(&w.path(name))
 }
 
 fn status(data: &Path) -> Option<cairn_agent::status::Status> {
