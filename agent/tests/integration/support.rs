@@ -3,11 +3,8 @@
 //! (`ok`, `wait_for`, watched agent processes, `Fleet`, `AgentConfig`) are
 //! `cairn-test-support`'s, re-exported here.
 
-#![allow(dead_code)]
-
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
-use cairn_bundle::repo::RepoDir;
 use cairn_test_support::{make_manifest_repo, AgentConfig, FixtureOptions};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -210,11 +207,6 @@ pub fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
             (n, b)
         })
         .collect()
-}
-
-/// Opens a bundle repository directory.
-pub fn repo(dir: &Path) -> RepoDir {
-    RepoDir::new(dir)
 }
 
 /// The agent's status document in `data`, if written yet.
