@@ -4,10 +4,12 @@
 //!   ([`make_manifest_repo`], [`add_kustomize_overlay`]).
 //! * [`cargo_bin`], [`run`], [`run_ok`]: find and run the workspace binaries.
 //! * [`StaticServer`]: a tiny static HTTP file server with fault injection.
+//! * [`registry::Registry`]: a real OCI registry (TLS, htpasswd) on loopback.
 //!
 //! Nothing here depends on files outside the workspace.
 
 pub mod fixture;
+pub mod registry;
 mod server;
 
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
