@@ -93,6 +93,9 @@ pub struct Config {
     /// it may redirect to (`allowRedirectsTo`). Redirects to any other
     /// host are refused.
     pub redirect_hosts: BTreeMap<String, Vec<String>>,
+    /// Per network source (keyed by its entry in `sources`): `caFile`,
+    /// `clientCertFile`/`clientKeyFile`, `credentialsFile`.
+    pub source_tls: BTreeMap<String, cairn_bundle::oci::NetSettings>,
     /// How often each source is polled.
     pub poll_interval: Duration,
     /// How often the target is reconciled (also after every adoption).
@@ -144,6 +147,10 @@ struct RawConfig {
 struct RawSource {
     url: String,
     allow_redirects_to: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,13 +252,29 @@ impl Config {
         }
         let mut sources: Vec<String> = Vec::new();
         let mut redirect_hosts = BTreeMap::new();
+        let mut source_tls = BTreeMap::new();
         for (i, v) in raw.sources.unwrap_or_default().into_iter().enumerate() {
             let field = format!("sources[{i}]");
             let (url, hosts) = match v {
                 serde_norway::Value::String(s) => (s, None),
                 v @ serde_norway::Value::Mapping(_) => {
                     match serde_norway::from_value::<RawSource>(v) {
-                        Ok(r) => (r.url, r.allow_redirects_to),
+                        Ok(r) => {
+                            let net = cairn_bundle::oci::NetSettings {
+                                ca_file: r.ca_file,
+                                client_cert_file: r.client_cert_file,
+                                client_key_file: r.client_key_file,
+                                credentials_file: r.credentials_file,
+                                redirect_hosts: Vec::new(),
+                            };
+                            if let Err(m) = check_source_tls(&r.url, &net) {
+                                err(&field, m);
+                            }
+                            if net != Default::default() {
+                                source_tls.insert(r.url.clone(), net);
+                            }
+                            (r.url, r.allow_redirects_to)
+                        }
                         Err(e) => {
                             err(&field, e.to_string());
                             continue;
@@ -271,10 +294,10 @@ impl Config {
                 err(&field, m);
             }
             if let Some(hosts) = hosts {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                if !is_network(&url) {
                     err(
                         &format!("{field}.allowRedirectsTo"),
-                        "only for http:// and https:// sources".into(),
+                        "only for http://, https:// and oci:// sources".into(),
                     );
                 }
                 for (j, h) in hosts.iter().enumerate() {
@@ -398,6 +421,7 @@ impl Config {
             labels,
             sources,
             redirect_hosts,
+            source_tls,
             poll_interval,
             reconcile_interval,
             request_timeout,
@@ -586,9 +610,32 @@ fn validate_redirect_host(h: &str) -> Result<(), String> {
     }
 }
 
+fn is_network(url: &str) -> bool {
+    ["http://", "https://", "oci://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+}
+
+/// TLS and credential settings: network sources only; a client
+/// certificate needs its key.
+fn check_source_tls(url: &str, net: &cairn_bundle::oci::NetSettings) -> Result<(), String> {
+    if *net != Default::default() && !is_network(url) {
+        return Err("caFile, clientCertFile, clientKeyFile and credentialsFile are only for \
+                    http://, https:// and oci:// sources"
+            .into());
+    }
+    if net.client_cert_file.is_some() != net.client_key_file.is_some() {
+        return Err("clientCertFile and clientKeyFile go together".into());
+    }
+    Ok(())
+}
+
 fn validate_source(s: &str) -> Result<(), String> {
     if s.trim().is_empty() {
         return Err("empty source".into());
+    }
+    if s.starts_with("oci://") {
+        return cairn_bundle::oci::OciRef::parse(s).map(|_| ());
     }
     if s.starts_with("http://") || s.starts_with("https://") {
         let url = reqwest::Url::parse(s).map_err(|e| format!("`{s}`: {e}"))?;
@@ -602,7 +649,7 @@ fn validate_source(s: &str) -> Result<(), String> {
     }
     if s.contains("://") {
         return Err(format!(
-            "`{s}`: unsupported scheme (use http://, https:// or a directory path)"
+            "`{s}`: unsupported scheme (use http://, https://, oci:// or a directory path)"
         ));
     }
     Ok(())
