@@ -620,9 +620,11 @@ fn is_network(url: &str) -> bool {
 /// certificate needs its key.
 fn check_source_tls(url: &str, net: &cairn_bundle::oci::NetSettings) -> Result<(), String> {
     if *net != Default::default() && !is_network(url) {
-        return Err("caFile, clientCertFile, clientKeyFile and credentialsFile are only for \
+        return Err(
+            "caFile, clientCertFile, clientKeyFile and credentialsFile are only for \
                     http://, https:// and oci:// sources"
-            .into());
+                .into(),
+        );
     }
     if net.client_cert_file.is_some() != net.client_key_file.is_some() {
         return Err("clientCertFile and clientKeyFile go together".into());

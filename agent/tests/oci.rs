@@ -103,10 +103,18 @@ impl Setup {
     /// Runs the agent once with `cfg` and checks nothing new was adopted:
     /// still release 2, the same files. Returns logs and the source's
     /// status error.
-    fn expect_refused(&self, cfg: &Path, want: &std::collections::BTreeMap<String, Vec<u8>>) -> String {
+    fn expect_refused(
+        &self,
+        cfg: &Path,
+        want: &std::collections::BTreeMap<String, Vec<u8>>,
+    ) -> String {
         let logs = self.w.once_ok(cfg);
         let s = self.w.status().unwrap();
-        assert_eq!(s.adopted.as_ref().unwrap().sequence, 2, "still on release 2:\n{logs}");
+        assert_eq!(
+            s.adopted.as_ref().unwrap().sequence,
+            2,
+            "still on release 2:\n{logs}"
+        );
         assert_eq!(&self.w.files(), want, "last-good content kept");
         let src = s.sources.iter().find(|x| x.source == self.url).unwrap();
         let detail = format!(
@@ -160,14 +168,23 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
         .into_iter()
         .filter(|o| !objects(&b1).contains(o))
         .collect();
-    assert_eq!(new.len(), 2, "one changed object and the new bundle manifest");
+    assert_eq!(
+        new.len(),
+        2,
+        "one changed object and the new bundle manifest"
+    );
     let before = s.blob_gets();
     s.w.once_ok(&good);
     let want = expected_files(&b2);
     assert_eq!(s.w.files(), want);
     assert_eq!(s.w.status().unwrap().adopted.unwrap().sequence, 2);
     let fetched = s.blob_gets() - before;
-    assert_eq!(fetched, 1 + new.len(), "the release and {new:?}:\n{}", s.reg.log());
+    assert_eq!(
+        fetched,
+        1 + new.len(),
+        "the release and {new:?}:\n{}",
+        s.reg.log()
+    );
     for o in &new {
         assert_eq!(
             s.reg.access_lines("GET", &format!("/blobs/{o}")).len(),
@@ -192,7 +209,10 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
     // An unknown CA (no caFile: the system roots do not know it).
     let cfg = s.config(
         "noca.yaml",
-        &format!(", credentialsFile: \"{}\"", s.w.path("creds.json").display()),
+        &format!(
+            ", credentialsFile: \"{}\"",
+            s.w.path("creds.json").display()
+        ),
     );
     let d = s.expect_refused(&cfg, &want);
     assert!(d.contains("UnknownIssuer"), "{d}");
@@ -216,7 +236,10 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
     bytes[1] ^= 0x20;
     std::fs::write(&data, &bytes).unwrap();
     let d = s.expect_refused(&good, &want);
-    assert!(d.contains("does not match its digest") && d.contains(&victim[7..]), "{d}");
+    assert!(
+        d.contains("does not match its digest") && d.contains(&victim[7..]),
+        "{d}"
+    );
 
     // Repaired, release 3 is adopted.
     bytes[1] ^= 0x20;

@@ -179,13 +179,13 @@ impl OciRef {
         let rest = s
             .strip_prefix("oci://")
             .ok_or_else(|| format!("`{s}`: expected oci://HOST[:PORT]/NAME"))?;
-        let (host, name) = rest
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}`: expected oci://HOST[:PORT]/NAME (no repository name)"))?;
+        let (host, name) = rest.split_once('/').ok_or_else(|| {
+            format!("`{s}`: expected oci://HOST[:PORT]/NAME (no repository name)")
+        })?;
         if host.is_empty()
-            || !host.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
-            })
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
         {
             return Err(format!("`{s}`: bad registry host `{host}`"));
         }
@@ -616,7 +616,8 @@ impl Client {
         body: Option<bytes::Bytes>,
     ) -> Result<reqwest::Response, OciError> {
         let what = format!("{method} {url}");
-        let unavailable = |e: reqwest::Error| OciError::Unavailable(format!("{what}: {}", error_text(&e)));
+        let unavailable =
+            |e: reqwest::Error| OciError::Unavailable(format!("{what}: {}", error_text(&e)));
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let resp = self
@@ -655,7 +656,9 @@ impl Client {
                 "{what}: HTTP 401: the registry refused the credentials of user `{}`",
                 cairn_keys::text::escape_untrusted(&c.username)
             ),
-            None => format!("{what}: HTTP 401: the registry requires credentials (credentialsFile)"),
+            None => {
+                format!("{what}: HTTP 401: the registry requires credentials (credentialsFile)")
+            }
         }
     }
 
@@ -808,8 +811,8 @@ impl Client {
             .get(reqwest::header::LOCATION)
             .and_then(|h| h.to_str().ok())
             .ok_or_else(|| OciError::Invalid(format!("{what}: no Location in the answer")))?;
-        let base = reqwest::Url::parse(&url)
-            .map_err(|e| OciError::Invalid(format!("{what}: {e}")))?;
+        let base =
+            reqwest::Url::parse(&url).map_err(|e| OciError::Invalid(format!("{what}: {e}")))?;
         let mut put = base
             .join(location)
             .map_err(|e| OciError::Invalid(format!("{what}: bad Location: {e}")))?;
@@ -882,7 +885,9 @@ impl Client {
             .manifests
             .iter()
             .find(|d| d.artifact_type.as_deref() == Some(AT_RELEASE) && d.media_type == MT_MANIFEST)
-            .ok_or_else(|| OciError::Invalid(format!("{what}: the index has no release manifest")))?;
+            .ok_or_else(|| {
+                OciError::Invalid(format!("{what}: the index has no release manifest"))
+            })?;
         let manifest = self
             .get_manifest(&desc.digest, desc.size.min(MAX_MANIFEST_BYTES))
             .await?
@@ -920,7 +925,9 @@ impl Client {
         let m: ImageManifest = serde_json::from_slice(&m)
             .map_err(|e| OciError::Invalid(format!("{what}: not an OCI manifest: {e}")))?;
         if m.artifact_type.as_deref() != Some(AT_ROOTS) {
-            return Err(OciError::Invalid(format!("{what}: not a Cairn roots manifest")));
+            return Err(OciError::Invalid(format!(
+                "{what}: not a Cairn roots manifest"
+            )));
         }
         let mut out = BTreeMap::new();
         for l in m.layers {
@@ -1044,7 +1051,12 @@ pub async fn push(
         threads: 2,
     }
     .verify(channel)
-    .with_context(|| format!("channel `{channel}` of {} does not verify", repo.path().display()))?;
+    .with_context(|| {
+        format!(
+            "channel `{channel}` of {} does not verify",
+            repo.path().display()
+        )
+    })?;
     let sequence = v.release.release.sequence;
     let target = client.reference().to_string();
 
@@ -1083,7 +1095,10 @@ pub async fn push(
 
     // Blobs: the empty config, roots, the release, every object.
     let mut blobs: Vec<(String, BlobSource)> = vec![
-        (cairn_keys::sha256_address(EMPTY_CONFIG), BlobSource::Bytes(EMPTY_CONFIG.to_vec())),
+        (
+            cairn_keys::sha256_address(EMPTY_CONFIG),
+            BlobSource::Bytes(EMPTY_CONFIG.to_vec()),
+        ),
         (
             cairn_keys::sha256_address(&v.release.bytes),
             BlobSource::Bytes(v.release.bytes.clone()),
@@ -1123,7 +1138,9 @@ pub async fn push(
                     let repo = repo.clone();
                     tokio::task::spawn_blocking(move || repo.get_object(&a, object_limit))
                         .await??
-                        .ok_or_else(|| anyhow::anyhow!("object {digest} vanished from the repository"))?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("object {digest} vanished from the repository")
+                        })?
                 }
             };
             let n = bytes.len() as u64;
@@ -1266,10 +1283,11 @@ pub async fn pull(
     let manifest = crate::bundle::Manifest::decode(&manifest_bytes, Some(&bundle), limits)?;
     let mut wanted = std::collections::BTreeSet::new();
     for e in &manifest.entries {
-        if !repo.has_object(&e.object) && wanted.insert(e.object.clone()) {
-            if e.size > limits.max_object_bytes {
-                anyhow::bail!("{target}: object {} is larger than the limit", e.object);
-            }
+        if !repo.has_object(&e.object)
+            && wanted.insert(e.object.clone())
+            && e.size > limits.max_object_bytes
+        {
+            anyhow::bail!("{target}: object {} is larger than the limit", e.object);
         }
     }
     for a in &wanted {
@@ -1348,7 +1366,10 @@ mod tests {
         let r = OciRef::parse("oci://127.0.0.1:5000/team/fleet").unwrap();
         assert_eq!(r.host, "127.0.0.1:5000");
         assert_eq!(r.name, "team/fleet");
-        assert_eq!(r.url("blobs/x"), "https://127.0.0.1:5000/v2/team/fleet/blobs/x");
+        assert_eq!(
+            r.url("blobs/x"),
+            "https://127.0.0.1:5000/v2/team/fleet/blobs/x"
+        );
         for bad in [
             "https://h/x",
             "oci://h",
@@ -1402,7 +1423,11 @@ mod tests {
 
     #[test]
     fn artifact_json_is_stable() {
-        let m = artifact_manifest(AT_ROOTS, vec![Descriptor::of(MT_ROOT, b"r")], BTreeMap::new());
+        let m = artifact_manifest(
+            AT_ROOTS,
+            vec![Descriptor::of(MT_ROOT, b"r")],
+            BTreeMap::new(),
+        );
         let s = String::from_utf8(m).unwrap();
         assert!(s.starts_with(
             r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.cairn.roots.v1","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[{"#

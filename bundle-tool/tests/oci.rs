@@ -31,7 +31,11 @@ fn ok(args: &[&str], cwd: &Path) -> String {
 fn fails(args: &[&str], cwd: &Path) -> String {
     let out = cairn(args, cwd);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "cairn {args:?} should fail: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "cairn {args:?} should fail: {err}"
+    );
     err
 }
 
@@ -81,12 +85,21 @@ impl Work {
     fn release(&self, git_ref: &str) {
         let out = format!("{}.bundle", git_ref.replace('~', "-"));
         ok(
-            &["bundle", "build", "--git", "edge", "--ref", git_ref, "--out", &out],
+            &[
+                "bundle", "build", "--git", "edge", "--ref", git_ref, "--out", &out,
+            ],
             self.p(),
         );
         ok(
             &[
-                "release", "--repo", "repo", "--bundle", &out, "--channel", "stable", "--key",
+                "release",
+                "--repo",
+                "repo",
+                "--bundle",
+                &out,
+                "--channel",
+                "stable",
+                "--key",
                 DEV_RELEASE_KEY,
             ],
             self.p(),
@@ -113,7 +126,11 @@ impl Work {
     fn push(&self) -> String {
         let out = self.push_with("creds.json");
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "push failed: {err}\n{}", self.reg.log());
+        assert!(
+            out.status.success(),
+            "push failed: {err}\n{}",
+            self.reg.log()
+        );
         err
     }
     fn pull_args(&self, repo: &str, creds: &str) -> Vec<String> {
@@ -127,11 +144,17 @@ impl Work {
     }
     fn pull(&self, repo: &str) -> String {
         let args = self.pull_args(repo, "creds.json");
-        ok(&args.iter().map(String::as_str).collect::<Vec<_>>(), self.p())
+        ok(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            self.p(),
+        )
     }
     fn pull_fails(&self, repo: &str) -> String {
         let args = self.pull_args(repo, "creds.json");
-        fails(&args.iter().map(String::as_str).collect::<Vec<_>>(), self.p())
+        fails(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            self.p(),
+        )
     }
     fn skopeo_raw(&self, reference: &str) -> serde_json::Value {
         let (u, p) = self.reg.credentials();
@@ -140,7 +163,10 @@ impl Work {
             .arg(self.reg.cert_dir())
             .arg("--creds")
             .arg(format!("{u}:{p}"))
-            .arg(format!("docker://{}/edge/fleet{reference}", self.reg.host()))
+            .arg(format!(
+                "docker://{}/edge/fleet{reference}",
+                self.reg.host()
+            ))
             .env("HOME", self.p())
             .output()
             .expect("run skopeo");
@@ -201,7 +227,9 @@ fn push_skopeo_pull_and_only_missing_blobs_move() {
     assert_eq!(index["artifactType"], AT_RELEASE);
     let manifests = index["manifests"].as_array().unwrap();
     assert_eq!(manifests[0]["artifactType"], AT_RELEASE);
-    assert!(manifests[1..].iter().all(|m| m["artifactType"] == AT_OBJECTS));
+    assert!(manifests[1..]
+        .iter()
+        .all(|m| m["artifactType"] == AT_OBJECTS));
     let digest = manifests[0]["digest"].as_str().unwrap();
     let release = w.skopeo_raw(&format!("@{digest}"));
     assert_eq!(release["mediaType"], MT_MANIFEST);
@@ -220,7 +248,10 @@ fn push_skopeo_pull_and_only_missing_blobs_move() {
 
     // Pull into an empty repository: verified like import.
     let pulled = w.pull("copy");
-    assert!(pulled.contains("channel stable: now at release 1"), "{pulled}");
+    assert!(
+        pulled.contains("channel stable: now at release 1"),
+        "{pulled}"
+    );
     ok(&["verify", "--repo", "copy", "--channel", "stable"], w.p());
     assert_eq!(
         std::fs::read(w.path("copy/channels/stable")).unwrap(),
@@ -242,11 +273,19 @@ fn push_skopeo_pull_and_only_missing_blobs_move() {
         second.contains(&format!("{} blob(s) uploaded", new_objects + 1)),
         "{second}"
     );
-    assert_eq!(w.uploads(), objects + 3 + new_objects + 1, "{}", w.reg.log());
+    assert_eq!(
+        w.uploads(),
+        objects + 3 + new_objects + 1,
+        "{}",
+        w.reg.log()
+    );
     let gets = w.blob_gets();
     let pulled = w.pull("copy");
     assert!(pulled.contains("now at release 2"), "{pulled}");
-    assert!(pulled.contains(&format!("{new_objects} new object(s)")), "{pulled}");
+    assert!(
+        pulled.contains(&format!("{new_objects} new object(s)")),
+        "{pulled}"
+    );
     // root v1, the release, and the new objects.
     assert_eq!(w.blob_gets() - gets, 1 + 1 + new_objects, "{}", w.reg.log());
     ok(&["verify", "--repo", "copy", "--channel", "stable"], w.p());
@@ -275,8 +314,15 @@ fn refusals_name_the_problem_and_write_nothing() {
     let creds = w.path("creds.json").display().to_string();
     let err = fails(
         &[
-            "pull", "--channel", "stable", "--repo", "noca", "--from", &url,
-            "--credentials-file", &creds,
+            "pull",
+            "--channel",
+            "stable",
+            "--repo",
+            "noca",
+            "--from",
+            &url,
+            "--credentials-file",
+            &creds,
         ],
         w.p(),
     );
@@ -346,7 +392,12 @@ fn refusals_name_the_problem_and_write_nothing() {
         .arg(w.reg.ca_file())
         .arg("-u")
         .arg(format!("{u}:{p}"))
-        .args(["-H", &format!("Content-Type: {MT_INDEX}"), "--data-binary", "@-"])
+        .args([
+            "-H",
+            &format!("Content-Type: {MT_INDEX}"),
+            "--data-binary",
+            "@-",
+        ])
         .arg(format!(
             "https://{}/v2/edge/fleet/manifests/stable",
             w.reg.host()
@@ -363,5 +414,8 @@ fn refusals_name_the_problem_and_write_nothing() {
     let before = std::fs::read(w.path("copy/channels/stable")).unwrap();
     let err = w.pull_fails("copy");
     assert!(err.contains("rollback"), "{err}");
-    assert_eq!(std::fs::read(w.path("copy/channels/stable")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(w.path("copy/channels/stable")).unwrap(),
+        before
+    );
 }

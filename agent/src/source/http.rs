@@ -84,9 +84,7 @@ impl HttpSource {
             .redirect(policy)
             .user_agent(concat!("cairn-agent/", env!("CARGO_PKG_VERSION")));
         let net = opts.tls.get(base).cloned().unwrap_or_default();
-        let builder = net
-            .apply_tls(builder)
-            .map_err(|e| format!("{base}: {e}"))?;
+        let builder = net.apply_tls(builder).map_err(|e| format!("{base}: {e}"))?;
         let host = reqwest::Url::parse(base)
             .ok()
             .and_then(|u| {
@@ -94,9 +92,7 @@ impl HttpSource {
                     .map(|h| u.port().map_or(h.to_owned(), |p| format!("{h}:{p}")))
             })
             .unwrap_or_default();
-        let credentials = net
-            .credentials(&host)
-            .map_err(|e| format!("{base}: {e}"))?;
+        let credentials = net.credentials(&host).map_err(|e| format!("{base}: {e}"))?;
         let client = builder
             .build()
             .map_err(|e| format!("{base}: cannot build an HTTP client: {e}"))?;

@@ -178,7 +178,12 @@ impl Registry {
                 .stderr(log)
                 .spawn()
                 .context("starting docker-registry (apt package docker-registry)")?;
-            match wait_ready(&mut child, addr, &p("registry.log"), Duration::from_secs(30)) {
+            match wait_ready(
+                &mut child,
+                addr,
+                &p("registry.log"),
+                Duration::from_secs(30),
+            ) {
                 Ok(()) => {
                     return Ok(Registry {
                         dir,
