@@ -823,6 +823,41 @@ listen:
     }
 
     #[test]
+    fn sources_take_oci_urls_cas_client_certificates_and_credentials() {
+        let c = Config::parse(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  \
+             - {url: 'oci://r.example:5000/fleet/edge', caFile: /ca.pem, credentialsFile: /c.json}\n  \
+             - {url: 'https://a.example/f', clientCertFile: /c.pem, clientKeyFile: /c.key}\n  \
+             - oci://r.example/plain\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.sources.len(), 3);
+        let oci = &c.source_tls["oci://r.example:5000/fleet/edge"];
+        assert_eq!(oci.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(oci.credentials_file.as_deref(), Some(Path::new("/c.json")));
+        let https = &c.source_tls["https://a.example/f"];
+        assert_eq!(https.client_key_file.as_deref(), Some(Path::new("/c.key")));
+        assert!(!c.source_tls.contains_key("oci://r.example/plain"));
+        let l = lines(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  \
+             - {url: /usb, caFile: /ca.pem}\n  - {url: 'https://a/x', clientCertFile: /c.pem}\n  \
+             - 'oci://r.example/Fleet'\n  - 'oci://r.example'\n  - 'ftp://x/y'\n",
+        );
+        let want = [
+            "sources[0]: caFile, clientCertFile, clientKeyFile and credentialsFile are only for",
+            "sources[1]: clientCertFile and clientKeyFile go together",
+            "sources[2]: `oci://r.example/Fleet`: bad repository name component `Fleet`",
+            "sources[3]: `oci://r.example`: expected oci://HOST[:PORT]/NAME",
+            "sources[4]: `ftp://x/y`: unsupported scheme (use http://, https://, oci://",
+        ];
+        assert_eq!(l.len(), want.len(), "{l:#?}");
+        for w in want {
+            assert!(l.iter().any(|x| x.contains(w)), "missing {w}: {l:#?}");
+        }
+    }
+
+    #[test]
     fn kubernetes_target_parses() {
         let c = Config::parse(
             "channel: stable\ntarget:\n  kubernetes: {namespace: cairn-system}\n",
