@@ -419,3 +419,85 @@ fn refusals_name_the_problem_and_write_nothing() {
         before
     );
 }
+
+#[test]
+fn client_certificates_are_presented_when_configured() {
+    use cairn_test_support::registry::RegistryOptions;
+    let dir = tempfile::tempdir().unwrap();
+    make_manifest_repo(
+        &dir.path().join("edge"),
+        &FixtureOptions {
+            apps: 2,
+            configmap_kb: 1,
+            commits: 1,
+        },
+    )
+    .unwrap();
+    let reg = Registry::start_with(RegistryOptions {
+        require_client_cert: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (u, p) = reg.credentials();
+    // A Docker config.json as the credentials file.
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+    };
+    let creds = dir.path().join("config.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({"auths": {reg.host(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    ok(
+        &[
+            "bundle", "build", "--git", "edge", "--ref", "HEAD", "--out", "b.bundle",
+        ],
+        dir.path(),
+    );
+    ok(
+        &[
+            "release",
+            "--repo",
+            "repo",
+            "--bundle",
+            "b.bundle",
+            "--channel",
+            "stable",
+            "--key",
+            DEV_RELEASE_KEY,
+        ],
+        dir.path(),
+    );
+    let url = reg.url("fleet");
+    let ca = reg.ca_file().display().to_string();
+    let creds = creds.display().to_string();
+    let base = [
+        "push",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--to",
+        &url,
+        "--ca-file",
+        &ca,
+        "--credentials-file",
+        &creds,
+    ];
+    let err = fails(&base, dir.path());
+    // The registry ends the handshake without a client certificate.
+    assert!(
+        err.contains("fatal alert") && err.contains("/v2/fleet/manifests/stable"),
+        "{err}"
+    );
+    assert!(reg.access_lines("PUT", "/blobs/uploads/").is_empty());
+    let (cert, key) = reg.client_cert_files();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut args = base.to_vec();
+    args.extend(["--client-cert", &cert, "--client-key", &key]);
+    let out = ok(&args, dir.path());
+    assert!(out.contains("pushed oci://"), "{out}");
+    assert!(!reg.access_lines("PUT", "/blobs/uploads/").is_empty());
+}
