@@ -501,3 +501,115 @@ fn client_certificates_are_presented_when_configured() {
     assert!(out.contains("pushed oci://"), "{out}");
     assert!(!reg.access_lines("PUT", "/blobs/uploads/").is_empty());
 }
+
+#[test]
+fn registry_token_flow() {
+    use cairn_test_support::registry::RegistryOptions;
+    let dir = tempfile::tempdir().unwrap();
+    make_manifest_repo(
+        &dir.path().join("edge"),
+        &FixtureOptions {
+            apps: 2,
+            configmap_kb: 1,
+            commits: 1,
+        },
+    )
+    .unwrap();
+    let reg = Registry::start_with(RegistryOptions {
+        token_auth: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (u, p) = reg.credentials();
+    let creds = dir.path().join("creds.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({"username": u, "password": p}).to_string(),
+    )
+    .unwrap();
+    let wrong = dir.path().join("wrong.json");
+    std::fs::write(
+        &wrong,
+        serde_json::json!({"username": u, "password": "nope"}).to_string(),
+    )
+    .unwrap();
+    ok(
+        &[
+            "bundle", "build", "--git", "edge", "--ref", "HEAD", "--out", "b.bundle",
+        ],
+        dir.path(),
+    );
+    ok(
+        &[
+            "release",
+            "--repo",
+            "repo",
+            "--bundle",
+            "b.bundle",
+            "--channel",
+            "stable",
+            "--key",
+            DEV_RELEASE_KEY,
+        ],
+        dir.path(),
+    );
+    let url = reg.url("fleet");
+    let ca = reg.ca_file().display().to_string();
+    let (creds, wrong) = (creds.display().to_string(), wrong.display().to_string());
+    let err = fails(
+        &[
+            "push",
+            "--repo",
+            "repo",
+            "--channel",
+            "stable",
+            "--to",
+            &url,
+            "--ca-file",
+            &ca,
+            "--credentials-file",
+            &wrong,
+        ],
+        dir.path(),
+    );
+    assert!(
+        err.contains("the token service refused the credentials"),
+        "{err}"
+    );
+    assert_eq!(reg.tokens_issued(), 0);
+    let out = ok(
+        &[
+            "push",
+            "--repo",
+            "repo",
+            "--channel",
+            "stable",
+            "--to",
+            &url,
+            "--ca-file",
+            &ca,
+            "--credentials-file",
+            &creds,
+        ],
+        dir.path(),
+    );
+    assert!(out.contains("pushed oci://"), "{out}\n{}", reg.log());
+    assert!(reg.tokens_issued() >= 1);
+    let out = ok(
+        &[
+            "pull",
+            "--from",
+            &url,
+            "--channel",
+            "stable",
+            "--repo",
+            "copy",
+            "--ca-file",
+            &ca,
+            "--credentials-file",
+            &creds,
+        ],
+        dir.path(),
+    );
+    assert!(out.contains("now at release 1"), "{out}");
+}

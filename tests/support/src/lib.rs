@@ -11,6 +11,7 @@
 pub mod fixture;
 pub mod registry;
 mod server;
+mod token;
 
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
 pub use server::{Fault, StaticServer};

@@ -28,6 +28,10 @@ pub struct IssuedCert {
     pub cert_pem: String,
     /// Its private key (PKCS#8 PEM).
     pub key_pem: String,
+    /// The certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// The key (PKCS#8 DER).
+    pub key_der: Vec<u8>,
 }
 
 impl TestCa {
@@ -67,6 +71,8 @@ impl TestCa {
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
         })
     }
 
@@ -80,6 +86,8 @@ impl TestCa {
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
         })
     }
 }
@@ -93,6 +101,9 @@ pub struct RegistryOptions {
     pub password: String,
     /// Require a client certificate issued by the test CA.
     pub require_client_cert: bool,
+    /// Use the registry token flow (`auth.token`) with a test token
+    /// server instead of htpasswd: clients get `401 Bearer realm=...`.
+    pub token_auth: bool,
 }
 
 impl Default for RegistryOptions {
@@ -101,6 +112,7 @@ impl Default for RegistryOptions {
             user: "cairn".into(),
             password: "s3cret-registry-pw".into(),
             require_client_cert: false,
+            token_auth: false,
         }
     }
 }
@@ -116,6 +128,7 @@ pub struct Registry {
     child: Option<Child>,
     opts: RegistryOptions,
     ca: TestCa,
+    token_server: Option<crate::token::TokenServer>,
 }
 
 impl Registry {
@@ -148,6 +161,27 @@ impl Registry {
         }
         std::fs::write(p("htpasswd"), &out.stdout)?;
 
+        let token_server = if opts.token_auth {
+            let ts = crate::token::TokenServer::start(&server, &opts.user, &opts.password)?;
+            std::fs::write(p("token-signer.pem"), ts.signer_pem())?;
+            Some(ts)
+        } else {
+            None
+        };
+        let auth = match &token_server {
+            Some(ts) => format!(
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                ts.realm(),
+                crate::token::SERVICE,
+                crate::token::ISSUER,
+                p("token-signer.pem").display()
+            ),
+            None => format!(
+                "auth:\n  htpasswd:\n    realm: cairn-test\n    path: {}\n",
+                p("htpasswd").display()
+            ),
+        };
+        let mut token_server = token_server;
         let mut last_err = None;
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -162,11 +196,10 @@ impl Registry {
                  log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
                  storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
                  http:\n  addr: {addr}\n  tls:\n    certificate: {cert}\n    key: {key}\n{client_cas}\
-                 auth:\n  htpasswd:\n    realm: cairn-test\n    path: {htpasswd}\n",
+                 {auth}",
                 storage = p("storage").display(),
                 cert = p("server.pem").display(),
                 key = p("server.key").display(),
-                htpasswd = p("htpasswd").display(),
             );
             std::fs::write(p("config.yml"), config)?;
             let log = std::fs::File::create(p("registry.log"))?;
@@ -191,6 +224,7 @@ impl Registry {
                         child: Some(child),
                         opts,
                         ca,
+                        token_server: token_server.take(),
                     })
                 }
                 Err(e) => {
@@ -244,6 +278,11 @@ impl Registry {
     /// The htpasswd user and password.
     pub fn credentials(&self) -> (&str, &str) {
         (&self.opts.user, &self.opts.password)
+    }
+
+    /// Tokens issued by the test token server (0 without `token_auth`).
+    pub fn tokens_issued(&self) -> u64 {
+        self.token_server.as_ref().map_or(0, |t| t.issued())
     }
 
     /// The registry's storage root.
