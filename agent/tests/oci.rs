@@ -248,3 +248,62 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
     assert_eq!(s.w.status().unwrap().adopted.unwrap().sequence, 3);
     assert_eq!(s.w.files(), expected_files(&b3));
 }
+
+/// `caFile` and `credentialsFile` apply to https:// sources too: the
+/// registry's `/v2/` endpoint (200 `{}` only with credentials) stands in
+/// for a static server behind a private CA and basic auth.
+#[test]
+fn https_sources_use_the_ca_file_and_basic_credentials() {
+    use cairn_agent::source::{HttpSource, Source, SourceOptions};
+    use cairn_bundle::oci::NetSettings;
+    let reg = Registry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (u, p) = reg.credentials();
+    let creds = dir.path().join("creds.json");
+    std::fs::write(
+        &creds,
+        serde_json::json!({"username": u, "password": p}).to_string(),
+    )
+    .unwrap();
+    let base = format!("https://{}/v2", reg.host());
+    let source = |net: Option<NetSettings>| {
+        let mut opts = SourceOptions::default();
+        if let Some(n) = net {
+            opts.tls.insert(base.clone(), n);
+        }
+        HttpSource::new(&base, &opts).unwrap()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let with_ca = NetSettings {
+        ca_file: Some(reg.ca_file()),
+        ..Default::default()
+    };
+    let with_creds = NetSettings {
+        credentials_file: Some(creds.clone()),
+        ..with_ca.clone()
+    };
+    let e = rt.block_on(source(None).get("", 1024)).unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    let e = rt
+        .block_on(source(Some(with_ca)).get("", 1024))
+        .unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    let body = rt
+        .block_on(source(Some(with_creds)).get("", 1024))
+        .unwrap()
+        .unwrap();
+    assert_eq!(body, b"{}");
+    // The password never shows in Debug output.
+    let dbg = format!(
+        "{:?}",
+        source(Some(NetSettings {
+            credentials_file: Some(creds),
+            ca_file: Some(reg.ca_file()),
+            ..Default::default()
+        }))
+    );
+    assert!(!dbg.contains(p) && dbg.contains("redacted"), "{dbg}");
+}
