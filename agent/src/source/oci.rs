@@ -92,3 +92,38 @@ impl Source for OciSource {
         Box::pin(self.fetch(rel_path, limit))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_repository_paths_become_requests() {
+        // Port 1 on loopback: any request would fail as unavailable, so an
+        // `invalid` answer proves no request was made.
+        let s = OciSource::new("oci://127.0.0.1:1/fleet", &SourceOptions::default()).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let hex = "ab".repeat(32);
+        for bad in [
+            "objects/sha256/zz/../../x".to_owned(),
+            format!("objects/sha256/cd/{hex}"),
+            "objects/sha256/ab/AB".to_owned(),
+            "channels/Stable".to_owned(),
+            "channels/../x".to_owned(),
+            "roots/x".to_owned(),
+            "manifests/stable".to_owned(),
+        ] {
+            let e = rt.block_on(s.get(&bad, 10)).unwrap_err();
+            assert_eq!(e.kind(), "invalid", "{bad}: {e}");
+        }
+        let e = rt
+            .block_on(s.get(&format!("objects/sha256/ab/{hex}"), 10))
+            .unwrap_err();
+        assert_eq!(e.kind(), "unavailable", "{e}");
+        assert!(format!("{s:?}").contains("fleet"));
+        assert!(OciSource::new("oci://h/Bad", &SourceOptions::default()).is_err());
+    }
+}
