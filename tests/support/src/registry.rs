@@ -346,6 +346,35 @@ impl Drop for Registry {
     }
 }
 
+/// The registry writes a request's access-log line just after answering
+/// it, so a client can finish before its last line is in the log. Polls
+/// `count` until it equals `want` (giving up after 10 s) and returns the
+/// last value, for the caller to assert on.
+pub fn settled_count(want: usize, count: impl Fn() -> usize) -> usize {
+    let start = Instant::now();
+    loop {
+        let n = count();
+        if n == want || start.elapsed() > Duration::from_secs(10) {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `count` once it stopped changing (the same value twice, 300 ms apart):
+/// a baseline that late log lines of earlier requests cannot move.
+pub fn quiet_count(count: impl Fn() -> usize) -> usize {
+    let mut last = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let n = count();
+        if n == last {
+            return n;
+        }
+        last = n;
+    }
+}
+
 fn wait_ready(child: &mut Child, addr: SocketAddr, log: &Path, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     let log_text = || std::fs::read_to_string(log).unwrap_or_default();
