@@ -288,6 +288,7 @@ impl Agent {
         let opts = SourceOptions {
             request_timeout: config.request_timeout,
             redirect_hosts: config.redirect_hosts.clone(),
+            tls: config.source_tls.clone(),
             ..SourceOptions::default()
         };
         let sources = SourceSet::from_specs(&config.sources, &opts).map_err(|m| {

@@ -93,6 +93,9 @@ pub struct Config {
     /// it may redirect to (`allowRedirectsTo`). Redirects to any other
     /// host are refused.
     pub redirect_hosts: BTreeMap<String, Vec<String>>,
+    /// Per network source (keyed by its entry in `sources`): `caFile`,
+    /// `clientCertFile`/`clientKeyFile`, `credentialsFile`.
+    pub source_tls: BTreeMap<String, cairn_bundle::oci::NetSettings>,
     /// How often each source is polled.
     pub poll_interval: Duration,
     /// How often the target is reconciled (also after every adoption).
@@ -144,6 +147,10 @@ struct RawConfig {
 struct RawSource {
     url: String,
     allow_redirects_to: Option<Vec<String>>,
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<PathBuf>,
+    client_key_file: Option<PathBuf>,
+    credentials_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -245,13 +252,29 @@ impl Config {
         }
         let mut sources: Vec<String> = Vec::new();
         let mut redirect_hosts = BTreeMap::new();
+        let mut source_tls = BTreeMap::new();
         for (i, v) in raw.sources.unwrap_or_default().into_iter().enumerate() {
             let field = format!("sources[{i}]");
             let (url, hosts) = match v {
                 serde_norway::Value::String(s) => (s, None),
                 v @ serde_norway::Value::Mapping(_) => {
                     match serde_norway::from_value::<RawSource>(v) {
-                        Ok(r) => (r.url, r.allow_redirects_to),
+                        Ok(r) => {
+                            let net = cairn_bundle::oci::NetSettings {
+                                ca_file: r.ca_file,
+                                client_cert_file: r.client_cert_file,
+                                client_key_file: r.client_key_file,
+                                credentials_file: r.credentials_file,
+                                redirect_hosts: Vec::new(),
+                            };
+                            if let Err(m) = check_source_tls(&r.url, &net) {
+                                err(&field, m);
+                            }
+                            if net != Default::default() {
+                                source_tls.insert(r.url.clone(), net);
+                            }
+                            (r.url, r.allow_redirects_to)
+                        }
                         Err(e) => {
                             err(&field, e.to_string());
                             continue;
@@ -271,10 +294,10 @@ impl Config {
                 err(&field, m);
             }
             if let Some(hosts) = hosts {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                if !is_network(&url) {
                     err(
                         &format!("{field}.allowRedirectsTo"),
-                        "only for http:// and https:// sources".into(),
+                        "only for http://, https:// and oci:// sources".into(),
                     );
                 }
                 for (j, h) in hosts.iter().enumerate() {
@@ -398,6 +421,7 @@ impl Config {
             labels,
             sources,
             redirect_hosts,
+            source_tls,
             poll_interval,
             reconcile_interval,
             request_timeout,
@@ -586,9 +610,34 @@ fn validate_redirect_host(h: &str) -> Result<(), String> {
     }
 }
 
+fn is_network(url: &str) -> bool {
+    ["http://", "https://", "oci://"]
+        .iter()
+        .any(|p| url.starts_with(p))
+}
+
+/// TLS and credential settings: network sources only; a client
+/// certificate needs its key.
+fn check_source_tls(url: &str, net: &cairn_bundle::oci::NetSettings) -> Result<(), String> {
+    if *net != Default::default() && !is_network(url) {
+        return Err(
+            "caFile, clientCertFile, clientKeyFile and credentialsFile are only for \
+                    http://, https:// and oci:// sources"
+                .into(),
+        );
+    }
+    if net.client_cert_file.is_some() != net.client_key_file.is_some() {
+        return Err("clientCertFile and clientKeyFile go together".into());
+    }
+    Ok(())
+}
+
 fn validate_source(s: &str) -> Result<(), String> {
     if s.trim().is_empty() {
         return Err("empty source".into());
+    }
+    if s.starts_with("oci://") {
+        return cairn_bundle::oci::OciRef::parse(s).map(|_| ());
     }
     if s.starts_with("http://") || s.starts_with("https://") {
         let url = reqwest::Url::parse(s).map_err(|e| format!("`{s}`: {e}"))?;
@@ -602,7 +651,7 @@ fn validate_source(s: &str) -> Result<(), String> {
     }
     if s.contains("://") {
         return Err(format!(
-            "`{s}`: unsupported scheme (use http://, https:// or a directory path)"
+            "`{s}`: unsupported scheme (use http://, https://, oci:// or a directory path)"
         ));
     }
     Ok(())
@@ -766,6 +815,41 @@ listen:
             "sources[1]: unknown field `allowRedirectTo`",
             "sources[2].allowRedirectsTo[0]: `http://b/x`",
             "sources[3]: expected a URL",
+        ];
+        assert_eq!(l.len(), want.len(), "{l:#?}");
+        for w in want {
+            assert!(l.iter().any(|x| x.contains(w)), "missing {w}: {l:#?}");
+        }
+    }
+
+    #[test]
+    fn sources_take_oci_urls_cas_client_certificates_and_credentials() {
+        let c = Config::parse(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  \
+             - {url: 'oci://r.example:5000/fleet/edge', caFile: /ca.pem, credentialsFile: /c.json}\n  \
+             - {url: 'https://a.example/f', clientCertFile: /c.pem, clientKeyFile: /c.key}\n  \
+             - oci://r.example/plain\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.sources.len(), 3);
+        let oci = &c.source_tls["oci://r.example:5000/fleet/edge"];
+        assert_eq!(oci.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(oci.credentials_file.as_deref(), Some(Path::new("/c.json")));
+        let https = &c.source_tls["https://a.example/f"];
+        assert_eq!(https.client_key_file.as_deref(), Some(Path::new("/c.key")));
+        assert!(!c.source_tls.contains_key("oci://r.example/plain"));
+        let l = lines(
+            "channel: stable\ntarget: {manifestsDir: /x}\nsources:\n  \
+             - {url: /usb, caFile: /ca.pem}\n  - {url: 'https://a/x', clientCertFile: /c.pem}\n  \
+             - 'oci://r.example/Fleet'\n  - 'oci://r.example'\n  - 'ftp://x/y'\n",
+        );
+        let want = [
+            "sources[0]: caFile, clientCertFile, clientKeyFile and credentialsFile are only for",
+            "sources[1]: clientCertFile and clientKeyFile go together",
+            "sources[2]: `oci://r.example/Fleet`: bad repository name component `Fleet`",
+            "sources[3]: `oci://r.example`: expected oci://HOST[:PORT]/NAME",
+            "sources[4]: `ftp://x/y`: unsupported scheme (use http://, https://, oci://",
         ];
         assert_eq!(l.len(), want.len(), "{l:#?}");
         for w in want {

@@ -22,6 +22,7 @@ pub mod git;
 pub mod limits;
 pub mod manifests;
 pub mod mesh;
+pub mod oci;
 pub mod publish;
 pub mod release;
 pub mod repo;

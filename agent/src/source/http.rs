@@ -20,6 +20,9 @@ use crate::BoxFuture;
 pub struct HttpSource {
     base: String,
     client: reqwest::Client,
+    /// Basic-auth credentials from the source's `credentialsFile`
+    /// (redacted in `Debug`).
+    credentials: Option<cairn_bundle::oci::Credentials>,
 }
 
 /// Redirects followed in a row.
@@ -75,16 +78,28 @@ impl HttpSource {
                 Err(reason) => attempt.error(reason),
             }
         });
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .connect_timeout(opts.connect_timeout)
             .timeout(opts.request_timeout)
             .redirect(policy)
-            .user_agent(concat!("cairn-agent/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("cairn-agent/", env!("CARGO_PKG_VERSION")));
+        let net = opts.tls.get(base).cloned().unwrap_or_default();
+        let builder = net.apply_tls(builder).map_err(|e| format!("{base}: {e}"))?;
+        let host = reqwest::Url::parse(base)
+            .ok()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| u.port().map_or(h.to_owned(), |p| format!("{h}:{p}")))
+            })
+            .unwrap_or_default();
+        let credentials = net.credentials(&host).map_err(|e| format!("{base}: {e}"))?;
+        let client = builder
             .build()
             .map_err(|e| format!("{base}: cannot build an HTTP client: {e}"))?;
         Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             client,
+            credentials,
         })
     }
 
@@ -94,9 +109,11 @@ impl HttpSource {
             source_name: self.base.clone(),
             reason,
         };
-        let mut resp = self
-            .client
-            .get(&url)
+        let mut req = self.client.get(&url);
+        if let Some(c) = &self.credentials {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let mut resp = req
             .send()
             .await
             .map_err(|e| unavailable(format!("GET {url}: {}", error_text(&e))))?;

@@ -15,9 +15,11 @@
 
 mod dir;
 mod http;
+mod oci;
 
 pub use dir::DirSource;
 pub use http::HttpSource;
+pub use oci::OciSource;
 
 use crate::BoxFuture;
 use std::sync::Arc;
@@ -104,6 +106,9 @@ pub struct SourceOptions {
     /// Per HTTP source (keyed by its spec): other hosts it may redirect
     /// to. A source not listed follows redirects on its own host only.
     pub redirect_hosts: std::collections::BTreeMap<String, Vec<String>>,
+    /// Per network source (keyed by its spec): CA bundle, client
+    /// certificate and credentials.
+    pub tls: std::collections::BTreeMap<String, cairn_bundle::oci::NetSettings>,
 }
 
 impl Default for SourceOptions {
@@ -112,6 +117,7 @@ impl Default for SourceOptions {
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             redirect_hosts: Default::default(),
+            tls: Default::default(),
         }
     }
 }
@@ -138,13 +144,16 @@ impl SourceSet {
     }
 
     /// Builds sources from configuration strings: `http://` and `https://`
-    /// URLs become [`HttpSource`]s, everything else a [`DirSource`].
+    /// URLs become [`HttpSource`]s, `oci://` ones [`OciSource`]s,
+    /// everything else a [`DirSource`].
     pub fn from_specs(specs: &[String], opts: &SourceOptions) -> Result<Self, String> {
         let mut set = Self::new();
         for spec in specs {
             let s: Arc<dyn Source> = if spec.starts_with("http://") || spec.starts_with("https://")
             {
                 Arc::new(HttpSource::new(spec, opts)?)
+            } else if spec.starts_with("oci://") {
+                Arc::new(OciSource::new(spec, opts)?)
             } else {
                 Arc::new(DirSource::new(spec))
             };

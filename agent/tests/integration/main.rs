@@ -14,6 +14,7 @@ mod e2e;
 mod kubernetes;
 mod mesh;
 mod mesh_partition;
+mod oci;
 mod reliability;
 mod rollout;
 mod target_recovery;

@@ -9,6 +9,7 @@ mod demo;
 mod fleet;
 mod keys;
 mod mesh;
+mod oci;
 mod promote;
 mod release;
 mod root;
@@ -50,6 +51,10 @@ enum Command {
     Export(release::ExportArgs),
     /// Import a tar archive into a bundle repository, verifying everything first.
     Import(release::ImportArgs),
+    /// Push a channel to an OCI registry (oci://HOST[:PORT]/NAME), tagged by channel.
+    Push(oci::PushArgs),
+    /// Pull a channel from an OCI registry into a bundle repository, verified like import.
+    Pull(oci::PullArgs),
     /// The mesh's certificates: a fleet CA, agent and operator certificates.
     #[command(subcommand)]
     Mesh(mesh::MeshCommand),
@@ -81,6 +86,8 @@ pub fn main() -> i32 {
         Command::Verify(a) => release::verify(a),
         Command::Export(a) => release::export(a),
         Command::Import(a) => release::import(a),
+        Command::Push(a) => oci::push(a),
+        Command::Pull(a) => oci::pull(a),
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
         Command::Demo(a) => demo::run(a),

@@ -9,3 +9,4 @@ mod support;
 mod cli_bundle;
 mod cli_keys_root;
 mod cli_release;
+mod oci;

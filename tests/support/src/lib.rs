@@ -11,6 +11,7 @@
 //! * [`ApiServer`]: the test Kubernetes API server as a process, and kubectl.
 //! * [`fleet`]: the one agent config writer ([`AgentConfig`]), the mesh
 //!   PKI through the CLI, and the one [`Fleet`] of meshed agents.
+//! * [`registry::Registry`]: a real OCI registry (TLS, htpasswd) on loopback.
 //!
 //! Nothing here depends on files outside the workspace.
 
@@ -18,7 +19,9 @@ mod apiserver;
 pub mod fixture;
 pub mod fleet;
 pub mod process;
+pub mod registry;
 mod server;
+mod token;
 
 pub use apiserver::ApiServer;
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
