@@ -54,6 +54,14 @@ pub enum BundleCommand {
         /// Most files the Kustomize export may write.
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EXPORT_FILES)]
         max_export_files: usize,
+        /// Helm program used to render charts and Kustomize `helmCharts`.
+        #[arg(long, value_name = "PROGRAM", env = "CAIRN_HELM", default_value = "helm")]
+        helm: String,
+        /// A values file from this machine for the chart in CHART_DIR (a
+        /// tree path), applied after the chart's cairn-helm.yaml values
+        /// files; repeatable. Its digest is part of the bundle id.
+        #[arg(long = "helm-values", value_name = "CHART_DIR=FILE", value_parser = crate::helm::parse_values_arg)]
+        helm_values: Vec<(String, PathBuf)>,
     },
     /// Show a bundle file's source, id and objects (the file is verified).
     Inspect {
@@ -88,6 +96,8 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             allow_remote,
             max_export_bytes,
             max_export_files,
+            helm,
+            helm_values,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -99,6 +109,8 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.export.allow_remote = allow_remote;
             opts.export.max_bytes = max_export_bytes;
             opts.export.max_files = max_export_files;
+            opts.helm.helm = helm.into();
+            opts.helm.values = helm_values;
             let built = build(&opts)?;
             built.write_file(&out)?;
             let m = &built.manifest;
