@@ -730,23 +730,31 @@ pub fn kustomize_uses_helm(
                 let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("");
                 let repo = c.get("repo").and_then(|r| r.as_str()).unwrap_or("");
                 let version = c.get("version").and_then(|r| r.as_str()).unwrap_or("");
-                let local = [
-                    join(&home, name),
-                    join(&join(&home, &format!("{name}-{version}")), name),
-                ]
-                .iter()
-                .any(|d| tree.entry(&join(d, CHART_FILE)).is_some());
+                // Where kustomize (5.x) looks before it would pull.
+                let local_dir = if !version.is_empty() && !repo.is_empty() {
+                    join(&join(&home, &format!("{name}-{version}")), name)
+                } else {
+                    join(&home, name)
+                };
+                let local = tree.entry(&join(&local_dir, CHART_FILE)).is_some();
                 if !local && !repo.is_empty() && !allow_remote {
                     return Err(Error::Build(format!(
                         "{}: `helmCharts` chart `{}` comes from the repository `{}` and is not \
-                         vendored in `{}`; refused: a bundle must be a function of its commit \
-                         (vendor it with `helm pull --untar --untardir {} {}` or pass --allow-remote)",
+                         vendored at `{}`; refused: a bundle must be a function of its commit \
+                         (vendor it with `helm pull --untar --untardir {} --repo {} {}{}` and \
+                         commit it, or pass --allow-remote)",
                         escape_name(&kfile),
                         escape_name(name),
                         escape_name(repo),
-                        escape_name(&home),
-                        escape_name(&home),
-                        escape_name(name)
+                        escape_name(&local_dir),
+                        escape_name(parent(&local_dir)),
+                        escape_name(repo),
+                        escape_name(name),
+                        if version.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" --version {}", escape_name(version))
+                        }
                     )));
                 }
             }
