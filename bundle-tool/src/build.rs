@@ -385,7 +385,9 @@ fn render_kustomization(
     if enable_helm {
         // helmCharts (checked by helm::kustomize_uses_helm): charts from
         // the commit, rendered by the same Helm as chart directories.
-        cmd.arg("--enable-helm").arg("--helm-command").arg(&opts.helm.helm);
+        cmd.arg("--enable-helm")
+            .arg("--helm-command")
+            .arg(&opts.helm.helm);
     }
     if !opts.export.allow_remote {
         // Nothing remote is referenced (the export refused it); give

@@ -477,9 +477,9 @@ fn render_one(
     let mut values = Vec::new();
     let mut args: Vec<OsString> = Vec::new();
     for v in &p.tree_values {
-        let node = tree.entry(v).ok_or_else(|| {
-            Error::Git(format!("`{}` vanished from the tree", escape_name(v)))
-        })?;
+        let node = tree
+            .entry(v)
+            .ok_or_else(|| Error::Git(format!("`{}` vanished from the tree", escape_name(v))))?;
         let bytes = tree.read_blob(
             &git::TreeFile {
                 path: v.clone(),
@@ -599,7 +599,10 @@ fn render_one(
     for (source, docs) in split_by_source(text) {
         let path = entry_path(dir, &source);
         let shown = format!("{} (rendered by helm)", escape_name(&path));
-        objects.push((path, manifests::parse_file(&shown, docs.as_bytes(), max_object_bytes)?));
+        objects.push((
+            path,
+            manifests::parse_file(&shown, docs.as_bytes(), max_object_bytes)?,
+        ));
     }
     Ok((
         objects,

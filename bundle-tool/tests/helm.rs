@@ -136,7 +136,12 @@ fn yaml_objects(text: &str) -> BTreeMap<(String, String, String), Value> {
         if v.is_null() {
             continue;
         }
-        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+        let s = |p: &str| {
+            v.pointer(p)
+                .and_then(|x| x.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
         let key = (s("/kind"), s("/metadata/namespace"), s("/metadata/name"));
         assert!(out.insert(key, v).is_none(), "duplicate in {text}");
     }
@@ -195,7 +200,10 @@ fn chart_objects_equal_helm_template() {
     assert_eq!(
         paths,
         [
-            ("apps/web/charts/cache/templates/configmap.yaml", "ConfigMap"),
+            (
+                "apps/web/charts/cache/templates/configmap.yaml",
+                "ConfigMap"
+            ),
             ("apps/web/crds/widgets.yaml", "CustomResourceDefinition"),
             ("apps/web/templates/deployment.yaml", "Deployment"),
             ("apps/web/templates/service.yaml", "PodDisruptionBudget"),
@@ -291,7 +299,10 @@ fn kustomize_helm_charts_equal_kubectl_kustomize_enable_helm() {
         json!("hello from kustomize")
     );
     let src = source(&file);
-    assert_eq!(src["rendered"][0]["path"], json!("apps/kust/kustomization.yaml"));
+    assert_eq!(
+        src["rendered"][0]["path"],
+        json!("apps/kust/kustomization.yaml")
+    );
     assert!(src["rendered"][0]["tool"]
         .as_str()
         .unwrap()
@@ -321,7 +332,11 @@ fn id_follows_the_values_and_nothing_else() {
         .find(|((_, k, ..), _)| k == "Deployment")
         .unwrap()
         .1;
-    assert_eq!(d["spec"]["replicas"], json!(5), "--helm-values applied last");
+    assert_eq!(
+        d["spec"]["replicas"],
+        json!(5),
+        "--helm-values applied last"
+    );
     assert_eq!(
         source(&file_a)["rendered"][0]["values"][1],
         json!({"file": "--helm-values", "digest": cairn_keys::sha256_address(b"replicaCount: 5\n")})
@@ -374,11 +389,17 @@ fn missing_values_file_is_refused() {
     assert!(e.contains("values-missing.yaml"), "{e}");
     assert!(e.contains("not in the commit"), "{e}");
 
-    r.commit(&[("apps/web/cairn-helm.yaml", "valuesFiles: [../../../x.yaml]\n")]);
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "valuesFiles: [../../../x.yaml]\n",
+    )]);
     let e = r.fails(&[]);
     assert!(e.contains("leaves the repository"), "{e}");
 
-    r.commit(&[("apps/web/cairn-helm.yaml", "valueFiles: [values-prod.yaml]\n")]);
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "valueFiles: [values-prod.yaml]\n",
+    )]);
     let e = r.fails(&[]);
     assert!(e.contains("apps/web/cairn-helm.yaml"), "{e}");
     assert!(e.contains("valueFiles"), "{e}");
@@ -443,7 +464,10 @@ fn template_errors_name_the_chart() {
         "kind: ConfigMap\nmetadata:\n  name: {{ .Values.nope.deeper }}\n",
     )]);
     let e = r.fails(&[]);
-    assert!(e.contains("helm template failed for the chart apps/web/Chart.yaml"), "{e}");
+    assert!(
+        e.contains("helm template failed for the chart apps/web/Chart.yaml"),
+        "{e}"
+    );
     assert!(e.contains("broken.yaml"), "{e}");
 
     // Rendered output that is not a valid object names the template.
@@ -452,5 +476,8 @@ fn template_errors_name_the_chart() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels: {a: b}\n",
     )]);
     let e = r.fails(&[]);
-    assert!(e.contains("apps/web/templates/broken.yaml (rendered by helm)"), "{e}");
+    assert!(
+        e.contains("apps/web/templates/broken.yaml (rendered by helm)"),
+        "{e}"
+    );
 }

@@ -55,7 +55,12 @@ pub enum BundleCommand {
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EXPORT_FILES)]
         max_export_files: usize,
         /// Helm program used to render charts and Kustomize `helmCharts`.
-        #[arg(long, value_name = "PROGRAM", env = "CAIRN_HELM", default_value = "helm")]
+        #[arg(
+            long,
+            value_name = "PROGRAM",
+            env = "CAIRN_HELM",
+            default_value = "helm"
+        )]
         helm: String,
         /// A values file from this machine for the chart in CHART_DIR (a
         /// tree path), applied after the chart's cairn-helm.yaml values
