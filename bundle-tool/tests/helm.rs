@@ -481,3 +481,104 @@ fn template_errors_name_the_chart() {
         "{e}"
     );
 }
+
+#[test]
+fn library_charts_render_nothing() {
+    let r = Repo::new();
+    // The fixture's apps/lib-common is `type: library`: helm template
+    // refuses such charts; the build skips it and parses none of its files.
+    let (_, file) = r.build("lib.bundle", &[]);
+    assert!(!bundle_objects(&file)
+        .keys()
+        .any(|(p, ..)| p.starts_with("apps/lib-common/")));
+    let src = source(&file);
+    assert!(!src["rendered"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["path"] == json!("apps/lib-common")));
+}
+
+/// A stand-in `helm` that reports what it was run with as a ConfigMap:
+/// its environment and the network interfaces it can see.
+const SPY_HELM: &str = r#"#!/bin/sh
+if [ "$1" = version ]; then printf v3.99.0; exit 0; fi
+ifaces=$(awk -F: 'NR>2 {gsub(/ /,"",$1); printf "%s ", $1}' /proc/net/dev)
+repos=absent
+[ -e "$HELM_REPOSITORY_CONFIG" ] && repos=present
+homefiles=$(ls -A "$HOME" | tr '\n' ' ')
+cat <<YAML
+---
+# Source: web/templates/spy.yaml
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: spy
+data:
+  env: "$(env | cut -d= -f1 | sort | tr '\n' ' ')"
+  ifaces: "$ifaces"
+  repos: "$repos"
+  home: "$homefiles"
+  args: "$(echo "$@" | sed "s|$PWD/||g")"
+YAML
+"#;
+
+#[test]
+fn helm_runs_without_environment_repositories_or_network() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Repo::new();
+    let spy = r.dir.path().join("spy-helm");
+    std::fs::write(&spy, SPY_HELM).unwrap();
+    std::fs::set_permissions(&spy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spy_s = spy.display().to_string();
+    let (_, file) = r.build(
+        "spy.bundle",
+        &["--path", "apps/web", "--helm", spy_s.as_str()],
+    );
+    let cm = bundle_objects(&file)
+        .into_iter()
+        .find(|((_, k, ..), _)| k == "ConfigMap")
+        .unwrap()
+        .1;
+    let data = &cm["data"];
+    let env: Vec<&str> = data["env"].as_str().unwrap().split_whitespace().collect();
+    for var in env.iter().copied() {
+        assert!(
+            var == "PATH"
+                || var == "HOME"
+                || var == "TMPDIR"
+                || var == "PWD"
+                || var == "SHLVL"
+                || var == "OLDPWD"
+                || var == "_"
+                || var.starts_with("XDG_")
+                || var.starts_with("HELM_"),
+            "unexpected variable {var} in {env:?}"
+        );
+    }
+    assert!(env.contains(&"HELM_REPOSITORY_CONFIG"), "{env:?}");
+    assert_eq!(data["repos"], json!("absent"), "no repositories configured");
+    assert_eq!(data["home"], json!(""), "an empty HOME");
+    assert_eq!(
+        data["args"],
+        json!(
+            "template shop apps/web --values apps/web/values-prod.yaml --namespace web \
+             --set extraEnv.REGION=eu-west-1 --kube-version 1.30.0 --api-versions \
+             policy/v1/PodDisruptionBudget --include-crds"
+        )
+    );
+    assert_eq!(source(&file)["rendered"][0]["tool"], json!("helm v3.99.0"));
+    // Where this machine allows network namespaces (root, or unprivileged
+    // user namespaces), Helm sees only a loopback interface.
+    let netns = Command::new("unshare")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+        || Command::new("unshare")
+            .args(["-r", "-n", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if netns {
+        assert_eq!(data["ifaces"], json!("lo "), "own network namespace");
+    }
+}
