@@ -569,9 +569,15 @@ fn render_one(
         .args(&args)
         .current_dir(root);
     sandbox(&mut cmd, home.path());
-    let output = cmd
-        .output()
+    let output = run_capped(&mut cmd, max_output_bytes)
         .map_err(|e| missing_helm(opts, &format!("the chart {shown_chart}"), &e))?;
+    let Some(output) = output else {
+        return Err(Error::TooLarge {
+            what: format!("helm template output of {shown_chart}"),
+            limit: max_output_bytes,
+            actual: max_output_bytes.saturating_add(1),
+        });
+    };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let msg = stderr
@@ -583,13 +589,6 @@ fn render_one(
             "helm template failed for the chart {shown_chart}: {}",
             escape_name(&msg)
         )));
-    }
-    if output.stdout.len() as u64 > max_output_bytes {
-        return Err(Error::TooLarge {
-            what: format!("helm template output of {shown_chart}"),
-            limit: max_output_bytes,
-            actual: output.stdout.len() as u64,
-        });
     }
     let text = std::str::from_utf8(&output.stdout).map_err(|_| Error::Manifest {
         file: format!("{shown_chart} (helm template output)"),
@@ -613,6 +612,46 @@ fn render_one(
             settings,
         },
     ))
+}
+
+/// Largest stderr kept from a Helm run (bytes).
+const MAX_STDERR_BYTES: u64 = 64 << 10;
+
+/// Runs `cmd` reading at most `max_stdout` bytes of its output: `None`
+/// (the child killed) when it writes more, so a template that loops
+/// cannot fill memory. Stderr is kept up to [`MAX_STDERR_BYTES`].
+fn run_capped(cmd: &mut Command, max_stdout: u64) -> std::io::Result<Option<std::process::Output>> {
+    use std::io::Read;
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let stderr = child.stderr.take();
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(e) = stderr {
+            let mut e = e;
+            let _ = (&mut e).take(MAX_STDERR_BYTES).read_to_end(&mut buf);
+            // Drain the rest so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut e, &mut std::io::sink());
+        }
+        buf
+    });
+    let mut stdout = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        out.take(max_stdout.saturating_add(1))
+            .read_to_end(&mut stdout)?;
+    }
+    if stdout.len() as u64 > max_stdout {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = err_reader.join();
+        return Ok(None);
+    }
+    let status = child.wait()?;
+    let stderr = err_reader.join().unwrap_or_default();
+    Ok(Some(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }))
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>> {
@@ -802,6 +841,21 @@ mod tests {
             "apps/web/charts/c/templates/b.yaml"
         );
         assert_eq!(entry_path("", "web/templates/a.yaml"), "templates/a.yaml");
+    }
+
+    #[test]
+    fn output_is_capped_and_endless_output_stopped() {
+        let out = run_capped(Command::new("yes").stdin(Stdio::null()), 1000).unwrap();
+        assert!(out.is_none(), "endless output is cut off");
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "head -c 5000 /dev/zero; echo oops >&2; exit 3"]);
+        let out = run_capped(&mut cmd, 5000).unwrap().unwrap();
+        assert_eq!(out.stdout.len(), 5000);
+        assert_eq!(out.stderr, b"oops\n");
+        assert_eq!(out.status.code(), Some(3));
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "head -c 5001 /dev/zero"]);
+        assert!(run_capped(&mut cmd, 5000).unwrap().is_none());
     }
 
     #[test]
