@@ -10,7 +10,10 @@
 //! under the path, the commit id, the path and the source name. Same
 //! inputs, same id, byte for byte — whichever clone or folder it is built
 //! from, however many threads parse it. Kustomize output is deterministic
-//! as long as the kustomization uses no remote resources.
+//! as long as the kustomization uses no remote resources. Helm charts
+//! render with `helm template` (see [`crate::helm`]); the Helm version and
+//! the values used are recorded in `source.rendered`, so the id also
+//! follows them.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
 use crate::export::{self, ExportLimits};

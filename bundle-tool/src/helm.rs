@@ -344,7 +344,7 @@ pub fn helm_version(opts: &HelmOptions, needed_for: &str) -> Result<String> {
         })?;
     let mut cmd = Command::new(&opts.helm);
     cmd.arg("version").arg("--template").arg("{{.Version}}");
-    sandbox(&mut cmd, home.path());
+    sandbox(&mut cmd, home.path())?;
     let out = cmd
         .output()
         .map_err(|e| missing_helm(opts, needed_for, &e))?;
@@ -381,16 +381,24 @@ fn missing_helm(opts: &HelmOptions, needed_for: &str, e: &std::io::Error) -> Err
 }
 
 /// Clears the environment (only `PATH` kept), points every Helm and XDG
-/// directory into `home` (empty: no repositories, no registry
+/// directory into an empty `HOME` (no repositories, no registry
 /// credentials, no plugins) and isolates the network where possible.
-fn sandbox(cmd: &mut Command, home: &Path) {
+///
+/// `base` is a private temporary folder: `HOME` is `base/home`, `TMPDIR`
+/// `base/tmp` (both created here, empty); files the caller puts directly
+/// in `base` are not in either.
+fn sandbox(cmd: &mut Command, base: &Path) -> Result<()> {
+    for sub in ["home", "tmp"] {
+        let d = base.join(sub);
+        std::fs::create_dir_all(&d).map_err(|e| Error::Io { path: d, source: e })?;
+    }
+    let home = base.join("home");
     cmd.env_clear();
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
     }
     for (var, sub) in [
         ("HOME", ""),
-        ("TMPDIR", "tmp"),
         ("XDG_CONFIG_HOME", "config"),
         ("XDG_CACHE_HOME", "cache"),
         ("XDG_DATA_HOME", "data"),
@@ -404,8 +412,10 @@ fn sandbox(cmd: &mut Command, home: &Path) {
     ] {
         cmd.env(var, home.join(sub));
     }
+    cmd.env("TMPDIR", base.join("tmp"));
     cmd.stdin(Stdio::null());
     crate::build::isolate_network(cmd);
+    Ok(())
 }
 
 /// Renders every chart in `charts`: the parsed objects by entry path (in
@@ -568,7 +578,7 @@ fn render_one(
         .arg(&target)
         .args(&args)
         .current_dir(root);
-    sandbox(&mut cmd, home.path());
+    sandbox(&mut cmd, home.path())?;
     let output = run_capped(&mut cmd, max_output_bytes)
         .map_err(|e| missing_helm(opts, &format!("the chart {shown_chart}"), &e))?;
     let Some(output) = output else {
