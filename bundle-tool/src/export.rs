@@ -277,13 +277,7 @@ fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<St
         if let Some(g) = k.get("helmGlobals") {
             for sub in ["chartHome", "configHome"] {
                 for v in g.get(sub).map(strings).unwrap_or_default() {
-                    let target = refs.check(&format!("helmGlobals.{sub}"), v)?;
-                    // The charts kustomize inflates are exported with it.
-                    if let (Target::Inside(p), "chartHome") = (target, sub) {
-                        if let Some((EntryKind::Dir, d)) = resolve_kind(tree, &p)? {
-                            dirs.push(d);
-                        }
-                    }
+                    refs.check(&format!("helmGlobals.{sub}"), v)?;
                 }
             }
         }
