@@ -183,7 +183,7 @@ fn chart_objects_equal_helm_template() {
     let objects = bundle_objects(&file);
 
     let expected = yaml_objects(&helm(HELM_ARGS, &r.repo().join("apps/web")));
-    assert_eq!(expected.len(), 5, "{expected:?}");
+    assert_eq!(expected.len(), 6, "{expected:?}");
     let from_chart: BTreeMap<(String, String, String), Value> = objects
         .iter()
         .filter(|((p, ..), _)| p.starts_with("apps/web/"))
@@ -206,6 +206,7 @@ fn chart_objects_equal_helm_template() {
             ),
             ("apps/web/crds/widgets.yaml", "CustomResourceDefinition"),
             ("apps/web/templates/deployment.yaml", "Deployment"),
+            ("apps/web/templates/lookup.yaml", "ConfigMap"),
             ("apps/web/templates/service.yaml", "PodDisruptionBudget"),
             ("apps/web/templates/service.yaml", "Service"),
         ]
@@ -236,6 +237,12 @@ fn chart_objects_equal_helm_template() {
         pdb["metadata"]["annotations"]["kube-version"],
         json!("v1.30.0"),
         "kubeVersion"
+    );
+    let lookup = get("ConfigMap", "shop-web-lookup");
+    assert_eq!(
+        lookup["data"]["existing"],
+        json!("{}"),
+        "lookup finds nothing"
     );
     let cache = get("ConfigMap", "shop-cache");
     assert_eq!(cache["data"]["maxmemory"], json!("64mb"), "subchart values");
