@@ -64,6 +64,12 @@ pub struct HelmOptions {
     /// Values files from the build machine, by chart directory (tree path),
     /// applied after the ones `cairn-helm.yaml` names, in this order.
     pub values: Vec<(String, PathBuf)>,
+    /// `--kube-version` for charts whose `cairn-helm.yaml` sets none (the
+    /// target clusters' version, for `.Capabilities.KubeVersion`).
+    pub kube_version: Option<String>,
+    /// `--api-versions` for every chart, before the ones its
+    /// `cairn-helm.yaml` lists (for `.Capabilities.APIVersions.Has`).
+    pub api_versions: Vec<String>,
 }
 
 impl Default for HelmOptions {
@@ -71,6 +77,8 @@ impl Default for HelmOptions {
         Self {
             helm: "helm".into(),
             values: Vec::new(),
+            kube_version: None,
+            api_versions: Vec::new(),
         }
     }
 }
@@ -551,12 +559,12 @@ fn render_one(
         args.push("--set".into());
         args.push(s.into());
     }
-    if let Some(k) = &c.kube_version {
+    if let Some(k) = c.kube_version.as_ref().or(opts.kube_version.as_ref()) {
         settings.push(format!("kube-version={k}"));
         args.push("--kube-version".into());
         args.push(k.into());
     }
-    for a in &c.api_versions {
+    for a in opts.api_versions.iter().chain(&c.api_versions) {
         settings.push(format!("api-versions={a}"));
         args.push("--api-versions".into());
         args.push(a.into());

@@ -589,3 +589,88 @@ fn helm_runs_without_environment_repositories_or_network() {
         assert_eq!(data["ifaces"], json!("lo "), "own network namespace");
     }
 }
+
+#[test]
+fn cluster_capabilities_come_from_flags_or_the_chart_config() {
+    let r = Repo::new();
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "releaseName: shop\nnamespace: web\n",
+    )]);
+    let (id_plain, plain) = r.build("plain.bundle", &["--path", "apps/web"]);
+    let kinds = |f: &str| -> Vec<String> {
+        bundle_objects(f)
+            .keys()
+            .map(|(_, k, _, n)| format!("{k}/{n}"))
+            .collect()
+    };
+    assert!(!kinds(&plain).contains(&"PodDisruptionBudget/shop-web".to_owned()));
+
+    let args = [
+        "--path",
+        "apps/web",
+        "--kube-version",
+        "1.29.4",
+        "--api-versions",
+        "policy/v1/PodDisruptionBudget",
+    ];
+    let (id_caps, caps) = r.build("caps.bundle", &args);
+    assert_ne!(id_caps, id_plain, "capabilities are inputs of the id");
+    let pdb = bundle_objects(&caps)
+        .into_iter()
+        .find(|((_, k, ..), _)| k == "PodDisruptionBudget")
+        .expect("--api-versions reached .Capabilities.APIVersions.Has")
+        .1;
+    assert_eq!(
+        pdb["metadata"]["annotations"]["kube-version"],
+        json!("v1.29.4")
+    );
+    let settings = source(&caps)["rendered"][0]["settings"].clone();
+    assert_eq!(
+        settings,
+        json!([
+            "release=shop",
+            "namespace=web",
+            "kube-version=1.29.4",
+            "api-versions=policy/v1/PodDisruptionBudget",
+            "include-crds=true"
+        ])
+    );
+    // The same as helm template with the same flags.
+    let expected = yaml_objects(&helm(
+        &[
+            "template",
+            "shop",
+            ".",
+            "--namespace",
+            "web",
+            "--kube-version",
+            "1.29.4",
+            "--api-versions",
+            "policy/v1/PodDisruptionBudget",
+            "--include-crds",
+        ],
+        &r.repo().join("apps/web"),
+    ));
+    let got: BTreeMap<(String, String, String), Value> = bundle_objects(&caps)
+        .into_iter()
+        .map(|((_, k, ns, n), v)| ((k, ns, n), v))
+        .collect();
+    assert_eq!(got, expected);
+
+    // A chart's own kubeVersion wins over the flag.
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "releaseName: shop\nnamespace: web\nkubeVersion: \"1.31.0\"\n",
+    )]);
+    let (_, own) = r.build("own.bundle", &args);
+    let pdb = bundle_objects(&own)
+        .into_iter()
+        .find(|((_, k, ..), _)| k == "PodDisruptionBudget")
+        .unwrap()
+        .1;
+    assert_eq!(
+        pdb["metadata"]["annotations"]["kube-version"],
+        json!("v1.31.0")
+    );
+}

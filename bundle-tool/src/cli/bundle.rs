@@ -67,6 +67,16 @@ pub enum BundleCommand {
         /// files; repeatable. Its digest is part of the bundle id.
         #[arg(long = "helm-values", value_name = "CHART_DIR=FILE", value_parser = crate::helm::parse_values_arg)]
         helm_values: Vec<(String, PathBuf)>,
+        /// Kubernetes version Helm charts see as `.Capabilities.KubeVersion`
+        /// (helm template --kube-version) unless a chart's cairn-helm.yaml
+        /// sets `kubeVersion`.
+        #[arg(long, value_name = "VERSION")]
+        kube_version: Option<String>,
+        /// API versions Helm charts see in `.Capabilities.APIVersions`
+        /// besides the built-in ones (helm template --api-versions), for
+        /// every chart; repeatable.
+        #[arg(long = "api-versions", value_name = "GROUP/VERSION[/KIND]")]
+        api_versions: Vec<String>,
     },
     /// Show a bundle file's source, id and objects (the file is verified).
     Inspect {
@@ -103,6 +113,8 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             max_export_files,
             helm,
             helm_values,
+            kube_version,
+            api_versions,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -116,6 +128,8 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.export.max_files = max_export_files;
             opts.helm.helm = helm.into();
             opts.helm.values = helm_values;
+            opts.helm.kube_version = kube_version;
+            opts.helm.api_versions = api_versions;
             let built = build(&opts)?;
             built.write_file(&out)?;
             let m = &built.manifest;
