@@ -514,8 +514,7 @@ fn render_one(
             file: v.clone(),
             digest: sha256_address(&bytes),
         });
-        args.push("--values".into());
-        args.push(root.join(v).into_os_string());
+        args.push(flag("--values", root.join(v)));
     }
     let mut n = 0;
     for (d, f) in &opts.values {
@@ -534,8 +533,7 @@ fn render_one(
             file: "--helm-values".into(),
             digest: sha256_address(&bytes),
         });
-        args.push("--values".into());
-        args.push(copy.into_os_string());
+        args.push(flag("--values", copy));
     }
 
     let c = &p.config;
@@ -543,31 +541,26 @@ fn render_one(
         .release_name
         .clone()
         .unwrap_or_else(|| file_name(dir).to_owned());
-    let release = if release.is_empty() {
-        "release".to_owned()
-    } else {
-        release
-    };
+    check_name(&p.chart, "releaseName", &release, 53)?;
+    if let Some(ns) = &c.namespace {
+        check_name(&p.chart, "namespace", ns, 63)?;
+    }
     let mut settings = vec![format!("release={release}")];
     if let Some(ns) = &c.namespace {
         settings.push(format!("namespace={ns}"));
-        args.push("--namespace".into());
-        args.push(ns.into());
+        args.push(flag("--namespace", ns));
     }
     for s in &c.set {
         settings.push(format!("set={s}"));
-        args.push("--set".into());
-        args.push(s.into());
+        args.push(flag("--set", s));
     }
     if let Some(k) = c.kube_version.as_ref().or(opts.kube_version.as_ref()) {
         settings.push(format!("kube-version={k}"));
-        args.push("--kube-version".into());
-        args.push(k.into());
+        args.push(flag("--kube-version", k));
     }
     for a in opts.api_versions.iter().chain(&c.api_versions) {
         settings.push(format!("api-versions={a}"));
-        args.push("--api-versions".into());
-        args.push(a.into());
+        args.push(flag("--api-versions", a));
     }
     let include_crds = c.include_crds.unwrap_or(true);
     settings.push(format!("include-crds={include_crds}"));
@@ -581,10 +574,13 @@ fn render_one(
         root.join(dir)
     };
     let mut cmd = Command::new(&opts.helm);
+    // Every value goes in `--flag=value` form and the positional arguments
+    // after `--`: nothing from the commit can be read as another flag.
     cmd.arg("template")
+        .args(&args)
+        .arg("--")
         .arg(&release)
         .arg(&target)
-        .args(&args)
         .current_dir(root);
     sandbox(&mut cmd, home.path())?;
     let output = run_capped(&mut cmd, max_output_bytes)
@@ -670,6 +666,43 @@ fn run_capped(cmd: &mut Command, max_stdout: u64) -> std::io::Result<Option<std:
         stdout,
         stderr,
     }))
+}
+
+/// `--flag=value` as one argument.
+fn flag(name: &str, value: impl AsRef<std::ffi::OsStr>) -> OsString {
+    let mut f = OsString::from(name);
+    f.push("=");
+    f.push(value);
+    f
+}
+
+/// Helm's rule for release names (and Kubernetes' for namespaces): lower
+/// case letters, digits, `-` and `.`, starting and ending with a letter
+/// or digit, at most `max` characters.
+fn check_name(chart: &ChartDir, field: &str, name: &str, max: usize) -> Result<()> {
+    let b = name.as_bytes();
+    let ok_char = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !b.is_empty()
+        && b.len() <= max
+        && b.iter().all(|c| ok_char(c) || *c == b'-' || *c == b'.')
+        && b.first().is_some_and(ok_char)
+        && b.last().is_some_and(ok_char);
+    if ok {
+        return Ok(());
+    }
+    let source = if field == "releaseName" && !name.is_empty() {
+        "(from cairn-helm.yaml or the chart directory's name)"
+    } else {
+        ""
+    };
+    Err(Error::Build(format!(
+        "{}: `{field}` `{}` {source} is not a valid name: lower-case letters, digits, `-` \
+         and `.`, starting and ending with a letter or digit, at most {max} characters; \
+         set `{field}` in {}",
+        escape_name(&join(&chart.dir, CONFIG_FILE)),
+        escape_name(name),
+        escape_name(&join(&chart.dir, CONFIG_FILE))
+    )))
 }
 
 fn read_capped(path: &Path) -> Result<Vec<u8>> {

@@ -569,9 +569,9 @@ fn helm_runs_without_environment_repositories_or_network() {
     assert_eq!(
         data["args"],
         json!(
-            "template shop apps/web --values apps/web/values-prod.yaml --namespace web \
-             --set extraEnv.REGION=eu-west-1 --kube-version 1.30.0 --api-versions \
-             policy/v1/PodDisruptionBudget --include-crds"
+            "template --values=apps/web/values-prod.yaml --namespace=web \
+             --set=extraEnv.REGION=eu-west-1 --kube-version=1.30.0 \
+             --api-versions=policy/v1/PodDisruptionBudget --include-crds -- shop apps/web"
         )
     );
     assert_eq!(source(&file)["rendered"][0]["tool"], json!("helm v3.99.0"));
@@ -673,4 +673,53 @@ fn cluster_capabilities_come_from_flags_or_the_chart_config() {
         pdb["metadata"]["annotations"]["kube-version"],
         json!("v1.31.0")
     );
+}
+
+#[test]
+fn names_from_the_commit_cannot_become_helm_flags() {
+    let r = Repo::new();
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "releaseName: --post-renderer=/bin/sh\n",
+    )]);
+    let e = r.fails(&["--path", "apps/web"]);
+    assert!(e.contains("apps/web/cairn-helm.yaml"), "{e}");
+    assert!(e.contains("`releaseName`"), "{e}");
+    assert!(e.contains("not a valid name"), "{e}");
+
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        "namespace: --post-renderer=/bin/sh\n",
+    )]);
+    let e = r.fails(&["--path", "apps/web"]);
+    assert!(e.contains("`namespace`"), "{e}");
+
+    // A `set` entry that looks like a flag stays a --set value: helm sets
+    // a (meaningless) value and runs no post-renderer.
+    let marker = r.dir.path().join("ran");
+    let script = r.dir.path().join("post.sh");
+    std::fs::write(
+        &script,
+        format!("#!/bin/sh\ntouch {}\ncat\n", marker.display()),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    r.commit(&[(
+        "apps/web/cairn-helm.yaml",
+        &format!("set: [\"--post-renderer={}\"]\n", script.display()),
+    )]);
+    let _ = run(&[
+        "bundle",
+        "build",
+        "--git",
+        &r.repo().display().to_string(),
+        "--out",
+        &r.out("x.bundle"),
+        "--path",
+        "apps/web",
+    ]);
+    assert!(!marker.exists(), "no post-renderer ran");
 }
