@@ -820,6 +820,7 @@ pub fn kustomize_uses_helm(
                 .unwrap_or("charts");
             let home = git::join_inside(kdir, home).unwrap_or_default();
             for c in charts {
+                check_kustomize_chart(&kfile, c)?;
                 let name = c.get("name").and_then(|n| n.as_str()).unwrap_or("");
                 let repo = c.get("repo").and_then(|r| r.as_str()).unwrap_or("");
                 let version = c.get("version").and_then(|r| r.as_str()).unwrap_or("");
@@ -855,6 +856,35 @@ pub fn kustomize_uses_helm(
         }
     }
     Ok(out)
+}
+
+/// Kustomize passes `helmCharts` fields to Helm as arguments of its own
+/// making: a value starting with `-` would be read as a flag (say
+/// `releaseName: --post-renderer=/bin/sh`). Refused, naming the field.
+fn check_kustomize_chart(kfile: &str, chart: &serde_json::Value) -> Result<()> {
+    let Some(fields) = chart.as_object() else {
+        return Ok(());
+    };
+    for (field, v) in fields {
+        if field == "valuesInline" {
+            continue; // written to a values file by kustomize
+        }
+        let values: Vec<&str> = match v {
+            serde_json::Value::String(s) => vec![s.as_str()],
+            serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_str()).collect(),
+            _ => Vec::new(),
+        };
+        if let Some(bad) = values.iter().find(|s| s.trim_start().starts_with('-')) {
+            return Err(Error::Build(format!(
+                "{}: `helmCharts` field `{}` value `{}` starts with `-` and would reach Helm \
+                 as a flag; refused",
+                escape_name(kfile),
+                escape_name(field),
+                escape_name(bad)
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

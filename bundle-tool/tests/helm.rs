@@ -723,3 +723,15 @@ fn names_from_the_commit_cannot_become_helm_flags() {
     ]);
     assert!(!marker.exists(), "no post-renderer ran");
 }
+
+#[test]
+fn kustomize_helm_chart_fields_cannot_become_helm_flags() {
+    let r = Repo::new();
+    let k = std::fs::read_to_string(r.repo().join("apps/kust/kustomization.yaml")).unwrap();
+    let k = k.replace("releaseName: lite", "releaseName: --post-renderer=/bin/sh");
+    r.commit(&[("apps/kust/kustomization.yaml", &k)]);
+    let e = r.fails(&["--path", "apps/kust"]);
+    assert!(e.contains("apps/kust/kustomization.yaml"), "{e}");
+    assert!(e.contains("`releaseName`"), "{e}");
+    assert!(e.contains("as a flag"), "{e}");
+}
