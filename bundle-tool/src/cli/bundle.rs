@@ -54,29 +54,9 @@ pub enum BundleCommand {
         /// Most files the Kustomize export may write.
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EXPORT_FILES)]
         max_export_files: usize,
-        /// Helm program used to render charts and Kustomize `helmCharts`.
-        #[arg(
-            long,
-            value_name = "PROGRAM",
-            env = "CAIRN_HELM",
-            default_value = "helm"
-        )]
-        helm: String,
-        /// A values file from this machine for the chart in CHART_DIR (a
-        /// tree path), applied after the chart's cairn-helm.yaml values
-        /// files; repeatable. Its digest is part of the bundle id.
-        #[arg(long = "helm-values", value_name = "CHART_DIR=FILE", value_parser = crate::helm::parse_values_arg)]
-        helm_values: Vec<(String, PathBuf)>,
-        /// Kubernetes version Helm charts see as `.Capabilities.KubeVersion`
-        /// (helm template --kube-version) unless a chart's cairn-helm.yaml
-        /// sets `kubeVersion`.
-        #[arg(long, value_name = "VERSION")]
-        kube_version: Option<String>,
-        /// API versions Helm charts see in `.Capabilities.APIVersions`
-        /// besides the built-in ones (helm template --api-versions), for
-        /// every chart; repeatable.
-        #[arg(long = "api-versions", value_name = "GROUP/VERSION[/KIND]")]
-        api_versions: Vec<String>,
+        /// How Helm charts are rendered.
+        #[command(flatten)]
+        helm: Box<HelmArgs>,
     },
     /// Show a bundle file's source, id and objects (the file is verified).
     Inspect {
@@ -98,6 +78,35 @@ pub enum BundleCommand {
     },
 }
 
+/// `cairn bundle build`'s Helm options (boxed: they would make every
+/// other subcommand as large as `build`).
+#[derive(Debug, clap::Args)]
+pub struct HelmArgs {
+    /// Helm program used to render charts and Kustomize `helmCharts`.
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        env = "CAIRN_HELM",
+        default_value = "helm"
+    )]
+    pub helm: String,
+    /// A values file from this machine for the chart in CHART_DIR (a
+    /// tree path), applied after the chart's cairn-helm.yaml values
+    /// files; repeatable. Its digest is part of the bundle id.
+    #[arg(long = "helm-values", value_name = "CHART_DIR=FILE", value_parser = crate::helm::parse_values_arg)]
+    pub helm_values: Vec<(String, PathBuf)>,
+    /// Kubernetes version Helm charts see as `.Capabilities.KubeVersion`
+    /// (helm template --kube-version) unless a chart's cairn-helm.yaml
+    /// sets `kubeVersion`.
+    #[arg(long, value_name = "VERSION")]
+    pub kube_version: Option<String>,
+    /// API versions Helm charts see in `.Capabilities.APIVersions`
+    /// besides the built-in ones (helm template --api-versions), for
+    /// every chart; repeatable.
+    #[arg(long = "api-versions", value_name = "GROUP/VERSION[/KIND]")]
+    pub api_versions: Vec<String>,
+}
+
 pub fn run(cmd: BundleCommand) -> Result<()> {
     match cmd {
         BundleCommand::Build {
@@ -112,9 +121,6 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             max_export_bytes,
             max_export_files,
             helm,
-            helm_values,
-            kube_version,
-            api_versions,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -126,6 +132,12 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.export.allow_remote = allow_remote;
             opts.export.max_bytes = max_export_bytes;
             opts.export.max_files = max_export_files;
+            let HelmArgs {
+                helm,
+                helm_values,
+                kube_version,
+                api_versions,
+            } = *helm;
             opts.helm.helm = helm.into();
             opts.helm.values = helm_values;
             opts.helm.kube_version = kube_version;
