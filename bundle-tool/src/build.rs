@@ -173,11 +173,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
     // Helm charts (outside Kustomize directories) render with helm.
     let kustomize_dirs: Vec<String> = outer.iter().map(|(d, _)| d.clone()).collect();
     let charts = helm::find_charts(files.iter().map(|f| f.path.as_str()), &kustomize_dirs);
+    let chart_values = helm::values_files(&tree, &charts)?;
     let plain: Vec<TreeFile> = files
         .into_iter()
         .filter(|f| manifests::is_manifest_file(&f.path))
         .filter(|f| !outer.iter().any(|(o, _)| is_under(&f.path, o)))
-        .filter(|f| !helm::in_chart(&f.path, &charts))
+        .filter(|f| !helm::in_chart(&f.path, &charts) && !chart_values.contains(&f.path))
         .collect();
 
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;

@@ -324,6 +324,16 @@ fn plan(tree: &GitTree, chart: &ChartDir, opts: &HelmOptions) -> Result<Plan> {
     })
 }
 
+/// The values files (tree paths) the charts' `cairn-helm.yaml` files name:
+/// chart inputs, not manifests, wherever they lie in the tree.
+pub fn values_files(tree: &GitTree, charts: &[ChartDir]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for c in charts {
+        out.extend(plan(tree, c, &HelmOptions::default())?.tree_values);
+    }
+    Ok(out)
+}
+
 /// Refuses `--helm-values` for a directory that is not a chart of this
 /// build.
 pub fn check_values_targets(charts: &[ChartDir], opts: &HelmOptions) -> Result<()> {

@@ -735,3 +735,32 @@ fn kustomize_helm_chart_fields_cannot_become_helm_flags() {
     assert!(e.contains("`releaseName`"), "{e}");
     assert!(e.contains("as a flag"), "{e}");
 }
+
+#[test]
+fn values_files_elsewhere_in_the_commit_are_exported() {
+    let r = Repo::new();
+    r.commit(&[
+        ("envs/prod/web.yaml", "replicaCount: 7\n"),
+        (
+            "apps/web/cairn-helm.yaml",
+            "releaseName: shop\nvaluesFiles: [values-prod.yaml, ../../envs/prod/web.yaml]\n",
+        ),
+    ]);
+    let (_, file) = r.build("env.bundle", &["--path", "apps/web"]);
+    // Built from the whole tree, the values file is a chart input, not a
+    // manifest (it has no kind).
+    let (_, whole) = r.build("whole.bundle", &[]);
+    assert!(!bundle_objects(&whole)
+        .keys()
+        .any(|(p, ..)| p.starts_with("envs/")));
+    let d = bundle_objects(&file)
+        .into_iter()
+        .find(|((_, k, ..), _)| k == "Deployment")
+        .unwrap()
+        .1;
+    assert_eq!(d["spec"]["replicas"], json!(7), "later values file wins");
+    assert_eq!(
+        source(&file)["rendered"][0]["values"][1],
+        json!({"file": "envs/prod/web.yaml", "digest": cairn_keys::sha256_address(b"replicaCount: 7\n")})
+    );
+}
