@@ -43,6 +43,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// The file that makes a directory a Helm chart.
 pub const CHART_FILE: &str = "Chart.yaml";
@@ -70,7 +71,12 @@ pub struct HelmOptions {
     /// `--api-versions` for every chart, before the ones its
     /// `cairn-helm.yaml` lists (for `.Capabilities.APIVersions.Has`).
     pub api_versions: Vec<String>,
+    /// Longest one `helm template` may run.
+    pub timeout: Duration,
 }
+
+/// Default for [`HelmOptions::timeout`].
+pub const DEFAULT_HELM_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Default for HelmOptions {
     fn default() -> Self {
@@ -79,6 +85,7 @@ impl Default for HelmOptions {
             values: Vec::new(),
             kube_version: None,
             api_versions: Vec::new(),
+            timeout: DEFAULT_HELM_TIMEOUT,
         }
     }
 }
@@ -593,14 +600,24 @@ fn render_one(
         .arg(&target)
         .current_dir(root);
     sandbox(&mut cmd, home.path())?;
-    let output = run_capped(&mut cmd, max_output_bytes)
-        .map_err(|e| missing_helm(opts, &format!("the chart {shown_chart}"), &e))?;
-    let Some(output) = output else {
-        return Err(Error::TooLarge {
-            what: format!("helm template output of {shown_chart}"),
-            limit: max_output_bytes,
-            actual: max_output_bytes.saturating_add(1),
-        });
+    let output = match run_capped(&mut cmd, max_output_bytes, opts.timeout)
+        .map_err(|e| missing_helm(opts, &format!("the chart {shown_chart}"), &e))?
+    {
+        Run::Done(o) => o,
+        Run::TooLarge => {
+            return Err(Error::TooLarge {
+                what: format!("helm template output of {shown_chart}"),
+                limit: max_output_bytes,
+                actual: max_output_bytes.saturating_add(1),
+            })
+        }
+        Run::TimedOut => {
+            return Err(Error::Build(format!(
+                "helm template for the chart {shown_chart} ran over {} s and was stopped \
+                 (a template that loops?); raise the limit with --helm-timeout",
+                opts.timeout.as_secs()
+            )))
+        }
     };
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -641,11 +658,24 @@ fn render_one(
 /// Largest stderr kept from a Helm run (bytes).
 const MAX_STDERR_BYTES: u64 = 64 << 10;
 
-/// Runs `cmd` reading at most `max_stdout` bytes of its output: `None`
-/// (the child killed) when it writes more, so a template that loops
-/// cannot fill memory. Stderr is kept up to [`MAX_STDERR_BYTES`].
-fn run_capped(cmd: &mut Command, max_stdout: u64) -> std::io::Result<Option<std::process::Output>> {
+/// How a capped run ended.
+#[derive(Debug)]
+enum Run {
+    /// The child exited on its own.
+    Done(std::process::Output),
+    /// It wrote more than allowed; killed.
+    TooLarge,
+    /// It ran longer than allowed; killed.
+    TimedOut,
+}
+
+/// Runs `cmd` reading at most `max_stdout` bytes of its output and for at
+/// most `timeout`; past either the child is killed, so a template that
+/// loops cannot fill memory or hold the build forever. Stderr is kept up
+/// to [`MAX_STDERR_BYTES`].
+fn run_capped(cmd: &mut Command, max_stdout: u64, timeout: Duration) -> std::io::Result<Run> {
     use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let stderr = child.stderr.take();
     let err_reader = std::thread::spawn(move || {
@@ -658,20 +688,49 @@ fn run_capped(cmd: &mut Command, max_stdout: u64) -> std::io::Result<Option<std:
         }
         buf
     });
+    // The watchdog kills the child by pid; the child is not reaped before
+    // the watchdog has stopped, so the pid cannot belong to another
+    // process by then.
+    let pid = child.id() as libc::pid_t;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let fired = std::sync::Arc::new(AtomicBool::new(false));
+    let watchdog = {
+        let fired = fired.clone();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(timeout) {
+                fired.store(true, Ordering::SeqCst);
+                // SAFETY: kill(2) on the unreaped child's pid.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        })
+    };
     let mut stdout = Vec::new();
-    if let Some(out) = child.stdout.take() {
-        out.take(max_stdout.saturating_add(1))
-            .read_to_end(&mut stdout)?;
-    }
-    if stdout.len() as u64 > max_stdout {
+    let read = match child.stdout.take() {
+        Some(out) => out
+            .take(max_stdout.saturating_add(1))
+            .read_to_end(&mut stdout)
+            .map(|_| ()),
+        None => Ok(()),
+    };
+    let too_large = stdout.len() as u64 > max_stdout;
+    if too_large {
         let _ = child.kill();
-        let _ = child.wait();
-        let _ = err_reader.join();
-        return Ok(None);
     }
-    let status = child.wait()?;
+    let _ = stop.send(());
+    let _ = watchdog.join();
+    let status = child.wait();
     let stderr = err_reader.join().unwrap_or_default();
-    Ok(Some(std::process::Output {
+    read?;
+    let status = status?;
+    if fired.load(Ordering::SeqCst) {
+        return Ok(Run::TimedOut);
+    }
+    if too_large {
+        return Ok(Run::TooLarge);
+    }
+    Ok(Run::Done(std::process::Output {
         status,
         stdout,
         stderr,
@@ -936,17 +995,30 @@ mod tests {
 
     #[test]
     fn output_is_capped_and_endless_output_stopped() {
-        let out = run_capped(Command::new("yes").stdin(Stdio::null()), 1000).unwrap();
-        assert!(out.is_none(), "endless output is cut off");
+        let long = Duration::from_secs(600);
+        let out = run_capped(Command::new("yes").stdin(Stdio::null()), 1000, long).unwrap();
+        assert!(matches!(out, Run::TooLarge), "endless output is cut off");
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "head -c 5000 /dev/zero; echo oops >&2; exit 3"]);
-        let out = run_capped(&mut cmd, 5000).unwrap().unwrap();
+        let Run::Done(out) = run_capped(&mut cmd, 5000, long).unwrap() else {
+            panic!("ran to the end")
+        };
         assert_eq!(out.stdout.len(), 5000);
         assert_eq!(out.stderr, b"oops\n");
         assert_eq!(out.status.code(), Some(3));
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "head -c 5001 /dev/zero"]);
-        assert!(run_capped(&mut cmd, 5000).unwrap().is_none());
+        assert!(matches!(
+            run_capped(&mut cmd, 5000, long).unwrap(),
+            Run::TooLarge
+        ));
+        // A child that neither writes nor ends is stopped.
+        let mut cmd = Command::new("sleep");
+        cmd.arg("600");
+        assert!(matches!(
+            run_capped(&mut cmd, 5000, Duration::from_millis(200)).unwrap(),
+            Run::TimedOut
+        ));
     }
 
     #[test]

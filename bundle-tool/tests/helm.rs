@@ -764,3 +764,27 @@ fn values_files_elsewhere_in_the_commit_are_exported() {
         json!({"file": "envs/prod/web.yaml", "digest": cairn_keys::sha256_address(b"replicaCount: 7\n")})
     );
 }
+
+#[test]
+fn a_helm_run_that_never_ends_is_stopped() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Repo::new();
+    let slow = r.dir.path().join("slow-helm");
+    std::fs::write(
+        &slow,
+        "#!/bin/sh\nif [ \"$1\" = version ]; then printf v3.99.0; exit 0; fi\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let slow_s = slow.display().to_string();
+    let e = r.fails(&[
+        "--path",
+        "apps/web",
+        "--helm",
+        slow_s.as_str(),
+        "--helm-timeout",
+        "1",
+    ]);
+    assert!(e.contains("apps/web/Chart.yaml"), "{e}");
+    assert!(e.contains("--helm-timeout"), "{e}");
+}

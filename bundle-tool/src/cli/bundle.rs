@@ -105,6 +105,9 @@ pub struct HelmArgs {
     /// every chart; repeatable.
     #[arg(long = "api-versions", value_name = "GROUP/VERSION[/KIND]")]
     pub api_versions: Vec<String>,
+    /// Longest one `helm template` may run (seconds) before it is stopped.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::helm::DEFAULT_HELM_TIMEOUT.as_secs())]
+    pub helm_timeout: u64,
 }
 
 pub fn run(cmd: BundleCommand) -> Result<()> {
@@ -137,11 +140,13 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
                 helm_values,
                 kube_version,
                 api_versions,
+                helm_timeout,
             } = *helm;
             opts.helm.helm = helm.into();
             opts.helm.values = helm_values;
             opts.helm.kube_version = kube_version;
             opts.helm.api_versions = api_versions;
+            opts.helm.timeout = std::time::Duration::from_secs(helm_timeout);
             let built = build(&opts)?;
             built.write_file(&out)?;
             let m = &built.manifest;
