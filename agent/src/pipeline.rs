@@ -568,6 +568,7 @@ pub(crate) mod tests {
                 repository: "fixture".into(),
                 commit: "0".repeat(40),
                 path: String::new(),
+                rendered: Vec::new(),
             },
             entries,
         }

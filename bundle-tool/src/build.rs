@@ -10,11 +10,15 @@
 //! under the path, the commit id, the path and the source name. Same
 //! inputs, same id, byte for byte — whichever clone or folder it is built
 //! from, however many threads parse it. Kustomize output is deterministic
-//! as long as the kustomization uses no remote resources.
+//! as long as the kustomization uses no remote resources. Helm charts
+//! render with `helm template` (see [`crate::helm`]); the Helm version and
+//! the values used are recorded in `source.rendered`, so the id also
+//! follows them.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
 use crate::export::{self, ExportLimits};
-use crate::git::{self, GitTree, TreeFile};
+use crate::git::{self, escape_name, GitTree, TreeFile};
+use crate::helm;
 use crate::limits::Limits;
 use crate::manifests::{self, ParsedObject};
 use crate::{Error, Result};
@@ -55,6 +59,8 @@ pub struct BuildOptions {
     /// What the Kustomize export may write, and whether kustomizations may
     /// reference remote resources.
     pub export: ExportLimits,
+    /// How Helm charts are rendered (see [`crate::helm`]).
+    pub helm: crate::helm::HelmOptions,
 }
 
 impl BuildOptions {
@@ -73,6 +79,7 @@ impl BuildOptions {
             threads: 2,
             progress: false,
             export: ExportLimits::default(),
+            helm: crate::helm::HelmOptions::default(),
         }
     }
 }
@@ -163,19 +170,47 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             outer.push((d, p));
         }
     }
+    // Helm charts (outside Kustomize directories) render with helm.
+    let kustomize_dirs: Vec<String> = outer.iter().map(|(d, _)| d.clone()).collect();
+    let charts = helm::find_charts(files.iter().map(|f| f.path.as_str()), &kustomize_dirs);
+    let chart_values = helm::values_files(&tree, &charts)?;
     let plain: Vec<TreeFile> = files
         .into_iter()
         .filter(|f| manifests::is_manifest_file(&f.path))
         .filter(|f| !outer.iter().any(|(o, _)| is_under(&f.path, o)))
+        .filter(|f| !helm::in_chart(&f.path, &charts) && !chart_values.contains(&f.path))
         .collect();
 
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;
+    let (objects, mut rendered) = helm::render_charts(
+        &tree,
+        &charts,
+        &opts.helm,
+        &opts.export,
+        opts.limits.max_bundle_bytes,
+        opts.limits.max_object_bytes,
+    )?;
+    parsed.extend(objects);
     if !outer.is_empty() {
         let start: Vec<String> = outer.iter().map(|(d, _)| d.clone()).collect();
         let export = export::export(&tree, &start, &opts.export)?;
+        let helm_kfiles =
+            helm::kustomize_uses_helm(&tree, &export.roots, opts.export.allow_remote)?;
+        let helm = match helm_kfiles.first() {
+            Some(k) => Some(helm::helm_version(&opts.helm, &escape_name(k))?),
+            None => None,
+        };
         for (d, kfile) in &outer {
-            let objects = render_kustomization(export.path(), d, kfile, opts)?;
+            let objects = render_kustomization(export.path(), d, kfile, opts, helm.is_some())?;
             parsed.push((kfile.clone(), objects));
+        }
+        if let Some(version) = helm {
+            rendered.extend(helm_kfiles.into_iter().map(|k| crate::bundle::Rendered {
+                path: k,
+                tool: version.clone(),
+                values: Vec::new(),
+                settings: vec!["kustomize-enable-helm".into()],
+            }));
         }
     }
 
@@ -228,6 +263,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             repository: opts.source_name.clone(),
             commit: tree.commit.clone(),
             path: dir,
+            rendered,
         },
         entries,
     };
@@ -311,7 +347,7 @@ fn parse_parallel(
 /// interface, down) where the system allows it: as root, or with
 /// unprivileged user namespaces. Elsewhere it runs as it is; the export
 /// already refused every remote reference.
-fn isolate_network(cmd: &mut std::process::Command) {
+pub(crate) fn isolate_network(cmd: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the forked child before exec and only
     // makes the unshare system call, which is async-signal-safe; it
@@ -333,6 +369,7 @@ fn render_kustomization(
     dir: &str,
     kfile: &str,
     opts: &BuildOptions,
+    enable_helm: bool,
 ) -> Result<Vec<ParsedObject>> {
     let target = if dir.is_empty() {
         root.to_path_buf()
@@ -349,6 +386,13 @@ fn render_kustomization(
         .arg(&target)
         .current_dir(root)
         .stdin(std::process::Stdio::null());
+    if enable_helm {
+        // helmCharts (checked by helm::kustomize_uses_helm): charts from
+        // the commit, rendered by the same Helm as chart directories.
+        cmd.arg("--enable-helm")
+            .arg("--helm-command")
+            .arg(&opts.helm.helm);
+    }
     if !opts.export.allow_remote {
         // Nothing remote is referenced (the export refused it); give
         // kubectl no proxies, credentials or configuration either.

@@ -28,6 +28,38 @@ pub struct Source {
     pub commit: String,
     /// The directory inside the tree (`""` for the whole tree).
     pub path: String,
+    /// Renders that took inputs besides the tree (Helm charts: the Helm
+    /// version and the values used); omitted when empty, so bundles
+    /// without charts keep their ids. Built by `cairn_bundle::helm`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rendered: Vec<Rendered>,
+}
+
+/// A render whose output depends on more than the tree: the tool and its
+/// version, and the inputs given to it (part of the bundle id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendered {
+    /// The chart directory or kustomization file in the tree.
+    pub path: String,
+    /// The renderer and its version, e.g. `helm v3.17.3`.
+    pub tool: String,
+    /// Values files in the order applied (later ones win).
+    pub values: Vec<RenderedValues>,
+    /// Every other setting, in the order given: `release=NAME`,
+    /// `namespace=NS`, `set=KEY=VALUE`, `kube-version=V`,
+    /// `api-versions=A`, `include-crds=BOOL`.
+    pub settings: Vec<String>,
+}
+
+/// One values file used by a render.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderedValues {
+    /// Its path in the tree, or `--helm-values` for a file given on the
+    /// command line (its local path is not recorded: the id must not
+    /// depend on where a file lies on the build machine).
+    pub file: String,
+    /// The address of its bytes.
+    pub digest: String,
 }
 
 /// One Kubernetes object in a bundle.

@@ -386,6 +386,20 @@ pub fn closure(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Resul
 /// Writes the export for rendering the Kustomize directories `start`.
 pub fn export(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result<Export> {
     let roots = closure(tree, start, limits)?;
+    export_paths(tree, roots, &[], limits)
+}
+
+/// Writes the directories `roots` (tree paths, none inside another) with
+/// everything below them, and the single files `files` (tree paths, links
+/// followed inside the tree) that are not inside one of them, under the
+/// rules in the module documentation. Used for Helm charts (see
+/// [`crate::helm`]): a chart directory and its values files.
+pub fn export_paths(
+    tree: &GitTree,
+    roots: Vec<String>,
+    files: &[String],
+    limits: &ExportLimits,
+) -> Result<Export> {
     let tmp = tempfile::Builder::new()
         .prefix("cairn-kustomize-")
         .tempdir()
@@ -419,6 +433,20 @@ pub fn export(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result
                     }
                 }
                 EntryKind::Submodule => {}
+            }
+        }
+    }
+    for path in files {
+        if roots.iter().any(|r| git::is_within(path, r)) {
+            continue;
+        }
+        match resolve_file(tree, path)? {
+            Some(f) => w.file(tree, path, &f)?,
+            None => {
+                return Err(Error::Build(format!(
+                    "`{}` is not a file in the commit",
+                    escape_name(path)
+                )))
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod duration;
 mod error;
 pub mod export;
 pub mod git;
+pub mod helm;
 pub mod limits;
 pub mod manifests;
 pub mod mesh;

@@ -54,6 +54,9 @@ pub enum BundleCommand {
         /// Most files the Kustomize export may write.
         #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_EXPORT_FILES)]
         max_export_files: usize,
+        /// How Helm charts are rendered.
+        #[command(flatten)]
+        helm: Box<HelmArgs>,
     },
     /// Show a bundle file's source, id and objects (the file is verified).
     Inspect {
@@ -75,6 +78,38 @@ pub enum BundleCommand {
     },
 }
 
+/// `cairn bundle build`'s Helm options (boxed: they would make every
+/// other subcommand as large as `build`).
+#[derive(Debug, clap::Args)]
+pub struct HelmArgs {
+    /// Helm program used to render charts and Kustomize `helmCharts`.
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        env = "CAIRN_HELM",
+        default_value = "helm"
+    )]
+    pub helm: String,
+    /// A values file from this machine for the chart in CHART_DIR (a
+    /// tree path), applied after the chart's cairn-helm.yaml values
+    /// files; repeatable. Its digest is part of the bundle id.
+    #[arg(long = "helm-values", value_name = "CHART_DIR=FILE", value_parser = crate::helm::parse_values_arg)]
+    pub helm_values: Vec<(String, PathBuf)>,
+    /// Kubernetes version Helm charts see as `.Capabilities.KubeVersion`
+    /// (helm template --kube-version) unless a chart's cairn-helm.yaml
+    /// sets `kubeVersion`.
+    #[arg(long, value_name = "VERSION")]
+    pub kube_version: Option<String>,
+    /// API versions Helm charts see in `.Capabilities.APIVersions`
+    /// besides the built-in ones (helm template --api-versions), for
+    /// every chart; repeatable.
+    #[arg(long = "api-versions", value_name = "GROUP/VERSION[/KIND]")]
+    pub api_versions: Vec<String>,
+    /// Longest one `helm template` may run (seconds) before it is stopped.
+    #[arg(long, value_name = "SECONDS", default_value_t = crate::helm::DEFAULT_HELM_TIMEOUT.as_secs())]
+    pub helm_timeout: u64,
+}
+
 pub fn run(cmd: BundleCommand) -> Result<()> {
     match cmd {
         BundleCommand::Build {
@@ -88,6 +123,7 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             allow_remote,
             max_export_bytes,
             max_export_files,
+            helm,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -99,6 +135,18 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.export.allow_remote = allow_remote;
             opts.export.max_bytes = max_export_bytes;
             opts.export.max_files = max_export_files;
+            let HelmArgs {
+                helm,
+                helm_values,
+                kube_version,
+                api_versions,
+                helm_timeout,
+            } = *helm;
+            opts.helm.helm = helm.into();
+            opts.helm.values = helm_values;
+            opts.helm.kube_version = kube_version;
+            opts.helm.api_versions = api_versions;
+            opts.helm.timeout = std::time::Duration::from_secs(helm_timeout);
             let built = build(&opts)?;
             built.write_file(&out)?;
             let m = &built.manifest;

@@ -328,6 +328,7 @@ fn build_world(cfg: &SimConfig) -> World {
                 repository: "sim".into(),
                 commit: format!("{seq:040x}"),
                 path: String::new(),
+                rendered: Vec::new(),
             },
             entries,
         };
