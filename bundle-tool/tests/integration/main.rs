@@ -9,4 +9,5 @@ mod support;
 mod cli_bundle;
 mod cli_keys_root;
 mod cli_release;
+mod helm;
 mod oci;
