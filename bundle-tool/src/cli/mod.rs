@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bundle;
 mod demo;
 mod fleet;
+pub mod generate;
 mod keys;
 mod mesh;
 mod promote;
@@ -59,6 +60,13 @@ enum Command {
     /// The whole loop on one machine: a Git repository, a signed release,
     /// agents meshing in a line, a change moving as a delta.
     Demo(demo::DemoArgs),
+    /// Print a shell completion script (for packagers; see
+    /// docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Completions(generate::CompletionsArgs),
+    /// Write man pages (for packagers; see docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Man(generate::ManArgs),
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -84,6 +92,8 @@ pub fn main() -> i32 {
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
         Command::Demo(a) => demo::run(a),
+        Command::Completions(a) => generate::run_completions(a),
+        Command::Man(a) => generate::run_man(a),
     };
     match result {
         Ok(()) => 0,
