@@ -194,3 +194,55 @@ fn completions_and_man_pages_list_the_subcommands() {
         .env("MANWIDTH", "80"));
     assert!(rendered.contains("--until"), "{rendered}");
 }
+
+/// The Containerfile's generation step, run as written with `/out/`
+/// pointing at a scratch directory and the agent under test as
+/// `/out/cairn-agent` (no container engine in CI): it installs valid
+/// completions and compressed man pages where the image ships them.
+#[test]
+fn the_containerfile_ships_completions_and_man_pages() {
+    let text = std::fs::read_to_string(workspace().join("deploy/container/Containerfile"))
+        .expect("Containerfile");
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == "# generate: completions and man pages")
+        .expect("the generation step's marker comment");
+    let mut script = String::new();
+    for l in &lines[at + 1..] {
+        script.push_str(l.strip_prefix("RUN ").unwrap_or(l));
+        script.push('\n');
+        if !l.ends_with('\\') {
+            break;
+        }
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::copy(agent_bin(), out.join("cairn-agent")).expect("copy agent");
+    let script = script.replace("/out/", &format!("{}/", out.display()));
+    ok(Command::new("sh").args(["-euc", &script]));
+    let share = out.join("usr/share");
+    let bash = share.join("bash-completion/completions/cairn-agent");
+    ok(Command::new("bash").arg("-n").arg(&bash));
+    assert!(std::fs::read_to_string(&bash)
+        .expect("bash completion")
+        .contains("release-hold"));
+    for f in [
+        "zsh/vendor-completions/_cairn-agent",
+        "fish/vendor_completions.d/cairn-agent.fish",
+        "man/man1/cairn-agent.1.gz",
+        "man/man1/cairn-agent-run.1.gz",
+        "man/man1/cairn-agent-release-hold.1.gz",
+    ] {
+        let len = std::fs::metadata(share.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 0, "{f} missing or empty");
+    }
+    let rendered = ok(Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(share.join("man/man1/cairn-agent-run.1.gz"))
+        .env("MANWIDTH", "80"));
+    assert!(rendered.contains("--once"), "{rendered}");
+}
