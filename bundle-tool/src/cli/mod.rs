@@ -13,6 +13,7 @@ mod mesh;
 mod promote;
 mod release;
 mod root;
+mod secret;
 
 /// Exit code for a failed command (bad input, failed verification).
 pub const EXIT_FAILURE: i32 = 1;
@@ -60,6 +61,9 @@ enum Command {
     /// The whole loop on one machine: a Git repository, a signed release,
     /// agents meshing in a line, a change moving as a delta.
     Demo(demo::DemoArgs),
+    /// Kubernetes Secrets encrypted to sites' age keys.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Print a shell completion script (for packagers; see
     /// docs/OPERATIONS.md).
     #[command(hide = true)]
@@ -92,6 +96,7 @@ pub fn main() -> i32 {
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
         Command::Demo(a) => demo::run(a),
+        Command::Secret(c) => secret::run(c),
         Command::Completions(a) => generate::run_completions(a),
         Command::Man(a) => generate::run_man(a),
     };
