@@ -223,3 +223,75 @@ fn bad_input_is_a_clear_error() {
         .expect("read")
         .contains("AGE-SECRET-KEY-1"));
 }
+
+/// An AgeSecret committed to Git goes into a bundle as ciphertext only,
+/// and the bundle's object decrypts with the site's identity through
+/// `cairn_bundle::secret` (what the agent calls after verification).
+#[test]
+fn a_bundle_carries_the_ciphertext_only() {
+    use cairn_test_support::{commit_files, make_manifest_repo, FixtureOptions};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let d = tmp.path();
+    let site = age_keygen(d, "site.key");
+    std::fs::write(d.join("secret.yaml"), SECRET).expect("write");
+    let doc = ok(
+        cairn(&["secret", "encrypt", "-r", &site, "-f", "secret.yaml"], d),
+        "encrypt",
+    );
+    let git = d.join("git");
+    make_manifest_repo(
+        &git,
+        &FixtureOptions {
+            apps: 1,
+            configmap_kb: 1,
+            commits: 1,
+        },
+    )
+    .expect("fixture");
+    commit_files(
+        &git,
+        &[("clusters/edge/db.age.yaml", &doc)],
+        "add an encrypted Secret",
+        "2026-03-01T00:00:00Z",
+    )
+    .expect("commit");
+    let bundle = d.join("b.bundle");
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("bundle")
+        .arg("build")
+        .arg("--git")
+        .arg(&git)
+        .args(["--ref", "HEAD", "--out"])
+        .arg(&bundle)
+        .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
+        .output()
+        .expect("cairn bundle build");
+    ok(out, "bundle build");
+    let raw = std::fs::read(&bundle).expect("read bundle");
+    assert!(
+        !raw.windows(7).any(|w| w == b"hunter2"),
+        "plaintext in the bundle"
+    );
+    let mut found = Vec::new();
+    cairn_bundle::bundle::read_bundle_file(
+        &bundle,
+        &cairn_bundle::limits::Limits::default(),
+        |e, bytes| {
+            if e.kind == "AgeSecret" {
+                found.push((e.clone(), bytes));
+            }
+            Ok(())
+        },
+    )
+    .expect("read bundle");
+    assert_eq!(found.len(), 1, "one AgeSecret object");
+    let (entry, bytes) = &found[0];
+    assert_eq!(
+        (entry.namespace.as_str(), entry.name.as_str()),
+        ("prod", "db")
+    );
+    let s = cairn_bundle::secret::parse(bytes, "bundle object").expect("AgeSecret object");
+    let ids = cairn_bundle::secret::Identities::read(&d.join("site.key")).expect("identity");
+    let plain = cairn_bundle::secret::decrypt(&s, "bundle object", &ids).expect("decrypt");
+    assert_eq!(plain, SECRET.as_bytes());
+}
