@@ -1,5 +1,6 @@
 //! The `cairn-agent` command line: `run`, `status`, `hold` and
-//! `release-hold`.
+//! `release-hold` (and, hidden, for packagers: `completions SHELL` and
+//! `man [DIR]`, see [`cairn_bundle::cli::generate`]).
 //!
 //! Errors print as `cairn-agent: ...` (one line each) with exit code 1;
 //! usage errors exit 2.
@@ -87,6 +88,13 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Print a shell completion script (for packagers; see
+    /// docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Completions(cairn_bundle::cli::generate::CompletionsArgs),
+    /// Write man pages (for packagers; see docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Man(cairn_bundle::cli::generate::ManArgs),
 }
 
 /// The data directory from `--data-dir`, the configuration, or the
@@ -218,6 +226,32 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             })?;
             Ok(0)
         }
+        Command::Completions(a) => {
+            use clap::CommandFactory;
+            let mut text = Vec::new();
+            cairn_bundle::cli::generate::completions(Cli::command(), a.shell, &mut text).map_err(
+                |source| Error::Io {
+                    what: "generating the completion script".into(),
+                    source,
+                },
+            )?;
+            out(&String::from_utf8_lossy(&text))?;
+            Ok(0)
+        }
+        Command::Man(a) => {
+            use clap::CommandFactory;
+            let mut text = Vec::new();
+            cairn_bundle::cli::generate::man_pages(Cli::command(), a.dir.as_deref(), &mut text)
+                .map_err(|source| Error::Io {
+                    what: match &a.dir {
+                        Some(d) => format!("writing man pages into {}", d.display()),
+                        None => "generating the man page".into(),
+                    },
+                    source,
+                })?;
+            out(&String::from_utf8_lossy(&text))?;
+            Ok(0)
+        }
         Command::ReleaseHold { config, data_dir } => {
             let dir = self::data_dir(data_dir, config)?;
             if Hold::remove(&dir)? {
@@ -291,11 +325,20 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CAIRN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(stderr_is_color_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => b.json().flatten_event(true).try_init(),
         LogFormat::Text => b.try_init(),
     };
+}
+
+/// Colours in text logs only on a terminal: a pipe, a file or journald
+/// gets plain text. `NO_COLOR` (any non-empty value) turns them off
+/// everywhere (<https://no-color.org>).
+fn stderr_is_color_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// What [`out`] reports a failed write as.

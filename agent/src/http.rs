@@ -4,7 +4,8 @@
 //! * `/readyz`: 200 when a release is adopted and the last reconcile made
 //!   the target match it; otherwise 503. The body is the reason, then a
 //!   line `trust root: ORIGIN vN` naming the embedded trust root.
-//! * `/metrics`: Prometheus/OpenMetrics text ([`crate::metrics`]).
+//! * `/metrics`: OpenMetrics or Prometheus text, by the `Accept` header
+//!   ([`crate::metrics::negotiate`]).
 
 use crate::Agent;
 use bytes::Bytes;
@@ -81,11 +82,12 @@ pub fn route<B>(agent: &Agent, req: &Request<B>) -> Response<Full<Bytes>> {
         "/metrics" => {
             // Refresh derived gauges (offline) before encoding.
             let _ = agent.status();
-            text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                agent.metrics().encode(),
-            )
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (content_type, body) = agent.metrics().exposition(accept);
+            text(StatusCode::OK, content_type, body)
         }
         _ => text(
             StatusCode::NOT_FOUND,

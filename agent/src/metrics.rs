@@ -1,5 +1,12 @@
 //! Prometheus metrics (prometheus-client), served at `/metrics`.
 //!
+//! `/metrics` speaks both exposition formats ([`negotiate`]): OpenMetrics
+//! 1.0 when the client asks for it (a Prometheus server does), otherwise
+//! the Prometheus text format 0.0.4, which `promtool check metrics` lints
+//! clean (a test runs it against a real agent). Every metric has HELP
+//! text; counters are registered by their base name and exposed with
+//! `_total`, as both formats require.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `cairn_adopted_sequence` | gauge | `channel` |
@@ -256,6 +263,114 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
     }
+
+    /// The exposition in the Prometheus text format 0.0.4 (what
+    /// `promtool check metrics`, `curl` users and older scrapers read).
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode())
+    }
+
+    /// The exposition a client asked for with its `Accept` header:
+    /// `(content type, body)`. See [`negotiate`].
+    pub fn exposition(&self, accept: Option<&str>) -> (&'static str, String) {
+        match negotiate(accept) {
+            Format::OpenMetrics => (OPENMETRICS_CONTENT_TYPE, self.encode()),
+            Format::PrometheusText => (PROMETHEUS_TEXT_CONTENT_TYPE, self.encode_prometheus_text()),
+        }
+    }
+}
+
+/// Content type of the OpenMetrics exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of the Prometheus text exposition.
+pub const PROMETHEUS_TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// An exposition format of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text (`# EOF`, counters typed by their base name).
+    OpenMetrics,
+    /// Prometheus text 0.0.4.
+    PrometheusText,
+}
+
+/// Picks the format for an `Accept` header, as the Prometheus client
+/// libraries do: OpenMetrics when the client accepts
+/// `application/openmetrics-text` at least as much as `text/plain` (a
+/// Prometheus server's scrape sends exactly that preference), otherwise
+/// (no header, `*/*`, `text/plain`: curl, promtool, a browser) the
+/// Prometheus text format.
+pub fn negotiate(accept: Option<&str>) -> Format {
+    let Some(accept) = accept else {
+        return Format::PrometheusText;
+    };
+    let mut q_open = 0.0f32;
+    let mut q_text = 0.0f32;
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|v| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => q_open = q_open.max(q),
+            "text/plain" | "text/*" | "*/*" => q_text = q_text.max(q),
+            _ => {}
+        }
+    }
+    if q_open > 0.0 && q_open >= q_text {
+        Format::OpenMetrics
+    } else {
+        Format::PrometheusText
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the Prometheus text
+/// format 0.0.4. The two differ, for the metric types the agent uses
+/// (counter, gauge, histogram; no exemplars), only in:
+/// * a counter's `# HELP`/`# TYPE` name: OpenMetrics names the family
+///   (`cairn_adoptions`), 0.0.4 the sample (`cairn_adoptions_total`);
+/// * `unknown` is `untyped` in 0.0.4;
+/// * `# UNIT` and `# EOF` lines and counters' `_created` samples do not
+///   exist in 0.0.4.
+pub fn openmetrics_to_prometheus_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let total = |name: &str| {
+        if counters.contains(name) && !name.ends_with("_total") {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        }
+    };
+    let mut out = String::with_capacity(open.len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            out.push_str(&format!("# HELP {} {help}\n", total(name)));
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let kind = if kind == "unknown" { "untyped" } else { kind };
+            out.push_str(&format!("# TYPE {} {kind}\n", total(name)));
+        } else if counters.iter().any(|c| {
+            line.strip_prefix(c)
+                .is_some_and(|r| r.starts_with("_created{") || r.starts_with("_created "))
+        }) {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -283,6 +398,172 @@ mod tests {
                 cairn_keys::embedded::ORIGIN
             )),
             "{t}"
+        );
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples_and_has_no_eof() {
+        let m = super::Metrics::new();
+        m.adoptions.inc();
+        let open = m.encode();
+        assert!(open.contains("# TYPE cairn_adoptions counter\n"), "{open}");
+        assert!(open.ends_with("# EOF\n"), "{open}");
+        let t = m.encode_prometheus_text();
+        assert!(
+            t.contains("# HELP cairn_adoptions_total Releases adopted.\n# TYPE cairn_adoptions_total counter\ncairn_adoptions_total 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE cairn_offline gauge\ncairn_offline 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE cairn_reconcile_duration_seconds histogram\n"),
+            "{t}"
+        );
+        assert!(!t.contains("# EOF"), "{t}");
+        assert!(!t.contains("# UNIT"), "{t}");
+        // Every sample line of the OpenMetrics text survives unchanged.
+        let samples = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&open), samples(&t));
+    }
+
+    #[test]
+    fn conversion_handles_unknown_units_and_created() {
+        let open = "# HELP a_seconds A.\n# TYPE a_seconds counter\n# UNIT a_seconds seconds\n\
+                    a_seconds_total 2\na_seconds_created 17.5\n# HELP b B.\n# TYPE b unknown\nb 1\n# EOF\n";
+        assert_eq!(
+            super::openmetrics_to_prometheus_text(open),
+            "# HELP a_seconds_total A.\n# TYPE a_seconds_total counter\na_seconds_total 2\n\
+             # HELP b B.\n# TYPE b untyped\nb 1\n"
+        );
+    }
+
+    /// Every metric the agent registers, each family with a member, passes
+    /// `promtool check metrics` (Debian's `prometheus` package; .ci/run
+    /// installs it) with no lint message: names, units, `_total`, HELP.
+    #[test]
+    fn every_metric_passes_promtool_lint() {
+        use crate::mesh::{DirectionLabel, FromLabel, PeerReasonLabel};
+        let m = super::Metrics::new();
+        let ch = super::ChannelLabel {
+            channel: "stable".into(),
+        };
+        m.adopted_sequence.get_or_create(&ch).set(3);
+        m.last_good_sequence.get_or_create(&ch).set(2);
+        m.adoptions.inc();
+        m.reject("signature");
+        m.fetch_errors
+            .get_or_create(&super::SourceErrorLabel {
+                source: "https://example.invalid/repo".into(),
+                kind: "http".into(),
+            })
+            .inc();
+        m.source_up
+            .get_or_create(&super::SourceLabel {
+                source: "/mnt/usb".into(),
+            })
+            .set(1);
+        m.reconcile_duration.observe(0.02);
+        m.reconciles
+            .get_or_create(&super::ResultLabel {
+                result: "ok".into(),
+            })
+            .inc();
+        m.drift_corrections.inc();
+        m.rollbacks.inc();
+        m.store_errors.inc();
+        m.mesh.peers_connected.set(1);
+        let dir = DirectionLabel {
+            direction: "in".into(),
+        };
+        m.mesh.frames.get_or_create(&dir).inc();
+        m.mesh.bytes.get_or_create(&dir).inc_by(40);
+        let from = FromLabel {
+            from: "peer".into(),
+        };
+        m.mesh.objects_fetched.get_or_create(&from).inc();
+        m.mesh.object_bytes_fetched.get_or_create(&from).inc_by(100);
+        m.mesh
+            .rejections
+            .get_or_create(&PeerReasonLabel {
+                peer: "agent-1".into(),
+                reason: "forged".into(),
+            })
+            .inc();
+        m.mesh.handshake_failures.inc();
+        m.mesh.connections_refused.inc();
+        m.mesh
+            .status_dropped
+            .get_or_create(&crate::mesh::ReasonLabel {
+                reason: "expired".into(),
+            })
+            .inc();
+        let text = m.encode_prometheus_text();
+        // Each registered family shows up (a new metric must be populated
+        // above to be linted).
+        let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(families, 26, "{text}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("# HELP ")).count(),
+            families,
+            "{text}"
+        );
+        let (ok, said) = promtool_check(&text);
+        assert!(ok && said.is_empty(), "promtool: {said}\n{text}");
+    }
+
+    /// Runs `promtool check metrics` on `text`: (exit 0, stdout+stderr).
+    fn promtool_check(text: &str) -> (bool, String) {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) must be installed; .ci/run installs it");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("write to promtool");
+        let out = child.wait_with_output().expect("promtool output");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), said.trim().to_owned())
+    }
+
+    #[test]
+    fn negotiation_follows_the_accept_header() {
+        use super::{negotiate, Format};
+        // What Prometheus 2.x/3.x sends on a scrape.
+        let prom = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(negotiate(Some(prom)), Format::OpenMetrics);
+        assert_eq!(negotiate(None), Format::PrometheusText);
+        assert_eq!(negotiate(Some("*/*")), Format::PrometheusText);
+        assert_eq!(negotiate(Some("text/plain")), Format::PrometheusText);
+        assert_eq!(
+            negotiate(Some("text/plain;q=1, application/openmetrics-text;q=0.5")),
+            Format::PrometheusText
+        );
+        assert_eq!(
+            negotiate(Some("Application/OpenMetrics-Text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            negotiate(Some("application/openmetrics-text;q=0")),
+            Format::PrometheusText
         );
     }
 }

@@ -28,6 +28,7 @@ pub mod publish;
 pub mod release;
 pub mod repo;
 pub mod rollout;
+pub mod secret;
 pub mod trust;
 pub mod verify;
 pub mod yaml;

@@ -9,6 +9,7 @@
 mod support;
 
 mod attacks;
+mod conventions;
 mod corrupt;
 mod e2e;
 mod kubernetes;

@@ -7,12 +7,14 @@ use clap::{Parser, Subcommand};
 mod bundle;
 mod demo;
 mod fleet;
+pub mod generate;
 mod keys;
 mod mesh;
 mod oci;
 mod promote;
 mod release;
 mod root;
+mod secret;
 
 /// Exit code for a failed command (bad input, failed verification).
 pub const EXIT_FAILURE: i32 = 1;
@@ -64,6 +66,16 @@ enum Command {
     /// The whole loop on one machine: a Git repository, a signed release,
     /// agents meshing in a line, a change moving as a delta.
     Demo(demo::DemoArgs),
+    /// Kubernetes Secrets encrypted to sites' age keys.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
+    /// Print a shell completion script (for packagers; see
+    /// docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Completions(generate::CompletionsArgs),
+    /// Write man pages (for packagers; see docs/OPERATIONS.md).
+    #[command(hide = true)]
+    Man(generate::ManArgs),
 }
 
 /// Runs the CLI with the process arguments and returns the exit code.
@@ -91,6 +103,9 @@ pub fn main() -> i32 {
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
         Command::Demo(a) => demo::run(a),
+        Command::Secret(c) => secret::run(c),
+        Command::Completions(a) => generate::run_completions(a),
+        Command::Man(a) => generate::run_man(a),
     };
     match result {
         Ok(()) => 0,

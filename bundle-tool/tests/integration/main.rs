@@ -9,5 +9,7 @@ mod support;
 mod cli_bundle;
 mod cli_keys_root;
 mod cli_release;
+mod cli_secret;
+mod conventions;
 mod helm;
 mod oci;
