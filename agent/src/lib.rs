@@ -7,12 +7,12 @@
 //!
 //! * [`pipeline`] (pure): root rotation, release and object verification,
 //!   the adopt-or-reject decision. No IO, no clock, no tokio.
-//! * [`target::plan`] (pure): desired objects + observed files → actions.
+//! * [`targets::plan`] (pure): desired objects + observed files → actions.
 //! * [`source`] (IO): the [`source::Source`] trait, HTTP(S) and directory
 //!   sources, [`source::SourceSet`]. A mesh peer is another `Source`.
 //! * [`store`] (IO): sled trees and content-addressed objects; the only module
 //!   that names sled.
-//! * [`target`] (IO): the [`target::Target`] trait and the manifests-directory
+//! * [`targets`] (IO): the [`targets::Target`] trait and the manifests-directory
 //!   target.
 //! * [`agent`] (IO): the [`Agent`] runtime that ties them together
 //!   ([`Agent::sync_from`], [`Agent::reconcile`], [`Agent::subscribe`]).
@@ -37,7 +37,9 @@ pub mod retry;
 pub mod source;
 pub mod status;
 pub mod store;
-pub mod target;
+pub mod targets;
+/// The old name of [`targets`] (kept for callers outside the crate).
+pub use targets as target;
 
 pub use agent::Agent;
 pub use error::{Error, Result};
@@ -49,5 +51,5 @@ pub fn unix_now() -> u64 {
 }
 
 /// A boxed, sendable future, used by the object-safe async traits
-/// ([`source::Source`], [`target::Target`]).
+/// ([`source::Source`], [`targets::Target`]).
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

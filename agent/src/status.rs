@@ -6,7 +6,7 @@
 //! **always** reads the file (never the database). The JSON shape is stable:
 //! fields are only added (`format` changes if one is ever removed).
 
-use crate::target::ApplyReport;
+use crate::targets::ApplyReport;
 use crate::Error;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -13,7 +13,7 @@ pub mod reconcile;
 
 use crate::config::KubernetesTarget as KubernetesConfig;
 use crate::store::Store;
-use crate::target::{ApplyReport, DesiredState, Target, TargetError};
+use crate::targets::{ApplyReport, DesiredState, Target, TargetError};
 use crate::BoxFuture;
 use cluster::Cluster;
 use plan::{Health, InventoryItem};

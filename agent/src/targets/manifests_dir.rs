@@ -505,7 +505,7 @@ impl Target for ManifestsDir {
 mod tests {
     use super::*;
     use crate::pipeline::tests::object;
-    use crate::target::DesiredObject;
+    use crate::targets::DesiredObject;
 
     fn state(seq: u64, objs: &[(cairn_bundle::bundle::Entry, Vec<u8>)]) -> DesiredState {
         DesiredState {

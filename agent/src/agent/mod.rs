@@ -1,0 +1,454 @@
+//! The agent runtime: the IO shell around the pipeline, the store, the
+//! sources and the target.
+//!
+//! * [`Agent::open`] opens the store and re-verifies everything in it
+//!   against the embedded root (root chain, adopted release, manifest,
+//!   object hashes); missing or corrupt objects are re-fetched from the
+//!   sources when possible, otherwise start-up fails with a clear error.
+//! * [`Agent::sync_from`] runs one [`Source`] through the pipeline: follow
+//!   new roots, read the channel's release, fetch only missing objects,
+//!   verify each, adopt atomically. Any source — including a mesh peer —
+//!   goes through this one function.
+//! * [`Agent::reconcile`] applies the adopted release to the target.
+//! * [`Agent::run`] is the long-running loop: one task per source (poll,
+//!   backoff on failure), a reconcile loop (interval and on adoption), the
+//!   HTTP listener.
+//! * [`Agent::subscribe`] notifies on every adoption (for the mesh: announce
+//!   new heads to peers).
+//!
+//! The agent never decides trust itself: every decision is
+//! [`crate::pipeline`]'s.
+
+use crate::config::Config;
+use crate::hold::Hold;
+use crate::metrics::{ChannelLabel, Metrics, ResultLabel, SourceErrorLabel, SourceLabel};
+use crate::pipeline::{self, AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
+use crate::retry::{jitter, Backoff};
+use crate::source::{Source, SourceError, SourceOptions, SourceSet};
+use crate::status::{
+    format_time, FailedRelease, HoldStatus, ReconcileStatus, RejectionStatus, ReleaseStatus,
+    RolloutStatus, RootStatus, SourceStatus, Status, StoreStatus, STATUS_FORMAT,
+};
+use crate::store::{Store, StoreError};
+use crate::targets::{self as target, ApplyReport, DesiredObject, DesiredState, Target};
+use crate::{unix_now, Error, Result};
+use cairn_bundle::bundle::Manifest;
+use cairn_bundle::limits::Limits;
+use cairn_bundle::release::Release;
+use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_bundle::rollout::{Decision, FleetReports};
+use cairn_keys::{RootChain, VerifiedRoot};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+mod pending;
+mod reconcile;
+mod report;
+mod run;
+mod startup;
+mod sync;
+
+use startup::{load_head, load_stored, LoadedState};
+
+/// How many objects one sync fetches at once from one source.
+pub const FETCH_CONCURRENCY: usize = 8;
+
+/// How long shutdown waits for the last status write and store flush.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The head adopted on the agent's channel, as published to subscribers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedHead {
+    /// Channel.
+    pub channel: String,
+    /// Sequence.
+    pub sequence: u64,
+    /// Bundle id.
+    pub bundle: String,
+    /// Address of the release envelope bytes.
+    pub release_address: String,
+}
+
+/// What one sync from one source did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// The source offers the adopted release (or nothing newer).
+    UpToDate,
+    /// The source has no release for the channel.
+    NoRelease,
+    /// A newer release was verified and adopted.
+    Adopted {
+        /// Its sequence.
+        sequence: u64,
+    },
+    /// A newer valid release exists but is not for this agent now
+    /// (selector, rollout wave, circuit breaker).
+    Deferred {
+        /// Its sequence.
+        sequence: u64,
+        /// Why, for humans.
+        why: String,
+    },
+    /// Something the source offered was rejected (logged, counted, in status).
+    Rejected {
+        /// [`Rejection::reason`].
+        reason: &'static str,
+    },
+}
+
+/// Why a sync could not complete (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The source failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The adopted release, verified, with its manifest.
+#[derive(Clone, Debug)]
+struct HeadState {
+    release: Release,
+    bytes: Vec<u8>,
+    address: String,
+    /// Shared: a head is cloned for every reconcile and status, and a
+    /// manifest of 9,000 entries is a few MiB.
+    manifest: Arc<Manifest>,
+}
+
+impl HeadState {
+    fn status(&self, now: u64) -> ReleaseStatus {
+        release_status(&self.release, &self.address, &self.manifest, now)
+    }
+
+    fn published(&self) -> AdoptedHead {
+        AdoptedHead {
+            channel: self.release.channel.clone(),
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            release_address: self.address.clone(),
+        }
+    }
+}
+
+fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> ReleaseStatus {
+    ReleaseStatus {
+        channel: r.channel.clone(),
+        sequence: r.sequence,
+        bundle: r.bundle.clone(),
+        release: address.to_owned(),
+        source_repository: m.source.repository.clone(),
+        source_commit: m.source.commit.clone(),
+        objects: m.entries.len(),
+        created: r.created,
+        expires: r.expires,
+        expired: now >= r.expires,
+    }
+}
+
+/// A newer verified release not adopted now (see [`Deferral`]). When
+/// `manifest` is set it is *staged*: its manifest and every object are in
+/// the store, verified, so adoption needs no source and mesh peers can
+/// fetch it from this agent.
+#[derive(Clone, Debug)]
+struct PendingState {
+    release: Release,
+    bytes: Vec<u8>,
+    address: String,
+    manifest: Option<Manifest>,
+    deferral: Deferral,
+}
+
+impl PendingState {
+    fn status(&self) -> RolloutStatus {
+        let (wave, opens_at) = match &self.deferral {
+            Deferral::Rollout(Decision::WaitForWave { wave, opens_at }) => {
+                (Some(*wave), Some(*opens_at))
+            }
+            _ => (None, None),
+        };
+        RolloutStatus {
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            state: self.deferral.state().to_owned(),
+            wave,
+            opens_at,
+            message: self.deferral.describe(format_time),
+            staged: self.manifest.is_some(),
+        }
+    }
+
+    fn published(&self) -> AdoptedHead {
+        AdoptedHead {
+            channel: self.release.channel.clone(),
+            sequence: self.release.sequence,
+            bundle: self.release.bundle.clone(),
+            release_address: self.address.clone(),
+        }
+    }
+}
+
+/// What a [`Context`] borrows, owned: the current root, the roots of its
+/// release epoch, and the adopted release (sequence and envelope bytes).
+type ContextParts = (
+    cairn_keys::Root,
+    Vec<cairn_keys::Root>,
+    Option<(u64, Vec<u8>)>,
+);
+
+struct State {
+    root: VerifiedRoot,
+    /// Every root of the verified chain, oldest first (`root` last): the
+    /// release epoch and start-up re-verification need them.
+    chain: Vec<cairn_keys::Root>,
+    head: Option<HeadState>,
+    pending: Option<PendingState>,
+    last_good: Option<ReleaseStatus>,
+    failed: Option<FailedRelease>,
+    sources: BTreeMap<String, SourceStatus>,
+    last_rejection: Option<RejectionStatus>,
+    reconcile: Option<ReconcileStatus>,
+    listen: Option<SocketAddr>,
+}
+
+struct Inner {
+    config: Config,
+    agent_id: String,
+    store: Store,
+    metrics: Metrics,
+    limits: Limits,
+    sources: SourceSet,
+    target: Arc<dyn Target>,
+    state: Mutex<State>,
+    adopt_lock: tokio::sync::Mutex<()>,
+    reconcile_lock: tokio::sync::Mutex<()>,
+    /// Held while writing status.json; `status_slot` holds the newest
+    /// document not yet written.
+    status_lock: Mutex<()>,
+    /// The hold file as last read (by [`Agent::current_hold`], off the
+    /// runtime), for the synchronous [`Agent::status`]; and the last read
+    /// error, logged once per change rather than once per read.
+    hold: Mutex<(Option<Hold>, Option<String>)>,
+    status_slot: Mutex<Option<Status>>,
+    /// Woken when the store recovers from an IO error (sources retry now).
+    store_recovered: tokio::sync::Notify,
+    fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
+    adopted_tx: watch::Sender<Option<AdoptedHead>>,
+    relay_tx: watch::Sender<Option<AdoptedHead>>,
+}
+
+/// The agent. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("agent_id", &self.inner.agent_id)
+            .field("channel", &self.inner.config.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Opens the store in the configured data directory and verifies it:
+    /// the stored root chain from the embedded root, the adopted release
+    /// (signatures, channel), its manifest and every object's hash. Missing
+    /// or corrupt objects are re-fetched from the sources; if that fails the
+    /// agent refuses to start rather than enforce a partial state. Nothing
+    /// is ever deleted except a corrupt object copy that is replaced.
+    pub async fn open(config: Config) -> Result<Agent> {
+        let embedded = cairn_keys::embedded::root().map_err(Error::EmbeddedRoot)?;
+        let data_dir = config.data_dir.clone();
+        let store = {
+            let d = data_dir.clone();
+            tokio::task::spawn_blocking(move || Store::open(&d))
+                .await
+                .map_err(|e| Error::Status(format!("store open task failed: {e}")))??
+        };
+        let loaded = {
+            let (store, config) = (store.clone(), config.clone());
+            tokio::task::spawn_blocking(move || load_stored(&store, &config, embedded, unix_now()))
+                .await
+                .map_err(|e| Error::Status(format!("store load task failed: {e}")))??
+        };
+        let LoadedState {
+            agent_id,
+            chain,
+            head,
+            last_good,
+            failed: failed_release,
+        } = loaded;
+        if chain.expired {
+            tracing::warn!(
+                version = chain.current.root.version,
+                "the trust root has expired: no new release can be adopted until a newer root is published"
+            );
+        }
+        let limits = Limits::default();
+        let opts = SourceOptions {
+            request_timeout: config.request_timeout,
+            redirect_hosts: config.redirect_hosts.clone(),
+            ..SourceOptions::default()
+        };
+        let sources = SourceSet::from_specs(&config.sources, &opts).map_err(|m| {
+            Error::Config(crate::config::ConfigError {
+                lines: vec![format!("sources: {m}")],
+            })
+        })?;
+        let target = target::from_config(&config.target, store.clone(), &agent_id)?;
+        let metrics = Metrics::new();
+        metrics.root_version.set(gauge(chain.current.root.version));
+        let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
+        let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
+        if let Some(h) = &head {
+            metrics
+                .adopted_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: h.release.channel.clone(),
+                })
+                .set(gauge(h.release.sequence));
+        }
+        if let Some(lg) = &last_good {
+            metrics
+                .last_good_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: lg.channel.clone(),
+                })
+                .set(gauge(lg.sequence));
+        }
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                agent_id,
+                store,
+                metrics,
+                limits,
+                sources,
+                target,
+                state: Mutex::new(State {
+                    root: chain.current,
+                    chain: chain.roots,
+                    failed: failed_release,
+                    head,
+                    pending: None,
+                    last_good,
+                    sources: BTreeMap::new(),
+                    last_rejection: None,
+                    reconcile: None,
+                    listen: None,
+                }),
+                adopt_lock: tokio::sync::Mutex::new(()),
+                reconcile_lock: tokio::sync::Mutex::new(()),
+                status_lock: Mutex::new(()),
+                hold: Mutex::new((None, None)),
+                status_slot: Mutex::new(None),
+                store_recovered: tokio::sync::Notify::new(),
+                fleet_reports: Mutex::new(BTreeMap::new()),
+                adopted_tx,
+                relay_tx,
+                config,
+            }),
+        };
+        agent.repair_objects().await?;
+        agent.publish_status_now().await;
+        Ok(agent)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs store work on a blocking thread: every store call may wait on
+    /// the disk (fsync, a full or failing device), and must never stall the
+    /// runtime that serves `/readyz` and SIGTERM.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> std::result::Result<R, StoreError> + Send + 'static,
+    ) -> std::result::Result<R, StoreError> {
+        let store = self.inner.store.clone();
+        match tokio::task::spawn_blocking(move || f(&store)).await {
+            Ok(r) => r,
+            Err(e) => Err(StoreError::Db {
+                dir: self.inner.config.data_dir.clone(),
+                reason: format!("store task failed: {e}"),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The agent id (configured, or generated once and persisted).
+    pub fn agent_id(&self) -> &str {
+        &self.inner.agent_id
+    }
+
+    /// The store (read API for the mesh: heads, objects, roots, peers).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The configured sources.
+    pub fn sources(&self) -> &SourceSet {
+        &self.inner.sources
+    }
+
+    /// The current trust root (end of the verified chain).
+    pub fn root(&self) -> VerifiedRoot {
+        self.state().root.clone()
+    }
+
+    /// The adopted head of the agent's channel, if any.
+    pub fn adopted(&self) -> Option<AdoptedHead> {
+        self.state().head.as_ref().map(HeadState::published)
+    }
+
+    /// A receiver that changes on every adoption (the mesh announces new
+    /// heads to peers from here).
+    pub fn subscribe(&self) -> watch::Receiver<Option<AdoptedHead>> {
+        self.inner.adopted_tx.subscribe()
+    }
+
+    /// Every root of the verified chain, oldest first.
+    pub fn root_chain(&self) -> Vec<cairn_keys::Root> {
+        self.state().chain.clone()
+    }
+
+    /// Whether the adopted release no longer sets a rollback floor: a root
+    /// rotation replaced the release keys that signed it, so the next
+    /// release under the new keys is adopted whatever its sequence
+    /// ([`cairn_bundle::verify::binding_floor`]).
+    pub fn floor_unbound(&self) -> bool {
+        let (_, epoch, adopted) = self.context_parts();
+        adopted.is_some_and(|(sequence, bytes)| {
+            cairn_bundle::verify::binding_floor(
+                &epoch,
+                Some((sequence, &bytes)),
+                &self.inner.limits,
+            )
+            .is_none()
+        })
+    }
+}
+
+/// A sequence or version as a gauge value: saturating at `i64::MAX`, so a
+/// forged release at 2^64 − 1 reads as a huge number, never as −1.
+fn gauge(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
