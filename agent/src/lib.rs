@@ -5,6 +5,8 @@
 //! The loop is **discover → fetch → verify → store → decide → apply →
 //! observe → report**. Pure cores and thin IO shells:
 //!
+//! * [`ingest`] (no tokio, no IO of its own): the one ingest driver over
+//!   typed [`ingest::Item`]s, used by sources, the mesh and staged releases.
 //! * [`pipeline`] (pure): root rotation, release and object verification,
 //!   the adopt-or-reject decision. No IO, no clock, no tokio.
 //! * [`targets::plan`] (pure): desired objects + observed files → actions.
@@ -28,6 +30,7 @@ pub mod config;
 mod error;
 pub mod fsread;
 pub mod hold;
+pub mod ingest;
 pub mod http;
 pub mod kubernetes;
 pub mod mesh;
@@ -52,4 +55,4 @@ pub fn unix_now() -> u64 {
 
 /// A boxed, sendable future, used by the object-safe async traits
 /// ([`source::Source`], [`targets::Target`]).
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub use ingest::BoxFuture;

@@ -67,6 +67,9 @@
 //! [`crate::agent`] re-verifies stored state against the trust root at
 //! start-up.
 
+mod handle;
+pub use handle::StoreHandle;
+
 use cairn_bundle::bundle::verify_object;
 use cairn_bundle::release::Release;
 use std::io::Write;

@@ -22,29 +22,28 @@
 use crate::config::Config;
 use crate::hold::Hold;
 use crate::metrics::{ChannelLabel, Metrics, ResultLabel, SourceErrorLabel, SourceLabel};
-use crate::pipeline::{self, AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
+use crate::pipeline::{self, Deferral, Ingest, Rejection, Want};
 use crate::retry::{jitter, Backoff};
 use crate::source::{Source, SourceError, SourceOptions, SourceSet};
 use crate::status::{
     format_time, FailedRelease, HoldStatus, ReconcileStatus, RejectionStatus, ReleaseStatus,
-    RolloutStatus, RootStatus, SourceStatus, Status, StoreStatus, STATUS_FORMAT,
+    RootStatus, SourceStatus, Status, StoreStatus, STATUS_FORMAT,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoreHandle};
 use crate::targets::{self as target, ApplyReport, DesiredObject, DesiredState, Target};
 use crate::{unix_now, Error, Result};
 use cairn_bundle::bundle::Manifest;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::Release;
-use cairn_bundle::repo::{channel_path, object_path, root_path};
 use cairn_bundle::rollout::{Decision, FleetReports};
 use cairn_keys::{RootChain, VerifiedRoot};
-use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+mod deferred;
 mod pending;
 mod reconcile;
 mod report;
@@ -52,6 +51,8 @@ mod run;
 mod startup;
 mod sync;
 
+use crate::ingest::Snapshot;
+use deferred::Deferred;
 use startup::{load_head, load_stored, LoadedState};
 
 /// How many objects one sync fetches at once from one source.
@@ -152,63 +153,14 @@ fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> Release
     }
 }
 
-/// A newer verified release not adopted now (see [`Deferral`]). When
-/// `manifest` is set it is *staged*: its manifest and every object are in
-/// the store, verified, so adoption needs no source and mesh peers can
-/// fetch it from this agent.
-#[derive(Clone, Debug)]
-struct PendingState {
-    release: Release,
-    bytes: Vec<u8>,
-    address: String,
-    manifest: Option<Manifest>,
-    deferral: Deferral,
-}
-
-impl PendingState {
-    fn status(&self) -> RolloutStatus {
-        let (wave, opens_at) = match &self.deferral {
-            Deferral::Rollout(Decision::WaitForWave { wave, opens_at }) => {
-                (Some(*wave), Some(*opens_at))
-            }
-            _ => (None, None),
-        };
-        RolloutStatus {
-            sequence: self.release.sequence,
-            bundle: self.release.bundle.clone(),
-            state: self.deferral.state().to_owned(),
-            wave,
-            opens_at,
-            message: self.deferral.describe(format_time),
-            staged: self.manifest.is_some(),
-        }
-    }
-
-    fn published(&self) -> AdoptedHead {
-        AdoptedHead {
-            channel: self.release.channel.clone(),
-            sequence: self.release.sequence,
-            bundle: self.release.bundle.clone(),
-            release_address: self.address.clone(),
-        }
-    }
-}
-
-/// What a [`Context`] borrows, owned: the current root, the roots of its
-/// release epoch, and the adopted release (sequence and envelope bytes).
-type ContextParts = (
-    cairn_keys::Root,
-    Vec<cairn_keys::Root>,
-    Option<(u64, Vec<u8>)>,
-);
-
 struct State {
     root: VerifiedRoot,
     /// Every root of the verified chain, oldest first (`root` last): the
     /// release epoch and start-up re-verification need them.
     chain: Vec<cairn_keys::Root>,
     head: Option<HeadState>,
-    pending: Option<PendingState>,
+    /// The deferred (pending / staged) release machine.
+    deferred: Deferred,
     last_good: Option<ReleaseStatus>,
     failed: Option<FailedRelease>,
     sources: BTreeMap<String, SourceStatus>,
@@ -220,7 +172,7 @@ struct State {
 struct Inner {
     config: Config,
     agent_id: String,
-    store: Store,
+    store: StoreHandle,
     metrics: Metrics,
     limits: Limits,
     sources: SourceSet,
@@ -239,6 +191,9 @@ struct Inner {
     /// Woken when the store recovers from an IO error (sources retry now).
     store_recovered: tokio::sync::Notify,
     fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
+    /// Wakes the deferred-release loop (a new pending release, new fleet
+    /// reports, an adoption).
+    deferred_wake: tokio::sync::Notify,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
     relay_tx: watch::Sender<Option<AdoptedHead>>,
 }
@@ -325,10 +280,11 @@ impl Agent {
                 })
                 .set(gauge(lg.sequence));
         }
+        let head_sequence = head.as_ref().map(|h| h.release.sequence);
         let agent = Agent {
             inner: Arc::new(Inner {
                 agent_id,
-                store,
+                store: StoreHandle::new(store),
                 metrics,
                 limits,
                 sources,
@@ -338,7 +294,7 @@ impl Agent {
                     chain: chain.roots,
                     failed: failed_release,
                     head,
-                    pending: None,
+                    deferred: Deferred::new(head_sequence),
                     last_good,
                     sources: BTreeMap::new(),
                     last_rejection: None,
@@ -352,6 +308,7 @@ impl Agent {
                 status_slot: Mutex::new(None),
                 store_recovered: tokio::sync::Notify::new(),
                 fleet_reports: Mutex::new(BTreeMap::new()),
+                deferred_wake: tokio::sync::Notify::new(),
                 adopted_tx,
                 relay_tx,
                 config,
@@ -374,14 +331,7 @@ impl Agent {
         &self,
         f: impl FnOnce(&Store) -> std::result::Result<R, StoreError> + Send + 'static,
     ) -> std::result::Result<R, StoreError> {
-        let store = self.inner.store.clone();
-        match tokio::task::spawn_blocking(move || f(&store)).await {
-            Ok(r) => r,
-            Err(e) => Err(StoreError::Db {
-                dir: self.inner.config.data_dir.clone(),
-                reason: format!("store task failed: {e}"),
-            }),
-        }
+        self.inner.store.call(f).await
     }
 
     /// The configuration.
@@ -394,8 +344,9 @@ impl Agent {
         &self.inner.agent_id
     }
 
-    /// The store (read API for the mesh: heads, objects, roots, peers).
-    pub fn store(&self) -> &Store {
+    /// The store (for the mesh: heads, objects, roots, peers), every call
+    /// on a blocking thread.
+    pub fn store(&self) -> &StoreHandle {
         &self.inner.store
     }
 
@@ -435,7 +386,7 @@ impl Agent {
     /// release under the new keys is adopted whatever its sequence
     /// ([`cairn_bundle::verify::binding_floor`]).
     pub fn floor_unbound(&self) -> bool {
-        let (_, epoch, adopted) = self.context_parts();
+        let Snapshot { epoch, adopted, .. } = self.snapshot();
         adopted.is_some_and(|(sequence, bytes)| {
             cairn_bundle::verify::binding_floor(
                 &epoch,
@@ -445,6 +396,14 @@ impl Agent {
             .is_none()
         })
     }
+}
+
+/// Milliseconds since the Unix epoch (the deferred-release machine's
+/// clock: wave openings and hold ends are wall-clock times).
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A sequence or version as a gauge value: saturating at `i64::MAX`, so a

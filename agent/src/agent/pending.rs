@@ -1,4 +1,5 @@
 use super::*;
+use super::deferred::{PendingState, Step};
 use super::run::StagedRelease;
 
 impl Agent {
@@ -9,16 +10,9 @@ impl Agent {
     /// travels on through it.
     pub fn relay_head(&self) -> Option<AdoptedHead> {
         let st = self.state();
-        let adopted = st.head.as_ref().map(HeadState::published);
-        match st.pending.as_ref().filter(|p| p.manifest.is_some()) {
-            Some(p)
-                if adopted
-                    .as_ref()
-                    .is_none_or(|h| p.release.sequence > h.sequence) =>
-            {
-                Some(p.published())
-            }
-            _ => adopted,
+        match st.deferred.relayed() {
+            Some(p) => Some(p.published()),
+            None => st.head.as_ref().map(HeadState::published),
         }
     }
 
@@ -27,16 +21,15 @@ impl Agent {
     pub fn relay_release_bytes(&self, channel: &str) -> Option<Vec<u8>> {
         if channel == self.inner.config.channel {
             let st = self.state();
-            let adopted_seq = st.head.as_ref().map(|h| h.release.sequence);
-            if let Some(p) = st
-                .pending
-                .as_ref()
-                .filter(|p| p.manifest.is_some() && Some(p.release.sequence) > adopted_seq)
-            {
+            if let Some(p) = st.deferred.relayed() {
                 return Some(p.bytes.clone());
             }
+            if let Some(h) = &st.head {
+                return Some(h.bytes.clone());
+            }
         }
-        self.inner.store.head(channel).ok().flatten()
+        // Blocking: the mesh calls this from a blocking thread.
+        self.inner.store.blocking().head(channel).ok().flatten()
     }
 
     /// A receiver that changes whenever [`Agent::relay_head`] does (every
@@ -91,118 +84,111 @@ impl Agent {
             }
         };
         cache.0 = hold.clone();
+        drop(cache);
+        let changed = self
+            .state()
+            .deferred
+            .hold_read(hold.clone(), now.saturating_mul(1000).max(unix_now_ms()));
+        if changed {
+            self.publish_status();
+        }
         hold.filter(|h| h.active(now))
     }
 
     /// The hold as last read by [`Agent::current_hold`] (no IO).
     pub(super) fn last_hold(&self, now: u64) -> Option<Hold> {
-        let cache = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
-        cache.0.clone().filter(|h| h.active(now))
+        self.state()
+            .deferred
+            .hold(now.saturating_mul(1000))
+            .cloned()
     }
 
-    /// Records a deferred release (replacing an older or unstaged one).
+    /// Records a deferred release (replacing an older or unstaged one) in
+    /// the [`Deferred`] machine and wakes its loop.
     pub(super) fn set_pending(
         &self,
         release: &cairn_bundle::verify::VerifiedRelease,
         manifest: Option<Manifest>,
         deferral: Deferral,
     ) {
-        {
-            let mut st = self.state();
-            let keep = st.pending.as_ref().is_some_and(|p| {
-                p.release.sequence > release.release.sequence
-                    || (p.bytes == release.bytes && p.manifest.is_some() && manifest.is_none())
-            });
-            if keep {
-                if let Some(p) = st.pending.as_mut() {
-                    if p.bytes == release.bytes {
-                        p.deferral = deferral;
-                    }
-                }
-            } else {
-                st.pending = Some(PendingState {
-                    address: cairn_keys::sha256_address(&release.bytes),
-                    release: release.release.clone(),
-                    bytes: release.bytes.clone(),
-                    manifest,
-                    deferral,
-                });
-            }
-        }
+        self.state()
+            .deferred
+            .defer(&release.release, &release.bytes, manifest, deferral);
+        self.inner.deferred_wake.notify_one();
         self.publish_relay();
     }
 
-    /// Asks the adoption gate again about the pending release (its wave may
-    /// have opened, a hold ended, the breaker's counts changed) and adopts
-    /// a staged one through the one adoption path when it passes. Runs
-    /// every second in [`Agent::run`], so an agent that learned of the
-    /// release only from a mesh peer adopts when its wave opens.
-    pub async fn reevaluate_pending(&self) {
-        let Some(p) = self.state().pending.clone() else {
-            return;
-        };
-        if self
-            .state()
-            .head
-            .as_ref()
-            .is_some_and(|h| h.release.sequence >= p.release.sequence)
-        {
-            self.state().pending = None;
-            self.publish_relay();
-            return;
-        }
-        let now = unix_now();
-        let hold = self.current_hold(now).await;
-        let gate = pipeline::adoption_gate(
-            &p.release,
-            &self.audience(&p.release.bundle),
-            hold.as_ref(),
-            now,
-        );
-        match gate {
-            Some(d) => {
-                if d != p.deferral {
-                    if let Some(cur) = self.state().pending.as_mut() {
-                        if cur.bytes == p.bytes {
-                            cur.deferral = d;
-                        }
-                    }
+    /// Drives the [`Deferred`] machine: reads the hold file when it asks,
+    /// publishes a changed deferral, adopts a staged release through the
+    /// one adoption path when the gate opens (its wave opened, a hold
+    /// ended, the breaker's counts changed), so an agent that learned of
+    /// the release only from a mesh peer adopts when its wave opens. Sleeps
+    /// until the machine's [`Deferred::poll_timeout`] or an input.
+    pub(super) async fn deferred_loop(&self) {
+        loop {
+            let now_ms = unix_now_ms();
+            let bundle = self
+                .state()
+                .deferred
+                .pending()
+                .map(|p| p.release.bundle.clone())
+                .unwrap_or_default();
+            let who = self.audience(&bundle);
+            let step = self.state().deferred.poll(now_ms, &who);
+            match step {
+                Step::ReadHold => {
+                    // Feeds the machine (see `current_hold`).
+                    let _ = self.current_hold(now_ms / 1000).await;
+                    continue;
+                }
+                Step::Changed => {
+                    self.publish_relay();
                     self.publish_status();
+                    continue;
                 }
+                Step::Adopt(p) => {
+                    self.adopt_staged(&p).await;
+                    continue;
+                }
+                Step::Idle => {}
             }
-            // Not staged: the next poll of a source fetches it.
-            None if p.manifest.is_none() => {}
-            None => {
-                let src = StagedRelease {
-                    channel_path: channel_path(&self.inner.config.channel),
-                    release: p.bytes.clone(),
-                    store: self.inner.store.clone(),
-                };
-                match self.sync_inner(&src).await {
-                    Ok(SyncOutcome::Rejected { reason }) => {
-                        tracing::warn!(reason, "staged release no longer valid; dropped");
-                        let mut st = self.state();
-                        if st.pending.as_ref().is_some_and(|c| c.bytes == p.bytes) {
-                            st.pending = None;
-                        }
-                    }
-                    Ok(o) => tracing::debug!(outcome = ?o, "staged release re-evaluated"),
-                    Err(e) => tracing::warn!(error = %e, "adopting the staged release failed"),
-                }
-                self.publish_relay();
-                self.publish_status();
+            let wake = self.state().deferred.poll_timeout();
+            let delay = wake.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis(t.saturating_sub(unix_now_ms()))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.inner.deferred_wake.notified() => {}
             }
         }
     }
 
-    pub(super) async fn pending_loop(&self) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            // Keeps the hold shown in status current even with nothing
-            // staged.
-            let _ = self.current_hold(unix_now()).await;
-            self.reevaluate_pending().await;
-        }
+    /// Adopts a staged release whose gate opened: the envelope from memory,
+    /// manifest and objects from the store, through [`Agent::sync_from`]'s
+    /// pipeline (everything verified again).
+    async fn adopt_staged(&self, p: &PendingState) {
+        let src = StagedRelease {
+            channel: self.inner.config.channel.clone(),
+            release: p.bytes.clone(),
+            store: self.inner.store.clone(),
+        };
+        let rejected = match self.sync_inner(&src).await {
+            Ok(SyncOutcome::Rejected { reason }) => {
+                tracing::warn!(reason, "staged release no longer valid; dropped");
+                true
+            }
+            Ok(o) => {
+                tracing::debug!(outcome = ?o, "staged release re-evaluated");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "adopting the staged release failed");
+                false
+            }
+        };
+        self.state().deferred.adoption_done(&p.bytes, rejected);
+        self.publish_relay();
+        self.publish_status();
     }
 
     /// This agent as the rollout decision sees it (id, labels, and the
@@ -226,15 +212,24 @@ impl Agent {
     /// rollout circuit breaker. Called by the mesh.
     pub fn set_fleet_reports(&self, bundle: &str, reports: FleetReports) {
         if let Ok(mut m) = self.inner.fleet_reports.lock() {
-            m.insert(bundle.to_owned(), reports);
+            if m.insert(bundle.to_owned(), reports) == Some(reports) {
+                return;
+            }
         }
+        self.state().deferred.fleet_changed();
+        self.inner.deferred_wake.notify_one();
     }
 
     /// Replaces every bundle's fleet reports at once (the mesh, from its
     /// gossiped status view).
     pub fn replace_fleet_reports(&self, reports: BTreeMap<String, FleetReports>) {
         if let Ok(mut m) = self.inner.fleet_reports.lock() {
+            if *m == reports {
+                return;
+            }
             *m = reports;
         }
+        self.state().deferred.fleet_changed();
+        self.inner.deferred_wake.notify_one();
     }
 }

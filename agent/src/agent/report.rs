@@ -99,7 +99,7 @@ impl Agent {
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),
-            rollout: st.pending.as_ref().map(PendingState::status),
+            rollout: st.deferred.pending().map(deferred::PendingState::status),
             hold,
             offline,
             sources: st.sources.values().cloned().collect(),

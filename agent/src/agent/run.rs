@@ -1,4 +1,5 @@
 use super::*;
+use crate::ingest::Item;
 
 impl Agent {
     /// Syncs every configured source once, concurrently.
@@ -95,7 +96,7 @@ impl Agent {
         let agent = self.clone();
         tasks.spawn(async move { agent.reconcile_loop().await });
         let agent = self.clone();
-        tasks.spawn(async move { agent.pending_loop().await });
+        tasks.spawn(async move { agent.deferred_loop().await });
         let agent = self.clone();
         tasks.spawn(async move { agent.store_recovery_loop().await });
         if self.inner.sources.is_empty() {
@@ -111,7 +112,7 @@ impl Agent {
         let last = tokio::task::spawn_blocking(move || {
             agent.stage_status();
             agent.write_staged_status();
-            agent.inner.store.flush()
+            agent.inner.store.blocking().flush()
         });
         match tokio::time::timeout(SHUTDOWN_GRACE, last).await {
             Ok(Ok(Ok(()))) => {}
@@ -159,7 +160,7 @@ impl Agent {
     pub(super) async fn reload_head(&self) {
         let roots = self.state().chain.clone();
         let config = self.inner.config.clone();
-        let store = self.inner.store.clone();
+        let store = self.inner.store.blocking().clone();
         let loaded = tokio::task::spawn_blocking(move || {
             load_head(&store, &roots, &config, &Limits::default(), unix_now())
         })
@@ -194,7 +195,12 @@ impl Agent {
                 channel: head.release.channel.clone(),
             })
             .set(head.release.sequence as i64);
-        self.state().head = Some(head);
+        {
+            let mut st = self.state();
+            st.deferred.adopted(head.release.sequence);
+            st.head = Some(head);
+        }
+        self.inner.deferred_wake.notify_one();
         self.inner.adopted_tx.send_replace(Some(published));
         self.publish_relay();
     }
@@ -268,9 +274,9 @@ pub(super) fn release_freed_memory() {
 /// A staged release as a [`Source`]: the envelope from memory, everything
 /// else (manifest, objects) from the store, where staging put it verified.
 pub(super) struct StagedRelease {
-    pub(super) channel_path: String,
+    pub(super) channel: String,
     pub(super) release: Vec<u8>,
-    pub(super) store: Store,
+    pub(super) store: StoreHandle,
 }
 
 impl Source for StagedRelease {
@@ -280,25 +286,23 @@ impl Source for StagedRelease {
 
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a Item,
         limit: u64,
     ) -> crate::BoxFuture<'a, std::result::Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(async move {
-            if rel_path == self.channel_path {
-                return Ok(Some(self.release.clone()).filter(|b| b.len() as u64 <= limit));
-            }
-            let Some(hex) = rel_path
-                .strip_prefix("objects/sha256/")
-                .and_then(|r| r.split('/').nth(1))
-            else {
-                return Ok(None);
+            let found = match item {
+                Item::Release(c) if *c == self.channel => Some(self.release.clone()),
+                Item::Manifest(a) | Item::Object(a) => {
+                    let a = a.clone();
+                    self.store
+                        .call(move |s| s.get_object(&a))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
             };
-            Ok(self
-                .store
-                .get_object(&format!("sha256:{hex}"))
-                .ok()
-                .flatten()
-                .filter(|b| b.len() as u64 <= limit))
+            Ok(found.filter(|b| b.len() as u64 <= limit))
         })
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::ingest::Item;
 
 impl Agent {
     /// Checks every object of the adopted release; re-fetches missing or
@@ -56,11 +57,9 @@ impl Agent {
 
     /// Tries each source for an object, verifying it; stores it on success.
     pub(super) async fn fetch_object_anywhere(&self, address: &str, size: u64) -> bool {
-        let Some(rel) = object_path(address) else {
-            return false;
-        };
+        let item = Item::Object(address.to_owned());
         for s in self.inner.sources.iter() {
-            match s.get(&rel, size).await {
+            match s.get(&item, size).await {
                 Ok(Some(bytes)) => {
                     if pipeline::check_object_bytes(address, size, &bytes).is_ok() {
                         let a = address.to_owned();

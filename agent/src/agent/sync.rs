@@ -1,4 +1,6 @@
 use super::*;
+use crate::ingest::{self, BoxFuture, DriveError, Driven, Fetch, Gate, Item, Local, Snapshot};
+use cairn_bundle::verify::VerifiedRelease;
 
 impl Agent {
     pub(super) fn record_rejection(&self, source: &str, rej: &Rejection) -> SyncOutcome {
@@ -114,227 +116,75 @@ impl Agent {
         result
     }
 
-    /// The current root, the roots of its release epoch and the adopted
-    /// release: what a [`Context`] borrows.
-    pub(super) fn context_parts(&self) -> ContextParts {
+    /// The current root, the roots of its release epoch, the adopted
+    /// release and `now`: what every pipeline [`Context`] is built from.
+    pub fn snapshot(&self) -> Snapshot {
         let st = self.state();
-        (
-            st.root.root.clone(),
-            cairn_keys::root::release_epoch(&st.chain).to_vec(),
-            st.head
+        Snapshot {
+            root: st.root.root.clone(),
+            epoch: cairn_keys::root::release_epoch(&st.chain).to_vec(),
+            adopted: st
+                .head
                 .as_ref()
                 .map(|h| (h.release.sequence, h.bytes.clone())),
-        )
+            now: unix_now(),
+        }
     }
 
-    pub(super) async fn sync_inner(&self, source: &dyn Source) -> std::result::Result<SyncOutcome, SyncError> {
+    /// One ingest from `source` through [`ingest::drive`], then the commit.
+    pub(super) async fn sync_inner(
+        &self,
+        source: &dyn Source,
+    ) -> std::result::Result<SyncOutcome, SyncError> {
         let name = source.name();
         let limits = &self.inner.limits;
         let channel = self.inner.config.channel.clone();
-        let mut root_rejected = None;
-
-        // 1. Roots: follow roots/<v+1> until the source has no more.
-        loop {
-            let current = self.state().root.clone();
-            let next = current.root.version + 1;
-            let Some(bytes) = source
-                .get(&root_path(next), cairn_keys::root::MAX_ROOT_BYTES as u64)
-                .await?
-            else {
-                break;
-            };
-            match pipeline::check_root(&current, &bytes) {
-                Ok(vr) => {
-                    self.blocking(move |s| s.put_root(next, &bytes)).await?;
-                    tracing::info!(source = name, version = next, "trust root rotated");
-                    self.inner.metrics.root_version.set(gauge(next));
-                    let mut st = self.state();
-                    if vr.root.starts_release_epoch(&st.chain) {
-                        tracing::warn!(
-                            source = name,
-                            version = next,
-                            "trust root v{next} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
-                        );
-                    }
-                    st.chain.push(vr.root.clone());
-                    st.root = vr;
-                }
-                Err(rej) => {
-                    root_rejected = Some(self.record_rejection(name, &rej));
-                    break;
-                }
-            }
-        }
-
-        // 2. The channel's release.
-        let Some(release_bytes) = source
-            .get(&channel_path(&channel), limits.max_release_bytes)
-            .await?
-        else {
-            return Ok(root_rejected.unwrap_or(SyncOutcome::NoRelease));
-        };
-        let (root, epoch, adopted) = self.context_parts();
-        let ctx = Context {
-            root: &root,
-            epoch: &epoch,
-            channel: &channel,
-            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
-                sequence: *s,
-                bytes: b,
-            }),
-            now: unix_now(),
-            limits,
-        };
-        let mut ingest = match Ingest::start(&ctx, &release_bytes) {
-            Ok(Start::UpToDate) => return Ok(root_rejected.unwrap_or(SyncOutcome::UpToDate)),
-            Ok(Start::Candidate(i)) => *i,
-            Err(rej) => return Ok(self.record_rejection(name, &rej)),
-        };
-        let sequence = ingest.release().release.sequence;
-        let now = unix_now();
-        let hold = self.current_hold(now).await;
-        let deferral = pipeline::adoption_gate(
-            &ingest.release().release,
-            &self.audience(&ingest.release().release.bundle),
-            hold.as_ref(),
-            now,
-        );
-        if let Some(d) = &deferral {
-            let why = d.describe(format_time);
-            // Stage (download and verify ahead) unless the release is not
-            // for this agent at all and no mesh peer could want it from us.
-            let stage = !matches!(d, Deferral::Rollout(Decision::NotSelected { .. }))
-                || self.inner.config.mesh.is_some();
-            let known = self
-                .state()
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.bytes == ingest.release().bytes && p.manifest.is_some());
-            if !known {
-                tracing::info!(source = name, sequence, %why, stage, "newer release not adopted now");
-            }
-            if !stage {
-                self.set_pending(ingest.release(), None, d.clone());
+        let local = AgentLocal { agent: self, source: name };
+        let outcome = ingest::drive(source, &local, &channel, limits, FETCH_CONCURRENCY)
+            .await
+            .map_err(|e| match e {
+                DriveError::Fetch(e) => SyncError::Source(e),
+                DriveError::Local(e) => SyncError::Store(e),
+            })?;
+        let root_rejected = outcome
+            .root_rejected
+            .map(|reason| SyncOutcome::Rejected { reason });
+        let ingest = match outcome.driven {
+            Driven::NoRelease => return Ok(root_rejected.unwrap_or(SyncOutcome::NoRelease)),
+            Driven::UpToDate => return Ok(root_rejected.unwrap_or(SyncOutcome::UpToDate)),
+            Driven::Rejected(rej) => return Ok(self.record_rejection(name, &rej)),
+            Driven::Deferred { ingest, deferral } => {
+                let sequence = ingest.release().release.sequence;
+                let why = deferral.describe(format_time);
+                let staged = ingest.manifest().is_some() && matches!(ingest.want(), Want::Complete);
+                let manifest = staged.then(|| ingest.manifest().cloned()).flatten();
+                self.set_pending(ingest.release(), manifest, deferral);
                 return Ok(SyncOutcome::Deferred { sequence, why });
             }
-        } else {
-            tracing::info!(source = name, channel = %channel, sequence, "new release found; fetching");
-        }
+            Driven::Ready(ingest) => ingest,
+        };
+        self.commit(name, *ingest).await
+    }
 
-        // 3. The bundle manifest (from the store if present).
-        if let Want::Manifest { address, limit } = ingest.want() {
-            let stored = {
-                let a = address.clone();
-                self.blocking(move |s| match s.bundle(&a)? {
-                    Some(b) => Ok(Some(b)),
-                    None => Ok(s.get_object(&a).ok().flatten()),
-                })
-                .await?
-            };
-            let bytes = match stored {
-                Some(b) => Some(b),
-                None => match object_path(&address) {
-                    Some(p) => source.get(&p, limit).await?,
-                    None => None,
-                },
-            };
-            let Some(bytes) = bytes else {
-                let rej = Rejection::new(
-                    Stage::Manifest,
-                    cairn_bundle::Error::ObjectMissing {
-                        address,
-                        what: "bundle manifest".into(),
-                    },
-                );
-                return Ok(self.record_rejection(name, &rej));
-            };
-            if let Err(rej) = ingest.handle_manifest(&bytes) {
-                return Ok(self.record_rejection(name, &rej));
-            }
-        }
-
-        // 4. Only the objects the store lacks, a few at a time.
-        if let Want::Objects(list) = ingest.want() {
-            let mut to_fetch = Vec::new();
-            let present = {
-                let addrs: Vec<String> = list.iter().map(|(a, _)| a.clone()).collect();
-                self.blocking(move |s| {
-                    addrs
-                        .iter()
-                        .map(|a| s.has_object(a))
-                        .collect::<std::result::Result<Vec<bool>, StoreError>>()
-                })
-                .await?
-            };
-            for ((address, size), present) in list.into_iter().zip(present) {
-                if present {
-                    ingest.mark_present(&address);
-                } else {
-                    to_fetch.push((address, size));
-                }
-            }
-            let fetched = to_fetch.len();
-            let mut stream = futures::stream::iter(to_fetch)
-                .map(|(address, size)| async move {
-                    let r = match object_path(&address) {
-                        Some(p) => source.get(&p, size).await,
-                        None => Ok(None),
-                    };
-                    (address, r)
-                })
-                .buffer_unordered(FETCH_CONCURRENCY);
-            while let Some((address, r)) = stream.next().await {
-                let Some(bytes) = r? else {
-                    let what = ingest
-                        .manifest()
-                        .and_then(|m| m.entries.iter().find(|e| e.object == address))
-                        .map(|e| e.display_name())
-                        .unwrap_or_default();
-                    let rej = Rejection::new(
-                        Stage::Object,
-                        cairn_bundle::Error::ObjectMissing { address, what },
-                    );
-                    return Ok(self.record_rejection(name, &rej));
-                };
-                if let Err(rej) = ingest.handle_object(&address, &bytes) {
-                    return Ok(self.record_rejection(name, &rej));
-                }
-                self.blocking(move |s| s.put_object(&address, &bytes))
-                    .await?;
-            }
-            tracing::debug!(source = name, fetched, "objects fetched");
-        }
-
-        // A deferred release is staged: its manifest goes into the object
-        // store too (mesh peers fetch it by address), then it waits.
-        if let Some(d) = deferral {
-            if let Some(m) = ingest.manifest_bytes() {
-                let (a, m) = (ingest.release().release.bundle.clone(), m.to_vec());
-                self.blocking(move |s| s.put_object(&a, &m)).await?;
-            }
-            let why = d.describe(format_time);
-            self.set_pending(ingest.release(), ingest.manifest().cloned(), d);
-            return Ok(SyncOutcome::Deferred { sequence, why });
-        }
-
-        // 5. Commit: re-check against the head at this moment, then switch.
+    /// Commits a complete candidate: re-checks it against the head at this
+    /// moment, adopts it durably, then reports and publishes it.
+    async fn commit(
+        &self,
+        name: &str,
+        ingest: Ingest,
+    ) -> std::result::Result<SyncOutcome, SyncError> {
+        let channel = self.inner.config.channel.clone();
         let _guard = self.inner.adopt_lock.lock().await;
         let candidate_bytes = ingest.release().bytes.clone();
-        let (root, epoch, adopted) = self.context_parts();
-        let ctx = Context {
-            root: &root,
-            epoch: &epoch,
-            channel: &channel,
-            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
-                sequence: *s,
-                bytes: b,
-            }),
-            now: unix_now(),
-            limits,
-        };
-        let adoption = match ingest.finish(&ctx) {
+        let snapshot = self.snapshot();
+        let adoption = match ingest.finish(&snapshot.context(&channel, &self.inner.limits)) {
             Ok(a) => a,
-            Err(_) if adopted.as_ref().is_some_and(|(_, b)| *b == candidate_bytes) => {
+            Err(_)
+                if snapshot
+                    .adopted
+                    .as_ref()
+                    .is_some_and(|(_, b)| *b == candidate_bytes) =>
+            {
                 // Another source adopted this very release meanwhile.
                 return Ok(SyncOutcome::UpToDate);
             }
@@ -361,14 +211,9 @@ impl Agent {
         {
             let mut st = self.state();
             st.head = Some(head);
-            if st
-                .pending
-                .as_ref()
-                .is_some_and(|p| p.release.sequence <= rel.sequence)
-            {
-                st.pending = None;
-            }
+            st.deferred.adopted(rel.sequence);
         }
+        self.inner.deferred_wake.notify_one();
         let m = &self.inner.metrics;
         m.adoptions.inc();
         m.adopted_sequence
@@ -389,5 +234,132 @@ impl Agent {
         Ok(SyncOutcome::Adopted {
             sequence: rel.sequence,
         })
+    }
+}
+
+/// Every [`Source`] is an ingest [`Fetch`].
+impl<S: Source + ?Sized> Fetch for S {
+    type Error = SourceError;
+
+    fn name(&self) -> &str {
+        Source::name(self)
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        item: &'a Item,
+        limit: u64,
+    ) -> BoxFuture<'a, std::result::Result<Option<Vec<u8>>, SourceError>> {
+        self.get(item, limit)
+    }
+}
+
+/// The agent as the ingest driver's [`Local`]: store calls on blocking
+/// threads, roots and the gate through the agent's state.
+struct AgentLocal<'a> {
+    agent: &'a Agent,
+    source: &'a str,
+}
+
+impl Local for AgentLocal<'_> {
+    type Error = StoreError;
+
+    fn root(&self) -> VerifiedRoot {
+        self.agent.state().root.clone()
+    }
+
+    fn root_accepted(
+        &self,
+        version: u64,
+        bytes: Vec<u8>,
+        vr: VerifiedRoot,
+    ) -> BoxFuture<'_, std::result::Result<(), StoreError>> {
+        Box::pin(async move {
+            let name = self.source;
+            self.agent
+                .blocking(move |s| s.put_root(version, &bytes))
+                .await?;
+            tracing::info!(source = name, version, "trust root rotated");
+            self.agent.inner.metrics.root_version.set(gauge(version));
+            let mut st = self.agent.state();
+            if vr.root.starts_release_epoch(&st.chain) {
+                tracing::warn!(
+                    source = name,
+                    version,
+                    "trust root v{version} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
+                );
+            }
+            st.chain.push(vr.root.clone());
+            st.root = vr;
+            Ok(())
+        })
+    }
+
+    fn root_rejected(&self, rejection: &Rejection) {
+        self.agent.record_rejection(self.source, rejection);
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.agent.snapshot()
+    }
+
+    fn gate<'a>(&'a self, release: &'a VerifiedRelease) -> BoxFuture<'a, Gate> {
+        Box::pin(async move {
+            let agent = self.agent;
+            let now = unix_now();
+            let hold = agent.current_hold(now).await;
+            let deferral = pipeline::adoption_gate(
+                &release.release,
+                &agent.audience(&release.release.bundle),
+                hold.as_ref(),
+                now,
+            );
+            // Stage (download and verify ahead) unless the release is not
+            // for this agent at all and no mesh peer could want it from us.
+            let stage = !matches!(
+                deferral,
+                Some(Deferral::Rollout(Decision::NotSelected { .. }))
+            ) || agent.inner.config.mesh.is_some();
+            if let Some(d) = &deferral {
+                let known = agent
+                    .state()
+                    .deferred
+                    .pending()
+                    .is_some_and(|p| p.bytes == release.bytes && p.manifest.is_some());
+                if !known {
+                    let why = d.describe(format_time);
+                    tracing::info!(source = self.source, sequence = release.release.sequence, %why, stage, "newer release not adopted now");
+                }
+            }
+            Gate { deferral, stage }
+        })
+    }
+
+    fn stored_manifest<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> BoxFuture<'a, std::result::Result<Option<Vec<u8>>, StoreError>> {
+        let a = address.to_owned();
+        Box::pin(self.agent.blocking(move |s| match s.bundle(&a)? {
+            Some(b) => Ok(Some(b)),
+            None => Ok(s.get_object(&a).ok().flatten()),
+        }))
+    }
+
+    fn present(
+        &self,
+        addresses: Vec<String>,
+    ) -> BoxFuture<'_, std::result::Result<Vec<bool>, StoreError>> {
+        Box::pin(self.agent.blocking(move |s| {
+            addresses.iter().map(|a| s.has_object(a)).collect()
+        }))
+    }
+
+    fn put_object(
+        &self,
+        address: String,
+        bytes: Vec<u8>,
+    ) -> BoxFuture<'_, std::result::Result<(), StoreError>> {
+        Box::pin(self.agent.blocking(move |s| s.put_object(&address, &bytes)))
     }
 }

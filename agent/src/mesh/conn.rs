@@ -16,7 +16,7 @@ use super::MeshMetrics;
 use cairn_bundle::mesh::pki::PeerIdentity;
 use cairn_bundle::mesh::sync::ConnId;
 use cairn_bundle::mesh::tls;
-use cairn_bundle::mesh::wire::{self, Message, WireError, HEADER_BYTES};
+use cairn_bundle::mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
 use cairn_bundle::mesh::MeshLimits;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -246,6 +246,37 @@ pub enum Input {
         fetch: u64,
         /// Outcome for logs.
         outcome: String,
+    },
+    /// Items a peer asked for, read from the store on a blocking thread.
+    Served {
+        /// The connection.
+        conn: ConnId,
+        /// The request id.
+        id: u64,
+        /// What was found.
+        found: Vec<Found>,
+    },
+    /// The store's copy of a fetch's manifest was looked up (after the
+    /// release verified).
+    LocalManifest {
+        /// The fetch.
+        fetch: u64,
+        /// The manifest bytes, if stored.
+        manifest: Option<Vec<u8>>,
+    },
+    /// Which of the objects a fetch still wants the store holds.
+    Present {
+        /// The fetch.
+        fetch: u64,
+        /// Address and whether it is stored.
+        present: Vec<(String, bool)>,
+    },
+    /// An object fetched from a peer was written to the store.
+    Stored {
+        /// The fetch.
+        fetch: u64,
+        /// The store error, if any.
+        error: Option<String>,
     },
 }
 

@@ -5,14 +5,14 @@
 
 use super::conn::{self, ConnHandle, Input};
 use super::{Mesh, MeshMetrics};
-use crate::pipeline::{self, AdoptedRef, Context, Ingest, Start, Want};
+use crate::ingest;
+use crate::pipeline::{self, Ingest, Start, Want};
 use crate::source::{Source, SourceError};
-use crate::store::Store;
+use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
 use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
-use cairn_bundle::repo::{channel_path, object_path, root_path};
 use cairn_bundle::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
@@ -43,6 +43,13 @@ struct FetchState {
     ingest: Ingest,
     manifest: Option<Vec<u8>>,
     adopting: bool,
+    /// Object writes to the store not finished yet.
+    writes: usize,
+    /// The endpoint reported the fetch idle while writes or a presence
+    /// check were under way: look again when they finish.
+    idle_waiting: bool,
+    /// A presence check is under way.
+    checking: bool,
 }
 
 struct Driver {
@@ -89,7 +96,7 @@ pub async fn run(mesh: Mesh) {
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
     let root_version = agent.root().root.version;
     let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));
-    if let Ok(stored) = agent.store().peers() {
+    if let Ok(stored) = agent.store().call(|s| s.peers()).await {
         let learned = stored.into_iter().filter_map(|(_, bytes)| {
             codec::decode::<PeerInfo>("peer record", &bytes, MAX_PEER_RECORD).ok()
         });
@@ -187,6 +194,21 @@ impl Driver {
                     self.drop_conn(conn);
                 }
             }
+            Input::Served { conn, id, found } => self.ep.serve(conn, id, found, now),
+            Input::LocalManifest { fetch, manifest } => self.local_manifest(fetch, manifest, now),
+            Input::Present { fetch, present } => self.present(fetch, present, now),
+            Input::Stored { fetch, error } => {
+                if let Some(e) = error {
+                    tracing::error!(error = %e, "store error while saving a mesh object");
+                }
+                if let Some(f) = self.fetches.get_mut(&fetch) {
+                    f.writes = f.writes.saturating_sub(1);
+                    if f.writes == 0 && f.idle_waiting {
+                        f.idle_waiting = false;
+                        self.idle(fetch, now);
+                    }
+                }
+            }
             Input::AdoptDone { fetch, outcome } => {
                 tracing::debug!(fetch, %outcome, "mesh adoption finished");
                 self.fetches.remove(&fetch);
@@ -274,14 +296,24 @@ impl Driver {
                 self.metrics.reject(peer.name(), &reason);
             }
             Event::Serve { conn, id, items } => {
-                let found = items
-                    .into_iter()
-                    .map(|item| Found {
-                        bytes: read_item(&self.agent, &item),
-                        item,
+                // Disk reads on a blocking thread; the answer comes back
+                // as an input.
+                let (agent, tx) = (self.agent.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        items
+                            .into_iter()
+                            .map(|item| Found {
+                                bytes: read_item(&agent, &item),
+                                item,
+                            })
+                            .collect()
                     })
-                    .collect();
-                self.ep.serve(conn, id, found, now);
+                    .await;
+                    if let Ok(found) = read {
+                        let _ = tx.send(Input::Served { conn, id, found }).await;
+                    }
+                });
             }
             Event::VerifyRelease {
                 fetch,
@@ -350,19 +382,12 @@ impl Driver {
                 }
             }
         }
-        let adopted = self.adopted_ref();
-        let ctx = Context {
-            root: &root.root,
-            epoch: cairn_keys::root::release_epoch(&chain),
-            channel,
-            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
-                sequence: *s,
-                bytes: b,
-            }),
-            now: now / 1000,
-            limits: &self.limits,
-        };
-        match Ingest::start(&ctx, &release) {
+        // The agent's snapshot with the peer's newer roots, if any.
+        let mut snapshot = self.agent.snapshot();
+        snapshot.root = root.root.clone();
+        snapshot.epoch = cairn_keys::root::release_epoch(&chain).to_vec();
+        snapshot.now = now / 1000;
+        match Ingest::start(&snapshot.context(channel, &self.limits), &release) {
             Err(rej) => {
                 tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
                 self.agent.metrics().reject(rej.reason());
@@ -371,43 +396,57 @@ impl Driver {
             }
             Ok(Start::UpToDate) => self.ep.fetch_abandon(fetch, now),
             Ok(Start::Candidate(ingest)) => {
-                let mut state = FetchState {
+                let state = FetchState {
                     peer,
                     roots: kept,
                     release,
                     ingest: *ingest,
                     manifest: None,
                     adopting: false,
+                    writes: 0,
+                    idle_waiting: false,
+                    checking: false,
                 };
-                self.ep.release_verified(fetch, now);
+                // The manifest may be stored already (a staged release):
+                // looked up on a blocking thread, the verdict given when
+                // the answer comes back.
                 let bundle = state.ingest.release().release.bundle.clone();
-                let local = self
-                    .agent
-                    .store()
-                    .bundle(&bundle)
-                    .ok()
-                    .flatten()
-                    .or_else(|| self.agent.store().get_object(&bundle).ok().flatten());
-                let want = match local {
-                    Some(m) => match state.ingest.handle_manifest(&m) {
-                        Ok(()) => {
-                            state.manifest = Some(m);
-                            Vec::new()
-                        }
-                        Err(_) => vec![bundle],
-                    },
-                    None => vec![bundle],
-                };
                 self.fetches.insert(fetch, state);
-                self.ep.fetch_want(fetch, want, now);
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let manifest = store
+                        .call(move |s| match s.bundle(&bundle)? {
+                            Some(m) => Ok(Some(m)),
+                            None => Ok(s.get_object(&bundle).ok().flatten()),
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                    let _ = tx.send(Input::LocalManifest { fetch, manifest }).await;
+                });
             }
         }
     }
 
-    fn adopted_ref(&self) -> Option<(u64, Vec<u8>)> {
-        let head = self.agent.adopted()?;
-        let bytes = self.agent.store().head(&head.channel).ok().flatten()?;
-        Some((head.sequence, bytes))
+    /// The store's copy of the manifest (if any) for a verified release:
+    /// the fetch moves on to the manifest or the objects.
+    fn local_manifest(&mut self, fetch: FetchId, manifest: Option<Vec<u8>>, now: u64) {
+        let Some(state) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        let bundle = state.ingest.release().release.bundle.clone();
+        let want = match manifest {
+            Some(m) => match state.ingest.handle_manifest(&m) {
+                Ok(()) => {
+                    state.manifest = Some(m);
+                    Vec::new()
+                }
+                Err(_) => vec![bundle],
+            },
+            None => vec![bundle],
+        };
+        self.ep.release_verified(fetch, now);
+        self.ep.fetch_want(fetch, want, now);
     }
 
     /// An object whose hash matched: the manifest, or an entry checked by
@@ -430,9 +469,17 @@ impl Driver {
             })
         } else {
             f.ingest.handle_object(&address, &bytes).map(|()| {
-                if let Err(e) = self.agent.store().put_object(&address, &bytes) {
-                    tracing::error!(error = %e, "store error while saving a mesh object");
-                }
+                // Written on a blocking thread; adoption waits for it.
+                f.writes += 1;
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let error = store
+                        .call(move |s| s.put_object(&address, &bytes))
+                        .await
+                        .err()
+                        .map(|e| e.to_string());
+                    let _ = tx.send(Input::Stored { fetch, error }).await;
+                });
             })
         };
         if let Err(rej) = result {
@@ -453,27 +500,63 @@ impl Driver {
         if f.adopting {
             return;
         }
+        if f.writes > 0 || f.checking {
+            f.idle_waiting = true;
+            return;
+        }
         match f.ingest.want() {
             Want::Manifest { .. } => {
                 self.fetches.remove(&fetch);
                 self.ep.fetch_abandon(fetch, now);
             }
             Want::Objects(list) => {
-                let mut missing = Vec::new();
-                for (address, _) in list {
-                    if self.agent.store().has_object(&address).unwrap_or(false) {
-                        f.ingest.mark_present(&address);
-                    } else {
-                        missing.push(address);
-                    }
-                }
-                if missing.is_empty() {
-                    self.adopt(fetch);
-                } else {
-                    self.ep.fetch_want(fetch, missing, now);
-                }
+                // Which of them the store holds: asked on a blocking
+                // thread, answered as an input.
+                f.checking = true;
+                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a).collect();
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let present = store
+                        .call(move |s| {
+                            Ok(addresses
+                                .into_iter()
+                                .map(|a| {
+                                    let held = s.has_object(&a).unwrap_or(false);
+                                    (a, held)
+                                })
+                                .collect())
+                        })
+                        .await
+                        .unwrap_or_default();
+                    let _ = tx.send(Input::Present { fetch, present }).await;
+                });
             }
             Want::Complete => self.adopt(fetch),
+        }
+    }
+
+    /// The store's answer for the objects a fetch wants: ask the peer for
+    /// the missing ones, or adopt.
+    fn present(&mut self, fetch: FetchId, present: Vec<(String, bool)>, now: u64) {
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        f.checking = false;
+        f.idle_waiting = false;
+        let mut missing = Vec::new();
+        for (address, held) in present {
+            if held {
+                f.ingest.mark_present(&address);
+            } else {
+                missing.push(address);
+            }
+        }
+        if !missing.is_empty() {
+            self.ep.fetch_want(fetch, missing, now);
+        } else if matches!(f.ingest.want(), Want::Complete) {
+            self.adopt(fetch);
+        } else {
+            self.idle(fetch, now);
         }
     }
 
@@ -488,9 +571,9 @@ impl Driver {
         let staged = StagedSource {
             name: format!("peer:{}", f.peer),
             roots: f.roots.clone(),
-            channel_path: channel_path(&release.channel),
+            channel: release.channel.clone(),
             release: f.release.clone(),
-            manifest_path: object_path(&release.bundle).unwrap_or_default(),
+            manifest_address: release.bundle.clone(),
             manifest: f.manifest.clone().unwrap_or_default(),
             store: self.agent.store().clone(),
         };
@@ -616,25 +699,42 @@ impl Driver {
         self.agent.replace_fleet_reports(reports);
     }
 
+    /// Saves the peer table (on a blocking thread; nothing waits for it).
     fn persist_peers(&self) {
-        let store = self.agent.store();
-        for e in self.ep.peer_table() {
-            if e.last_connected > 0 && !e.is_self {
+        let records: Vec<(String, Vec<u8>)> = self
+            .ep
+            .peer_table()
+            .into_iter()
+            .filter(|e| e.last_connected > 0 && !e.is_self)
+            .map(|e| {
                 let rec = PeerInfo {
                     agent_id: e.agent_id.clone(),
                     addr: e.addr.clone(),
                 };
-                let _ = store.put_peer(&e.addr, &codec::encode(&rec));
-            }
-        }
+                (e.addr.clone(), codec::encode(&rec))
+            })
+            .collect();
+        let store = self.agent.store().clone();
+        tokio::spawn(async move {
+            let _ = store
+                .call(move |s| {
+                    for (addr, rec) in &records {
+                        s.put_peer(addr, rec)?;
+                    }
+                    Ok(())
+                })
+                .await;
+        });
     }
 }
 
 /// Reads what a peer asked for from the store (roots, the channel's
 /// release — the staged one if newer than the adopted one — objects and
 /// manifests).
+///
+/// Blocking: runs on a blocking thread.
 fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
-    let store = agent.store();
+    let store = agent.store().blocking();
     match item {
         Item::Root(v) => store
             .roots()
@@ -657,11 +757,11 @@ fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
 struct StagedSource {
     name: String,
     roots: BTreeMap<u64, Vec<u8>>,
-    channel_path: String,
+    channel: String,
     release: Vec<u8>,
-    manifest_path: String,
+    manifest_address: String,
     manifest: Vec<u8>,
-    store: Store,
+    store: StoreHandle,
 }
 
 impl Source for StagedSource {
@@ -671,34 +771,32 @@ impl Source for StagedSource {
 
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a ingest::Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         Box::pin(async move {
-            let found = if rel_path == self.channel_path {
-                Some(self.release.clone())
-            } else if rel_path == self.manifest_path && !self.manifest.is_empty() {
-                Some(self.manifest.clone())
-            } else if let Some(v) = rel_path
-                .strip_prefix("roots/")
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                debug_assert_eq!(root_path(v), rel_path);
-                self.roots.get(&v).cloned()
-            } else if let Some(hex) = rel_path.rsplit('/').next() {
-                let address = format!("sha256:{hex}");
-                if object_path(&address).as_deref() == Some(rel_path) {
-                    self.store.get_object(&address).ok().flatten()
-                } else {
-                    None
+            let found = match item {
+                ingest::Item::Release(c) if *c == self.channel => Some(self.release.clone()),
+                ingest::Item::Root(v) => self.roots.get(v).cloned(),
+                ingest::Item::Manifest(a) | ingest::Item::Object(a)
+                    if *a == self.manifest_address && !self.manifest.is_empty() =>
+                {
+                    Some(self.manifest.clone())
                 }
-            } else {
-                None
+                ingest::Item::Manifest(a) | ingest::Item::Object(a) => {
+                    let a = a.clone();
+                    self.store
+                        .call(move |s| s.get_object(&a))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                ingest::Item::Release(_) => None,
             };
             match found {
                 Some(b) if b.len() as u64 > limit => Err(SourceError::TooLarge {
                     source_name: self.name.clone(),
-                    path: rel_path.to_owned(),
+                    path: item.to_string(),
                     limit,
                 }),
                 other => Ok(other),
