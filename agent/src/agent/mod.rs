@@ -46,9 +46,11 @@ use tokio::sync::watch;
 mod deferred;
 mod pending;
 mod reconcile;
+pub use reconcile::Action;
 mod report;
 mod run;
 mod startup;
+mod status_writer;
 mod sync;
 
 use crate::ingest::Snapshot;
@@ -180,14 +182,12 @@ struct Inner {
     state: Mutex<State>,
     adopt_lock: tokio::sync::Mutex<()>,
     reconcile_lock: tokio::sync::Mutex<()>,
-    /// Held while writing status.json; `status_slot` holds the newest
-    /// document not yet written.
-    status_lock: Mutex<()>,
+    /// Writes status.json on its own thread.
+    status_writer: status_writer::StatusWriter,
     /// The hold file as last read (by [`Agent::current_hold`], off the
     /// runtime), for the synchronous [`Agent::status`]; and the last read
     /// error, logged once per change rather than once per read.
     hold: Mutex<(Option<Hold>, Option<String>)>,
-    status_slot: Mutex<Option<Status>>,
     /// Woken when the store recovers from an IO error (sources retry now).
     store_recovered: tokio::sync::Notify,
     fleet_reports: Mutex<BTreeMap<String, FleetReports>>,
@@ -281,6 +281,11 @@ impl Agent {
                 .set(gauge(lg.sequence));
         }
         let head_sequence = head.as_ref().map(|h| h.release.sequence);
+        let status_writer = status_writer::StatusWriter::start(config.data_dir.clone())
+            .map_err(|source| Error::Io {
+                what: "starting the status writer thread".into(),
+                source,
+            })?;
         let agent = Agent {
             inner: Arc::new(Inner {
                 agent_id,
@@ -303,9 +308,8 @@ impl Agent {
                 }),
                 adopt_lock: tokio::sync::Mutex::new(()),
                 reconcile_lock: tokio::sync::Mutex::new(()),
-                status_lock: Mutex::new(()),
+                status_writer,
                 hold: Mutex::new((None, None)),
-                status_slot: Mutex::new(None),
                 store_recovered: tokio::sync::Notify::new(),
                 fleet_reports: Mutex::new(BTreeMap::new()),
                 deferred_wake: tokio::sync::Notify::new(),

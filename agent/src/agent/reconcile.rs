@@ -1,5 +1,54 @@
 use super::*;
 
+/// When the reconcile loop runs next, as the reconciler decides it
+/// (kube-runtime's `Action`): after a delay, or only when woken (an
+/// adoption always wakes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Action {
+    requeue_after: Option<Duration>,
+}
+
+impl Action {
+    /// Run again after `after` (or sooner when woken).
+    pub fn requeue(after: Duration) -> Self {
+        Self {
+            requeue_after: Some(after),
+        }
+    }
+
+    /// Run again only when woken.
+    pub fn await_change() -> Self {
+        Self {
+            requeue_after: None,
+        }
+    }
+
+    /// The delay, if any.
+    pub fn requeue_after(&self) -> Option<Duration> {
+        self.requeue_after
+    }
+}
+
+/// The reconcile loop's policy: in sync (or not, with conflicts or an
+/// unhealthy release, which only time or a new release changes) — the
+/// configured interval, for drift correction; an error (the target or
+/// the store failed) — backoff from one second up to the interval, so a
+/// transient failure is retried soon without hammering a broken target.
+pub(super) fn next_action(
+    result: &Result<ApplyReport>,
+    interval: Duration,
+    failures: &mut Backoff,
+) -> Action {
+    match result {
+        Ok(_) => {
+            failures.reset();
+            Action::requeue(jitter(interval, 0.05))
+        }
+        Err(Error::NoRelease { .. }) => Action::requeue(jitter(interval, 0.05)),
+        Err(_) => Action::requeue(failures.next_delay().min(interval)),
+    }
+}
+
 impl Agent {
     /// Applies the adopted release to the target. Returns the report, or
     /// an error when nothing is adopted or the target failed.
@@ -224,5 +273,51 @@ impl Agent {
             failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
         });
         Ok(self.inner.target.apply(desired).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_back_off_up_to_the_interval_and_success_resets() {
+        let interval = Duration::from_secs(30);
+        let mut failures = Backoff::new(Duration::from_secs(1), interval);
+        let err = || Err(Error::Status("target failed".into()));
+        let first = next_action(&err(), interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(first <= Duration::from_millis(1500), "{first:?}");
+        let mut last = first;
+        for _ in 0..10 {
+            last = next_action(&err(), interval, &mut failures)
+                .requeue_after()
+                .unwrap_or(Duration::MAX);
+            assert!(last <= interval, "{last:?}");
+        }
+        assert!(last > first, "backoff grows: {first:?} then {last:?}");
+        let ok = next_action(&Ok(ApplyReport::default()), interval, &mut failures);
+        let d = ok.requeue_after().unwrap_or(Duration::MAX);
+        assert!(d >= interval.mul_f64(0.95) && d <= interval.mul_f64(1.05), "{d:?}");
+        let again = next_action(&err(), interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(again <= Duration::from_millis(1500), "reset: {again:?}");
+    }
+
+    #[test]
+    fn nothing_adopted_waits_the_interval_not_a_backoff() {
+        let interval = Duration::from_secs(30);
+        let mut failures = Backoff::new(Duration::from_secs(1), interval);
+        let none = Err(Error::NoRelease {
+            channel: "stable".into(),
+            detail: "no sources".into(),
+        });
+        let d = next_action(&none, interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(d >= interval.mul_f64(0.95), "{d:?}");
+        assert_eq!(Action::await_change().requeue_after(), None);
     }
 }

@@ -131,53 +131,15 @@ impl Agent {
     }
 
     /// Writes the status document to `<dataDir>/status.json` (atomically)
-    /// on a blocking thread; the newest document always wins.
+    /// on the status writer's thread; the newest document always wins.
     pub fn publish_status(&self) {
-        self.stage_status();
-        let agent = self.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(move || agent.write_staged_status());
-            }
-            Err(_) => agent.write_staged_status(),
-        }
+        self.inner.status_writer.publish(self.status());
     }
 
     /// [`Agent::publish_status`], returning once the file is written.
     pub async fn publish_status_now(&self) {
-        self.stage_status();
-        let agent = self.clone();
-        let _ = tokio::task::spawn_blocking(move || agent.write_staged_status()).await;
-    }
-
-    pub(super) fn stage_status(&self) {
-        let s = self.status();
-        *self
-            .inner
-            .status_slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(s);
-    }
-
-    pub(super) fn write_staged_status(&self) {
-        let _g = self
-            .inner
-            .status_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let staged = self
-            .inner
-            .status_slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(s) = staged {
-            // Status writes need no free space (see `Status::write`), so a
-            // full data directory is reported, not left stale.
-            if let Err(e) = s.write(&self.inner.config.data_dir) {
-                tracing::warn!(error = %e, "cannot write the status file");
-            }
-        }
+        let generation = self.inner.status_writer.publish(self.status());
+        self.inner.status_writer.written(generation).await;
     }
 
     /// Records the bound HTTP address (shown in status).

@@ -108,15 +108,12 @@ impl Agent {
         // The last status and flush get a few seconds: a store stuck on a
         // failing disk must not keep the agent from stopping (everything
         // adopted is durable already; this only saves sync results).
-        let agent = self.clone();
-        let last = tokio::task::spawn_blocking(move || {
-            agent.stage_status();
-            agent.write_staged_status();
-            agent.inner.store.blocking().flush()
-        });
+        let last = async {
+            self.publish_status_now().await;
+            self.blocking(|s| s.flush()).await
+        };
         match tokio::time::timeout(SHUTDOWN_GRACE, last).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "final store flush failed"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "final store flush failed"),
             Err(_) => tracing::warn!(
                 grace_s = SHUTDOWN_GRACE.as_secs(),
@@ -240,13 +237,25 @@ impl Agent {
         }
     }
 
+    /// Reconciles, then sleeps until the reconciler's [`Action`] says to
+    /// run again or an adoption wakes it.
     pub(super) async fn reconcile_loop(&self) {
         let mut rx = self.subscribe();
+        let interval = self.inner.config.reconcile_interval;
+        let mut failures = Backoff::new(Duration::from_secs(1).min(interval), interval);
         loop {
-            let _ = self.reconcile().await;
+            let result = self.reconcile().await;
+            let action = reconcile::next_action(&result, interval, &mut failures);
+            drop(result);
             release_freed_memory();
+            let wait = async {
+                match action.requeue_after() {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(jitter(self.inner.config.reconcile_interval, 0.05)) => {}
+                _ = wait => {}
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return;
