@@ -153,11 +153,8 @@ pub trait Local: Send + Sync {
     /// Which of `addresses` the store holds.
     fn present(&self, addresses: Vec<String>) -> BoxFuture<'_, Result<Vec<bool>, Self::Error>>;
     /// Stores a verified object (or a staged manifest).
-    fn put_object(
-        &self,
-        address: String,
-        bytes: Vec<u8>,
-    ) -> BoxFuture<'_, Result<(), Self::Error>>;
+    fn put_object(&self, address: String, bytes: Vec<u8>)
+        -> BoxFuture<'_, Result<(), Self::Error>>;
 }
 
 /// Why the driver stopped without an answer (retried by the caller).
@@ -217,16 +214,15 @@ where
 {
     let name = fetch.name();
     let get = |item: Item, limit: u64| async move {
-        fetch
-            .fetch(&item, limit)
-            .await
-            .map_err(DriveError::Fetch)
+        fetch.fetch(&item, limit).await.map_err(DriveError::Fetch)
     };
     let mut root_rejected = None;
-    let outcome = |root_rejected, driven| Ok(Outcome {
-        root_rejected,
-        driven,
-    });
+    let outcome = |root_rejected, driven| {
+        Ok(Outcome {
+            root_rejected,
+            driven,
+        })
+    };
 
     // 1. Roots: follow roots/<v+1> until the source has no more.
     loop {
@@ -269,7 +265,12 @@ where
         }
         Some(_) => {}
         None => {
-            tracing::info!(source = name, channel, sequence, "new release found; fetching")
+            tracing::info!(
+                source = name,
+                channel,
+                sequence,
+                "new release found; fetching"
+            )
         }
     }
 

@@ -281,10 +281,12 @@ impl Agent {
                 .set(gauge(lg.sequence));
         }
         let head_sequence = head.as_ref().map(|h| h.release.sequence);
-        let status_writer = status_writer::StatusWriter::start(config.data_dir.clone())
-            .map_err(|source| Error::Io {
-                what: "starting the status writer thread".into(),
-                source,
+        let status_writer =
+            status_writer::StatusWriter::start(config.data_dir.clone()).map_err(|source| {
+                Error::Io {
+                    what: "starting the status writer thread".into(),
+                    source,
+                }
             })?;
         let agent = Agent {
             inner: Arc::new(Inner {

@@ -1,6 +1,6 @@
-use super::*;
 use super::deferred::{PendingState, Step};
 use super::run::StagedRelease;
+use super::*;
 
 impl Agent {
     /// The newest verified release this agent holds for its channel: a

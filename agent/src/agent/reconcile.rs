@@ -299,7 +299,10 @@ mod tests {
         assert!(last > first, "backoff grows: {first:?} then {last:?}");
         let ok = next_action(&Ok(ApplyReport::default()), interval, &mut failures);
         let d = ok.requeue_after().unwrap_or(Duration::MAX);
-        assert!(d >= interval.mul_f64(0.95) && d <= interval.mul_f64(1.05), "{d:?}");
+        assert!(
+            d >= interval.mul_f64(0.95) && d <= interval.mul_f64(1.05),
+            "{d:?}"
+        );
         let again = next_action(&err(), interval, &mut failures)
             .requeue_after()
             .unwrap_or(Duration::MAX);

@@ -139,7 +139,10 @@ impl Agent {
         let name = source.name();
         let limits = &self.inner.limits;
         let channel = self.inner.config.channel.clone();
-        let local = AgentLocal { agent: self, source: name };
+        let local = AgentLocal {
+            agent: self,
+            source: name,
+        };
         let outcome = ingest::drive(source, &local, &channel, limits, FETCH_CONCURRENCY)
             .await
             .map_err(|e| match e {
@@ -350,9 +353,10 @@ impl Local for AgentLocal<'_> {
         &self,
         addresses: Vec<String>,
     ) -> BoxFuture<'_, std::result::Result<Vec<bool>, StoreError>> {
-        Box::pin(self.agent.blocking(move |s| {
-            addresses.iter().map(|a| s.has_object(a)).collect()
-        }))
+        Box::pin(
+            self.agent
+                .blocking(move |s| addresses.iter().map(|a| s.has_object(a)).collect()),
+        )
     }
 
     fn put_object(

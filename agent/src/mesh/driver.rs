@@ -11,14 +11,16 @@ use crate::source::{Source, SourceError};
 use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
+use cairn_bundle::mesh::sync::{
+    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis,
+};
 use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use cairn_bundle::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// How often our own status record is refreshed.
@@ -28,11 +30,13 @@ const PERSIST_EVERY: Duration = Duration::from_secs(15);
 /// Largest stored peer record read back.
 const MAX_PEER_RECORD: usize = 1024;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Wall-clock Unix milliseconds: only for gossiped status records.
+fn wall() -> UnixMillis {
+    UnixMillis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 /// A fetch in progress: the verified candidate and what has arrived.
@@ -62,6 +66,8 @@ struct Driver {
     metrics: MeshMetrics,
     limits: Limits,
     read_timeout: Duration,
+    /// The monotonic clock's epoch (the endpoint's timers run on it).
+    started: Instant,
 }
 
 pub async fn run(mesh: Mesh) {
@@ -118,6 +124,7 @@ pub async fn run(mesh: Mesh) {
         client,
         metrics,
         read_timeout,
+        started: Instant::now(),
     };
     d.refresh_local();
     // Adoptions and newly staged (deferred) releases: both are advertised.
@@ -126,15 +133,18 @@ pub async fn run(mesh: Mesh) {
     let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
     loop {
         d.drain();
-        let now = now_ms();
-        let wake = d.ep.poll_timeout().unwrap_or(now + 1000);
-        let sleep = Duration::from_millis(wake.saturating_sub(now).min(1000));
+        let now = d.now();
+        let wake = d.ep.poll_timeout().unwrap_or(now.saturating_add(1000));
+        let sleep = Duration::from_millis(wake.saturating_since(now).min(1000));
         tokio::select! {
             input = rx.recv() => match input {
                 Some(i) => d.input(i),
                 None => return,
             },
-            _ = tokio::time::sleep(sleep) => d.ep.handle_timeout(now_ms()),
+            _ = tokio::time::sleep(sleep) => {
+                let now = d.now();
+                d.ep.handle_timeout(now, wall());
+            }
             changed = adopted.changed() => {
                 if changed.is_ok() {
                     d.refresh_local();
@@ -158,8 +168,13 @@ impl Drop for AbortOnDrop {
 }
 
 impl Driver {
+    /// Monotonic milliseconds since the driver started.
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn input(&mut self, input: Input) {
-        let now = now_ms();
+        let now = self.now();
         match input {
             Input::Connected {
                 stream,
@@ -183,7 +198,7 @@ impl Driver {
                 tracing::debug!(%addr, %error, "mesh dial failed");
                 self.ep.dial_failed(&addr, now);
             }
-            Input::Message { conn, msg } => self.ep.handle_message(conn, msg, now),
+            Input::Message { conn, msg } => self.ep.handle_message(conn, msg, now, wall()),
             Input::WireError {
                 conn,
                 reason,
@@ -232,7 +247,7 @@ impl Driver {
 
     fn drain(&mut self) {
         while let Some(action) = self.ep.poll_action() {
-            let now = now_ms();
+            let now = self.now();
             match action {
                 Action::Send { conn, message } => {
                     let Some(h) = self.conns.get(&conn) else {
@@ -266,7 +281,7 @@ impl Driver {
         }
     }
 
-    fn event(&mut self, e: Event, now: u64) {
+    fn event(&mut self, e: Event, now: Millis) {
         match e {
             Event::PeerUp { peer, .. } => {
                 tracing::info!(%peer, "mesh peer connected");
@@ -290,7 +305,7 @@ impl Driver {
                     %peer,
                     %reason,
                     detail = %escape_untrusted(&detail),
-                    banned_for_s = banned_until.saturating_sub(now) / 1000,
+                    banned_for_s = banned_until.saturating_sub(now.as_u64()) / 1000,
                     "mesh peer cut off"
                 );
                 self.metrics.reject(peer.name(), &reason);
@@ -360,7 +375,7 @@ impl Driver {
         channel: &str,
         release: Vec<u8>,
         roots: Vec<(u64, Vec<u8>)>,
-        now: u64,
+        now: Millis,
     ) {
         let mut root = self.agent.root();
         let mut chain = self.agent.root_chain();
@@ -386,7 +401,6 @@ impl Driver {
         let mut snapshot = self.agent.snapshot();
         snapshot.root = root.root.clone();
         snapshot.epoch = cairn_keys::root::release_epoch(&chain).to_vec();
-        snapshot.now = now / 1000;
         match Ingest::start(&snapshot.context(channel, &self.limits), &release) {
             Err(rej) => {
                 tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
@@ -430,7 +444,7 @@ impl Driver {
 
     /// The store's copy of the manifest (if any) for a verified release:
     /// the fetch moves on to the manifest or the objects.
-    fn local_manifest(&mut self, fetch: FetchId, manifest: Option<Vec<u8>>, now: u64) {
+    fn local_manifest(&mut self, fetch: FetchId, manifest: Option<Vec<u8>>, now: Millis) {
         let Some(state) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -451,7 +465,7 @@ impl Driver {
 
     /// An object whose hash matched: the manifest, or an entry checked by
     /// the pipeline against it, then stored.
-    fn object(&mut self, fetch: FetchId, address: String, bytes: Vec<u8>, now: u64) {
+    fn object(&mut self, fetch: FetchId, address: String, bytes: Vec<u8>, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -493,7 +507,7 @@ impl Driver {
     }
 
     /// Everything asked for arrived: ask for the missing entries, or adopt.
-    fn idle(&mut self, fetch: FetchId, now: u64) {
+    fn idle(&mut self, fetch: FetchId, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -537,7 +551,7 @@ impl Driver {
 
     /// The store's answer for the objects a fetch wants: ask the peer for
     /// the missing ones, or adopt.
-    fn present(&mut self, fetch: FetchId, present: Vec<(String, bool)>, now: u64) {
+    fn present(&mut self, fetch: FetchId, present: Vec<(String, bool)>, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -592,7 +606,7 @@ impl Driver {
 
     /// Our head and status into the endpoint (after every adoption).
     fn refresh_local(&mut self) {
-        let now = now_ms();
+        let now = self.now();
         let root_version = self.agent.root().root.version;
         self.refresh_trust();
         if let Some(h) = self.agent.relay_head() {
@@ -675,7 +689,7 @@ impl Driver {
             rollout,
             listen: None,
         };
-        self.ep.set_local_status(record, now_ms());
+        self.ep.set_local_status(record, wall());
         self.update_fleet_reports();
     }
 
@@ -686,7 +700,7 @@ impl Driver {
     fn update_fleet_reports(&self) {
         let channel = &self.agent.config().channel;
         let mut reports: BTreeMap<String, FleetReports> = BTreeMap::new();
-        for r in self.ep.status(now_ms()) {
+        for r in self.ep.status(wall()) {
             if r.channel != *channel || r.bundle.is_empty() {
                 continue;
             }

@@ -178,11 +178,7 @@ impl SourceSet {
     /// Asks each source in turn for `item`; returns the first file
     /// found, `Ok(None)` if none has it, or the last error if none answered.
     /// The caller verifies the bytes (e.g. against an address).
-    pub async fn get_any(
-        &self,
-        item: &Item,
-        limit: u64,
-    ) -> Result<Option<Vec<u8>>, SourceError> {
+    pub async fn get_any(&self, item: &Item, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
         let mut last_err = None;
         let mut answered = false;
         for s in &self.sources {

@@ -12,8 +12,12 @@
 //!   ([`Endpoint::set_head`], [`Endpoint::set_local_status`]) and the
 //!   shell's answers ([`Endpoint::serve`], [`Endpoint::release_verified`],
 //!   [`Endpoint::release_rejected`], [`Endpoint::fetch_want`],
-//!   [`Endpoint::fetch_complete`]). Every input takes `now` (milliseconds,
-//!   any epoch the caller keeps monotonic).
+//!   [`Endpoint::fetch_complete`]). Every input takes `now`, a [`Millis`]
+//!   reading of a monotonic clock (timers, timeouts, bans, backoff); the
+//!   inputs that touch gossiped status records ([`Endpoint::handle_message`],
+//!   [`Endpoint::handle_timeout`], [`Endpoint::set_local_status`],
+//!   [`Endpoint::status`]) also take `wall`, [`UnixMillis`] from the wall
+//!   clock, because a record's `time` is compared across machines.
 //! * **outputs** are drained with [`Endpoint::poll_action`] (messages to
 //!   send, connections to open or close, and [`Event`]s), and
 //!   [`Endpoint::poll_timeout`] says when to call
@@ -109,6 +113,34 @@ pub trait RecordKeys: std::fmt::Debug + Send {
         now_ms: u64,
     ) -> Result<String, RecordRejection>;
 }
+
+/// A reading of a monotonic clock, in milliseconds since an epoch the
+/// shell picks (its start, say): what every timer of the endpoint runs on.
+/// Never compared with another machine's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// The milliseconds.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// `self + ms`, saturating.
+    pub fn saturating_add(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self` (0 if `earlier` is later).
+    pub fn saturating_since(self, earlier: Millis) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Wall-clock time, Unix milliseconds: the `time` of gossiped status
+/// records and the validity of their certificates. Only gossip uses it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMillis(pub u64);
 
 /// A connection, numbered by the endpoint.
 pub type ConnId = u64;
@@ -493,7 +525,11 @@ impl Endpoint {
     }
 
     /// When [`Endpoint::handle_timeout`] should next be called.
-    pub fn poll_timeout(&self) -> Option<u64> {
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.next_timeout().map(Millis)
+    }
+
+    fn next_timeout(&self) -> Option<u64> {
         if !self.started {
             return Some(0);
         }
@@ -517,18 +553,18 @@ impl Endpoint {
         &self.heads
     }
 
-    /// The gossiped fleet status at `now`, by agent id (ours included):
+    /// The gossiped fleet status at `wall`, by agent id (ours included):
     /// only verified records younger than the TTL.
-    pub fn status(&self, now: u64) -> impl Iterator<Item = &StatusRecord> + '_ {
+    pub fn status(&self, wall: UnixMillis) -> impl Iterator<Item = &StatusRecord> + '_ {
         self.status
             .values()
             .map(|h| &h.record)
-            .filter(move |r| !self.expired(r, now))
+            .filter(move |r| !self.expired(r, wall.0))
     }
 
-    fn expired(&self, r: &StatusRecord, now: u64) -> bool {
+    fn expired(&self, r: &StatusRecord, wall: u64) -> bool {
         r.agent_id != self.config.agent_id
-            && r.time.saturating_add(self.config.status_ttl_ms) <= now
+            && r.time.saturating_add(self.config.status_ttl_ms) <= wall
     }
 
     /// The peer table, by address.
@@ -551,7 +587,11 @@ impl Endpoint {
     }
 
     /// Whether an agent id is banned at `now`.
-    pub fn is_banned(&self, agent_id: &str, now: u64) -> bool {
+    pub fn is_banned(&self, agent_id: &str, now: Millis) -> bool {
+        self.banned_at(agent_id, now.0)
+    }
+
+    fn banned_at(&self, agent_id: &str, now: u64) -> bool {
         self.bans.get(agent_id).is_some_and(|b| b.until > now)
     }
 
@@ -559,7 +599,8 @@ impl Endpoint {
 
     /// Sets (after verification) our head for a channel and pushes it to
     /// up to `push_fanout` random peers if it is new.
-    pub fn set_head(&mut self, head: Head, now: u64) {
+    pub fn set_head(&mut self, head: Head, now: Millis) {
+        let now = now.0;
         self.root_version = self.root_version.max(head.root_version);
         if self.heads.get(&head.channel) == Some(&head) {
             return;
@@ -599,10 +640,14 @@ impl Endpoint {
     }
 
     /// Sets our own status record: its agent id and listen address are
-    /// ours, its `time` is `now`. It is signed again only when it changed
+    /// ours, its `time` is `wall`. It is signed again only when it changed
     /// or is older than `status_refresh_ms`, so peers do not verify an
     /// unchanged record over and over.
-    pub fn set_local_status(&mut self, mut record: StatusRecord, now: u64) {
+    pub fn set_local_status(&mut self, record: StatusRecord, wall: UnixMillis) {
+        self.set_own_status(record, wall.0);
+    }
+
+    fn set_own_status(&mut self, mut record: StatusRecord, now: u64) {
         record.agent_id = self.config.agent_id.clone();
         record.listen = self
             .config
@@ -658,8 +703,9 @@ impl Endpoint {
         identity: PeerIdentity,
         dialed: Option<String>,
         remote_ip: Option<String>,
-        now: u64,
+        now: Millis,
     ) -> ConnId {
+        let now = now.0;
         let conn = self.next_conn;
         self.next_conn += 1;
         if let Some(addr) = &dialed {
@@ -696,7 +742,7 @@ impl Endpoint {
                 self.close(conn, "connected to self".into(), now);
                 return conn;
             }
-            if self.is_banned(id, now) {
+            if self.banned_at(id, now) {
                 self.close(conn, format!("agent {id} is banned"), now);
                 return conn;
             }
@@ -714,7 +760,8 @@ impl Endpoint {
     }
 
     /// A dial failed.
-    pub fn dial_failed(&mut self, addr: &str, now: u64) {
+    pub fn dial_failed(&mut self, addr: &str, now: Millis) {
+        let now = now.0;
         self.pending_dials.remove(addr);
         let (base, max) = (
             self.config.dial_backoff_base_ms,
@@ -729,7 +776,8 @@ impl Endpoint {
 
     /// The connection closed (by the peer or by IO). Unknown ids are
     /// ignored.
-    pub fn disconnected(&mut self, conn: ConnId, now: u64) {
+    pub fn disconnected(&mut self, conn: ConnId, now: Millis) {
+        let now = now.0;
         self.forget(conn, "connection closed", now);
     }
 
@@ -738,16 +786,18 @@ impl Endpoint {
     /// `reason` is a stable label ([`super::wire::WireError::reason`]);
     /// `closed`, `io` and `idle` (no frame at all within the idle
     /// deadline) only disconnect, without a ban.
-    pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: u64) {
+    pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: Millis) {
+        let now = now.0;
         if matches!(reason, "closed" | "io" | "idle") {
-            self.disconnected(conn, now);
+            self.disconnected(conn, Millis(now));
         } else {
             self.offense(conn, reason, detail.to_owned(), now);
         }
     }
 
     /// A message arrived on `conn`.
-    pub fn handle_message(&mut self, conn: ConnId, msg: Message, now: u64) {
+    pub fn handle_message(&mut self, conn: ConnId, msg: Message, now: Millis, wall: UnixMillis) {
+        let (now, wall) = (now.0, wall.0);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -814,7 +864,7 @@ impl Endpoint {
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
                 let heads = self.heads_message();
                 self.send(conn, heads, now);
-                self.send_status(conn, false, now);
+                self.send_status(conn, false, now, wall);
             } else {
                 self.actions
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
@@ -823,7 +873,7 @@ impl Endpoint {
         }
         if let PeerIdentity::Operator(_) = c.peer {
             return match msg {
-                Message::StatusRequest => self.send_status(conn, true, now),
+                Message::StatusRequest => self.send_status(conn, true, now, wall),
                 Message::Bye(_) => self.close(conn, "operator said bye".into(), now),
                 // Operators may not author or relay records.
                 other => self.offense(
@@ -862,8 +912,8 @@ impl Endpoint {
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
             }
             Message::Data { id, items } => self.handle_data(conn, id, items, now),
-            Message::Status(records) => self.merge_status(conn, records, now),
-            Message::StatusRequest => self.send_status(conn, true, now),
+            Message::Status(records) => self.merge_status(conn, records, now, wall),
+            Message::StatusRequest => self.send_status(conn, true, now, wall),
             Message::Bye(reason) => self.close(
                 conn,
                 format!("peer said bye: {}", escape_untrusted(&reason)),
@@ -875,7 +925,8 @@ impl Endpoint {
     /// Answers a [`Event::Serve`]: `found` holds what we have (in request
     /// order). Replies are cut to [`MeshLimits::max_reply_bytes`]; what is
     /// left out the peer asks for again.
-    pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: u64) {
+    pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: Millis) {
+        let now = now.0;
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -901,7 +952,7 @@ impl Endpoint {
 
     /// The release of a fetch passed the agent's verification: the fetch
     /// moves on to objects (name them with [`Endpoint::fetch_want`]).
-    pub fn release_verified(&mut self, fetch: FetchId, _now: u64) {
+    pub fn release_verified(&mut self, fetch: FetchId, _now: Millis) {
         if let Some(f) = self.fetches.get_mut(&fetch) {
             if f.stage == Stage::Verdict {
                 f.stage = Stage::Objects;
@@ -917,7 +968,8 @@ impl Endpoint {
     /// A `rollback` verdict while we already hold the sequence the peer
     /// advertised is a race (we adopted it from elsewhere meanwhile), not
     /// the peer's fault: the fetch is dropped without blame.
-    pub fn release_rejected(&mut self, fetch: FetchId, reason: &str, detail: &str, now: u64) {
+    pub fn release_rejected(&mut self, fetch: FetchId, reason: &str, detail: &str, now: Millis) {
+        let now = now.0;
         let Some(f) = self.fetches.get(&fetch) else {
             return;
         };
@@ -944,7 +996,8 @@ impl Endpoint {
     /// [`Endpoint::release_verified`], with an empty list if nothing is
     /// missing, and after each [`Event::FetchIdle`] as needed). Addresses
     /// already queued or in flight, and malformed ones, are skipped.
-    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: u64) {
+    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: Millis) {
+        let now = now.0;
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -977,7 +1030,8 @@ impl Endpoint {
     }
 
     /// The shell is done with a fetch (adopted, or nothing more to do).
-    pub fn fetch_complete(&mut self, fetch: FetchId, now: u64) {
+    pub fn fetch_complete(&mut self, fetch: FetchId, now: Millis) {
+        let now = now.0;
         if self.fetches.remove(&fetch).is_some() {
             for c in self.conns.values_mut() {
                 c.outstanding.retain(|_, (f, _, _)| *f != fetch);
@@ -989,7 +1043,8 @@ impl Endpoint {
     /// Abandons a fetch without blaming the peer (e.g. we already hold a
     /// newer release from elsewhere). The peer is not asked again for a
     /// while.
-    pub fn fetch_abandon(&mut self, fetch: FetchId, now: u64) {
+    pub fn fetch_abandon(&mut self, fetch: FetchId, now: Millis) {
+        let now = now.0;
         if let Some(f) = self.fetches.get(&fetch) {
             let conn = f.conn;
             if let Some(c) = self.conns.get_mut(&conn) {
@@ -1006,7 +1061,8 @@ impl Endpoint {
 
     /// Runs timers: hello and request timeouts, keepalives, anti-entropy
     /// and dialing.
-    pub fn handle_timeout(&mut self, now: u64) {
+    pub fn handle_timeout(&mut self, now: Millis, wall: UnixMillis) {
+        let (now, wall) = (now.0, wall.0);
         if !self.started {
             self.started = true;
             self.next_anti_entropy = now + self.config.anti_entropy_ms;
@@ -1054,17 +1110,17 @@ impl Endpoint {
                 let conn = targets[self.rng.below(targets.len())];
                 let m = self.heads_message();
                 self.send(conn, m, now);
-                self.send_status(conn, false, now);
+                self.send_status(conn, false, now, wall);
             }
             self.maybe_start_fetches(now);
-            self.expire_status(now);
+            self.expire_status(wall);
         }
         // Our own record: always present (a minimal one if the shell set
         // none, so our address travels) and signed again before it ages.
         let stale = self
             .status
             .get(&self.config.agent_id)
-            .is_none_or(|h| now >= h.record.time.saturating_add(self.config.status_refresh_ms));
+            .is_none_or(|h| wall >= h.record.time.saturating_add(self.config.status_refresh_ms));
         if stale {
             let record = self
                 .status
@@ -1077,11 +1133,11 @@ impl Endpoint {
                     sequence: 0,
                     bundle: String::new(),
                     health: "unknown".into(),
-                    time: now,
+                    time: wall,
                     rollout: None,
                     listen: None,
                 });
-            self.set_local_status(record, now);
+            self.set_own_status(record, wall);
         }
         // Dialing.
         if now >= self.next_dial {
@@ -1119,7 +1175,7 @@ impl Endpoint {
     /// Sends live signed records on `conn`: all of them (`full`, the
     /// answer to `StatusRequest`), or those newer than what was already
     /// sent there (gossip; nothing is sent when nothing is new).
-    fn send_status(&mut self, conn: ConnId, full: bool, now: u64) {
+    fn send_status(&mut self, conn: ConnId, full: bool, now: u64, wall: u64) {
         // Newest first, within the record count and a byte budget; only
         // live records with a signature (expired ones are not relayed).
         let Some(already) = self.conns.get(&conn).map(|c| &c.status_sent) else {
@@ -1128,7 +1184,7 @@ impl Endpoint {
         let mut records: Vec<&HeldStatus> = self
             .status
             .values()
-            .filter(|h| h.signed.is_some() && !self.expired(&h.record, now))
+            .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
             .filter(|h| {
                 full || already
                     .get(&h.record.agent_id)
@@ -1166,12 +1222,12 @@ impl Endpoint {
     }
 
     /// Drops records older than the TTL.
-    fn expire_status(&mut self, now: u64) {
+    fn expire_status(&mut self, wall: u64) {
         let before = self.status.len();
         let ttl = self.config.status_ttl_ms;
         let me = self.config.agent_id.clone();
         self.status
-            .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > now);
+            .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > wall);
         if self.status.len() != before {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
@@ -1183,7 +1239,7 @@ impl Endpoint {
     /// and whose author signed them are kept. A forged record cuts the
     /// peer off. One record per agent id; a new agent id takes a free or
     /// expired slot, never a live record's.
-    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64) {
+    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64, wall: u64) {
         let Some(peer) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
@@ -1200,23 +1256,23 @@ impl Endpoint {
             if r.agent_id == self.config.agent_id {
                 continue;
             }
-            if r.time > now.saturating_add(self.config.max_clock_skew_ms) {
+            if r.time > wall.saturating_add(self.config.max_clock_skew_ms) {
                 *dropped.entry("future").or_default() += 1;
                 continue;
             }
-            if r.time.saturating_add(self.config.status_ttl_ms) <= now {
+            if r.time.saturating_add(self.config.status_ttl_ms) <= wall {
                 *dropped.entry("expired").or_default() += 1;
                 continue;
             }
             if self
                 .status
                 .get(&r.agent_id)
-                .is_some_and(|old| old.record.time >= r.time && !self.expired(&old.record, now))
+                .is_some_and(|old| old.record.time >= r.time && !self.expired(&old.record, wall))
             {
                 continue;
             }
             let message = SignedStatus::signed_message(&signed.record);
-            match self.keys.verify(&signed.cert, &message, &signed.sig, now) {
+            match self.keys.verify(&signed.cert, &message, &signed.sig, wall) {
                 Ok(author) if author == r.agent_id => {}
                 Ok(author) => {
                     *dropped.entry("forged").or_default() += 1;
@@ -1249,7 +1305,7 @@ impl Endpoint {
                 let victim = self
                     .status
                     .iter()
-                    .filter(|(id, h)| *id != me && h.record.time.saturating_add(ttl) <= now)
+                    .filter(|(id, h)| *id != me && h.record.time.saturating_add(ttl) <= wall)
                     .min_by_key(|(_, h)| h.record.time)
                     .map(|(id, _)| id.clone());
                 match victim {
@@ -1382,7 +1438,7 @@ impl Endpoint {
                 || connected_addrs.contains(&e.addr)
                 || e.agent_id
                     .as_ref()
-                    .is_some_and(|id| connected_ids.contains(id) || self.is_banned(id, now));
+                    .is_some_and(|id| connected_ids.contains(id) || self.banned_at(id, now));
             if !skip {
                 if e.seed {
                     seeds.push(e.addr.clone());

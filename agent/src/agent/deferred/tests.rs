@@ -103,7 +103,11 @@ fn sleeps_until_the_wave_opens_then_adopts_once() {
             opens_at: opens,
         }),
     );
-    assert_eq!(m.poll_timeout(), Some(0), "a new pending release is evaluated now");
+    assert_eq!(
+        m.poll_timeout(),
+        Some(0),
+        "a new pending release is evaluated now"
+    );
     let now = T0 + 1_000;
     assert!(settle(&mut m, now, &who, None).is_empty());
     // Next wake-up: the hold re-read, a second later (the wave is far off).
@@ -174,7 +178,10 @@ fn a_hold_defers_until_it_ends_and_shows_in_status() {
 
     // The hold's end is a deadline of its own.
     m.hold_read(Some(hold.clone()), until * 1000 - 5_000);
-    assert_eq!(m.poll_timeout(), Some(until * 1000 - 5_000 + HOLD_RECHECK_MS));
+    assert_eq!(
+        m.poll_timeout(),
+        Some(until * 1000 - 5_000 + HOLD_RECHECK_MS)
+    );
     m.hold_read(Some(hold.clone()), until * 1000 - 500);
     assert_eq!(m.poll_timeout(), Some(until * 1000));
 
@@ -273,7 +280,10 @@ fn rejected_staged_release_is_dropped_and_newer_pending_kept() {
     let steps = settle(&mut m, at, &who, None);
     assert!(matches!(steps.as_slice(), [Step::Adopt(_)]), "{steps:?}");
     m.adoption_done(b"envelope 3", true);
-    assert!(m.pending().is_none(), "a rejected staged release is dropped");
+    assert!(
+        m.pending().is_none(),
+        "a rejected staged release is dropped"
+    );
 }
 
 #[test]
