@@ -14,7 +14,7 @@
 
 use super::MeshMetrics;
 use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::ConnId;
+use cairn_bundle::mesh::sync::{ConnId, WireFailure};
 use cairn_bundle::mesh::tls;
 use cairn_bundle::mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
 use cairn_bundle::mesh::MeshLimits;
@@ -235,8 +235,8 @@ pub enum Input {
     WireError {
         /// The connection.
         conn: ConnId,
-        /// Stable reason.
-        reason: &'static str,
+        /// Why.
+        reason: WireFailure,
         /// Detail.
         detail: String,
     },
@@ -452,12 +452,12 @@ pub fn spawn_io(
                 }
                 Ok(None) => Input::WireError {
                     conn,
-                    reason: "idle",
+                    reason: WireFailure::Idle,
                     detail: "no frame within the read deadline".into(),
                 },
                 Err(e) => Input::WireError {
                     conn,
-                    reason: e.reason(),
+                    reason: WireFailure::of(&e),
                     detail: e.to_string(),
                 },
             };
@@ -488,7 +488,7 @@ pub fn spawn_io(
                     let _ = tx
                         .send(Input::WireError {
                             conn,
-                            reason: "io",
+                            reason: WireFailure::Io,
                             detail: e.to_string(),
                         })
                         .await;
@@ -498,7 +498,7 @@ pub fn spawn_io(
                     let _ = tx
                         .send(Input::WireError {
                             conn,
-                            reason: "timeout",
+                            reason: WireFailure::Timeout,
                             detail: "write timed out".into(),
                         })
                         .await;

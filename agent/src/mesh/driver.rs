@@ -12,7 +12,8 @@ use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::sync::{
-    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis,
+    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
+    WireFailure,
 };
 use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use cairn_bundle::rollout::FleetReports;
@@ -256,8 +257,12 @@ impl Driver {
                     match h.tx.try_send(message) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
-                            self.ep
-                                .handle_wire_error(conn, "slow_peer", "send queue full", now);
+                            self.ep.handle_wire_error(
+                                conn,
+                                WireFailure::SlowPeer,
+                                "send queue full",
+                                now,
+                            );
                             self.drop_conn(conn);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -308,7 +313,7 @@ impl Driver {
                     banned_for_s = banned_until.saturating_sub(now.as_u64()) / 1000,
                     "mesh peer cut off"
                 );
-                self.metrics.reject(peer.name(), &reason);
+                self.metrics.reject(peer.name(), reason.label());
             }
             Event::Serve { conn, id, items } => {
                 // Disk reads on a blocking thread; the answer comes back
@@ -355,6 +360,7 @@ impl Driver {
                 reason,
                 count,
             } => {
+                let reason = reason.label();
                 tracing::debug!(%peer, reason, count, "mesh status records dropped");
                 self.metrics
                     .status_dropped
@@ -391,9 +397,12 @@ impl Driver {
                     kept.insert(v, bytes);
                 }
                 Err(rej) => {
-                    return self
-                        .ep
-                        .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                    return self.ep.release_rejected(
+                        fetch,
+                        verify_failure(&rej),
+                        &rej.to_string(),
+                        now,
+                    );
                 }
             }
         }
@@ -406,7 +415,7 @@ impl Driver {
                 tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
                 self.agent.metrics().reject(rej.reason());
                 self.ep
-                    .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                    .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
             }
             Ok(Start::UpToDate) => self.ep.fetch_abandon(fetch, now),
             Ok(Start::Candidate(ingest)) => {
@@ -502,7 +511,7 @@ impl Driver {
             self.agent.metrics().reject(rej.reason());
             self.fetches.remove(&fetch);
             self.ep
-                .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
         }
     }
 
@@ -739,6 +748,16 @@ impl Driver {
                 })
                 .await;
         });
+    }
+}
+
+/// The mesh's view of a pipeline rejection: a rollback may be a race (we
+/// adopted the release elsewhere meanwhile), a bad root always blames.
+fn verify_failure(rej: &pipeline::Rejection) -> VerifyFailure {
+    match (&rej.stage, &rej.error) {
+        (pipeline::Stage::Root, _) => VerifyFailure::RootRotation,
+        (_, cairn_bundle::Error::Rollback { .. }) => VerifyFailure::Rollback,
+        _ => VerifyFailure::Invalid(rej.reason()),
     }
 }
 

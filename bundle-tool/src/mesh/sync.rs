@@ -142,6 +142,179 @@ impl Millis {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UnixMillis(pub u64);
 
+/// Why a connection failed on the wire, as the shell reports it
+/// ([`Endpoint::handle_wire_error`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WireFailure {
+    /// The peer closed the connection.
+    Closed,
+    /// A socket error.
+    Io,
+    /// No frame within the read deadline.
+    Idle,
+    /// A read or write timed out.
+    Timeout,
+    /// A frame over the size limit.
+    OversizedFrame,
+    /// Bytes that are not a frame.
+    Garbage,
+    /// A frame that is not a valid message.
+    InvalidMessage,
+    /// Our send queue to the peer is full.
+    SlowPeer,
+}
+
+impl WireFailure {
+    /// The failure behind a [`super::wire::WireError`].
+    pub fn of(e: &super::wire::WireError) -> Self {
+        use super::wire::WireError;
+        match e {
+            WireError::Oversized { .. } => WireFailure::OversizedFrame,
+            WireError::Garbage(_) => WireFailure::Garbage,
+            WireError::Invalid(_) => WireFailure::InvalidMessage,
+            WireError::Closed => WireFailure::Closed,
+            WireError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                WireFailure::Timeout
+            }
+            WireError::Io(_) => WireFailure::Io,
+        }
+    }
+
+    /// A short, stable label (metrics, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            WireFailure::Closed => "closed",
+            WireFailure::Io => "io",
+            WireFailure::Idle => "idle",
+            WireFailure::Timeout => "timeout",
+            WireFailure::OversizedFrame => "oversized_frame",
+            WireFailure::Garbage => "garbage",
+            WireFailure::InvalidMessage => "invalid_message",
+            WireFailure::SlowPeer => "slow_peer",
+        }
+    }
+
+    /// Whether it is no fault of the peer (the connection just ended).
+    fn benign(self) -> bool {
+        matches!(
+            self,
+            WireFailure::Closed | WireFailure::Io | WireFailure::Idle
+        )
+    }
+}
+
+/// The verifier's answer on a release a peer served
+/// ([`Endpoint::release_rejected`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VerifyFailure {
+    /// Not newer than what we hold (may be a race, not the peer's fault).
+    Rollback,
+    /// A root in the chain it served failed verification.
+    RootRotation,
+    /// Anything else; the verifier's stable reason
+    /// (`signature_threshold`, `expired`, ...).
+    Invalid(&'static str),
+}
+
+impl VerifyFailure {
+    /// A short, stable label (metrics, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            VerifyFailure::Rollback => "rollback",
+            VerifyFailure::RootRotation => "root_rotation",
+            VerifyFailure::Invalid(r) => r,
+        }
+    }
+}
+
+/// Why a peer was cut off ([`Event::Rejected`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Offense {
+    /// A message before its hello.
+    NoHello,
+    /// A protocol version we do not speak.
+    ProtocolVersion,
+    /// A protocol violation (a second hello, a reused request id).
+    Protocol,
+    /// An operator connection sent something operators may not.
+    OperatorForbidden,
+    /// Too many requests in flight.
+    TooManyRequests,
+    /// Data nobody asked for.
+    Unsolicited,
+    /// An object whose bytes do not hash to its address.
+    ObjectHashMismatch,
+    /// A status record not signed by the agent it describes.
+    ForgedStatus,
+    /// No hello in time.
+    HelloTimeout,
+    /// A request unanswered in time.
+    Timeout,
+    /// The wire failed.
+    Wire(WireFailure),
+    /// A release it served was rejected.
+    Release(VerifyFailure),
+}
+
+impl Offense {
+    /// A short, stable label (the metric label, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            Offense::NoHello => "no_hello",
+            Offense::ProtocolVersion => "protocol_version",
+            Offense::Protocol => "protocol",
+            Offense::OperatorForbidden => "operator_forbidden",
+            Offense::TooManyRequests => "too_many_requests",
+            Offense::Unsolicited => "unsolicited",
+            Offense::ObjectHashMismatch => "object_hash_mismatch",
+            Offense::ForgedStatus => "forged_status",
+            Offense::HelloTimeout => "hello_timeout",
+            Offense::Timeout => "timeout",
+            Offense::Wire(w) => w.label(),
+            Offense::Release(v) => v.label(),
+        }
+    }
+}
+
+impl std::fmt::Display for Offense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Why gossiped status records were dropped ([`Event::StatusDropped`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StatusDrop {
+    /// Not signed by the agent it describes.
+    Forged,
+    /// Older than the TTL.
+    Expired,
+    /// Dated ahead beyond the allowed clock skew.
+    Future,
+    /// Its certificate is not valid now.
+    StaleCert,
+    /// No free slot for a new agent.
+    TableFull,
+}
+
+impl StatusDrop {
+    /// A short, stable label (the metric label).
+    pub fn label(self) -> &'static str {
+        match self {
+            StatusDrop::Forged => "forged",
+            StatusDrop::Expired => "expired",
+            StatusDrop::Future => "future",
+            StatusDrop::StaleCert => "stale_cert",
+            StatusDrop::TableFull => "table_full",
+        }
+    }
+}
+
 /// A connection, numbered by the endpoint.
 pub type ConnId = u64;
 /// A fetch (one release and its objects from one peer).
@@ -269,8 +442,8 @@ pub enum Event {
     Rejected {
         /// Who.
         peer: PeerIdentity,
-        /// Stable reason (`object_hash_mismatch`, `rollback`, ...).
-        reason: String,
+        /// Why.
+        reason: Offense,
         /// Details for the log.
         detail: String,
         /// Until when it is banned.
@@ -332,8 +505,8 @@ pub enum Event {
     StatusDropped {
         /// Who sent them.
         peer: PeerIdentity,
-        /// Stable reason (`forged`, `expired`, `future`, `stale_cert`).
-        reason: &'static str,
+        /// Why.
+        reason: StatusDrop,
         /// How many.
         count: u64,
     },
@@ -786,12 +959,18 @@ impl Endpoint {
     /// `reason` is a stable label ([`super::wire::WireError::reason`]);
     /// `closed`, `io` and `idle` (no frame at all within the idle
     /// deadline) only disconnect, without a ban.
-    pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: Millis) {
+    pub fn handle_wire_error(
+        &mut self,
+        conn: ConnId,
+        reason: WireFailure,
+        detail: &str,
+        now: Millis,
+    ) {
         let now = now.0;
-        if matches!(reason, "closed" | "io" | "idle") {
+        if reason.benign() {
             self.disconnected(conn, Millis(now));
         } else {
-            self.offense(conn, reason, detail.to_owned(), now);
+            self.offense(conn, Offense::Wire(reason), detail.to_owned(), now);
         }
     }
 
@@ -805,7 +984,7 @@ impl Endpoint {
             let Message::Hello(h) = msg else {
                 return self.offense(
                     conn,
-                    "no_hello",
+                    Offense::NoHello,
                     format!("{} before hello", msg.kind()),
                     now,
                 );
@@ -818,7 +997,7 @@ impl Endpoint {
                 );
                 return self.offense(
                     conn,
-                    "protocol_version",
+                    Offense::ProtocolVersion,
                     format!("version {} (we speak {PROTOCOL_VERSION})", h.version),
                     now,
                 );
@@ -878,14 +1057,14 @@ impl Endpoint {
                 // Operators may not author or relay records.
                 other => self.offense(
                     conn,
-                    "operator_forbidden",
+                    Offense::OperatorForbidden,
                     format!("operator sent {}", other.kind()),
                     now,
                 ),
             };
         }
         match msg {
-            Message::Hello(_) => self.offense(conn, "protocol", "second hello".into(), now),
+            Message::Hello(_) => self.offense(conn, Offense::Protocol, "second hello".into(), now),
             Message::Heads(heads) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.heads = heads;
@@ -900,13 +1079,18 @@ impl Endpoint {
                 if c.serving.len() >= max {
                     return self.offense(
                         conn,
-                        "too_many_requests",
+                        Offense::TooManyRequests,
                         format!("more than {max} wants in flight"),
                         now,
                     );
                 }
                 if !c.serving.insert(id) {
-                    return self.offense(conn, "protocol", format!("want id {id} reused"), now);
+                    return self.offense(
+                        conn,
+                        Offense::Protocol,
+                        format!("want id {id} reused"),
+                        now,
+                    );
                 }
                 self.actions
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
@@ -968,28 +1152,34 @@ impl Endpoint {
     /// A `rollback` verdict while we already hold the sequence the peer
     /// advertised is a race (we adopted it from elsewhere meanwhile), not
     /// the peer's fault: the fetch is dropped without blame.
-    pub fn release_rejected(&mut self, fetch: FetchId, reason: &str, detail: &str, now: Millis) {
+    pub fn release_rejected(
+        &mut self,
+        fetch: FetchId,
+        reason: VerifyFailure,
+        detail: &str,
+        now: Millis,
+    ) {
         let now = now.0;
         let Some(f) = self.fetches.get(&fetch) else {
             return;
         };
         let conn = f.conn;
         let ours = self.heads.get(&f.head.channel).map_or(0, |h| h.sequence);
-        if reason == "rollback" && ours >= f.head.sequence {
+        if reason == VerifyFailure::Rollback && ours >= f.head.sequence {
             self.fail_fetch(fetch, "already hold the advertised head".into());
             return;
         }
-        if f.excused && reason != "root_rotation" {
+        if f.excused && reason != VerifyFailure::RootRotation {
             // Not newer under our rules (e.g. an old-epoch head): not
             // asked again for a while, not blamed. A bad root still is.
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.fetch_backoff_until = now + self.config.anti_entropy_ms;
             }
-            self.fail_fetch(fetch, format!("release not newer: {reason}"));
+            self.fail_fetch(fetch, format!("release not newer: {}", reason.label()));
             return;
         }
-        self.fail_fetch(fetch, format!("release rejected: {reason}"));
-        self.offense(conn, reason, detail.to_owned(), now);
+        self.fail_fetch(fetch, format!("release rejected: {}", reason.label()));
+        self.offense(conn, Offense::Release(reason), detail.to_owned(), now);
     }
 
     /// Objects the shell lacks for a verified fetch (call it once after
@@ -1072,13 +1262,13 @@ impl Endpoint {
         let mut expired = Vec::new();
         for (id, c) in &self.conns {
             if !c.hello && now >= c.opened + self.config.hello_timeout_ms {
-                expired.push((*id, "hello_timeout", "no hello".to_owned()));
+                expired.push((*id, Offense::HelloTimeout, "no hello".to_owned()));
             } else if let Some((rid, _)) = c
                 .outstanding
                 .iter()
                 .find(|(_, (_, _, sent))| now >= sent + self.config.request_timeout_ms)
             {
-                expired.push((*id, "timeout", format!("want {rid} unanswered")));
+                expired.push((*id, Offense::Timeout, format!("want {rid} unanswered")));
             }
         }
         for (conn, reason, detail) in expired {
@@ -1245,7 +1435,7 @@ impl Endpoint {
         };
         let limits = self.config.limits.clone();
         let mut changed = false;
-        let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut dropped: BTreeMap<StatusDrop, u64> = BTreeMap::new();
         let mut forged: Option<String> = None;
         let mut learned = Vec::new();
         for signed in records {
@@ -1257,11 +1447,11 @@ impl Endpoint {
                 continue;
             }
             if r.time > wall.saturating_add(self.config.max_clock_skew_ms) {
-                *dropped.entry("future").or_default() += 1;
+                *dropped.entry(StatusDrop::Future).or_default() += 1;
                 continue;
             }
             if r.time.saturating_add(self.config.status_ttl_ms) <= wall {
-                *dropped.entry("expired").or_default() += 1;
+                *dropped.entry(StatusDrop::Expired).or_default() += 1;
                 continue;
             }
             if self
@@ -1275,7 +1465,7 @@ impl Endpoint {
             match self.keys.verify(&signed.cert, &message, &signed.sig, wall) {
                 Ok(author) if author == r.agent_id => {}
                 Ok(author) => {
-                    *dropped.entry("forged").or_default() += 1;
+                    *dropped.entry(StatusDrop::Forged).or_default() += 1;
                     forged.get_or_insert_with(|| {
                         format!(
                             "status record for agent {} signed by agent {author}",
@@ -1285,14 +1475,14 @@ impl Endpoint {
                     continue;
                 }
                 Err(RecordRejection::Forged(why)) => {
-                    *dropped.entry("forged").or_default() += 1;
+                    *dropped.entry(StatusDrop::Forged).or_default() += 1;
                     forged.get_or_insert_with(|| {
                         format!("status record for agent {}: {why}", r.agent_id)
                     });
                     continue;
                 }
                 Err(RecordRejection::Stale(_)) => {
-                    *dropped.entry("stale_cert").or_default() += 1;
+                    *dropped.entry(StatusDrop::StaleCert).or_default() += 1;
                     continue;
                 }
             }
@@ -1313,7 +1503,7 @@ impl Endpoint {
                         self.status.remove(&v);
                     }
                     None => {
-                        *dropped.entry("table_full").or_default() += 1;
+                        *dropped.entry(StatusDrop::TableFull).or_default() += 1;
                         continue;
                     }
                 }
@@ -1344,7 +1534,7 @@ impl Endpoint {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
         if let Some(detail) = forged {
-            self.offense(conn, "forged_status", detail, now);
+            self.offense(conn, Offense::ForgedStatus, detail, now);
         }
     }
 
@@ -1615,7 +1805,7 @@ impl Endpoint {
         let Some((fetch, asked, _)) = c.outstanding.remove(&id) else {
             return self.offense(
                 conn,
-                "unsolicited",
+                Offense::Unsolicited,
                 format!("data for unknown request {id}"),
                 now,
             );
@@ -1628,7 +1818,7 @@ impl Endpoint {
             if !pending.remove(&f.item) {
                 return self.offense(
                     conn,
-                    "unsolicited",
+                    Offense::Unsolicited,
                     format!("{:?} was not asked for", f.item),
                     now,
                 );
@@ -1642,7 +1832,7 @@ impl Endpoint {
                 Item::Object(address) => {
                     if let Err(e) = crate::bundle::verify_object(&address, &bytes) {
                         self.fail_fetch(fetch, format!("object {address} hash mismatch"));
-                        return self.offense(conn, "object_hash_mismatch", e.to_string(), now);
+                        return self.offense(conn, Offense::ObjectHashMismatch, e.to_string(), now);
                     }
                     objects.push((address, bytes));
                 }
@@ -1703,7 +1893,7 @@ impl Endpoint {
     }
 
     /// Cuts a peer off for breaking a rule, and bans it.
-    fn offense(&mut self, conn: ConnId, reason: &str, detail: String, now: u64) {
+    fn offense(&mut self, conn: ConnId, reason: Offense, detail: String, now: u64) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -1723,7 +1913,7 @@ impl Endpoint {
         let banned_until = ban.until;
         self.actions.push_back(Action::Event(Event::Rejected {
             peer,
-            reason: reason.to_owned(),
+            reason,
             detail: detail.clone(),
             banned_until,
         }));

@@ -40,7 +40,7 @@ use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::pki::PeerIdentity;
 use cairn_bundle::mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, Millis, RecordKeys, RecordRejection, SyncConfig,
-    UnixMillis,
+    UnixMillis, VerifyFailure,
 };
 use cairn_bundle::mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
@@ -1159,7 +1159,7 @@ impl Sim {
                 self.nodes[i].pending.remove(&fetch);
             }
             Event::Rejected { reason, .. } => {
-                *self.rejections.entry(reason).or_default() += 1;
+                *self.rejections.entry(reason.to_string()).or_default() += 1;
             }
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
@@ -1222,7 +1222,10 @@ impl Sim {
         let verdict = check.verify(&envelope);
         match verdict {
             Err(e) => {
-                let reason = e.reason();
+                let reason = match &e {
+                    cairn_bundle::Error::Rollback { .. } => VerifyFailure::Rollback,
+                    other => VerifyFailure::Invalid(other.reason()),
+                };
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
                     ep.release_rejected(fetch, reason, &e.to_string(), Millis(now));
                 }

@@ -413,12 +413,20 @@ impl Sim {
                     n.ep.set_floor_unbound(&channel, true);
                 }
                 if !valid || n.distrusted.contains(&seq) {
-                    return n
-                        .ep
-                        .release_rejected(fetch, "signature_threshold", "toy", Millis(now));
+                    return n.ep.release_rejected(
+                        fetch,
+                        VerifyFailure::Invalid("signature_threshold"),
+                        "toy",
+                        Millis(now),
+                    );
                 }
                 if seq <= n.seq(&channel) && !n.ep.unbound_floors.contains(&channel) {
-                    return n.ep.release_rejected(fetch, "rollback", "toy", Millis(now));
+                    return n.ep.release_rejected(
+                        fetch,
+                        VerifyFailure::Rollback,
+                        "toy",
+                        Millis(now),
+                    );
                 }
                 let head = Head {
                     sequence: seq,
@@ -460,9 +468,9 @@ impl Sim {
                 n.pending.remove(&fetch);
                 n.releases.remove(&format!("pending-{fetch}"));
             }
-            Event::Rejected { peer, reason, .. } => {
-                n.rejections.push((peer.name().to_owned(), reason))
-            }
+            Event::Rejected { peer, reason, .. } => n
+                .rejections
+                .push((peer.name().to_owned(), reason.to_string())),
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
             | Event::StatusChanged
@@ -833,10 +841,10 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         while let Some(a) = ep.poll_action() {
             match a {
                 Action::Event(Event::Rejected { reason, peer, .. }) => {
-                    rejected.push((reason, peer))
+                    rejected.push((reason.to_string(), peer))
                 }
                 Action::Event(Event::StatusDropped { reason, count, .. }) => {
-                    dropped.push((reason, count))
+                    dropped.push((reason.label(), count))
                 }
                 _ => {}
             }
@@ -1225,7 +1233,7 @@ fn drain_rejections(ep: &mut Endpoint) -> Vec<String> {
     let mut out = Vec::new();
     while let Some(a) = ep.poll_action() {
         if let Action::Event(Event::Rejected { reason, .. }) = a {
-            out.push(reason);
+            out.push(reason.to_string());
         }
     }
     out
@@ -1285,7 +1293,7 @@ fn protocol_violations_cut_the_peer_off() {
     // Garbage on the wire reported by the shell.
     let mut ep = new_ep(cfg(0, vec![]));
     let c = hello(&mut ep, "p", now);
-    ep.handle_wire_error(c, "oversized_frame", "5 GB", Millis(now));
+    ep.handle_wire_error(c, WireFailure::OversizedFrame, "5 GB", Millis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["oversized_frame"]);
     // ...and the peer stays banned: a reconnect is closed at once.
     let c2 = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now + 1));
