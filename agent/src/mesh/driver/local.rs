@@ -118,7 +118,6 @@ impl Driver {
         let records: Vec<(String, Vec<u8>)> = self
             .ep
             .peer_table()
-            .into_iter()
             .filter(|e| e.last_connected > 0 && !e.is_self)
             .map(|e| {
                 let rec = PeerInfo {
