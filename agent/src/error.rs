@@ -1,6 +1,6 @@
 use crate::config::ConfigError;
 use crate::store::StoreError;
-use crate::target::TargetError;
+use crate::targets::TargetError;
 use std::path::PathBuf;
 
 /// Result with [`Error`].

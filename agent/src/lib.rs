@@ -5,14 +5,16 @@
 //! The loop is **discover → fetch → verify → store → decide → apply →
 //! observe → report**. Pure cores and thin IO shells:
 //!
+//! * [`ingest`] (no tokio, no IO of its own): the one ingest driver over
+//!   typed [`ingest::Item`]s, used by sources, the mesh and staged releases.
 //! * [`pipeline`] (pure): root rotation, release and object verification,
 //!   the adopt-or-reject decision. No IO, no clock, no tokio.
-//! * [`target::plan`] (pure): desired objects + observed files → actions.
+//! * [`targets::plan`] (pure): desired objects + observed files → actions.
 //! * [`source`] (IO): the [`source::Source`] trait, HTTP(S) and directory
 //!   sources, [`source::SourceSet`]. A mesh peer is another `Source`.
 //! * [`store`] (IO): sled trees and content-addressed objects; the only module
 //!   that names sled.
-//! * [`target`] (IO): the [`target::Target`] trait and the manifests-directory
+//! * [`targets`] (IO): the [`targets::Target`] trait and the manifests-directory
 //!   target.
 //! * [`agent`] (IO): the [`Agent`] runtime that ties them together
 //!   ([`Agent::sync_from`], [`Agent::reconcile`], [`Agent::subscribe`]).
@@ -29,6 +31,7 @@ mod error;
 pub mod fsread;
 pub mod hold;
 pub mod http;
+pub mod ingest;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
@@ -37,7 +40,9 @@ pub mod retry;
 pub mod source;
 pub mod status;
 pub mod store;
-pub mod target;
+pub mod targets;
+/// The old name of [`targets`] (kept for callers outside the crate).
+pub use targets as target;
 
 pub use agent::Agent;
 pub use error::{Error, Result};
@@ -49,5 +54,5 @@ pub fn unix_now() -> u64 {
 }
 
 /// A boxed, sendable future, used by the object-safe async traits
-/// ([`source::Source`], [`target::Target`]).
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+/// ([`source::Source`], [`targets::Target`]).
+pub use ingest::BoxFuture;

@@ -12,8 +12,8 @@ pub mod plan;
 pub mod reconcile;
 
 use crate::config::KubernetesTarget as KubernetesConfig;
-use crate::store::Store;
-use crate::target::{ApplyReport, DesiredState, Target, TargetError};
+use crate::store::{Store, StoreHandle};
+use crate::targets::{ApplyReport, DesiredState, Target, TargetError};
 use crate::BoxFuture;
 use cluster::Cluster;
 use plan::{Health, InventoryItem};
@@ -46,7 +46,8 @@ pub struct LastPass {
 /// Applies releases to a Kubernetes cluster.
 pub struct KubernetesTarget {
     config: KubernetesConfig,
-    store: Store,
+    /// Inventory reads and writes run on blocking threads.
+    store: StoreHandle,
     cluster: Mutex<Option<Cluster>>,
     last: std::sync::Mutex<LastPass>,
     /// How long a new release may take to become healthy.
@@ -64,7 +65,7 @@ impl KubernetesTarget {
             health_timeout: config.health_timeout,
             force: config.force,
             config,
-            store,
+            store: StoreHandle::new(store),
             cluster: Mutex::new(None),
             last: std::sync::Mutex::new(LastPass::default()),
             agent_id,
@@ -81,8 +82,9 @@ impl KubernetesTarget {
         )
     }
 
-    fn load_inventory(&self) -> Result<Vec<InventoryItem>, TargetError> {
-        match self.store.inventory(&self.key())? {
+    async fn load_inventory(&self) -> Result<Vec<InventoryItem>, TargetError> {
+        let key = self.key();
+        match self.store.call(move |s| s.inventory(&key)).await? {
             None => Ok(Vec::new()),
             Some(bytes) => serde_json::from_slice::<StoredInventory>(&bytes)
                 .map(|s| s.items)
@@ -93,7 +95,7 @@ impl KubernetesTarget {
         }
     }
 
-    fn save_inventory(&self, items: &[InventoryItem]) -> Result<(), TargetError> {
+    async fn save_inventory(&self, items: &[InventoryItem]) -> Result<(), TargetError> {
         let bytes = serde_json::to_vec(&StoredInventory {
             format: 1,
             items: items.to_vec(),
@@ -102,7 +104,11 @@ impl KubernetesTarget {
             target: self.describe(),
             reason: e.to_string(),
         })?;
-        Ok(self.store.set_inventory(&self.key(), &bytes)?)
+        let key = self.key();
+        Ok(self
+            .store
+            .call(move |s| s.set_inventory(&key, &bytes))
+            .await?)
     }
 
     /// The last pass's outcome.
@@ -132,7 +138,7 @@ impl KubernetesTarget {
                 reason,
             }
         })?;
-        let previous = self.load_inventory()?;
+        let previous = self.load_inventory().await?;
         // Own everything we are about to create before creating it, so a
         // crash mid-pass never leaves objects no inventory knows of.
         let mut intended = previous.clone();
@@ -145,14 +151,14 @@ impl KubernetesTarget {
                 });
             }
         }
-        self.save_inventory(&intended)?;
+        self.save_inventory(&intended).await?;
         let opts = PassOptions {
             channel: desired.channel.clone(),
             force: self.force,
             crd_timeout: Duration::from_secs(30),
         };
         let report = reconcile::reconcile(cluster, &objects, &previous, &opts).await;
-        self.save_inventory(&report.inventory)?;
+        self.save_inventory(&report.inventory).await?;
         // A connection-level failure on every object means the API server is
         // unreachable: drop the client so the next pass reconnects.
         if !report.errors.is_empty() && report.errors.iter().all(|e| e.code == 0) {

@@ -14,9 +14,9 @@
 
 use super::MeshMetrics;
 use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::ConnId;
+use cairn_bundle::mesh::sync::{ConnId, WireFailure};
 use cairn_bundle::mesh::tls;
-use cairn_bundle::mesh::wire::{self, Message, WireError, HEADER_BYTES};
+use cairn_bundle::mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
 use cairn_bundle::mesh::MeshLimits;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -235,8 +235,8 @@ pub enum Input {
     WireError {
         /// The connection.
         conn: ConnId,
-        /// Stable reason.
-        reason: &'static str,
+        /// Why.
+        reason: WireFailure,
         /// Detail.
         detail: String,
     },
@@ -246,6 +246,37 @@ pub enum Input {
         fetch: u64,
         /// Outcome for logs.
         outcome: String,
+    },
+    /// Items a peer asked for, read from the store on a blocking thread.
+    Served {
+        /// The connection.
+        conn: ConnId,
+        /// The request id.
+        id: u64,
+        /// What was found.
+        found: Vec<Found>,
+    },
+    /// The store's copy of a fetch's manifest was looked up (after the
+    /// release verified).
+    LocalManifest {
+        /// The fetch.
+        fetch: u64,
+        /// The manifest bytes, if stored.
+        manifest: Option<Vec<u8>>,
+    },
+    /// Which of the objects a fetch still wants the store holds.
+    Present {
+        /// The fetch.
+        fetch: u64,
+        /// Address and whether it is stored.
+        present: Vec<(String, bool)>,
+    },
+    /// An object fetched from a peer was written to the store.
+    Stored {
+        /// The fetch.
+        fetch: u64,
+        /// The store error, if any.
+        error: Option<String>,
     },
 }
 
@@ -421,12 +452,12 @@ pub fn spawn_io(
                 }
                 Ok(None) => Input::WireError {
                     conn,
-                    reason: "idle",
+                    reason: WireFailure::Idle,
                     detail: "no frame within the read deadline".into(),
                 },
                 Err(e) => Input::WireError {
                     conn,
-                    reason: e.reason(),
+                    reason: WireFailure::of(&e),
                     detail: e.to_string(),
                 },
             };
@@ -457,7 +488,7 @@ pub fn spawn_io(
                     let _ = tx
                         .send(Input::WireError {
                             conn,
-                            reason: "io",
+                            reason: WireFailure::Io,
                             detail: e.to_string(),
                         })
                         .await;
@@ -467,7 +498,7 @@ pub fn spawn_io(
                     let _ = tx
                         .send(Input::WireError {
                             conn,
-                            reason: "timeout",
+                            reason: WireFailure::Timeout,
                             detail: "write timed out".into(),
                         })
                         .await;

@@ -5,21 +5,29 @@
 
 use super::conn::{self, ConnHandle, Input};
 use super::{Mesh, MeshMetrics};
-use crate::pipeline::{self, AdoptedRef, Context, Ingest, Start, Want};
+use crate::ingest;
+use crate::pipeline::{self, Ingest, Start, Want};
 use crate::source::{Source, SourceError};
-use crate::store::Store;
+use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
+use cairn_bundle::mesh::sync::{
+    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
+    WireFailure,
+};
 use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
-use cairn_bundle::repo::{channel_path, object_path, root_path};
 use cairn_bundle::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+
+mod local;
+mod staged;
+
+use staged::{read_item, verify_failure, StagedSource};
 
 /// How often our own status record is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -28,11 +36,13 @@ const PERSIST_EVERY: Duration = Duration::from_secs(15);
 /// Largest stored peer record read back.
 const MAX_PEER_RECORD: usize = 1024;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// Wall-clock Unix milliseconds: only for gossiped status records.
+fn wall() -> UnixMillis {
+    UnixMillis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    )
 }
 
 /// A fetch in progress: the verified candidate and what has arrived.
@@ -43,6 +53,13 @@ struct FetchState {
     ingest: Ingest,
     manifest: Option<Vec<u8>>,
     adopting: bool,
+    /// Object writes to the store not finished yet.
+    writes: usize,
+    /// The endpoint reported the fetch idle while writes or a presence
+    /// check were under way: look again when they finish.
+    idle_waiting: bool,
+    /// A presence check is under way.
+    checking: bool,
 }
 
 struct Driver {
@@ -55,6 +72,8 @@ struct Driver {
     metrics: MeshMetrics,
     limits: Limits,
     read_timeout: Duration,
+    /// The monotonic clock's epoch (the endpoint's timers run on it).
+    started: Instant,
 }
 
 pub async fn run(mesh: Mesh) {
@@ -89,7 +108,7 @@ pub async fn run(mesh: Mesh) {
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
     let root_version = agent.root().root.version;
     let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));
-    if let Ok(stored) = agent.store().peers() {
+    if let Ok(stored) = agent.store().call(|s| s.peers()).await {
         let learned = stored.into_iter().filter_map(|(_, bytes)| {
             codec::decode::<PeerInfo>("peer record", &bytes, MAX_PEER_RECORD).ok()
         });
@@ -111,6 +130,7 @@ pub async fn run(mesh: Mesh) {
         client,
         metrics,
         read_timeout,
+        started: Instant::now(),
     };
     d.refresh_local();
     // Adoptions and newly staged (deferred) releases: both are advertised.
@@ -119,15 +139,18 @@ pub async fn run(mesh: Mesh) {
     let mut persist_tick = tokio::time::interval(PERSIST_EVERY);
     loop {
         d.drain();
-        let now = now_ms();
-        let wake = d.ep.poll_timeout().unwrap_or(now + 1000);
-        let sleep = Duration::from_millis(wake.saturating_sub(now).min(1000));
+        let now = d.now();
+        let wake = d.ep.poll_timeout().unwrap_or(now.saturating_add(1000));
+        let sleep = Duration::from_millis(wake.saturating_since(now).min(1000));
         tokio::select! {
             input = rx.recv() => match input {
                 Some(i) => d.input(i),
                 None => return,
             },
-            _ = tokio::time::sleep(sleep) => d.ep.handle_timeout(now_ms()),
+            _ = tokio::time::sleep(sleep) => {
+                let now = d.now();
+                d.ep.handle_timeout(now, wall());
+            }
             changed = adopted.changed() => {
                 if changed.is_ok() {
                     d.refresh_local();
@@ -151,8 +174,13 @@ impl Drop for AbortOnDrop {
 }
 
 impl Driver {
+    /// Monotonic milliseconds since the driver started.
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn input(&mut self, input: Input) {
-        let now = now_ms();
+        let now = self.now();
         match input {
             Input::Connected {
                 stream,
@@ -176,7 +204,7 @@ impl Driver {
                 tracing::debug!(%addr, %error, "mesh dial failed");
                 self.ep.dial_failed(&addr, now);
             }
-            Input::Message { conn, msg } => self.ep.handle_message(conn, msg, now),
+            Input::Message { conn, msg } => self.ep.handle_message(conn, msg, now, wall()),
             Input::WireError {
                 conn,
                 reason,
@@ -185,6 +213,21 @@ impl Driver {
                 if self.conns.contains_key(&conn) {
                     self.ep.handle_wire_error(conn, reason, &detail, now);
                     self.drop_conn(conn);
+                }
+            }
+            Input::Served { conn, id, found } => self.ep.serve(conn, id, found, now),
+            Input::LocalManifest { fetch, manifest } => self.local_manifest(fetch, manifest, now),
+            Input::Present { fetch, present } => self.present(fetch, present, now),
+            Input::Stored { fetch, error } => {
+                if let Some(e) = error {
+                    tracing::error!(error = %e, "store error while saving a mesh object");
+                }
+                if let Some(f) = self.fetches.get_mut(&fetch) {
+                    f.writes = f.writes.saturating_sub(1);
+                    if f.writes == 0 && f.idle_waiting {
+                        f.idle_waiting = false;
+                        self.idle(fetch, now);
+                    }
                 }
             }
             Input::AdoptDone { fetch, outcome } => {
@@ -210,7 +253,7 @@ impl Driver {
 
     fn drain(&mut self) {
         while let Some(action) = self.ep.poll_action() {
-            let now = now_ms();
+            let now = self.now();
             match action {
                 Action::Send { conn, message } => {
                     let Some(h) = self.conns.get(&conn) else {
@@ -219,8 +262,12 @@ impl Driver {
                     match h.tx.try_send(message) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
-                            self.ep
-                                .handle_wire_error(conn, "slow_peer", "send queue full", now);
+                            self.ep.handle_wire_error(
+                                conn,
+                                WireFailure::SlowPeer,
+                                "send queue full",
+                                now,
+                            );
                             self.drop_conn(conn);
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -244,7 +291,7 @@ impl Driver {
         }
     }
 
-    fn event(&mut self, e: Event, now: u64) {
+    fn event(&mut self, e: Event, now: Millis) {
         match e {
             Event::PeerUp { peer, .. } => {
                 tracing::info!(%peer, "mesh peer connected");
@@ -268,20 +315,30 @@ impl Driver {
                     %peer,
                     %reason,
                     detail = %escape_untrusted(&detail),
-                    banned_for_s = banned_until.saturating_sub(now) / 1000,
+                    banned_for_s = banned_until.saturating_sub(now.as_u64()) / 1000,
                     "mesh peer cut off"
                 );
-                self.metrics.reject(peer.name(), &reason);
+                self.metrics.reject(peer.name(), reason.label());
             }
             Event::Serve { conn, id, items } => {
-                let found = items
-                    .into_iter()
-                    .map(|item| Found {
-                        bytes: read_item(&self.agent, &item),
-                        item,
+                // Disk reads on a blocking thread; the answer comes back
+                // as an input.
+                let (agent, tx) = (self.agent.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        items
+                            .into_iter()
+                            .map(|item| Found {
+                                bytes: read_item(&agent, &item),
+                                item,
+                            })
+                            .collect()
                     })
-                    .collect();
-                self.ep.serve(conn, id, found, now);
+                    .await;
+                    if let Ok(found) = read {
+                        let _ = tx.send(Input::Served { conn, id, found }).await;
+                    }
+                });
             }
             Event::VerifyRelease {
                 fetch,
@@ -308,6 +365,7 @@ impl Driver {
                 reason,
                 count,
             } => {
+                let reason = reason.label();
                 tracing::debug!(%peer, reason, count, "mesh status records dropped");
                 self.metrics
                     .status_dropped
@@ -328,7 +386,7 @@ impl Driver {
         channel: &str,
         release: Vec<u8>,
         roots: Vec<(u64, Vec<u8>)>,
-        now: u64,
+        now: Millis,
     ) {
         let mut root = self.agent.root();
         let mut chain = self.agent.root_chain();
@@ -344,75 +402,84 @@ impl Driver {
                     kept.insert(v, bytes);
                 }
                 Err(rej) => {
-                    return self
-                        .ep
-                        .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                    return self.ep.release_rejected(
+                        fetch,
+                        verify_failure(&rej),
+                        &rej.to_string(),
+                        now,
+                    );
                 }
             }
         }
-        let adopted = self.adopted_ref();
-        let ctx = Context {
-            root: &root.root,
-            epoch: cairn_keys::root::release_epoch(&chain),
-            channel,
-            adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
-                sequence: *s,
-                bytes: b,
-            }),
-            now: now / 1000,
-            limits: &self.limits,
-        };
-        match Ingest::start(&ctx, &release) {
+        // The agent's snapshot with the peer's newer roots, if any.
+        let mut snapshot = self.agent.snapshot();
+        snapshot.root = root.root.clone();
+        snapshot.epoch = cairn_keys::root::release_epoch(&chain).to_vec();
+        match Ingest::start(&snapshot.context(channel, &self.limits), &release) {
             Err(rej) => {
                 tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
                 self.agent.metrics().reject(rej.reason());
                 self.ep
-                    .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                    .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
             }
             Ok(Start::UpToDate) => self.ep.fetch_abandon(fetch, now),
             Ok(Start::Candidate(ingest)) => {
-                let mut state = FetchState {
+                let state = FetchState {
                     peer,
                     roots: kept,
                     release,
                     ingest: *ingest,
                     manifest: None,
                     adopting: false,
+                    writes: 0,
+                    idle_waiting: false,
+                    checking: false,
                 };
-                self.ep.release_verified(fetch, now);
+                // The manifest may be stored already (a staged release):
+                // looked up on a blocking thread, the verdict given when
+                // the answer comes back.
                 let bundle = state.ingest.release().release.bundle.clone();
-                let local = self
-                    .agent
-                    .store()
-                    .bundle(&bundle)
-                    .ok()
-                    .flatten()
-                    .or_else(|| self.agent.store().get_object(&bundle).ok().flatten());
-                let want = match local {
-                    Some(m) => match state.ingest.handle_manifest(&m) {
-                        Ok(()) => {
-                            state.manifest = Some(m);
-                            Vec::new()
-                        }
-                        Err(_) => vec![bundle],
-                    },
-                    None => vec![bundle],
-                };
                 self.fetches.insert(fetch, state);
-                self.ep.fetch_want(fetch, want, now);
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let manifest = store
+                        .call(move |s| match s.bundle(&bundle)? {
+                            Some(m) => Ok(Some(m)),
+                            None => Ok(s.get_object(&bundle).ok().flatten()),
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                    let _ = tx.send(Input::LocalManifest { fetch, manifest }).await;
+                });
             }
         }
     }
 
-    fn adopted_ref(&self) -> Option<(u64, Vec<u8>)> {
-        let head = self.agent.adopted()?;
-        let bytes = self.agent.store().head(&head.channel).ok().flatten()?;
-        Some((head.sequence, bytes))
+    /// The store's copy of the manifest (if any) for a verified release:
+    /// the fetch moves on to the manifest or the objects.
+    fn local_manifest(&mut self, fetch: FetchId, manifest: Option<Vec<u8>>, now: Millis) {
+        let Some(state) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        let bundle = state.ingest.release().release.bundle.clone();
+        let want = match manifest {
+            Some(m) => match state.ingest.handle_manifest(&m) {
+                Ok(()) => {
+                    state.manifest = Some(m);
+                    Vec::new()
+                }
+                Err(_) => vec![bundle],
+            },
+            None => vec![bundle],
+        };
+        self.ep.release_verified(fetch, now);
+        self.ep.fetch_want(fetch, want, now);
     }
 
     /// An object whose hash matched: the manifest, or an entry checked by
     /// the pipeline against it, then stored.
-    fn object(&mut self, fetch: FetchId, address: String, bytes: Vec<u8>, now: u64) {
+    fn object(&mut self, fetch: FetchId, address: String, bytes: Vec<u8>, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -430,9 +497,17 @@ impl Driver {
             })
         } else {
             f.ingest.handle_object(&address, &bytes).map(|()| {
-                if let Err(e) = self.agent.store().put_object(&address, &bytes) {
-                    tracing::error!(error = %e, "store error while saving a mesh object");
-                }
+                // Written on a blocking thread; adoption waits for it.
+                f.writes += 1;
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let error = store
+                        .call(move |s| s.put_object(&address, &bytes))
+                        .await
+                        .err()
+                        .map(|e| e.to_string());
+                    let _ = tx.send(Input::Stored { fetch, error }).await;
+                });
             })
         };
         if let Err(rej) = result {
@@ -441,16 +516,20 @@ impl Driver {
             self.agent.metrics().reject(rej.reason());
             self.fetches.remove(&fetch);
             self.ep
-                .release_rejected(fetch, rej.reason(), &rej.to_string(), now);
+                .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
         }
     }
 
     /// Everything asked for arrived: ask for the missing entries, or adopt.
-    fn idle(&mut self, fetch: FetchId, now: u64) {
+    fn idle(&mut self, fetch: FetchId, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
         if f.adopting {
+            return;
+        }
+        if f.writes > 0 || f.checking {
+            f.idle_waiting = true;
             return;
         }
         match f.ingest.want() {
@@ -459,21 +538,53 @@ impl Driver {
                 self.ep.fetch_abandon(fetch, now);
             }
             Want::Objects(list) => {
-                let mut missing = Vec::new();
-                for (address, _) in list {
-                    if self.agent.store().has_object(&address).unwrap_or(false) {
-                        f.ingest.mark_present(&address);
-                    } else {
-                        missing.push(address);
-                    }
-                }
-                if missing.is_empty() {
-                    self.adopt(fetch);
-                } else {
-                    self.ep.fetch_want(fetch, missing, now);
-                }
+                // Which of them the store holds: asked on a blocking
+                // thread, answered as an input.
+                f.checking = true;
+                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a).collect();
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let present = store
+                        .call(move |s| {
+                            Ok(addresses
+                                .into_iter()
+                                .map(|a| {
+                                    let held = s.has_object(&a).unwrap_or(false);
+                                    (a, held)
+                                })
+                                .collect())
+                        })
+                        .await
+                        .unwrap_or_default();
+                    let _ = tx.send(Input::Present { fetch, present }).await;
+                });
             }
             Want::Complete => self.adopt(fetch),
+        }
+    }
+
+    /// The store's answer for the objects a fetch wants: ask the peer for
+    /// the missing ones, or adopt.
+    fn present(&mut self, fetch: FetchId, present: Vec<(String, bool)>, now: Millis) {
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        f.checking = false;
+        f.idle_waiting = false;
+        let mut missing = Vec::new();
+        for (address, held) in present {
+            if held {
+                f.ingest.mark_present(&address);
+            } else {
+                missing.push(address);
+            }
+        }
+        if !missing.is_empty() {
+            self.ep.fetch_want(fetch, missing, now);
+        } else if matches!(f.ingest.want(), Want::Complete) {
+            self.adopt(fetch);
+        } else {
+            self.idle(fetch, now);
         }
     }
 
@@ -488,9 +599,9 @@ impl Driver {
         let staged = StagedSource {
             name: format!("peer:{}", f.peer),
             roots: f.roots.clone(),
-            channel_path: channel_path(&release.channel),
+            channel: release.channel.clone(),
             release: f.release.clone(),
-            manifest_path: object_path(&release.bundle).unwrap_or_default(),
+            manifest_address: release.bundle.clone(),
             manifest: f.manifest.clone().unwrap_or_default(),
             store: self.agent.store().clone(),
         };
@@ -505,204 +616,5 @@ impl Driver {
                 })
                 .await;
         });
-    }
-
-    /// Our head and status into the endpoint (after every adoption).
-    fn refresh_local(&mut self) {
-        let now = now_ms();
-        let root_version = self.agent.root().root.version;
-        self.refresh_trust();
-        if let Some(h) = self.agent.relay_head() {
-            self.ep.set_head(
-                Head {
-                    channel: h.channel,
-                    sequence: h.sequence,
-                    bundle: h.bundle,
-                    root_version,
-                },
-                now,
-            );
-        }
-        self.refresh_status();
-    }
-
-    /// Our root version and whether our head still sets a rollback floor
-    /// (a root from a source may have replaced the release keys).
-    fn refresh_trust(&mut self) {
-        self.ep.set_root_version(self.agent.root().root.version);
-        let channel = self.agent.config().channel.clone();
-        self.ep
-            .set_floor_unbound(&channel, self.agent.floor_unbound());
-    }
-
-    fn refresh_status(&mut self) {
-        let st = self.agent.status();
-        let rolled_back = st.failed_release.as_ref().is_some_and(|f| {
-            st.adopted
-                .as_ref()
-                .is_some_and(|a| a.sequence == f.sequence)
-        });
-        let health = if rolled_back {
-            // The adopted release failed its health checks and the target
-            // went back to the last-good one: counts for the breaker.
-            "failed"
-        } else if st.ready {
-            "healthy"
-        } else if st.reconcile.as_ref().is_some_and(|r| !r.ok) {
-            "degraded"
-        } else if st.adopted.is_some() {
-            "progressing"
-        } else {
-            "unknown"
-        };
-        let limits = &self.ep.config().limits;
-        let labels = st
-            .labels
-            .iter()
-            .take(limits.max_labels)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let rollout = (st.rollout.is_some() || st.hold.is_some()).then(|| {
-            let mut r = RolloutRecord::default();
-            if let Some(p) = &st.rollout {
-                r.pending_sequence = p.sequence;
-                r.pending_bundle = p.bundle.clone();
-                r.state = p.state.clone();
-                r.wave = p.wave.map_or(0, |w| w as u32);
-                r.opens_at = p.opens_at.unwrap_or(0);
-            }
-            if let Some(h) = &st.hold {
-                r.held = true;
-                r.held_until = h.until.unwrap_or(0);
-            }
-            r
-        });
-        let record = StatusRecord {
-            agent_id: st.agent_id.clone(),
-            channel: st.channel.clone(),
-            labels,
-            sequence: st.adopted.as_ref().map_or(0, |a| a.sequence),
-            bundle: st
-                .adopted
-                .as_ref()
-                .map(|a| a.bundle.clone())
-                .unwrap_or_default(),
-            health: health.into(),
-            time: 0,
-            rollout,
-            listen: None,
-        };
-        self.ep.set_local_status(record, now_ms());
-        self.update_fleet_reports();
-    }
-
-    /// The rollout breaker's inputs from the gossiped status view: per
-    /// bundle, agents on our channel that adopted it, and those of them
-    /// reporting it failed (rolled back). The view holds only records
-    /// signed by the agent they describe and younger than the TTL.
-    fn update_fleet_reports(&self) {
-        let channel = &self.agent.config().channel;
-        let mut reports: BTreeMap<String, FleetReports> = BTreeMap::new();
-        for r in self.ep.status(now_ms()) {
-            if r.channel != *channel || r.bundle.is_empty() {
-                continue;
-            }
-            let e = reports.entry(r.bundle.clone()).or_default();
-            e.adopted += 1;
-            if r.health == "failed" {
-                e.failed += 1;
-            }
-        }
-        self.agent.replace_fleet_reports(reports);
-    }
-
-    fn persist_peers(&self) {
-        let store = self.agent.store();
-        for e in self.ep.peer_table() {
-            if e.last_connected > 0 && !e.is_self {
-                let rec = PeerInfo {
-                    agent_id: e.agent_id.clone(),
-                    addr: e.addr.clone(),
-                };
-                let _ = store.put_peer(&e.addr, &codec::encode(&rec));
-            }
-        }
-    }
-}
-
-/// Reads what a peer asked for from the store (roots, the channel's
-/// release — the staged one if newer than the adopted one — objects and
-/// manifests).
-fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
-    let store = agent.store();
-    match item {
-        Item::Root(v) => store
-            .roots()
-            .ok()?
-            .into_iter()
-            .find(|(rv, _)| rv == v)
-            .map(|(_, b)| b),
-        Item::Release(c) => agent.relay_release_bytes(c),
-        Item::Object(a) => match store.get_object(a) {
-            Ok(Some(b)) => Some(b),
-            _ => store.bundle(a).ok().flatten(),
-        },
-    }
-}
-
-/// The files fetched from a peer, as a [`Source`] for
-/// [`Agent::sync_from`]: roots and the release from memory, the manifest
-/// from memory, objects from the store (where the mesh put them after the
-/// pipeline checked them).
-struct StagedSource {
-    name: String,
-    roots: BTreeMap<u64, Vec<u8>>,
-    channel_path: String,
-    release: Vec<u8>,
-    manifest_path: String,
-    manifest: Vec<u8>,
-    store: Store,
-}
-
-impl Source for StagedSource {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn get<'a>(
-        &'a self,
-        rel_path: &'a str,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(async move {
-            let found = if rel_path == self.channel_path {
-                Some(self.release.clone())
-            } else if rel_path == self.manifest_path && !self.manifest.is_empty() {
-                Some(self.manifest.clone())
-            } else if let Some(v) = rel_path
-                .strip_prefix("roots/")
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                debug_assert_eq!(root_path(v), rel_path);
-                self.roots.get(&v).cloned()
-            } else if let Some(hex) = rel_path.rsplit('/').next() {
-                let address = format!("sha256:{hex}");
-                if object_path(&address).as_deref() == Some(rel_path) {
-                    self.store.get_object(&address).ok().flatten()
-                } else {
-                    None
-                }
-            } else {
-                None
-            };
-            match found {
-                Some(b) if b.len() as u64 > limit => Err(SourceError::TooLarge {
-                    source_name: self.name.clone(),
-                    path: rel_path.to_owned(),
-                    limit,
-                }),
-                other => Ok(other),
-            }
-        })
     }
 }

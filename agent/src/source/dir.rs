@@ -1,6 +1,7 @@
 //! Directory sources: a bundle repository on a local or mounted file system.
 
 use super::{Source, SourceError};
+use crate::ingest::Item;
 use crate::BoxFuture;
 use cairn_bundle::repo::RepoDir;
 use std::path::PathBuf;
@@ -58,12 +59,13 @@ impl Source for DirSource {
 
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
         let this = self.clone();
-        let rel = rel_path.to_owned();
+        let rel = item.path();
         Box::pin(async move {
+            let Some(rel) = rel else { return Ok(None) };
             match tokio::task::spawn_blocking(move || this.read(&rel, limit)).await {
                 Ok(r) => r,
                 Err(e) => Err(SourceError::Unavailable {

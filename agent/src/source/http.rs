@@ -1,6 +1,7 @@
 //! HTTP(S) sources (reqwest with rustls and the ring provider).
 
 use super::{Source, SourceError, SourceOptions};
+use crate::ingest::Item;
 use crate::BoxFuture;
 
 /// A bundle repository served over HTTP(S) by any static file server.
@@ -103,7 +104,9 @@ impl HttpSource {
         })
     }
 
-    async fn fetch(&self, rel_path: &str, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
+    /// Reads one path below the base URL (`Source::get` maps an item onto
+    /// its path); the limits, timeouts and redirect rules apply.
+    pub async fn fetch(&self, rel_path: &str, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
         let url = format!("{}/{}", self.base, rel_path);
         let unavailable = |reason: String| SourceError::Unavailable {
             source_name: self.base.clone(),
@@ -178,10 +181,15 @@ impl Source for HttpSource {
 
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(self.fetch(rel_path, limit))
+        Box::pin(async move {
+            match item.path() {
+                Some(rel_path) => self.fetch(&rel_path, limit).await,
+                None => Ok(None),
+            }
+        })
     }
 }
 

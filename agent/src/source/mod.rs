@@ -1,7 +1,8 @@
 //! Sources: where the agent reads bundle repositories from.
 //!
-//! A source answers one question: "give me the file at this repository path,
-//! at most this many bytes" ([`Source::get`]). Paths are the repository
+//! A source answers one question: "give me this item (root, release,
+//! manifest, object), at most this many bytes" ([`Source::get`]). Its
+//! paths ([`Item::path`]) are the repository
 //! layout of [`cairn_bundle::repo`]: `roots/<v>`, `channels/<channel>`,
 //! `objects/sha256/<2hex>/<hex>`. Implementations here: [`HttpSource`]
 //! (HTTP(S) with rustls, timeouts and streamed size limits) and
@@ -21,6 +22,7 @@ pub use dir::DirSource;
 pub use http::HttpSource;
 pub use oci::OciSource;
 
+use crate::ingest::Item;
 use crate::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,10 +90,10 @@ pub trait Source: Send + Sync {
     /// or directory path, or a peer id.
     fn name(&self) -> &str;
 
-    /// Reads the file at repository path `rel_path` (e.g. `channels/stable`).
+    /// Reads one repository item (its path: [`Item::path`]).
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>>;
 }
@@ -182,18 +184,14 @@ impl SourceSet {
         self.sources.is_empty()
     }
 
-    /// Asks each source in turn for `rel_path`; returns the first file
+    /// Asks each source in turn for `item`; returns the first file
     /// found, `Ok(None)` if none has it, or the last error if none answered.
     /// The caller verifies the bytes (e.g. against an address).
-    pub async fn get_any(
-        &self,
-        rel_path: &str,
-        limit: u64,
-    ) -> Result<Option<Vec<u8>>, SourceError> {
+    pub async fn get_any(&self, item: &Item, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
         let mut last_err = None;
         let mut answered = false;
         for s in &self.sources {
-            match s.get(rel_path, limit).await {
+            match s.get(item, limit).await {
                 Ok(Some(b)) => return Ok(Some(b)),
                 Ok(None) => answered = true,
                 Err(e) => last_err = Some(e),

@@ -11,6 +11,7 @@
 //! signatures and addresses as for any source.
 
 use super::{Source, SourceError, SourceOptions};
+use crate::ingest::Item;
 use crate::BoxFuture;
 use cairn_bundle::oci::{Client, OciError, OciRef};
 
@@ -86,10 +87,15 @@ impl Source for OciSource {
 
     fn get<'a>(
         &'a self,
-        rel_path: &'a str,
+        item: &'a Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>> {
-        Box::pin(self.fetch(rel_path, limit))
+        Box::pin(async move {
+            match item.path() {
+                Some(rel_path) => self.fetch(&rel_path, limit).await,
+                None => Ok(None),
+            }
+        })
     }
 }
 
@@ -116,11 +122,11 @@ mod tests {
             "roots/x".to_owned(),
             "manifests/stable".to_owned(),
         ] {
-            let e = rt.block_on(s.get(&bad, 10)).unwrap_err();
+            let e = rt.block_on(s.fetch(&bad, 10)).unwrap_err();
             assert_eq!(e.kind(), "invalid", "{bad}: {e}");
         }
         let e = rt
-            .block_on(s.get(&format!("objects/sha256/ab/{hex}"), 10))
+            .block_on(s.fetch(&format!("objects/sha256/ab/{hex}"), 10))
             .unwrap_err();
         assert_eq!(e.kind(), "unavailable", "{e}");
         assert!(format!("{s:?}").contains("fleet"));

@@ -257,7 +257,7 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
 /// for a static server behind a private CA and basic auth.
 #[test]
 fn https_sources_use_the_ca_file_and_basic_credentials() {
-    use cairn_agent::source::{HttpSource, Source, SourceOptions};
+    use cairn_agent::source::{HttpSource, SourceOptions};
     use cairn_bundle::oci::NetSettings;
     let reg = Registry::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -288,14 +288,14 @@ fn https_sources_use_the_ca_file_and_basic_credentials() {
         credentials_file: Some(creds.clone()),
         ..with_ca.clone()
     };
-    let e = rt.block_on(source(None).get("", 1024)).unwrap_err();
+    let e = rt.block_on(source(None).fetch("", 1024)).unwrap_err();
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
     let e = rt
-        .block_on(source(Some(with_ca)).get("", 1024))
+        .block_on(source(Some(with_ca)).fetch("", 1024))
         .unwrap_err();
     assert!(e.to_string().contains("401"), "{e}");
     let body = rt
-        .block_on(source(Some(with_creds)).get("", 1024))
+        .block_on(source(Some(with_creds)).fetch("", 1024))
         .unwrap()
         .unwrap();
     assert_eq!(body, b"{}");

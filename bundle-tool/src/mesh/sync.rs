@@ -12,8 +12,12 @@
 //!   ([`Endpoint::set_head`], [`Endpoint::set_local_status`]) and the
 //!   shell's answers ([`Endpoint::serve`], [`Endpoint::release_verified`],
 //!   [`Endpoint::release_rejected`], [`Endpoint::fetch_want`],
-//!   [`Endpoint::fetch_complete`]). Every input takes `now` (milliseconds,
-//!   any epoch the caller keeps monotonic).
+//!   [`Endpoint::fetch_complete`]). Every input takes `now`, a [`Millis`]
+//!   reading of a monotonic clock (timers, timeouts, bans, backoff); the
+//!   inputs that touch gossiped status records ([`Endpoint::handle_message`],
+//!   [`Endpoint::handle_timeout`], [`Endpoint::set_local_status`],
+//!   [`Endpoint::status`]) also take `wall`, [`UnixMillis`] from the wall
+//!   clock, because a record's `time` is compared across machines.
 //! * **outputs** are drained with [`Endpoint::poll_action`] (messages to
 //!   send, connections to open or close, and [`Event`]s), and
 //!   [`Endpoint::poll_timeout`] says when to call
@@ -108,6 +112,207 @@ pub trait RecordKeys: std::fmt::Debug + Send {
         signature: &[u8],
         now_ms: u64,
     ) -> Result<String, RecordRejection>;
+}
+
+/// A reading of a monotonic clock, in milliseconds since an epoch the
+/// shell picks (its start, say): what every timer of the endpoint runs on.
+/// Never compared with another machine's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    /// The milliseconds.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// `self + ms`, saturating.
+    pub fn saturating_add(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+
+    /// Milliseconds from `earlier` to `self` (0 if `earlier` is later).
+    pub fn saturating_since(self, earlier: Millis) -> u64 {
+        self.0.saturating_sub(earlier.0)
+    }
+}
+
+/// Wall-clock time, Unix milliseconds: the `time` of gossiped status
+/// records and the validity of their certificates. Only gossip uses it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMillis(pub u64);
+
+/// Why a connection failed on the wire, as the shell reports it
+/// ([`Endpoint::handle_wire_error`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WireFailure {
+    /// The peer closed the connection.
+    Closed,
+    /// A socket error.
+    Io,
+    /// No frame within the read deadline.
+    Idle,
+    /// A read or write timed out.
+    Timeout,
+    /// A frame over the size limit.
+    OversizedFrame,
+    /// Bytes that are not a frame.
+    Garbage,
+    /// A frame that is not a valid message.
+    InvalidMessage,
+    /// Our send queue to the peer is full.
+    SlowPeer,
+}
+
+impl WireFailure {
+    /// The failure behind a [`super::wire::WireError`].
+    pub fn of(e: &super::wire::WireError) -> Self {
+        use super::wire::WireError;
+        match e {
+            WireError::Oversized { .. } => WireFailure::OversizedFrame,
+            WireError::Garbage(_) => WireFailure::Garbage,
+            WireError::Invalid(_) => WireFailure::InvalidMessage,
+            WireError::Closed => WireFailure::Closed,
+            WireError::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                WireFailure::Timeout
+            }
+            WireError::Io(_) => WireFailure::Io,
+        }
+    }
+
+    /// A short, stable label (metrics, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            WireFailure::Closed => "closed",
+            WireFailure::Io => "io",
+            WireFailure::Idle => "idle",
+            WireFailure::Timeout => "timeout",
+            WireFailure::OversizedFrame => "oversized_frame",
+            WireFailure::Garbage => "garbage",
+            WireFailure::InvalidMessage => "invalid_message",
+            WireFailure::SlowPeer => "slow_peer",
+        }
+    }
+
+    /// Whether it is no fault of the peer (the connection just ended).
+    fn benign(self) -> bool {
+        matches!(
+            self,
+            WireFailure::Closed | WireFailure::Io | WireFailure::Idle
+        )
+    }
+}
+
+/// The verifier's answer on a release a peer served
+/// ([`Endpoint::release_rejected`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VerifyFailure {
+    /// Not newer than what we hold (may be a race, not the peer's fault).
+    Rollback,
+    /// A root in the chain it served failed verification.
+    RootRotation,
+    /// Anything else; the verifier's stable reason
+    /// (`signature_threshold`, `expired`, ...).
+    Invalid(&'static str),
+}
+
+impl VerifyFailure {
+    /// A short, stable label (metrics, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            VerifyFailure::Rollback => "rollback",
+            VerifyFailure::RootRotation => "root_rotation",
+            VerifyFailure::Invalid(r) => r,
+        }
+    }
+}
+
+/// Why a peer was cut off ([`Event::Rejected`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Offense {
+    /// A message before its hello.
+    NoHello,
+    /// A protocol version we do not speak.
+    ProtocolVersion,
+    /// A protocol violation (a second hello, a reused request id).
+    Protocol,
+    /// An operator connection sent something operators may not.
+    OperatorForbidden,
+    /// Too many requests in flight.
+    TooManyRequests,
+    /// Data nobody asked for.
+    Unsolicited,
+    /// An object whose bytes do not hash to its address.
+    ObjectHashMismatch,
+    /// A status record not signed by the agent it describes.
+    ForgedStatus,
+    /// No hello in time.
+    HelloTimeout,
+    /// A request unanswered in time.
+    Timeout,
+    /// The wire failed.
+    Wire(WireFailure),
+    /// A release it served was rejected.
+    Release(VerifyFailure),
+}
+
+impl Offense {
+    /// A short, stable label (the metric label, logs).
+    pub fn label(self) -> &'static str {
+        match self {
+            Offense::NoHello => "no_hello",
+            Offense::ProtocolVersion => "protocol_version",
+            Offense::Protocol => "protocol",
+            Offense::OperatorForbidden => "operator_forbidden",
+            Offense::TooManyRequests => "too_many_requests",
+            Offense::Unsolicited => "unsolicited",
+            Offense::ObjectHashMismatch => "object_hash_mismatch",
+            Offense::ForgedStatus => "forged_status",
+            Offense::HelloTimeout => "hello_timeout",
+            Offense::Timeout => "timeout",
+            Offense::Wire(w) => w.label(),
+            Offense::Release(v) => v.label(),
+        }
+    }
+}
+
+impl std::fmt::Display for Offense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// Why gossiped status records were dropped ([`Event::StatusDropped`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StatusDrop {
+    /// Not signed by the agent it describes.
+    Forged,
+    /// Older than the TTL.
+    Expired,
+    /// Dated ahead beyond the allowed clock skew.
+    Future,
+    /// Its certificate is not valid now.
+    StaleCert,
+    /// No free slot for a new agent.
+    TableFull,
+}
+
+impl StatusDrop {
+    /// A short, stable label (the metric label).
+    pub fn label(self) -> &'static str {
+        match self {
+            StatusDrop::Forged => "forged",
+            StatusDrop::Expired => "expired",
+            StatusDrop::Future => "future",
+            StatusDrop::StaleCert => "stale_cert",
+            StatusDrop::TableFull => "table_full",
+        }
+    }
 }
 
 /// A connection, numbered by the endpoint.
@@ -237,8 +442,8 @@ pub enum Event {
     Rejected {
         /// Who.
         peer: PeerIdentity,
-        /// Stable reason (`object_hash_mismatch`, `rollback`, ...).
-        reason: String,
+        /// Why.
+        reason: Offense,
         /// Details for the log.
         detail: String,
         /// Until when it is banned.
@@ -300,8 +505,8 @@ pub enum Event {
     StatusDropped {
         /// Who sent them.
         peer: PeerIdentity,
-        /// Stable reason (`forged`, `expired`, `future`, `stale_cert`).
-        reason: &'static str,
+        /// Why.
+        reason: StatusDrop,
         /// How many.
         count: u64,
     },
@@ -493,7 +698,11 @@ impl Endpoint {
     }
 
     /// When [`Endpoint::handle_timeout`] should next be called.
-    pub fn poll_timeout(&self) -> Option<u64> {
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        self.next_timeout().map(Millis)
+    }
+
+    fn next_timeout(&self) -> Option<u64> {
         if !self.started {
             return Some(0);
         }
@@ -517,18 +726,18 @@ impl Endpoint {
         &self.heads
     }
 
-    /// The gossiped fleet status at `now`, by agent id (ours included):
+    /// The gossiped fleet status at `wall`, by agent id (ours included):
     /// only verified records younger than the TTL.
-    pub fn status(&self, now: u64) -> impl Iterator<Item = &StatusRecord> + '_ {
+    pub fn status(&self, wall: UnixMillis) -> impl Iterator<Item = &StatusRecord> + '_ {
         self.status
             .values()
             .map(|h| &h.record)
-            .filter(move |r| !self.expired(r, now))
+            .filter(move |r| !self.expired(r, wall.0))
     }
 
-    fn expired(&self, r: &StatusRecord, now: u64) -> bool {
+    fn expired(&self, r: &StatusRecord, wall: u64) -> bool {
         r.agent_id != self.config.agent_id
-            && r.time.saturating_add(self.config.status_ttl_ms) <= now
+            && r.time.saturating_add(self.config.status_ttl_ms) <= wall
     }
 
     /// The peer table, by address.
@@ -551,7 +760,11 @@ impl Endpoint {
     }
 
     /// Whether an agent id is banned at `now`.
-    pub fn is_banned(&self, agent_id: &str, now: u64) -> bool {
+    pub fn is_banned(&self, agent_id: &str, now: Millis) -> bool {
+        self.banned_at(agent_id, now.0)
+    }
+
+    fn banned_at(&self, agent_id: &str, now: u64) -> bool {
         self.bans.get(agent_id).is_some_and(|b| b.until > now)
     }
 
@@ -559,7 +772,8 @@ impl Endpoint {
 
     /// Sets (after verification) our head for a channel and pushes it to
     /// up to `push_fanout` random peers if it is new.
-    pub fn set_head(&mut self, head: Head, now: u64) {
+    pub fn set_head(&mut self, head: Head, now: Millis) {
+        let now = now.0;
         self.root_version = self.root_version.max(head.root_version);
         if self.heads.get(&head.channel) == Some(&head) {
             return;
@@ -599,10 +813,14 @@ impl Endpoint {
     }
 
     /// Sets our own status record: its agent id and listen address are
-    /// ours, its `time` is `now`. It is signed again only when it changed
+    /// ours, its `time` is `wall`. It is signed again only when it changed
     /// or is older than `status_refresh_ms`, so peers do not verify an
     /// unchanged record over and over.
-    pub fn set_local_status(&mut self, mut record: StatusRecord, now: u64) {
+    pub fn set_local_status(&mut self, record: StatusRecord, wall: UnixMillis) {
+        self.set_own_status(record, wall.0);
+    }
+
+    fn set_own_status(&mut self, mut record: StatusRecord, now: u64) {
         record.agent_id = self.config.agent_id.clone();
         record.listen = self
             .config
@@ -658,8 +876,9 @@ impl Endpoint {
         identity: PeerIdentity,
         dialed: Option<String>,
         remote_ip: Option<String>,
-        now: u64,
+        now: Millis,
     ) -> ConnId {
+        let now = now.0;
         let conn = self.next_conn;
         self.next_conn += 1;
         if let Some(addr) = &dialed {
@@ -696,7 +915,7 @@ impl Endpoint {
                 self.close(conn, "connected to self".into(), now);
                 return conn;
             }
-            if self.is_banned(id, now) {
+            if self.banned_at(id, now) {
                 self.close(conn, format!("agent {id} is banned"), now);
                 return conn;
             }
@@ -714,7 +933,8 @@ impl Endpoint {
     }
 
     /// A dial failed.
-    pub fn dial_failed(&mut self, addr: &str, now: u64) {
+    pub fn dial_failed(&mut self, addr: &str, now: Millis) {
+        let now = now.0;
         self.pending_dials.remove(addr);
         let (base, max) = (
             self.config.dial_backoff_base_ms,
@@ -729,7 +949,8 @@ impl Endpoint {
 
     /// The connection closed (by the peer or by IO). Unknown ids are
     /// ignored.
-    pub fn disconnected(&mut self, conn: ConnId, now: u64) {
+    pub fn disconnected(&mut self, conn: ConnId, now: Millis) {
+        let now = now.0;
         self.forget(conn, "connection closed", now);
     }
 
@@ -738,16 +959,24 @@ impl Endpoint {
     /// `reason` is a stable label ([`super::wire::WireError::reason`]);
     /// `closed`, `io` and `idle` (no frame at all within the idle
     /// deadline) only disconnect, without a ban.
-    pub fn handle_wire_error(&mut self, conn: ConnId, reason: &str, detail: &str, now: u64) {
-        if matches!(reason, "closed" | "io" | "idle") {
-            self.disconnected(conn, now);
+    pub fn handle_wire_error(
+        &mut self,
+        conn: ConnId,
+        reason: WireFailure,
+        detail: &str,
+        now: Millis,
+    ) {
+        let now = now.0;
+        if reason.benign() {
+            self.disconnected(conn, Millis(now));
         } else {
-            self.offense(conn, reason, detail.to_owned(), now);
+            self.offense(conn, Offense::Wire(reason), detail.to_owned(), now);
         }
     }
 
     /// A message arrived on `conn`.
-    pub fn handle_message(&mut self, conn: ConnId, msg: Message, now: u64) {
+    pub fn handle_message(&mut self, conn: ConnId, msg: Message, now: Millis, wall: UnixMillis) {
+        let (now, wall) = (now.0, wall.0);
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -755,7 +984,7 @@ impl Endpoint {
             let Message::Hello(h) = msg else {
                 return self.offense(
                     conn,
-                    "no_hello",
+                    Offense::NoHello,
                     format!("{} before hello", msg.kind()),
                     now,
                 );
@@ -768,7 +997,7 @@ impl Endpoint {
                 );
                 return self.offense(
                     conn,
-                    "protocol_version",
+                    Offense::ProtocolVersion,
                     format!("version {} (we speak {PROTOCOL_VERSION})", h.version),
                     now,
                 );
@@ -814,7 +1043,7 @@ impl Endpoint {
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
                 let heads = self.heads_message();
                 self.send(conn, heads, now);
-                self.send_status(conn, false, now);
+                self.send_status(conn, false, now, wall);
             } else {
                 self.actions
                     .push_back(Action::Event(Event::PeerUp { conn, peer }));
@@ -823,19 +1052,19 @@ impl Endpoint {
         }
         if let PeerIdentity::Operator(_) = c.peer {
             return match msg {
-                Message::StatusRequest => self.send_status(conn, true, now),
+                Message::StatusRequest => self.send_status(conn, true, now, wall),
                 Message::Bye(_) => self.close(conn, "operator said bye".into(), now),
                 // Operators may not author or relay records.
                 other => self.offense(
                     conn,
-                    "operator_forbidden",
+                    Offense::OperatorForbidden,
                     format!("operator sent {}", other.kind()),
                     now,
                 ),
             };
         }
         match msg {
-            Message::Hello(_) => self.offense(conn, "protocol", "second hello".into(), now),
+            Message::Hello(_) => self.offense(conn, Offense::Protocol, "second hello".into(), now),
             Message::Heads(heads) => {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.heads = heads;
@@ -850,20 +1079,25 @@ impl Endpoint {
                 if c.serving.len() >= max {
                     return self.offense(
                         conn,
-                        "too_many_requests",
+                        Offense::TooManyRequests,
                         format!("more than {max} wants in flight"),
                         now,
                     );
                 }
                 if !c.serving.insert(id) {
-                    return self.offense(conn, "protocol", format!("want id {id} reused"), now);
+                    return self.offense(
+                        conn,
+                        Offense::Protocol,
+                        format!("want id {id} reused"),
+                        now,
+                    );
                 }
                 self.actions
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
             }
             Message::Data { id, items } => self.handle_data(conn, id, items, now),
-            Message::Status(records) => self.merge_status(conn, records, now),
-            Message::StatusRequest => self.send_status(conn, true, now),
+            Message::Status(records) => self.merge_status(conn, records, now, wall),
+            Message::StatusRequest => self.send_status(conn, true, now, wall),
             Message::Bye(reason) => self.close(
                 conn,
                 format!("peer said bye: {}", escape_untrusted(&reason)),
@@ -875,7 +1109,8 @@ impl Endpoint {
     /// Answers a [`Event::Serve`]: `found` holds what we have (in request
     /// order). Replies are cut to [`MeshLimits::max_reply_bytes`]; what is
     /// left out the peer asks for again.
-    pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: u64) {
+    pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: Millis) {
+        let now = now.0;
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -901,7 +1136,7 @@ impl Endpoint {
 
     /// The release of a fetch passed the agent's verification: the fetch
     /// moves on to objects (name them with [`Endpoint::fetch_want`]).
-    pub fn release_verified(&mut self, fetch: FetchId, _now: u64) {
+    pub fn release_verified(&mut self, fetch: FetchId, _now: Millis) {
         if let Some(f) = self.fetches.get_mut(&fetch) {
             if f.stage == Stage::Verdict {
                 f.stage = Stage::Objects;
@@ -917,34 +1152,42 @@ impl Endpoint {
     /// A `rollback` verdict while we already hold the sequence the peer
     /// advertised is a race (we adopted it from elsewhere meanwhile), not
     /// the peer's fault: the fetch is dropped without blame.
-    pub fn release_rejected(&mut self, fetch: FetchId, reason: &str, detail: &str, now: u64) {
+    pub fn release_rejected(
+        &mut self,
+        fetch: FetchId,
+        reason: VerifyFailure,
+        detail: &str,
+        now: Millis,
+    ) {
+        let now = now.0;
         let Some(f) = self.fetches.get(&fetch) else {
             return;
         };
         let conn = f.conn;
         let ours = self.heads.get(&f.head.channel).map_or(0, |h| h.sequence);
-        if reason == "rollback" && ours >= f.head.sequence {
+        if reason == VerifyFailure::Rollback && ours >= f.head.sequence {
             self.fail_fetch(fetch, "already hold the advertised head".into());
             return;
         }
-        if f.excused && reason != "root_rotation" {
+        if f.excused && reason != VerifyFailure::RootRotation {
             // Not newer under our rules (e.g. an old-epoch head): not
             // asked again for a while, not blamed. A bad root still is.
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.fetch_backoff_until = now + self.config.anti_entropy_ms;
             }
-            self.fail_fetch(fetch, format!("release not newer: {reason}"));
+            self.fail_fetch(fetch, format!("release not newer: {}", reason.label()));
             return;
         }
-        self.fail_fetch(fetch, format!("release rejected: {reason}"));
-        self.offense(conn, reason, detail.to_owned(), now);
+        self.fail_fetch(fetch, format!("release rejected: {}", reason.label()));
+        self.offense(conn, Offense::Release(reason), detail.to_owned(), now);
     }
 
     /// Objects the shell lacks for a verified fetch (call it once after
     /// [`Endpoint::release_verified`], with an empty list if nothing is
     /// missing, and after each [`Event::FetchIdle`] as needed). Addresses
     /// already queued or in flight, and malformed ones, are skipped.
-    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: u64) {
+    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: Millis) {
+        let now = now.0;
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -977,7 +1220,8 @@ impl Endpoint {
     }
 
     /// The shell is done with a fetch (adopted, or nothing more to do).
-    pub fn fetch_complete(&mut self, fetch: FetchId, now: u64) {
+    pub fn fetch_complete(&mut self, fetch: FetchId, now: Millis) {
+        let now = now.0;
         if self.fetches.remove(&fetch).is_some() {
             for c in self.conns.values_mut() {
                 c.outstanding.retain(|_, (f, _, _)| *f != fetch);
@@ -989,7 +1233,8 @@ impl Endpoint {
     /// Abandons a fetch without blaming the peer (e.g. we already hold a
     /// newer release from elsewhere). The peer is not asked again for a
     /// while.
-    pub fn fetch_abandon(&mut self, fetch: FetchId, now: u64) {
+    pub fn fetch_abandon(&mut self, fetch: FetchId, now: Millis) {
+        let now = now.0;
         if let Some(f) = self.fetches.get(&fetch) {
             let conn = f.conn;
             if let Some(c) = self.conns.get_mut(&conn) {
@@ -1006,7 +1251,8 @@ impl Endpoint {
 
     /// Runs timers: hello and request timeouts, keepalives, anti-entropy
     /// and dialing.
-    pub fn handle_timeout(&mut self, now: u64) {
+    pub fn handle_timeout(&mut self, now: Millis, wall: UnixMillis) {
+        let (now, wall) = (now.0, wall.0);
         if !self.started {
             self.started = true;
             self.next_anti_entropy = now + self.config.anti_entropy_ms;
@@ -1016,13 +1262,13 @@ impl Endpoint {
         let mut expired = Vec::new();
         for (id, c) in &self.conns {
             if !c.hello && now >= c.opened + self.config.hello_timeout_ms {
-                expired.push((*id, "hello_timeout", "no hello".to_owned()));
+                expired.push((*id, Offense::HelloTimeout, "no hello".to_owned()));
             } else if let Some((rid, _)) = c
                 .outstanding
                 .iter()
                 .find(|(_, (_, _, sent))| now >= sent + self.config.request_timeout_ms)
             {
-                expired.push((*id, "timeout", format!("want {rid} unanswered")));
+                expired.push((*id, Offense::Timeout, format!("want {rid} unanswered")));
             }
         }
         for (conn, reason, detail) in expired {
@@ -1054,17 +1300,17 @@ impl Endpoint {
                 let conn = targets[self.rng.below(targets.len())];
                 let m = self.heads_message();
                 self.send(conn, m, now);
-                self.send_status(conn, false, now);
+                self.send_status(conn, false, now, wall);
             }
             self.maybe_start_fetches(now);
-            self.expire_status(now);
+            self.expire_status(wall);
         }
         // Our own record: always present (a minimal one if the shell set
         // none, so our address travels) and signed again before it ages.
         let stale = self
             .status
             .get(&self.config.agent_id)
-            .is_none_or(|h| now >= h.record.time.saturating_add(self.config.status_refresh_ms));
+            .is_none_or(|h| wall >= h.record.time.saturating_add(self.config.status_refresh_ms));
         if stale {
             let record = self
                 .status
@@ -1077,11 +1323,11 @@ impl Endpoint {
                     sequence: 0,
                     bundle: String::new(),
                     health: "unknown".into(),
-                    time: now,
+                    time: wall,
                     rollout: None,
                     listen: None,
                 });
-            self.set_local_status(record, now);
+            self.set_own_status(record, wall);
         }
         // Dialing.
         if now >= self.next_dial {
@@ -1119,7 +1365,7 @@ impl Endpoint {
     /// Sends live signed records on `conn`: all of them (`full`, the
     /// answer to `StatusRequest`), or those newer than what was already
     /// sent there (gossip; nothing is sent when nothing is new).
-    fn send_status(&mut self, conn: ConnId, full: bool, now: u64) {
+    fn send_status(&mut self, conn: ConnId, full: bool, now: u64, wall: u64) {
         // Newest first, within the record count and a byte budget; only
         // live records with a signature (expired ones are not relayed).
         let Some(already) = self.conns.get(&conn).map(|c| &c.status_sent) else {
@@ -1128,7 +1374,7 @@ impl Endpoint {
         let mut records: Vec<&HeldStatus> = self
             .status
             .values()
-            .filter(|h| h.signed.is_some() && !self.expired(&h.record, now))
+            .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
             .filter(|h| {
                 full || already
                     .get(&h.record.agent_id)
@@ -1166,12 +1412,12 @@ impl Endpoint {
     }
 
     /// Drops records older than the TTL.
-    fn expire_status(&mut self, now: u64) {
+    fn expire_status(&mut self, wall: u64) {
         let before = self.status.len();
         let ttl = self.config.status_ttl_ms;
         let me = self.config.agent_id.clone();
         self.status
-            .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > now);
+            .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > wall);
         if self.status.len() != before {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
@@ -1183,13 +1429,13 @@ impl Endpoint {
     /// and whose author signed them are kept. A forged record cuts the
     /// peer off. One record per agent id; a new agent id takes a free or
     /// expired slot, never a live record's.
-    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64) {
+    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64, wall: u64) {
         let Some(peer) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
         let limits = self.config.limits.clone();
         let mut changed = false;
-        let mut dropped: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut dropped: BTreeMap<StatusDrop, u64> = BTreeMap::new();
         let mut forged: Option<String> = None;
         let mut learned = Vec::new();
         for signed in records {
@@ -1200,26 +1446,26 @@ impl Endpoint {
             if r.agent_id == self.config.agent_id {
                 continue;
             }
-            if r.time > now.saturating_add(self.config.max_clock_skew_ms) {
-                *dropped.entry("future").or_default() += 1;
+            if r.time > wall.saturating_add(self.config.max_clock_skew_ms) {
+                *dropped.entry(StatusDrop::Future).or_default() += 1;
                 continue;
             }
-            if r.time.saturating_add(self.config.status_ttl_ms) <= now {
-                *dropped.entry("expired").or_default() += 1;
+            if r.time.saturating_add(self.config.status_ttl_ms) <= wall {
+                *dropped.entry(StatusDrop::Expired).or_default() += 1;
                 continue;
             }
             if self
                 .status
                 .get(&r.agent_id)
-                .is_some_and(|old| old.record.time >= r.time && !self.expired(&old.record, now))
+                .is_some_and(|old| old.record.time >= r.time && !self.expired(&old.record, wall))
             {
                 continue;
             }
             let message = SignedStatus::signed_message(&signed.record);
-            match self.keys.verify(&signed.cert, &message, &signed.sig, now) {
+            match self.keys.verify(&signed.cert, &message, &signed.sig, wall) {
                 Ok(author) if author == r.agent_id => {}
                 Ok(author) => {
-                    *dropped.entry("forged").or_default() += 1;
+                    *dropped.entry(StatusDrop::Forged).or_default() += 1;
                     forged.get_or_insert_with(|| {
                         format!(
                             "status record for agent {} signed by agent {author}",
@@ -1229,14 +1475,14 @@ impl Endpoint {
                     continue;
                 }
                 Err(RecordRejection::Forged(why)) => {
-                    *dropped.entry("forged").or_default() += 1;
+                    *dropped.entry(StatusDrop::Forged).or_default() += 1;
                     forged.get_or_insert_with(|| {
                         format!("status record for agent {}: {why}", r.agent_id)
                     });
                     continue;
                 }
                 Err(RecordRejection::Stale(_)) => {
-                    *dropped.entry("stale_cert").or_default() += 1;
+                    *dropped.entry(StatusDrop::StaleCert).or_default() += 1;
                     continue;
                 }
             }
@@ -1249,7 +1495,7 @@ impl Endpoint {
                 let victim = self
                     .status
                     .iter()
-                    .filter(|(id, h)| *id != me && h.record.time.saturating_add(ttl) <= now)
+                    .filter(|(id, h)| *id != me && h.record.time.saturating_add(ttl) <= wall)
                     .min_by_key(|(_, h)| h.record.time)
                     .map(|(id, _)| id.clone());
                 match victim {
@@ -1257,7 +1503,7 @@ impl Endpoint {
                         self.status.remove(&v);
                     }
                     None => {
-                        *dropped.entry("table_full").or_default() += 1;
+                        *dropped.entry(StatusDrop::TableFull).or_default() += 1;
                         continue;
                     }
                 }
@@ -1288,7 +1534,7 @@ impl Endpoint {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
         if let Some(detail) = forged {
-            self.offense(conn, "forged_status", detail, now);
+            self.offense(conn, Offense::ForgedStatus, detail, now);
         }
     }
 
@@ -1382,7 +1628,7 @@ impl Endpoint {
                 || connected_addrs.contains(&e.addr)
                 || e.agent_id
                     .as_ref()
-                    .is_some_and(|id| connected_ids.contains(id) || self.is_banned(id, now));
+                    .is_some_and(|id| connected_ids.contains(id) || self.banned_at(id, now));
             if !skip {
                 if e.seed {
                     seeds.push(e.addr.clone());
@@ -1559,7 +1805,7 @@ impl Endpoint {
         let Some((fetch, asked, _)) = c.outstanding.remove(&id) else {
             return self.offense(
                 conn,
-                "unsolicited",
+                Offense::Unsolicited,
                 format!("data for unknown request {id}"),
                 now,
             );
@@ -1572,7 +1818,7 @@ impl Endpoint {
             if !pending.remove(&f.item) {
                 return self.offense(
                     conn,
-                    "unsolicited",
+                    Offense::Unsolicited,
                     format!("{:?} was not asked for", f.item),
                     now,
                 );
@@ -1586,7 +1832,7 @@ impl Endpoint {
                 Item::Object(address) => {
                     if let Err(e) = crate::bundle::verify_object(&address, &bytes) {
                         self.fail_fetch(fetch, format!("object {address} hash mismatch"));
-                        return self.offense(conn, "object_hash_mismatch", e.to_string(), now);
+                        return self.offense(conn, Offense::ObjectHashMismatch, e.to_string(), now);
                     }
                     objects.push((address, bytes));
                 }
@@ -1647,7 +1893,7 @@ impl Endpoint {
     }
 
     /// Cuts a peer off for breaking a rule, and bans it.
-    fn offense(&mut self, conn: ConnId, reason: &str, detail: String, now: u64) {
+    fn offense(&mut self, conn: ConnId, reason: Offense, detail: String, now: u64) {
         let Some(c) = self.conns.get(&conn) else {
             return;
         };
@@ -1667,7 +1913,7 @@ impl Endpoint {
         let banned_until = ban.until;
         self.actions.push_back(Action::Event(Event::Rejected {
             peer,
-            reason: reason.to_owned(),
+            reason,
             detail: detail.clone(),
             banned_until,
         }));

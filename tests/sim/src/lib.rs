@@ -39,7 +39,8 @@ use cairn_bundle::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::pki::PeerIdentity;
 use cairn_bundle::mesh::sync::{
-    Action, ConnId, Endpoint, Event, FetchId, RecordKeys, RecordRejection, SyncConfig,
+    Action, ConnId, Endpoint, Event, FetchId, Millis, RecordKeys, RecordRejection, SyncConfig,
+    UnixMillis, VerifyFailure,
 };
 use cairn_bundle::mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
@@ -752,7 +753,7 @@ impl Sim {
                 n.timer = None;
                 let now = self.now;
                 if let Some(ep) = n.ep.as_mut() {
-                    ep.handle_timeout(now);
+                    ep.handle_timeout(Millis(now), UnixMillis(now));
                 }
                 self.drain(node);
                 // A timer still due right after running: try again 1 ms
@@ -787,7 +788,7 @@ impl Sim {
                 self.trace.add(conn);
                 n.bytes_in += bytes;
                 if let Some(ep) = n.ep.as_mut() {
-                    ep.handle_message(conn, msg, now);
+                    ep.handle_message(conn, msg, Millis(now), UnixMillis(now));
                 }
                 self.drain(to);
             }
@@ -800,7 +801,7 @@ impl Sim {
                 self.trace.add(5 << 32 | to as u64);
                 n.links.remove(&conn);
                 if let Some(ep) = n.ep.as_mut() {
-                    ep.disconnected(conn, now);
+                    ep.disconnected(conn, Millis(now));
                 }
                 self.drain(to);
             }
@@ -818,7 +819,7 @@ impl Sim {
                 }
                 self.trace.add(6 << 32 | node as u64);
                 if let Some(ep) = n.ep.as_mut() {
-                    ep.dial_failed(&addr, now);
+                    ep.dial_failed(&addr, Millis(now));
                 }
                 self.drain(node);
             }
@@ -872,7 +873,7 @@ impl Sim {
         n.up = true;
         ep.learn_peers(n.known_peers.iter().cloned());
         match n.role {
-            Role::Forger => ep.set_head(self.world.forged_head.clone(), now),
+            Role::Forger => ep.set_head(self.world.forged_head.clone(), Millis(now)),
             _ => {
                 if let Some(a) = &n.adopted {
                     ep.set_head(
@@ -882,7 +883,7 @@ impl Sim {
                             bundle: a.bundle.clone(),
                             root_version: 1,
                         },
-                        now,
+                        Millis(now),
                     );
                 }
             }
@@ -941,7 +942,7 @@ impl Sim {
         }
         if !self.nodes[j].up || self.cut(i, j) {
             if let Some(ep) = self.nodes[i].ep.as_mut() {
-                ep.dial_failed(&addr, now);
+                ep.dial_failed(&addr, Millis(now));
             }
             return self.drain(i);
         }
@@ -952,14 +953,14 @@ impl Sim {
         let Some(ci) = self.nodes[i]
             .ep
             .as_mut()
-            .map(|ep| ep.connected(PeerIdentity::Agent(id_j), Some(addr), host_j, now))
+            .map(|ep| ep.connected(PeerIdentity::Agent(id_j), Some(addr), host_j, Millis(now)))
         else {
             return;
         };
         let Some(cj) = self.nodes[j]
             .ep
             .as_mut()
-            .map(|ep| ep.connected(PeerIdentity::Agent(id_i), None, host_i, now))
+            .map(|ep| ep.connected(PeerIdentity::Agent(id_i), None, host_i, Millis(now)))
         else {
             return;
         };
@@ -996,7 +997,11 @@ impl Sim {
         }
         let now = self.now;
         let n = &mut self.nodes[i];
-        let Some(t) = n.ep.as_ref().and_then(Endpoint::poll_timeout) else {
+        let Some(t) =
+            n.ep.as_ref()
+                .and_then(Endpoint::poll_timeout)
+                .map(Millis::as_u64)
+        else {
             return;
         };
         let t = t.max(now);
@@ -1136,7 +1141,7 @@ impl Sim {
                     })
                     .collect();
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
-                    ep.serve(conn, id, found, now);
+                    ep.serve(conn, id, found, Millis(now));
                 }
             }
             Event::VerifyRelease {
@@ -1155,7 +1160,7 @@ impl Sim {
                 self.nodes[i].pending.remove(&fetch);
             }
             Event::Rejected { reason, .. } => {
-                *self.rejections.entry(reason).or_default() += 1;
+                *self.rejections.entry(reason.to_string()).or_default() += 1;
             }
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
@@ -1192,7 +1197,10 @@ impl Sim {
     fn reports(&self, i: usize, bundle: &str) -> FleetReports {
         let mut r = FleetReports::default();
         if let Some(ep) = &self.nodes[i].ep {
-            for s in ep.status(self.now).filter(|s| s.bundle == bundle) {
+            for s in ep
+                .status(UnixMillis(self.now))
+                .filter(|s| s.bundle == bundle)
+            {
                 r.adopted += 1;
                 if s.health == "failed" {
                     r.failed += 1;
@@ -1215,9 +1223,12 @@ impl Sim {
         let verdict = check.verify(&envelope);
         match verdict {
             Err(e) => {
-                let reason = e.reason();
+                let reason = match &e {
+                    cairn_bundle::Error::Rollback { .. } => VerifyFailure::Rollback,
+                    other => VerifyFailure::Invalid(other.reason()),
+                };
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
-                    ep.release_rejected(fetch, reason, &e.to_string(), now);
+                    ep.release_rejected(fetch, reason, &e.to_string(), Millis(now));
                 }
             }
             Ok(v) => {
@@ -1239,13 +1250,13 @@ impl Sim {
                             wanted: BTreeMap::new(),
                         },
                     );
-                    ep.release_verified(fetch, now);
+                    ep.release_verified(fetch, Millis(now));
                     let want = self.missing(i, fetch);
                     if let Some(ep) = self.nodes[i].ep.as_mut() {
-                        ep.fetch_want(fetch, want, now);
+                        ep.fetch_want(fetch, want, Millis(now));
                     }
                 } else {
-                    ep.fetch_abandon(fetch, now);
+                    ep.fetch_abandon(fetch, Millis(now));
                 }
             }
         }
@@ -1338,7 +1349,7 @@ impl Sim {
         let want = self.missing(i, fetch);
         if !want.is_empty() {
             if let Some(ep) = self.nodes[i].ep.as_mut() {
-                ep.fetch_want(fetch, want, now);
+                ep.fetch_want(fetch, want, Millis(now));
             }
             return;
         }
@@ -1350,7 +1361,7 @@ impl Sim {
             .map_or(0, |j| self.nodes.get(j).map_or(0, |n| n.hops) + 1);
         self.adopt(i, p.release, Arc::new(p.envelope), hops);
         if let Some(ep) = self.nodes[i].ep.as_mut() {
-            ep.fetch_complete(fetch, now);
+            ep.fetch_complete(fetch, Millis(now));
         }
     }
 
@@ -1391,7 +1402,7 @@ impl Sim {
                     bundle: release.bundle,
                     root_version: 1,
                 },
-                now,
+                Millis(now),
             );
         }
         self.status(i);
@@ -1419,7 +1430,7 @@ impl Sim {
             listen: None,
         };
         if let Some(ep) = n.ep.as_mut() {
-            ep.set_local_status(rec, now);
+            ep.set_local_status(rec, UnixMillis(now));
         }
     }
 

@@ -86,13 +86,18 @@ fn record(id: &str, health: &str, time: u64) -> StatusRecord {
 
 /// Agent ids in `ep`'s status view at `now`.
 fn status_ids(ep: &Endpoint, now: u64) -> Vec<String> {
-    ep.status(now).map(|r| r.agent_id.clone()).collect()
+    ep.status(UnixMillis(now))
+        .map(|r| r.agent_id.clone())
+        .collect()
 }
 
 /// Adopters and failures of `bundle`, as the agent computes its breaker
 /// inputs from the status view.
 fn breaker_inputs(ep: &Endpoint, bundle: &str, now: u64) -> (u64, u64) {
-    let rs: Vec<&StatusRecord> = ep.status(now).filter(|r| r.bundle == bundle).collect();
+    let rs: Vec<&StatusRecord> = ep
+        .status(UnixMillis(now))
+        .filter(|r| r.bundle == bundle)
+        .collect();
     (
         rs.len() as u64,
         rs.iter().filter(|r| r.health == "failed").count() as u64,
@@ -235,7 +240,7 @@ impl Sim {
             bundle: maddr.clone(),
             root_version: 1,
         };
-        n.ep.set_head(head, self.now);
+        n.ep.set_head(head, Millis(self.now));
         maddr
     }
 
@@ -258,8 +263,8 @@ impl Sim {
         for (x, y) in cut {
             self.links.remove(&x);
             self.links.remove(&y);
-            self.nodes[x.0].ep.disconnected(x.1, self.now);
-            self.nodes[y.0].ep.disconnected(y.1, self.now);
+            self.nodes[x.0].ep.disconnected(x.1, Millis(self.now));
+            self.nodes[y.0].ep.disconnected(y.1, Millis(self.now));
         }
     }
 
@@ -294,9 +299,11 @@ impl Sim {
                         if let Message::Data { id, .. } = &msg {
                             self.open_wants.entry(to).or_default().remove(id);
                         }
-                        self.nodes[to].ep.handle_message(conn, msg, now);
+                        self.nodes[to]
+                            .ep
+                            .handle_message(conn, msg, Millis(now), UnixMillis(now));
                     }
-                    Wire::Closed(to, conn) => self.nodes[to].ep.disconnected(conn, now),
+                    Wire::Closed(to, conn) => self.nodes[to].ep.disconnected(conn, Millis(now)),
                 }
             }
             if !progressed {
@@ -341,16 +348,18 @@ impl Sim {
                             PeerIdentity::Agent(idj),
                             Some(addr),
                             ipj,
-                            now,
+                            Millis(now),
                         );
-                        let cj =
-                            self.nodes[j]
-                                .ep
-                                .connected(PeerIdentity::Agent(idi), None, ipi, now);
+                        let cj = self.nodes[j].ep.connected(
+                            PeerIdentity::Agent(idi),
+                            None,
+                            ipi,
+                            Millis(now),
+                        );
                         self.links.insert((i, ci), (j, cj));
                         self.links.insert((j, cj), (i, ci));
                     }
-                    _ => self.nodes[i].ep.dial_failed(&addr, now),
+                    _ => self.nodes[i].ep.dial_failed(&addr, Millis(now)),
                 }
             }
             Action::Event(e) => self.event(i, e),
@@ -384,7 +393,7 @@ impl Sim {
                         Found { item, bytes }
                     })
                     .collect();
-                n.ep.serve(conn, id, found, now);
+                n.ep.serve(conn, id, found, Millis(now));
             }
             Event::VerifyRelease {
                 fetch,
@@ -404,12 +413,20 @@ impl Sim {
                     n.ep.set_floor_unbound(&channel, true);
                 }
                 if !valid || n.distrusted.contains(&seq) {
-                    return n
-                        .ep
-                        .release_rejected(fetch, "signature_threshold", "toy", now);
+                    return n.ep.release_rejected(
+                        fetch,
+                        VerifyFailure::Invalid("signature_threshold"),
+                        "toy",
+                        Millis(now),
+                    );
                 }
                 if seq <= n.seq(&channel) && !n.ep.unbound_floors.contains(&channel) {
-                    return n.ep.release_rejected(fetch, "rollback", "toy", now);
+                    return n.ep.release_rejected(
+                        fetch,
+                        VerifyFailure::Rollback,
+                        "toy",
+                        Millis(now),
+                    );
                 }
                 let head = Head {
                     sequence: seq,
@@ -418,9 +435,9 @@ impl Sim {
                 };
                 n.pending.insert(fetch, (head, manifest.clone()));
                 n.releases.insert(format!("pending-{fetch}"), release);
-                n.ep.release_verified(fetch, now);
+                n.ep.release_verified(fetch, Millis(now));
                 let missing = n.missing(&manifest);
-                n.ep.fetch_want(fetch, missing, now);
+                n.ep.fetch_want(fetch, missing, Millis(now));
             }
             Event::Object { address, bytes, .. } => {
                 assert_eq!(
@@ -438,22 +455,22 @@ impl Sim {
                 };
                 let missing = n.missing(&manifest);
                 if !missing.is_empty() {
-                    return n.ep.fetch_want(fetch, missing, now);
+                    return n.ep.fetch_want(fetch, missing, Millis(now));
                 }
                 n.pending.remove(&fetch);
                 if let Some(r) = n.releases.remove(&format!("pending-{fetch}")) {
                     n.releases.insert(head.channel.clone(), r);
                 }
-                n.ep.set_head(head, now);
-                n.ep.fetch_complete(fetch, now);
+                n.ep.set_head(head, Millis(now));
+                n.ep.fetch_complete(fetch, Millis(now));
             }
             Event::FetchFailed { fetch, .. } => {
                 n.pending.remove(&fetch);
                 n.releases.remove(&format!("pending-{fetch}"));
             }
-            Event::Rejected { peer, reason, .. } => {
-                n.rejections.push((peer.name().to_owned(), reason))
-            }
+            Event::Rejected { peer, reason, .. } => n
+                .rejections
+                .push((peer.name().to_owned(), reason.to_string())),
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
             | Event::StatusChanged
@@ -470,12 +487,16 @@ impl Sim {
             assert!(steps < 1_000_000, "simulation does not settle");
             let now = self.now;
             for n in &mut self.nodes {
-                if n.ep.poll_timeout().is_some_and(|t| t <= now) {
-                    n.ep.handle_timeout(now);
+                if n.ep.poll_timeout().is_some_and(|t| t.as_u64() <= now) {
+                    n.ep.handle_timeout(Millis(now), UnixMillis(now));
                 }
             }
             self.settle();
-            let next_timer = self.nodes.iter().filter_map(|n| n.ep.poll_timeout()).min();
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.ep.poll_timeout().map(Millis::as_u64))
+                .min();
             let next_msg = self.queue.iter().map(|(t, _)| *t).min();
             let next = [next_timer, next_msg]
                 .into_iter()
@@ -579,7 +600,7 @@ fn a_tampered_object_cuts_the_peer_off_and_nothing_bad_is_stored() {
         sim.nodes[0].rejections[0],
         ("a1".to_string(), "object_hash_mismatch".to_string())
     );
-    assert!(sim.nodes[0].ep.is_banned("a1", sim.now));
+    assert!(sim.nodes[0].ep.is_banned("a1", Millis(sim.now)));
 }
 
 #[test]
@@ -635,7 +656,11 @@ fn a_new_epoch_head_with_a_lower_sequence_is_fetched_and_nobody_is_banned() {
         assert_eq!(n.seq("stable"), 1, "{}", n.id);
         assert!(n.rejections.is_empty(), "{}: {:?}", n.id, n.rejections);
         for other in ["a0", "a1", "a2"] {
-            assert!(!n.ep.is_banned(other, sim.now), "{} banned {other}", n.id);
+            assert!(
+                !n.ep.is_banned(other, Millis(sim.now)),
+                "{} banned {other}",
+                n.id
+            );
         }
     }
     // Inside the new epoch a rolled-back head is still refused.
@@ -729,24 +754,27 @@ fn status_gossip_spreads_and_newest_wins() {
             listen: None,
         };
         let now = sim.now;
-        sim.nodes[i].ep.set_local_status(r, now);
+        sim.nodes[i].ep.set_local_status(r, UnixMillis(now));
     }
     sim.run(60_000);
     let now = sim.now;
     for n in &sim.nodes {
-        assert_eq!(n.ep.status(now).count(), 5, "{}", n.id);
+        assert_eq!(n.ep.status(UnixMillis(now)).count(), 5, "{}", n.id);
     }
     let mut r = sim.nodes[4]
         .ep
-        .status(now)
+        .status(UnixMillis(now))
         .find(|r| r.agent_id == "a4")
         .unwrap()
         .clone();
     r.health = "failed".into();
-    sim.nodes[4].ep.set_local_status(r, now);
+    sim.nodes[4].ep.set_local_status(r, UnixMillis(now));
     sim.run(60_000);
     let now = sim.now;
-    let a4 = sim.nodes[0].ep.status(now).find(|r| r.agent_id == "a4");
+    let a4 = sim.nodes[0]
+        .ep
+        .status(UnixMillis(now))
+        .find(|r| r.agent_id == "a4");
     assert_eq!(a4.unwrap().health, "failed");
 }
 
@@ -762,7 +790,8 @@ fn status_records_from_the_future_or_about_us_are_ignored() {
             signed_by("a9", &record("a9", "failed", now + 3_600_000)),
             signed_by("a2", &record("a2", "healthy", now)),
         ]),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(status_ids(&ep, now), vec!["a2"]);
     assert!(drain_rejections(&mut ep).is_empty());
@@ -797,19 +826,25 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         ep.handle_message(
             honest,
             Message::Status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
-            now,
+            Millis(now),
+            UnixMillis(now),
         );
         let c = hello(&mut ep, "evil", now);
-        ep.handle_message(c, Message::Status(vec![forged]), now);
+        ep.handle_message(
+            c,
+            Message::Status(vec![forged]),
+            Millis(now),
+            UnixMillis(now),
+        );
         let mut rejected = Vec::new();
         let mut dropped = Vec::new();
         while let Some(a) = ep.poll_action() {
             match a {
                 Action::Event(Event::Rejected { reason, peer, .. }) => {
-                    rejected.push((reason, peer))
+                    rejected.push((reason.to_string(), peer))
                 }
                 Action::Event(Event::StatusDropped { reason, count, .. }) => {
-                    dropped.push((reason, count))
+                    dropped.push((reason.label(), count))
                 }
                 _ => {}
             }
@@ -825,9 +860,12 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         if what != "altered" {
             assert_eq!(dropped, vec![("forged", 1)], "{what}");
         }
-        assert!(ep.is_banned("evil", now), "{what}");
+        assert!(ep.is_banned("evil", Millis(now)), "{what}");
         // a2's own record stands, and the breaker sees no failure.
-        let a2 = ep.status(now).find(|r| r.agent_id == "a2").unwrap();
+        let a2 = ep
+            .status(UnixMillis(now))
+            .find(|r| r.agent_id == "a2")
+            .unwrap();
         assert_eq!(a2.health, "healthy", "{what}");
         assert_eq!(breaker_inputs(&ep, &bundle, now), (1, 0), "{what}");
     }
@@ -847,7 +885,8 @@ fn breaker_inputs_count_only_verified_records() {
             signed_by("a2", &record("a2", "failed", now)),
             signed_by("a3", &record("a3", "healthy", now)),
         ]),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
     // A fleet member forges three "failed" records for agents that do not
@@ -857,7 +896,7 @@ fn breaker_inputs_count_only_verified_records() {
         .iter()
         .map(|id| signed_by("evil", &record(id, "failed", now + 1)))
         .collect();
-    ep.handle_message(e, Message::Status(forged), now);
+    ep.handle_message(e, Message::Status(forged), Millis(now), UnixMillis(now));
     assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
 }
 
@@ -876,16 +915,22 @@ fn expired_status_records_are_dropped_and_not_relayed() {
             // Already older than the TTL on arrival.
             signed_by("a3", &record("a3", "failed", now - ttl - 1)),
         ]),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(status_ids(&ep, now), vec!["a2"]);
     let later = now + ttl;
-    ep.handle_timeout(later);
+    ep.handle_timeout(Millis(later), UnixMillis(later));
     // Our own record is kept fresh; a2's aged out of the view...
     assert_eq!(status_ids(&ep, later), vec!["a0"]);
     // ...and is not relayed to anyone.
     while ep.poll_action().is_some() {}
-    ep.handle_message(conn, Message::StatusRequest, later);
+    ep.handle_message(
+        conn,
+        Message::StatusRequest,
+        Millis(later),
+        UnixMillis(later),
+    );
     let mut relayed = Vec::new();
     while let Some(a) = ep.poll_action() {
         if let Action::Send {
@@ -904,7 +949,8 @@ fn expired_status_records_are_dropped_and_not_relayed() {
     ep.handle_message(
         conn,
         Message::Status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
-        later,
+        Millis(later),
+        UnixMillis(later),
     );
     assert_eq!(status_ids(&ep, later), vec!["a0"]);
 }
@@ -918,7 +964,7 @@ fn a_flood_cannot_evict_real_records() {
     let now = 1_000_000;
     let conn = hello(&mut ep, "a1", now);
     while ep.poll_action().is_some() {}
-    ep.handle_timeout(now);
+    ep.handle_timeout(Millis(now), UnixMillis(now));
     ep.handle_message(
         conn,
         Message::Status(vec![
@@ -926,7 +972,8 @@ fn a_flood_cannot_evict_real_records() {
             signed_by("a2", &record("a2", "healthy", now - 20_000)),
             signed_by("a3", &record("a3", "failed", now - 10_000)),
         ]),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     let real = vec!["a0", "a1", "a2", "a3"];
     assert_eq!(status_ids(&ep, now), real);
@@ -949,17 +996,19 @@ fn a_flood_cannot_evict_real_records() {
     ep.handle_message(
         flood_conn,
         Message::Status(genuine.into_iter().map(|(_, s)| s).collect()),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(status_ids(&ep, now), real);
-    assert!(!ep.is_banned("a9", now));
+    assert!(!ep.is_banned("a9", Millis(now)));
     ep.handle_message(
         flood_conn,
         Message::Status(forged.into_iter().map(|(_, s)| s).collect()),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(status_ids(&ep, now), real);
-    assert!(ep.is_banned("a9", now));
+    assert!(ep.is_banned("a9", Millis(now)));
     // Once a1's record expires, a genuine newcomer takes its slot, and
     // only that one.
     let later = now + 30_001;
@@ -970,7 +1019,8 @@ fn a_flood_cannot_evict_real_records() {
             signed_by("n1", &record("n1", "healthy", later)),
             signed_by("n2", &record("n2", "healthy", later)),
         ]),
-        later,
+        Millis(later),
+        UnixMillis(later),
     );
     assert_eq!(status_ids(&ep, later), vec!["a0", "a2", "a3", "n1"]);
 }
@@ -981,21 +1031,24 @@ fn our_record_is_signed_again_only_when_it_changes_or_ages() {
     c.status_refresh_ms = 60_000;
     let mut ep = new_ep(c);
     let now = 1_000_000;
-    ep.set_local_status(record("ignored", "healthy", 0), now);
-    let time = |ep: &Endpoint| ep.status(now).next().unwrap().time;
+    ep.set_local_status(record("ignored", "healthy", 0), UnixMillis(now));
+    let time = |ep: &Endpoint| ep.status(UnixMillis(now)).next().unwrap().time;
     assert_eq!(time(&ep), now);
     // Unchanged two seconds later: the same signed record.
-    ep.set_local_status(record("a0", "healthy", 0), now + 2_000);
+    ep.set_local_status(record("a0", "healthy", 0), UnixMillis(now + 2_000));
     assert_eq!(time(&ep), now);
     // Changed: signed anew.
-    ep.set_local_status(record("a0", "failed", 0), now + 4_000);
-    let r = ep.status(now).next().unwrap().clone();
+    ep.set_local_status(record("a0", "failed", 0), UnixMillis(now + 4_000));
+    let r = ep.status(UnixMillis(now)).next().unwrap().clone();
     assert_eq!((r.time, r.health.as_str()), (now + 4_000, "failed"));
     // Our listen address goes into our record.
     assert_eq!(r.listen.as_deref(), Some(addr(0).as_str()));
     // Aged past the refresh period: signed anew by the timer.
-    ep.handle_timeout(now + 64_000);
-    assert_eq!(ep.status(now).next().unwrap().time, now + 64_000);
+    ep.handle_timeout(Millis(now + 64_000), UnixMillis(now + 64_000));
+    assert_eq!(
+        ep.status(UnixMillis(now)).next().unwrap().time,
+        now + 64_000
+    );
 }
 
 #[test]
@@ -1018,7 +1071,8 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
             signed_by("m4", &with_listen("m4", "10.0.0.4:0", now)),
             signed_by("m5", &with_listen("m5", "[ff02::1]:7440", now)),
         ]),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     let table = |ep: &Endpoint| -> Vec<(String, Option<String>)> {
         ep.peer_table()
@@ -1036,7 +1090,8 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
             "a2",
             &with_listen("a2", "10.0.0.22:7440", now + 1),
         )]),
-        now + 1,
+        Millis(now + 1),
+        UnixMillis(now + 1),
     );
     assert_eq!(
         table(&ep),
@@ -1053,7 +1108,12 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
             )
         })
         .collect();
-    ep.handle_message(evil, Message::Status(forged), now + 2);
+    ep.handle_message(
+        evil,
+        Message::Status(forged),
+        Millis(now + 2),
+        UnixMillis(now + 2),
+    );
     assert_eq!(
         table(&ep),
         vec![("10.0.0.22:7440".to_owned(), Some("a2".to_owned()))]
@@ -1061,10 +1121,10 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     // The dialer only ever sees that address.
     let mut dials = Vec::new();
     for t in 0..30 {
-        ep.handle_timeout(now + 3 + t * 1_000);
+        ep.handle_timeout(Millis(now + 3 + t * 1_000), UnixMillis(now + 3 + t * 1_000));
         while let Some(a) = ep.poll_action() {
             if let Action::Dial { addr } = a {
-                ep.dial_failed(&addr, now + 3 + t * 1_000);
+                ep.dial_failed(&addr, Millis(now + 3 + t * 1_000));
                 dials.push(addr);
             }
         }
@@ -1114,10 +1174,15 @@ fn stale_certificates_drop_records_without_blame() {
         sig: test_signature("a2", &SignedStatus::signed_message(&bytes)),
         record: bytes,
     };
-    ep.handle_message(conn, Message::Status(vec![stale]), now);
+    ep.handle_message(
+        conn,
+        Message::Status(vec![stale]),
+        Millis(now),
+        UnixMillis(now),
+    );
     assert!(status_ids(&ep, now).is_empty());
     assert!(drain_rejections(&mut ep).is_empty());
-    assert!(!ep.is_banned("a1", now));
+    assert!(!ep.is_banned("a1", Millis(now)));
 }
 
 #[test]
@@ -1150,14 +1215,15 @@ fn peer_table_is_bounded_and_keeps_seeds() {
 }
 
 fn hello(ep: &mut Endpoint, id: &str, now: u64) -> ConnId {
-    let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, now);
+    let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, Millis(now));
     ep.handle_message(
         c,
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             listen: None,
         }),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     while ep.poll_action().is_some() {}
     c
@@ -1167,7 +1233,7 @@ fn drain_rejections(ep: &mut Endpoint) -> Vec<String> {
     let mut out = Vec::new();
     while let Some(a) = ep.poll_action() {
         if let Action::Event(Event::Rejected { reason, .. }) = a {
-            out.push(reason);
+            out.push(reason.to_string());
         }
     }
     out
@@ -1179,19 +1245,20 @@ fn protocol_violations_cut_the_peer_off() {
     let addr0 = sha256_address(b"x");
     // Message before hello.
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
-    ep.handle_message(c, Message::Heads(vec![]), now);
+    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
+    ep.handle_message(c, Message::Heads(vec![]), Millis(now), UnixMillis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["no_hello"]);
     // Wrong protocol version.
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, now);
+    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
     ep.handle_message(
         c,
         Message::Hello(Hello {
             version: 99,
             listen: None,
         }),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(drain_rejections(&mut ep), vec!["protocol_version"]);
     // Unsolicited data.
@@ -1203,7 +1270,8 @@ fn protocol_violations_cut_the_peer_off() {
             id: 77,
             items: vec![],
         },
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
     // Too many requests in flight.
@@ -1217,21 +1285,22 @@ fn protocol_violations_cut_the_peer_off() {
                 id,
                 items: vec![Item::Object(addr0.clone())],
             },
-            now,
+            Millis(now),
+            UnixMillis(now),
         );
     }
     assert_eq!(drain_rejections(&mut ep), vec!["too_many_requests"]);
     // Garbage on the wire reported by the shell.
     let mut ep = new_ep(cfg(0, vec![]));
     let c = hello(&mut ep, "p", now);
-    ep.handle_wire_error(c, "oversized_frame", "5 GB", now);
+    ep.handle_wire_error(c, WireFailure::OversizedFrame, "5 GB", Millis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["oversized_frame"]);
     // ...and the peer stays banned: a reconnect is closed at once.
-    let c2 = ep.connected(PeerIdentity::Agent("p".into()), None, None, now + 1);
+    let c2 = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now + 1));
     assert!(matches!(ep.poll_action(), Some(Action::Close { conn, .. }) if conn == c2));
     // After the ban it may come back.
     let later = now + ep.config().ban_base_ms + 1;
-    let c3 = ep.connected(PeerIdentity::Agent("p".into()), None, None, later);
+    let c3 = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(later));
     assert!(matches!(ep.poll_action(), Some(Action::Send { conn, .. }) if conn == c3));
 }
 
@@ -1239,17 +1308,23 @@ fn protocol_violations_cut_the_peer_off() {
 fn operators_may_only_read_status() {
     let now = 1_000_000;
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Operator("ops".into()), None, None, now);
+    let c = ep.connected(
+        PeerIdentity::Operator("ops".into()),
+        None,
+        None,
+        Millis(now),
+    );
     ep.handle_message(
         c,
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             listen: None,
         }),
-        now,
+        Millis(now),
+        UnixMillis(now),
     );
     while ep.poll_action().is_some() {}
-    ep.handle_message(c, Message::StatusRequest, now);
+    ep.handle_message(c, Message::StatusRequest, Millis(now), UnixMillis(now));
     assert!(matches!(
         ep.poll_action(),
         Some(Action::Send {
@@ -1257,7 +1332,7 @@ fn operators_may_only_read_status() {
             ..
         })
     ));
-    ep.handle_message(c, Message::Heads(vec![]), now);
+    ep.handle_message(c, Message::Heads(vec![]), Millis(now), UnixMillis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["operator_forbidden"]);
 }
 

@@ -1,0 +1,326 @@
+use super::*;
+
+/// When the reconcile loop runs next, as the reconciler decides it
+/// (kube-runtime's `Action`): after a delay, or only when woken (an
+/// adoption always wakes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Action {
+    requeue_after: Option<Duration>,
+}
+
+impl Action {
+    /// Run again after `after` (or sooner when woken).
+    pub fn requeue(after: Duration) -> Self {
+        Self {
+            requeue_after: Some(after),
+        }
+    }
+
+    /// Run again only when woken.
+    pub fn await_change() -> Self {
+        Self {
+            requeue_after: None,
+        }
+    }
+
+    /// The delay, if any.
+    pub fn requeue_after(&self) -> Option<Duration> {
+        self.requeue_after
+    }
+}
+
+/// The reconcile loop's policy: in sync (or not, with conflicts or an
+/// unhealthy release, which only time or a new release changes) — the
+/// configured interval, for drift correction; an error (the target or
+/// the store failed) — backoff from one second up to the interval, so a
+/// transient failure is retried soon without hammering a broken target.
+pub(super) fn next_action(
+    result: &Result<ApplyReport>,
+    interval: Duration,
+    failures: &mut Backoff,
+) -> Action {
+    match result {
+        Ok(_) => {
+            failures.reset();
+            Action::requeue(jitter(interval, 0.05))
+        }
+        Err(Error::NoRelease { .. }) => Action::requeue(jitter(interval, 0.05)),
+        Err(_) => Action::requeue(failures.next_delay().min(interval)),
+    }
+}
+
+impl Agent {
+    /// Applies the adopted release to the target. Returns the report, or
+    /// an error when nothing is adopted or the target failed.
+    pub async fn reconcile(&self) -> Result<ApplyReport> {
+        let _guard = self.inner.reconcile_lock.lock().await;
+        let started = Instant::now();
+        let channel = self.inner.config.channel.clone();
+        let adopted = self.state().head.clone();
+        let failed = self.state().failed.clone();
+        // The release to enforce: the adopted one, unless it failed its
+        // health checks, then the last-good one (not retried until a newer
+        // release is adopted).
+        let (mut head, mut result) = match &adopted {
+            None => (
+                None,
+                Err(Error::NoRelease {
+                    channel: channel.clone(),
+                    detail: self.why_no_release(),
+                }),
+            ),
+            Some(h)
+                if failed
+                    .as_ref()
+                    .is_some_and(|f| f.sequence == h.release.sequence) =>
+            {
+                match self.last_good_state().await {
+                    Some(lg) => {
+                        let r = self.apply_head(&lg, failed.as_ref()).await;
+                        (Some(lg), r)
+                    }
+                    None => (None, Err(Error::Status(format!(
+                        "release {} failed its health checks and there is no last-good release to roll back to",
+                        h.release.sequence
+                    )))),
+                }
+            }
+            Some(h) => {
+                let r = self.apply_head(h, None).await;
+                (Some(h.clone()), r)
+            }
+        };
+        if let (Ok(report), Some(h)) = (&result, &adopted) {
+            let is_last_good = self
+                .state()
+                .last_good
+                .as_ref()
+                .is_some_and(|lg| lg.sequence == h.release.sequence);
+            if let (Some(reason), false) = (&report.unhealthy, is_last_good) {
+                let f = FailedRelease {
+                    sequence: h.release.sequence,
+                    bundle: h.release.bundle.clone(),
+                    reason: reason.clone(),
+                    at: unix_now(),
+                };
+                tracing::error!(
+                    sequence = f.sequence,
+                    reason = %f.reason,
+                    "release failed its health checks; rolling back to the last-good release"
+                );
+                if let Ok(json) = serde_json::to_vec(&f) {
+                    let c = channel.clone();
+                    if let Err(e) = self
+                        .blocking(move |s| s.set_failed_release(&c, Some(&json)))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot record the failed release");
+                    }
+                }
+                self.inner.metrics.rollbacks.inc();
+                self.state().failed = Some(f.clone());
+                if let Some(lg) = self.last_good_state().await {
+                    result = self.apply_head(&lg, Some(&f)).await;
+                    head = Some(lg);
+                } else {
+                    tracing::error!("no last-good release to roll back to");
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let m = &self.inner.metrics;
+        m.reconcile_duration.observe(elapsed.as_secs_f64());
+        let ok = matches!(&result, Ok(r) if r.in_sync());
+        m.reconciles
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" }.into(),
+            })
+            .inc();
+        let now = unix_now();
+        if let Some(h) = &head {
+            let expired = now >= h.release.expires;
+            m.adopted_release_expired.set(i64::from(expired));
+            if expired {
+                tracing::warn!(
+                    sequence = h.release.sequence,
+                    "the enforced release has expired; keeping it (last-good) until a newer valid release arrives"
+                );
+            }
+        }
+        match &result {
+            Ok(r) => {
+                m.drift_corrections.inc_by(r.drift_corrected as u64);
+                if r.created + r.updated + r.deleted + r.drift_corrected > 0 || !r.in_sync() {
+                    tracing::info!(
+                        created = r.created,
+                        updated = r.updated,
+                        deleted = r.deleted,
+                        drift_corrected = r.drift_corrected,
+                        conflicts = r.conflicts.len(),
+                        "reconciled"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+        }
+        if let (true, Some(h)) = (ok, &head) {
+            let (c, b) = (channel.clone(), h.bytes.clone());
+            if let Err(e) = self.blocking(move |s| s.set_last_good(&c, &b)).await {
+                tracing::warn!(error = %e, "cannot record last-good release");
+            }
+            m.last_good_sequence
+                .get_or_create(&ChannelLabel {
+                    channel: channel.clone(),
+                })
+                .set(gauge(h.release.sequence));
+            self.state().last_good = Some(h.status(now));
+        }
+        self.state().reconcile = Some(ReconcileStatus {
+            at: now,
+            ok,
+            sequence: head.as_ref().map(|h| h.release.sequence),
+            duration_ms: elapsed.as_millis() as u64,
+            report: result.as_ref().ok().cloned(),
+            error: match &result {
+                Ok(r) if !r.in_sync() => Some(format!("conflicts: {}", r.conflicts.join(" "))),
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            },
+        });
+        self.publish_status();
+        result
+    }
+
+    /// The last-good release as a head, if its manifest is still stored.
+    pub(super) async fn last_good_state(&self) -> Option<HeadState> {
+        let channel = self.inner.config.channel.clone();
+        let bytes = self.blocking(move |s| s.last_good(&channel)).await.ok()??;
+        let (_, release) =
+            Release::decode_envelope(&bytes, self.inner.limits.max_release_bytes).ok()?;
+        let bundle = release.bundle.clone();
+        let manifest_bytes = self.blocking(move |s| s.bundle(&bundle)).await.ok()??;
+        let manifest =
+            Manifest::decode(&manifest_bytes, Some(&release.bundle), &self.inner.limits).ok()?;
+        Some(HeadState {
+            address: cairn_keys::sha256_address(&bytes),
+            release,
+            bytes,
+            manifest: Arc::new(manifest),
+        })
+    }
+
+    pub(super) async fn apply_head(
+        &self,
+        h: &HeadState,
+        failed: Option<&FailedRelease>,
+    ) -> Result<ApplyReport> {
+        // One blocking pass reads every object; missing or corrupt ones
+        // (dropped) are fetched again from the sources.
+        let manifest = h.manifest.clone();
+        let mut read = self
+            .blocking(move |store| {
+                let mut out = Vec::with_capacity(manifest.entries.len());
+                for e in &manifest.entries {
+                    out.push(match store.get_object(&e.object) {
+                        Ok(b) => b,
+                        Err(StoreError::Corrupt { .. }) => {
+                            let _ = store.remove_object(&e.object);
+                            None
+                        }
+                        Err(other) => return Err(other),
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut objects = Vec::with_capacity(h.manifest.entries.len());
+        for (e, bytes) in h.manifest.entries.iter().zip(read.iter_mut()) {
+            let bytes = match bytes.take() {
+                Some(b) => b,
+                None => {
+                    if !self.fetch_object_anywhere(&e.object, e.size).await {
+                        return Err(Error::CorruptState {
+                            dir: self.inner.config.data_dir.clone(),
+                            detail: format!(
+                                "object {} ({}) of the adopted release is missing and no source has it",
+                                e.object,
+                                e.display_name()
+                            ),
+                        });
+                    }
+                    let a = e.object.clone();
+                    match self.blocking(move |s| s.get_object(&a)).await? {
+                        Some(b) => b,
+                        None => {
+                            return Err(Error::Status(format!(
+                                "object {} vanished from the store",
+                                e.object
+                            )))
+                        }
+                    }
+                }
+            };
+            objects.push(DesiredObject {
+                entry: e.clone(),
+                bytes,
+            });
+        }
+        let desired = Arc::new(DesiredState {
+            channel: h.release.channel.clone(),
+            sequence: h.release.sequence,
+            bundle: h.release.bundle.clone(),
+            objects,
+            failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
+        });
+        Ok(self.inner.target.apply(desired).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_back_off_up_to_the_interval_and_success_resets() {
+        let interval = Duration::from_secs(30);
+        let mut failures = Backoff::new(Duration::from_secs(1), interval);
+        let err = || Err(Error::Status("target failed".into()));
+        let first = next_action(&err(), interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(first <= Duration::from_millis(1500), "{first:?}");
+        let mut last = first;
+        for _ in 0..10 {
+            last = next_action(&err(), interval, &mut failures)
+                .requeue_after()
+                .unwrap_or(Duration::MAX);
+            assert!(last <= interval, "{last:?}");
+        }
+        assert!(last > first, "backoff grows: {first:?} then {last:?}");
+        let ok = next_action(&Ok(ApplyReport::default()), interval, &mut failures);
+        let d = ok.requeue_after().unwrap_or(Duration::MAX);
+        assert!(
+            d >= interval.mul_f64(0.95) && d <= interval.mul_f64(1.05),
+            "{d:?}"
+        );
+        let again = next_action(&err(), interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(again <= Duration::from_millis(1500), "reset: {again:?}");
+    }
+
+    #[test]
+    fn nothing_adopted_waits_the_interval_not_a_backoff() {
+        let interval = Duration::from_secs(30);
+        let mut failures = Backoff::new(Duration::from_secs(1), interval);
+        let none = Err(Error::NoRelease {
+            channel: "stable".into(),
+            detail: "no sources".into(),
+        });
+        let d = next_action(&none, interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(d >= interval.mul_f64(0.95), "{d:?}");
+        assert_eq!(Action::await_change().requeue_after(), None);
+    }
+}

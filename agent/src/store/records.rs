@@ -1,0 +1,258 @@
+//! The typed records: roots, heads, bundles and objects, last-good,
+//! inventory, sync status, meta, peers.
+
+use super::*;
+
+impl Store {
+    // ---- roots ----------------------------------------------------------
+
+    /// Stored root envelopes, sorted by version. Each was verified against
+    /// its predecessor before it was stored; callers re-verify the chain.
+    pub fn roots(&self) -> StoreResult<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for (k, v) in self.list(T::Roots)? {
+            let key: [u8; 8] = k
+                .as_slice()
+                .try_into()
+                .map_err(|_| self.corrupt("roots: malformed key".into()))?;
+            out.push((u64::from_be_bytes(key), v));
+        }
+        Ok(out)
+    }
+
+    /// Stores a verified root envelope and flushes.
+    pub fn put_root(&self, version: u64, bytes: &[u8]) -> StoreResult<()> {
+        self.put(T::Roots, &version.to_be_bytes(), bytes)?;
+        self.flush()
+    }
+
+    // ---- heads ----------------------------------------------------------
+
+    /// The adopted release envelope of `channel`.
+    pub fn head(&self, channel: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(T::Heads, channel.as_bytes())
+    }
+
+    /// Every adopted channel head (for the mesh: what this agent can serve).
+    pub fn heads(&self) -> StoreResult<Vec<Head>> {
+        let mut out = Vec::new();
+        for (k, bytes) in self.list(T::Heads)? {
+            let channel = String::from_utf8_lossy(&k).into_owned();
+            let (_, rel) = Release::decode_envelope(&bytes, u64::MAX)
+                .map_err(|e| self.corrupt(format!("head of channel `{channel}`: {e}")))?;
+            out.push(Head {
+                channel,
+                sequence: rel.sequence,
+                bundle: rel.bundle,
+                release_address: cairn_keys::sha256_address(&bytes),
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adopts a release durably: every value file (objects, the manifest) is
+    /// made durable first, then one transaction stores the manifest record
+    /// and switches the channel head, then sled's log is flushed. Only when
+    /// this returns `Ok` is the adoption durable; report it only then. Call
+    /// only after every object of the bundle is stored (see
+    /// [`Store::put_object`]) and the release passed the pipeline.
+    pub fn adopt(
+        &self,
+        channel: &str,
+        release_bytes: &[u8],
+        bundle_id: &str,
+        manifest_bytes: &[u8],
+    ) -> StoreResult<()> {
+        verify_object(bundle_id, manifest_bytes).map_err(|e| self.invalid(e.to_string()))?;
+        let _g = self.lock_values();
+        let manifest_rec = self.record(T::Bundles, manifest_bytes)?;
+        let head_rec = self.record(T::Heads, release_bytes)?;
+        self.sync_files()?;
+        let h = self.handles()?;
+        use sled::Transactional;
+        let old = (h.tree(T::Bundles), h.tree(T::Heads))
+            .transaction(|(bundles, heads)| {
+                bundles.insert(bundle_id.as_bytes(), manifest_rec.clone())?;
+                let old = heads.insert(channel.as_bytes(), head_rec.clone())?;
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(old)
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => self.db_err(e),
+                other => self.invalid(format!("{other:?}")),
+            })?;
+        self.note_replaced(T::Heads, old);
+        drop(_g);
+        self.flush()
+    }
+
+    // ---- bundles and objects -------------------------------------------
+
+    /// A stored bundle manifest (checked against its id).
+    pub fn bundle(&self, bundle_id: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(T::Bundles, bundle_id.as_bytes())
+    }
+
+    /// Whether an object is stored. A record whose file a power cut lost
+    /// (written, never flushed) is dropped and reported absent, so the
+    /// object is fetched again; content is checked on read.
+    pub fn has_object(&self, address: &str) -> StoreResult<bool> {
+        let tree = self.tree(T::Objects)?;
+        let Some(raw) = tree.get(address.as_bytes()).map_err(|e| self.db_err(e))? else {
+            return Ok(false);
+        };
+        match decode(&raw) {
+            Stored::Inline(_) => Ok(true),
+            Stored::File { len, address: a } => {
+                let ok = self
+                    .file_path(T::Objects, &a)
+                    .and_then(|p| std::fs::metadata(p).ok())
+                    .is_some_and(|m| m.len() == len);
+                if !ok {
+                    tree.remove(address.as_bytes())
+                        .map_err(|e| self.db_err(e))?;
+                }
+                Ok(ok)
+            }
+        }
+    }
+
+    /// Reads an object and checks it against its address: a mismatch (or
+    /// a lost object file) is [`StoreError::Corrupt`].
+    pub fn get_object(&self, address: &str) -> StoreResult<Option<Vec<u8>>> {
+        match self.get(T::Objects, address.as_bytes())? {
+            Some(bytes) => {
+                verify_object(address, &bytes).map_err(|e| self.corrupt(format!("stored {e}")))?;
+                Ok(Some(bytes))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Stores an object after checking it against its address (durable at
+    /// the next flush; [`Store::adopt`] flushes).
+    pub fn put_object(&self, address: &str, bytes: &[u8]) -> StoreResult<()> {
+        verify_object(address, bytes).map_err(|e| self.invalid(e.to_string()))?;
+        self.put(T::Objects, address.as_bytes(), bytes)
+    }
+
+    /// Removes an object (used to drop a corrupt copy before re-fetching
+    /// it), with its file.
+    pub fn remove_object(&self, address: &str) -> StoreResult<()> {
+        self.remove(T::Objects, address.as_bytes())?;
+        if let Some(p) = self.file_path(T::Objects, address) {
+            // Only a corrupt copy is removed; a manifest sharing the file
+            // would be just as corrupt.
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(())
+    }
+
+    /// Number of stored objects.
+    pub fn object_count(&self) -> usize {
+        self.tree(T::Objects).map(|t| t.len()).unwrap_or(0)
+    }
+
+    // ---- last good, inventory, sync status -----------------------------
+
+    /// The release last reconciled successfully on `channel`.
+    pub fn last_good(&self, channel: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(T::LastGood, channel.as_bytes())
+    }
+
+    /// Records the release last reconciled successfully and flushes.
+    pub fn set_last_good(&self, channel: &str, release_bytes: &[u8]) -> StoreResult<()> {
+        if self.last_good(channel)?.as_deref() == Some(release_bytes) {
+            return Ok(());
+        }
+        self.put(T::LastGood, channel.as_bytes(), release_bytes)?;
+        self.flush()
+    }
+
+    /// The release on `channel` that failed its health checks and was rolled
+    /// back, as the agent serialised it (JSON), if any.
+    pub fn failed_release(&self, channel: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.meta_get(&format!("failed/{channel}"))
+    }
+
+    /// Records (or with `None` clears) the failed release of `channel`, and
+    /// flushes: a restarted agent must not retry it.
+    pub fn set_failed_release(&self, channel: &str, json: Option<&[u8]>) -> StoreResult<()> {
+        let key = format!("failed/{channel}");
+        match json {
+            Some(j) => self.meta_put(&key, j)?,
+            None => self.remove(T::Meta, key.as_bytes())?,
+        }
+        self.flush()
+    }
+
+    /// A target's inventory (what it owns), as the target serialised it.
+    pub fn inventory(&self, target: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(T::Inventory, target.as_bytes())
+    }
+
+    /// Replaces a target's inventory and flushes (targets write their
+    /// intent before acting, so it must be durable).
+    pub fn set_inventory(&self, target: &str, bytes: &[u8]) -> StoreResult<()> {
+        self.put(T::Inventory, target.as_bytes(), bytes)?;
+        self.flush()
+    }
+
+    /// Records the last sync result of a source (JSON; not flushed).
+    pub fn set_sync_status(&self, source: &str, json: &[u8]) -> StoreResult<()> {
+        self.put(T::Sync, source.as_bytes(), json)
+    }
+
+    /// Every source's last sync result.
+    pub fn sync_statuses(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .list(T::Sync)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
+    }
+
+    // ---- meta -----------------------------------------------------------
+
+    pub(super) fn meta_get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(T::Meta, key.as_bytes())
+    }
+
+    pub(super) fn meta_put(&self, key: &str, value: &[u8]) -> StoreResult<()> {
+        self.put(T::Meta, key.as_bytes(), value)
+    }
+
+    /// The persisted agent id.
+    pub fn agent_id(&self) -> StoreResult<Option<String>> {
+        Ok(self
+            .meta_get("agent_id")?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Persists the agent id and flushes.
+    pub fn set_agent_id(&self, id: &str) -> StoreResult<()> {
+        self.meta_put("agent_id", id.as_bytes())?;
+        self.flush()
+    }
+
+    // ---- peers (owned by the mesh) --------------------------------------
+
+    /// Every peer record.
+    pub fn peers(&self) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .list(T::Peers)?
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), v))
+            .collect())
+    }
+
+    /// Inserts or replaces a peer record (not flushed).
+    pub fn put_peer(&self, id: &str, record: &[u8]) -> StoreResult<()> {
+        self.put(T::Peers, id.as_bytes(), record)
+    }
+
+    /// Removes a peer record.
+    pub fn remove_peer(&self, id: &str) -> StoreResult<()> {
+        self.remove(T::Peers, id.as_bytes())
+    }
+}
