@@ -495,7 +495,64 @@ mod tests {
 
     #[test]
     fn lists_are_refused() {
-        let e = fail("apiVersion: v1\nkind: List\nmetadata: {name: a}\nitems: []\n");
+        // A List stands for its items (as kubectl reads it); a list inside
+        // a list is refused.
+        let e = fail("apiVersion: v1\nkind: List\nmetadata: {name: a}\nitems:\n- {apiVersion: v1, kind: List, items: []}\n");
         assert!(e.contains("lists are not supported"), "{e}");
+    }
+
+    #[test]
+    fn lists_expand_to_their_items() {
+        let y = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n- {apiVersion: v1, kind: Secret, metadata: {name: b}}\n---\napiVersion: v1\nkind: ConfigMapList\nitems:\n- metadata: {name: c}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: d}\n";
+        let v = parse_file("f.yaml", y.as_bytes(), MAX).unwrap();
+        let got: Vec<_> = v
+            .iter()
+            .map(|o| (o.document, o.kind.as_str(), o.name.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [(0, "ConfigMap", "a"), (1, "Secret", "b"), (2, "ConfigMap", "c"), (3, "ConfigMap", "d")]
+        );
+        assert_eq!(
+            String::from_utf8(v[2].bytes.clone()).unwrap(),
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}"#
+        );
+    }
+
+    #[test]
+    fn yaml11_scalars_json_bom_and_generate_name() {
+        let o = one("\u{feff}apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n  stdin: on\n  mode: 0755\n  r: 1e1\n  q: '0755'\n  t: 2001-12-14\n");
+        assert_eq!(
+            String::from_utf8(o.bytes).unwrap(),
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"},"spec":{"mode":493,"q":"0755","r":10,"stdin":true,"t":"2001-12-14","tty":true}}"#
+        );
+        let f = parse_file_full("d/p.yaml", b"apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n", MAX).unwrap();
+        assert_eq!(f.warnings.len(), 1);
+        assert!(f.warnings[0].starts_with("d/p.yaml: line 5: `spec.tty`: `yes` is read as true"), "{:?}", f.warnings);
+        let j = parse_file("a.json", "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"j\"}, \"x\": 1.0}\n{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"k\"}}".as_bytes(), MAX).unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(
+            String::from_utf8(j[0].bytes.clone()).unwrap(),
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"j"},"x":1}"#
+        );
+        let e = fail("apiVersion: v1\nkind: Pod\nmetadata: {generateName: job-}\n");
+        assert!(e.contains("`metadata.generateName` (`job-`) cannot be in a bundle"), "{e}");
+        assert!(e.contains("set `metadata.name`"), "{e}");
+    }
+
+    #[test]
+    fn non_objects_are_reported_not_parsed() {
+        let f = parse_file_full("ci.yaml", b"on: push\njobs: {}\n", MAX).unwrap();
+        assert_eq!(f.not_objects, [(0, 1)]);
+        assert!(f.objects.is_empty());
+        let e = fail("name: x\n");
+        assert!(e.contains("not a Kubernetes object"), "{e}");
+        assert!(e.contains(".cairnignore"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_keys_name_their_line() {
+        let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  x: \"1\"\n  y: \"2\"\n  x: \"3\"\n");
+        assert!(e.starts_with("dir/f.yaml: line 8 column 3: `data`: duplicate key `x` (first at line 6)"), "{e}");
     }
 }

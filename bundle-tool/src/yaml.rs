@@ -270,28 +270,65 @@ impl Composer<'_> {
         Ok(J::Object(out))
     }
 
+    /// A mapping key. Keys are the one place the YAML 1.2 core schema is
+    /// kept: kubectl would turn a key `y`, `no` or `on` into `"true"` or
+    /// `"false"` (sigs.k8s.io/yaml stringifies YAML 1.1 booleans), which
+    /// no author means; such keys stay text, with a warning. Keys that
+    /// both schemas read as non-strings (`1`, `true`, `~`) are refused.
     fn key(&mut self, ev: Event, m: Mark, path: &mut Vec<String>) -> Result<String, YamlError> {
-        let text = match &ev {
-            Event::Scalar { value, .. } => value.clone(),
-            Event::Alias(name) => format!("*{name}"),
-            _ => {
-                return Err(err_at(
-                    m,
-                    format!(
-                        "{}: a mapping or sequence used as a mapping key; JSON (and Kubernetes) needs string keys",
-                        where_(path)
-                    ),
-                ))
-            }
-        };
-        match self.node(ev, m, path)? {
-            serde_json::Value::String(s) => Ok(s),
-            other => Err(err_at(
+        let not_string = |path: &[String], text: &str, what: &serde_json::Value| {
+            err_at(
                 m,
                 format!(
-                    "{}: mapping key `{}` is not a string (YAML 1.1, as kubectl reads it, makes it {other}); JSON (and Kubernetes) needs string keys, quote it",
+                    "{}: mapping key `{}` is not a string (YAML reads it as {what}); JSON (and Kubernetes) needs string keys, quote it",
                     where_(path),
-                    escape_untrusted(&text)
+                    escape_untrusted(text)
+                ),
+            )
+        };
+        match ev {
+            Event::Scalar {
+                anchor,
+                tag: None,
+                value,
+                style: Style::Plain,
+            } => {
+                let v12 = resolve_yaml12(&value);
+                match v12 {
+                    Some(serde_json::Value::String(_)) => {}
+                    Some(other) => return Err(not_string(path, &value, &other)),
+                    None => return Err(not_string(path, &value, &serde_json::Value::Null)),
+                }
+                if let Ok(v11 @ serde_json::Value::Bool(_)) = resolve_yaml11(&value) {
+                    self.warnings.push(format!(
+                        "line {}: {}: key `{}` is kept as text; kubectl would send it as the key `{v11}` (YAML 1.1); quote it to silence this",
+                        m.line,
+                        where_(path),
+                        escape_untrusted(&value)
+                    ));
+                }
+                if let Some(a) = anchor {
+                    self.anchors
+                        .insert(a, serde_json::Value::String(value.clone()));
+                }
+                Ok(value)
+            }
+            Event::Scalar { .. } | Event::Alias(_) => {
+                let text = match &ev {
+                    Event::Scalar { value, .. } => value.clone(),
+                    Event::Alias(name) => format!("*{name}"),
+                    _ => String::new(),
+                };
+                match self.node(ev, m, path)? {
+                    serde_json::Value::String(s) => Ok(s),
+                    other => Err(not_string(path, &text, &other)),
+                }
+            }
+            _ => Err(err_at(
+                m,
+                format!(
+                    "{}: a mapping or sequence used as a mapping key; JSON (and Kubernetes) needs string keys",
+                    where_(path)
                 ),
             )),
         }
