@@ -356,7 +356,7 @@ impl Composer<'_> {
                         None => "a string".into(),
                     };
                     self.warnings.push(format!(
-                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as kubectl reads it) where YAML 1.2 reads {}; quote it if you mean the text",
+                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2 (and Kustomize) read {}; write it as {v}, or quote it for the text",
                         m.line,
                         where_(path),
                         escape_untrusted(value),
