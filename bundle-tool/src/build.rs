@@ -13,14 +13,14 @@
 //! as long as the kustomization uses no remote resources.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::cairnignore::{self, CairnIgnore};
 use crate::export::{self, ExportLimits};
 use crate::git::{self, GitTree, TreeFile};
 use crate::limits::Limits;
-use crate::cairnignore::{self, CairnIgnore};
 use crate::manifests::{self, ParsedFile, ParsedObject};
-use cairn_keys::text::escape_untrusted;
 use crate::{Error, Result};
 use cairn_keys::sha256_address;
+use cairn_keys::text::escape_untrusted;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -221,7 +221,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
     // Built-in skips: hidden files and directories (`.github/`,
     // `.codecov.yml`), and what `.cairnignore` files exclude. An explicit
     // `--path` naming a hidden directory is still built.
-    let hidden_base = if cairnignore::is_hidden(&dir) { dir.as_str() } else { "" };
+    let hidden_base = if cairnignore::is_hidden(&dir) {
+        dir.as_str()
+    } else {
+        ""
+    };
     let files: Vec<TreeFile> = files
         .into_iter()
         .filter(|f| {

@@ -61,7 +61,13 @@ impl CairnIgnore {
             })?;
             matchers.push((dir.to_owned(), g));
         }
-        matchers.sort_by_key(|(d, _)| if d.is_empty() { 0 } else { d.matches('/').count() + 1 });
+        matchers.sort_by_key(|(d, _)| {
+            if d.is_empty() {
+                0
+            } else {
+                d.matches('/').count() + 1
+            }
+        });
         Ok(Self { matchers })
     }
 
@@ -78,7 +84,10 @@ impl CairnIgnore {
             let rel = if dir.is_empty() {
                 path
             } else {
-                match path.strip_prefix(dir.as_str()).and_then(|r| r.strip_prefix('/')) {
+                match path
+                    .strip_prefix(dir.as_str())
+                    .and_then(|r| r.strip_prefix('/'))
+                {
                     Some(r) => r,
                     None => continue,
                 }
@@ -116,7 +125,10 @@ mod tests {
     #[test]
     fn gitignore_syntax_relative_to_the_file() {
         let i = ig(&[
-            (".cairnignore", "# comment\nfleet.yaml\n/docs/\n*.tmpl.yaml\n"),
+            (
+                ".cairnignore",
+                "# comment\nfleet.yaml\n/docs/\n*.tmpl.yaml\n",
+            ),
             ("apps/.cairnignore", "values/\n!keep.tmpl.yaml\n"),
         ]);
         assert!(i.is_ignored("fleet.yaml"));
@@ -135,7 +147,10 @@ mod tests {
         let e = CairnIgnore::new(&[("sub/.cairnignore".into(), b"ok\n{unclosed\n".to_vec())])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("sub/.cairnignore: line 2: bad pattern"), "{e}");
+        assert!(
+            e.starts_with("sub/.cairnignore: line 2: bad pattern"),
+            "{e}"
+        );
     }
 
     #[test]

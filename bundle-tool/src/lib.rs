@@ -12,13 +12,13 @@
 pub mod archive;
 pub mod build;
 pub mod bundle;
+pub mod cairnignore;
 pub mod check;
 pub mod cli;
 pub mod diff;
 pub mod duration;
 mod error;
 pub mod export;
-pub mod cairnignore;
 pub mod git;
 pub mod libyaml;
 pub mod limits;

@@ -93,7 +93,9 @@ pub struct Parser<'input> {
 
 fn mark(m: sys::yaml_mark_t) -> Mark {
     Mark {
-        line: usize::try_from(m.line).unwrap_or(usize::MAX).saturating_add(1),
+        line: usize::try_from(m.line)
+            .unwrap_or(usize::MAX)
+            .saturating_add(1),
         column: usize::try_from(m.column)
             .unwrap_or(usize::MAX)
             .saturating_add(1),
@@ -150,7 +152,8 @@ impl<'input> Parser<'input> {
             if sys::yaml_parser_parse(p, ev.as_mut_ptr()).fail {
                 self.done = true;
                 let parser = &*p;
-                let problem = c_string(parser.problem.cast()).unwrap_or_else(|| "syntax error".into());
+                let problem =
+                    c_string(parser.problem.cast()).unwrap_or_else(|| "syntax error".into());
                 let message = match c_string(parser.context.cast()) {
                     Some(c) => format!("{problem}, {c}"),
                     None => problem,
@@ -244,7 +247,10 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Event::Scalar {
-                    value, style, tag, anchor,
+                    value,
+                    style,
+                    tag,
+                    anchor,
                 } => Some((value.as_str(), *style, tag.clone(), anchor.clone())),
                 _ => None,
             })
@@ -253,7 +259,12 @@ mod tests {
         assert_eq!(scalars[3], ("yes", Style::Quoted, None, None));
         assert_eq!(
             scalars[5],
-            ("1", Style::Plain, Some("tag:yaml.org,2002:str".into()), None)
+            (
+                "1",
+                Style::Plain,
+                Some("tag:yaml.org,2002:str".into()),
+                None
+            )
         );
         assert!(ev.contains(&Event::Alias("x".into())));
     }

@@ -511,7 +511,12 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [(0, "ConfigMap", "a"), (1, "Secret", "b"), (2, "ConfigMap", "c"), (3, "ConfigMap", "d")]
+            [
+                (0, "ConfigMap", "a"),
+                (1, "Secret", "b"),
+                (2, "ConfigMap", "c"),
+                (3, "ConfigMap", "d")
+            ]
         );
         assert_eq!(
             String::from_utf8(v[2].bytes.clone()).unwrap(),
@@ -526,9 +531,18 @@ mod tests {
             String::from_utf8(o.bytes).unwrap(),
             r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"},"spec":{"mode":493,"q":"0755","r":10,"stdin":true,"t":"2001-12-14","tty":true}}"#
         );
-        let f = parse_file_full("d/p.yaml", b"apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n", MAX).unwrap();
+        let f = parse_file_full(
+            "d/p.yaml",
+            b"apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n",
+            MAX,
+        )
+        .unwrap();
         assert_eq!(f.warnings.len(), 1);
-        assert!(f.warnings[0].starts_with("d/p.yaml: line 5: `spec.tty`: `yes` is read as true"), "{:?}", f.warnings);
+        assert!(
+            f.warnings[0].starts_with("d/p.yaml: line 5: `spec.tty`: `yes` is read as true"),
+            "{:?}",
+            f.warnings
+        );
         let j = parse_file("a.json", "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"j\"}, \"x\": 1.0}\n{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"k\"}}".as_bytes(), MAX).unwrap();
         assert_eq!(j.len(), 2);
         assert_eq!(
@@ -536,7 +550,10 @@ mod tests {
             r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"j"},"x":1}"#
         );
         let e = fail("apiVersion: v1\nkind: Pod\nmetadata: {generateName: job-}\n");
-        assert!(e.contains("`metadata.generateName` (`job-`) cannot be in a bundle"), "{e}");
+        assert!(
+            e.contains("`metadata.generateName` (`job-`) cannot be in a bundle"),
+            "{e}"
+        );
         assert!(e.contains("set `metadata.name`"), "{e}");
     }
 
@@ -553,6 +570,11 @@ mod tests {
     #[test]
     fn duplicate_keys_name_their_line() {
         let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  x: \"1\"\n  y: \"2\"\n  x: \"3\"\n");
-        assert!(e.starts_with("dir/f.yaml: line 8 column 3: `data`: duplicate key `x` (first at line 6)"), "{e}");
+        assert!(
+            e.starts_with(
+                "dir/f.yaml: line 8 column 3: `data`: duplicate key `x` (first at line 6)"
+            ),
+            "{e}"
+        );
     }
 }

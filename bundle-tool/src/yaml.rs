@@ -343,9 +343,8 @@ impl Composer<'_> {
         path: &[String],
     ) -> Result<serde_json::Value, YamlError> {
         use serde_json::Value as J;
-        let resolved = |v: &str| {
-            resolve_yaml11(v).map_err(|e| err_at(m, format!("{}: {e}", where_(path))))
-        };
+        let resolved =
+            |v: &str| resolve_yaml11(v).map_err(|e| err_at(m, format!("{}: {e}", where_(path))));
         match tag {
             None if style == Style::Plain => {
                 let v = resolved(value)?;
@@ -356,10 +355,13 @@ impl Composer<'_> {
                         None => "a string".into(),
                     };
                     self.warnings.push(format!(
-                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2 (and Kustomize) read {}; write it as {v}, or quote it for the text",
+                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2{} reads {}; write it as {v}, or quote it for the text",
                         m.line,
                         where_(path),
                         escape_untrusted(value),
+                        // Kustomize (go-yaml v3) keeps 1.1's numbers but
+                        // not its booleans.
+                        if v.is_boolean() { " (and so Kustomize)" } else { "" },
                         escape_untrusted(&other),
                     ));
                 }
@@ -527,11 +529,9 @@ pub fn resolve_yaml11(s: &str) -> Result<serde_json::Value, String> {
             return Ok(J::Bool(false))
         }
         ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF"
-        | "-.inf" | "-.Inf" | "-.INF" => {
-            return Err(format!(
-                "`{s}` cannot be represented in JSON (kubectl refuses it too); quote it for the text"
-            ))
-        }
+        | "-.inf" | "-.Inf" | "-.INF" => return Err(format!(
+            "`{s}` cannot be represented in JSON (kubectl refuses it too); quote it for the text"
+        )),
         _ => {}
     }
     let string = || Ok(J::String(s.to_owned()));

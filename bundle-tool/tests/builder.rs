@@ -307,7 +307,7 @@ fn plain_files_give_the_objects_kubectl_reads() {
     // Each ambiguous scalar is a warning naming file and line.
     assert!(
         b.stderr.contains(
-            "warning: deploy/database/deployment.yaml: line 24: `spec.template.spec.containers.0.tty`: `yes` is read as true"
+            "warning: deploy/database/deployment.yaml: line 22: `spec.template.spec.containers.0.tty`: `yes` is read as true (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2 (and so Kustomize) reads \"yes\""
         ),
         "{}",
         b.stderr
@@ -328,9 +328,15 @@ fn a_file_gives_the_same_object_inside_a_kustomization() {
         ("kust/kustomization.yaml", "resources: [service.yaml]\nnamespace: kust\n"),
         // A patch file next to the kustomization is not a manifest of its
         // own.
-        ("over/kustomization.yaml", "resources: [deployment.yaml]\npatches:\n- path: patch.yaml\n"),
+        (
+            "over/kustomization.yaml",
+            "resources: [deployment.yaml]\npatches:\n- path: patch.yaml\n",
+        ),
         ("over/deployment.yaml", DEPLOYMENT),
-        ("over/patch.yaml", "- op: replace\n  path: /spec/replicas\n  value: 2\n"),
+        (
+            "over/patch.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: database}\nspec: {replicas: 2}\n",
+        ),
     ]);
     let b = build(&r, &[]);
     let plain = &objects_of(&b, "plain/service.yaml")[0];
@@ -356,7 +362,10 @@ fn a_file_gives_the_same_object_inside_a_kustomization() {
 #[test]
 fn non_manifest_yaml_is_one_error_naming_the_files_and_the_way_out() {
     let mut files = vec![
-        ("apps/cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n"),
+        (
+            "apps/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+        ),
         ("fleet.yaml", "defaultNamespace: apps\nhelm: {chart: x}\n"),
         ("renovate.json", "{\"extends\": [\"config:base\"]}\n"),
     ];
@@ -386,7 +395,10 @@ fn cairnignore_is_gitignore_syntax_and_nested() {
         ("apps/keep/.cairnignore", "!d.off.yaml\n"),
         ("apps/keep/d.off.yaml", &d),
         // Helm chart directories are not plain YAML.
-        ("charts/db/Chart.yaml", "apiVersion: v2\nname: db\nversion: 0.1.0\n"),
+        (
+            "charts/db/Chart.yaml",
+            "apiVersion: v2\nname: db\nversion: 0.1.0\n",
+        ),
         ("charts/db/values.yaml", "replicas: 1\n"),
         ("charts/db/templates/d.yaml", "{{ .Values.x }}: [\n"),
     ]);
@@ -428,18 +440,30 @@ fn refusals_name_the_file_line_and_way_out() {
         "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata:\n  x: .inf\n",
     )]);
     let e = build_fails(&r, &[]);
-    assert!(e.contains("apps/p.yaml: line 5 column 6: `data.x`: `.inf` cannot be represented in JSON"), "{e}");
+    assert!(
+        e.contains("apps/p.yaml: line 5 column 6: `data.x`: `.inf` cannot be represented in JSON"),
+        "{e}"
+    );
 }
 
 #[test]
 fn empty_namespace_and_default_are_one_namespace_for_duplicates() {
     let r = repo(&[
-        ("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"),
-        ("b.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: default}\n"),
+        (
+            "a.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+        ),
+        (
+            "b.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: default}\n",
+        ),
     ]);
     let e = build_fails(&r, &[]);
     assert!(e.contains("duplicate object ConfigMap default/x: defined in a.yaml (document 0) and in b.yaml (document 0)"), "{e}");
-    assert!(e.contains("empty namespace and `default` are the same"), "{e}");
+    assert!(
+        e.contains("empty namespace and `default` are the same"),
+        "{e}"
+    );
     // Cluster-scoped objects with the same name in different "namespaces"
     // cannot exist: a namespace on them is refused outright.
     let r = repo(&[(
@@ -452,7 +476,10 @@ fn empty_namespace_and_default_are_one_namespace_for_duplicates() {
 
 #[test]
 fn the_id_does_not_depend_on_the_folder_name() {
-    let files = [("cm.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")];
+    let files = [(
+        "cm.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n",
+    )];
     let a = repo_named("edge", &files);
     let b = repo_named("ci-checkout-1234", &files);
     let (ba, bb) = (build(&a, &[]), build(&b, &[]));
@@ -461,5 +488,8 @@ fn the_id_does_not_depend_on_the_folder_name() {
     // A source name, when given, is recorded and changes the id.
     let named = build(&a, &["--source-name", "git.example.com/edge"]);
     assert_ne!(named.id, ba.id);
-    assert_eq!(build(&b, &["--source-name", "git.example.com/edge"]).id, named.id);
+    assert_eq!(
+        build(&b, &["--source-name", "git.example.com/edge"]).id,
+        named.id
+    );
 }

@@ -153,7 +153,11 @@ fn same_commit_gives_same_id_across_clones_and_runs() {
         "--out",
         &out,
     ]);
-    assert_eq!(d.trim(), a, "no source name unless given: folder names do not matter");
+    assert_eq!(
+        d.trim(),
+        a,
+        "no source name unless given: folder names do not matter"
+    );
     let named = |repo: &str| {
         ok(&[
             "bundle",
