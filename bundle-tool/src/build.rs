@@ -1,13 +1,16 @@
 //! Building a bundle from a Git commit.
 //!
-//! Reads the tree with gix (see [`crate::git`]), parses every `.yaml` /
-//! `.yml` file under the chosen directory into canonical objects (see
-//! [`crate::manifests`]), renders Kustomize directories with
-//! `kubectl kustomize`, refuses duplicates, and returns the manifest plus
-//! the object bytes.
+//! Reads the tree with gix (see [`crate::git`]), skips hidden paths, Helm
+//! chart directories and what `.cairnignore` files exclude (see
+//! [`crate::cairnignore`]), parses every `.yaml` / `.yml` / `.json` file
+//! under the chosen directory into canonical objects as kubectl reads them
+//! (see [`crate::manifests`]), renders Kustomize directories with
+//! `kubectl kustomize`, refuses duplicates, and returns the manifest, the
+//! object bytes and the build's warnings.
 //!
 //! **Determinism rule:** the bundle id depends only on the commit's tree
-//! under the path, the commit id, the path and the source name. Same
+//! under the path, the commit id, the path and the source name (empty
+//! unless given; never the checkout folder's name). Same
 //! inputs, same id, byte for byte — whichever clone or folder it is built
 //! from, however many threads parse it. Kustomize output is deterministic
 //! as long as the kustomization uses no remote resources.
