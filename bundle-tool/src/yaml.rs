@@ -529,9 +529,11 @@ pub fn resolve_yaml11(s: &str) -> Result<serde_json::Value, String> {
             return Ok(J::Bool(false))
         }
         ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF"
-        | "-.inf" | "-.Inf" | "-.INF" => return Err(format!(
+        | "-.inf" | "-.Inf" | "-.INF" => {
+            return Err(format!(
             "`{s}` cannot be represented in JSON (kubectl refuses it too); quote it for the text"
-        )),
+        ))
+        }
         _ => {}
     }
     let string = || Ok(J::String(s.to_owned()));

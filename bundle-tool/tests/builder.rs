@@ -246,7 +246,7 @@ fn build(repo: &Repo, extra: &[&str]) -> Built {
 
 /// A failing build's one-line error.
 fn build_fails(repo: &Repo, extra: &[&str]) -> String {
-    let out_file = repo.path.parent().unwrap().join("out.bundle");
+    let out_file = repo.path.parent().unwrap().join("failed.bundle");
     let mut args = vec![
         "bundle",
         "build",
@@ -491,5 +491,77 @@ fn the_id_does_not_depend_on_the_folder_name() {
     assert_eq!(
         build(&b, &["--source-name", "git.example.com/edge"]).id,
         named.id
+    );
+}
+
+fn repo_with_links(files: &[(&str, &str)], links: &[(&str, &str)]) -> Repo {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("edge");
+    std::fs::create_dir_all(&path).unwrap();
+    git_run(&path, FIRST_DATE, &["init", "-q"]).unwrap();
+    for (link, target) in links {
+        let p = path.join(link);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, &p).unwrap();
+    }
+    commit_files(&path, files, "fixture", FIRST_DATE).unwrap();
+    Repo { _tmp: tmp, path }
+}
+
+#[test]
+fn symlinked_bases_inside_the_repository_are_followed() {
+    let r = repo_with_links(
+        &[
+            (
+                "bases/app/kustomization.yaml",
+                "resources: [service.yaml]\n",
+            ),
+            ("bases/app/service.yaml", SERVICE),
+            (
+                "overlays/prod/kustomization.yaml",
+                "resources: [../../shared/app]\nnamePrefix: prod-\n",
+            ),
+        ],
+        // `shared` is a link to `bases`: the overlay names the base
+        // through it, as a vendored or renamed base would be.
+        &[("shared", "bases")],
+    );
+    let b = build(&r, &["--path", "overlays/prod"]);
+    let ours = objects_of(&b, "overlays/prod/kustomization.yaml");
+    assert_eq!(ours, kubectl_kustomize(&r.path.join("overlays/prod")));
+    assert_eq!(ours[0]["metadata"]["name"], "prod-database");
+}
+
+#[test]
+fn a_missing_blob_breaks_only_the_render_that_needs_it() {
+    let r = repo(&[
+        ("k/kustomization.yaml", "resources: [service.yaml]\n"),
+        ("k/service.yaml", SERVICE),
+        ("k/docs/huge-recording.bin", "not needed by the render\n"),
+        (
+            "g/kustomization.yaml",
+            "configMapGenerator:\n- name: settings\n  files: [data.txt]\n",
+        ),
+        ("g/data.txt", "needed\n"),
+    ]);
+    // Remove two blobs from the object store, as a partial clone lacks
+    // them.
+    for file in ["k/docs/huge-recording.bin", "g/data.txt"] {
+        let oid = git_run(&r.path, FIRST_DATE, &["rev-parse", &format!("HEAD:{file}")]).unwrap();
+        let oid = oid.trim();
+        std::fs::remove_file(r.path.join(".git/objects").join(&oid[..2]).join(&oid[2..])).unwrap();
+    }
+    // The unrelated file does not break the render of `k`.
+    let b = build(&r, &["--path", "k"]);
+    assert_eq!(b.objects.len(), 1);
+    // The render that needs the missing file fails naming it and why.
+    let e = build_fails(&r, &["--path", "g"]);
+    assert!(
+        e.contains("kubectl kustomize failed for g/kustomization.yaml"),
+        "{e}"
+    );
+    assert!(
+        e.contains("left out of the kustomize export: `g/data.txt` (its blob is not in the repository: a partial or shallow clone?)"),
+        "{e}"
     );
 }
