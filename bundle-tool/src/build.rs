@@ -467,7 +467,9 @@ fn parse_parallel(
 /// Adds the way out to a file's parse error: fix it, or exclude it.
 fn exclusion_hint(e: Error) -> Error {
     match e {
-        Error::Manifest { file, reason } => {
+        // Object errors ("document 1: missing `kind`") are about a
+        // manifest; syntax errors may be a file that is not one.
+        Error::Manifest { file, reason } if !reason.starts_with("document ") => {
             let reason = format!(
                 "{reason} (if this file is not a Kubernetes manifest, add `/{}` to .cairnignore)",
                 escape_untrusted(&file)

@@ -632,7 +632,20 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
                 })?;
                 c.anchors.clear();
                 let (ev, m2) = c.next()?;
-                let value = c.node(ev, m2, &mut Vec::new())?;
+                // What is wrong with a document (not its syntax) names the
+                // document, then the key path, then the line.
+                let value = c.node(ev, m2, &mut Vec::new()).map_err(|e| match e {
+                    YamlError {
+                        line: Some(l),
+                        column: Some(col),
+                        reason,
+                    } => YamlError {
+                        line: Some(l),
+                        column: None,
+                        reason: format!("document {index}: {reason} (line {l} column {col})"),
+                    },
+                    other => other,
+                })?;
                 out.push(Document {
                     index,
                     line: m2.line.max(m.line),

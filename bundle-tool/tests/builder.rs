@@ -430,10 +430,16 @@ fn refusals_name_the_file_line_and_way_out() {
     )]);
     let e = build_fails(&r, &[]);
     assert!(
-        e.contains("apps/cm.yaml: line 8 column 3: `data`: duplicate key `x` (first at line 6)"),
+        e.contains(
+            "apps/cm.yaml: document 0: `data`: duplicate key `x` (first at line 6) (line 8 column 3)"
+        ),
         "{e}"
     );
-    assert!(e.contains("add `/apps/cm.yaml` to .cairnignore"), "{e}");
+    // A file that is not YAML at all says how to exclude it.
+    let r = repo(&[("notes/todo.yaml", "- [unclosed\n")]);
+    let e = build_fails(&r, &[]);
+    assert!(e.contains("notes/todo.yaml: invalid YAML at line "), "{e}");
+    assert!(e.contains("add `/notes/todo.yaml` to .cairnignore"), "{e}");
 
     let r = repo(&[(
         "apps/p.yaml",
@@ -441,9 +447,10 @@ fn refusals_name_the_file_line_and_way_out() {
     )]);
     let e = build_fails(&r, &[]);
     assert!(
-        e.contains("apps/p.yaml: line 5 column 6: `data.x`: `.inf` cannot be represented in JSON"),
+        e.contains("apps/p.yaml: document 0: `data.x`: `.inf` cannot be represented in JSON"),
         "{e}"
     );
+    assert!(e.contains("(line 5 column 6)"), "{e}");
 }
 
 #[test]
