@@ -516,16 +516,14 @@ fn write_tree(
                         w.file(tree, &vpath, &f)?;
                     }
                 }
-                Some((EntryKind::Dir, target)) => {
-                    if referenced.contains(&vpath) {
-                        if depth >= MAX_LINK_HOPS {
-                            return Err(Error::Build(format!(
-                                "symbolic link `{}`: directory links nested more than {MAX_LINK_HOPS} deep; refused",
-                                escape_name(path)
-                            )));
-                        }
-                        write_tree(w, tree, &target, &vpath, referenced, depth + 1)?;
+                Some((EntryKind::Dir, target)) if referenced.contains(&vpath) => {
+                    if depth >= MAX_LINK_HOPS {
+                        return Err(Error::Build(format!(
+                            "symbolic link `{}`: directory links nested more than {MAX_LINK_HOPS} deep; refused",
+                            escape_name(path)
+                        )));
                     }
+                    write_tree(w, tree, &target, &vpath, referenced, depth + 1)?;
                 }
                 _ => {}
             },

@@ -11,7 +11,7 @@
 
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
-use unsafe_libyaml_norway as sys;
+use unsafe_libyaml_norway as unsafe_sys;
 
 /// Where an event starts: 1-based line and column.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,12 +86,12 @@ pub struct SyntaxError {
 
 /// Reads events from a UTF-8 text.
 pub struct Parser<'input> {
-    sys: Box<MaybeUninit<sys::yaml_parser_t>>,
+    sys: Box<MaybeUninit<unsafe_sys::yaml_parser_t>>,
     done: bool,
     _input: PhantomData<&'input [u8]>,
 }
 
-fn mark(m: sys::yaml_mark_t) -> Mark {
+fn mark(m: unsafe_sys::yaml_mark_t) -> Mark {
     Mark {
         line: usize::try_from(m.line)
             .unwrap_or(usize::MAX)
@@ -118,16 +118,17 @@ unsafe fn c_string(p: *const u8) -> Option<String> {
 impl<'input> Parser<'input> {
     /// A parser reading `input` (UTF-8).
     pub fn new(input: &'input str) -> Self {
-        let mut boxed: Box<MaybeUninit<sys::yaml_parser_t>> = Box::new(MaybeUninit::uninit());
+        let mut boxed: Box<MaybeUninit<unsafe_sys::yaml_parser_t>> =
+            Box::new(MaybeUninit::uninit());
         let p = boxed.as_mut_ptr();
         // SAFETY: `p` points to writable memory for a parser;
         // yaml_parser_initialize zeroes and initialises it (it fails only
         // on allocation failure, which aborts in Rust's allocator anyway).
         // The input slice outlives the parser (the `'input` lifetime).
         unsafe {
-            let _ = sys::yaml_parser_initialize(p);
-            sys::yaml_parser_set_encoding(p, sys::YAML_UTF8_ENCODING);
-            sys::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as _);
+            let _ = unsafe_sys::yaml_parser_initialize(p);
+            unsafe_sys::yaml_parser_set_encoding(p, unsafe_sys::YAML_UTF8_ENCODING);
+            unsafe_sys::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as _);
         }
         Parser {
             sys: boxed,
@@ -143,13 +144,13 @@ impl<'input> Parser<'input> {
             return Ok(None);
         }
         let p = self.sys.as_mut_ptr();
-        let mut ev = MaybeUninit::<sys::yaml_event_t>::uninit();
+        let mut ev = MaybeUninit::<unsafe_sys::yaml_event_t>::uninit();
         // SAFETY: the parser was initialised in `new` and is not moved (it
         // is boxed). On success the event is initialised; every pointer
         // read below is one libyaml set for this event type, and the event
         // is deleted before returning.
         unsafe {
-            if sys::yaml_parser_parse(p, ev.as_mut_ptr()).fail {
+            if unsafe_sys::yaml_parser_parse(p, ev.as_mut_ptr()).fail {
                 self.done = true;
                 let parser = &*p;
                 let problem =
@@ -167,17 +168,17 @@ impl<'input> Parser<'input> {
             let e = &*ev;
             let at = mark(e.start_mark);
             let out = match e.type_ {
-                sys::YAML_STREAM_START_EVENT => Event::StreamStart,
-                sys::YAML_STREAM_END_EVENT => {
+                unsafe_sys::YAML_STREAM_START_EVENT => Event::StreamStart,
+                unsafe_sys::YAML_STREAM_END_EVENT => {
                     self.done = true;
                     Event::StreamEnd
                 }
-                sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
-                sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
-                sys::YAML_ALIAS_EVENT => {
+                unsafe_sys::YAML_DOCUMENT_START_EVENT => Event::DocumentStart,
+                unsafe_sys::YAML_DOCUMENT_END_EVENT => Event::DocumentEnd,
+                unsafe_sys::YAML_ALIAS_EVENT => {
                     Event::Alias(c_string(e.data.alias.anchor).unwrap_or_default())
                 }
-                sys::YAML_SCALAR_EVENT => {
+                unsafe_sys::YAML_SCALAR_EVENT => {
                     let s = e.data.scalar;
                     let bytes = if s.value.is_null() {
                         &[][..]
@@ -188,25 +189,25 @@ impl<'input> Parser<'input> {
                         anchor: c_string(s.anchor),
                         tag: c_string(s.tag),
                         value: String::from_utf8_lossy(bytes).into_owned(),
-                        style: if s.style == sys::YAML_PLAIN_SCALAR_STYLE {
+                        style: if s.style == unsafe_sys::YAML_PLAIN_SCALAR_STYLE {
                             Style::Plain
                         } else {
                             Style::Quoted
                         },
                     }
                 }
-                sys::YAML_SEQUENCE_START_EVENT => Event::SequenceStart {
+                unsafe_sys::YAML_SEQUENCE_START_EVENT => Event::SequenceStart {
                     anchor: c_string(e.data.sequence_start.anchor),
                     tag: c_string(e.data.sequence_start.tag),
                 },
-                sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
-                sys::YAML_MAPPING_START_EVENT => Event::MappingStart {
+                unsafe_sys::YAML_SEQUENCE_END_EVENT => Event::SequenceEnd,
+                unsafe_sys::YAML_MAPPING_START_EVENT => Event::MappingStart {
                     anchor: c_string(e.data.mapping_start.anchor),
                     tag: c_string(e.data.mapping_start.tag),
                 },
-                sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
+                unsafe_sys::YAML_MAPPING_END_EVENT => Event::MappingEnd,
                 _ => {
-                    sys::yaml_event_delete(ev);
+                    unsafe_sys::yaml_event_delete(ev);
                     self.done = true;
                     return Err(SyntaxError {
                         mark: at,
@@ -214,7 +215,7 @@ impl<'input> Parser<'input> {
                     });
                 }
             };
-            sys::yaml_event_delete(ev);
+            unsafe_sys::yaml_event_delete(ev);
             Ok(Some((out, at)))
         }
     }
@@ -223,7 +224,7 @@ impl<'input> Parser<'input> {
 impl Drop for Parser<'_> {
     fn drop(&mut self) {
         // SAFETY: initialised in `new`, deleted exactly once.
-        unsafe { sys::yaml_parser_delete(self.sys.as_mut_ptr()) }
+        unsafe { unsafe_sys::yaml_parser_delete(self.sys.as_mut_ptr()) }
     }
 }
 
