@@ -666,7 +666,11 @@ impl Bench {
         render()?;
         let (mut c, mut k) = (Vec::new(), Vec::new());
         for r in 0..self.o.runs {
-            progress(&format!("kustomize directory run {}/{}", r + 1, self.o.runs));
+            progress(&format!(
+                "kustomize directory run {}/{}",
+                r + 1,
+                self.o.runs
+            ));
             c.push(timed(build)?);
             k.push(timed(render)?);
         }
