@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 /// Largest source file read from the tree (64 MiB).
 pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
 
+/// Most warnings reported by one build (the rest are counted).
+pub const MAX_WARNINGS: usize = 100;
+
 /// Show a progress bar (if asked for) only from this many files on.
 pub const PROGRESS_MIN_FILES: usize = 200;
 
@@ -274,26 +277,29 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
 
     let mut warnings = Vec::new();
     let parsed_files = parse_parallel(&tree, &plain, opts)?;
-    let mut not_objects = Vec::new();
+    let mut not_objects: Vec<(String, u32, usize)> = Vec::new();
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = Vec::with_capacity(parsed_files.len());
     for (path, f) in parsed_files {
         warnings.extend(f.warnings);
         if let Some((index, line)) = f.not_objects.first() {
-            not_objects.push(format!(
-                "{} (document {index}, line {line})",
-                escape_untrusted(&path)
-            ));
+            not_objects.push((path, *index, *line));
             continue;
         }
         parsed.push((path, f.objects));
     }
     if !not_objects.is_empty() {
-        let shown: Vec<&str> = not_objects.iter().take(10).map(String::as_str).collect();
+        let shown: Vec<String> = not_objects
+            .iter()
+            .take(10)
+            .map(|(p, index, line)| {
+                format!("{} (document {index}, line {line})", escape_untrusted(p))
+            })
+            .collect();
         let more = not_objects.len().saturating_sub(shown.len());
         let lines: Vec<String> = not_objects
             .iter()
             .take(10)
-            .map(|p| format!("/{}", p.split(" (document").next().unwrap_or(p)))
+            .map(|(p, _, _)| escape_untrusted(&cairnignore::pattern_for(p)))
             .collect();
         return Err(Error::Build(format!(
             "{} file(s) are not Kubernetes manifests (a YAML or JSON document with neither apiVersion nor kind): {}{}; \
@@ -371,6 +377,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             "empty bundle: no Kubernetes objects in {at} of commit {}; pass --allow-empty to build it anyway",
             tree.commit
         )));
+    }
+    if warnings.len() > MAX_WARNINGS {
+        let more = warnings.len() - MAX_WARNINGS;
+        warnings.truncate(MAX_WARNINGS);
+        warnings.push(format!("... and {more} more warnings"));
     }
     let manifest = Manifest {
         format: BUNDLE_FORMAT,

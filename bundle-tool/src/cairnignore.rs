@@ -102,6 +102,20 @@ impl CairnIgnore {
     }
 }
 
+/// The `.cairnignore` line (for the repository root's file) that excludes
+/// exactly the file at `path`: anchored with `/`, gitignore's special
+/// characters escaped.
+pub fn pattern_for(path: &str) -> String {
+    let mut out = String::from("/");
+    for c in path.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '!' | '#' | ' ') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Whether a path has a hidden component (`.github/...`, `.codecov.yml`):
 /// the builder skips those without being told.
 pub fn is_hidden(path: &str) -> bool {
@@ -151,6 +165,17 @@ mod tests {
             e.starts_with("sub/.cairnignore: line 2: bad pattern"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn patterns_for_paths_match_exactly_that_file() {
+        for p in ["fleet.yaml", "a b/[x]*.yaml", "!odd#name.yaml"] {
+            let line = pattern_for(p);
+            let i = ig(&[(".cairnignore", &line)]);
+            assert!(i.is_ignored(p), "{p} via {line}");
+            assert!(!i.is_ignored(&format!("sub/{p}")), "{p} anchored");
+        }
+        assert!(!ig(&[(".cairnignore", &pattern_for("a*.yaml"))]).is_ignored("ab.yaml"));
     }
 
     #[test]
