@@ -148,11 +148,30 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
     out
 }
 
-/// The objects of a JSON stream as kubectl prints them.
+/// The objects of a JSON stream as kubectl prints them, numbers as the
+/// API server reads them: Go prints the float 2^63 as
+/// `9223372036854776000`, which does not fit an int64, so the server
+/// reads a float (serde_json would read a u64).
 fn json_stream(bytes: &[u8]) -> Vec<Value> {
+    fn server_numbers(v: &mut Value) {
+        match v {
+            Value::Number(n) if n.is_u64() && !n.is_i64() => {
+                *v = serde_json::Number::from_f64(n.as_f64().unwrap())
+                    .map(Value::Number)
+                    .unwrap();
+            }
+            Value::Array(a) => a.iter_mut().for_each(server_numbers),
+            Value::Object(o) => o.values_mut().for_each(server_numbers),
+            _ => {}
+        }
+    }
     serde_json::Deserializer::from_slice(bytes)
         .into_iter::<Value>()
-        .map(|v| v.unwrap())
+        .map(|v| {
+            let mut v = v.unwrap();
+            server_numbers(&mut v);
+            v
+        })
         .collect()
 }
 
@@ -571,4 +590,100 @@ fn a_missing_blob_breaks_only_the_render_that_needs_it() {
         e.contains("left out of the kustomize export: `g/data.txt` (its blob is not in the repository: a partial or shallow clone?)"),
         "{e}"
     );
+}
+
+/// Every YAML 1.1 scalar form go-yaml v2 resolves, one per key, read by
+/// cairn and by kubectl.
+#[test]
+fn every_scalar_form_reads_as_kubectl_reads_it() {
+    let values = [
+        "0755",
+        "0o17",
+        "0O17",
+        "0x1F",
+        "-0x10",
+        "0b101",
+        "-0b11",
+        "1_000",
+        "+12",
+        "-0",
+        "09",
+        "0755.5",
+        "1e1",
+        "1E3",
+        "1.2e-3",
+        "1.0",
+        "1.",
+        "1.5",
+        ".5",
+        "+.5",
+        "-.5e1",
+        "1e20",
+        "1e21",
+        "99999999999999999999",
+        "18446744073709551615",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "9223372036854775808",
+        "1e400",
+        "y",
+        "Y",
+        "yes",
+        "Yes",
+        "YES",
+        "n",
+        "N",
+        "no",
+        "NO",
+        "on",
+        "On",
+        "ON",
+        "off",
+        "OFF",
+        "true",
+        "True",
+        "TRUE",
+        "tRUE",
+        "false",
+        "FALSE",
+        "~",
+        "null",
+        "Null",
+        "NULL",
+        "",
+        "2001-12-14",
+        "2001-12-14T21:59:43.10-05:00",
+        "1:20",
+        "0x",
+        "0b",
+        "0o",
+        "+",
+        "0xG",
+        "08",
+        "0.0.1",
+        "1__0",
+        "_1",
+        "1_",
+        "'quoted 0755'",
+        "-x",
+        "\"yes\"",
+        "!!str 0755",
+        "!!int 0x10",
+        "!!float 1",
+        "!!bool yes",
+    ];
+    let mut doc =
+        String::from("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: scalars}\nspec:\n");
+    for (i, v) in values.iter().enumerate() {
+        doc.push_str(&format!("  k{i}: {v}\n"));
+    }
+    let r = repo(&[("s.yaml", &doc)]);
+    let b = build(&r, &[]);
+    let ours = objects_of(&b, "s.yaml");
+    let theirs = kubectl_reads(&r.path.join("s.yaml"));
+    for (i, v) in values.iter().enumerate() {
+        let k = format!("k{i}");
+        assert_eq!(ours[0]["spec"][&k], theirs[0]["spec"][&k], "`{v}`");
+    }
+    assert_eq!(ours, theirs);
 }
