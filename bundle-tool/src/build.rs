@@ -243,6 +243,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             !cairnignore::is_hidden(rel) && !ignore.is_ignored(&f.path)
         })
         .collect();
+    // Helm chart directories: not parsed as plain YAML below. Helm
+    // rendering (H5, `crate::helm`) renders them after the plain files are
+    // parsed (see the hook comment at `parse_parallel` below).
     let charts = chart_dirs(&files);
 
     // Kustomize directories: the outermost ones win; everything below one
@@ -277,6 +280,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
 
     let mut warnings = Vec::new();
     let parsed_files = parse_parallel(&tree, &plain, opts)?;
+    // Hook for Helm (H5): render each directory in `charts` here and push
+    // (chart dir's Chart.yaml path, objects) onto `parsed` below, and the
+    // renderer's warnings onto `warnings`.
     let mut not_objects: Vec<(String, u32, usize)> = Vec::new();
     let mut parsed: Vec<(String, Vec<ParsedObject>)> = Vec::with_capacity(parsed_files.len());
     for (path, f) in parsed_files {
