@@ -352,7 +352,7 @@ impl Composer<'_> {
                 if v12.as_ref() != Some(&v) {
                     let other = match v12 {
                         Some(x) => x.to_string(),
-                        None => "a string".into(),
+                        None => "a number JSON cannot hold".into(),
                     };
                     self.warnings.push(format!(
                         "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2{} reads {}; write it as {v}, or quote it for the text",
@@ -1429,5 +1429,56 @@ mod tests {
         let t = "a: \"first [[[\n  second {{{ \\\" still\n  end\"\nb: 1\n";
         prescan(t).unwrap();
         assert_eq!(parse_documents(t).unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn yaml11_resolution_follows_go_yaml_v2() {
+        for (s, v) in [
+            ("0755", json!(493)),
+            ("0o17", json!(15)),
+            ("0x1F", json!(31)),
+            ("-0x10", json!(-16)),
+            ("0b101", json!(5)),
+            ("1_000", json!(1000)),
+            ("09", json!(9)),
+            ("1e1", json!(10)),
+            ("1.5", json!(1.5)),
+            (".5", json!(0.5)),
+            ("yes", json!(true)),
+            ("Off", json!(false)),
+            ("~", json!(null)),
+            ("tRUE", json!("tRUE")),
+            ("1:20", json!("1:20")),
+            ("2001-12-14", json!("2001-12-14")),
+            ("1e400", json!("1e400")),
+            ("-", json!("-")),
+        ] {
+            assert_eq!(resolve_yaml11(s).unwrap(), v, "{s}");
+        }
+        assert!(resolve_yaml11(".inf").is_err());
+        assert_eq!(resolve_yaml12("0755"), Some(json!(755)));
+        assert_eq!(resolve_yaml12("yes"), Some(json!("yes")));
+    }
+
+    #[test]
+    fn warnings_name_line_and_path_only_where_the_schemas_differ() {
+        let d = parse_documents("a:\n  b: yes\n  c: 1e1\n  d: '0755'\n  e: 0755\n").unwrap();
+        let w = &d[0].warnings;
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("line 2: `a.b`: `yes` is read as true"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("line 5: `a.e`: `0755` is read as 493"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("YAML 1.2 reads 755"), "{w:?}");
     }
 }
