@@ -1,13 +1,16 @@
 //! Building a bundle from a Git commit.
 //!
-//! Reads the tree with gix (see [`crate::git`]), parses every `.yaml` /
-//! `.yml` file under the chosen directory into canonical objects (see
-//! [`crate::manifests`]), renders Kustomize directories with
-//! `kubectl kustomize`, refuses duplicates, and returns the manifest plus
-//! the object bytes.
+//! Reads the tree with gix (see [`crate::git`]), skips hidden paths, Helm
+//! chart directories and what `.cairnignore` files exclude (see
+//! [`crate::cairnignore`]), parses every `.yaml` / `.yml` / `.json` file
+//! under the chosen directory into canonical objects as kubectl reads them
+//! (see [`crate::manifests`]), renders Kustomize directories with
+//! `kubectl kustomize`, refuses duplicates, and returns the manifest, the
+//! object bytes and the build's warnings.
 //!
 //! **Determinism rule:** the bundle id depends only on the commit's tree
-//! under the path, the commit id, the path and the source name. Same
+//! under the path, the commit id, the path and the source name (empty
+//! unless given; never the checkout folder's name). Same
 //! inputs, same id, byte for byte — whichever clone or folder it is built
 //! from, however many threads parse it. Kustomize output is deterministic
 //! as long as the kustomization uses no remote resources. Helm charts
@@ -16,19 +19,24 @@
 //! follows them.
 
 use crate::bundle::{write_bundle_file, Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::cairnignore::{self, CairnIgnore};
 use crate::export::{self, ExportLimits};
 use crate::git::{self, escape_name, GitTree, TreeFile};
 use crate::helm;
 use crate::limits::Limits;
-use crate::manifests::{self, ParsedObject};
+use crate::manifests::{self, ParsedFile, ParsedObject};
 use crate::{Error, Result};
 use cairn_keys::sha256_address;
+use cairn_keys::text::escape_untrusted;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 /// Largest source file read from the tree (64 MiB).
 pub const MAX_SOURCE_FILE_BYTES: u64 = 64 << 20;
+
+/// Most warnings reported by one build (the rest are counted).
+pub const MAX_WARNINGS: usize = 100;
 
 /// Show a progress bar (if asked for) only from this many files on.
 pub const PROGRESS_MIN_FILES: usize = 200;
@@ -44,7 +52,9 @@ pub struct BuildOptions {
     pub reference: Option<String>,
     /// Directory (or single file) inside the tree; `""` for all of it.
     pub path: String,
-    /// Recorded as `source.repository` (part of the bundle id).
+    /// Recorded as `source.repository` (part of the bundle id); empty
+    /// unless given, so that the id does not depend on the folder the
+    /// repository is checked out in.
     pub source_name: String,
     /// Allow a bundle with no objects.
     pub allow_empty: bool,
@@ -64,12 +74,12 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
-    /// Options with the defaults: `HEAD`, the whole tree, the source name
-    /// from [`default_source_name`], `kubectl` from `PATH`, two threads.
+    /// Options with the defaults: `HEAD`, the whole tree, no source name,
+    /// `kubectl` from `PATH`, two threads.
     pub fn new(repository: impl Into<PathBuf>) -> Self {
         let repository = repository.into();
         Self {
-            source_name: default_source_name(&repository),
+            source_name: String::new(),
             repository,
             reference: None,
             path: String::new(),
@@ -84,11 +94,12 @@ impl BuildOptions {
     }
 }
 
-/// The default `source.repository`: the last component of the
-/// repository's absolute path, without a `.git` suffix (`/src/edge`,
-/// `/mnt/edge/.git` and `/srv/edge.git` all give `edge`). Two clones give
-/// the same bundle id when their folders have the same name; use an
-/// explicit source name to make folder names irrelevant.
+/// The repository folder's name: the last component of the repository's
+/// absolute path, without a `.git` suffix (`/src/edge`, `/mnt/edge/.git`
+/// and `/srv/edge.git` all give `edge`). Used only in messages: the
+/// bundle records a source name only when one is given (`--source-name`),
+/// so the same commit built in two differently named folders gets the
+/// same bundle id.
 pub fn default_source_name(repository: &Path) -> String {
     let abs = std::fs::canonicalize(repository).unwrap_or_else(|_| repository.to_path_buf());
     let mut name = abs
@@ -112,6 +123,9 @@ pub struct BuiltBundle {
     pub manifest: Manifest,
     /// Object bytes by address.
     pub objects: BTreeMap<String, Vec<u8>>,
+    /// Warnings for the build output (YAML 1.1 scalars, files skipped),
+    /// each naming its file. Not part of the bundle.
+    pub warnings: Vec<String>,
 }
 
 impl BuiltBundle {
@@ -146,18 +160,113 @@ fn file_name(path: &str) -> &str {
     path.rsplit_once('/').map(|(_, f)| f).unwrap_or(path)
 }
 
+/// Reads the `.cairnignore` files that apply to `dir`: those at or below
+/// it and those in its parent directories.
+fn read_ignore_files(tree: &GitTree, dir: &str, files: &[TreeFile]) -> Result<CairnIgnore> {
+    let mut found: Vec<TreeFile> = files
+        .iter()
+        .filter(|f| file_name(&f.path) == cairnignore::FILE_NAME)
+        .cloned()
+        .collect();
+    let mut anc = dir;
+    while !anc.is_empty() {
+        anc = parent(anc);
+        let p = if anc.is_empty() {
+            cairnignore::FILE_NAME.to_owned()
+        } else {
+            format!("{anc}/{}", cairnignore::FILE_NAME)
+        };
+        if let Some(git::TreeNode {
+            kind: git::EntryKind::File,
+            oid,
+        }) = tree.entry(&p)
+        {
+            found.push(TreeFile { path: p, oid });
+        }
+    }
+    let mut texts = Vec::with_capacity(found.len());
+    for f in found {
+        let bytes = tree.read_blob(&f, cairnignore::MAX_IGNORE_FILE_BYTES)?;
+        texts.push((f.path, bytes));
+    }
+    CairnIgnore::new(&texts)
+}
+
+/// Directories holding a `Chart.yaml`: Helm charts, not plain manifests.
+/// Their files are skipped by the plain-YAML parser.
+// Helm rendering (H5, `crate::helm`) hooks in where `charts` is used in
+// `build`: render each chart directory there and push its objects onto
+// `parsed`.
+fn chart_dirs(files: &[TreeFile]) -> Vec<String> {
+    let mut dirs: Vec<String> = files
+        .iter()
+        .filter(|f| file_name(&f.path) == "Chart.yaml")
+        .map(|f| parent(&f.path).to_owned())
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+fn is_at_or_under(path: &str, dir: &str) -> bool {
+    path == dir || is_under(path, dir)
+}
+
+/// The identity used for duplicate detection: an empty namespace and
+/// `default` are the same (an empty namespace means the agent's default
+/// namespace, which is `default` unless configured otherwise).
+fn duplicate_key(e: &Entry) -> String {
+    if e.namespace == "default" {
+        let mut e = e.clone();
+        e.namespace.clear();
+        e.key()
+    } else {
+        e.key()
+    }
+}
+
 /// Builds a bundle. See the module documentation for the rules.
 pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
     let tree = GitTree::open(&opts.repository, opts.reference.as_deref())?;
     let dir = git::normalize_tree_path(&opts.path)?;
     let files = tree.files(&dir)?;
+    let ignore = read_ignore_files(&tree, &dir, &files)?;
+    // Built-in skips: hidden files and directories (`.github/`,
+    // `.codecov.yml`), and what `.cairnignore` files exclude. An explicit
+    // `--path` naming a hidden directory is still built.
+    let hidden_base = if cairnignore::is_hidden(&dir) {
+        dir.as_str()
+    } else {
+        ""
+    };
+    let files: Vec<TreeFile> = files
+        .into_iter()
+        .filter(|f| {
+            let rel = if hidden_base.is_empty() {
+                f.path.as_str()
+            } else {
+                f.path.strip_prefix(hidden_base).unwrap_or(&f.path)
+            };
+            !cairnignore::is_hidden(rel) && !ignore.is_ignored(&f.path)
+        })
+        .collect();
+    // Every directory with a Chart.yaml: never parsed as plain YAML, and a
+    // kustomization inside one is the chart's business. Which of them
+    // render (not library charts, not subcharts on their own, not charts
+    // inside a Kustomize directory) is `helm::find_charts`' decision below.
+    let chart_trees = chart_dirs(&files);
 
     // Kustomize directories: the outermost ones win; everything below one
-    // belongs to its render and is not parsed on its own.
+    // belongs to its render and is not parsed on its own (that covers the
+    // patches, configurations and transformer files a kustomization uses:
+    // Kustomize's load restrictor keeps them inside its directory).
     let mut kdirs: Vec<(String, String)> = Vec::new(); // (dir, kustomization file path)
     for f in &files {
         if KUSTOMIZATION_FILES.contains(&file_name(&f.path)) {
             let d = parent(&f.path).to_owned();
+            if chart_trees.iter().any(|c| is_at_or_under(&d, c)) {
+                continue;
+            }
             if !kdirs.iter().any(|(k, _)| k == &d) {
                 kdirs.push((d, f.path.clone()));
             }
@@ -178,10 +287,45 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
         .into_iter()
         .filter(|f| manifests::is_manifest_file(&f.path))
         .filter(|f| !outer.iter().any(|(o, _)| is_under(&f.path, o)))
+        .filter(|f| !chart_trees.iter().any(|c| is_under(&f.path, c)))
         .filter(|f| !helm::in_chart(&f.path, &charts) && !chart_values.contains(&f.path))
         .collect();
 
-    let mut parsed: Vec<(String, Vec<ParsedObject>)> = parse_parallel(&tree, &plain, opts)?;
+    let mut warnings = Vec::new();
+    let parsed_files = parse_parallel(&tree, &plain, opts)?;
+    let mut not_objects: Vec<(String, u32, usize)> = Vec::new();
+    let mut parsed: Vec<(String, Vec<ParsedObject>)> = Vec::with_capacity(parsed_files.len());
+    for (path, f) in parsed_files {
+        warnings.extend(f.warnings);
+        if let Some((index, line)) = f.not_objects.first() {
+            not_objects.push((path, *index, *line));
+            continue;
+        }
+        parsed.push((path, f.objects));
+    }
+    if !not_objects.is_empty() {
+        let shown: Vec<String> = not_objects
+            .iter()
+            .take(10)
+            .map(|(p, index, line)| {
+                format!("{} (document {index}, line {line})", escape_untrusted(p))
+            })
+            .collect();
+        let more = not_objects.len().saturating_sub(shown.len());
+        let lines: Vec<String> = not_objects
+            .iter()
+            .take(10)
+            .map(|(p, _, _)| escape_untrusted(&cairnignore::pattern_for(p)))
+            .collect();
+        return Err(Error::Build(format!(
+            "{} file(s) are not Kubernetes manifests (a YAML or JSON document with neither apiVersion nor kind): {}{}; \
+             exclude them with these lines in .cairnignore at the repository root: {}",
+            not_objects.len(),
+            shown.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() },
+            lines.join(" ")
+        )));
+    }
     let (objects, mut rendered) = helm::render_charts(
         &tree,
         &charts,
@@ -201,8 +345,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             None => None,
         };
         for (d, kfile) in &outer {
-            let objects = render_kustomization(export.path(), d, kfile, opts, helm.is_some())?;
-            parsed.push((kfile.clone(), objects));
+            let f = render_kustomization(export.path(), d, kfile, opts, helm.is_some()).map_err(|e| match e {
+                Error::Build(msg) if !export.left_out.is_empty() => {
+                    let shown: Vec<&str> =
+                        export.left_out.iter().take(5).map(String::as_str).collect();
+                    Error::Build(format!(
+                        "{msg} (left out of the kustomize export: {})",
+                        shown.join(", ")
+                    ))
+                }
+                other => other,
+            })?;
+            warnings.extend(f.warnings);
+            parsed.push((kfile.clone(), f.objects));
         }
         if let Some(version) = helm {
             rendered.extend(helm_kfiles.into_iter().map(|k| crate::bundle::Rendered {
@@ -235,13 +390,18 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
     entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
     let mut seen: BTreeMap<String, &Entry> = BTreeMap::new();
     for e in &entries {
-        if let Some(first) = seen.insert(e.key(), e) {
+        if let Some(first) = seen.insert(duplicate_key(e), e) {
+            let note = if first.namespace != e.namespace {
+                " (an empty namespace and `default` are the same namespace)"
+            } else {
+                ""
+            };
             return Err(Error::Build(format!(
-                "duplicate object {}: defined in {} (document {}) and in {} (document {})",
+                "duplicate object {}: defined in {} (document {}) and in {} (document {}){note}",
                 e.display_name(),
-                first.path,
+                escape_untrusted(&first.path),
                 first.document,
-                e.path,
+                escape_untrusted(&e.path),
                 e.document
             )));
         }
@@ -257,6 +417,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             tree.commit
         )));
     }
+    if warnings.len() > MAX_WARNINGS {
+        let more = warnings.len() - MAX_WARNINGS;
+        warnings.truncate(MAX_WARNINGS);
+        warnings.push(format!("... and {more} more warnings"));
+    }
     let manifest = Manifest {
         format: BUNDLE_FORMAT,
         source: Source {
@@ -268,7 +433,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
         entries,
     };
     manifest.validate(&opts.limits)?;
-    Ok(BuiltBundle { manifest, objects })
+    Ok(BuiltBundle {
+        manifest,
+        objects,
+        warnings,
+    })
 }
 
 /// Reads and parses `files` on `opts.threads` threads. The result is in
@@ -278,7 +447,7 @@ fn parse_parallel(
     tree: &GitTree,
     files: &[TreeFile],
     opts: &BuildOptions,
-) -> Result<Vec<(String, Vec<ParsedObject>)>> {
+) -> Result<Vec<(String, ParsedFile)>> {
     let threads = opts.threads.clamp(1, 64).min(files.len().max(1));
     let bar = (opts.progress && files.len() >= PROGRESS_MIN_FILES).then(|| {
         let b = indicatif::ProgressBar::new(files.len() as u64);
@@ -292,7 +461,7 @@ fn parse_parallel(
     // thread opens its own handle on the same Git directory.
     let git_dir = tree.repository().git_dir().to_path_buf();
     let max_object = opts.limits.max_object_bytes;
-    let mut results: Vec<(usize, Result<Vec<ParsedObject>>)> = std::thread::scope(|s| {
+    let mut results: Vec<(usize, Result<ParsedFile>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
                 let git_dir = &git_dir;
@@ -309,7 +478,10 @@ fn parse_parallel(
                     };
                     for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
                         let r = git::read_blob(&repo, f, MAX_SOURCE_FILE_BYTES)
-                            .and_then(|bytes| manifests::parse_file(&f.path, &bytes, max_object));
+                            .and_then(|bytes| {
+                                manifests::parse_file_full(&f.path, &bytes, max_object)
+                            })
+                            .map_err(exclusion_hint);
                         let failed = r.is_err();
                         out.push((i, r));
                         if let Some(b) = &bar {
@@ -343,6 +515,22 @@ fn parse_parallel(
     Ok(out)
 }
 
+/// Adds the way out to a file's parse error: fix it, or exclude it.
+fn exclusion_hint(e: Error) -> Error {
+    match e {
+        // Object errors ("document 1: missing `kind`") are about a
+        // manifest; syntax errors may be a file that is not one.
+        Error::Manifest { file, reason } if !reason.starts_with("document ") => {
+            let reason = format!(
+                "{reason} (if this file is not a Kubernetes manifest, add `/{}` to .cairnignore)",
+                escape_untrusted(&file)
+            );
+            Error::Manifest { file, reason }
+        }
+        other => other,
+    }
+}
+
 /// Runs the command in a network namespace of its own (only a loopback
 /// interface, down) where the system allows it: as root, or with
 /// unprivileged user namespaces. Elsewhere it runs as it is; the export
@@ -370,7 +558,7 @@ fn render_kustomization(
     kfile: &str,
     opts: &BuildOptions,
     enable_helm: bool,
-) -> Result<Vec<ParsedObject>> {
+) -> Result<ParsedFile> {
     let target = if dir.is_empty() {
         root.to_path_buf()
     } else {
@@ -435,11 +623,17 @@ fn render_kustomization(
             actual: output.stdout.len() as u64,
         });
     }
-    manifests::parse_file(
+    let f = manifests::parse_file_full(
         &format!("{kfile} (kustomize output)"),
         &output.stdout,
         opts.limits.max_object_bytes,
-    )
+    )?;
+    if let Some((index, line)) = f.not_objects.first() {
+        return Err(Error::Build(format!(
+            "kubectl kustomize output of {kfile}: document {index} (line {line}) is not a Kubernetes object"
+        )));
+    }
+    Ok(f)
 }
 
 #[cfg(test)]

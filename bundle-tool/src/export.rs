@@ -80,8 +80,11 @@ pub struct Export {
     pub files: usize,
     /// Bytes written.
     pub bytes: u64,
-    /// The exported directories (tree paths; `""` is the root).
+    /// The exported directories (paths as Kustomize sees them; `""` is
+    /// the root).
     pub roots: Vec<String>,
+    /// Files left out (missing blob, over the file cap), for messages.
+    pub left_out: Vec<String>,
 }
 
 impl Export {
@@ -168,7 +171,7 @@ impl Refs<'_> {
         let Some(path) = git::join_inside(self.dir, value) else {
             return Err(self.refuse(field, value, "leaves the repository"));
         };
-        if self.tree.entry(&path).is_none() && host_like(value) {
+        if real_path(self.tree, &path)?.is_none() && host_like(value) {
             return remote();
         }
         Ok(Target::Inside(path))
@@ -186,15 +189,19 @@ fn strings(v: &serde_json::Value) -> Vec<&str> {
 /// Reads the kustomization file of `dir` and returns the directories it
 /// references inside the tree, checking every reference.
 fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<String>> {
-    let Some(kfile) = KUSTOMIZATION_FILES
-        .iter()
-        .map(|f| join(dir, f))
-        .find(|p| tree.entry(p).is_some())
-    else {
+    let mut found = None;
+    for f in KUSTOMIZATION_FILES {
+        let p = join(dir, f);
+        if let Some((EntryKind::File, real)) = real_path(tree, &p)? {
+            found = Some((p, real));
+            break;
+        }
+    }
+    let Some((kfile, real)) = found else {
         // Kustomize reports the missing kustomization itself.
         return Ok(Vec::new());
     };
-    let Some(file) = resolve_file(tree, &kfile)? else {
+    let Some(file) = resolve_file(tree, &real)? else {
         return Ok(Vec::new());
     };
     let bytes = tree.read_blob(&file, MAX_KUSTOMIZATION_BYTES)?;
@@ -222,8 +229,11 @@ fn references(tree: &GitTree, dir: &str, limits: &ExportLimits) -> Result<Vec<St
                     continue; // inline generator or transformer configuration
                 }
                 if let Target::Inside(p) = refs.check(field, v)? {
-                    if let Some((EntryKind::Dir, d)) = resolve_kind(tree, &p)? {
-                        dirs.push(d);
+                    // `p` is the path Kustomize sees in the export; a
+                    // symbolic link to a directory inside the repository
+                    // is exported as a copy at the link's path.
+                    if let Some((EntryKind::Dir, _)) = real_path(tree, &p)? {
+                        dirs.push(p);
                     }
                 }
             }
@@ -338,6 +348,43 @@ fn resolve_kind(tree: &GitTree, path: &str) -> Result<Option<(EntryKind, String)
     )))
 }
 
+/// Resolves symbolic links in every component of `path` (a path as
+/// Kustomize sees it in the export, where linked directories are copies),
+/// inside the tree: the final entry's kind and tree path, `None` when
+/// nothing is there. The same refusals as [`resolve_kind`], and at most
+/// [`MAX_LINK_HOPS`] directory links along the way.
+fn real_path(tree: &GitTree, path: &str) -> Result<Option<(EntryKind, String)>> {
+    if path.is_empty() {
+        return Ok(Some((EntryKind::Dir, String::new())));
+    }
+    let mut at = String::new();
+    let mut hops = 0usize;
+    let comps: Vec<&str> = path.split('/').collect();
+    for (i, c) in comps.iter().enumerate() {
+        let next = join(&at, c);
+        let Some((kind, real)) = resolve_kind(tree, &next)? else {
+            return Ok(None);
+        };
+        if real != next {
+            hops += 1;
+            if hops > MAX_LINK_HOPS {
+                return Err(Error::Build(format!(
+                    "`{}`: more than {MAX_LINK_HOPS} symbolic links along the path; refused",
+                    escape_name(path)
+                )));
+            }
+        }
+        if i + 1 < comps.len() && kind != EntryKind::Dir {
+            return Ok(None);
+        }
+        if i + 1 == comps.len() {
+            return Ok(Some((kind, real)));
+        }
+        at = real;
+    }
+    Ok(None)
+}
+
 /// The file a path names, following links; `None` when nothing is there.
 /// Refuses a link to a directory.
 fn resolve_file(tree: &GitTree, path: &str) -> Result<Option<TreeFile>> {
@@ -361,6 +408,15 @@ fn resolve_file(tree: &GitTree, path: &str) -> Result<Option<TreeFile>> {
 /// kustomizations reference, recursively; outermost first, nested ones
 /// dropped.
 pub fn closure(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result<Vec<String>> {
+    Ok(closure_sets(tree, start, limits)?.0)
+}
+
+/// [`closure`], and every directory referenced (nested ones included).
+fn closure_sets(
+    tree: &GitTree,
+    start: &[String],
+    limits: &ExportLimits,
+) -> Result<(Vec<String>, BTreeSet<String>)> {
     let mut seen: BTreeSet<String> = BTreeSet::new();
     let mut queue: VecDeque<String> = start.iter().cloned().collect();
     while let Some(d) = queue.pop_front() {
@@ -374,29 +430,32 @@ pub fn closure(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Resul
         }
     }
     let mut roots: Vec<String> = Vec::new();
-    for d in seen {
+    for d in &seen {
         // BTreeSet order puts a directory before everything inside it.
-        if !roots.iter().any(|r| git::is_within(&d, r)) {
-            roots.push(d);
+        if !roots.iter().any(|r| git::is_within(d, r)) {
+            roots.push(d.clone());
         }
     }
-    Ok(roots)
+    Ok((roots, seen))
 }
 
 /// Writes the export for rendering the Kustomize directories `start`.
 pub fn export(tree: &GitTree, start: &[String], limits: &ExportLimits) -> Result<Export> {
-    let roots = closure(tree, start, limits)?;
-    export_paths(tree, roots, &[], limits)
+    let (roots, referenced) = closure_sets(tree, start, limits)?;
+    export_paths(tree, roots, &referenced, &[], limits)
 }
 
 /// Writes the directories `roots` (tree paths, none inside another) with
-/// everything below them, and the single files `files` (tree paths, links
-/// followed inside the tree) that are not inside one of them, under the
-/// rules in the module documentation. Used for Helm charts (see
-/// [`crate::helm`]): a chart directory and its values files.
+/// everything below them (directory links copied when in `referenced`),
+/// and the single files `files` (tree paths, links followed inside the
+/// tree) that are not inside one of them, under the rules in the module
+/// documentation. Kustomize directories come through [`export`]; Helm
+/// charts (see [`crate::helm`]) call it with a chart directory and its
+/// values files.
 pub fn export_paths(
     tree: &GitTree,
     roots: Vec<String>,
+    referenced: &BTreeSet<String>,
     files: &[String],
     limits: &ExportLimits,
 ) -> Result<Export> {
@@ -413,28 +472,14 @@ pub fn export_paths(
         files: 0,
         bytes: 0,
         limits,
+        left_out: Vec::new(),
     };
     for root in &roots {
-        w.dir(root)?;
-        for (path, node) in tree.entries_under(root) {
-            match node.kind {
-                EntryKind::Dir => w.dir(path)?,
-                EntryKind::File => w.file(
-                    tree,
-                    path,
-                    &TreeFile {
-                        path: path.clone(),
-                        oid: node.oid,
-                    },
-                )?,
-                EntryKind::Link => {
-                    if let Some(f) = resolve_file(tree, path)? {
-                        w.file(tree, path, &f)?;
-                    }
-                }
-                EntryKind::Submodule => {}
-            }
-        }
+        let Some((EntryKind::Dir, real)) = real_path(tree, root)? else {
+            // Kustomize reports the missing directory itself.
+            continue;
+        };
+        write_tree(&mut w, tree, &real, root, referenced, 0)?;
     }
     for path in files {
         if roots.iter().any(|r| git::is_within(path, r)) {
@@ -450,13 +495,73 @@ pub fn export_paths(
             }
         }
     }
-    let (files, bytes) = (w.files, w.bytes);
+    let (files, bytes, left_out) = (w.files, w.bytes, w.left_out);
     Ok(Export {
         dir: tmp,
         files,
         bytes,
         roots,
+        left_out,
     })
+}
+
+/// Writes the tree directory `real` at `at` in the export. A symbolic link
+/// to a file is written as a copy; a link to a directory is copied the
+/// same way when a kustomization references it (at most
+/// [`MAX_LINK_HOPS`] deep), and left out otherwise.
+fn write_tree(
+    w: &mut Writer<'_>,
+    tree: &GitTree,
+    real: &str,
+    at: &str,
+    referenced: &BTreeSet<String>,
+    depth: usize,
+) -> Result<()> {
+    w.dir(at)?;
+    let rebase = |path: &str| -> String {
+        let rel = if real.is_empty() {
+            path
+        } else {
+            path.strip_prefix(real)
+                .and_then(|r| r.strip_prefix('/'))
+                .unwrap_or(path)
+        };
+        join(at, rel)
+    };
+    for (path, node) in tree.entries_under(real) {
+        let vpath = rebase(path);
+        match node.kind {
+            EntryKind::Dir => w.dir(&vpath)?,
+            EntryKind::File => w.file(
+                tree,
+                &vpath,
+                &TreeFile {
+                    path: path.clone(),
+                    oid: node.oid,
+                },
+            )?,
+            EntryKind::Link => match resolve_kind(tree, path)? {
+                Some((EntryKind::File, p)) => {
+                    let f = resolve_file(tree, &p)?;
+                    if let Some(f) = f {
+                        w.file(tree, &vpath, &f)?;
+                    }
+                }
+                Some((EntryKind::Dir, target)) if referenced.contains(&vpath) => {
+                    if depth >= MAX_LINK_HOPS {
+                        return Err(Error::Build(format!(
+                            "symbolic link `{}`: directory links nested more than {MAX_LINK_HOPS} deep; refused",
+                            escape_name(path)
+                        )));
+                    }
+                    write_tree(w, tree, &target, &vpath, referenced, depth + 1)?;
+                }
+                _ => {}
+            },
+            EntryKind::Submodule => {}
+        }
+    }
+    Ok(())
 }
 
 struct Writer<'a> {
@@ -465,6 +570,7 @@ struct Writer<'a> {
     files: usize,
     bytes: u64,
     limits: &'a ExportLimits,
+    left_out: Vec<String>,
 }
 
 impl Writer<'_> {
@@ -486,7 +592,28 @@ impl Writer<'_> {
 
     /// Writes the blob `from` at `path`, within the caps.
     fn file(&mut self, tree: &GitTree, path: &str, from: &TreeFile) -> Result<()> {
-        let size = tree.blob_size(from)?;
+        // A blob missing from the object store (a partial clone) or over
+        // the single-file cap is left out rather than failing every
+        // render: a kustomization that needs it fails naming it, and the
+        // build adds why it is missing.
+        let size = match tree.blob_size(from) {
+            Ok(s) => s,
+            Err(_) => {
+                self.left_out.push(format!(
+                    "`{}` (its blob is not in the repository: a partial or shallow clone?)",
+                    escape_name(path)
+                ));
+                return Ok(());
+            }
+        };
+        if size > self.limits.max_file_bytes {
+            self.left_out.push(format!(
+                "`{}` ({size} bytes, over the {}-byte file cap)",
+                escape_name(path),
+                self.limits.max_file_bytes
+            ));
+            return Ok(());
+        }
         if self.files + 1 > self.limits.max_files {
             return Err(Error::Build(format!(
                 "kustomize export: more than {} files (at `{}`); refused \

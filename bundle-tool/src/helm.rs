@@ -499,7 +499,13 @@ fn render_one(
     let dir = &p.chart.dir;
     let chart_file = p.chart.chart_file();
     let shown_chart = escape_name(&chart_file);
-    let export = export::export_paths(tree, vec![dir.clone()], &p.tree_values, export_limits)?;
+    let export = export::export_paths(
+        tree,
+        vec![dir.clone()],
+        &Default::default(),
+        &p.tree_values,
+        export_limits,
+    )?;
     let root = export.path();
     let home = tempfile::Builder::new()
         .prefix("cairn-helm-")

@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod build;
 pub mod bundle;
+pub mod cairnignore;
 pub mod check;
 pub mod cli;
 pub mod diff;
@@ -20,6 +21,7 @@ mod error;
 pub mod export;
 pub mod git;
 pub mod helm;
+pub mod libyaml;
 pub mod limits;
 pub mod manifests;
 pub mod mesh;

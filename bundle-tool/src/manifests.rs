@@ -71,17 +71,56 @@ pub fn is_cluster_scoped(group: &str, kind: &str) -> bool {
         .any(|(g, k)| *g == group && *k == kind)
 }
 
-/// Whether `path` names a file the builder parses (`.yaml` or `.yml`).
+/// Whether `path` names a file the builder parses (`.yaml`, `.yml` or
+/// `.json`, as `kubectl apply -f DIR` reads them).
 pub fn is_manifest_file(path: &str) -> bool {
-    path.ends_with(".yaml") || path.ends_with(".yml")
+    path.ends_with(".yaml") || path.ends_with(".yml") || path.ends_with(".json")
 }
 
-/// Parses every document of a YAML file at `path` (used in messages) into
-/// validated canonical objects. Empty documents are skipped. Objects over
-/// `max_object_bytes` are refused. Hostile YAML (deep nesting, alias
-/// bombs, non-core tags) is refused before parsing, in time linear in the
-/// input (see [`crate::yaml`]). Never panics, whatever the bytes.
+/// A parsed file: its objects, its warnings, and the documents that are
+/// not Kubernetes objects at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParsedFile {
+    /// The objects, in file order.
+    pub objects: Vec<ParsedObject>,
+    /// Warnings, each starting with the file's path.
+    pub warnings: Vec<String>,
+    /// (document index, line) of mapping documents with neither
+    /// `apiVersion` nor `kind` (a workflow, a values file, a config): not
+    /// manifests. [`parse_file`] refuses them; the builder lists them all
+    /// in one error that says how to exclude them.
+    pub not_objects: Vec<(u32, usize)>,
+}
+
+/// Parses every document of a YAML or JSON file at `path` (used in
+/// messages) into validated canonical objects, refusing documents that are
+/// not Kubernetes objects. See [`parse_file_full`].
 pub fn parse_file(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<Vec<ParsedObject>> {
+    let f = parse_file_full(path, bytes, max_object_bytes)?;
+    if let Some((index, line)) = f.not_objects.first() {
+        return Err(Error::Manifest {
+            file: path.to_owned(),
+            reason: format!(
+                "document {index} (line {line}): not a Kubernetes object (no apiVersion or kind); exclude the file with a `.cairnignore` line"
+            ),
+        });
+    }
+    Ok(f.objects)
+}
+
+/// Parses every document of a file as `kubectl apply -f` reads it:
+/// `.json` files as a stream of JSON values, other files as
+/// multi-document YAML with YAML 1.1 scalars (see [`crate::yaml`]); a
+/// leading UTF-8 byte order mark is skipped; numbers are normalised as
+/// Kubernetes reads them (`1e1` is the integer 10); a `List` (any kind
+/// ending in `List` with an `items` array, as `kubectl get -o yaml` writes)
+/// stands for its items, which take consecutive document numbers (items
+/// of a `FooList` without apiVersion and kind get the list's apiVersion
+/// and kind `Foo`, as kubectl does). Empty documents are skipped. Objects
+/// over `max_object_bytes` are refused. Hostile YAML (deep nesting, alias
+/// bombs, non-core tags) is refused before parsing, in time linear in the
+/// input. Never panics, whatever the bytes.
+pub fn parse_file_full(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<ParsedFile> {
     let err = |reason: String| Error::Manifest {
         file: path.to_owned(),
         reason,
@@ -89,34 +128,114 @@ pub fn parse_file(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<Vec
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Err(err("not UTF-8 text".into()));
     };
-    let documents = yaml::parse_documents(text).map_err(|e| err(e.to_string()))?;
-    let mut out = Vec::new();
-    for doc in documents {
-        let index = doc.index;
-        let Some(json) = doc.value else {
-            continue;
-        };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut out = ParsedFile::default();
+    // (index, line, value)
+    let mut documents: Vec<(u32, usize, serde_json::Value)> = Vec::new();
+    if path.ends_with(".json") {
+        let mut stream = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+        let mut index = 0u32;
+        loop {
+            let offset = stream.byte_offset();
+            let Some(r) = stream.next() else { break };
+            let mut v = r.map_err(|e| {
+                err(format!(
+                    "invalid JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            yaml::kube_numbers(&mut v);
+            let skipped = &text[offset..stream.byte_offset()];
+            let lead = skipped.len() - skipped.trim_start().len();
+            let line = 1 + text[..offset + lead].matches('\n').count();
+            documents.push((index, line, v));
+            index = index.saturating_add(1);
+        }
+    } else {
+        for doc in yaml::parse_documents(text).map_err(|e| err(e.to_string()))? {
+            out.warnings
+                .extend(doc.warnings.iter().map(|w| format!("{path}: {w}")));
+            if let Some(v) = doc.value {
+                documents.push((doc.index, doc.line, v));
+            }
+        }
+    }
+    let mut offset = 0u32;
+    for (index, line, json) in documents {
         let doc_err = |reason: String| err(format!("document {index}: {reason}"));
-        let obj = validate_object(&json).map_err(doc_err)?;
-        let canonical = serde_json::to_vec(&json).map_err(|e| doc_err(e.to_string()))?;
-        if canonical.len() as u64 > max_object_bytes {
-            return Err(Error::TooLarge {
-                what: format!(
-                    "{path}: document {index} ({} {})",
-                    obj.kind,
-                    display(&obj.namespace, &obj.name)
-                ),
-                limit: max_object_bytes,
-                actual: canonical.len() as u64,
+        if let serde_json::Value::Object(o) = &json {
+            if !o.contains_key("apiVersion") && !o.contains_key("kind") {
+                out.not_objects.push((index, line));
+                continue;
+            }
+        }
+        let items = list_items(&json).map_err(doc_err)?;
+        let objects = match items {
+            Some(items) => items,
+            None => vec![json],
+        };
+        let count = u32::try_from(objects.len()).unwrap_or(u32::MAX);
+        for (k, json) in objects.into_iter().enumerate() {
+            let number = index
+                .saturating_add(offset)
+                .saturating_add(u32::try_from(k).unwrap_or(u32::MAX));
+            let obj = validate_object(&json).map_err(doc_err)?;
+            let canonical = serde_json::to_vec(&json).map_err(|e| doc_err(e.to_string()))?;
+            if canonical.len() as u64 > max_object_bytes {
+                return Err(Error::TooLarge {
+                    what: format!(
+                        "{path}: document {index} ({} {})",
+                        obj.kind,
+                        display(&obj.namespace, &obj.name)
+                    ),
+                    limit: max_object_bytes,
+                    actual: canonical.len() as u64,
+                });
+            }
+            out.objects.push(ParsedObject {
+                document: number,
+                bytes: canonical,
+                ..obj
             });
         }
-        out.push(ParsedObject {
-            document: index,
-            bytes: canonical,
-            ..obj
-        });
+        offset = offset.saturating_add(count.saturating_sub(1));
     }
     Ok(out)
+}
+
+/// The items of a list document (`kind` ending in `List` with an `items`
+/// array), with apiVersion and kind filled in as kubectl does; `None` for
+/// any other document. Lists inside lists are refused.
+fn list_items(
+    json: &serde_json::Value,
+) -> std::result::Result<Option<Vec<serde_json::Value>>, String> {
+    use serde_json::Value as J;
+    let J::Object(o) = json else { return Ok(None) };
+    let (Some(J::String(kind)), Some(J::Array(items))) = (o.get("kind"), o.get("items")) else {
+        return Ok(None);
+    };
+    let Some(item_kind) = kind.strip_suffix("List") else {
+        return Ok(None);
+    };
+    let api_version = o.get("apiVersion").cloned().unwrap_or(J::Null);
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let mut item = item.clone();
+        if let J::Object(m) = &mut item {
+            if !item_kind.is_empty() && !m.contains_key("kind") && !m.contains_key("apiVersion") {
+                m.insert("kind".into(), J::String(item_kind.to_owned()));
+                m.insert("apiVersion".into(), api_version.clone());
+            }
+            if list_items(&J::Object(m.clone()))?.is_some() {
+                return Err(format!(
+                    "{kind} item {i}: lists are not supported inside lists; write each object as its own YAML document"
+                ));
+            }
+        }
+        out.push(item);
+    }
+    Ok(Some(out))
 }
 
 fn display(namespace: &str, name: &str) -> String {
@@ -163,6 +282,14 @@ pub fn validate_object(json: &serde_json::Value) -> std::result::Result<ParsedOb
         }
         Some(_) => return Err(format!("{kind}: `metadata` must be a mapping")),
     };
+    if field(meta, "name", "metadata.name")?.is_none() {
+        if let Some(g) = field(meta, "generateName", "metadata.generateName")? {
+            return Err(format!(
+                "{kind}: `metadata.generateName` (`{}`) cannot be in a bundle: each apply would create a new object, and the agent needs a stable name to diff and prune it; set `metadata.name` instead",
+                cairn_keys::text::escape_untrusted(g)
+            ));
+        }
+    }
     let name = required(field(meta, "name", "metadata.name")?, "metadata.name")
         .map_err(|e| format!("{kind}: {e}"))?;
     let namespace = field(meta, "namespace", "metadata.namespace")?
@@ -368,7 +495,84 @@ mod tests {
 
     #[test]
     fn lists_are_refused() {
-        let e = fail("apiVersion: v1\nkind: List\nmetadata: {name: a}\nitems: []\n");
+        // A List stands for its items (as kubectl reads it); a list inside
+        // a list is refused.
+        let e = fail("apiVersion: v1\nkind: List\nmetadata: {name: a}\nitems:\n- {apiVersion: v1, kind: List, items: []}\n");
         assert!(e.contains("lists are not supported"), "{e}");
+    }
+
+    #[test]
+    fn lists_expand_to_their_items() {
+        let y = "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n- {apiVersion: v1, kind: Secret, metadata: {name: b}}\n---\napiVersion: v1\nkind: ConfigMapList\nitems:\n- metadata: {name: c}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: d}\n";
+        let v = parse_file("f.yaml", y.as_bytes(), MAX).unwrap();
+        let got: Vec<_> = v
+            .iter()
+            .map(|o| (o.document, o.kind.as_str(), o.name.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, "ConfigMap", "a"),
+                (1, "Secret", "b"),
+                (2, "ConfigMap", "c"),
+                (3, "ConfigMap", "d")
+            ]
+        );
+        assert_eq!(
+            String::from_utf8(v[2].bytes.clone()).unwrap(),
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}"#
+        );
+    }
+
+    #[test]
+    fn yaml11_scalars_json_bom_and_generate_name() {
+        let o = one("\u{feff}apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n  stdin: on\n  mode: 0755\n  r: 1e1\n  q: '0755'\n  t: 2001-12-14\n");
+        assert_eq!(
+            String::from_utf8(o.bytes).unwrap(),
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"a"},"spec":{"mode":493,"q":"0755","r":10,"stdin":true,"t":"2001-12-14","tty":true}}"#
+        );
+        let f = parse_file_full(
+            "d/p.yaml",
+            b"apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec:\n  tty: yes\n",
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(f.warnings.len(), 1);
+        assert!(
+            f.warnings[0].starts_with("d/p.yaml: line 5: `spec.tty`: `yes` is read as true"),
+            "{:?}",
+            f.warnings
+        );
+        let j = parse_file("a.json", "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"j\"}, \"x\": 1.0}\n{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"k\"}}".as_bytes(), MAX).unwrap();
+        assert_eq!(j.len(), 2);
+        assert_eq!(
+            String::from_utf8(j[0].bytes.clone()).unwrap(),
+            r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"j"},"x":1}"#
+        );
+        let e = fail("apiVersion: v1\nkind: Pod\nmetadata: {generateName: job-}\n");
+        assert!(
+            e.contains("`metadata.generateName` (`job-`) cannot be in a bundle"),
+            "{e}"
+        );
+        assert!(e.contains("set `metadata.name`"), "{e}");
+    }
+
+    #[test]
+    fn non_objects_are_reported_not_parsed() {
+        let f = parse_file_full("ci.yaml", b"on: push\njobs: {}\n", MAX).unwrap();
+        assert_eq!(f.not_objects, [(0, 1)]);
+        assert!(f.objects.is_empty());
+        let e = fail("name: x\n");
+        assert!(e.contains("not a Kubernetes object"), "{e}");
+        assert!(e.contains(".cairnignore"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_keys_name_their_line() {
+        let e = fail("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  x: \"1\"\n  y: \"2\"\n  x: \"3\"\n");
+        assert_eq!(
+            e,
+            "dir/f.yaml: document 0: `data`: duplicate key `x` (first at line 6) (line 8 column 3)"
+        );
     }
 }

@@ -22,7 +22,8 @@
 //! comments, quoted scalars and block scalars, and over-estimates where it
 //! has to. Only then is the text parsed.
 
-use serde::Deserialize;
+use crate::libyaml::{Event, Mark, Parser, Style};
+use cairn_keys::text::escape_untrusted;
 use std::collections::HashMap;
 
 /// Deepest nesting of collections accepted (flow and block together).
@@ -72,126 +73,590 @@ fn at(line: usize, col: usize, reason: String) -> YamlError {
 pub struct Document {
     /// Index in the stream (0-based, counting empty documents).
     pub index: u32,
+    /// 1-based line where the document starts.
+    pub line: usize,
     /// The document as JSON; `None` for an empty document.
     pub value: Option<serde_json::Value>,
+    /// Plain scalars that YAML 1.1 (kubectl) and YAML 1.2 read
+    /// differently, one message each, starting with `line N: `.
+    pub warnings: Vec<String>,
+}
+
+const TAG_STR: &str = "tag:yaml.org,2002:str";
+const TAG_INT: &str = "tag:yaml.org,2002:int";
+const TAG_FLOAT: &str = "tag:yaml.org,2002:float";
+const TAG_BOOL: &str = "tag:yaml.org,2002:bool";
+const TAG_NULL: &str = "tag:yaml.org,2002:null";
+const TAG_MAP: &str = "tag:yaml.org,2002:map";
+const TAG_SEQ: &str = "tag:yaml.org,2002:seq";
+
+fn err_at(m: Mark, reason: String) -> YamlError {
+    YamlError {
+        line: Some(m.line),
+        column: Some(m.column),
+        reason,
+    }
+}
+
+fn where_(path: &[String]) -> String {
+    if path.is_empty() {
+        "the document".to_owned()
+    } else {
+        format!("`{}`", escape_untrusted(&path.join(".")))
+    }
+}
+
+/// Builds JSON values from parser events.
+struct Composer<'a> {
+    parser: Parser<'a>,
+    anchors: HashMap<String, serde_json::Value>,
+    warnings: Vec<String>,
+}
+
+impl Composer<'_> {
+    fn next(&mut self) -> Result<(Event, Mark), YamlError> {
+        match self.parser.next_event() {
+            Ok(Some(e)) => Ok(e),
+            Ok(None) => Err(YamlError {
+                line: None,
+                column: None,
+                reason: "invalid YAML: unexpected end of the stream".into(),
+            }),
+            Err(e) => Err(YamlError {
+                line: Some(e.mark.line),
+                column: None,
+                reason: format!(
+                    "invalid YAML at line {} column {}: {}",
+                    e.mark.line, e.mark.column, e.message
+                ),
+            }),
+        }
+    }
+
+    fn node(
+        &mut self,
+        ev: Event,
+        m: Mark,
+        path: &mut Vec<String>,
+    ) -> Result<serde_json::Value, YamlError> {
+        use serde_json::Value as J;
+        match ev {
+            Event::Alias(name) => self.anchors.get(&name).cloned().ok_or_else(|| {
+                err_at(
+                    m,
+                    format!(
+                        "{}: alias `*{}` names no anchor before it",
+                        where_(path),
+                        escape_untrusted(&name)
+                    ),
+                )
+            }),
+            Event::Scalar {
+                anchor,
+                tag,
+                value,
+                style,
+            } => {
+                let v = self.scalar(&value, tag.as_deref(), style, m, path)?;
+                if let Some(a) = anchor {
+                    self.anchors.insert(a, v.clone());
+                }
+                Ok(v)
+            }
+            Event::SequenceStart { anchor, tag } => {
+                if tag.as_deref().is_some_and(|t| t != TAG_SEQ) {
+                    return Err(err_at(m, format!("{}: tag on a sequence", where_(path))));
+                }
+                let mut items = Vec::new();
+                loop {
+                    let (ev, m2) = self.next()?;
+                    if ev == Event::SequenceEnd {
+                        break;
+                    }
+                    path.push(items.len().to_string());
+                    items.push(self.node(ev, m2, path)?);
+                    path.pop();
+                }
+                let v = J::Array(items);
+                if let Some(a) = anchor {
+                    self.anchors.insert(a, v.clone());
+                }
+                Ok(v)
+            }
+            Event::MappingStart { anchor, tag } => {
+                if tag.as_deref().is_some_and(|t| t != TAG_MAP) {
+                    return Err(err_at(m, format!("{}: tag on a mapping", where_(path))));
+                }
+                let v = self.mapping(path)?;
+                if let Some(a) = anchor {
+                    self.anchors.insert(a, v.clone());
+                }
+                Ok(v)
+            }
+            _ => Err(err_at(m, "invalid YAML: unexpected event".into())),
+        }
+    }
+
+    fn mapping(&mut self, path: &mut Vec<String>) -> Result<serde_json::Value, YamlError> {
+        use serde_json::Value as J;
+        let mut out = serde_json::Map::new();
+        let mut lines: HashMap<String, usize> = HashMap::new();
+        let mut merges: Vec<(J, Mark)> = Vec::new();
+        loop {
+            let (kev, km) = self.next()?;
+            if kev == Event::MappingEnd {
+                break;
+            }
+            let merge = matches!(
+                &kev,
+                Event::Scalar { value, style: Style::Plain, tag: None, .. } if value == "<<"
+            );
+            if merge {
+                let (vev, vm) = self.next()?;
+                path.push("<<".into());
+                let v = self.node(vev, vm, path)?;
+                path.pop();
+                merges.push((v, vm));
+                continue;
+            }
+            let key = self.key(kev, km, path)?;
+            if let Some(first) = lines.get(&key) {
+                return Err(err_at(
+                    km,
+                    format!(
+                        "{}: duplicate key `{}` (first at line {first})",
+                        where_(path),
+                        escape_untrusted(&key)
+                    ),
+                ));
+            }
+            lines.insert(key.clone(), km.line);
+            let (vev, vm) = self.next()?;
+            path.push(key.clone());
+            let v = self.node(vev, vm, path)?;
+            path.pop();
+            out.insert(key, v);
+        }
+        // Merge keys: explicit keys win, then earlier merged maps.
+        for (v, m) in merges {
+            let sources = match v {
+                J::Object(o) => vec![J::Object(o)],
+                J::Array(items) => items,
+                _ => {
+                    return Err(err_at(
+                        m,
+                        format!(
+                            "{}: YAML merge key `<<` needs a mapping or a sequence of mappings",
+                            where_(path)
+                        ),
+                    ))
+                }
+            };
+            for s in sources {
+                let J::Object(s) = s else {
+                    return Err(err_at(
+                        m,
+                        format!(
+                            "{}: YAML merge key `<<` needs a mapping or a sequence of mappings",
+                            where_(path)
+                        ),
+                    ));
+                };
+                for (k, v) in s {
+                    out.entry(k).or_insert(v);
+                }
+            }
+        }
+        Ok(J::Object(out))
+    }
+
+    /// A mapping key. Keys are the one place the YAML 1.2 core schema is
+    /// kept: kubectl would turn a key `y`, `no` or `on` into `"true"` or
+    /// `"false"` (sigs.k8s.io/yaml stringifies YAML 1.1 booleans), which
+    /// no author means; such keys stay text, with a warning. Keys that
+    /// both schemas read as non-strings (`1`, `true`, `~`) are refused.
+    fn key(&mut self, ev: Event, m: Mark, path: &mut Vec<String>) -> Result<String, YamlError> {
+        let not_string = |path: &[String], text: &str, what: &serde_json::Value| {
+            err_at(
+                m,
+                format!(
+                    "{}: mapping key `{}` is not a string (YAML reads it as {what}); JSON (and Kubernetes) needs string keys, quote it",
+                    where_(path),
+                    escape_untrusted(text)
+                ),
+            )
+        };
+        match ev {
+            Event::Scalar {
+                anchor,
+                tag: None,
+                value,
+                style: Style::Plain,
+            } => {
+                let v12 = resolve_yaml12(&value);
+                match v12 {
+                    Some(serde_json::Value::String(_)) => {}
+                    Some(other) => return Err(not_string(path, &value, &other)),
+                    None => return Err(not_string(path, &value, &serde_json::Value::Null)),
+                }
+                if let Ok(v11 @ serde_json::Value::Bool(_)) = resolve_yaml11(&value) {
+                    self.warnings.push(format!(
+                        "line {}: {}: key `{}` is kept as text; kubectl would send it as the key `{v11}` (YAML 1.1); quote it to silence this",
+                        m.line,
+                        where_(path),
+                        escape_untrusted(&value)
+                    ));
+                }
+                if let Some(a) = anchor {
+                    self.anchors
+                        .insert(a, serde_json::Value::String(value.clone()));
+                }
+                Ok(value)
+            }
+            Event::Scalar { .. } | Event::Alias(_) => {
+                let text = match &ev {
+                    Event::Scalar { value, .. } => value.clone(),
+                    Event::Alias(name) => format!("*{name}"),
+                    _ => String::new(),
+                };
+                match self.node(ev, m, path)? {
+                    serde_json::Value::String(s) => Ok(s),
+                    other => Err(not_string(path, &text, &other)),
+                }
+            }
+            _ => Err(err_at(
+                m,
+                format!(
+                    "{}: a mapping or sequence used as a mapping key; JSON (and Kubernetes) needs string keys",
+                    where_(path)
+                ),
+            )),
+        }
+    }
+
+    fn scalar(
+        &mut self,
+        value: &str,
+        tag: Option<&str>,
+        style: Style,
+        m: Mark,
+        path: &[String],
+    ) -> Result<serde_json::Value, YamlError> {
+        use serde_json::Value as J;
+        let resolved =
+            |v: &str| resolve_yaml11(v).map_err(|e| err_at(m, format!("{}: {e}", where_(path))));
+        match tag {
+            None if style == Style::Plain => {
+                let v = resolved(value)?;
+                let v12 = resolve_yaml12(value);
+                if v12.as_ref() != Some(&v) {
+                    let other = match v12 {
+                        Some(x) => x.to_string(),
+                        None => "a number JSON cannot hold".into(),
+                    };
+                    self.warnings.push(format!(
+                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2{} reads {}; write it as {v}, or quote it for the text",
+                        m.line,
+                        where_(path),
+                        escape_untrusted(value),
+                        // Kustomize (go-yaml v3) keeps 1.1's numbers but
+                        // not its booleans.
+                        if v.is_boolean() { " (and so Kustomize)" } else { "" },
+                        escape_untrusted(&other),
+                    ));
+                }
+                Ok(v)
+            }
+            None | Some(TAG_STR) => Ok(J::String(value.to_owned())),
+            Some(t @ (TAG_INT | TAG_FLOAT | TAG_BOOL | TAG_NULL)) => {
+                let v = resolved(value)?;
+                let ok = match t {
+                    TAG_INT => v.is_i64() || v.is_u64(),
+                    TAG_FLOAT => v.is_number(),
+                    TAG_BOOL => v.is_boolean(),
+                    _ => v.is_null(),
+                };
+                if !ok {
+                    return Err(err_at(
+                        m,
+                        format!(
+                            "{}: `{}` is not a valid !!{}",
+                            where_(path),
+                            escape_untrusted(value),
+                            t.rsplit(':').next().unwrap_or(t)
+                        ),
+                    ));
+                }
+                Ok(v)
+            }
+            Some(t) => Err(err_at(
+                m,
+                format!(
+                    "{}: YAML tag `{}` is not supported in Kubernetes manifests",
+                    where_(path),
+                    escape_untrusted(t)
+                ),
+            )),
+        }
+    }
+}
+
+/// A number as kubectl sends it: Go encodes YAML's numbers as JSON, and
+/// Kubernetes' JSON decoder reads every number that parses as a 64-bit
+/// signed integer as one (so `1e1` and `10.0` are the integer 10), and
+/// every other number as a float (so 2^64-1 becomes a float).
+pub fn kube_number_f64(f: f64) -> Option<serde_json::Value> {
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f) {
+        Some(serde_json::Value::from(f as i64))
+    } else {
+        serde_json::Number::from_f64(f).map(serde_json::Value::Number)
+    }
+}
+
+/// [`kube_number_f64`] applied to every number of a JSON value (for
+/// `.json` manifests).
+pub fn kube_numbers(v: &mut serde_json::Value) {
+    use serde_json::Value as J;
+    match v {
+        J::Number(n) => {
+            if n.is_i64() {
+                return;
+            }
+            if let Some(x) = n.as_f64().and_then(kube_number_f64) {
+                *v = x;
+            }
+        }
+        J::Array(a) => a.iter_mut().for_each(kube_numbers),
+        J::Object(o) => o.values_mut().for_each(kube_numbers),
+        _ => {}
+    }
+}
+
+/// Go's `strconv.ParseUint(s, 0, 64)`: `0x`, `0o`, `0b` prefixes, a
+/// leading `0` for octal, no sign.
+fn go_parse_uint(s: &str) -> Option<u64> {
+    let (digits, radix) = if let Some(r) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (r, 16)
+    } else if let Some(r) = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")) {
+        (r, 8)
+    } else if let Some(r) = s.strip_prefix("0b").or_else(|| s.strip_prefix("0B")) {
+        (r, 2)
+    } else if s.len() > 1 && s.starts_with('0') {
+        (&s[1..], 8)
+    } else {
+        (s, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+/// Go's `strconv.ParseInt(s, 0, 64)`.
+fn go_parse_int(s: &str) -> Option<i64> {
+    let (neg, rest) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let u = go_parse_uint(rest)?;
+    if neg {
+        if u <= i64::MAX as u64 + 1 {
+            Some((u as i128).wrapping_neg() as i64)
+        } else {
+            None
+        }
+    } else {
+        i64::try_from(u).ok()
+    }
+}
+
+/// go-yaml v2's `yamlStyleFloat`:
+/// `^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$`.
+fn yaml_style_float(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && b[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
+    };
+    if matches!(b.first(), Some(b'-' | b'+')) {
+        i += 1;
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    } else {
+        if digits(&mut i) == 0 {
+            return false;
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            digits(&mut i);
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'-' | b'+')) {
+            i += 1;
+        }
+        if digits(&mut i) == 0 {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// A plain scalar read as kubectl reads it: go-yaml v2's `resolve`
+/// (YAML 1.1 booleans and nulls, Go integer syntax with `_` separators,
+/// its float pattern; timestamps stay strings), then numbers as
+/// [`kube_number_f64`]. Infinities and NaN are refused (kubectl refuses
+/// them too: JSON has no such numbers).
+pub fn resolve_yaml11(s: &str) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    match s {
+        "" | "~" | "null" | "Null" | "NULL" => return Ok(J::Null),
+        "y" | "Y" | "yes" | "Yes" | "YES" | "true" | "True" | "TRUE" | "on" | "On" | "ON" => {
+            return Ok(J::Bool(true))
+        }
+        "n" | "N" | "no" | "No" | "NO" | "false" | "False" | "FALSE" | "off" | "Off" | "OFF" => {
+            return Ok(J::Bool(false))
+        }
+        ".nan" | ".NaN" | ".NAN" | ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF"
+        | "-.inf" | "-.Inf" | "-.INF" => {
+            return Err(format!(
+            "`{s}` cannot be represented in JSON (kubectl refuses it too); quote it for the text"
+        ))
+        }
+        _ => {}
+    }
+    let string = || Ok(J::String(s.to_owned()));
+    match s.as_bytes()[0] {
+        b'.' => {
+            if s[1..]
+                .bytes()
+                .all(|c| c.is_ascii_digit() || matches!(c, b'e' | b'E' | b'+' | b'-' | b'.'))
+            {
+                if let Some(v) = s.parse::<f64>().ok().filter(|f| f.is_finite()) {
+                    return Ok(kube_number_f64(v).unwrap_or(J::Null));
+                }
+            }
+            string()
+        }
+        b'0'..=b'9' | b'+' | b'-' => {
+            let plain = s.replace('_', "");
+            if let Some(i) = go_parse_int(&plain) {
+                return Ok(J::from(i));
+            }
+            if let Some(u) = go_parse_uint(&plain) {
+                return Ok(kube_number_f64(u as f64).unwrap_or(J::Null));
+            }
+            if yaml_style_float(&plain) {
+                if let Some(v) = plain.parse::<f64>().ok().filter(|f| f.is_finite()) {
+                    return Ok(kube_number_f64(v).unwrap_or(J::Null));
+                }
+            }
+            string()
+        }
+        _ => string(),
+    }
+}
+
+/// A plain scalar read by the YAML 1.2 core schema (numbers normalised as
+/// [`resolve_yaml11`] does); `None` where 1.2 reads a number JSON cannot
+/// hold. Used only to warn where the two schemas differ.
+pub fn resolve_yaml12(s: &str) -> Option<serde_json::Value> {
+    use serde_json::Value as J;
+    match s {
+        "" | "~" | "null" | "Null" | "NULL" => return Some(J::Null),
+        "true" | "True" | "TRUE" => return Some(J::Bool(true)),
+        "false" | "False" | "FALSE" => return Some(J::Bool(false)),
+        _ => {}
+    }
+    let unsigned = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<f64>().ok().and_then(kube_number_f64);
+    }
+    for (prefix, radix) in [("0o", 8), ("0x", 16)] {
+        if let Some(r) = s.strip_prefix(prefix) {
+            if r.is_empty() || !r.chars().all(|c| c.is_digit(radix)) {
+                return Some(J::String(s.to_owned()));
+            }
+            return match u64::from_str_radix(r, radix).map(i64::try_from) {
+                Ok(Ok(i)) => Some(J::from(i)),
+                Ok(Err(_)) => u64::from_str_radix(r, radix)
+                    .ok()
+                    .and_then(|u| kube_number_f64(u as f64)),
+                Err(_) => None,
+            };
+        }
+    }
+    if yaml_style_float(s) {
+        return s.parse::<f64>().ok().and_then(kube_number_f64);
+    }
+    Some(J::String(s.to_owned()))
 }
 
 /// Parses a multi-document YAML stream into JSON values, after
-/// [`prescan`]. YAML merge keys (`<<:`) are applied; values JSON cannot
-/// carry (non-string keys, `.nan`, tags) are refused, naming the key path.
+/// [`prescan`]. Plain scalars are read as kubectl reads them (YAML 1.1,
+/// see [`resolve_yaml11`]) and each one YAML 1.2 reads differently is
+/// reported in [`Document::warnings`]. YAML merge keys (`<<:`) are
+/// applied; duplicate keys and values JSON cannot carry (non-string keys,
+/// `.nan`, tags) are refused, naming the line and the key path. A leading
+/// byte order mark is skipped.
 pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
     prescan(text)?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut c = Composer {
+        parser: Parser::new(text),
+        anchors: HashMap::new(),
+        warnings: Vec::new(),
+    };
     let mut out = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let index = u32::try_from(i).map_err(|_| YamlError {
-            line: None,
-            column: None,
-            reason: "too many documents".into(),
-        })?;
-        let mut value = serde_norway::Value::deserialize(doc).map_err(|e| {
-            // serde_norway appends its own " at line L column C"; keep the
-            // position once, in front, where people look for it.
-            let msg = e.to_string();
-            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_owned();
-            let at = e
-                .location()
-                .map(|l| format!("line {} column {}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            YamlError {
-                line: e.location().map(|l| l.line()),
-                column: None,
-                reason: format!("invalid YAML at {at}{msg}"),
+    loop {
+        let (ev, m) = c.next()?;
+        match ev {
+            Event::StreamStart | Event::DocumentEnd => {}
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                let index = u32::try_from(out.len()).map_err(|_| YamlError {
+                    line: None,
+                    column: None,
+                    reason: "too many documents".into(),
+                })?;
+                c.anchors.clear();
+                let (ev, m2) = c.next()?;
+                // What is wrong with a document (not its syntax) names the
+                // document, then the key path, then the line.
+                let value = c.node(ev, m2, &mut Vec::new()).map_err(|e| match e {
+                    YamlError {
+                        line: Some(l),
+                        column: Some(col),
+                        reason,
+                    } => YamlError {
+                        line: Some(l),
+                        column: None,
+                        reason: format!("document {index}: {reason} (line {l} column {col})"),
+                    },
+                    other => other,
+                })?;
+                out.push(Document {
+                    index,
+                    line: m2.line.max(m.line),
+                    value: (!value.is_null()).then_some(value),
+                    warnings: std::mem::take(&mut c.warnings),
+                });
             }
-        })?;
-        if value.is_null() {
-            out.push(Document { index, value: None });
-            continue;
+            _ => return Err(err_at(m, "invalid YAML: unexpected event".into())),
         }
-        let doc_err = |reason: String| YamlError {
-            line: None,
-            column: None,
-            reason: format!("document {index}: {reason}"),
-        };
-        value
-            .apply_merge()
-            .map_err(|e| doc_err(format!("YAML merge key: {e}")))?;
-        let json = to_json(&value, &mut Vec::new()).map_err(doc_err)?;
-        out.push(Document {
-            index,
-            value: Some(json),
-        });
     }
     Ok(out)
-}
-
-/// Converts YAML to JSON, refusing what JSON cannot carry. `at` is the key
-/// path, for messages.
-fn to_json(
-    v: &serde_norway::Value,
-    at: &mut Vec<String>,
-) -> std::result::Result<serde_json::Value, String> {
-    use serde_json::Value as J;
-    use serde_norway::Value as Y;
-    let where_ = |at: &Vec<String>| {
-        if at.is_empty() {
-            "the document".to_owned()
-        } else {
-            format!("`{}`", at.join("."))
-        }
-    };
-    Ok(match v {
-        Y::Null => J::Null,
-        Y::Bool(b) => J::Bool(*b),
-        Y::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                J::from(i)
-            } else if let Some(u) = n.as_u64() {
-                J::from(u)
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                J::Number(
-                    serde_json::Number::from_f64(f).ok_or_else(|| {
-                        format!("{}: {n} cannot be represented in JSON", where_(at))
-                    })?,
-                )
-            }
-        }
-        Y::String(s) => J::String(s.clone()),
-        Y::Sequence(items) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                at.push(i.to_string());
-                out.push(to_json(item, at)?);
-                at.pop();
-            }
-            J::Array(out)
-        }
-        Y::Mapping(m) => {
-            let mut out = serde_json::Map::new();
-            for (k, val) in m {
-                let Y::String(key) = k else {
-                    let shown = serde_norway::to_string(k).unwrap_or_default();
-                    return Err(format!(
-                        "{}: mapping key `{}` is not a string; JSON (and Kubernetes) needs string keys, quote it",
-                        where_(at),
-                        shown.trim()
-                    ));
-                };
-                at.push(key.clone());
-                let jv = to_json(val, at)?;
-                at.pop();
-                out.insert(key.clone(), jv);
-            }
-            J::Object(out)
-        }
-        Y::Tagged(t) => {
-            return Err(format!(
-                "{}: YAML tag `{}` is not supported in Kubernetes manifests",
-                where_(at),
-                t.tag
-            ))
-        }
-    })
 }
 
 /// An anchored node whose end the scanner has not reached yet.
@@ -641,6 +1106,7 @@ fn skip_quoted(line: &[u8], from: usize, quote: u8) -> Option<usize> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde::Deserialize;
 
     /// Collection nesting of a parsed value (keys count too).
     fn depth(v: &serde_norway::Value) -> usize {
@@ -963,5 +1429,56 @@ mod tests {
         let t = "a: \"first [[[\n  second {{{ \\\" still\n  end\"\nb: 1\n";
         prescan(t).unwrap();
         assert_eq!(parse_documents(t).unwrap().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn yaml11_resolution_follows_go_yaml_v2() {
+        for (s, v) in [
+            ("0755", json!(493)),
+            ("0o17", json!(15)),
+            ("0x1F", json!(31)),
+            ("-0x10", json!(-16)),
+            ("0b101", json!(5)),
+            ("1_000", json!(1000)),
+            ("09", json!(9)),
+            ("1e1", json!(10)),
+            ("1.5", json!(1.5)),
+            (".5", json!(0.5)),
+            ("yes", json!(true)),
+            ("Off", json!(false)),
+            ("~", json!(null)),
+            ("tRUE", json!("tRUE")),
+            ("1:20", json!("1:20")),
+            ("2001-12-14", json!("2001-12-14")),
+            ("1e400", json!("1e400")),
+            ("-", json!("-")),
+        ] {
+            assert_eq!(resolve_yaml11(s).unwrap(), v, "{s}");
+        }
+        assert!(resolve_yaml11(".inf").is_err());
+        assert_eq!(resolve_yaml12("0755"), Some(json!(755)));
+        assert_eq!(resolve_yaml12("yes"), Some(json!("yes")));
+    }
+
+    #[test]
+    fn warnings_name_line_and_path_only_where_the_schemas_differ() {
+        let d = parse_documents("a:\n  b: yes\n  c: 1e1\n  d: '0755'\n  e: 0755\n").unwrap();
+        let w = &d[0].warnings;
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("line 2: `a.b`: `yes` is read as true"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("line 5: `a.e`: `0755` is read as 493"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("YAML 1.2 reads 755"), "{w:?}");
     }
 }

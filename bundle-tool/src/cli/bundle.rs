@@ -31,7 +31,8 @@ pub enum BundleCommand {
         #[arg(long)]
         allow_empty: bool,
         /// Name recorded as the bundle's source repository (part of the
-        /// bundle id) [default: the repository folder's name, without .git].
+        /// bundle id) [default: none, so the id does not depend on the
+        /// folder the repository is checked out in].
         #[arg(long, value_name = "NAME")]
         source_name: Option<String>,
         /// kubectl program used to render Kustomize directories.
@@ -129,7 +130,7 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.reference = reference;
             opts.path = path;
             opts.allow_empty = allow_empty;
-            opts.source_name = source_name.unwrap_or_else(|| default_source_name(&git));
+            opts.source_name = source_name.unwrap_or_default();
             opts.kubectl = kubectl.into();
             opts.progress = std::io::stderr().is_terminal();
             opts.export.allow_remote = allow_remote;
@@ -148,13 +149,20 @@ pub fn run(cmd: BundleCommand) -> Result<()> {
             opts.helm.api_versions = api_versions;
             opts.helm.timeout = std::time::Duration::from_secs(helm_timeout);
             let built = build(&opts)?;
+            for w in &built.warnings {
+                eprintln!("warning: {w}");
+            }
             built.write_file(&out)?;
             let m = &built.manifest;
             eprintln!(
                 "built {} object(s), {} bytes, from {} commit {}{} into {}",
                 m.entries.len(),
                 m.total_size(),
-                m.source.repository,
+                if m.source.repository.is_empty() {
+                    default_source_name(&git)
+                } else {
+                    m.source.repository.clone()
+                },
                 m.source.commit,
                 if m.source.path.is_empty() {
                     String::new()

@@ -132,7 +132,11 @@ fn same_commit_gives_same_id_across_clones_and_runs() {
         "--out",
         &out,
     ]);
-    assert_ne!(d.trim(), a, "the source name is part of the id");
+    assert_eq!(
+        d.trim(),
+        a,
+        "no source name unless given: folder names do not matter"
+    );
     let named = |repo: &str| {
         ok(&[
             "bundle",

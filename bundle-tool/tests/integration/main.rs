@@ -6,6 +6,7 @@
 
 mod support;
 
+mod builder;
 mod cli_bundle;
 mod cli_keys_root;
 mod cli_release;

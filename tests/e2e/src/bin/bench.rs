@@ -580,6 +580,114 @@ impl Bench {
         Ok(())
     }
 
+    /// A small Kustomize directory inside the large fixture repository:
+    /// `cairn bundle build --path DIR` (export of what the kustomization
+    /// references, then `kubectl kustomize`) vs `kubectl kustomize DIR` on
+    /// a checkout. The export must not cost more than copying the
+    /// directory, whatever the size of the rest of the repository.
+    fn kustomize_dir_rows(&mut self, rows: &mut Vec<Row>) -> Result<()> {
+        let figure = "kustomize directory in the large repository: bundle build vs `kubectl kustomize` on it";
+        let kubectl = Command::new("kubectl")
+            .args(["version", "--client"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !kubectl {
+            rows.push(row(
+                figure,
+                "—".into(),
+                "n/a (kubectl not found)".into(),
+                "—".into(),
+                "≤ 1.2×",
+                None,
+            ));
+            return Ok(());
+        }
+        let clone = self.path("kdir-repo");
+        let _ = std::fs::remove_dir_all(&clone);
+        run_ok(
+            git(&self.work)
+                .args(["clone", "-q", "--local"])
+                .arg(&self.git)
+                .arg(&clone),
+        )?;
+        let kdir = clone.join("apps/podinfo");
+        std::fs::create_dir_all(&kdir)?;
+        std::fs::write(
+            kdir.join("kustomization.yaml"),
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: podinfo\n\
+             resources:\n  - deployment.yaml\n  - service.yaml\n\
+             configMapGenerator:\n  - name: settings\n    literals: [mode=edge]\n\
+             patches:\n  - path: replicas.yaml\n",
+        )?;
+        std::fs::write(
+            kdir.join("deployment.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: podinfo}\nspec:\n  replicas: 1\n\
+             selector: {matchLabels: {app: podinfo}}\n  template:\n    metadata: {labels: {app: podinfo}}\n\
+             spec:\n      containers:\n      - {name: podinfo, image: ghcr.io/stefanprodan/podinfo:6.5.0}\n",
+        )?;
+        std::fs::write(
+            kdir.join("service.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: podinfo}\nspec:\n  selector: {app: podinfo}\n  ports: [{port: 9898}]\n",
+        )?;
+        std::fs::write(
+            kdir.join("replicas.yaml"),
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: podinfo}\nspec: {replicas: 2}\n",
+        )?;
+        run_ok(git(&clone).args(["add", "-A"]))?;
+        run_ok(git(&clone).args([
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "podinfo",
+        ]))?;
+        let out = self.path("kdir.bundle");
+        let build = || -> Result<()> {
+            let _ = std::fs::remove_file(&out);
+            run_ok(
+                Command::new(&self.cairn)
+                    .args(["bundle", "build", "--git"])
+                    .arg(&clone)
+                    .args(["--path", "apps/podinfo", "--out"])
+                    .arg(&out),
+            )
+            .map(|_| ())
+        };
+        let render = || -> Result<()> {
+            run_ok(Command::new("kubectl").arg("kustomize").arg(&kdir)).map(|_| ())
+        };
+        build()?;
+        render()?;
+        let (mut c, mut k) = (Vec::new(), Vec::new());
+        for r in 0..self.o.runs {
+            progress(&format!(
+                "kustomize directory run {}/{}",
+                r + 1,
+                self.o.runs
+            ));
+            c.push(timed(build)?);
+            k.push(timed(render)?);
+        }
+        let (c, k) = (median(c), median(k));
+        rows.push(row(
+            figure,
+            secs(c),
+            secs(k),
+            format!("{:.2}×", c / k),
+            "≤ 1.2×",
+            Some(c <= 1.2 * k),
+        ));
+        self.record("kustomize_dir_build_secs", json!(c));
+        self.record("kustomize_dir_kubectl_secs", json!(k));
+        Ok(())
+    }
+
     /// `cairn verify` vs `sha256sum` over the same object files.
     fn verify_rows(&mut self, repo: &Path, rows: &mut Vec<Row>) -> Result<()> {
         let files = files_under(&repo.join("objects"))?;
@@ -1155,6 +1263,7 @@ fn real_main() -> Result<()> {
     b.fixture()?;
     let mut rows = Vec::new();
     b.build_rows(&mut rows)?;
+    b.kustomize_dir_rows(&mut rows)?;
     // The released repository (commit 1).
     let repo = b.path("repo");
     progress("release of commit 1");
