@@ -32,11 +32,11 @@ use crate::status::{
 use crate::store::{Store, StoreError};
 use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
 use crate::{unix_now, Error, Result};
-use cairn_bundle::bundle::Manifest;
-use cairn_bundle::limits::Limits;
-use cairn_bundle::release::Release;
-use cairn_bundle::repo::{channel_path, object_path, root_path};
-use cairn_bundle::rollout::{Decision, FleetReports};
+use cairn_core::bundle::Manifest;
+use cairn_core::limits::Limits;
+use cairn_core::release::Release;
+use cairn_core::layout::{channel_path, object_path, root_path};
+use cairn_core::rollout::{Decision, FleetReports};
 use cairn_keys::{RootChain, VerifiedRoot};
 use futures::StreamExt;
 use std::collections::BTreeMap;
@@ -760,11 +760,11 @@ impl Agent {
     /// Whether the adopted release no longer sets a rollback floor: a root
     /// rotation replaced the release keys that signed it, so the next
     /// release under the new keys is adopted whatever its sequence
-    /// ([`cairn_bundle::verify::binding_floor`]).
+    /// ([`cairn_core::verify::binding_floor`]).
     pub fn floor_unbound(&self) -> bool {
         let (_, epoch, adopted) = self.context_parts();
         adopted.is_some_and(|(sequence, bytes)| {
-            cairn_bundle::verify::binding_floor(
+            cairn_core::verify::binding_floor(
                 &epoch,
                 Some((sequence, &bytes)),
                 &self.inner.limits,
@@ -887,7 +887,7 @@ impl Agent {
             let Some(bytes) = bytes else {
                 let rej = Rejection::new(
                     Stage::Manifest,
-                    cairn_bundle::Error::ObjectMissing {
+                    cairn_core::Error::ObjectMissing {
                         address,
                         what: "bundle manifest".into(),
                     },
@@ -938,7 +938,7 @@ impl Agent {
                         .unwrap_or_default();
                     let rej = Rejection::new(
                         Stage::Object,
-                        cairn_bundle::Error::ObjectMissing { address, what },
+                        cairn_core::Error::ObjectMissing { address, what },
                     );
                     return Ok(self.record_rejection(name, &rej));
                 };
@@ -1040,7 +1040,7 @@ impl Agent {
     /// Records a deferred release (replacing an older or unstaged one).
     fn set_pending(
         &self,
-        release: &cairn_bundle::verify::VerifiedRelease,
+        release: &cairn_core::verify::VerifiedRelease,
         manifest: Option<Manifest>,
         deferral: Deferral,
     ) {

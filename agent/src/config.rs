@@ -8,7 +8,7 @@
 //! replace file values before validation. The reference is in
 //! `docs/OPERATIONS.md`.
 
-use cairn_bundle::duration::parse_duration;
+use cairn_core::duration::parse_duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -234,7 +234,7 @@ impl Config {
                 "channel",
                 "required (the release channel to follow, e.g. `stable`)".into(),
             );
-        } else if let Err(m) = cairn_bundle::release::validate_channel(&channel) {
+        } else if let Err(m) = cairn_core::release::validate_channel(&channel) {
             err("channel", m);
         }
         let labels = raw.labels.unwrap_or_default();

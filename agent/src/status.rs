@@ -593,7 +593,7 @@ fn ago(now: u64, t: u64) -> String {
     let d = now.saturating_sub(t);
     format!(
         "{} ago",
-        cairn_bundle::duration::format_duration(std::time::Duration::from_secs(d))
+        cairn_core::duration::format_duration(std::time::Duration::from_secs(d))
     )
 }
 

@@ -67,8 +67,8 @@
 //! [`crate::agent`] re-verifies stored state against the trust root at
 //! start-up.
 
-use cairn_bundle::bundle::verify_object;
-use cairn_bundle::release::Release;
+use cairn_core::bundle::verify_object;
+use cairn_core::release::Release;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -9,11 +9,11 @@ use crate::pipeline::{self, AdoptedRef, Context, Ingest, Start, Want};
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 use crate::{Agent, BoxFuture};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
-use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
-use cairn_bundle::repo::{channel_path, object_path, root_path};
-use cairn_bundle::rollout::FleetReports;
+use cairn_core::limits::Limits;
+use cairn_mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
+use cairn_mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
+use cairn_core::layout::{channel_path, object_path, root_path};
+use cairn_core::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, HashMap};
@@ -198,7 +198,7 @@ impl Driver {
         }
     }
 
-    fn config_limits(&self) -> cairn_bundle::mesh::MeshLimits {
+    fn config_limits(&self) -> cairn_mesh::MeshLimits {
         self.ep.config().limits.clone()
     }
 

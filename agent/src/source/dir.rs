@@ -2,7 +2,7 @@
 
 use super::{Source, SourceError};
 use crate::BoxFuture;
-use cairn_bundle::repo::RepoDir;
+use crate::fsread::{read_regular_file_capped, ReadFileErrorKind};
 use std::path::PathBuf;
 
 /// A bundle repository in a local directory (e.g. a USB stick mounted at
@@ -31,22 +31,29 @@ impl DirSource {
                 reason: "directory does not exist (not mounted?)".into(),
             });
         }
-        match RepoDir::new(&self.dir).read(rel_path, limit) {
-            Ok(v) => Ok(v),
-            Err(cairn_bundle::Error::TooLarge { .. }) => Err(SourceError::TooLarge {
-                source_name: self.name.clone(),
-                path: rel_path.to_owned(),
-                limit,
-            }),
-            Err(cairn_bundle::Error::Repository(reason)) => Err(SourceError::Invalid {
-                source_name: self.name.clone(),
-                path: rel_path.to_owned(),
-                reason,
-            }),
-            Err(e) => Err(SourceError::Unavailable {
-                source_name: self.name.clone(),
-                reason: e.to_string(),
-            }),
+        // A file on the stick is read only as a regular file (no link, no
+        // FIFO), capped before allocation: crate::fsread.
+        match read_regular_file_capped(&self.dir.join(rel_path), limit) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => match e.kind {
+                ReadFileErrorKind::NotFound => Ok(None),
+                ReadFileErrorKind::TooLarge { .. } => Err(SourceError::TooLarge {
+                    source_name: self.name.clone(),
+                    path: rel_path.to_owned(),
+                    limit,
+                }),
+                ReadFileErrorKind::Symlink | ReadFileErrorKind::NotRegular(_) => {
+                    Err(SourceError::Invalid {
+                        source_name: self.name.clone(),
+                        path: rel_path.to_owned(),
+                        reason: e.to_string(),
+                    })
+                }
+                ReadFileErrorKind::Io(_) => Err(SourceError::Unavailable {
+                    source_name: self.name.clone(),
+                    reason: e.to_string(),
+                }),
+            },
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A source answers one question: "give me the file at this repository path,
 //! at most this many bytes" ([`Source::get`]). Paths are the repository
-//! layout of [`cairn_bundle::repo`]: `roots/<v>`, `channels/<channel>`,
+//! layout of [`cairn_core::layout`]: `roots/<v>`, `channels/<channel>`,
 //! `objects/sha256/<2hex>/<hex>`. Implementations here: [`HttpSource`]
 //! (HTTP(S) with rustls, timeouts and streamed size limits) and
 //! [`DirSource`] (a local directory such as a mounted USB stick). A mesh

@@ -504,10 +504,10 @@ impl Target for ManifestsDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::tests::object;
+    use cairn_core::testing::object;
     use crate::target::DesiredObject;
 
-    fn state(seq: u64, objs: &[(cairn_bundle::bundle::Entry, Vec<u8>)]) -> DesiredState {
+    fn state(seq: u64, objs: &[(cairn_core::bundle::Entry, Vec<u8>)]) -> DesiredState {
         DesiredState {
             failed_release: None,
             channel: "stable".into(),

@@ -1,10 +1,10 @@
 //! A deterministic fleet simulator for Cairn's mesh.
 //!
 //! Thousands of agents, each the **real** sans-IO mesh state machine
-//! ([`cairn_bundle::mesh::sync::Endpoint`]) with the **real** adoption
+//! ([`cairn_mesh::sync::Endpoint`]) with the **real** adoption
 //! logic in front of its store: every release passes
-//! [`cairn_bundle::verify::ReleaseCheck`] against the development trust
-//! root and [`cairn_bundle::rollout::decide`], every manifest
+//! [`cairn_core::verify::ReleaseCheck`] against the development trust
+//! root and [`cairn_core::rollout::decide`], every manifest
 //! [`Manifest::decode`], every object [`verify_object`]. Only the IO is
 //! simulated: a priority queue of events on simulated time (milliseconds),
 //! links with per-pair latency, message loss, node churn (crash and
@@ -35,16 +35,16 @@
 //! message breaks its connection, since TCP delivers in order or not at
 //! all; a partition resets the connections that cross it.
 
-use cairn_bundle::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::{
+use cairn_core::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
+use cairn_core::limits::Limits;
+use cairn_mesh::identity::PeerIdentity;
+use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, RecordKeys, RecordRejection, SyncConfig,
 };
-use cairn_bundle::mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
-use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
-use cairn_bundle::rollout::{decide, Decision, FleetReports};
-use cairn_bundle::verify::ReleaseCheck;
+use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
+use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
+use cairn_core::rollout::{decide, Decision, FleetReports};
+use cairn_core::verify::ReleaseCheck;
 use cairn_keys::{sha256_address, KeyPair, Root};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -275,7 +275,7 @@ fn build_world(cfg: &SimConfig) -> World {
     let key = release_key();
     let rollout = match &cfg.rollout {
         Some(s) => {
-            cairn_bundle::rollout::parse_rollout(s).unwrap_or_else(|e| panic!("rollout `{s}`: {e}"))
+            cairn_core::rollout::parse_rollout(s).unwrap_or_else(|e| panic!("rollout `{s}`: {e}"))
         }
         None => Rollout::default(),
     };

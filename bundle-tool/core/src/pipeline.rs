@@ -24,10 +24,10 @@
 //! rejected release becomes adoptable: an [`Adoption`] only exists once every
 //! check passed.
 
-use cairn_bundle::bundle::{verify_object, Entry, Manifest};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::rollout::{self, Decision, FleetReports};
-use cairn_bundle::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
+use crate::bundle::{verify_object, Entry, Manifest};
+use crate::limits::Limits;
+use crate::rollout::{self, Decision, FleetReports};
+use crate::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
 use cairn_keys::{Root, VerifiedRoot};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,14 +61,14 @@ impl fmt::Display for Stage {
 pub struct Rejection {
     /// Where it failed.
     pub stage: Stage,
-    /// The verification error (its [`cairn_bundle::Error::reason`] is the
+    /// The verification error (its [`crate::Error::reason`] is the
     /// metric label, see [`Rejection::reason`]).
-    pub error: cairn_bundle::Error,
+    pub error: crate::Error,
 }
 
 impl Rejection {
     /// A rejection at `stage` for `error`.
-    pub fn new(stage: Stage, error: impl Into<cairn_bundle::Error>) -> Self {
+    pub fn new(stage: Stage, error: impl Into<crate::Error>) -> Self {
         Self {
             stage,
             error: error.into(),
@@ -77,7 +77,7 @@ impl Rejection {
 
     /// The short, stable reason used as the `reason` label of
     /// `cairn_release_rejections_total` and in status. It is
-    /// [`cairn_bundle::Error::reason`], except that every failure of a new
+    /// [`crate::Error::reason`], except that every failure of a new
     /// root is `root_rotation` (the message has the detail).
     pub fn reason(&self) -> &'static str {
         match self.stage {
@@ -129,7 +129,7 @@ pub struct Context<'a> {
     /// ([`cairn_keys::RootChain::release_epoch`]): the adopted release's
     /// sequence is a rollback floor only if one of them signed it, so a
     /// rotation to new release keys recovers a channel that a stolen key
-    /// pushed to 2^64 − 1 ([`cairn_bundle::verify::binding_floor`]).
+    /// pushed to 2^64 − 1 ([`crate::verify::binding_floor`]).
     pub epoch: &'a [Root],
     /// The channel this agent follows.
     pub channel: &'a str,
@@ -278,16 +278,26 @@ impl Deferral {
     }
 }
 
+/// A site operator's local hold on adoption (the agent's `hold.json`), as
+/// the gate sees it. The agent's hold type implements it; the file IO stays
+/// in the agent.
+pub trait LocalHold {
+    /// Whether the hold is in force at `now` (Unix seconds).
+    fn active(&self, now: u64) -> bool;
+    /// When it ends by itself, Unix seconds; `None`: until released.
+    fn until(&self) -> Option<u64>;
+}
+
 /// The adoption gate: a local hold first, then [`rollout::decide`]. `None`
 /// to adopt now. Pure.
 pub fn adoption_gate(
-    release: &cairn_bundle::release::Release,
+    release: &crate::release::Release,
     who: &Audience<'_>,
-    hold: Option<&crate::hold::Hold>,
+    hold: Option<&impl LocalHold>,
     now: u64,
 ) -> Option<Deferral> {
     if let Some(h) = hold.filter(|h| h.active(now)) {
-        return Some(Deferral::Held { until: h.until });
+        return Some(Deferral::Held { until: h.until() });
     }
     match rollout::decide(release, who.agent_id, who.labels, who.reports, now) {
         Decision::Adopt { .. } => None,
@@ -396,7 +406,7 @@ impl Ingest {
                 .ok_or_else(|| {
                     Rejection::new(
                         Stage::Object,
-                        cairn_bundle::Error::InvalidManifest(format!(
+                        crate::Error::InvalidManifest(format!(
                             "object {address} is not listed in bundle {}",
                             self.release.release.bundle
                         )),
@@ -404,7 +414,7 @@ impl Ingest {
                 }),
             None => Err(Rejection::new(
                 Stage::Object,
-                cairn_bundle::Error::InvalidManifest("object before its manifest".into()),
+                crate::Error::InvalidManifest("object before its manifest".into()),
             )),
         }
     }
@@ -417,7 +427,7 @@ impl Ingest {
         let Some((manifest, manifest_bytes)) = self.manifest else {
             return Err(Rejection::new(
                 Stage::Manifest,
-                cairn_bundle::Error::ObjectMissing {
+                crate::Error::ObjectMissing {
                     address: self.release.release.bundle.clone(),
                     what: "bundle manifest".into(),
                 },
@@ -432,7 +442,7 @@ impl Ingest {
                 .unwrap_or_default();
             return Err(Rejection::new(
                 Stage::Object,
-                cairn_bundle::Error::ObjectMissing {
+                crate::Error::ObjectMissing {
                     address: address.clone(),
                     what,
                 },
@@ -455,7 +465,7 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
     if bytes.len() as u64 > size {
         return Err(Rejection::new(
             Stage::Object,
-            cairn_bundle::Error::TooLarge {
+            crate::Error::TooLarge {
                 what: format!("object {address}"),
                 limit: size,
                 actual: bytes.len() as u64,
@@ -466,7 +476,7 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
     if bytes.len() as u64 != size {
         return Err(Rejection::new(
             Stage::Object,
-            cairn_bundle::Error::InvalidManifest(format!(
+            crate::Error::InvalidManifest(format!(
                 "object {address} is {} bytes, the manifest says {size}",
                 bytes.len()
             )),
@@ -516,7 +526,7 @@ pub fn reverify_adopted(
         (None, None) => {
             return Err(Rejection::new(
                 Stage::Release,
-                cairn_bundle::Error::Repository("no trusted root to verify against".into()),
+                crate::Error::Repository("no trusted root to verify against".into()),
             ))
         }
     };
@@ -528,50 +538,19 @@ pub fn reverify_adopted(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use cairn_bundle::bundle::{Source as BundleSource, BUNDLE_FORMAT};
-    use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
+    use crate::release::{Release, Rollout, RELEASE_FORMAT};
     use cairn_keys::{KeyPair, Role};
 
     pub(crate) const NOW: u64 = 1_800_000_000;
 
     pub(crate) fn dev_key(name: &str) -> KeyPair {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../keys/trust/dev")
+            .join("../../keys/trust/dev")
             .join(format!("{name}.key"));
         cairn_keys::keyfile::read_private(&p).unwrap()
     }
 
-    pub(crate) fn object(ns: &str, name: &str, data: &str) -> (Entry, Vec<u8>) {
-        let bytes = format!(
-            r#"{{"apiVersion":"v1","data":{{"k":"{data}"}},"kind":"ConfigMap","metadata":{{"name":"{name}","namespace":"{ns}"}}}}"#
-        )
-        .into_bytes();
-        let e = Entry {
-            path: format!("{name}.yaml"),
-            document: 0,
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            namespace: ns.into(),
-            name: name.into(),
-            object: cairn_keys::sha256_address(&bytes),
-            size: bytes.len() as u64,
-        };
-        (e, bytes)
-    }
-
-    pub(crate) fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
-        let mut entries: Vec<Entry> = objs.iter().map(|(e, _)| e.clone()).collect();
-        entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
-        Manifest {
-            format: BUNDLE_FORMAT,
-            source: BundleSource {
-                repository: "fixture".into(),
-                commit: "0".repeat(40),
-                path: String::new(),
-            },
-            entries,
-        }
-    }
+    pub(crate) use crate::testing::{manifest, object};
 
     pub(crate) fn release(channel: &str, sequence: u64, bundle: &str, expires: u64) -> Release {
         Release {
@@ -660,7 +639,7 @@ pub(crate) mod tests {
         assert!(
             matches!(
                 e.error,
-                cairn_bundle::Error::Rollback {
+                crate::Error::Rollback {
                     last: 5,
                     found: 4,
                     ..
@@ -680,7 +659,7 @@ pub(crate) mod tests {
         let rel = signed(&release("stable", 1, &m.id(), NOW - 1));
         let e = start_err(&ctx(&r.root, &limits, None), &rel);
         assert!(
-            matches!(e.error, cairn_bundle::Error::Expired { .. }),
+            matches!(e.error, crate::Error::Expired { .. }),
             "{e}"
         );
         assert_eq!(e.reason(), "expired");
@@ -694,7 +673,7 @@ pub(crate) mod tests {
         let rel = signed(&release("beta", 1, &m.id(), NOW + 100));
         let e = start_err(&ctx(&r.root, &limits, None), &rel);
         assert!(
-            matches!(e.error, cairn_bundle::Error::WrongChannel { .. }),
+            matches!(e.error, crate::Error::WrongChannel { .. }),
             "{e}"
         );
         assert_eq!(e.reason(), "wrong_channel");
@@ -716,7 +695,7 @@ pub(crate) mod tests {
             assert!(
                 matches!(
                     e.error,
-                    cairn_bundle::Error::Keys(cairn_keys::Error::Threshold {
+                    crate::Error::Keys(cairn_keys::Error::Threshold {
                         role: Role::Release,
                         valid: 0,
                         ..
@@ -864,7 +843,7 @@ pub(crate) mod tests {
 
     #[test]
     fn selector_wave_and_breaker_defer_without_rejecting() {
-        use cairn_bundle::release::{FailureLimit, Wave};
+        use crate::release::{FailureLimit, Wave};
         let r = root();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
@@ -923,10 +902,16 @@ pub(crate) mod tests {
             labels: &labels,
             reports: FleetReports::default(),
         };
-        let hold = crate::hold::Hold {
-            since: NOW - 10,
-            until: Some(NOW + 60),
-        };
+        struct TestHold(Option<u64>);
+        impl LocalHold for TestHold {
+            fn active(&self, now: u64) -> bool {
+                self.0.is_none_or(|u| now < u)
+            }
+            fn until(&self) -> Option<u64> {
+                self.0
+            }
+        }
+        let hold = TestHold(Some(NOW + 60));
         let d = adoption_gate(&doc, &who, Some(&hold), NOW).unwrap();
         assert_eq!(
             d,
@@ -936,7 +921,7 @@ pub(crate) mod tests {
         );
         assert_eq!(d.state(), "held");
         assert_eq!(adoption_gate(&doc, &who, Some(&hold), NOW + 60), None);
-        assert_eq!(adoption_gate(&doc, &who, None, NOW), None);
+        assert_eq!(adoption_gate(&doc, &who, None::<&TestHold>, NOW), None);
         let wait = Deferral::Rollout(Decision::WaitForWave {
             wave: 2,
             opens_at: 0,

@@ -67,7 +67,7 @@
 //! Addresses that are not unicast (unspecified, multicast, broadcast, port
 //! 0) are never dialed.
 
-use super::pki::PeerIdentity;
+use crate::identity::PeerIdentity;
 use super::wire::{
     Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord, PROTOCOL_VERSION,
 };
@@ -968,7 +968,7 @@ impl Endpoint {
             })
             .collect();
         for a in addresses {
-            if crate::bundle::is_address(&a) && queued.insert(a.clone()) {
+            if cairn_core::bundle::is_address(&a) && queued.insert(a.clone()) {
                 f.queue.push_back(Item::Object(a));
             }
         }
@@ -1584,7 +1584,7 @@ impl Endpoint {
             };
             match f.item {
                 Item::Object(address) => {
-                    if let Err(e) = crate::bundle::verify_object(&address, &bytes) {
+                    if let Err(e) = cairn_core::bundle::verify_object(&address, &bytes) {
                         self.fail_fetch(fetch, format!("object {address} hash mismatch"));
                         return self.offense(conn, "object_hash_mismatch", e.to_string(), now);
                     }
