@@ -280,7 +280,7 @@ impl Agent {
         } = loaded;
         if chain.expired {
             tracing::warn!(
-                version = chain.current.root.version,
+                version = chain.current.root().version,
                 "the trust root has expired: no new release can be adopted until a newer root is published"
             );
         }
@@ -297,7 +297,7 @@ impl Agent {
         })?;
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
-        metrics.root_version.set(gauge(chain.current.root.version));
+        metrics.root_version.set(gauge(chain.current.root().version));
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
@@ -744,7 +744,7 @@ impl Agent {
     fn context_parts(&self) -> ContextParts {
         let st = self.state();
         (
-            st.root.root.clone(),
+            st.root.root().clone(),
             cairn_keys::root::release_epoch(&st.chain).to_vec(),
             st.head
                 .as_ref()
@@ -782,7 +782,7 @@ impl Agent {
         // 1. Roots: follow roots/<v+1> until the source has no more.
         loop {
             let current = self.state().root.clone();
-            let next = current.root.version + 1;
+            let next = current.root().version + 1;
             let Some(bytes) = source
                 .get(&root_path(next), cairn_keys::root::MAX_ROOT_BYTES as u64)
                 .await?
@@ -795,14 +795,14 @@ impl Agent {
                     tracing::info!(source = name, version = next, "trust root rotated");
                     self.inner.metrics.root_version.set(gauge(next));
                     let mut st = self.state();
-                    if vr.root.starts_release_epoch(&st.chain) {
+                    if vr.root().starts_release_epoch(&st.chain) {
                         tracing::warn!(
                             source = name,
                             version = next,
                             "trust root v{next} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
                         );
                     }
-                    st.chain.push(vr.root.clone());
+                    st.chain.push(vr.root().clone());
                     st.root = vr;
                 }
                 Err(rej) => {
@@ -836,12 +836,12 @@ impl Agent {
             Ok(Start::Candidate(i)) => *i,
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
-        let sequence = ingest.release().release.sequence;
+        let sequence = ingest.release().release().sequence;
         let now = unix_now();
         let hold = self.current_hold(now).await;
         let deferral = pipeline::adoption_gate(
-            &ingest.release().release,
-            &self.audience(&ingest.release().release.bundle),
+            &ingest.release().release(),
+            &self.audience(&ingest.release().release().bundle),
             hold.as_ref(),
             now,
         );
@@ -855,7 +855,7 @@ impl Agent {
                 .state()
                 .pending
                 .as_ref()
-                .is_some_and(|p| p.bytes == ingest.release().bytes && p.manifest.is_some());
+                .is_some_and(|p| p.bytes == ingest.release().bytes() && p.manifest.is_some());
             if !known {
                 tracing::info!(source = name, sequence, %why, stage, "newer release not adopted now");
             }
@@ -955,7 +955,7 @@ impl Agent {
         // store too (mesh peers fetch it by address), then it waits.
         if let Some(d) = deferral {
             if let Some(m) = ingest.manifest_bytes() {
-                let (a, m) = (ingest.release().release.bundle.clone(), m.to_vec());
+                let (a, m) = (ingest.release().release().bundle.clone(), m.to_vec());
                 self.blocking(move |s| s.put_object(&a, &m)).await?;
             }
             let why = d.describe(format_time);
@@ -965,7 +965,7 @@ impl Agent {
 
         // 5. Commit: re-check against the head at this moment, then switch.
         let _guard = self.inner.adopt_lock.lock().await;
-        let candidate_bytes = ingest.release().bytes.clone();
+        let candidate_bytes = ingest.release().bytes().to_vec();
         let (root, epoch, adopted) = self.context_parts();
         let ctx = Context {
             root: &root,
@@ -986,22 +986,17 @@ impl Agent {
             }
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
-        let rel = &adoption.release.release;
+        let rel = adoption.release().release();
         {
             // Durable before anything is reported, logged or acted on.
-            let (c, r, b, m) = (
-                channel.clone(),
-                adoption.release.bytes.clone(),
-                rel.bundle.clone(),
-                adoption.manifest_bytes.clone(),
-            );
-            self.blocking(move |s| s.adopt(&c, &r, &b, &m)).await?;
+            let a = adoption.clone();
+            self.blocking(move |s| s.adopt(&a)).await?;
         }
         let head = HeadState {
-            address: cairn_keys::sha256_address(&adoption.release.bytes),
+            address: cairn_keys::sha256_address(&adoption.release().bytes()),
             release: rel.clone(),
-            bytes: adoption.release.bytes.clone(),
-            manifest: Arc::new(adoption.manifest.clone()),
+            bytes: adoption.release().bytes().to_vec(),
+            manifest: Arc::new(adoption.manifest().clone()),
         };
         let published = head.published();
         {
@@ -1027,7 +1022,7 @@ impl Agent {
             channel = %channel,
             sequence = rel.sequence,
             bundle = %rel.bundle,
-            objects = adoption.manifest.entries.len(),
+            objects = adoption.manifest().entries.len(),
             "release adopted"
         );
         self.inner.adopted_tx.send_replace(Some(published));
@@ -1047,20 +1042,20 @@ impl Agent {
         {
             let mut st = self.state();
             let keep = st.pending.as_ref().is_some_and(|p| {
-                p.release.sequence > release.release.sequence
-                    || (p.bytes == release.bytes && p.manifest.is_some() && manifest.is_none())
+                p.release.sequence > release.release().sequence
+                    || (p.bytes == release.bytes() && p.manifest.is_some() && manifest.is_none())
             });
             if keep {
                 if let Some(p) = st.pending.as_mut() {
-                    if p.bytes == release.bytes {
+                    if p.bytes == release.bytes() {
                         p.deferral = deferral;
                     }
                 }
             } else {
                 st.pending = Some(PendingState {
-                    address: cairn_keys::sha256_address(&release.bytes),
-                    release: release.release.clone(),
-                    bytes: release.bytes.clone(),
+                    address: cairn_keys::sha256_address(&release.bytes()),
+                    release: release.release().clone(),
+                    bytes: release.bytes().to_vec(),
                     manifest,
                     deferral,
                 });
@@ -1471,7 +1466,7 @@ impl Agent {
             labels: self.inner.config.labels.clone(),
             target: self.inner.target.describe(),
             listen: st.listen.map(|a| a.to_string()),
-            root: RootStatus::new(&st.root.root, now),
+            root: RootStatus::new(&st.root.root(), now),
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),
@@ -1904,7 +1899,7 @@ fn load_stored(
     let stored_roots = store.roots()?;
     let rest: Vec<&[u8]> = stored_roots
         .iter()
-        .filter(|(v, _)| *v > embedded.root.version)
+        .filter(|(v, _)| *v > embedded.root().version)
         .map(|(_, b)| b.as_slice())
         .collect();
     let chain = RootChain::follow(embedded, rest, now)
@@ -1977,7 +1972,7 @@ fn load_head(
             })?;
     Ok(Some(HeadState {
         address: cairn_keys::sha256_address(&bytes),
-        release: verified.release,
+        release: verified.release().clone(),
         bytes,
         manifest: Arc::new(manifest),
     }))

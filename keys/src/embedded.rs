@@ -63,8 +63,8 @@ mod tests {
     #[test]
     fn embedded_root_verifies() {
         let r = super::root().unwrap();
-        assert_eq!(r.root.version, 1);
-        assert!(r.root.release.threshold >= 1);
+        assert_eq!(r.root().version, 1);
+        assert!(r.root().release.threshold >= 1);
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub async fn run(mesh: Mesh) {
     sc.rng_seed = rand::random();
     sc.anti_entropy_ms = config.anti_entropy_ms;
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
-    let root_version = agent.root().root.version;
+    let root_version = agent.root().root().version;
     let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));
     if let Ok(stored) = agent.store().peers() {
         let learned = stored.into_iter().filter_map(|(_, bytes)| {
@@ -334,12 +334,12 @@ impl Driver {
         let mut chain = self.agent.root_chain();
         let mut kept = BTreeMap::new();
         for (v, bytes) in roots {
-            if v != root.root.version + 1 {
+            if v != root.root().version + 1 {
                 continue;
             }
             match pipeline::check_root(&root, &bytes) {
                 Ok(next) => {
-                    chain.push(next.root.clone());
+                    chain.push(next.root().clone());
                     root = next;
                     kept.insert(v, bytes);
                 }
@@ -352,7 +352,7 @@ impl Driver {
         }
         let adopted = self.adopted_ref();
         let ctx = Context {
-            root: &root.root,
+            root: &root.root(),
             epoch: cairn_keys::root::release_epoch(&chain),
             channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {
@@ -380,7 +380,7 @@ impl Driver {
                     adopting: false,
                 };
                 self.ep.release_verified(fetch, now);
-                let bundle = state.ingest.release().release.bundle.clone();
+                let bundle = state.ingest.release().release().bundle.clone();
                 let local = self
                     .agent
                     .store()
@@ -424,7 +424,7 @@ impl Driver {
             .object_bytes_fetched
             .get_or_create(&from)
             .inc_by(bytes.len() as u64);
-        let result = if f.manifest.is_none() && address == f.ingest.release().release.bundle {
+        let result = if f.manifest.is_none() && address == f.ingest.release().release().bundle {
             f.ingest.handle_manifest(&bytes).map(|()| {
                 f.manifest = Some(bytes);
             })
@@ -484,7 +484,7 @@ impl Driver {
             return;
         };
         f.adopting = true;
-        let release = &f.ingest.release().release;
+        let release = &f.ingest.release().release();
         let staged = StagedSource {
             name: format!("peer:{}", f.peer),
             roots: f.roots.clone(),
@@ -510,7 +510,7 @@ impl Driver {
     /// Our head and status into the endpoint (after every adoption).
     fn refresh_local(&mut self) {
         let now = now_ms();
-        let root_version = self.agent.root().root.version;
+        let root_version = self.agent.root().root().version;
         self.refresh_trust();
         if let Some(h) = self.agent.relay_head() {
             self.ep.set_head(
@@ -529,7 +529,7 @@ impl Driver {
     /// Our root version and whether our head still sets a rollback floor
     /// (a root from a source may have replaced the release keys).
     fn refresh_trust(&mut self) {
-        self.ep.set_root_version(self.agent.root().root.version);
+        self.ep.set_root_version(self.agent.root().root().version);
         let channel = self.agent.config().channel.clone();
         self.ep
             .set_floor_unbound(&channel, self.agent.floor_unbound());

@@ -175,14 +175,42 @@ pub enum Want {
 
 /// A release that passed verification, with its verified manifest: the
 /// only value the store accepts for adoption.
+///
+/// **Architecture invariant:** only verification makes a `Verified*` (and
+/// an `Adoption`): the fields are private and only [`Ingest::finish`]
+/// constructs one, after every object arrived and verified.
 #[derive(Clone, Debug)]
 pub struct Adoption {
+    release: VerifiedRelease,
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+}
+
+impl Adoption {
     /// The verified release.
-    pub release: VerifiedRelease,
+    pub fn release(&self) -> &VerifiedRelease {
+        &self.release
+    }
+
     /// The verified bundle manifest.
-    pub manifest: Manifest,
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     /// The manifest's exact bytes (hash = bundle id).
-    pub manifest_bytes: Vec<u8>,
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The bundle id (the manifest's address, named by the release).
+    pub fn bundle_id(&self) -> &str {
+        &self.release.release().bundle
+    }
+
+    /// The channel the release is for.
+    pub fn channel(&self) -> &str {
+        &self.release.release().channel
+    }
 }
 
 /// The result of looking at a channel's release.
@@ -212,7 +240,7 @@ pub struct Audience<'a> {
 /// yet, circuit breaker tripped). A deferred release is not a rejection: the
 /// adopted one stays, and the next sync asks again. Pure.
 pub fn rollout_gate(release: &VerifiedRelease, who: &Audience<'_>, now: u64) -> Option<Decision> {
-    let decision = rollout::decide(&release.release, who.agent_id, who.labels, who.reports, now);
+    let decision = rollout::decide(&release.release(), who.agent_id, who.labels, who.reports, now);
     match decision {
         Decision::Adopt { .. } => None,
         other => Some(other),
@@ -358,7 +386,7 @@ impl Ingest {
     pub fn want(&self) -> Want {
         match &self.manifest {
             None => Want::Manifest {
-                address: self.release.release.bundle.clone(),
+                address: self.release.release().bundle.clone(),
                 limit: self.limits.max_manifest_bytes,
             },
             Some(_) if self.missing.is_empty() => Want::Complete,
@@ -370,7 +398,7 @@ impl Ingest {
     /// it is canonical and within the limits. All its objects become
     /// missing until fetched or marked present.
     pub fn handle_manifest(&mut self, bytes: &[u8]) -> Result<(), Rejection> {
-        let m = Manifest::decode(bytes, Some(&self.release.release.bundle), &self.limits)
+        let m = Manifest::decode(bytes, Some(&self.release.release().bundle), &self.limits)
             .map_err(|e| Rejection::new(Stage::Manifest, e))?;
         self.missing = m
             .entries
@@ -408,7 +436,7 @@ impl Ingest {
                         Stage::Object,
                         crate::Error::InvalidManifest(format!(
                             "object {address} is not listed in bundle {}",
-                            self.release.release.bundle
+                            self.release.release().bundle
                         )),
                     )
                 }),
@@ -428,7 +456,7 @@ impl Ingest {
             return Err(Rejection::new(
                 Stage::Manifest,
                 crate::Error::ObjectMissing {
-                    address: self.release.release.bundle.clone(),
+                    address: self.release.release().bundle.clone(),
                     what: "bundle manifest".into(),
                 },
             ));
@@ -450,7 +478,7 @@ impl Ingest {
         }
         let release = ctx
             .release_check()
-            .verify(&self.release.bytes)
+            .verify(&self.release.bytes())
             .map_err(|e| Rejection::new(Stage::Release, e))?;
         Ok(Adoption {
             release,
@@ -530,7 +558,7 @@ pub fn reverify_adopted(
             ))
         }
     };
-    let manifest = Manifest::decode(manifest_bytes, Some(&release.release.bundle), limits)
+    let manifest = Manifest::decode(manifest_bytes, Some(&release.release().bundle), limits)
         .map_err(|e| Rejection::new(Stage::Manifest, e))?;
     Ok((release, manifest))
 }
@@ -598,7 +626,7 @@ pub(crate) mod tests {
         let objs = [object("a", "one", "1"), object("a", "two", "2")];
         let m = manifest(&objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 1000));
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(&r.root(), &limits, None);
         let Start::Candidate(mut ing) = Ingest::start(&c, &rel).unwrap() else {
             panic!("not a candidate")
         };
@@ -612,13 +640,13 @@ pub(crate) mod tests {
         ing.mark_present(&objs[1].0.object);
         assert_eq!(ing.want(), Want::Complete);
         let a = ing.finish(&c).unwrap();
-        assert_eq!(a.release.release.sequence, 1);
+        assert_eq!(a.release.release().sequence, 1);
         // The same bytes again are up to date, not a rollback.
         let adopted = AdoptedRef {
             sequence: 1,
             bytes: &rel,
         };
-        let c2 = ctx(&r.root, &limits, Some(adopted));
+        let c2 = ctx(&r.root(), &limits, Some(adopted));
         assert!(matches!(Ingest::start(&c2, &rel), Ok(Start::UpToDate)));
     }
 
@@ -634,7 +662,7 @@ pub(crate) mod tests {
             sequence: 5,
             bytes: &newer,
         };
-        let c = ctx(&r.root, &limits, Some(adopted));
+        let c = ctx(&r.root(), &limits, Some(adopted));
         let e = start_err(&c, &older);
         assert!(
             matches!(
@@ -657,7 +685,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW - 1));
-        let e = start_err(&ctx(&r.root, &limits, None), &rel);
+        let e = start_err(&ctx(&r.root(), &limits, None), &rel);
         assert!(
             matches!(e.error, crate::Error::Expired { .. }),
             "{e}"
@@ -671,7 +699,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("beta", 1, &m.id(), NOW + 100));
-        let e = start_err(&ctx(&r.root, &limits, None), &rel);
+        let e = start_err(&ctx(&r.root(), &limits, None), &rel);
         assert!(
             matches!(e.error, crate::Error::WrongChannel { .. }),
             "{e}"
@@ -691,7 +719,7 @@ pub(crate) mod tests {
             doc.sign(&[&stranger]),
             doc.sign(&[&dev_key("dev-root-1")]),
         ] {
-            let e = start_err(&ctx(&r.root, &limits, None), &env.encode());
+            let e = start_err(&ctx(&r.root(), &limits, None), &env.encode());
             assert!(
                 matches!(
                     e.error,
@@ -713,7 +741,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(&r.root(), &limits, None);
         assert_eq!(
             start_err(&c, b"<html>not found</html>").reason(),
             "malformed"
@@ -726,7 +754,7 @@ pub(crate) mod tests {
 
     #[test]
     fn root_expired_blocks_new_adoption() {
-        let mut r = root().root;
+        let mut r = root().root().clone();
         r.expires = NOW - 1;
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
@@ -742,7 +770,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        match Ingest::start(&ctx(&r.root, &limits, None), &rel).unwrap() {
+        match Ingest::start(&ctx(&r.root(), &limits, None), &rel).unwrap() {
             Start::Candidate(i) => (*i, m),
             Start::UpToDate => panic!(),
         }
@@ -783,7 +811,7 @@ pub(crate) mod tests {
         // Nothing of it is adoptable: finishing now names the missing object.
         let r = root();
         let limits = Limits::default();
-        let e = ing.finish(&ctx(&r.root, &limits, None)).unwrap_err();
+        let e = ing.finish(&ctx(&r.root(), &limits, None)).unwrap_err();
         assert_eq!(e.reason(), "object_missing");
     }
 
@@ -813,7 +841,7 @@ pub(crate) mod tests {
             bytes: &other,
         };
         let e = ing
-            .finish(&ctx(&r.root, &limits, Some(adopted)))
+            .finish(&ctx(&r.root(), &limits, Some(adopted)))
             .unwrap_err();
         assert_eq!(e.reason(), "rollback");
     }
@@ -822,7 +850,7 @@ pub(crate) mod tests {
     fn root_rotation_not_signed_by_previous_root_is_rejected() {
         let current = root();
         let newkey = KeyPair::generate().unwrap();
-        let mut next = current.root.clone();
+        let mut next = current.root().clone();
         next.version = 2;
         next = Root::new(
             2,
@@ -838,7 +866,7 @@ pub(crate) mod tests {
         assert_eq!(e.reason(), "root_rotation");
         assert!(e.to_string().contains("by root v1"), "{e}");
         let both = next.sign(&[&newkey, &dev_key("dev-root-1")]).encode();
-        assert_eq!(check_root(&current, &both).unwrap().root.version, 2);
+        assert_eq!(check_root(&current, &both).unwrap().root().version, 2);
     }
 
     #[test]
@@ -847,7 +875,7 @@ pub(crate) mod tests {
         let r = root();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(&r.root(), &limits, None);
         let labels: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
         let mut who = Audience {
             agent_id: "agent-test",
@@ -938,7 +966,7 @@ pub(crate) mod tests {
     fn root_v2_releasing(release: &KeyPair) -> Root {
         Root::new(
             2,
-            root().root.expires,
+            root().root().expires,
             &[dev_key("dev-root-1").public_key()],
             1,
             &[release.public_key()],
@@ -949,7 +977,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_new_release_epoch_recovers_a_channel_pushed_to_the_maximum() {
-        let v1 = root().root;
+        let v1 = root().root().clone();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         // A stolen development release key signs the largest sequence.
@@ -995,7 +1023,7 @@ pub(crate) mod tests {
         let Start::Candidate(ing) = Ingest::start(&c, &fresh).unwrap() else {
             panic!("not a candidate")
         };
-        assert_eq!(ing.release().release.sequence, 1);
+        assert_eq!(ing.release().release().sequence, 1);
         // After it, the old maximum replayed is refused, and the floor
         // binds again inside the new epoch.
         let after = Context {
@@ -1032,7 +1060,7 @@ pub(crate) mod tests {
         let rel = signed(&release("stable", 1, &m.id(), NOW - 5));
         // Expired is fine for re-verification.
         reverify_adopted(
-            std::slice::from_ref(&r.root),
+            std::slice::from_ref(&r.root()),
             "stable",
             &limits,
             NOW,
@@ -1044,7 +1072,7 @@ pub(crate) mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let e = reverify_adopted(
-            std::slice::from_ref(&r.root),
+            std::slice::from_ref(&r.root()),
             "stable",
             &limits,
             NOW,

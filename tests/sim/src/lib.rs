@@ -270,7 +270,8 @@ fn object_bytes(release: u64, i: usize, size: usize) -> Vec<u8> {
 fn build_world(cfg: &SimConfig) -> World {
     let root = cairn_keys::embedded::root()
         .unwrap_or_else(|e| panic!("embedded root: {e}"))
-        .root;
+        .root()
+        .clone();
     let limits = Limits::default();
     let key = release_key();
     let rollout = match &cfg.rollout {
@@ -1220,9 +1221,9 @@ impl Sim {
                 }
             }
             Ok(v) => {
-                let reports = self.reports(i, &v.release.bundle);
+                let reports = self.reports(i, &v.release().bundle);
                 let n = &self.nodes[i];
-                let decision = decide(&v.release, &n.id, &n.labels, reports, secs(now));
+                let decision = decide(&v.release(), &n.id, &n.labels, reports, secs(now));
                 let n = &mut self.nodes[i];
                 let Some(ep) = n.ep.as_mut() else {
                     return;
@@ -1231,8 +1232,8 @@ impl Sim {
                     n.pending.insert(
                         fetch,
                         Pending {
-                            release: v.release,
-                            envelope: v.bytes,
+                            release: v.release().clone(),
+                            envelope: v.bytes().to_vec(),
                             peer: node_index(peer),
                             manifest: None,
                             wanted: BTreeMap::new(),
@@ -1460,7 +1461,7 @@ impl Sim {
             for (a, b) in objects {
                 self.store(i, &a, &b);
             }
-            self.adopt(i, v.release, envelope.clone(), 0);
+            self.adopt(i, v.release().clone(), envelope.clone(), 0);
             self.drain(i);
         }
         if let Some(part) = self.cfg.partition.clone() {
