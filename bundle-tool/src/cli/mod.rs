@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod bundle;
+#[cfg(feature = "demo")]
 mod demo;
 mod fleet;
 mod keys;
@@ -58,6 +59,7 @@ enum Command {
     Fleet(fleet::FleetCommand),
     /// The whole loop on one machine: a Git repository, a signed release,
     /// agents meshing in a line, a change moving as a delta.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -83,6 +85,7 @@ pub fn main() -> i32 {
         Command::Import(a) => release::import(a),
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
+        #[cfg(feature = "demo")]
         Command::Demo(a) => demo::run(a),
     };
     match result {
