@@ -33,9 +33,9 @@ use crate::store::{Store, StoreError};
 use crate::target::{self, ApplyReport, DesiredObject, DesiredState, Target};
 use crate::{unix_now, Error, Result};
 use cairn_core::bundle::Manifest;
+use cairn_core::layout::{channel_path, object_path, root_path};
 use cairn_core::limits::Limits;
 use cairn_core::release::Release;
-use cairn_core::layout::{channel_path, object_path, root_path};
 use cairn_core::rollout::{Decision, FleetReports};
 use cairn_keys::{RootChain, VerifiedRoot};
 use futures::StreamExt;
@@ -297,7 +297,9 @@ impl Agent {
         })?;
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
-        metrics.root_version.set(gauge(chain.current.root().version));
+        metrics
+            .root_version
+            .set(gauge(chain.current.root().version));
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
@@ -764,12 +766,8 @@ impl Agent {
     pub fn floor_unbound(&self) -> bool {
         let (_, epoch, adopted) = self.context_parts();
         adopted.is_some_and(|(sequence, bytes)| {
-            cairn_core::verify::binding_floor(
-                &epoch,
-                Some((sequence, &bytes)),
-                &self.inner.limits,
-            )
-            .is_none()
+            cairn_core::verify::binding_floor(&epoch, Some((sequence, &bytes)), &self.inner.limits)
+                .is_none()
         })
     }
 
@@ -840,7 +838,7 @@ impl Agent {
         let now = unix_now();
         let hold = self.current_hold(now).await;
         let deferral = pipeline::adoption_gate(
-            &ingest.release().release(),
+            ingest.release().release(),
             &self.audience(&ingest.release().release().bundle),
             hold.as_ref(),
             now,
@@ -993,7 +991,7 @@ impl Agent {
             self.blocking(move |s| s.adopt(&a)).await?;
         }
         let head = HeadState {
-            address: cairn_keys::sha256_address(&adoption.release().bytes()),
+            address: cairn_keys::sha256_address(adoption.release().bytes()),
             release: rel.clone(),
             bytes: adoption.release().bytes().to_vec(),
             manifest: Arc::new(adoption.manifest().clone()),
@@ -1053,7 +1051,7 @@ impl Agent {
                 }
             } else {
                 st.pending = Some(PendingState {
-                    address: cairn_keys::sha256_address(&release.bytes()),
+                    address: cairn_keys::sha256_address(release.bytes()),
                     release: release.release().clone(),
                     bytes: release.bytes().to_vec(),
                     manifest,
@@ -1466,7 +1464,7 @@ impl Agent {
             labels: self.inner.config.labels.clone(),
             target: self.inner.target.describe(),
             listen: st.listen.map(|a| a.to_string()),
-            root: RootStatus::new(&st.root.root(), now),
+            root: RootStatus::new(st.root.root(), now),
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),

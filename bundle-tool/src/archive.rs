@@ -79,7 +79,7 @@ pub fn export(
         let v = ChannelCheck {
             repo,
             fallback: None,
-            root: &chain.current().root(),
+            root: chain.current().root(),
             now,
             limits,
             threads: 2,
@@ -425,14 +425,15 @@ pub fn import(
     let mut summary = ImportSummary::default();
     let mut needed = BTreeSet::new();
     let mut heads = Vec::new();
-    let chain_roots: Vec<cairn_keys::Root> = chain.roots().iter().map(|r| r.root().clone()).collect();
+    let chain_roots: Vec<cairn_keys::Root> =
+        chain.roots().iter().map(|r| r.root().clone()).collect();
     let epoch = cairn_keys::root::release_epoch(&chain_roots).to_vec();
     for name in &channels {
         let bytes = &staged_channel(name)?;
         let v = ChannelCheck {
             repo: &stage,
             fallback: Some(repo),
-            root: &chain.current().root(),
+            root: chain.current().root(),
             now,
             limits,
             threads: 2,
@@ -481,7 +482,7 @@ pub fn import(
         if roots.iter().any(|(v, _)| *v == r.root().version)
             && repo.read(&rel, MAX_ROOT_BYTES as u64)?.is_none()
         {
-            repo.write(&rel, &r.bytes())?;
+            repo.write(&rel, r.bytes())?;
             summary.roots_written.push(r.root().version);
         }
     }

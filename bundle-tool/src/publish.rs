@@ -212,12 +212,12 @@ fn commit_head(repo: &RepoDir, chain: &TrustChain, signed: &SignedRelease) -> Re
             .read(&rel, cairn_keys::root::MAX_ROOT_BYTES as u64)?
             .is_none()
         {
-            repo.write(&rel, &r.bytes())?;
+            repo.write(&rel, r.bytes())?;
         }
     }
     repo.write(
         &channel_path(&signed.verified.release().channel),
-        &signed.verified.bytes(),
+        signed.verified.bytes(),
     )
 }
 
@@ -277,7 +277,7 @@ pub fn promote(
     let source = crate::check::ChannelCheck {
         repo,
         fallback: None,
-        root: &chain.current().root(),
+        root: chain.current().root(),
         now: req.now,
         limits,
         threads: 2,

@@ -9,13 +9,13 @@ use crate::pipeline::{self, AdoptedRef, Context, Ingest, Start, Want};
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 use crate::{Agent, BoxFuture};
-use cairn_core::limits::Limits;
-use cairn_mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
-use cairn_mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use cairn_core::layout::{channel_path, object_path, root_path};
+use cairn_core::limits::Limits;
 use cairn_core::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
+use cairn_mesh::sync::{Action, ConnId, Endpoint, Event, FetchId, SyncConfig};
+use cairn_mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -352,7 +352,7 @@ impl Driver {
         }
         let adopted = self.adopted_ref();
         let ctx = Context {
-            root: &root.root(),
+            root: root.root(),
             epoch: cairn_keys::root::release_epoch(&chain),
             channel,
             adopted: adopted.as_ref().map(|(s, b)| AdoptedRef {

@@ -1,8 +1,8 @@
 //! Directory sources: a bundle repository on a local or mounted file system.
 
 use super::{Source, SourceError};
-use crate::BoxFuture;
 use crate::fsread::{read_regular_file_capped, ReadFileErrorKind};
+use crate::BoxFuture;
 use std::path::PathBuf;
 
 /// A bundle repository in a local directory (e.g. a USB stick mounted at

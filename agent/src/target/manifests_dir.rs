@@ -504,8 +504,8 @@ impl Target for ManifestsDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_core::testing::object;
     use crate::target::DesiredObject;
+    use cairn_core::testing::object;
 
     fn state(seq: u64, objs: &[(cairn_core::bundle::Entry, Vec<u8>)]) -> DesiredState {
         DesiredState {

@@ -240,7 +240,13 @@ pub struct Audience<'a> {
 /// yet, circuit breaker tripped). A deferred release is not a rejection: the
 /// adopted one stays, and the next sync asks again. Pure.
 pub fn rollout_gate(release: &VerifiedRelease, who: &Audience<'_>, now: u64) -> Option<Decision> {
-    let decision = rollout::decide(&release.release(), who.agent_id, who.labels, who.reports, now);
+    let decision = rollout::decide(
+        release.release(),
+        who.agent_id,
+        who.labels,
+        who.reports,
+        now,
+    );
     match decision {
         Decision::Adopt { .. } => None,
         other => Some(other),
@@ -478,7 +484,7 @@ impl Ingest {
         }
         let release = ctx
             .release_check()
-            .verify(&self.release.bytes())
+            .verify(self.release.bytes())
             .map_err(|e| Rejection::new(Stage::Release, e))?;
         Ok(Adoption {
             release,
@@ -626,7 +632,7 @@ pub(crate) mod tests {
         let objs = [object("a", "one", "1"), object("a", "two", "2")];
         let m = manifest(&objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 1000));
-        let c = ctx(&r.root(), &limits, None);
+        let c = ctx(r.root(), &limits, None);
         let Start::Candidate(mut ing) = Ingest::start(&c, &rel).unwrap() else {
             panic!("not a candidate")
         };
@@ -646,7 +652,7 @@ pub(crate) mod tests {
             sequence: 1,
             bytes: &rel,
         };
-        let c2 = ctx(&r.root(), &limits, Some(adopted));
+        let c2 = ctx(r.root(), &limits, Some(adopted));
         assert!(matches!(Ingest::start(&c2, &rel), Ok(Start::UpToDate)));
     }
 
@@ -662,7 +668,7 @@ pub(crate) mod tests {
             sequence: 5,
             bytes: &newer,
         };
-        let c = ctx(&r.root(), &limits, Some(adopted));
+        let c = ctx(r.root(), &limits, Some(adopted));
         let e = start_err(&c, &older);
         assert!(
             matches!(
@@ -685,11 +691,8 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW - 1));
-        let e = start_err(&ctx(&r.root(), &limits, None), &rel);
-        assert!(
-            matches!(e.error, crate::Error::Expired { .. }),
-            "{e}"
-        );
+        let e = start_err(&ctx(r.root(), &limits, None), &rel);
+        assert!(matches!(e.error, crate::Error::Expired { .. }), "{e}");
         assert_eq!(e.reason(), "expired");
     }
 
@@ -699,11 +702,8 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("beta", 1, &m.id(), NOW + 100));
-        let e = start_err(&ctx(&r.root(), &limits, None), &rel);
-        assert!(
-            matches!(e.error, crate::Error::WrongChannel { .. }),
-            "{e}"
-        );
+        let e = start_err(&ctx(r.root(), &limits, None), &rel);
+        assert!(matches!(e.error, crate::Error::WrongChannel { .. }), "{e}");
         assert_eq!(e.reason(), "wrong_channel");
     }
 
@@ -719,7 +719,7 @@ pub(crate) mod tests {
             doc.sign(&[&stranger]),
             doc.sign(&[&dev_key("dev-root-1")]),
         ] {
-            let e = start_err(&ctx(&r.root(), &limits, None), &env.encode());
+            let e = start_err(&ctx(r.root(), &limits, None), &env.encode());
             assert!(
                 matches!(
                     e.error,
@@ -741,7 +741,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        let c = ctx(&r.root(), &limits, None);
+        let c = ctx(r.root(), &limits, None);
         assert_eq!(
             start_err(&c, b"<html>not found</html>").reason(),
             "malformed"
@@ -770,7 +770,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        match Ingest::start(&ctx(&r.root(), &limits, None), &rel).unwrap() {
+        match Ingest::start(&ctx(r.root(), &limits, None), &rel).unwrap() {
             Start::Candidate(i) => (*i, m),
             Start::UpToDate => panic!(),
         }
@@ -811,7 +811,7 @@ pub(crate) mod tests {
         // Nothing of it is adoptable: finishing now names the missing object.
         let r = root();
         let limits = Limits::default();
-        let e = ing.finish(&ctx(&r.root(), &limits, None)).unwrap_err();
+        let e = ing.finish(&ctx(r.root(), &limits, None)).unwrap_err();
         assert_eq!(e.reason(), "object_missing");
     }
 
@@ -841,7 +841,7 @@ pub(crate) mod tests {
             bytes: &other,
         };
         let e = ing
-            .finish(&ctx(&r.root(), &limits, Some(adopted)))
+            .finish(&ctx(r.root(), &limits, Some(adopted)))
             .unwrap_err();
         assert_eq!(e.reason(), "rollback");
     }
@@ -875,7 +875,7 @@ pub(crate) mod tests {
         let r = root();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
-        let c = ctx(&r.root(), &limits, None);
+        let c = ctx(r.root(), &limits, None);
         let labels: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
         let mut who = Audience {
             agent_id: "agent-test",
@@ -1060,7 +1060,7 @@ pub(crate) mod tests {
         let rel = signed(&release("stable", 1, &m.id(), NOW - 5));
         // Expired is fine for re-verification.
         reverify_adopted(
-            std::slice::from_ref(&r.root()),
+            std::slice::from_ref(r.root()),
             "stable",
             &limits,
             NOW,
@@ -1072,7 +1072,7 @@ pub(crate) mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let e = reverify_adopted(
-            std::slice::from_ref(&r.root()),
+            std::slice::from_ref(r.root()),
             "stable",
             &limits,
             NOW,

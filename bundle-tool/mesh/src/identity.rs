@@ -60,7 +60,10 @@ mod tests {
         assert_eq!(validate_identity(""), Err(BadIdentity(String::new())));
         assert!(validate_identity("a/b").is_err());
         assert!(validate_identity(&"a".repeat(129)).is_err());
-        assert_eq!(PeerIdentity::Operator("ops".into()).to_string(), "operator ops");
+        assert_eq!(
+            PeerIdentity::Operator("ops".into()).to_string(),
+            "operator ops"
+        );
         assert_eq!(PeerIdentity::Agent("a1".into()).name(), "a1");
     }
 }

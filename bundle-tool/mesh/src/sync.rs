@@ -67,11 +67,11 @@
 //! Addresses that are not unicast (unspecified, multicast, broadcast, port
 //! 0) are never dialed.
 
-use crate::identity::PeerIdentity;
 use super::wire::{
     Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord, PROTOCOL_VERSION,
 };
 use super::MeshLimits;
+use crate::identity::PeerIdentity;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;

@@ -182,7 +182,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         let v = ChannelCheck {
             repo: &repo,
             fallback: None,
-            root: &chain.current().root(),
+            root: chain.current().root(),
             now: crate::unix_now(),
             limits: &limits,
             threads: 2,

@@ -43,12 +43,12 @@ use cairn_core::pipeline::{
 };
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
+use cairn_keys::{sha256_address, KeyPair, Root};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, RecordKeys, RecordRejection, SyncConfig,
 };
 use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
-use cairn_keys::{sha256_address, KeyPair, Root};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
