@@ -81,3 +81,43 @@ impl Source for DirSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_regular_files_and_refuses_links_fifos_and_oversized_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirSource::new(d.path());
+        std::fs::create_dir_all(d.path().join("channels")).unwrap();
+        std::fs::write(d.path().join("channels/stable"), b"head").unwrap();
+        assert_eq!(
+            s.read("channels/stable", 16).unwrap(),
+            Some(b"head".to_vec())
+        );
+        assert_eq!(s.read("channels/missing", 16).unwrap(), None);
+        assert!(matches!(
+            s.read("channels/stable", 3),
+            Err(SourceError::TooLarge { limit: 3, .. })
+        ));
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("channels/link")).unwrap();
+        assert!(matches!(
+            s.read("channels/link", 16),
+            Err(SourceError::Invalid { .. })
+        ));
+        let fifo = d.path().join("channels/fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            s.read("channels/fifo", 16),
+            Err(SourceError::Invalid { .. })
+        ));
+        let gone = DirSource::new(d.path().join("not-mounted"));
+        assert!(matches!(
+            gone.read("channels/stable", 16),
+            Err(SourceError::Unavailable { .. })
+        ));
+    }
+}
