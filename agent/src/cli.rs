@@ -1,6 +1,6 @@
 //! The `cairn-agent` command line: `run`, `status`, `hold` and
 //! `release-hold` (and, hidden, for packagers: `completions SHELL` and
-//! `man [DIR]`, see [`cairn_bundle::cli::generate`]).
+//! `man [DIR]`, see [`cairn_cli_docs`]).
 //!
 //! Errors print as `cairn-agent: ...` (one line each) with exit code 1;
 //! usage errors exit 2.
@@ -91,10 +91,10 @@ enum Command {
     /// Print a shell completion script (for packagers; see
     /// docs/OPERATIONS.md).
     #[command(hide = true)]
-    Completions(cairn_bundle::cli::generate::CompletionsArgs),
+    Completions(cairn_cli_docs::CompletionsArgs),
     /// Write man pages (for packagers; see docs/OPERATIONS.md).
     #[command(hide = true)]
-    Man(cairn_bundle::cli::generate::ManArgs),
+    Man(cairn_cli_docs::ManArgs),
 }
 
 /// The data directory from `--data-dir`, the configuration, or the
@@ -229,26 +229,27 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
         Command::Completions(a) => {
             use clap::CommandFactory;
             let mut text = Vec::new();
-            cairn_bundle::cli::generate::completions(Cli::command(), a.shell, &mut text).map_err(
-                |source| Error::Io {
+            cairn_cli_docs::completions(Cli::command(), a.shell, &mut text).map_err(|source| {
+                Error::Io {
                     what: "generating the completion script".into(),
                     source,
-                },
-            )?;
+                }
+            })?;
             out(&String::from_utf8_lossy(&text))?;
             Ok(0)
         }
         Command::Man(a) => {
             use clap::CommandFactory;
             let mut text = Vec::new();
-            cairn_bundle::cli::generate::man_pages(Cli::command(), a.dir.as_deref(), &mut text)
-                .map_err(|source| Error::Io {
+            cairn_cli_docs::man_pages(Cli::command(), a.dir.as_deref(), &mut text).map_err(
+                |source| Error::Io {
                     what: match &a.dir {
                         Some(d) => format!("writing man pages into {}", d.display()),
                         None => "generating the man page".into(),
                     },
                     source,
-                })?;
+                },
+            )?;
             out(&String::from_utf8_lossy(&text))?;
             Ok(0)
         }

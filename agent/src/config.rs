@@ -8,7 +8,7 @@
 //! replace file values before validation. The reference is in
 //! `docs/OPERATIONS.md`.
 
-use cairn_bundle::duration::parse_duration;
+use cairn_core::duration::parse_duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -95,7 +95,7 @@ pub struct Config {
     pub redirect_hosts: BTreeMap<String, Vec<String>>,
     /// Per network source (keyed by its entry in `sources`): `caFile`,
     /// `clientCertFile`/`clientKeyFile`, `credentialsFile`.
-    pub source_tls: BTreeMap<String, cairn_bundle::oci::NetSettings>,
+    pub source_tls: BTreeMap<String, cairn_oci::NetSettings>,
     /// How often each source is polled.
     pub poll_interval: Duration,
     /// How often the target is reconciled (also after every adoption).
@@ -241,7 +241,7 @@ impl Config {
                 "channel",
                 "required (the release channel to follow, e.g. `stable`)".into(),
             );
-        } else if let Err(m) = cairn_bundle::release::validate_channel(&channel) {
+        } else if let Err(m) = cairn_core::release::validate_channel(&channel) {
             err("channel", m);
         }
         let labels = raw.labels.unwrap_or_default();
@@ -260,7 +260,7 @@ impl Config {
                 v @ serde_norway::Value::Mapping(_) => {
                     match serde_norway::from_value::<RawSource>(v) {
                         Ok(r) => {
-                            let net = cairn_bundle::oci::NetSettings {
+                            let net = cairn_oci::NetSettings {
                                 ca_file: r.ca_file,
                                 client_cert_file: r.client_cert_file,
                                 client_key_file: r.client_key_file,
@@ -618,7 +618,7 @@ fn is_network(url: &str) -> bool {
 
 /// TLS and credential settings: network sources only; a client
 /// certificate needs its key.
-fn check_source_tls(url: &str, net: &cairn_bundle::oci::NetSettings) -> Result<(), String> {
+fn check_source_tls(url: &str, net: &cairn_oci::NetSettings) -> Result<(), String> {
     if *net != Default::default() && !is_network(url) {
         return Err(
             "caFile, clientCertFile, clientKeyFile and credentialsFile are only for \
@@ -637,7 +637,7 @@ fn validate_source(s: &str) -> Result<(), String> {
         return Err("empty source".into());
     }
     if s.starts_with("oci://") {
-        return cairn_bundle::oci::OciRef::parse(s).map(|_| ());
+        return cairn_oci::OciRef::parse(s).map(|_| ());
     }
     if s.starts_with("http://") || s.starts_with("https://") {
         let url = reqwest::Url::parse(s).map_err(|e| format!("`{s}`: {e}"))?;

@@ -89,6 +89,15 @@ impl Hold {
     }
 }
 
+impl cairn_core::pipeline::LocalHold for Hold {
+    fn active(&self, now: u64) -> bool {
+        Hold::active(self, now)
+    }
+    fn until(&self) -> Option<u64> {
+        self.until
+    }
+}
+
 /// Parses `--until`: an RFC 3339 time (`2026-12-01T06:00:00Z`,
 /// `2026-12-01T08:00:00+02:00`, fractional seconds ignored) or a duration
 /// from `now` (`2h`, `90m`, `1d`). Returns Unix seconds, which must lie in
@@ -98,7 +107,7 @@ pub fn parse_until(s: &str, now: u64) -> Result<u64, String> {
     let t = if s.contains('T') || s.contains('t') {
         parse_rfc3339(s)?
     } else {
-        let d = cairn_bundle::duration::parse_duration(s).map_err(|e| {
+        let d = cairn_core::duration::parse_duration(s).map_err(|e| {
             format!("`{s}`: {e}; give an RFC 3339 time such as 2026-12-01T06:00:00Z or a duration such as 2h")
         })?;
         now.saturating_add(d.as_secs())

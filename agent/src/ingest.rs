@@ -15,9 +15,9 @@
 //! pipeline [`Context`] is built.
 
 use crate::pipeline::{AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::repo::{channel_path, object_path, root_path};
-use cairn_bundle::verify::VerifiedRelease;
+use cairn_core::layout::{channel_path, object_path, root_path};
+use cairn_core::limits::Limits;
+use cairn_core::verify::VerifiedRelease;
 use cairn_keys::VerifiedRoot;
 use futures::StreamExt;
 use std::future::Future;
@@ -40,7 +40,7 @@ pub enum Item {
 }
 
 impl Item {
-    /// The repository path ([`cairn_bundle::repo`] layout); `None` for a
+    /// The repository path ([`cairn_core::layout`] layout); `None` for a
     /// malformed address, which must never become a path.
     pub fn path(&self) -> Option<String> {
         match self {
@@ -227,7 +227,7 @@ where
     // 1. Roots: follow roots/<v+1> until the source has no more.
     loop {
         let current = local.root();
-        let next = current.root.version + 1;
+        let next = current.root().version + 1;
         let limit = cairn_keys::root::MAX_ROOT_BYTES as u64;
         let Some(bytes) = get(Item::Root(next), limit).await? else {
             break;
@@ -256,7 +256,7 @@ where
         Ok(Start::Candidate(i)) => i,
         Err(rej) => return outcome(root_rejected, Driven::Rejected(rej)),
     };
-    let sequence = ingest.release().release.sequence;
+    let sequence = ingest.release().release().sequence;
     let gate = local.gate(ingest.release()).await;
     match &gate.deferral {
         Some(deferral) if !gate.stage => {
@@ -287,7 +287,7 @@ where
         let Some(bytes) = bytes else {
             let rej = Rejection::new(
                 Stage::Manifest,
-                cairn_bundle::Error::ObjectMissing {
+                cairn_core::Error::ObjectMissing {
                     address,
                     what: "bundle manifest".into(),
                 },
@@ -331,7 +331,7 @@ where
                     .unwrap_or_default();
                 let rej = Rejection::new(
                     Stage::Object,
-                    cairn_bundle::Error::ObjectMissing { address, what },
+                    cairn_core::Error::ObjectMissing { address, what },
                 );
                 return outcome(root_rejected, Driven::Rejected(rej));
             };
@@ -350,7 +350,7 @@ where
     // store too (mesh peers fetch it by address), then it waits.
     if let Some(deferral) = gate.deferral {
         if let Some(m) = ingest.manifest_bytes() {
-            let (a, m) = (ingest.release().release.bundle.clone(), m.to_vec());
+            let (a, m) = (ingest.release().release().bundle.clone(), m.to_vec());
             local.put_object(a, m).await.map_err(DriveError::Local)?;
         }
         return outcome(root_rejected, Driven::Deferred { ingest, deferral });

@@ -35,7 +35,8 @@ pub mod ingest;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
-pub mod pipeline;
+/// The pure ingest pipeline, shared with the fleet simulator.
+pub use cairn_core::pipeline;
 pub mod retry;
 pub mod source;
 pub mod status;
@@ -50,7 +51,10 @@ pub use error::{Error, Result};
 /// Seconds since the Unix epoch from the system clock: the one place the
 /// agent's `now` comes from (pure code receives it as an argument).
 pub fn unix_now() -> u64 {
-    cairn_bundle::unix_now()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A boxed, sendable future, used by the object-safe async traits

@@ -290,7 +290,7 @@ pub fn embedded_root_version() -> u64 {
     static VERSION: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *VERSION.get_or_init(|| {
         cairn_keys::embedded::root()
-            .map(|r| r.root.version)
+            .map(|r| r.root().version)
             .unwrap_or(0)
     })
 }
@@ -593,7 +593,7 @@ fn ago(now: u64, t: u64) -> String {
     let d = now.saturating_sub(t);
     format!(
         "{} ago",
-        cairn_bundle::duration::format_duration(std::time::Duration::from_secs(d))
+        cairn_core::duration::format_duration(std::time::Duration::from_secs(d))
     )
 }
 

@@ -73,8 +73,9 @@ mod kv;
 mod records;
 pub use handle::StoreHandle;
 
-use cairn_bundle::bundle::verify_object;
-use cairn_bundle::release::Release;
+use cairn_core::bundle::verify_object;
+use cairn_core::pipeline::Adoption;
+use cairn_core::release::Release;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

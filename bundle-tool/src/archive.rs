@@ -79,7 +79,7 @@ pub fn export(
         let v = ChannelCheck {
             repo,
             fallback: None,
-            root: &chain.current().root,
+            root: chain.current().root(),
             now,
             limits,
             threads: 2,
@@ -87,12 +87,12 @@ pub fn export(
         .verify(ch)
         .map_err(|e| Error::Repository(format!("channel `{ch}` does not verify: {e}")))?;
         objects.extend(v.objects.iter().cloned());
-        summary_channels.push((ch.clone(), v.release.release.sequence));
-        heads.push((channel_path(ch), v.release.bytes));
+        summary_channels.push((ch.clone(), v.release.release().sequence));
+        heads.push((channel_path(ch), v.release.bytes().to_vec()));
     }
-    let roots: Vec<u64> = chain.roots().iter().map(|r| r.root.version).collect();
+    let roots: Vec<u64> = chain.roots().iter().map(|r| r.root().version).collect();
     for r in chain.roots() {
-        files.push((root_path(r.root.version), r.bytes.clone()));
+        files.push((root_path(r.root().version), r.bytes().to_vec()));
     }
     let mut object_paths: Vec<(String, String)> = objects
         .iter()
@@ -425,14 +425,15 @@ pub fn import(
     let mut summary = ImportSummary::default();
     let mut needed = BTreeSet::new();
     let mut heads = Vec::new();
-    let chain_roots: Vec<cairn_keys::Root> = chain.roots().iter().map(|r| r.root.clone()).collect();
+    let chain_roots: Vec<cairn_keys::Root> =
+        chain.roots().iter().map(|r| r.root().clone()).collect();
     let epoch = cairn_keys::root::release_epoch(&chain_roots).to_vec();
     for name in &channels {
         let bytes = &staged_channel(name)?;
         let v = ChannelCheck {
             repo: &stage,
             fallback: Some(repo),
-            root: &chain.current().root,
+            root: chain.current().root(),
             now,
             limits,
             threads: 2,
@@ -440,7 +441,7 @@ pub fn import(
         .verify(name)
         .map_err(|e| bad(format!("{}: {e}", channel_path(name))))?;
         needed.extend(v.objects.iter().cloned());
-        let seq = v.release.release.sequence;
+        let seq = v.release.release().sequence;
         match repo.channel(name, limits.max_release_bytes)? {
             Some(existing) if existing == *bytes => summary.unchanged.push(name.clone()),
             Some(existing) => {
@@ -477,12 +478,12 @@ pub fn import(
     }
     summary.objects_written = batch.commit()?;
     for r in chain.roots() {
-        let rel = root_path(r.root.version);
-        if roots.iter().any(|(v, _)| *v == r.root.version)
+        let rel = root_path(r.root().version);
+        if roots.iter().any(|(v, _)| *v == r.root().version)
             && repo.read(&rel, MAX_ROOT_BYTES as u64)?.is_none()
         {
-            repo.write(&rel, &r.bytes)?;
-            summary.roots_written.push(r.root.version);
+            repo.write(&rel, r.bytes())?;
+            summary.roots_written.push(r.root().version);
         }
     }
     for (name, seq) in heads {

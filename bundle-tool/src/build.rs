@@ -345,17 +345,19 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             None => None,
         };
         for (d, kfile) in &outer {
-            let f = render_kustomization(export.path(), d, kfile, opts, helm.is_some()).map_err(|e| match e {
-                Error::Build(msg) if !export.left_out.is_empty() => {
-                    let shown: Vec<&str> =
-                        export.left_out.iter().take(5).map(String::as_str).collect();
-                    Error::Build(format!(
-                        "{msg} (left out of the kustomize export: {})",
-                        shown.join(", ")
-                    ))
-                }
-                other => other,
-            })?;
+            let f = render_kustomization(export.path(), d, kfile, opts, helm.is_some()).map_err(
+                |e| match e {
+                    Error::Build(msg) if !export.left_out.is_empty() => {
+                        let shown: Vec<&str> =
+                            export.left_out.iter().take(5).map(String::as_str).collect();
+                        Error::Build(format!(
+                            "{msg} (left out of the kustomize export: {})",
+                            shown.join(", ")
+                        ))
+                    }
+                    other => other,
+                },
+            )?;
             warnings.extend(f.warnings);
             parsed.push((kfile.clone(), f.objects));
         }

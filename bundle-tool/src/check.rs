@@ -71,7 +71,7 @@ impl ChannelCheck<'_> {
             limits: self.limits,
         }
         .verify(&head)?;
-        let id = release.release.bundle.clone();
+        let id = release.release().bundle.clone();
         let mpath = object_path(&id).unwrap_or_default();
         let mbytes = match self.read(&id, self.limits.max_manifest_bytes) {
             Ok(Some(b)) => b,

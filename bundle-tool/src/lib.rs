@@ -6,36 +6,39 @@
 //! (gix), lays out bundle repositories, signs and verifies releases, and
 //! moves repositories across air gaps.
 //!
-//! Pure parts ([`verify`], [`bundle`], [`release`]) take bytes and `now`;
-//! IO lives in the [`cli`] and the file modules.
+//! Pure parts ([`verify`], [`bundle`], [`release`]) live in `cairn-core`
+//! and take bytes and `now`; IO lives in the [`cli`] and the file modules
+//! here.
 
 pub mod archive;
 pub mod build;
-pub mod bundle;
+mod bundle_file;
 pub mod cairnignore;
 pub mod check;
 pub mod cli;
-pub mod diff;
-pub mod duration;
-mod error;
 pub mod export;
 pub mod git;
 pub mod helm;
 pub mod libyaml;
-pub mod limits;
 pub mod manifests;
-pub mod mesh;
 pub mod oci;
 pub mod publish;
-pub mod release;
 pub mod repo;
-pub mod rollout;
 pub mod secret;
-pub mod trust;
-pub mod verify;
 pub mod yaml;
 
-pub use error::{Error, Result};
+// The pure parts live in `cairn-core` and the mesh protocol in
+// `cairn-mesh`; these re-exports keep the crate's old paths working.
+pub use cairn_core::{diff, duration, limits, release, rollout, trust, verify};
+pub use cairn_core::{Error, Result};
+pub use cairn_mesh as mesh;
+
+/// Bundle manifests and object checks ([`cairn_core::bundle`]) and the
+/// bundle file (file IO, this crate).
+pub mod bundle {
+    pub use crate::bundle_file::{read_bundle_file, write_bundle_file};
+    pub use cairn_core::bundle::*;
+}
 
 /// Seconds since the Unix epoch, from the system clock. The one place pure
 /// code's `now` comes from in the CLI.

@@ -65,7 +65,7 @@ pub fn check_release_keys<'k>(
     keys: &'k [KeyPair],
     what: &str,
 ) -> Result<Vec<&'k KeyPair>> {
-    let root = &chain.current().root;
+    let root = &chain.current().root();
     let mut distinct: Vec<&KeyPair> = Vec::new();
     for k in keys {
         let id = k.key_id();
@@ -121,7 +121,7 @@ pub fn sign_release(
     limits: &Limits,
 ) -> Result<SignedRelease> {
     validate_channel(&req.channel).map_err(Error::InvalidRelease)?;
-    let root = &chain.current().root;
+    let root = &chain.current().root();
     if root.is_expired(req.now) {
         return Err(Error::RootExpired {
             version: root.version,
@@ -190,7 +190,7 @@ fn release_floor(
     let Some((sequence, bytes)) = head else {
         return Ok(None);
     };
-    let roots: Vec<Root> = chain.roots().iter().map(|r| r.root.clone()).collect();
+    let roots: Vec<Root> = chain.roots().iter().map(|r| r.root().clone()).collect();
     let floor = binding_floor(release_epoch(&roots), Some((*sequence, bytes)), limits);
     if floor.is_none() && !signed_under_any(&roots, bytes, limits) {
         return Err(Error::Repository(format!(
@@ -207,17 +207,17 @@ fn release_floor(
 /// (last, atomically): the final step of [`publish`] and [`promote`].
 fn commit_head(repo: &RepoDir, chain: &TrustChain, signed: &SignedRelease) -> Result<()> {
     for r in chain.roots() {
-        let rel = root_path(r.root.version);
+        let rel = root_path(r.root().version);
         if repo
             .read(&rel, cairn_keys::root::MAX_ROOT_BYTES as u64)?
             .is_none()
         {
-            repo.write(&rel, &r.bytes)?;
+            repo.write(&rel, r.bytes())?;
         }
     }
     repo.write(
-        &channel_path(&signed.verified.release.channel),
-        &signed.verified.bytes,
+        &channel_path(&signed.verified.release().channel),
+        signed.verified.bytes(),
     )
 }
 
@@ -240,7 +240,7 @@ pub fn publish(
     read_bundle_file(bundle_file, limits, |e, bytes| {
         batch.add(&e.object, &bytes).map(|_| ())
     })?;
-    batch.add(&signed.verified.release.bundle, &manifest.encode())?;
+    batch.add(&signed.verified.release().bundle, &manifest.encode())?;
     batch.commit()?;
     commit_head(repo, chain, &signed)?;
     Ok(signed.verified)
@@ -277,7 +277,7 @@ pub fn promote(
     let source = crate::check::ChannelCheck {
         repo,
         fallback: None,
-        root: &chain.current().root,
+        root: chain.current().root(),
         now: req.now,
         limits,
         threads: 2,
@@ -286,7 +286,7 @@ pub fn promote(
     let signed = sign_release(
         repo,
         chain,
-        &source.release.release.bundle,
+        &source.release.release().bundle,
         keys,
         req,
         limits,

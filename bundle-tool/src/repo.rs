@@ -12,30 +12,12 @@
 //! Writes are atomic (temporary file + rename) and objects are written only
 //! if absent, so a crash never leaves a partial file under a final name.
 
-use crate::bundle::{is_address, verify_object};
+use crate::bundle::verify_object;
 use crate::{Error, Result};
 use cairn_keys::fs::write_atomic;
 use std::path::{Path, PathBuf};
 
-/// `roots/<version>`.
-pub fn root_path(version: u64) -> String {
-    format!("roots/{version}")
-}
-
-/// `channels/<channel>`.
-pub fn channel_path(channel: &str) -> String {
-    format!("channels/{channel}")
-}
-
-/// `objects/sha256/<2 hex>/<hex>` for a `sha256:<hex>` address, or `None`
-/// for a malformed address (which must never become a path).
-pub fn object_path(address: &str) -> Option<String> {
-    if !is_address(address) {
-        return None;
-    }
-    let hex = &address[7..];
-    Some(format!("objects/sha256/{}/{}", &hex[..2], hex))
-}
+pub use cairn_core::layout::{channel_path, object_path, root_path};
 
 /// A bundle repository on the local file system.
 #[derive(Clone, Debug)]

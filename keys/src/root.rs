@@ -254,15 +254,28 @@ impl Root {
 
 /// A root whose signatures have been verified, with its exact signed bytes
 /// (kept so it can be stored and served onward unchanged).
+///
+/// **Architecture invariant:** only verification makes a `Verified*`. The
+/// fields are private and the only constructors are
+/// [`VerifiedRoot::verify_initial`] and [`VerifiedRoot::verify_next`], so a
+/// `VerifiedRoot` in hand is proof that its signatures were checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedRoot {
-    /// The root document.
-    pub root: Root,
-    /// The envelope bytes it was verified from.
-    pub bytes: Vec<u8>,
+    root: Root,
+    bytes: Vec<u8>,
 }
 
 impl VerifiedRoot {
+    /// The root document.
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    /// The exact envelope bytes it was verified from.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Verifies a first root, trusted because the caller chose it (the
     /// embedded root, or a file an operator names): it must be signed by a
     /// threshold of its own root keys.

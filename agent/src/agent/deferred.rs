@@ -12,9 +12,9 @@
 use crate::hold::Hold;
 use crate::pipeline::{self, Audience, Deferral};
 use crate::status::{format_time, RolloutStatus};
-use cairn_bundle::bundle::Manifest;
-use cairn_bundle::release::Release;
-use cairn_bundle::rollout::Decision;
+use cairn_core::bundle::Manifest;
+use cairn_core::release::Release;
+use cairn_core::rollout::Decision;
 
 use super::AdoptedHead;
 

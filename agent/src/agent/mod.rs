@@ -32,10 +32,10 @@ use crate::status::{
 use crate::store::{Store, StoreError, StoreHandle};
 use crate::targets::{self as target, ApplyReport, DesiredObject, DesiredState, Target};
 use crate::{unix_now, Error, Result};
-use cairn_bundle::bundle::Manifest;
-use cairn_bundle::limits::Limits;
-use cairn_bundle::release::Release;
-use cairn_bundle::rollout::{Decision, FleetReports};
+use cairn_core::bundle::Manifest;
+use cairn_core::limits::Limits;
+use cairn_core::release::Release;
+use cairn_core::rollout::{Decision, FleetReports};
 use cairn_keys::{RootChain, VerifiedRoot};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -244,7 +244,7 @@ impl Agent {
         } = loaded;
         if chain.expired {
             tracing::warn!(
-                version = chain.current.root.version,
+                version = chain.current.root().version,
                 "the trust root has expired: no new release can be adopted until a newer root is published"
             );
         }
@@ -262,7 +262,9 @@ impl Agent {
         })?;
         let target = target::from_config(&config.target, store.clone(), &agent_id)?;
         let metrics = Metrics::new();
-        metrics.root_version.set(gauge(chain.current.root.version));
+        metrics
+            .root_version
+            .set(gauge(chain.current.root().version));
         let (adopted_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         let (relay_tx, _) = watch::channel(head.as_ref().map(HeadState::published));
         if let Some(h) = &head {
@@ -391,16 +393,12 @@ impl Agent {
     /// Whether the adopted release no longer sets a rollback floor: a root
     /// rotation replaced the release keys that signed it, so the next
     /// release under the new keys is adopted whatever its sequence
-    /// ([`cairn_bundle::verify::binding_floor`]).
+    /// ([`cairn_core::verify::binding_floor`]).
     pub fn floor_unbound(&self) -> bool {
         let Snapshot { epoch, adopted, .. } = self.snapshot();
         adopted.is_some_and(|(sequence, bytes)| {
-            cairn_bundle::verify::binding_floor(
-                &epoch,
-                Some((sequence, &bytes)),
-                &self.inner.limits,
-            )
-            .is_none()
+            cairn_core::verify::binding_floor(&epoch, Some((sequence, &bytes)), &self.inner.limits)
+                .is_none()
         })
     }
 }

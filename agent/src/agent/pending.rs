@@ -107,13 +107,13 @@ impl Agent {
     /// the [`Deferred`] machine and wakes its loop.
     pub(super) fn set_pending(
         &self,
-        release: &cairn_bundle::verify::VerifiedRelease,
+        release: &cairn_core::verify::VerifiedRelease,
         manifest: Option<Manifest>,
         deferral: Deferral,
     ) {
         self.state()
             .deferred
-            .defer(&release.release, &release.bytes, manifest, deferral);
+            .defer(&release.release(), &release.bytes(), manifest, deferral);
         self.inner.deferred_wake.notify_one();
         self.publish_relay();
     }

@@ -124,7 +124,7 @@ pub(super) fn load_stored(
     let stored_roots = store.roots()?;
     let rest: Vec<&[u8]> = stored_roots
         .iter()
-        .filter(|(v, _)| *v > embedded.root.version)
+        .filter(|(v, _)| *v > embedded.root().version)
         .map(|(_, b)| b.as_slice())
         .collect();
     let chain = RootChain::follow(embedded, rest, now)
@@ -197,7 +197,7 @@ pub(super) fn load_head(
             })?;
     Ok(Some(HeadState {
         address: cairn_keys::sha256_address(&bytes),
-        release: verified.release,
+        release: verified.release().clone(),
         bytes,
         manifest: Arc::new(manifest),
     }))

@@ -1,6 +1,6 @@
 use super::*;
 use crate::ingest::{self, BoxFuture, DriveError, Driven, Fetch, Gate, Item, Local, Snapshot};
-use cairn_bundle::verify::VerifiedRelease;
+use cairn_core::verify::VerifiedRelease;
 
 impl Agent {
     pub(super) fn record_rejection(&self, source: &str, rej: &Rejection) -> SyncOutcome {
@@ -121,7 +121,7 @@ impl Agent {
     pub fn snapshot(&self) -> Snapshot {
         let st = self.state();
         Snapshot {
-            root: st.root.root.clone(),
+            root: st.root.root().clone(),
             epoch: cairn_keys::root::release_epoch(&st.chain).to_vec(),
             adopted: st
                 .head
@@ -157,7 +157,7 @@ impl Agent {
             Driven::UpToDate => return Ok(root_rejected.unwrap_or(SyncOutcome::UpToDate)),
             Driven::Rejected(rej) => return Ok(self.record_rejection(name, &rej)),
             Driven::Deferred { ingest, deferral } => {
-                let sequence = ingest.release().release.sequence;
+                let sequence = ingest.release().release().sequence;
                 let why = deferral.describe(format_time);
                 let staged = ingest.manifest().is_some() && matches!(ingest.want(), Want::Complete);
                 let manifest = staged.then(|| ingest.manifest().cloned()).flatten();
@@ -178,7 +178,7 @@ impl Agent {
     ) -> std::result::Result<SyncOutcome, SyncError> {
         let channel = self.inner.config.channel.clone();
         let _guard = self.inner.adopt_lock.lock().await;
-        let candidate_bytes = ingest.release().bytes.clone();
+        let candidate_bytes = ingest.release().bytes().to_vec();
         let snapshot = self.snapshot();
         let adoption = match ingest.finish(&snapshot.context(&channel, &self.inner.limits)) {
             Ok(a) => a,
@@ -193,22 +193,17 @@ impl Agent {
             }
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
-        let rel = &adoption.release.release;
+        let rel = adoption.release().release();
         {
             // Durable before anything is reported, logged or acted on.
-            let (c, r, b, m) = (
-                channel.clone(),
-                adoption.release.bytes.clone(),
-                rel.bundle.clone(),
-                adoption.manifest_bytes.clone(),
-            );
-            self.blocking(move |s| s.adopt(&c, &r, &b, &m)).await?;
+            let a = adoption.clone();
+            self.blocking(move |s| s.adopt(&a)).await?;
         }
         let head = HeadState {
-            address: cairn_keys::sha256_address(&adoption.release.bytes),
+            address: cairn_keys::sha256_address(&adoption.release().bytes()),
             release: rel.clone(),
-            bytes: adoption.release.bytes.clone(),
-            manifest: Arc::new(adoption.manifest.clone()),
+            bytes: adoption.release().bytes().to_vec(),
+            manifest: Arc::new(adoption.manifest().clone()),
         };
         let published = head.published();
         {
@@ -229,7 +224,7 @@ impl Agent {
             channel = %channel,
             sequence = rel.sequence,
             bundle = %rel.bundle,
-            objects = adoption.manifest.entries.len(),
+            objects = adoption.manifest().entries.len(),
             "release adopted"
         );
         self.inner.adopted_tx.send_replace(Some(published));
@@ -285,14 +280,14 @@ impl Local for AgentLocal<'_> {
             tracing::info!(source = name, version, "trust root rotated");
             self.agent.inner.metrics.root_version.set(gauge(version));
             let mut st = self.agent.state();
-            if vr.root.starts_release_epoch(&st.chain) {
+            if vr.root().starts_release_epoch(&st.chain) {
                 tracing::warn!(
                     source = name,
                     version,
                     "trust root v{version} replaces the release keys: a new release epoch starts; the adopted release stays enforced until one signed by the new release keys arrives, whatever its sequence"
                 );
             }
-            st.chain.push(vr.root.clone());
+            st.chain.push(vr.root().clone());
             st.root = vr;
             Ok(())
         })
@@ -312,8 +307,8 @@ impl Local for AgentLocal<'_> {
             let now = unix_now();
             let hold = agent.current_hold(now).await;
             let deferral = pipeline::adoption_gate(
-                &release.release,
-                &agent.audience(&release.release.bundle),
+                &release.release(),
+                &agent.audience(&release.release().bundle),
                 hold.as_ref(),
                 now,
             );
@@ -328,10 +323,10 @@ impl Local for AgentLocal<'_> {
                     .state()
                     .deferred
                     .pending()
-                    .is_some_and(|p| p.bytes == release.bytes && p.manifest.is_some());
+                    .is_some_and(|p| p.bytes == release.bytes() && p.manifest.is_some());
                 if !known {
                     let why = d.describe(format_time);
-                    tracing::info!(source = self.source, sequence = release.release.sequence, %why, stage, "newer release not adopted now");
+                    tracing::info!(source = self.source, sequence = release.release().sequence, %why, stage, "newer release not adopted now");
                 }
             }
             Gate { deferral, stage }

@@ -13,11 +13,11 @@
 //! so a flood cannot flood the log.
 
 use super::MeshMetrics;
-use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::{ConnId, WireFailure};
-use cairn_bundle::mesh::tls;
-use cairn_bundle::mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
-use cairn_bundle::mesh::MeshLimits;
+use cairn_mesh::identity::PeerIdentity;
+use cairn_mesh::sync::{ConnId, WireFailure};
+use cairn_mesh::tls;
+use cairn_mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
+use cairn_mesh::MeshLimits;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;

@@ -10,15 +10,15 @@ use crate::pipeline::{self, Ingest, Start, Want};
 use crate::source::{Source, SourceError};
 use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::sync::{
+use cairn_core::limits::Limits;
+use cairn_core::rollout::FleetReports;
+use cairn_keys::codec;
+use cairn_keys::text::escape_untrusted;
+use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
     WireFailure,
 };
-use cairn_bundle::mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
-use cairn_bundle::rollout::FleetReports;
-use cairn_keys::codec;
-use cairn_keys::text::escape_untrusted;
+use cairn_mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 mod local;
 mod staged;
 
-use staged::{read_item, verify_failure, StagedSource};
+use staged::{read_item, StagedSource};
 
 /// How often our own status record is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -106,7 +106,7 @@ pub async fn run(mesh: Mesh) {
     sc.rng_seed = rand::random();
     sc.anti_entropy_ms = config.anti_entropy_ms;
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
-    let root_version = agent.root().root.version;
+    let root_version = agent.root().root().version;
     let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));
     if let Ok(stored) = agent.store().call(|s| s.peers()).await {
         let learned = stored.into_iter().filter_map(|(_, bytes)| {
@@ -241,7 +241,7 @@ impl Driver {
         }
     }
 
-    fn config_limits(&self) -> cairn_bundle::mesh::MeshLimits {
+    fn config_limits(&self) -> cairn_mesh::MeshLimits {
         self.ep.config().limits.clone()
     }
 
@@ -392,19 +392,19 @@ impl Driver {
         let mut chain = self.agent.root_chain();
         let mut kept = BTreeMap::new();
         for (v, bytes) in roots {
-            if v != root.root.version + 1 {
+            if v != root.root().version + 1 {
                 continue;
             }
             match pipeline::check_root(&root, &bytes) {
                 Ok(next) => {
-                    chain.push(next.root.clone());
+                    chain.push(next.root().clone());
                     root = next;
                     kept.insert(v, bytes);
                 }
                 Err(rej) => {
                     return self.ep.release_rejected(
                         fetch,
-                        verify_failure(&rej),
+                        VerifyFailure::of(&rej),
                         &rej.to_string(),
                         now,
                     );
@@ -413,14 +413,14 @@ impl Driver {
         }
         // The agent's snapshot with the peer's newer roots, if any.
         let mut snapshot = self.agent.snapshot();
-        snapshot.root = root.root.clone();
+        snapshot.root = root.root().clone();
         snapshot.epoch = cairn_keys::root::release_epoch(&chain).to_vec();
         match Ingest::start(&snapshot.context(channel, &self.limits), &release) {
             Err(rej) => {
                 tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
                 self.agent.metrics().reject(rej.reason());
                 self.ep
-                    .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
+                    .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
             }
             Ok(Start::UpToDate) => self.ep.fetch_abandon(fetch, now),
             Ok(Start::Candidate(ingest)) => {
@@ -438,7 +438,7 @@ impl Driver {
                 // The manifest may be stored already (a staged release):
                 // looked up on a blocking thread, the verdict given when
                 // the answer comes back.
-                let bundle = state.ingest.release().release.bundle.clone();
+                let bundle = state.ingest.release().release().bundle.clone();
                 self.fetches.insert(fetch, state);
                 let (store, tx) = (self.agent.store().clone(), self.tx.clone());
                 tokio::spawn(async move {
@@ -462,7 +462,7 @@ impl Driver {
         let Some(state) = self.fetches.get_mut(&fetch) else {
             return;
         };
-        let bundle = state.ingest.release().release.bundle.clone();
+        let bundle = state.ingest.release().release().bundle.clone();
         let want = match manifest {
             Some(m) => match state.ingest.handle_manifest(&m) {
                 Ok(()) => {
@@ -491,7 +491,7 @@ impl Driver {
             .object_bytes_fetched
             .get_or_create(&from)
             .inc_by(bytes.len() as u64);
-        let result = if f.manifest.is_none() && address == f.ingest.release().release.bundle {
+        let result = if f.manifest.is_none() && address == f.ingest.release().release().bundle {
             f.ingest.handle_manifest(&bytes).map(|()| {
                 f.manifest = Some(bytes);
             })
@@ -516,7 +516,7 @@ impl Driver {
             self.agent.metrics().reject(rej.reason());
             self.fetches.remove(&fetch);
             self.ep
-                .release_rejected(fetch, verify_failure(&rej), &rej.to_string(), now);
+                .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
         }
     }
 
@@ -595,7 +595,7 @@ impl Driver {
             return;
         };
         f.adopting = true;
-        let release = &f.ingest.release().release;
+        let release = &f.ingest.release().release();
         let staged = StagedSource {
             name: format!("peer:{}", f.peer),
             roots: f.roots.clone(),

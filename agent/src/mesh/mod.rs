@@ -1,10 +1,10 @@
 //! The mesh shell: TCP + TLS (tokio-rustls) around the sans-IO protocol
-//! [`cairn_bundle::mesh::sync`].
+//! [`cairn_mesh::sync`].
 //!
 //! * [`MeshConfig`]: the `mesh:` section of the agent configuration.
 //! * `conn`: accepting and dialing TLS connections, one reader and one
 //!   writer task per connection, every read bounded in size and time.
-//! * `driver`: one task owns the [`Endpoint`](cairn_bundle::mesh::sync::Endpoint),
+//! * `driver`: one task owns the [`Endpoint`](cairn_mesh::sync::Endpoint),
 //!   feeds it messages, timer ticks and adoptions, and carries out what it
 //!   returns: sends, dials, closes, serving items from the store, and
 //!   fetches.
@@ -21,7 +21,7 @@ mod conn;
 mod driver;
 
 use crate::Agent;
-use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
+use cairn_mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -111,7 +111,7 @@ impl RawMeshConfig {
         }
         let anti_entropy_ms = match self.anti_entropy_interval {
             None => 5_000,
-            Some(s) => match cairn_bundle::duration::parse_duration(&s) {
+            Some(s) => match cairn_core::duration::parse_duration(&s) {
                 Ok(d) if !d.is_zero() => d.as_millis() as u64,
                 _ => {
                     errors.push((
@@ -312,7 +312,7 @@ impl Mesh {
             .await
             .map_err(|e| MeshError::Identity(format!("loading the credentials failed: {e}")))??;
         let agent_id = match &creds.identity {
-            cairn_bundle::mesh::pki::PeerIdentity::Agent(id) => id.clone(),
+            cairn_mesh::identity::PeerIdentity::Agent(id) => id.clone(),
             other => {
                 return Err(MeshError::Identity(format!(
                     "{} is for {other}, not an agent",

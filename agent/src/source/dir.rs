@@ -1,9 +1,9 @@
 //! Directory sources: a bundle repository on a local or mounted file system.
 
 use super::{Source, SourceError};
+use crate::fsread::{read_regular_file_capped, ReadFileErrorKind};
 use crate::ingest::Item;
 use crate::BoxFuture;
-use cairn_bundle::repo::RepoDir;
 use std::path::PathBuf;
 
 /// A bundle repository in a local directory (e.g. a USB stick mounted at
@@ -32,22 +32,29 @@ impl DirSource {
                 reason: "directory does not exist (not mounted?)".into(),
             });
         }
-        match RepoDir::new(&self.dir).read(rel_path, limit) {
-            Ok(v) => Ok(v),
-            Err(cairn_bundle::Error::TooLarge { .. }) => Err(SourceError::TooLarge {
-                source_name: self.name.clone(),
-                path: rel_path.to_owned(),
-                limit,
-            }),
-            Err(cairn_bundle::Error::Repository(reason)) => Err(SourceError::Invalid {
-                source_name: self.name.clone(),
-                path: rel_path.to_owned(),
-                reason,
-            }),
-            Err(e) => Err(SourceError::Unavailable {
-                source_name: self.name.clone(),
-                reason: e.to_string(),
-            }),
+        // A file on the stick is read only as a regular file (no link, no
+        // FIFO), capped before allocation: crate::fsread.
+        match read_regular_file_capped(&self.dir.join(rel_path), limit) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) => match e.kind {
+                ReadFileErrorKind::NotFound => Ok(None),
+                ReadFileErrorKind::TooLarge { .. } => Err(SourceError::TooLarge {
+                    source_name: self.name.clone(),
+                    path: rel_path.to_owned(),
+                    limit,
+                }),
+                ReadFileErrorKind::Symlink | ReadFileErrorKind::NotRegular(_) => {
+                    Err(SourceError::Invalid {
+                        source_name: self.name.clone(),
+                        path: rel_path.to_owned(),
+                        reason: e.to_string(),
+                    })
+                }
+                ReadFileErrorKind::Io(_) => Err(SourceError::Unavailable {
+                    source_name: self.name.clone(),
+                    reason: e.to_string(),
+                }),
+            },
         }
     }
 }
@@ -74,5 +81,45 @@ impl Source for DirSource {
                 }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_regular_files_and_refuses_links_fifos_and_oversized_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = DirSource::new(d.path());
+        std::fs::create_dir_all(d.path().join("channels")).unwrap();
+        std::fs::write(d.path().join("channels/stable"), b"head").unwrap();
+        assert_eq!(
+            s.read("channels/stable", 16).unwrap(),
+            Some(b"head".to_vec())
+        );
+        assert_eq!(s.read("channels/missing", 16).unwrap(), None);
+        assert!(matches!(
+            s.read("channels/stable", 3),
+            Err(SourceError::TooLarge { limit: 3, .. })
+        ));
+        std::os::unix::fs::symlink("/dev/zero", d.path().join("channels/link")).unwrap();
+        assert!(matches!(
+            s.read("channels/link", 16),
+            Err(SourceError::Invalid { .. })
+        ));
+        let fifo = d.path().join("channels/fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(matches!(
+            s.read("channels/fifo", 16),
+            Err(SourceError::Invalid { .. })
+        ));
+        let gone = DirSource::new(d.path().join("not-mounted"));
+        assert!(matches!(
+            gone.read("channels/stable", 16),
+            Err(SourceError::Unavailable { .. })
+        ));
     }
 }

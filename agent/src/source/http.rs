@@ -23,7 +23,7 @@ pub struct HttpSource {
     client: reqwest::Client,
     /// Basic-auth credentials from the source's `credentialsFile`
     /// (redacted in `Debug`).
-    credentials: Option<cairn_bundle::oci::Credentials>,
+    credentials: Option<cairn_oci::Credentials>,
 }
 
 /// Redirects followed in a row.

@@ -3,7 +3,7 @@
 //! A source answers one question: "give me this item (root, release,
 //! manifest, object), at most this many bytes" ([`Source::get`]). Its
 //! paths ([`Item::path`]) are the repository
-//! layout of [`cairn_bundle::repo`]: `roots/<v>`, `channels/<channel>`,
+//! layout of [`cairn_core::layout`]: `roots/<v>`, `channels/<channel>`,
 //! `objects/sha256/<2hex>/<hex>`. Implementations here: [`HttpSource`]
 //! (HTTP(S) with rustls, timeouts and streamed size limits) and
 //! [`DirSource`] (a local directory such as a mounted USB stick). A mesh
@@ -110,7 +110,7 @@ pub struct SourceOptions {
     pub redirect_hosts: std::collections::BTreeMap<String, Vec<String>>,
     /// Per network source (keyed by its spec): CA bundle, client
     /// certificate and credentials.
-    pub tls: std::collections::BTreeMap<String, cairn_bundle::oci::NetSettings>,
+    pub tls: std::collections::BTreeMap<String, cairn_oci::NetSettings>,
 }
 
 impl Default for SourceOptions {

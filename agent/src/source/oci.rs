@@ -13,7 +13,7 @@
 use super::{Source, SourceError, SourceOptions};
 use crate::ingest::Item;
 use crate::BoxFuture;
-use cairn_bundle::oci::{Client, OciError, OciRef};
+use cairn_oci::{Client, OciError, OciRef};
 
 /// A bundle repository in an OCI registry.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ impl OciSource {
                 .map_err(|_| invalid("not a repository path".into()))?;
             self.client.root(v, limit).await
         } else if let Some(c) = rel_path.strip_prefix("channels/") {
-            cairn_bundle::release::validate_channel(c).map_err(invalid)?;
+            cairn_core::release::validate_channel(c).map_err(invalid)?;
             self.client
                 .channel_release(c, limit)
                 .await
@@ -58,7 +58,7 @@ impl OciSource {
         } else if let Some(rest) = rel_path.strip_prefix("objects/sha256/") {
             let hex = rest.split_once('/').map(|(_, h)| h).unwrap_or_default();
             let digest = format!("sha256:{hex}");
-            if cairn_bundle::repo::object_path(&digest).as_deref() != Some(rel_path) {
+            if cairn_core::layout::object_path(&digest).as_deref() != Some(rel_path) {
                 return Err(invalid("not a repository path".into()));
             }
             self.client.get_blob(&digest, limit).await

@@ -57,13 +57,11 @@ impl Store {
     /// this returns `Ok` is the adoption durable; report it only then. Call
     /// only after every object of the bundle is stored (see
     /// [`Store::put_object`]) and the release passed the pipeline.
-    pub fn adopt(
-        &self,
-        channel: &str,
-        release_bytes: &[u8],
-        bundle_id: &str,
-        manifest_bytes: &[u8],
-    ) -> StoreResult<()> {
+    pub fn adopt(&self, adoption: &Adoption) -> StoreResult<()> {
+        let channel = adoption.channel();
+        let release_bytes = adoption.release().bytes();
+        let bundle_id = adoption.bundle_id();
+        let manifest_bytes = adoption.manifest_bytes();
         verify_object(bundle_id, manifest_bytes).map_err(|e| self.invalid(e.to_string()))?;
         let _g = self.lock_values();
         let manifest_rec = self.record(T::Bundles, manifest_bytes)?;

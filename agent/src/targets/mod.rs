@@ -19,7 +19,7 @@ pub use manifests_dir::ManifestsDir;
 use crate::config::TargetConfig;
 use crate::store::{Store, StoreError};
 use crate::BoxFuture;
-use cairn_bundle::bundle::Entry;
+use cairn_core::bundle::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 

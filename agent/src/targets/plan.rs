@@ -18,7 +18,7 @@
 //! allows. Each action carries the address the file held before, so the
 //! shell can undo a switch that fails half-way.
 
-use cairn_bundle::bundle::Entry;
+use cairn_core::bundle::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One object the target should hold, under its file name.

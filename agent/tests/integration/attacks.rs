@@ -224,7 +224,7 @@ fn root_rotation_not_signed_by_the_previous_root_is_refused() {
     let current = cairn_keys::embedded::root().unwrap();
     let newkey = KeyPair::generate().unwrap();
     let r2 = Root::new(2, FAR, &[newkey.public_key()], 1, &[newkey.public_key()], 1).unwrap();
-    assert_eq!(current.root.version, 1);
+    assert_eq!(current.root().version, 1);
     std::fs::write(dir.join(root_path(2)), r2.sign(&[&newkey]).encode()).unwrap();
     // Also offer a release signed only by the rogue root's release key.
     let env = s.release_doc("stable", 3, FAR).sign(&[&newkey]);

@@ -4,12 +4,10 @@
 //! stderr is a terminal, and the binary generates shell completions and
 //! man pages.
 
-
-
+use crate::support::*;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use crate::support::*;
 
 /// GET `path` with an optional `Accept` header; returns (head, body).
 fn get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {

@@ -6,14 +6,12 @@
 //! and a tampered blob in the registry's storage are each refused with a
 //! clear message and nothing adopted.
 
-
-
+use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_test_support::registry::{quiet_count, settled_count, Registry};
 use std::path::Path;
 use std::process::Command;
-use crate::support::*;
 
 fn objects(bundle: &Path) -> Vec<String> {
     let mut v = Vec::new();

@@ -375,7 +375,7 @@ fn build_and_release(layout: &Layout, rev: u32, commit: &str) -> Result<DemoRele
         .context("the channel head is missing right after releasing")?;
     let manifest = built.manifest;
     Ok(DemoRelease {
-        sequence: v.release.sequence,
+        sequence: v.release().sequence,
         release: cairn_keys::sha256_address(&envelope),
         bytes: manifest.total_size() + manifest.encode().len() as u64,
         manifest,
@@ -1445,7 +1445,7 @@ mod tests {
     fn the_embedded_development_key_is_a_release_key_of_the_development_root() {
         let root = cairn_keys::embedded::root().unwrap();
         match dev_release_key() {
-            Ok(key) => assert!(root.root.release.key_ids.contains(&key.key_id())),
+            Ok(key) => assert!(root.root().release.key_ids.contains(&key.key_id())),
             Err(e) => {
                 assert!(!cairn_keys::embedded::is_development());
                 assert!(e.to_string().contains("does not contain that key"), "{e}");

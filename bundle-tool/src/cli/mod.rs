@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 
 mod bundle;
+#[cfg(feature = "demo")]
 mod demo;
 mod fleet;
 pub mod generate;
@@ -65,6 +66,7 @@ enum Command {
     Fleet(fleet::FleetCommand),
     /// The whole loop on one machine: a Git repository, a signed release,
     /// agents meshing in a line, a change moving as a delta.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
     /// Kubernetes Secrets encrypted to sites' age keys.
     #[command(subcommand)]
@@ -102,6 +104,7 @@ pub fn main() -> i32 {
         Command::Pull(a) => oci::pull(a),
         Command::Mesh(c) => mesh::run(c),
         Command::Fleet(c) => fleet::run(c),
+        #[cfg(feature = "demo")]
         Command::Demo(a) => demo::run(a),
         Command::Secret(c) => secret::run(c),
         Command::Completions(a) => generate::run_completions(a),

@@ -47,7 +47,7 @@ pub fn run(a: PromoteArgs) -> Result<()> {
         }
         e => anyhow::Error::from(e),
     })?;
-    let (f, t) = (&p.from.release, &p.to.release);
+    let (f, t) = (&p.from.release(), &p.to.release());
     eprintln!(
         "promoted {} from {} sequence {} to {} sequence {} ({} signature(s), rollout {}), expires {}",
         t.bundle,
@@ -55,7 +55,7 @@ pub fn run(a: PromoteArgs) -> Result<()> {
         f.sequence,
         channel_path(&t.channel),
         t.sequence,
-        p.to.signers.len(),
+        p.to.signers().len(),
         crate::rollout::format_rollout(&t.rollout),
         t.expires
     );

@@ -157,14 +157,14 @@ pub fn release(a: ReleaseArgs) -> Result<()> {
     let chain = a.signing.root.chain(&repo)?;
     let (keys, req) = a.signing.request(&a.channel)?;
     let v = publish(&repo, &chain, &a.bundle, &keys, &req, &limits)?;
-    let r = &v.release;
+    let r = &v.release();
     eprintln!(
         "released {} as {} sequence {} (root v{}, {} signature(s)), expires {}",
         r.bundle,
         channel_path(&r.channel),
         r.sequence,
-        chain.current().root.version,
-        v.signers.len(),
+        chain.current().root().version,
+        v.signers().len(),
         r.expires
     );
     println!("{} {}", r.channel, r.sequence);
@@ -182,7 +182,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         let v = ChannelCheck {
             repo: &repo,
             fallback: None,
-            root: &chain.current().root,
+            root: chain.current().root(),
             now: crate::unix_now(),
             limits: &limits,
             threads: 2,
@@ -223,9 +223,9 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             return Err(e);
         }
     };
-    let r = &v.release.release;
+    let r = &v.release.release();
     let m = &v.manifest;
-    let signers: Vec<String> = v.release.signers.iter().map(|k| k.0.clone()).collect();
+    let signers: Vec<String> = v.release.signers().iter().map(|k| k.0.clone()).collect();
     if a.json {
         let out = serde_json::json!({
             "ok": true,
@@ -234,7 +234,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
             "bundle": r.bundle,
             "created": r.created,
             "expires": r.expires,
-            "root_version": chain.current().root.version,
+            "root_version": chain.current().root().version,
             "signers": signers,
             "source": m.source,
             "objects": m.entries.len(),
@@ -264,8 +264,8 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         println!(
             "signed   {} of threshold {} release key(s), root v{}",
             signers.len(),
-            chain.current().root.release.threshold,
-            chain.current().root.version
+            chain.current().root().release.threshold,
+            chain.current().root().version
         );
         println!("expires  {} (unix seconds)", r.expires);
         println!("ok");

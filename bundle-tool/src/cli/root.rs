@@ -136,10 +136,12 @@ pub fn run(cmd: RootCommand) -> Result<()> {
             let (root, signers) = spec.build(prev.version + 1, now)?;
             let refs: Vec<&KeyPair> = signers.iter().collect();
             let bytes = root.sign(&refs).encode();
-            let trusted = VerifiedRoot {
-                root: prev,
-                bytes: prev_bytes,
-            };
+            let trusted = VerifiedRoot::verify_initial(&prev_bytes).with_context(|| {
+                format!(
+                    "{}: the previous root does not carry a threshold of its own root keys' signatures",
+                    previous.display()
+                )
+            })?;
             trusted
                 .verify_next(&bytes)
                 .context("the rotated root does not verify; sign it with a threshold of the previous root's root keys and of the new root keys")?;
@@ -160,7 +162,7 @@ pub fn run(cmd: RootCommand) -> Result<()> {
             let (first, rest) = if embedded {
                 let first = cairn_keys::embedded::root().context("embedded root")?;
                 // The embedded root itself may be listed first; skip it.
-                let skip = usize::from(contents.first().is_some_and(|(_, b)| *b == first.bytes));
+                let skip = usize::from(contents.first().is_some_and(|(_, b)| *b == first.bytes()));
                 (first, &contents[skip..])
             } else {
                 let Some(((path, bytes), rest)) = contents.split_first() else {
@@ -181,8 +183,8 @@ pub fn run(cmd: RootCommand) -> Result<()> {
             if chain.expired && !allow_expired {
                 bail!(
                     "root v{} expired at {} (unix seconds); rotate to a new root, or pass --allow-expired",
-                    chain.current.root.version,
-                    chain.current.root.expires
+                    chain.current.root().version,
+                    chain.current.root().expires
                 );
             }
         }
@@ -191,7 +193,7 @@ pub fn run(cmd: RootCommand) -> Result<()> {
 }
 
 fn print_root(chain: &RootChain, json: bool) {
-    let r = &chain.current.root;
+    let r = &chain.current.root();
     let ids = |role| -> Vec<String> { r.role(role).key_ids.iter().map(|k| k.0.clone()).collect() };
     if json {
         let v = serde_json::json!({

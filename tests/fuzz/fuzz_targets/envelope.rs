@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     assert_envelope_round_trip(&env);
 
     let root = match embedded::root() {
-        Ok(r) => r.root,
+        Ok(r) => r.root().clone(),
         Err(e) => panic!("embedded root does not verify: {e}"),
     };
     for role in [Role::Root, Role::Release] {

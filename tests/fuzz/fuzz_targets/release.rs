@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let root = match embedded::root() {
-        Ok(r) => r.root,
+        Ok(r) => r.root().clone(),
         Err(e) => panic!("embedded root does not verify: {e}"),
     };
     // A moment at which neither the release nor the root has expired, if
@@ -67,9 +67,9 @@ fuzz_target!(|data: &[u8]| {
         "release {} verified but nobody signed it",
         release.sequence
     );
-    assert_eq!(verified.release, release);
-    assert_eq!(verified.bytes, data);
-    assert!(!verified.signers.is_empty());
+    assert_eq!(verified.release(), &release);
+    assert_eq!(verified.bytes(), data);
+    assert!(!verified.signers().is_empty());
     assert!(check.reverify_adopted(data).is_ok());
 
     let rollback = ReleaseCheck {

@@ -41,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
     match VerifiedRoot::verify_initial(data) {
         Ok(v) => {
             assert!(self_signed);
-            assert_eq!(v.root, root);
-            assert_eq!(v.bytes, data);
+            assert_eq!(v.root(), &root);
+            assert_eq!(v.bytes(), data);
         }
         Err(_) => assert!(!self_signed),
     }
@@ -56,13 +56,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(
             was_signed(&env),
             "root v{} verified as the next root but nobody signed it",
-            next.root.version
+            next.root().version
         );
-        assert_eq!(next.root.version, first.root.version + 1);
+        assert_eq!(next.root().version, first.root().version + 1);
         assert!(
             self_signed,
             "next root accepted without its own keys' threshold"
         );
-        assert_eq!(next.root, root);
+        assert_eq!(next.root(), &root);
     }
 });

@@ -1,10 +1,10 @@
 //! A deterministic fleet simulator for Cairn's mesh.
 //!
 //! Thousands of agents, each the **real** sans-IO mesh state machine
-//! ([`cairn_bundle::mesh::sync::Endpoint`]) with the **real** adoption
+//! ([`cairn_mesh::sync::Endpoint`]) with the **real** adoption
 //! logic in front of its store: every release passes
-//! [`cairn_bundle::verify::ReleaseCheck`] against the development trust
-//! root and [`cairn_bundle::rollout::decide`], every manifest
+//! [`cairn_core::verify::ReleaseCheck`] against the development trust
+//! root and [`cairn_core::rollout::decide`], every manifest
 //! [`Manifest::decode`], every object [`verify_object`]. Only the IO is
 //! simulated: a priority queue of events on simulated time (milliseconds),
 //! links with per-pair latency, message loss, node churn (crash and
@@ -35,18 +35,21 @@
 //! message breaks its connection, since TCP delivers in order or not at
 //! all; a partition resets the connections that cross it.
 
-use cairn_bundle::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::mesh::pki::PeerIdentity;
-use cairn_bundle::mesh::sync::{
+use cairn_core::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
+use cairn_core::limits::Limits;
+use cairn_core::pipeline::{
+    adoption_gate, AdoptedRef, Adoption, Audience, Context, Ingest, LocalHold, Rejection, Start,
+    Want,
+};
+use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
+use cairn_core::rollout::FleetReports;
+use cairn_keys::{sha256_address, KeyPair, Root};
+use cairn_mesh::identity::PeerIdentity;
+use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, Millis, RecordKeys, RecordRejection, SyncConfig,
     UnixMillis, VerifyFailure,
 };
-use cairn_bundle::mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
-use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
-use cairn_bundle::rollout::{decide, Decision, FleetReports};
-use cairn_bundle::verify::ReleaseCheck;
-use cairn_keys::{sha256_address, KeyPair, Root};
+use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -271,12 +274,13 @@ fn object_bytes(release: u64, i: usize, size: usize) -> Vec<u8> {
 fn build_world(cfg: &SimConfig) -> World {
     let root = cairn_keys::embedded::root()
         .unwrap_or_else(|e| panic!("embedded root: {e}"))
-        .root;
+        .root()
+        .clone();
     let limits = Limits::default();
     let key = release_key();
     let rollout = match &cfg.rollout {
         Some(s) => {
-            cairn_bundle::rollout::parse_rollout(s).unwrap_or_else(|e| panic!("rollout `{s}`: {e}"))
+            cairn_core::rollout::parse_rollout(s).unwrap_or_else(|e| panic!("rollout `{s}`: {e}"))
         }
         None => Rollout::default(),
     };
@@ -400,12 +404,23 @@ struct Link {
     last_delivery: u64,
 }
 
+/// A fetch in progress: the agent's own pure ingest state machine
+/// ([`cairn_core::pipeline::Ingest`]) and the peer it came from.
 struct Pending {
-    release: Release,
-    envelope: Vec<u8>,
+    ingest: Ingest,
     peer: Option<usize>,
-    manifest: Option<Arc<Manifest>>,
-    wanted: BTreeMap<String, u64>,
+}
+
+/// Simulated agents place no local holds.
+struct NoHold;
+
+impl LocalHold for NoHold {
+    fn active(&self, _now: u64) -> bool {
+        false
+    }
+    fn until(&self) -> Option<u64> {
+        None
+    }
 }
 
 struct Adopted {
@@ -1210,89 +1225,115 @@ impl Sim {
         r
     }
 
-    fn verify_release(&mut self, i: usize, fetch: FetchId, peer: &str, envelope: Vec<u8>) {
-        let now = self.now;
-        let last = self.nodes[i].adopted.as_ref().map(|a| a.sequence);
-        let check = ReleaseCheck {
+    /// The pipeline context of node `i` now: the world's root (one epoch),
+    /// the channel and the node's adopted release.
+    fn context(&self, i: usize) -> Context<'_> {
+        Context {
             root: &self.world.root,
+            epoch: std::slice::from_ref(&self.world.root),
             channel: CHANNEL,
-            last_sequence: last,
-            now: secs(now),
+            adopted: self.nodes[i].adopted.as_ref().map(|a| AdoptedRef {
+                sequence: a.sequence,
+                bytes: a.envelope.as_slice(),
+            }),
+            now: secs(self.now),
             limits: &self.world.limits,
-        };
-        let verdict = check.verify(&envelope);
-        match verdict {
-            Err(e) => {
-                let reason = match &e {
-                    cairn_bundle::Error::Rollback { .. } => VerifyFailure::Rollback,
-                    other => VerifyFailure::Invalid(other.reason()),
-                };
-                if let Some(ep) = self.nodes[i].ep.as_mut() {
-                    ep.release_rejected(fetch, reason, &e.to_string(), Millis(now));
-                }
-            }
-            Ok(v) => {
-                let reports = self.reports(i, &v.release.bundle);
-                let n = &self.nodes[i];
-                let decision = decide(&v.release, &n.id, &n.labels, reports, secs(now));
-                let n = &mut self.nodes[i];
-                let Some(ep) = n.ep.as_mut() else {
-                    return;
-                };
-                if let Decision::Adopt { .. } = decision {
-                    n.pending.insert(
-                        fetch,
-                        Pending {
-                            release: v.release,
-                            envelope: v.bytes,
-                            peer: node_index(peer),
-                            manifest: None,
-                            wanted: BTreeMap::new(),
-                        },
-                    );
-                    ep.release_verified(fetch, Millis(now));
-                    let want = self.missing(i, fetch);
-                    if let Some(ep) = self.nodes[i].ep.as_mut() {
-                        ep.fetch_want(fetch, want, Millis(now));
-                    }
-                } else {
-                    ep.fetch_abandon(fetch, Millis(now));
-                }
-            }
         }
     }
 
-    /// Addresses a pending fetch still needs (the manifest first).
+    fn rejected(&mut self, i: usize, fetch: FetchId, rej: &Rejection) {
+        let now = self.now;
+        self.nodes[i].pending.remove(&fetch);
+        if let Some(ep) = self.nodes[i].ep.as_mut() {
+            ep.release_rejected(fetch, VerifyFailure::of(rej), &rej.to_string(), Millis(now));
+        }
+    }
+
+    /// A release offered by a peer: [`Ingest::start`], then the adoption
+    /// gate ([`adoption_gate`]), as in the agent's mesh driver.
+    fn verify_release(&mut self, i: usize, fetch: FetchId, peer: &str, envelope: Vec<u8>) {
+        let now = self.now;
+        let start = Ingest::start(&self.context(i), &envelope);
+        let ingest = match start {
+            Err(rej) => return self.rejected(i, fetch, &rej),
+            Ok(Start::UpToDate) => {
+                if let Some(ep) = self.nodes[i].ep.as_mut() {
+                    ep.fetch_abandon(fetch, Millis(now));
+                }
+                return;
+            }
+            Ok(Start::Candidate(ingest)) => *ingest,
+        };
+        let release = ingest.release().release();
+        let reports = self.reports(i, &release.bundle);
+        let n = &self.nodes[i];
+        let who = Audience {
+            agent_id: &n.id,
+            labels: &n.labels,
+            reports,
+        };
+        let deferral = adoption_gate(release, &who, None::<&NoHold>, secs(now));
+        let n = &mut self.nodes[i];
+        let Some(ep) = n.ep.as_mut() else {
+            return;
+        };
+        if deferral.is_some() {
+            ep.fetch_abandon(fetch, Millis(now));
+            return;
+        }
+        n.pending.insert(
+            fetch,
+            Pending {
+                ingest,
+                peer: node_index(peer),
+            },
+        );
+        ep.release_verified(fetch, Millis(now));
+        let want = self.missing(i, fetch);
+        if let Some(ep) = self.nodes[i].ep.as_mut() {
+            ep.fetch_want(fetch, want, Millis(now));
+        }
+    }
+
+    /// Addresses a pending fetch still needs (the manifest first); objects
+    /// the node's store holds are marked present in the ingest.
     fn missing(&mut self, i: usize, fetch: FetchId) -> Vec<String> {
         let world = &self.world;
         let n = &mut self.nodes[i];
         let Some(p) = n.pending.get_mut(&fetch) else {
             return Vec::new();
         };
-        if p.manifest.is_none() {
-            // Already stored (e.g. an interrupted fetch)? Then decode it.
+        if let Want::Manifest { address, .. } = p.ingest.want() {
+            // Already stored (e.g. an interrupted fetch)? Then use it.
             let stored = world
                 .index
-                .get(&p.release.bundle)
+                .get(&address)
                 .filter(|id| n.objects.contains(id))
                 .map(|id| world.content[*id as usize].1.clone());
-            match stored.map(|b| Manifest::decode(&b, Some(&p.release.bundle), &world.limits)) {
-                Some(Ok(m)) => {
-                    p.wanted = m
-                        .entries
-                        .iter()
-                        .map(|e| (e.object.clone(), e.size))
-                        .collect();
-                    p.manifest = Some(Arc::new(m));
-                }
-                _ => return vec![p.release.bundle.clone()],
+            match stored.map(|b| p.ingest.handle_manifest(&b)) {
+                Some(Ok(())) => {}
+                _ => return vec![address],
             }
         }
-        p.wanted
-            .keys()
-            .filter(|a| world.index.get(*a).is_none_or(|id| !n.objects.contains(id)))
-            .cloned()
-            .collect()
+        match p.ingest.want() {
+            Want::Manifest { address, .. } => vec![address],
+            Want::Complete => Vec::new(),
+            Want::Objects(list) => {
+                let mut out = Vec::new();
+                for (address, _) in list {
+                    if world
+                        .index
+                        .get(&address)
+                        .is_some_and(|id| n.objects.contains(id))
+                    {
+                        p.ingest.mark_present(&address);
+                    } else {
+                        out.push(address);
+                    }
+                }
+                out
+            }
+        }
     }
 
     /// Stores verified bytes; the one way into a node's store.
@@ -1313,32 +1354,23 @@ impl Sim {
         }
     }
 
+    /// An object from a peer: the manifest or an entry, checked by the
+    /// ingest, then stored (as the agent's mesh driver does).
     fn object(&mut self, i: usize, fetch: FetchId, address: &str, bytes: &[u8]) {
         self.nodes[i].object_bytes_in += bytes.len() as u64;
-        let limits = self.world.limits.clone();
         let Some(p) = self.nodes[i].pending.get_mut(&fetch) else {
             return;
         };
-        if p.manifest.is_none() {
-            if address != p.release.bundle {
-                return;
+        let result = match p.ingest.want() {
+            Want::Manifest { address: m, .. } if m == address => p.ingest.handle_manifest(bytes),
+            _ => p.ingest.handle_object(address, bytes),
+        };
+        match result {
+            Ok(()) => {
+                self.store(i, address, bytes);
             }
-            match Manifest::decode(bytes, Some(address), &limits) {
-                Ok(m) => {
-                    p.wanted = m
-                        .entries
-                        .iter()
-                        .map(|e| (e.object.clone(), e.size))
-                        .collect();
-                    p.manifest = Some(Arc::new(m));
-                }
-                Err(_) => return,
-            }
-        } else if p.wanted.get(address) != Some(&(bytes.len() as u64)) {
-            // Not part of the verified bundle, or the wrong size: not stored.
-            return;
+            Err(rej) => self.rejected(i, fetch, &rej),
         }
-        self.store(i, address, bytes);
     }
 
     fn fetch_idle(&mut self, i: usize, fetch: FetchId) {
@@ -1359,14 +1391,28 @@ impl Sim {
         let hops = p
             .peer
             .map_or(0, |j| self.nodes.get(j).map_or(0, |n| n.hops) + 1);
-        self.adopt(i, p.release, Arc::new(p.envelope), hops);
-        if let Some(ep) = self.nodes[i].ep.as_mut() {
-            ep.fetch_complete(fetch, Millis(now));
+        // Re-checked against the node's state at commit time.
+        let finished = p.ingest.finish(&self.context(i));
+        match finished {
+            Ok(adoption) => {
+                self.adopt(i, &adoption, hops);
+                if let Some(ep) = self.nodes[i].ep.as_mut() {
+                    ep.fetch_complete(fetch, Millis(now));
+                }
+            }
+            Err(rej) => {
+                *self.rejections.entry(rej.reason().to_owned()).or_default() += 1;
+                if let Some(ep) = self.nodes[i].ep.as_mut() {
+                    ep.fetch_abandon(fetch, Millis(now));
+                }
+            }
         }
     }
 
-    fn adopt(&mut self, i: usize, release: Release, envelope: Arc<Vec<u8>>, hops: u32) {
+    /// Adopts what the pipeline verified: the only way a node's head moves.
+    fn adopt(&mut self, i: usize, adoption: &Adoption, hops: u32) {
         let now = self.now;
+        let release = adoption.release().release();
         let n = &mut self.nodes[i];
         let old = n.adopted.as_ref().map_or(0, |a| a.sequence);
         if release.sequence <= old {
@@ -1392,14 +1438,14 @@ impl Sim {
         n.adopted = Some(Adopted {
             sequence: release.sequence,
             bundle: release.bundle.clone(),
-            envelope,
+            envelope: Arc::new(adoption.release().bytes().to_vec()),
         });
         if let Some(ep) = n.ep.as_mut() {
             ep.set_head(
                 Head {
                     channel: CHANNEL.into(),
                     sequence: release.sequence,
-                    bundle: release.bundle,
+                    bundle: release.bundle.clone(),
                     root_version: 1,
                 },
                 Millis(now),
@@ -1437,7 +1483,6 @@ impl Sim {
     /// The origins adopt release `seq` from their bundle repository
     /// (through the same checks as any agent).
     fn publish(&mut self, seq: u64) {
-        let now = self.now;
         let Some(p) = self.world.releases.get(seq as usize - 1) else {
             return;
         };
@@ -1447,32 +1492,46 @@ impl Sim {
             if !self.nodes[i].up {
                 continue;
             }
-            let last = self.nodes[i].adopted.as_ref().map(|a| a.sequence);
-            let check = ReleaseCheck {
-                root: &self.world.root,
-                channel: CHANNEL,
-                last_sequence: last,
-                now: secs(now),
-                limits: &self.world.limits,
+            // The agent's source path: the same pure pipeline as from a peer.
+            let content = |a: &String| {
+                self.world
+                    .index
+                    .get(a)
+                    .map(|&id| self.world.content[id as usize].1.clone())
             };
-            let v = match check.verify(&envelope) {
-                Ok(v) => v,
+            let objects: Vec<(String, Arc<Vec<u8>>)> = manifest
+                .entries
+                .iter()
+                .filter_map(|e| content(&e.object).map(|b| (e.object.clone(), b)))
+                .collect();
+            let manifest_bytes = content(&bundle);
+            let adoption = (|| {
+                let mut ingest = match Ingest::start(&self.context(i), &envelope)? {
+                    Start::Candidate(ingest) => *ingest,
+                    Start::UpToDate => return Ok(None),
+                };
+                if let Some(m) = &manifest_bytes {
+                    ingest.handle_manifest(m)?;
+                }
+                for (a, b) in &objects {
+                    ingest.handle_object(a, b)?;
+                }
+                ingest.finish(&self.context(i)).map(Some)
+            })();
+            let adoption: Adoption = match adoption {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
                 Err(e) => {
                     self.violations
                         .push(format!("origin a{i} rejects release {seq}: {e}"));
                     continue;
                 }
             };
-            let mut objects: Vec<(String, Arc<Vec<u8>>)> = Vec::new();
-            for a in std::iter::once(&bundle).chain(manifest.entries.iter().map(|e| &e.object)) {
-                if let Some(&id) = self.world.index.get(a) {
-                    objects.push((a.clone(), self.world.content[id as usize].1.clone()));
-                }
-            }
-            for (a, b) in objects {
+            let stored = manifest_bytes.map(|m| (bundle.clone(), m));
+            for (a, b) in stored.into_iter().chain(objects) {
                 self.store(i, &a, &b);
             }
-            self.adopt(i, v.release, envelope.clone(), 0);
+            self.adopt(i, &adoption, 0);
             self.drain(i);
         }
         if let Some(part) = self.cfg.partition.clone() {

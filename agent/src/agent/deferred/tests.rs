@@ -2,9 +2,9 @@
 //! runtime; time is a number the test moves.
 
 use super::*;
-use cairn_bundle::bundle::Source;
-use cairn_bundle::release::{FailureLimit, Rollout, Wave, RELEASE_FORMAT};
-use cairn_bundle::rollout::FleetReports;
+use cairn_core::bundle::Source;
+use cairn_core::release::{FailureLimit, Rollout, Wave, RELEASE_FORMAT};
+use cairn_core::rollout::FleetReports;
 use std::collections::BTreeMap;
 
 /// 2026-12-01T00:00:00Z in Unix ms.

@@ -7,7 +7,7 @@ impl Driver {
     /// Our head and status into the endpoint (after every adoption).
     pub(super) fn refresh_local(&mut self) {
         let now = self.now();
-        let root_version = self.agent.root().root.version;
+        let root_version = self.agent.root().root().version;
         self.refresh_trust();
         if let Some(h) = self.agent.relay_head() {
             self.ep.set_head(
@@ -26,7 +26,7 @@ impl Driver {
     /// Our root version and whether our head still sets a rollback floor
     /// (a root from a source may have replaced the release keys).
     pub(super) fn refresh_trust(&mut self) {
-        self.ep.set_root_version(self.agent.root().root.version);
+        self.ep.set_root_version(self.agent.root().root().version);
         let channel = self.agent.config().channel.clone();
         self.ep
             .set_floor_unbound(&channel, self.agent.floor_unbound());

@@ -3,16 +3,6 @@
 
 use super::*;
 
-/// The mesh's view of a pipeline rejection: a rollback may be a race (we
-/// adopted the release elsewhere meanwhile), a bad root always blames.
-pub(super) fn verify_failure(rej: &pipeline::Rejection) -> VerifyFailure {
-    match (&rej.stage, &rej.error) {
-        (pipeline::Stage::Root, _) => VerifyFailure::RootRotation,
-        (_, cairn_bundle::Error::Rollback { .. }) => VerifyFailure::Rollback,
-        _ => VerifyFailure::Invalid(rej.reason()),
-    }
-}
-
 /// Reads what a peer asked for from the store (roots, the channel's
 /// release — the staged one if newer than the adopted one — objects and
 /// manifests).

@@ -1,8 +1,8 @@
 use super::*;
-use crate::pipeline::tests::object;
 use crate::targets::DesiredObject;
+use cairn_core::testing::object;
 
-fn state(seq: u64, objs: &[(cairn_bundle::bundle::Entry, Vec<u8>)]) -> DesiredState {
+fn state(seq: u64, objs: &[(cairn_core::bundle::Entry, Vec<u8>)]) -> DesiredState {
     DesiredState {
         failed_release: None,
         channel: "stable".into(),

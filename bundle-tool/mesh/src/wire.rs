@@ -10,10 +10,10 @@
 //! Protocol version [`PROTOCOL_VERSION`] is carried in [`Hello`]; a peer
 //! with another version is disconnected.
 
-use super::pki::validate_identity;
-use super::MeshLimits;
-use crate::bundle::is_address;
-use crate::release::validate_channel;
+use crate::identity::validate_identity;
+use crate::MeshLimits;
+use cairn_core::bundle::is_address;
+use cairn_core::release::validate_channel;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -108,9 +108,9 @@ impl Item {
     /// The item's path in the repository layout.
     pub fn path(&self) -> String {
         match self {
-            Item::Root(v) => crate::repo::root_path(*v),
-            Item::Release(c) => crate::repo::channel_path(c),
-            Item::Object(a) => crate::repo::object_path(a).unwrap_or_default(),
+            Item::Root(v) => cairn_core::layout::root_path(*v),
+            Item::Release(c) => cairn_core::layout::channel_path(c),
+            Item::Object(a) => cairn_core::layout::object_path(a).unwrap_or_default(),
         }
     }
 }

@@ -48,15 +48,15 @@ impl TrustChain {
     pub fn extend(&mut self, origin: &str, roots: &[(u64, Vec<u8>)]) -> Result<()> {
         let mut sorted: Vec<&(u64, Vec<u8>)> = roots.iter().collect();
         sorted.sort_by_key(|(v, _)| *v);
-        let first = self.roots[0].root.version;
+        let first = self.roots[0].root().version;
         for (v, bytes) in sorted {
-            let last = self.current().root.version;
+            let last = self.current().root().version;
             if *v < first {
                 continue;
             }
             if *v <= last {
                 let have = &self.roots[(*v - first) as usize];
-                if have.bytes != *bytes {
+                if have.bytes() != *bytes {
                     return Err(Error::Repository(format!(
                         "{origin}: roots/{v} differs from the trusted root v{v}; this repository belongs to another trust root (pass the right --root files)"
                     )));

@@ -281,14 +281,17 @@ impl RecordKeys for X509RecordKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::pki::{init_ca_dir, issue_to_dir};
-    use crate::mesh::MeshLimits;
+    use crate::pki::{init_ca_dir, issue_to_dir};
+    use crate::MeshLimits;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
 
     fn now() -> u64 {
-        crate::unix_now()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     fn creds(dir: &Path, ca: &Path, id: PeerIdentity) -> Credentials {
@@ -391,7 +394,7 @@ mod tests {
 
     #[test]
     fn status_records_are_signed_and_verified_with_mesh_certificates() {
-        use crate::mesh::pki::{issue, new_ca};
+        use crate::pki::{issue, new_ca};
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca");
         init_ca_dir(&ca, "fleet", now(), 10).unwrap();

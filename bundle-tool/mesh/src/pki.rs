@@ -74,46 +74,12 @@ pub enum PkiError {
 /// Result with [`PkiError`].
 pub type PkiResult<T> = std::result::Result<T, PkiError>;
 
-/// Who is at the other end of a mesh connection, from its certificate.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PeerIdentity {
-    /// A fleet agent, by agent id.
-    Agent(String),
-    /// An operator CLI (may only read status).
-    Operator(String),
-}
+pub use crate::identity::PeerIdentity;
 
-impl PeerIdentity {
-    /// The id or name, without the kind.
-    pub fn name(&self) -> &str {
-        match self {
-            PeerIdentity::Agent(s) | PeerIdentity::Operator(s) => s,
-        }
-    }
-}
-
-impl std::fmt::Display for PeerIdentity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PeerIdentity::Agent(s) => write!(f, "agent {s}"),
-            PeerIdentity::Operator(s) => write!(f, "operator {s}"),
-        }
-    }
-}
-
-/// Agent ids and operator names: 1-128 of `[A-Za-z0-9._-]` (they appear in
-/// URIs, metrics labels and file names).
+/// Agent ids and operator names: 1-128 of `[A-Za-z0-9._-]`
+/// ([`crate::identity::validate_identity`]).
 pub fn validate_identity(id: &str) -> PkiResult<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(PkiError::BadIdentity(id.to_owned()))
-    }
+    crate::identity::validate_identity(id).map_err(|e| PkiError::BadIdentity(e.0))
 }
 
 /// A certificate and its private key, PEM encoded.

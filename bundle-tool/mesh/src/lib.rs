@@ -1,10 +1,12 @@
 //! The hub-less mesh: identity, transport security, wire format and the
-//! sync protocol, shared by the agent (server and client) and the `cairn`
-//! CLI (PKI and `fleet status`).
+//! sync protocol, shared by the agent (server and client), the `cairn`
+//! CLI (PKI and `fleet status`) and the fleet simulator.
 //!
-//! * [`pki`]: fleet CA, agent and operator certificates; identity from a
-//!   certificate.
-//! * [`tls`]: rustls configurations (TLS 1.3 only, ring, mutual auth).
+//! * [`identity`]: who a peer is ([`identity::PeerIdentity`]).
+//! * `pki` (feature `tls`): fleet CA, agent and operator certificates;
+//!   identity from a certificate.
+//! * `tls` (feature `tls`): rustls configurations (TLS 1.3 only, ring,
+//!   mutual auth).
 //! * [`wire`]: messages and length-prefixed CBOR frames with hard limits.
 //! * [`sync`]: the sync protocol as a sans-IO state machine.
 //!
@@ -14,13 +16,16 @@
 //! the fleet simulator. Sockets and TLS streams live in the agent's
 //! `mesh` module; [`sync`] never sees them.
 
+pub mod identity;
+#[cfg(feature = "tls")]
 pub mod pki;
 pub mod sync;
+#[cfg(feature = "tls")]
 pub mod tls;
 pub mod wire;
 
 /// Every limit the mesh applies, in one place. Defaults suit fleets of
-/// thousands of agents and bundles of up to [`crate::limits::Limits`].
+/// thousands of agents and bundles of up to [`cairn_core::limits::Limits`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshLimits {
     /// Largest frame body in bytes (default 4 MiB: one object of the

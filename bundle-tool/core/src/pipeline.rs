@@ -24,10 +24,10 @@
 //! rejected release becomes adoptable: an [`Adoption`] only exists once every
 //! check passed.
 
-use cairn_bundle::bundle::{verify_object, Entry, Manifest};
-use cairn_bundle::limits::Limits;
-use cairn_bundle::rollout::{self, Decision, FleetReports};
-use cairn_bundle::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
+use crate::bundle::{verify_object, Entry, Manifest};
+use crate::limits::Limits;
+use crate::rollout::{self, Decision, FleetReports};
+use crate::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
 use cairn_keys::{Root, VerifiedRoot};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,14 +61,14 @@ impl fmt::Display for Stage {
 pub struct Rejection {
     /// Where it failed.
     pub stage: Stage,
-    /// The verification error (its [`cairn_bundle::Error::reason`] is the
+    /// The verification error (its [`crate::Error::reason`] is the
     /// metric label, see [`Rejection::reason`]).
-    pub error: cairn_bundle::Error,
+    pub error: crate::Error,
 }
 
 impl Rejection {
     /// A rejection at `stage` for `error`.
-    pub fn new(stage: Stage, error: impl Into<cairn_bundle::Error>) -> Self {
+    pub fn new(stage: Stage, error: impl Into<crate::Error>) -> Self {
         Self {
             stage,
             error: error.into(),
@@ -77,7 +77,7 @@ impl Rejection {
 
     /// The short, stable reason used as the `reason` label of
     /// `cairn_release_rejections_total` and in status. It is
-    /// [`cairn_bundle::Error::reason`], except that every failure of a new
+    /// [`crate::Error::reason`], except that every failure of a new
     /// root is `root_rotation` (the message has the detail).
     pub fn reason(&self) -> &'static str {
         match self.stage {
@@ -129,7 +129,7 @@ pub struct Context<'a> {
     /// ([`cairn_keys::RootChain::release_epoch`]): the adopted release's
     /// sequence is a rollback floor only if one of them signed it, so a
     /// rotation to new release keys recovers a channel that a stolen key
-    /// pushed to 2^64 − 1 ([`cairn_bundle::verify::binding_floor`]).
+    /// pushed to 2^64 − 1 ([`crate::verify::binding_floor`]).
     pub epoch: &'a [Root],
     /// The channel this agent follows.
     pub channel: &'a str,
@@ -175,14 +175,42 @@ pub enum Want {
 
 /// A release that passed verification, with its verified manifest: the
 /// only value the store accepts for adoption.
+///
+/// **Architecture invariant:** only verification makes a `Verified*` (and
+/// an `Adoption`): the fields are private and only [`Ingest::finish`]
+/// constructs one, after every object arrived and verified.
 #[derive(Clone, Debug)]
 pub struct Adoption {
+    release: VerifiedRelease,
+    manifest: Manifest,
+    manifest_bytes: Vec<u8>,
+}
+
+impl Adoption {
     /// The verified release.
-    pub release: VerifiedRelease,
+    pub fn release(&self) -> &VerifiedRelease {
+        &self.release
+    }
+
     /// The verified bundle manifest.
-    pub manifest: Manifest,
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     /// The manifest's exact bytes (hash = bundle id).
-    pub manifest_bytes: Vec<u8>,
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The bundle id (the manifest's address, named by the release).
+    pub fn bundle_id(&self) -> &str {
+        &self.release.release().bundle
+    }
+
+    /// The channel the release is for.
+    pub fn channel(&self) -> &str {
+        &self.release.release().channel
+    }
 }
 
 /// The result of looking at a channel's release.
@@ -212,7 +240,13 @@ pub struct Audience<'a> {
 /// yet, circuit breaker tripped). A deferred release is not a rejection: the
 /// adopted one stays, and the next sync asks again. Pure.
 pub fn rollout_gate(release: &VerifiedRelease, who: &Audience<'_>, now: u64) -> Option<Decision> {
-    let decision = rollout::decide(&release.release, who.agent_id, who.labels, who.reports, now);
+    let decision = rollout::decide(
+        release.release(),
+        who.agent_id,
+        who.labels,
+        who.reports,
+        now,
+    );
     match decision {
         Decision::Adopt { .. } => None,
         other => Some(other),
@@ -278,16 +312,26 @@ impl Deferral {
     }
 }
 
+/// A site operator's local hold on adoption (the agent's `hold.json`), as
+/// the gate sees it. The agent's hold type implements it; the file IO stays
+/// in the agent.
+pub trait LocalHold {
+    /// Whether the hold is in force at `now` (Unix seconds).
+    fn active(&self, now: u64) -> bool;
+    /// When it ends by itself, Unix seconds; `None`: until released.
+    fn until(&self) -> Option<u64>;
+}
+
 /// The adoption gate: a local hold first, then [`rollout::decide`]. `None`
 /// to adopt now. Pure.
 pub fn adoption_gate(
-    release: &cairn_bundle::release::Release,
+    release: &crate::release::Release,
     who: &Audience<'_>,
-    hold: Option<&crate::hold::Hold>,
+    hold: Option<&impl LocalHold>,
     now: u64,
 ) -> Option<Deferral> {
     if let Some(h) = hold.filter(|h| h.active(now)) {
-        return Some(Deferral::Held { until: h.until });
+        return Some(Deferral::Held { until: h.until() });
     }
     match rollout::decide(release, who.agent_id, who.labels, who.reports, now) {
         Decision::Adopt { .. } => None,
@@ -348,7 +392,7 @@ impl Ingest {
     pub fn want(&self) -> Want {
         match &self.manifest {
             None => Want::Manifest {
-                address: self.release.release.bundle.clone(),
+                address: self.release.release().bundle.clone(),
                 limit: self.limits.max_manifest_bytes,
             },
             Some(_) if self.missing.is_empty() => Want::Complete,
@@ -360,7 +404,7 @@ impl Ingest {
     /// it is canonical and within the limits. All its objects become
     /// missing until fetched or marked present.
     pub fn handle_manifest(&mut self, bytes: &[u8]) -> Result<(), Rejection> {
-        let m = Manifest::decode(bytes, Some(&self.release.release.bundle), &self.limits)
+        let m = Manifest::decode(bytes, Some(&self.release.release().bundle), &self.limits)
             .map_err(|e| Rejection::new(Stage::Manifest, e))?;
         self.missing = m
             .entries
@@ -396,15 +440,15 @@ impl Ingest {
                 .ok_or_else(|| {
                     Rejection::new(
                         Stage::Object,
-                        cairn_bundle::Error::InvalidManifest(format!(
+                        crate::Error::InvalidManifest(format!(
                             "object {address} is not listed in bundle {}",
-                            self.release.release.bundle
+                            self.release.release().bundle
                         )),
                     )
                 }),
             None => Err(Rejection::new(
                 Stage::Object,
-                cairn_bundle::Error::InvalidManifest("object before its manifest".into()),
+                crate::Error::InvalidManifest("object before its manifest".into()),
             )),
         }
     }
@@ -417,8 +461,8 @@ impl Ingest {
         let Some((manifest, manifest_bytes)) = self.manifest else {
             return Err(Rejection::new(
                 Stage::Manifest,
-                cairn_bundle::Error::ObjectMissing {
-                    address: self.release.release.bundle.clone(),
+                crate::Error::ObjectMissing {
+                    address: self.release.release().bundle.clone(),
                     what: "bundle manifest".into(),
                 },
             ));
@@ -432,7 +476,7 @@ impl Ingest {
                 .unwrap_or_default();
             return Err(Rejection::new(
                 Stage::Object,
-                cairn_bundle::Error::ObjectMissing {
+                crate::Error::ObjectMissing {
                     address: address.clone(),
                     what,
                 },
@@ -440,7 +484,7 @@ impl Ingest {
         }
         let release = ctx
             .release_check()
-            .verify(&self.release.bytes)
+            .verify(self.release.bytes())
             .map_err(|e| Rejection::new(Stage::Release, e))?;
         Ok(Adoption {
             release,
@@ -455,7 +499,7 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
     if bytes.len() as u64 > size {
         return Err(Rejection::new(
             Stage::Object,
-            cairn_bundle::Error::TooLarge {
+            crate::Error::TooLarge {
                 what: format!("object {address}"),
                 limit: size,
                 actual: bytes.len() as u64,
@@ -466,7 +510,7 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
     if bytes.len() as u64 != size {
         return Err(Rejection::new(
             Stage::Object,
-            cairn_bundle::Error::InvalidManifest(format!(
+            crate::Error::InvalidManifest(format!(
                 "object {address} is {} bytes, the manifest says {size}",
                 bytes.len()
             )),
@@ -516,11 +560,11 @@ pub fn reverify_adopted(
         (None, None) => {
             return Err(Rejection::new(
                 Stage::Release,
-                cairn_bundle::Error::Repository("no trusted root to verify against".into()),
+                crate::Error::Repository("no trusted root to verify against".into()),
             ))
         }
     };
-    let manifest = Manifest::decode(manifest_bytes, Some(&release.release.bundle), limits)
+    let manifest = Manifest::decode(manifest_bytes, Some(&release.release().bundle), limits)
         .map_err(|e| Rejection::new(Stage::Manifest, e))?;
     Ok((release, manifest))
 }
@@ -528,51 +572,19 @@ pub fn reverify_adopted(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use cairn_bundle::bundle::{Source as BundleSource, BUNDLE_FORMAT};
-    use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
+    use crate::release::{Release, Rollout, RELEASE_FORMAT};
     use cairn_keys::{KeyPair, Role};
 
     pub(crate) const NOW: u64 = 1_800_000_000;
 
     pub(crate) fn dev_key(name: &str) -> KeyPair {
         let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../keys/trust/dev")
+            .join("../../keys/trust/dev")
             .join(format!("{name}.key"));
         cairn_keys::keyfile::read_private(&p).unwrap()
     }
 
-    pub(crate) fn object(ns: &str, name: &str, data: &str) -> (Entry, Vec<u8>) {
-        let bytes = format!(
-            r#"{{"apiVersion":"v1","data":{{"k":"{data}"}},"kind":"ConfigMap","metadata":{{"name":"{name}","namespace":"{ns}"}}}}"#
-        )
-        .into_bytes();
-        let e = Entry {
-            path: format!("{name}.yaml"),
-            document: 0,
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            namespace: ns.into(),
-            name: name.into(),
-            object: cairn_keys::sha256_address(&bytes),
-            size: bytes.len() as u64,
-        };
-        (e, bytes)
-    }
-
-    pub(crate) fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
-        let mut entries: Vec<Entry> = objs.iter().map(|(e, _)| e.clone()).collect();
-        entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
-        Manifest {
-            format: BUNDLE_FORMAT,
-            source: BundleSource {
-                repository: "fixture".into(),
-                commit: "0".repeat(40),
-                path: String::new(),
-                rendered: Vec::new(),
-            },
-            entries,
-        }
-    }
+    pub(crate) use crate::testing::{manifest, object};
 
     pub(crate) fn release(channel: &str, sequence: u64, bundle: &str, expires: u64) -> Release {
         Release {
@@ -620,7 +632,7 @@ pub(crate) mod tests {
         let objs = [object("a", "one", "1"), object("a", "two", "2")];
         let m = manifest(&objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 1000));
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(r.root(), &limits, None);
         let Start::Candidate(mut ing) = Ingest::start(&c, &rel).unwrap() else {
             panic!("not a candidate")
         };
@@ -634,13 +646,13 @@ pub(crate) mod tests {
         ing.mark_present(&objs[1].0.object);
         assert_eq!(ing.want(), Want::Complete);
         let a = ing.finish(&c).unwrap();
-        assert_eq!(a.release.release.sequence, 1);
+        assert_eq!(a.release.release().sequence, 1);
         // The same bytes again are up to date, not a rollback.
         let adopted = AdoptedRef {
             sequence: 1,
             bytes: &rel,
         };
-        let c2 = ctx(&r.root, &limits, Some(adopted));
+        let c2 = ctx(r.root(), &limits, Some(adopted));
         assert!(matches!(Ingest::start(&c2, &rel), Ok(Start::UpToDate)));
     }
 
@@ -656,12 +668,12 @@ pub(crate) mod tests {
             sequence: 5,
             bytes: &newer,
         };
-        let c = ctx(&r.root, &limits, Some(adopted));
+        let c = ctx(r.root(), &limits, Some(adopted));
         let e = start_err(&c, &older);
         assert!(
             matches!(
                 e.error,
-                cairn_bundle::Error::Rollback {
+                crate::Error::Rollback {
                     last: 5,
                     found: 4,
                     ..
@@ -679,11 +691,8 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW - 1));
-        let e = start_err(&ctx(&r.root, &limits, None), &rel);
-        assert!(
-            matches!(e.error, cairn_bundle::Error::Expired { .. }),
-            "{e}"
-        );
+        let e = start_err(&ctx(r.root(), &limits, None), &rel);
+        assert!(matches!(e.error, crate::Error::Expired { .. }), "{e}");
         assert_eq!(e.reason(), "expired");
     }
 
@@ -693,11 +702,8 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("beta", 1, &m.id(), NOW + 100));
-        let e = start_err(&ctx(&r.root, &limits, None), &rel);
-        assert!(
-            matches!(e.error, cairn_bundle::Error::WrongChannel { .. }),
-            "{e}"
-        );
+        let e = start_err(&ctx(r.root(), &limits, None), &rel);
+        assert!(matches!(e.error, crate::Error::WrongChannel { .. }), "{e}");
         assert_eq!(e.reason(), "wrong_channel");
     }
 
@@ -713,11 +719,11 @@ pub(crate) mod tests {
             doc.sign(&[&stranger]),
             doc.sign(&[&dev_key("dev-root-1")]),
         ] {
-            let e = start_err(&ctx(&r.root, &limits, None), &env.encode());
+            let e = start_err(&ctx(r.root(), &limits, None), &env.encode());
             assert!(
                 matches!(
                     e.error,
-                    cairn_bundle::Error::Keys(cairn_keys::Error::Threshold {
+                    crate::Error::Keys(cairn_keys::Error::Threshold {
                         role: Role::Release,
                         valid: 0,
                         ..
@@ -735,7 +741,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(r.root(), &limits, None);
         assert_eq!(
             start_err(&c, b"<html>not found</html>").reason(),
             "malformed"
@@ -748,7 +754,7 @@ pub(crate) mod tests {
 
     #[test]
     fn root_expired_blocks_new_adoption() {
-        let mut r = root().root;
+        let mut r = root().root().clone();
         r.expires = NOW - 1;
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
@@ -764,7 +770,7 @@ pub(crate) mod tests {
         let limits = Limits::default();
         let m = manifest(objs);
         let rel = signed(&release("stable", 1, &m.id(), NOW + 100));
-        match Ingest::start(&ctx(&r.root, &limits, None), &rel).unwrap() {
+        match Ingest::start(&ctx(r.root(), &limits, None), &rel).unwrap() {
             Start::Candidate(i) => (*i, m),
             Start::UpToDate => panic!(),
         }
@@ -805,7 +811,7 @@ pub(crate) mod tests {
         // Nothing of it is adoptable: finishing now names the missing object.
         let r = root();
         let limits = Limits::default();
-        let e = ing.finish(&ctx(&r.root, &limits, None)).unwrap_err();
+        let e = ing.finish(&ctx(r.root(), &limits, None)).unwrap_err();
         assert_eq!(e.reason(), "object_missing");
     }
 
@@ -835,7 +841,7 @@ pub(crate) mod tests {
             bytes: &other,
         };
         let e = ing
-            .finish(&ctx(&r.root, &limits, Some(adopted)))
+            .finish(&ctx(r.root(), &limits, Some(adopted)))
             .unwrap_err();
         assert_eq!(e.reason(), "rollback");
     }
@@ -844,7 +850,7 @@ pub(crate) mod tests {
     fn root_rotation_not_signed_by_previous_root_is_rejected() {
         let current = root();
         let newkey = KeyPair::generate().unwrap();
-        let mut next = current.root.clone();
+        let mut next = current.root().clone();
         next.version = 2;
         next = Root::new(
             2,
@@ -860,16 +866,16 @@ pub(crate) mod tests {
         assert_eq!(e.reason(), "root_rotation");
         assert!(e.to_string().contains("by root v1"), "{e}");
         let both = next.sign(&[&newkey, &dev_key("dev-root-1")]).encode();
-        assert_eq!(check_root(&current, &both).unwrap().root.version, 2);
+        assert_eq!(check_root(&current, &both).unwrap().root().version, 2);
     }
 
     #[test]
     fn selector_wave_and_breaker_defer_without_rejecting() {
-        use cairn_bundle::release::{FailureLimit, Wave};
+        use crate::release::{FailureLimit, Wave};
         let r = root();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
-        let c = ctx(&r.root, &limits, None);
+        let c = ctx(r.root(), &limits, None);
         let labels: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
         let mut who = Audience {
             agent_id: "agent-test",
@@ -924,10 +930,16 @@ pub(crate) mod tests {
             labels: &labels,
             reports: FleetReports::default(),
         };
-        let hold = crate::hold::Hold {
-            since: NOW - 10,
-            until: Some(NOW + 60),
-        };
+        struct TestHold(Option<u64>);
+        impl LocalHold for TestHold {
+            fn active(&self, now: u64) -> bool {
+                self.0.is_none_or(|u| now < u)
+            }
+            fn until(&self) -> Option<u64> {
+                self.0
+            }
+        }
+        let hold = TestHold(Some(NOW + 60));
         let d = adoption_gate(&doc, &who, Some(&hold), NOW).unwrap();
         assert_eq!(
             d,
@@ -937,7 +949,7 @@ pub(crate) mod tests {
         );
         assert_eq!(d.state(), "held");
         assert_eq!(adoption_gate(&doc, &who, Some(&hold), NOW + 60), None);
-        assert_eq!(adoption_gate(&doc, &who, None, NOW), None);
+        assert_eq!(adoption_gate(&doc, &who, None::<&TestHold>, NOW), None);
         let wait = Deferral::Rollout(Decision::WaitForWave {
             wave: 2,
             opens_at: 0,
@@ -954,7 +966,7 @@ pub(crate) mod tests {
     fn root_v2_releasing(release: &KeyPair) -> Root {
         Root::new(
             2,
-            root().root.expires,
+            root().root().expires,
             &[dev_key("dev-root-1").public_key()],
             1,
             &[release.public_key()],
@@ -965,7 +977,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_new_release_epoch_recovers_a_channel_pushed_to_the_maximum() {
-        let v1 = root().root;
+        let v1 = root().root().clone();
         let limits = Limits::default();
         let m = manifest(&[object("a", "one", "1")]);
         // A stolen development release key signs the largest sequence.
@@ -1011,7 +1023,7 @@ pub(crate) mod tests {
         let Start::Candidate(ing) = Ingest::start(&c, &fresh).unwrap() else {
             panic!("not a candidate")
         };
-        assert_eq!(ing.release().release.sequence, 1);
+        assert_eq!(ing.release().release().sequence, 1);
         // After it, the old maximum replayed is refused, and the floor
         // binds again inside the new epoch.
         let after = Context {
@@ -1048,7 +1060,7 @@ pub(crate) mod tests {
         let rel = signed(&release("stable", 1, &m.id(), NOW - 5));
         // Expired is fine for re-verification.
         reverify_adopted(
-            std::slice::from_ref(&r.root),
+            std::slice::from_ref(r.root()),
             "stable",
             &limits,
             NOW,
@@ -1060,7 +1072,7 @@ pub(crate) mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         let e = reverify_adopted(
-            std::slice::from_ref(&r.root),
+            std::slice::from_ref(r.root()),
             "stable",
             &limits,
             NOW,

@@ -71,11 +71,11 @@
 //! Addresses that are not unicast (unspecified, multicast, broadcast, port
 //! 0) are never dialed.
 
-use super::pki::PeerIdentity;
 use super::wire::{
     Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord, PROTOCOL_VERSION,
 };
 use super::MeshLimits;
+use crate::identity::PeerIdentity;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
@@ -222,6 +222,17 @@ pub enum VerifyFailure {
 }
 
 impl VerifyFailure {
+    /// The mesh's view of a pipeline rejection: a rollback may be a race
+    /// (the release was adopted elsewhere meanwhile), a bad root always
+    /// blames the peer. The agent and the simulator both map through here.
+    pub fn of(rej: &cairn_core::pipeline::Rejection) -> Self {
+        match (&rej.stage, &rej.error) {
+            (cairn_core::pipeline::Stage::Root, _) => VerifyFailure::RootRotation,
+            (_, cairn_core::Error::Rollback { .. }) => VerifyFailure::Rollback,
+            _ => VerifyFailure::Invalid(rej.reason()),
+        }
+    }
+
     /// A short, stable label (metrics, logs).
     pub fn label(self) -> &'static str {
         match self {
@@ -1211,7 +1222,7 @@ impl Endpoint {
             })
             .collect();
         for a in addresses {
-            if crate::bundle::is_address(&a) && queued.insert(a.clone()) {
+            if cairn_core::bundle::is_address(&a) && queued.insert(a.clone()) {
                 f.queue.push_back(Item::Object(a));
             }
         }
@@ -1830,7 +1841,7 @@ impl Endpoint {
             };
             match f.item {
                 Item::Object(address) => {
-                    if let Err(e) = crate::bundle::verify_object(&address, &bytes) {
+                    if let Err(e) = cairn_core::bundle::verify_object(&address, &bytes) {
                         self.fail_fetch(fetch, format!("object {address} hash mismatch"));
                         return self.offense(conn, Offense::ObjectHashMismatch, e.to_string(), now);
                     }

@@ -3,7 +3,7 @@
 //! (the real verification pipeline is exercised by the agent's tests).
 
 use super::*;
-use crate::mesh::wire::{decode_body, encode_frame};
+use crate::wire::{decode_body, encode_frame};
 use cairn_keys::{codec, sha256_address};
 
 const LATENCY: u64 = 5;

@@ -10,14 +10,31 @@ use crate::{Error, Result};
 use cairn_keys::{Envelope, KeyId, Role, Root};
 
 /// A release whose envelope passed every check.
+///
+/// **Architecture invariant:** only verification makes a `Verified*`: the
+/// fields are private and only [`ReleaseCheck::verify`] constructs one.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedRelease {
+    release: Release,
+    bytes: Vec<u8>,
+    signers: Vec<KeyId>,
+}
+
+impl VerifiedRelease {
     /// The release document.
-    pub release: Release,
+    pub fn release(&self) -> &Release {
+        &self.release
+    }
+
     /// The exact envelope bytes (stored and served onward unchanged).
-    pub bytes: Vec<u8>,
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Release keys whose signatures counted.
-    pub signers: Vec<KeyId>,
+    pub fn signers(&self) -> &[KeyId] {
+        &self.signers
+    }
 }
 
 /// The largest step a release's sequence may take above a binding
