@@ -413,13 +413,17 @@ fn cairnignore_is_gitignore_syntax_and_nested() {
         ("apps/drafts/c.yaml", &c),
         ("apps/keep/.cairnignore", "!d.off.yaml\n"),
         ("apps/keep/d.off.yaml", &d),
-        // Helm chart directories are not plain YAML.
+        // Helm chart directories are not plain YAML: they render with
+        // helm (the template is not valid YAML before rendering).
         (
             "charts/db/Chart.yaml",
             "apiVersion: v2\nname: db\nversion: 0.1.0\n",
         ),
         ("charts/db/values.yaml", "replicas: 1\n"),
-        ("charts/db/templates/d.yaml", "{{ .Values.x }}: [\n"),
+        (
+            "charts/db/templates/d.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: db}\ndata:\n  replicas: {{ .Values.replicas | quote }}\n",
+        ),
     ]);
     let b = build(&r, &[]);
     let names: Vec<&str> = b
@@ -427,7 +431,9 @@ fn cairnignore_is_gitignore_syntax_and_nested() {
         .values()
         .map(|v| v["metadata"]["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["a", "d"]);
+    assert_eq!(names, ["a", "d", "db"]);
+    let db = &b.objects[&("charts/db/templates/d.yaml".to_owned(), 0)];
+    assert_eq!(db["data"]["replicas"], "1", "rendered by helm: {db}");
     // Built from a subdirectory, the root's .cairnignore still applies.
     let b = build(&r, &["--path", "apps"]);
     assert_eq!(b.objects.len(), 2);

@@ -624,9 +624,16 @@ impl Bench {
         )?;
         std::fs::write(
             kdir.join("deployment.yaml"),
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: podinfo}\nspec:\n  replicas: 1\n\
-             selector: {matchLabels: {app: podinfo}}\n  template:\n    metadata: {labels: {app: podinfo}}\n\
-             spec:\n      containers:\n      - {name: podinfo, image: ghcr.io/stefanprodan/podinfo:6.5.0}\n",
+            concat!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: podinfo}\nspec:\n",
+                "  replicas: 1\n",
+                "  selector: {matchLabels: {app: podinfo}}\n",
+                "  template:\n",
+                "    metadata: {labels: {app: podinfo}}\n",
+                "    spec:\n",
+                "      containers:\n",
+                "      - {name: podinfo, image: ghcr.io/stefanprodan/podinfo:6.5.0}\n",
+            ),
         )?;
         std::fs::write(
             kdir.join("service.yaml"),
