@@ -152,10 +152,18 @@ impl KubernetesTarget {
             }
         }
         self.save_inventory(&intended).await?;
+        let new_release = self.last_pass().sequence != desired.sequence;
+        let deadline = tokio::time::Instant::now()
+            + if new_release {
+                self.health_timeout
+            } else {
+                Duration::ZERO
+            };
         let opts = PassOptions {
             channel: desired.channel.clone(),
             force: self.force,
             crd_timeout: Duration::from_secs(30),
+            wave_deadline: deadline,
         };
         let report = reconcile::reconcile(cluster, &objects, &previous, &opts).await;
         self.save_inventory(&report.inventory).await?;
@@ -165,32 +173,44 @@ impl KubernetesTarget {
             *guard = None;
             return Ok((report, Health::Progressing("API server unreachable".into())));
         }
-        let new_release = self.last_pass().sequence != desired.sequence;
-        let deadline = tokio::time::Instant::now()
-            + if new_release {
-                self.health_timeout
-            } else {
-                Duration::ZERO
-            };
-        let health = loop {
-            let h = reconcile::overall(&reconcile::health(cluster, &objects).await);
-            match &h {
-                Health::Healthy | Health::Failed(_) => break h,
-                Health::Progressing(_) if tokio::time::Instant::now() >= deadline => {
-                    break if new_release {
-                        Health::Failed(format!(
-                            "not healthy within {}s: {}",
-                            self.health_timeout.as_secs(),
-                            match &h {
-                                Health::Progressing(m) => m.as_str(),
-                                _ => "",
-                            }
-                        ))
-                    } else {
-                        h
-                    };
+        let stopped = report.stopped.clone().map(|(wave, h)| match h {
+            Health::Progressing(m) if new_release && tokio::time::Instant::now() >= deadline => {
+                Health::Failed(format!(
+                    "wave {wave} not healthy within {}s, later waves not applied: {m}",
+                    self.health_timeout.as_secs()
+                ))
+            }
+            Health::Failed(m) => {
+                Health::Failed(format!("wave {wave} failed, later waves not applied: {m}"))
+            }
+            Health::Progressing(m) => {
+                Health::Progressing(format!("wave {wave}, later waves not applied: {m}"))
+            }
+            Health::Healthy => Health::Healthy,
+        });
+        let health = if let Some(h) = stopped {
+            h
+        } else {
+            loop {
+                let h = reconcile::overall(&reconcile::health(cluster, &objects).await);
+                match &h {
+                    Health::Healthy | Health::Failed(_) => break h,
+                    Health::Progressing(_) if tokio::time::Instant::now() >= deadline => {
+                        break if new_release {
+                            Health::Failed(format!(
+                                "not healthy within {}s: {}",
+                                self.health_timeout.as_secs(),
+                                match &h {
+                                    Health::Progressing(m) => m.as_str(),
+                                    _ => "",
+                                }
+                            ))
+                        } else {
+                            h
+                        };
+                    }
+                    Health::Progressing(_) => tokio::time::sleep(Duration::from_millis(250)).await,
                 }
-                Health::Progressing(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
         };
         let drift_total = {

@@ -19,6 +19,9 @@ pub const CHANNEL_LABEL: &str = "cairn.dev/channel";
 /// Annotation that keeps an object when a later release drops it:
 /// `cairn.dev/prune: "disabled"`.
 pub const PRUNE_ANNOTATION: &str = "cairn.dev/prune";
+/// Annotation ordering apply and health gating in waves:
+/// `cairn.dev/wave: "N"` (an integer, default 0, negative allowed).
+pub const WAVE_ANNOTATION: &str = "cairn.dev/wave";
 
 /// Identifies one Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -132,6 +135,62 @@ pub fn apply_order(objects: &[ObjectRef]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..objects.len()).collect();
     idx.sort_by(|a, b| objects[*a].order(&objects[*b]));
     idx
+}
+
+/// The wave of a desired object: its `cairn.dev/wave` annotation, 0
+/// without one. A value that is not a decimal integer (optionally
+/// signed, at most 9 digits) is an error naming the object.
+pub fn wave_of(r: &ObjectRef, obj: &Value) -> Result<i32, String> {
+    let Some(v) = obj
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(WAVE_ANNOTATION))
+    else {
+        return Ok(0);
+    };
+    let bad = |shown: &str| {
+        format!(
+            "{}: annotation {WAVE_ANNOTATION} must be an integer such as \"-1\" or \"2\", not {shown}",
+            r.display()
+        )
+    };
+    let Some(s) = v.as_str() else {
+        return Err(bad(&v.to_string()));
+    };
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(&format!("{s:?}")));
+    }
+    s.parse::<i32>().map_err(|_| bad(&format!("{s:?}")))
+}
+
+/// One wave: its number and the indices of its objects in apply order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wave {
+    /// The `cairn.dev/wave` value shared by its objects.
+    pub number: i32,
+    /// Indices into the objects passed to [`waves`], in apply order.
+    pub objects: Vec<usize>,
+}
+
+/// Groups objects into waves, lowest number first; inside a wave the
+/// built-in kind order ([`apply_order`]) applies. `waves[i]` is the wave
+/// of `objects[i]`. Without annotations there is one wave (0).
+pub fn waves(objects: &[ObjectRef], waves: &[i32]) -> Vec<Wave> {
+    let mut out: Vec<Wave> = Vec::new();
+    let mut idx = apply_order(objects);
+    // Stable: keeps the kind order inside each wave.
+    idx.sort_by_key(|i| waves.get(*i).copied().unwrap_or(0));
+    for i in idx {
+        let n = waves.get(i).copied().unwrap_or(0);
+        match out.last_mut() {
+            Some(w) if w.number == n => w.objects.push(i),
+            _ => out.push(Wave {
+                number: n,
+                objects: vec![i],
+            }),
+        }
+    }
+    out
 }
 
 /// Objects of the previous inventory that the new release no longer has and
@@ -451,6 +510,77 @@ mod tests {
         let not_ready = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
         assert!(matches!(health(&other, &not_ready), Health::Progressing(_)));
         assert_eq!(health(&other, &json!({})), Health::Healthy);
+    }
+
+    fn waved(api: &str, kind: &str, name: &str, wave: Option<&str>) -> Value {
+        let mut o = json!({"apiVersion": api, "kind": kind,
+            "metadata": {"name": name, "namespace": "a"}});
+        if let Some(w) = wave {
+            o["metadata"]["annotations"] = json!({WAVE_ANNOTATION: w});
+        }
+        o
+    }
+
+    #[test]
+    fn waves_order_by_number_then_kind() {
+        let objs = [
+            waved("v1", "ConfigMap", "after", Some("1")),
+            waved("batch/v1", "Job", "migrate", None),
+            waved("v1", "ConfigMap", "plain", None),
+            waved("v1", "Namespace", "a", Some("-1")),
+            waved("v1", "Secret", "late", Some("+1")),
+        ];
+        let refs: Vec<ObjectRef> = objs
+            .iter()
+            .map(|o| ObjectRef::from_object(o).unwrap())
+            .collect();
+        let nums: Vec<i32> = objs
+            .iter()
+            .zip(&refs)
+            .map(|(o, r)| wave_of(r, o).unwrap())
+            .collect();
+        assert_eq!(nums, [1, 0, 0, -1, 1]);
+        let w = waves(&refs, &nums);
+        let names: Vec<(i32, Vec<&str>)> = w
+            .iter()
+            .map(|w| {
+                (
+                    w.number,
+                    w.objects.iter().map(|i| refs[*i].name.as_str()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (-1, vec!["a"]),
+                (0, vec!["plain", "migrate"]),
+                (1, vec!["after", "late"]),
+            ]
+        );
+        // No annotations: one wave in the built-in order.
+        assert_eq!(waves(&refs, &[0; 5]).len(), 1);
+    }
+
+    #[test]
+    fn bad_wave_values_name_the_object() {
+        for bad in [
+            json!("1.5"),
+            json!(""),
+            json!("x"),
+            json!(3),
+            json!("9999999999"),
+            json!("-"),
+        ] {
+            let mut o = waved("v1", "ConfigMap", "c", None);
+            o["metadata"]["annotations"] = json!({WAVE_ANNOTATION: bad});
+            let r = ObjectRef::from_object(&o).unwrap();
+            let e = wave_of(&r, &o).unwrap_err();
+            assert!(
+                e.starts_with("ConfigMap a/c: annotation cairn.dev/wave"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,10 @@ pub struct KubeReport {
     /// The inventory to persist: every desired object, plus earlier objects
     /// whose pruning failed (so it is retried).
     pub inventory: Vec<InventoryItem>,
+    /// Set when a wave did not become healthy (or had apply errors) and
+    /// the later waves were not applied: the wave's number and health.
+    /// Nothing is pruned then.
+    pub stopped: Option<(i32, Health)>,
 }
 
 /// Options for a pass.
@@ -36,6 +40,9 @@ pub struct PassOptions {
     pub force: bool,
     /// How long to wait for a CRD to be established.
     pub crd_timeout: Duration,
+    /// Until when a wave may take to become healthy before the next one
+    /// starts (waves after it are not applied if it does not).
+    pub wave_deadline: tokio::time::Instant,
 }
 
 /// One object to apply.
@@ -47,6 +54,8 @@ pub struct KubeObject {
     pub value: Value,
     /// Address of its canonical bytes in the bundle.
     pub address: String,
+    /// Its `cairn.dev/wave`.
+    pub wave: i32,
 }
 
 /// Parses canonical object bytes (with their addresses) into decorated
@@ -58,17 +67,22 @@ pub fn desired_objects(raw: &[(&[u8], &str)], channel: &str) -> Result<Vec<KubeO
             let mut v: Value =
                 serde_json::from_slice(bytes).map_err(|e| format!("object {i}: not JSON: {e}"))?;
             let r = ObjectRef::from_object(&v).map_err(|e| format!("object {i}: {e}"))?;
+            let wave = plan::wave_of(&r, &v)?;
             plan::decorate(&mut v, channel);
             Ok(KubeObject {
                 object: r,
                 value: v,
                 address: (*address).to_owned(),
+                wave,
             })
         })
         .collect()
 }
 
-/// Applies `desired` (in apply order) where missing or drifted, then prunes.
+/// Applies `desired` wave by wave (each in apply order) where missing or
+/// drifted, then prunes. Every wave but the last must become healthy
+/// (Jobs: complete) by `opts.wave_deadline` before the next is applied;
+/// otherwise the pass stops there ([`KubeReport::stopped`]).
 pub async fn reconcile(
     cluster: &mut Cluster,
     desired: &[KubeObject],
@@ -81,11 +95,106 @@ pub async fn reconcile(
         .iter()
         .map(|i| (&i.object, i.address.as_str()))
         .collect();
-    for i in plan::apply_order(&refs) {
+    let numbers: Vec<i32> = desired.iter().map(|d| d.wave).collect();
+    let waves = plan::waves(&refs, &numbers);
+    let last = waves.len().saturating_sub(1);
+    for (n, wave) in waves.iter().enumerate() {
+        let errors_before = report.errors.len();
+        apply_wave(cluster, desired, &wave.objects, &known, opts, &mut report).await;
+        if n == last {
+            break;
+        }
+        let health = if report.errors.len() > errors_before {
+            Health::Progressing(format!(
+                "wave {} had apply errors; later waves wait",
+                wave.number
+            ))
+        } else {
+            wait_wave(cluster, desired, &wave.objects, opts.wave_deadline).await
+        };
+        if health != Health::Healthy {
+            tracing::warn!(
+                wave = wave.number,
+                ?health,
+                "wave not healthy: later waves not applied"
+            );
+            // Keep owning everything: the earlier inventory (not pruned)
+            // and every desired object (some applied).
+            let mut inventory = previous.to_vec();
+            for d in desired {
+                if !inventory.iter().any(|i| i.object == d.object) {
+                    inventory.push(InventoryItem {
+                        object: d.object.clone(),
+                        prunable: plan::prunable(&d.value),
+                        address: String::new(),
+                    });
+                }
+            }
+            report.inventory = inventory;
+            report.stopped = Some((wave.number, health));
+            return report;
+        }
+    }
+    report.inventory = desired
+        .iter()
+        .map(|d| InventoryItem {
+            object: d.object.clone(),
+            prunable: plan::prunable(&d.value),
+            address: d.address.clone(),
+        })
+        .collect();
+    for r in plan::prune_set(previous, &refs) {
+        match cluster.delete(&r).await {
+            Ok(true) => report.pruned += 1,
+            Ok(false) => {}
+            Err(e) => {
+                report.errors.push(e);
+                report.inventory.push(InventoryItem {
+                    object: r,
+                    prunable: true,
+                    address: String::new(),
+                });
+            }
+        }
+    }
+    report
+}
+
+/// Polls the health of one wave's objects until all are healthy, one
+/// failed, or `deadline` passes (then: the first still progressing).
+async fn wait_wave(
+    cluster: &mut Cluster,
+    desired: &[KubeObject],
+    wave: &[usize],
+    deadline: tokio::time::Instant,
+) -> Health {
+    let objects: Vec<KubeObject> = wave.iter().map(|i| desired[*i].clone()).collect();
+    loop {
+        let h = overall(&health(cluster, &objects).await);
+        match h {
+            Health::Progressing(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            h => return h,
+        }
+    }
+}
+
+/// Applies the objects `wave` (indices into `desired`, in apply order).
+async fn apply_wave(
+    cluster: &mut Cluster,
+    desired: &[KubeObject],
+    wave: &[usize],
+    known: &std::collections::BTreeMap<&ObjectRef, &str>,
+    opts: &PassOptions,
+    report: &mut KubeReport,
+) {
+    for &i in wave {
         let KubeObject {
             object: r,
             value: obj,
             address,
+            ..
         } = &desired[i];
         // An unknown kind (CRD not yet there) or a read error: try the
         // apply, which reports the definitive error.
@@ -116,29 +225,6 @@ pub async fn reconcile(
             }
         }
     }
-    report.inventory = desired
-        .iter()
-        .map(|d| InventoryItem {
-            object: d.object.clone(),
-            prunable: plan::prunable(&d.value),
-            address: d.address.clone(),
-        })
-        .collect();
-    for r in plan::prune_set(previous, &refs) {
-        match cluster.delete(&r).await {
-            Ok(true) => report.pruned += 1,
-            Ok(false) => {}
-            Err(e) => {
-                report.errors.push(e);
-                report.inventory.push(InventoryItem {
-                    object: r,
-                    prunable: true,
-                    address: String::new(),
-                });
-            }
-        }
-    }
-    report
 }
 
 /// Reads the health of every object of `desired`. Objects that cannot be
