@@ -19,3 +19,4 @@ mod oci;
 mod reliability;
 mod rollout;
 mod target_recovery;
+mod waves;
