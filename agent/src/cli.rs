@@ -88,6 +88,24 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Show what applying a bundle file would change on a live cluster:
+    /// objects created, changed (field by field, from a server-side apply
+    /// dry run) and pruned. Exit code 0: no changes, 1: changes, 2: error.
+    Plan {
+        /// The bundle file (`cairn bundle build --out FILE`).
+        #[arg(long)]
+        bundle: PathBuf,
+        /// Kubeconfig of the cluster.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// The agent's configuration: its store's inventory tells what
+        /// would be pruned (without it nothing is reported as pruned).
+        #[arg(long, env = "CAIRN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Channel label the objects would carry.
+        #[arg(long, default_value = "stable")]
+        channel: String,
+    },
     /// Print a shell completion script (for packagers; see
     /// docs/OPERATIONS.md).
     #[command(hide = true)]
@@ -226,6 +244,30 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             })?;
             Ok(0)
         }
+        Command::Plan {
+            bundle,
+            kubeconfig,
+            config,
+            channel,
+        } => Ok(match plan_command(&bundle, &kubeconfig, config.as_deref(), &channel) {
+            Ok(text) if text.is_empty() => 0,
+            Ok(text) => {
+                out(&text)?;
+                1
+            }
+            Err(e) => {
+                use std::io::Write;
+                let mut err = std::io::stderr().lock();
+                for line in e.lines() {
+                    let _ = writeln!(
+                        err,
+                        "cairn-agent: {}",
+                        cairn_keys::text::escape_untrusted(line)
+                    );
+                }
+                2
+            }
+        }),
         Command::Completions(a) => {
             use clap::CommandFactory;
             let mut text = Vec::new();
@@ -263,6 +305,67 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             Ok(0)
         }
     }
+}
+
+/// `cairn-agent plan`: the rendered changes, empty when there are none.
+fn plan_command(
+    bundle: &std::path::Path,
+    kubeconfig: &std::path::Path,
+    config: Option<&std::path::Path>,
+    channel: &str,
+) -> Result<String, String> {
+    use crate::kubernetes::{self, reconcile};
+    let limits = cairn_core::limits::Limits::default();
+    let size = std::fs::metadata(bundle)
+        .map_err(|e| format!("{}: {e}", bundle.display()))?
+        .len();
+    if size > limits.max_bundle_bytes.saturating_add(limits.max_manifest_bytes + 20) {
+        return Err(format!(
+            "{}: {size} bytes is over the bundle limit",
+            bundle.display()
+        ));
+    }
+    let bytes = std::fs::read(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let (manifest, objects) =
+        cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
+            .map_err(|e| e.to_string())?;
+    let raw: Vec<(&[u8], &str)> = objects
+        .iter()
+        .zip(&manifest.entries)
+        .map(|(b, e)| (*b, e.object.as_str()))
+        .collect();
+    let desired = reconcile::desired_objects(&raw, channel)
+        .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let previous = match config {
+        None => Vec::new(),
+        Some(c) => {
+            let cfg = Config::load(Some(c)).map_err(|e| e.to_string())?;
+            let key = match &cfg.target {
+                crate::config::TargetConfig::Kubernetes(k) => {
+                    kubernetes::inventory_key(k.kubeconfig.as_deref())
+                }
+                _ => return Err(format!("{}: the target is not kubernetes", c.display())),
+            };
+            let store = crate::store::Store::open(&cfg.data_dir).map_err(|e| e.to_string())?;
+            match store.inventory(&key).map_err(|e| e.to_string())? {
+                None => Vec::new(),
+                Some(b) => kubernetes::decode_inventory(&b)
+                    .map_err(|e| format!("inventory in {}: {e}", cfg.data_dir.display()))?,
+            }
+        }
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let report = rt.block_on(async {
+        let mut cluster = kubernetes::cluster::Cluster::connect(Some(kubeconfig)).await?;
+        reconcile::plan(&mut cluster, &desired, &previous, true)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    Ok(report.render())
 }
 
 async fn run(cfg: Config, once: bool) -> Result<i32, Error> {

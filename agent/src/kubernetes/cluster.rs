@@ -167,6 +167,30 @@ impl Cluster {
         })
     }
 
+    /// A server-side apply dry run (`?dryRun=All`) with field manager
+    /// `cairn`: what the object would look like after [`Self::apply`].
+    pub async fn apply_dry_run(
+        &mut self,
+        r: &ObjectRef,
+        obj: &Value,
+        force: bool,
+    ) -> Result<Value, ObjectError> {
+        let api = self.api(r).await?;
+        let mut pp = PatchParams::apply(MANAGER).dry_run();
+        if force {
+            pp = pp.force();
+        }
+        let after = api
+            .patch(&r.name, &pp, &Patch::Apply(obj))
+            .await
+            .map_err(|e| object_error(r, e))?;
+        serde_json::to_value(after).map_err(|e| ObjectError {
+            object: r.display(),
+            code: 0,
+            message: e.to_string(),
+        })
+    }
+
     /// Deletes an object; `Ok(false)` if it was already gone.
     pub async fn delete(&mut self, r: &ObjectRef) -> Result<bool, ObjectError> {
         let api = match self.api(r).await {

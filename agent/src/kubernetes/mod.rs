@@ -32,6 +32,22 @@ struct StoredInventory {
     items: Vec<InventoryItem>,
 }
 
+/// The store key of the inventory of the cluster reached through
+/// `kubeconfig` (`None`: in-cluster).
+pub fn inventory_key(kubeconfig: Option<&std::path::Path>) -> String {
+    format!(
+        "kubernetes:{}",
+        kubeconfig.map_or("in-cluster".into(), |p| p.display().to_string())
+    )
+}
+
+/// Decodes a stored inventory.
+pub fn decode_inventory(bytes: &[u8]) -> Result<Vec<InventoryItem>, String> {
+    serde_json::from_slice::<StoredInventory>(bytes)
+        .map(|s| s.items)
+        .map_err(|e| e.to_string())
+}
+
 /// The outcome of the last pass, kept for status and health decisions.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LastPass {
@@ -73,13 +89,7 @@ impl KubernetesTarget {
     }
 
     fn key(&self) -> String {
-        format!(
-            "kubernetes:{}",
-            self.config
-                .kubeconfig
-                .as_ref()
-                .map_or("in-cluster".into(), |p| p.display().to_string())
-        )
+        inventory_key(self.config.kubeconfig.as_deref())
     }
 
     async fn load_inventory(&self) -> Result<Vec<InventoryItem>, TargetError> {

@@ -279,6 +279,77 @@ fn diff_into(desired: &Value, live: &Value, path: &mut String, out: &mut Vec<Str
     }
 }
 
+/// Removes what the server maintains (`managedFields`, `resourceVersion`,
+/// `generation`, `status`) so a live object and a dry-run result compare
+/// on what an apply changes.
+pub fn strip_server_fields(obj: &mut Value) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        for k in ["managedFields", "resourceVersion", "generation"] {
+            m.remove(k);
+        }
+    }
+    if let Some(o) = obj.as_object_mut() {
+        o.remove("status");
+    }
+}
+
+/// One field an apply would change: its JSON pointer and the values
+/// before and after (`None`: absent).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldChange {
+    /// JSON pointer.
+    pub path: String,
+    /// Live value.
+    pub before: Option<Value>,
+    /// Value after the apply.
+    pub after: Option<Value>,
+}
+
+/// Every field that differs between `live` and `after` (both already
+/// stripped), in a stable order (object keys sorted, list items by
+/// index; lists of different length compare element-wise and report the
+/// extra items).
+pub fn changes(live: &Value, after: &Value) -> Vec<FieldChange> {
+    let mut out = Vec::new();
+    changes_into(Some(live), Some(after), &mut String::new(), &mut out);
+    out
+}
+
+fn changes_into(
+    before: Option<&Value>,
+    after: Option<&Value>,
+    path: &mut String,
+    out: &mut Vec<FieldChange>,
+) {
+    match (before, after) {
+        (Some(Value::Object(b)), Some(Value::Object(a))) => {
+            let keys: std::collections::BTreeSet<&String> = b.keys().chain(a.keys()).collect();
+            for k in keys {
+                let len = path.len();
+                path.push('/');
+                path.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                changes_into(b.get(k), a.get(k), path, out);
+                path.truncate(len);
+            }
+        }
+        (Some(Value::Array(b)), Some(Value::Array(a))) => {
+            for i in 0..b.len().max(a.len()) {
+                let len = path.len();
+                path.push_str(&format!("/{i}"));
+                changes_into(b.get(i), a.get(i), path, out);
+                path.truncate(len);
+            }
+        }
+        (Some(Value::Number(b)), Some(Value::Number(a))) if b.as_f64() == a.as_f64() => {}
+        (b, a) if b == a => {}
+        (b, a) => out.push(FieldChange {
+            path: path.clone(),
+            before: b.cloned(),
+            after: a.cloned(),
+        }),
+    }
+}
+
 /// How healthy an applied object is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Health {
@@ -560,6 +631,24 @@ mod tests {
         );
         // No annotations: one wave in the built-in order.
         assert_eq!(waves(&refs, &[0; 5]).len(), 1);
+    }
+
+    #[test]
+    fn changes_are_field_level_and_ignore_server_fields() {
+        let mut live = json!({"metadata": {"name": "x", "resourceVersion": "7", "generation": 2,
+            "managedFields": [{"manager": "cairn"}], "labels": {"a": "1"}},
+            "data": {"k": "v", "gone": "g"}, "status": {"x": 1}});
+        let mut after = json!({"metadata": {"name": "x", "resourceVersion": "8", "generation": 3,
+            "labels": {"a": "1", "b": "2"}}, "data": {"k": "w"}});
+        strip_server_fields(&mut live);
+        strip_server_fields(&mut after);
+        let c = changes(&live, &after);
+        let paths: Vec<&str> = c.iter().map(|c| c.path.as_str()).collect();
+        assert_eq!(paths, ["/data/gone", "/data/k", "/metadata/labels/b"]);
+        assert_eq!(c[0].after, None);
+        assert_eq!(c[1].before, Some(json!("v")));
+        assert_eq!(c[1].after, Some(json!("w")));
+        assert!(changes(&live, &live.clone()).is_empty());
     }
 
     #[test]

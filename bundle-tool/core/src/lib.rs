@@ -15,6 +15,7 @@
 //! [`pipeline::Adoption`] have private fields and no public constructor.
 
 pub mod bundle;
+pub mod bundle_file;
 pub mod diff;
 pub mod duration;
 mod error;
