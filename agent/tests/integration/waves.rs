@@ -159,3 +159,105 @@ fn a_bad_wave_annotation_is_an_error_naming_the_object() {
     let none = api.kubectl(&["-n", "edge-apps", "get", "deployment", "app-0000"]);
     assert!(!none.status.success());
 }
+
+fn plan(w: &World, bundle: &Path, kubeconfig: &Path, cfg: &Path) -> (i32, String, String) {
+    let out = std::process::Command::new(crate::support::agent_bin())
+        .args(["plan", "--bundle"])
+        .arg(bundle)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--config")
+        .arg(cfg)
+        .current_dir(w.tmp.path())
+        .output()
+        .expect("run cairn-agent plan");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plan_reports_exactly_the_changes_and_exits_like_diff() {
+    let w = World::new(2, 1, 1);
+    commit(
+        &w,
+        &[(
+            "clusters/edge/plan/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: plan-cm\n  namespace: edge-apps\ndata:\n  k: v\n",
+        )],
+        "a ConfigMap to change",
+    );
+    let api = ApiServer::start(
+        w.tmp.path(),
+        &["--listen", "127.0.0.1:0", "--deployment-ready-delay-ms", "100"],
+    );
+    api.create_namespace(w.tmp.path(), "cairn-system");
+    let cfg = kube_config(&w, &api.kubeconfig);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    w.once_ok(&cfg);
+
+    // The applied bundle: nothing to do.
+    let (code, out, err) = plan(&w, &b1, &api.kubeconfig, &cfg);
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+
+    // Change one field, add one object, remove one app.
+    commit(
+        &w,
+        &[
+            (
+                "clusters/edge/plan/cm.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: plan-cm\n  namespace: edge-apps\ndata:\n  k: w\n",
+            ),
+            (
+                "clusters/edge/plan/new.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: plan-new\n  namespace: edge-apps\ndata:\n  k: n\n",
+            ),
+        ],
+        "change, add",
+    );
+    cairn_test_support::fixture::remove_and_commit(
+        &w.git,
+        "clusters/edge/app-0001",
+        "remove app-0001",
+        "2026-02-02T00:00:00Z",
+    )
+    .expect("git rm");
+    let b2 = w.build("HEAD", "b2.bundle");
+    let (code, out, err) = plan(&w, &b2, &api.kubeconfig, &cfg);
+    assert_eq!(code, 1, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let mut expected = vec![
+        "create ConfigMap edge-apps/plan-new",
+        "change ConfigMap edge-apps/plan-cm",
+        "  /data/k: \"v\" -> \"w\"",
+    ];
+    let pruned: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("prune "))
+        .collect();
+    assert!(!pruned.is_empty(), "{out}");
+    for p in &pruned {
+        assert!(p.ends_with("edge-apps/app-0001") || p.contains("app-0001"), "{out}");
+    }
+    expected.extend(pruned.iter().copied());
+    assert_eq!(lines, expected, "{out}");
+    // Deployment and Service of app-0001 are among them.
+    assert!(pruned.contains(&"prune Deployment edge-apps/app-0001"), "{out}");
+    // Nothing was changed by planning.
+    let cm = api.json(&["-n", "edge-apps", "get", "configmap", "plan-cm"]);
+    assert_eq!(cm["data"]["k"], "v");
+    api.kubectl_ok(&["-n", "edge-apps", "get", "deployment", "app-0001"]);
+    let none = api.kubectl(&["-n", "edge-apps", "get", "configmap", "plan-new"]);
+    assert!(!none.status.success());
+
+    // An error (not a bundle file) exits 2 and names the file.
+    let junk = w.path("junk.bundle");
+    std::fs::write(&junk, b"not a bundle\x1b[31m").unwrap();
+    let (code, out, err) = plan(&w, &junk, &api.kubeconfig, &cfg);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("junk.bundle") && !err.contains('\x1b'), "{err}");
+}
