@@ -249,25 +249,27 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             kubeconfig,
             config,
             channel,
-        } => Ok(match plan_command(&bundle, &kubeconfig, config.as_deref(), &channel) {
-            Ok(text) if text.is_empty() => 0,
-            Ok(text) => {
-                out(&text)?;
-                1
-            }
-            Err(e) => {
-                use std::io::Write;
-                let mut err = std::io::stderr().lock();
-                for line in e.lines() {
-                    let _ = writeln!(
-                        err,
-                        "cairn-agent: {}",
-                        cairn_keys::text::escape_untrusted(line)
-                    );
+        } => Ok(
+            match plan_command(&bundle, &kubeconfig, config.as_deref(), &channel) {
+                Ok(text) if text.is_empty() => 0,
+                Ok(text) => {
+                    out(&text)?;
+                    1
                 }
-                2
-            }
-        }),
+                Err(e) => {
+                    use std::io::Write;
+                    let mut err = std::io::stderr().lock();
+                    for line in e.lines() {
+                        let _ = writeln!(
+                            err,
+                            "cairn-agent: {}",
+                            cairn_keys::text::escape_untrusted(line)
+                        );
+                    }
+                    2
+                }
+            },
+        ),
         Command::Completions(a) => {
             use clap::CommandFactory;
             let mut text = Vec::new();
@@ -319,16 +321,19 @@ fn plan_command(
     let size = std::fs::metadata(bundle)
         .map_err(|e| format!("{}: {e}", bundle.display()))?
         .len();
-    if size > limits.max_bundle_bytes.saturating_add(limits.max_manifest_bytes + 20) {
+    if size
+        > limits
+            .max_bundle_bytes
+            .saturating_add(limits.max_manifest_bytes + 20)
+    {
         return Err(format!(
             "{}: {size} bytes is over the bundle limit",
             bundle.display()
         ));
     }
     let bytes = std::fs::read(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-    let (manifest, objects) =
-        cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
-            .map_err(|e| e.to_string())?;
+    let (manifest, objects) = cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
+        .map_err(|e| e.to_string())?;
     let raw: Vec<(&[u8], &str)> = objects
         .iter()
         .zip(&manifest.entries)

@@ -65,7 +65,12 @@ fn waves_apply_in_order_and_a_failed_job_stops_later_waves() {
     );
     let api = ApiServer::start(
         w.tmp.path(),
-        &["--listen", "127.0.0.1:0", "--deployment-ready-delay-ms", "400"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--deployment-ready-delay-ms",
+            "400",
+        ],
     );
     api.create_namespace(w.tmp.path(), "cairn-system");
     let cfg = kube_config(&w, &api.kubeconfig);
@@ -115,7 +120,10 @@ fn waves_apply_in_order_and_a_failed_job_stops_later_waves() {
     w.release(&b2);
     let out = w.once(&cfg);
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a failed Job must fail the release: {log}");
+    assert!(
+        !out.status.success(),
+        "a failed Job must fail the release: {log}"
+    );
     assert!(
         log.contains("wave 1 failed") && log.contains("Job edge-apps/migrate-2: job failed"),
         "{log}"
@@ -191,7 +199,12 @@ fn plan_reports_exactly_the_changes_and_exits_like_diff() {
     );
     let api = ApiServer::start(
         w.tmp.path(),
-        &["--listen", "127.0.0.1:0", "--deployment-ready-delay-ms", "100"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--deployment-ready-delay-ms",
+            "100",
+        ],
     );
     api.create_namespace(w.tmp.path(), "cairn-system");
     let cfg = kube_config(&w, &api.kubeconfig);
@@ -241,12 +254,18 @@ fn plan_reports_exactly_the_changes_and_exits_like_diff() {
         .collect();
     assert!(!pruned.is_empty(), "{out}");
     for p in &pruned {
-        assert!(p.ends_with("edge-apps/app-0001") || p.contains("app-0001"), "{out}");
+        assert!(
+            p.ends_with("edge-apps/app-0001") || p.contains("app-0001"),
+            "{out}"
+        );
     }
     expected.extend(pruned.iter().copied());
     assert_eq!(lines, expected, "{out}");
     // Deployment and Service of app-0001 are among them.
-    assert!(pruned.contains(&"prune Deployment edge-apps/app-0001"), "{out}");
+    assert!(
+        pruned.contains(&"prune Deployment edge-apps/app-0001"),
+        "{out}"
+    );
     // Nothing was changed by planning.
     let cm = api.json(&["-n", "edge-apps", "get", "configmap", "plan-cm"]);
     assert_eq!(cm["data"]["k"], "v");
@@ -259,5 +278,8 @@ fn plan_reports_exactly_the_changes_and_exits_like_diff() {
     std::fs::write(&junk, b"not a bundle\x1b[31m").unwrap();
     let (code, out, err) = plan(&w, &junk, &api.kubeconfig, &cfg);
     assert_eq!(code, 2, "{out}\n{err}");
-    assert!(err.contains("junk.bundle") && !err.contains('\x1b'), "{err}");
+    assert!(
+        err.contains("junk.bundle") && !err.contains('\x1b'),
+        "{err}"
+    );
 }
