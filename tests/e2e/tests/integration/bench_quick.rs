@@ -7,6 +7,7 @@ use std::process::Command;
 const ROWS: &[&str] = &[
     "bundle build (93 objects) vs `git archive | sha256sum`",
     "bundle build (93 objects) vs `kubectl kustomize`",
+    "kustomize directory in the large repository: bundle build vs `kubectl kustomize` on it",
     "verify (",
     "delta: one of 93 objects changed, bytes fetched",
     "mesh: release reaches 3 agents (line)",
