@@ -559,7 +559,7 @@ mod tests {
         // Each registered family shows up (a new metric must be populated
         // above to be linted).
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 26, "{text}");
+        assert_eq!(families, 30, "{text}");
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# HELP ")).count(),
             families,

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `e` + number (u64, big-endian) | the event (JSON, at most [`INLINE_MAX`] bytes) |
 //! | `n` | the next event number (u64, big-endian; numbers are never reused) |
-//! | `epoch` | 8 random hex digits, made once: part of every event id, so a wiped data dir never repeats an id |
+//! | `r/epoch` | 8 random hex digits, made once: part of every event id, so a wiped data dir never repeats an id |
 //! | `c/<sink>` | the number of the last event delivered to (or skipped for) that sink |
 //! | `m/<marker>` | the last state notified for a marker (hold, breaker) |
 //!
@@ -142,11 +142,11 @@ impl Store {
     pub fn outbox_epoch(&self) -> StoreResult<String> {
         let _g = lock();
         let tree = self.tree(T::Outbox)?;
-        if let Some(v) = tree.get(b"epoch").map_err(|e| self.db_err(e))? {
+        if let Some(v) = tree.get(b"r/epoch").map_err(|e| self.db_err(e))? {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let epoch = format!("{:08x}", rand::random::<u32>());
-        tree.insert(b"epoch", epoch.as_bytes())
+        tree.insert(b"r/epoch", epoch.as_bytes())
             .map_err(|e| self.db_err(e))?;
         drop(_g);
         self.flush()?;
