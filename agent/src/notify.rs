@@ -322,6 +322,7 @@ struct NotifierInner {
     metrics: NotifyMetrics,
     wake: tokio::sync::Notify,
     request_timeout: Duration,
+    max_backoff: Duration,
 }
 
 impl std::fmt::Debug for Notifier {
@@ -341,6 +342,7 @@ impl Notifier {
         store: StoreHandle,
         metrics: NotifyMetrics,
         request_timeout: Duration,
+        max_backoff: Duration,
     ) -> Self {
         Notifier {
             inner: Arc::new(NotifierInner {
@@ -351,6 +353,7 @@ impl Notifier {
                 metrics,
                 wake: tokio::sync::Notify::new(),
                 request_timeout,
+                max_backoff,
             }),
         }
     }
@@ -457,7 +460,7 @@ impl Notifier {
         let key = sink.key();
         let all_keys: Vec<String> = inner.sinks.iter().map(Sink::key).collect();
         let shown = sink.display();
-        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
+        let mut backoff = Backoff::new(Duration::from_millis(500), inner.max_backoff);
         let client = loop {
             match self.client(sink) {
                 Ok(c) => break c,

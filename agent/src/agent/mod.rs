@@ -304,6 +304,7 @@ impl Agent {
             store.clone(),
             crate::notify::NotifyMetrics::of(&metrics),
             config.request_timeout,
+            config.max_backoff,
         );
         let agent = Agent {
             inner: Arc::new(Inner {
