@@ -433,6 +433,7 @@ impl Notifier {
         if let Ok(n) = self.inner.store.call(|s| s.outbox_len()).await {
             self.inner.metrics.notifications_queued.set(gauge(n));
         }
+        tracing::debug!(epoch = %epoch, webhooks = self.inner.sinks.len(), "notification delivery started");
         let tasks = (0..self.inner.sinks.len()).map(|i| self.clone().deliver(i, epoch.clone()));
         futures::future::join_all(tasks).await;
     }
@@ -483,6 +484,7 @@ impl Notifier {
                     continue;
                 }
             };
+            tracing::debug!(webhook = %shown, events = batch.len(), "notification batch");
             if batch.is_empty() {
                 let _ = tokio::time::timeout(Duration::from_secs(30), woken).await;
                 continue;

@@ -54,7 +54,12 @@ impl Agent {
         };
         self.inner
             .notifier
-            .emit(kind, None, message, Some(("hold", vec![u8::from(active)])))
+            .emit(
+                kind,
+                None,
+                message,
+                Some(("hold", if active { b"1" } else { b"0" }.to_vec())),
+            )
             .await;
     }
 
