@@ -328,7 +328,7 @@ impl Local for AgentLocal<'_> {
                 Some(Deferral::Rollout(Decision::NotSelected { .. }))
             ) || agent.inner.config.mesh.is_some();
             if let Some(d) = &deferral {
-                agent.note_deferral(&release.release(), d).await;
+                agent.note_deferral(release.release(), d).await;
                 let known = agent
                     .state()
                     .deferred
