@@ -586,4 +586,27 @@ mod tests {
         assert!(errs[0].starts_with("notifications[1].url"), "{errs:?}");
         assert!(!format!("{:?}", sinks[0]).contains("/x"));
     }
+
+    #[test]
+    fn config_field_is_parsed_and_errors_name_the_entry() {
+        let base = "channel: stable\ndataDir: /tmp/x\ntarget:\n  manifestsDir: /tmp/m\n";
+        let c = crate::config::Config::parse(
+            &format!("{base}notifications:\n  - url: https://h/T/SECRET\n    format: slack\n    events: [rolledBack]\n"),
+            "agent.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.notifications.len(), 1);
+        assert_eq!(c.notifications[0].events, vec![EventKind::RolledBack]);
+        let e = crate::config::Config::parse(
+            &format!("{base}notifications:\n  - url: https://h/T/SECRET\n    events: [exploded]\n"),
+            "agent.yaml",
+        )
+        .unwrap_err();
+        let text = e.lines.join("\n");
+        assert!(
+            text.contains("agent.yaml: notifications[0].events: `exploded`"),
+            "{text}"
+        );
+        assert!(!text.contains("SECRET"), "{text}");
+    }
 }
