@@ -116,6 +116,8 @@ pub struct Config {
     /// root is the development root (demos and tests only; see
     /// [`Config::check_trust_root`]).
     pub insecure_allow_development_root: bool,
+    /// Webhook notifications (`notifications:`; see [`crate::notify`]).
+    pub notifications: Vec<crate::notify::Sink>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +137,7 @@ struct RawConfig {
     log_format: Option<String>,
     mesh: Option<crate::mesh::RawMeshConfig>,
     insecure_allow_development_root: Option<bool>,
+    notifications: Option<Vec<crate::notify::RawSink>>,
     /// A `CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT` value that is not a
     /// boolean (reported by validation).
     #[serde(skip)]
@@ -410,6 +413,8 @@ impl Config {
                 format!("CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT=`{v}`: expected `true` or `false`"),
             );
         }
+        let notifications =
+            crate::notify::sinks_from_raw(raw.notifications.unwrap_or_default(), &mut err);
         if !errors.is_empty() {
             return Err(ConfigError { lines: errors });
         }
@@ -431,6 +436,7 @@ impl Config {
             log_format,
             mesh,
             insecure_allow_development_root: raw.insecure_allow_development_root.unwrap_or(false),
+            notifications,
         })
     }
 

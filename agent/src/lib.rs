@@ -35,6 +35,7 @@ pub mod ingest;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 /// The pure ingest pipeline, shared with the fleet simulator.
 pub use cairn_core::pipeline;
 pub mod retry;

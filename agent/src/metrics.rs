@@ -26,6 +26,10 @@
 //! | `cairn_adopted_release_expired` | gauge | |
 //! | `cairn_store_up` | gauge | | 0 while the local store is out of service (IO error) |
 //! | `cairn_store_errors_total` | counter | | IO errors of the local store |
+//! | `cairn_notifications_sent_total` | counter | | notification deliveries a webhook accepted (2xx) |
+//! | `cairn_notifications_failed_total` | counter | | notification delivery attempts that failed (retried) |
+//! | `cairn_notifications_dropped_total` | counter | | undelivered events dropped from the full outbox (oldest first) |
+//! | `cairn_notifications_queued` | gauge | | events in the persistent outbox not yet delivered to every webhook |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -119,6 +123,14 @@ pub struct Metrics {
     pub store_up: Gauge,
     /// IO errors of the local store.
     pub store_errors: Counter,
+    /// Notification deliveries a webhook accepted.
+    pub notifications_sent: Counter,
+    /// Notification delivery attempts that failed (each is retried).
+    pub notifications_failed: Counter,
+    /// Undelivered events dropped because the outbox was full.
+    pub notifications_dropped: Counter,
+    /// Events in the outbox not yet delivered to every webhook.
+    pub notifications_queued: Gauge,
     /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
     pub mesh: crate::mesh::MeshMetrics,
 }
@@ -151,6 +163,10 @@ impl Metrics {
             development_root: Gauge::default(),
             store_up: Gauge::default(),
             store_errors: Counter::default(),
+            notifications_sent: Counter::default(),
+            notifications_failed: Counter::default(),
+            notifications_dropped: Counter::default(),
+            notifications_queued: Gauge::default(),
             mesh: crate::mesh::MeshMetrics::default(),
             registry: Registry::default(),
         };
@@ -243,6 +259,26 @@ impl Metrics {
             "cairn_store_errors",
             "IO errors of the local store",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "cairn_notifications_sent",
+            "Notification deliveries a webhook accepted (2xx)",
+            m.notifications_sent.clone(),
+        );
+        registry.register(
+            "cairn_notifications_failed",
+            "Notification delivery attempts that failed (each is retried with backoff)",
+            m.notifications_failed.clone(),
+        );
+        registry.register(
+            "cairn_notifications_dropped",
+            "Undelivered notification events dropped, oldest first, because the outbox was full",
+            m.notifications_dropped.clone(),
+        );
+        registry.register(
+            "cairn_notifications_queued",
+            "Notification events in the persistent outbox not yet delivered to every webhook",
+            m.notifications_queued.clone(),
         );
         Self { registry, ..m }
     }
@@ -386,6 +422,17 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("cairn_drift_corrections_total 1"), "{t}");
+        m.notifications_sent.inc();
+        m.notifications_queued.set(4);
+        let t = m.encode();
+        assert!(t.contains("cairn_notifications_sent_total 1"), "{t}");
+        assert!(t.contains("cairn_notifications_failed_total 0"), "{t}");
+        assert!(t.contains("cairn_notifications_dropped_total 0"), "{t}");
+        assert!(t.contains("cairn_notifications_queued 4"), "{t}");
+        assert!(
+            t.contains("# HELP cairn_notifications_queued Notification events"),
+            "{t}"
+        );
         assert!(t.contains("cairn_reconcile_duration_seconds_bucket"), "{t}");
         let dev = i64::from(cairn_keys::embedded::is_development());
         assert!(
@@ -457,6 +504,10 @@ mod tests {
         m.adopted_sequence.get_or_create(&ch).set(3);
         m.last_good_sequence.get_or_create(&ch).set(2);
         m.adoptions.inc();
+        m.notifications_sent.inc();
+        m.notifications_failed.inc();
+        m.notifications_dropped.inc();
+        m.notifications_queued.set(2);
         m.reject("signature");
         m.fetch_errors
             .get_or_create(&super::SourceErrorLabel {
@@ -508,7 +559,7 @@ mod tests {
         // Each registered family shows up (a new metric must be populated
         // above to be linted).
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 26, "{text}");
+        assert_eq!(families, 30, "{text}");
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# HELP ")).count(),
             families,

@@ -13,6 +13,7 @@
 //! | `sync` | source name | last sync result of that source (opaque JSON) |
 //! | `peers` | peer id | peer record (opaque; owned by the mesh) |
 //! | `meta` | `format`, `agent_id`, `failed/<channel>` | store format, agent id, failed release |
+//! | `outbox` | event number (u64, big-endian); `c/<sink>`, `m/<marker>` | notification events not yet delivered, sink cursors, markers ([`outbox`]) |
 //!
 //! **Durability.** sled 0.34's flush is not durable on its own, for two
 //! reasons found with the power-cut test (`tests/reliability.rs`):
@@ -70,6 +71,7 @@
 mod files;
 mod handle;
 mod kv;
+pub mod outbox;
 mod records;
 pub use handle::StoreHandle;
 
@@ -167,10 +169,11 @@ enum T {
     Sync,
     Peers,
     Meta,
+    Outbox,
 }
 
 impl T {
-    const ALL: [T; 9] = [
+    const ALL: [T; 10] = [
         T::Roots,
         T::Heads,
         T::Bundles,
@@ -180,6 +183,7 @@ impl T {
         T::Sync,
         T::Peers,
         T::Meta,
+        T::Outbox,
     ];
 
     fn name(self) -> &'static str {
@@ -193,6 +197,7 @@ impl T {
             T::Sync => "sync",
             T::Peers => "peers",
             T::Meta => "meta",
+            T::Outbox => "outbox",
         }
     }
 

@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod deferred;
+mod notifications;
 mod pending;
 mod reconcile;
 pub use reconcile::Action;
@@ -195,6 +196,10 @@ struct Inner {
     /// reports, an adoption).
     deferred_wake: tokio::sync::Notify,
     adopted_tx: watch::Sender<Option<AdoptedHead>>,
+    /// Webhook notifications (outbox and delivery).
+    notifier: crate::notify::Notifier,
+    /// The hold state last notified (`None`: not known yet).
+    hold_notified: Mutex<Option<bool>>,
     relay_tx: watch::Sender<Option<AdoptedHead>>,
 }
 
@@ -291,10 +296,20 @@ impl Agent {
                     source,
                 }
             })?;
+        let store = StoreHandle::new(store);
+        let notifier = crate::notify::Notifier::new(
+            config.notifications.clone(),
+            &agent_id,
+            &config.channel,
+            store.clone(),
+            crate::notify::NotifyMetrics::of(&metrics),
+            config.request_timeout,
+            config.max_backoff,
+        );
         let agent = Agent {
             inner: Arc::new(Inner {
                 agent_id,
-                store: StoreHandle::new(store),
+                store,
                 metrics,
                 limits,
                 sources,
@@ -319,6 +334,8 @@ impl Agent {
                 fleet_reports: Mutex::new(BTreeMap::new()),
                 deferred_wake: tokio::sync::Notify::new(),
                 adopted_tx,
+                notifier,
+                hold_notified: Mutex::new(None),
                 relay_tx,
                 config,
             }),

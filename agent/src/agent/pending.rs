@@ -59,32 +59,34 @@ impl Agent {
         let read = tokio::task::spawn_blocking(move || Hold::read(&dir))
             .await
             .unwrap_or_else(|e| Err(Error::Hold(format!("reading the hold file failed: {e}"))));
-        let mut cache = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
-        let hold = match read {
-            Ok(h) => {
-                cache.1 = None;
-                h
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                if cache.1.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(error = %msg, "treating adoption as held");
-                    cache.1 = Some(msg);
+        let hold = {
+            let mut cache = self.inner.hold.lock().unwrap_or_else(|p| p.into_inner());
+            let hold = match read {
+                Ok(h) => {
+                    cache.1 = None;
+                    h
                 }
-                Some(
-                    cache
-                        .0
-                        .clone()
-                        .filter(|h| h.until.is_none())
-                        .unwrap_or(Hold {
-                            since: now,
-                            until: None,
-                        }),
-                )
-            }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if cache.1.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(error = %msg, "treating adoption as held");
+                        cache.1 = Some(msg);
+                    }
+                    Some(
+                        cache
+                            .0
+                            .clone()
+                            .filter(|h| h.until.is_none())
+                            .unwrap_or(Hold {
+                                since: now,
+                                until: None,
+                            }),
+                    )
+                }
+            };
+            cache.0 = hold.clone();
+            hold
         };
-        cache.0 = hold.clone();
-        drop(cache);
         let changed = self
             .state()
             .deferred
@@ -92,6 +94,7 @@ impl Agent {
         if changed {
             self.publish_status();
         }
+        self.note_hold(hold.as_ref(), now).await;
         hold.filter(|h| h.active(now))
     }
 
@@ -142,6 +145,7 @@ impl Agent {
                     continue;
                 }
                 Step::Changed => {
+                    self.note_pending().await;
                     self.publish_relay();
                     self.publish_status();
                     continue;

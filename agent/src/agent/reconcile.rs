@@ -119,8 +119,33 @@ impl Agent {
                 }
                 self.inner.metrics.rollbacks.inc();
                 self.state().failed = Some(f.clone());
+                self.notify(
+                    crate::notify::EventKind::HealthFailed,
+                    Some((f.sequence, &f.bundle)),
+                    format!(
+                        "release {} failed its health checks: {}",
+                        f.sequence, f.reason
+                    ),
+                )
+                .await;
                 if let Some(lg) = self.last_good_state().await {
                     result = self.apply_head(&lg, Some(&f)).await;
+                    let message = match &result {
+                        Ok(_) => format!(
+                            "rolled back from release {} to the last-good release {}",
+                            f.sequence, lg.release.sequence
+                        ),
+                        Err(e) => format!(
+                            "rolling back from release {} to the last-good release {} failed: {e}",
+                            f.sequence, lg.release.sequence
+                        ),
+                    };
+                    self.notify(
+                        crate::notify::EventKind::RolledBack,
+                        Some((lg.release.sequence, &lg.release.bundle)),
+                        message,
+                    )
+                    .await;
                     head = Some(lg);
                 } else {
                     tracing::error!("no last-good release to roll back to");

@@ -99,6 +99,7 @@ impl Agent {
         tasks.spawn(async move { agent.deferred_loop().await });
         let agent = self.clone();
         tasks.spawn(async move { agent.store_recovery_loop().await });
+        tasks.spawn(self.inner.notifier.clone().run());
         if self.inner.sources.is_empty() {
             tracing::warn!("no sources configured: enforcing the stored state only");
         }

@@ -229,6 +229,15 @@ impl Agent {
         );
         self.inner.adopted_tx.send_replace(Some(published));
         self.publish_relay();
+        self.notify(
+            crate::notify::EventKind::Adopted,
+            Some((rel.sequence, &rel.bundle)),
+            format!(
+                "release {} (bundle {}) adopted on channel {channel}",
+                rel.sequence, rel.bundle
+            ),
+        )
+        .await;
         Ok(SyncOutcome::Adopted {
             sequence: rel.sequence,
         })
@@ -319,6 +328,7 @@ impl Local for AgentLocal<'_> {
                 Some(Deferral::Rollout(Decision::NotSelected { .. }))
             ) || agent.inner.config.mesh.is_some();
             if let Some(d) = &deferral {
+                agent.note_deferral(release.release(), d).await;
                 let known = agent
                     .state()
                     .deferred

@@ -15,6 +15,7 @@ mod e2e;
 mod kubernetes;
 mod mesh;
 mod mesh_partition;
+mod notify;
 mod oci;
 mod reliability;
 mod rollout;
