@@ -26,6 +26,7 @@
 //!
 //! Network: loopback only (a static file server on 127.0.0.1 and mesh
 //! agents on 127.0.<block>.x).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_test_support::{make_manifest_repo, FixtureOptions, StaticServer};
