@@ -200,7 +200,7 @@ impl Agent {
             self.blocking(move |s| s.adopt(&a)).await?;
         }
         let head = HeadState {
-            address: cairn_keys::sha256_address(&adoption.release().bytes()),
+            address: cairn_keys::sha256_address(adoption.release().bytes()),
             release: rel.clone(),
             bytes: adoption.release().bytes().to_vec(),
             manifest: Arc::new(adoption.manifest().clone()),
@@ -307,7 +307,7 @@ impl Local for AgentLocal<'_> {
             let now = unix_now();
             let hold = agent.current_hold(now).await;
             let deferral = pipeline::adoption_gate(
-                &release.release(),
+                release.release(),
                 &agent.audience(&release.release().bundle),
                 hold.as_ref(),
                 now,

@@ -27,7 +27,7 @@ pub struct HttpSource {
 }
 
 /// Redirects followed in a row.
-pub const MAX_REDIRECTS: usize = 5;
+pub(super) const MAX_REDIRECTS: usize = 5;
 
 /// A host as written in a URL or in `allowRedirectsTo`, for comparison:
 /// lower case, IPv6 without brackets.
