@@ -117,7 +117,7 @@ impl Agent {
     }
 
     /// The current root, the roots of its release epoch, the adopted
-    /// release and `now`: what every pipeline [`Context`] is built from.
+    /// release and `now`: what every pipeline [`Context`](cairn_core::pipeline::Context) is built from.
     pub fn snapshot(&self) -> Snapshot {
         let st = self.state();
         Snapshot {

@@ -98,7 +98,11 @@ impl Signer {
 impl TokenServer {
     /// Starts the server with TLS certificate `tls` (from the test CA),
     /// accepting `user`/`password`.
-    pub(crate) fn start(tls: &crate::registry::IssuedCert, user: &str, password: &str) -> Result<Self> {
+    pub(crate) fn start(
+        tls: &crate::registry::IssuedCert,
+        user: &str,
+        password: &str,
+    ) -> Result<Self> {
         let signing_key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::default();
         params
