@@ -3,7 +3,7 @@
 //!
 //! Parsing happens in two steps: serde reads the YAML into optional raw
 //! fields (unknown fields are refused, naming the field), then
-//! [`Config::from_raw`] checks every value and collects one error line per
+//! `Config::from_raw` checks every value and collects one error line per
 //! bad field (`pollInterval: unknown unit ...`). Environment variables
 //! replace file values before validation. The reference is in
 //! `docs/OPERATIONS.md`.

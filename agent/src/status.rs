@@ -354,7 +354,7 @@ pub const MAX_STATUS_BYTES: u64 = 16 << 20;
 
 impl Status {
     /// Writes the document atomically to `<data_dir>/status.json`, also on
-    /// a full disk (see [`write_without_space`]).
+    /// a full disk (see `write_without_space`).
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {
         let p = status_path(data_dir);
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Status(e.to_string()))?;

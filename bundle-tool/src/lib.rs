@@ -9,6 +9,7 @@
 //! Pure parts ([`verify`], [`bundle`], [`release`]) live in `cairn-core`
 //! and take bytes and `now`; IO lives in the [`cli`] and the file modules
 //! here.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod archive;
 pub mod build;

@@ -42,7 +42,7 @@ pub async fn push(
     let v = crate::check::ChannelCheck {
         repo,
         fallback: None,
-        root: &chain.current().root(),
+        root: chain.current().root(),
         now,
         limits,
         threads: 2,
@@ -97,13 +97,13 @@ pub async fn push(
             BlobSource::Bytes(EMPTY_CONFIG.to_vec()),
         ),
         (
-            cairn_keys::sha256_address(&v.release.bytes()),
+            cairn_keys::sha256_address(v.release.bytes()),
             BlobSource::Bytes(v.release.bytes().to_vec()),
         ),
     ];
     let mut root_layers = Vec::new();
     for r in chain.roots() {
-        let mut d = Descriptor::of(MT_ROOT, &r.bytes());
+        let mut d = Descriptor::of(MT_ROOT, r.bytes());
         d.annotations
             .insert(ANN_ROOT_VERSION.into(), r.root().version.to_string());
         blobs.push((d.digest.clone(), BlobSource::Bytes(r.bytes().to_vec())));
@@ -183,7 +183,7 @@ pub async fn push(
     let release_manifest = artifact_manifest(
         AT_RELEASE,
         vec![
-            Descriptor::of(MT_RELEASE, &v.release.bytes()),
+            Descriptor::of(MT_RELEASE, v.release.bytes()),
             Descriptor {
                 media_type: MT_BUNDLE.into(),
                 digest: v.release.release().bundle.clone(),
@@ -254,7 +254,7 @@ pub async fn pull(
     chain.extend(&target, &roots)?;
     chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
     let verified = crate::verify::ReleaseCheck {
-        root: &chain.current().root(),
+        root: chain.current().root(),
         channel,
         last_sequence: None,
         now,

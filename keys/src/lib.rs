@@ -10,6 +10,7 @@
 //! * [`root`]: the trust root with roles and thresholds, and root rotation.
 //! * [`embedded`]: the root compiled into every binary.
 //! * [`text`]: escaping untrusted strings before they are shown.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod codec;
 pub mod embedded;

@@ -116,7 +116,7 @@ impl Agent {
     ) {
         self.state()
             .deferred
-            .defer(&release.release(), &release.bytes(), manifest, deferral);
+            .defer(release.release(), release.bytes(), manifest, deferral);
         self.inner.deferred_wake.notify_one();
         self.publish_relay();
     }

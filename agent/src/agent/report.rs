@@ -95,7 +95,7 @@ impl Agent {
             labels: self.inner.config.labels.clone(),
             target: self.inner.target.describe(),
             listen: st.listen.map(|a| a.to_string()),
-            root: RootStatus::new(&st.root.root(), now),
+            root: RootStatus::new(st.root.root(), now),
             adopted: st.head.as_ref().map(|h| h.status(now)),
             last_good: st.last_good.clone(),
             failed_release: st.failed.clone(),

@@ -117,7 +117,7 @@ impl Agent {
     }
 
     /// The current root, the roots of its release epoch, the adopted
-    /// release and `now`: what every pipeline [`Context`] is built from.
+    /// release and `now`: what every pipeline [`Context`](cairn_core::pipeline::Context) is built from.
     pub fn snapshot(&self) -> Snapshot {
         let st = self.state();
         Snapshot {
@@ -200,7 +200,7 @@ impl Agent {
             self.blocking(move |s| s.adopt(&a)).await?;
         }
         let head = HeadState {
-            address: cairn_keys::sha256_address(&adoption.release().bytes()),
+            address: cairn_keys::sha256_address(adoption.release().bytes()),
             release: rel.clone(),
             bytes: adoption.release().bytes().to_vec(),
             manifest: Arc::new(adoption.manifest().clone()),
@@ -316,7 +316,7 @@ impl Local for AgentLocal<'_> {
             let now = unix_now();
             let hold = agent.current_hold(now).await;
             let deferral = pipeline::adoption_gate(
-                &release.release(),
+                release.release(),
                 &agent.audience(&release.release().bundle),
                 hold.as_ref(),
                 now,

@@ -30,27 +30,27 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsStream;
 
 /// Connect + handshake deadline (outbound).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshake deadline for an accepted connection: a real peer finishes in
 /// milliseconds; a silent one gives its slot back quickly.
-pub const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepted connections at a time, handshaking or established (a fleet
 /// mesh has a handful of neighbours per agent).
-pub const MAX_INBOUND_CONNECTIONS: usize = 256;
+pub(super) const MAX_INBOUND_CONNECTIONS: usize = 256;
 /// Inbound TLS handshakes in progress at a time.
-pub const MAX_HANDSHAKES: usize = 64;
+pub(super) const MAX_HANDSHAKES: usize = 64;
 /// Inbound TLS handshakes in progress from one IP address, so one host
 /// cannot take every handshake slot.
-pub const MAX_HANDSHAKES_PER_IP: usize = 8;
+pub(super) const MAX_HANDSHAKES_PER_IP: usize = 8;
 /// At most one log line per kind of inbound failure in this interval.
-pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+pub(super) const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Outgoing messages queued per connection; a peer that lets its queue
 /// fill up is too slow and is disconnected.
-pub const SEND_QUEUE: usize = 256;
+pub(super) const SEND_QUEUE: usize = 256;
 
 /// A TCP stream that holds its share of the inbound connection limit
 /// for as long as it lives (outbound streams hold none).
-pub struct LimitedTcp {
+pub(super) struct LimitedTcp {
     sock: TcpStream,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -96,12 +96,12 @@ impl AsyncWrite for LimitedTcp {
 }
 
 /// A mesh connection's stream.
-pub type MeshStream = TlsStream<LimitedTcp>;
+pub(super) type MeshStream = TlsStream<LimitedTcp>;
 
 /// Allows one log line per interval and counts the events it suppressed.
 /// Pure: the caller passes the time.
 #[derive(Debug, Default)]
-pub struct LogWindow {
+pub(super) struct LogWindow {
     last: Option<Instant>,
     suppressed: u64,
 }
@@ -109,7 +109,7 @@ pub struct LogWindow {
 impl LogWindow {
     /// Records one event at `now`: `Some(n)` if a line may be written
     /// (`n` events were suppressed since the last one), `None` if not.
-    pub fn note(&mut self, now: Instant, interval: Duration) -> Option<u64> {
+    pub(super) fn note(&mut self, now: Instant, interval: Duration) -> Option<u64> {
         match self.last {
             Some(t) if now.saturating_duration_since(t) < interval => {
                 self.suppressed += 1;
@@ -205,7 +205,7 @@ impl InboundLimits {
 }
 
 /// What connection tasks tell the driver.
-pub enum Input {
+pub(super) enum Input {
     /// A TLS connection is up.
     Connected {
         /// The stream.
@@ -288,7 +288,7 @@ fn identity_of(
 
 /// Accepts connections until the task is aborted, within the inbound
 /// limits (see the module documentation).
-pub async fn accept_loop(
+pub(super) async fn accept_loop(
     listener: tokio::net::TcpListener,
     server: Arc<rustls::ServerConfig>,
     tx: mpsc::Sender<Input>,
@@ -379,7 +379,7 @@ pub async fn accept_loop(
 }
 
 /// Dials `addr` and reports the outcome to the driver.
-pub fn dial(
+pub(super) fn dial(
     addr: String,
     client: Arc<rustls::ClientConfig>,
     tx: mpsc::Sender<Input>,
@@ -421,7 +421,7 @@ pub fn dial(
 }
 
 /// The handles the driver keeps for one connection.
-pub struct ConnHandle {
+pub(super) struct ConnHandle {
     /// Outgoing messages.
     pub tx: mpsc::Sender<Message>,
     /// The reader task (aborted on close).
@@ -429,7 +429,7 @@ pub struct ConnHandle {
 }
 
 /// Starts the reader and writer tasks of a connection.
-pub fn spawn_io(
+pub(super) fn spawn_io(
     conn: ConnId,
     stream: MeshStream,
     limits: MeshLimits,
@@ -518,7 +518,7 @@ pub fn spawn_io(
 /// Reads one frame: the header (with the idle deadline; `None` when it
 /// passes), then the body (with the same deadline, a timeout there is an
 /// error), the length checked before allocation.
-pub async fn read_one<R: tokio::io::AsyncRead + Unpin>(
+pub(super) async fn read_one<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     limits: &MeshLimits,
     deadline: Duration,

@@ -76,7 +76,7 @@ struct Driver {
     started: Instant,
 }
 
-pub async fn run(mesh: Mesh) {
+pub(super) async fn run(mesh: Mesh) {
     let Mesh {
         agent,
         config,

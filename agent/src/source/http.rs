@@ -13,7 +13,7 @@ use crate::BoxFuture;
 /// non-success statuses are errors.
 ///
 /// Redirects are followed only to the source's own host or to a host
-/// listed in its `allowRedirectsTo`, at most [`MAX_REDIRECTS`] in a row,
+/// listed in its `allowRedirectsTo`, at most `MAX_REDIRECTS` in a row,
 /// and never from `https` to `http`: a mirror (or whoever controls its
 /// redirects) cannot send the agent to arbitrary hosts, such as services
 /// on the agent's own network.
@@ -27,7 +27,7 @@ pub struct HttpSource {
 }
 
 /// Redirects followed in a row.
-pub const MAX_REDIRECTS: usize = 5;
+pub(super) const MAX_REDIRECTS: usize = 5;
 
 /// A host as written in a URL or in `allowRedirectsTo`, for comparison:
 /// lower case, IPv6 without brackets.

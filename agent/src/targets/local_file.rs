@@ -11,7 +11,7 @@ use std::path::Path;
 
 /// What reading a local file found.
 #[derive(Debug)]
-pub enum LocalFile {
+pub(super) enum LocalFile {
     /// No such file.
     Missing,
     /// A regular file's bytes.
@@ -27,7 +27,7 @@ pub enum LocalFile {
 /// [`LocalFile::NotRegular`]) and `O_NONBLOCK` (a FIFO never blocks); the
 /// type and size are checked on the open descriptor, and the read stops at
 /// `cap + 1` bytes in case the file grows meanwhile.
-pub fn read_regular(path: &Path, cap: u64) -> io::Result<LocalFile> {
+pub(super) fn read_regular(path: &Path, cap: u64) -> io::Result<LocalFile> {
     match read_regular_file_capped(path, cap) {
         Ok(bytes) => Ok(LocalFile::Bytes(bytes)),
         Err(e) => match e.kind {

@@ -5,6 +5,7 @@
 //! builds them itself. A test's name is its module path, e.g.
 //! `mesh::only_the_changed_object_moves_over_the_mesh`. New tests go here
 //! as modules, not as new files in `agent/tests/`. See docs/TESTING.md.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

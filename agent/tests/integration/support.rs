@@ -10,42 +10,42 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub use cairn_test_support::{
+pub(crate) use cairn_test_support::{
     assert_agents_alive, copy_dir, http_get, log_tail, mesh_addr, mesh_ca_init, mesh_issue,
     mesh_issue_operator, ok, spawn_agent, spawn_watched, tail, terminate, wait_for, AgentProcess,
     MeshConfig,
 };
 
 /// The agent binary under test.
-pub fn agent_bin() -> PathBuf {
+pub(crate) fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cairn-agent"))
 }
 
 /// The `cairn` CLI, built before the tests run (`cargo build --workspace
 /// --bins`, as `tests/run` does); a test never builds it.
-pub fn cairn_bin() -> PathBuf {
+pub(crate) fn cairn_bin() -> PathBuf {
     cairn_test_support::cargo_bin("cairn")
 }
 
 /// The workspace root.
-pub fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// The development release key.
-pub fn dev_key_path(name: &str) -> PathBuf {
+pub(crate) fn dev_key_path(name: &str) -> PathBuf {
     workspace()
         .join("keys/trust/dev")
         .join(format!("{name}.key"))
 }
 
 /// Loads a development key.
-pub fn dev_key(name: &str) -> cairn_keys::KeyPair {
+pub(crate) fn dev_key(name: &str) -> cairn_keys::KeyPair {
     cairn_keys::keyfile::read_private(&dev_key_path(name)).expect("dev key")
 }
 
 /// A scratch area with a fixture Git repository and a bundle repository.
-pub struct World {
+pub(crate) struct World {
     pub tmp: tempfile::TempDir,
     pub git: PathBuf,
     pub repo: PathBuf,
@@ -55,7 +55,7 @@ pub struct World {
 
 impl World {
     /// A fixture repository with `apps` apps and `commits` commits.
-    pub fn new(apps: usize, commits: usize, configmap_kb: usize) -> Self {
+    pub(crate) fn new(apps: usize, commits: usize, configmap_kb: usize) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let git = tmp.path().join("git");
         make_manifest_repo(
@@ -78,12 +78,12 @@ impl World {
         w
     }
 
-    pub fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
 
     /// `cairn bundle build --git <git> --ref <r> --out <name>`; returns the path.
-    pub fn build(&self, git_ref: &str, name: &str) -> PathBuf {
+    pub(crate) fn build(&self, git_ref: &str, name: &str) -> PathBuf {
         let out = self.path(name);
         ok(Command::new(cairn_bin())
             .arg("bundle")
@@ -99,7 +99,7 @@ impl World {
     }
 
     /// `cairn release --repo <dir> --bundle <file> --channel <c> --key dev-release-1`.
-    pub fn release_into(&self, repo: &Path, bundle: &Path, channel: &str) {
+    pub(crate) fn release_into(&self, repo: &Path, bundle: &Path, channel: &str) {
         ok(Command::new(cairn_bin())
             .arg("release")
             .arg("--repo")
@@ -113,13 +113,13 @@ impl World {
     }
 
     /// Releases into the main bundle repository on `stable`.
-    pub fn release(&self, bundle: &Path) {
+    pub(crate) fn release(&self, bundle: &Path) {
         self.release_into(&self.repo, bundle, "stable");
     }
 
     /// This world's agent config (not written): its data and manifests
     /// directories, `labels: {region: eu}`, the given sources.
-    pub fn agent_config(&self, sources: &[String]) -> AgentConfig {
+    pub(crate) fn agent_config(&self, sources: &[String]) -> AgentConfig {
         let mut c = AgentConfig::new(&self.data, &self.manifests);
         c.labels = Some("{region: eu}".into());
         c.sources = sources.to_vec();
@@ -127,12 +127,12 @@ impl World {
     }
 
     /// Writes an agent config with the given sources; returns its path.
-    pub fn config(&self, name: &str, sources: &[String]) -> PathBuf {
+    pub(crate) fn config(&self, name: &str, sources: &[String]) -> PathBuf {
         self.agent_config(sources).write(&self.path(name))
     }
 
     /// `cairn-agent run --config <cfg> --once`.
-    pub fn once(&self, cfg: &Path) -> Output {
+    pub(crate) fn once(&self, cfg: &Path) -> Output {
         Command::new(agent_bin())
             .args(["run", "--once", "--config"])
             .arg(cfg)
@@ -142,7 +142,7 @@ impl World {
     }
 
     /// `--once`, asserting success; returns stderr (logs).
-    pub fn once_ok(&self, cfg: &Path) -> String {
+    pub(crate) fn once_ok(&self, cfg: &Path) -> String {
         let out = self.once(cfg);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
@@ -156,21 +156,21 @@ impl World {
     /// Starts a long-running agent with logs in `<name>.log`; it is
     /// watched (see [`watch_agent`]) until [`terminate`]d, and killed
     /// when dropped.
-    pub fn spawn(&self, cfg: &Path, log: &str) -> AgentProcess {
+    pub(crate) fn spawn(&self, cfg: &Path, log: &str) -> AgentProcess {
         spawn_agent(&agent_bin(), cfg, "info", log, &self.path(log))
     }
 
-    pub fn log(&self, name: &str) -> String {
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
     /// The status document, if written yet.
-    pub fn status(&self) -> Option<cairn_agent::status::Status> {
+    pub(crate) fn status(&self) -> Option<cairn_agent::status::Status> {
         cairn_agent::status::Status::read(&self.data).ok()
     }
 
     /// Files in the manifests directory (name → bytes), hidden files skipped.
-    pub fn files(&self) -> BTreeMap<String, Vec<u8>> {
+    pub(crate) fn files(&self) -> BTreeMap<String, Vec<u8>> {
         let mut out = BTreeMap::new();
         let Ok(rd) = std::fs::read_dir(&self.manifests) else {
             return out;
@@ -186,7 +186,7 @@ impl World {
 }
 
 /// The files a bundle should produce (name → bytes).
-pub fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut objs = Vec::new();
     let m = read_bundle_file(bundle, &Limits::default(), |e, b| {
         objs.push((e.clone(), b));
@@ -210,12 +210,12 @@ pub fn expected_files(bundle: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 /// The agent's status document in `data`, if written yet.
-pub fn status_in(data: &Path) -> Option<cairn_agent::status::Status> {
+pub(crate) fn status_in(data: &Path) -> Option<cairn_agent::status::Status> {
     cairn_agent::status::Status::read(data).ok()
 }
 
 /// The sequence of the release adopted in `data` (0 for none yet).
-pub fn sequence_in(data: &Path) -> u64 {
+pub(crate) fn sequence_in(data: &Path) -> u64 {
     status_in(data)
         .and_then(|s| s.adopted.map(|a| a.sequence))
         .unwrap_or(0)
@@ -223,18 +223,18 @@ pub fn sequence_in(data: &Path) -> u64 {
 
 /// The one fleet of meshed agent processes (`cairn_test_support::Fleet`)
 /// over a [`World`].
-pub type Fleet = cairn_test_support::Fleet<World>;
+pub(crate) type Fleet = cairn_test_support::Fleet<World>;
 
 /// A fleet in loopback block 127.0.<block>.x under the world's scratch
 /// directory, with a new CA. Agent ids are `ids`, then `a<i>`.
-pub fn fleet(block: u8, w: World, ids: Vec<String>) -> Fleet {
+pub(crate) fn fleet(block: u8, w: World, ids: Vec<String>) -> Fleet {
     let root = w.tmp.path().to_path_buf();
     cairn_test_support::Fleet::new(w, &root, block, ids)
 }
 
 /// What the agent tests do with a fleet: read its agents' status, wait
 /// for states, configure a line, run the CLI.
-pub trait AgentFleet {
+pub(crate) trait AgentFleet {
     /// Agent i's status document, if written yet.
     fn status(&self, i: usize) -> Option<cairn_agent::status::Status>;
     /// Agent i's adopted sequence (0 for none).
@@ -316,7 +316,7 @@ impl AgentFleet for Fleet {
 
 /// `cairn fleet status --json` asked of fleet agent `peer` with the
 /// operator certificate in `op`, parsed.
-pub fn fleet_status_json(f: &Fleet, peer: usize, op: &Path) -> serde_json::Value {
+pub(crate) fn fleet_status_json(f: &Fleet, peer: usize, op: &Path) -> serde_json::Value {
     let out = ok(Command::new(cairn_bin())
         .args([
             "fleet",

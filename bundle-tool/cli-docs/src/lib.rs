@@ -12,6 +12,7 @@
 //!
 //! Packagers run them at build time (deploy/container/Containerfile) and
 //! install the results under /usr/share (docs/OPERATIONS.md).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use clap::Args;
 use std::io::Write;

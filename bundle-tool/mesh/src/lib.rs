@@ -15,6 +15,7 @@
 //! the same code runs in the agent, in unit tests on a virtual clock and in
 //! the fleet simulator. Sockets and TLS streams live in the agent's
 //! `mesh` module; [`sync`] never sees them.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod identity;
 #[cfg(feature = "tls")]

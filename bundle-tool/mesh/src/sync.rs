@@ -25,7 +25,7 @@
 //!
 //! ## What the protocol does
 //!
-//! Both sides send [`Hello`](super::wire::Hello) (protocol version), then
+//! Both sides send [`Hello`] (protocol version), then
 //! [`Heads`](super::wire::Message::Heads), peers and status. When a peer
 //! advertises a newer head for a followed channel, the endpoint fetches the
 //! missing roots and the release envelope from that peer and hands them to
@@ -57,7 +57,7 @@
 //!
 //! Every status record is signed by the agent it describes
 //! ([`SignedStatus`]); the endpoint is given a [`RecordKeys`] (the agent:
-//! X.509 against the fleet CA, [`super::tls::X509RecordKeys`]) and keeps a
+//! X.509 against the fleet CA, `tls::X509RecordKeys` with feature `tls`) and keeps a
 //! record only if the certificate it carries verifies, names the record's
 //! agent id and signed it. One record per agent id (so a flood cannot
 //! evict real records: only that agent's own newer record replaces its
@@ -94,7 +94,7 @@ pub enum RecordRejection {
 
 /// The keys behind status gossip: sign our own records, verify others'.
 /// The agent uses X.509 against the fleet CA
-/// ([`super::tls::X509RecordKeys`]); the fleet simulator supplies its
+/// (`tls::X509RecordKeys` with feature `tls`); the fleet simulator supplies its
 /// own cheap scheme. There is no default: an [`Endpoint`] cannot be built
 /// without one.
 pub trait RecordKeys: std::fmt::Debug + Send {

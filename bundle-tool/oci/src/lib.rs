@@ -16,6 +16,7 @@
 //! every blob is checked against its digest here; what a tag points to is
 //! decided by the signed release it leads to (the agent's pipeline and
 //! `cairn pull` verify it like any repository).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use cairn_core::bundle::is_address;
 use serde::{Deserialize, Serialize};

@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
-pub enum BundleCommand {
+pub(super) enum BundleCommand {
     /// Build a bundle from a Git commit (read with gix: no checkout) and
     /// print its id.
     Build {
@@ -82,7 +82,7 @@ pub enum BundleCommand {
 /// `cairn bundle build`'s Helm options (boxed: they would make every
 /// other subcommand as large as `build`).
 #[derive(Debug, clap::Args)]
-pub struct HelmArgs {
+pub(super) struct HelmArgs {
     /// Helm program used to render charts and Kustomize `helmCharts`.
     #[arg(
         long,
@@ -111,7 +111,7 @@ pub struct HelmArgs {
     pub helm_timeout: u64,
 }
 
-pub fn run(cmd: BundleCommand) -> Result<()> {
+pub(super) fn run(cmd: BundleCommand) -> Result<()> {
     match cmd {
         BundleCommand::Build {
             git,

@@ -70,7 +70,7 @@ const SUMMARY_FORMAT: u32 = 1;
 
 /// `cairn demo`.
 #[derive(Debug, Args)]
-pub struct DemoArgs {
+pub(super) struct DemoArgs {
     /// Directory for everything the demo creates (must be empty or
     /// missing) [default: a new directory under the system temp dir].
     #[arg(long, value_name = "DIR")]
@@ -941,7 +941,7 @@ struct Outcome {
     error: Option<String>,
 }
 
-pub fn run(a: DemoArgs) -> Result<()> {
+pub(super) fn run(a: DemoArgs) -> Result<()> {
     // Before anything is written: a build for an organisation's root has
     // no development key (and its agents would reject the demo releases).
     dev_release_key()?;

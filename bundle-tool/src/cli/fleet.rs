@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Subcommand)]
-pub enum FleetCommand {
+pub(super) enum FleetCommand {
     /// Print the fleet as seen by one agent: per channel and release, how
     /// many agents adopted, wait for their wave, hold, failed, and whether
     /// the rollout breaker tripped; then one row per agent.
@@ -21,7 +21,7 @@ pub enum FleetCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(super) struct StatusArgs {
     /// The agent to ask (`host:port` of its mesh listener).
     #[arg(long)]
     peer: String,
@@ -46,7 +46,7 @@ pub struct StatusArgs {
     json: bool,
 }
 
-pub fn run(cmd: FleetCommand) -> Result<()> {
+pub(super) fn run(cmd: FleetCommand) -> Result<()> {
     match cmd {
         FleetCommand::Status(a) => status(a),
     }
@@ -56,7 +56,7 @@ pub fn run(cmd: FleetCommand) -> Result<()> {
 /// records sorted by agent id, records dropped). Every record is verified
 /// here too (certificate from the fleet CA naming the record's agent, the
 /// agent's signature); those that fail are dropped and counted.
-pub fn fetch_status(
+pub(super) fn fetch_status(
     peer: &str,
     paths: &CredentialPaths,
     timeout: Duration,
@@ -160,7 +160,7 @@ impl Drop for IgnoreSigpipe {
 
 /// One release's rollout across the agents that report about it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReleaseSummary {
+pub(super) struct ReleaseSummary {
     /// Channel.
     pub channel: String,
     /// Highest sequence seen carrying the bundle on that channel.
@@ -183,7 +183,7 @@ pub struct ReleaseSummary {
 
 /// Groups status records by channel and bundle: adopted releases and
 /// pending (deferred) ones. Pure.
-pub fn summarize(records: &[StatusRecord]) -> Vec<ReleaseSummary> {
+pub(super) fn summarize(records: &[StatusRecord]) -> Vec<ReleaseSummary> {
     use std::collections::BTreeMap;
     let mut by: BTreeMap<(String, String), ReleaseSummary> = BTreeMap::new();
     for r in records {

@@ -5,7 +5,7 @@ use clap::Subcommand;
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
-pub enum KeysCommand {
+pub(super) enum KeysCommand {
     /// Generate an Ed25519 key pair: DIR/NAME.key (private, mode 0600) and
     /// DIR/NAME.pub. Prints the key id.
     Generate {
@@ -22,7 +22,7 @@ pub enum KeysCommand {
     },
 }
 
-pub fn run(cmd: KeysCommand) -> Result<()> {
+pub(super) fn run(cmd: KeysCommand) -> Result<()> {
     match cmd {
         KeysCommand::Generate { name, dir } => {
             let (kp, key, public) = cairn_keys::keyfile::generate(&dir, &name)?;

@@ -6,7 +6,7 @@ use clap::{ArgGroup, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Debug, Subcommand)]
-pub enum MeshCommand {
+pub(super) enum MeshCommand {
     /// Manage the fleet's mesh certificate authority.
     #[command(subcommand)]
     Ca(CaCommand),
@@ -37,7 +37,7 @@ pub enum MeshCommand {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum CaCommand {
+pub(super) enum CaCommand {
     /// Create a new mesh CA: DIR/ca.crt and DIR/ca.key (mode 0600). Keep
     /// ca.key offline; agents only need ca.crt.
     Init {
@@ -53,7 +53,7 @@ pub enum CaCommand {
     },
 }
 
-pub fn run(cmd: MeshCommand) -> Result<()> {
+pub(super) fn run(cmd: MeshCommand) -> Result<()> {
     let now = crate::unix_now();
     match cmd {
         MeshCommand::Ca(CaCommand::Init { out, name, days }) => {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// TLS and credentials for the registry.
 #[derive(Debug, Args)]
-pub struct RegistryArgs {
+pub(super) struct RegistryArgs {
     /// PEM CA bundle trusted for the registry, in addition to the system roots.
     #[arg(long, value_name = "FILE")]
     ca_file: Option<PathBuf>,
@@ -53,7 +53,7 @@ impl RegistryArgs {
 
 /// `cairn push`.
 #[derive(Debug, Args)]
-pub struct PushArgs {
+pub(super) struct PushArgs {
     /// The bundle repository directory.
     #[arg(long, value_name = "DIR")]
     repo: PathBuf,
@@ -71,7 +71,7 @@ pub struct PushArgs {
 
 /// `cairn pull`.
 #[derive(Debug, Args)]
-pub struct PullArgs {
+pub(super) struct PullArgs {
     /// The registry repository: oci://HOST[:PORT]/NAME.
     #[arg(long, value_name = "URL")]
     from: String,
@@ -96,7 +96,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Runs `cairn push`.
-pub fn push(a: PushArgs) -> Result<()> {
+pub(super) fn push(a: PushArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     if !repo.path().is_dir() {
@@ -127,7 +127,7 @@ pub fn push(a: PushArgs) -> Result<()> {
 }
 
 /// Runs `cairn pull`.
-pub fn pull(a: PullArgs) -> Result<()> {
+pub(super) fn pull(a: PullArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     std::fs::create_dir_all(repo.path())

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// `cairn promote`.
 #[derive(Debug, Args)]
-pub struct PromoteArgs {
+pub(super) struct PromoteArgs {
     /// The bundle repository directory.
     #[arg(long, value_name = "DIR")]
     repo: PathBuf,
@@ -29,7 +29,7 @@ pub struct PromoteArgs {
 
 /// Runs `cairn promote`: prints `CHANNEL SEQUENCE` of the new release on
 /// stdout, details on stderr.
-pub fn run(a: PromoteArgs) -> Result<()> {
+pub(super) fn run(a: PromoteArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     if !repo.path().is_dir() {

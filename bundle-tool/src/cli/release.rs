@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 /// Root files that start the trust chain.
 #[derive(Debug, Args)]
-pub struct RootArgs {
+pub(super) struct RootArgs {
     /// Root files, in order from the first trusted version (usually v1).
     /// Without them the chain starts at the root embedded in this binary.
     /// Newer roots found in the repository continue the chain.
@@ -46,7 +46,7 @@ impl RootArgs {
 
 /// `cairn release`.
 #[derive(Debug, Args)]
-pub struct ReleaseArgs {
+pub(super) struct ReleaseArgs {
     /// The bundle repository directory (created if missing).
     #[arg(long, value_name = "DIR")]
     repo: PathBuf,
@@ -63,7 +63,7 @@ pub struct ReleaseArgs {
 /// What signs a new release, and its policy: shared by `cairn release` and
 /// `cairn promote`.
 #[derive(Debug, Args)]
-pub struct SigningArgs {
+pub(super) struct SigningArgs {
     /// Private release key file (repeat to reach the threshold).
     #[arg(long = "key", value_name = "KEY", required = true)]
     keys: Vec<PathBuf>,
@@ -102,7 +102,7 @@ impl SigningArgs {
 
 /// `cairn verify`.
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub(super) struct VerifyArgs {
     /// The bundle repository directory.
     #[arg(long, value_name = "DIR")]
     repo: PathBuf,
@@ -118,7 +118,7 @@ pub struct VerifyArgs {
 
 /// `cairn export`.
 #[derive(Debug, Args)]
-pub struct ExportArgs {
+pub(super) struct ExportArgs {
     /// The bundle repository directory.
     #[arg(long, value_name = "DIR")]
     repo: PathBuf,
@@ -134,7 +134,7 @@ pub struct ExportArgs {
 
 /// `cairn import`.
 #[derive(Debug, Args)]
-pub struct ImportArgs {
+pub(super) struct ImportArgs {
     /// The tar archive (from `cairn export`).
     file: PathBuf,
     /// The bundle repository directory (created if missing).
@@ -151,7 +151,7 @@ pub(super) fn read_keys(paths: &[PathBuf]) -> Result<Vec<cairn_keys::KeyPair>> {
         .collect()
 }
 
-pub fn release(a: ReleaseArgs) -> Result<()> {
+pub(super) fn release(a: ReleaseArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     let chain = a.signing.root.chain(&repo)?;
@@ -171,7 +171,7 @@ pub fn release(a: ReleaseArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(a: VerifyArgs) -> Result<()> {
+pub(super) fn verify(a: VerifyArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     if !repo.path().is_dir() {
@@ -273,7 +273,7 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn export(a: ExportArgs) -> Result<()> {
+pub(super) fn export(a: ExportArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     let chain = a.root.chain(&repo)?;
@@ -297,7 +297,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn import(a: ImportArgs) -> Result<()> {
+pub(super) fn import(a: ImportArgs) -> Result<()> {
     let limits = Limits::default();
     let repo = RepoDir::new(&a.repo);
     let start = a.root.start()?;

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
-pub enum RootCommand {
+pub(super) enum RootCommand {
     /// Create root version 1, signed by its own root keys.
     Init {
         #[command(flatten)]
@@ -46,7 +46,7 @@ pub enum RootCommand {
 
 /// Keys, thresholds, expiry and signers of a new root.
 #[derive(Debug, Args)]
-pub struct RootSpec {
+pub(super) struct RootSpec {
     /// Public key file of a root key (repeat for each).
     #[arg(long = "root-key", required = true)]
     root_keys: Vec<PathBuf>,
@@ -113,7 +113,7 @@ fn write_root(out: &Path, bytes: &[u8]) -> Result<()> {
     cairn_keys::fs::write_atomic(out, bytes, None).with_context(|| format!("{}", out.display()))
 }
 
-pub fn run(cmd: RootCommand) -> Result<()> {
+pub(super) fn run(cmd: RootCommand) -> Result<()> {
     let now = crate::unix_now();
     match cmd {
         RootCommand::Init { spec, out } => {

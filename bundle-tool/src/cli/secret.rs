@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Subcommand)]
-pub enum SecretCommand {
+pub(super) enum SecretCommand {
     /// Encrypt a Secret manifest to one or more sites' age recipients; the
     /// result (an AgeSecret document: name and namespace in clear, the
     /// Secret as an armored age file) is what goes into Git.
@@ -65,7 +65,7 @@ fn read_input(path: &Path, max: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-pub fn run(cmd: SecretCommand) -> Result<()> {
+pub(super) fn run(cmd: SecretCommand) -> Result<()> {
     match cmd {
         SecretCommand::Encrypt {
             mut recipients,

@@ -3,6 +3,7 @@
 //! test's name is its module path, e.g. `cli_release::release_threshold_two_needs_two_keys`.
 //! New tests go here as modules, not as new files in `bundle-tool/tests/`.
 //! See docs/TESTING.md.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

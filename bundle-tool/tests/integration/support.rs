@@ -5,30 +5,30 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// `cairn <args>`, not yet run.
-pub fn cairn(args: &[&str]) -> Command {
+pub(crate) fn cairn(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
     c.args(args);
     c
 }
 
 /// `cairn <args>`, which must succeed; its stdout.
-pub fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     cairn_test_support::ok(&mut cairn(args))
 }
 
 /// `cairn <args>` in `cwd`, run to completion.
-pub fn run_in(args: &[&str], cwd: &Path) -> Output {
+pub(crate) fn run_in(args: &[&str], cwd: &Path) -> Output {
     cairn_test_support::run(cairn(args).current_dir(cwd))
 }
 
 /// `cairn <args>` in `cwd`, which must succeed; its stdout.
-pub fn ok_in(args: &[&str], cwd: &Path) -> String {
+pub(crate) fn ok_in(args: &[&str], cwd: &Path) -> String {
     cairn_test_support::ok(cairn(args).current_dir(cwd))
 }
 
 /// `cairn <args>` (in `cwd` if given), which must exit with `code`; its
 /// stderr.
-pub fn fails_code(args: &[&str], cwd: Option<&Path>, code: i32) -> String {
+pub(crate) fn fails_code(args: &[&str], cwd: Option<&Path>, code: i32) -> String {
     let mut c = cairn(args);
     if let Some(d) = cwd {
         c.current_dir(d);

@@ -14,6 +14,7 @@
 //! server.shutdown().await;
 //! # Ok(()) }
 //! ```
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
 pub mod apply;

@@ -2,6 +2,7 @@
 //!
 //! Prints `READY address=http://127.0.0.1:PORT kubeconfig=PATH` on stdout once
 //! serving, and shuts down cleanly on SIGTERM/SIGINT (saving `--state`).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use std::io::Write;
 use std::net::SocketAddr;

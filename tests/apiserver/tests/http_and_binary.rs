@@ -1,4 +1,5 @@
 //! Raw HTTP behaviour (status codes, error bodies) and the binary as a process.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

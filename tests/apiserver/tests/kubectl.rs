@@ -1,4 +1,5 @@
 //! Real `kubectl` against the in-process test API server.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

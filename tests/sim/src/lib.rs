@@ -34,6 +34,7 @@
 //! re-decoded on receipt (sizes are the real encoded frame sizes); a lost
 //! message breaks its connection, since TCP delivers in order or not at
 //! all; a partition resets the connections that cross it.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use cairn_core::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
 use cairn_core::limits::Limits;

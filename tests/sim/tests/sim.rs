@@ -1,6 +1,7 @@
 //! The fleet simulator at small size: determinism, convergence under loss,
 //! partitions and churn, attacks, deltas and rollout waves. Each test runs
 //! in a few seconds in a debug build.
+#![allow(clippy::unwrap_used)]
 
 use cairn_sim::{run, Churn, Partition, Report, SimConfig};
 

@@ -146,7 +146,7 @@ pub fn mesh_addr(block: u8, i: usize) -> String {
     format!("127.0.{block}.{}:7440", i + 1)
 }
 
-/// One test's fleet of agent processes meshed over TLS on 127.0.<block>.x:
+/// One test's fleet of agent processes meshed over TLS on `127.0.<block>.x`:
 /// a fleet CA, and per agent `<root>/agent<i>/{cert,data,manifests,
 /// config.yaml,agent.log}`. `w` is the test's own scratch world (the
 /// agent tests' `World`). Agents are killed when the fleet is dropped.

@@ -14,6 +14,7 @@
 //! * [`registry::Registry`]: a real OCI registry (TLS, htpasswd) on loopback.
 //!
 //! Nothing here depends on files outside the workspace.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod apiserver;
 pub mod fixture;

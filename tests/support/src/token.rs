@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The `service` (token audience).
-pub const SERVICE: &str = "cairn-test-registry";
+pub(crate) const SERVICE: &str = "cairn-test-registry";
 /// The token issuer.
-pub const ISSUER: &str = "cairn-test-issuer";
+pub(crate) const ISSUER: &str = "cairn-test-issuer";
 
-pub struct TokenServer {
+pub(crate) struct TokenServer {
     addr: SocketAddr,
     signer_pem: String,
     issued: Arc<AtomicU64>,
@@ -98,7 +98,11 @@ impl Signer {
 impl TokenServer {
     /// Starts the server with TLS certificate `tls` (from the test CA),
     /// accepting `user`/`password`.
-    pub fn start(tls: &crate::registry::IssuedCert, user: &str, password: &str) -> Result<Self> {
+    pub(crate) fn start(
+        tls: &crate::registry::IssuedCert,
+        user: &str,
+        password: &str,
+    ) -> Result<Self> {
         let signing_key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::default();
         params
@@ -211,17 +215,17 @@ impl TokenServer {
     }
 
     /// `https://127.0.0.1:PORT/token`.
-    pub fn realm(&self) -> String {
+    pub(crate) fn realm(&self) -> String {
         format!("https://{}/token", self.addr)
     }
 
     /// The certificate whose key signs tokens (the registry's `rootcertbundle`).
-    pub fn signer_pem(&self) -> &str {
+    pub(crate) fn signer_pem(&self) -> &str {
         &self.signer_pem
     }
 
     /// Tokens issued so far.
-    pub fn issued(&self) -> u64 {
+    pub(crate) fn issued(&self) -> u64 {
         self.issued.load(Ordering::Relaxed)
     }
 }

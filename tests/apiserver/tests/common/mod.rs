@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use cairn_test_apiserver::{Config, TestApiServer};
 
 /// A running in-process server plus a temp dir with a kubeconfig.
-pub struct Env {
+pub(crate) struct Env {
     pub server: TestApiServer,
     pub dir: tempfile::TempDir,
     pub kubeconfig: PathBuf,
@@ -15,14 +15,14 @@ pub struct Env {
 
 /// Output of one kubectl run.
 #[derive(Debug)]
-pub struct Out {
+pub(crate) struct Out {
     pub ok: bool,
     pub stdout: String,
     pub stderr: String,
 }
 
 impl Env {
-    pub async fn start(config: Config) -> Env {
+    pub(crate) async fn start(config: Config) -> Env {
         let server = TestApiServer::start(config).await.expect("start server");
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = dir.path().join("kubeconfig");
@@ -34,7 +34,7 @@ impl Env {
         }
     }
 
-    pub async fn default() -> Env {
+    pub(crate) async fn default() -> Env {
         Env::start(Config {
             deployment_ready_delay: Duration::from_millis(200),
             ..Config::default()
@@ -43,11 +43,11 @@ impl Env {
     }
 
     /// Runs kubectl with this server's kubeconfig and a private cache dir.
-    pub async fn kubectl(&self, args: &[&str]) -> Out {
+    pub(crate) async fn kubectl(&self, args: &[&str]) -> Out {
         self.kubectl_stdin(args, None).await
     }
 
-    pub async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Out {
+    pub(crate) async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Out {
         use tokio::io::AsyncWriteExt;
         let mut cmd = tokio::process::Command::new("kubectl");
         cmd.arg("--kubeconfig")
@@ -79,19 +79,19 @@ impl Env {
     }
 
     /// Runs kubectl and expects success.
-    pub async fn ok(&self, args: &[&str]) -> String {
+    pub(crate) async fn ok(&self, args: &[&str]) -> String {
         let o = self.kubectl(args).await;
         assert!(o.ok, "kubectl {args:?} failed: {}", o.stderr);
         o.stdout
     }
 
     /// Runs kubectl expecting JSON output.
-    pub async fn json(&self, args: &[&str]) -> serde_json::Value {
+    pub(crate) async fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.ok(args).await;
         serde_json::from_str(&out).expect("kubectl printed JSON")
     }
 
-    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, rel: &str, text: &str) -> PathBuf {
         let p = self.dir.path().join(rel);
         if let Some(parent) = p.parent() {
             std::fs::create_dir_all(parent).expect("mkdir");
@@ -100,17 +100,17 @@ impl Env {
         p
     }
 
-    pub fn path(&self, rel: &str) -> String {
+    pub(crate) fn path(&self, rel: &str) -> String {
         self.dir.path().join(rel).display().to_string()
     }
 
     /// A kube-rs client for this server.
-    pub fn client(&self) -> kube::Client {
+    pub(crate) fn client(&self) -> kube::Client {
         client_for(&self.server.url())
     }
 }
 
-pub fn client_for(url: &str) -> kube::Client {
+pub(crate) fn client_for(url: &str) -> kube::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let uri: hyper::Uri = url.parse().expect("url");
     let config = kube::Config::new(uri);
@@ -118,7 +118,7 @@ pub fn client_for(url: &str) -> kube::Client {
 }
 
 /// Polls `f` until it returns Some or the timeout passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+pub(crate) async fn eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -135,11 +135,11 @@ where
     }
 }
 
-pub fn exists(p: &Path) -> bool {
+pub(crate) fn exists(p: &Path) -> bool {
     p.exists()
 }
 
-pub const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+pub(crate) const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata:
   name: widgets.example.com

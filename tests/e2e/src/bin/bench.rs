@@ -25,7 +25,8 @@
 //! * `--keep DIR`: work in DIR and keep it (fixtures, repositories, logs).
 //!
 //! Network: loopback only (a static file server on 127.0.0.1 and mesh
-//! agents on 127.0.<block>.x).
+//! agents on `127.0.<block>.x`).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_test_support::{make_manifest_repo, FixtureOptions, StaticServer};
@@ -1208,7 +1209,7 @@ fn http_get(addr: &str, path: &str) -> Result<String> {
         .unwrap_or_default())
 }
 
-/// A free TCP port on 127.0.<block>.<i+1>.
+/// A free TCP port on `127.0.<block>.<i+1>`.
 fn free_port(block: u8, i: usize) -> Result<u16> {
     let ip = std::net::Ipv4Addr::new(127, 0, block, (i + 1) as u8);
     let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;

@@ -4,6 +4,7 @@
 //! does); a test never builds them itself. A test's name is its module
 //! path, e.g. `readme::...`. New tests go here as modules. See
 //! docs/TESTING.md.
+#![allow(clippy::unwrap_used)]
 
 mod bench_quick;
 mod demo;

@@ -6,6 +6,7 @@
 //!           [--partition FRACTION:MS] [--malicious N] [--status]
 //!           [--objects N] [--object-bytes N] [--releases N] [--origins N]
 //! ```
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
 use cairn_sim::{run, Churn, Partition, SimConfig};

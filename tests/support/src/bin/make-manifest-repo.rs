@@ -2,6 +2,7 @@
 //!
 //! Creates a deterministic Git repository of Kubernetes manifests (see
 //! `cairn_test_support::fixture`) and prints the head commit id.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use cairn_test_support::{add_kustomize_overlay, make_manifest_repo, FixtureOptions};
 use std::path::PathBuf;
