@@ -18,6 +18,7 @@ pub mod bundle;
 pub mod diff;
 pub mod duration;
 mod error;
+pub mod ingest;
 pub mod layout;
 pub mod limits;
 pub mod pipeline;
