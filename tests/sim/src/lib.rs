@@ -48,9 +48,9 @@ use cairn_core::rollout::FleetReports;
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
-    Action, ConnId, Endpoint, Event, FetchId, Millis, RecordKeys, RecordRejection, SyncConfig,
-    UnixMillis, VerifyFailure,
+    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
 };
+use cairn_mesh::testing::SharedSecretKeys;
 use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -743,49 +743,9 @@ pub struct Sim {
 
 /// Status record keys of the simulated fleet: thousands of X.509
 /// certificates and ECDSA signatures would dominate the run, so the
-/// "certificate" is the agent id and the "signature" a keyed SHA-256 under
-/// a fleet secret every simulated agent shares. The endpoint's checks
-/// (the certificate names the record's agent, the signature covers the
-/// record) are the real ones; only the cryptography is cheaper.
-#[derive(Debug)]
-struct SimKeys {
-    agent_id: String,
-}
-
+/// records are signed with [`SharedSecretKeys`] (the mesh's test keys: the
+/// endpoint's checks are the real ones; only the cryptography is cheaper).
 const SIM_FLEET_SECRET: &[u8] = b"cairn-sim fleet secret";
-
-fn sim_signature(agent_id: &str, message: &[u8]) -> Vec<u8> {
-    let mut m = SIM_FLEET_SECRET.to_vec();
-    m.extend_from_slice(agent_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(message);
-    sha256_address(&m).into_bytes()
-}
-
-impl RecordKeys for SimKeys {
-    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-        Ok((
-            self.agent_id.as_bytes().to_vec(),
-            sim_signature(&self.agent_id, message),
-        ))
-    }
-
-    fn verify(
-        &self,
-        cert: &[u8],
-        message: &[u8],
-        signature: &[u8],
-        _now_ms: u64,
-    ) -> Result<String, RecordRejection> {
-        let id = std::str::from_utf8(cert)
-            .map_err(|_| RecordRejection::Forged("certificate is not an agent id".into()))?;
-        if sim_signature(id, message) == signature {
-            Ok(id.to_owned())
-        } else {
-            Err(RecordRejection::Forged("bad signature".into()))
-        }
-    }
-}
 
 fn secs(ms: u64) -> u64 {
     EPOCH + ms / 1000
@@ -1065,8 +1025,9 @@ impl Sim {
         c.rng_seed = self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(n.inc);
         c.anti_entropy_ms = self.cfg.anti_entropy_ms;
         c.limits.target_connections = self.cfg.target_connections;
-        let keys = SimKeys {
-            agent_id: n.id.clone(),
+        let keys = SharedSecretKeys {
+            id: n.id.clone(),
+            secret: SIM_FLEET_SECRET,
         };
         Endpoint::new(c, 1, Box::new(keys))
     }
