@@ -1,12 +1,28 @@
 //! A deterministic fleet simulator for Cairn's mesh.
 //!
-//! Thousands of agents, each the **real** sans-IO mesh state machine
-//! ([`cairn_mesh::sync::Endpoint`]) with the **real** adoption
-//! logic in front of its store: every release passes
-//! [`cairn_core::verify::ReleaseCheck`] against the development trust
-//! root and [`cairn_core::rollout::decide`], every manifest
-//! [`Manifest::decode`], every object [`verify_object`]. Only the IO is
-//! simulated: a priority queue of events on simulated time (milliseconds),
+//! Thousands of agents, each running the **real** code of an agent's mesh
+//! and adoption path; only the IO is simulated. Precisely:
+//!
+//! * the mesh: [`cairn_mesh::sync::Endpoint`] (the sans-IO sync state
+//!   machine the agent runs), fed and drained as the agent's mesh driver
+//!   does; its frames are encoded with [`encode_frame`] to count their
+//!   real size; status records are signed with
+//!   [`cairn_mesh::testing::SharedSecretKeys`] instead of X.509 keys;
+//! * a release offered by a peer: [`Ingest::start`] and
+//!   [`adoption_gate`] before any object is asked for, then
+//!   [`Ingest::handle_manifest`] / [`Ingest::handle_object`] for each
+//!   fetched file, as in the agent's mesh driver;
+//! * every adoption, from a peer or (on the origins) from the bundle
+//!   repository: [`cairn_core::ingest::drive`], the agent's one ingest
+//!   driver (roots, release, gate, manifest, only the missing objects,
+//!   each verified and stored), over a simulated source and the node's
+//!   store, polled to completion with `futures::executor::block_on`;
+//!   then [`Ingest::finish`] against the node's state at that moment, as
+//!   the agent's commit does. Origins are not gated: the simulator does
+//!   not model deferred releases staged and relayed ahead of their wave,
+//!   so the origins act as the rollout's source.
+//!
+//! Simulated: a priority queue of events on simulated time (milliseconds),
 //! links with per-pair latency, message loss, node churn (crash and
 //! restart with the store kept) and partitions, all drawn from one seeded
 //! [`StdRng`]. No sockets, no threads, no clock: the same [`SimConfig`]
