@@ -388,10 +388,8 @@ where
                     .and_then(|m| m.entries.iter().find(|e| e.object == address))
                     .map(|e| e.display_name())
                     .unwrap_or_default();
-                let rej = Rejection::new(
-                    Stage::Object,
-                    crate::Error::ObjectMissing { address, what },
-                );
+                let rej =
+                    Rejection::new(Stage::Object, crate::Error::ObjectMissing { address, what });
                 return outcome(root_rejected, Driven::Rejected(rej), counts);
             };
             if let Err(rej) = ingest.handle_object(&address, &bytes) {

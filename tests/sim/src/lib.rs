@@ -58,9 +58,9 @@ use cairn_core::pipeline::{
     adoption_gate, AdoptedRef, Adoption, Audience, Context, Ingest, LocalHold, Rejection, Start,
     Want,
 };
-use cairn_core::verify::VerifiedRelease;
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
+use cairn_core::verify::VerifiedRelease;
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
@@ -292,8 +292,7 @@ fn object_bytes(release: u64, i: usize, size: usize) -> Vec<u8> {
 }
 
 fn build_world(cfg: &SimConfig) -> World {
-    let verified =
-        cairn_keys::embedded::root().unwrap_or_else(|e| panic!("embedded root: {e}"));
+    let verified = cairn_keys::embedded::root().unwrap_or_else(|e| panic!("embedded root: {e}"));
     let root = verified.root().clone();
     let limits = Limits::default();
     let key = release_key();
@@ -1616,9 +1615,8 @@ impl Sim {
                 puts: Mutex::new(Vec::new()),
             };
             let limits = &self.world.limits;
-            let outcome = futures::executor::block_on(driver::drive(
-                &fetch, &local, CHANNEL, limits, 8,
-            ));
+            let outcome =
+                futures::executor::block_on(driver::drive(&fetch, &local, CHANNEL, limits, 8));
             let puts = local.puts.into_inner().unwrap_or_else(|e| e.into_inner());
             (outcome, puts)
         };
@@ -1628,8 +1626,10 @@ impl Sim {
         let outcome = match outcome {
             Ok(o) => o,
             Err(DriveError::Fetch(e) | DriveError::Local(e)) => {
-                self.violations
-                    .push(format!("{}: ingest from {} failed: {e}", self.nodes[i].id, source.name));
+                self.violations.push(format!(
+                    "{}: ingest from {} failed: {e}",
+                    self.nodes[i].id, source.name
+                ));
                 return Ingested::Nothing(None);
             }
         };
