@@ -1592,7 +1592,8 @@ impl Sim {
     /// agent's own) for node `i` from `source`, polled to completion (the
     /// simulated fetches complete at once); then what it stored goes into
     /// the node's store and a complete candidate is committed as the
-    /// agent commits: [`Ingest::finish`] against the node's state now.
+    /// agent commits: [`Ingest::finish`] against the node's state now, and
+    /// the manifest stored with the adoption.
     fn ingest(&mut self, i: usize, source: &SourceSpec) -> Ingested {
         let (outcome, puts) = {
             let bundle = source.bundle.clone();
@@ -1642,7 +1643,16 @@ impl Sim {
         };
         let candidate = ingest.release().bytes().to_vec();
         match ingest.finish(&self.context(i)) {
-            Ok(adoption) => Ingested::Adopted(adoption),
+            Ok(adoption) => {
+                // The manifest is stored with the adoption (the agent's
+                // `Store::adopt` keeps it as the bundle): peers fetch it.
+                let (bundle, manifest) = (
+                    adoption.bundle_id().to_owned(),
+                    adoption.manifest_bytes().to_vec(),
+                );
+                self.store(i, &bundle, &manifest);
+                Ingested::Adopted(adoption)
+            }
             Err(_)
                 if self.nodes[i]
                     .adopted
