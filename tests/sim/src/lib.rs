@@ -465,7 +465,7 @@ enum Content {
 
 /// What one ingest gave.
 enum Ingested {
-    Adopted(Adoption),
+    Adopted(Box<Adoption>),
     /// Rejected on the way: the fetch is reported to the mesh.
     Rejected(Rejection),
     /// Nothing to adopt (up to date, deferred, or the commit-time re-check
@@ -589,7 +589,7 @@ impl driver::Local for SimLocal<'_> {
         let deferral = self.gated.then(|| {
             let release = release.release();
             let reports = match &self.reports {
-                (bundle, r) if *bundle == release.bundle => r.clone(),
+                (bundle, r) if *bundle == release.bundle => *r,
                 _ => FleetReports::default(),
             };
             let who = Audience {
@@ -1651,7 +1651,7 @@ impl Sim {
                     adoption.manifest_bytes().to_vec(),
                 );
                 self.store(i, &bundle, &manifest);
-                Ingested::Adopted(adoption)
+                Ingested::Adopted(Box::new(adoption))
             }
             Err(_)
                 if self.nodes[i]
