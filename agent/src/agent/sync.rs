@@ -1,5 +1,5 @@
 use super::*;
-use crate::ingest::{self, BoxFuture, DriveError, Driven, Fetch, Gate, Item, Local, Snapshot};
+use crate::ingest::{self, BoxFuture, DriveError, Driven, Gate, Local, Snapshot};
 use cairn_core::verify::VerifiedRelease;
 
 impl Agent {
@@ -241,23 +241,6 @@ impl Agent {
         Ok(SyncOutcome::Adopted {
             sequence: rel.sequence,
         })
-    }
-}
-
-/// Every [`Source`] is an ingest [`Fetch`].
-impl<S: Source + ?Sized> Fetch for S {
-    type Error = SourceError;
-
-    fn name(&self) -> &str {
-        Source::name(self)
-    }
-
-    fn fetch<'a>(
-        &'a self,
-        item: &'a Item,
-        limit: u64,
-    ) -> BoxFuture<'a, std::result::Result<Option<Vec<u8>>, SourceError>> {
-        self.get(item, limit)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod bundle_file;
 pub mod diff;
 pub mod duration;
 mod error;
+pub mod ingest;
 pub mod layout;
 pub mod limits;
 pub mod pipeline;

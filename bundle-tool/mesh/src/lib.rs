@@ -21,6 +21,8 @@ pub mod identity;
 #[cfg(feature = "tls")]
 pub mod pki;
 pub mod sync;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod wire;

@@ -1,12 +1,28 @@
 //! A deterministic fleet simulator for Cairn's mesh.
 //!
-//! Thousands of agents, each the **real** sans-IO mesh state machine
-//! ([`cairn_mesh::sync::Endpoint`]) with the **real** adoption
-//! logic in front of its store: every release passes
-//! [`cairn_core::verify::ReleaseCheck`] against the development trust
-//! root and [`cairn_core::rollout::decide`], every manifest
-//! [`Manifest::decode`], every object [`verify_object`]. Only the IO is
-//! simulated: a priority queue of events on simulated time (milliseconds),
+//! Thousands of agents, each running the **real** code of an agent's mesh
+//! and adoption path; only the IO is simulated. Precisely:
+//!
+//! * the mesh: [`cairn_mesh::sync::Endpoint`] (the sans-IO sync state
+//!   machine the agent runs), fed and drained as the agent's mesh driver
+//!   does; its frames are encoded with [`encode_frame`] to count their
+//!   real size; status records are signed with
+//!   [`cairn_mesh::testing::SharedSecretKeys`] instead of X.509 keys;
+//! * a release offered by a peer: [`Ingest::start`] and
+//!   [`adoption_gate`] before any object is asked for, then
+//!   [`Ingest::handle_manifest`] / [`Ingest::handle_object`] for each
+//!   fetched file, as in the agent's mesh driver;
+//! * every adoption, from a peer or (on the origins) from the bundle
+//!   repository: [`cairn_core::ingest::drive`], the agent's one ingest
+//!   driver (roots, release, gate, manifest, only the missing objects,
+//!   each verified and stored), over a simulated source and the node's
+//!   store, polled to completion with `futures::executor::block_on`;
+//!   then [`Ingest::finish`] against the node's state at that moment, as
+//!   the agent's commit does. Origins are not gated: the simulator does
+//!   not model deferred releases staged and relayed ahead of their wave,
+//!   so the origins act as the rollout's source.
+//!
+//! Simulated: a priority queue of events on simulated time (milliseconds),
 //! links with per-pair latency, message loss, node churn (crash and
 //! restart with the store kept) and partitions, all drawn from one seeded
 //! [`StdRng`]. No sockets, no threads, no clock: the same [`SimConfig`]
@@ -37,6 +53,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use cairn_core::bundle::{verify_object, Entry, Manifest, Source, BUNDLE_FORMAT};
+use cairn_core::ingest::{self as driver, BoxFuture, DriveError, Driven, Gate, Snapshot};
 use cairn_core::limits::Limits;
 use cairn_core::pipeline::{
     adoption_gate, AdoptedRef, Adoption, Audience, Context, Ingest, LocalHold, Rejection, Start,
@@ -44,18 +61,19 @@ use cairn_core::pipeline::{
 };
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
-use cairn_keys::{sha256_address, KeyPair, Root};
+use cairn_core::verify::VerifiedRelease;
+use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
-    Action, ConnId, Endpoint, Event, FetchId, Millis, RecordKeys, RecordRejection, SyncConfig,
-    UnixMillis, VerifyFailure,
+    Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
 };
+use cairn_mesh::testing::SharedSecretKeys;
 use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The channel every simulated agent follows.
 pub const CHANNEL: &str = "stable";
@@ -227,6 +245,8 @@ struct Published {
 
 struct World {
     root: Root,
+    /// The same root, verified (the embedded development root).
+    verified: VerifiedRoot,
     limits: Limits,
     /// Interned verified content: address -> id, and id -> (address, bytes).
     index: BTreeMap<String, u32>,
@@ -273,10 +293,8 @@ fn object_bytes(release: u64, i: usize, size: usize) -> Vec<u8> {
 }
 
 fn build_world(cfg: &SimConfig) -> World {
-    let root = cairn_keys::embedded::root()
-        .unwrap_or_else(|e| panic!("embedded root: {e}"))
-        .root()
-        .clone();
+    let verified = cairn_keys::embedded::root().unwrap_or_else(|e| panic!("embedded root: {e}"));
+    let root = verified.root().clone();
     let limits = Limits::default();
     let key = release_key();
     let rollout = match &cfg.rollout {
@@ -287,6 +305,7 @@ fn build_world(cfg: &SimConfig) -> World {
     };
     let mut w = World {
         root,
+        verified,
         limits,
         index: BTreeMap::new(),
         content: Vec::new(),
@@ -424,6 +443,195 @@ impl LocalHold for NoHold {
     }
 }
 
+/// Where an ingest reads from: the bundle repository (an origin's source)
+/// or the files a mesh fetch put into the node's store.
+struct SourceSpec {
+    name: String,
+    /// The channel's release envelope it serves.
+    release: Arc<Vec<u8>>,
+    /// The bundle that release names (for the fleet reports the gate reads).
+    bundle: String,
+    content: Content,
+    /// Whether the adoption gate applies (see [`SimLocal`]).
+    gated: bool,
+}
+
+/// Where a [`SourceSpec`]'s manifests and objects come from.
+enum Content {
+    /// Every bundle published so far (the world's content).
+    Repository,
+    /// What the ingesting node has stored (the agent's mesh `StagedSource`).
+    Store,
+}
+
+/// What one ingest gave.
+enum Ingested {
+    Adopted(Box<Adoption>),
+    /// Rejected on the way: the fetch is reported to the mesh.
+    Rejected(Rejection),
+    /// Nothing to adopt (up to date, deferred, or the commit-time re-check
+    /// failed: its reason).
+    Nothing(Option<&'static str>),
+}
+
+/// A [`SourceSpec`] as the ingest driver's [`driver::Fetch`]. Roots are not
+/// rotated in the simulation: no source serves one.
+struct SimFetch<'a> {
+    world: &'a World,
+    /// The node's store, for [`Content::Store`].
+    objects: &'a BTreeSet<u32>,
+    source: &'a SourceSpec,
+}
+
+impl driver::Fetch for SimFetch<'_> {
+    type Error = String;
+
+    fn name(&self) -> &str {
+        &self.source.name
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        item: &'a driver::Item,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
+        let found = match item {
+            driver::Item::Root(_) => None,
+            driver::Item::Release(c) if c == CHANNEL => Some(self.source.release.as_ref().clone()),
+            driver::Item::Release(_) => None,
+            driver::Item::Manifest(a) | driver::Item::Object(a) => {
+                let world = self.world;
+                world
+                    .index
+                    .get(a)
+                    .filter(|id| match self.source.content {
+                        Content::Repository => true,
+                        Content::Store => self.objects.contains(id),
+                    })
+                    .map(|&id| world.content[id as usize].1.as_ref().clone())
+            }
+        };
+        Box::pin(async move {
+            match found {
+                Some(b) if b.len() as u64 > limit => {
+                    Err(format!("{item}: more than {limit} bytes"))
+                }
+                other => Ok(other),
+            }
+        })
+    }
+}
+
+/// Node `i`'s store and state as the ingest driver's [`driver::Local`].
+/// Stored objects are collected and put into the node's store (through
+/// [`Sim::store`], which checks them again) when the drive returns.
+///
+/// The gate is the agent's ([`adoption_gate`] with the node's labels and
+/// the fleet reports its endpoint holds, no local hold) for mesh fetches;
+/// origins are not gated: the simulator does not model staged releases
+/// relayed ahead of their wave, so origins act as the rollout's source.
+struct SimLocal<'a> {
+    world: &'a World,
+    id: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    objects: &'a BTreeSet<u32>,
+    adopted: Option<&'a Adopted>,
+    /// The fleet reports the node's endpoint holds for this bundle (the
+    /// endpoint itself stays with the simulator's event loop).
+    reports: (String, FleetReports),
+    /// Simulated ms.
+    now: u64,
+    gated: bool,
+    puts: Mutex<Vec<(String, Vec<u8>)>>,
+}
+
+impl SimLocal<'_> {
+    fn stored(&self, address: &str) -> Option<Vec<u8>> {
+        let world = self.world;
+        world
+            .index
+            .get(address)
+            .filter(|id| self.objects.contains(id))
+            .map(|&id| world.content[id as usize].1.as_ref().clone())
+    }
+}
+
+impl driver::Local for SimLocal<'_> {
+    type Error = String;
+
+    fn root(&self) -> VerifiedRoot {
+        self.world.verified.clone()
+    }
+
+    fn root_accepted(
+        &self,
+        version: u64,
+        _bytes: Vec<u8>,
+        _root: VerifiedRoot,
+    ) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move { Err(format!("root v{version}: rotation is not simulated")) })
+    }
+
+    fn root_rejected(&self, _rejection: &Rejection) {}
+
+    fn snapshot(&self) -> Snapshot {
+        let world = self.world;
+        Snapshot {
+            root: world.root.clone(),
+            epoch: vec![world.root.clone()],
+            adopted: self
+                .adopted
+                .map(|a| (a.sequence, a.envelope.as_ref().clone())),
+            now: secs(self.now),
+        }
+    }
+
+    fn gate<'a>(&'a self, release: &'a VerifiedRelease) -> BoxFuture<'a, Gate> {
+        let deferral = self.gated.then(|| {
+            let release = release.release();
+            let reports = match &self.reports {
+                (bundle, r) if *bundle == release.bundle => *r,
+                _ => FleetReports::default(),
+            };
+            let who = Audience {
+                agent_id: self.id,
+                labels: self.labels,
+                reports,
+            };
+            adoption_gate(release, &who, None::<&NoHold>, secs(self.now))
+        });
+        Box::pin(async move {
+            Gate {
+                deferral: deferral.flatten(),
+                stage: false,
+            }
+        })
+    }
+
+    fn stored_manifest<'a>(
+        &'a self,
+        address: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, String>> {
+        let found = self.stored(address);
+        Box::pin(async move { Ok(found) })
+    }
+
+    fn present(&self, addresses: Vec<String>) -> BoxFuture<'_, Result<Vec<bool>, String>> {
+        let (world, objects) = (self.world, self.objects);
+        let present = addresses
+            .iter()
+            .map(|a| world.index.get(a).is_some_and(|id| objects.contains(id)))
+            .collect();
+        Box::pin(async move { Ok(present) })
+    }
+
+    fn put_object(&self, address: String, bytes: Vec<u8>) -> BoxFuture<'_, Result<(), String>> {
+        let mut puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
+        puts.push((address, bytes));
+        Box::pin(async { Ok(()) })
+    }
+}
+
 struct Adopted {
     sequence: u64,
     bundle: String,
@@ -551,49 +759,9 @@ pub struct Sim {
 
 /// Status record keys of the simulated fleet: thousands of X.509
 /// certificates and ECDSA signatures would dominate the run, so the
-/// "certificate" is the agent id and the "signature" a keyed SHA-256 under
-/// a fleet secret every simulated agent shares. The endpoint's checks
-/// (the certificate names the record's agent, the signature covers the
-/// record) are the real ones; only the cryptography is cheaper.
-#[derive(Debug)]
-struct SimKeys {
-    agent_id: String,
-}
-
+/// records are signed with [`SharedSecretKeys`] (the mesh's test keys: the
+/// endpoint's checks are the real ones; only the cryptography is cheaper).
 const SIM_FLEET_SECRET: &[u8] = b"cairn-sim fleet secret";
-
-fn sim_signature(agent_id: &str, message: &[u8]) -> Vec<u8> {
-    let mut m = SIM_FLEET_SECRET.to_vec();
-    m.extend_from_slice(agent_id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(message);
-    sha256_address(&m).into_bytes()
-}
-
-impl RecordKeys for SimKeys {
-    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-        Ok((
-            self.agent_id.as_bytes().to_vec(),
-            sim_signature(&self.agent_id, message),
-        ))
-    }
-
-    fn verify(
-        &self,
-        cert: &[u8],
-        message: &[u8],
-        signature: &[u8],
-        _now_ms: u64,
-    ) -> Result<String, RecordRejection> {
-        let id = std::str::from_utf8(cert)
-            .map_err(|_| RecordRejection::Forged("certificate is not an agent id".into()))?;
-        if sim_signature(id, message) == signature {
-            Ok(id.to_owned())
-        } else {
-            Err(RecordRejection::Forged("bad signature".into()))
-        }
-    }
-}
 
 fn secs(ms: u64) -> u64 {
     EPOCH + ms / 1000
@@ -873,8 +1041,9 @@ impl Sim {
         c.rng_seed = self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(n.inc);
         c.anti_entropy_ms = self.cfg.anti_entropy_ms;
         c.limits.target_connections = self.cfg.target_connections;
-        let keys = SimKeys {
-            agent_id: n.id.clone(),
+        let keys = SharedSecretKeys {
+            id: n.id.clone(),
+            secret: SIM_FLEET_SECRET,
         };
         Endpoint::new(c, 1, Box::new(keys))
     }
@@ -1392,21 +1561,108 @@ impl Sim {
         let hops = p
             .peer
             .map_or(0, |j| self.nodes.get(j).map_or(0, |n| n.hops) + 1);
-        // Re-checked against the node's state at commit time.
-        let finished = p.ingest.finish(&self.context(i));
-        match finished {
-            Ok(adoption) => {
+        // As the agent's mesh driver: the fetched files become a source
+        // for the one ingest driver, which re-verifies everything.
+        let source = SourceSpec {
+            name: format!("peer:{}", p.peer.map_or(String::new(), |j| format!("a{j}"))),
+            release: Arc::new(p.ingest.release().bytes().to_vec()),
+            bundle: p.ingest.release().release().bundle.clone(),
+            content: Content::Store,
+            gated: true,
+        };
+        match self.ingest(i, &source) {
+            Ingested::Adopted(adoption) => {
                 self.adopt(i, &adoption, hops);
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
                     ep.fetch_complete(fetch, Millis(now));
                 }
             }
-            Err(rej) => {
-                *self.rejections.entry(rej.reason().to_owned()).or_default() += 1;
+            Ingested::Rejected(rej) => self.rejected(i, fetch, &rej),
+            Ingested::Nothing(why) => {
+                if let Some(why) = why {
+                    *self.rejections.entry(why.to_owned()).or_default() += 1;
+                }
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
                     ep.fetch_abandon(fetch, Millis(now));
                 }
             }
+        }
+    }
+
+    /// One run of the ingest driver ([`cairn_core::ingest::drive`], the
+    /// agent's own) for node `i` from `source`, polled to completion (the
+    /// simulated fetches complete at once); then what it stored goes into
+    /// the node's store and a complete candidate is committed as the
+    /// agent commits: [`Ingest::finish`] against the node's state now, and
+    /// the manifest stored with the adoption.
+    fn ingest(&mut self, i: usize, source: &SourceSpec) -> Ingested {
+        let (outcome, puts) = {
+            let bundle = source.bundle.clone();
+            let reports = self.reports(i, &bundle);
+            let n = &self.nodes[i];
+            let fetch = SimFetch {
+                world: &self.world,
+                objects: &n.objects,
+                source,
+            };
+            let local = SimLocal {
+                world: &self.world,
+                id: &n.id,
+                labels: &n.labels,
+                objects: &n.objects,
+                adopted: n.adopted.as_ref(),
+                reports: (bundle, reports),
+                now: self.now,
+                gated: source.gated,
+                puts: Mutex::new(Vec::new()),
+            };
+            let limits = &self.world.limits;
+            let outcome =
+                futures::executor::block_on(driver::drive(&fetch, &local, CHANNEL, limits, 8));
+            let puts = local.puts.into_inner().unwrap_or_else(|e| e.into_inner());
+            (outcome, puts)
+        };
+        for (address, bytes) in puts {
+            self.store(i, &address, &bytes);
+        }
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(DriveError::Fetch(e) | DriveError::Local(e)) => {
+                self.violations.push(format!(
+                    "{}: ingest from {} failed: {e}",
+                    self.nodes[i].id, source.name
+                ));
+                return Ingested::Nothing(None);
+            }
+        };
+        let ingest = match outcome.driven {
+            Driven::Ready(ingest) => ingest,
+            Driven::Rejected(rej) => return Ingested::Rejected(rej),
+            Driven::NoRelease | Driven::UpToDate | Driven::Deferred { .. } => {
+                return Ingested::Nothing(None)
+            }
+        };
+        let candidate = ingest.release().bytes().to_vec();
+        match ingest.finish(&self.context(i)) {
+            Ok(adoption) => {
+                // The manifest is stored with the adoption (the agent's
+                // `Store::adopt` keeps it as the bundle): peers fetch it.
+                let (bundle, manifest) = (
+                    adoption.bundle_id().to_owned(),
+                    adoption.manifest_bytes().to_vec(),
+                );
+                self.store(i, &bundle, &manifest);
+                Ingested::Adopted(Box::new(adoption))
+            }
+            Err(_)
+                if self.nodes[i]
+                    .adopted
+                    .as_ref()
+                    .is_some_and(|a| *a.envelope == candidate) =>
+            {
+                Ingested::Nothing(None)
+            }
+            Err(rej) => Ingested::Nothing(Some(rej.reason())),
         }
     }
 
@@ -1487,51 +1743,34 @@ impl Sim {
         let Some(p) = self.world.releases.get(seq as usize - 1) else {
             return;
         };
-        let (envelope, manifest) = (p.envelope.clone(), p.manifest.clone());
-        let bundle = p.bundle.clone();
+        let (envelope, bundle) = (p.envelope.clone(), p.bundle.clone());
         for i in 0..self.origins() {
             if !self.nodes[i].up {
                 continue;
             }
-            // The agent's source path: the same pure pipeline as from a peer.
-            let content = |a: &String| {
-                self.world
-                    .index
-                    .get(a)
-                    .map(|&id| self.world.content[id as usize].1.clone())
+            // The agent's source path: the one ingest driver, reading the
+            // bundle repository.
+            let source = SourceSpec {
+                name: "repository".into(),
+                release: envelope.clone(),
+                bundle: bundle.clone(),
+                content: Content::Repository,
+                gated: false,
             };
-            let objects: Vec<(String, Arc<Vec<u8>>)> = manifest
-                .entries
-                .iter()
-                .filter_map(|e| content(&e.object).map(|b| (e.object.clone(), b)))
-                .collect();
-            let manifest_bytes = content(&bundle);
-            let adoption = (|| {
-                let mut ingest = match Ingest::start(&self.context(i), &envelope)? {
-                    Start::Candidate(ingest) => *ingest,
-                    Start::UpToDate => return Ok(None),
-                };
-                if let Some(m) = &manifest_bytes {
-                    ingest.handle_manifest(m)?;
-                }
-                for (a, b) in &objects {
-                    ingest.handle_object(a, b)?;
-                }
-                ingest.finish(&self.context(i)).map(Some)
-            })();
-            let adoption: Adoption = match adoption {
-                Ok(Some(a)) => a,
-                Ok(None) => continue,
-                Err(e) => {
+            let adoption = match self.ingest(i, &source) {
+                Ingested::Adopted(a) => a,
+                Ingested::Nothing(None) => continue,
+                Ingested::Nothing(Some(why)) => {
                     self.violations
-                        .push(format!("origin a{i} rejects release {seq}: {e}"));
+                        .push(format!("origin a{i} rejects release {seq}: {why}"));
+                    continue;
+                }
+                Ingested::Rejected(rej) => {
+                    self.violations
+                        .push(format!("origin a{i} rejects release {seq}: {rej}"));
                     continue;
                 }
             };
-            let stored = manifest_bytes.map(|m| (bundle.clone(), m));
-            for (a, b) in stored.into_iter().chain(objects) {
-                self.store(i, &a, &b);
-            }
             self.adopt(i, &adoption, 0);
             self.drain(i);
         }

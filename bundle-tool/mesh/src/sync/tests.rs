@@ -8,55 +8,24 @@ use cairn_keys::{codec, sha256_address};
 
 const LATENCY: u64 = 5;
 
-/// Test record keys: the "certificate" is the agent id, the "signature" a
-/// SHA-256 keyed with a fleet secret (the real X.509 keys are tested in
-/// `tls.rs` and through the agent). Whoever lacks the secret cannot sign.
-#[derive(Debug)]
-struct TestKeys {
-    id: String,
-}
+use crate::testing::SharedSecretKeys;
 
 const FLEET_SECRET: &[u8] = b"sync tests fleet secret";
 
-fn test_signature(id: &str, message: &[u8]) -> Vec<u8> {
-    let mut m = FLEET_SECRET.to_vec();
-    m.extend_from_slice(id.as_bytes());
-    m.push(0);
-    m.extend_from_slice(message);
-    sha256_address(&m).into_bytes()
+/// Test record keys (see [`SharedSecretKeys`]).
+fn test_keys(id: &str) -> SharedSecretKeys {
+    SharedSecretKeys {
+        id: id.to_owned(),
+        secret: FLEET_SECRET,
+    }
 }
 
-impl RecordKeys for TestKeys {
-    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-        Ok((
-            self.id.as_bytes().to_vec(),
-            test_signature(&self.id, message),
-        ))
-    }
-
-    fn verify(
-        &self,
-        cert: &[u8],
-        message: &[u8],
-        signature: &[u8],
-        _now_ms: u64,
-    ) -> Result<String, RecordRejection> {
-        let id = std::str::from_utf8(cert).map_err(|e| RecordRejection::Forged(e.to_string()))?;
-        if let Some(id) = id.strip_prefix("expired:") {
-            return Err(RecordRejection::Stale(format!("{id}: certificate expired")));
-        }
-        if test_signature(id, message) == signature {
-            Ok(id.to_owned())
-        } else {
-            Err(RecordRejection::Forged("bad signature".into()))
-        }
-    }
+fn test_signature(id: &str, message: &[u8]) -> Vec<u8> {
+    SharedSecretKeys::signature(FLEET_SECRET, id, message)
 }
 
 fn new_ep(c: SyncConfig) -> Endpoint {
-    let keys = Box::new(TestKeys {
-        id: c.agent_id.clone(),
-    });
+    let keys = Box::new(test_keys(&c.agent_id));
     Endpoint::new(c, 1, keys)
 }
 
@@ -64,7 +33,7 @@ fn new_ep(c: SyncConfig) -> Endpoint {
 /// record about someone else).
 fn signed_by(author: &str, r: &StatusRecord) -> SignedStatus {
     let record = codec::encode(r);
-    let (cert, sig) = TestKeys { id: author.into() }
+    let (cert, sig) = test_keys(author)
         .sign(&SignedStatus::signed_message(&record))
         .unwrap();
     SignedStatus { record, cert, sig }
