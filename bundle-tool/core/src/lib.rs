@@ -18,6 +18,7 @@ pub mod bundle;
 pub mod diff;
 pub mod duration;
 mod error;
+pub mod ids;
 pub mod layout;
 pub mod limits;
 pub mod pipeline;
@@ -29,3 +30,4 @@ pub mod trust;
 pub mod verify;
 
 pub use error::{Error, Result};
+pub use ids::{Address, BundleId, ChannelName, IdError};
