@@ -15,7 +15,7 @@
 //! pipeline [`Context`] is built.
 
 use crate::pipeline::{AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
-use cairn_core::layout::{channel_path, object_path, root_path};
+use cairn_core::layout::{channel_path, object_path_str, root_path};
 use cairn_core::limits::Limits;
 use cairn_core::verify::VerifiedRelease;
 use cairn_keys::VerifiedRoot;
@@ -46,7 +46,7 @@ impl Item {
         match self {
             Item::Root(v) => Some(root_path(*v)),
             Item::Release(c) => Some(channel_path(c)),
-            Item::Manifest(a) | Item::Object(a) => object_path(a),
+            Item::Manifest(a) | Item::Object(a) => object_path_str(a),
         }
     }
 
@@ -282,13 +282,13 @@ where
             .map_err(DriveError::Local)?;
         let bytes = match stored {
             Some(b) => Some(b),
-            None => get(Item::Manifest(address.clone()), limit).await?,
+            None => get(Item::Manifest(address.to_string()), limit).await?,
         };
         let Some(bytes) = bytes else {
             let rej = Rejection::new(
                 Stage::Manifest,
                 cairn_core::Error::ObjectMissing {
-                    address,
+                    address: address.to_string(),
                     what: "bundle manifest".into(),
                 },
             );
@@ -301,7 +301,7 @@ where
 
     // 4. Only the objects the store lacks, a few at a time.
     if let Want::Objects(list) = ingest.want() {
-        let addresses = list.iter().map(|(a, _)| a.clone()).collect();
+        let addresses = list.iter().map(|(a, _)| a.to_string()).collect();
         let present = local.present(addresses).await.map_err(DriveError::Local)?;
         let mut to_fetch = Vec::new();
         for ((address, size), present) in list.into_iter().zip(present) {
@@ -314,7 +314,7 @@ where
         let fetched = to_fetch.len();
         let mut stream = futures::stream::iter(to_fetch)
             .map(|(address, size)| async move {
-                let item = Item::Object(address);
+                let item = Item::Object(address.into());
                 let r = fetch.fetch(&item, size).await;
                 (item, r)
             })
@@ -350,7 +350,7 @@ where
     // store too (mesh peers fetch it by address), then it waits.
     if let Some(deferral) = gate.deferral {
         if let Some(m) = ingest.manifest_bytes() {
-            let (a, m) = (ingest.release().release().bundle.clone(), m.to_vec());
+            let (a, m) = (ingest.release().release().bundle.to_string(), m.to_vec());
             local.put_object(a, m).await.map_err(DriveError::Local)?;
         }
         return outcome(root_rejected, Driven::Deferred { ingest, deferral });

@@ -7,7 +7,7 @@ use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
-use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_bundle::repo::{channel_path, object_path_str, root_path};
 use cairn_keys::{KeyPair, Root};
 use cairn_test_support::{Fault, StaticServer};
 use std::collections::BTreeMap;
@@ -201,7 +201,7 @@ fn truncated_release_is_refused() {
 fn flipped_byte_in_an_object_is_refused() {
     let s = setup();
     let dir = s.attack_repo();
-    let p = dir.join(object_path(&s.b3_new_object).unwrap());
+    let p = dir.join(object_path_str(&s.b3_new_object).unwrap());
     let mut bytes = std::fs::read(&p).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;

@@ -6,7 +6,7 @@
 
 use crate::support::{fails_code, ok_in, run_in};
 use cairn_bundle::release::Release;
-use cairn_bundle::repo::{channel_path, object_path};
+use cairn_bundle::repo::{channel_path, object_path_str};
 use cairn_test_support::{make_manifest_repo, FixtureOptions};
 use std::path::{Path, PathBuf};
 
@@ -169,7 +169,7 @@ fn release_sequence_increments_and_writes_layout() {
         cairn_keys::embedded::ROOT_BYTES
     );
     assert!(w
-        .path(&format!("repo/{}", object_path(&a).unwrap()))
+        .path(&format!("repo/{}", object_path_str(&a).unwrap()))
         .is_file());
     let text = w.ok(&["verify", "--repo", "repo", "--channel", "stable"]);
     assert!(
