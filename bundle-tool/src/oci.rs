@@ -179,7 +179,10 @@ pub async fn push(
     let mut ann = BTreeMap::new();
     ann.insert(ANN_CHANNEL.to_owned(), channel.to_owned());
     ann.insert(ANN_SEQUENCE.to_owned(), sequence.to_string());
-    ann.insert(ANN_BUNDLE.to_owned(), v.release.release().bundle.to_string());
+    ann.insert(
+        ANN_BUNDLE.to_owned(),
+        v.release.release().bundle.to_string(),
+    );
     let release_manifest = artifact_manifest(
         AT_RELEASE,
         vec![
@@ -187,7 +190,10 @@ pub async fn push(
             Descriptor {
                 media_type: MT_BUNDLE.into(),
                 digest: v.release.release().bundle.to_string(),
-                size: sizes.get(v.release.release().bundle.as_str()).copied().unwrap_or(0),
+                size: sizes
+                    .get(v.release.release().bundle.as_str())
+                    .copied()
+                    .unwrap_or(0),
                 artifact_type: None,
                 annotations: BTreeMap::new(),
             },

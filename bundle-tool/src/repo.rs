@@ -326,10 +326,14 @@ mod tests {
         assert!(batch.add(&b, b"b").unwrap());
         drop(batch);
         assert!(!r.has_object(&b));
-        let leftovers: Vec<_> =
-            std::fs::read_dir(d.path().join(object_path_str(&b).unwrap()).parent().unwrap())
-                .unwrap()
-                .collect();
+        let leftovers: Vec<_> = std::fs::read_dir(
+            d.path()
+                .join(object_path_str(&b).unwrap())
+                .parent()
+                .unwrap(),
+        )
+        .unwrap()
+        .collect();
         assert!(leftovers.is_empty(), "temporary files removed");
     }
 }

@@ -58,8 +58,8 @@ fn setup() -> Setup {
         want,
         old_release,
         b3,
-        b3_id,
-        b3_new_object,
+        b3_id: b3_id.to_string(),
+        b3_new_object: b3_new_object.to_string(),
     }
 }
 
@@ -77,9 +77,9 @@ impl Setup {
         let now = cairn_bundle::unix_now();
         Release {
             format: RELEASE_FORMAT,
-            channel: channel.into(),
+            channel: channel.parse().unwrap(),
             sequence,
-            bundle: self.b3_id.clone(),
+            bundle: self.b3_id.parse().unwrap(),
             created: now.saturating_sub(1000),
             expires,
             rollout: Rollout::default(),
@@ -336,7 +336,7 @@ fn forged_release(bundle: &Path, sequence: u64, key: &KeyPair) -> Vec<u8> {
     let now = cairn_bundle::unix_now();
     Release {
         format: RELEASE_FORMAT,
-        channel: "stable".into(),
+        channel: "stable".parse().unwrap(),
         sequence,
         bundle: m.id(),
         created: now.saturating_sub(1000),
