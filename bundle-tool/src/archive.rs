@@ -18,7 +18,7 @@
 use crate::check::ChannelCheck;
 use crate::limits::Limits;
 use crate::release::{validate_channel, Release};
-use crate::repo::{channel_path, object_path, root_path, RepoDir};
+use crate::repo::{channel_path, object_path_str, root_path, RepoDir};
 use crate::trust::TrustChain;
 use crate::verify::{binding_floor, check_sequence};
 use crate::{Error, Result};
@@ -96,7 +96,7 @@ pub fn export(
     }
     let mut object_paths: Vec<(String, String)> = objects
         .iter()
-        .filter_map(|a| object_path(a).map(|p| (p, a.clone())))
+        .filter_map(|a| object_path_str(a).map(|p| (p, a.clone())))
         .collect();
     object_paths.sort();
     let io = |source| Error::Io {
@@ -348,7 +348,7 @@ pub fn import(
         match member {
             Member::Object(address) => {
                 // Straight to the staging directory, hashed on the way.
-                let rel = object_path(&address)
+                let rel = object_path_str(&address)
                     .ok_or_else(|| bad(format!("member `{shown}`: malformed object address")))?;
                 let dest = staging_dir.path().join(rel);
                 let dir = dest.parent().unwrap_or(staging_dir.path()).to_path_buf();

@@ -26,7 +26,6 @@ use crate::helm;
 use crate::limits::Limits;
 use crate::manifests::{self, ParsedFile, ParsedObject};
 use crate::{Error, Result};
-use cairn_keys::sha256_address;
 use cairn_keys::text::escape_untrusted;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -131,17 +130,17 @@ pub struct BuiltBundle {
 impl BuiltBundle {
     /// The bundle id.
     pub fn id(&self) -> String {
-        self.manifest.id()
+        self.manifest.id().to_string()
     }
 
     /// Writes the bundle file (atomically).
     pub fn write_file(&self, path: &Path) -> Result<()> {
         write_bundle_file(path, &self.manifest, |e| {
             self.objects
-                .get(&e.object)
+                .get(e.object.as_str())
                 .cloned()
                 .ok_or_else(|| Error::ObjectMissing {
-                    address: e.object.clone(),
+                    address: e.object.to_string(),
                     what: format!("{} in {}", e.display_name(), e.path),
                 })
         })
@@ -375,7 +374,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
     let mut objects = BTreeMap::new();
     for (path, objs) in parsed {
         for o in objs {
-            let address = sha256_address(&o.bytes);
+            let address = crate::Address::of(&o.bytes);
             entries.push(Entry {
                 path: path.clone(),
                 document: o.document,
@@ -386,7 +385,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
                 object: address.clone(),
                 size: o.bytes.len() as u64,
             });
-            objects.insert(address, o.bytes);
+            objects.insert(address.into_string(), o.bytes);
         }
     }
     entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));

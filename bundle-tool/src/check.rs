@@ -10,7 +10,7 @@
 
 use crate::bundle::{Entry, Manifest};
 use crate::limits::Limits;
-use crate::repo::{channel_path, object_path, RepoDir};
+use crate::repo::{channel_path, object_path_str, RepoDir};
 use crate::verify::{ReleaseCheck, VerifiedRelease};
 use crate::{Error, Result};
 use cairn_keys::{sha256_address, Root};
@@ -72,7 +72,7 @@ impl ChannelCheck<'_> {
         }
         .verify(&head)?;
         let id = release.release().bundle.clone();
-        let mpath = object_path(&id).unwrap_or_default();
+        let mpath = object_path_str(&id).unwrap_or_default();
         let mbytes = match self.read(&id, self.limits.max_manifest_bytes) {
             Ok(Some(b)) => b,
             Ok(None) => {
@@ -105,8 +105,8 @@ impl ChannelCheck<'_> {
         if !problems.is_empty() {
             return Err(Error::Objects { problems });
         }
-        let mut objects = vec![id];
-        objects.extend(entries.iter().map(|e| e.object.clone()));
+        let mut objects = vec![id.to_string()];
+        objects.extend(entries.iter().map(|e| e.object.to_string()));
         let bytes = mbytes.len() as u64 + entries.iter().map(|e| e.size).sum::<u64>();
         Ok(VerifiedChannel {
             release,
@@ -117,7 +117,7 @@ impl ChannelCheck<'_> {
     }
 
     fn read(&self, address: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        let rel = object_path(address)
+        let rel = object_path_str(address)
             .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
         match self.repo.read(&rel, limit)? {
             Some(b) => Ok(Some(b)),
@@ -165,7 +165,7 @@ impl ChannelCheck<'_> {
             e.path,
             e.document
         );
-        let Some(rel) = object_path(&e.object) else {
+        let Some(rel) = object_path_str(&e.object) else {
             return Some(format!("malformed object address `{}` ({what})", e.object));
         };
         match self.read(&e.object, self.limits.max_object_bytes) {

@@ -37,7 +37,6 @@ use crate::export::{self, ExportLimits};
 use crate::git::{self, escape_name, GitTree};
 use crate::manifests::{self, ParsedObject};
 use crate::{Error, Result};
-use cairn_keys::sha256_address;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -535,7 +534,7 @@ fn render_one(
         };
         values.push(RenderedValues {
             file: v.clone(),
-            digest: sha256_address(&bytes),
+            digest: crate::Address::of(&bytes),
         });
         args.push(flag("--values", root.join(v)));
     }
@@ -554,7 +553,7 @@ fn render_one(
         })?;
         values.push(RenderedValues {
             file: "--helm-values".into(),
-            digest: sha256_address(&bytes),
+            digest: crate::Address::of(&bytes),
         });
         args.push(flag("--values", copy));
     }

@@ -31,7 +31,7 @@ pub mod yaml;
 // The pure parts live in `cairn-core` and the mesh protocol in
 // `cairn-mesh`; these re-exports keep the crate's old paths working.
 pub use cairn_core::{diff, duration, limits, release, rollout, trust, verify};
-pub use cairn_core::{Error, Result};
+pub use cairn_core::{ids, Address, BundleId, ChannelName, Error, Result};
 pub use cairn_mesh as mesh;
 
 /// Bundle manifests and object checks ([`cairn_core::bundle`]) and the

@@ -111,11 +111,11 @@ pub async fn push(
     }
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
     sizes.insert(
-        v.release.release().bundle.clone(),
+        v.release.release().bundle.to_string(),
         v.manifest.encode().len() as u64,
     );
     for e in &v.manifest.entries {
-        sizes.insert(e.object.clone(), e.size);
+        sizes.insert(e.object.to_string(), e.size);
     }
     for a in &v.objects {
         blobs.push((a.clone(), BlobSource::Object(a.clone())));
@@ -179,15 +179,21 @@ pub async fn push(
     let mut ann = BTreeMap::new();
     ann.insert(ANN_CHANNEL.to_owned(), channel.to_owned());
     ann.insert(ANN_SEQUENCE.to_owned(), sequence.to_string());
-    ann.insert(ANN_BUNDLE.to_owned(), v.release.release().bundle.clone());
+    ann.insert(
+        ANN_BUNDLE.to_owned(),
+        v.release.release().bundle.to_string(),
+    );
     let release_manifest = artifact_manifest(
         AT_RELEASE,
         vec![
             Descriptor::of(MT_RELEASE, v.release.bytes()),
             Descriptor {
                 media_type: MT_BUNDLE.into(),
-                digest: v.release.release().bundle.clone(),
-                size: sizes.get(&v.release.release().bundle).copied().unwrap_or(0),
+                digest: v.release.release().bundle.to_string(),
+                size: sizes
+                    .get(v.release.release().bundle.as_str())
+                    .copied()
+                    .unwrap_or(0),
                 artifact_type: None,
                 annotations: BTreeMap::new(),
             },

@@ -153,9 +153,10 @@ pub fn sign_release(
     let signers = check_release_keys(chain, keys, &what)?;
     let release = Release {
         format: RELEASE_FORMAT,
-        channel: req.channel.clone(),
+        channel: crate::ChannelName::parse(&req.channel)
+            .map_err(|e| Error::InvalidRelease(e.to_string()))?,
         sequence,
-        bundle: bundle.to_owned(),
+        bundle: crate::BundleId::parse(bundle).map_err(|e| Error::InvalidRelease(e.to_string()))?,
         created: req.now,
         expires: req.now.saturating_add(req.expires_in),
         rollout: req.rollout.clone(),

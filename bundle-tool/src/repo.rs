@@ -17,7 +17,7 @@ use crate::{Error, Result};
 use cairn_keys::fs::write_atomic;
 use std::path::{Path, PathBuf};
 
-pub use cairn_core::layout::{channel_path, object_path, root_path};
+pub use cairn_core::layout::{channel_path, object_path_str, root_path};
 
 /// A bundle repository on the local file system.
 #[derive(Clone, Debug)]
@@ -79,12 +79,12 @@ impl RepoDir {
 
     /// Whether an object is present (its content is not checked).
     pub fn has_object(&self, address: &str) -> bool {
-        object_path(address).is_some_and(|rel| self.root.join(rel).is_file())
+        object_path_str(address).is_some_and(|rel| self.root.join(rel).is_file())
     }
 
     /// Reads an object and checks it against its address.
     pub fn get_object(&self, address: &str, limit: u64) -> Result<Option<Vec<u8>>> {
-        let rel = object_path(address)
+        let rel = object_path_str(address)
             .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
         match self.read(&rel, limit)? {
             Some(bytes) => {
@@ -102,7 +102,7 @@ impl RepoDir {
         if self.has_object(address) {
             return Ok(false);
         }
-        let rel = object_path(address)
+        let rel = object_path_str(address)
             .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
         self.write(&rel, bytes)?;
         Ok(true)
@@ -184,7 +184,7 @@ impl ObjectBatch<'_> {
         if self.names.contains(address) || self.repo.has_object(address) {
             return Ok(false);
         }
-        let rel = object_path(address)
+        let rel = object_path_str(address)
             .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
         let dest = self.repo.root.join(rel);
         let dir = dest.parent().unwrap_or(&self.repo.root).to_path_buf();
@@ -275,9 +275,9 @@ mod tests {
 
     #[test]
     fn object_paths_refuse_traversal() {
-        assert_eq!(object_path("sha256:../../etc/passwd"), None);
+        assert_eq!(object_path_str("sha256:../../etc/passwd"), None);
         let a = cairn_keys::sha256_address(b"x");
-        assert!(object_path(&a).unwrap().starts_with("objects/sha256/"));
+        assert!(object_path_str(&a).unwrap().starts_with("objects/sha256/"));
     }
 
     #[test]
@@ -293,7 +293,7 @@ mod tests {
             Err(Error::ObjectMismatch { .. })
         ));
         // A flipped byte on disk is caught on read.
-        std::fs::write(d.path().join(object_path(&a).unwrap()), b"hellp").unwrap();
+        std::fs::write(d.path().join(object_path_str(&a).unwrap()), b"hellp").unwrap();
         assert!(matches!(
             r.get_object(&a, 100),
             Err(Error::ObjectMismatch { .. })
@@ -326,10 +326,14 @@ mod tests {
         assert!(batch.add(&b, b"b").unwrap());
         drop(batch);
         assert!(!r.has_object(&b));
-        let leftovers: Vec<_> =
-            std::fs::read_dir(d.path().join(object_path(&b).unwrap()).parent().unwrap())
-                .unwrap()
-                .collect();
+        let leftovers: Vec<_> = std::fs::read_dir(
+            d.path()
+                .join(object_path_str(&b).unwrap())
+                .parent()
+                .unwrap(),
+        )
+        .unwrap()
+        .collect();
         assert!(leftovers.is_empty(), "temporary files removed");
     }
 }

@@ -45,7 +45,7 @@ impl PendingState {
         };
         RolloutStatus {
             sequence: self.release.sequence,
-            bundle: self.release.bundle.clone(),
+            bundle: self.release.bundle.to_string(),
             state: self.deferral.state().to_owned(),
             wave,
             opens_at,
@@ -56,9 +56,9 @@ impl PendingState {
 
     pub(super) fn published(&self) -> AdoptedHead {
         AdoptedHead {
-            channel: self.release.channel.clone(),
+            channel: self.release.channel.to_string(),
             sequence: self.release.sequence,
-            bundle: self.release.bundle.clone(),
+            bundle: self.release.bundle.to_string(),
             release_address: self.address.clone(),
         }
     }

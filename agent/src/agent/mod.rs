@@ -133,9 +133,9 @@ impl HeadState {
 
     fn published(&self) -> AdoptedHead {
         AdoptedHead {
-            channel: self.release.channel.clone(),
+            channel: self.release.channel.to_string(),
             sequence: self.release.sequence,
-            bundle: self.release.bundle.clone(),
+            bundle: self.release.bundle.to_string(),
             release_address: self.address.clone(),
         }
     }
@@ -143,9 +143,9 @@ impl HeadState {
 
 fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> ReleaseStatus {
     ReleaseStatus {
-        channel: r.channel.clone(),
+        channel: r.channel.to_string(),
         sequence: r.sequence,
-        bundle: r.bundle.clone(),
+        bundle: r.bundle.to_string(),
         release: address.to_owned(),
         source_repository: m.source.repository.clone(),
         source_commit: m.source.commit.clone(),
@@ -276,7 +276,7 @@ impl Agent {
             metrics
                 .adopted_sequence
                 .get_or_create(&ChannelLabel {
-                    channel: h.release.channel.clone(),
+                    channel: h.release.channel.to_string(),
                 })
                 .set(gauge(h.release.sequence));
         }

@@ -134,7 +134,7 @@ impl Agent {
                 .state()
                 .deferred
                 .pending()
-                .map(|p| p.release.bundle.clone())
+                .map(|p| p.release.bundle.to_string())
                 .unwrap_or_default();
             let who = self.audience(&bundle);
             let step = self.state().deferred.poll(now_ms, &who);

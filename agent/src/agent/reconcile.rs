@@ -99,7 +99,7 @@ impl Agent {
             if let (Some(reason), false) = (&report.unhealthy, is_last_good) {
                 let f = FailedRelease {
                     sequence: h.release.sequence,
-                    bundle: h.release.bundle.clone(),
+                    bundle: h.release.bundle.to_string(),
                     reason: reason.clone(),
                     at: unix_now(),
                 };
@@ -291,9 +291,9 @@ impl Agent {
             });
         }
         let desired = Arc::new(DesiredState {
-            channel: h.release.channel.clone(),
+            channel: h.release.channel.to_string(),
             sequence: h.release.sequence,
-            bundle: h.release.bundle.clone(),
+            bundle: h.release.bundle.to_string(),
             objects,
             failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
         });

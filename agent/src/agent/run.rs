@@ -190,7 +190,7 @@ impl Agent {
             .metrics
             .adopted_sequence
             .get_or_create(&ChannelLabel {
-                channel: head.release.channel.clone(),
+                channel: head.release.channel.to_string(),
             })
             .set(head.release.sequence as i64);
         {

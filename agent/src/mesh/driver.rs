@@ -462,7 +462,7 @@ impl Driver {
         let Some(state) = self.fetches.get_mut(&fetch) else {
             return;
         };
-        let bundle = state.ingest.release().release().bundle.clone();
+        let bundle = state.ingest.release().release().bundle.to_string();
         let want = match manifest {
             Some(m) => match state.ingest.handle_manifest(&m) {
                 Ok(()) => {
@@ -541,7 +541,7 @@ impl Driver {
                 // Which of them the store holds: asked on a blocking
                 // thread, answered as an input.
                 f.checking = true;
-                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a).collect();
+                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a.into()).collect();
                 let (store, tx) = (self.agent.store().clone(), self.tx.clone());
                 tokio::spawn(async move {
                     let present = store
@@ -599,9 +599,9 @@ impl Driver {
         let staged = StagedSource {
             name: format!("peer:{}", f.peer),
             roots: f.roots.clone(),
-            channel: release.channel.clone(),
+            channel: release.channel.to_string(),
             release: f.release.clone(),
-            manifest_address: release.bundle.clone(),
+            manifest_address: release.bundle.to_string(),
             manifest: f.manifest.clone().unwrap_or_default(),
             store: self.agent.store().clone(),
         };

@@ -58,7 +58,7 @@ impl OciSource {
         } else if let Some(rest) = rel_path.strip_prefix("objects/sha256/") {
             let hex = rest.split_once('/').map(|(_, h)| h).unwrap_or_default();
             let digest = format!("sha256:{hex}");
-            if cairn_core::layout::object_path(&digest).as_deref() != Some(rel_path) {
+            if cairn_core::layout::object_path_str(&digest).as_deref() != Some(rel_path) {
                 return Err(invalid("not a repository path".into()));
             }
             self.client.get_blob(&digest, limit).await

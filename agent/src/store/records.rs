@@ -43,7 +43,7 @@ impl Store {
             out.push(Head {
                 channel,
                 sequence: rel.sequence,
-                bundle: rel.bundle,
+                bundle: rel.bundle.into(),
                 release_address: cairn_keys::sha256_address(&bytes),
                 bytes,
             });

@@ -393,7 +393,7 @@ impl ManifestsDir {
         for (name, obj) in names.iter().zip(&desired.objects) {
             want.push(DesiredFile {
                 name: name.clone(),
-                address: obj.entry.object.clone(),
+                address: obj.entry.object.to_string(),
                 size: obj.bytes.len() as u64,
             });
             bytes_by_name.insert(name.as_str(), obj.bytes.as_slice());

@@ -7,7 +7,7 @@ use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
-use cairn_bundle::repo::{channel_path, object_path, root_path};
+use cairn_bundle::repo::{channel_path, object_path_str, root_path};
 use cairn_keys::{KeyPair, Root};
 use cairn_test_support::{Fault, StaticServer};
 use std::collections::BTreeMap;
@@ -58,8 +58,8 @@ fn setup() -> Setup {
         want,
         old_release,
         b3,
-        b3_id,
-        b3_new_object,
+        b3_id: b3_id.to_string(),
+        b3_new_object: b3_new_object.to_string(),
     }
 }
 
@@ -77,9 +77,9 @@ impl Setup {
         let now = cairn_bundle::unix_now();
         Release {
             format: RELEASE_FORMAT,
-            channel: channel.into(),
+            channel: channel.parse().unwrap(),
             sequence,
-            bundle: self.b3_id.clone(),
+            bundle: self.b3_id.parse().unwrap(),
             created: now.saturating_sub(1000),
             expires,
             rollout: Rollout::default(),
@@ -201,7 +201,7 @@ fn truncated_release_is_refused() {
 fn flipped_byte_in_an_object_is_refused() {
     let s = setup();
     let dir = s.attack_repo();
-    let p = dir.join(object_path(&s.b3_new_object).unwrap());
+    let p = dir.join(object_path_str(&s.b3_new_object).unwrap());
     let mut bytes = std::fs::read(&p).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -336,7 +336,7 @@ fn forged_release(bundle: &Path, sequence: u64, key: &KeyPair) -> Vec<u8> {
     let now = cairn_bundle::unix_now();
     Release {
         format: RELEASE_FORMAT,
-        channel: "stable".into(),
+        channel: "stable".parse().unwrap(),
         sequence,
         bundle: m.id(),
         created: now.saturating_sub(1000),

@@ -13,7 +13,7 @@ fn adopted_world() -> (World, std::path::PathBuf, Vec<String>) {
     w.once_ok(&cfg);
     let mut objects = Vec::new();
     cairn_bundle::bundle::read_bundle_file(&b1, &Default::default(), |e, _| {
-        objects.push(e.object.clone());
+        objects.push(e.object.to_string());
         Ok(())
     })
     .unwrap();

@@ -406,7 +406,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
     let now = cairn_bundle::unix_now();
     let expired = Release {
         format: RELEASE_FORMAT,
-        channel: "stable".into(),
+        channel: "stable".parse().unwrap(),
         sequence: 3,
         bundle: b3_id.clone(),
         created: now - 1000,
@@ -449,7 +449,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
             head: Head {
                 channel: "stable".into(),
                 sequence: seq,
-                bundle: b3_id.clone(),
+                bundle: b3_id.to_string(),
                 root_version: 1,
             },
             release,
@@ -518,7 +518,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
 fn store_objects(b: &Path) -> Vec<(String, usize)> {
     let mut v = Vec::new();
     read_bundle_file(b, &Limits::default(), |e, bytes| {
-        v.push((e.object.clone(), bytes.len()));
+        v.push((e.object.to_string(), bytes.len()));
         Ok(())
     })
     .unwrap();
@@ -637,7 +637,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
         channel: "stable".into(),
         labels: BTreeMap::new(),
         sequence: 2,
-        bundle: b2_id.clone(),
+        bundle: b2_id.to_string(),
         health: "failed".into(),
         time,
         rollout: None,

@@ -16,11 +16,11 @@ use std::process::Command;
 fn objects(bundle: &Path) -> Vec<String> {
     let mut v = Vec::new();
     let m = read_bundle_file(bundle, &Limits::default(), |e, _| {
-        v.push(e.object.clone());
+        v.push(e.object.to_string());
         Ok(())
     })
     .unwrap();
-    v.push(m.id());
+    v.push(m.id().to_string());
     v
 }
 

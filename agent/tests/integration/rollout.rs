@@ -28,6 +28,7 @@ fn bundle_id(bundle: &Path) -> String {
     )
     .expect("read bundle")
     .id()
+    .to_string()
 }
 
 #[test]

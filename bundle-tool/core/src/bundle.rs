@@ -7,6 +7,7 @@
 //! id. The bundle file (manifest followed by every object) is file IO and
 //! lives in `cairn_bundle::bundle`.
 
+use crate::ids::{Address, BundleId};
 use crate::limits::Limits;
 use crate::{Error, Result};
 use cairn_keys::{codec, sha256_address};
@@ -55,7 +56,7 @@ pub struct RenderedValues {
     /// depend on where a file lies on the build machine).
     pub file: String,
     /// The address of its bytes.
-    pub digest: String,
+    pub digest: Address,
 }
 
 /// One Kubernetes object in a bundle.
@@ -74,7 +75,7 @@ pub struct Entry {
     /// `metadata.name`.
     pub name: String,
     /// Address of the canonical object bytes.
-    pub object: String,
+    pub object: Address,
     /// Size of the canonical object bytes.
     pub size: u64,
 }
@@ -127,8 +128,8 @@ impl Manifest {
     }
 
     /// The bundle id: the address of the canonical bytes.
-    pub fn id(&self) -> String {
-        sha256_address(&self.encode())
+    pub fn id(&self) -> BundleId {
+        BundleId::of_manifest(&self.encode())
     }
 
     /// Decodes and validates manifest bytes, checking they hash to `id`
@@ -176,13 +177,6 @@ impl Manifest {
         let mut total = 0u64;
         let mut keys = std::collections::BTreeSet::new();
         for (i, e) in self.entries.iter().enumerate() {
-            if !is_address(&e.object) {
-                return Err(Error::InvalidManifest(format!(
-                    "entry {i} ({}): bad object address `{}`",
-                    e.display_name(),
-                    e.object
-                )));
-            }
             if e.size > limits.max_object_bytes {
                 return Err(Error::TooLarge {
                     what: format!("object {} ({})", e.object, e.display_name()),
@@ -220,14 +214,7 @@ impl Manifest {
     }
 }
 
-/// Whether `s` is a well-formed `sha256:<64 lower-case hex>` address.
-pub fn is_address(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
-}
+pub use crate::ids::is_address;
 
 /// Checks that `bytes` hash to `address`.
 pub fn verify_object(address: &str, bytes: &[u8]) -> Result<()> {

@@ -18,7 +18,7 @@
 //! completion with a minimal executor, since its fetches complete at once.
 //! [`Snapshot`] is the one place a pipeline [`Context`] is built.
 
-use crate::layout::{channel_path, object_path, root_path};
+use crate::layout::{channel_path, object_path_str, root_path};
 use crate::limits::Limits;
 use crate::pipeline::{AdoptedRef, Context, Deferral, Ingest, Rejection, Stage, Start, Want};
 use crate::verify::VerifiedRelease;
@@ -50,7 +50,7 @@ impl Item {
         match self {
             Item::Root(v) => Some(root_path(*v)),
             Item::Release(c) => Some(channel_path(c)),
-            Item::Manifest(a) | Item::Object(a) => object_path(a),
+            Item::Manifest(a) | Item::Object(a) => object_path_str(a),
         }
     }
 
@@ -333,7 +333,7 @@ where
         let bytes = match stored {
             Some(b) => Some(b),
             None => {
-                let b = get(Item::Manifest(address.clone()), limit).await?;
+                let b = get(Item::Manifest(address.to_string()), limit).await?;
                 if let Some(b) = &b {
                     counts.fetched += 1;
                     counts.fetched_bytes += b.len() as u64;
@@ -345,7 +345,7 @@ where
             let rej = Rejection::new(
                 Stage::Manifest,
                 crate::Error::ObjectMissing {
-                    address,
+                    address: address.to_string(),
                     what: "bundle manifest".into(),
                 },
             );
@@ -358,7 +358,7 @@ where
 
     // 4. Only the objects the store lacks, a few at a time.
     if let Want::Objects(list) = ingest.want() {
-        let addresses = list.iter().map(|(a, _)| a.clone()).collect();
+        let addresses = list.iter().map(|(a, _)| a.to_string()).collect();
         let list_len = list.len();
         let present = local.present(addresses).await.map_err(DriveError::Local)?;
         let mut to_fetch = Vec::new();
@@ -373,7 +373,7 @@ where
         let (fetched_objects, present_count) = (to_fetch.len(), list_len - to_fetch.len());
         let mut stream = futures::stream::iter(to_fetch)
             .map(|(address, size)| async move {
-                let item = Item::Object(address);
+                let item = Item::Object(address.into());
                 let r = fetch.fetch(&item, size).await;
                 (item, r)
             })
@@ -413,7 +413,7 @@ where
     // store too (mesh peers fetch it by address), then it waits.
     if let Some(deferral) = gate.deferral {
         if let Some(m) = ingest.manifest_bytes() {
-            let (a, m) = (ingest.release().release().bundle.clone(), m.to_vec());
+            let (a, m) = (ingest.release().release().bundle.to_string(), m.to_vec());
             local.put_object(a, m).await.map_err(DriveError::Local)?;
         }
         return outcome(root_rejected, Driven::Deferred { ingest, deferral }, counts);

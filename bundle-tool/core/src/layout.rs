@@ -2,7 +2,7 @@
 //! live, relative to a repository's root (a directory, an HTTP base URL or
 //! a mesh item). Pure: paths are computed, never opened.
 
-use crate::bundle::is_address;
+use crate::ids::Address;
 
 /// `roots/<version>`.
 pub fn root_path(version: u64) -> String {
@@ -14,14 +14,18 @@ pub fn channel_path(channel: &str) -> String {
     format!("channels/{channel}")
 }
 
-/// `objects/sha256/<2 hex>/<hex>` for a `sha256:<hex>` address, or `None`
-/// for a malformed address (which must never become a path).
-pub fn object_path(address: &str) -> Option<String> {
-    if !is_address(address) {
-        return None;
-    }
-    let hex = &address[7..];
-    Some(format!("objects/sha256/{}/{}", &hex[..2], hex))
+/// `objects/sha256/<2 hex>/<hex>` for an address (only a well-formed
+/// address can be an [`Address`], so every one has a path).
+pub fn object_path(address: &Address) -> String {
+    let hex = address.hex();
+    format!("objects/sha256/{}/{}", &hex[..2], hex)
+}
+
+/// [`object_path`] for an address still held as a string (untrusted input,
+/// file names): `None` for a malformed address, which must never become a
+/// path.
+pub fn object_path_str(address: &str) -> Option<String> {
+    Address::parse(address).ok().map(|a| object_path(&a))
 }
 
 #[cfg(test)]
@@ -34,9 +38,15 @@ mod tests {
         assert_eq!(channel_path("prod"), "channels/prod");
         let a = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(
-            object_path(&a).as_deref(),
+            object_path_str(&a).as_deref(),
             Some(format!("objects/sha256/ab/{}", "ab".repeat(32)).as_str())
         );
-        assert_eq!(object_path("sha256:../../etc/passwd"), None);
+        let typed = Address::parse(&a).unwrap();
+        assert_eq!(
+            object_path(&typed),
+            format!("objects/sha256/ab/{}", "ab".repeat(32))
+        );
+        assert_eq!(object_path_str("sha256:../../etc/passwd"), None);
+        assert_eq!(object_path_str(&a.to_uppercase()), None);
     }
 }

@@ -21,6 +21,7 @@ pub mod diff;
 pub mod duration;
 mod error;
 pub mod ingest;
+pub mod ids;
 pub mod layout;
 pub mod limits;
 pub mod pipeline;
@@ -32,3 +33,4 @@ pub mod trust;
 pub mod verify;
 
 pub use error::{Error, Result};
+pub use ids::{Address, BundleId, ChannelName, IdError};

@@ -25,6 +25,7 @@
 //! check passed.
 
 use crate::bundle::{verify_object, Entry, Manifest};
+use crate::ids::{Address, BundleId};
 use crate::limits::Limits;
 use crate::rollout::{self, Decision, FleetReports};
 use crate::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
@@ -163,12 +164,12 @@ pub enum Want {
     /// The bundle manifest, stored as an object at the bundle id.
     Manifest {
         /// The bundle id.
-        address: String,
+        address: BundleId,
         /// Largest acceptable size.
         limit: u64,
     },
     /// Objects not yet present, each with its exact size (the fetch limit).
-    Objects(Vec<(String, u64)>),
+    Objects(Vec<(Address, u64)>),
     /// Everything is present and verified: call [`Ingest::finish`].
     Complete,
 }
@@ -203,7 +204,7 @@ impl Adoption {
     }
 
     /// The bundle id (the manifest's address, named by the release).
-    pub fn bundle_id(&self) -> &str {
+    pub fn bundle_id(&self) -> &BundleId {
         &self.release.release().bundle
     }
 
@@ -347,7 +348,7 @@ pub struct Ingest {
     limits: Limits,
     manifest: Option<(Manifest, Vec<u8>)>,
     /// Objects still missing: address → size.
-    missing: BTreeMap<String, u64>,
+    missing: BTreeMap<Address, u64>,
 }
 
 impl Ingest {
@@ -462,7 +463,7 @@ impl Ingest {
             return Err(Rejection::new(
                 Stage::Manifest,
                 crate::Error::ObjectMissing {
-                    address: self.release.release().bundle.clone(),
+                    address: self.release.release().bundle.to_string(),
                     what: "bundle manifest".into(),
                 },
             ));
@@ -477,7 +478,7 @@ impl Ingest {
             return Err(Rejection::new(
                 Stage::Object,
                 crate::Error::ObjectMissing {
-                    address: address.clone(),
+                    address: address.to_string(),
                     what,
                 },
             ));
@@ -589,9 +590,9 @@ pub(crate) mod tests {
     pub(crate) fn release(channel: &str, sequence: u64, bundle: &str, expires: u64) -> Release {
         Release {
             format: RELEASE_FORMAT,
-            channel: channel.into(),
+            channel: channel.parse().unwrap(),
             sequence,
-            bundle: bundle.into(),
+            bundle: bundle.parse().unwrap(),
             created: NOW - 100,
             expires,
             rollout: Rollout::default(),

@@ -1,5 +1,6 @@
 //! Releases: a signed statement that a bundle is the head of a channel.
 
+use crate::ids::{BundleId, ChannelName};
 use crate::{Error, Result};
 use cairn_keys::{codec, Envelope, KeyPair, PayloadType};
 use serde::{Deserialize, Serialize};
@@ -42,11 +43,11 @@ pub struct Release {
     /// Format version ([`RELEASE_FORMAT`]).
     pub format: u32,
     /// Channel name.
-    pub channel: String,
+    pub channel: ChannelName,
     /// Strictly increasing per channel.
     pub sequence: u64,
     /// The bundle id (address of the bundle manifest).
-    pub bundle: String,
+    pub bundle: BundleId,
     /// Creation time, Unix seconds.
     pub created: u64,
     /// Expiry, Unix seconds.
@@ -92,15 +93,8 @@ impl Release {
                 self.format
             )));
         }
-        validate_channel(&self.channel).map_err(Error::InvalidRelease)?;
         if self.sequence == 0 {
             return Err(Error::InvalidRelease("sequence must be at least 1".into()));
-        }
-        if !crate::bundle::is_address(&self.bundle) {
-            return Err(Error::InvalidRelease(format!(
-                "bad bundle id `{}`",
-                cairn_keys::text::escape_untrusted(&self.bundle)
-            )));
         }
         Ok(())
     }
@@ -109,13 +103,7 @@ impl Release {
 /// Channel names: 1 to 63 characters of `a-z`, `0-9` and `-`, starting
 /// with a letter or digit (they are file names in a repository).
 pub fn validate_channel(name: &str) -> std::result::Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-');
-    if ok {
+    if crate::ids::is_channel_name(name) {
         Ok(())
     } else {
         Err(format!(

@@ -253,9 +253,9 @@ mod tests {
     fn release(spec: &str, selector: &[(&str, &str)]) -> Release {
         Release {
             format: RELEASE_FORMAT,
-            channel: "stable".into(),
+            channel: "stable".parse().unwrap(),
             sequence: 1,
-            bundle: cairn_keys::sha256_address(b"bundle"),
+            bundle: crate::BundleId::of_manifest(b"bundle"),
             created: 1_000,
             expires: 10_000_000,
             rollout: parse_rollout(spec).unwrap(),

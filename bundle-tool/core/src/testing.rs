@@ -17,7 +17,7 @@ pub fn object(ns: &str, name: &str, data: &str) -> (Entry, Vec<u8>) {
         kind: "ConfigMap".into(),
         namespace: ns.into(),
         name: name.into(),
-        object: cairn_keys::sha256_address(&bytes),
+        object: crate::ids::Address::of(&bytes),
         size: bytes.len() as u64,
     };
     (e, bytes)

@@ -129,13 +129,13 @@ impl ReleaseCheck<'_> {
         if release.channel != self.channel {
             return Err(Error::WrongChannel {
                 expected: self.channel.to_owned(),
-                found: release.channel,
+                found: release.channel.into(),
             });
         }
         check_sequence(&release.channel, self.last_sequence, release.sequence)?;
         if self.now >= release.expires {
             return Err(Error::Expired {
-                channel: release.channel,
+                channel: release.channel.into(),
                 sequence: release.sequence,
                 expires: release.expires,
                 now: self.now,
@@ -164,7 +164,7 @@ impl ReleaseCheck<'_> {
         if release.channel != self.channel {
             return Err(Error::WrongChannel {
                 expected: self.channel.to_owned(),
-                found: release.channel,
+                found: release.channel.into(),
             });
         }
         Ok(VerifiedRelease {
@@ -201,9 +201,9 @@ mod tests {
     fn release(sequence: u64, keys: &[&KeyPair]) -> Vec<u8> {
         Release {
             format: RELEASE_FORMAT,
-            channel: "stable".into(),
+            channel: "stable".parse().unwrap(),
             sequence,
-            bundle: format!("sha256:{}", "ab".repeat(32)),
+            bundle: format!("sha256:{}", "ab".repeat(32)).parse().unwrap(),
             created: NOW - 10,
             expires: NOW + 1000,
             rollout: Rollout::default(),

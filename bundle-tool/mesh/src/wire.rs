@@ -110,7 +110,7 @@ impl Item {
         match self {
             Item::Root(v) => cairn_core::layout::root_path(*v),
             Item::Release(c) => cairn_core::layout::channel_path(c),
-            Item::Object(a) => cairn_core::layout::object_path(a).unwrap_or_default(),
+            Item::Object(a) => cairn_core::layout::object_path_str(a).unwrap_or_default(),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::support::{fails_code, ok_in, run_in};
 use cairn_bundle::release::Release;
-use cairn_bundle::repo::{channel_path, object_path};
+use cairn_bundle::repo::{channel_path, object_path_str};
 use cairn_test_support::{make_manifest_repo, FixtureOptions};
 use std::path::{Path, PathBuf};
 
@@ -169,7 +169,7 @@ fn release_sequence_increments_and_writes_layout() {
         cairn_keys::embedded::ROOT_BYTES
     );
     assert!(w
-        .path(&format!("repo/{}", object_path(&a).unwrap()))
+        .path(&format!("repo/{}", object_path_str(&a).unwrap()))
         .is_file());
     let text = w.ok(&["verify", "--repo", "repo", "--channel", "stable"]);
     assert!(
@@ -278,6 +278,40 @@ fn forge(w: &Work, channel: &str, f: impl FnOnce(&mut Release), keys: &[&cairn_k
     let (_, mut rel) = Release::decode_envelope(&std::fs::read(&p).unwrap(), 1 << 20).unwrap();
     f(&mut rel);
     std::fs::write(&p, rel.sign(keys).encode()).unwrap();
+}
+
+/// Rewrites the channel's release with a channel name no `Release` can
+/// hold (the typed `ChannelName` refuses it), unsigned: the old,
+/// string-typed shape of the release document, which encodes the same.
+fn forge_channel_name(w: &Work, channel: &str, name: &str) {
+    use cairn_bundle::release::Rollout;
+    use std::collections::BTreeMap;
+    #[derive(serde::Serialize)]
+    struct UncheckedRelease {
+        format: u32,
+        channel: String,
+        sequence: u64,
+        bundle: String,
+        created: u64,
+        expires: u64,
+        rollout: Rollout,
+        selector: BTreeMap<String, String>,
+    }
+    let p = w.path(&format!("repo/{}", channel_path(channel)));
+    let (_, r) = Release::decode_envelope(&std::fs::read(&p).unwrap(), 1 << 20).unwrap();
+    let forged = UncheckedRelease {
+        format: r.format,
+        channel: name.to_owned(),
+        sequence: r.sequence,
+        bundle: r.bundle.to_string(),
+        created: r.created,
+        expires: r.expires,
+        rollout: r.rollout,
+        selector: r.selector,
+    };
+    let payload = cairn_keys::codec::encode(&forged);
+    let env = cairn_keys::Envelope::new(cairn_keys::PayloadType::Release, payload);
+    std::fs::write(&p, env.encode()).unwrap();
 }
 
 #[test]
@@ -1003,12 +1037,7 @@ fn untrusted_channel_names_are_escaped_in_errors() {
     // A release in the repository whose channel field holds a terminal
     // title escape and a screen clear (unsigned: found before any
     // signature check).
-    forge(
-        &w,
-        "stable",
-        |r| r.channel = "\x1b]0;pwned\x07\x1b[2Jstable".into(),
-        &[],
-    );
+    forge_channel_name(&w, "stable", "\x1b]0;pwned\x07\x1b[2Jstable");
     let e = w.verify_err("repo", "stable");
     assert_escaped(&e, "channel `\\x1b]0;pwned\\x07\\x1b[2Jstable`");
 

@@ -82,10 +82,10 @@ fn main() {
     let v2_both = root_v2.sign(&[&root1, &root2]).encode();
 
     // Releases.
-    let bundle = cairn_keys::sha256_address(b"fuzz seed bundle");
+    let bundle = cairn_bundle::BundleId::of_manifest(b"fuzz seed bundle");
     let simple = Release {
         format: RELEASE_FORMAT,
-        channel: "stable".into(),
+        channel: "stable".parse().unwrap(),
         sequence: 1,
         bundle: bundle.clone(),
         created: CREATED,
@@ -94,7 +94,7 @@ fn main() {
         selector: BTreeMap::new(),
     };
     let staged = Release {
-        channel: "edge-eu-1".into(),
+        channel: "edge-eu-1".parse().unwrap(),
         sequence: 42,
         rollout: Rollout {
             waves: vec![
@@ -164,7 +164,7 @@ fn main() {
             Message::Heads(vec![Head {
                 channel: "stable".into(),
                 sequence: 3,
-                bundle: bundle.clone(),
+                bundle: bundle.to_string(),
                 root_version: 1,
             }]),
         ),
@@ -175,7 +175,7 @@ fn main() {
                 items: vec![
                     Item::Root(2),
                     Item::Release("stable".into()),
-                    Item::Object(bundle.clone()),
+                    Item::Object(bundle.to_string()),
                 ],
             },
         ),
@@ -205,7 +205,7 @@ fn main() {
                     channel: "stable".into(),
                     labels: [("site".to_string(), "north".to_string())].into(),
                     sequence: 3,
-                    bundle: bundle.clone(),
+                    bundle: bundle.to_string(),
                     health: "healthy".into(),
                     time: 1_700_000_000_000,
                     rollout: Default::default(),

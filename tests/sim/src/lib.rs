@@ -343,7 +343,7 @@ fn build_world(cfg: &SimConfig) -> World {
                 kind: "ConfigMap".into(),
                 namespace: "sim".into(),
                 name: format!("o{i}"),
-                object: address,
+                object: cairn_core::Address::of(&bytes),
                 size: bytes.len() as u64,
             });
         }
@@ -362,12 +362,16 @@ fn build_world(cfg: &SimConfig) -> World {
         bundle_bytes += mbytes.len() as u64;
         new_bytes += mbytes.len() as u64;
         w.intern(&bundle, &mbytes);
-        prev = manifest.entries.iter().map(|e| e.object.clone()).collect();
+        prev = manifest
+            .entries
+            .iter()
+            .map(|e| e.object.to_string())
+            .collect();
         let release = Release {
             format: RELEASE_FORMAT,
-            channel: CHANNEL.into(),
+            channel: CHANNEL.parse().expect("CHANNEL is a valid channel name"),
             sequence: seq,
-            bundle: bundle.clone(),
+            bundle: cairn_core::BundleId::of_manifest(&mbytes),
             created: EPOCH,
             expires: EPOCH + 365 * 86_400,
             rollout: rollout.clone(),
@@ -387,9 +391,9 @@ fn build_world(cfg: &SimConfig) -> World {
     let fake = sha256_address(b"forged bundle");
     let forged = Release {
         format: RELEASE_FORMAT,
-        channel: CHANNEL.into(),
+        channel: CHANNEL.parse().expect("CHANNEL is a valid channel name"),
         sequence: 1_000_000,
-        bundle: fake.clone(),
+        bundle: cairn_core::BundleId::of_manifest(b"forged bundle"),
         created: EPOCH,
         expires: EPOCH + 365 * 86_400,
         rollout: Rollout::default(),
@@ -1477,28 +1481,28 @@ impl Sim {
             // Already stored (e.g. an interrupted fetch)? Then use it.
             let stored = world
                 .index
-                .get(&address)
+                .get(address.as_str())
                 .filter(|id| n.objects.contains(id))
                 .map(|id| world.content[*id as usize].1.clone());
             match stored.map(|b| p.ingest.handle_manifest(&b)) {
                 Some(Ok(())) => {}
-                _ => return vec![address],
+                _ => return vec![address.to_string()],
             }
         }
         match p.ingest.want() {
-            Want::Manifest { address, .. } => vec![address],
+            Want::Manifest { address, .. } => vec![address.to_string()],
             Want::Complete => Vec::new(),
             Want::Objects(list) => {
                 let mut out = Vec::new();
                 for (address, _) in list {
                     if world
                         .index
-                        .get(&address)
+                        .get(address.as_str())
                         .is_some_and(|id| n.objects.contains(id))
                     {
                         p.ingest.mark_present(&address);
                     } else {
-                        out.push(address);
+                        out.push(address.to_string());
                     }
                 }
                 out
@@ -1566,7 +1570,7 @@ impl Sim {
         let source = SourceSpec {
             name: format!("peer:{}", p.peer.map_or(String::new(), |j| format!("a{j}"))),
             release: Arc::new(p.ingest.release().bytes().to_vec()),
-            bundle: p.ingest.release().release().bundle.clone(),
+            bundle: p.ingest.release().release().bundle.to_string(),
             content: Content::Store,
             gated: true,
         };
@@ -1694,7 +1698,7 @@ impl Sim {
         n.hops = hops;
         n.adopted = Some(Adopted {
             sequence: release.sequence,
-            bundle: release.bundle.clone(),
+            bundle: release.bundle.to_string(),
             envelope: Arc::new(adoption.release().bytes().to_vec()),
         });
         if let Some(ep) = n.ep.as_mut() {
@@ -1702,7 +1706,7 @@ impl Sim {
                 Head {
                     channel: CHANNEL.into(),
                     sequence: release.sequence,
-                    bundle: release.bundle.clone(),
+                    bundle: release.bundle.to_string(),
                     root_version: 1,
                 },
                 Millis(now),
@@ -1913,7 +1917,8 @@ impl Sim {
     fn audit(&mut self) {
         let mut legit: BTreeSet<u32> = BTreeSet::new();
         for p in &self.world.releases {
-            for a in std::iter::once(&p.bundle).chain(p.manifest.entries.iter().map(|e| &e.object))
+            for a in std::iter::once(p.bundle.as_str())
+                .chain(p.manifest.entries.iter().map(|e| e.object.as_str()))
             {
                 if let Some(&id) = self.world.index.get(a) {
                     legit.insert(id);
@@ -1947,7 +1952,7 @@ impl Sim {
                     .filter(|e| {
                         self.world
                             .index
-                            .get(&e.object)
+                            .get(e.object.as_str())
                             .is_none_or(|id| !n.objects.contains(id))
                     })
                     .count();

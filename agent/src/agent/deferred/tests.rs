@@ -13,9 +13,9 @@ const T0: u64 = 1_796_083_200_000;
 fn release(sequence: u64, waves: Vec<Wave>, max_failures: Option<FailureLimit>) -> Release {
     Release {
         format: RELEASE_FORMAT,
-        channel: "stable".into(),
+        channel: "stable".parse().unwrap(),
         sequence,
-        bundle: format!("sha256:{:064x}", sequence),
+        bundle: format!("sha256:{:064x}", sequence).parse().unwrap(),
         created: T0 / 1000,
         expires: T0 / 1000 + 30 * 86_400,
         rollout: Rollout {

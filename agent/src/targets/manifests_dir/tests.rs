@@ -193,7 +193,7 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
         .unwrap();
     std::fs::write(d.path().join("x"), b"outside").unwrap();
     let mut rec = owner::read(&dir).unwrap().unwrap();
-    rec.files.insert("../x".into(), a.0.object.clone());
+    rec.files.insert("../x".into(), a.0.object.to_string());
     owner::write(&dir, &rec).unwrap();
     // With the store's copy: the record is rebuilt from it.
     t.apply_blocking(&state(2, &[])).unwrap();
@@ -208,7 +208,7 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
     t.apply_blocking(&state(3, std::slice::from_ref(&a)))
         .unwrap();
     let mut rec = owner::read(&dir).unwrap().unwrap();
-    rec.files.insert("../x".into(), a.0.object.clone());
+    rec.files.insert("../x".into(), a.0.object.to_string());
     owner::write(&dir, &rec).unwrap();
     let fresh = ManifestsDir::new(
         dir.clone(),
@@ -244,7 +244,7 @@ fn an_interrupted_switch_is_finished_without_drift() {
             changes: names
                 .iter()
                 .zip(&objs)
-                .map(|(n, o)| (n.clone(), Some(o.0.object.clone())))
+                .map(|(n, o)| (n.clone(), Some(o.0.object.to_string())))
                 .collect(),
         }),
     };

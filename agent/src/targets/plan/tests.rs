@@ -272,7 +272,7 @@ fn entry(group_version: &str, kind: &str, ns: &str, name: &str) -> Entry {
         kind: kind.into(),
         namespace: ns.into(),
         name: name.into(),
-        object: String::new(),
+        object: cairn_core::Address::of(b""),
         size: 0,
     }
 }

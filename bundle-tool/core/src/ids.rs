@@ -1,0 +1,650 @@
+//! Typed ids: content addresses, bundle ids and channel names.
+//!
+//! Each is a validated string. They serialize exactly as the bare string
+//! they wrap (`#[serde(transparent)]`), so signed CBOR bytes (releases,
+//! manifests) are the same as when the fields were `String`; deserializing
+//! validates, so a malformed id in a document is refused while decoding.
+//!
+//! * [`Address`]: `sha256:<64 lower-case hex>`, the address of some bytes
+//!   (objects, manifests, releases).
+//! * [`BundleId`]: the address of a bundle manifest. A distinct type: a
+//!   bundle id names a bundle, not any object, so a function that wants one
+//!   cannot be handed an object's address by mistake. Its manifest is stored
+//!   as an object at [`BundleId::as_address`].
+//! * [`ChannelName`]: 1 to 63 characters of `a-z`, `0-9` and `-`, not
+//!   starting with `-` (a file name in a repository).
+//!
+//! All deref to `str`, borrow as `str` (maps keyed by them are looked up
+//! with `&str`) and compare equal to `str`, `&str` and `String`.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::str::FromStr;
+
+/// A malformed id: which kind, the offending value (escaped and cut short,
+/// it may come from untrusted input) and what was expected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad {kind} `{value}`: {expected}")]
+pub struct IdError {
+    /// What the id was meant to be (`address`, `bundle id`, `channel`).
+    pub kind: &'static str,
+    /// The offending value, escaped for terminals and logs, at most 80
+    /// characters.
+    pub value: String,
+    /// What a valid one looks like.
+    pub expected: &'static str,
+}
+
+impl IdError {
+    fn new(kind: &'static str, value: &str, expected: &'static str) -> Self {
+        const SHOWN: usize = 80;
+        let mut shown: String = value.chars().take(SHOWN).collect();
+        if value.chars().nth(SHOWN).is_some() {
+            shown.push('…');
+        }
+        IdError {
+            kind,
+            value: cairn_keys::text::escape_untrusted(&shown),
+            expected,
+        }
+    }
+}
+
+const ADDRESS_EXPECTED: &str = "expected sha256:<64 lower-case hex digits>";
+const CHANNEL_EXPECTED: &str = "use 1-63 characters of a-z, 0-9 and '-', not starting with '-'";
+
+/// Whether `s` is a well-formed `sha256:<64 lower-case hex>` address.
+pub fn is_address(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Whether `s` is a valid channel name.
+pub fn is_channel_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+}
+
+/// The string-like traits every id shares.
+macro_rules! string_id {
+    ($ty:ident) => {
+        impl $ty {
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                AsRef::<str>::as_ref(self)
+            }
+        }
+
+        impl Deref for $ty {
+            type Target = str;
+            fn deref(&self) -> &str {
+                self.as_str()
+            }
+        }
+
+        impl Borrow<str> for $ty {
+            fn borrow(&self) -> &str {
+                self.as_str()
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl TryFrom<&str> for $ty {
+            type Error = IdError;
+            fn try_from(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse_owned(s)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(id: $ty) -> String {
+                id.into_string()
+            }
+        }
+
+        impl PartialEq<str> for $ty {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+
+        impl PartialEq<&str> for $ty {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+
+        impl PartialEq<String> for $ty {
+            fn eq(&self, other: &String) -> bool {
+                self.as_str() == other.as_str()
+            }
+        }
+
+        impl PartialEq<$ty> for str {
+            fn eq(&self, other: &$ty) -> bool {
+                self == other.as_str()
+            }
+        }
+
+        impl PartialEq<$ty> for &str {
+            fn eq(&self, other: &$ty) -> bool {
+                *self == other.as_str()
+            }
+        }
+
+        impl PartialEq<$ty> for String {
+            fn eq(&self, other: &$ty) -> bool {
+                self.as_str() == other.as_str()
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse_owned(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+/// A content address: `sha256:<64 lower-case hex>`. Only a well-formed
+/// address can be made, so one can always become a path
+/// ([`crate::layout::object_path`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Address(String);
+
+impl Address {
+    /// Validates `s` as an address.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if is_address(s) {
+            Ok(Address(s.to_owned()))
+        } else {
+            Err(IdError::new("address", s, ADDRESS_EXPECTED))
+        }
+    }
+
+    /// Validates `s` as an address, keeping its allocation.
+    pub fn parse_owned(s: String) -> Result<Self, IdError> {
+        if is_address(&s) {
+            Ok(Address(s))
+        } else {
+            Err(IdError::new("address", &s, ADDRESS_EXPECTED))
+        }
+    }
+
+    /// The address of `bytes` (SHA-256).
+    pub fn of(bytes: &[u8]) -> Self {
+        Address(cairn_keys::sha256_address(bytes))
+    }
+
+    /// The 64 hex digits after `sha256:`.
+    pub fn hex(&self) -> &str {
+        &self.0["sha256:".len()..]
+    }
+
+    /// The inner string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl AsRef<str> for Address {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+string_id!(Address);
+
+/// A bundle id: the address of a bundle manifest's canonical bytes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct BundleId(Address);
+
+impl BundleId {
+    /// Validates `s` as a bundle id (an address).
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        Address::parse(s).map(BundleId).map_err(|e| IdError {
+            kind: "bundle id",
+            ..e
+        })
+    }
+
+    /// Validates `s` as a bundle id, keeping its allocation.
+    pub fn parse_owned(s: String) -> Result<Self, IdError> {
+        Address::parse_owned(s).map(BundleId).map_err(|e| IdError {
+            kind: "bundle id",
+            ..e
+        })
+    }
+
+    /// The bundle id of manifest bytes.
+    pub fn of_manifest(bytes: &[u8]) -> Self {
+        BundleId(Address::of(bytes))
+    }
+
+    /// The address the manifest is stored at as an object.
+    pub fn as_address(&self) -> &Address {
+        &self.0
+    }
+
+    /// The inner string.
+    pub fn into_string(self) -> String {
+        self.0.into_string()
+    }
+}
+
+impl AsRef<str> for BundleId {
+    fn as_ref(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl AsRef<Address> for BundleId {
+    fn as_ref(&self) -> &Address {
+        &self.0
+    }
+}
+
+impl From<BundleId> for Address {
+    fn from(id: BundleId) -> Address {
+        id.0
+    }
+}
+
+string_id!(BundleId);
+
+/// A channel name: 1 to 63 characters of `a-z`, `0-9` and `-`, not
+/// starting with `-`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ChannelName(String);
+
+impl ChannelName {
+    /// Validates `s` as a channel name.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        if is_channel_name(s) {
+            Ok(ChannelName(s.to_owned()))
+        } else {
+            Err(IdError::new("channel", s, CHANNEL_EXPECTED))
+        }
+    }
+
+    /// Validates `s` as a channel name, keeping its allocation.
+    pub fn parse_owned(s: String) -> Result<Self, IdError> {
+        if is_channel_name(&s) {
+            Ok(ChannelName(s))
+        } else {
+            Err(IdError::new("channel", &s, CHANNEL_EXPECTED))
+        }
+    }
+
+    /// The inner string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl AsRef<str> for ChannelName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+string_id!(ChannelName);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn good() -> String {
+        format!("sha256:{}", "0123456789abcdef".repeat(4))
+    }
+
+    #[test]
+    fn address_parse_accepts_only_sha256_lower_hex_of_64() {
+        let a = Address::parse(&good()).unwrap();
+        assert_eq!(a, good().as_str());
+        assert_eq!(a.hex(), "0123456789abcdef".repeat(4));
+        let bad = [
+            String::new(),
+            "sha256:".into(),
+            "0123456789abcdef".repeat(4),
+            good().to_uppercase(),
+            format!("sha256:{}", "0123456789ABCDEF".repeat(4)),
+            format!("sha512:{}", "0123456789abcdef".repeat(4)),
+            format!("{}0", good()),
+            good()[..good().len() - 1].to_owned(),
+            format!("sha256:{}g", "0".repeat(63)),
+            "sha256:../../etc/passwd".into(),
+            format!(" {}", good()),
+        ];
+        for b in &bad {
+            let e = Address::parse(b).unwrap_err();
+            assert_eq!(e.kind, "address", "{b:?}");
+            assert!(Address::parse_owned(b.clone()).is_err(), "{b:?}");
+            assert!(b.parse::<Address>().is_err(), "{b:?}");
+            assert!(BundleId::parse(b).is_err(), "{b:?}");
+        }
+        assert_eq!(BundleId::parse("x").unwrap_err().kind, "bundle id");
+    }
+
+    #[test]
+    fn errors_escape_and_shorten_untrusted_values() {
+        let e = Address::parse("sha256:\u{1b}[2Jevil").unwrap_err();
+        assert!(!e.to_string().contains('\u{1b}'), "{e}");
+        assert!(e.to_string().contains("bad address"), "{e}");
+        let long = "x".repeat(10_000);
+        let e = ChannelName::parse(&long).unwrap_err();
+        assert!(e.to_string().len() < 300, "{}", e.to_string().len());
+    }
+
+    #[test]
+    fn channel_names() {
+        for ok in ["a", "stable", "prod-eu-1", "0", &"a".repeat(63)] {
+            assert_eq!(ChannelName::parse(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "-a",
+            "Stable",
+            "a/b",
+            "a.b",
+            "a b",
+            "../x",
+            &"a".repeat(64),
+        ] {
+            let e = ChannelName::parse(bad).unwrap_err();
+            assert_eq!(e.kind, "channel");
+        }
+    }
+
+    #[test]
+    fn deserialize_validates_and_serialize_is_the_bare_string() {
+        let a = Address::parse(&good()).unwrap();
+        let cbor = cairn_keys::codec::encode(&a);
+        assert_eq!(cbor, cairn_keys::codec::encode(&good()));
+        let back: Address = cairn_keys::codec::decode("t", &cbor, 1000).unwrap();
+        assert_eq!(back, a);
+        let b: BundleId = cairn_keys::codec::decode("t", &cbor, 1000).unwrap();
+        assert_eq!(b.as_address(), &a);
+
+        let bad = cairn_keys::codec::encode(&"sha256:nope");
+        let e = cairn_keys::codec::decode::<Address>("t", &bad, 1000).unwrap_err();
+        assert!(e.to_string().contains("bad address"), "{e}");
+        let e = cairn_keys::codec::decode::<BundleId>("t", &bad, 1000).unwrap_err();
+        assert!(e.to_string().contains("bad bundle id"), "{e}");
+        let e = cairn_keys::codec::decode::<ChannelName>("t", &bad, 1000).unwrap_err();
+        assert!(e.to_string().contains("bad channel"), "{e}");
+        // Not a string at all.
+        let n = cairn_keys::codec::encode(&7u32);
+        assert!(cairn_keys::codec::decode::<Address>("t", &n, 1000).is_err());
+    }
+
+    #[test]
+    fn string_like_use() {
+        let a = Address::parse(&good()).unwrap();
+        let mut m: BTreeMap<Address, u64> = BTreeMap::new();
+        m.insert(a.clone(), 3);
+        // Lookups by &str through Borrow<str>.
+        assert_eq!(m.get(good().as_str()), Some(&3));
+        assert!(a.starts_with("sha256:"));
+        assert_eq!(a.to_string(), good());
+        assert_eq!(good(), a);
+        assert_eq!(good().as_str(), a);
+        let s: String = a.clone().into();
+        assert_eq!(s, good());
+        let id = BundleId::of_manifest(b"m");
+        assert_eq!(id, cairn_keys::sha256_address(b"m"));
+        assert_eq!(Address::from(id.clone()), *id.as_address());
+    }
+}
+
+/// The signed bytes do not change: releases and manifests encode exactly as
+/// they did with `String` fields (the structs below are the old shapes),
+/// and a malformed id in a signed document is refused while decoding.
+#[cfg(test)]
+mod wire_compat_tests {
+    use crate::bundle::{Entry, Manifest, Rendered, RenderedValues, Source, BUNDLE_FORMAT};
+    use crate::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    #[derive(Serialize, Deserialize)]
+    struct OldRelease {
+        format: u32,
+        channel: String,
+        sequence: u64,
+        bundle: String,
+        created: u64,
+        expires: u64,
+        rollout: Rollout,
+        selector: BTreeMap<String, String>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldEntry {
+        path: String,
+        document: u32,
+        api_version: String,
+        kind: String,
+        namespace: String,
+        name: String,
+        object: String,
+        size: u64,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldRenderedValues {
+        file: String,
+        digest: String,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldRendered {
+        path: String,
+        tool: String,
+        values: Vec<OldRenderedValues>,
+        settings: Vec<String>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldSource {
+        repository: String,
+        commit: String,
+        path: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rendered: Vec<OldRendered>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct OldManifest {
+        format: u32,
+        source: OldSource,
+        entries: Vec<OldEntry>,
+    }
+
+    fn addr(byte: &str) -> String {
+        format!("sha256:{}", byte.repeat(32))
+    }
+
+    fn old_release(bundle: &str, channel: &str) -> OldRelease {
+        OldRelease {
+            format: RELEASE_FORMAT,
+            channel: channel.into(),
+            sequence: 7,
+            bundle: bundle.into(),
+            created: 1_800_000_000,
+            expires: 1_900_000_000,
+            rollout: Rollout {
+                waves: vec![Wave {
+                    basis_points: 1000,
+                    delay_secs: 60,
+                }],
+                max_failures: Some(FailureLimit::Count(2)),
+            },
+            selector: [("region".to_owned(), "eu".to_owned())].into(),
+        }
+    }
+
+    fn old_manifest(object: &str, digest: &str) -> OldManifest {
+        OldManifest {
+            format: BUNDLE_FORMAT,
+            source: OldSource {
+                repository: "repo".into(),
+                commit: "c".repeat(40),
+                path: String::new(),
+                rendered: vec![OldRendered {
+                    path: "chart".into(),
+                    tool: "helm v3".into(),
+                    values: vec![OldRenderedValues {
+                        file: "values.yaml".into(),
+                        digest: digest.into(),
+                    }],
+                    settings: vec!["release=x".into()],
+                }],
+            },
+            entries: vec![OldEntry {
+                path: "a.yaml".into(),
+                document: 0,
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: "ns".into(),
+                name: "a".into(),
+                object: object.into(),
+                size: 12,
+            }],
+        }
+    }
+
+    #[test]
+    fn release_bytes_are_unchanged() {
+        let old = cairn_keys::codec::encode(&old_release(&addr("ab"), "stable"));
+        let new = Release {
+            format: RELEASE_FORMAT,
+            channel: super::ChannelName::parse("stable").unwrap(),
+            sequence: 7,
+            bundle: super::BundleId::parse(&addr("ab")).unwrap(),
+            created: 1_800_000_000,
+            expires: 1_900_000_000,
+            rollout: Rollout {
+                waves: vec![Wave {
+                    basis_points: 1000,
+                    delay_secs: 60,
+                }],
+                max_failures: Some(FailureLimit::Count(2)),
+            },
+            selector: [("region".to_owned(), "eu".to_owned())].into(),
+        };
+        assert_eq!(cairn_keys::codec::encode(&new), old);
+        let back: Release = cairn_keys::codec::decode("release", &old, old.len()).unwrap();
+        assert_eq!(back, new);
+        // The bytes themselves, so a change to the old shape cannot hide
+        // a change here: the bundle id is a CBOR text string of 71 bytes
+        // (0x78 0x47) right after the key `bundle`.
+        let mut key_and_value = vec![0x66];
+        key_and_value.extend_from_slice(b"bundle");
+        key_and_value.extend_from_slice(&[0x78, 0x47]);
+        key_and_value.extend_from_slice(addr("ab").as_bytes());
+        assert!(old.windows(key_and_value.len()).any(|w| w == key_and_value));
+    }
+
+    #[test]
+    fn manifest_bytes_and_id_are_unchanged() {
+        let old = cairn_keys::codec::encode(&old_manifest(&addr("cd"), &addr("ef")));
+        let new = Manifest {
+            format: BUNDLE_FORMAT,
+            source: Source {
+                repository: "repo".into(),
+                commit: "c".repeat(40),
+                path: String::new(),
+                rendered: vec![Rendered {
+                    path: "chart".into(),
+                    tool: "helm v3".into(),
+                    values: vec![RenderedValues {
+                        file: "values.yaml".into(),
+                        digest: super::Address::parse(&addr("ef")).unwrap(),
+                    }],
+                    settings: vec!["release=x".into()],
+                }],
+            },
+            entries: vec![Entry {
+                path: "a.yaml".into(),
+                document: 0,
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: "ns".into(),
+                name: "a".into(),
+                object: super::Address::parse(&addr("cd")).unwrap(),
+                size: 12,
+            }],
+        };
+        assert_eq!(new.encode(), old);
+        assert_eq!(new.id(), cairn_keys::sha256_address(&old));
+        let limits = crate::limits::Limits::default();
+        let back = Manifest::decode(&old, Some(&new.id()), &limits).unwrap();
+        assert_eq!(back, new);
+    }
+
+    #[test]
+    fn malformed_ids_in_signed_documents_are_refused_while_decoding() {
+        let limits = crate::limits::Limits::default();
+        for (bundle, channel) in [
+            ("sha256:short", "stable"),
+            ("../../etc/passwd", "stable"),
+            (addr("AB").as_str(), "stable"),
+            (addr("ab").as_str(), "../x"),
+            (addr("ab").as_str(), ""),
+        ] {
+            let bytes = cairn_keys::codec::encode(&old_release(bundle, channel));
+            let env = cairn_keys::Envelope::new(cairn_keys::PayloadType::Release, bytes);
+            let e = Release::decode_envelope(&env.encode(), limits.max_release_bytes)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("bad bundle id") || e.contains("bad channel"),
+                "{e}"
+            );
+        }
+        for (object, digest) in [
+            ("sha256:../x", addr("ef")),
+            ("", addr("ef")),
+            (addr("cd").as_str(), "sha256:1".to_owned()),
+        ] {
+            let bytes = cairn_keys::codec::encode(&old_manifest(object, &digest));
+            let e = Manifest::decode(&bytes, None, &limits)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("bad address"), "{e}");
+        }
+    }
+}
