@@ -26,6 +26,72 @@ pub const MAX_TREE_DEPTH: usize = 256;
 /// Largest symbolic link target read (Linux's PATH_MAX).
 pub const MAX_LINK_TARGET_BYTES: u64 = 4096;
 
+/// Bytes of decoded pack objects the delta-base cache keeps per
+/// repository handle.
+const DELTA_BASE_CACHE_BYTES: usize = 16 << 20;
+
+/// Largest object the delta-base cache keeps.
+const DELTA_BASE_CACHE_MAX_OBJECT: usize = 1 << 20;
+
+/// A bounded cache of decoded pack objects by (pack, offset), so that
+/// reading thousands of similar trees from a pack does not resolve every
+/// delta chain from its base again (gix is built without its own LRU
+/// caches). Oldest entries leave first; the total is capped at
+/// [`DELTA_BASE_CACHE_BYTES`]. Content comes from the pack only, keyed by
+/// position, so it changes no result, only the time.
+#[derive(Default)]
+struct DeltaBaseCache {
+    map: std::collections::HashMap<(u32, u64), (gix::objs::Kind, usize, Vec<u8>)>,
+    order: std::collections::VecDeque<(u32, u64)>,
+    bytes: usize,
+}
+
+impl gix::odb::pack::cache::DecodeEntry for DeltaBaseCache {
+    fn put(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        data: &[u8],
+        kind: gix::objs::Kind,
+        compressed_size: usize,
+    ) {
+        if data.len() > DELTA_BASE_CACHE_MAX_OBJECT || self.map.contains_key(&(pack_id, offset)) {
+            return;
+        }
+        while self.bytes + data.len() > DELTA_BASE_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, _, d)) = self.map.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+        self.bytes += data.len();
+        self.order.push_back((pack_id, offset));
+        self.map
+            .insert((pack_id, offset), (kind, compressed_size, data.to_vec()));
+    }
+
+    fn get(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<(gix::objs::Kind, usize)> {
+        let (kind, size, data) = self.map.get(&(pack_id, offset))?;
+        out.clear();
+        out.extend_from_slice(data);
+        Some((*kind, *size))
+    }
+}
+
+/// Gives `repo` a delta-base cache (see [`DeltaBaseCache`]).
+fn with_delta_cache(mut repo: gix::Repository) -> gix::Repository {
+    repo.objects
+        .set_pack_cache(|| Box::<DeltaBaseCache>::default());
+    repo
+}
+
 /// A file (blob) in a Git tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TreeFile {
@@ -152,6 +218,7 @@ impl GitTree {
                 repo_path.display()
             ))
         })?;
+        let repo = with_delta_cache(repo);
         let spec = reference.unwrap_or("HEAD");
         let shown = escape_name(spec);
         let not_found = |e: &dyn std::fmt::Display| {
@@ -398,7 +465,7 @@ fn read_level(
                 s.spawn(move || {
                     let mut out = Vec::with_capacity(part.len());
                     let repo = match gix::open_opts(git_dir, gix::open::Options::isolated()) {
-                        Ok(r) => r,
+                        Ok(r) => with_delta_cache(r),
                         Err(e) => {
                             out.push(Err(git_err(format!(
                                 "{}: {e} (walk thread {i})",
