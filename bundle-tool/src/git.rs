@@ -9,6 +9,7 @@ use gix::bstr::ByteSlice;
 use gix::ObjectId;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Shows an untrusted tree entry name safely in a terminal or log: the
 /// project's one escaping rule.
@@ -24,6 +25,72 @@ pub const MAX_TREE_DEPTH: usize = 256;
 
 /// Largest symbolic link target read (Linux's PATH_MAX).
 pub const MAX_LINK_TARGET_BYTES: u64 = 4096;
+
+/// Bytes of decoded pack objects the delta-base cache keeps per
+/// repository handle.
+const DELTA_BASE_CACHE_BYTES: usize = 16 << 20;
+
+/// Largest object the delta-base cache keeps.
+const DELTA_BASE_CACHE_MAX_OBJECT: usize = 1 << 20;
+
+/// A bounded cache of decoded pack objects by (pack, offset), so that
+/// reading thousands of similar trees from a pack does not resolve every
+/// delta chain from its base again (gix is built without its own LRU
+/// caches). Oldest entries leave first; the total is capped at
+/// [`DELTA_BASE_CACHE_BYTES`]. Content comes from the pack only, keyed by
+/// position, so it changes no result, only the time.
+#[derive(Default)]
+struct DeltaBaseCache {
+    map: std::collections::HashMap<(u32, u64), (gix::objs::Kind, usize, Vec<u8>)>,
+    order: std::collections::VecDeque<(u32, u64)>,
+    bytes: usize,
+}
+
+impl gix::odb::pack::cache::DecodeEntry for DeltaBaseCache {
+    fn put(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        data: &[u8],
+        kind: gix::objs::Kind,
+        compressed_size: usize,
+    ) {
+        if data.len() > DELTA_BASE_CACHE_MAX_OBJECT || self.map.contains_key(&(pack_id, offset)) {
+            return;
+        }
+        while self.bytes + data.len() > DELTA_BASE_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, _, d)) = self.map.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+        self.bytes += data.len();
+        self.order.push_back((pack_id, offset));
+        self.map
+            .insert((pack_id, offset), (kind, compressed_size, data.to_vec()));
+    }
+
+    fn get(
+        &mut self,
+        pack_id: u32,
+        offset: u64,
+        out: &mut Vec<u8>,
+    ) -> Option<(gix::objs::Kind, usize)> {
+        let (kind, size, data) = self.map.get(&(pack_id, offset))?;
+        out.clear();
+        out.extend_from_slice(data);
+        Some((*kind, *size))
+    }
+}
+
+/// Gives `repo` a delta-base cache (see [`DeltaBaseCache`]).
+fn with_delta_cache(mut repo: gix::Repository) -> gix::Repository {
+    repo.objects
+        .set_pack_cache(|| Box::<DeltaBaseCache>::default());
+    repo
+}
 
 /// A file (blob) in a Git tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,6 +218,7 @@ impl GitTree {
                 repo_path.display()
             ))
         })?;
+        let repo = with_delta_cache(repo);
         let spec = reference.unwrap_or("HEAD");
         let shown = escape_name(spec);
         let not_found = |e: &dyn std::fmt::Display| {
@@ -272,84 +340,219 @@ impl GitTree {
     }
 }
 
-/// Walks the tree `root` of `commit` iteratively, checking every entry
-/// name and the entry and depth caps.
+/// Fewest trees in one level of the walk before it is read on more than
+/// one thread (below this, opening the extra repository handles costs
+/// more than it saves).
+const PARALLEL_MIN_TREES: usize = 64;
+
+/// Most threads the walk reads trees on.
+const MAX_WALK_THREADS: usize = 4;
+
+/// One checked entry of a tree listing: name, id, kind.
+type Listing = Vec<(String, ObjectId, EntryKind)>;
+
+fn shown_dir(prefix: &str) -> String {
+    if prefix.is_empty() {
+        "the root".to_owned()
+    } else {
+        format!("`{}`", escape_name(prefix))
+    }
+}
+
+fn too_many_entries(commit: &str) -> Error {
+    git_err(format!(
+        "commit {commit}: the tree has more than {MAX_TREE_ENTRIES} entries \
+         (counting every path of repeated subtrees); refused"
+    ))
+}
+
+/// Reads one tree and checks every entry name in it (see
+/// [`check_entry_name`]). `budget` counts the entries read so far by every
+/// thread of the walk; the read stops once it passes [`MAX_TREE_ENTRIES`].
+fn read_listing(
+    repo: &gix::Repository,
+    commit: &str,
+    tree: ObjectId,
+    prefix: &str,
+    budget: &AtomicUsize,
+) -> Result<Listing> {
+    let t = repo.find_tree(tree).map_err(|e| {
+        git_err(format!(
+            "commit {commit}: tree {tree} at {}: {e}",
+            shown_dir(prefix)
+        ))
+    })?;
+    let mut out = Vec::new();
+    for entry in t.iter() {
+        let entry = entry.map_err(|e| {
+            git_err(format!(
+                "commit {commit}: tree {tree} at {} is malformed: {e}",
+                shown_dir(prefix)
+            ))
+        })?;
+        let raw: &[u8] = entry.inner.filename.as_ref();
+        // The escaped name is only made for a message (most entries never
+        // need one).
+        let lossy = || escape_name(&entry.inner.filename.to_str_lossy());
+        if let Err(why) = check_entry_name(raw) {
+            return Err(git_err(format!(
+                "commit {commit}: tree entry `{}` in {} is {why}; \
+                 every entry must be one normal file name, so this commit is refused",
+                lossy(),
+                shown_dir(prefix)
+            )));
+        }
+        let name = entry.inner.filename.to_str().map_err(|_| {
+            git_err(format!(
+                "commit {commit}: tree entry `{}` in {}: file name is not UTF-8",
+                lossy(),
+                shown_dir(prefix)
+            ))
+        })?;
+        let mode = entry.inner.mode;
+        let kind = if mode.is_tree() {
+            EntryKind::Dir
+        } else if mode.is_link() {
+            EntryKind::Link
+        } else if mode.is_blob() {
+            EntryKind::File
+        } else {
+            EntryKind::Submodule
+        };
+        out.push((name.to_owned(), entry.inner.oid.to_owned(), kind));
+    }
+    if budget.fetch_add(out.len(), Ordering::Relaxed) + out.len() > MAX_TREE_ENTRIES {
+        return Err(too_many_entries(commit));
+    }
+    Ok(out)
+}
+
+/// Reads the trees of one level of the walk, in order, on up to
+/// [`MAX_WALK_THREADS`] threads when the level is large. Each thread opens
+/// its own handle on the Git directory (gix repositories are not `Sync`
+/// without gix's `parallel` feature). A thread stops at its first error;
+/// the caller takes results in order, so the error reported is the first
+/// in walk order whatever the scheduling.
+fn read_level(
+    repo: &gix::Repository,
+    commit: &str,
+    level: &[(ObjectId, String, usize)],
+    budget: &AtomicUsize,
+) -> Vec<Result<Listing>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WALK_THREADS);
+    if threads < 2 || level.len() < PARALLEL_MIN_TREES {
+        let mut out = Vec::with_capacity(level.len());
+        for (tree, prefix, _) in level {
+            let r = read_listing(repo, commit, *tree, prefix, budget);
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        return out;
+    }
+    let git_dir = repo.git_dir().to_path_buf();
+    let chunk = level.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = level
+            .chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let git_dir = &git_dir;
+                s.spawn(move || {
+                    let mut out = Vec::with_capacity(part.len());
+                    let repo = match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+                        Ok(r) => with_delta_cache(r),
+                        Err(e) => {
+                            out.push(Err(git_err(format!(
+                                "{}: {e} (walk thread {i})",
+                                git_dir.display()
+                            ))));
+                            return out;
+                        }
+                    };
+                    for (tree, prefix, _) in part {
+                        let r = read_listing(&repo, commit, *tree, prefix, budget);
+                        let failed = r.is_err();
+                        out.push(r);
+                        if failed {
+                            break;
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(level.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => {
+                    let complete = part.iter().all(Result::is_ok);
+                    all.extend(part);
+                    if !complete {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    all.push(Err(git_err("a tree walk thread panicked")));
+                    break;
+                }
+            }
+        }
+        all
+    })
+}
+
+/// Walks the tree `root` of `commit` level by level, checking every entry
+/// name and the entry and depth caps. Large levels (a directory of
+/// thousands of application directories) are read on several threads;
+/// entries are merged in level order, so the result and the error
+/// reported do not depend on the scheduling.
 fn walk_tree(
     repo: &gix::Repository,
     commit: &str,
     root: ObjectId,
 ) -> Result<BTreeMap<String, TreeNode>> {
     let mut entries = BTreeMap::new();
-    let mut pending: Vec<(ObjectId, String, usize)> = vec![(root, String::new(), 0)];
-    while let Some((tree, prefix, depth)) = pending.pop() {
-        let shown_dir = if prefix.is_empty() {
-            "the root".to_owned()
-        } else {
-            format!("`{}`", escape_name(&prefix))
-        };
-        let t = repo
-            .find_tree(tree)
-            .map_err(|e| git_err(format!("commit {commit}: tree {tree} at {shown_dir}: {e}")))?;
-        for entry in t.iter() {
-            let entry = entry.map_err(|e| {
-                git_err(format!(
-                    "commit {commit}: tree {tree} at {shown_dir} is malformed: {e}"
-                ))
-            })?;
-            let raw: &[u8] = entry.inner.filename.as_ref();
-            let lossy = escape_name(&entry.inner.filename.to_str_lossy());
-            if let Err(why) = check_entry_name(raw) {
-                return Err(git_err(format!(
-                    "commit {commit}: tree entry `{lossy}` in {shown_dir} is {why}; \
-                     every entry must be one normal file name, so this commit is refused"
-                )));
-            }
-            let name = entry.inner.filename.to_str().map_err(|_| {
-                git_err(format!(
-                    "commit {commit}: tree entry `{lossy}` in {shown_dir}: file name is not UTF-8"
-                ))
-            })?;
-            let path = if prefix.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{prefix}/{name}")
-            };
-            let mode = entry.inner.mode;
-            let kind = if mode.is_tree() {
-                EntryKind::Dir
-            } else if mode.is_link() {
-                EntryKind::Link
-            } else if mode.is_blob() {
-                EntryKind::File
-            } else {
-                EntryKind::Submodule
-            };
-            if entries.len() >= MAX_TREE_ENTRIES {
-                return Err(git_err(format!(
-                    "commit {commit}: the tree has more than {MAX_TREE_ENTRIES} entries \
-                     (counting every path of repeated subtrees); refused"
-                )));
-            }
-            let oid = entry.inner.oid.to_owned();
-            if kind == EntryKind::Dir {
-                if depth + 1 > MAX_TREE_DEPTH {
+    let budget = AtomicUsize::new(0);
+    let mut level: Vec<(ObjectId, String, usize)> = vec![(root, String::new(), 0)];
+    while !level.is_empty() {
+        let listings = read_level(repo, commit, &level, &budget);
+        let mut next = Vec::new();
+        for ((_, prefix, depth), listing) in level.iter().zip(listings) {
+            for (name, oid, kind) in listing? {
+                let path = if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                if entries.len() >= MAX_TREE_ENTRIES {
+                    return Err(too_many_entries(commit));
+                }
+                if kind == EntryKind::Dir {
+                    if depth + 1 > MAX_TREE_DEPTH {
+                        return Err(git_err(format!(
+                            "commit {commit}: `{}` is nested deeper than {MAX_TREE_DEPTH} directories; refused",
+                            escape_name(&path)
+                        )));
+                    }
+                    next.push((oid, path.clone(), depth + 1));
+                }
+                if entries
+                    .insert(path.clone(), TreeNode { oid, kind })
+                    .is_some()
+                {
                     return Err(git_err(format!(
-                        "commit {commit}: `{}` is nested deeper than {MAX_TREE_DEPTH} directories; refused",
+                        "commit {commit}: tree entry `{}` appears twice; refused",
                         escape_name(&path)
                     )));
                 }
-                pending.push((oid, path.clone(), depth + 1));
-            }
-            if entries
-                .insert(path.clone(), TreeNode { oid, kind })
-                .is_some()
-            {
-                return Err(git_err(format!(
-                    "commit {commit}: tree entry `{}` appears twice; refused",
-                    escape_name(&path)
-                )));
             }
         }
+        level = next;
     }
     Ok(entries)
 }

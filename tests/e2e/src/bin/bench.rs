@@ -22,6 +22,10 @@
 //!   so it has its own, shorter series; a render past the limit is stopped
 //!   and reported as "> limit".
 //! * `--json FILE`: also write the raw figures as JSON.
+//! * `--rows LIST`: only these rows, comma-separated, from `build`,
+//!   `kdir` (the Kustomize directory in the large repository), `verify`,
+//!   `footprint`, `delta`, `mesh` (default: all). `cairn-agent` is only
+//!   needed for `footprint`, `delta` and `mesh`.
 //! * `--keep DIR`: work in DIR and keep it (fixtures, repositories, logs).
 //!
 //! Network: loopback only (a static file server on 127.0.0.1 and mesh
@@ -51,12 +55,22 @@ struct Opts {
     keep: Option<PathBuf>,
     kustomize_runs: usize,
     kustomize_timeout: u64,
+    rows: Vec<String>,
+}
+
+/// Every row group `--rows` accepts, in the order they run.
+const ROW_GROUPS: [&str; 6] = ["build", "kdir", "verify", "footprint", "delta", "mesh"];
+
+impl Opts {
+    fn wants(&self, group: &str) -> bool {
+        self.rows.iter().any(|r| r == group)
+    }
 }
 
 fn usage() -> &'static str {
     "usage: bench [--quick] [--runs N] [--mesh-runs N] [--apps N] [--configmap-kb N] \
      [--mesh 10,20|none] [--kustomize-runs N] [--kustomize-timeout SECS] [--bin-dir DIR] \
-     [--key FILE] [--json FILE] [--keep DIR]"
+     [--key FILE] [--json FILE] [--keep DIR] [--rows build,kdir,verify,footprint,delta,mesh]"
 }
 
 fn parse_args() -> Result<Opts> {
@@ -79,6 +93,7 @@ fn parse_args() -> Result<Opts> {
         keep: None,
         kustomize_runs: 1,
         kustomize_timeout: 1200,
+        rows: ROW_GROUPS.iter().map(|r| r.to_string()).collect(),
     };
     let mut explicit = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -111,6 +126,23 @@ fn parse_args() -> Result<Opts> {
             "--key" => o.key = PathBuf::from(val("--key")?),
             "--json" => o.json = Some(PathBuf::from(val("--json")?)),
             "--keep" => o.keep = Some(PathBuf::from(val("--keep")?)),
+            "--rows" => {
+                let v = val("--rows")?;
+                let mut rows = Vec::new();
+                for r in v.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+                    if !ROW_GROUPS.contains(&r) {
+                        bail!(
+                            "--rows: unknown row `{r}` (one of {})",
+                            ROW_GROUPS.join(", ")
+                        );
+                    }
+                    rows.push(r.to_owned());
+                }
+                if rows.is_empty() {
+                    bail!("--rows: give at least one of {}", ROW_GROUPS.join(", "));
+                }
+                o.rows = rows;
+            }
             "--kustomize-runs" => {
                 o.kustomize_runs = num(val("--kustomize-runs")?, "--kustomize-runs")?.max(1)
             }
@@ -342,7 +374,11 @@ impl Bench {
             }
         };
         let cairn = exe("cairn")?;
-        let agent = exe("cairn-agent")?;
+        let agent = if ["footprint", "delta", "mesh"].iter().any(|g| o.wants(g)) {
+            exe("cairn-agent")?
+        } else {
+            o.bin_dir.join("cairn-agent")
+        };
         if !o.key.is_file() {
             bail!("release key {} not found (--key FILE)", o.key.display());
         }
@@ -647,6 +683,8 @@ impl Bench {
         run_ok(git(&clone).args(["add", "-A"]))?;
         run_ok(git(&clone).args([
             "-c",
+            "gc.auto=0",
+            "-c",
             "user.name=bench",
             "-c",
             "user.email=bench@example.invalid",
@@ -670,6 +708,9 @@ impl Bench {
         let render = || -> Result<()> {
             run_ok(Command::new("kubectl").arg("kustomize").arg(&kdir)).map(|_| ())
         };
+        // Packed, as a clone from a server is (and as `git commit`'s
+        // automatic gc would leave it, in the background, during the runs).
+        run_ok(git(&clone).args(["repack", "-adq"]))?;
         build()?;
         render()?;
         let (mut c, mut k) = (Vec::new(), Vec::new());
@@ -1270,19 +1311,36 @@ fn real_main() -> Result<()> {
     let started = Instant::now();
     b.fixture()?;
     let mut rows = Vec::new();
-    b.build_rows(&mut rows)?;
-    b.kustomize_dir_rows(&mut rows)?;
-    // The released repository (commit 1).
-    let repo = b.path("repo");
-    progress("release of commit 1");
-    b.release(&repo, &b.b1.clone())?;
-    b.verify_rows(&repo, &mut rows)?;
-    // A copy of the commit-1 repository for the mesh runs.
-    let staged = b.path("staged-repo");
-    copy_dir(&repo, &staged)?;
-    b.footprint_rows(&repo, &mut rows)?;
-    b.delta_rows(&repo, &mut rows)?;
-    b.mesh_rows(&staged, &mut rows)?;
+    if b.o.wants("build") {
+        b.build_rows(&mut rows)?;
+    }
+    if b.o.wants("kdir") {
+        b.kustomize_dir_rows(&mut rows)?;
+    }
+    if ["verify", "footprint", "delta", "mesh"]
+        .iter()
+        .any(|g| b.o.wants(g))
+    {
+        // The released repository (commit 1).
+        let repo = b.path("repo");
+        progress("release of commit 1");
+        b.release(&repo, &b.b1.clone())?;
+        if b.o.wants("verify") {
+            b.verify_rows(&repo, &mut rows)?;
+        }
+        // A copy of the commit-1 repository for the mesh runs.
+        let staged = b.path("staged-repo");
+        copy_dir(&repo, &staged)?;
+        if b.o.wants("footprint") {
+            b.footprint_rows(&repo, &mut rows)?;
+        }
+        if b.o.wants("delta") {
+            b.delta_rows(&repo, &mut rows)?;
+        }
+        if b.o.wants("mesh") {
+            b.mesh_rows(&staged, &mut rows)?;
+        }
+    }
 
     let o = &b.o;
     println!(
