@@ -38,6 +38,7 @@ pub mod metrics;
 /// The pure ingest pipeline, shared with the fleet simulator.
 pub use cairn_core::pipeline;
 pub mod retry;
+pub mod site;
 pub mod source;
 pub mod status;
 pub mod store;
