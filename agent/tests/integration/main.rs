@@ -18,4 +18,5 @@ mod mesh_partition;
 mod oci;
 mod reliability;
 mod rollout;
+mod site_values;
 mod target_recovery;
