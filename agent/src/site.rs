@@ -72,7 +72,8 @@ impl Site {
                     .map_err(|e| format!("valuesFile {shown}: {}", e.reason()))?;
             let text = String::from_utf8(bytes)
                 .map_err(|e| format!("valuesFile {shown}: not UTF-8: {e}"))?;
-            site.values = parse_values_file(&text).map_err(|m| format!("valuesFile {shown}: {m}"))?;
+            site.values =
+                parse_values_file(&text).map_err(|m| format!("valuesFile {shown}: {m}"))?;
             site.values_source = Some(shown);
         }
         if let Some(p) = identity_file {
@@ -328,10 +329,7 @@ fn resolve(
 
 /// Replaces the placeholders of one string. `Ok(None)`: no placeholder
 /// (and no escape), the string is unchanged.
-fn substitute(
-    s: &str,
-    vars: &BTreeMap<String, Resolved>,
-) -> Result<Option<Value>, String> {
+fn substitute(s: &str, vars: &BTreeMap<String, Resolved>) -> Result<Option<Value>, String> {
     if !s.contains('$') {
         return Ok(None);
     }
@@ -457,8 +455,10 @@ pub fn render(
     let vars = resolve(objects, site, &mut lines);
     let mut out = Rendered {
         values_digest: (!vars.is_empty()).then(|| {
-            let canon: BTreeMap<&str, &str> =
-                vars.iter().map(|(k, v)| (k.as_str(), v.text.as_str())).collect();
+            let canon: BTreeMap<&str, &str> = vars
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.text.as_str()))
+                .collect();
             cairn_keys::sha256_address(&serde_json::to_vec(&canon).unwrap_or_default())
         }),
         ..Rendered::default()

@@ -105,8 +105,13 @@ fn deterministic_and_digest_follows_values() {
 #[test]
 fn errors_name_the_variable_and_the_object() {
     let objs = [values(), deploy(serde_json::json!({"a": "${zone}"}))];
-    let e = render(&objs, &site("eu-1", &[]), true).unwrap_err().to_string();
-    assert!(e.contains("ConfigMap prod/cm") && e.contains("field data.a"), "{e}");
+    let e = render(&objs, &site("eu-1", &[]), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ConfigMap prod/cm") && e.contains("field data.a"),
+        "{e}"
+    );
     assert!(e.contains("`${zone}`: undeclared variable"), "{e}");
 
     let objs = [values(), deploy(serde_json::json!({"a": "${replicas}"}))];
@@ -117,19 +122,28 @@ fn errors_name_the_variable_and_the_object() {
         e.contains("variable `replicas`: value `many` from valuesFile values.yaml does not match its pattern `[0-9]{1,2}`"),
         "{e}"
     );
-    let e = render(&objs, &site("EU", &[]), true).unwrap_err().to_string();
-    assert!(e.contains("variable `label:region`: value `EU` from the agent's labels"), "{e}");
+    let e = render(&objs, &site("EU", &[]), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("variable `label:region`: value `EU` from the agent's labels"),
+        "{e}"
+    );
     let mut no_label = site("x", &[]);
     no_label.labels.clear();
     let e = render(&objs, &no_label, true).unwrap_err().to_string();
     assert!(e.contains("`label:region`: no value at this site"), "{e}");
 
     let unterminated = [values(), deploy(serde_json::json!({"a": "${greeting"}))];
-    let e = render(&unterminated, &site("eu-1", &[]), true).unwrap_err().to_string();
+    let e = render(&unterminated, &site("eu-1", &[]), true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("unterminated"), "{e}");
 
     let hostile = [values(), deploy(serde_json::json!({"a": "${\u{1b}[31m}"}))];
-    let e = render(&hostile, &site("eu-1", &[]), true).unwrap_err().to_string();
+    let e = render(&hostile, &site("eu-1", &[]), true)
+        .unwrap_err()
+        .to_string();
     assert!(!e.contains('\u{1b}'), "{e}");
 
     let renamed = obj(
@@ -142,7 +156,10 @@ fn errors_name_the_variable_and_the_object() {
     let e = render(&[values(), renamed], &site("eu-1", &[]), true)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("not allowed in apiVersion, kind, metadata.name"), "{e}");
+    assert!(
+        e.contains("not allowed in apiVersion, kind, metadata.name"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -153,7 +170,9 @@ fn values_file_and_bad_declarations() {
     assert!(parse_values_file("label:region: x\n")
         .unwrap_err()
         .contains("agent's labels"));
-    assert!(parse_values_file("a: [1]\n").unwrap_err().contains("key `a`"));
+    assert!(parse_values_file("a: [1]\n")
+        .unwrap_err()
+        .contains("key `a`"));
     let bad = obj(
         VALUES_KIND,
         API_VERSION,
@@ -161,7 +180,9 @@ fn values_file_and_bad_declarations() {
         serde_json::json!({"apiVersion": API_VERSION, "kind": VALUES_KIND, "metadata": {"name": "site"},
             "variables": [{"name": "x", "default": "1", "pattern": "(["}]}),
     );
-    let e = render(&[bad], &Site::default(), true).unwrap_err().to_string();
+    let e = render(&[bad], &Site::default(), true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("variables[0]: pattern"), "{e}");
 }
 
@@ -171,8 +192,8 @@ fn age_secret_without_key_is_a_per_object_error() {
     let ids = cairn_secret::Identities::parse(&text, "site.key").unwrap();
     let recipients = cairn_secret::parse_recipients(&[public]).unwrap();
     let plain = b"apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: prod\nstringData:\n  password: hunter2\n";
-    let doc = cairn_secret::encrypt(plain, "s.yaml", &recipients, &cairn_secret::yaml_values)
-        .unwrap();
+    let doc =
+        cairn_secret::encrypt(plain, "s.yaml", &recipients, &cairn_secret::yaml_values).unwrap();
     let v: serde_json::Value = serde_norway::from_str(&doc).unwrap();
     let secret = obj(cairn_secret::KIND, API_VERSION, "db", v);
     let objs = [secret, deploy(serde_json::json!({"a": "b"}))];
@@ -190,7 +211,8 @@ fn age_secret_without_key_is_a_per_object_error() {
     assert_eq!(r.objects.len(), 1, "the rest applies");
     assert_eq!(r.objects[0].entry.kind, "ConfigMap");
     assert!(
-        r.object_errors[0].contains("AgeSecret prod/db") && r.object_errors[0].contains("no ageIdentityFile"),
+        r.object_errors[0].contains("AgeSecret prod/db")
+            && r.object_errors[0].contains("no ageIdentityFile"),
         "{:?}",
         r.object_errors
     );
@@ -198,5 +220,9 @@ fn age_secret_without_key_is_a_per_object_error() {
     let mut wrong = Site::default();
     wrong.identities = Some(cairn_secret::Identities::parse(&other, "other.key").unwrap());
     let r = render(&objs, &wrong, true).unwrap();
-    assert!(r.object_errors[0].contains("no identity in other.key can decrypt it"), "{:?}", r.object_errors);
+    assert!(
+        r.object_errors[0].contains("no identity in other.key can decrypt it"),
+        "{:?}",
+        r.object_errors
+    );
 }

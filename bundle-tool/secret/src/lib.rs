@@ -43,7 +43,8 @@ pub type YamlReader<'a> = &'a dyn Fn(&str) -> Result<Vec<serde_json::Value>, Str
 pub fn yaml_values(text: &str) -> Result<Vec<serde_json::Value>, String> {
     let mut out = Vec::new();
     for doc in serde_norway::Deserializer::from_str(text) {
-        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc).map_err(|e| e.to_string())?;
+        let v = <serde_json::Value as serde::Deserialize>::deserialize(doc)
+            .map_err(|e| e.to_string())?;
         if !v.is_null() {
             out.push(v);
         }
