@@ -341,9 +341,9 @@ fn substitute(s: &str, vars: &BTreeMap<String, Resolved>) -> Result<Option<Value
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(r) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = r;
             changed = true;
             pieces += 2;
         } else if let Some(body) = after.strip_prefix("${") {
