@@ -118,6 +118,12 @@ pub struct Config {
     pub insecure_allow_development_root: bool,
     /// Webhook notifications (`notifications:`; see [`crate::notify`]).
     pub notifications: Vec<crate::notify::Sink>,
+    /// `valuesFile`: the operator's per-site values (`${name}` in bundles;
+    /// docs/SITES.md). Read at every render.
+    pub values_file: Option<PathBuf>,
+    /// `ageIdentityFile`: this site's age identities, which decrypt the
+    /// bundle's `AgeSecret`s (docs/SITES.md).
+    pub age_identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +144,8 @@ struct RawConfig {
     mesh: Option<crate::mesh::RawMeshConfig>,
     insecure_allow_development_root: Option<bool>,
     notifications: Option<Vec<crate::notify::RawSink>>,
+    values_file: Option<String>,
+    age_identity_file: Option<String>,
     /// A `CAIRN_INSECURE_ALLOW_DEVELOPMENT_ROOT` value that is not a
     /// boolean (reported by validation).
     #[serde(skip)]
@@ -415,6 +423,23 @@ impl Config {
         }
         let notifications =
             crate::notify::sinks_from_raw(raw.notifications.unwrap_or_default(), &mut err);
+        // The site's files are checked now (a typo fails at start, naming
+        // the field) and read again at every render (docs/SITES.md).
+        let values_file = raw.values_file.filter(|s| !s.is_empty()).map(PathBuf::from);
+        if let Some(p) = &values_file {
+            if let Err(m) = crate::site::Site::load(&labels, Some(p), None) {
+                err("valuesFile", m);
+            }
+        }
+        let age_identity_file = raw
+            .age_identity_file
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        if let Some(p) = &age_identity_file {
+            if let Err(m) = crate::site::Site::load(&labels, None, Some(p)) {
+                err("ageIdentityFile", m);
+            }
+        }
         if !errors.is_empty() {
             return Err(ConfigError { lines: errors });
         }
@@ -437,6 +462,8 @@ impl Config {
             mesh,
             insecure_allow_development_root: raw.insecure_allow_development_root.unwrap_or(false),
             notifications,
+            values_file,
+            age_identity_file,
         })
     }
 
@@ -533,6 +560,12 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
                 .map(|s| serde_norway::Value::String(s.to_owned()))
                 .collect(),
         );
+    }
+    if let Some(v) = get("CAIRN_VALUES_FILE") {
+        raw.values_file = Some(v);
+    }
+    if let Some(v) = get("CAIRN_AGE_IDENTITY_FILE") {
+        raw.age_identity_file = Some(v);
     }
     if let Some(v) = get("CAIRN_POLL_INTERVAL") {
         raw.poll_interval = Some(v);

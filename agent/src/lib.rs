@@ -40,6 +40,7 @@ pub mod notify;
 /// The pure ingest pipeline, shared with the fleet simulator.
 pub use cairn_core::pipeline;
 pub mod retry;
+pub mod site;
 pub mod source;
 pub mod status;
 pub mod store;

@@ -161,6 +161,10 @@ pub struct ReconcileStatus {
     pub report: Option<ApplyReport>,
     /// The error, if it failed.
     pub error: Option<String>,
+    /// What rendering for this site did: the digest of the values in use,
+    /// objects not applied here (docs/SITES.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<crate::site::SiteStatus>,
 }
 
 /// A release that failed its health checks and was rolled back from. It is

@@ -50,6 +50,7 @@ mod reconcile;
 pub use reconcile::Action;
 mod report;
 mod run;
+mod site;
 mod startup;
 mod status_writer;
 mod sync;
@@ -169,6 +170,8 @@ struct State {
     sources: BTreeMap<String, SourceStatus>,
     last_rejection: Option<RejectionStatus>,
     reconcile: Option<ReconcileStatus>,
+    /// The last render for this site (docs/SITES.md).
+    site: Option<crate::site::SiteStatus>,
     listen: Option<SocketAddr>,
 }
 
@@ -324,6 +327,7 @@ impl Agent {
                     sources: BTreeMap::new(),
                     last_rejection: None,
                     reconcile: None,
+                    site: None,
                     listen: None,
                 }),
                 adopt_lock: tokio::sync::Mutex::new(()),

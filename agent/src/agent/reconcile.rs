@@ -211,6 +211,7 @@ impl Agent {
                 Ok(_) => None,
                 Err(e) => Some(e.to_string()),
             },
+            site: self.state().site.clone(),
         });
         self.publish_status();
         result
@@ -290,6 +291,7 @@ impl Agent {
                 bytes,
             });
         }
+        let objects = self.render_for_site(objects).await?;
         let desired = Arc::new(DesiredState {
             channel: h.release.channel.to_string(),
             sequence: h.release.sequence,
@@ -297,7 +299,13 @@ impl Agent {
             objects,
             failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
         });
-        Ok(self.inner.target.apply(desired).await?)
+        let mut report = self.inner.target.apply(desired).await?;
+        // Objects this site could not render (an AgeSecret without its
+        // key) are not applied: reported like conflicts, per object.
+        if let Some(s) = &self.state().site {
+            report.conflicts.extend(s.object_errors.iter().cloned());
+        }
+        Ok(report)
     }
 }
 

@@ -193,6 +193,9 @@ impl Agent {
             }
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
+        if let Some(outcome) = self.site_gate(name, adoption.manifest()).await {
+            return Ok(outcome);
+        }
         let rel = adoption.release().release();
         {
             // Durable before anything is reported, logged or acted on.

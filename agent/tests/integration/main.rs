@@ -20,5 +20,6 @@ mod notify;
 mod oci;
 mod reliability;
 mod rollout;
+mod site_values;
 mod target_recovery;
 mod waves;
