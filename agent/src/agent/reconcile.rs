@@ -200,6 +200,9 @@ impl Agent {
                 .set(gauge(h.release.sequence));
             self.state().last_good = Some(h.status(now));
         }
+        // One lock at a time: a guard taken inside the struct literal would
+        // live to the end of the statement and deadlock the assignment's.
+        let site = self.state().site.clone();
         self.state().reconcile = Some(ReconcileStatus {
             at: now,
             ok,
@@ -211,7 +214,7 @@ impl Agent {
                 Ok(_) => None,
                 Err(e) => Some(e.to_string()),
             },
-            site: self.state().site.clone(),
+            site,
         });
         self.publish_status();
         result
