@@ -60,13 +60,14 @@ fn main() {
         Err(e) => panic!("embedded root: {e}"),
     };
     assert_eq!(
-        embedded.root.version, 1,
+        embedded.root().version,
+        1,
         "seeds expect the development root (build without CAIRN_TRUST_ROOT)"
     );
 
     // Roots: v1 as shipped, v2 a rotation to the same keys signed by one
     // root key (threshold 1 of both v1 and v2).
-    let v1 = embedded.bytes.clone();
+    let v1 = embedded.bytes().to_vec();
     let root_v2 = match Root::new(
         2,
         FAR,
