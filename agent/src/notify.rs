@@ -133,7 +133,7 @@ struct SlackPayload {
 /// The payload format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
-    /// [`JsonPayload`].
+    /// `JsonPayload`.
     Json,
     /// `{"text": ...}` (Slack incoming webhooks, Mattermost, Rocket.Chat).
     Slack,
