@@ -26,40 +26,9 @@ pub struct HttpSource {
     credentials: Option<cairn_oci::Credentials>,
 }
 
-/// Redirects followed in a row.
-pub(super) const MAX_REDIRECTS: usize = 5;
-
-/// A host as written in a URL or in `allowRedirectsTo`, for comparison:
-/// lower case, IPv6 without brackets.
-fn host_key(h: &str) -> String {
-    h.trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase()
-}
-
-/// Whether a redirect from `from` to `to` may be followed.
-fn redirect_allowed(
-    from: &reqwest::Url,
-    to: &reqwest::Url,
-    allowed: &[String],
-    hops: usize,
-) -> Result<(), String> {
-    if hops > MAX_REDIRECTS {
-        return Err(format!("more than {MAX_REDIRECTS} redirects in a row"));
-    }
-    if from.scheme() == "https" && to.scheme() != "https" {
-        return Err(format!("redirect from https to {}: refused", to.scheme()));
-    }
-    let from_host = from.host_str().map(host_key).unwrap_or_default();
-    let to_host = to.host_str().map(host_key).unwrap_or_default();
-    if to_host == from_host || allowed.iter().any(|h| host_key(h) == to_host) {
-        return Ok(());
-    }
-    Err(format!(
-        "redirect to another host `{to_host}` refused; list it in this source's \
-         allowRedirectsTo to follow it"
-    ))
-}
+// The redirect policy (same host or `allowRedirectsTo`, never https to
+// http, at most `MAX_REDIRECTS`) is the one registry sources use too.
+use cairn_oci::redirect_allowed;
 
 impl HttpSource {
     /// A source rooted at `base` (e.g. `https://bundles.example.com/fleet`).
@@ -196,6 +165,7 @@ impl Source for HttpSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cairn_oci::MAX_REDIRECTS;
 
     fn url(s: &str) -> reqwest::Url {
         reqwest::Url::parse(s).unwrap()
