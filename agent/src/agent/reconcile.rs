@@ -227,9 +227,15 @@ impl Agent {
         let (_, release) =
             Release::decode_envelope(&bytes, self.inner.limits.max_release_bytes).ok()?;
         let bundle = release.bundle.clone();
-        let manifest_bytes = self.blocking(move |s| s.bundle(&bundle)).await.ok()??;
-        let manifest =
-            Manifest::decode(&manifest_bytes, Some(&release.bundle), &self.inner.limits).ok()?;
+        let limits = self.inner.limits.clone();
+        let manifest = self
+            .blocking(move |s| {
+                Ok(s.bundle(&bundle)?.and_then(|b| {
+                    Manifest::load(&b, Some(&bundle), &limits, s.chunk_reader()).ok()
+                }))
+            })
+            .await
+            .ok()??;
         Some(HeadState {
             address: cairn_keys::sha256_address(&bytes),
             release,

@@ -136,9 +136,9 @@ pub(super) fn load_stored(
         Some(bytes) => {
             let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
                 .map_err(|e| corrupt(format!("last-good release: {e}")))?;
-            let m = store
-                .bundle(&rel.bundle)?
-                .and_then(|b| Manifest::decode(&b, Some(&rel.bundle), &limits).ok());
+            let m = store.bundle(&rel.bundle)?.and_then(|b| {
+                Manifest::load(&b, Some(&rel.bundle), &limits, store.chunk_reader()).ok()
+            });
             m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
         }
     };
@@ -188,8 +188,16 @@ pub(super) fn load_head(
         ))
     })?;
     let (verified, manifest) =
-        pipeline::reverify_adopted(roots, &config.channel, limits, now, &bytes, &manifest_bytes)
-            .map_err(|r| {
+        pipeline::reverify_adopted(
+            roots,
+            &config.channel,
+            limits,
+            now,
+            &bytes,
+            &manifest_bytes,
+            store.chunk_reader(),
+        )
+        .map_err(|r| {
                 corrupt(format!(
                     "adopted release of channel `{}`: {r}",
                     config.channel

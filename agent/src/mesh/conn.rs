@@ -271,6 +271,14 @@ pub(super) enum Input {
         /// Address and whether it is stored.
         present: Vec<(String, bool)>,
     },
+    /// The stored copies of the format 2 manifest chunks a fetch wants
+    /// (`None`: not stored).
+    LocalChunks {
+        /// The fetch.
+        fetch: u64,
+        /// Address and the stored bytes, if any.
+        chunks: Vec<(String, Option<Vec<u8>>)>,
+    },
     /// An object fetched from a peer was written to the store.
     Stored {
         /// The fetch.

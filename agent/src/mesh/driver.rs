@@ -218,6 +218,7 @@ impl Driver {
             Input::Served { conn, id, found } => self.ep.serve(conn, id, found, now),
             Input::LocalManifest { fetch, manifest } => self.local_manifest(fetch, manifest, now),
             Input::Present { fetch, present } => self.present(fetch, present, now),
+            Input::LocalChunks { fetch, chunks } => self.local_chunks(fetch, chunks, now),
             Input::Stored { fetch, error } => {
                 if let Some(e) = error {
                     tracing::error!(error = %e, "store error while saving a mesh object");
@@ -559,7 +560,71 @@ impl Driver {
                     let _ = tx.send(Input::Present { fetch, present }).await;
                 });
             }
+            Want::Chunks(list) => {
+                // Format 2: the chunks the store holds (unchanged since
+                // the last release) are read on a blocking thread and fed
+                // to the ingest; the rest are asked of the peer.
+                f.checking = true;
+                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a.into()).collect();
+                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let chunks = store
+                        .call(move |s| {
+                            Ok(addresses
+                                .into_iter()
+                                .map(|a| {
+                                    let b = s.get_object(&a).ok().flatten();
+                                    (a, b)
+                                })
+                                .collect())
+                        })
+                        .await
+                        .unwrap_or_default();
+                    let _ = tx.send(Input::LocalChunks { fetch, chunks }).await;
+                });
+            }
             Want::Complete => self.adopt(fetch),
+        }
+    }
+
+    /// The store's copies of the wanted chunks: each is checked by the
+    /// ingest; the missing ones are asked of the peer.
+    fn local_chunks(
+        &mut self,
+        fetch: FetchId,
+        chunks: Vec<(String, Option<Vec<u8>>)>,
+        now: Millis,
+    ) {
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        f.checking = false;
+        f.idle_waiting = false;
+        let mut missing = Vec::new();
+        for (address, bytes) in chunks {
+            let Some(bytes) = bytes else {
+                missing.push(address);
+                continue;
+            };
+            match f.ingest.handle_object(&address, &bytes) {
+                Ok(()) => {}
+                Err(rej) if !matches!(f.ingest.want(), Want::Chunks(_)) => {
+                    // The chunks are fine, the manifest they make is not.
+                    let peer = f.peer.clone();
+                    tracing::warn!(%peer, reason = rej.reason(), error = %rej, "bundle from mesh peer rejected");
+                    self.agent.metrics().reject(rej.reason());
+                    self.fetches.remove(&fetch);
+                    self.ep
+                        .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
+                    return;
+                }
+                Err(_) => missing.push(address),
+            }
+        }
+        if !missing.is_empty() {
+            self.ep.fetch_want(fetch, missing, now);
+        } else {
+            self.idle(fetch, now);
         }
     }
 

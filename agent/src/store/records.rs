@@ -91,6 +91,18 @@ impl Store {
         self.get(T::Bundles, bundle_id.as_bytes())
     }
 
+    /// Reads format 2 manifest chunks from the object store, for
+    /// [`cairn_core::bundle::Manifest::load`] (which checks each against
+    /// its address and size).
+    pub fn chunk_reader(
+        &self,
+    ) -> impl FnMut(&cairn_core::Address, u64) -> cairn_core::Result<Option<Vec<u8>>> + '_ {
+        move |address, _| {
+            self.get_object(address)
+                .map_err(|e| cairn_core::Error::Repository(e.to_string()))
+        }
+    }
+
     /// Whether an object is stored. A record whose file a power cut lost
     /// (written, never flushed) is dropped and reported absent, so the
     /// object is fetched again; content is checked on read.

@@ -3,9 +3,27 @@
 //! A bundle manifest lists one entry per Kubernetes object: where it came
 //! from, what it is, and the address and size of its canonical bytes
 //! (compact JSON with sorted keys). The bundle id is the address of the
-//! manifest's canonical CBOR bytes, so the same tree always gives the same
-//! id. The bundle file (manifest followed by every object) is file IO and
-//! lives in `cairn_bundle::bundle`.
+//! canonical CBOR bytes of the document stored at it, so the same tree
+//! always gives the same id. The bundle file (manifest followed by every
+//! object) is file IO and lives in `cairn_bundle::bundle`.
+//!
+//! Two formats (docs/FORMATS.md, "Bundle manifest"):
+//!
+//! * **format 1**: one document, `{format: 1, source, entries}`, stored at
+//!   the bundle id;
+//! * **format 2** (written by default): a small *top document*
+//!   `{format: 2, source, chunks, [images]}` stored at the bundle id,
+//!   listing *chunks* `{entries}` by address, size and entry count. Chunks
+//!   are content-addressed objects (`objects/sha256/..`), so a one-object
+//!   change rewrites the top and one chunk ([`Chunker`]).
+//!
+//! Either way the logical view is one [`Manifest`] with the entries in the
+//! same order (so entry indices are the same in both formats of one tree).
+//! Readers decode the `format` field first ([`bundle_format`]) and refuse a
+//! format they do not understand with [`Error::BundleFormat`]; format 2 is
+//! read with [`Head::decode`] and an [`Assembly`] (or [`Manifest::load`]
+//! when the chunks are at hand), which check every invariant of format 1
+//! across the chunk boundaries.
 
 use crate::ids::{Address, BundleId};
 use crate::limits::Limits;
@@ -13,8 +31,18 @@ use crate::{Error, Result};
 use cairn_keys::{codec, sha256_address};
 use serde::{Deserialize, Serialize};
 
-/// Bundle manifest format version written by this build.
-pub const BUNDLE_FORMAT: u32 = 1;
+/// Bundle manifest format written by default (`cairn bundle build`).
+pub const BUNDLE_FORMAT: u32 = FORMAT_2;
+
+/// Format 1: the whole manifest in one document.
+pub const FORMAT_1: u32 = 1;
+
+/// Format 2: a top document listing content-addressed manifest chunks.
+pub const FORMAT_2: u32 = 2;
+
+/// The newest format this build reads (the default of
+/// [`Limits::max_bundle_format`]).
+pub const MAX_BUNDLE_FORMAT: u32 = FORMAT_2;
 
 /// Where a bundle was built from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,53 +147,140 @@ pub struct Manifest {
     pub source: Source,
     /// Entries sorted by (path, document).
     pub entries: Vec<Entry>,
+    /// Format 2 only: the address of the bundle's list of container
+    /// images, reserved for issue 20 (`images` in the top document, left
+    /// out when `None`). Not part of format 1's encoding.
+    #[serde(skip)]
+    pub images: Option<Address>,
+}
+
+/// The documents a manifest is stored as: the one at the bundle id, and
+/// (format 2) the chunks it lists, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// The document at the bundle id (format 1: the whole manifest;
+    /// format 2: the top document).
+    pub top: Vec<u8>,
+    /// Format 2: each chunk's address and bytes, in entry order (empty for
+    /// format 1).
+    pub chunks: Vec<(Address, Vec<u8>)>,
+}
+
+impl Encoded {
+    /// The bundle id: the address of [`Encoded::top`].
+    pub fn id(&self) -> BundleId {
+        BundleId::of_manifest(&self.top)
+    }
+
+    /// Bytes of the top document and every chunk.
+    pub fn len(&self) -> u64 {
+        self.top.len() as u64 + self.chunks.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    }
+
+    /// Whether there is nothing (never: a top document is never empty).
+    pub fn is_empty(&self) -> bool {
+        self.top.is_empty()
+    }
 }
 
 impl Manifest {
-    /// Canonical bytes (deterministic CBOR).
+    /// The bytes stored at the bundle id (deterministic CBOR): format 1
+    /// the whole manifest, format 2 the top document (see
+    /// [`Manifest::encode_all`] for its chunks).
     pub fn encode(&self) -> Vec<u8> {
-        codec::encode(self)
+        self.encode_all().top
     }
 
-    /// The bundle id: the address of the canonical bytes.
+    /// Every document of the manifest in its format: the top one and
+    /// (format 2) its chunks, grouped by [`Chunker::DEFAULT`].
+    pub fn encode_all(&self) -> Encoded {
+        self.encode_with(&Chunker::DEFAULT)
+    }
+
+    /// [`Manifest::encode_all`] with another grouping (for measurements).
+    pub fn encode_with(&self, chunker: &Chunker) -> Encoded {
+        if self.format == FORMAT_1 {
+            return Encoded {
+                top: codec::encode(self),
+                chunks: Vec::new(),
+            };
+        }
+        let mut refs = Vec::new();
+        let mut chunks = Vec::new();
+        for range in chunker.split(&self.entries) {
+            let entries = &self.entries[range];
+            let bytes = codec::encode(&ChunkOut { entries });
+            let address = Address::of(&bytes);
+            refs.push(ChunkRef {
+                address: address.clone(),
+                size: bytes.len() as u64,
+                entries: entries.len() as u32,
+            });
+            chunks.push((address, bytes));
+        }
+        let top = Top {
+            format: self.format,
+            source: self.source.clone(),
+            chunks: refs,
+            images: self.images.clone(),
+        };
+        Encoded {
+            top: codec::encode(&top),
+            chunks,
+        }
+    }
+
+    /// The bundle id: the address of the document stored at it.
     pub fn id(&self) -> BundleId {
         BundleId::of_manifest(&self.encode())
     }
 
-    /// Decodes and validates manifest bytes, checking they hash to `id`
-    /// when one is given.
+    /// Decodes and validates a **format 1** manifest, checking it hashes
+    /// to `id` when one is given. A format 2 top document is refused
+    /// here (its chunks are needed: [`Manifest::load`], [`Head::decode`]).
     pub fn decode(bytes: &[u8], expected_id: Option<&str>, limits: &Limits) -> Result<Self> {
-        if bytes.len() as u64 > limits.max_manifest_bytes {
-            return Err(Error::TooLarge {
-                what: "bundle manifest".into(),
-                limit: limits.max_manifest_bytes,
-                actual: bytes.len() as u64,
-            });
+        match Head::decode(bytes, expected_id, limits)? {
+            Head::Whole(m) => Ok(m),
+            Head::Chunked(_) => Err(Error::InvalidManifest(
+                "a format 2 top document needs its chunks to be read".into(),
+            )),
         }
-        if let Some(id) = expected_id {
-            let actual = sha256_address(bytes);
-            if actual != id {
-                return Err(Error::ObjectMismatch {
-                    address: id.to_owned(),
-                    actual,
-                });
+    }
+
+    /// Decodes and validates the document at a bundle id, of any format
+    /// this build understands, taking a format 2 bundle's chunks from
+    /// `chunk` (address and exact size in, bytes out, `None` when absent).
+    /// Every chunk is checked against its address and size; the result is
+    /// the same logical manifest as format 1's.
+    pub fn load(
+        bytes: &[u8],
+        expected_id: Option<&str>,
+        limits: &Limits,
+        mut chunk: impl FnMut(&Address, u64) -> Result<Option<Vec<u8>>>,
+    ) -> Result<Self> {
+        match Head::decode(bytes, expected_id, limits)? {
+            Head::Whole(m) => Ok(m),
+            Head::Chunked(top) => {
+                let mut a = Assembly::new(top);
+                for (i, (address, size)) in a.missing().into_iter().enumerate() {
+                    let b = chunk(&address, size)?.ok_or_else(|| Error::ObjectMissing {
+                        address: address.to_string(),
+                        what: format!("bundle manifest chunk {}", i + 1),
+                    })?;
+                    a.add(&address, &b, limits)?;
+                }
+                a.finish(limits)
             }
         }
-        let m: Manifest = codec::decode("bundle manifest", bytes, bytes.len())?;
-        m.validate(limits)?;
-        if m.encode() != bytes {
-            return Err(Error::InvalidManifest("not in canonical encoding".into()));
-        }
-        Ok(m)
     }
 
     /// Checks format, limits, addresses, order and uniqueness.
     pub fn validate(&self, limits: &Limits) -> Result<()> {
-        if self.format != BUNDLE_FORMAT {
-            return Err(Error::InvalidManifest(format!(
-                "format version {} (this build understands {BUNDLE_FORMAT})",
-                self.format
-            )));
+        check_format(self.format, limits)?;
+        if self.format == FORMAT_1 && self.images.is_some() {
+            return Err(Error::InvalidManifest(
+                "`images` needs bundle format 2".into(),
+            ));
         }
         if self.entries.len() > limits.max_entries {
             return Err(Error::InvalidManifest(format!(
@@ -215,6 +330,412 @@ impl Manifest {
 }
 
 pub use crate::ids::is_address;
+
+/// A format 2 top document: the document at the bundle id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Top {
+    /// `2`.
+    pub format: u32,
+    /// Where the bundle came from.
+    pub source: Source,
+    /// The manifest chunks, in entry order.
+    pub chunks: Vec<ChunkRef>,
+    /// Reserved (issue 20): the address of the bundle's container image
+    /// list. Omitted when `None`, so bundles without images never depend
+    /// on it; validated as an address when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<Address>,
+}
+
+/// One chunk as the top document lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Address of the chunk's bytes.
+    pub address: Address,
+    /// Exact size of the chunk's bytes.
+    pub size: u64,
+    /// Number of entries in the chunk (at least 1).
+    pub entries: u32,
+}
+
+#[derive(Serialize)]
+struct ChunkOut<'a> {
+    entries: &'a [Entry],
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChunkDoc {
+    entries: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
+/// Reads only the `format` field of a bundle manifest or top document, so
+/// a format this build does not know gets [`Error::BundleFormat`] rather
+/// than a decoding error about the fields it does not know.
+pub fn bundle_format(bytes: &[u8]) -> Result<u32> {
+    let f: FormatOnly = codec::decode("bundle manifest", bytes, bytes.len()).map_err(|e| {
+        Error::InvalidManifest(format!("no readable `format` field ({e})"))
+    })?;
+    Ok(f.format)
+}
+
+/// Refuses a bundle format this build (or these limits) does not read.
+pub fn check_format(format: u32, limits: &Limits) -> Result<()> {
+    let max = limits.max_bundle_format.min(MAX_BUNDLE_FORMAT);
+    if (FORMAT_1..=max).contains(&format) {
+        Ok(())
+    } else {
+        Err(Error::BundleFormat {
+            found: format,
+            max,
+        })
+    }
+}
+
+/// The document at a bundle id, decoded and validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// Format 1: the whole manifest.
+    Whole(Manifest),
+    /// Format 2: the top document; its chunks are still to be read.
+    Chunked(Top),
+}
+
+impl Head {
+    /// Decodes the document at a bundle id: size limit first, then the
+    /// hash against `expected_id`, then the `format` field, then the
+    /// document of that format, which must be canonical and within the
+    /// limits (format 2: chunk count, chunk sizes, total entries and bytes,
+    /// no chunk listed twice, no empty chunk — all before any chunk is
+    /// read).
+    pub fn decode(bytes: &[u8], expected_id: Option<&str>, limits: &Limits) -> Result<Self> {
+        if bytes.len() as u64 > limits.max_manifest_bytes {
+            return Err(Error::TooLarge {
+                what: "bundle manifest".into(),
+                limit: limits.max_manifest_bytes,
+                actual: bytes.len() as u64,
+            });
+        }
+        if let Some(id) = expected_id {
+            let actual = sha256_address(bytes);
+            if actual != id {
+                return Err(Error::ObjectMismatch {
+                    address: id.to_owned(),
+                    actual,
+                });
+            }
+        }
+        let format = bundle_format(bytes)?;
+        check_format(format, limits)?;
+        if format == FORMAT_1 {
+            let m: Manifest = codec::decode("bundle manifest", bytes, bytes.len())?;
+            m.validate(limits)?;
+            if codec::encode(&m) != bytes {
+                return Err(Error::InvalidManifest("not in canonical encoding".into()));
+            }
+            return Ok(Head::Whole(m));
+        }
+        let top: Top = codec::decode("bundle top document", bytes, bytes.len())?;
+        top.validate(limits)?;
+        if codec::encode(&top) != bytes {
+            return Err(Error::InvalidManifest(
+                "top document not in canonical encoding".into(),
+            ));
+        }
+        Ok(Head::Chunked(top))
+    }
+}
+
+impl Top {
+    /// The checks possible before any chunk is read.
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        check_format(self.format, limits)?;
+        if self.format != FORMAT_2 {
+            return Err(Error::InvalidManifest(format!(
+                "a top document of format {}",
+                self.format
+            )));
+        }
+        if self.chunks.len() > limits.max_chunks {
+            return Err(Error::InvalidManifest(format!(
+                "{} chunks, limit {}",
+                self.chunks.len(),
+                limits.max_chunks
+            )));
+        }
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in self.chunks.iter().enumerate() {
+            let n = i + 1;
+            if c.entries == 0 || c.size == 0 {
+                return Err(Error::InvalidManifest(format!(
+                    "chunk {n} ({}) is empty",
+                    c.address
+                )));
+            }
+            if c.size > limits.max_chunk_bytes {
+                return Err(Error::TooLarge {
+                    what: format!("bundle manifest chunk {n} ({})", c.address),
+                    limit: limits.max_chunk_bytes,
+                    actual: c.size,
+                });
+            }
+            if !seen.insert(&c.address) {
+                return Err(Error::InvalidManifest(format!(
+                    "chunk {} is listed twice",
+                    c.address
+                )));
+            }
+            entries += u64::from(c.entries);
+            bytes = bytes.saturating_add(c.size);
+        }
+        if entries > limits.max_entries as u64 {
+            return Err(Error::InvalidManifest(format!(
+                "{entries} entries, limit {}",
+                limits.max_entries
+            )));
+        }
+        if bytes > limits.max_manifest_bytes {
+            return Err(Error::TooLarge {
+                what: "bundle manifest chunks".into(),
+                limit: limits.max_manifest_bytes,
+                actual: bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A format 2 manifest being put together from its chunks, which may
+/// arrive in any order; each is checked on arrival (address, exact size,
+/// canonical encoding, entry count) and [`Assembly::finish`] checks the
+/// whole (order and uniqueness across chunks, object sizes, totals).
+#[derive(Clone, Debug)]
+pub struct Assembly {
+    top: Top,
+    chunks: Vec<Option<Vec<Entry>>>,
+    index: std::collections::BTreeMap<Address, usize>,
+    received: usize,
+}
+
+impl Assembly {
+    /// Starts from a validated top document ([`Head::decode`]).
+    pub fn new(top: Top) -> Self {
+        let index = top
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.address.clone(), i))
+            .collect();
+        Self {
+            chunks: vec![None; top.chunks.len()],
+            top,
+            index,
+            received: 0,
+        }
+    }
+
+    /// The top document.
+    pub fn top(&self) -> &Top {
+        &self.top
+    }
+
+    /// Chunks not yet added, in order, with their exact sizes.
+    pub fn missing(&self) -> Vec<(Address, u64)> {
+        self.top
+            .chunks
+            .iter()
+            .zip(&self.chunks)
+            .filter(|(_, got)| got.is_none())
+            .map(|(c, _)| (c.address.clone(), c.size))
+            .collect()
+    }
+
+    /// The exact size of `address` if it is a chunk still missing.
+    pub fn wants(&self, address: &str) -> Option<u64> {
+        let i = *self.index.get(address)?;
+        self.chunks[i].is_none().then(|| self.top.chunks[i].size)
+    }
+
+    /// Whether `address` is one of the chunks.
+    pub fn lists(&self, address: &str) -> bool {
+        self.index.contains_key(address)
+    }
+
+    /// Every chunk is in.
+    pub fn is_complete(&self) -> bool {
+        self.received == self.chunks.len()
+    }
+
+    /// Checks and adds one chunk: it must be listed, `bytes` no longer
+    /// than its listed size (checked before hashing or decoding), hash to
+    /// its address, be canonical and hold exactly the listed number of
+    /// entries. Adding a chunk twice is a no-op.
+    pub fn add(&mut self, address: &str, bytes: &[u8], limits: &Limits) -> Result<()> {
+        let Some(&i) = self.index.get(address) else {
+            return Err(Error::InvalidManifest(format!(
+                "{} is not a chunk of this bundle",
+                cairn_keys::text::escape_untrusted(&address.chars().take(80).collect::<String>())
+            )));
+        };
+        if self.chunks[i].is_some() {
+            return Ok(());
+        }
+        let c = &self.top.chunks[i];
+        let n = i + 1;
+        if bytes.len() as u64 > c.size {
+            return Err(Error::TooLarge {
+                what: format!("bundle manifest chunk {n} ({})", c.address),
+                limit: c.size,
+                actual: bytes.len() as u64,
+            });
+        }
+        verify_object(address, bytes)?;
+        if bytes.len() as u64 != c.size {
+            return Err(Error::InvalidManifest(format!(
+                "chunk {n} ({address}) is {} bytes, the top document says {}",
+                bytes.len(),
+                c.size
+            )));
+        }
+        let doc: ChunkDoc = codec::decode("bundle manifest chunk", bytes, bytes.len())?;
+        if doc.entries.len() != c.entries as usize {
+            return Err(Error::InvalidManifest(format!(
+                "chunk {n} ({address}) has {} entries, the top document says {}",
+                doc.entries.len(),
+                c.entries
+            )));
+        }
+        if codec::encode(&doc) != bytes {
+            return Err(Error::InvalidManifest(format!(
+                "chunk {n} ({address}) not in canonical encoding"
+            )));
+        }
+        let _ = limits;
+        self.chunks[i] = Some(doc.entries);
+        self.received += 1;
+        Ok(())
+    }
+
+    /// The logical manifest, once every chunk is in, validated as a whole
+    /// exactly as a format 1 manifest is (entries sorted by (path,
+    /// document) across chunk boundaries, one entry per object identity
+    /// in the whole bundle, object and bundle sizes, entry count).
+    pub fn finish(self, limits: &Limits) -> Result<Manifest> {
+        if let Some(i) = self.chunks.iter().position(Option::is_none) {
+            let c = &self.top.chunks[i];
+            return Err(Error::ObjectMissing {
+                address: c.address.to_string(),
+                what: format!("bundle manifest chunk {}", i + 1),
+            });
+        }
+        let total: usize = self.top.chunks.iter().map(|c| c.entries as usize).sum();
+        let mut entries = Vec::with_capacity(total.min(limits.max_entries));
+        for c in self.chunks.into_iter().flatten() {
+            entries.extend(c);
+        }
+        let m = Manifest {
+            format: self.top.format,
+            source: self.top.source,
+            entries,
+            images: self.top.images,
+        };
+        m.validate(limits)?;
+        Ok(m)
+    }
+}
+
+/// How a format 2 manifest's entries are grouped into chunks. Any grouping
+/// verifies (the verifier checks chunks, not how they were cut); this one
+/// decides how much a change rewrites. See docs/BUNDLES.md ("Manifest
+/// chunks") for the measurement behind [`Chunker::DEFAULT`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Chunker {
+    /// Fixed runs of `entries` entries in entry order: an edit in place
+    /// rewrites one chunk, but an added or removed entry shifts every
+    /// later boundary.
+    Fixed {
+        /// Entries per chunk.
+        entries: usize,
+    },
+    /// Content-defined boundaries: a chunk ends after an entry whose
+    /// [`boundary_hash`] has its low `bits` bits zero, once it holds
+    /// `min` entries, and always at `max` entries; boundaries depend only
+    /// on the (path, document) of nearby entries, so an edit, addition or
+    /// removal rewrites the chunk it falls in (rarely two).
+    ContentDefined {
+        /// Fewest entries before a content boundary counts.
+        min: usize,
+        /// Low bits that must be zero (2^bits entries on average).
+        bits: u32,
+        /// Most entries in one chunk.
+        max: usize,
+    },
+}
+
+/// The builder's bound on one chunk's bytes (the verifier's limit,
+/// [`Limits::max_chunk_bytes`], is larger).
+pub const CHUNK_TARGET_MAX_BYTES: usize = 256 << 10;
+
+impl Chunker {
+    /// What `cairn bundle build` uses.
+    pub const DEFAULT: Chunker = Chunker::ContentDefined {
+        min: 16,
+        bits: 6,
+        max: 256,
+    };
+
+    /// Splits `entries` into chunk ranges (never empty ones), also cutting
+    /// before an entry that would take a chunk over
+    /// [`CHUNK_TARGET_MAX_BYTES`].
+    pub fn split(&self, entries: &[Entry]) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (0usize, 0usize);
+        for (i, e) in entries.iter().enumerate() {
+            let size = codec::encode(e).len();
+            if i > start && bytes + size > CHUNK_TARGET_MAX_BYTES {
+                out.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+            let n = i + 1 - start;
+            let cut = match *self {
+                Chunker::Fixed { entries } => n >= entries.max(1),
+                Chunker::ContentDefined { min, bits, max } => {
+                    n >= max.max(1)
+                        || (n >= min && boundary_hash(e) & ((1u64 << bits.min(63)) - 1) == 0)
+                }
+            };
+            if cut {
+                out.push(start..i + 1);
+                (start, bytes) = (i + 1, 0);
+            }
+        }
+        if start < entries.len() {
+            out.push(start..entries.len());
+        }
+        out
+    }
+}
+
+/// The content-defined boundary hash of an entry: the first 8 bytes, big
+/// endian, of SHA-256(path ‖ 0x00 ‖ document as u32 big endian). It uses
+/// only the entry's position in the tree, so changing an object's content
+/// never moves a boundary.
+pub fn boundary_hash(e: &Entry) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(e.path.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(&e.document.to_be_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b)
+}
 
 /// Checks that `bytes` hash to `address`.
 pub fn verify_object(address: &str, bytes: &[u8]) -> Result<()> {

@@ -49,6 +49,18 @@ pub enum Error {
     /// A bundle manifest is malformed.
     #[error("invalid bundle manifest: {0}")]
     InvalidManifest(String),
+    /// A bundle of a format this build (or its configured limit) does not
+    /// read.
+    #[error("bundle format {found}; this {} understands {}: upgrade it to one that understands format {found}{}",
+        if *max >= 2 { "build" } else { "agent" },
+        crate::error::format_list(*max),
+        if *found > *max && *found == 2 { " (or build bundles for it with `cairn bundle build --format 1`)" } else { "" })]
+    BundleFormat {
+        /// The format found in the document.
+        found: u32,
+        /// The newest format understood.
+        max: u32,
+    },
     /// A bundle file is malformed.
     #[error("{}: not a valid bundle file: {reason}", path.display())]
     InvalidBundleFile {
@@ -166,6 +178,7 @@ impl Error {
             Error::ObjectMismatch { .. } => "object_hash_mismatch",
             Error::ObjectMissing { .. } => "object_missing",
             Error::InvalidManifest(_) | Error::InvalidBundleFile { .. } => "invalid_bundle",
+            Error::BundleFormat { .. } => "bundle_format",
             Error::InvalidRelease(_) => "invalid_release",
             Error::WrongChannel { .. } => "wrong_channel",
             Error::Rollback { .. } => "rollback",
@@ -179,6 +192,17 @@ impl Error {
             Error::Objects { .. } => "objects",
             Error::Repository(_) => "repository",
             Error::Archive { .. } => "archive",
+        }
+    }
+}
+
+/// `1`, `1 and 2`, `1, 2 and 3`: the formats up to `max`.
+pub(crate) fn format_list(max: u32) -> String {
+    match max {
+        0 | 1 => "1".into(),
+        n => {
+            let head: Vec<String> = (1..n).map(|i| i.to_string()).collect();
+            format!("{} and {n}", head.join(", "))
         }
     }
 }

@@ -434,7 +434,7 @@ mod tests {
 /// and a malformed id in a signed document is refused while decoding.
 #[cfg(test)]
 mod wire_compat_tests {
-    use crate::bundle::{Entry, Manifest, Rendered, RenderedValues, Source, BUNDLE_FORMAT};
+    use crate::bundle::{Entry, Manifest, Rendered, RenderedValues, Source, FORMAT_1 as BUNDLE_FORMAT};
     use crate::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
     use serde::{Deserialize, Serialize};
     use std::collections::BTreeMap;
@@ -607,6 +607,7 @@ mod wire_compat_tests {
                 object: super::Address::parse(&addr("cd")).unwrap(),
                 size: 12,
             }],
+            images: None,
         };
         assert_eq!(new.encode(), old);
         assert_eq!(new.id(), cairn_keys::sha256_address(&old));

@@ -149,7 +149,8 @@ pub trait Local: Send + Sync {
     fn snapshot(&self) -> Snapshot;
     /// The adoption gate (hold, selector, waves, breaker) for `release`.
     fn gate<'a>(&'a self, release: &'a VerifiedRelease) -> BoxFuture<'a, Gate>;
-    /// A manifest the store holds already.
+    /// A manifest, or a format 2 manifest chunk, the store holds already
+    /// (checked by the pipeline like fetched bytes).
     fn stored_manifest<'a>(
         &'a self,
         address: &'a str,
@@ -353,6 +354,50 @@ where
         };
         if let Err(rej) = ingest.handle_manifest(&bytes) {
             return outcome(root_rejected, Driven::Rejected(rej), counts);
+        }
+    }
+
+    // 3b. Format 2: the manifest chunks, each from the store if there (an
+    // unchanged chunk of the previous release), else fetched, verified and
+    // stored like an object (mesh peers serve them by address).
+    if let Want::Chunks(list) = ingest.want() {
+        for (address, size) in list {
+            let stored = local
+                .stored_manifest(&address)
+                .await
+                .map_err(DriveError::Local)?;
+            if let Some(b) = stored {
+                match ingest.handle_object(&address, &b) {
+                    Ok(()) => {
+                        counts.present += 1;
+                        continue;
+                    }
+                    // The chunk was fine but the whole manifest is not.
+                    Err(rej) if !matches!(ingest.want(), Want::Chunks(_)) => {
+                        return outcome(root_rejected, Driven::Rejected(rej), counts);
+                    }
+                    Err(_) => {} // a bad stored copy: fetch it
+                }
+            }
+            let Some(b) = get(Item::Object(address.to_string()), size).await? else {
+                let rej = Rejection::new(
+                    Stage::Manifest,
+                    crate::Error::ObjectMissing {
+                        address: address.to_string(),
+                        what: "bundle manifest chunk".into(),
+                    },
+                );
+                return outcome(root_rejected, Driven::Rejected(rej), counts);
+            };
+            if let Err(rej) = ingest.handle_object(&address, &b) {
+                return outcome(root_rejected, Driven::Rejected(rej), counts);
+            }
+            counts.fetched += 1;
+            counts.fetched_bytes += b.len() as u64;
+            local
+                .put_object(address.to_string(), b)
+                .await
+                .map_err(DriveError::Local)?;
         }
     }
 

@@ -16,6 +16,17 @@ pub struct Limits {
     pub max_bundle_bytes: u64,
     /// Largest release envelope (default 64 KiB).
     pub max_release_bytes: u64,
+    /// Most chunks a format 2 bundle lists (default 4096).
+    pub max_chunks: usize,
+    /// Largest format 2 manifest chunk (default 1 MiB; the builder cuts
+    /// chunks at 256 KiB).
+    pub max_chunk_bytes: u64,
+    /// The newest bundle format accepted (default
+    /// [`crate::bundle::MAX_BUNDLE_FORMAT`], 2). Setting 1 makes a reader
+    /// behave as one that only understands format 1: a format 2 bundle is
+    /// refused with [`crate::Error::BundleFormat`] (agent configuration
+    /// `maxBundleFormat`, docs/BUNDLES.md "Bundle formats").
+    pub max_bundle_format: u32,
 }
 
 impl Default for Limits {
@@ -26,6 +37,9 @@ impl Default for Limits {
             max_entries: 100_000,
             max_bundle_bytes: 1 << 30,
             max_release_bytes: 64 << 10,
+            max_chunks: 4096,
+            max_chunk_bytes: 1 << 20,
+            max_bundle_format: crate::bundle::MAX_BUNDLE_FORMAT,
         }
     }
 }

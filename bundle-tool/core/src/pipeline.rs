@@ -24,7 +24,7 @@
 //! rejected release becomes adoptable: an [`Adoption`] only exists once every
 //! check passed.
 
-use crate::bundle::{verify_object, Entry, Manifest};
+use crate::bundle::{verify_object, Assembly, Entry, Head, Manifest};
 use crate::ids::{Address, BundleId};
 use crate::limits::Limits;
 use crate::rollout::{self, Decision, FleetReports};
@@ -161,13 +161,19 @@ impl Context<'_> {
 /// What an [`Ingest`] needs next.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Want {
-    /// The bundle manifest, stored as an object at the bundle id.
+    /// The bundle manifest (format 2: its top document), stored as an
+    /// object at the bundle id.
     Manifest {
         /// The bundle id.
         address: BundleId,
         /// Largest acceptable size.
         limit: u64,
     },
+    /// Format 2: manifest chunks not yet present, each with its exact size
+    /// (the fetch limit). They are objects like any other (fetched as
+    /// `Item::Object`, stored by address); hand each to
+    /// [`Ingest::handle_object`], whether fetched or read from the store.
+    Chunks(Vec<(Address, u64)>),
     /// Objects not yet present, each with its exact size (the fetch limit).
     Objects(Vec<(Address, u64)>),
     /// Everything is present and verified: call [`Ingest::finish`].
@@ -347,6 +353,9 @@ pub struct Ingest {
     release: VerifiedRelease,
     limits: Limits,
     manifest: Option<(Manifest, Vec<u8>)>,
+    /// Format 2, between the top document and the last chunk: the
+    /// assembly and the top document's bytes.
+    chunks: Option<(Assembly, Vec<u8>)>,
     /// Objects still missing: address → size.
     missing: BTreeMap<Address, u64>,
 }
@@ -370,6 +379,7 @@ impl Ingest {
             release,
             limits: ctx.limits.clone(),
             manifest: None,
+            chunks: None,
             missing: BTreeMap::new(),
         })))
     }
@@ -391,6 +401,9 @@ impl Ingest {
 
     /// What is needed next.
     pub fn want(&self) -> Want {
+        if let Some((a, _)) = &self.chunks {
+            return Want::Chunks(a.missing());
+        }
         match &self.manifest {
             None => Want::Manifest {
                 address: self.release.release().bundle.clone(),
@@ -401,24 +414,69 @@ impl Ingest {
         }
     }
 
-    /// Verifies the bundle manifest: its hash is the release's bundle id,
-    /// it is canonical and within the limits. All its objects become
-    /// missing until fetched or marked present.
+    /// Verifies the document at the bundle id: its hash is the release's
+    /// bundle id, its format one this build reads, it is canonical and
+    /// within the limits. Format 1: all its objects become missing until
+    /// fetched or marked present. Format 2: its chunks become wanted
+    /// ([`Want::Chunks`]) and the objects follow once every chunk is in.
     pub fn handle_manifest(&mut self, bytes: &[u8]) -> Result<(), Rejection> {
-        let m = Manifest::decode(bytes, Some(&self.release.release().bundle), &self.limits)
+        if self.manifest.is_some() || self.chunks.is_some() {
+            return Ok(());
+        }
+        let head = Head::decode(bytes, Some(&self.release.release().bundle), &self.limits)
             .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+        match head {
+            Head::Whole(m) => self.accept_manifest(m, bytes.to_vec()),
+            Head::Chunked(top) => {
+                self.chunks = Some((Assembly::new(top), bytes.to_vec()));
+                self.complete_chunks()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn accept_manifest(&mut self, m: Manifest, bytes: Vec<u8>) {
         self.missing = m
             .entries
             .iter()
             .map(|e| (e.object.clone(), e.size))
             .collect();
-        self.manifest = Some((m, bytes.to_vec()));
+        self.manifest = Some((m, bytes));
+    }
+
+    /// Once every chunk is in: the whole manifest is checked and its
+    /// objects become missing.
+    fn complete_chunks(&mut self) -> Result<(), Rejection> {
+        if !self.chunks.as_ref().is_some_and(|(a, _)| a.is_complete()) {
+            return Ok(());
+        }
+        let Some((a, top)) = self.chunks.take() else {
+            return Ok(());
+        };
+        let m = a
+            .finish(&self.limits)
+            .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+        self.accept_manifest(m, top);
         Ok(())
     }
 
+    /// Whether `address` is a format 2 manifest chunk this ingest still
+    /// needs (fetch limit: its listed size).
+    pub fn wants_chunk(&self, address: &str) -> Option<u64> {
+        self.chunks.as_ref().and_then(|(a, _)| a.wants(address))
+    }
+
     /// Verifies one object against the manifest: its address must be one
-    /// the manifest lists, its size the listed size and its hash the address.
+    /// the manifest lists, its size the listed size and its hash the
+    /// address. While a format 2 manifest's chunks are wanted, the object
+    /// must be one of them and is checked as a chunk (listed, size, hash,
+    /// canonical, entry count; the whole manifest once the last arrives).
     pub fn handle_object(&mut self, address: &str, bytes: &[u8]) -> Result<(), Rejection> {
+        if let Some((a, _)) = &mut self.chunks {
+            a.add(address, bytes, &self.limits)
+                .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+            return self.complete_chunks();
+        }
         let expected = self.expected_size(address)?;
         check_object_bytes(address, expected, bytes)?;
         self.missing.remove(address);
@@ -459,6 +517,16 @@ impl Ingest {
     /// is checked again, so a concurrent newer adoption turns this one
     /// into a rollback, and an expiry passed during the fetch is caught.
     pub fn finish(self, ctx: &Context<'_>) -> Result<Adoption, Rejection> {
+        if let Some((a, _)) = &self.chunks {
+            let address = a.missing().into_iter().next().map(|(a, _)| a.to_string());
+            return Err(Rejection::new(
+                Stage::Manifest,
+                crate::Error::ObjectMissing {
+                    address: address.unwrap_or_default(),
+                    what: "bundle manifest chunk".into(),
+                },
+            ));
+        }
         let Some((manifest, manifest_bytes)) = self.manifest else {
             return Err(Rejection::new(
                 Stage::Manifest,
@@ -525,8 +593,9 @@ pub fn check_object_bytes(address: &str, size: u64, bytes: &[u8]) -> Result<(), 
 /// no rollback or expiry check: the last-good release keeps being enforced
 /// after it expires, and after a rotation to new release keys until a
 /// release signed by them arrives), and the stored manifest against the
-/// release's bundle id. The error, if every root refuses, is the newest
-/// root's.
+/// release's bundle id (format 2: with its chunks, read through `chunk`
+/// as in [`Manifest::load`]). The error, if every root refuses, is the
+/// newest root's.
 pub fn reverify_adopted(
     roots: &[Root],
     channel: &str,
@@ -534,6 +603,7 @@ pub fn reverify_adopted(
     now: u64,
     release_bytes: &[u8],
     manifest_bytes: &[u8],
+    chunk: impl FnMut(&Address, u64) -> crate::Result<Option<Vec<u8>>>,
 ) -> Result<(VerifiedRelease, Manifest), Rejection> {
     let mut newest_error = None;
     let mut verified = None;
@@ -565,8 +635,13 @@ pub fn reverify_adopted(
             ))
         }
     };
-    let manifest = Manifest::decode(manifest_bytes, Some(&release.release().bundle), limits)
-        .map_err(|e| Rejection::new(Stage::Manifest, e))?;
+    let manifest = Manifest::load(
+        manifest_bytes,
+        Some(&release.release().bundle),
+        limits,
+        chunk,
+    )
+    .map_err(|e| Rejection::new(Stage::Manifest, e))?;
     Ok((release, manifest))
 }
 
@@ -586,6 +661,10 @@ pub(crate) mod tests {
     }
 
     pub(crate) use crate::testing::{manifest, object};
+
+    fn no_chunks(_: &Address, _: u64) -> crate::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
 
     pub(crate) fn release(channel: &str, sequence: u64, bundle: &str, expires: u64) -> Release {
         Release {
@@ -1046,9 +1125,18 @@ pub(crate) mod tests {
 
         // At start-up the old-epoch release is still re-verified against
         // the chain (kept enforced), but not against the new root alone.
-        reverify_adopted(&chain, "stable", &limits, NOW, &max, &m.encode()).unwrap();
+        reverify_adopted(&chain, "stable", &limits, NOW, &max, &m.encode(), no_chunks).unwrap();
         let e =
-            reverify_adopted(&chain[1..], "stable", &limits, NOW, &max, &m.encode()).unwrap_err();
+            reverify_adopted(
+            &chain[1..],
+            "stable",
+            &limits,
+            NOW,
+            &max,
+            &m.encode(),
+            no_chunks,
+        )
+        .unwrap_err();
         assert_eq!(e.reason(), "signature_threshold");
     }
 
@@ -1067,6 +1155,7 @@ pub(crate) mod tests {
             NOW,
             &rel,
             &m.encode(),
+            no_chunks,
         )
         .unwrap();
         let mut bad = m.encode();
@@ -1079,6 +1168,7 @@ pub(crate) mod tests {
             NOW,
             &rel,
             &bad,
+            no_chunks,
         )
         .unwrap_err();
         assert_eq!(e.stage, Stage::Manifest);

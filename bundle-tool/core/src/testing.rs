@@ -1,7 +1,7 @@
 //! Builders for tests (feature `testing`): small, valid bundle entries and
 //! manifests. Not part of the product's API.
 
-use crate::bundle::{Entry, Manifest, Source, BUNDLE_FORMAT};
+use crate::bundle::{Entry, Manifest, Source, FORMAT_1, FORMAT_2};
 
 /// A ConfigMap `ns/name` with one data key `k = data`: its entry and its
 /// canonical bytes.
@@ -23,12 +23,23 @@ pub fn object(ns: &str, name: &str, data: &str) -> (Entry, Vec<u8>) {
     (e, bytes)
 }
 
-/// A manifest of `objs`, entries sorted by path and document.
+/// A format 1 manifest of `objs`, entries sorted by path and document.
 pub fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
+    manifest_format(FORMAT_1, objs)
+}
+
+/// A format 2 manifest of `objs` (its documents:
+/// [`Manifest::encode_all`]).
+pub fn manifest_v2(objs: &[(Entry, Vec<u8>)]) -> Manifest {
+    manifest_format(FORMAT_2, objs)
+}
+
+/// A manifest of `objs` in `format`, entries sorted by path and document.
+pub fn manifest_format(format: u32, objs: &[(Entry, Vec<u8>)]) -> Manifest {
     let mut entries: Vec<Entry> = objs.iter().map(|(e, _)| e.clone()).collect();
     entries.sort_by(|a, b| (&a.path, a.document).cmp(&(&b.path, b.document)));
     Manifest {
-        format: BUNDLE_FORMAT,
+        format,
         source: Source {
             repository: "fixture".into(),
             commit: "0".repeat(40),
@@ -36,5 +47,6 @@ pub fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
             rendered: Vec::new(),
         },
         entries,
+        images: None,
     }
 }

@@ -320,6 +320,7 @@ fn build_world(cfg: &SimConfig) -> World {
     };
     let mut versions = vec![1u64; cfg.objects.max(1)];
     let mut prev: BTreeSet<String> = BTreeSet::new();
+    let mut prev_chunks: BTreeSet<String> = BTreeSet::new();
     for seq in 1..=cfg.releases.max(1) {
         if seq > 1 {
             let k = ((seq - 2) as usize) % versions.len();
@@ -356,8 +357,18 @@ fn build_world(cfg: &SimConfig) -> World {
                 rendered: Vec::new(),
             },
             entries,
+            images: None,
         };
-        let mbytes = manifest.encode();
+        let encoded = manifest.encode_all();
+        for (address, bytes) in &encoded.chunks {
+            bundle_bytes += bytes.len() as u64;
+            if !prev_chunks.contains(address.as_str()) {
+                new_bytes += bytes.len() as u64;
+            }
+            w.intern(address, bytes);
+        }
+        prev_chunks = encoded.chunks.iter().map(|(a, _)| a.to_string()).collect();
+        let mbytes = encoded.top;
         let bundle = sha256_address(&mbytes);
         bundle_bytes += mbytes.len() as u64;
         new_bytes += mbytes.len() as u64;
@@ -1489,8 +1500,28 @@ impl Sim {
                 _ => return vec![address.to_string()],
             }
         }
+        if let Want::Chunks(list) = p.ingest.want() {
+            // Chunks the node holds (the previous release's unchanged
+            // ones) are fed from its store; the rest are wanted.
+            let mut out = Vec::new();
+            for (address, _) in list {
+                let stored = world
+                    .index
+                    .get(address.as_str())
+                    .filter(|id| n.objects.contains(id))
+                    .map(|id| world.content[*id as usize].1.clone());
+                match stored.map(|b| p.ingest.handle_object(&address, &b)) {
+                    Some(Ok(())) => {}
+                    _ => out.push(address.to_string()),
+                }
+            }
+            if !out.is_empty() || matches!(p.ingest.want(), Want::Chunks(_)) {
+                return out;
+            }
+        }
         match p.ingest.want() {
             Want::Manifest { address, .. } => vec![address.to_string()],
+            Want::Chunks(list) => list.into_iter().map(|(a, _)| a.to_string()).collect(),
             Want::Complete => Vec::new(),
             Want::Objects(list) => {
                 let mut out = Vec::new();
