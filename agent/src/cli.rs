@@ -324,7 +324,7 @@ fn plan_command(
     if size
         > limits
             .max_bundle_bytes
-            .saturating_add(limits.max_manifest_bytes + 20)
+            .saturating_add(2 * limits.max_manifest_bytes + 20)
     {
         return Err(format!(
             "{}: {size} bytes is over the bundle limit",

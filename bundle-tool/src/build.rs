@@ -61,6 +61,9 @@ pub struct BuildOptions {
     pub kubectl: OsString,
     /// Size limits.
     pub limits: Limits,
+    /// The bundle format written: 2 (default) or 1, for agents that do
+    /// not read format 2 yet (`cairn bundle build --format 1`).
+    pub format: u32,
     /// Parser threads (at least 1).
     pub threads: usize,
     /// Draw a progress bar on stderr for large trees.
@@ -85,6 +88,7 @@ impl BuildOptions {
             allow_empty: false,
             kubectl: "kubectl".into(),
             limits: Limits::default(),
+            format: BUNDLE_FORMAT,
             threads: 2,
             progress: false,
             export: ExportLimits::default(),
@@ -424,7 +428,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
         warnings.push(format!("... and {more} more warnings"));
     }
     let manifest = Manifest {
-        format: BUNDLE_FORMAT,
+        format: opts.format,
         source: Source {
             repository: opts.source_name.clone(),
             commit: tree.commit.clone(),
@@ -432,8 +436,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             rendered,
         },
         entries,
+        images: None,
     };
     manifest.validate(&opts.limits)?;
+    if manifest.format != crate::bundle::FORMAT_1 {
+        // The top document's own limits (chunk count and sizes).
+        crate::bundle::Head::decode(&manifest.encode(), None, &opts.limits)?;
+    }
     Ok(BuiltBundle {
         manifest,
         objects,

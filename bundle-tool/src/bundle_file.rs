@@ -4,13 +4,12 @@
 //! A bundle file is the manifest followed by every object, in entry order,
 //! and is verified on every read.
 
-use cairn_core::bundle::{verify_object, Entry, Manifest, BUNDLE_FORMAT};
+use cairn_core::bundle::{verify_object, Entry, Manifest};
+use cairn_core::bundle_file::{encode_head, read_head};
 use cairn_core::limits::Limits;
 use cairn_core::{Error, Result};
 use std::io::{Read, Write};
 use std::path::Path;
-
-const FILE_MAGIC: &[u8; 8] = b"CAIRNBDL";
 
 /// Writes a bundle file: magic, format, manifest length and bytes, then
 /// each entry's object bytes in entry order. `object` returns the bytes of
@@ -31,11 +30,8 @@ pub fn write_bundle_file(
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        let m = manifest.encode();
-        w.write_all(FILE_MAGIC).map_err(io)?;
-        w.write_all(&BUNDLE_FORMAT.to_be_bytes()).map_err(io)?;
-        w.write_all(&(m.len() as u64).to_be_bytes()).map_err(io)?;
-        w.write_all(&m).map_err(io)?;
+        w.write_all(&encode_head(manifest.format, &manifest.encode_all()))
+            .map_err(io)?;
         for e in &manifest.entries {
             let bytes = object(e)?;
             verify_object(&e.object, &bytes)?;
@@ -66,29 +62,7 @@ pub fn read_bundle_file(
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let mut r = std::io::BufReader::new(f);
-    let mut head = [0u8; 20];
-    r.read_exact(&mut head)
-        .map_err(|_| bad("truncated header".into()))?;
-    if &head[..8] != FILE_MAGIC {
-        return Err(bad("wrong magic (not a cairn bundle file)".into()));
-    }
-    let format = u32::from_be_bytes([head[8], head[9], head[10], head[11]]);
-    if format != BUNDLE_FORMAT {
-        return Err(bad(format!("format {format}, expected {BUNDLE_FORMAT}")));
-    }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&head[12..20]);
-    let mlen = u64::from_be_bytes(len8);
-    if mlen > limits.max_manifest_bytes {
-        return Err(bad(format!(
-            "manifest of {mlen} bytes is over the limit of {}",
-            limits.max_manifest_bytes
-        )));
-    }
-    let mut mbytes = vec![0u8; mlen as usize];
-    r.read_exact(&mut mbytes)
-        .map_err(|_| bad("truncated manifest".into()))?;
-    let manifest = Manifest::decode(&mbytes, None, limits).map_err(|e| bad(e.to_string()))?;
+    let manifest = read_head(&mut r, path, limits)?;
     for e in &manifest.entries {
         let mut buf = vec![0u8; e.size as usize];
         r.read_exact(&mut buf).map_err(|_| {

@@ -40,11 +40,16 @@ pub struct VerifiedChannel {
     pub release: VerifiedRelease,
     /// The bundle manifest.
     pub manifest: Manifest,
-    /// Addresses of every object the release needs: the manifest first,
+    /// Addresses of every object the release needs: the manifest (format
+    /// 2: its top document) first, then (format 2) its chunks in order,
     /// then the entries' objects (deduplicated, in entry order).
     pub objects: Vec<String>,
     /// Total bytes of those objects (manifest included).
     pub bytes: u64,
+    /// Size of the document at the bundle id.
+    pub manifest_size: u64,
+    /// Format 2: each manifest chunk's address and size, in order.
+    pub chunks: Vec<(String, u64)>,
 }
 
 impl ChannelCheck<'_> {
@@ -94,7 +99,19 @@ impl ChannelCheck<'_> {
                 )],
             });
         }
-        let manifest = Manifest::decode(&mbytes, Some(&id), self.limits)?;
+        let mut chunks = Vec::new();
+        let manifest = Manifest::load(&mbytes, Some(&id), self.limits, |a, size| {
+            let path = object_path_str(a).unwrap_or_default();
+            let n = chunks.len() + 1;
+            let b = self.read(a, size).map_err(|e| Error::Objects {
+                problems: vec![format!("{path}: {e} (bundle manifest chunk {n})")],
+            })?;
+            let b = b.ok_or_else(|| Error::Objects {
+                problems: vec![format!("{path}: missing (bundle manifest chunk {n})")],
+            })?;
+            chunks.push((a.to_string(), b.len() as u64));
+            Ok(Some(b))
+        })?;
         let mut seen = std::collections::BTreeSet::new();
         let entries: Vec<&Entry> = manifest
             .entries
@@ -106,13 +123,18 @@ impl ChannelCheck<'_> {
             return Err(Error::Objects { problems });
         }
         let mut objects = vec![id.to_string()];
+        objects.extend(chunks.iter().map(|(a, _)| a.clone()));
         objects.extend(entries.iter().map(|e| e.object.to_string()));
-        let bytes = mbytes.len() as u64 + entries.iter().map(|e| e.size).sum::<u64>();
+        let bytes = mbytes.len() as u64
+            + chunks.iter().map(|(_, s)| s).sum::<u64>()
+            + entries.iter().map(|e| e.size).sum::<u64>();
         Ok(VerifiedChannel {
             release,
             manifest,
             objects,
             bytes,
+            manifest_size: mbytes.len() as u64,
+            chunks,
         })
     }
 

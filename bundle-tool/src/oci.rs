@@ -110,10 +110,8 @@ pub async fn push(
         root_layers.push(d);
     }
     let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
-    sizes.insert(
-        v.release.release().bundle.to_string(),
-        v.manifest.encode().len() as u64,
-    );
+    sizes.insert(v.release.release().bundle.to_string(), v.manifest_size);
+    sizes.extend(v.chunks.iter().cloned());
     for e in &v.manifest.entries {
         sizes.insert(e.object.to_string(), e.size);
     }
@@ -283,7 +281,28 @@ pub async fn pull(
             b
         }
     };
-    let manifest = crate::bundle::Manifest::decode(&manifest_bytes, Some(&bundle), limits)?;
+    // Format 2: the manifest chunks, from the repository or the registry
+    // (staged like objects), each checked as it is added.
+    let manifest = match crate::bundle::Head::decode(&manifest_bytes, Some(&bundle), limits)? {
+        crate::bundle::Head::Whole(m) => m,
+        crate::bundle::Head::Chunked(top) => {
+            let mut a = crate::bundle::Assembly::new(top);
+            for (address, size) in a.missing() {
+                let b = match repo.get_object(&address, size)? {
+                    Some(b) => b,
+                    None => {
+                        let b = client.get_blob(&address, size).await?.ok_or_else(|| {
+                            anyhow::anyhow!("{target}: bundle manifest chunk {address} missing")
+                        })?;
+                        stage.put_object(&address, &b)?;
+                        b
+                    }
+                };
+                a.add(&address, &b, limits)?;
+            }
+            a.finish(limits)?
+        }
+    };
     let mut wanted = std::collections::BTreeSet::new();
     for e in &manifest.entries {
         if !repo.has_object(&e.object)

@@ -235,13 +235,18 @@ pub fn publish(
     validate_channel(&req.channel).map_err(Error::InvalidRelease)?;
     // Pass 1: the whole bundle file verifies before anything is written.
     let manifest = read_bundle_file(bundle_file, limits, |_, _| Ok(()))?;
-    let signed = sign_release(repo, chain, &manifest.id(), keys, req, limits)?;
-    // Pass 2: objects, manifest, roots, channel head last.
+    let encoded = manifest.encode_all();
+    let signed = sign_release(repo, chain, &encoded.id(), keys, req, limits)?;
+    // Pass 2: objects, manifest chunks (format 2), the manifest, roots,
+    // channel head last.
     let mut batch = repo.object_batch();
     read_bundle_file(bundle_file, limits, |e, bytes| {
         batch.add(&e.object, &bytes).map(|_| ())
     })?;
-    batch.add(&signed.verified.release().bundle, &manifest.encode())?;
+    for (address, bytes) in &encoded.chunks {
+        batch.add(address, bytes)?;
+    }
+    batch.add(&signed.verified.release().bundle, &encoded.top)?;
     batch.commit()?;
     commit_head(repo, chain, &signed)?;
     Ok(signed.verified)

@@ -30,6 +30,12 @@ pub(super) enum BundleCommand {
         /// Build even if no Kubernetes objects are found.
         #[arg(long)]
         allow_empty: bool,
+        /// Bundle format: 2 (chunked manifest: a one-object change moves
+        /// one small chunk) or 1 (one manifest document), for agents that
+        /// do not read format 2 yet.
+        #[arg(long, value_name = "N", default_value_t = crate::bundle::BUNDLE_FORMAT,
+              value_parser = clap::value_parser!(u32).range(1..=2))]
+        format: u32,
         /// Name recorded as the bundle's source repository (part of the
         /// bundle id) [default: none, so the id does not depend on the
         /// folder the repository is checked out in].
@@ -119,6 +125,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             path,
             out,
             allow_empty,
+            format,
             source_name,
             kubectl,
             allow_remote,
@@ -130,6 +137,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             opts.reference = reference;
             opts.path = path;
             opts.allow_empty = allow_empty;
+            opts.format = format;
             opts.source_name = source_name.unwrap_or_default();
             opts.kubectl = kubectl.into();
             opts.progress = std::io::stderr().is_terminal();
@@ -187,6 +195,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
                 println!("{v}");
             } else {
                 println!("bundle  {}", m.id());
+                println!("format  {}", m.format);
                 println!("source  {} commit {}", m.source.repository, m.source.commit);
                 println!(
                     "path    {}",
