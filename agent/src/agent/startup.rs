@@ -187,22 +187,21 @@ pub(super) fn load_head(
             rel.bundle
         ))
     })?;
-    let (verified, manifest) =
-        pipeline::reverify_adopted(
-            roots,
-            &config.channel,
-            limits,
-            now,
-            &bytes,
-            &manifest_bytes,
-            store.chunk_reader(),
-        )
-        .map_err(|r| {
-                corrupt(format!(
-                    "adopted release of channel `{}`: {r}",
-                    config.channel
-                ))
-            })?;
+    let (verified, manifest) = pipeline::reverify_adopted(
+        roots,
+        &config.channel,
+        limits,
+        now,
+        &bytes,
+        &manifest_bytes,
+        store.chunk_reader(),
+    )
+    .map_err(|r| {
+        corrupt(format!(
+            "adopted release of channel `{}`: {r}",
+            config.channel
+        ))
+    })?;
     Ok(Some(HeadState {
         address: cairn_keys::sha256_address(&bytes),
         release: verified.release().clone(),

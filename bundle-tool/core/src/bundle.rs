@@ -377,9 +377,8 @@ struct FormatOnly {
 /// a format this build does not know gets [`Error::BundleFormat`] rather
 /// than a decoding error about the fields it does not know.
 pub fn bundle_format(bytes: &[u8]) -> Result<u32> {
-    let f: FormatOnly = codec::decode("bundle manifest", bytes, bytes.len()).map_err(|e| {
-        Error::InvalidManifest(format!("no readable `format` field ({e})"))
-    })?;
+    let f: FormatOnly = codec::decode("bundle manifest", bytes, bytes.len())
+        .map_err(|e| Error::InvalidManifest(format!("no readable `format` field ({e})")))?;
     Ok(f.format)
 }
 
@@ -389,10 +388,7 @@ pub fn check_format(format: u32, limits: &Limits) -> Result<()> {
     if (FORMAT_1..=max).contains(&format) {
         Ok(())
     } else {
-        Err(Error::BundleFormat {
-            found: format,
-            max,
-        })
+        Err(Error::BundleFormat { found: format, max })
     }
 }
 
@@ -747,4 +743,305 @@ pub fn verify_object(address: &str, bytes: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{manifest_format, object};
+
+    /// A bundle of `n` ConfigMaps in `n` files (as the bench's fixture:
+    /// one object per file), `skip` left out, `changed` with other data.
+    fn objs(n: usize, skip: Option<usize>, changed: Option<usize>) -> Vec<(Entry, Vec<u8>)> {
+        (0..n)
+            .filter(|i| Some(*i) != skip)
+            .map(|i| {
+                let data = if Some(i) == changed { "changed" } else { "v1" };
+                object("ns", &format!("app{i:05}"), data)
+            })
+            .collect()
+    }
+
+    fn v2(objs: &[(Entry, Vec<u8>)]) -> Manifest {
+        manifest_format(FORMAT_2, objs)
+    }
+
+    fn chunk_bytes(entries: &[Entry]) -> Vec<u8> {
+        codec::encode(&ChunkOut { entries })
+    }
+
+    fn top_of(m: &Manifest, chunks: &[Vec<u8>]) -> Vec<u8> {
+        let refs = chunks
+            .iter()
+            .map(|b| ChunkRef {
+                address: Address::of(b),
+                size: b.len() as u64,
+                entries: codec::decode::<ChunkDoc>("c", b, b.len())
+                    .unwrap()
+                    .entries
+                    .len() as u32,
+            })
+            .collect();
+        codec::encode(&Top {
+            format: FORMAT_2,
+            source: m.source.clone(),
+            chunks: refs,
+            images: None,
+        })
+    }
+
+    /// Decodes a top document and adds `chunks` in order; the first error.
+    fn assemble(top: &[u8], chunks: &[Vec<u8>], limits: &Limits) -> Result<Manifest> {
+        let Head::Chunked(t) = Head::decode(top, None, limits)? else {
+            panic!("not a top document")
+        };
+        let mut a = Assembly::new(t);
+        for c in chunks {
+            a.add(&Address::of(c), c, limits)?;
+        }
+        a.finish(limits)
+    }
+
+    #[test]
+    fn format_2_round_trips_with_the_entry_order_of_format_1() {
+        let o = objs(1000, None, None);
+        let (m1, m2) = (manifest_format(FORMAT_1, &o), v2(&o));
+        let enc = m2.encode_all();
+        assert!(enc.chunks.len() > 4, "{} chunks", enc.chunks.len());
+        assert!(enc.top.len() < 8 * 1024, "top {} bytes", enc.top.len());
+        let limits = Limits::default();
+        let back = Manifest::load(&enc.top, Some(&m2.id()), &limits, |a, _| {
+            Ok(enc
+                .chunks
+                .iter()
+                .find(|(c, _)| c == a)
+                .map(|(_, b)| b.clone()))
+        })
+        .unwrap();
+        assert_eq!(back, m2);
+        assert_eq!(back.entries, m1.entries);
+        assert_ne!(m1.id(), m2.id());
+        // Chunks in any order assemble to the same manifest.
+        let mut rev: Vec<Vec<u8>> = enc.chunks.iter().map(|(_, b)| b.clone()).collect();
+        rev.reverse();
+        assert_eq!(assemble(&enc.top, &rev, &limits).unwrap(), m2);
+        // A missing chunk is named.
+        let e = Manifest::load(&enc.top, None, &limits, |_, _| Ok(None)).unwrap_err();
+        assert!(e.to_string().contains("bundle manifest chunk 1"), "{e}");
+    }
+
+    fn differing(a: &Manifest, b: &Manifest, c: &Chunker) -> usize {
+        let old: std::collections::BTreeSet<Address> = a
+            .encode_with(c)
+            .chunks
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        b.encode_with(c)
+            .chunks
+            .iter()
+            .filter(|(a, _)| !old.contains(a))
+            .count()
+    }
+
+    #[test]
+    fn one_change_rewrites_one_chunk() {
+        let base = v2(&objs(3000, None, None));
+        let c = Chunker::DEFAULT;
+        // One object changed: exactly one chunk differs.
+        for i in [0, 1234, 2999] {
+            let changed = v2(&objs(3000, None, Some(i)));
+            assert_eq!(differing(&base, &changed, &c), 1, "change at {i}");
+        }
+        // One object added or removed: the chunk it falls in (rarely the
+        // next one too, when the edit is a boundary).
+        let mut worst = 0;
+        for i in [7, 1500, 2998] {
+            let removed = v2(&objs(3000, Some(i), None));
+            let added = v2(&objs(3001, None, None));
+            worst = worst.max(differing(&base, &removed, &c));
+            worst = worst.max(differing(&base, &added, &c));
+        }
+        assert!(worst <= 2, "{worst} chunks rewritten");
+        // Fixed-size chunks shift every later boundary on a removal.
+        let fixed = Chunker::Fixed { entries: 64 };
+        let removed = v2(&objs(3000, Some(7), None));
+        assert!(differing(&base, &removed, &fixed) > 40);
+    }
+
+    #[test]
+    fn hostile_chunks_are_refused() {
+        let limits = Limits::default();
+        let o = objs(300, None, None);
+        let m = v2(&o);
+        let enc = m.encode_all();
+        let chunks: Vec<Vec<u8>> = enc.chunks.iter().map(|(_, b)| b.clone()).collect();
+        assert!(chunks.len() >= 3);
+        let err = |top: &[u8], chunks: &[Vec<u8>]| {
+            assemble(top, chunks, &limits).unwrap_err().to_string()
+        };
+
+        // Wrong hash: a chunk whose bytes are not its address.
+        let Head::Chunked(t) = Head::decode(&enc.top, None, &limits).unwrap() else {
+            panic!()
+        };
+        let mut a = Assembly::new(t.clone());
+        let mut bad = chunks[0].clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let e = a.add(&enc.chunks[0].0, &bad, &limits).unwrap_err();
+        assert!(matches!(e, Error::ObjectMismatch { .. }), "{e}");
+        // Longer than listed: refused before hashing.
+        let mut long = chunks[0].clone();
+        long.push(0);
+        let e = a.add(&enc.chunks[0].0, &long, &limits).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        // Not a chunk of this bundle.
+        let stranger = chunk_bytes(&o[..1].iter().map(|x| x.0.clone()).collect::<Vec<_>>());
+        let e = a
+            .add(&Address::of(&stranger), &stranger, &limits)
+            .unwrap_err();
+        assert!(e.to_string().contains("not a chunk of this bundle"), "{e}");
+        assert!(!a.is_complete());
+
+        // Unsorted across chunks: two chunks swapped in the top document.
+        let mut swapped = chunks.clone();
+        swapped.swap(0, 1);
+        let e = err(&top_of(&m, &swapped), &swapped);
+        assert!(e.contains("not sorted"), "{e}");
+
+        // The same object identity in two chunks (sorted by path).
+        let entries: Vec<Entry> = o.iter().map(|x| x.0.clone()).collect();
+        let mut dup = entries[150].clone();
+        dup.path = format!("{}-again.yaml", entries[299].path);
+        let c1 = chunk_bytes(&entries[..200]);
+        let mut tail = entries[200..].to_vec();
+        tail.push(dup);
+        let c2 = chunk_bytes(&tail);
+        let e = err(&top_of(&m, &[c1.clone(), c2.clone()]), &[c1.clone(), c2]);
+        assert!(e.contains("duplicate object"), "{e}");
+
+        // A chunk listed twice.
+        let twice = [c1.clone(), c1.clone()];
+        let e = Head::decode(&top_of(&m, &twice), None, &limits).unwrap_err();
+        assert!(e.to_string().contains("listed twice"), "{e}");
+
+        // An empty chunk.
+        let empty = chunk_bytes(&[]);
+        let e = Head::decode(&top_of(&m, &[c1.clone(), empty]), None, &limits).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+
+        // Oversize: a chunk listed over the chunk limit, and chunk counts
+        // and entry totals over the limits, all before any chunk is read.
+        let small = Limits {
+            max_chunk_bytes: 1000,
+            ..Limits::default()
+        };
+        let e = Head::decode(&enc.top, None, &small).unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        let few = Limits {
+            max_chunks: 2,
+            ..Limits::default()
+        };
+        let e = Head::decode(&enc.top, None, &few).unwrap_err();
+        assert!(e.to_string().contains("chunks, limit 2"), "{e}");
+        let entries_limit = Limits {
+            max_entries: 299,
+            ..Limits::default()
+        };
+        let e = Head::decode(&enc.top, None, &entries_limit).unwrap_err();
+        assert!(e.to_string().contains("300 entries, limit 299"), "{e}");
+
+        // A listed entry count that does not match the chunk.
+        let mut t2 = t.clone();
+        t2.chunks[0].entries += 1;
+        let e = err(&codec::encode(&t2), &chunks);
+        assert!(e.contains("the top document says"), "{e}");
+
+        // A wrong top document hash against the bundle id.
+        let e = Head::decode(&enc.top, Some(&Address::of(b"other")), &limits).unwrap_err();
+        assert!(matches!(e, Error::ObjectMismatch { .. }), "{e}");
+
+        // The honest one still assembles.
+        assert_eq!(assemble(&enc.top, &chunks, &limits).unwrap(), m);
+    }
+
+    #[test]
+    fn unknown_formats_get_a_clear_message() {
+        let o = objs(3, None, None);
+        let m = v2(&o);
+        let enc = m.encode_all();
+        // A format 3 top document (with fields format 2 does not have).
+        #[derive(Serialize)]
+        struct Future {
+            format: u32,
+            layers: Vec<String>,
+        }
+        let f3 = codec::encode(&Future {
+            format: 3,
+            layers: vec![],
+        });
+        let e = Head::decode(&f3, None, &Limits::default()).unwrap_err();
+        assert_eq!(e.reason(), "bundle_format");
+        assert_eq!(
+            e.to_string(),
+            "bundle format 3; this build understands 1 and 2: upgrade it to one that understands format 3"
+        );
+        // Format 2 where only format 1 is understood.
+        let only_1 = Limits {
+            max_bundle_format: 1,
+            ..Limits::default()
+        };
+        let e = Head::decode(&enc.top, None, &only_1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bundle format 2; this agent understands 1: upgrade it"),
+            "{e}"
+        );
+        assert!(e.contains("cairn bundle build --format 1"), "{e}");
+        let m1 = manifest_format(FORMAT_1, &o);
+        assert!(Head::decode(&m1.encode(), None, &only_1).is_ok());
+        // No format field at all.
+        let e = Head::decode(&codec::encode(&o[0].0), None, &Limits::default()).unwrap_err();
+        assert!(e.to_string().contains("`format`"), "{e}");
+    }
+
+    #[test]
+    fn images_is_an_optional_address_of_format_2_only() {
+        let o = objs(3, None, None);
+        let mut m = v2(&o);
+        let plain = m.encode();
+        m.images = Some(Address::of(b"image list"));
+        let enc = m.encode_all();
+        assert_ne!(enc.top, plain);
+        let limits = Limits::default();
+        let chunks: Vec<Vec<u8>> = enc.chunks.iter().map(|(_, b)| b.clone()).collect();
+        assert_eq!(assemble(&enc.top, &chunks, &limits).unwrap(), m);
+        // Without images the key is absent altogether.
+        assert!(!plain.windows(6).any(|w| w == b"images"));
+        // A malformed address is refused while decoding.
+        #[derive(Serialize)]
+        struct BadTop<'a> {
+            format: u32,
+            source: &'a Source,
+            chunks: Vec<ChunkRef>,
+            images: &'a str,
+        }
+        let Head::Chunked(t) = Head::decode(&enc.top, None, &limits).unwrap() else {
+            panic!()
+        };
+        let bad = codec::encode(&BadTop {
+            format: 2,
+            source: &m.source,
+            chunks: t.chunks,
+            images: "sha256:../../x",
+        });
+        let e = Head::decode(&bad, None, &limits).unwrap_err();
+        assert!(e.to_string().contains("bad address"), "{e}");
+        // Format 1 has no images.
+        let mut m1 = manifest_format(FORMAT_1, &o);
+        m1.images = Some(Address::of(b"x"));
+        assert!(m1.validate(&limits).is_err());
+    }
 }

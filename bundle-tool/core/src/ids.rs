@@ -434,7 +434,9 @@ mod tests {
 /// and a malformed id in a signed document is refused while decoding.
 #[cfg(test)]
 mod wire_compat_tests {
-    use crate::bundle::{Entry, Manifest, Rendered, RenderedValues, Source, FORMAT_1 as BUNDLE_FORMAT};
+    use crate::bundle::{
+        Entry, Manifest, Rendered, RenderedValues, Source, FORMAT_1 as BUNDLE_FORMAT,
+    };
     use crate::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
     use serde::{Deserialize, Serialize};
     use std::collections::BTreeMap;

@@ -857,6 +857,52 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn format_2_moves_top_then_chunks_then_objects() {
+        let objs: Vec<_> = (0..400)
+            .map(|i| object("a", &format!("o{i:04}"), "1"))
+            .collect();
+        let m = crate::testing::manifest_v2(&objs);
+        let enc = m.encode_all();
+        let r = root();
+        let limits = Limits::default();
+        let rel = signed(&release("stable", 1, &enc.id(), NOW + 100));
+        let Start::Candidate(mut ing) = Ingest::start(&ctx(r.root(), &limits, None), &rel).unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(ing.want(), Want::Manifest { .. }));
+        ing.handle_manifest(&enc.top).unwrap();
+        let Want::Chunks(wanted) = ing.want() else {
+            panic!("{:?}", ing.want())
+        };
+        assert_eq!(wanted.len(), enc.chunks.len());
+        // An object before the chunks is refused; a bad chunk too, and
+        // nothing changes.
+        let e = ing
+            .handle_object(&objs[0].0.object, &objs[0].1)
+            .unwrap_err();
+        assert_eq!(e.stage, Stage::Manifest);
+        let mut bad = enc.chunks[0].1.clone();
+        bad[5] ^= 1;
+        let e = ing.handle_object(&enc.chunks[0].0, &bad).unwrap_err();
+        assert_eq!(e.reason(), "object_hash_mismatch");
+        assert_eq!(ing.wants_chunk(&enc.chunks[0].0), Some(bad.len() as u64));
+        for (a, b) in &enc.chunks {
+            ing.handle_object(a, b).unwrap();
+        }
+        let Want::Objects(list) = ing.want() else {
+            panic!()
+        };
+        assert_eq!(list.len(), 400);
+        for (e, b) in &objs {
+            ing.handle_object(&e.object, b).unwrap();
+        }
+        let adoption = ing.finish(&ctx(r.root(), &limits, None)).unwrap();
+        assert_eq!(adoption.manifest(), &m);
+        assert_eq!(adoption.manifest_bytes(), enc.top.as_slice());
+    }
+
+    #[test]
     fn manifest_hash_mismatch_is_rejected() {
         let objs = [object("a", "one", "1")];
         let (mut ing, _) = candidate(&objs);
@@ -1126,8 +1172,7 @@ pub(crate) mod tests {
         // At start-up the old-epoch release is still re-verified against
         // the chain (kept enforced), but not against the new root alone.
         reverify_adopted(&chain, "stable", &limits, NOW, &max, &m.encode(), no_chunks).unwrap();
-        let e =
-            reverify_adopted(
+        let e = reverify_adopted(
             &chain[1..],
             "stable",
             &limits,
