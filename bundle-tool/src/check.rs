@@ -109,6 +109,14 @@ impl ChannelCheck<'_> {
             let b = b.ok_or_else(|| Error::Objects {
                 problems: vec![format!("{path}: missing (bundle manifest chunk {n})")],
             })?;
+            let actual = sha256_address(&b);
+            if actual != a.as_str() {
+                return Err(Error::Objects {
+                    problems: vec![format!(
+                        "{path}: content hashes to {actual} (bundle manifest chunk {n})"
+                    )],
+                });
+            }
             chunks.push((a.to_string(), b.len() as u64));
             Ok(Some(b))
         })?;

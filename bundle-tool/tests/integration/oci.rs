@@ -269,10 +269,14 @@ fn push_skopeo_pull_and_only_missing_blobs_move() {
     assert_eq!(quiet_count(|| w.uploads()), objects + 3);
 
     // A one-object change: only the new object, the new bundle manifest
-    // and the new release move, both ways.
+    // (format 2: its top document and the one chunk that changed) and the
+    // new release move, both ways.
     w.release("main~1");
     let new_objects = w.object_count("repo") - objects;
-    assert_eq!(new_objects, 2, "the fixture changes one object per commit");
+    assert_eq!(
+        new_objects, 3,
+        "the fixture changes one object per commit: it, the top document, one chunk"
+    );
     let second = w.push();
     assert!(
         second.contains(&format!("{} blob(s) uploaded", new_objects + 1)),
