@@ -1202,3 +1202,100 @@ fn release_and_import_recover_from_a_maximum_sequence_by_rotating_the_release_ke
     assert!(e.contains("is not a release key of root v2"), "{e}");
     assert_eq!(w.verify_json("repo", "stable")["sequence"], 2);
 }
+
+/// The chunk addresses of a format 2 bundle stored in `repo`.
+fn chunks_of(w: &Work, repo: &str, id: &str) -> Vec<String> {
+    let top = std::fs::read(w.path(&format!("{repo}/{}", object_path_str(id).unwrap()))).unwrap();
+    let limits = cairn_core::limits::Limits::default();
+    match cairn_core::bundle::Head::decode(&top, Some(id), &limits).unwrap() {
+        cairn_core::bundle::Head::Chunked(t) => {
+            t.chunks.iter().map(|c| c.address.to_string()).collect()
+        }
+        cairn_core::bundle::Head::Whole(_) => panic!("{id} is format 1"),
+    }
+}
+
+#[test]
+fn format_1_then_format_2_on_one_channel_verify_export_import() {
+    let w = Work::new(300, 2);
+    // `--format 1` still writes format 1; the default is format 2.
+    let v1 = w
+        .ok(&[
+            "bundle",
+            "build",
+            "--git",
+            "edge",
+            "--ref",
+            "main~1",
+            "--format",
+            "1",
+            "--out",
+            "b1.bundle",
+        ])
+        .trim()
+        .to_owned();
+    let v2 = w.build("b2.bundle", "main");
+    let inspect = |f: &str| -> serde_json::Value {
+        serde_json::from_str(&w.ok(&["bundle", "inspect", f, "--json"])).unwrap()
+    };
+    let (i1, i2) = (inspect("b1.bundle"), inspect("b2.bundle"));
+    assert_eq!(i1["format"], 1);
+    assert_eq!(i2["format"], 2);
+    assert_eq!(i1["id"], v1.as_str());
+    assert_eq!(i2["id"], v2.as_str());
+    assert_eq!(i1["objects"], i2["objects"]);
+    // The same tree in both formats: same entries, same order.
+    let same = w.build("b1-v2.bundle", "main~1");
+    assert_ne!(same, v1);
+    assert_eq!(inspect("b1-v2.bundle")["entries"], i1["entries"]);
+    let e = fails_code(
+        &[
+            "bundle", "build", "--git", "edge", "--format", "3", "--out", "x.bundle",
+        ],
+        Some(w.p()),
+        2,
+    );
+    assert!(e.contains("--format"), "{e}");
+
+    // One channel: a format 1 release, then a format 2 one.
+    w.release("repo", "b1.bundle", "stable", &[]);
+    assert_eq!(w.verify_json("repo", "stable")["bundle"], v1.as_str());
+    w.release("repo", "b2.bundle", "stable", &[]);
+    let j = w.verify_json("repo", "stable");
+    assert_eq!(j["sequence"], 2);
+    assert_eq!(j["bundle"], v2.as_str());
+    let chunks = chunks_of(&w, "repo", &v2);
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    // The repository holds both: format 1's manifest is still there.
+    assert!(w
+        .path(&format!("repo/{}", object_path_str(&v1).unwrap()))
+        .is_file());
+
+    // Export and import the format 2 release: the chunks travel.
+    w.ok(&[
+        "export",
+        "--repo",
+        "repo",
+        "--channel",
+        "stable",
+        "--out",
+        "two.tar",
+    ]);
+    w.ok(&["import", "two.tar", "--repo", "air"]);
+    let j = w.verify_json("air", "stable");
+    assert_eq!(
+        (j["sequence"].as_u64(), j["bundle"].as_str()),
+        (Some(2), Some(v2.as_str()))
+    );
+    for c in &chunks {
+        assert!(w
+            .path(&format!("air/{}", object_path_str(c).unwrap()))
+            .is_file());
+    }
+
+    // A missing chunk is named by `verify`.
+    std::fs::remove_file(w.path(&format!("repo/{}", object_path_str(&chunks[1]).unwrap())))
+        .unwrap();
+    let e = w.verify_err("repo", "stable");
+    assert!(e.contains("missing (bundle manifest chunk 2)"), "{e}");
+}
