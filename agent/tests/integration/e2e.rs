@@ -452,3 +452,102 @@ fn an_allowed_development_root_shows_in_status_readyz_metrics_and_the_log() {
     assert!(warn.contains("\"level\":\"WARN\""), "{warn}");
     assert!(terminate(&mut agent).success());
 }
+
+/// Builds `git_ref` into `name` in bundle format `format`.
+fn build_format(w: &World, git_ref: &str, name: &str, format: &str) -> std::path::PathBuf {
+    let out = w.path(name);
+    ok(Command::new(cairn_bin())
+        .args(["bundle", "build", "--format", format, "--git"])
+        .arg(&w.git)
+        .args(["--ref", git_ref, "--out"])
+        .arg(&out)
+        .env("CAIRN_KUBECTL", "/nonexistent-kubectl"));
+    out
+}
+
+fn documents(
+    bundle: &std::path::Path,
+) -> (cairn_core::bundle::Manifest, cairn_core::bundle::Encoded) {
+    let m = cairn_bundle::bundle::read_bundle_file(
+        bundle,
+        &cairn_core::limits::Limits::default(),
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    let e = m.encode_all();
+    (m, e)
+}
+
+#[test]
+fn format_1_last_good_adopts_format_2_and_then_moves_one_chunk() {
+    let w = World::new(300, 3, 1);
+    let b1 = build_format(&w, "main~2", "b1.bundle", "1");
+    let b2 = build_format(&w, "main~1", "b2.bundle", "2");
+    let b3 = build_format(&w, "main", "b3.bundle", "2");
+    let server = StaticServer::start(&w.repo).unwrap();
+    let cfg = w.config("agent.yaml", &[server.url()]);
+    let channel_bytes = || std::fs::read(w.repo.join("channels/stable")).unwrap().len() as u64;
+
+    // Release 1 in format 1: the agent's last-good is format 1.
+    w.release(&b1);
+    w.once_ok(&cfg);
+    assert_eq!(w.files(), expected_files(&b1));
+    let (m1, _) = documents(&b1);
+
+    // Release 2 in format 2 (one object changed): the top document, every
+    // chunk (nothing of format 2 is stored yet) and the changed object.
+    w.release(&b2);
+    server.reset_counters();
+    w.once_ok(&cfg);
+    let s = w.status().unwrap();
+    assert_eq!(s.last_good.as_ref().unwrap().sequence, 2);
+    assert_eq!(w.files(), expected_files(&b2));
+    let (m2, e2) = documents(&b2);
+    assert_eq!(m1.entries.len(), m2.entries.len());
+    let old: std::collections::BTreeSet<_> = m1.entries.iter().map(|e| e.object.clone()).collect();
+    let changed2: Vec<_> = m2
+        .entries
+        .iter()
+        .filter(|e| !old.contains(&e.object))
+        .collect();
+    assert_eq!(changed2.len(), 1);
+    assert!(e2.chunks.len() >= 5, "{} chunks", e2.chunks.len());
+    // roots/2 (not found), the channel, the top, the chunks, the object.
+    assert_eq!(server.requests(), 3 + e2.chunks.len() as u64 + 1);
+
+    // Release 3, format 2 again, one object changed: only the top, the one
+    // chunk holding it and the object move.
+    w.release(&b3);
+    server.reset_counters();
+    w.once_ok(&cfg);
+    assert_eq!(w.status().unwrap().last_good.unwrap().sequence, 3);
+    assert_eq!(w.files(), expected_files(&b3));
+    let (m3, e3) = documents(&b3);
+    let old: std::collections::BTreeSet<_> = m2.entries.iter().map(|e| e.object.clone()).collect();
+    let changed: Vec<_> = m3
+        .entries
+        .iter()
+        .filter(|e| !old.contains(&e.object))
+        .collect();
+    let old_chunks: std::collections::BTreeSet<_> =
+        e2.chunks.iter().map(|(a, _)| a.clone()).collect();
+    let new_chunks: Vec<_> = e3
+        .chunks
+        .iter()
+        .filter(|(a, _)| !old_chunks.contains(a))
+        .collect();
+    assert_eq!((changed.len(), new_chunks.len()), (1, 1));
+    assert_eq!(
+        server.requests(),
+        3 + 1 + 1,
+        "roots/2, channel, top, chunk, object"
+    );
+    // The body of roots/2's 404 is `not found\n`.
+    let not_found = b"not found\n".len() as u64;
+    let want = not_found
+        + channel_bytes()
+        + e3.top.len() as u64
+        + new_chunks[0].1.len() as u64
+        + changed[0].size;
+    assert_eq!(server.body_bytes_sent(), want);
+}
