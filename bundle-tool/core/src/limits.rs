@@ -24,8 +24,9 @@ pub struct Limits {
     /// The newest bundle format accepted (default
     /// [`crate::bundle::MAX_BUNDLE_FORMAT`], 2). Setting 1 makes a reader
     /// behave as one that only understands format 1: a format 2 bundle is
-    /// refused with [`crate::Error::BundleFormat`] (agent configuration
-    /// `maxBundleFormat`, docs/BUNDLES.md "Bundle formats").
+    /// refused with [`crate::Error::BundleFormat`], the message an agent
+    /// built before format 2 should have given (docs/BUNDLES.md, "Bundle
+    /// formats"; the core tests use it).
     pub max_bundle_format: u32,
 }
 
