@@ -230,18 +230,27 @@ fn only_the_changed_object_moves_over_the_mesh() {
     let (m1, o1) = objects(&b1);
     let (m2, o2) = objects(&b2);
     assert!(m1.entries.len() >= 100);
+    // Format 2: the manifest is a top document and chunks.
+    let (e1, e2) = (m1.encode_all(), m2.encode_all());
     assert_eq!(
         count0 as usize,
-        o1.len() + 1,
-        "first release: every object and the manifest"
+        o1.len() + 1 + e1.chunks.len(),
+        "first release: every object and the manifest (top document and chunks)"
     );
+    let new_chunks: Vec<usize> = e2
+        .chunks
+        .iter()
+        .filter(|(a, _)| !e1.chunks.iter().any(|(b, _)| a == b))
+        .map(|(_, b)| b.len())
+        .collect();
+    assert_eq!(new_chunks.len(), 1, "one object changed: one chunk");
     let changed: Vec<usize> = o2
         .iter()
         .filter(|(a, _)| !o1.contains_key(*a))
         .map(|(_, s)| *s)
         .collect();
     assert_eq!(changed.len(), 1, "the fixture changes one object");
-    let full: usize = o2.values().sum::<usize>() + m2.encode().len();
+    let full: usize = o2.values().sum::<usize>() + e2.len() as usize;
 
     f.w.release(&b2);
     f.wait_sequence(&[0, 1], 2, 60);
@@ -257,8 +266,11 @@ fn only_the_changed_object_moves_over_the_mesh() {
         &["from=\"peer\""],
     ) - count0;
     let frames_in = metric(&after, "cairn_mesh_bytes_total", &["direction=\"in\""]) - frames_in0;
-    assert_eq!(count, 2.0, "the new manifest and the one changed object");
-    assert_eq!(moved as usize, m2.encode().len() + changed[0]);
+    assert_eq!(
+        count, 3.0,
+        "the new top document, its one new chunk and the one changed object"
+    );
+    assert_eq!(moved as usize, e2.top.len() + new_chunks[0] + changed[0]);
     // All traffic in (gossip included) stays far below the full bundle.
     assert!(
         (frames_in as usize) < full / 2,

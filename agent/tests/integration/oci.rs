@@ -21,6 +21,8 @@ fn objects(bundle: &Path) -> Vec<String> {
     })
     .unwrap();
     v.push(m.id().to_string());
+    // Format 2: the manifest chunks are blobs too.
+    v.extend(m.encode_all().chunks.iter().map(|(a, _)| a.to_string()));
     v
 }
 
@@ -168,8 +170,8 @@ fn agent_follows_a_registry_behind_a_private_ca_and_refuses_attacks() {
         .collect();
     assert_eq!(
         new.len(),
-        2,
-        "one changed object and the new bundle manifest"
+        3,
+        "one changed object and the new bundle manifest (top document and one chunk)"
     );
     let before = quiet_count(|| s.blob_gets());
     s.w.once_ok(&good);
