@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `roots` | version (u64, big-endian) | root envelope bytes (verified before insert) |
 //! | `heads` | channel | the adopted release envelope bytes |
-//! | `bundles` | bundle id | bundle manifest bytes |
+//! | `bundles` | bundle id | bundle manifest bytes (format 2: the top document; its chunks are objects) |
 //! | `objects` | `sha256:<hex>` | object bytes (content-addressed) |
 //! | `last_good` | channel | release envelope last reconciled successfully |
 //! | `inventory` | target id | the target's inventory (opaque to the store) |

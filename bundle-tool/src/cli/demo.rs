@@ -377,7 +377,7 @@ fn build_and_release(layout: &Layout, rev: u32, commit: &str) -> Result<DemoRele
     Ok(DemoRelease {
         sequence: v.release().sequence,
         release: cairn_keys::sha256_address(&envelope),
-        bytes: manifest.total_size() + manifest.encode().len() as u64,
+        bytes: manifest.total_size() + manifest.encode_all().len(),
         manifest,
         commit: commit.to_owned(),
     })

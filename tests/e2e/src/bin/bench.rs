@@ -933,6 +933,9 @@ impl Bench {
             Some(pct <= 1.0),
         ));
         chunking_rows(&m1, &m2, rows);
+        self.record("chunks", json!(e2.chunks.len()));
+        self.record("delta_new_chunks", json!(new_chunks.len()));
+        self.record("delta_new_chunk_bytes", json!(chunk_bytes));
         self.record("delta_bytes", json!(delta));
         self.record("delta_manifest_bytes", json!(manifest));
         self.record("full_bytes", json!(full));

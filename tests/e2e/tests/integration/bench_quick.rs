@@ -86,13 +86,18 @@ fn bench_quick_prints_every_row_with_sane_numbers() {
         delta > 0.0 && delta < full / 2.0,
         "delta {delta} vs full {full}"
     );
+    // Format 2: the manifest is a top document and its chunks.
+    let chunks = num(&v, "chunks");
+    assert!(chunks >= 1.0, "{v}");
     assert_eq!(
         num(&v, "full_requests"),
-        96.0,
-        "roots, channel, manifest, 93 objects"
+        96.0 + chunks,
+        "roots, channel, top document, chunks, 93 objects"
     );
-    // One changed object, the new manifest, the channel and the root probe.
-    assert!(num(&v, "delta_requests") <= 5.0, "{v}");
+    // One changed object, the new top document and its one new chunk, the
+    // channel and the root probe.
+    assert_eq!(num(&v, "delta_new_chunks"), 1.0, "{v}");
+    assert!(num(&v, "delta_requests") <= 6.0, "{v}");
     for key in ["mesh_3_line_bytes", "mesh_3_random_bytes"] {
         // Two agents fetch the bundle over the mesh, one from the server.
         assert!(num(&v, key) >= 2.0 * bundle, "{key}: {v}");
