@@ -583,10 +583,11 @@ impl Assembly {
         }
         let c = &self.top.chunks[i];
         let n = i + 1;
-        if bytes.len() as u64 > c.size {
+        let limit = c.size.min(limits.max_chunk_bytes);
+        if bytes.len() as u64 > limit {
             return Err(Error::TooLarge {
                 what: format!("bundle manifest chunk {n} ({})", c.address),
-                limit: c.size,
+                limit,
                 actual: bytes.len() as u64,
             });
         }
@@ -611,7 +612,6 @@ impl Assembly {
                 "chunk {n} ({address}) not in canonical encoding"
             )));
         }
-        let _ = limits;
         self.chunks[i] = Some(doc.entries);
         self.received += 1;
         Ok(())
@@ -703,7 +703,7 @@ impl Chunker {
                 Chunker::Fixed { entries } => n >= entries.max(1),
                 Chunker::ContentDefined { min, bits, max } => {
                     n >= max.max(1)
-                        || (n >= min && boundary_hash(e) & ((1u64 << bits.min(63)) - 1) == 0)
+                        || (n >= min && (boundary_hash(e) & ((1u64 << bits.min(63)) - 1)) == 0)
                 }
             };
             if cut {
