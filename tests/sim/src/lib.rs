@@ -239,6 +239,8 @@ struct Published {
     bundle: String,
     envelope: Arc<Vec<u8>>,
     manifest: Arc<Manifest>,
+    /// The format 2 manifest chunks' addresses.
+    chunks: Vec<String>,
     bundle_bytes: u64,
     new_bytes: u64,
 }
@@ -393,6 +395,7 @@ fn build_world(cfg: &SimConfig) -> World {
             bundle,
             envelope,
             manifest: Arc::new(manifest),
+            chunks: prev_chunks.iter().cloned().collect(),
             bundle_bytes,
             new_bytes,
         });
@@ -1949,6 +1952,7 @@ impl Sim {
         let mut legit: BTreeSet<u32> = BTreeSet::new();
         for p in &self.world.releases {
             for a in std::iter::once(p.bundle.as_str())
+                .chain(p.chunks.iter().map(String::as_str))
                 .chain(p.manifest.entries.iter().map(|e| e.object.as_str()))
             {
                 if let Some(&id) = self.world.index.get(a) {
