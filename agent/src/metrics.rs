@@ -80,7 +80,8 @@ pub struct TrustRootLabel {
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok` or `error`.
+    /// `ok` or `error`; reconciles also `progressing` (a new release
+    /// still rolling out, run again soon).
     pub result: String,
 }
 
