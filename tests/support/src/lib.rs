@@ -32,8 +32,9 @@ pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, Fixtu
 pub use fleet::{mesh_ca_init, mesh_issue, mesh_issue_operator, AgentConfig, Fleet, MeshConfig};
 pub use loopback::LoopbackBlock;
 pub use process::{
-    assert_agents_alive, copy_dir, exit_within, http_get, log_tail, ok, spawn_agent, spawn_watched,
-    tail, terminate, unwatch_agent, wait_for, wait_until, watch_agent, AgentProcess,
+    assert_agents_alive, containerfile_step, copy_dir, exit_within, http_get, log_tail, ok,
+    promtool_check, spawn_agent, spawn_watched, tail, terminate, unwatch_agent, wait_for,
+    wait_until, watch_agent, AgentProcess,
 };
 pub use server::{Fault, StaticServer};
 
