@@ -80,7 +80,8 @@ pub struct TrustRootLabel {
 /// `result` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok` or `error`.
+    /// `ok` or `error`; reconciles also `progressing` (a new release
+    /// still rolling out, run again soon).
     pub result: String,
 }
 
@@ -565,34 +566,11 @@ mod tests {
             families,
             "{text}"
         );
-        let (ok, said) = promtool_check(&text);
-        assert!(ok && said.is_empty(), "promtool: {said}\n{text}");
-    }
-
-    /// Runs `promtool check metrics` on `text`: (exit 0, stdout+stderr).
-    fn promtool_check(text: &str) -> (bool, String) {
-        use std::io::Write;
-        use std::process::{Command, Stdio};
-        let mut child = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("promtool (Debian package prometheus) must be installed; .ci/run installs it");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write to promtool");
-        let out = child.wait_with_output().expect("promtool output");
-        let said = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        let (code, said) = cairn_test_support::promtool_check(&text);
+        assert!(
+            code == Some(0) && said.is_empty(),
+            "promtool: {said}\n{text}"
         );
-        (out.status.success(), said.trim().to_owned())
     }
 
     #[test]

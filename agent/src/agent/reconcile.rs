@@ -29,17 +29,26 @@ impl Action {
     }
 }
 
-/// The reconcile loop's policy: in sync (or not, with conflicts or an
-/// unhealthy release, which only time or a new release changes) — the
-/// configured interval, for drift correction; an error (the target or
-/// the store failed) — backoff from one second up to the interval, so a
-/// transient failure is retried soon without hammering a broken target.
+/// The reconcile loop's policy: progressing (the target asked to be run
+/// again, a new release rolling out) — after the delay it asked for; in
+/// sync (or not, with conflicts or an unhealthy release, which only time
+/// or a new release changes) — the configured interval, for drift
+/// correction; an error (the target or the store failed) — backoff from
+/// one second up to the interval, so a transient failure is retried soon
+/// without hammering a broken target.
 pub(super) fn next_action(
     result: &Result<ApplyReport>,
     interval: Duration,
     failures: &mut Backoff,
 ) -> Action {
     match result {
+        Ok(ApplyReport {
+            requeue_after: Some(after),
+            ..
+        }) => {
+            failures.reset();
+            Action::requeue(*after)
+        }
         Ok(_) => {
             failures.reset();
             Action::requeue(jitter(interval, 0.05))
@@ -156,9 +165,15 @@ impl Agent {
         let m = &self.inner.metrics;
         m.reconcile_duration.observe(elapsed.as_secs_f64());
         let ok = matches!(&result, Ok(r) if r.in_sync());
+        let progressing = matches!(&result, Ok(r) if r.requeue_after.is_some());
         m.reconciles
             .get_or_create(&ResultLabel {
-                result: if ok { "ok" } else { "error" }.into(),
+                result: match (ok, progressing) {
+                    (true, _) => "ok",
+                    (false, true) => "progressing",
+                    (false, false) => "error",
+                }
+                .into(),
             })
             .inc();
         let now = unix_now();
@@ -349,6 +364,25 @@ mod tests {
             .requeue_after()
             .unwrap_or(Duration::MAX);
         assert!(again <= Duration::from_millis(1500), "reset: {again:?}");
+    }
+
+    #[test]
+    fn a_progressing_target_is_run_again_after_the_delay_it_asked_for() {
+        let interval = Duration::from_secs(30);
+        let mut failures = Backoff::new(Duration::from_secs(1), interval);
+        let _ = next_action(&Err(Error::Status("x".into())), interval, &mut failures);
+        let progressing = Ok(ApplyReport {
+            conflicts: vec!["not yet healthy: Deployment a/b".into()],
+            requeue_after: Some(Duration::from_millis(400)),
+            ..ApplyReport::default()
+        });
+        let a = next_action(&progressing, interval, &mut failures);
+        assert_eq!(a.requeue_after(), Some(Duration::from_millis(400)));
+        // Progress resets the error backoff.
+        let again = next_action(&Err(Error::Status("x".into())), interval, &mut failures)
+            .requeue_after()
+            .unwrap_or(Duration::MAX);
+        assert!(again <= Duration::from_millis(1500), "{again:?}");
     }
 
     #[test]

@@ -25,7 +25,14 @@ impl Agent {
 
     pub(super) async fn sync_and_reconcile_once(&self) -> Result<ApplyReport> {
         self.sync_all().await;
-        let report = self.reconcile().await?;
+        let mut report = self.reconcile().await?;
+        // A release still rolling out: run again when the target asks,
+        // until it is healthy or its health timeout fails it (the same
+        // schedule the reconcile loop keeps).
+        while let Some(after) = report.requeue_after {
+            tokio::time::sleep(after).await;
+            report = self.reconcile().await?;
+        }
         let failed = self.state().failed.clone();
         let h = self.adopted();
         if let (Some(f), Some(h)) = (&failed, &h) {

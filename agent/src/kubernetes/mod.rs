@@ -4,11 +4,14 @@
 //! ConfigMap in the agent's namespace.
 //!
 //! [`plan`] is pure (ordering, pruning, drift, health rules); [`cluster`] is
-//! the kube-rs shell; [`reconcile`] runs one pass. [`KubernetesTarget`] plugs
+//! the kube-rs shell; [`reconcile`] runs one pass, which never waits for
+//! health; [`progress`] (pure) decides what the pass's health means:
+//! healthy, progressing (run again after a delay) or failed. [`KubernetesTarget`] plugs
 //! them into the agent's [`Target`] trait.
 
 pub mod cluster;
 pub mod plan;
+pub mod progress;
 pub mod reconcile;
 
 use crate::config::KubernetesTarget as KubernetesConfig;
@@ -17,6 +20,7 @@ use crate::targets::{ApplyReport, DesiredState, Target, TargetError};
 use crate::BoxFuture;
 use cluster::Cluster;
 use plan::{Health, InventoryItem};
+use progress::Outcome;
 use reconcile::{KubeReport, PassOptions};
 use serde_json::json;
 use std::sync::Arc;
@@ -66,6 +70,9 @@ pub struct KubernetesTarget {
     store: StoreHandle,
     cluster: Mutex<Option<Cluster>>,
     last: std::sync::Mutex<LastPass>,
+    /// The release rolling out (sequence) and when its first pass ran:
+    /// open until a pass finds it healthy or fails it.
+    rollout: std::sync::Mutex<Option<(u64, tokio::time::Instant)>>,
     /// How long a new release may take to become healthy.
     pub health_timeout: Duration,
     /// Server-side apply `force`.
@@ -84,6 +91,7 @@ impl KubernetesTarget {
             store: StoreHandle::new(store),
             cluster: Mutex::new(None),
             last: std::sync::Mutex::new(LastPass::default()),
+            rollout: std::sync::Mutex::new(None),
             agent_id,
         }
     }
@@ -126,7 +134,7 @@ impl KubernetesTarget {
         self.last.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    async fn pass(&self, desired: &DesiredState) -> Result<(KubeReport, Health), TargetError> {
+    async fn pass(&self, desired: &DesiredState) -> Result<(KubeReport, Outcome), TargetError> {
         let mut guard = self.cluster.lock().await;
         if guard.is_none() {
             let c = Cluster::connect(self.config.kubeconfig.as_deref())
@@ -162,67 +170,62 @@ impl KubernetesTarget {
             }
         }
         self.save_inventory(&intended).await?;
-        let new_release = self.last_pass().sequence != desired.sequence;
-        let deadline = tokio::time::Instant::now()
-            + if new_release {
-                self.health_timeout
-            } else {
-                Duration::ZERO
-            };
+        // The rollout window: opened by the first pass of a release new to
+        // this target, kept while its passes progress.
+        let now = tokio::time::Instant::now();
+        let since = {
+            let mut r = self
+                .rollout
+                .lock()
+                .map_err(|_| TargetError::Unsupported("poisoned".into()))?;
+            match *r {
+                Some((seq, since)) if seq == desired.sequence => Some(since),
+                _ if self.last_pass().sequence != desired.sequence => {
+                    *r = Some((desired.sequence, now));
+                    Some(now)
+                }
+                _ => {
+                    *r = None;
+                    None
+                }
+            }
+        };
         let opts = PassOptions {
             channel: desired.channel.clone(),
             force: self.force,
             crd_timeout: Duration::from_secs(30),
-            wave_deadline: deadline,
         };
         let report = reconcile::reconcile(cluster, &objects, &previous, &opts).await;
         self.save_inventory(&report.inventory).await?;
         // A connection-level failure on every object means the API server is
-        // unreachable: drop the client so the next pass reconnects.
+        // unreachable: drop the client so the next pass reconnects, and
+        // reopen the rollout window then (an outage is not the release's).
         if !report.errors.is_empty() && report.errors.iter().all(|e| e.code == 0) {
             *guard = None;
-            return Ok((report, Health::Progressing("API server unreachable".into())));
+            if let Ok(mut r) = self.rollout.lock() {
+                *r = None;
+            }
+            let outcome = Outcome::Progressing {
+                reason: "API server unreachable".into(),
+                requeue_after: None,
+            };
+            return Ok((report, outcome));
         }
-        let stopped = report.stopped.clone().map(|(wave, h)| match h {
-            Health::Progressing(m) if new_release && tokio::time::Instant::now() >= deadline => {
-                Health::Failed(format!(
-                    "wave {wave} not healthy within {}s, later waves not applied: {m}",
-                    self.health_timeout.as_secs()
-                ))
-            }
-            Health::Failed(m) => {
-                Health::Failed(format!("wave {wave} failed, later waves not applied: {m}"))
-            }
-            Health::Progressing(m) => {
-                Health::Progressing(format!("wave {wave}, later waves not applied: {m}"))
-            }
-            Health::Healthy => Health::Healthy,
-        });
-        let health = if let Some(h) = stopped {
-            h
-        } else {
-            loop {
-                let h = reconcile::overall(&reconcile::health(cluster, &objects).await);
-                match &h {
-                    Health::Healthy | Health::Failed(_) => break h,
-                    Health::Progressing(_) if tokio::time::Instant::now() >= deadline => {
-                        break if new_release {
-                            Health::Failed(format!(
-                                "not healthy within {}s: {}",
-                                self.health_timeout.as_secs(),
-                                match &h {
-                                    Health::Progressing(m) => m.as_str(),
-                                    _ => "",
-                                }
-                            ))
-                        } else {
-                            h
-                        };
-                    }
-                    Health::Progressing(_) => tokio::time::sleep(Duration::from_millis(250)).await,
-                }
-            }
+        let (health, stopped) = match report.stopped.clone() {
+            Some((wave, h)) => (h, Some(wave)),
+            None => (
+                reconcile::overall(&reconcile::health(cluster, &objects).await),
+                None,
+            ),
         };
+        let rolling_out = since.map(|t| tokio::time::Instant::now().saturating_duration_since(t));
+        let outcome = progress::decide(health, stopped, rolling_out, self.health_timeout);
+        if outcome.settles() {
+            if let Ok(mut r) = self.rollout.lock() {
+                *r = None;
+            }
+        }
+        let health = outcome.health();
         let drift_total = {
             let mut last = self
                 .last
@@ -246,7 +249,7 @@ impl KubernetesTarget {
         {
             tracing::warn!(error = %e, "cannot write the status ConfigMap");
         }
-        Ok((report, health))
+        Ok((report, outcome))
     }
 }
 
@@ -309,14 +312,20 @@ impl Target for KubernetesTarget {
 
     fn apply(&self, desired: Arc<DesiredState>) -> BoxFuture<'_, Result<ApplyReport, TargetError>> {
         Box::pin(async move {
-            let (report, health) = self.pass(&desired).await?;
+            let (report, outcome) = self.pass(&desired).await?;
             let mut conflicts: Vec<String> =
                 report.errors.iter().map(ToString::to_string).collect();
-            let mut unhealthy = None;
-            match &health {
-                Health::Healthy => {}
-                Health::Progressing(m) => conflicts.push(format!("not yet healthy: {m}")),
-                Health::Failed(m) => unhealthy = Some(m.clone()),
+            let (mut unhealthy, mut requeue_after) = (None, None);
+            match outcome {
+                Outcome::Healthy => {}
+                Outcome::Progressing {
+                    reason,
+                    requeue_after: after,
+                } => {
+                    conflicts.push(format!("not yet healthy: {reason}"));
+                    requeue_after = after;
+                }
+                Outcome::Failed(m) => unhealthy = Some(m),
             }
             Ok(ApplyReport {
                 created: report.created,
@@ -326,6 +335,7 @@ impl Target for KubernetesTarget {
                 unchanged: report.unchanged,
                 conflicts,
                 unhealthy,
+                requeue_after,
             })
         })
     }

@@ -40,9 +40,6 @@ pub struct PassOptions {
     pub force: bool,
     /// How long to wait for a CRD to be established.
     pub crd_timeout: Duration,
-    /// Until when a wave may take to become healthy before the next one
-    /// starts (waves after it are not applied if it does not).
-    pub wave_deadline: tokio::time::Instant,
 }
 
 /// One object to apply.
@@ -80,9 +77,11 @@ pub fn desired_objects(raw: &[(&[u8], &str)], channel: &str) -> Result<Vec<KubeO
 }
 
 /// Applies `desired` wave by wave (each in apply order) where missing or
-/// drifted, then prunes. Every wave but the last must become healthy
-/// (Jobs: complete) by `opts.wave_deadline` before the next is applied;
-/// otherwise the pass stops there ([`KubeReport::stopped`]).
+/// drifted, then prunes. Every wave but the last must be healthy (Jobs:
+/// complete) before the next is applied; the pass does not wait for it:
+/// it stops at the first wave that is not ([`KubeReport::stopped`]), and
+/// the next pass, finding the earlier waves unchanged and healthy, goes on
+/// from there (`progress::decide` says when).
 pub async fn reconcile(
     cluster: &mut Cluster,
     desired: &[KubeObject],
@@ -110,7 +109,7 @@ pub async fn reconcile(
                 wave.number
             ))
         } else {
-            wait_wave(cluster, desired, &wave.objects, opts.wave_deadline).await
+            wave_health(cluster, desired, &wave.objects).await
         };
         if health != Health::Healthy {
             tracing::warn!(
@@ -160,24 +159,10 @@ pub async fn reconcile(
     report
 }
 
-/// Polls the health of one wave's objects until all are healthy, one
-/// failed, or `deadline` passes (then: the first still progressing).
-async fn wait_wave(
-    cluster: &mut Cluster,
-    desired: &[KubeObject],
-    wave: &[usize],
-    deadline: tokio::time::Instant,
-) -> Health {
+/// The health of one wave's objects, read once.
+async fn wave_health(cluster: &mut Cluster, desired: &[KubeObject], wave: &[usize]) -> Health {
     let objects: Vec<KubeObject> = wave.iter().map(|i| desired[*i].clone()).collect();
-    loop {
-        let h = overall(&health(cluster, &objects).await);
-        match h {
-            Health::Progressing(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            h => return h,
-        }
-    }
+    overall(&health(cluster, &objects).await)
 }
 
 /// Applies the objects `wave` (indices into `desired`, in apply order).

@@ -70,6 +70,13 @@ pub struct ApplyReport {
     /// rolls back to the last-good release.
     #[serde(default)]
     pub unhealthy: Option<String>,
+    /// Set while the target is still converging on a new release (its
+    /// waves or workloads not healthy yet, within its health timeout):
+    /// the reconcile loop runs again after this delay instead of the
+    /// interval, as kube-runtime's `Action::requeue`. A report with it is
+    /// not in sync (a conflict says what is not healthy yet). Not stored.
+    #[serde(skip)]
+    pub requeue_after: Option<std::time::Duration>,
 }
 
 impl ApplyReport {

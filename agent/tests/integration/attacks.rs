@@ -657,7 +657,8 @@ fn an_authenticated_peer_that_says_hello_and_resets_cannot_kill_the_agent() {
     let victim_cert = issue_agent_cert(&w, &ca, "victim");
     let evil_cert = issue_agent_cert(&w, &ca, "evil");
     let dir = w.path("victim");
-    let listen = "127.0.60.1:7440";
+    let block = LoopbackBlock::reserve();
+    let listen = &block.mesh_addr(0);
     let cfg = mesh_agent_config(
         &dir,
         "victim",
@@ -882,9 +883,10 @@ fn a_flood_of_connections_that_never_handshake_does_not_starve_peers() {
         issue_agent_cert(&w, &ca, "a1"),
     );
     let (d0, d1) = (w.path("a0"), w.path("a1"));
-    let (l0, l1) = ("127.0.61.1:7440", "127.0.61.2:7440");
-    let cfg0 = mesh_agent_config(&d0, "a0", std::slice::from_ref(&w.repo), l0, &[], &c0);
-    let cfg1 = mesh_agent_config(&d1, "a1", &[], l1, &[l0.to_owned()], &c1);
+    let block = LoopbackBlock::reserve();
+    let (l0, l1) = (block.mesh_addr(0), block.mesh_addr(1));
+    let cfg0 = mesh_agent_config(&d0, "a0", std::slice::from_ref(&w.repo), &l0, &[], &c0);
+    let cfg1 = mesh_agent_config(&d1, "a1", &[], &l1, std::slice::from_ref(&l0), &c1);
     let mut a0 = spawn_agent("a0", &d0, &cfg0);
     let addr0 = http_addr(&d0, a0.id());
     wait_for(60, "a0 adopted release 1", || adopted_sequence(&d0) == 1);
@@ -896,6 +898,8 @@ fn a_flood_of_connections_that_never_handshake_does_not_starve_peers() {
     let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let flood = {
         let (stop, opened) = (stop.clone(), opened.clone());
+        let (target, from): (std::net::SocketAddr, std::net::SocketAddr) =
+            (l0.parse().unwrap(), (block.ip(98), 0).into());
         std::thread::spawn(move || {
             use tokio::io::AsyncWriteExt;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -907,8 +911,8 @@ fn a_flood_of_connections_that_never_handshake_does_not_starve_peers() {
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let s = tokio::net::TcpSocket::new_v4().unwrap();
-                    s.bind("127.0.61.99:0".parse().unwrap()).unwrap();
-                    if let Ok(mut c) = s.connect(l0.parse().unwrap()).await {
+                    s.bind(from).unwrap();
+                    if let Ok(mut c) = s.connect(target).await {
                         opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         n += 1;
                         if n % 10 == 0 {
@@ -1075,7 +1079,8 @@ fn a_peer_that_stalls_past_the_read_deadline_and_comes_back_kills_nobody() {
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
     let ca = mesh_ca(&w);
-    let addrs = ["127.0.62.1:7440", "127.0.62.2:7440", "127.0.62.3:7440"];
+    let block = LoopbackBlock::reserve();
+    let addrs: Vec<String> = (0..3).map(|i| block.mesh_addr(i)).collect();
     let mut agents = Vec::new();
     let mut dirs = Vec::new();
     for (i, listen) in addrs.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! man pages.
 
 use crate::support::*;
+use cairn_test_support::{containerfile_step, promtool_check};
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -25,30 +26,6 @@ fn get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {
     let _ = s.read_to_string(&mut buf);
     let (head, body) = buf.split_once("\r\n\r\n").expect("an HTTP response");
     (head.to_ascii_lowercase(), body.to_owned())
-}
-
-/// `promtool check metrics` on `text`: (exit code, everything it said).
-fn promtool_check(text: &str) -> (Option<i32>, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) must be installed; .ci/run installs it");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("write to promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), said.trim().to_owned())
 }
 
 /// A running agent that adopted a release serves `/metrics` that
@@ -201,19 +178,7 @@ fn completions_and_man_pages_list_the_subcommands() {
 fn the_containerfile_ships_completions_and_man_pages() {
     let text = std::fs::read_to_string(workspace().join("deploy/container/Containerfile"))
         .expect("Containerfile");
-    let lines: Vec<&str> = text.lines().collect();
-    let at = lines
-        .iter()
-        .position(|l| *l == "# generate: completions and man pages")
-        .expect("the generation step's marker comment");
-    let mut script = String::new();
-    for l in &lines[at + 1..] {
-        script.push_str(l.strip_prefix("RUN ").unwrap_or(l));
-        script.push('\n');
-        if !l.ends_with('\\') {
-            break;
-        }
-    }
+    let (_, script) = containerfile_step(&text, "# generate: completions and man pages");
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).expect("mkdir");

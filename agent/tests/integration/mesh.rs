@@ -1,7 +1,8 @@
 //! The mesh with real processes and real TLS on 127.0.0.0/8: a line of
 //! five agents, sneakernet into the middle, a foreign CA, malicious peers,
 //! and "only changed objects move". (The partition test lives in
-//! `mesh_partition.rs`.) Every test uses its own 127.0.<T>.x block.
+//! `mesh_partition.rs`.) Every test's fleet reserves its own
+//! loopback block (`cairn_test_support::LoopbackBlock`).
 
 use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
@@ -17,8 +18,8 @@ use std::process::Command;
 use std::time::Duration;
 
 /// The shared [`Fleet`], with the mesh logged at debug level.
-fn mesh_fleet(block: u8, w: World) -> Fleet {
-    let mut f = fleet(block, w, Vec::new());
+fn mesh_fleet(w: World) -> Fleet {
+    let mut f = fleet(w, Vec::new());
     f.log_filter = "info,cairn_agent::mesh=debug".into();
     f
 }
@@ -42,7 +43,7 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
     let b1 = w.build("HEAD~1", "b1.bundle");
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
-    let mut f = mesh_fleet(11, w);
+    let mut f = mesh_fleet(w);
     let sneaker = f.w.path("usb");
     std::fs::create_dir_all(&sneaker).unwrap();
     for i in 0..5 {
@@ -52,11 +53,7 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
             2 => vec![sneaker.clone()],
             _ => vec![],
         };
-        let seeds = if i < 4 {
-            vec![mesh_addr(11, i + 1)]
-        } else {
-            vec![]
-        };
+        let seeds = if i < 4 { vec![f.addr(i + 1)] } else { vec![] };
         let cfg = f.config(i, &sources, &seeds, &cert);
         f.spawn(i, &cfg);
     }
@@ -128,7 +125,7 @@ fn a_release_crosses_a_line_of_five_and_sneakernet_enters_the_middle() {
     assert_eq!(ids, ["a0", "a1", "a2", "a3", "a4"]);
     // The table form.
     let table = ok(Command::new(cairn_bin())
-        .args(["fleet", "status", "--peer", &mesh_addr(11, 4), "--cert"])
+        .args(["fleet", "status", "--peer", &f.addr(4), "--cert"])
         .arg(op.join("operator.crt"))
         .arg("--key")
         .arg(op.join("operator.key"))
@@ -145,7 +142,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     let w = World::new(2, 1, 1);
     let b1 = w.build("HEAD", "b1.bundle");
     w.release(&b1);
-    let mut f = mesh_fleet(12, w);
+    let mut f = mesh_fleet(w);
     let other_ca = f.w.path("other-ca");
     mesh_ca_init(&other_ca);
     let c0 = f.issue(&f.ca.clone(), 0);
@@ -153,7 +150,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     let cfg0 = f.config(0, &[f.w.repo.clone()], &[], &c0);
     // The intruder trusts the fleet CA too, so only its own certificate is wrong.
     std::fs::copy(f.ca.join("ca.crt"), c1.join("ca.crt")).unwrap();
-    let cfg1 = f.config(1, &[], &[mesh_addr(12, 0)], &c1);
+    let cfg1 = f.config(1, &[], &[f.addr(0)], &c1);
     f.spawn(0, &cfg0);
     f.spawn(1, &cfg1);
     f.wait_sequence(&[0], 1, 60);
@@ -177,7 +174,7 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
         .arg(&op));
     std::fs::copy(f.ca.join("ca.crt"), op.join("fleet-ca.crt")).unwrap();
     let out = Command::new(cairn_bin())
-        .args(["fleet", "status", "--peer", &mesh_addr(12, 0), "--cert"])
+        .args(["fleet", "status", "--peer", &f.addr(0), "--cert"])
         .arg(op.join("operator.crt"))
         .arg("--key")
         .arg(op.join("operator.key"))
@@ -197,11 +194,11 @@ fn only_the_changed_object_moves_over_the_mesh() {
     let b1 = w.build("HEAD~1", "b1.bundle");
     let b2 = w.build("HEAD", "b2.bundle");
     w.release(&b1);
-    let mut f = mesh_fleet(13, w);
+    let mut f = mesh_fleet(w);
     let c0 = f.issue(&f.ca.clone(), 0);
     let c1 = f.issue(&f.ca.clone(), 1);
     let cfg0 = f.config(0, &[f.w.repo.clone()], &[], &c0);
-    let cfg1 = f.config(1, &[], &[mesh_addr(13, 0)], &c1);
+    let cfg1 = f.config(1, &[], &[f.addr(0)], &c1);
     f.spawn(0, &cfg0);
     f.spawn(1, &cfg1);
     f.wait_sequence(&[0, 1], 1, 60);
@@ -429,7 +426,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
     .sign(&[&dev_key("dev-release-1")])
     .encode();
 
-    let mut f = mesh_fleet(14, w);
+    let mut f = mesh_fleet(w);
     let c0 = f.issue(&f.ca.clone(), 0);
     let evils = [
         Evil::Tamper,
@@ -448,7 +445,7 @@ fn malicious_peers_are_cut_off_and_nothing_bad_is_stored() {
             Evil::Expired => (3, expired.clone()),
             _ => (3, release3.clone()),
         };
-        let addr = mesh_addr(14, i);
+        let addr = f.addr(i);
         seeds.push(addr.clone());
         rt.spawn(run_evil(EvilPeer {
             behaviour: *e,
@@ -586,14 +583,15 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
         .unwrap()
         .id();
     w.release(&b1);
-    let mut f = mesh_fleet(15, w);
+    let mut f = mesh_fleet(w);
     let ca = f.ca.clone();
     let certs: Vec<PathBuf> = (0..3).map(|i| f.issue(&ca, i)).collect();
+    let addrs: Vec<String> = (0..3).map(|i| f.addr(i)).collect();
     let seeds = |i: usize| -> Vec<String> {
         if i == 0 {
             vec![]
         } else {
-            vec![mesh_addr(15, i - 1)]
+            vec![addrs[i - 1].clone()]
         }
     };
     for (i, cert) in certs.iter().enumerate() {
@@ -728,11 +726,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
                 (&a8, &flood_frames),
                 (&a7, &peers_frames),
             ] {
-                tasks.push(tokio::spawn(attack(
-                    mesh_addr(15, i),
-                    who.clone(),
-                    frames.clone(),
-                )));
+                tasks.push(tokio::spawn(attack(f.addr(i), who.clone(), frames.clone())));
             }
         }
         for t in tasks {

@@ -4,8 +4,8 @@
 //! when it opens (learning the release only over the mesh), `cairn
 //! promote` moves the same bundle id between channels, a local hold keeps
 //! an agent back until released, and a broken release trips the circuit
-//! breaker so that the remaining agents hold it. Blocks 127.0.21.x and
-//! 127.0.22.x.
+//! breaker so that the remaining agents hold it. Each fleet reserves its
+//! own loopback block.
 
 use crate::support::*;
 use cairn_bundle::release::Release;
@@ -50,7 +50,7 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
         "fixture: both waves need agents ({first:?} / {second:?})"
     );
 
-    let mut f = fleet(21, w, ids);
+    let mut f = fleet(w, ids);
     let repo = f.w.repo.display().to_string();
     let key = dev_key_path("dev-release-1").display().to_string();
     // beta first, then promoted to stable with waves: same bundle id.
@@ -217,7 +217,7 @@ fn a_broken_release_trips_the_breaker_and_the_rest_hold() {
     }
     let ids: Vec<String> = early.iter().chain(late.iter()).cloned().collect();
     assert_eq!(ids.len(), 6);
-    let mut f = fleet(22, w, ids);
+    let mut f = fleet(w, ids);
     let mut apis = Vec::new();
     for i in 0..6 {
         let api = api_server(&f.dir(i, "api"));

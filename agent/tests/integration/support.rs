@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub(crate) use cairn_test_support::{
-    assert_agents_alive, copy_dir, http_get, log_tail, mesh_addr, mesh_ca_init, mesh_issue,
+    assert_agents_alive, copy_dir, http_get, log_tail, mesh_ca_init, mesh_issue,
     mesh_issue_operator, ok, spawn_agent, spawn_watched, tail, terminate, wait_for, AgentProcess,
-    MeshConfig,
+    LoopbackBlock, MeshConfig,
 };
 
 /// The agent binary under test.
@@ -225,11 +225,12 @@ pub(crate) fn sequence_in(data: &Path) -> u64 {
 /// over a [`World`].
 pub(crate) type Fleet = cairn_test_support::Fleet<World>;
 
-/// A fleet in loopback block 127.0.<block>.x under the world's scratch
-/// directory, with a new CA. Agent ids are `ids`, then `a<i>`.
-pub(crate) fn fleet(block: u8, w: World, ids: Vec<String>) -> Fleet {
+/// A fleet in a loopback block of its own (`127.a.b.x`, reserved across
+/// processes) under the world's scratch directory, with a new CA. Agent
+/// ids are `ids`, then `a<i>`.
+pub(crate) fn fleet(w: World, ids: Vec<String>) -> Fleet {
     let root = w.tmp.path().to_path_buf();
-    cairn_test_support::Fleet::new(w, &root, block, ids)
+    cairn_test_support::Fleet::new(w, &root, ids)
 }
 
 /// What the agent tests do with a fleet: read its agents' status, wait
@@ -323,7 +324,7 @@ pub(crate) fn fleet_status_json(f: &Fleet, peer: usize, op: &Path) -> serde_json
             "status",
             "--json",
             "--peer",
-            &mesh_addr(f.block, peer),
+            &f.addr(peer),
             "--cert",
         ])
         .arg(op.join("operator.crt"))

@@ -73,6 +73,44 @@ pub fn is_channel_name(s: &str) -> bool {
         && !s.starts_with('-')
 }
 
+/// A newtype over a `String` checked by `$valid`: `parse`, `parse_owned`
+/// (refusing with an [`IdError`] of kind `$kind`), `into_string` and
+/// `AsRef<str>`.
+macro_rules! validated_string {
+    ($ty:ident, $kind:literal, $valid:ident, $expected:ident) => {
+        impl $ty {
+            #[doc = concat!("Validates `s` as a ", $kind, ".")]
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                if $valid(s) {
+                    Ok($ty(s.to_owned()))
+                } else {
+                    Err(IdError::new($kind, s, $expected))
+                }
+            }
+
+            #[doc = concat!("Validates `s` as a ", $kind, ", keeping its allocation.")]
+            pub fn parse_owned(s: String) -> Result<Self, IdError> {
+                if $valid(&s) {
+                    Ok($ty(s))
+                } else {
+                    Err(IdError::new($kind, &s, $expected))
+                }
+            }
+
+            /// The inner string.
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl AsRef<str> for $ty {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
 /// The string-like traits every id shares.
 macro_rules! string_id {
     ($ty:ident) => {
@@ -181,25 +219,9 @@ macro_rules! string_id {
 #[serde(transparent)]
 pub struct Address(String);
 
+validated_string!(Address, "address", is_address, ADDRESS_EXPECTED);
+
 impl Address {
-    /// Validates `s` as an address.
-    pub fn parse(s: &str) -> Result<Self, IdError> {
-        if is_address(s) {
-            Ok(Address(s.to_owned()))
-        } else {
-            Err(IdError::new("address", s, ADDRESS_EXPECTED))
-        }
-    }
-
-    /// Validates `s` as an address, keeping its allocation.
-    pub fn parse_owned(s: String) -> Result<Self, IdError> {
-        if is_address(&s) {
-            Ok(Address(s))
-        } else {
-            Err(IdError::new("address", &s, ADDRESS_EXPECTED))
-        }
-    }
-
     /// The address of `bytes` (SHA-256).
     pub fn of(bytes: &[u8]) -> Self {
         Address(cairn_keys::sha256_address(bytes))
@@ -208,17 +230,6 @@ impl Address {
     /// The 64 hex digits after `sha256:`.
     pub fn hex(&self) -> &str {
         &self.0["sha256:".len()..]
-    }
-
-    /// The inner string.
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl AsRef<str> for Address {
-    fn as_ref(&self) -> &str {
-        &self.0
     }
 }
 
@@ -288,36 +299,7 @@ string_id!(BundleId);
 #[serde(transparent)]
 pub struct ChannelName(String);
 
-impl ChannelName {
-    /// Validates `s` as a channel name.
-    pub fn parse(s: &str) -> Result<Self, IdError> {
-        if is_channel_name(s) {
-            Ok(ChannelName(s.to_owned()))
-        } else {
-            Err(IdError::new("channel", s, CHANNEL_EXPECTED))
-        }
-    }
-
-    /// Validates `s` as a channel name, keeping its allocation.
-    pub fn parse_owned(s: String) -> Result<Self, IdError> {
-        if is_channel_name(&s) {
-            Ok(ChannelName(s))
-        } else {
-            Err(IdError::new("channel", &s, CHANNEL_EXPECTED))
-        }
-    }
-
-    /// The inner string.
-    pub fn into_string(self) -> String {
-        self.0
-    }
-}
-
-impl AsRef<str> for ChannelName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
+validated_string!(ChannelName, "channel", is_channel_name, CHANNEL_EXPECTED);
 
 string_id!(ChannelName);
 

@@ -3,6 +3,7 @@
 //! [`Fleet`] of agent processes the mesh and rollout tests drive.
 
 use crate::cargo_bin;
+use crate::loopback::LoopbackBlock;
 use crate::process::{ok, spawn_agent, tail, wait_until, AgentProcess};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -140,13 +141,8 @@ pub fn mesh_issue_operator(ca: &Path, name: &str, out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// `127.0.<block>.<i+1>:7440`: agent i's mesh address in a test's own
-/// loopback block.
-pub fn mesh_addr(block: u8, i: usize) -> String {
-    format!("127.0.{block}.{}:7440", i + 1)
-}
-
-/// One test's fleet of agent processes meshed over TLS on `127.0.<block>.x`:
+/// One test's fleet of agent processes meshed over TLS in a loopback block
+/// of its own ([`LoopbackBlock::reserve`], `127.a.b.x`, free across processes):
 /// a fleet CA, and per agent `<root>/agent<i>/{cert,data,manifests,
 /// config.yaml,agent.log}`. `w` is the test's own scratch world (the
 /// agent tests' `World`). Agents are killed when the fleet is dropped.
@@ -155,8 +151,8 @@ pub struct Fleet<W> {
     pub w: W,
     /// The directory agents live under.
     pub root: PathBuf,
-    /// The loopback block: agent i listens on `127.0.<block>.<i+1>:7440`.
-    pub block: u8,
+    /// The loopback block: agent i listens on `127.a.b.<i+1>:7440`.
+    pub block: LoopbackBlock,
     /// The fleet CA directory.
     pub ca: PathBuf,
     /// Agent ids by index (`a<i>` past the end).
@@ -168,13 +164,14 @@ pub struct Fleet<W> {
 }
 
 impl<W> Fleet<W> {
-    /// A fleet under `root` with a new CA (`<root>/mesh-ca`).
-    pub fn new(w: W, root: &Path, block: u8, ids: Vec<String>) -> Fleet<W> {
+    /// A fleet under `root` with a new CA (`<root>/mesh-ca`) and a newly
+    /// reserved loopback block.
+    pub fn new(w: W, root: &Path, ids: Vec<String>) -> Fleet<W> {
         Fleet {
             ca: mesh_ca_init(&root.join("mesh-ca")),
             w,
             root: root.to_path_buf(),
-            block,
+            block: LoopbackBlock::reserve(),
             ids,
             log_filter: "info".into(),
             children: Vec::new(),
@@ -191,9 +188,9 @@ impl<W> Fleet<W> {
         self.root.join(format!("agent{i}/{what}"))
     }
 
-    /// Agent i's mesh address.
+    /// Agent i's mesh address, `127.a.b.<i+1>:7440`.
     pub fn addr(&self, i: usize) -> String {
-        mesh_addr(self.block, i)
+        self.block.mesh_addr(i)
     }
 
     /// Issues agent i's certificate from `ca` into `agent<i>/cert`.

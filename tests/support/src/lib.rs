@@ -11,6 +11,8 @@
 //! * [`ApiServer`]: the test Kubernetes API server as a process, and kubectl.
 //! * [`fleet`]: the one agent config writer ([`AgentConfig`]), the mesh
 //!   PKI through the CLI, and the one [`Fleet`] of meshed agents.
+//! * [`loopback`]: [`LoopbackBlock`], a `127.a.b.0/24` block reserved
+//!   across processes for agents that must know each other's addresses.
 //! * [`registry::Registry`]: a real OCI registry (TLS, htpasswd) on loopback.
 //!
 //! Nothing here depends on files outside the workspace.
@@ -19,6 +21,7 @@
 mod apiserver;
 pub mod fixture;
 pub mod fleet;
+pub mod loopback;
 pub mod process;
 pub mod registry;
 mod server;
@@ -26,12 +29,12 @@ mod token;
 
 pub use apiserver::ApiServer;
 pub use fixture::{add_kustomize_overlay, commit_files, make_manifest_repo, FixtureOptions};
-pub use fleet::{
-    mesh_addr, mesh_ca_init, mesh_issue, mesh_issue_operator, AgentConfig, Fleet, MeshConfig,
-};
+pub use fleet::{mesh_ca_init, mesh_issue, mesh_issue_operator, AgentConfig, Fleet, MeshConfig};
+pub use loopback::LoopbackBlock;
 pub use process::{
-    assert_agents_alive, copy_dir, exit_within, http_get, log_tail, ok, spawn_agent, spawn_watched,
-    tail, terminate, unwatch_agent, wait_for, wait_until, watch_agent, AgentProcess,
+    assert_agents_alive, containerfile_step, copy_dir, exit_within, http_get, log_tail, ok,
+    promtool_check, spawn_agent, spawn_watched, tail, terminate, unwatch_agent, wait_for,
+    wait_until, watch_agent, AgentProcess,
 };
 pub use server::{Fault, StaticServer};
 

@@ -226,6 +226,54 @@ pub fn terminate(child: &mut Child) -> ExitStatus {
     exit_within(child, 30, "the agent did not exit after SIGTERM")
 }
 
+/// `promtool check metrics` on `text` (a Prometheus text exposition):
+/// its exit code and everything it said, trimmed. Panics naming the
+/// package when promtool is not installed (Debian's `prometheus`; .ci/run
+/// installs it).
+pub fn promtool_check(text: &str) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed; .ci/run installs it");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said.trim().to_owned())
+}
+
+/// The shell script of the Containerfile `RUN` step that follows the
+/// comment line `marker` (its continuation lines joined, `RUN ` dropped),
+/// and the marker's line index. Panics naming the marker when missing.
+pub fn containerfile_step(text: &str, marker: &str) -> (usize, String) {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| *l == marker)
+        .unwrap_or_else(|| panic!("no marker comment `{marker}` in the Containerfile"));
+    let mut script = String::new();
+    for l in &lines[at + 1..] {
+        script.push_str(l.strip_prefix("RUN ").unwrap_or(l));
+        script.push('\n');
+        if !l.ends_with('\\') {
+            break;
+        }
+    }
+    (at, script)
+}
+
 /// GET `http://<addr><path>` with a plain TCP client; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};

@@ -67,6 +67,11 @@ impl TestCa {
             .distinguished_name
             .push(DnType::CommonName, "registry.test");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, key)
+    }
+
+    /// Signs `params` for `key` with this CA.
+    fn sign(&self, params: CertificateParams, key: KeyPair) -> Result<IssuedCert> {
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
@@ -82,13 +87,7 @@ impl TestCa {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().to_vec(),
-            key_der: key.serialize_der(),
-        })
+        self.sign(params, key)
     }
 }
 

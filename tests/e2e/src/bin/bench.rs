@@ -29,11 +29,11 @@
 //! * `--keep DIR`: work in DIR and keep it (fixtures, repositories, logs).
 //!
 //! Network: loopback only (a static file server on 127.0.0.1 and mesh
-//! agents on `127.0.<block>.x`).
+//! agents in a reserved `127.a.b.x` block, `LoopbackBlock`).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
-use cairn_test_support::{make_manifest_repo, FixtureOptions, StaticServer};
+use cairn_test_support::{make_manifest_repo, FixtureOptions, LoopbackBlock, StaticServer};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -1126,9 +1126,10 @@ impl Bench {
         let src = base.join("src");
         std::fs::create_dir_all(&src)?;
         let server = StaticServer::start(&src)?;
-        let addrs: Vec<String> = (0..n)
-            .map(|i| free_port(block, i).map(|p| format!("127.0.{block}.{}:{p}", i + 1)))
-            .collect::<Result<_>>()?;
+        // A loopback block of this process's own (reserved across
+        // processes, docs/TESTING.md "Addresses"); it outlives the fleet.
+        let lb = LoopbackBlock::reserve();
+        let addrs: Vec<String> = (0..n).map(|i| lb.mesh_addr(i)).collect();
         let seeds = topo.seeds(n, block as u64 * 7919 + n as u64);
         let mut fleet = Fleet(Vec::new());
         let mut data = Vec::new();
@@ -1323,13 +1324,6 @@ fn http_get(addr: &str, path: &str) -> Result<String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
-}
-
-/// A free TCP port on `127.0.<block>.<i+1>`.
-fn free_port(block: u8, i: usize) -> Result<u16> {
-    let ip = std::net::Ipv4Addr::new(127, 0, block, (i + 1) as u8);
-    let l = std::net::TcpListener::bind((ip, 0)).with_context(|| format!("bind {ip}:0"))?;
-    Ok(l.local_addr()?.port())
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {

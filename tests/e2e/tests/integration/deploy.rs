@@ -334,18 +334,7 @@ fn the_systemd_agent_yaml_is_accepted_and_matches_the_unit() {
 fn the_containerfile_refuses_to_build_with_the_development_root() {
     let text = std::fs::read_to_string(deploy("container/Containerfile")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let at = lines
-        .iter()
-        .position(|l| *l == "# guard: development root")
-        .expect("the guard's marker comment");
-    let mut script = String::new();
-    for l in &lines[at + 1..] {
-        script.push_str(l.strip_prefix("RUN ").unwrap_or(l));
-        script.push('\n');
-        if !l.ends_with('\\') {
-            break;
-        }
-    }
+    let (at, script) = cairn_test_support::containerfile_step(&text, "# guard: development root");
     let position = |needle: &str| {
         lines
             .iter()
