@@ -334,13 +334,21 @@ fn plan_command(
     let bytes = std::fs::read(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let (manifest, objects) = cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
         .map_err(|e| e.to_string())?;
-    let raw: Vec<(&[u8], &str)> = objects
-        .iter()
-        .zip(&manifest.entries)
-        .map(|(b, e)| (*b, e.object.as_str()))
-        .collect();
-    let desired = reconcile::desired_objects(&raw, channel)
-        .map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let state = std::sync::Arc::new(crate::targets::DesiredState::in_memory(
+        channel.to_owned(),
+        0,
+        String::new(),
+        objects
+            .iter()
+            .zip(&manifest.entries)
+            .map(|(b, e)| crate::targets::DesiredObject {
+                entry: e.clone(),
+                bytes: b.to_vec(),
+            })
+            .collect(),
+    ));
+    let desired =
+        reconcile::desired_objects(&state).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let previous = match config {
         None => Vec::new(),
         Some(c) => {
@@ -366,7 +374,7 @@ fn plan_command(
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let report = rt.block_on(async {
         let mut cluster = kubernetes::cluster::Cluster::connect(Some(kubeconfig)).await?;
-        reconcile::plan(&mut cluster, &desired, &previous, true)
+        reconcile::plan(&mut cluster, &state, &desired, &previous, true)
             .await
             .map_err(|e| e.to_string())
     })?;

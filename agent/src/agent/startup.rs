@@ -8,25 +8,36 @@ impl Agent {
         let Some(head) = self.state().head.clone() else {
             return Ok(());
         };
-        let entries = head.manifest.clone();
+        let (release, limits) = (head.release.clone(), self.inner.limits.clone());
+        // One entry at a time from the stored manifest; no body is kept.
         let missing = self
             .blocking(move |store| {
+                let Some(manifest) = stored_manifest(store, &release, &limits)? else {
+                    return Ok(None);
+                };
                 let mut missing = Vec::new();
-                for e in &entries.entries {
+                for e in manifest.entries {
                     match store.get_object(&e.object) {
                         Ok(Some(_)) => {}
-                        Ok(None) => missing.push(e.clone()),
+                        Ok(None) => missing.push(e),
                         Err(StoreError::Corrupt { reason, .. }) => {
                             tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
                             store.remove_object(&e.object)?;
-                            missing.push(e.clone());
+                            missing.push(e);
                         }
                         Err(other) => return Err(other),
                     }
                 }
-                Ok(missing)
+                Ok(Some(missing))
             })
-            .await?;
+            .await?
+            .ok_or_else(|| Error::CorruptState {
+                dir: self.inner.config.data_dir.clone(),
+                detail: format!(
+                    "the manifest of adopted bundle {} is missing or unreadable",
+                    head.release.bundle
+                ),
+            })?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -139,7 +150,10 @@ pub(super) fn load_stored(
             let m = store
                 .bundle(&rel.bundle)?
                 .and_then(|b| Manifest::decode(&b, Some(&rel.bundle), &limits).ok());
-            m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
+            m.map(|m| {
+                let summary = ManifestSummary::of(&m);
+                release_status(&rel, &cairn_keys::sha256_address(&bytes), &summary, now)
+            })
         }
     };
     // A failed release stays failed (not retried) while it is the head.
@@ -199,7 +213,7 @@ pub(super) fn load_head(
         address: cairn_keys::sha256_address(&bytes),
         release: verified.release().clone(),
         bytes,
-        manifest: Arc::new(manifest),
+        summary: ManifestSummary::of(&manifest),
     }))
 }
 
