@@ -92,6 +92,22 @@ pub const STORE_FORMAT: u32 = 2;
 /// documentation for why).
 pub const INLINE_MAX: usize = 4096;
 
+/// sled's page cache (its default is 1 GiB: every page a sync or a
+/// reconcile touched stayed in memory, so the idle agent grew with the
+/// bundle). Pages beyond it are read back from the log (and the kernel's
+/// page cache) when needed. docs/PERFORMANCE.md, "Memory", has the
+/// measurements behind the figure.
+pub const CACHE_BYTES: u64 = 4 << 20;
+
+/// [`CACHE_BYTES`], or `CAIRN_STORE_CACHE_BYTES` from the environment
+/// (1 MiB to 1 GiB; for measuring, docs/PERFORMANCE.md).
+fn cache_bytes() -> u64 {
+    std::env::var("CAIRN_STORE_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(CACHE_BYTES, |v| v.clamp(1 << 20, 1 << 30))
+}
+
 /// Prefix of a sled record that points at a value file.
 const POINTER_MAGIC: &[u8] = b"\0cairn-file\0";
 
@@ -379,7 +395,12 @@ impl Store {
         let path = Self::db_path(dir);
         let opened = {
             let path = path.clone();
-            catch_panic(move || sled::Config::new().path(&path).open())
+            catch_panic(move || {
+                sled::Config::new()
+                    .path(&path)
+                    .cache_capacity(cache_bytes())
+                    .open()
+            })
         };
         let db = match opened {
             Some(Ok(db)) => db,
