@@ -166,3 +166,21 @@ fn prepare_refuses_a_release_that_does_not_render_here() {
         _ => panic!("expected a render error"),
     }
 }
+
+/// The Kubernetes target's first pass (references, waves, prune flags)
+/// reads a release of several batches one batch at a time and keeps no
+/// body.
+#[test]
+fn the_kubernetes_pass_reads_bodies_one_batch_at_a_time() {
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::open(d.path()).unwrap();
+    let n = READ_BATCH * 3 + 1;
+    let state = desired(&store, 1, objects(n, "1"));
+    let objs = crate::kubernetes::reconcile::desired_objects(&state).unwrap();
+    assert_eq!(objs.len(), n);
+    assert_eq!(objs[n - 1].object.name, format!("cm-{:04}", n - 1));
+    assert_eq!(objs[0].address, state.entries[0].object.to_string());
+    assert!(objs.iter().all(|o| o.prunable));
+    assert_eq!(state.held().total(), n);
+    assert!(state.held().peak() <= READ_BATCH, "{}", state.held().peak());
+}
