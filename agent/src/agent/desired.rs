@@ -13,7 +13,7 @@ use cairn_core::bundle::Entry;
 /// What one pass over a release's stored objects found.
 pub(super) enum Prepare {
     /// Every object is stored and renders at this site.
-    Ready(Prepared),
+    Ready(Box<Prepared>),
     /// These objects are missing or were corrupt (dropped): fetch them
     /// again, then pass again.
     Missing(Vec<Entry>),
@@ -160,7 +160,7 @@ pub(super) fn prepare(
     if let Err(e) = site::finish(lines) {
         return Ok(Prepare::Invalid(e.to_string()));
     }
-    Ok(Prepare::Ready(Prepared {
+    Ok(Prepare::Ready(Box::new(Prepared {
         entries: out,
         values_digest: renderer.values_digest(),
         reader: StoreObjects {
@@ -171,7 +171,7 @@ pub(super) fn prepare(
             rendered_from,
         },
         object_errors,
-    }))
+    })))
 }
 
 impl Agent {
@@ -221,7 +221,7 @@ impl Agent {
                         ),
                     })
                 }
-                Some(Prepare::Ready(p)) => p,
+                Some(Prepare::Ready(p)) => *p,
                 Some(Prepare::Invalid(m)) => {
                     self.state().site = Some(crate::site::SiteStatus {
                         error: Some(m.clone()),
