@@ -131,7 +131,7 @@ fn data_dir(data_dir: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBu
 /// that allocates (tokio's blocking pool runs each store call on one;
 /// there are 25–40 after a sync) otherwise gets an arena of its own, up
 /// to 8 per core, each keeping freed memory: measured with 9,003 objects,
-/// 7.6 MiB less idle RSS (docs/PERFORMANCE.md, "Memory"). Same as
+/// 7.4 MiB less idle RSS (docs/PERFORMANCE.md, "Memory"). Same as
 /// `MALLOC_ARENA_MAX=2`, which still overrides it.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
