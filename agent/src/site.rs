@@ -476,7 +476,7 @@ pub fn is_values(e: &cairn_core::bundle::Entry) -> bool {
     e.api_version == API_VERSION && e.kind == VALUES_KIND
 }
 
-/// The error for the collected lines, if any (at most [`MAX_LISTED`]
+/// The error for the collected lines, if any (at most 20
 /// listed).
 pub fn finish(mut lines: Vec<String>) -> Result<(), RenderError> {
     if lines.is_empty() {
