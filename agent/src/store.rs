@@ -92,12 +92,11 @@ pub const STORE_FORMAT: u32 = 2;
 /// documentation for why).
 pub const INLINE_MAX: usize = 4096;
 
-/// sled's page cache (its default is 1 GiB: every page a sync or a
-/// reconcile touched stayed in memory, so the idle agent grew with the
-/// bundle). Pages beyond it are read back from the log (and the kernel's
-/// page cache) when needed. docs/PERFORMANCE.md, "Memory", has the
-/// measurements behind the figure.
-pub const CACHE_BYTES: u64 = 4 << 20;
+/// sled's page cache: sled's own default (1 GiB). Smaller caps were
+/// measured (4 MiB, 1 MiB) and did not lower idle RSS at 9,003 or 30,003
+/// objects, and raised the peak (sled then evicts and re-reads pages):
+/// docs/PERFORMANCE.md, "Memory".
+pub const CACHE_BYTES: u64 = 1 << 30;
 
 /// [`CACHE_BYTES`], or `CAIRN_STORE_CACHE_BYTES` from the environment
 /// (1 MiB to 1 GiB; for measuring, docs/PERFORMANCE.md).
