@@ -224,7 +224,7 @@ fn is_kind(o: &DesiredObject, kind: &str) -> bool {
 
 /// Resolves the declared variables at this site.
 fn resolve(
-    objects: &[DesiredObject],
+    objects: &[&DesiredObject],
     site: &Site,
     lines: &mut Vec<String>,
 ) -> BTreeMap<String, Resolved> {
@@ -445,79 +445,133 @@ fn with_bytes(o: &DesiredObject, bytes: Vec<u8>) -> DesiredObject {
 
 /// Renders a verified release for this site. `decrypt: false` skips the
 /// `AgeSecret`s (they are passed through): the adoption check only needs
-/// the values.
+/// the values. (Holds every object: the agent streams with [`Renderer`].)
 pub fn render(
     objects: &[DesiredObject],
     site: &Site,
     decrypt: bool,
 ) -> Result<Rendered, RenderError> {
     let mut lines = Vec::new();
-    let vars = resolve(objects, site, &mut lines);
+    let values: Vec<&DesiredObject> = objects.iter().filter(|o| is_values(&o.entry)).collect();
+    let renderer = Renderer::new(&values, site, &mut lines);
     let mut out = Rendered {
-        values_digest: (!vars.is_empty()).then(|| {
-            let canon: BTreeMap<&str, &str> = vars
+        values_digest: renderer.values_digest(),
+        ..Rendered::default()
+    };
+    for o in objects {
+        match renderer.render_one(o.clone(), site, decrypt) {
+            One::Skip => {}
+            One::Apply(o) => out.objects.push(o),
+            One::ObjectError(m) => out.object_errors.push(m),
+            One::Errors(e) => lines.extend(e),
+        }
+    }
+    finish(lines)?;
+    Ok(out)
+}
+
+/// Whether an entry is a `CairnValues` declaration (read first, never
+/// applied).
+pub fn is_values(e: &cairn_core::bundle::Entry) -> bool {
+    e.api_version == API_VERSION && e.kind == VALUES_KIND
+}
+
+/// The error for the collected lines, if any (at most 20
+/// listed).
+pub fn finish(mut lines: Vec<String>) -> Result<(), RenderError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let more = lines.len().saturating_sub(MAX_LISTED);
+    lines.truncate(MAX_LISTED);
+    if more > 0 {
+        lines.push(format!("and {more} more"));
+    }
+    Err(RenderError { lines })
+}
+
+/// What [`Renderer::render_one`] made of one object.
+#[derive(Debug)]
+pub enum One {
+    /// Not applied (a `CairnValues` declaration).
+    Skip,
+    /// Apply this (its entry's address and size are the rendered bytes').
+    Apply(DesiredObject),
+    /// Not applied at this site (an `AgeSecret` it cannot decrypt).
+    ObjectError(String),
+    /// Errors that block the whole release.
+    Errors(Vec<String>),
+}
+
+/// The variables of a release resolved for a site: renders its objects
+/// one at a time, so a caller can stream them.
+pub struct Renderer {
+    vars: BTreeMap<String, Resolved>,
+}
+
+impl Renderer {
+    /// Resolves the variables the `values` objects (the release's
+    /// `CairnValues`) declare; problems go to `lines`.
+    pub fn new(values: &[&DesiredObject], site: &Site, lines: &mut Vec<String>) -> Self {
+        Self {
+            vars: resolve(values, site, lines),
+        }
+    }
+
+    /// The digest of the values in use ([`Rendered::values_digest`]).
+    pub fn values_digest(&self) -> Option<String> {
+        (!self.vars.is_empty()).then(|| {
+            let canon: BTreeMap<&str, &str> = self
+                .vars
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.text.as_str()))
                 .collect();
             cairn_keys::sha256_address(&serde_json::to_vec(&canon).unwrap_or_default())
-        }),
-        ..Rendered::default()
-    };
-    for o in objects {
-        if is_kind(o, VALUES_KIND) {
-            continue;
+        })
+    }
+
+    /// Renders one verified object (deterministic: the same object and
+    /// site give the same bytes).
+    pub fn render_one(&self, o: DesiredObject, site: &Site, decrypt: bool) -> One {
+        let vars = &self.vars;
+        if is_kind(&o, VALUES_KIND) {
+            return One::Skip;
         }
-        if is_kind(o, cairn_secret::KIND) {
+        if is_kind(&o, cairn_secret::KIND) {
             if !decrypt {
-                out.objects.push(o.clone());
-                continue;
+                return One::Apply(o);
             }
-            match decrypt_one(o, site) {
-                Ok(d) => out.objects.push(d),
-                Err(m) => out.object_errors.push(m),
-            }
-            continue;
+            return match decrypt_one(&o, site) {
+                Ok(d) => One::Apply(d),
+                Err(m) => One::ObjectError(m),
+            };
         }
         // Most objects have no `$`: keep their verified bytes as they are.
         if !o.bytes.contains(&b'$') {
-            out.objects.push(o.clone());
-            continue;
+            return One::Apply(o);
         }
         let mut v: Value = match serde_json::from_slice(&o.bytes) {
             Ok(v) => v,
-            Err(e) => {
-                lines.push(format!("{}: not JSON: {e}", obj_name(o)));
-                continue;
-            }
+            Err(e) => return One::Errors(vec![format!("{}: not JSON: {e}", obj_name(&o))]),
         };
         let before = identity_fields(&v).map(|f| f.cloned());
         let mut errors = Vec::new();
-        walk(&mut v, &mut String::new(), &vars, &mut errors);
+        walk(&mut v, &mut String::new(), vars, &mut errors);
         if errors.is_empty() && identity_fields(&v).map(|f| f.cloned()) != before {
             errors.push(
                 "placeholders are not allowed in apiVersion, kind, metadata.name or metadata.namespace (the signed manifest names the object)".into(),
             );
         }
         if !errors.is_empty() {
-            let n = obj_name(o);
-            lines.extend(errors.into_iter().map(|e| format!("{n}: {e}")));
-            continue;
+            let n = obj_name(&o);
+            return One::Errors(errors.into_iter().map(|e| format!("{n}: {e}")).collect());
         }
         match serde_json::to_vec(&v) {
-            Ok(b) if b == o.bytes => out.objects.push(o.clone()),
-            Ok(b) => out.objects.push(with_bytes(o, b)),
-            Err(e) => lines.push(format!("{}: {e}", obj_name(o))),
+            Ok(b) if b == o.bytes => One::Apply(o),
+            Ok(b) => One::Apply(with_bytes(&o, b)),
+            Err(e) => One::Errors(vec![format!("{}: {e}", obj_name(&o))]),
         }
     }
-    if !lines.is_empty() {
-        let more = lines.len().saturating_sub(MAX_LISTED);
-        lines.truncate(MAX_LISTED);
-        if more > 0 {
-            lines.push(format!("and {more} more"));
-        }
-        return Err(RenderError { lines });
-    }
-    Ok(out)
 }
 
 fn decrypt_one(o: &DesiredObject, site: &Site) -> Result<DesiredObject, String> {

@@ -92,6 +92,21 @@ pub const STORE_FORMAT: u32 = 2;
 /// documentation for why).
 pub const INLINE_MAX: usize = 4096;
 
+/// sled's page cache: sled's own default (1 GiB). Smaller caps were
+/// measured (4 MiB, 1 MiB) and did not lower idle RSS at 9,003 or 30,003
+/// objects, and raised the peak (sled then evicts and re-reads pages):
+/// docs/PERFORMANCE.md, "Memory".
+pub const CACHE_BYTES: u64 = 1 << 30;
+
+/// [`CACHE_BYTES`], or `CAIRN_STORE_CACHE_BYTES` from the environment
+/// (1 MiB to 1 GiB; for measuring, docs/PERFORMANCE.md).
+fn cache_bytes() -> u64 {
+    std::env::var("CAIRN_STORE_CACHE_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(CACHE_BYTES, |v| v.clamp(1 << 20, 1 << 30))
+}
+
 /// Prefix of a sled record that points at a value file.
 const POINTER_MAGIC: &[u8] = b"\0cairn-file\0";
 
@@ -379,7 +394,12 @@ impl Store {
         let path = Self::db_path(dir);
         let opened = {
             let path = path.clone();
-            catch_panic(move || sled::Config::new().path(&path).open())
+            catch_panic(move || {
+                sled::Config::new()
+                    .path(&path)
+                    .cache_capacity(cache_bytes())
+                    .open()
+            })
         };
         let db = match opened {
             Some(Ok(db)) => db,

@@ -44,13 +44,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod deferred;
+mod desired;
 mod notifications;
 mod pending;
 mod reconcile;
 pub use reconcile::Action;
 mod report;
 mod run;
-mod site;
 mod startup;
 mod status_writer;
 mod sync;
@@ -116,20 +116,39 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
-/// The adopted release, verified, with its manifest.
+/// The adopted release, verified, and what status needs of its manifest.
+/// The manifest itself is not kept in memory while idle (9,000 entries
+/// parse to a few MiB): a reconcile reads it from the store
+/// ([`stored_manifest`]).
 #[derive(Clone, Debug)]
 struct HeadState {
     release: Release,
     bytes: Vec<u8>,
     address: String,
-    /// Shared: a head is cloned for every reconcile and status, and a
-    /// manifest of 9,000 entries is a few MiB.
-    manifest: Arc<Manifest>,
+    summary: ManifestSummary,
+}
+
+/// The few facts of a manifest that status shows.
+#[derive(Clone, Debug)]
+struct ManifestSummary {
+    source_repository: String,
+    source_commit: String,
+    objects: usize,
+}
+
+impl ManifestSummary {
+    fn of(m: &Manifest) -> Self {
+        Self {
+            source_repository: m.source.repository.clone(),
+            source_commit: m.source.commit.clone(),
+            objects: m.entries.len(),
+        }
+    }
 }
 
 impl HeadState {
     fn status(&self, now: u64) -> ReleaseStatus {
-        release_status(&self.release, &self.address, &self.manifest, now)
+        release_status(&self.release, &self.address, &self.summary, now)
     }
 
     fn published(&self) -> AdoptedHead {
@@ -142,15 +161,28 @@ impl HeadState {
     }
 }
 
-fn release_status(r: &Release, address: &str, m: &Manifest, now: u64) -> ReleaseStatus {
+/// The manifest of a stored release, read from the store and checked
+/// against its bundle id (blocking). `None`: not stored, or unreadable.
+fn stored_manifest(
+    store: &Store,
+    release: &Release,
+    limits: &Limits,
+) -> std::result::Result<Option<Manifest>, StoreError> {
+    let Some(bytes) = store.bundle(&release.bundle)? else {
+        return Ok(None);
+    };
+    Ok(Manifest::load(&bytes, Some(&release.bundle), limits, store.chunk_reader()).ok())
+}
+
+fn release_status(r: &Release, address: &str, m: &ManifestSummary, now: u64) -> ReleaseStatus {
     ReleaseStatus {
         channel: r.channel.to_string(),
         sequence: r.sequence,
         bundle: r.bundle.to_string(),
         release: address.to_owned(),
-        source_repository: m.source.repository.clone(),
-        source_commit: m.source.commit.clone(),
-        objects: m.entries.len(),
+        source_repository: m.source_repository.clone(),
+        source_commit: m.source_commit.clone(),
+        objects: m.objects,
         created: r.created,
         expires: r.expires,
         expired: now >= r.expires,

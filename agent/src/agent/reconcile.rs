@@ -241,21 +241,18 @@ impl Agent {
         let bytes = self.blocking(move |s| s.last_good(&channel)).await.ok()??;
         let (_, release) =
             Release::decode_envelope(&bytes, self.inner.limits.max_release_bytes).ok()?;
-        let bundle = release.bundle.clone();
-        let limits = self.inner.limits.clone();
-        let manifest = self
-            .blocking(move |s| {
-                Ok(s.bundle(&bundle)?.and_then(|b| {
-                    Manifest::load(&b, Some(&bundle), &limits, s.chunk_reader()).ok()
-                }))
-            })
+        let (r, limits) = (release.clone(), self.inner.limits.clone());
+        let summary = self
+            .blocking(
+                move |s| Ok(stored_manifest(s, &r, &limits)?.map(|m| ManifestSummary::of(&m))),
+            )
             .await
             .ok()??;
         Some(HeadState {
             address: cairn_keys::sha256_address(&bytes),
             release,
             bytes,
-            manifest: Arc::new(manifest),
+            summary,
         })
     }
 
@@ -264,65 +261,9 @@ impl Agent {
         h: &HeadState,
         failed: Option<&FailedRelease>,
     ) -> Result<ApplyReport> {
-        // One blocking pass reads every object; missing or corrupt ones
-        // (dropped) are fetched again from the sources.
-        let manifest = h.manifest.clone();
-        let mut read = self
-            .blocking(move |store| {
-                let mut out = Vec::with_capacity(manifest.entries.len());
-                for e in &manifest.entries {
-                    out.push(match store.get_object(&e.object) {
-                        Ok(b) => b,
-                        Err(StoreError::Corrupt { .. }) => {
-                            let _ = store.remove_object(&e.object);
-                            None
-                        }
-                        Err(other) => return Err(other),
-                    });
-                }
-                Ok(out)
-            })
-            .await?;
-        let mut objects = Vec::with_capacity(h.manifest.entries.len());
-        for (e, bytes) in h.manifest.entries.iter().zip(read.iter_mut()) {
-            let bytes = match bytes.take() {
-                Some(b) => b,
-                None => {
-                    if !self.fetch_object_anywhere(&e.object, e.size).await {
-                        return Err(Error::CorruptState {
-                            dir: self.inner.config.data_dir.clone(),
-                            detail: format!(
-                                "object {} ({}) of the adopted release is missing and no source has it",
-                                e.object,
-                                e.display_name()
-                            ),
-                        });
-                    }
-                    let a = e.object.clone();
-                    match self.blocking(move |s| s.get_object(&a)).await? {
-                        Some(b) => b,
-                        None => {
-                            return Err(Error::Status(format!(
-                                "object {} vanished from the store",
-                                e.object
-                            )))
-                        }
-                    }
-                }
-            };
-            objects.push(DesiredObject {
-                entry: e.clone(),
-                bytes,
-            });
-        }
-        let objects = self.render_for_site(objects).await?;
-        let desired = Arc::new(DesiredState {
-            channel: h.release.channel.to_string(),
-            sequence: h.release.sequence,
-            bundle: h.release.bundle.to_string(),
-            objects,
-            failed_release: failed.map(|f| (f.sequence, f.reason.clone())),
-        });
+        // Entries only; the target reads bodies from the store in bounded
+        // batches (missing or corrupt objects were fetched again).
+        let desired = Arc::new(self.desired_state(h, failed).await?);
         let mut report = self.inner.target.apply(desired).await?;
         // Objects this site could not render (an AgeSecret without its
         // key) are not applied: reported like conflicts, per object.

@@ -8,25 +8,36 @@ impl Agent {
         let Some(head) = self.state().head.clone() else {
             return Ok(());
         };
-        let entries = head.manifest.clone();
+        let (release, limits) = (head.release.clone(), self.inner.limits.clone());
+        // One entry at a time from the stored manifest; no body is kept.
         let missing = self
             .blocking(move |store| {
+                let Some(manifest) = stored_manifest(store, &release, &limits)? else {
+                    return Ok(None);
+                };
                 let mut missing = Vec::new();
-                for e in &entries.entries {
+                for e in manifest.entries {
                     match store.get_object(&e.object) {
                         Ok(Some(_)) => {}
-                        Ok(None) => missing.push(e.clone()),
+                        Ok(None) => missing.push(e),
                         Err(StoreError::Corrupt { reason, .. }) => {
                             tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
                             store.remove_object(&e.object)?;
-                            missing.push(e.clone());
+                            missing.push(e);
                         }
                         Err(other) => return Err(other),
                     }
                 }
-                Ok(missing)
+                Ok(Some(missing))
             })
-            .await?;
+            .await?
+            .ok_or_else(|| Error::CorruptState {
+                dir: self.inner.config.data_dir.clone(),
+                detail: format!(
+                    "the manifest of adopted bundle {} is missing or unreadable",
+                    head.release.bundle
+                ),
+            })?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -136,10 +147,13 @@ pub(super) fn load_stored(
         Some(bytes) => {
             let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
                 .map_err(|e| corrupt(format!("last-good release: {e}")))?;
-            let m = store.bundle(&rel.bundle)?.and_then(|b| {
-                Manifest::load(&b, Some(&rel.bundle), &limits, store.chunk_reader()).ok()
-            });
-            m.map(|m| release_status(&rel, &cairn_keys::sha256_address(&bytes), &m, now))
+            let m = store
+                .bundle(&rel.bundle)?
+                .and_then(|b| Manifest::load(&b, Some(&rel.bundle), &limits, store.chunk_reader()).ok());
+            m.map(|m| {
+                let summary = ManifestSummary::of(&m);
+                release_status(&rel, &cairn_keys::sha256_address(&bytes), &summary, now)
+            })
         }
     };
     // A failed release stays failed (not retried) while it is the head.
@@ -206,7 +220,7 @@ pub(super) fn load_head(
         address: cairn_keys::sha256_address(&bytes),
         release: verified.release().clone(),
         bytes,
-        manifest: Arc::new(manifest),
+        summary: ManifestSummary::of(&manifest),
     }))
 }
 

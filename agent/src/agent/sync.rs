@@ -193,7 +193,9 @@ impl Agent {
             }
             Err(rej) => return Ok(self.record_rejection(name, &rej)),
         };
-        if let Some(outcome) = self.site_gate(name, adoption.manifest()).await {
+        // Shared, not cloned: the manifest of a large bundle is MiBs.
+        let adoption = Arc::new(adoption);
+        if let Some(outcome) = self.site_gate(name, &adoption).await {
             return Ok(outcome);
         }
         let rel = adoption.release().release();
@@ -206,7 +208,7 @@ impl Agent {
             address: cairn_keys::sha256_address(adoption.release().bytes()),
             release: rel.clone(),
             bytes: adoption.release().bytes().to_vec(),
-            manifest: Arc::new(adoption.manifest().clone()),
+            summary: ManifestSummary::of(adoption.manifest()),
         };
         let published = head.published();
         {

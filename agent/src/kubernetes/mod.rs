@@ -134,7 +134,10 @@ impl KubernetesTarget {
         self.last.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
-    async fn pass(&self, desired: &DesiredState) -> Result<(KubeReport, Outcome), TargetError> {
+    async fn pass(
+        &self,
+        desired: &Arc<DesiredState>,
+    ) -> Result<(KubeReport, Outcome), TargetError> {
         let mut guard = self.cluster.lock().await;
         if guard.is_none() {
             let c = Cluster::connect(self.config.kubeconfig.as_deref())
@@ -145,16 +148,15 @@ impl KubernetesTarget {
         let Some(cluster) = guard.as_mut() else {
             return Err(TargetError::Unsupported("no cluster connection".into()));
         };
-        let raw: Vec<(&[u8], &str)> = desired
-            .objects
-            .iter()
-            .map(|o| (o.bytes.as_slice(), o.entry.object.as_str()))
-            .collect();
-        let objects = reconcile::desired_objects(&raw, &desired.channel).map_err(|reason| {
-            TargetError::Inventory {
-                target: self.describe(),
-                reason,
-            }
+        let objects = {
+            let d = desired.clone();
+            tokio::task::spawn_blocking(move || reconcile::desired_objects(&d))
+                .await
+                .map_err(|e| TargetError::Unsupported(format!("reading objects failed: {e}")))?
+        }
+        .map_err(|reason| TargetError::Inventory {
+            target: self.describe(),
+            reason,
         })?;
         let previous = self.load_inventory().await?;
         // Own everything we are about to create before creating it, so a
@@ -164,7 +166,7 @@ impl KubernetesTarget {
             if !intended.iter().any(|i| i.object == d.object) {
                 intended.push(InventoryItem {
                     object: d.object.clone(),
-                    prunable: plan::prunable(&d.value),
+                    prunable: d.prunable,
                     address: String::new(),
                 });
             }
@@ -195,7 +197,7 @@ impl KubernetesTarget {
             force: self.force,
             crd_timeout: Duration::from_secs(30),
         };
-        let report = reconcile::reconcile(cluster, &objects, &previous, &opts).await;
+        let report = reconcile::reconcile(cluster, desired, &objects, &previous, &opts).await;
         self.save_inventory(&report.inventory).await?;
         // A connection-level failure on every object means the API server is
         // unreachable: drop the client so the next pass reconnects, and
@@ -284,7 +286,7 @@ async fn write_status(
             "health": health_word,
             "healthDetail": detail,
             "lastReconcile": crate::unix_now().to_string(),
-            "objects": desired.objects.len().to_string(),
+            "objects": desired.entries.len().to_string(),
             "driftCorrections": drift_total.to_string(),
             "errors": errors.join("\n"),
             "failedRelease": desired

@@ -3,7 +3,9 @@
 
 use super::cluster::{Cluster, ObjectError};
 use super::plan::{self, Health, InventoryItem, ObjectRef};
+use crate::targets::{DesiredState, READ_BATCH};
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What one pass did.
@@ -42,38 +44,64 @@ pub struct PassOptions {
     pub crd_timeout: Duration,
 }
 
-/// One object to apply.
+/// One object to apply: what a pass needs of it. Its body is read from
+/// the desired state (in bounded batches) only when it is applied.
 #[derive(Clone, Debug)]
 pub struct KubeObject {
     /// Which object.
     pub object: ObjectRef,
-    /// Its desired state, with Cairn's labels.
-    pub value: Value,
+    /// Whether it may be pruned (no `cairn.dev/prune: disabled`).
+    pub prunable: bool,
     /// Address of its canonical bytes in the bundle.
     pub address: String,
     /// Its `cairn.dev/wave`.
     pub wave: i32,
 }
 
-/// Parses canonical object bytes (with their addresses) into decorated
-/// desired objects.
-pub fn desired_objects(raw: &[(&[u8], &str)], channel: &str) -> Result<Vec<KubeObject>, String> {
-    raw.iter()
-        .enumerate()
-        .map(|(i, (bytes, address))| {
-            let mut v: Value =
-                serde_json::from_slice(bytes).map_err(|e| format!("object {i}: not JSON: {e}"))?;
-            let r = ObjectRef::from_object(&v).map_err(|e| format!("object {i}: {e}"))?;
+/// Parses canonical object bytes into a desired object with Cairn's labels.
+fn decorated(bytes: &[u8], i: usize, channel: &str) -> Result<(ObjectRef, Value), String> {
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("object {i}: not JSON: {e}"))?;
+    let r = ObjectRef::from_object(&v).map_err(|e| format!("object {i}: {e}"))?;
+    plan::decorate(&mut v, channel);
+    Ok((r, v))
+}
+
+/// Reads the desired objects in batches of [`READ_BATCH`] (blocking) and
+/// keeps what a pass needs of each ([`KubeObject`], in entry order); no
+/// more than one batch of bodies is held at once.
+pub fn desired_objects(desired: &DesiredState) -> Result<Vec<KubeObject>, String> {
+    let all: Vec<usize> = (0..desired.entries.len()).collect();
+    let mut out = Vec::with_capacity(all.len());
+    for chunk in all.chunks(READ_BATCH) {
+        let batch = desired.read(chunk).map_err(|e| e.to_string())?;
+        for (k, &i) in chunk.iter().enumerate() {
+            let (r, v) = decorated(batch.get(k), i, &desired.channel)?;
             let wave = plan::wave_of(&r, &v)?;
-            plan::decorate(&mut v, channel);
-            Ok(KubeObject {
+            out.push(KubeObject {
                 object: r,
-                value: v,
-                address: (*address).to_owned(),
+                prunable: plan::prunable(&v),
+                address: desired.entries[i].object.to_string(),
                 wave,
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The decorated bodies of the desired objects `indices` (at most a batch),
+/// read on a blocking thread.
+async fn bodies(desired: &Arc<DesiredState>, indices: &[usize]) -> Result<Vec<Value>, String> {
+    let (d, idx) = (desired.clone(), indices.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let batch = d.read(&idx).map_err(|e| e.to_string())?;
+        idx.iter()
+            .enumerate()
+            .map(|(k, &i)| decorated(batch.get(k), i, &d.channel).map(|(_, v)| v))
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("reading objects: {e}"))?
 }
 
 /// Applies `desired` wave by wave (each in apply order) where missing or
@@ -84,6 +112,7 @@ pub fn desired_objects(raw: &[(&[u8], &str)], channel: &str) -> Result<Vec<KubeO
 /// from there (`progress::decide` says when).
 pub async fn reconcile(
     cluster: &mut Cluster,
+    state: &Arc<DesiredState>,
     desired: &[KubeObject],
     previous: &[InventoryItem],
     opts: &PassOptions,
@@ -99,7 +128,16 @@ pub async fn reconcile(
     let last = waves.len().saturating_sub(1);
     for (n, wave) in waves.iter().enumerate() {
         let errors_before = report.errors.len();
-        apply_wave(cluster, desired, &wave.objects, &known, opts, &mut report).await;
+        apply_wave(
+            cluster,
+            state,
+            desired,
+            &wave.objects,
+            &known,
+            opts,
+            &mut report,
+        )
+        .await;
         if n == last {
             break;
         }
@@ -124,7 +162,7 @@ pub async fn reconcile(
                 if !inventory.iter().any(|i| i.object == d.object) {
                     inventory.push(InventoryItem {
                         object: d.object.clone(),
-                        prunable: plan::prunable(&d.value),
+                        prunable: d.prunable,
                         address: String::new(),
                     });
                 }
@@ -138,7 +176,7 @@ pub async fn reconcile(
         .iter()
         .map(|d| InventoryItem {
             object: d.object.clone(),
-            prunable: plan::prunable(&d.value),
+            prunable: d.prunable,
             address: d.address.clone(),
         })
         .collect();
@@ -165,48 +203,62 @@ async fn wave_health(cluster: &mut Cluster, desired: &[KubeObject], wave: &[usiz
     overall(&health(cluster, &objects).await)
 }
 
-/// Applies the objects `wave` (indices into `desired`, in apply order).
+/// Applies the objects `wave` (indices into `desired`, in apply order),
+/// reading their bodies one batch at a time.
 async fn apply_wave(
     cluster: &mut Cluster,
+    state: &Arc<DesiredState>,
     desired: &[KubeObject],
     wave: &[usize],
     known: &std::collections::BTreeMap<&ObjectRef, &str>,
     opts: &PassOptions,
     report: &mut KubeReport,
 ) {
-    for &i in wave {
-        let KubeObject {
-            object: r,
-            value: obj,
-            address,
-            ..
-        } = &desired[i];
-        // An unknown kind (CRD not yet there) or a read error: try the
-        // apply, which reports the definitive error.
-        let live = cluster.get(r).await.unwrap_or_default();
-        let needs_apply = match &live {
-            None => true,
-            Some(l) => !plan::drift(obj, l).is_empty(),
+    for chunk in wave.chunks(READ_BATCH) {
+        let values = match bodies(state, chunk).await {
+            Ok(v) => v,
+            Err(message) => {
+                for &i in chunk {
+                    report.errors.push(ObjectError {
+                        object: desired[i].object.display(),
+                        code: 0,
+                        message: message.clone(),
+                    });
+                }
+                continue;
+            }
         };
-        if !needs_apply {
-            report.unchanged += 1;
-        } else {
-            match cluster.apply(r, obj, opts.force).await {
-                Ok(_) => match known.get(r) {
-                    None => report.created += 1,
-                    Some(a) if a == address => report.drift_corrected += 1,
-                    Some(_) => report.updated += 1,
-                },
-                Err(e) => {
-                    tracing::warn!(object = %e.object, code = e.code, "apply failed: {}", e.message);
-                    report.errors.push(e);
-                    continue;
+        for (&i, obj) in chunk.iter().zip(&values) {
+            let KubeObject {
+                object: r, address, ..
+            } = &desired[i];
+            // An unknown kind (CRD not yet there) or a read error: try the
+            // apply, which reports the definitive error.
+            let live = cluster.get(r).await.unwrap_or_default();
+            let needs_apply = match &live {
+                None => true,
+                Some(l) => !plan::drift(obj, l).is_empty(),
+            };
+            if !needs_apply {
+                report.unchanged += 1;
+            } else {
+                match cluster.apply(r, obj, opts.force).await {
+                    Ok(_) => match known.get(r) {
+                        None => report.created += 1,
+                        Some(a) if a == address => report.drift_corrected += 1,
+                        Some(_) => report.updated += 1,
+                    },
+                    Err(e) => {
+                        tracing::warn!(object = %e.object, code = e.code, "apply failed: {}", e.message);
+                        report.errors.push(e);
+                        continue;
+                    }
                 }
             }
-        }
-        if r.phase() == 1 {
-            if let Err(e) = cluster.wait_established(r, opts.crd_timeout).await {
-                report.errors.push(e);
+            if r.phase() == 1 {
+                if let Err(e) = cluster.wait_established(r, opts.crd_timeout).await {
+                    report.errors.push(e);
+                }
             }
         }
     }
@@ -298,6 +350,7 @@ impl PlanReport {
 /// objects the bundle dropped are pruned. The first API error stops it.
 pub async fn plan(
     cluster: &mut Cluster,
+    state: &Arc<DesiredState>,
     desired: &[KubeObject],
     previous: &[InventoryItem],
     force: bool,
@@ -318,7 +371,16 @@ pub async fn plan(
                 report.create.push(d.object.clone());
                 continue;
             };
-            let mut after = cluster.apply_dry_run(&d.object, &d.value, force).await?;
+            let value = bodies(state, &[i])
+                .await
+                .map_err(|message| ObjectError {
+                    object: d.object.display(),
+                    code: 0,
+                    message,
+                })?
+                .pop()
+                .unwrap_or_default();
+            let mut after = cluster.apply_dry_run(&d.object, &value, force).await?;
             plan::strip_server_fields(&mut live);
             plan::strip_server_fields(&mut after);
             let fields = plan::changes(&live, &after);

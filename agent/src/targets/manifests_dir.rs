@@ -26,7 +26,7 @@
 use super::local_file::{read_regular, LocalFile};
 use super::owner::{self, OwnerRecord, Switch};
 use super::plan::{self, Action, DesiredFile, Inventory, Observed, Ownership, WriteReason};
-use super::{ApplyReport, DesiredState, Target, TargetError};
+use super::{ApplyReport, DesiredState, Target, TargetError, READ_BATCH};
 use crate::store::Store;
 use crate::BoxFuture;
 use std::collections::BTreeMap;
@@ -264,10 +264,11 @@ impl ManifestsDir {
         }
     }
 
+    /// Carries out one action; `bytes` is the object's body for a write.
     fn carry_out(
         &self,
         action: &Action,
-        bytes_by_name: &BTreeMap<&str, &[u8]>,
+        bytes: &[u8],
         copies: &mut UndoCopies,
         report: &mut ApplyReport,
     ) -> Result<(), TargetError> {
@@ -282,10 +283,6 @@ impl ManifestsDir {
                     self.keep_copy(name, old, copies);
                 }
                 let path = self.dir.join(name);
-                let bytes = bytes_by_name
-                    .get(name.as_str())
-                    .copied()
-                    .unwrap_or_default();
                 cairn_keys::fs::write_atomic(&path, bytes, Some(0o644)).map_err(Self::io(&path))?;
                 match reason {
                     WriteReason::Create => report.created += 1,
@@ -308,6 +305,44 @@ impl ManifestsDir {
                 }
             }
             Action::Conflict { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// Carries out `changes` in order, reading the bodies of the writes
+    /// in batches of at most [`READ_BATCH`]. On failure: how many were done
+    /// and why.
+    fn carry_out_all(
+        &self,
+        desired: &DesiredState,
+        changes: &[&Action],
+        index_by_name: &BTreeMap<&str, usize>,
+        copies: &mut UndoCopies,
+        report: &mut ApplyReport,
+    ) -> Result<(), (usize, TargetError)> {
+        let mut done = 0;
+        for chunk in changes.chunks(READ_BATCH) {
+            let wanted: Vec<usize> = chunk
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Write { name, .. } => index_by_name.get(name.as_str()).copied(),
+                    _ => None,
+                })
+                .collect();
+            let batch = desired.read(&wanted).map_err(|e| (done, e))?;
+            let mut next = 0;
+            for action in chunk {
+                let bytes = match action {
+                    Action::Write { .. } => {
+                        next += 1;
+                        batch.get(next - 1)
+                    }
+                    _ => &[],
+                };
+                self.carry_out(action, bytes, copies, report)
+                    .map_err(|e| (done, e))?;
+                done += 1;
+            }
         }
         Ok(())
     }
@@ -386,17 +421,18 @@ impl ManifestsDir {
         std::fs::create_dir_all(&self.dir).map_err(Self::io(&self.dir))?;
         let loaded = self.load()?;
         self.remove_stale_temp_files()?;
-        let entries: Vec<_> = desired.objects.iter().map(|o| o.entry.clone()).collect();
-        let names = plan::file_names(&entries);
-        let mut bytes_by_name = BTreeMap::new();
+        // Plan with entries only (names, addresses, sizes); bodies are
+        // read in bounded batches when written.
+        let names = plan::file_names(&desired.entries);
+        let mut index_by_name = BTreeMap::new();
         let mut want = Vec::with_capacity(names.len());
-        for (name, obj) in names.iter().zip(&desired.objects) {
+        for (i, (name, e)) in names.iter().zip(&desired.entries).enumerate() {
             want.push(DesiredFile {
                 name: name.clone(),
-                address: obj.entry.object.to_string(),
-                size: obj.bytes.len() as u64,
+                address: e.object.to_string(),
+                size: e.size,
             });
-            bytes_by_name.insert(name.as_str(), obj.bytes.as_slice());
+            index_by_name.insert(name.as_str(), i);
         }
         let mut observed = BTreeMap::new();
         let owned_names = loaded.owned.files.keys().chain(loaded.owned.pending.keys());
@@ -427,30 +463,30 @@ impl ManifestsDir {
             )?;
         }
         let mut copies = UndoCopies::default();
-        for (i, action) in changes.iter().enumerate() {
-            if let Err(cause) = self.carry_out(action, &bytes_by_name, &mut copies, &mut report) {
-                let undone = self.undo(&changes[..i], &copies);
-                self.sync_dir();
-                let cause = Box::new(cause);
-                return Err(match undone {
-                    Ok(()) => {
-                        // The announced switch is void; if this write fails
-                        // the record still owns exactly the right files.
-                        if let Err(e) = self.write_record(&p.before, before_sequence, None) {
-                            tracing::warn!(error = %e, "cannot clear the announced switch from the ownership record");
-                        }
-                        TargetError::SwitchUndone {
-                            sequence: desired.sequence,
-                            cause,
-                        }
+        if let Err((i, cause)) =
+            self.carry_out_all(desired, &changes, &index_by_name, &mut copies, &mut report)
+        {
+            let undone = self.undo(&changes[..i], &copies);
+            self.sync_dir();
+            let cause = Box::new(cause);
+            return Err(match undone {
+                Ok(()) => {
+                    // The announced switch is void; if this write fails
+                    // the record still owns exactly the right files.
+                    if let Err(e) = self.write_record(&p.before, before_sequence, None) {
+                        tracing::warn!(error = %e, "cannot clear the announced switch from the ownership record");
                     }
-                    Err(undo) => TargetError::SwitchStuck {
+                    TargetError::SwitchUndone {
                         sequence: desired.sequence,
                         cause,
-                        undo: Box::new(undo),
-                    },
-                });
-            }
+                    }
+                }
+                Err(undo) => TargetError::SwitchStuck {
+                    sequence: desired.sequence,
+                    cause,
+                    undo: Box::new(undo),
+                },
+            });
         }
         for action in &p.actions {
             if let Action::Conflict { name } = action {

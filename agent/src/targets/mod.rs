@@ -1,7 +1,8 @@
 //! Targets: where the adopted release's objects are applied.
 //!
-//! A [`Target`] receives the complete desired state (every object of the
-//! adopted bundle, verified) and makes the target match it: create, update,
+//! A [`Target`] receives the complete desired state (every object's entry
+//! of the adopted bundle, and a reader for their verified bodies, which it
+//! reads in bounded batches) and makes the target match it: create, update,
 //! prune what it owns and no longer wants, and restore drift. Implemented
 //! here: [`ManifestsDir`] (files in a directory, e.g. the k3s auto-deploy
 //! folder). The Kubernetes target (server-side apply) plugs in behind the
@@ -21,6 +22,7 @@ use crate::store::{Store, StoreError};
 use crate::BoxFuture;
 use cairn_core::bundle::Entry;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// One object to apply, with its verified bytes (canonical JSON).
@@ -32,8 +34,98 @@ pub struct DesiredObject {
     pub bytes: Vec<u8>,
 }
 
-/// Everything the adopted release wants applied.
-#[derive(Clone, Debug)]
+/// Most object bodies a target reads at once ([`DesiredState::read`]):
+/// targets plan with entries (names and addresses) only, and read bodies
+/// in batches of at most this many when they write them, so a reconcile's
+/// memory does not grow with the bundle's bytes.
+pub const READ_BATCH: usize = 64;
+
+/// Where a target reads the bodies of the desired objects from (the
+/// agent: its store, rendered for the site). Blocking: call it on a
+/// blocking thread.
+pub trait ObjectReader: Send + Sync {
+    /// The bytes of the objects `indices` (into [`DesiredState::entries`]),
+    /// in that order, each checked against its entry's address.
+    fn read(&self, entries: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError>;
+}
+
+/// Object bodies held in memory (tests, `cairn-agent plan`).
+struct InMemory(Vec<Vec<u8>>);
+
+impl ObjectReader for InMemory {
+    fn read(&self, _: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
+        indices
+            .iter()
+            .map(|&i| {
+                self.0.get(i).cloned().ok_or_else(|| {
+                    TargetError::Unsupported(format!("object {i} is not in the desired state"))
+                })
+            })
+            .collect()
+    }
+}
+
+/// How many object bodies are held at once (read and not yet dropped):
+/// what keeps a reconcile's memory flat. Counted for every read batch.
+#[derive(Debug, Default)]
+pub struct Held {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+    total: AtomicUsize,
+}
+
+impl Held {
+    fn add(&self, n: usize) {
+        let now = self.now.fetch_add(n, Ordering::SeqCst) + n;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        self.total.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// Most bodies held at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::SeqCst)
+    }
+
+    /// Bodies read so far.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+/// Object bodies read by [`DesiredState::read`]; counted as held until
+/// dropped.
+pub struct Batch {
+    bodies: Vec<Vec<u8>>,
+    held: Arc<Held>,
+}
+
+impl Batch {
+    /// The bytes of the `k`-th object asked for.
+    pub fn get(&self, k: usize) -> &[u8] {
+        self.bodies.get(k).map_or(&[], Vec::as_slice)
+    }
+
+    /// How many bodies.
+    pub fn len(&self) -> usize {
+        self.bodies.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.bodies.is_empty()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.held.now.fetch_sub(self.bodies.len(), Ordering::SeqCst);
+    }
+}
+
+/// Everything the adopted release wants applied: the entries of every
+/// object (small: kind, names, address, size) and a reader for their
+/// bodies, which targets read in bounded batches.
+#[derive(Clone)]
 pub struct DesiredState {
     /// The channel.
     pub channel: String,
@@ -41,11 +133,79 @@ pub struct DesiredState {
     pub sequence: u64,
     /// The bundle id.
     pub bundle: String,
-    /// Every object, in manifest order.
-    pub objects: Vec<DesiredObject>,
+    /// Every object's entry, in manifest order (as rendered for the site:
+    /// the address and size are those of the bytes the reader returns).
+    pub entries: Vec<Entry>,
     /// A newer release that failed its health checks and was rolled back
     /// from (sequence, reason), for targets that publish status.
     pub failed_release: Option<(u64, String)>,
+    reader: Arc<dyn ObjectReader>,
+    held: Arc<Held>,
+}
+
+impl std::fmt::Debug for DesiredState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredState")
+            .field("channel", &self.channel)
+            .field("sequence", &self.sequence)
+            .field("bundle", &self.bundle)
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DesiredState {
+    /// A desired state whose bodies come from `reader`.
+    pub fn new(
+        channel: String,
+        sequence: u64,
+        bundle: String,
+        entries: Vec<Entry>,
+        reader: Arc<dyn ObjectReader>,
+    ) -> Self {
+        Self {
+            channel,
+            sequence,
+            bundle,
+            entries,
+            failed_release: None,
+            reader,
+            held: Arc::default(),
+        }
+    }
+
+    /// A desired state holding its bodies in memory (tests, `plan`).
+    pub fn in_memory(
+        channel: String,
+        sequence: u64,
+        bundle: String,
+        objects: Vec<DesiredObject>,
+    ) -> Self {
+        let (entries, bodies) = objects.into_iter().map(|o| (o.entry, o.bytes)).unzip();
+        Self::new(
+            channel,
+            sequence,
+            bundle,
+            entries,
+            Arc::new(InMemory(bodies)),
+        )
+    }
+
+    /// Reads the bodies of `indices` (at most [`READ_BATCH`] at a time
+    /// keeps memory flat). Blocking.
+    pub fn read(&self, indices: &[usize]) -> Result<Batch, TargetError> {
+        let bodies = self.reader.read(&self.entries, indices)?;
+        self.held.add(bodies.len());
+        Ok(Batch {
+            bodies,
+            held: self.held.clone(),
+        })
+    }
+
+    /// How many bodies were held at once, and read in all.
+    pub fn held(&self) -> &Held {
+        &self.held
+    }
 }
 
 /// What one apply did.
@@ -139,6 +299,14 @@ pub enum TargetError {
     /// The configured target kind is not available in this build.
     #[error("{0}")]
     Unsupported(String),
+    /// A desired object's body could not be read.
+    #[error("object {address}: {reason}")]
+    Object {
+        /// Its address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Something the agent reconciles. Object-safe so targets can be chosen at

@@ -42,6 +42,44 @@ fn once_over_http_writes_every_object() {
     assert_eq!(v["channel"], "stable");
 }
 
+/// The target reads object bodies from the store `READ_BATCH` at a time
+/// (docs/PERFORMANCE.md, "Memory"): a release of several batches is
+/// applied whole, and a release that drops objects across several
+/// batches prunes every one of them.
+#[test]
+fn releases_larger_than_a_read_batch_apply_and_prune_whole() {
+    let w = World::new(70, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let cfg = w.config("agent.yaml", &[w.repo.display().to_string()]);
+    w.once_ok(&cfg);
+    let batch = cairn_agent::targets::READ_BATCH;
+    let want1 = expected_files(&b1);
+    assert!(want1.len() > 3 * batch, "{} objects", want1.len());
+    assert_eq!(w.files(), want1);
+    for (i, apps) in ["app-004*", "app-005*", "app-006*"].iter().enumerate() {
+        cairn_test_support::fixture::remove_and_commit(
+            &w.git,
+            &format!("clusters/edge/{apps}"),
+            "drop ten apps",
+            &format!("2026-03-0{}T00:00:00Z", i + 1),
+        )
+        .unwrap();
+    }
+    let b2 = w.build("HEAD", "b2.bundle");
+    w.release(&b2);
+    w.once_ok(&cfg);
+    let want2 = expected_files(&b2);
+    let dropped = want1.len() - want2.len();
+    assert!(dropped > batch, "{dropped} objects dropped");
+    assert_eq!(w.files(), want2);
+    let s = w.status().unwrap();
+    assert_eq!(s.adopted.as_ref().unwrap().sequence, 2);
+    let report = s.reconcile.and_then(|r| r.report).unwrap();
+    assert_eq!(report.deleted, dropped, "{report:?}");
+    assert_eq!(report.unchanged, want2.len(), "{report:?}");
+}
+
 #[test]
 fn directory_source_works_and_missing_dir_is_offline() {
     let w = World::new(2, 1, 1);

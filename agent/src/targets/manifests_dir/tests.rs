@@ -3,19 +3,17 @@ use crate::targets::DesiredObject;
 use cairn_core::testing::object;
 
 fn state(seq: u64, objs: &[(cairn_core::bundle::Entry, Vec<u8>)]) -> DesiredState {
-    DesiredState {
-        failed_release: None,
-        channel: "stable".into(),
-        sequence: seq,
-        bundle: String::new(),
-        objects: objs
-            .iter()
+    DesiredState::in_memory(
+        "stable".into(),
+        seq,
+        String::new(),
+        objs.iter()
             .map(|(e, b)| DesiredObject {
                 entry: e.clone(),
                 bytes: b.clone(),
             })
             .collect(),
-    }
+    )
 }
 
 #[test]

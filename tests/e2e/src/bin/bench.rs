@@ -995,16 +995,16 @@ impl Bench {
             mib(idle),
             "—".into(),
             "—".into(),
-            "≤ 30 MiB",
-            Some(idle <= 30.0 * 1024.0 * 1024.0),
+            "≤ 16 MiB",
+            Some(idle <= 16.0 * 1024.0 * 1024.0),
         ));
         rows.push(row(
             &format!("agent peak RSS during sync of {n} objects (VmHWM)"),
             mib(peak),
             "—".into(),
             "—".into(),
-            "—",
-            None,
+            "≤ 32 MiB",
+            Some(peak <= 32.0 * 1024.0 * 1024.0),
         ));
         self.record("idle_rss_bytes", json!(idle));
         self.record("peak_rss_bytes", json!(peak));

@@ -1,0 +1,324 @@
+//! The desired state of a release, streamed from the store: one pass
+//! reads each object once (verifying it and rendering it for the site)
+//! and keeps only its entry; the target then reads the bodies it writes
+//! again, in bounded batches, through [`StoreObjects`]. No pass holds more
+//! than one body (or one [`crate::targets::READ_BATCH`]) at a time, so a
+//! reconcile's memory does not grow with the bundle's bytes.
+
+use super::*;
+use crate::site::{self, One, Renderer, Site};
+use crate::targets::{ObjectReader, TargetError};
+use cairn_core::bundle::Entry;
+
+/// What one pass over a release's stored objects found.
+pub(super) enum Prepare {
+    /// Every object is stored and renders at this site.
+    Ready(Box<Prepared>),
+    /// These objects are missing or were corrupt (dropped): fetch them
+    /// again, then pass again.
+    Missing(Vec<Entry>),
+    /// The release does not render at this site (or the site's files are
+    /// unusable): nothing is applied.
+    Invalid(String),
+}
+
+/// A release ready to apply at this site.
+pub(super) struct Prepared {
+    /// The entries to apply, as rendered (address and size of the rendered
+    /// bytes), in manifest order.
+    pub(super) entries: Vec<Entry>,
+    /// Reads their bodies from the store.
+    pub(super) reader: StoreObjects,
+    /// Objects not applied at this site, one line each.
+    pub(super) object_errors: Vec<String>,
+    /// The digest of the values in use.
+    pub(super) values_digest: Option<String>,
+}
+
+/// Reads the desired objects' bodies from the store, rendered for the site
+/// exactly as the pass that made the entries rendered them.
+pub(super) struct StoreObjects {
+    store: Store,
+    site: Site,
+    renderer: Renderer,
+    decrypt: bool,
+    /// Desired index → the stored entry it renders from, for the objects
+    /// rendering changed (few: placeholders, decrypted Secrets); every
+    /// other desired entry is its stored object.
+    rendered_from: BTreeMap<usize, Entry>,
+}
+
+impl ObjectReader for StoreObjects {
+    fn read(&self, entries: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
+        let mut out = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let Some(e) = entries.get(i) else {
+                return Err(TargetError::Object {
+                    address: String::new(),
+                    reason: format!("no desired object {i}"),
+                });
+            };
+            let source = self.rendered_from.get(&i).unwrap_or(e);
+            let bytes =
+                self.store
+                    .get_object(&source.object)?
+                    .ok_or_else(|| TargetError::Object {
+                        address: source.object.to_string(),
+                        reason: "no longer in the store".into(),
+                    })?;
+            if !self.rendered_from.contains_key(&i) {
+                out.push(bytes);
+                continue;
+            }
+            let o = DesiredObject {
+                entry: source.clone(),
+                bytes,
+            };
+            match self.renderer.render_one(o, &self.site, self.decrypt) {
+                One::Apply(o) if o.entry.object == e.object => out.push(o.bytes),
+                _ => {
+                    return Err(TargetError::Object {
+                        address: source.object.to_string(),
+                        reason: "rendered differently than when the reconcile started".into(),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A stored object checked against its address; a corrupt copy is
+/// dropped and reads as missing (blocking).
+fn read_stored(store: &Store, e: &Entry) -> std::result::Result<Option<Vec<u8>>, StoreError> {
+    match store.get_object(&e.object) {
+        Ok(b) => Ok(b),
+        Err(StoreError::Corrupt { reason, .. }) => {
+            tracing::warn!(object = %e.object, %reason, "corrupt object in the store; re-fetching");
+            store.remove_object(&e.object)?;
+            Ok(None)
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// One pass over a release's objects (blocking): reads each from the
+/// store once, renders it for `site` and keeps its (rendered) entry.
+/// `values` are the release's `CairnValues` entries (read first: the
+/// variables must be known before any object renders), `entries` every
+/// entry in manifest order.
+pub(super) fn prepare(
+    store: &Store,
+    values: &[Entry],
+    entries: impl Iterator<Item = Entry>,
+    site: Site,
+    decrypt: bool,
+) -> std::result::Result<Prepare, StoreError> {
+    let mut lines = Vec::new();
+    let mut missing = Vec::new();
+    let renderer = {
+        let mut objects = Vec::new();
+        for e in values {
+            match read_stored(store, e)? {
+                Some(bytes) => objects.push(DesiredObject {
+                    entry: e.clone(),
+                    bytes,
+                }),
+                None => missing.push(e.clone()),
+            }
+        }
+        let refs: Vec<&DesiredObject> = objects.iter().collect();
+        Renderer::new(&refs, &site, &mut lines)
+    };
+    let mut out = Vec::new();
+    let mut rendered_from = BTreeMap::new();
+    let mut object_errors = Vec::new();
+    for e in entries {
+        if site::is_values(&e) {
+            continue;
+        }
+        let Some(bytes) = read_stored(store, &e)? else {
+            missing.push(e);
+            continue;
+        };
+        let source = e.clone();
+        match renderer.render_one(DesiredObject { entry: e, bytes }, &site, decrypt) {
+            One::Skip => {}
+            One::Apply(o) => {
+                if o.entry != source {
+                    rendered_from.insert(out.len(), source);
+                }
+                out.push(o.entry);
+            }
+            One::ObjectError(m) => object_errors.push(m),
+            One::Errors(e) => lines.extend(e),
+        }
+    }
+    if !missing.is_empty() {
+        return Ok(Prepare::Missing(missing));
+    }
+    if let Err(e) = site::finish(lines) {
+        return Ok(Prepare::Invalid(e.to_string()));
+    }
+    Ok(Prepare::Ready(Box::new(Prepared {
+        entries: out,
+        values_digest: renderer.values_digest(),
+        reader: StoreObjects {
+            store: store.clone(),
+            site,
+            renderer,
+            decrypt,
+            rendered_from,
+        },
+        object_errors,
+    })))
+}
+
+impl Agent {
+    /// The site's files, read on the calling (blocking) thread.
+    pub(super) fn site_loader(&self) -> impl FnOnce() -> std::result::Result<Site, String> {
+        let labels = self.inner.config.labels.clone();
+        let (values, identities) = crate::site::files(&self.inner.config);
+        move || Site::load(&labels, values.as_deref(), identities.as_deref())
+    }
+
+    /// The desired state of `h` at this site, streamed from the store:
+    /// missing or corrupt objects are fetched again from the sources (once).
+    pub(super) async fn desired_state(
+        &self,
+        h: &HeadState,
+        failed: Option<&FailedRelease>,
+    ) -> Result<DesiredState> {
+        let mut fetched_again = false;
+        loop {
+            let (release, limits) = (h.release.clone(), self.inner.limits.clone());
+            let load_site = self.site_loader();
+            let pass = self
+                .blocking(move |store| {
+                    let Some(manifest) = stored_manifest(store, &release, &limits)? else {
+                        return Ok(None);
+                    };
+                    let site = match load_site() {
+                        Ok(s) => s,
+                        Err(m) => return Ok(Some(Prepare::Invalid(m))),
+                    };
+                    let values: Vec<Entry> = manifest
+                        .entries
+                        .iter()
+                        .filter(|e| site::is_values(e))
+                        .cloned()
+                        .collect();
+                    prepare(store, &values, manifest.entries.into_iter(), site, true).map(Some)
+                })
+                .await?;
+            let prepared = match pass {
+                None => {
+                    return Err(Error::CorruptState {
+                        dir: self.inner.config.data_dir.clone(),
+                        detail: format!(
+                            "the manifest of bundle {} is missing or unreadable",
+                            h.release.bundle
+                        ),
+                    })
+                }
+                Some(Prepare::Ready(p)) => *p,
+                Some(Prepare::Invalid(m)) => {
+                    self.state().site = Some(crate::site::SiteStatus {
+                        error: Some(m.clone()),
+                        ..Default::default()
+                    });
+                    return Err(Error::Status(m));
+                }
+                Some(Prepare::Missing(missing)) => {
+                    for e in &missing {
+                        if fetched_again || !self.fetch_object_anywhere(&e.object, e.size).await {
+                            return Err(Error::CorruptState {
+                                dir: self.inner.config.data_dir.clone(),
+                                detail: format!(
+                                    "object {} ({}) of the adopted release is missing and no source has it",
+                                    e.object,
+                                    e.display_name()
+                                ),
+                            });
+                        }
+                    }
+                    fetched_again = true;
+                    continue;
+                }
+            };
+            for e in &prepared.object_errors {
+                tracing::warn!(error = %e, "object not applied at this site");
+            }
+            self.state().site = Some(crate::site::SiteStatus {
+                values_digest: prepared.values_digest,
+                object_errors: prepared.object_errors,
+                error: None,
+            });
+            let mut d = DesiredState::new(
+                h.release.channel.to_string(),
+                h.release.sequence,
+                h.release.bundle.to_string(),
+                prepared.entries,
+                Arc::new(prepared.reader),
+            );
+            d.failed_release = failed.map(|f| (f.sequence, f.reason.clone()));
+            return Ok(d);
+        }
+    }
+
+    /// Before adoption: a release whose values do not fit this site (an
+    /// undeclared variable, a value outside its pattern) is refused, with
+    /// the reason in status. `None`: adopt. Streams the objects from the
+    /// store like a reconcile.
+    pub(super) async fn site_gate(
+        &self,
+        source: &str,
+        adoption: &Arc<crate::pipeline::Adoption>,
+    ) -> Option<SyncOutcome> {
+        let load_site = self.site_loader();
+        let a = adoption.clone();
+        let pass = self
+            .blocking(move |store| {
+                let site = match load_site() {
+                    Ok(s) => s,
+                    Err(m) => return Ok(Prepare::Invalid(m)),
+                };
+                let entries = &a.manifest().entries;
+                let values: Vec<Entry> = entries
+                    .iter()
+                    .filter(|e| site::is_values(e))
+                    .cloned()
+                    .collect();
+                prepare(store, &values, entries.iter().cloned(), site, false)
+            })
+            .await;
+        // Missing or damaged objects: the reconcile fetches them again
+        // and renders then.
+        let Ok(Prepare::Invalid(message)) = pass else {
+            return None;
+        };
+        const REASON: &str = "site-values";
+        tracing::warn!(source, reason = REASON, error = %message, "release not adopted at this site");
+        self.inner.metrics.reject(REASON);
+        let r = RejectionStatus {
+            at: unix_now(),
+            source: source.to_owned(),
+            reason: REASON.to_owned(),
+            message: message.clone(),
+        };
+        let mut st = self.state();
+        st.last_rejection = Some(r.clone());
+        st.sources
+            .entry(source.to_owned())
+            .or_default()
+            .last_rejection = Some(r);
+        st.site = Some(crate::site::SiteStatus {
+            error: Some(message),
+            ..Default::default()
+        });
+        Some(SyncOutcome::Rejected { reason: REASON })
+    }
+}
+
+#[cfg(test)]
+mod tests;
