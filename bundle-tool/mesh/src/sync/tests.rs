@@ -111,6 +111,32 @@ impl Node {
         self.ep.heads().get(channel).map_or(0, |h| h.sequence)
     }
 
+    /// Asks the endpoint for what a fetch lacks: the manifest by address,
+    /// then the missing entries by index.
+    fn want_missing(&mut self, fetch: FetchId, manifest: &str, now: u64) {
+        match self.objects.get(manifest) {
+            None => self
+                .ep
+                .fetch_want(fetch, vec![manifest.to_owned()], Millis(now)),
+            Some(m) => {
+                let entries: Vec<String> = codec::decode("toy manifest", m, 1 << 20).unwrap();
+                let missing = entries
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, a)| !self.objects.contains_key(a))
+                    .map(|(i, a)| (i as u32, a))
+                    .collect();
+                self.ep.fetch_want_entries(fetch, missing, Millis(now));
+            }
+        }
+    }
+
+    /// The entries of a toy bundle this node holds.
+    fn bundle_entries(&self, bundle: &str) -> Option<Vec<String>> {
+        let m = self.objects.get(bundle)?;
+        codec::decode("toy manifest", m, 1 << 20).ok()
+    }
+
     fn missing(&self, manifest: &str) -> Vec<String> {
         match self.objects.get(manifest) {
             None => vec![manifest.to_owned()],
@@ -265,8 +291,10 @@ impl Sim {
                     Wire::Msg(to, conn, frame) => {
                         let lim = self.nodes[to].ep.config().limits.clone();
                         let msg = decode_body(&frame[4..], &lim).unwrap();
-                        if let Message::Data { id, .. } = &msg {
-                            self.open_wants.entry(to).or_default().remove(id);
+                        if let Message::Data { id, more, .. } = &msg {
+                            if !more {
+                                self.open_wants.entry(to).or_default().remove(id);
+                            }
                         }
                         self.nodes[to]
                             .ep
@@ -286,7 +314,16 @@ impl Sim {
         match a {
             Action::Send { conn, message } => {
                 if let Message::Want { id, items } = &message {
-                    assert!(items.len() <= self.nodes[i].ep.config().limits.max_items_per_want);
+                    let limits = &self.nodes[i].ep.config().limits;
+                    assert!(items.len() <= limits.max_items_per_want);
+                    let named: usize = items
+                        .iter()
+                        .map(|it| match it {
+                            Item::Entries(e) => e.check(limits).unwrap(),
+                            _ => 0,
+                        })
+                        .sum();
+                    assert!(named <= limits.max_objects_per_want);
                     let open = self.open_wants.entry(i).or_default();
                     open.insert(*id);
                     let n = open.len();
@@ -343,25 +380,48 @@ impl Sim {
                 if n.behaviour == Behaviour::Silent {
                     return;
                 }
-                let found = items
-                    .into_iter()
-                    .map(|item| {
-                        let bytes = match &item {
-                            Item::Root(v) if *v <= n.ep.root_version => {
-                                Some(format!("toy root {v}").into_bytes())
-                            }
-                            Item::Root(_) => None,
-                            Item::Release(c) => n.releases.get(c).cloned(),
-                            Item::Object(a) => n.objects.get(a).cloned().map(|mut b| {
-                                if n.behaviour == Behaviour::Tamper {
-                                    b[0] ^= 1;
-                                }
-                                b
-                            }),
-                        };
-                        Found { item, bytes }
+                let object = |n: &Node, a: &str| {
+                    n.objects.get(a).cloned().map(|mut b| {
+                        if n.behaviour == Behaviour::Tamper {
+                            b[0] ^= 1;
+                        }
+                        b
                     })
-                    .collect();
+                };
+                let mut found = Vec::new();
+                for item in items {
+                    let bytes = match &item {
+                        Item::Root(v) if *v <= n.ep.root_version => {
+                            Some(format!("toy root {v}").into_bytes())
+                        }
+                        Item::Root(_) => None,
+                        Item::Release(c) => n.releases.get(c).cloned(),
+                        Item::Object(a) => object(n, a),
+                        Item::Entries(e) => {
+                            let Some(entries) = n.bundle_entries(&e.bundle) else {
+                                found.push(Found { item, bytes: None });
+                                continue;
+                            };
+                            match e.indices(entries.len()) {
+                                Ok(ix) => {
+                                    for k in ix {
+                                        let a = entries[k].clone();
+                                        let bytes = object(n, &a);
+                                        found.push(Found {
+                                            item: Item::Object(a),
+                                            bytes,
+                                        });
+                                    }
+                                }
+                                Err(bad) => {
+                                    return n.ep.serve_refused(conn, id, bad, "toy", Millis(now))
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    found.push(Found { item, bytes });
+                }
                 n.ep.serve(conn, id, found, Millis(now));
             }
             Event::VerifyRelease {
@@ -405,8 +465,7 @@ impl Sim {
                 n.pending.insert(fetch, (head, manifest.clone()));
                 n.releases.insert(format!("pending-{fetch}"), release);
                 n.ep.release_verified(fetch, Millis(now));
-                let missing = n.missing(&manifest);
-                n.ep.fetch_want(fetch, missing, Millis(now));
+                n.want_missing(fetch, &manifest, now);
             }
             Event::Object { address, bytes, .. } => {
                 assert_eq!(
@@ -422,9 +481,8 @@ impl Sim {
                 let Some((head, manifest)) = n.pending.get(&fetch).cloned() else {
                     return;
                 };
-                let missing = n.missing(&manifest);
-                if !missing.is_empty() {
-                    return n.ep.fetch_want(fetch, missing, Millis(now));
+                if !n.missing(&manifest).is_empty() {
+                    return n.want_missing(fetch, &manifest, now);
                 }
                 n.pending.remove(&fetch);
                 if let Some(r) = n.releases.remove(&format!("pending-{fetch}")) {
@@ -545,6 +603,7 @@ fn only_missing_objects_move() {
 fn objects_move_in_bounded_batches() {
     let mut c0 = cfg(0, vec![1]);
     c0.limits.max_items_per_want = 7;
+    c0.limits.max_objects_per_want = 7;
     c0.limits.max_outstanding_wants = 2;
     let mut c1 = cfg(1, vec![]);
     c1.limits.max_items_per_want = 7;
@@ -1187,10 +1246,7 @@ fn hello(ep: &mut Endpoint, id: &str, now: u64) -> ConnId {
     let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, Millis(now));
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
+        Message::Hello(Hello::new(None)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1222,10 +1278,7 @@ fn protocol_violations_cut_the_peer_off() {
     let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: 99,
-            listen: None,
-        }),
+        Message::Hello(Hello::speaking(99, 99, None)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1238,6 +1291,7 @@ fn protocol_violations_cut_the_peer_off() {
         Message::Data {
             id: 77,
             items: vec![],
+            more: false,
         },
         Millis(now),
         UnixMillis(now),
@@ -1285,10 +1339,7 @@ fn operators_may_only_read_status() {
     );
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
+        Message::Hello(Hello::new(None)),
         Millis(now),
         UnixMillis(now),
     );
