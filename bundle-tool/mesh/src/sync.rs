@@ -72,8 +72,8 @@
 //! 0) are never dialed.
 
 use super::wire::{
-    BadWant, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    BadWant, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo, SignedStatus,
+    StatusRecord, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
@@ -584,8 +584,8 @@ struct Request {
     /// Items asked for by name, not yet answered.
     items: BTreeSet<Item>,
     /// Entries asked for by index (protocol version 3), not yet answered:
-    /// address -> index.
-    entries: BTreeMap<String, u32>,
+    /// index -> address.
+    entries: BTreeMap<u32, String>,
     /// The compact item sent, if any: answered itself, without bytes, by
     /// a peer that does not hold the bundle.
     compact: Option<Item>,
@@ -600,7 +600,7 @@ impl Request {
         self.items
             .iter()
             .cloned()
-            .chain(self.entries.keys().map(|a| Item::Object(a.clone())))
+            .chain(self.entries.values().map(|a| Item::Object(a.clone())))
     }
 }
 
@@ -1167,7 +1167,12 @@ impl Endpoint {
                 self.actions
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
             }
-            Message::Data { id, items, more } => self.handle_data(conn, id, items, more, now),
+            Message::Data {
+                id,
+                items,
+                more,
+                entries,
+            } => self.handle_data(conn, id, items, entries, more, now),
             Message::Status(records) => self.merge_status(conn, records, now, wall),
             Message::StatusDigest(digest) => self.handle_digest(conn, digest, now, wall),
             Message::StatusPull(ids) => self.handle_pull(conn, ids, now, wall),
@@ -1180,29 +1185,33 @@ impl Endpoint {
         }
     }
 
-    /// Answers a [`Event::Serve`]: `found` holds what we have (in request
-    /// order; for an [`Item::Entries`] item, one [`Item::Object`] per entry,
-    /// or the entries item itself without bytes when we do not hold the
-    /// bundle). Version 2 peers get one reply cut to
+    /// Answers a [`Event::Serve`] of plain items: `found` holds what we
+    /// have (in request order). Version 2 peers get one reply cut to
     /// [`MeshLimits::max_reply_bytes`]; version 3 peers get everything,
     /// split over as many `Data` frames as needed, up to
     /// [`MeshLimits::max_want_reply_bytes`] per want. What is left out the
-    /// peer asks for again.
+    /// peer asks for again. Wants with an [`Item::Entries`] item are
+    /// answered with [`Endpoint::serve_part`].
     pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: Millis) {
-        self.serve_part(conn, id, found, true, now);
+        self.serve_part(conn, id, found, Vec::new(), true, now);
     }
 
-    /// Answers part of a [`Event::Serve`] to a version 3 peer (`last`:
-    /// nothing follows), so a shell never holds a whole large answer in
-    /// memory: read up to [`MeshLimits::max_reply_bytes`], hand it over,
-    /// read on. Once [`MeshLimits::max_want_reply_bytes`] went out, the
-    /// rest is dropped (the peer asks again). To a version 2 peer the
-    /// first part is the whole answer.
+    /// Answers (part of) a [`Event::Serve`] to a version 3 peer: `found`
+    /// for plain items (an [`Item::Entries`] item itself without bytes when
+    /// we do not hold that bundle), `entries` for the entries of an
+    /// [`Item::Entries`] item by index, each with its object's bytes (none
+    /// if we lack it); `last`: nothing follows. A shell never needs to
+    /// hold a whole large answer in memory: read up to
+    /// [`MeshLimits::max_reply_bytes`], hand it over, read on. Once
+    /// [`MeshLimits::max_want_reply_bytes`] went out, the rest is dropped
+    /// (the peer asks again). To a version 2 peer the first part is the
+    /// whole answer.
     pub fn serve_part(
         &mut self,
         conn: ConnId,
         id: u64,
         found: Vec<Found>,
+        entries: Vec<EntryFound>,
         last: bool,
         now: Millis,
     ) {
@@ -1210,6 +1219,7 @@ impl Endpoint {
         let limits = &self.config.limits;
         let (budget, cap) = (limits.max_reply_bytes, limits.max_want_reply_bytes);
         let frame_room = (limits.max_frame_bytes as usize).saturating_sub(64 * 1024);
+        let max_entries = limits.max_objects_per_want;
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -1228,37 +1238,62 @@ impl Endpoint {
                 used += n;
                 items.push(f);
             }
-            let more = false;
-            return self.send(conn, Message::Data { id, items, more }, now);
+            let (more, entries) = (false, Vec::new());
+            return self.send(
+                conn,
+                Message::Data {
+                    id,
+                    items,
+                    more,
+                    entries,
+                },
+                now,
+            );
         }
-        let mut frames: Vec<Vec<Found>> = Vec::new();
-        let mut frame = Vec::new();
+        let mut frames: Vec<(Vec<Found>, Vec<EntryFound>)> = Vec::new();
+        let mut frame: (Vec<Found>, Vec<EntryFound>) = (Vec::new(), Vec::new());
         let mut used = 0usize;
-        for f in found {
-            let n = f.bytes.as_ref().map_or(0, Vec::len) + 128;
+        let answers = found
+            .into_iter()
+            .map(either_found)
+            .chain(entries.into_iter().map(either_entry));
+        for (n, answer) in answers {
             if n > frame_room || (*served > 0 && *served + n > cap) {
                 // Too large for any frame, or over the want's budget:
                 // left out.
                 continue;
             }
-            if used + n > budget && !frame.is_empty() {
+            let full = used + n > budget || frame.1.len() >= max_entries;
+            if full && !(frame.0.is_empty() && frame.1.is_empty()) {
                 frames.push(std::mem::take(&mut frame));
                 used = 0;
             }
             used += n;
             *served += n;
-            frame.push(f);
+            match answer {
+                Ok(f) => frame.0.push(f),
+                Err(e) => frame.1.push(e),
+            }
         }
-        if !frame.is_empty() || last {
+        if !(frame.0.is_empty() && frame.1.is_empty()) || last {
             frames.push(frame);
         }
         if last {
             c.serving.remove(&id);
         }
         let count = frames.len();
-        for (k, items) in frames.into_iter().enumerate() {
+        for (k, (items, entries)) in frames.into_iter().enumerate() {
             let more = !(last && k + 1 == count);
-            self.send(conn, Message::Data { id, items, more }, now);
+            self.send(
+                conn,
+                Message::Data {
+                    id,
+                    items,
+                    more,
+                    entries,
+                },
+                now,
+            );
         }
     }
 
@@ -2073,8 +2108,7 @@ impl Endpoint {
                     for e in chunk[covered..].iter().rev() {
                         f.entries.push_front(e.clone());
                     }
-                    req.entries
-                        .extend(chunk.into_iter().take(covered).map(|(i, a)| (a, i)));
+                    req.entries.extend(chunk.into_iter().take(covered));
                     let item = Item::Entries(EntryRanges {
                         bundle: f.head.bundle.clone(),
                         ranges,
@@ -2136,7 +2170,15 @@ impl Endpoint {
         }
     }
 
-    fn handle_data(&mut self, conn: ConnId, id: u64, items: Vec<Found>, more: bool, now: u64) {
+    fn handle_data(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        items: Vec<Found>,
+        entries: Vec<EntryFound>,
+        more: bool,
+        now: u64,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -2151,12 +2193,28 @@ impl Endpoint {
         let fetch = req.fetch;
         let mut missing = Vec::new();
         let mut objects = Vec::new();
+        for EntryFound(k, bytes) in entries {
+            let Some(address) = req.entries.remove(&k) else {
+                return self.offense(
+                    conn,
+                    Offense::Unsolicited,
+                    format!("entry {k} was not asked for"),
+                    now,
+                );
+            };
+            req.got_any = true;
+            let Some(bytes) = bytes else {
+                missing.push(Item::Object(address));
+                continue;
+            };
+            if let Err(e) = cairn_core::bundle::verify_object(&address, &bytes) {
+                self.fail_fetch(fetch, format!("entry {k} ({address}) hash mismatch"));
+                return self.offense(conn, Offense::ObjectHashMismatch, e.to_string(), now);
+            }
+            objects.push((address, bytes));
+        }
         for f in items {
             let asked = match &f.item {
-                Item::Object(a) if req.entries.contains_key(a) => {
-                    req.entries.remove(a);
-                    true
-                }
                 // "I do not hold that bundle": every entry it names.
                 item @ Item::Entries(_)
                     if f.bytes.is_none() && req.compact.as_ref() == Some(item) =>
@@ -2241,10 +2299,7 @@ impl Endpoint {
             for item in std::mem::take(&mut req.items).into_iter().rev() {
                 f.queue.push_front(item);
             }
-            let mut left: Vec<(u32, String)> =
-                req.entries.into_iter().map(|(a, i)| (i, a)).collect();
-            left.sort();
-            for e in left.into_iter().rev() {
+            for e in req.entries.into_iter().rev() {
                 f.entries.push_front(e);
             }
         }
@@ -2321,6 +2376,16 @@ impl Endpoint {
         }
         self.maybe_start_fetches(now);
     }
+}
+
+/// A plain answer and its size for reply budgets.
+fn either_found(f: Found) -> (usize, Result<Found, EntryFound>) {
+    (f.bytes.as_ref().map_or(0, Vec::len) + 128, Ok(f))
+}
+
+/// An entry answer and its size for reply budgets.
+fn either_entry(e: EntryFound) -> (usize, Result<Found, EntryFound>) {
+    (e.1.as_ref().map_or(0, Vec::len) + 16, Err(e))
 }
 
 /// Checks a peer's want before it is served: compact items only on a

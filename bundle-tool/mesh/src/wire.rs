@@ -184,6 +184,18 @@ pub struct EntryRanges {
     pub ranges: Vec<(u32, u32)>,
 }
 
+/// One answered entry of an [`Item::Entries`] want: its index and its
+/// object's bytes, or no bytes when the sender lacks that object. Encoded
+/// as a two-element array: about 7 bytes of framing per object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryFound(
+    /// The entry's index in the bundle's entry order.
+    pub u32,
+    /// The object's bytes, if held.
+    #[serde(with = "serde_bytes")]
+    pub Option<Vec<u8>>,
+);
+
 /// Why a want is refused (the peer that sent it is cut off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum BadWant {
@@ -449,6 +461,11 @@ pub enum Message {
         /// (the answer did not fit one frame). Absent (version 2): false.
         #[serde(default)]
         more: bool,
+        /// Protocol version 3: answers to an [`Item::Entries`] want, by
+        /// entry index (the receiver knows each index's address and checks
+        /// the bytes against it). Absent (version 2): empty.
+        #[serde(default)]
+        entries: Vec<EntryFound>,
     },
     /// Protocol version 3: the status records the sender holds that it has
     /// not yet told the receiver about, as `(agent id, record time)` pairs.
@@ -547,9 +564,15 @@ impl Message {
                 }
                 items.iter().try_for_each(item)?;
             }
-            Message::Data { items, .. } => {
-                if items.len() > limits.max_items_per_want + limits.max_objects_per_want {
-                    return bad(format!("data with {} items", items.len()));
+            Message::Data { items, entries, .. } => {
+                if items.len() > limits.max_items_per_want
+                    || entries.len() > limits.max_objects_per_want
+                {
+                    return bad(format!(
+                        "data with {} items and {} entries",
+                        items.len(),
+                        entries.len()
+                    ));
                 }
                 items.iter().try_for_each(|f| item(&f.item))?;
             }
@@ -718,6 +741,7 @@ mod tests {
                     },
                 ],
                 more: true,
+                entries: vec![EntryFound(3, Some(b"y".to_vec())), EntryFound(4, None)],
             },
             Message::Want {
                 id: 8,
@@ -913,6 +937,7 @@ mod tests {
             id: 1,
             items: vec![],
             more: false,
+            entries: vec![EntryFound(0, None)],
         };
         let theirs: v2::Message =
             cairn_keys::codec::decode("v2", &cairn_keys::codec::encode(&data), 1 << 20).unwrap();
@@ -943,8 +968,9 @@ mod tests {
             Message::Data {
                 id: 4,
                 more: false,
+                ref entries,
                 ..
-            }
+            } if entries.is_empty()
         ));
     }
 

@@ -389,6 +389,7 @@ impl Sim {
                     })
                 };
                 let mut found = Vec::new();
+                let mut answered = Vec::new();
                 for item in items {
                     let bytes = match &item {
                         Item::Root(v) if *v <= n.ep.root_version => {
@@ -405,12 +406,8 @@ impl Sim {
                             match e.indices(entries.len()) {
                                 Ok(ix) => {
                                     for k in ix {
-                                        let a = entries[k].clone();
-                                        let bytes = object(n, &a);
-                                        found.push(Found {
-                                            item: Item::Object(a),
-                                            bytes,
-                                        });
+                                        let bytes = object(n, &entries[k]);
+                                        answered.push(EntryFound(k as u32, bytes));
                                     }
                                 }
                                 Err(bad) => {
@@ -422,7 +419,7 @@ impl Sim {
                     };
                     found.push(Found { item, bytes });
                 }
-                n.ep.serve(conn, id, found, Millis(now));
+                n.ep.serve_part(conn, id, found, answered, true, Millis(now));
             }
             Event::VerifyRelease {
                 fetch,
@@ -1292,6 +1289,7 @@ fn protocol_violations_cut_the_peer_off() {
             id: 77,
             items: vec![],
             more: false,
+            entries: vec![],
         },
         Millis(now),
         UnixMillis(now),
