@@ -148,6 +148,10 @@ pub struct SimConfig {
     /// Share of the agents (0 to 1, spread evenly) that speak mesh
     /// protocol version 2 only: a fleet in the middle of an upgrade.
     pub legacy_share: f64,
+    /// Simulated time between one release's convergence and the next
+    /// release (default 2 s; longer lets status gossip settle, and then
+    /// the last release is followed by a pause too).
+    pub pause_ms: u64,
 }
 
 impl SimConfig {
@@ -175,6 +179,7 @@ impl SimConfig {
             anti_entropy_ms: 5_000,
             target_connections: 8,
             legacy_share: 0.0,
+            pause_ms: 2_000,
         }
     }
 }
@@ -209,6 +214,11 @@ pub struct ReleaseReport {
     pub gossip_bytes_mean: f64,
     /// `Want` frame bytes received per agent in its window: mean.
     pub want_bytes_mean: f64,
+    /// Status gossip bytes received per agent from publishing until the
+    /// next release (the window and the pause after it): mean.
+    pub gossip_period_mean: f64,
+    /// That period's length (simulated ms).
+    pub period_ms: u64,
     /// Size of the bundle (manifest + objects).
     pub bundle_bytes: u64,
     /// Bytes of the objects new in this release (manifest included).
@@ -1993,13 +2003,28 @@ impl Sim {
                 object_bytes_mean: obj,
                 gossip_bytes_mean: sum(2),
                 want_bytes_mean: sum(3),
+                gossip_period_mean: 0.0,
+                period_ms: 0,
                 bundle_bytes: p.bundle_bytes,
                 new_bytes: p.new_bytes,
             });
-            if seq < total {
-                // A short pause between releases.
-                let t = self.now + 2_000;
+            if seq < total || self.cfg.pause_ms > 2_000 {
+                // A pause between releases (and after the last one when
+                // gossip is measured over a longer period).
+                let t = self.now + self.cfg.pause_ms;
                 self.run_until(t, |_| false);
+            }
+            // Gossip over the release's whole period: its window and the
+            // pause after it (records change when agents adopt, and travel
+            // at anti-entropy pace).
+            let end = self.window();
+            if let Some(r) = releases.last_mut() {
+                r.gossip_period_mean = honest
+                    .iter()
+                    .map(|&i| end[i][2] - before[i][2])
+                    .sum::<u64>() as f64
+                    / count;
+                r.period_ms = self.now - t0;
             }
         }
         // Final phase: churn stops, partitions heal, everyone comes back.

@@ -5,7 +5,7 @@
 //! cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn MS:MS]
 //!           [--partition FRACTION:MS] [--malicious N] [--status]
 //!           [--objects N] [--object-bytes N] [--releases N] [--origins N]
-//!           [--legacy SHARE]
+//!           [--legacy SHARE] [--pause MS]
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -16,7 +16,7 @@ use std::time::Instant;
 fn usage() -> &'static str {
     "usage: cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn EVERY_MS:DOWN_MS] \
      [--partition FRACTION:MS] [--malicious N] [--status] [--objects N] [--object-bytes N] \
-     [--releases N] [--origins N] [--rollout SPEC] [--legacy SHARE]"
+     [--releases N] [--origins N] [--rollout SPEC] [--legacy SHARE] [--pause MS]"
 }
 
 fn main() {
@@ -73,6 +73,7 @@ fn real_main() -> Result<()> {
             "--origins" => base.origins = val()?.parse().context("--origins")?,
             "--rollout" => base.rollout = Some(val()?),
             "--legacy" => base.legacy_share = val()?.parse().context("--legacy")?,
+            "--pause" => base.pause_ms = val()?.parse().context("--pause")?,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -81,7 +82,7 @@ fn real_main() -> Result<()> {
         }
     }
     println!(
-        "| agents | release | 50 % / 90 % / all hold it (simulated) | rounds | mesh bytes in per agent (mean / max) | ÷ new bytes | object bytes per agent | gossip bytes per agent | want bytes per agent | bundle / new bytes | events | wall time | invariants |"
+        "| agents | release | 50 % / 90 % / all hold it (simulated) | rounds | mesh bytes in per agent (mean / max) | ÷ new bytes | object bytes per agent | gossip bytes per agent (window / until next release) | want bytes per agent | bundle / new bytes | events | wall time | invariants |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut failed = false;
@@ -113,7 +114,7 @@ fn real_main() -> Result<()> {
                     .map_or("**not converged**".to_owned(), |ms| fmt_ms(Some(ms)))
             );
             println!(
-                "| {n} | {} | {times} | {} | {:.1} KiB / {:.1} KiB | {:.3}× | {:.1} KiB | {:.1} KiB | {:.2} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
+                "| {n} | {} | {times} | {} | {:.1} KiB / {:.1} KiB | {:.3}× | {:.1} KiB | {:.1} / {:.1} KiB in {:.0} s | {:.2} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
                 rel.sequence,
                 rel.rounds,
                 rel.bytes_in_mean / 1024.0,
@@ -121,6 +122,8 @@ fn real_main() -> Result<()> {
                 rel.bytes_in_mean / (rel.new_bytes.max(1) as f64),
                 rel.object_bytes_mean / 1024.0,
                 rel.gossip_bytes_mean / 1024.0,
+                rel.gossip_period_mean / 1024.0,
+                rel.period_ms as f64 / 1000.0,
                 rel.want_bytes_mean / 1024.0,
                 rel.bundle_bytes as f64 / 1024.0,
                 rel.new_bytes as f64 / 1024.0,
