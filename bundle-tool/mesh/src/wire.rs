@@ -904,20 +904,20 @@ mod tests {
         use serde::{Deserialize, Serialize};
 
         #[derive(Debug, Serialize, Deserialize)]
-        pub struct Hello {
-            pub version: u32,
-            pub listen: Option<String>,
+        pub(super) struct Hello {
+            pub(super) version: u32,
+            pub(super) listen: Option<String>,
         }
 
         #[derive(Debug, Serialize, Deserialize)]
-        pub struct Found {
-            pub item: super::Item,
+        pub(super) struct Found {
+            pub(super) item: super::Item,
             #[serde(with = "serde_bytes")]
-            pub bytes: Option<Vec<u8>>,
+            pub(super) bytes: Option<Vec<u8>>,
         }
 
         #[derive(Debug, Serialize, Deserialize)]
-        pub enum Message {
+        pub(super) enum Message {
             Hello(Hello),
             Data { id: u64, items: Vec<Found> },
         }
