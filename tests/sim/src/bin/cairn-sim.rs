@@ -5,7 +5,7 @@
 //! cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn MS:MS]
 //!           [--partition FRACTION:MS] [--malicious N] [--status]
 //!           [--objects N] [--object-bytes N] [--releases N] [--origins N]
-//!           [--legacy SHARE] [--pause MS]
+//!           [--legacy SHARE] [--pause MS] [--settle MS]
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -16,7 +16,7 @@ use std::time::Instant;
 fn usage() -> &'static str {
     "usage: cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn EVERY_MS:DOWN_MS] \
      [--partition FRACTION:MS] [--malicious N] [--status] [--objects N] [--object-bytes N] \
-     [--releases N] [--origins N] [--rollout SPEC] [--legacy SHARE] [--pause MS]"
+     [--releases N] [--origins N] [--rollout SPEC] [--legacy SHARE] [--pause MS] [--settle MS]"
 }
 
 fn main() {
@@ -74,6 +74,7 @@ fn real_main() -> Result<()> {
             "--rollout" => base.rollout = Some(val()?),
             "--legacy" => base.legacy_share = val()?.parse().context("--legacy")?,
             "--pause" => base.pause_ms = val()?.parse().context("--pause")?,
+            "--settle" => base.settle_ms = val()?.parse().context("--settle")?,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
