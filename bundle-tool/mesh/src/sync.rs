@@ -1719,13 +1719,19 @@ impl Endpoint {
                 .get(&id)
                 .is_some_and(|(pt, at)| *pt >= t && now < at.saturating_add(timeout));
             if newer && !pulling {
+                if self.pulling.len() >= 2 * max {
+                    // Bounded whatever a peer announces: forget pulls
+                    // that timed out; if still full, pull later (the
+                    // record is announced again with its next version).
+                    self.pulling
+                        .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    if self.pulling.len() >= 2 * max {
+                        continue;
+                    }
+                }
                 self.pulling.insert(id.clone(), (t, now));
                 pull.push(id);
             }
-        }
-        if self.pulling.len() > 2 * max {
-            self.pulling
-                .retain(|_, (_, at)| now < at.saturating_add(timeout));
         }
         if !pull.is_empty() {
             self.send(conn, Message::StatusPull(pull), now);

@@ -1822,3 +1822,35 @@ fn a_restarted_peer_resyncs_status() {
         .collect();
     assert_eq!(view, vec![t0, t2]);
 }
+
+#[test]
+fn a_flood_of_digests_keeps_pulls_bounded() {
+    let now = 1_000_000;
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    let max = ep.config().limits.max_status_records;
+    let mut pulled = 0;
+    for round in 0..5u64 {
+        let digest = (0..max as u64)
+            .map(|k| (format!("x{round}-{k}"), now))
+            .collect();
+        ep.handle_message(
+            c,
+            Message::StatusDigest(digest),
+            Millis(now),
+            UnixMillis(now),
+        );
+        while let Some(a) = ep.poll_action() {
+            if let Action::Send {
+                message: Message::StatusPull(ids),
+                ..
+            } = a
+            {
+                pulled += ids.len();
+            }
+        }
+    }
+    // At most twice the table's worth of pulls in flight at a time.
+    assert_eq!(pulled, 2 * max);
+    assert!(ep.pulling.len() <= 2 * max);
+}
