@@ -43,7 +43,9 @@ pub struct MeshLimits {
     /// of 9,003 objects takes three wants.
     pub max_objects_per_want: usize,
     /// Object bytes we send for one want over all its `Data` frames
-    /// (default 16 MiB); what is left out the peer asks for again.
+    /// (default 6 MiB: two frames; with 8 wants in flight at most 48 MiB
+    /// queue for a peer that does not read); what is left out the peer
+    /// asks for again.
     pub max_want_reply_bytes: usize,
     /// Want requests we keep in flight to one peer (default 4): the fetch
     /// window.
@@ -85,7 +87,7 @@ impl Default for MeshLimits {
             max_items_per_want: 256,
             max_ranges_per_want: 1024,
             max_objects_per_want: 4096,
-            max_want_reply_bytes: 16 << 20,
+            max_want_reply_bytes: 6 << 20,
             max_outstanding_wants: 4,
             max_inbound_wants: 8,
             max_reply_bytes: 3 << 20,
