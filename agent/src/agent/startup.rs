@@ -147,9 +147,9 @@ pub(super) fn load_stored(
         Some(bytes) => {
             let (_, rel) = Release::decode_envelope(&bytes, limits.max_release_bytes)
                 .map_err(|e| corrupt(format!("last-good release: {e}")))?;
-            let m = store
-                .bundle(&rel.bundle)?
-                .and_then(|b| Manifest::load(&b, Some(&rel.bundle), &limits, store.chunk_reader()).ok());
+            let m = store.bundle(&rel.bundle)?.and_then(|b| {
+                Manifest::load(&b, Some(&rel.bundle), &limits, store.chunk_reader()).ok()
+            });
             m.map(|m| {
                 let summary = ManifestSummary::of(&m);
                 release_status(&rel, &cairn_keys::sha256_address(&bytes), &summary, now)

@@ -16,7 +16,7 @@ use super::MeshMetrics;
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{ConnId, WireFailure};
 use cairn_mesh::tls;
-use cairn_mesh::wire::{self, Found, Message, WireError, HEADER_BYTES};
+use cairn_mesh::wire::{self, BadWant, EntryFound, Found, Message, WireError, HEADER_BYTES};
 use cairn_mesh::MeshLimits;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -247,14 +247,30 @@ pub(super) enum Input {
         /// Outcome for logs.
         outcome: String,
     },
-    /// Items a peer asked for, read from the store on a blocking thread.
+    /// Items a peer asked for, read from the store on a blocking thread
+    /// (a compact want is answered in several parts).
     Served {
         /// The connection.
         conn: ConnId,
         /// The request id.
         id: u64,
-        /// What was found.
+        /// What was found (plain items).
         found: Vec<Found>,
+        /// Entries by index (a compact want).
+        entries: Vec<EntryFound>,
+        /// Nothing follows.
+        last: bool,
+    },
+    /// A compact want named an entry past the bundle's end.
+    ServeRefused {
+        /// The connection.
+        conn: ConnId,
+        /// The request id.
+        id: u64,
+        /// Why.
+        bad: BadWant,
+        /// Detail for the log.
+        detail: String,
     },
     /// The store's copy of a fetch's manifest was looked up (after the
     /// release verified).

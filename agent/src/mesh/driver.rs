@@ -18,7 +18,7 @@ use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
     WireFailure,
 };
-use cairn_mesh::wire::{Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
+use cairn_mesh::wire::{EntryFound, Found, Head, Item, PeerInfo, RolloutRecord, StatusRecord};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 mod local;
 mod staged;
 
-use staged::{read_item, StagedSource};
+use staged::{serve_items, EntriesCache, StagedSource};
 
 /// How often our own status record is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(2);
@@ -74,6 +74,8 @@ struct Driver {
     read_timeout: Duration,
     /// The monotonic clock's epoch (the endpoint's timers run on it).
     started: Instant,
+    /// The entries of the bundle last served by index.
+    entries_cache: EntriesCache,
 }
 
 pub(super) async fn run(mesh: Mesh) {
@@ -131,6 +133,7 @@ pub(super) async fn run(mesh: Mesh) {
         metrics,
         read_timeout,
         started: Instant::now(),
+        entries_cache: EntriesCache::default(),
     };
     d.refresh_local();
     // Adoptions and newly staged (deferred) releases: both are advertised.
@@ -215,7 +218,19 @@ impl Driver {
                     self.drop_conn(conn);
                 }
             }
-            Input::Served { conn, id, found } => self.ep.serve(conn, id, found, now),
+            Input::Served {
+                conn,
+                id,
+                found,
+                entries,
+                last,
+            } => self.ep.serve_part(conn, id, found, entries, last, now),
+            Input::ServeRefused {
+                conn,
+                id,
+                bad,
+                detail,
+            } => self.ep.serve_refused(conn, id, bad, &detail, now),
             Input::LocalManifest { fetch, manifest } => self.local_manifest(fetch, manifest, now),
             Input::Present { fetch, present } => self.present(fetch, present, now),
             Input::LocalChunks { fetch, chunks } => self.local_chunks(fetch, chunks, now),
@@ -323,22 +338,13 @@ impl Driver {
             }
             Event::Serve { conn, id, items } => {
                 // Disk reads on a blocking thread; the answer comes back
-                // as an input.
+                // as inputs (a compact want in parts of about one frame).
                 let (agent, tx) = (self.agent.clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let read = tokio::task::spawn_blocking(move || {
-                        items
-                            .into_iter()
-                            .map(|item| Found {
-                                bytes: read_item(&agent, &item),
-                                item,
-                            })
-                            .collect()
-                    })
-                    .await;
-                    if let Ok(found) = read {
-                        let _ = tx.send(Input::Served { conn, id, found }).await;
-                    }
+                let part_bytes = self.ep.config().limits.max_reply_bytes;
+                let limits = self.limits.clone();
+                let cache = self.entries_cache.clone();
+                tokio::task::spawn_blocking(move || {
+                    serve_items(&agent, &tx, conn, id, items, part_bytes, &limits, &cache);
                 });
             }
             Event::VerifyRelease {
@@ -636,16 +642,32 @@ impl Driver {
         };
         f.checking = false;
         f.idle_waiting = false;
-        let mut missing = Vec::new();
+        let mut missing = std::collections::BTreeSet::new();
         for (address, held) in present {
             if held {
                 f.ingest.mark_present(&address);
             } else {
-                missing.push(address);
+                missing.insert(address);
             }
         }
         if !missing.is_empty() {
-            self.ep.fetch_want(fetch, missing, now);
+            // By index in the verified manifest's entry order: a version 3
+            // peer is asked with run-length ranges.
+            let mut entries = Vec::with_capacity(missing.len());
+            if let Some(m) = f.ingest.manifest() {
+                for (k, e) in m.entries.iter().enumerate() {
+                    if let Ok(k) = u32::try_from(k) {
+                        if missing.remove(e.object.as_str()) {
+                            entries.push((k, e.object.to_string()));
+                        }
+                    }
+                }
+            }
+            self.ep.fetch_want_entries(fetch, entries, now);
+            if !missing.is_empty() {
+                self.ep
+                    .fetch_want(fetch, missing.into_iter().collect(), now);
+            }
         } else if matches!(f.ingest.want(), Want::Complete) {
             self.adopt(fetch);
         } else {

@@ -646,7 +646,7 @@ fn mesh_connector(cert: &Path) -> tokio_rustls::TlsConnector {
 
 #[test]
 fn an_authenticated_peer_that_says_hello_and_resets_cannot_kill_the_agent() {
-    use cairn_bundle::mesh::wire::{self, Hello, Message, PROTOCOL_VERSION};
+    use cairn_bundle::mesh::wire::{self, Hello, Message};
     use std::os::fd::AsRawFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = World::new(2, 2, 1);
@@ -677,10 +677,7 @@ fn an_authenticated_peer_that_says_hello_and_resets_cannot_kill_the_agent() {
     let connector = mesh_connector(&evil_cert);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let hello = wire::encode_frame(
-        &Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
+        &Message::Hello(Hello::speaking(2, 2, None)),
         cairn_bundle::mesh::MeshLimits::default().max_frame_bytes,
     )
     .unwrap();

@@ -8,7 +8,7 @@ use crate::support::*;
 use cairn_bundle::bundle::read_bundle_file;
 use cairn_bundle::limits::Limits;
 use cairn_bundle::mesh::tls::{self, CredentialPaths, Credentials};
-use cairn_bundle::mesh::wire::{self, Found, Head, Hello, Item, Message, PROTOCOL_VERSION};
+use cairn_bundle::mesh::wire::{self, Found, Head, Hello, Item, Message};
 use cairn_bundle::mesh::MeshLimits;
 use cairn_bundle::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_bundle::repo::{channel_path, RepoDir};
@@ -348,14 +348,7 @@ async fn serve_evil<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     s: &mut S,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
-    send(
-        s,
-        &Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
-    )
-    .await?;
+    send(s, &Message::Hello(Hello::speaking(2, 2, None))).await?;
     match p.behaviour {
         Evil::Oversized => {
             s.write_all(&(1u32 << 30).to_be_bytes()).await?;
@@ -378,7 +371,7 @@ async fn serve_evil<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             .map(|item| {
                 let bytes = match &item {
                     Item::Release(_) => Some(p.release.clone()),
-                    Item::Root(_) => None,
+                    Item::Root(_) | Item::Entries(_) => None,
                     Item::Object(a) => p.repo.get_object(a, 1 << 24).ok().flatten().map(|mut b| {
                         let is_manifest = a == &p.head.bundle;
                         if p.behaviour == Evil::Tamper && !is_manifest {
@@ -390,7 +383,17 @@ async fn serve_evil<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
                 Found { item, bytes }
             })
             .collect();
-        send(s, &Message::Data { id, items }).await?;
+        let (more, entries) = (false, Vec::new());
+        send(
+            s,
+            &Message::Data {
+                id,
+                items,
+                more,
+                entries,
+            },
+        )
+        .await?;
     }
     Ok(())
 }
@@ -543,10 +546,7 @@ async fn attack(addr: String, creds: CredentialPaths, frames: Vec<Vec<u8>>) {
     let connector = tokio_rustls::TlsConnector::from(tls::client_config(&c).unwrap());
     let sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let mut s = connector.connect(tls::server_name(), sock).await.unwrap();
-    let hello = Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        listen: None,
-    });
+    let hello = Message::Hello(Hello::speaking(2, 2, None));
     send(&mut s, &hello).await.unwrap();
     for f in frames {
         // The agent may cut us off half-way: that is the point.

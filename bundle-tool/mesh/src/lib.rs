@@ -36,6 +36,17 @@ pub struct MeshLimits {
     pub max_frame_bytes: u32,
     /// Most items in one `Want` (default 256).
     pub max_items_per_want: usize,
+    /// Ranges in one compact want ([`wire::Item::Entries`], protocol
+    /// version 3; default 1024).
+    pub max_ranges_per_want: usize,
+    /// Objects one compact want may name (default 4096): a full release
+    /// of 9,003 objects takes three wants.
+    pub max_objects_per_want: usize,
+    /// Object bytes we send for one want over all its `Data` frames
+    /// (default 6 MiB: two frames; with 8 wants in flight at most 48 MiB
+    /// queue for a peer that does not read); what is left out the peer
+    /// asks for again.
+    pub max_want_reply_bytes: usize,
     /// Want requests we keep in flight to one peer (default 4): the fetch
     /// window.
     pub max_outstanding_wants: usize,
@@ -74,6 +85,9 @@ impl Default for MeshLimits {
         Self {
             max_frame_bytes: 4 << 20,
             max_items_per_want: 256,
+            max_ranges_per_want: 1024,
+            max_objects_per_want: 4096,
+            max_want_reply_bytes: 6 << 20,
             max_outstanding_wants: 4,
             max_inbound_wants: 8,
             max_reply_bytes: 3 << 20,

@@ -72,7 +72,8 @@
 //! 0) are never dialed.
 
 use super::wire::{
-    Found, Head, Hello, Item, Message, PeerInfo, SignedStatus, StatusRecord, PROTOCOL_VERSION,
+    BadWant, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo, SignedStatus,
+    StatusRecord, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
@@ -270,6 +271,9 @@ pub enum Offense {
     Wire(WireFailure),
     /// A release it served was rejected.
     Release(VerifyFailure),
+    /// A want we refuse to serve (too large, malformed ranges, indices
+    /// past the bundle's entries).
+    BadWant(BadWant),
 }
 
 impl Offense {
@@ -288,6 +292,7 @@ impl Offense {
             Offense::Timeout => "timeout",
             Offense::Wire(w) => w.label(),
             Offense::Release(v) => v.label(),
+            Offense::BadWant(b) => b.label(),
         }
     }
 }
@@ -376,6 +381,10 @@ pub struct SyncConfig {
     /// Our own record is signed again after this long even if nothing
     /// changed, so it never expires while we run (default 1 min).
     pub status_refresh_ms: u64,
+    /// The newest protocol version we speak (default
+    /// [`PROTOCOL_VERSION`]; 2 makes the endpoint behave as a version 2
+    /// agent: tests and simulations of mixed fleets).
+    pub protocol_version: u32,
 }
 
 impl SyncConfig {
@@ -401,6 +410,7 @@ impl SyncConfig {
             max_clock_skew_ms: 300_000,
             status_ttl_ms: 600_000,
             status_refresh_ms: 60_000,
+            protocol_version: PROTOCOL_VERSION,
         }
     }
 }
@@ -550,18 +560,48 @@ struct Conn {
     remote_ip: Option<String>,
     opened: u64,
     hello: bool,
+    /// The protocol version agreed in the hellos (0 before).
+    version: u32,
     last_sent: u64,
     heads: Vec<Head>,
-    /// Peer's requests we are serving.
-    serving: BTreeSet<u64>,
-    /// Our requests: id -> (fetch, items, sent at).
-    outstanding: BTreeMap<u64, (FetchId, Vec<Item>, u64)>,
+    /// Peer's requests we are serving: id -> object bytes sent so far.
+    serving: BTreeMap<u64, usize>,
+    /// Our requests by id.
+    outstanding: BTreeMap<u64, Request>,
     /// No new fetch from this connection before this time.
     fetch_backoff_until: u64,
-    /// Status records already sent on this connection (agent id -> record
-    /// time): gossip sends only what is newer, so an unchanged fleet costs
-    /// nothing to exchange.
-    status_sent: BTreeMap<String, u64>,
+    /// The newest record time per agent id the peer is known to hold: we
+    /// sent or announced it, or the peer sent or announced it. Gossip
+    /// sends only what is newer, so an unchanged fleet costs nothing to
+    /// exchange and a record crosses a connection at most once.
+    status_known: BTreeMap<String, u64>,
+}
+
+/// One of our wants in flight.
+#[derive(Debug)]
+struct Request {
+    fetch: FetchId,
+    /// Items asked for by name, not yet answered.
+    items: BTreeSet<Item>,
+    /// Entries asked for by index (protocol version 3), not yet answered:
+    /// index -> address.
+    entries: BTreeMap<u32, String>,
+    /// The compact item sent, if any: answered itself, without bytes, by
+    /// a peer that does not hold the bundle.
+    compact: Option<Item>,
+    /// Sent, or last answered in part, at.
+    sent: u64,
+    /// Some answer arrived.
+    got_any: bool,
+}
+
+impl Request {
+    fn names(&self) -> impl Iterator<Item = Item> + '_ {
+        self.items
+            .iter()
+            .cloned()
+            .chain(self.entries.values().map(|a| Item::Object(a.clone())))
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -581,6 +621,10 @@ struct Fetch {
     head: Head,
     stage: Stage,
     queue: VecDeque<Item>,
+    /// Objects wanted by their index in the bundle's entries, in index
+    /// order: sent as [`Item::Entries`] to version 3 peers, as
+    /// [`Item::Object`] items to version 2 peers.
+    entries: VecDeque<(u32, String)>,
     roots: BTreeMap<u64, Vec<u8>>,
     release: Option<Vec<u8>>,
     idle_reported: bool,
@@ -658,6 +702,9 @@ pub struct Endpoint {
     keys: Box<dyn RecordKeys>,
     status: BTreeMap<String, HeldStatus>,
     peers: BTreeMap<String, PeerEntry>,
+    /// Records pulled from a peer and not yet received: agent id ->
+    /// (record time, pulled at), so one record is pulled once.
+    pulling: BTreeMap<String, (u64, u64)>,
     pending_dials: BTreeSet<String>,
     bans: BTreeMap<String, Ban>,
     next_anti_entropy: u64,
@@ -683,6 +730,7 @@ impl Endpoint {
             keys,
             status: BTreeMap::new(),
             peers: BTreeMap::new(),
+            pulling: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
             bans: BTreeMap::new(),
             next_anti_entropy: 0,
@@ -723,8 +771,8 @@ impl Endpoint {
                 t = t.min(c.opened + self.config.hello_timeout_ms);
             }
             t = t.min(c.last_sent + self.config.keepalive_ms);
-            for (_, _, sent) in c.outstanding.values() {
-                t = t.min(sent + self.config.request_timeout_ms);
+            for r in c.outstanding.values() {
+                t = t.min(r.sent + self.config.request_timeout_ms);
             }
         }
         Some(t)
@@ -905,12 +953,13 @@ impl Endpoint {
                 remote_ip,
                 opened: now,
                 hello: false,
+                version: 0,
                 last_sent: now,
                 heads: Vec::new(),
-                serving: BTreeSet::new(),
+                serving: BTreeMap::new(),
                 outstanding: BTreeMap::new(),
                 fetch_backoff_until: 0,
-                status_sent: BTreeMap::new(),
+                status_known: BTreeMap::new(),
             },
         );
         if let PeerIdentity::Agent(id) = &identity {
@@ -935,10 +984,11 @@ impl Endpoint {
                 return conn;
             }
         }
-        let hello = Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: self.config.listen.clone(),
-        });
+        let hello = Message::Hello(Hello::speaking(
+            MIN_PROTOCOL_VERSION,
+            self.config.protocol_version,
+            self.config.listen.clone(),
+        ));
         self.send(conn, hello, now);
         conn
     }
@@ -1000,20 +1050,28 @@ impl Endpoint {
                     now,
                 );
             };
-            if h.version != PROTOCOL_VERSION {
+            let ours = self.config.protocol_version;
+            let Some(version) = h.common_version(MIN_PROTOCOL_VERSION, ours) else {
                 self.send(
                     conn,
-                    Message::Bye(format!("protocol version {PROTOCOL_VERSION} required")),
+                    Message::Bye(format!(
+                        "protocol version {MIN_PROTOCOL_VERSION} to {ours} required"
+                    )),
                     now,
                 );
                 return self.offense(
                     conn,
                     Offense::ProtocolVersion,
-                    format!("version {} (we speak {PROTOCOL_VERSION})", h.version),
+                    format!(
+                        "versions {} to {} (we speak {MIN_PROTOCOL_VERSION} to {ours})",
+                        h.version,
+                        h.newest()
+                    ),
                     now,
                 );
-            }
+            };
             c.hello = true;
+            c.version = version;
             let peer = c.peer.clone();
             if let PeerIdentity::Agent(id) = &peer {
                 // Resolve duplicates: keep the connection dialed by the
@@ -1087,6 +1145,9 @@ impl Endpoint {
                 let Some(c) = self.conns.get_mut(&conn) else {
                     return;
                 };
+                if let Err((bad, detail)) = check_want(&items, c.version, &self.config.limits) {
+                    return self.offense(conn, Offense::BadWant(bad), detail, now);
+                }
                 if c.serving.len() >= max {
                     return self.offense(
                         conn,
@@ -1095,7 +1156,7 @@ impl Endpoint {
                         now,
                     );
                 }
-                if !c.serving.insert(id) {
+                if c.serving.insert(id, 0).is_some() {
                     return self.offense(
                         conn,
                         Offense::Protocol,
@@ -1106,8 +1167,15 @@ impl Endpoint {
                 self.actions
                     .push_back(Action::Event(Event::Serve { conn, id, items }));
             }
-            Message::Data { id, items } => self.handle_data(conn, id, items, now),
+            Message::Data {
+                id,
+                items,
+                more,
+                entries,
+            } => self.handle_data(conn, id, items, entries, more, now),
             Message::Status(records) => self.merge_status(conn, records, now, wall),
+            Message::StatusDigest(digest) => self.handle_digest(conn, digest, now, wall),
+            Message::StatusPull(ids) => self.handle_pull(conn, ids, now, wall),
             Message::StatusRequest => self.send_status(conn, true, now, wall),
             Message::Bye(reason) => self.close(
                 conn,
@@ -1117,30 +1185,138 @@ impl Endpoint {
         }
     }
 
-    /// Answers a [`Event::Serve`]: `found` holds what we have (in request
-    /// order). Replies are cut to [`MeshLimits::max_reply_bytes`]; what is
-    /// left out the peer asks for again.
+    /// Answers a [`Event::Serve`] of plain items: `found` holds what we
+    /// have (in request order). Version 2 peers get one reply cut to
+    /// [`MeshLimits::max_reply_bytes`]; version 3 peers get everything,
+    /// split over as many `Data` frames as needed, up to
+    /// [`MeshLimits::max_want_reply_bytes`] per want. What is left out the
+    /// peer asks for again. Wants with an [`Item::Entries`] item are
+    /// answered with [`Endpoint::serve_part`].
     pub fn serve(&mut self, conn: ConnId, id: u64, found: Vec<Found>, now: Millis) {
+        self.serve_part(conn, id, found, Vec::new(), true, now);
+    }
+
+    /// Answers (part of) a [`Event::Serve`] to a version 3 peer: `found`
+    /// for plain items (an [`Item::Entries`] item itself without bytes when
+    /// we do not hold that bundle), `entries` for the entries of an
+    /// [`Item::Entries`] item by index, each with its object's bytes (none
+    /// if we lack it); `last`: nothing follows. A shell never needs to
+    /// hold a whole large answer in memory: read up to
+    /// [`MeshLimits::max_reply_bytes`], hand it over, read on. Once
+    /// [`MeshLimits::max_want_reply_bytes`] went out, the rest is dropped
+    /// (the peer asks again). To a version 2 peer the first part is the
+    /// whole answer.
+    pub fn serve_part(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        found: Vec<Found>,
+        entries: Vec<EntryFound>,
+        last: bool,
+        now: Millis,
+    ) {
         let now = now.0;
+        let limits = &self.config.limits;
+        let (budget, cap) = (limits.max_reply_bytes, limits.max_want_reply_bytes);
+        let frame_room = (limits.max_frame_bytes as usize).saturating_sub(64 * 1024);
+        let max_entries = limits.max_objects_per_want;
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        if !c.serving.remove(&id) {
+        let Some(served) = c.serving.get_mut(&id) else {
             return;
+        };
+        if c.version < 3 {
+            c.serving.remove(&id);
+            let mut used = 0usize;
+            let mut items = Vec::new();
+            for f in found {
+                let n = f.bytes.as_ref().map_or(0, Vec::len) + 128;
+                if used + n > budget && !(items.is_empty() && n <= frame_room) {
+                    break;
+                }
+                used += n;
+                items.push(f);
+            }
+            let (more, entries) = (false, Vec::new());
+            return self.send(
+                conn,
+                Message::Data {
+                    id,
+                    items,
+                    more,
+                    entries,
+                },
+                now,
+            );
         }
-        let budget = self.config.limits.max_reply_bytes;
-        let frame_room = (self.config.limits.max_frame_bytes as usize).saturating_sub(64 * 1024);
+        let mut frames: Vec<(Vec<Found>, Vec<EntryFound>)> = Vec::new();
+        let mut frame: (Vec<Found>, Vec<EntryFound>) = (Vec::new(), Vec::new());
         let mut used = 0usize;
-        let mut items = Vec::new();
-        for f in found {
-            let n = f.bytes.as_ref().map_or(0, Vec::len) + 128;
-            if used + n > budget && !(items.is_empty() && n <= frame_room) {
-                break;
+        let answers = found
+            .into_iter()
+            .map(either_found)
+            .chain(entries.into_iter().map(either_entry));
+        for (n, answer) in answers {
+            if n > frame_room || (*served > 0 && *served + n > cap) {
+                // Too large for any frame, or over the want's budget:
+                // left out.
+                continue;
+            }
+            let full = used + n > budget || frame.1.len() >= max_entries;
+            if full && !(frame.0.is_empty() && frame.1.is_empty()) {
+                frames.push(std::mem::take(&mut frame));
+                used = 0;
             }
             used += n;
-            items.push(f);
+            *served += n;
+            match answer {
+                Ok(f) => frame.0.push(f),
+                Err(e) => frame.1.push(e),
+            }
         }
-        self.send(conn, Message::Data { id, items }, now);
+        if !(frame.0.is_empty() && frame.1.is_empty()) || last {
+            frames.push(frame);
+        }
+        if last {
+            c.serving.remove(&id);
+        }
+        let count = frames.len();
+        for (k, (items, entries)) in frames.into_iter().enumerate() {
+            let more = !(last && k + 1 == count);
+            self.send(
+                conn,
+                Message::Data {
+                    id,
+                    items,
+                    more,
+                    entries,
+                },
+                now,
+            );
+        }
+    }
+
+    /// The shell refuses a want it was asked to serve (an index past the
+    /// bundle's entries): the peer is cut off.
+    pub fn serve_refused(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        bad: BadWant,
+        detail: &str,
+        now: Millis,
+    ) {
+        let now = now.0;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.serving.remove(&id);
+        }
+        self.offense(
+            conn,
+            Offense::BadWant(bad),
+            format!("want {id}: {detail}"),
+            now,
+        );
     }
 
     // ----- fetch inputs --------------------------------------------------
@@ -1205,22 +1381,7 @@ impl Endpoint {
         if f.stage != Stage::Objects {
             return;
         }
-        let in_flight = self
-            .conns
-            .get(&f.conn)
-            .into_iter()
-            .flat_map(|c| c.outstanding.values())
-            .filter(|(fid, _, _)| *fid == fetch)
-            .flat_map(|(_, items, _)| items.iter());
-        let mut queued: BTreeSet<String> = f
-            .queue
-            .iter()
-            .chain(in_flight)
-            .filter_map(|i| match i {
-                Item::Object(a) => Some(a.clone()),
-                _ => None,
-            })
-            .collect();
+        let mut queued = Self::queued_objects(f, self.conns.get(&f.conn), fetch);
         for a in addresses {
             if cairn_core::bundle::is_address(&a) && queued.insert(a.clone()) {
                 f.queue.push_back(Item::Object(a));
@@ -1230,12 +1391,58 @@ impl Endpoint {
         self.pump(fetch, now);
     }
 
+    /// Objects the shell lacks for a verified fetch, each with its index in
+    /// the bundle's entry order (the order of the verified manifest's
+    /// entries): asked for as run-length ranges ([`Item::Entries`]) from a
+    /// version 3 peer, by address from a version 2 peer. Received objects
+    /// are checked against the address given here, so a peer cannot
+    /// substitute another entry. Otherwise as [`Endpoint::fetch_want`].
+    pub fn fetch_want_entries(&mut self, fetch: FetchId, entries: Vec<(u32, String)>, now: Millis) {
+        let now = now.0;
+        let Some(f) = self.fetches.get_mut(&fetch) else {
+            return;
+        };
+        if f.stage != Stage::Objects {
+            return;
+        }
+        let mut queued = Self::queued_objects(f, self.conns.get(&f.conn), fetch);
+        let mut new: Vec<(u32, String)> = entries
+            .into_iter()
+            .filter(|(_, a)| cairn_core::bundle::is_address(a) && queued.insert(a.clone()))
+            .collect();
+        new.sort();
+        let mut all: Vec<(u32, String)> = f.entries.drain(..).chain(new).collect();
+        all.sort();
+        f.entries = all.into();
+        f.idle_reported = false;
+        self.pump(fetch, now);
+    }
+
+    /// Addresses of the objects a fetch has queued or in flight.
+    fn queued_objects(f: &Fetch, conn: Option<&Conn>, fetch: FetchId) -> BTreeSet<String> {
+        let in_flight = conn
+            .into_iter()
+            .flat_map(|c| c.outstanding.values())
+            .filter(|r| r.fetch == fetch)
+            .flat_map(Request::names);
+        f.queue
+            .iter()
+            .cloned()
+            .chain(f.entries.iter().map(|(_, a)| Item::Object(a.clone())))
+            .chain(in_flight)
+            .filter_map(|i| match i {
+                Item::Object(a) => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The shell is done with a fetch (adopted, or nothing more to do).
     pub fn fetch_complete(&mut self, fetch: FetchId, now: Millis) {
         let now = now.0;
         if self.fetches.remove(&fetch).is_some() {
             for c in self.conns.values_mut() {
-                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+                c.outstanding.retain(|_, r| r.fetch != fetch);
             }
             self.maybe_start_fetches(now);
         }
@@ -1253,7 +1460,7 @@ impl Endpoint {
             }
             self.fetches.remove(&fetch);
             for c in self.conns.values_mut() {
-                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+                c.outstanding.retain(|_, r| r.fetch != fetch);
             }
         }
     }
@@ -1277,7 +1484,7 @@ impl Endpoint {
             } else if let Some((rid, _)) = c
                 .outstanding
                 .iter()
-                .find(|(_, (_, _, sent))| now >= sent + self.config.request_timeout_ms)
+                .find(|(_, r)| now >= r.sent + self.config.request_timeout_ms)
             {
                 expired.push((*id, Offense::Timeout, format!("want {rid} unanswered")));
             }
@@ -1373,25 +1580,78 @@ impl Endpoint {
         Message::Heads(heads)
     }
 
-    /// Sends live signed records on `conn`: all of them (`full`, the
-    /// answer to `StatusRequest`), or those newer than what was already
-    /// sent there (gossip; nothing is sent when nothing is new).
+    /// Gossips status on `conn`: to a version 3 peer a digest of the live
+    /// records it is not known to hold (it pulls those it lacks); to a
+    /// version 2 peer the records themselves. `full` (the answer to
+    /// `StatusRequest`) sends every live record.
     fn send_status(&mut self, conn: ConnId, full: bool, now: u64, wall: u64) {
-        // Newest first, within the record count and a byte budget; only
-        // live records with a signature (expired ones are not relayed).
-        let Some(already) = self.conns.get(&conn).map(|c| &c.status_sent) else {
+        let Some(c) = self.conns.get(&conn) else {
             return;
         };
-        let mut records: Vec<&HeldStatus> = self
+        if full || c.version < 3 {
+            let ids: Option<Vec<String>> = None;
+            return self.send_records(conn, ids, full, now, wall);
+        }
+        let known = &c.status_known;
+        let mut digest: Vec<(u64, String)> = self
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
             .filter(|h| {
-                full || already
+                known
                     .get(&h.record.agent_id)
                     .is_none_or(|t| *t < h.record.time)
             })
+            .map(|h| (h.record.time, h.record.agent_id.clone()))
             .collect();
+        if digest.is_empty() {
+            return;
+        }
+        // Newest first, within the record count.
+        digest.sort_by(|a, b| b.cmp(a));
+        digest.truncate(self.config.limits.max_status_records);
+        let max = self.config.limits.max_status_records;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            if c.status_known.len() > 2 * max {
+                c.status_known.clear();
+            }
+            for (t, id) in &digest {
+                c.status_known.insert(id.clone(), *t);
+            }
+        }
+        let digest = digest.into_iter().map(|(t, id)| (id, t)).collect();
+        self.send(conn, Message::StatusDigest(digest), now);
+    }
+
+    /// Sends live signed records on `conn`: those named (`ids`, a pull),
+    /// all of them (`full`), or those newer than the peer is known to
+    /// hold (version 2 gossip; nothing is sent when nothing is new).
+    fn send_records(
+        &mut self,
+        conn: ConnId,
+        ids: Option<Vec<String>>,
+        full: bool,
+        now: u64,
+        wall: u64,
+    ) {
+        // Newest first, within the record count and a byte budget; only
+        // live records with a signature (expired ones are not relayed).
+        let Some(already) = self.conns.get(&conn).map(|c| &c.status_known) else {
+            return;
+        };
+        let mut records: Vec<&HeldStatus> = match &ids {
+            Some(ids) => ids.iter().filter_map(|id| self.status.get(id)).collect(),
+            None => self.status.values().collect(),
+        };
+        records.retain(|h| {
+            h.signed.is_some()
+                && !self.expired(&h.record, wall)
+                && (full
+                    || ids.is_some()
+                    || already
+                        .get(&h.record.agent_id)
+                        .is_none_or(|t| *t < h.record.time))
+        });
         if records.is_empty() && !full {
             return;
         }
@@ -1414,12 +1674,73 @@ impl Endpoint {
             sent.push((h.record.agent_id.clone(), h.record.time));
         }
         if let Some(c) = self.conns.get_mut(&conn) {
-            if c.status_sent.len() > 2 * self.config.limits.max_status_records {
-                c.status_sent.clear();
+            if c.status_known.len() > 2 * self.config.limits.max_status_records {
+                c.status_known.clear();
             }
-            c.status_sent.extend(sent);
+            for (id, t) in sent {
+                let k = c.status_known.entry(id).or_insert(t);
+                *k = (*k).max(t);
+            }
         }
         self.send(conn, Message::Status(out), now);
+    }
+
+    /// A version 3 peer's digest: note what it holds, pull the records
+    /// newer than ours (not about us, not expired or dated ahead, not
+    /// already being pulled).
+    fn handle_digest(&mut self, conn: ConnId, digest: Vec<(String, u64)>, now: u64, wall: u64) {
+        let (skew, ttl, timeout) = (
+            self.config.max_clock_skew_ms,
+            self.config.status_ttl_ms,
+            self.config.request_timeout_ms,
+        );
+        let max = self.config.limits.max_status_records;
+        let mut pull = Vec::new();
+        for (id, t) in digest {
+            if id == self.config.agent_id
+                || t > wall.saturating_add(skew)
+                || t.saturating_add(ttl) <= wall
+            {
+                continue;
+            }
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if c.status_known.len() > 2 * max {
+                    c.status_known.clear();
+                }
+                let k = c.status_known.entry(id.clone()).or_insert(t);
+                *k = (*k).max(t);
+            }
+            let newer = self
+                .status
+                .get(&id)
+                .is_none_or(|h| h.record.time < t || self.expired(&h.record, wall));
+            let pulling = self
+                .pulling
+                .get(&id)
+                .is_some_and(|(pt, at)| *pt >= t && now < at.saturating_add(timeout));
+            if newer && !pulling {
+                if self.pulling.len() >= 2 * max {
+                    // Bounded whatever a peer announces: forget pulls
+                    // that timed out; if still full, pull later (the
+                    // record is announced again with its next version).
+                    self.pulling
+                        .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    if self.pulling.len() >= 2 * max {
+                        continue;
+                    }
+                }
+                self.pulling.insert(id.clone(), (t, now));
+                pull.push(id);
+            }
+        }
+        if !pull.is_empty() {
+            self.send(conn, Message::StatusPull(pull), now);
+        }
+    }
+
+    /// A version 3 peer pulls records it lacks.
+    fn handle_pull(&mut self, conn: ConnId, ids: Vec<String>, now: u64, wall: u64) {
+        self.send_records(conn, Some(ids), false, now, wall);
     }
 
     /// Drops records older than the TTL.
@@ -1454,6 +1775,21 @@ impl Endpoint {
                 forged.get_or_insert_with(|| "undecodable status record".into());
                 continue;
             };
+            // The peer holds it: never sent back on this connection.
+            if let Some(c) = self.conns.get_mut(&conn) {
+                if c.status_known.len() > 2 * limits.max_status_records {
+                    c.status_known.clear();
+                }
+                let k = c.status_known.entry(r.agent_id.clone()).or_insert(r.time);
+                *k = (*k).max(r.time);
+            }
+            if self
+                .pulling
+                .get(&r.agent_id)
+                .is_some_and(|(t, _)| *t <= r.time)
+            {
+                self.pulling.remove(&r.agent_id);
+            }
             if r.agent_id == self.config.agent_id {
                 continue;
             }
@@ -1731,6 +2067,7 @@ impl Endpoint {
                 head,
                 stage: Stage::Release,
                 queue,
+                entries: VecDeque::new(),
                 roots: BTreeMap::new(),
                 release: None,
                 idle_reported: false,
@@ -1742,10 +2079,9 @@ impl Endpoint {
 
     /// Sends wants for a fetch up to the window, and reports progress.
     fn pump(&mut self, fetch: FetchId, now: u64) {
-        let (max_out, batch) = (
-            self.config.limits.max_outstanding_wants,
-            self.config.limits.max_items_per_want,
-        );
+        let limits = &self.config.limits;
+        let (max_out, batch) = (limits.max_outstanding_wants, limits.max_items_per_want);
+        let (max_objects, max_ranges) = (limits.max_objects_per_want, limits.max_ranges_per_want);
         loop {
             let Some(f) = self.fetches.get_mut(&fetch) else {
                 return;
@@ -1753,21 +2089,55 @@ impl Endpoint {
             let Some(c) = self.conns.get(&f.conn) else {
                 return;
             };
-            let in_flight = c
-                .outstanding
-                .values()
-                .filter(|(fid, _, _)| *fid == fetch)
-                .count();
-            if f.stage == Stage::Verdict || f.queue.is_empty() || in_flight >= max_out {
+            let in_flight = c.outstanding.values().filter(|r| r.fetch == fetch).count();
+            let idle = f.queue.is_empty() && f.entries.is_empty();
+            if f.stage == Stage::Verdict || idle || in_flight >= max_out {
                 break;
             }
+            let mut req = Request {
+                fetch,
+                items: BTreeSet::new(),
+                entries: BTreeMap::new(),
+                compact: None,
+                sent: now,
+                got_any: false,
+            };
             let n = f.queue.len().min(batch);
-            let items: Vec<Item> = f.queue.drain(..n).collect();
+            let mut items: Vec<Item> = f.queue.drain(..n).collect();
+            req.items.extend(items.iter().cloned());
+            if c.version >= 3 {
+                if !f.entries.is_empty() && items.len() < batch {
+                    let take = f.entries.len().min(max_objects);
+                    let chunk: Vec<(u32, String)> = f.entries.drain(..take).collect();
+                    let indices: Vec<u32> = chunk.iter().map(|(i, _)| *i).collect();
+                    let (ranges, covered) = EntryRanges::compress(&indices, max_ranges);
+                    for e in chunk[covered..].iter().rev() {
+                        f.entries.push_front(e.clone());
+                    }
+                    req.entries.extend(chunk.into_iter().take(covered));
+                    let item = Item::Entries(EntryRanges {
+                        bundle: f.head.bundle.clone(),
+                        ranges,
+                    });
+                    req.compact = Some(item.clone());
+                    items.push(item);
+                }
+            } else {
+                // A version 2 peer: entries by address.
+                while items.len() < batch {
+                    let Some((_, a)) = f.entries.pop_front() else {
+                        break;
+                    };
+                    let item = Item::Object(a);
+                    req.items.insert(item.clone());
+                    items.push(item);
+                }
+            }
             let conn = f.conn;
             let id = self.next_request;
             self.next_request += 1;
             if let Some(c) = self.conns.get_mut(&conn) {
-                c.outstanding.insert(id, (fetch, items.clone(), now));
+                c.outstanding.insert(id, req);
             }
             self.send(conn, Message::Want { id, items }, now);
         }
@@ -1776,12 +2146,9 @@ impl Endpoint {
             return;
         };
         let in_flight = self.conns.get(&f.conn).map_or(0, |c| {
-            c.outstanding
-                .values()
-                .filter(|(fid, _, _)| *fid == fetch)
-                .count()
+            c.outstanding.values().filter(|r| r.fetch == fetch).count()
         });
-        if in_flight > 0 || !f.queue.is_empty() {
+        if in_flight > 0 || !f.queue.is_empty() || !f.entries.is_empty() {
             return;
         }
         match f.stage {
@@ -1809,11 +2176,19 @@ impl Endpoint {
         }
     }
 
-    fn handle_data(&mut self, conn: ConnId, id: u64, items: Vec<Found>, now: u64) {
+    fn handle_data(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        items: Vec<Found>,
+        entries: Vec<EntryFound>,
+        more: bool,
+        now: u64,
+    ) {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
-        let Some((fetch, asked, _)) = c.outstanding.remove(&id) else {
+        let Some(mut req) = c.outstanding.remove(&id) else {
             return self.offense(
                 conn,
                 Offense::Unsolicited,
@@ -1821,12 +2196,42 @@ impl Endpoint {
                 now,
             );
         };
-        let mut pending: BTreeSet<Item> = asked.iter().cloned().collect();
-        let mut got_any = false;
+        let fetch = req.fetch;
         let mut missing = Vec::new();
         let mut objects = Vec::new();
+        for EntryFound(k, bytes) in entries {
+            let Some(address) = req.entries.remove(&k) else {
+                return self.offense(
+                    conn,
+                    Offense::Unsolicited,
+                    format!("entry {k} was not asked for"),
+                    now,
+                );
+            };
+            req.got_any = true;
+            let Some(bytes) = bytes else {
+                missing.push(Item::Object(address));
+                continue;
+            };
+            if let Err(e) = cairn_core::bundle::verify_object(&address, &bytes) {
+                self.fail_fetch(fetch, format!("entry {k} ({address}) hash mismatch"));
+                return self.offense(conn, Offense::ObjectHashMismatch, e.to_string(), now);
+            }
+            objects.push((address, bytes));
+        }
         for f in items {
-            if !pending.remove(&f.item) {
+            let asked = match &f.item {
+                // "I do not hold that bundle": every entry it names.
+                item @ Item::Entries(_)
+                    if f.bytes.is_none() && req.compact.as_ref() == Some(item) =>
+                {
+                    req.compact = None;
+                    true
+                }
+                Item::Entries(_) => false,
+                item => req.items.remove(item),
+            };
+            if !asked {
                 return self.offense(
                     conn,
                     Offense::Unsolicited,
@@ -1834,7 +2239,7 @@ impl Endpoint {
                     now,
                 );
             }
-            got_any = true;
+            req.got_any = true;
             let Some(bytes) = f.bytes else {
                 missing.push(f.item);
                 continue;
@@ -1857,6 +2262,7 @@ impl Endpoint {
                         fs.release = Some(bytes);
                     }
                 }
+                Item::Entries(_) => {}
             }
         }
         for (address, bytes) in objects {
@@ -1878,7 +2284,17 @@ impl Endpoint {
             }
             return self.fail_fetch(fetch, format!("peer lacks {:?}", missing[0]));
         }
-        if !got_any && !pending.is_empty() {
+        if more {
+            // More frames follow: the request stays open, its timer
+            // restarts.
+            req.sent = now;
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.outstanding.insert(id, req);
+            }
+            return;
+        }
+        let pending = !req.items.is_empty() || !req.entries.is_empty();
+        if !req.got_any && pending {
             if let Some(c) = self.conns.get_mut(&conn) {
                 c.fetch_backoff_until = now + self.config.anti_entropy_ms;
             }
@@ -1886,8 +2302,11 @@ impl Endpoint {
         }
         if let Some(f) = self.fetches.get_mut(&fetch) {
             // Items left out of the reply go to the front again.
-            for item in pending.into_iter().rev() {
+            for item in std::mem::take(&mut req.items).into_iter().rev() {
                 f.queue.push_front(item);
+            }
+            for e in req.entries.into_iter().rev() {
+                f.entries.push_front(e);
             }
         }
         self.pump(fetch, now);
@@ -1896,7 +2315,7 @@ impl Endpoint {
     fn fail_fetch(&mut self, fetch: FetchId, reason: String) {
         if self.fetches.remove(&fetch).is_some() {
             for c in self.conns.values_mut() {
-                c.outstanding.retain(|_, (f, _, _)| *f != fetch);
+                c.outstanding.retain(|_, r| r.fetch != fetch);
             }
             self.actions
                 .push_back(Action::Event(Event::FetchFailed { fetch, reason }));
@@ -1963,6 +2382,55 @@ impl Endpoint {
         }
         self.maybe_start_fetches(now);
     }
+}
+
+/// A plain answer and its size for reply budgets.
+fn either_found(f: Found) -> (usize, Result<Found, EntryFound>) {
+    (f.bytes.as_ref().map_or(0, Vec::len) + 128, Ok(f))
+}
+
+/// An entry answer and its size for reply budgets.
+fn either_entry(e: EntryFound) -> (usize, Result<Found, EntryFound>) {
+    (e.1.as_ref().map_or(0, Vec::len) + 16, Err(e))
+}
+
+/// Checks a peer's want before it is served: compact items only on a
+/// version 3 connection, ranges well-formed and within the limits, and
+/// the objects named by all of them within `max_objects_per_want`.
+fn check_want(items: &[Item], version: u32, limits: &MeshLimits) -> Result<(), (BadWant, String)> {
+    let mut total = 0usize;
+    for item in items {
+        let Item::Entries(e) = item else { continue };
+        if version < 3 {
+            return Err((
+                BadWant::NotNegotiated,
+                format!("compact want on a version {version} connection"),
+            ));
+        }
+        let n = e.check(limits).map_err(|b| {
+            (
+                b,
+                format!(
+                    "{} ranges for bundle {} (limits: {} ranges, {} objects)",
+                    e.ranges.len(),
+                    e.bundle,
+                    limits.max_ranges_per_want,
+                    limits.max_objects_per_want
+                ),
+            )
+        })?;
+        total += n;
+        if total > limits.max_objects_per_want {
+            return Err((
+                BadWant::TooManyObjects,
+                format!(
+                    "want names {total} objects (limit {})",
+                    limits.max_objects_per_want
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether `addr` may be dialed when learned from a peer (`Hello`, a

@@ -7,8 +7,14 @@
 //! [`Message::validate`] (counts, string lengths, address syntax) before
 //! the protocol sees it.
 //!
-//! Protocol version [`PROTOCOL_VERSION`] is carried in [`Hello`]; a peer
-//! with another version is disconnected.
+//! Protocol versions are carried in [`Hello`]: a sender names the oldest
+//! ([`Hello::version`]) and the newest ([`Hello::max_version`]) version it
+//! speaks; a connection speaks the newest both sides know, and a peer with
+//! no version in common is disconnected. This build speaks
+//! [`MIN_PROTOCOL_VERSION`] (2) to [`PROTOCOL_VERSION`] (3); version 3 adds
+//! compact wants ([`Item::Entries`]) answered over several `Data` frames
+//! ([`Message::Data`]'s `more`) and digest-first status gossip
+//! ([`Message::StatusDigest`]).
 
 use crate::identity::validate_identity;
 use crate::MeshLimits;
@@ -18,11 +24,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
-/// The mesh protocol version spoken by this build. Version 2: status
-/// records are signed by the agent they describe ([`SignedStatus`]) and
-/// carry its `listen` address; the unsigned `Peers` message of version 1
-/// is gone (addresses travel only inside signed records).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// The newest mesh protocol version spoken by this build. Version 2:
+/// status records are signed by the agent they describe ([`SignedStatus`])
+/// and carry its `listen` address; the unsigned `Peers` message of version
+/// 1 is gone (addresses travel only inside signed records). Version 3:
+/// compact wants ([`Item::Entries`], answered over several `Data` frames)
+/// and digest-first status gossip ([`Message::StatusDigest`]).
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The oldest mesh protocol version spoken by this build: what goes into
+/// [`Hello::version`], so that version 2 agents (which disconnect any
+/// other `version`) still talk to this one, with per-object wants.
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 /// Domain separator of status record signatures: the signed message is
 /// these bytes followed by the record's CBOR bytes exactly as carried.
 pub const STATUS_SIGNATURE_DOMAIN: &[u8] = b"cairn-mesh-status-record-v2\0";
@@ -72,12 +84,49 @@ impl WireError {
 /// The first message on every connection, both ways.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
-    /// [`PROTOCOL_VERSION`] of the sender.
+    /// The oldest protocol version the sender speaks (a version 2 agent
+    /// sends and requires exactly 2; this build sends
+    /// [`MIN_PROTOCOL_VERSION`]).
     pub version: u32,
     /// The address the sender accepts mesh connections on (`host:port`),
     /// if it listens. An unspecified host (`0.0.0.0`) means "the address
     /// you see me on".
     pub listen: Option<String>,
+    /// The newest protocol version the sender speaks (absent: `version`).
+    /// Added in version 3; version 2 agents skip the unknown key.
+    #[serde(default)]
+    pub max_version: Option<u32>,
+}
+
+impl Hello {
+    /// This build's hello: versions [`MIN_PROTOCOL_VERSION`] to
+    /// [`PROTOCOL_VERSION`].
+    pub fn new(listen: Option<String>) -> Self {
+        Hello::speaking(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, listen)
+    }
+
+    /// A hello for versions `min` to `max` (tests and simulations of older
+    /// agents use `max` 2, which omits `max_version` as a version 2 agent
+    /// does).
+    pub fn speaking(min: u32, max: u32, listen: Option<String>) -> Self {
+        Hello {
+            version: min,
+            listen,
+            max_version: (max > min).then_some(max),
+        }
+    }
+
+    /// The newest version the sender speaks.
+    pub fn newest(&self) -> u32 {
+        self.max_version.unwrap_or(self.version).max(self.version)
+    }
+
+    /// The version a connection between a sender of this hello and a node
+    /// speaking `min..=max` speaks: the newest both know, if any.
+    pub fn common_version(&self, min: u32, max: u32) -> Option<u32> {
+        let v = self.newest().min(max);
+        (v >= self.version.max(min)).then_some(v)
+    }
 }
 
 /// A channel head: the newest verified release a node holds for a channel.
@@ -102,16 +151,136 @@ pub enum Item {
     Release(String),
     /// `objects/sha256/..`: an object by address.
     Object(String),
+    /// Protocol version 3: the objects of a bundle's entries, by their
+    /// index in the bundle's entry order. Answered with one
+    /// [`Item::Object`] item per entry (over as many `Data` frames as
+    /// needed); a sender that does not hold the bundle answers this item
+    /// itself with no bytes.
+    Entries(EntryRanges),
 }
 
 impl Item {
-    /// The item's path in the repository layout.
+    /// The item's path in the repository layout (for entries: the
+    /// bundle's manifest).
     pub fn path(&self) -> String {
         match self {
             Item::Root(v) => cairn_core::layout::root_path(*v),
             Item::Release(c) => cairn_core::layout::channel_path(c),
             Item::Object(a) => cairn_core::layout::object_path_str(a).unwrap_or_default(),
+            Item::Entries(e) => cairn_core::layout::object_path_str(&e.bundle).unwrap_or_default(),
         }
+    }
+}
+
+/// Entries of a bundle by index ([`Item::Entries`]): `ranges` are
+/// `[start, count]` pairs over the bundle's entry order (the order of its
+/// manifest's entries), ascending and not overlapping, each `count` at
+/// least 1.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryRanges {
+    /// The bundle id.
+    pub bundle: String,
+    /// `[start, count]` pairs.
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// One answered entry of an [`Item::Entries`] want: its index and its
+/// object's bytes, or no bytes when the sender lacks that object. Encoded
+/// as a two-element array: about 7 bytes of framing per object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryFound(
+    /// The entry's index in the bundle's entry order.
+    pub u32,
+    /// The object's bytes, if held.
+    #[serde(with = "serde_bytes")]
+    pub Option<Vec<u8>>,
+);
+
+/// Why a want is refused (the peer that sent it is cut off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BadWant {
+    /// More ranges than [`MeshLimits::max_ranges_per_want`].
+    TooManyRanges,
+    /// More objects than [`MeshLimits::max_objects_per_want`].
+    TooManyObjects,
+    /// A range of count 0, ranges out of order or overlapping, or one
+    /// that runs past `u32::MAX`.
+    MalformedRange,
+    /// An index at or past the bundle's number of entries.
+    IndexOutOfRange,
+    /// A compact want on a connection that did not agree on version 3.
+    NotNegotiated,
+}
+
+impl BadWant {
+    /// A short, stable label (the metric label).
+    pub fn label(self) -> &'static str {
+        match self {
+            BadWant::TooManyRanges => "want_too_many_ranges",
+            BadWant::TooManyObjects => "want_too_many_objects",
+            BadWant::MalformedRange => "want_malformed_range",
+            BadWant::IndexOutOfRange => "want_index_out_of_range",
+            BadWant::NotNegotiated => "want_not_negotiated",
+        }
+    }
+}
+
+impl EntryRanges {
+    /// Run-length ranges over sorted, distinct `indices`, at most
+    /// `max_ranges` of them: returns the ranges and how many indices they
+    /// cover (a prefix of `indices`).
+    pub fn compress(indices: &[u32], max_ranges: usize) -> (Vec<(u32, u32)>, usize) {
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let mut covered = 0;
+        for &i in indices {
+            let full = ranges.len() >= max_ranges;
+            match ranges.last_mut() {
+                Some((start, count)) if start.checked_add(*count) == Some(i) => *count += 1,
+                _ if full => break,
+                _ => ranges.push((i, 1)),
+            }
+            covered += 1;
+        }
+        (ranges, covered)
+    }
+
+    /// The number of entries named, checked against `limits`: ranges
+    /// ascending, non-overlapping, non-empty, within `u32`, at most
+    /// `max_ranges_per_want` ranges and `max_objects_per_want` entries.
+    /// Constant memory, work linear in the number of ranges.
+    pub fn check(&self, limits: &MeshLimits) -> Result<usize, BadWant> {
+        if self.ranges.len() > limits.max_ranges_per_want {
+            return Err(BadWant::TooManyRanges);
+        }
+        let mut next: u64 = 0;
+        let mut total: u64 = 0;
+        for &(start, count) in &self.ranges {
+            let end = u64::from(start) + u64::from(count);
+            if count == 0 || u64::from(start) < next || end > u64::from(u32::MAX) + 1 {
+                return Err(BadWant::MalformedRange);
+            }
+            next = end;
+            total += u64::from(count);
+            if total > limits.max_objects_per_want as u64 {
+                return Err(BadWant::TooManyObjects);
+            }
+        }
+        Ok(total as usize)
+    }
+
+    /// The indices named, in order, refusing any at or past `entries`
+    /// (check the ranges with [`EntryRanges::check`] first: this allocates
+    /// as many indices as they name).
+    pub fn indices(&self, entries: usize) -> Result<Vec<usize>, BadWant> {
+        let mut out = Vec::new();
+        for &(start, count) in &self.ranges {
+            let (start, count) = (start as usize, count as usize);
+            if start.saturating_add(count) > entries {
+                return Err(BadWant::IndexOutOfRange);
+            }
+            out.extend(start..start + count);
+        }
+        Ok(out)
     }
 }
 
@@ -288,7 +457,24 @@ pub enum Message {
         id: u64,
         /// The answers.
         items: Vec<Found>,
+        /// Protocol version 3: more `Data` frames for the same want follow
+        /// (the answer did not fit one frame). Absent (version 2): false.
+        #[serde(default)]
+        more: bool,
+        /// Protocol version 3: answers to an [`Item::Entries`] want, by
+        /// entry index (the receiver knows each index's address and checks
+        /// the bytes against it). Absent (version 2): empty.
+        #[serde(default)]
+        entries: Vec<EntryFound>,
     },
+    /// Protocol version 3: the status records the sender holds that it has
+    /// not yet told the receiver about, as `(agent id, record time)` pairs.
+    /// The receiver asks for those newer than its own with
+    /// [`Message::StatusPull`].
+    StatusDigest(Vec<(String, u64)>),
+    /// Protocol version 3: the agent ids whose records the sender wants
+    /// (answered with a `Status` message).
+    StatusPull(Vec<String>),
     /// Signed status records (gossip, or the answer to `StatusRequest`).
     /// Peer exchange rides on them: each carries its author's address.
     Status(Vec<SignedStatus>),
@@ -307,6 +493,8 @@ impl Message {
             Message::Want { .. } => "want",
             Message::Data { .. } => "data",
             Message::Status(_) => "status",
+            Message::StatusDigest(_) => "status_digest",
+            Message::StatusPull(_) => "status_pull",
             Message::StatusRequest => "status_request",
             Message::Bye(_) => "bye",
         }
@@ -341,6 +529,8 @@ impl Message {
             Item::Root(_) => Ok(()),
             Item::Release(c) => channel(c),
             Item::Object(a) => address(a),
+            // The ranges are the endpoint's to check (a clear ban reason).
+            Item::Entries(e) => address(&e.bundle),
         };
         match self {
             Message::Hello(h) => {
@@ -374,9 +564,15 @@ impl Message {
                 }
                 items.iter().try_for_each(item)?;
             }
-            Message::Data { items, .. } => {
-                if items.len() > limits.max_items_per_want {
-                    return bad(format!("data with {} items", items.len()));
+            Message::Data { items, entries, .. } => {
+                if items.len() > limits.max_items_per_want
+                    || entries.len() > limits.max_objects_per_want
+                {
+                    return bad(format!(
+                        "data with {} items and {} entries",
+                        items.len(),
+                        entries.len()
+                    ));
                 }
                 items.iter().try_for_each(|f| item(&f.item))?;
             }
@@ -400,6 +596,22 @@ impl Message {
                         ));
                     }
                     r.decode_record(limits)?;
+                }
+            }
+            Message::StatusDigest(ds) => {
+                if ds.len() > limits.max_status_records {
+                    return bad(format!("status digest of {} records", ds.len()));
+                }
+                for (id, _) in ds {
+                    validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
+                }
+            }
+            Message::StatusPull(ids) => {
+                if ids.len() > limits.max_status_records {
+                    return bad(format!("status pull of {} records", ids.len()));
+                }
+                for id in ids {
+                    validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
                 }
             }
             Message::StatusRequest => {}
@@ -501,10 +713,7 @@ mod tests {
     fn sample() -> Vec<Message> {
         let a = cairn_keys::sha256_address(b"x");
         vec![
-            Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                listen: Some("127.0.0.1:7440".into()),
-            }),
+            Message::Hello(Hello::new(Some("127.0.0.1:7440".into()))),
             Message::Heads(vec![Head {
                 channel: "stable".into(),
                 sequence: 3,
@@ -531,7 +740,18 @@ mod tests {
                         bytes: None,
                     },
                 ],
+                more: true,
+                entries: vec![EntryFound(3, Some(b"y".to_vec())), EntryFound(4, None)],
             },
+            Message::Want {
+                id: 8,
+                items: vec![Item::Entries(EntryRanges {
+                    bundle: a.clone(),
+                    ranges: vec![(0, 5), (9, 1)],
+                })],
+            },
+            Message::StatusDigest(vec![("a1".into(), 5)]),
+            Message::StatusPull(vec!["a1".into()]),
             Message::Status(vec![signed(&StatusRecord {
                 agent_id: "a1".into(),
                 channel: "stable".into(),
@@ -677,5 +897,120 @@ mod tests {
         }]));
         let err = decode_body(&body, &lim()).unwrap_err();
         assert_eq!(err.reason(), "garbage", "{err}");
+    }
+
+    /// Version 2's messages, as a version 2 agent encodes and decodes them.
+    mod v2 {
+        use serde::{Deserialize, Serialize};
+
+        #[derive(Debug, Serialize, Deserialize)]
+        pub(super) struct Hello {
+            pub(super) version: u32,
+            pub(super) listen: Option<String>,
+        }
+
+        #[derive(Debug, Serialize, Deserialize)]
+        pub(super) struct Found {
+            pub(super) item: super::Item,
+            #[serde(with = "serde_bytes")]
+            pub(super) bytes: Option<Vec<u8>>,
+        }
+
+        #[derive(Debug, Serialize, Deserialize)]
+        pub(super) enum Message {
+            Hello(Hello),
+            Data { id: u64, items: Vec<Found> },
+        }
+    }
+
+    #[test]
+    fn a_version_3_hello_and_data_decode_in_version_2_and_back() {
+        // What this build sends a version 2 agent: it reads version 2 and
+        // skips the new keys.
+        let ours = cairn_keys::codec::encode(&Message::Hello(Hello::new(None)));
+        let theirs: v2::Message = cairn_keys::codec::decode("v2", &ours, 1 << 20).unwrap();
+        let v2::Message::Hello(h) = theirs else {
+            panic!("{theirs:?}")
+        };
+        assert_eq!(h.version, 2, "a version 2 agent requires exactly 2");
+        let data = Message::Data {
+            id: 1,
+            items: vec![],
+            more: false,
+            entries: vec![EntryFound(0, None)],
+        };
+        let theirs: v2::Message =
+            cairn_keys::codec::decode("v2", &cairn_keys::codec::encode(&data), 1 << 20).unwrap();
+        assert!(matches!(theirs, v2::Message::Data { id: 1, .. }));
+        // What a version 2 agent sends us.
+        let hello = cairn_keys::codec::encode(&v2::Message::Hello(v2::Hello {
+            version: 2,
+            listen: None,
+        }));
+        let Message::Hello(h) = decode_body(&hello, &lim()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(h.max_version, None);
+        assert_eq!(
+            h.common_version(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            Some(2)
+        );
+        assert_eq!(Hello::new(None).common_version(2, 3), Some(3));
+        assert_eq!(Hello::new(None).common_version(2, 2), Some(2));
+        assert_eq!(Hello::speaking(4, 5, None).common_version(2, 3), None);
+        assert_eq!(Hello::speaking(3, 3, None).common_version(2, 2), None);
+        let data = cairn_keys::codec::encode(&v2::Message::Data {
+            id: 4,
+            items: vec![],
+        });
+        assert!(matches!(
+            decode_body(&data, &lim()).unwrap(),
+            Message::Data {
+                id: 4,
+                more: false,
+                ref entries,
+                ..
+            } if entries.is_empty()
+        ));
+    }
+
+    #[test]
+    fn entry_ranges_compress_and_check() {
+        let (r, n) = EntryRanges::compress(&[0, 1, 2, 5, 6, 9], 8);
+        assert_eq!((r.clone(), n), (vec![(0, 3), (5, 2), (9, 1)], 6));
+        let (r2, n2) = EntryRanges::compress(&[0, 1, 2, 5, 6, 9], 2);
+        assert_eq!((r2, n2), (vec![(0, 3), (5, 2)], 5));
+        let e = |ranges: Vec<(u32, u32)>| EntryRanges {
+            bundle: cairn_keys::sha256_address(b"b"),
+            ranges,
+        };
+        let l = lim();
+        assert_eq!(e(r).check(&l), Ok(6));
+        assert_eq!(
+            e(vec![(3, 1), (3, 1)]).check(&l),
+            Err(BadWant::MalformedRange)
+        );
+        assert_eq!(
+            e(vec![(5, 1), (2, 1)]).check(&l),
+            Err(BadWant::MalformedRange)
+        );
+        assert_eq!(e(vec![(0, 0)]).check(&l), Err(BadWant::MalformedRange));
+        assert_eq!(
+            e(vec![(u32::MAX, 2)]).check(&l),
+            Err(BadWant::MalformedRange)
+        );
+        assert_eq!(
+            e(vec![(0, l.max_objects_per_want as u32 + 1)]).check(&l),
+            Err(BadWant::TooManyObjects)
+        );
+        let many: Vec<(u32, u32)> = (0..=l.max_ranges_per_want as u32)
+            .map(|i| (2 * i, 1))
+            .collect();
+        assert_eq!(e(many).check(&l), Err(BadWant::TooManyRanges));
+        assert_eq!(e(vec![(0, 2), (4, 1)]).indices(5), Ok(vec![0, 1, 4]));
+        assert_eq!(
+            e(vec![(0, 2), (4, 1)]).indices(4),
+            Err(BadWant::IndexOutOfRange)
+        );
     }
 }

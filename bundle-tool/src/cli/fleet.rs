@@ -3,7 +3,7 @@
 
 use crate::mesh::sync::RecordKeys;
 use crate::mesh::tls::{self, CredentialPaths, Credentials, X509RecordKeys};
-use crate::mesh::wire::{self, Hello, Message, SignedStatus, StatusRecord, PROTOCOL_VERSION};
+use crate::mesh::wire::{self, Hello, Message, SignedStatus, StatusRecord};
 use crate::mesh::MeshLimits;
 use anyhow::{bail, Context, Result};
 use cairn_keys::text::escape_untrusted;
@@ -76,10 +76,7 @@ pub(super) fn fetch_status(
     let conn = rustls::ClientConnection::new(config, tls::server_name())?;
     let mut stream = rustls::StreamOwned::new(conn, sock);
     let limits = MeshLimits::default();
-    let hello = Message::Hello(Hello {
-        version: PROTOCOL_VERSION,
-        listen: None,
-    });
+    let hello = Message::Hello(Hello::new(None));
     wire::write_frame(&mut stream, &hello, &limits).with_context(|| {
         format!("TLS handshake with {peer} (is the certificate from the fleet CA?)")
     })?;

@@ -7,7 +7,8 @@
 //! only messages signed here may ever verify.
 
 use cairn_bundle::mesh::wire::{
-    encode_frame, Found, Head, Hello, Item, Message, SignedStatus, StatusRecord, PROTOCOL_VERSION,
+    encode_frame, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, SignedStatus,
+    StatusRecord,
 };
 use cairn_bundle::mesh::MeshLimits;
 use cairn_bundle::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
@@ -155,10 +156,7 @@ fn main() {
     let messages = vec![
         (
             "hello",
-            Message::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                listen: Some("127.0.0.1:7440".into()),
-            }),
+            Message::Hello(Hello::new(Some("127.0.0.1:7440".into()))),
         ),
         (
             "heads",
@@ -194,8 +192,25 @@ fn main() {
                         bytes: None,
                     },
                 ],
+                more: true,
+                entries: vec![EntryFound(0, Some(b"{}".to_vec())), EntryFound(9, None)],
             },
         ),
+        (
+            "want_entries",
+            Message::Want {
+                id: 8,
+                items: vec![Item::Entries(EntryRanges {
+                    bundle: bundle.to_string(),
+                    ranges: vec![(0, 100), (250, 1)],
+                })],
+            },
+        ),
+        (
+            "status_digest",
+            Message::StatusDigest(vec![("edge-1".into(), 1_800_000_000_000)]),
+        ),
+        ("status_pull", Message::StatusPull(vec!["edge-1".into()])),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only

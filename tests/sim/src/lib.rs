@@ -68,7 +68,9 @@ use cairn_mesh::sync::{
     Action, ConnId, Endpoint, Event, FetchId, Millis, SyncConfig, UnixMillis, VerifyFailure,
 };
 use cairn_mesh::testing::SharedSecretKeys;
-use cairn_mesh::wire::{encode_frame, Found, Head, Item, Message, PeerInfo, StatusRecord};
+use cairn_mesh::wire::{
+    encode_frame, EntryFound, Found, Head, Item, Message, PeerInfo, StatusRecord,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
@@ -143,6 +145,13 @@ pub struct SimConfig {
     pub anti_entropy_ms: u64,
     /// Connections each agent keeps (the mesh's `target_connections`).
     pub target_connections: usize,
+    /// Share of the agents (0 to 1, spread evenly) that speak mesh
+    /// protocol version 2 only: a fleet in the middle of an upgrade.
+    pub legacy_share: f64,
+    /// Simulated time between one release's convergence and the next
+    /// release (default 2 s; longer lets status gossip settle, and then
+    /// the last release is followed by a pause too).
+    pub pause_ms: u64,
 }
 
 impl SimConfig {
@@ -169,6 +178,8 @@ impl SimConfig {
             deadline_ms: 600_000,
             anti_entropy_ms: 5_000,
             target_connections: 8,
+            legacy_share: 0.0,
+            pause_ms: 2_000,
         }
     }
 }
@@ -198,6 +209,16 @@ pub struct ReleaseReport {
     pub bytes_in_max: u64,
     /// Object bytes received per agent in its window: mean.
     pub object_bytes_mean: f64,
+    /// Status gossip bytes (`Status`, `StatusDigest`, `StatusPull`
+    /// frames) received per agent in its window: mean.
+    pub gossip_bytes_mean: f64,
+    /// `Want` frame bytes received per agent in its window: mean.
+    pub want_bytes_mean: f64,
+    /// Status gossip bytes received per agent from publishing until the
+    /// next release (the window and the pause after it): mean.
+    pub gossip_period_mean: f64,
+    /// That period's length (simulated ms).
+    pub period_ms: u64,
     /// Size of the bundle (manifest + objects).
     pub bundle_bytes: u64,
     /// Bytes of the objects new in this release (manifest included).
@@ -254,6 +275,8 @@ struct World {
     index: BTreeMap<String, u32>,
     content: Vec<(String, Arc<Vec<u8>>)>,
     releases: Vec<Published>,
+    /// Bundle id -> index in `releases`.
+    by_bundle: BTreeMap<String, usize>,
     forged: Arc<Vec<u8>>,
     forged_head: Head,
 }
@@ -312,6 +335,7 @@ fn build_world(cfg: &SimConfig) -> World {
         index: BTreeMap::new(),
         content: Vec::new(),
         releases: Vec::new(),
+        by_bundle: BTreeMap::new(),
         forged: Arc::new(Vec::new()),
         forged_head: Head {
             channel: CHANNEL.into(),
@@ -391,6 +415,7 @@ fn build_world(cfg: &SimConfig) -> World {
             selector: BTreeMap::new(),
         };
         let envelope = Arc::new(release.sign(&[&key]).encode());
+        w.by_bundle.insert(bundle.clone(), w.releases.len());
         w.releases.push(Published {
             bundle,
             envelope,
@@ -650,6 +675,16 @@ impl driver::Local for SimLocal<'_> {
     }
 }
 
+/// What a fetch still needs.
+enum Wanted {
+    Nothing,
+    Manifest(String),
+    /// Bundle format 2 chunks the node lacks, by address.
+    Chunks(Vec<String>),
+    /// Missing entries: (index in the manifest's entry order, address).
+    Entries(Vec<(u32, String)>),
+}
+
 struct Adopted {
     sequence: u64,
     bundle: String,
@@ -675,6 +710,8 @@ struct Node {
     hops: u32,
     bytes_in: u64,
     object_bytes_in: u64,
+    gossip_bytes_in: u64,
+    want_bytes_in: u64,
 }
 
 // ----- the event queue -------------------------------------------------
@@ -838,6 +875,8 @@ impl Sim {
                 hops: 0,
                 bytes_in: 0,
                 object_bytes_in: 0,
+                gossip_bytes_in: 0,
+                want_bytes_in: 0,
             });
         }
         let mut sim = Sim {
@@ -870,6 +909,12 @@ impl Sim {
             sim.push(c.interval_ms.max(1), Ev::ChurnTick);
         }
         sim
+    }
+
+    /// Whether agent `i` speaks protocol version 2 only.
+    fn legacy(&self, i: usize) -> bool {
+        let share = self.cfg.legacy_share.clamp(0.0, 1.0);
+        (i as f64 * share).floor() != ((i + 1) as f64 * share).floor()
     }
 
     fn origins(&self) -> usize {
@@ -989,6 +1034,13 @@ impl Sim {
                 self.trace.add(4 << 32 | to as u64);
                 self.trace.add(conn);
                 n.bytes_in += bytes;
+                match &msg {
+                    Message::Status(_) | Message::StatusDigest(_) | Message::StatusPull(_) => {
+                        n.gossip_bytes_in += bytes;
+                    }
+                    Message::Want { .. } => n.want_bytes_in += bytes,
+                    _ => {}
+                }
                 if let Some(ep) = n.ep.as_mut() {
                     ep.handle_message(conn, msg, Millis(now), UnixMillis(now));
                 }
@@ -1059,6 +1111,9 @@ impl Sim {
         c.rng_seed = self.cfg.seed ^ ((i as u64) << 20) ^ u64::from(n.inc);
         c.anti_entropy_ms = self.cfg.anti_entropy_ms;
         c.limits.target_connections = self.cfg.target_connections;
+        if self.legacy(i) {
+            c.protocol_version = 2;
+        }
         let keys = SharedSecretKeys {
             id: n.id.clone(),
             secret: SIM_FLEET_SECRET,
@@ -1336,15 +1391,45 @@ impl Sim {
         let now = self.now;
         match e {
             Event::Serve { conn, id, items } => {
-                let found = items
-                    .into_iter()
-                    .map(|item| {
+                let mut found = Vec::new();
+                let mut answered = Vec::new();
+                for item in items {
+                    let Item::Entries(e) = &item else {
                         let bytes = self.serve_item(i, &item);
-                        Found { item, bytes }
-                    })
-                    .collect();
+                        found.push(Found { item, bytes });
+                        continue;
+                    };
+                    // Entries by index, through the manifest the node
+                    // holds (as the agent's mesh driver resolves them).
+                    let Some(manifest) = self.held_entries(i, &e.bundle) else {
+                        found.push(Found { item, bytes: None });
+                        continue;
+                    };
+                    let entries = &manifest.entries;
+                    match e.indices(entries.len()) {
+                        Ok(ix) => {
+                            for k in ix {
+                                let a = entries[k].object.to_string();
+                                let bytes = self.serve_item(i, &Item::Object(a));
+                                answered.push(EntryFound(k as u32, bytes));
+                            }
+                        }
+                        Err(bad) => {
+                            if let Some(ep) = self.nodes[i].ep.as_mut() {
+                                ep.serve_refused(
+                                    conn,
+                                    id,
+                                    bad,
+                                    "index past the bundle",
+                                    Millis(now),
+                                );
+                            }
+                            return;
+                        }
+                    }
+                }
                 if let Some(ep) = self.nodes[i].ep.as_mut() {
-                    ep.serve(conn, id, found, Millis(now));
+                    ep.serve_part(conn, id, found, answered, true, Millis(now));
                 }
             }
             Event::VerifyRelease {
@@ -1372,6 +1457,16 @@ impl Sim {
         }
     }
 
+    /// The entries of `bundle` if node `i` holds its manifest.
+    fn held_entries(&self, i: usize, bundle: &str) -> Option<Arc<Manifest>> {
+        let id = self.world.index.get(bundle)?;
+        if !self.nodes[i].objects.contains(id) {
+            return None;
+        }
+        let k = *self.world.by_bundle.get(bundle)?;
+        Some(self.world.releases[k].manifest.clone())
+    }
+
     fn serve_item(&self, i: usize, item: &Item) -> Option<Vec<u8>> {
         let n = &self.nodes[i];
         match item {
@@ -1380,7 +1475,7 @@ impl Sim {
                 Role::Forger => Some(self.world.forged.as_ref().clone()),
                 _ => n.adopted.as_ref().map(|a| a.envelope.as_ref().clone()),
             },
-            Item::Release(_) => None,
+            Item::Release(_) | Item::Entries(_) => None,
             Item::Object(a) => {
                 let id = *self.world.index.get(a)?;
                 if !n.objects.contains(&id) {
@@ -1477,19 +1572,22 @@ impl Sim {
             },
         );
         ep.release_verified(fetch, Millis(now));
-        let want = self.missing(i, fetch);
-        if let Some(ep) = self.nodes[i].ep.as_mut() {
-            ep.fetch_want(fetch, want, Millis(now));
+        if !self.want(i, fetch) {
+            if let Some(ep) = self.nodes[i].ep.as_mut() {
+                ep.fetch_want(fetch, Vec::new(), Millis(now));
+            }
         }
     }
 
-    /// Addresses a pending fetch still needs (the manifest first); objects
-    /// the node's store holds are marked present in the ingest.
-    fn missing(&mut self, i: usize, fetch: FetchId) -> Vec<String> {
+    /// What a pending fetch still needs (the manifest first, by address;
+    /// then the missing entries with their index in the manifest, as the
+    /// agent's mesh driver asks); objects the node's store holds are
+    /// marked present in the ingest.
+    fn missing(&mut self, i: usize, fetch: FetchId) -> Wanted {
         let world = &self.world;
         let n = &mut self.nodes[i];
         let Some(p) = n.pending.get_mut(&fetch) else {
-            return Vec::new();
+            return Wanted::Nothing;
         };
         if let Want::Manifest { address, .. } = p.ingest.want() {
             // Already stored (e.g. an interrupted fetch)? Then use it.
@@ -1500,7 +1598,7 @@ impl Sim {
                 .map(|id| world.content[*id as usize].1.clone());
             match stored.map(|b| p.ingest.handle_manifest(&b)) {
                 Some(Ok(())) => {}
-                _ => return vec![address.to_string()],
+                _ => return Wanted::Manifest(address.to_string()),
             }
         }
         if let Want::Chunks(list) = p.ingest.want() {
@@ -1519,15 +1617,17 @@ impl Sim {
                 }
             }
             if !out.is_empty() || matches!(p.ingest.want(), Want::Chunks(_)) {
-                return out;
+                return Wanted::Chunks(out);
             }
         }
         match p.ingest.want() {
-            Want::Manifest { address, .. } => vec![address.to_string()],
-            Want::Chunks(list) => list.into_iter().map(|(a, _)| a.to_string()).collect(),
-            Want::Complete => Vec::new(),
+            Want::Manifest { address, .. } => Wanted::Manifest(address.to_string()),
+            Want::Chunks(list) => {
+                Wanted::Chunks(list.into_iter().map(|(a, _)| a.to_string()).collect())
+            }
+            Want::Complete => Wanted::Nothing,
             Want::Objects(list) => {
-                let mut out = Vec::new();
+                let mut lacking = BTreeSet::new();
                 for (address, _) in list {
                     if world
                         .index
@@ -1536,10 +1636,50 @@ impl Sim {
                     {
                         p.ingest.mark_present(&address);
                     } else {
-                        out.push(address.to_string());
+                        lacking.insert(address.to_string());
                     }
                 }
-                out
+                // Each missing object by its (first) index in the
+                // manifest's entry order.
+                let mut out = Vec::new();
+                if let Some(m) = p.ingest.manifest() {
+                    for (k, e) in m.entries.iter().enumerate() {
+                        if lacking.remove(e.object.as_str()) {
+                            out.push((k as u32, e.object.to_string()));
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    Wanted::Nothing
+                } else {
+                    Wanted::Entries(out)
+                }
+            }
+        }
+    }
+
+    /// Hands what a fetch still needs to node `i`'s endpoint; false when
+    /// nothing is.
+    fn want(&mut self, i: usize, fetch: FetchId) -> bool {
+        let now = self.now;
+        let wanted = self.missing(i, fetch);
+        let Some(ep) = self.nodes[i].ep.as_mut() else {
+            return false;
+        };
+        match wanted {
+            Wanted::Nothing => false,
+            Wanted::Manifest(a) => {
+                ep.fetch_want(fetch, vec![a], Millis(now));
+                true
+            }
+            Wanted::Chunks(list) if list.is_empty() => false,
+            Wanted::Chunks(list) => {
+                ep.fetch_want(fetch, list, Millis(now));
+                true
+            }
+            Wanted::Entries(entries) => {
+                ep.fetch_want_entries(fetch, entries, Millis(now));
+                true
             }
         }
     }
@@ -1586,11 +1726,7 @@ impl Sim {
         if !self.nodes[i].pending.contains_key(&fetch) {
             return;
         }
-        let want = self.missing(i, fetch);
-        if !want.is_empty() {
-            if let Some(ep) = self.nodes[i].ep.as_mut() {
-                ep.fetch_want(fetch, want, Millis(now));
-            }
+        if self.want(i, fetch) {
             return;
         }
         let Some(p) = self.nodes[i].pending.remove(&fetch) else {
@@ -1842,10 +1978,17 @@ impl Sim {
         self.push(self.now + part.duration_ms, Ev::Heal);
     }
 
-    fn window(&self) -> Vec<(u64, u64)> {
+    fn window(&self) -> Vec<[u64; 4]> {
         self.nodes
             .iter()
-            .map(|n| (n.bytes_in, n.object_bytes_in))
+            .map(|n| {
+                [
+                    n.bytes_in,
+                    n.object_bytes_in,
+                    n.gossip_bytes_in,
+                    n.want_bytes_in,
+                ]
+            })
             .collect()
     }
 
@@ -1865,8 +2008,15 @@ impl Sim {
                 .filter(|&i| self.nodes[i].role != Role::Forger)
                 .collect();
             let count = honest.len().max(1) as f64;
-            let bytes: Vec<u64> = honest.iter().map(|&i| after[i].0 - before[i].0).collect();
-            let obj: u64 = honest.iter().map(|&i| after[i].1 - before[i].1).sum();
+            let bytes: Vec<u64> = honest.iter().map(|&i| after[i][0] - before[i][0]).collect();
+            let sum = |k: usize| -> f64 {
+                honest
+                    .iter()
+                    .map(|&i| after[i][k] - before[i][k])
+                    .sum::<u64>() as f64
+                    / count
+            };
+            let obj = sum(1);
             let p = &self.world.releases[seq as usize - 1];
             let times = self.adoptions.get(&seq).cloned().unwrap_or_default();
             let pct = |q: usize| {
@@ -1893,14 +2043,31 @@ impl Sim {
                     .count(),
                 bytes_in_mean: bytes.iter().sum::<u64>() as f64 / count,
                 bytes_in_max: bytes.iter().copied().max().unwrap_or(0),
-                object_bytes_mean: obj as f64 / count,
+                object_bytes_mean: obj,
+                gossip_bytes_mean: sum(2),
+                want_bytes_mean: sum(3),
+                gossip_period_mean: 0.0,
+                period_ms: 0,
                 bundle_bytes: p.bundle_bytes,
                 new_bytes: p.new_bytes,
             });
-            if seq < total {
-                // A short pause between releases.
-                let t = self.now + 2_000;
+            if seq < total || self.cfg.pause_ms > 2_000 {
+                // A pause between releases (and after the last one when
+                // gossip is measured over a longer period).
+                let t = self.now + self.cfg.pause_ms;
                 self.run_until(t, |_| false);
+            }
+            // Gossip over the release's whole period: its window and the
+            // pause after it (records change when agents adopt, and travel
+            // at anti-entropy pace).
+            let end = self.window();
+            if let Some(r) = releases.last_mut() {
+                r.gossip_period_mean = honest
+                    .iter()
+                    .map(|&i| end[i][2] - before[i][2])
+                    .sum::<u64>() as f64
+                    / count;
+                r.period_ms = self.now - t0;
             }
         }
         // Final phase: churn stops, partitions heal, everyone comes back.

@@ -174,3 +174,63 @@ fn a_partition_that_outlasts_the_deadline_is_reported() {
         r.violations
     );
 }
+
+/// Mesh bytes are deterministic in the simulator, so these bounds are real
+/// assertions: a full release costs every agent at most 5 % over the
+/// bundle (compact wants: a few bytes instead of every address), a
+/// one-object delta a fixed overhead over its new bytes, and a mixed
+/// fleet of version 2 and version 3 agents still converges.
+#[test]
+fn mesh_bytes_per_agent_stay_within_bounds() {
+    let r = run(SimConfig::new(100, 11));
+    assert_clean(&r);
+    let (full, delta) = (&r.releases[0], &r.releases[1]);
+    let ratio = full.bytes_in_mean / full.new_bytes as f64;
+    assert!(
+        ratio <= 1.05,
+        "full release: {ratio:.3}× the bundle: {full:?}"
+    );
+    assert!(full.want_bytes_mean < 512.0, "{full:?}");
+    assert!(delta.want_bytes_mean < 512.0, "{delta:?}");
+    let ratio = delta.bytes_in_mean / delta.new_bytes as f64;
+    assert!(ratio <= 1.25, "delta: {ratio:.3}× its new bytes: {delta:?}");
+
+    let mixed = run(SimConfig {
+        legacy_share: 0.5,
+        ..SimConfig::new(100, 11)
+    });
+    assert_clean(&mixed);
+    // Half the fleet asks by address: more want bytes, same objects.
+    assert!(mixed.releases[0].want_bytes_mean > 4.0 * full.want_bytes_mean);
+    assert!(
+        (mixed.releases[1].object_bytes_mean - delta.object_bytes_mean).abs() < 1.0,
+        "{mixed:?}"
+    );
+}
+
+/// Status gossip by digest: over a release and the minute after it (one
+/// change per agent when it adopts, one refresh), every agent receives
+/// each new record about once; what it costs per agent grows with the
+/// fleet (every agent's record reaches every agent), not with the number
+/// of connections.
+#[test]
+fn status_gossip_per_agent_is_about_one_copy_of_each_new_record() {
+    let agents = 60;
+    let r = run(SimConfig {
+        status_gossip: true,
+        pause_ms: 60_000,
+        releases: 1,
+        ..SimConfig::new(agents, 5)
+    });
+    assert_clean(&r);
+    let rel = &r.releases[0];
+    // A signed simulator record is about 280 bytes; two versions per
+    // agent in the period (adoption and refresh), plus digests and pulls.
+    let bound = agents as f64 * 2.0 * 400.0;
+    assert!(
+        rel.gossip_period_mean <= bound,
+        "{:.0} bytes per agent (bound {bound:.0}): {rel:?}",
+        rel.gossip_period_mean
+    );
+    assert!(rel.gossip_period_mean > agents as f64 * 200.0, "{rel:?}");
+}

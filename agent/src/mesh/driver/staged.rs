@@ -8,7 +8,7 @@ use super::*;
 /// manifests).
 ///
 /// Blocking: runs on a blocking thread.
-pub(super) fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
+fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
     let store = agent.store().blocking();
     match item {
         Item::Root(v) => store
@@ -22,7 +22,137 @@ pub(super) fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
             Ok(Some(b)) => Some(b),
             _ => store.bundle(a).ok().flatten(),
         },
+        // Resolved by `serve_items`.
+        Item::Entries(_) => None,
     }
+}
+
+/// The object addresses of the bundle last served by index (a full
+/// release is asked for in a few compact wants in a row: its manifest is
+/// read and decoded once).
+pub(super) type EntriesCache = Arc<std::sync::Mutex<Option<(String, Arc<Vec<String>>)>>>;
+
+/// The object addresses of a bundle we hold (adopted, or staged and
+/// stored as an object), in its entry order.
+///
+/// Blocking: runs on a blocking thread.
+fn bundle_entries(
+    agent: &Agent,
+    bundle: &str,
+    limits: &Limits,
+    cache: &EntriesCache,
+) -> Option<Arc<Vec<String>>> {
+    if let Ok(c) = cache.lock() {
+        if let Some((b, e)) = c.as_ref() {
+            if b == bundle {
+                return Some(e.clone());
+            }
+        }
+    }
+    let store = agent.store().blocking();
+    let bytes = match store.bundle(bundle) {
+        Ok(Some(m)) => m,
+        _ => store.get_object(bundle).ok().flatten()?,
+    };
+    let manifest =
+        cairn_core::bundle::Manifest::load(&bytes, Some(bundle), limits, store.chunk_reader())
+            .ok()?;
+    let entries: Arc<Vec<String>> = Arc::new(
+        manifest
+            .entries
+            .iter()
+            .map(|e| e.object.to_string())
+            .collect(),
+    );
+    if let Ok(mut c) = cache.lock() {
+        *c = Some((bundle.to_owned(), entries.clone()));
+    }
+    Some(entries)
+}
+
+/// Answers a peer's want from the store: plain items, and the entries of
+/// a compact want through the manifest we hold, handed to the endpoint in
+/// parts of about `part_bytes` (a peer asking for an index past the
+/// bundle's end is refused).
+///
+/// Blocking: runs on a blocking thread.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn serve_items(
+    agent: &Agent,
+    tx: &mpsc::Sender<Input>,
+    conn: ConnId,
+    id: u64,
+    items: Vec<Item>,
+    part_bytes: usize,
+    limits: &Limits,
+    cache: &EntriesCache,
+) {
+    let mut found = Vec::new();
+    let mut ranges = Vec::new();
+    for item in items {
+        match item {
+            Item::Entries(e) => ranges.push(e),
+            item => found.push(Found {
+                bytes: read_item(agent, &item),
+                item,
+            }),
+        }
+    }
+    let mut entries = Vec::new();
+    let mut part = 0usize;
+    for e in ranges {
+        let Some(addresses) = bundle_entries(agent, &e.bundle, limits, cache) else {
+            found.push(Found {
+                item: Item::Entries(e),
+                bytes: None,
+            });
+            continue;
+        };
+        let indices = match e.indices(addresses.len()) {
+            Ok(ix) => ix,
+            Err(bad) => {
+                let detail = format!(
+                    "entries past the {} of bundle {}",
+                    addresses.len(),
+                    e.bundle
+                );
+                let _ = tx.blocking_send(Input::ServeRefused {
+                    conn,
+                    id,
+                    bad,
+                    detail,
+                });
+                return;
+            }
+        };
+        let store = agent.store().blocking();
+        for k in indices {
+            let bytes = store.get_object(&addresses[k]).ok().flatten();
+            part += bytes.as_ref().map_or(0, Vec::len);
+            entries.push(EntryFound(k as u32, bytes));
+            if part >= part_bytes {
+                let (found, entries) = (std::mem::take(&mut found), std::mem::take(&mut entries));
+                part = 0;
+                let sent = tx.blocking_send(Input::Served {
+                    conn,
+                    id,
+                    found,
+                    entries,
+                    last: false,
+                });
+                if sent.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tx.blocking_send(Input::Served {
+        conn,
+        id,
+        found,
+        entries,
+        last: true,
+    });
 }
 
 /// The files fetched from a peer, as a [`Source`] for

@@ -85,6 +85,10 @@ enum Behaviour {
     Honest,
     /// Flips a byte of every object it serves.
     Tamper,
+    /// Answers compact wants as "bundle not held".
+    LacksBundle,
+    /// Asks compact wants for indices past the bundle's end.
+    PastTheEnd,
     /// Never answers wants.
     Silent,
 }
@@ -109,6 +113,40 @@ struct Node {
 impl Node {
     fn seq(&self, channel: &str) -> u64 {
         self.ep.heads().get(channel).map_or(0, |h| h.sequence)
+    }
+
+    /// Asks the endpoint for what a fetch lacks: the manifest by address,
+    /// then the missing entries by index.
+    fn want_missing(&mut self, fetch: FetchId, manifest: &str, now: u64) {
+        match self.objects.get(manifest) {
+            None => self
+                .ep
+                .fetch_want(fetch, vec![manifest.to_owned()], Millis(now)),
+            Some(m) => {
+                let entries: Vec<String> = codec::decode("toy manifest", m, 1 << 20).unwrap();
+                let shift = if self.behaviour == Behaviour::PastTheEnd {
+                    entries.len() as u32
+                } else {
+                    0
+                };
+                let missing = entries
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, a)| !self.objects.contains_key(a))
+                    .map(|(i, a)| (i as u32 + shift, a))
+                    .collect();
+                self.ep.fetch_want_entries(fetch, missing, Millis(now));
+            }
+        }
+    }
+
+    /// The entries of a toy bundle this node holds.
+    fn bundle_entries(&self, bundle: &str) -> Option<Vec<String>> {
+        if self.behaviour == Behaviour::LacksBundle {
+            return None;
+        }
+        let m = self.objects.get(bundle)?;
+        codec::decode("toy manifest", m, 1 << 20).ok()
     }
 
     fn missing(&self, manifest: &str) -> Vec<String> {
@@ -139,6 +177,8 @@ struct Sim {
     /// Per node: its wants in flight, and the most seen at once.
     open_wants: BTreeMap<usize, BTreeSet<u64>>,
     max_open_wants: BTreeMap<usize, usize>,
+    /// Every message delivered: (receiver, message).
+    delivered: Vec<(usize, Message)>,
 }
 
 fn cfg(i: usize, seeds: Vec<usize>) -> SyncConfig {
@@ -180,6 +220,7 @@ impl Sim {
             blocked: BTreeSet::new(),
             open_wants: BTreeMap::new(),
             max_open_wants: BTreeMap::new(),
+            delivered: Vec::new(),
         }
     }
 
@@ -265,9 +306,12 @@ impl Sim {
                     Wire::Msg(to, conn, frame) => {
                         let lim = self.nodes[to].ep.config().limits.clone();
                         let msg = decode_body(&frame[4..], &lim).unwrap();
-                        if let Message::Data { id, .. } = &msg {
-                            self.open_wants.entry(to).or_default().remove(id);
+                        if let Message::Data { id, more, .. } = &msg {
+                            if !more {
+                                self.open_wants.entry(to).or_default().remove(id);
+                            }
                         }
+                        self.delivered.push((to, msg.clone()));
                         self.nodes[to]
                             .ep
                             .handle_message(conn, msg, Millis(now), UnixMillis(now));
@@ -286,7 +330,16 @@ impl Sim {
         match a {
             Action::Send { conn, message } => {
                 if let Message::Want { id, items } = &message {
-                    assert!(items.len() <= self.nodes[i].ep.config().limits.max_items_per_want);
+                    let limits = &self.nodes[i].ep.config().limits;
+                    assert!(items.len() <= limits.max_items_per_want);
+                    let named: usize = items
+                        .iter()
+                        .map(|it| match it {
+                            Item::Entries(e) => e.check(limits).unwrap(),
+                            _ => 0,
+                        })
+                        .sum();
+                    assert!(named <= limits.max_objects_per_want);
                     let open = self.open_wants.entry(i).or_default();
                     open.insert(*id);
                     let n = open.len();
@@ -343,26 +396,46 @@ impl Sim {
                 if n.behaviour == Behaviour::Silent {
                     return;
                 }
-                let found = items
-                    .into_iter()
-                    .map(|item| {
-                        let bytes = match &item {
-                            Item::Root(v) if *v <= n.ep.root_version => {
-                                Some(format!("toy root {v}").into_bytes())
-                            }
-                            Item::Root(_) => None,
-                            Item::Release(c) => n.releases.get(c).cloned(),
-                            Item::Object(a) => n.objects.get(a).cloned().map(|mut b| {
-                                if n.behaviour == Behaviour::Tamper {
-                                    b[0] ^= 1;
-                                }
-                                b
-                            }),
-                        };
-                        Found { item, bytes }
+                let object = |n: &Node, a: &str| {
+                    n.objects.get(a).cloned().map(|mut b| {
+                        if n.behaviour == Behaviour::Tamper {
+                            b[0] ^= 1;
+                        }
+                        b
                     })
-                    .collect();
-                n.ep.serve(conn, id, found, Millis(now));
+                };
+                let mut found = Vec::new();
+                let mut answered = Vec::new();
+                for item in items {
+                    let bytes = match &item {
+                        Item::Root(v) if *v <= n.ep.root_version => {
+                            Some(format!("toy root {v}").into_bytes())
+                        }
+                        Item::Root(_) => None,
+                        Item::Release(c) => n.releases.get(c).cloned(),
+                        Item::Object(a) => object(n, a),
+                        Item::Entries(e) => {
+                            let Some(entries) = n.bundle_entries(&e.bundle) else {
+                                found.push(Found { item, bytes: None });
+                                continue;
+                            };
+                            match e.indices(entries.len()) {
+                                Ok(ix) => {
+                                    for k in ix {
+                                        let bytes = object(n, &entries[k]);
+                                        answered.push(EntryFound(k as u32, bytes));
+                                    }
+                                }
+                                Err(bad) => {
+                                    return n.ep.serve_refused(conn, id, bad, "toy", Millis(now))
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    found.push(Found { item, bytes });
+                }
+                n.ep.serve_part(conn, id, found, answered, true, Millis(now));
             }
             Event::VerifyRelease {
                 fetch,
@@ -405,8 +478,7 @@ impl Sim {
                 n.pending.insert(fetch, (head, manifest.clone()));
                 n.releases.insert(format!("pending-{fetch}"), release);
                 n.ep.release_verified(fetch, Millis(now));
-                let missing = n.missing(&manifest);
-                n.ep.fetch_want(fetch, missing, Millis(now));
+                n.want_missing(fetch, &manifest, now);
             }
             Event::Object { address, bytes, .. } => {
                 assert_eq!(
@@ -422,9 +494,8 @@ impl Sim {
                 let Some((head, manifest)) = n.pending.get(&fetch).cloned() else {
                     return;
                 };
-                let missing = n.missing(&manifest);
-                if !missing.is_empty() {
-                    return n.ep.fetch_want(fetch, missing, Millis(now));
+                if !n.missing(&manifest).is_empty() {
+                    return n.want_missing(fetch, &manifest, now);
                 }
                 n.pending.remove(&fetch);
                 if let Some(r) = n.releases.remove(&format!("pending-{fetch}")) {
@@ -478,6 +549,57 @@ impl Sim {
 
     fn converged(&self, seq: u64) -> bool {
         self.nodes.iter().all(|n| n.seq("stable") == seq)
+    }
+
+    /// Node `i` restarts: its connections break, its endpoint starts
+    /// afresh (its store is kept).
+    fn restart(&mut self, i: usize) {
+        let now = self.now;
+        let mine: Vec<((usize, ConnId), (usize, ConnId))> = self
+            .links
+            .iter()
+            .filter(|((a, _), _)| *a == i)
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        for (x, y) in mine {
+            self.links.remove(&x);
+            self.links.remove(&y);
+            self.queue.push((now + LATENCY, Wire::Closed(y.0, y.1)));
+        }
+        let config = self.nodes[i].ep.config().clone();
+        self.nodes[i].ep = new_ep(config);
+        self.nodes[i].pending.clear();
+    }
+
+    /// Wants node `i` sent, in order.
+    fn wants_from(&self, i: usize) -> Vec<Vec<Item>> {
+        // Wants are delivered to the peer; find those whose sender is `i`
+        // by the link they arrived on (a line of two: the other node).
+        self.delivered
+            .iter()
+            .filter(|(to, _)| *to != i)
+            .filter_map(|(_, m)| match m {
+                Message::Want { items, .. } => Some(items.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// How often node `to` received the record of `agent` dated `time`.
+    fn record_copies(&self, to: usize, agent: &str, time: u64) -> usize {
+        self.delivered
+            .iter()
+            .filter(|(t, _)| *t == to)
+            .filter_map(|(_, m)| match m {
+                Message::Status(rs) => Some(rs),
+                _ => None,
+            })
+            .flatten()
+            .filter(|s| {
+                let r: StatusRecord = codec::decode("record", &s.record, 1 << 16).unwrap();
+                r.agent_id == agent && r.time == time
+            })
+            .count()
     }
 }
 
@@ -545,6 +667,7 @@ fn only_missing_objects_move() {
 fn objects_move_in_bounded_batches() {
     let mut c0 = cfg(0, vec![1]);
     c0.limits.max_items_per_want = 7;
+    c0.limits.max_objects_per_want = 7;
     c0.limits.max_outstanding_wants = 2;
     let mut c1 = cfg(1, vec![]);
     c1.limits.max_items_per_want = 7;
@@ -1187,10 +1310,7 @@ fn hello(ep: &mut Endpoint, id: &str, now: u64) -> ConnId {
     let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, Millis(now));
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
+        Message::Hello(Hello::new(None)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1222,10 +1342,7 @@ fn protocol_violations_cut_the_peer_off() {
     let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: 99,
-            listen: None,
-        }),
+        Message::Hello(Hello::speaking(99, 99, None)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1238,6 +1355,8 @@ fn protocol_violations_cut_the_peer_off() {
         Message::Data {
             id: 77,
             items: vec![],
+            more: false,
+            entries: vec![],
         },
         Millis(now),
         UnixMillis(now),
@@ -1285,10 +1404,7 @@ fn operators_may_only_read_status() {
     );
     ep.handle_message(
         c,
-        Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            listen: None,
-        }),
+        Message::Hello(Hello::new(None)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1357,4 +1473,384 @@ fn the_same_seed_gives_the_same_run() {
             .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
+}
+
+// ----- protocol version 3: compact wants -------------------------------
+
+fn entries_items(wants: &[Vec<Item>]) -> Vec<EntryRanges> {
+    wants
+        .iter()
+        .flatten()
+        .filter_map(|i| match i {
+            Item::Entries(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_release_is_wanted_as_one_range_and_a_delta_as_one_entry() {
+    let mut sim = Sim::line(2);
+    sim.run(2_000);
+    let mut objs = objects(300, "v1");
+    let m1 = sim.publish(1, 1, &objs, true);
+    sim.run(30_000);
+    assert!(sim.converged(1));
+    let wants = sim.wants_from(0);
+    // The manifest by address, then every entry in one range: no object
+    // is named by address.
+    assert!(wants
+        .iter()
+        .flatten()
+        .all(|i| !matches!(i, Item::Object(a) if *a != m1)));
+    let e = entries_items(&wants);
+    assert_eq!(e.len(), 1, "{wants:?}");
+    assert_eq!(e[0].bundle, m1);
+    assert_eq!(e[0].ranges, vec![(0, 300)]);
+    let want_bytes: usize = wants
+        .iter()
+        .map(|items| {
+            encode_frame(
+                &Message::Want {
+                    id: 1,
+                    items: items.clone(),
+                },
+                4 << 20,
+            )
+            .unwrap()
+            .len()
+        })
+        .sum();
+    assert!(want_bytes < 400, "{want_bytes} bytes of wants");
+    assert_eq!(sim.nodes[0].objects.len(), 301);
+    // Release 2 changes entry 137.
+    sim.delivered.clear();
+    objs[137] = b"changed object".to_vec();
+    let m2 = sim.publish(1, 2, &objs, true);
+    let (bytes0, n0) = (sim.nodes[0].object_bytes_in, sim.nodes[0].objects_in);
+    sim.run(30_000);
+    assert!(sim.converged(2));
+    let e = entries_items(&sim.wants_from(0));
+    assert_eq!(e.len(), 1);
+    assert_eq!(
+        (e[0].bundle.clone(), e[0].ranges.clone()),
+        (m2.clone(), vec![(137, 1)])
+    );
+    assert_eq!(sim.nodes[0].objects_in - n0, 2);
+    assert_eq!(
+        sim.nodes[0].object_bytes_in - bytes0,
+        sim.nodes[1].objects[&m2].len() + b"changed object".len()
+    );
+    assert!(sim.nodes.iter().all(|n| n.rejections.is_empty()));
+}
+
+#[test]
+fn a_large_answer_travels_in_several_data_frames() {
+    let c0 = cfg(0, vec![1]);
+    let mut c1 = cfg(1, vec![]);
+    // About four objects per frame.
+    c1.limits.max_reply_bytes = 1_000;
+    let mut sim = Sim::new(vec![c0, c1]);
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(40, "v1"), true);
+    sim.run(30_000);
+    assert!(sim.converged(1));
+    let parts: Vec<(u64, bool, usize)> = sim
+        .delivered
+        .iter()
+        .filter(|(to, _)| *to == 0)
+        .filter_map(|(_, m)| match m {
+            Message::Data {
+                id, more, entries, ..
+            } if !entries.is_empty() => Some((*id, *more, entries.len())),
+            _ => None,
+        })
+        .collect();
+    assert!(parts.len() >= 10, "{parts:?}");
+    // One want, every frame but the last says more follow.
+    assert!(parts.iter().all(|(id, _, _)| *id == parts[0].0));
+    assert!(parts[..parts.len() - 1].iter().all(|(_, more, _)| *more));
+    assert!(!parts[parts.len() - 1].1);
+    assert_eq!(parts.iter().map(|(_, _, n)| n).sum::<usize>(), 40);
+    assert_eq!(sim.nodes[0].objects.len(), 41);
+}
+
+#[test]
+fn a_peer_without_the_bundle_answers_not_found_and_is_not_banned() {
+    let mut sim = Sim::line(2);
+    sim.nodes[1].behaviour = Behaviour::LacksBundle;
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(5, "v1"), true);
+    sim.run(3_000);
+    assert_eq!(sim.nodes[0].seq("stable"), 0);
+    let answered = sim.delivered.iter().any(|(to, m)| {
+        *to == 0
+            && matches!(m, Message::Data { items, .. }
+                if items.iter().any(|f| matches!(f.item, Item::Entries(_)) && f.bytes.is_none()))
+    });
+    assert!(answered);
+    assert!(
+        sim.nodes[0].rejections.is_empty(),
+        "{:?}",
+        sim.nodes[0].rejections
+    );
+    assert!(!sim.nodes[0].ep.is_banned("a1", Millis(sim.now)));
+}
+
+#[test]
+fn an_index_past_the_bundle_cuts_the_peer_off() {
+    let mut sim = Sim::line(2);
+    sim.nodes[0].behaviour = Behaviour::PastTheEnd;
+    sim.run(2_000);
+    sim.publish(1, 1, &objects(5, "v1"), true);
+    sim.run(5_000);
+    assert_eq!(
+        sim.nodes[1].rejections,
+        vec![("a0".to_string(), "want_index_out_of_range".to_string())]
+    );
+    assert!(sim.nodes[1].ep.is_banned("a0", Millis(sim.now)));
+    assert_eq!(sim.nodes[0].seq("stable"), 0);
+}
+
+#[test]
+fn oversized_or_malformed_compact_wants_cut_the_peer_off() {
+    let now = 1_000_000;
+    let bundle = sha256_address(b"bundle");
+    let lim = MeshLimits::default();
+    let entries = |ranges: Vec<(u32, u32)>| {
+        vec![Item::Entries(EntryRanges {
+            bundle: bundle.clone(),
+            ranges,
+        })]
+    };
+    let too_many_ranges: Vec<(u32, u32)> = (0..=lim.max_ranges_per_want as u32)
+        .map(|i| (2 * i, 1))
+        .collect();
+    let half = lim.max_objects_per_want as u32 / 2 + 1;
+    let cases = vec![
+        (entries(too_many_ranges), "want_too_many_ranges"),
+        (
+            entries(vec![(0, lim.max_objects_per_want as u32 + 1)]),
+            "want_too_many_objects",
+        ),
+        // Two items that are each within the limit, together over it.
+        (
+            [entries(vec![(0, half)]), entries(vec![(0, half)])].concat(),
+            "want_too_many_objects",
+        ),
+        (entries(vec![(4, 2), (5, 1)]), "want_malformed_range"),
+        (entries(vec![(0, 0)]), "want_malformed_range"),
+        (entries(vec![(u32::MAX, 2)]), "want_malformed_range"),
+    ];
+    for (items, reason) in cases {
+        let mut ep = new_ep(cfg(0, vec![]));
+        let c = hello(&mut ep, "p", now);
+        ep.handle_message(
+            c,
+            Message::Want { id: 1, items },
+            Millis(now),
+            UnixMillis(now),
+        );
+        assert_eq!(drain_rejections(&mut ep), vec![reason]);
+        assert!(ep.is_banned("p", Millis(now)));
+    }
+    // A compact want on a version 2 connection.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
+    ep.handle_message(
+        c,
+        Message::Hello(Hello::speaking(2, 2, None)),
+        Millis(now),
+        UnixMillis(now),
+    );
+    while ep.poll_action().is_some() {}
+    ep.handle_message(
+        c,
+        Message::Want {
+            id: 1,
+            items: entries(vec![(0, 1)]),
+        },
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["want_not_negotiated"]);
+    // An answer for an entry nobody asked for.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    ep.handle_message(
+        c,
+        Message::Data {
+            id: 5,
+            items: vec![],
+            more: false,
+            entries: vec![EntryFound(3, Some(b"x".to_vec()))],
+        },
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
+}
+
+#[test]
+fn version_2_and_version_3_agents_fall_back_to_per_object_wants() {
+    // a0 speaks version 2 only, between two version 3 agents.
+    let mut c0 = cfg(0, vec![1]);
+    c0.protocol_version = 2;
+    let mut sim = Sim::new(vec![c0, cfg(1, vec![2]), cfg(2, vec![])]);
+    sim.run(2_000);
+    assert_eq!(sim.nodes[1].ep.connected_peers().len(), 2);
+    // a0's hello is the one a version 2 agent sends.
+    assert!(sim
+        .delivered
+        .iter()
+        .any(|(to, m)| *to == 1 && *m == Message::Hello(Hello::speaking(2, 2, Some(addr(0))))));
+    // A release from a2 reaches a1 by compact wants, a0 by addresses;
+    // then one from a0 reaches a1 and a2.
+    sim.publish(2, 1, &objects(20, "v1"), true);
+    sim.run(30_000);
+    assert!(sim.converged(1));
+    let mut o2 = objects(20, "v1");
+    o2[3] = b"changed".to_vec();
+    sim.publish(0, 2, &o2, true);
+    sim.run(30_000);
+    assert!(sim.converged(2));
+    for n in &sim.nodes {
+        assert!(n.rejections.is_empty(), "{}: {:?}", n.id, n.rejections);
+        assert_eq!(n.objects.len(), 23, "{}", n.id);
+    }
+    // Nothing version 3 ever reached a0; a1 and a2 used compact wants.
+    for (to, m) in &sim.delivered {
+        let v3 = match m {
+            Message::Want { items, .. } => items.iter().any(|i| matches!(i, Item::Entries(_))),
+            Message::Data { more, entries, .. } => *more || !entries.is_empty(),
+            Message::StatusDigest(_) | Message::StatusPull(_) => true,
+            _ => false,
+        };
+        if *to == 0 {
+            assert!(!v3, "a0 got {m:?}");
+        }
+    }
+    assert!(sim.delivered.iter().any(|(to, m)| *to == 2
+        && matches!(m, Message::Want { items, .. } if items.iter().any(|i| matches!(i, Item::Entries(_))))));
+    // a1 fetched release 2 from a0 by address.
+    assert!(sim.delivered.iter().any(|(to, m)| *to == 0
+        && matches!(m, Message::Want { items, .. } if items.contains(&Item::Object(sha256_address(b"changed"))))));
+}
+
+// ----- protocol version 3: status gossip by digest ---------------------
+
+fn set_status(sim: &mut Sim, i: usize, health: &str) -> u64 {
+    let now = sim.now;
+    let mut r = record("", health, 0);
+    r.sequence = now;
+    sim.nodes[i].ep.set_local_status(r, UnixMillis(now));
+    sim.nodes[i]
+        .ep
+        .status(UnixMillis(now))
+        .find(|r| r.agent_id == sim.nodes[i].id)
+        .unwrap()
+        .time
+}
+
+#[test]
+fn a_status_record_crosses_each_connection_once_and_newer_replaces_it() {
+    // A ring of four: every record can reach every node two ways.
+    // Records are signed again only when they change (no refresh within
+    // the test), so a quiet fleet is quiet.
+    let quiet = |i, seeds| {
+        let mut c = cfg(i, seeds);
+        c.status_refresh_ms = 3_600_000;
+        c
+    };
+    let mut sim = Sim::new(vec![
+        quiet(0, vec![1]),
+        quiet(1, vec![2]),
+        quiet(2, vec![3]),
+        quiet(3, vec![0]),
+    ]);
+    sim.run(2_000);
+    let t1 = set_status(&mut sim, 3, "healthy");
+    sim.run(40_000);
+    for i in 0..3 {
+        assert_eq!(sim.record_copies(i, "a3", t1), 1, "a{i}");
+    }
+    let t2 = set_status(&mut sim, 3, "failed");
+    assert!(t2 > t1);
+    sim.run(40_000);
+    let now = sim.now;
+    for i in 0..3 {
+        assert_eq!(sim.record_copies(i, "a3", t2), 1, "a{i}");
+        let r = sim.nodes[i]
+            .ep
+            .status(UnixMillis(now))
+            .find(|r| r.agent_id == "a3")
+            .unwrap()
+            .clone();
+        assert_eq!((r.time, r.health.as_str()), (t2, "failed"), "a{i}");
+    }
+    // Once converged, anti-entropy costs no records and no digests.
+    sim.delivered.clear();
+    sim.run(20_000);
+    assert!(sim
+        .delivered
+        .iter()
+        .all(|(_, m)| !matches!(m, Message::Status(rs) if !rs.is_empty())
+            && !matches!(m, Message::StatusDigest(_) | Message::StatusPull(_))));
+}
+
+#[test]
+fn a_restarted_peer_resyncs_status() {
+    let mut sim = Sim::line(3);
+    sim.run(2_000);
+    let t0 = set_status(&mut sim, 0, "healthy");
+    let t2 = set_status(&mut sim, 2, "degraded");
+    sim.run(30_000);
+    let ids = |sim: &Sim, i: usize| status_ids(&sim.nodes[i].ep, sim.now);
+    assert_eq!(ids(&sim, 1), vec!["a0", "a1", "a2"]);
+    sim.restart(1);
+    sim.run(1);
+    // Its view is gone with its endpoint (but for its own record) ...
+    assert_eq!(ids(&sim, 1), vec!["a1"]);
+    sim.run(30_000);
+    // ... and comes back from its peers, which told it by digest.
+    assert_eq!(ids(&sim, 1), vec!["a0", "a1", "a2"]);
+    let view: Vec<u64> = sim.nodes[1]
+        .ep
+        .status(UnixMillis(sim.now))
+        .filter(|r| r.agent_id != "a1")
+        .map(|r| r.time)
+        .collect();
+    assert_eq!(view, vec![t0, t2]);
+}
+
+#[test]
+fn a_flood_of_digests_keeps_pulls_bounded() {
+    let now = 1_000_000;
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    let max = ep.config().limits.max_status_records;
+    let mut pulled = 0;
+    for round in 0..5u64 {
+        let digest = (0..max as u64)
+            .map(|k| (format!("x{round}-{k}"), now))
+            .collect();
+        ep.handle_message(
+            c,
+            Message::StatusDigest(digest),
+            Millis(now),
+            UnixMillis(now),
+        );
+        while let Some(a) = ep.poll_action() {
+            if let Action::Send {
+                message: Message::StatusPull(ids),
+                ..
+            } = a
+            {
+                pulled += ids.len();
+            }
+        }
+    }
+    // At most twice the table's worth of pulls in flight at a time.
+    assert_eq!(pulled, 2 * max);
+    assert!(ep.pulling.len() <= 2 * max);
 }

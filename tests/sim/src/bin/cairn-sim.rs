@@ -5,6 +5,7 @@
 //! cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn MS:MS]
 //!           [--partition FRACTION:MS] [--malicious N] [--status]
 //!           [--objects N] [--object-bytes N] [--releases N] [--origins N]
+//!           [--legacy SHARE] [--pause MS] [--settle MS]
 //! ```
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -15,7 +16,7 @@ use std::time::Instant;
 fn usage() -> &'static str {
     "usage: cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn EVERY_MS:DOWN_MS] \
      [--partition FRACTION:MS] [--malicious N] [--status] [--objects N] [--object-bytes N] \
-     [--releases N] [--origins N] [--rollout SPEC]"
+     [--releases N] [--origins N] [--rollout SPEC] [--legacy SHARE] [--pause MS] [--settle MS]"
 }
 
 fn main() {
@@ -71,6 +72,9 @@ fn real_main() -> Result<()> {
             "--releases" => base.releases = val()?.parse().context("--releases")?,
             "--origins" => base.origins = val()?.parse().context("--origins")?,
             "--rollout" => base.rollout = Some(val()?),
+            "--legacy" => base.legacy_share = val()?.parse().context("--legacy")?,
+            "--pause" => base.pause_ms = val()?.parse().context("--pause")?,
+            "--settle" => base.settle_ms = val()?.parse().context("--settle")?,
             "-h" | "--help" => {
                 println!("{}", usage());
                 return Ok(());
@@ -79,9 +83,9 @@ fn real_main() -> Result<()> {
         }
     }
     println!(
-        "| agents | release | 50 % / 90 % / all hold it (simulated) | rounds | mesh bytes in per agent (mean / max) | object bytes per agent | bundle / new bytes | events | wall time | invariants |"
+        "| agents | release | 50 % / 90 % / all hold it (simulated) | rounds | mesh bytes in per agent (mean / max) | ÷ new bytes | object bytes per agent | gossip bytes per agent (window / until next release) | want bytes per agent | bundle / new bytes | events | wall time | invariants |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut failed = false;
     let fmt_ms = |ms: Option<u64>| {
         ms.map_or("—".to_owned(), |ms| {
@@ -111,12 +115,17 @@ fn real_main() -> Result<()> {
                     .map_or("**not converged**".to_owned(), |ms| fmt_ms(Some(ms)))
             );
             println!(
-                "| {n} | {} | {times} | {} | {:.1} KiB / {:.1} KiB | {:.1} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
+                "| {n} | {} | {times} | {} | {:.1} KiB / {:.1} KiB | {:.3}× | {:.1} KiB | {:.1} / {:.1} KiB in {:.0} s | {:.2} KiB | {:.1} / {:.1} KiB | {} | {wall:.1} s | {inv} |",
                 rel.sequence,
                 rel.rounds,
                 rel.bytes_in_mean / 1024.0,
                 rel.bytes_in_max as f64 / 1024.0,
+                rel.bytes_in_mean / (rel.new_bytes.max(1) as f64),
                 rel.object_bytes_mean / 1024.0,
+                rel.gossip_bytes_mean / 1024.0,
+                rel.gossip_period_mean / 1024.0,
+                rel.period_ms as f64 / 1000.0,
+                rel.want_bytes_mean / 1024.0,
                 rel.bundle_bytes as f64 / 1024.0,
                 rel.new_bytes as f64 / 1024.0,
                 r.events,
