@@ -4,12 +4,13 @@
 //! ConfigMap in the agent's namespace.
 //!
 //! [`plan`] is pure (ordering, pruning, drift, health rules); [`cluster`] is
-//! the kube-rs shell; [`reconcile`] runs one pass. [`KubernetesTarget`] plugs
+//! the kube-rs shell (both in the `cairn-plan` crate, which `cairn diff`
+//! shares); [`reconcile`] runs one pass. [`KubernetesTarget`] plugs
 //! them into the agent's [`Target`] trait.
 
-pub mod cluster;
-pub mod plan;
 pub mod reconcile;
+/// Re-exported from `cairn-plan` (shared with `cairn diff`).
+pub use cairn_plan::{cluster, plan};
 
 use crate::config::KubernetesTarget as KubernetesConfig;
 use crate::store::{Store, StoreHandle};
