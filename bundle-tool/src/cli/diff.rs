@@ -24,7 +24,12 @@ pub(super) const EXIT_ERROR: i32 = 2;
 #[derive(Debug, Args)]
 pub(super) struct DiffArgs {
     /// The bundle file to compare (`cairn bundle build --out FILE`).
-    #[arg(long, value_name = "FILE", conflicts_with = "repo", required_unless_present = "repo")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "repo",
+        required_unless_present = "repo"
+    )]
     bundle: Option<PathBuf>,
     /// Compare the head of `--channel` in this bundle repository instead,
     /// after verifying it as `cairn verify` does.
@@ -38,9 +43,10 @@ pub(super) struct DiffArgs {
     /// Kubeconfig of the cluster.
     #[arg(long, value_name = "FILE")]
     kubeconfig: PathBuf,
-    /// Server-side apply `force`, as the agent's `force: true`.
+    /// Dry-run without server-side apply `force` (as an agent configured
+    /// with `force: false`): fields other managers own show as conflicts.
     #[arg(long)]
-    force: bool,
+    no_force: bool,
     #[command(flatten)]
     root: RootArgs,
 }
@@ -94,8 +100,8 @@ fn diff(a: &DiffArgs) -> Result<(String, Vec<String>)> {
         .iter()
         .map(|(b, addr)| (b.as_slice(), addr.as_str()))
         .collect();
-    let desired = cairn_plan::diff::desired_objects(&raw, &channel)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let desired =
+        cairn_plan::diff::desired_objects(&raw, &channel).map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -108,7 +114,7 @@ fn diff(a: &DiffArgs) -> Result<(String, Vec<String>)> {
         let (previous, skipped) = cairn_plan::diff::cluster_inventory(&mut cluster, &channel)
             .await
             .map_err(|e| anyhow::anyhow!("listing the channel's objects: {e}"))?;
-        let report = cairn_plan::diff::plan(&mut cluster, &desired, &previous, a.force)
+        let report = cairn_plan::diff::plan(&mut cluster, &desired, &previous, !a.no_force)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok((report.render(), skipped))
