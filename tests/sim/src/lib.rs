@@ -1735,6 +1735,7 @@ impl Sim {
             time: now,
             rollout: None,
             listen: None,
+            values_digest: None,
         };
         if let Some(ep) = n.ep.as_mut() {
             ep.set_local_status(rec, UnixMillis(now));
