@@ -420,3 +420,82 @@ fn on_kubernetes_an_age_cli_secret_is_applied_decrypted_where_the_key_is_and_ref
         "{text}"
     );
 }
+
+/// Two meshed agents with different values: each gossips the digest of
+/// its values in its signed status record, and `cairn fleet status` shows
+/// both (JSON and table), equal to what each agent's own status says.
+/// Block 127.0.38.x.
+#[test]
+fn the_values_digest_is_gossiped_and_shown_by_fleet_status() {
+    let w = World::new(1, 1, 1);
+    std::fs::write(
+        w.git.join("cairn-values.yaml"),
+        "apiVersion: cairn.dev/v1alpha1\nkind: CairnValues\nmetadata:\n  name: site\nvariables:\n  - name: replicas\n    default: \"1\"\n    pattern: \"[0-9]{1,2}\"\n  - name: label:site\n    pattern: \"s[0-9]+\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        w.git.join("site-settings.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: site-settings\n  namespace: default\ndata:\n  site: \"${label:site}\"\n  replicas: \"${replicas}\"\n",
+    )
+    .unwrap();
+    git(&w.git, &["add", "-A"]);
+    git(&w.git, &["commit", "-qm", "site values"]);
+    let bundle = w.build("HEAD", "b.cbundle");
+    w.release(&bundle);
+    let mut f = fleet(38, w, Vec::new());
+    for (i, replicas) in [(0, "3"), (1, "5")] {
+        let target = format!(
+            "target:\n  manifestsDir: {}\n",
+            f.dir(i, "manifests").display()
+        );
+        let cfg = f.configure(i, &target);
+        let values = f.dir(i, "values.yaml");
+        std::fs::write(&values, format!("replicas: {replicas}\n")).unwrap();
+        let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+        yaml.push_str(&format!("valuesFile: {}\n", values.display()));
+        std::fs::write(&cfg, yaml).unwrap();
+        f.spawn(i, &cfg);
+    }
+    f.wait_sequence(&[0, 1], 1, 60);
+    let digest = |f: &Fleet, i: usize| {
+        f.status(i)
+            .and_then(|s| s.reconcile)
+            .and_then(|r| r.site)
+            .and_then(|s| s.values_digest)
+    };
+    f.wait(30, "both agents report a values digest", |f| {
+        digest(f, 0).is_some() && digest(f, 1).is_some()
+    });
+    let (d0, d1) = (digest(&f, 0).unwrap(), digest(&f, 1).unwrap());
+    assert_ne!(d0, d1);
+    let op = f.w.path("operator");
+    mesh_issue_operator(&f.ca, "ops", &op);
+    let mut last = serde_json::Value::Null;
+    f.wait(30, "fleet status shows both digests", |f| {
+        last = fleet_status_json(f, 0, &op);
+        let agents = last["agents"].as_array().cloned().unwrap_or_default();
+        agents.len() == 2
+            && agents[0]["values_digest"] == d0.as_str()
+            && agents[1]["values_digest"] == d1.as_str()
+    });
+    let table = f.cairn(&[
+        "fleet",
+        "status",
+        "--peer",
+        &mesh_addr(38, 0),
+        "--cert",
+        &op.join("operator.crt").display().to_string(),
+        "--key",
+        &op.join("operator.key").display().to_string(),
+        "--ca",
+        &op.join("ca.crt").display().to_string(),
+    ]);
+    assert!(table.contains("VALUES"), "{table}");
+    for (i, d) in [(0, &d0), (1, &d1)] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&f.id(i)))
+            .unwrap_or_else(|| panic!("no row for {}: {table}", f.id(i)));
+        assert!(row.contains(&d[..19]), "{row}");
+    }
+}
