@@ -279,7 +279,7 @@ impl Cluster {
                             out.push(v);
                         }
                     }
-                    Err(kube::Error::Api(s)) if matches!(s.code, 403 | 404 | 405) => {
+                    Err(kube::Error::Api(s)) if (403..=405).contains(&s.code) => {
                         skipped.push(format!("{what}: {} {}", s.code, s.message));
                     }
                     Err(e) => {
