@@ -339,7 +339,8 @@ fn plan_command(
         .zip(&manifest.entries)
         .map(|(b, e)| (*b, e.object.as_str()))
         .collect();
-    let desired = reconcile::desired_objects(&raw, channel)
+    // Objects that are not Kubernetes objects fail here, before connecting.
+    reconcile::desired_objects(&cairn_plan::diff::split_site_documents(&raw).0, channel)
         .map_err(|e| format!("{}: {e}", bundle.display()))?;
     let previous = match config {
         None => Vec::new(),
@@ -366,9 +367,7 @@ fn plan_command(
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let report = rt.block_on(async {
         let mut cluster = kubernetes::cluster::Cluster::connect(Some(kubeconfig)).await?;
-        reconcile::plan(&mut cluster, &desired, &previous, true)
-            .await
-            .map_err(|e| e.to_string())
+        cairn_plan::diff::plan_bundle(&mut cluster, &raw, channel, &previous, true).await
     })?;
     Ok(report.render())
 }

@@ -51,6 +51,9 @@ pub struct PlanReport {
     pub change: Vec<(ObjectRef, Vec<plan::FieldChange>)>,
     /// Objects of the inventory the bundle no longer has.
     pub prune: Vec<ObjectRef>,
+    /// Secrets the bundle carries as `AgeSecret`s: decrypted only at each
+    /// site, so not compared (and never pruned here). Not a change.
+    pub not_compared: Vec<ObjectRef>,
 }
 
 impl PlanReport {
@@ -85,6 +88,15 @@ impl PlanReport {
         }
         for r in &self.prune {
             out.push_str(&format!("prune {}\n", esc(&r.display())));
+        }
+        // Only alongside changes: an empty report stays empty.
+        if !out.is_empty() {
+            for r in &self.not_compared {
+                out.push_str(&format!(
+                    "not compared {} (an AgeSecret, decrypted at each site)\n",
+                    esc(&r.display())
+                ));
+            }
         }
         out
     }
@@ -163,4 +175,80 @@ pub async fn cluster_inventory(
     items.sort_by(|a, b| a.object.cmp(&b.object));
     items.dedup_by(|a, b| a.object == b.object);
     Ok((items, skipped))
+}
+
+/// Splits Cairn's own documents (`apiVersion: cairn.dev/...`:
+/// `CairnValues`, `AgeSecret`) from the Kubernetes objects of a bundle's
+/// canonical objects. The agent renders them per site (docs/SITES.md) and
+/// never applies them as they are, so a diff must not either. Returns the
+/// Kubernetes objects, and the Secrets the `AgeSecret`s become (an
+/// `AgeSecret`'s plaintext is a Secret of its own name and namespace):
+/// those cannot be compared without the site's key, and must not be
+/// reported as pruned. Objects that do not parse stay in the first list,
+/// so [`desired_objects`] reports them.
+pub fn split_site_documents<'a>(
+    raw: &[(&'a [u8], &'a str)],
+) -> (Vec<(&'a [u8], &'a str)>, Vec<ObjectRef>) {
+    let mut objects = Vec::with_capacity(raw.len());
+    let mut secrets = Vec::new();
+    for &(bytes, address) in raw {
+        let v: Option<Value> = serde_json::from_slice(bytes).ok();
+        let api = v
+            .as_ref()
+            .and_then(|v| v.pointer("/apiVersion"))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if !api.starts_with("cairn.dev/") {
+            objects.push((bytes, address));
+            continue;
+        }
+        let s = |ptr: &str| {
+            v.as_ref()
+                .and_then(|v| v.pointer(ptr))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        if s("/kind") == "AgeSecret" {
+            let ns = s("/metadata/namespace");
+            secrets.push(ObjectRef {
+                group: String::new(),
+                version: "v1".into(),
+                kind: "Secret".into(),
+                namespace: if ns.is_empty() { "default".into() } else { ns },
+                name: s("/metadata/name"),
+            });
+        }
+    }
+    (objects, secrets)
+}
+
+/// [`plan`] for a whole bundle: Cairn's own documents split off first
+/// ([`split_site_documents`]); the Secrets of `AgeSecret`s are reported
+/// as not compared and never as pruned.
+pub async fn plan_bundle(
+    cluster: &mut Cluster,
+    raw: &[(&[u8], &str)],
+    channel: &str,
+    previous: &[InventoryItem],
+    force: bool,
+) -> Result<PlanReport, String> {
+    let (objects, secrets) = split_site_documents(raw);
+    let desired = desired_objects(&objects, channel)?;
+    let mut report = plan(cluster, &desired, previous, force)
+        .await
+        .map_err(|e| e.to_string())?;
+    let same = |a: &ObjectRef, b: &ObjectRef| {
+        let ns = |r: &ObjectRef| {
+            if r.namespace.is_empty() {
+                "default".to_owned()
+            } else {
+                r.namespace.clone()
+            }
+        };
+        a.group == b.group && a.kind == b.kind && a.name == b.name && ns(a) == ns(b)
+    };
+    report.prune.retain(|p| !secrets.iter().any(|s| same(p, s)));
+    report.not_compared = secrets;
+    Ok(report)
 }

@@ -33,11 +33,29 @@ fn diff(dir: &Path, args: &[&str], kubeconfig: &Path) -> (i32, String, String) {
 #[test]
 fn cairn_diff_reports_exactly_the_changes_a_test_makes() {
     let w = World::new(1, 1, 1);
+    // An AgeSecret (encrypted with the `age` CLI) the agent decrypts: the
+    // diff cannot, so it neither compares nor prunes its Secret.
+    let key = w.path("site.key");
+    cairn_test_support::ok(std::process::Command::new("age-keygen").arg("-o").arg(&key));
+    let public =
+        cairn_test_support::ok(std::process::Command::new("age-keygen").arg("-y").arg(&key));
+    let plain = w.path("secret.yaml");
+    std::fs::write(&plain, "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: edge-apps\nstringData:\n  password: hunter2\n").unwrap();
+    let armored = cairn_test_support::ok(
+        std::process::Command::new("age")
+            .args(["-a", "-r", public.trim()])
+            .arg(&plain),
+    );
+    let indented: String = armored.lines().map(|l| format!("  {l}\n")).collect();
+    let age_secret = format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: AgeSecret\nmetadata:\n  name: db\n  namespace: edge-apps\nciphertext: |\n{indented}"
+    );
     cairn_test_support::fixture::commit_files(
         &w.git,
         &[
             ("clusters/edge/diff/keep.yaml", &configmap("diff-keep", "v")),
             ("clusters/edge/diff/gone.yaml", &configmap("diff-gone", "g")),
+            ("clusters/edge/diff/db.age.yaml", &age_secret),
         ],
         "two ConfigMaps",
         "2026-02-01T00:00:00Z",
@@ -60,10 +78,13 @@ fn cairn_diff_reports_exactly_the_changes_a_test_makes() {
          healthTimeout: 20s\n",
         api.kubeconfig.display()
     );
+    c.extra = format!("ageIdentityFile: {}\n", key.display());
     let cfg = c.write(&w.path("agent.yaml"));
     let b1 = w.build("HEAD", "b1.bundle");
     w.release(&b1);
     w.once_ok(&cfg);
+    let db = api.json(&["-n", "edge-apps", "get", "secret", "db"]);
+    assert_eq!(db["data"]["password"], "aHVudGVyMg==", "{db}");
     let b1s = b1.to_str().unwrap();
 
     // What the agent applied: no changes, exit 0, nothing printed.
@@ -101,7 +122,8 @@ fn cairn_diff_reports_exactly_the_changes_a_test_makes() {
     let expected = "create ConfigMap edge-apps/diff-new\n\
                     change ConfigMap edge-apps/diff-keep\n  \
                     /data/k: \"edited\" -> \"v\"\n\
-                    prune ConfigMap edge-apps/diff-gone\n";
+                    prune ConfigMap edge-apps/diff-gone\n\
+                    not compared Secret edge-apps/db (an AgeSecret, decrypted at each site)\n";
     let (code, out, err) = diff(
         w.tmp.path(),
         &["--bundle", b2.to_str().unwrap()],

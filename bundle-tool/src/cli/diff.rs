@@ -100,8 +100,9 @@ fn diff(a: &DiffArgs) -> Result<(String, Vec<String>)> {
         .iter()
         .map(|(b, addr)| (b.as_slice(), addr.as_str()))
         .collect();
-    let desired =
-        cairn_plan::diff::desired_objects(&raw, &channel).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Objects that are not Kubernetes objects fail here, before connecting.
+    cairn_plan::diff::desired_objects(&cairn_plan::diff::split_site_documents(&raw).0, &channel)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,9 +115,10 @@ fn diff(a: &DiffArgs) -> Result<(String, Vec<String>)> {
         let (previous, skipped) = cairn_plan::diff::cluster_inventory(&mut cluster, &channel)
             .await
             .map_err(|e| anyhow::anyhow!("listing the channel's objects: {e}"))?;
-        let report = cairn_plan::diff::plan(&mut cluster, &desired, &previous, !a.no_force)
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report =
+            cairn_plan::diff::plan_bundle(&mut cluster, &raw, &channel, &previous, !a.no_force)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok((report.render(), skipped))
     })
 }
