@@ -223,7 +223,7 @@ pub fn split_site_documents<'a>(
     (objects, secrets)
 }
 
-/// [`plan`] for a whole bundle: Cairn's own documents split off first
+/// [`plan()`] for a whole bundle: Cairn's own documents split off first
 /// ([`split_site_documents`]); the Secrets of `AgeSecret`s are reported
 /// as not compared and never as pruned.
 pub async fn plan_bundle(
