@@ -334,7 +334,7 @@ fn plan_command(
     config: Option<&std::path::Path>,
     channel: &str,
 ) -> Result<String, String> {
-    use crate::kubernetes::{self, reconcile};
+    use crate::kubernetes;
     let limits = cairn_core::limits::Limits::default();
     let size = std::fs::metadata(bundle)
         .map_err(|e| format!("{}: {e}", bundle.display()))?
@@ -352,21 +352,14 @@ fn plan_command(
     let bytes = std::fs::read(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
     let (manifest, objects) = cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
         .map_err(|e| e.to_string())?;
-    let state = std::sync::Arc::new(crate::targets::DesiredState::in_memory(
-        channel.to_owned(),
-        0,
-        String::new(),
-        objects
-            .iter()
-            .zip(&manifest.entries)
-            .map(|(b, e)| crate::targets::DesiredObject {
-                entry: e.clone(),
-                bytes: b.to_vec(),
-            })
-            .collect(),
-    ));
-    let desired =
-        reconcile::desired_objects(&state).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let raw: Vec<(&[u8], &str)> = objects
+        .iter()
+        .zip(&manifest.entries)
+        .map(|(b, e)| (*b, e.object.as_str()))
+        .collect();
+    // Objects that are not Kubernetes objects fail here, before connecting.
+    cairn_plan::diff::desired_objects(&cairn_plan::diff::split_site_documents(&raw).0, channel)
+        .map_err(|e| format!("{}: {e}", bundle.display()))?;
     let previous = match config {
         None => Vec::new(),
         Some(c) => {
@@ -392,9 +385,7 @@ fn plan_command(
         .map_err(|e| format!("starting the runtime: {e}"))?;
     let report = rt.block_on(async {
         let mut cluster = kubernetes::cluster::Cluster::connect(Some(kubeconfig)).await?;
-        reconcile::plan(&mut cluster, &state, &desired, &previous, true)
-            .await
-            .map_err(|e| e.to_string())
+        cairn_plan::diff::plan_bundle(&mut cluster, &raw, channel, &previous, true).await
     })?;
     Ok(report.render())
 }

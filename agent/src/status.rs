@@ -547,6 +547,19 @@ impl Status {
                 )
             }
         }
+        // Site rendering (docs/SITES.md): the values in use, objects not
+        // applied here, or why nothing could be rendered.
+        if let Some(site) = self.reconcile.as_ref().and_then(|r| r.site.as_ref()) {
+            if let Some(d) = &site.values_digest {
+                line("values", d.clone());
+            }
+            for e in &site.object_errors {
+                line("not applied", e.clone());
+            }
+            if let Some(e) = &site.error {
+                line("site values", format!("ERROR: {e}"));
+            }
+        }
         if let Some(r) = &self.last_rejection {
             line(
                 "last rejection",

@@ -4,15 +4,16 @@
 //! ConfigMap in the agent's namespace.
 //!
 //! [`plan`] is pure (ordering, pruning, drift, health rules); [`cluster`] is
-//! the kube-rs shell; [`reconcile`] runs one pass, which never waits for
-//! health; [`progress`] (pure) decides what the pass's health means:
-//! healthy, progressing (run again after a delay) or failed. [`KubernetesTarget`] plugs
-//! them into the agent's [`Target`] trait.
+//! the kube-rs shell (both in the `cairn-plan` crate, which `cairn diff`
+//! shares); [`reconcile`] runs one pass, which never waits for health;
+//! [`progress`] (pure) decides what the pass's health means: healthy,
+//! progressing (run again after a delay) or failed. [`KubernetesTarget`]
+//! plugs them into the agent's [`Target`] trait.
 
-pub mod cluster;
-pub mod plan;
 pub mod progress;
 pub mod reconcile;
+/// Re-exported from `cairn-plan` (shared with `cairn diff`).
+pub use cairn_plan::{cluster, plan};
 
 use crate::config::KubernetesTarget as KubernetesConfig;
 use crate::store::{Store, StoreHandle};

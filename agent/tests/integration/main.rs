@@ -12,6 +12,7 @@ mod support;
 mod attacks;
 mod conventions;
 mod corrupt;
+mod diff;
 mod e2e;
 mod kubernetes;
 mod mesh;

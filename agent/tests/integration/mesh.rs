@@ -652,6 +652,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
         time,
         rollout: None,
         listen,
+        values_digest: None,
     };
     let sign = |k: &X509RecordKeys, r: &StatusRecord| {
         let bytes = cairn_keys::codec::encode(r);

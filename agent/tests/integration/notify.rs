@@ -1,7 +1,10 @@
 //! Webhook notifications through real agent processes: a receiver started
 //! by the test gets each event once and in order, events queued while it
 //! was down arrive when it comes back, and events still queued when the
-//! agent stops are delivered after a restart (the outbox is persistent).
+//! agent stops are delivered after a restart (the outbox is persistent);
+//! in a small fleet on the Kubernetes target, a broken release's
+//! healthFailed, rolledBack and breakerTripped events (and a hold's) are
+//! queued while the receiver is down and each delivered once.
 
 use crate::support::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -261,4 +264,199 @@ fn wait_logged(w: &World, log: &str, secs: u64, what: &str, cond: impl FnMut() -
         eprintln!("{log}:\n{}", w.log(log));
         std::panic::resume_unwind(e);
     }
+}
+
+/// The receiver's JSON events grouped per agent: (event, sequence) in
+/// arrival order.
+fn events_of(r: &Receiver, agent: &str) -> Vec<(String, Option<u64>)> {
+    r.bodies("/hook/SECRET-TOKEN")
+        .iter()
+        .filter(|v| v["agent"] == agent)
+        .map(|v| {
+            (
+                v["event"].as_str().unwrap_or("").to_owned(),
+                v["sequence"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+/// A small fleet against test API servers: a broken release fails its
+/// health checks and rolls back on the agent of the first wave, which
+/// trips the breaker on the other; a hold is placed and ended there. The
+/// receiver is down for all of it: every event (adopted, healthFailed,
+/// rolledBack, breakerTripped, holdPlaced, holdEnded) arrives once when it
+/// comes back. In the nextest `fleets` group.
+#[test]
+fn a_broken_release_notifies_health_failed_rolled_back_and_breaker_tripped_once() {
+    let w = World::new(2, 2, 1);
+    let good = w.build("HEAD", "good.bundle");
+    let dep =
+        std::fs::read_to_string(w.git.join("clusters/edge/app-0001/deployment.yaml")).unwrap();
+    let broken_dep = dep.replace(
+        "registry.local/edge/app-0001:1.0.0",
+        "registry.local/edge/app-0001:broken",
+    );
+    assert_ne!(dep, broken_dep);
+    cairn_test_support::fixture::commit_files(
+        &w.git,
+        &[("clusters/edge/app-0001/deployment.yaml", &broken_dep)],
+        "break app-0001",
+        "2026-02-01T00:00:00Z",
+    )
+    .expect("commit");
+    let broken = w.build("HEAD", "broken.bundle");
+    let broken_id = cairn_bundle::bundle::read_bundle_file(
+        &broken,
+        &cairn_bundle::limits::Limits::default(),
+        |_, _| Ok(()),
+    )
+    .expect("read bundle")
+    .id()
+    .to_string();
+    // Agent 0 in the first half for this bundle, agent 1 in the second.
+    let pick = |early: bool| {
+        (0..200)
+            .map(|n| format!("n-{n}"))
+            .find(|id| (cairn_bundle::rollout::bucket_ppm(id, &broken_id) < 500_000) == early)
+            .expect("an id in each half")
+    };
+    let ids = vec![pick(true), pick(false)];
+
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let rx = Receiver::start("127.0.0.1:0", got.clone());
+    let port = rx.addr.port();
+    let mut f = fleet(w, ids.clone());
+    let mut apis = Vec::new();
+    for i in 0..2 {
+        let dir = f.dir(i, "api");
+        let api = cairn_test_support::ApiServer::start(
+            &dir,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--deployment-ready-delay-ms",
+                "100",
+            ],
+        );
+        api.create_namespace(&dir, "cairn-system");
+        let target = format!(
+            "target:\n  kubernetes:\n    kubeconfig: {}\n    namespace: cairn-system\n    healthTimeout: 3s\n",
+            api.kubeconfig.display()
+        );
+        apis.push(api);
+        let cfg = f.configure(i, &target);
+        let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+        yaml.push_str(&format!(
+            "notifications:\n  - url: http://127.0.0.1:{port}/hook/SECRET-TOKEN\n    format: json\n"
+        ));
+        std::fs::write(&cfg, yaml).unwrap();
+        f.spawn(i, &cfg);
+    }
+
+    // The good release everywhere, delivered at once: the last-good.
+    f.w.release(&good);
+    f.wait(60, "the good release healthy everywhere, notified", |f| {
+        (0..2).all(|i| {
+            f.status(i)
+                .is_some_and(|s| s.ready && s.last_good.is_some())
+        }) && ids
+            .iter()
+            .all(|id| events_of(&rx, id) == [("adopted".to_owned(), Some(1))])
+    });
+
+    // The receiver goes down; the broken release goes out in two waves
+    // with a breaker at one failure.
+    rx.stop();
+    let repo = f.w.repo.display().to_string();
+    let key = dev_key_path("dev-release-1").display().to_string();
+    f.cairn(&[
+        "release",
+        "--repo",
+        &repo,
+        "--bundle",
+        &broken.display().to_string(),
+        "--channel",
+        "stable",
+        "--key",
+        &key,
+        "--rollout",
+        "50%:0s,100%:1h,max-failures=1",
+    ]);
+    f.wait(
+        60,
+        "agent 0 rolled back, agent 1 holds on the breaker",
+        |f| {
+            f.status(0)
+                .is_some_and(|s| s.failed_release.as_ref().is_some_and(|r| r.sequence == 2))
+                && f.pending_state(1) == Some((2, "breaker".into()))
+        },
+    );
+    // A hold placed and ended on agent 1 meanwhile.
+    let data1 = f.dir(1, "data");
+    ok(Command::new(agent_bin())
+        .args(["hold", "--data-dir"])
+        .arg(&data1));
+    f.wait(30, "hold seen", |f| {
+        f.status(1).is_some_and(|s| s.hold.is_some())
+    });
+    ok(Command::new(agent_bin())
+        .args(["release-hold", "--data-dir"])
+        .arg(&data1));
+    f.wait(30, "hold ended, the breaker holds again", |f| {
+        f.status(1).is_some_and(|s| s.hold.is_none())
+            && f.pending_state(1) == Some((2, "breaker".into()))
+    });
+    f.wait(30, "three events queued at each agent", |f| {
+        (0..2).all(|i| metric(&f.metrics(i), "cairn_notifications_queued") == Some(3.0))
+    });
+    assert_eq!(events_len(&got), 2, "nothing delivered while down");
+
+    // The receiver comes back on the same port: every queued event
+    // arrives; once the outboxes are empty, each arrived exactly once.
+    let rx = Receiver::start(&format!("127.0.0.1:{port}"), got.clone());
+    f.wait(60, "outboxes empty", |f| {
+        (0..2).all(|i| metric(&f.metrics(i), "cairn_notifications_queued") == Some(0.0))
+    });
+    assert_eq!(
+        events_of(&rx, &ids[0]),
+        [
+            ("adopted".to_owned(), Some(1)),
+            ("adopted".to_owned(), Some(2)),
+            ("healthFailed".to_owned(), Some(2)),
+            ("rolledBack".to_owned(), Some(1)),
+        ]
+    );
+    assert_eq!(
+        events_of(&rx, &ids[1]),
+        [
+            ("adopted".to_owned(), Some(1)),
+            ("breakerTripped".to_owned(), Some(2)),
+            ("holdPlaced".to_owned(), None),
+            ("holdEnded".to_owned(), None),
+        ]
+    );
+    let bodies = rx.bodies("/hook/SECRET-TOKEN");
+    let message = |event: &str| {
+        bodies
+            .iter()
+            .find(|v| v["event"] == event)
+            .and_then(|v| v["message"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        message("healthFailed").starts_with("release 2 failed its health checks"),
+        "{bodies:?}"
+    );
+    assert!(
+        message("rolledBack").contains("rolled back from release 2 to the last-good release 1"),
+        "{bodies:?}"
+    );
+    assert!(
+        message("breakerTripped").starts_with("release 2 not adopted"),
+        "{bodies:?}"
+    );
+    rx.stop();
+    drop(apis);
 }

@@ -1544,6 +1544,7 @@ impl Endpoint {
                     time: wall,
                     rollout: None,
                     listen: None,
+                    values_digest: None,
                 });
             self.set_own_status(record, wall);
         }

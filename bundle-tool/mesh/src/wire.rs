@@ -325,6 +325,13 @@ pub struct StatusRecord {
     /// it (signed by the agent, so nobody else can point it elsewhere).
     #[serde(default)]
     pub listen: Option<String>,
+    /// The digest (`sha256:<hex>`) of the per-site values the agent filled
+    /// into the adopted release (docs/SITES.md); `None` when the release
+    /// declares no values. Optional like `rollout`: older agents' records
+    /// decode with `None` (their signatures cover their own bytes, so they
+    /// still verify), and older agents ignore it.
+    #[serde(default)]
+    pub values_digest: Option<String>,
 }
 
 /// A status record as gossiped: its CBOR bytes, the certificate (DER) of
@@ -400,6 +407,11 @@ pub fn validate_record(r: &StatusRecord, limits: &MeshLimits) -> Result<(), Wire
     }
     if let Some(l) = &r.listen {
         string("listen address", l)?;
+    }
+    if let Some(d) = &r.values_digest {
+        if !is_address(d) {
+            return bad("malformed values digest in a status record".into());
+        }
     }
     Ok(())
 }
@@ -762,6 +774,7 @@ mod tests {
                 time: 5,
                 rollout: None,
                 listen: Some("10.0.0.1:7440".into()),
+                values_digest: None,
             })]),
             Message::StatusRequest,
             Message::Bye("done".into()),
@@ -853,6 +866,7 @@ mod tests {
                 time: 0,
                 rollout: None,
                 listen: None,
+                values_digest: None,
             })]),
             // A certificate over the cap.
             Message::Status(vec![SignedStatus {
@@ -867,6 +881,7 @@ mod tests {
                     time: 0,
                     rollout: None,
                     listen: None,
+                    values_digest: None,
                 })
             }]),
             // Record bytes that are not a record.
@@ -880,6 +895,59 @@ mod tests {
             let f = encode_frame(&m, lim().max_frame_bytes).unwrap();
             let err = read_frame(&mut &f[..], &lim()).unwrap_err();
             assert!(matches!(err, WireError::Invalid(_)), "{m:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_record_without_values_digest_decodes_with_none_and_a_bad_digest_is_refused() {
+        // A record as an agent from before `values_digest` encodes it: the
+        // same fields, without that key. Its signed bytes decode as is.
+        #[derive(Serialize)]
+        struct OldRecord {
+            agent_id: String,
+            channel: String,
+            labels: BTreeMap<String, String>,
+            sequence: u64,
+            bundle: String,
+            health: String,
+            time: u64,
+            rollout: Option<RolloutRecord>,
+            listen: Option<String>,
+        }
+        let old = OldRecord {
+            agent_id: "a1".into(),
+            channel: "stable".into(),
+            labels: BTreeMap::new(),
+            sequence: 3,
+            bundle: cairn_keys::sha256_address(b"m"),
+            health: "healthy".into(),
+            time: 5,
+            rollout: None,
+            listen: None,
+        };
+        let s = SignedStatus {
+            record: cairn_keys::codec::encode(&old),
+            cert: vec![1],
+            sig: vec![2],
+        };
+        let r = s.decode_record(&lim()).unwrap();
+        assert_eq!((r.sequence, &r.values_digest), (3, &None));
+        // A new record carries it through an encode/decode round trip.
+        let digest = cairn_keys::sha256_address(b"{\"region\":\"eu\"}");
+        let with = StatusRecord {
+            values_digest: Some(digest.clone()),
+            ..r.clone()
+        };
+        let back = signed(&with).decode_record(&lim()).unwrap();
+        assert_eq!(back.values_digest.as_deref(), Some(digest.as_str()));
+        // Anything but a `sha256:` address is refused.
+        for bad in ["", "sha256:xyz", "\u{1b}[31m"] {
+            let r = StatusRecord {
+                values_digest: Some(bad.into()),
+                ..r.clone()
+            };
+            let err = signed(&r).decode_record(&lim()).unwrap_err();
+            assert!(err.to_string().contains("values digest"), "{bad:?}: {err}");
         }
     }
 

@@ -40,7 +40,9 @@ pub(super) struct StatusArgs {
     /// JSON output: `{"peer": ID, "releases": [{"channel", "sequence",
     /// "bundle", "adopted", "failed", "waiting", "held", "not_selected",
     /// "breaker_tripped"}], "agents": [{"agent_id", "channel", "labels",
-    /// "sequence", "bundle", "health", "time_ms", "rollout"}]}`, agents
+    /// "sequence", "bundle", "health", "time_ms", "rollout",
+    /// "values_digest"}]}` (`values_digest`: the digest of the site values
+    /// the agent filled in, null for none or an older agent), agents
     /// sorted by id, releases by channel and sequence.
     #[arg(long)]
     json: bool,
@@ -271,6 +273,7 @@ fn status(a: StatusArgs) -> Result<()> {
                     "bundle": r.bundle,
                     "health": r.health,
                     "time_ms": r.time,
+                    "values_digest": r.values_digest,
                     "rollout": r.rollout.as_ref().map(|ro| serde_json::json!({
                         "pending_sequence": ro.pending_sequence,
                         "pending_bundle": ro.pending_bundle,
@@ -318,8 +321,8 @@ fn status(a: StatusArgs) -> Result<()> {
     }
     println!();
     println!(
-        "{:<24} {:<16} {:>8} {:<19} {:<11} {:<40} LAST SEEN",
-        "AGENT", "CHANNEL", "SEQUENCE", "BUNDLE", "HEALTH", "ROLLOUT"
+        "{:<24} {:<16} {:>8} {:<19} {:<11} {:<19} {:<40} LAST SEEN",
+        "AGENT", "CHANNEL", "SEQUENCE", "BUNDLE", "HEALTH", "VALUES", "ROLLOUT"
     );
     for r in &records {
         let bundle = if r.bundle.is_empty() {
@@ -334,8 +337,12 @@ fn status(a: StatusArgs) -> Result<()> {
         };
         let age = now_ms.saturating_sub(r.time) / 1000;
         let rollout = esc(&rollout_cell(r));
+        // The values digest, cut like the bundle id (`sha256:` + 12 hex).
+        let values = r.values_digest.as_deref().map_or("-".to_owned(), |d| {
+            esc(&d.chars().take(19).collect::<String>())
+        });
         println!(
-            "{:<24} {:<16} {:>8} {:<19} {:<11} {:<40} {}s ago",
+            "{:<24} {:<16} {:>8} {:<19} {:<11} {:<19} {:<40} {}s ago",
             esc(&r.agent_id),
             if r.channel.is_empty() {
                 "-".to_owned()
@@ -345,6 +352,7 @@ fn status(a: StatusArgs) -> Result<()> {
             seq,
             bundle,
             esc(&r.health),
+            values,
             rollout,
             age
         );
@@ -393,6 +401,7 @@ mod tests {
             health: health.into(),
             time: 0,
             listen: None,
+            values_digest: None,
             rollout: pending.map(|(b, state)| RolloutRecord {
                 pending_sequence: 2,
                 pending_bundle: b.into(),

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bundle;
 #[cfg(feature = "demo")]
 mod demo;
+mod diff;
 mod fleet;
 pub mod generate;
 mod keys;
@@ -61,6 +62,10 @@ enum Command {
     /// The mesh's certificates: a fleet CA, agent and operator certificates.
     #[command(subcommand)]
     Mesh(mesh::MeshCommand),
+    /// Show what applying a bundle would change on a live cluster: objects
+    /// created, fields changed (server-side apply dry run), objects pruned.
+    /// Exit code 0: no changes; 1: changes; 2: error.
+    Diff(diff::DiffArgs),
     /// Look at the fleet through the mesh.
     #[command(subcommand)]
     Fleet(fleet::FleetCommand),
@@ -103,6 +108,8 @@ pub fn main() -> i32 {
         Command::Push(a) => oci::push(a),
         Command::Pull(a) => oci::pull(a),
         Command::Mesh(c) => mesh::run(c),
+        // Its own exit codes (0 none, 1 changes, 2 error), as diff(1).
+        Command::Diff(a) => return diff::run(a),
         Command::Fleet(c) => fleet::run(c),
         #[cfg(feature = "demo")]
         Command::Demo(a) => demo::run(a),

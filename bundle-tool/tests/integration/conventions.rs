@@ -25,8 +25,8 @@ fn ok(args: &[&str]) -> String {
 
 /// The visible top-level subcommands.
 const SUBCOMMANDS: &[&str] = &[
-    "keys", "root", "bundle", "release", "promote", "verify", "export", "import", "mesh", "fleet",
-    "demo",
+    "keys", "root", "bundle", "release", "promote", "verify", "export", "import", "mesh", "diff",
+    "fleet", "demo",
 ];
 
 #[test]

@@ -226,6 +226,7 @@ fn main() {
                     time: 1_700_000_000_000,
                     rollout: Default::default(),
                     listen: Some("10.0.0.1:7440".into()),
+                    values_digest: None,
                 }),
                 cert: vec![0x30; 64],
                 sig: vec![0x30; 70],

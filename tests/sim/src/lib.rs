@@ -1905,6 +1905,7 @@ impl Sim {
             time: now,
             rollout: None,
             listen: None,
+            values_digest: None,
         };
         if let Some(ep) = n.ep.as_mut() {
             ep.set_local_status(rec, UnixMillis(now));

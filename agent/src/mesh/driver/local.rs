@@ -88,6 +88,11 @@ impl Driver {
             time: 0,
             rollout,
             listen: None,
+            values_digest: st
+                .reconcile
+                .as_ref()
+                .and_then(|r| r.site.as_ref())
+                .and_then(|s| s.values_digest.clone()),
         };
         self.ep.set_local_status(record, wall());
         self.update_fleet_reports();

@@ -50,6 +50,7 @@ fn record(id: &str, health: &str, time: u64) -> StatusRecord {
         time,
         rollout: None,
         listen: None,
+        values_digest: None,
     }
 }
 
@@ -844,6 +845,7 @@ fn status_gossip_spreads_and_newest_wins() {
             time: 0,
             rollout: None,
             listen: None,
+            values_digest: None,
         };
         let now = sim.now;
         sim.nodes[i].ep.set_local_status(r, UnixMillis(now));
@@ -1150,6 +1152,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     let conn = hello(&mut ep, "a1", now);
     let with_listen = |id: &str, listen: &str, t: u64| StatusRecord {
         listen: Some(listen.into()),
+        values_digest: None,
         ..record(id, "healthy", t)
     };
     ep.handle_message(

@@ -4,7 +4,7 @@
 //!
 //! **Architecture invariant:** this module knows JSON objects and nothing
 //! else: no kube client, no clock, no IO. The shell in
-//! [`super::cluster`] carries out what it decides.
+//! [`crate::cluster`] carries out what it decides.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -5,10 +5,10 @@
 //! Errors are per object and carry the object's name and the API server's
 //! code and message, so one bad object never hides the rest.
 
-use super::plan::{ObjectRef, MANAGER};
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use crate::plan::{ObjectRef, MANAGER};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
-use kube::discovery::Scope;
+use kube::discovery::{verbs, Discovery, Scope};
 use kube::Client;
 use serde_json::Value;
 use std::collections::HashMap;
@@ -216,7 +216,7 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(live) = self.get(r).await? {
-                if super::plan::health(r, &live) == super::plan::Health::Healthy {
+                if crate::plan::health(r, &live) == crate::plan::Health::Healthy {
                     self.forget_kinds();
                     return Ok(());
                 }
@@ -230,5 +230,68 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Every object carrying the labels of `selector` (`k=v,k=v`), over
+    /// every listable kind the API server serves (each group's preferred
+    /// version), like `kubectl apply --prune -l`. Kinds the credentials
+    /// may not list (403), or that vanished (404, 405), are skipped and
+    /// named in the second value; any other error stops the listing.
+    pub async fn list_labelled(
+        &mut self,
+        selector: &str,
+    ) -> Result<(Vec<Value>, Vec<String>), ObjectError> {
+        let discovery = Discovery::new(self.client.clone())
+            .run()
+            .await
+            .map_err(|e| ObjectError {
+                object: "API discovery".into(),
+                code: 0,
+                message: e.to_string(),
+            })?;
+        let lp = ListParams::default().labels(selector);
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        for group in discovery.groups() {
+            for (ar, caps) in group.recommended_resources() {
+                if !caps.supports_operation(verbs::LIST) || ar.plural.contains('/') {
+                    continue;
+                }
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                let what = if ar.group.is_empty() {
+                    ar.plural.clone()
+                } else {
+                    format!("{}.{}", ar.plural, ar.group)
+                };
+                match api.list(&lp).await {
+                    Ok(list) => {
+                        for mut o in list.items {
+                            // List items carry no type; put it back.
+                            o.types = Some(kube::core::TypeMeta {
+                                api_version: ar.api_version.clone(),
+                                kind: ar.kind.clone(),
+                            });
+                            let v = serde_json::to_value(o).map_err(|e| ObjectError {
+                                object: what.clone(),
+                                code: 0,
+                                message: e.to_string(),
+                            })?;
+                            out.push(v);
+                        }
+                    }
+                    Err(kube::Error::Api(s)) if (403..=405).contains(&s.code) => {
+                        skipped.push(format!("{what}: {} {}", s.code, s.message));
+                    }
+                    Err(e) => {
+                        return Err(ObjectError {
+                            object: what,
+                            code: 0,
+                            message: e.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        Ok((out, skipped))
     }
 }
