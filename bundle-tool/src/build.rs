@@ -432,6 +432,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuiltBundle> {
             rendered,
         },
         entries,
+        images: None,
     };
     manifest.validate(&opts.limits)?;
     Ok(BuiltBundle {

@@ -119,6 +119,9 @@ pub struct Manifest {
     pub source: Source,
     /// Entries sorted by (path, document).
     pub entries: Vec<Entry>,
+    /// The image list's address (`cairn_core::images`); omitted when the bundle carries no images, so other bundles keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<Address>,
 }
 
 impl Manifest {

@@ -607,6 +607,7 @@ mod wire_compat_tests {
                 object: super::Address::parse(&addr("cd")).unwrap(),
                 size: 12,
             }],
+            images: None,
         };
         assert_eq!(new.encode(), old);
         assert_eq!(new.id(), cairn_keys::sha256_address(&old));

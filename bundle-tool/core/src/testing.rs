@@ -36,5 +36,6 @@ pub fn manifest(objs: &[(Entry, Vec<u8>)]) -> Manifest {
             rendered: Vec::new(),
         },
         entries,
+        images: None,
     }
 }

@@ -356,6 +356,7 @@ fn build_world(cfg: &SimConfig) -> World {
                 rendered: Vec::new(),
             },
             entries,
+            images: None,
         };
         let mbytes = manifest.encode();
         let bundle = sha256_address(&mbytes);

@@ -36,6 +36,7 @@ fn manifest() -> Manifest {
             rendered: Vec::new(),
         },
         entries: Vec::new(),
+        images: None,
     }
 }
 
