@@ -391,10 +391,8 @@ impl Config {
                 }
             },
         };
-        let (listen_http_raw, listen_registry_raw) = raw
-            .listen
-            .map(|l| (l.http, l.registry))
-            .unwrap_or_default();
+        let (listen_http_raw, listen_registry_raw) =
+            raw.listen.map(|l| (l.http, l.registry)).unwrap_or_default();
         let listen_registry = match listen_registry_raw.as_deref() {
             None | Some("") | Some("off") => None,
             Some(s) => match s.parse::<SocketAddr>() {

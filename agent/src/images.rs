@@ -282,7 +282,7 @@ impl Images {
         let b = bundle.to_owned();
         let bytes = agent
             .store()
-            .call(move |s| s.get_object(&b))
+            .call(move |s| s.bundle(&b))
             .await
             .map_err(|e| format!("bundle {bundle}: {e}"))?
             .ok_or_else(|| format!("bundle {bundle}: manifest not in the store"))?;
@@ -399,7 +399,11 @@ impl Images {
     async fn route<B>(&self, req: Request<B>) -> Response<BoxBody<Bytes, std::io::Error>> {
         let head = req.method() == Method::HEAD;
         if req.method() != Method::GET && !head {
-            return error(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", "read-only registry");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "read-only registry",
+            );
         }
         let path = req.uri().path();
         let ns = req.uri().query().and_then(|q| {
@@ -426,10 +430,18 @@ impl Images {
         match kind {
             "manifests" => {
                 let Some((digest, mt)) = catalog.manifest(name, ns.as_deref(), reference) else {
-                    return error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown");
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
                 };
                 let Ok(a) = Address::parse(&digest) else {
-                    return error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown");
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
                 };
                 let p = self.blob_path(&a);
                 let bytes = tokio::task::spawn_blocking(move || {
@@ -440,7 +452,11 @@ impl Images {
                 })
                 .await;
                 let Ok(Ok(bytes)) = bytes else {
-                    return error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "manifest unknown");
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
                 };
                 if !head {
                     self.metrics.bytes_served.inc_by(bytes.len() as u64);
@@ -498,9 +514,11 @@ impl Images {
                     }
                 }
             });
-            let stream = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|x| (x, rx))
-            });
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+                );
             Response::new(StreamBody::new(stream).boxed())
         };
         set(&mut r, "content-length", &len.to_string());
@@ -542,7 +560,15 @@ fn split_route(rest: &str) -> Option<(&str, &'static str, &str)> {
             if kind == "blobs" && !cairn_core::bundle::is_address(reference) {
                 return None;
             }
-            return Some((name, if kind == "blobs" { "blobs" } else { "manifests" }, reference));
+            return Some((
+                name,
+                if kind == "blobs" {
+                    "blobs"
+                } else {
+                    "manifests"
+                },
+                reference,
+            ));
         }
     }
     None

@@ -13,6 +13,7 @@ mod attacks;
 mod conventions;
 mod corrupt;
 mod e2e;
+mod images;
 mod kubernetes;
 mod mesh;
 mod mesh_partition;
