@@ -689,7 +689,7 @@ fn pin(
         };
         let mut v: serde_json::Value = serde_json::from_slice(bytes)?;
         let mut changed = false;
-        for_each_image(&e.group().to_owned(), &e.kind.clone(), &mut v, &mut |s| {
+        for_each_image(e.group(), &e.kind.clone(), &mut v, &mut |s| {
             if let Some(d) = resolved.get(s.as_str()) {
                 let r = ImageRef::parse(s).map_err(anyhow::Error::msg)?;
                 let p = r.pinned(d);
