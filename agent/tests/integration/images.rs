@@ -82,12 +82,26 @@ fn skopeo_pull(w: &World, from: &str, dest: &Path) -> Result<String, String> {
     Ok(index["manifests"][0]["digest"].as_str().unwrap().to_owned())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts an agent whose source is the world's repository, with its image
+/// registry on a free loopback port; returns it and the registry's
+/// address (from its start-up log line).
+fn spawn_with_registry(w: &World) -> (AgentProcess, String) {
+    let mut c = w.agent_config(&[w.repo.display().to_string()]);
+    c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
+    let cfg = c.write(&w.path("agent.yaml"));
+    let agent = w.spawn(&cfg, "agent.log");
+    let mut addr = String::new();
+    wait_logged(w, 30, "the image registry listens", || {
+        let log = w.log("agent.log");
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving the image registry"));
+        if let Some(v) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            addr = v["address"].as_str().unwrap_or_default().to_owned();
+        }
+        !addr.is_empty()
+    });
+    (agent, addr)
 }
 
 fn deployment(image: &str) -> String {
@@ -201,12 +215,7 @@ fn an_agent_serves_the_images_of_its_release_to_skopeo() {
         .join(hex)
         .is_file());
 
-    let port = free_port();
-    let mut c = w.agent_config(&[w.repo.display().to_string()]);
-    c.http = format!("127.0.0.1:0\n  registry: 127.0.0.1:{port}");
-    let cfg = c.write(&w.path("agent.yaml"));
-    let mut agent = w.spawn(&cfg, "agent.log");
-    let addr = format!("127.0.0.1:{port}");
+    let (mut agent, addr) = spawn_with_registry(w);
     let by_digest = format!("{addr}/team/web@{digest}");
     let mut last = String::new();
     wait_logged(w, 60, "the agent serves the image", || {
@@ -247,6 +256,19 @@ fn an_agent_serves_the_images_of_its_release_to_skopeo() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&st.stdout), "405");
+    // The byte counters saw the blobs come in and go out.
+    let http = w.status().unwrap().listen.unwrap();
+    let metrics = http_get(&http, "/metrics").1;
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let image_bytes = v["image_bytes"].as_u64().unwrap();
+    assert_eq!(value("cairn_image_bytes_fetched_total"), image_bytes);
+    assert_eq!(value("cairn_image_bytes_held"), image_bytes);
+    assert!(value("cairn_image_bytes_served_total") >= image_bytes);
     terminate(&mut agent.0);
 }
 
@@ -283,15 +305,10 @@ fn a_tampered_layer_is_refused_and_not_served() {
     bytes[last] ^= 0xff;
     std::fs::write(&lp, bytes).unwrap();
 
-    let port = free_port();
-    let mut c = w.agent_config(&[w.repo.display().to_string()]);
-    c.http = format!("127.0.0.1:0\n  registry: 127.0.0.1:{port}");
-    let cfg = c.write(&w.path("agent.yaml"));
-    let mut agent = w.spawn(&cfg, "agent.log");
+    let (mut agent, addr) = spawn_with_registry(w);
     wait_logged(w, 60, "the agent refuses the layer", || {
         w.log("agent.log").contains("does not match its digest")
     });
-    let addr = format!("127.0.0.1:{port}");
     // The release itself is adopted; the image is not served, nor the layer.
     wait_for(30, "adopted", || {
         w.status().is_some_and(|s| s.adopted.is_some())
@@ -360,4 +377,131 @@ fn pinned_digests_are_written_into_the_objects() {
     .unwrap();
     let want = format!("\"image\":\"{}/team/web@{digest}\"", s.reg.host());
     assert_eq!(objs[0].matches(&want).count(), 2, "{}", objs[0]);
+}
+
+/// A containerd daemon on a private socket (its CRI plugin off), stopped
+/// when dropped.
+struct Containerd {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let sock = dir.join("c.sock");
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&sock)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian package containerd) must be installed");
+        let c = Containerd { child, sock };
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            "containerd boots",
+            || c.ctr(&["version"]).status.success(),
+            || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default(),
+        );
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args(["--namespace", "cairn-test"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn containerd_pulls_through_the_agent_mirror() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(w.path("b.bundle")));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap().to_owned();
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the agent serves the image", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && http_get(&addr, "/v2/edge/app-0000/manifests/1.0.0").0 == 200
+    });
+    // containerd's mirror configuration, as docs/IMAGES.md writes it: the
+    // fixture's `registry.local` (which does not exist) mirrored by the agent.
+    let hosts = w.path("certs.d/registry.local");
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"https://registry.local\"\n\n[host.\"http://{addr}\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"
+        ),
+    )
+    .unwrap();
+    let ctrd = Containerd::start(&w.path("containerd"));
+    let hosts_dir = w.path("certs.d");
+    let out = ctrd.ctr(&[
+        "content",
+        "fetch",
+        "--hosts-dir",
+        hosts_dir.to_str().unwrap(),
+        "registry.local/edge/app-0000:1.0.0",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr content fetch: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ls = String::from_utf8_lossy(&ctrd.ctr(&["content", "ls", "-q"]).stdout).into_owned();
+    assert!(
+        ls.contains(&digest),
+        "manifest {digest} in containerd: {ls}"
+    );
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            s.layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    assert!(ls.contains(layer), "layer {layer} in containerd: {ls}");
+    terminate(&mut agent.0);
 }
