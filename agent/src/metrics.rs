@@ -563,11 +563,15 @@ mod tests {
                 reason: "expired".into(),
             })
             .inc();
+        m.images.bytes_held.set(10);
+        m.images.bytes_served.inc_by(10);
+        m.images.bytes_fetched.inc_by(10);
+        m.images.blobs_refused.inc();
         let text = m.encode_prometheus_text();
         // Each registered family shows up (a new metric must be populated
         // above to be linted).
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 30, "{text}");
+        assert_eq!(families, 34, "{text}");
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# HELP ")).count(),
             families,
