@@ -310,8 +310,7 @@ impl Reader {
         };
         match self {
             Reader::Layout(dir) => {
-                let index = std::fs::read(dir.join("index.json"))
-                    .with_context(|| format!("{}/index.json", dir.display()))?;
+                let index = read_limited(&dir.join("index.json"), MAX_MANIFEST_BLOB_BYTES)?;
                 let index: ManifestDoc = serde_json::from_slice(&index)
                     .with_context(|| format!("{}/index.json: not an OCI index", dir.display()))?;
                 let tag = r.tag.clone().unwrap_or_default();
@@ -363,7 +362,7 @@ impl Reader {
         let bytes = match self {
             Reader::Layout(dir) => {
                 let p = layout_blob(dir, &addr);
-                let b = std::fs::read(&p).with_context(|| format!("{}", p.display()))?;
+                let b = read_limited(&p, size)?;
                 if cairn_keys::sha256_address(&b) != digest {
                     bail!("{}: content does not match its digest", p.display());
                 }
@@ -613,8 +612,7 @@ async fn add_images_async(
                 p
             } else {
                 let cfg_path = opts.store.join(object_path(&blobs[0].digest));
-                let cfg =
-                    std::fs::read(&cfg_path).with_context(|| format!("{}", cfg_path.display()))?;
+                let cfg = read_limited(&cfg_path, MAX_MANIFEST_BLOB_BYTES)?;
                 let c: ConfigDoc = serde_json::from_slice(&cfg)
                     .with_context(|| format!("{at}: config is not an image config"))?;
                 let p = Platform {
