@@ -505,3 +505,47 @@ fn containerd_pulls_through_the_agent_mirror() {
     assert!(ls.contains(layer), "layer {layer} in containerd: {ls}");
     terminate(&mut agent.0);
 }
+
+#[test]
+fn an_oci_layout_directory_gives_the_same_images_as_the_registry() {
+    let s = Setup::new();
+    let w = &s.w;
+    // A layout whose images are named `repository:tag`, as `skopeo copy
+    // ... oci:DIR:NAME` writes them.
+    let named = w.path("named-layout");
+    for name in ["team/web:v1", "edge/app-0000:1.0.0"] {
+        ok(Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("oci:{}:v1", s.layout.display()))
+            .arg(format!("oci:{}:{name}", named.display()))
+            .env("HOME", w.tmp.path()));
+    }
+    let from_registry = s.build("r.bundle", &[]);
+    assert!(from_registry.status.success());
+    let out = Command::new(cairn_bin())
+        .args(["bundle", "build", "--git"])
+        .arg(&w.git)
+        .arg("--out")
+        .arg(w.path("l.bundle"))
+        .arg("--images")
+        .arg(&named)
+        .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = |f: &str| {
+        ok(Command::new(cairn_bin())
+            .args(["bundle", "inspect", "--json"])
+            .arg(w.path(f)))
+    };
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&id("r.bundle")).unwrap(),
+        serde_json::from_str(&id("l.bundle")).unwrap(),
+    );
+    assert_eq!(a["images"], b["images"]);
+    assert_eq!(a["id"], b["id"], "same images, same signed bundle");
+}
