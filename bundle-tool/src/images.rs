@@ -800,3 +800,108 @@ pub fn read_list(manifest: &Manifest, root: &Path) -> Result<Option<ImageList>> 
     .with_context(|| format!("image list {addr}"))?;
     Ok(Some(ImageList::decode(&bytes, addr, u64::MAX, u64::MAX)?))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use cairn_core::bundle::{Entry, Source, BUNDLE_FORMAT};
+
+    fn bundle(objs: &[(&str, &str, serde_json::Value)]) -> crate::build::BuiltBundle {
+        let mut entries = Vec::new();
+        let mut objects = BTreeMap::new();
+        for (i, (api, kind, v)) in objs.iter().enumerate() {
+            let bytes = serde_json::to_vec(v).unwrap();
+            let a = Address::of(&bytes);
+            entries.push(Entry {
+                path: format!("f{i}.yaml"),
+                document: 0,
+                api_version: (*api).into(),
+                kind: (*kind).into(),
+                namespace: "ns".into(),
+                name: format!("o{i}"),
+                object: a.clone(),
+                size: bytes.len() as u64,
+            });
+            objects.insert(a.into_string(), bytes);
+        }
+        crate::build::BuiltBundle {
+            manifest: Manifest {
+                format: BUNDLE_FORMAT,
+                source: Source {
+                    repository: String::new(),
+                    commit: "0".repeat(40),
+                    path: String::new(),
+                    rendered: Vec::new(),
+                },
+                entries,
+                images: None,
+            },
+            objects,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn images_are_found_in_every_workload_kind_and_listed_crds() {
+        let pod = |img: &str| {
+            serde_json::json!({"containers": [{"image": img}],
+                "initContainers": [{"image": format!("{img}-init")}],
+                "ephemeralContainers": [{"image": format!("{img}-debug")}]})
+        };
+        let b = bundle(&[
+            ("v1", "Pod", serde_json::json!({"spec": pod("pod")})),
+            (
+                "batch/v1",
+                "CronJob",
+                serde_json::json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": pod("cron")}}}}}),
+            ),
+            (
+                "apps/v1",
+                "StatefulSet",
+                serde_json::json!({"spec": {"template": {"spec": pod("sts")}}}),
+            ),
+            (
+                "argoproj.io/v1alpha1",
+                "Rollout",
+                serde_json::json!({"spec": {"template": {"spec": pod("rollout")}}}),
+            ),
+            // Not a workload: its `image` fields are not images.
+            (
+                "example.com/v1",
+                "Thing",
+                serde_json::json!({"spec": {"template": {"spec": pod("thing")}}}),
+            ),
+        ]);
+        let found: Vec<String> = find_images(&b.manifest, &b.objects)
+            .unwrap()
+            .into_iter()
+            .map(|f| f.reference)
+            .collect();
+        for want in ["pod", "cron-init", "sts-debug", "rollout"] {
+            assert!(found.contains(&want.to_owned()), "{want}: {found:?}");
+        }
+        assert_eq!(found.len(), 12, "{found:?}");
+        assert!(!found.iter().any(|f| f.starts_with("thing")));
+    }
+
+    #[test]
+    fn pinning_rewrites_references_and_re_addresses_objects() {
+        let mut b = bundle(&[(
+            "apps/v1",
+            "Deployment",
+            serde_json::json!({"spec": {"template": {"spec": {"containers": [{"image": "h:5000/app:v1"}]}}}}),
+        )]);
+        let old = b.manifest.entries[0].object.clone();
+        let d = Address::of(b"manifest");
+        let resolved = BTreeMap::from([("h:5000/app:v1".to_owned(), d.clone())]);
+        pin(&mut b, &resolved, &cairn_core::limits::Limits::default()).unwrap();
+        let e = &b.manifest.entries[0];
+        assert_ne!(e.object, old);
+        let bytes = &b.objects[e.object.as_str()];
+        assert_eq!(e.size, bytes.len() as u64);
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        assert!(text.contains(&format!("\"h:5000/app@{d}\"")), "{text}");
+        assert_eq!(b.objects.len(), 1, "the old object is dropped");
+    }
+}
