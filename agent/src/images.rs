@@ -92,7 +92,7 @@ struct RepoContent {
 }
 
 /// What the registry serves now: (registry, repository) → content.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Catalog {
     repos: BTreeMap<(String, String), RepoContent>,
 }
@@ -423,13 +423,16 @@ impl Images {
             Some(x) => x,
             None => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"),
         };
-        let catalog = match self.catalog.read() {
-            Ok(c) => c.clone(),
+        // The answer is looked up under the lock and the lock let go
+        // before any IO.
+        let (found, has_blob) = match self.catalog.read() {
+            Ok(c) if kind == "manifests" => (c.manifest(name, ns.as_deref(), reference), false),
+            Ok(c) => (None, c.has_blob(name, ns.as_deref(), reference)),
             Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "busy"),
         };
         match kind {
             "manifests" => {
-                let Some((digest, mt)) = catalog.manifest(name, ns.as_deref(), reference) else {
+                let Some((digest, mt)) = found else {
                     return error(
                         StatusCode::NOT_FOUND,
                         "MANIFEST_UNKNOWN",
@@ -467,7 +470,7 @@ impl Images {
                 r
             }
             _ => {
-                if !catalog.has_blob(name, ns.as_deref(), reference) {
+                if !has_blob {
                     return error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
                 }
                 let Ok(a) = Address::parse(reference) else {
