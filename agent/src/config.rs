@@ -108,6 +108,10 @@ pub struct Config {
     pub target: TargetConfig,
     /// The HTTP listener (`/healthz`, `/readyz`, `/metrics`); `None` = off.
     pub listen_http: Option<SocketAddr>,
+    /// The read-only image registry (`listen.registry`, docs/IMAGES.md):
+    /// the images of adopted and staged releases; `None` = off (images
+    /// are then not fetched either).
+    pub listen_registry: Option<SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
     /// The mesh (`mesh:` section); `None` = no mesh.
@@ -184,6 +188,7 @@ struct RawKubernetes {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawListen {
     http: Option<String>,
+    registry: Option<String>,
 }
 
 /// Largest configuration file read.
@@ -386,10 +391,22 @@ impl Config {
                 }
             },
         };
-        let listen_text = raw
-            .listen
-            .and_then(|l| l.http)
-            .unwrap_or_else(|| DEFAULT_LISTEN_HTTP.into());
+        let (listen_http_raw, listen_registry_raw) =
+            raw.listen.map(|l| (l.http, l.registry)).unwrap_or_default();
+        let listen_registry = match listen_registry_raw.as_deref() {
+            None | Some("") | Some("off") => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    err(
+                        "listen.registry",
+                        format!("`{s}`: expected HOST:PORT with an IP address (e.g. 127.0.0.1:5000), or `off`"),
+                    );
+                    None
+                }
+            },
+        };
+        let listen_text = listen_http_raw.unwrap_or_else(|| DEFAULT_LISTEN_HTTP.into());
         let listen_http = match listen_text.as_str() {
             "" | "off" => None,
             s => match s.parse::<SocketAddr>() {
@@ -458,6 +475,7 @@ impl Config {
             max_backoff,
             target,
             listen_http,
+            listen_registry,
             log_format,
             mesh,
             insecure_allow_development_root: raw.insecure_allow_development_root.unwrap_or(false),
@@ -586,7 +604,10 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
         });
     }
     if let Some(v) = get("CAIRN_LISTEN_HTTP") {
-        raw.listen = Some(RawListen { http: Some(v) });
+        raw.listen.get_or_insert_with(Default::default).http = Some(v);
+    }
+    if let Some(v) = get("CAIRN_LISTEN_REGISTRY") {
+        raw.listen.get_or_insert_with(Default::default).registry = Some(v);
     }
     if let Some(v) = get("CAIRN_LOG_FORMAT") {
         raw.log_format = Some(v);

@@ -32,6 +32,7 @@ mod error;
 pub mod fsread;
 pub mod hold;
 pub mod http;
+pub mod images;
 pub mod ingest;
 pub mod kubernetes;
 pub mod mesh;

@@ -30,6 +30,10 @@
 //! | `cairn_notifications_failed_total` | counter | | notification delivery attempts that failed (retried) |
 //! | `cairn_notifications_dropped_total` | counter | | undelivered events dropped from the full outbox (oldest first) |
 //! | `cairn_notifications_queued` | gauge | | events in the persistent outbox not yet delivered to every webhook |
+//! | `cairn_image_bytes_held` | gauge | | bytes of image blobs on disk served for adopted and staged releases |
+//! | `cairn_image_bytes_served_total` | counter | | bytes the image registry sent |
+//! | `cairn_image_bytes_fetched_total` | counter | | bytes of image blobs fetched from sources |
+//! | `cairn_image_blobs_refused_total` | counter | | image blobs refused (wrong digest, over the limit) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -134,6 +138,8 @@ pub struct Metrics {
     pub notifications_queued: Gauge,
     /// The mesh's metrics (`cairn_mesh_*`, see [`crate::mesh::MeshMetrics`]).
     pub mesh: crate::mesh::MeshMetrics,
+    /// The image metrics (`cairn_image_*`, see [`crate::images::ImageMetrics`]).
+    pub images: crate::images::ImageMetrics,
 }
 
 impl Default for Metrics {
@@ -169,9 +175,11 @@ impl Metrics {
             notifications_dropped: Counter::default(),
             notifications_queued: Gauge::default(),
             mesh: crate::mesh::MeshMetrics::default(),
+            images: crate::images::ImageMetrics::default(),
             registry: Registry::default(),
         };
         m.mesh.register(&mut registry);
+        m.images.register(&mut registry);
         registry.register(
             "cairn_adopted_sequence",
             "Sequence of the adopted release per channel",
@@ -556,11 +564,15 @@ mod tests {
                 reason: "expired".into(),
             })
             .inc();
+        m.images.bytes_held.set(10);
+        m.images.bytes_served.inc_by(10);
+        m.images.bytes_fetched.inc_by(10);
+        m.images.blobs_refused.inc();
         let text = m.encode_prometheus_text();
         // Each registered family shows up (a new metric must be populated
         // above to be linted).
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 30, "{text}");
+        assert_eq!(families, 34, "{text}");
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# HELP ")).count(),
             families,

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod export;
 pub mod git;
 pub mod helm;
+pub mod images;
 pub mod libyaml;
 pub mod manifests;
 pub mod oci;

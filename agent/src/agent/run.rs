@@ -85,6 +85,26 @@ impl Agent {
             let agent = self.clone();
             tasks.spawn(async move { crate::http::serve(listener, agent).await });
         }
+        if let Some(addr) = self.inner.config.listen_registry {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Io {
+                    what: format!("listen.registry {addr}"),
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| Error::Io {
+                what: format!("listen.registry {addr}"),
+                source,
+            })?;
+            tracing::info!(address = %bound, "serving the image registry (/v2/)");
+            let images = crate::images::Images::new(
+                &self.inner.config.data_dir,
+                self.inner.metrics.images.clone(),
+            );
+            let agent = self.clone();
+            tasks.spawn(images.clone().sync_loop(agent));
+            tasks.spawn(images.serve(listener));
+        }
         if let Some(mesh) = self.inner.config.mesh.clone() {
             let metrics = self.inner.metrics.mesh.clone();
             let mesh = crate::mesh::Mesh::bind(self.clone(), mesh, metrics)

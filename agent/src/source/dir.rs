@@ -82,6 +82,63 @@ impl Source for DirSource {
             }
         })
     }
+
+    fn fetch_to_file<'a>(
+        &'a self,
+        address: &'a str,
+        limit: u64,
+        dest: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Option<u64>, SourceError>> {
+        let this = self.clone();
+        let (address, dest) = (address.to_owned(), dest.to_path_buf());
+        Box::pin(async move {
+            let Some(rel) = Item::Object(address.clone()).path() else {
+                return Ok(None);
+            };
+            let name = this.name.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                if !this.dir.is_dir() {
+                    return Err(SourceError::Unavailable {
+                        source_name: this.name.clone(),
+                        reason: "directory does not exist (not mounted?)".into(),
+                    });
+                }
+                let p = this.dir.join(&rel);
+                // Only a regular file (no link, no FIFO), as for objects.
+                match std::fs::symlink_metadata(&p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(SourceError::Unavailable {
+                            source_name: this.name.clone(),
+                            reason: format!("{}: {e}", p.display()),
+                        })
+                    }
+                    Ok(m) if !m.file_type().is_file() => {
+                        return Err(SourceError::Invalid {
+                            source_name: this.name.clone(),
+                            path: rel,
+                            reason: "not a regular file".into(),
+                        })
+                    }
+                    Ok(_) => {}
+                }
+                let mut f = std::fs::File::open(&p).map_err(|e| SourceError::Unavailable {
+                    source_name: this.name.clone(),
+                    reason: format!("{}: {e}", p.display()),
+                })?;
+                cairn_oci::blobfile::copy_verified(&mut f, &address, limit, &dest, &rel)
+                    .map(Some)
+                    .map_err(|e| super::blob_error(&this.name, &rel, e))
+            });
+            match task.await {
+                Ok(r) => r,
+                Err(e) => Err(SourceError::Unavailable {
+                    source_name: name,
+                    reason: format!("read task failed: {e}"),
+                }),
+            }
+        })
+    }
 }
 
 #[cfg(test)]

@@ -143,7 +143,62 @@ fn error_text(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl HttpSource {
+    /// Streams `objects/..` of `address` into `dest` (see
+    /// [`Source::fetch_to_file`]).
+    async fn stream(
+        &self,
+        address: &str,
+        limit: u64,
+        dest: &std::path::Path,
+    ) -> Result<Option<u64>, SourceError> {
+        let Some(rel_path) = Item::Object(address.to_owned()).path() else {
+            return Ok(None);
+        };
+        let url = format!("{}/{}", self.base, rel_path);
+        let unavailable = |reason: String| SourceError::Unavailable {
+            source_name: self.base.clone(),
+            reason,
+        };
+        let mut req = self.client.get(&url);
+        if let Some(c) = &self.credentials {
+            req = req.basic_auth(&c.username, Some(&c.password));
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| unavailable(format!("GET {url}: {}", error_text(&e))))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+            return Ok(None);
+        }
+        if status.is_server_error() {
+            return Err(unavailable(format!("GET {url}: HTTP {status}")));
+        }
+        if !status.is_success() {
+            return Err(SourceError::Invalid {
+                source_name: self.base.clone(),
+                path: rel_path,
+                reason: format!("HTTP {status}"),
+            });
+        }
+        cairn_oci::blobfile::download_verified(resp, address, limit, dest, &format!("GET {url}"))
+            .await
+            .map(Some)
+            .map_err(|e| super::blob_error(&self.base, &rel_path, e))
+    }
+}
+
 impl Source for HttpSource {
+    fn fetch_to_file<'a>(
+        &'a self,
+        address: &'a str,
+        limit: u64,
+        dest: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Option<u64>, SourceError>> {
+        Box::pin(self.stream(address, limit, dest))
+    }
+
     fn name(&self) -> &str {
         &self.base
     }

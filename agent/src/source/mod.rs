@@ -96,6 +96,44 @@ pub trait Source: Send + Sync {
         item: &'a Item,
         limit: u64,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, SourceError>>;
+
+    /// Streams the object at `address` (an image blob, possibly far larger
+    /// than any Kubernetes object) into `dest`, hashing while writing on a
+    /// blocking thread ([`cairn_oci::blobfile`]): `dest` appears only when
+    /// the bytes hash to `address`, and never more than `limit` bytes are
+    /// read. `Ok(None)`: the source does not have it (or cannot stream;
+    /// the default).
+    fn fetch_to_file<'a>(
+        &'a self,
+        address: &'a str,
+        limit: u64,
+        dest: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Option<u64>, SourceError>> {
+        let _ = (address, limit, dest);
+        Box::pin(async { Ok(None) })
+    }
+}
+
+/// A blob-stream error as a source error.
+pub(crate) fn blob_error(source_name: &str, path: &str, e: cairn_oci::OciError) -> SourceError {
+    match e {
+        cairn_oci::OciError::TooLarge { limit, .. } => SourceError::TooLarge {
+            source_name: source_name.to_owned(),
+            path: path.to_owned(),
+            limit,
+        },
+        cairn_oci::OciError::Invalid(reason) => SourceError::Invalid {
+            source_name: source_name.to_owned(),
+            path: path.to_owned(),
+            reason,
+        },
+        cairn_oci::OciError::Unavailable(reason) | cairn_oci::OciError::Auth(reason) => {
+            SourceError::Unavailable {
+                source_name: source_name.to_owned(),
+                reason,
+            }
+        }
+    }
 }
 
 /// How the configured sources behave.

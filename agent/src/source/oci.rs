@@ -85,6 +85,26 @@ impl Source for OciSource {
         &self.name
     }
 
+    fn fetch_to_file<'a>(
+        &'a self,
+        address: &'a str,
+        limit: u64,
+        dest: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<Option<u64>, SourceError>> {
+        Box::pin(async move {
+            let what = format!("{}: blob {address}", self.name);
+            let resp = match self.client.blob_response(address).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(super::blob_error(&self.name, address, e)),
+            };
+            cairn_oci::blobfile::download_verified(resp, address, limit, dest, &what)
+                .await
+                .map(Some)
+                .map_err(|e| super::blob_error(&self.name, address, e))
+        })
+    }
+
     fn get<'a>(
         &'a self,
         item: &'a Item,

@@ -14,6 +14,7 @@ mod conventions;
 mod corrupt;
 mod diff;
 mod e2e;
+mod images;
 mod kubernetes;
 mod mesh;
 mod mesh_partition;

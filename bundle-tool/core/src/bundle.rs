@@ -148,8 +148,8 @@ pub struct Manifest {
     /// Entries sorted by (path, document).
     pub entries: Vec<Entry>,
     /// Format 2 only: the address of the bundle's list of container
-    /// images, reserved for issue 20 (`images` in the top document, left
-    /// out when `None`). Not part of format 1's encoding.
+    /// images (`images` in the top document, left out when `None`;
+    /// `cairn_core::images`). Not part of format 1's encoding.
     #[serde(skip)]
     pub images: Option<Address>,
 }

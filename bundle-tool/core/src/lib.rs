@@ -21,6 +21,7 @@ pub mod diff;
 pub mod duration;
 mod error;
 pub mod ids;
+pub mod images;
 pub mod ingest;
 pub mod layout;
 pub mod limits;

@@ -18,6 +18,8 @@
 //! `cairn pull` verify it like any repository).
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod blobfile;
+
 use cairn_core::bundle::is_address;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -751,6 +753,68 @@ impl Client {
             check_digest(&what, reference, &body)?;
         }
         Ok(Some(body))
+    }
+
+    /// GET an image manifest or index by tag or digest (OCI and Docker
+    /// media types), at most `limit` bytes; by digest, checked against it.
+    /// Returns the bytes and the media type the registry sent. `None`: not
+    /// found.
+    pub async fn get_image_manifest(
+        &self,
+        reference: &str,
+        limit: u64,
+    ) -> Result<Option<(Vec<u8>, String)>, OciError> {
+        let url = self.reference.url(&format!("manifests/{reference}"));
+        let what = format!("GET {url}");
+        let accept = format!(
+            "{MT_INDEX}, {MT_MANIFEST}, {}, {}",
+            cairn_core::images::MT_DOCKER_LIST,
+            cairn_core::images::MT_DOCKER_MANIFEST
+        );
+        let resp = self
+            .send(reqwest::Method::GET, &url, &[("Accept", &accept)], None)
+            .await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Self::status_error(&what, status));
+        }
+        let mt = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        let body = read_limited(resp, limit.min(MAX_MANIFEST_BYTES), &what).await?;
+        if is_address(reference) {
+            check_digest(&what, reference, &body)?;
+        }
+        Ok(Some((body, mt)))
+    }
+
+    /// GET a blob as a response to stream (`blobfile::download_verified`
+    /// checks its digest while writing). `None`: not found.
+    pub async fn blob_response(&self, digest: &str) -> Result<Option<reqwest::Response>, OciError> {
+        if !is_address(digest) {
+            return Err(OciError::Invalid(format!("malformed digest `{digest}`")));
+        }
+        let url = self.reference.url(&format!("blobs/{digest}"));
+        let what = format!("GET {url}");
+        let resp = self.send(reqwest::Method::GET, &url, &[], None).await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(Self::status_error(&what, status));
+        }
+        Ok(Some(resp))
     }
 
     /// GET a blob, at most `limit` bytes, checked against its digest.

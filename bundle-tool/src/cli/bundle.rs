@@ -64,14 +64,22 @@ pub(super) enum BundleCommand {
         /// How Helm charts are rendered.
         #[command(flatten)]
         helm: Box<HelmArgs>,
+        /// Container images of the workloads (docs/IMAGES.md).
+        #[command(flatten)]
+        images: Box<ImageArgs>,
     },
-    /// Show a bundle file's source, id and objects (the file is verified).
+    /// Show a bundle file's source, id, objects and images (the file and
+    /// the image list are verified).
     Inspect {
         /// The bundle file.
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// The bundle's image store [default: FILE.images], or a
+        /// repository directory holding its images.
+        #[arg(long, value_name = "DIR")]
+        image_store: Option<PathBuf>,
     },
     /// Compare two bundle files: objects added, removed and changed.
     Diff {
@@ -83,6 +91,38 @@ pub(super) enum BundleCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cairn bundle build`'s image options.
+#[derive(Debug, clap::Args)]
+pub(super) struct ImageArgs {
+    /// Carry the images the workloads reference, read from FROM: an OCI
+    /// image layout directory, or a registry `oci://HOST[:PORT]` (HTTPS)
+    /// where each image is looked up by its repository path.
+    #[arg(long = "images", value_name = "FROM")]
+    pub from: Option<String>,
+    /// Platforms to carry (`os/arch[/variant]`); repeatable [default: the
+    /// build machine's].
+    #[arg(long = "platform", value_name = "OS/ARCH", value_parser = crate::images::parse_platform)]
+    pub platforms: Vec<String>,
+    /// Rewrite image tags to `name@sha256:…` in the built objects.
+    #[arg(long, requires = "from")]
+    pub pin_digests: bool,
+    /// Where image blobs are written (repository layout) [default: FILE.images].
+    #[arg(long, value_name = "DIR", requires = "from")]
+    pub image_store: Option<PathBuf>,
+    /// Largest single image blob.
+    #[arg(long, value_name = "BYTES", default_value_t = cairn_core::images::DEFAULT_MAX_BLOB_BYTES)]
+    pub max_image_blob_bytes: u64,
+    /// Largest sum of the bundle's distinct image blobs.
+    #[arg(long, value_name = "BYTES", default_value_t = cairn_core::images::DEFAULT_MAX_TOTAL_BYTES)]
+    pub max_images_bytes: u64,
+    /// CA bundle (PEM) for the `--images` registry.
+    #[arg(long = "images-ca-file", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Credentials file for the `--images` registry (docs/REGISTRY.md).
+    #[arg(long = "images-credentials-file", value_name = "FILE")]
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// `cairn bundle build`'s Helm options (boxed: they would make every
@@ -132,6 +172,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             max_export_bytes,
             max_export_files,
             helm,
+            images,
         } => {
             let mut opts = BuildOptions::new(&git);
             opts.reference = reference;
@@ -156,7 +197,39 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             opts.helm.kube_version = kube_version;
             opts.helm.api_versions = api_versions;
             opts.helm.timeout = std::time::Duration::from_secs(helm_timeout);
-            let built = build(&opts)?;
+            let mut built = build(&opts)?;
+            if let Some(from) = &images.from {
+                let settings = cairn_oci::NetSettings {
+                    ca_file: images.ca_file.clone(),
+                    credentials_file: images.credentials_file.clone(),
+                    ..Default::default()
+                };
+                let platforms = if images.platforms.is_empty() {
+                    vec![crate::images::default_platform()]
+                } else {
+                    images.platforms.clone()
+                };
+                let iopts = crate::images::ImageOptions {
+                    from: crate::images::ImagesFrom::parse(from, settings)?,
+                    platforms,
+                    pin_digests: images.pin_digests,
+                    max_blob_bytes: images.max_image_blob_bytes,
+                    max_total_bytes: images.max_images_bytes,
+                    store: images
+                        .image_store
+                        .clone()
+                        .unwrap_or_else(|| crate::images::default_store(&out)),
+                };
+                let s = crate::images::add_images(&mut built, &iopts, &opts.limits)?;
+                eprintln!(
+                    "images: {} image(s), {} blob(s), {} bytes ({} copied) in {}",
+                    s.images,
+                    s.blobs,
+                    s.bytes,
+                    s.copied,
+                    iopts.store.display()
+                );
+            }
             for w in &built.warnings {
                 eprintln!("warning: {w}");
             }
@@ -181,8 +254,30 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             );
             println!("{}", built.id());
         }
-        BundleCommand::Inspect { file, json } => {
+        BundleCommand::Inspect {
+            file,
+            json,
+            image_store,
+        } => {
             let m = read(&file)?;
+            let store = image_store.unwrap_or_else(|| crate::images::default_store(&file));
+            let images = crate::images::read_list(&m, &store)?;
+            let image_rows: Vec<serde_json::Value> = images
+                .iter()
+                .flat_map(|l| l.images.iter())
+                .map(|i| {
+                    serde_json::json!({
+                        "reference": i.reference,
+                        "name": i.full_name(),
+                        "tag": i.tag,
+                        "platform": i.platform,
+                        "digest": i.resolved_digest(),
+                        "manifest": i.manifest.digest,
+                        "bytes": i.all_blobs().map(|b| b.size).sum::<u64>(),
+                        "blobs": i.all_blobs().count(),
+                    })
+                })
+                .collect();
             if json {
                 let v = serde_json::json!({
                     "id": m.id(),
@@ -191,6 +286,9 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
                     "objects": m.entries.len(),
                     "bytes": m.total_size(),
                     "entries": m.entries,
+                    "image_list": m.images,
+                    "images": image_rows,
+                    "image_bytes": images.as_ref().map(|l| l.total_bytes()),
                 });
                 println!("{v}");
             } else {
@@ -230,6 +328,27 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
                         e.path,
                         e.document
                     );
+                }
+                if let Some(l) = &images {
+                    println!(
+                        "images  {} ({} distinct blobs, {} bytes)",
+                        l.images.len(),
+                        l.distinct_blobs().len(),
+                        l.total_bytes()
+                    );
+                    println!(
+                        "{:<60}  {:<14}  {:>12}  DIGEST",
+                        "IMAGE", "PLATFORM", "SIZE"
+                    );
+                    for i in &l.images {
+                        println!(
+                            "{:<60}  {:<14}  {:>12}  {}",
+                            cairn_keys::text::escape_untrusted(&i.reference),
+                            i.platform,
+                            i.all_blobs().map(|b| b.size).sum::<u64>(),
+                            i.resolved_digest()
+                        );
+                    }
                 }
             }
         }

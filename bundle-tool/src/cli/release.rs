@@ -56,6 +56,11 @@ pub(super) struct ReleaseArgs {
     /// The channel, e.g. stable.
     #[arg(long, value_name = "NAME")]
     channel: String,
+    /// The bundle's image store (from `cairn bundle build --images`),
+    /// whose image list and blobs are verified and copied into the
+    /// repository before the release is signed [default: FILE.images].
+    #[arg(long, value_name = "DIR")]
+    image_store: Option<PathBuf>,
     #[command(flatten)]
     signing: SigningArgs,
 }
@@ -156,6 +161,26 @@ pub(super) fn release(a: ReleaseArgs) -> Result<()> {
     let repo = RepoDir::new(&a.repo);
     let chain = a.signing.root.chain(&repo)?;
     let (keys, req) = a.signing.request(&a.channel)?;
+    // Images first (objects before the head): verified while copied.
+    let manifest = crate::bundle::read_bundle_file(&a.bundle, &limits, |_, _| Ok(()))?;
+    if cairn_core::images::list_address(&manifest).is_some() {
+        let store = a
+            .image_store
+            .clone()
+            .unwrap_or_else(|| crate::images::default_store(&a.bundle));
+        std::fs::create_dir_all(repo.path()).with_context(|| repo.path().display().to_string())?;
+        let (n, bytes) = crate::images::publish_images(
+            &manifest,
+            &store,
+            repo.path(),
+            cairn_core::images::DEFAULT_MAX_BLOB_BYTES,
+            cairn_core::images::DEFAULT_MAX_TOTAL_BYTES,
+        )?;
+        eprintln!(
+            "images: {n} blob(s), {bytes} bytes copied from {}",
+            store.display()
+        );
+    }
     let v = publish(&repo, &chain, &a.bundle, &keys, &req, &limits)?;
     let r = &v.release();
     eprintln!(

@@ -1,0 +1,625 @@
+//! Container images of adopted and staged releases: fetched from the
+//! sources as verified blobs, and served to the cluster's container
+//! runtime as a read-only OCI distribution registry (`listen.registry`;
+//! `docs/IMAGES.md`).
+//!
+//! **Fetch.** For each bundle the agent adopted or staged, the bundle's
+//! image list (`cairn_core::images`, found through
+//! [`cairn_core::images::list_address`]) is read from the sources and
+//! verified against its signed address; then every blob it names that
+//! is not on disk is streamed from a source into
+//! `<dataDir>/images/sha256/<2 hex>/<64 hex>`, hashed while written on a
+//! blocking thread ([`cairn_oci::blobfile`]), and renamed into place only
+//! when it matches. A tampered blob never reaches the directory.
+//!
+//! **Serve.** `GET`/`HEAD` of `/v2/`, `/v2/<name>/manifests/<tag|digest>`
+//! and `/v2/<name>/blobs/<digest>`, where `<name>` is an image's
+//! repository path and `<tag>` one the bundle recorded; only content of an
+//! image whose every blob is on disk, of a bundle adopted or staged now.
+//! Everything else is 404 (405 for other methods). Blob bytes are read
+//! from disk on a blocking thread and streamed. The `ns` query parameter
+//! containerd adds for mirrors (`?ns=docker.io`) selects the registry when
+//! two registries have the same repository path.
+
+use crate::agent::AdoptedHead;
+use crate::ingest::Item;
+use crate::source::SourceSet;
+use crate::Agent;
+use bytes::Bytes;
+use cairn_core::images::{ImageList, DEFAULT_MAX_BLOB_BYTES, DEFAULT_MAX_TOTAL_BYTES};
+use cairn_core::layout::object_path;
+use cairn_core::Address;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// The image metrics (`cairn_image_*`).
+#[derive(Clone, Debug, Default)]
+pub struct ImageMetrics {
+    /// Bytes of image blobs on disk that are served now.
+    pub bytes_held: Gauge,
+    /// Bytes of blobs and manifests sent to clients.
+    pub bytes_served: Counter,
+    /// Bytes of blobs fetched from sources.
+    pub bytes_fetched: Counter,
+    /// Blobs refused because they did not match their digest (or limit).
+    pub blobs_refused: Counter,
+}
+
+impl ImageMetrics {
+    /// Registers the metrics.
+    pub fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "cairn_image_bytes_held",
+            "Bytes of container image blobs on disk served for adopted and staged releases",
+            self.bytes_held.clone(),
+        );
+        r.register(
+            "cairn_image_bytes_served",
+            "Bytes of image manifests and blobs sent by the agent's registry",
+            self.bytes_served.clone(),
+        );
+        r.register(
+            "cairn_image_bytes_fetched",
+            "Bytes of image blobs fetched from sources",
+            self.bytes_fetched.clone(),
+        );
+        r.register(
+            "cairn_image_blobs_refused",
+            "Image blobs refused from a source (wrong digest or over the limit)",
+            self.blobs_refused.clone(),
+        );
+    }
+}
+
+/// What one repository path serves.
+#[derive(Clone, Debug, Default)]
+struct RepoContent {
+    /// tag → manifest or index digest.
+    tags: BTreeMap<String, String>,
+    /// manifest/index digest → media type.
+    manifests: BTreeMap<String, String>,
+    /// blob digests.
+    blobs: BTreeSet<String>,
+}
+
+/// What the registry serves now: (registry, repository) → content.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    repos: BTreeMap<(String, String), RepoContent>,
+}
+
+impl Catalog {
+    /// Adds every image of `list` whose blobs are all in `dir`.
+    fn add(&mut self, list: &ImageList, present: &dyn Fn(&Address) -> bool) -> usize {
+        let mut n = 0;
+        for im in &list.images {
+            if !im.all_blobs().all(|b| present(&b.digest)) {
+                continue;
+            }
+            n += 1;
+            let rc = self
+                .repos
+                .entry((im.registry.clone(), im.repository.clone()))
+                .or_default();
+            let top = im.index.as_ref().unwrap_or(&im.manifest);
+            if !im.tag.is_empty() {
+                rc.tags.insert(im.tag.clone(), top.digest.to_string());
+            }
+            if let Some(ix) = &im.index {
+                rc.manifests
+                    .insert(ix.digest.to_string(), ix.media_type.clone());
+            }
+            rc.manifests.insert(
+                im.manifest.digest.to_string(),
+                im.manifest.media_type.clone(),
+            );
+            for b in &im.blobs {
+                rc.blobs.insert(b.digest.to_string());
+            }
+        }
+        n
+    }
+
+    fn repos<'a>(
+        &'a self,
+        name: &'a str,
+        ns: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a RepoContent> + 'a {
+        self.repos
+            .iter()
+            .filter(move |((reg, repo), _)| repo == name && ns.is_none_or(|n| n == reg))
+            .map(|(_, c)| c)
+    }
+
+    /// Digest and media type of a manifest `reference` (tag or digest).
+    fn manifest(&self, name: &str, ns: Option<&str>, reference: &str) -> Option<(String, String)> {
+        self.repos(name, ns).find_map(|rc| {
+            let d = if cairn_core::bundle::is_address(reference) {
+                reference.to_owned()
+            } else {
+                rc.tags.get(reference)?.clone()
+            };
+            rc.manifests.get(&d).map(|mt| (d.clone(), mt.clone()))
+        })
+    }
+
+    fn has_blob(&self, name: &str, ns: Option<&str>, digest: &str) -> bool {
+        self.repos(name, ns)
+            .any(|rc| rc.blobs.contains(digest) || rc.manifests.contains_key(digest))
+    }
+}
+
+/// The agent's images: blob directory, catalog, metrics.
+#[derive(Clone, Debug)]
+pub struct Images {
+    dir: PathBuf,
+    catalog: Arc<RwLock<Catalog>>,
+    metrics: ImageMetrics,
+    max_blob_bytes: u64,
+    max_total_bytes: u64,
+}
+
+impl Images {
+    /// Images under `<data_dir>/images`.
+    pub fn new(data_dir: &Path, metrics: ImageMetrics) -> Self {
+        Self {
+            dir: data_dir.join("images"),
+            catalog: Default::default(),
+            metrics,
+            max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+            max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+        }
+    }
+
+    fn blob_path(&self, a: &Address) -> PathBuf {
+        // objects/sha256/<2>/<64> → <dir>/sha256/<2>/<64>
+        let rel = object_path(a);
+        let rel = rel.strip_prefix("objects/").unwrap_or(&rel);
+        self.dir.join(rel)
+    }
+
+    /// Keeps the images of the adopted and staged bundles fetched and
+    /// served, re-checking on every change of either and retrying failed
+    /// fetches with backoff.
+    pub async fn sync_loop(self, agent: Agent) {
+        let mut adopted = agent.subscribe();
+        let mut relay = agent.subscribe_relay();
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_secs(1), agent.config().max_backoff);
+        loop {
+            let heads: Vec<Option<AdoptedHead>> =
+                vec![adopted.borrow().clone(), relay.borrow().clone()];
+            let bundles: BTreeSet<String> = heads.into_iter().flatten().map(|h| h.bundle).collect();
+            let ok = match self.sync(&agent, &bundles).await {
+                Ok(()) => {
+                    backoff.reset();
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "images: not every image is available yet");
+                    false
+                }
+            };
+            let wait = if ok {
+                Duration::from_secs(3600)
+            } else {
+                backoff.next_delay()
+            };
+            tokio::select! {
+                _ = adopted.changed() => {}
+                _ = relay.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Fetches what `bundles` need and publishes the catalog (images whose
+    /// blobs are all present are served even when others fail).
+    async fn sync(&self, agent: &Agent, bundles: &BTreeSet<String>) -> Result<(), String> {
+        let mut lists = Vec::new();
+        let mut errors = Vec::new();
+        for b in bundles {
+            match self.list_of(agent, b).await {
+                Ok(Some(l)) => lists.push(l),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        // Fetch each missing blob once.
+        let mut wanted: BTreeMap<String, (Address, u64)> = BTreeMap::new();
+        for l in &lists {
+            for b in l.distinct_blobs() {
+                wanted.insert(b.digest.to_string(), (b.digest.clone(), b.size));
+            }
+        }
+        for (a, size) in wanted.values() {
+            let dest = self.blob_path(a);
+            if is_file(&dest).await {
+                continue;
+            }
+            if let Err(e) = self.fetch_blob(agent.sources(), a, *size, &dest).await {
+                errors.push(e);
+            }
+        }
+        let mut catalog = Catalog::default();
+        let mut present = BTreeSet::new();
+        for (k, (a, _)) in &wanted {
+            if is_file(&self.blob_path(a)).await {
+                present.insert(k.clone());
+            }
+        }
+        let mut held = 0u64;
+        for l in &lists {
+            catalog.add(l, &|a| present.contains(a.as_str()));
+        }
+        for (k, (_, size)) in &wanted {
+            if present.contains(k) {
+                held += size;
+            }
+        }
+        self.metrics.bytes_held.set(held as i64);
+        if let Ok(mut c) = self.catalog.write() {
+            *c = catalog;
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The verified image list of `bundle`, if it names one.
+    async fn list_of(&self, agent: &Agent, bundle: &str) -> Result<Option<ImageList>, String> {
+        let b = bundle.to_owned();
+        let bytes = agent
+            .store()
+            .call(move |s| s.bundle(&b))
+            .await
+            .map_err(|e| format!("bundle {bundle}: {e}"))?
+            .ok_or_else(|| format!("bundle {bundle}: manifest not in the store"))?;
+        let limits = cairn_core::limits::Limits::default();
+        let head = cairn_core::bundle::Head::decode(&bytes, Some(bundle), &limits)
+            .map_err(|e| format!("bundle {bundle}: {e}"))?;
+        let Some(addr) = cairn_core::images::head_list_address(&head).cloned() else {
+            return Ok(None);
+        };
+        let path = self.blob_path(&addr);
+        let p = path.clone();
+        let local = tokio::task::spawn_blocking(move || {
+            crate::fsread::read_regular_file_capped(&p, cairn_core::images::MAX_LIST_BYTES).ok()
+        })
+        .await
+        .ok()
+        .flatten();
+        let bytes = match local {
+            Some(b) => b,
+            None => agent
+                .sources()
+                .get_any(
+                    &Item::Object(addr.to_string()),
+                    cairn_core::images::MAX_LIST_BYTES,
+                )
+                .await
+                .map_err(|e| format!("image list {addr}: {e}"))?
+                .ok_or_else(|| format!("image list {addr}: no source has it"))?,
+        };
+        let list = ImageList::decode(&bytes, &addr, self.max_blob_bytes, self.max_total_bytes)
+            .map_err(|e| format!("image list {addr} of bundle {bundle}: {e}"))?;
+        let a = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            cairn_oci::blobfile::copy_verified(
+                &mut &bytes[..],
+                a.as_str(),
+                bytes.len() as u64,
+                &path,
+                "image list",
+            )
+        })
+        .await
+        .map_err(|e| format!("image list {addr}: {e}"))?
+        .map_err(|e| format!("image list {addr}: {e}"))?;
+        Ok(Some(list))
+    }
+
+    async fn fetch_blob(
+        &self,
+        sources: &SourceSet,
+        a: &Address,
+        size: u64,
+        dest: &Path,
+    ) -> Result<(), String> {
+        let mut last = None;
+        for s in sources.iter() {
+            match s.fetch_to_file(a.as_str(), size, dest).await {
+                Ok(Some(n)) => {
+                    if n != size {
+                        let d = dest.to_path_buf();
+                        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(d)).await;
+                        self.metrics.blobs_refused.inc();
+                        last = Some(format!(
+                            "{}: image blob {a}: {n} bytes, the image list says {size}",
+                            s.name()
+                        ));
+                        continue;
+                    }
+                    self.metrics.bytes_fetched.inc_by(n);
+                    tracing::info!(source = s.name(), blob = %a, bytes = n, "image blob fetched");
+                    return Ok(());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !matches!(e, crate::source::SourceError::Unavailable { .. }) {
+                        self.metrics.blobs_refused.inc();
+                        tracing::warn!(error = %e, blob = %a, "image blob refused");
+                    }
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| format!("image blob {a}: no source has it")))
+    }
+
+    /// Serves the registry until the task is aborted.
+    pub async fn serve(self, listener: tokio::net::TcpListener) {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.route(req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), svc);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "registry connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn route<B>(&self, req: Request<B>) -> Response<BoxBody<Bytes, std::io::Error>> {
+        let head = req.method() == Method::HEAD;
+        if req.method() != Method::GET && !head {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "UNSUPPORTED",
+                "read-only registry",
+            );
+        }
+        let path = req.uri().path();
+        let ns = req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("ns="))
+                .map(str::to_owned)
+        });
+        if path == "/v2/" || path == "/v2" {
+            let mut r = full(Bytes::from_static(b"{}"), head);
+            set(&mut r, "content-type", "application/json");
+            return r;
+        }
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found");
+        };
+        let (name, kind, reference) = match split_route(rest) {
+            Some(x) => x,
+            None => return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not found"),
+        };
+        // The answer is looked up under the lock and the lock let go
+        // before any IO.
+        let (found, has_blob) = match self.catalog.read() {
+            Ok(c) if kind == "manifests" => (c.manifest(name, ns.as_deref(), reference), false),
+            Ok(c) => (None, c.has_blob(name, ns.as_deref(), reference)),
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", "busy"),
+        };
+        match kind {
+            "manifests" => {
+                let Some((digest, mt)) = found else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
+                };
+                let Ok(a) = Address::parse(&digest) else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
+                };
+                let p = self.blob_path(&a);
+                let bytes = tokio::task::spawn_blocking(move || {
+                    crate::fsread::read_regular_file_capped(
+                        &p,
+                        cairn_core::images::MAX_MANIFEST_BLOB_BYTES,
+                    )
+                })
+                .await;
+                let Ok(Ok(bytes)) = bytes else {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "MANIFEST_UNKNOWN",
+                        "manifest unknown",
+                    );
+                };
+                if !head {
+                    self.metrics.bytes_served.inc_by(bytes.len() as u64);
+                }
+                let mut r = full(Bytes::from(bytes), head);
+                set(&mut r, "content-type", &mt);
+                set(&mut r, "docker-content-digest", &digest);
+                r
+            }
+            _ => {
+                if !has_blob {
+                    return error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
+                }
+                let Ok(a) = Address::parse(reference) else {
+                    return error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
+                };
+                self.blob(&a, head).await
+            }
+        }
+    }
+
+    async fn blob(&self, a: &Address, head: bool) -> Response<BoxBody<Bytes, std::io::Error>> {
+        let p = self.blob_path(a);
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&p)?;
+            let len = f.metadata()?.len();
+            Ok::<_, std::io::Error>((f, len))
+        })
+        .await;
+        let Ok(Ok((mut f, len))) = opened else {
+            return error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "blob unknown");
+        };
+        let mut r = if head {
+            Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed())
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+            let served = self.metrics.bytes_served.clone();
+            tokio::task::spawn_blocking(move || {
+                use std::io::Read;
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            served.inc_by(n as u64);
+                            let chunk = Bytes::copy_from_slice(&buf[..n]);
+                            if tx.blocking_send(Ok(Frame::data(chunk))).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(e));
+                            break;
+                        }
+                    }
+                }
+            });
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|x| (x, rx)) },
+                );
+            Response::new(StreamBody::new(stream).boxed())
+        };
+        set(&mut r, "content-length", &len.to_string());
+        set(&mut r, "content-type", "application/octet-stream");
+        set(&mut r, "docker-content-digest", a.as_str());
+        r
+    }
+
+    /// The catalog's repositories (for status and tests).
+    pub fn served(&self) -> Vec<String> {
+        self.catalog
+            .read()
+            .map(|c| {
+                c.repos
+                    .keys()
+                    .map(|(reg, repo)| format!("{reg}/{repo}"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+async fn is_file(p: &Path) -> bool {
+    let p = p.to_path_buf();
+    tokio::task::spawn_blocking(move || p.is_file())
+        .await
+        .unwrap_or(false)
+}
+
+/// `NAME/manifests/REF` or `NAME/blobs/DIGEST` (NAME may contain `/`).
+fn split_route(rest: &str) -> Option<(&str, &'static str, &str)> {
+    for kind in ["manifests", "blobs"] {
+        let sep = format!("/{kind}/");
+        if let Some(i) = rest.rfind(&sep) {
+            let (name, reference) = (&rest[..i], &rest[i + sep.len()..]);
+            if name.is_empty() || reference.is_empty() || reference.contains('/') {
+                return None;
+            }
+            if kind == "blobs" && !cairn_core::bundle::is_address(reference) {
+                return None;
+            }
+            return Some((
+                name,
+                if kind == "blobs" {
+                    "blobs"
+                } else {
+                    "manifests"
+                },
+                reference,
+            ));
+        }
+    }
+    None
+}
+
+fn full(b: Bytes, head: bool) -> Response<BoxBody<Bytes, std::io::Error>> {
+    let len = b.len();
+    let body = if head { Bytes::new() } else { b };
+    let mut r = Response::new(Full::new(body).map_err(|e| match e {}).boxed());
+    set(&mut r, "content-length", &len.to_string());
+    r
+}
+
+fn set<B>(r: &mut Response<B>, k: &'static str, v: &str) {
+    if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+        r.headers_mut().insert(k, v);
+    }
+    r.headers_mut().insert(
+        "docker-distribution-api-version",
+        hyper::header::HeaderValue::from_static("registry/2.0"),
+    );
+}
+
+fn error(status: StatusCode, code: &str, msg: &str) -> Response<BoxBody<Bytes, std::io::Error>> {
+    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"{msg}"}}]}}"#);
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    set(&mut r, "content-type", "application/json");
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_split_names_with_slashes() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            split_route(&format!("team/app/blobs/{d}")),
+            Some(("team/app", "blobs", d.as_str()))
+        );
+        assert_eq!(
+            split_route("library/nginx/manifests/1.25"),
+            Some(("library/nginx", "manifests", "1.25"))
+        );
+        assert_eq!(split_route("x/blobs/notadigest"), None);
+        assert_eq!(split_route("x/tags/list"), None);
+        assert_eq!(split_route("x/blobs/uploads/"), None);
+    }
+}

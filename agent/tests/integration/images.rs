@@ -1,0 +1,551 @@
+//! Air-gapped images (docs/IMAGES.md), through real tools: a small image
+//! made with Debian's `umoci` is pushed with `skopeo` to Debian's
+//! `docker-registry` on loopback (TLS from a test CA, htpasswd);
+//! `cairn bundle build --images` reads it from there, `cairn release`
+//! puts its blobs into the repository, an agent whose source is that
+//! repository fetches and verifies them, and `skopeo copy` pulls the
+//! image from the agent's registry by digest and by tag. A tampered layer
+//! in the repository is refused and not served; a tag the registry does
+//! not have fails the build naming the object.
+
+use crate::support::*;
+use cairn_test_support::fixture::commit_files;
+use cairn_test_support::registry::Registry;
+use cairn_test_support::wait_until;
+use std::time::Duration;
+
+/// Waits up to `secs` for `cond`; on time-out the agent's log tail is in
+/// the panic message.
+fn wait_logged(w: &World, secs: u64, what: &str, cond: impl FnMut() -> bool) {
+    wait_until(
+        Duration::from_secs(secs),
+        Duration::from_millis(200),
+        what,
+        cond,
+        || tail(&w.log("agent.log"), 30),
+    );
+}
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An OCI layout with one image `tag` whose one layer holds `files`.
+fn make_image(dir: &Path, tag: &str, files: &[(&str, &str)]) -> PathBuf {
+    let layout = dir.join("layout");
+    if !layout.exists() {
+        ok(Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout));
+    }
+    let image = format!("{}:{tag}", layout.display());
+    ok(Command::new("umoci").args(["new", "--image", &image]));
+    let bundle = dir.join(format!("unpacked-{tag}"));
+    ok(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &image])
+        .arg(&bundle));
+    for (p, text) in files {
+        let f = bundle.join("rootfs").join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, text).unwrap();
+    }
+    ok(Command::new("umoci")
+        .args(["repack", "--image", &image])
+        .arg(&bundle));
+    layout
+}
+
+fn skopeo_push(w: &World, reg: &Registry, layout: &Path, tag: &str, dest: &str) {
+    let (u, p) = reg.credentials();
+    ok(Command::new("skopeo")
+        .args(["copy", "--dest-cert-dir"])
+        .arg(reg.cert_dir())
+        .args(["--dest-creds", &format!("{u}:{p}")])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{}/{dest}", reg.host()))
+        .env("HOME", w.tmp.path()));
+}
+
+/// `skopeo copy` from the agent's plain-HTTP registry into an OCI layout;
+/// returns the manifest digest skopeo wrote, or its error.
+fn skopeo_pull(w: &World, from: &str, dest: &Path) -> Result<String, String> {
+    let out = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false"])
+        .arg(format!("docker://{from}"))
+        .arg(format!("oci:{}:pulled", dest.display()))
+        .env("HOME", w.tmp.path())
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join("index.json")).unwrap()).unwrap();
+    Ok(index["manifests"][0]["digest"].as_str().unwrap().to_owned())
+}
+
+/// Starts an agent whose source is the world's repository, with its image
+/// registry on a free loopback port; returns it and the registry's
+/// address (from its start-up log line).
+fn spawn_with_registry(w: &World) -> (AgentProcess, String) {
+    let mut c = w.agent_config(&[w.repo.display().to_string()]);
+    c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
+    let cfg = c.write(&w.path("agent.yaml"));
+    let agent = w.spawn(&cfg, "agent.log");
+    let mut addr = String::new();
+    wait_logged(w, 30, "the image registry listens", || {
+        let log = w.log("agent.log");
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving the image registry"));
+        if let Some(v) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            addr = v["address"].as_str().unwrap_or_default().to_owned();
+        }
+        !addr.is_empty()
+    });
+    (agent, addr)
+}
+
+fn deployment(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: apps\n\
+         spec:\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      \
+         labels: {{app: web}}\n    spec:\n      initContainers:\n      - name: init\n        \
+         image: {image}\n      containers:\n      - name: web\n        image: {image}\n"
+    )
+}
+
+struct Setup {
+    w: World,
+    reg: Registry,
+    layout: PathBuf,
+    image: String,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let w = World::new(1, 1, 1);
+        let reg = Registry::start().unwrap();
+        let (u, p) = reg.credentials();
+        std::fs::write(
+            w.path("creds.json"),
+            serde_json::json!({"username": u, "password": p}).to_string(),
+        )
+        .unwrap();
+        let layout = make_image(&w.path("img"), "v1", &[("etc/hello.txt", "hello\n")]);
+        skopeo_push(&w, &reg, &layout, "v1", "team/web:v1");
+        // The fixture's own Deployment names registry.local/edge/app-0000:1.0.0:
+        // the build registry is a mirror, looked up by repository path.
+        skopeo_push(&w, &reg, &layout, "v1", "edge/app-0000:1.0.0");
+        let image = format!("{}/team/web:v1", reg.host());
+        commit_files(
+            &w.git,
+            &[("apps/web.yaml", &deployment(&image))],
+            "web",
+            "2024-01-02T00:00:00Z",
+        )
+        .unwrap();
+        Setup {
+            w,
+            reg,
+            layout,
+            image,
+        }
+    }
+
+    fn build(&self, out: &str, extra: &[&str]) -> std::process::Output {
+        Command::new(cairn_bin())
+            .args(["bundle", "build", "--git"])
+            .arg(&self.w.git)
+            .arg("--out")
+            .arg(self.w.path(out))
+            .args(["--images", &format!("oci://{}", self.reg.host())])
+            .arg("--images-ca-file")
+            .arg(self.reg.ca_file())
+            .arg("--images-credentials-file")
+            .arg(self.w.path("creds.json"))
+            .args(extra)
+            .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn an_agent_serves_the_images_of_its_release_to_skopeo() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "build failed: {err}");
+    assert!(err.contains("images: 2 image(s), 3 blob(s)"), "{err}");
+    // inspect lists the image with its size.
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(w.path("b.bundle")));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let img = v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["reference"] == s.image.as_str())
+        .unwrap();
+    assert_eq!(img["reference"], s.image.as_str());
+    assert!(
+        img["platform"].as_str().unwrap().starts_with("linux/"),
+        "{img}"
+    );
+    assert!(img["bytes"].as_u64().unwrap() > 300, "{img}");
+    let digest = img["digest"].as_str().unwrap().to_owned();
+    // The registry's own digest for the tag is the one recorded.
+    let (u, p) = s.reg.credentials();
+    let raw = ok(Command::new("skopeo")
+        .args(["inspect", "--format", "{{.Digest}}", "--cert-dir"])
+        .arg(s.reg.cert_dir())
+        .args(["--creds", &format!("{u}:{p}")])
+        .arg(format!("docker://{}", s.image))
+        .env("HOME", w.tmp.path()));
+    assert_eq!(raw.trim(), digest);
+
+    w.release(&w.path("b.bundle"));
+    // The repository now holds the image's blobs as objects.
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(w
+        .repo
+        .join("objects/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .is_file());
+
+    let (mut agent, addr) = spawn_with_registry(w);
+    let by_digest = format!("{addr}/team/web@{digest}");
+    let mut last = String::new();
+    wait_logged(w, 60, "the agent serves the image", || {
+        match skopeo_pull(w, &by_digest, &w.path("pulled-digest")) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest, "skopeo got the signed digest");
+    let by_tag = skopeo_pull(w, &format!("{addr}/team/web:v1"), &w.path("pulled-tag")).unwrap();
+    assert_eq!(by_tag, digest);
+    // The pulled layer is the original one.
+    let orig: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.layout.join("blobs/sha256").join(hex)).unwrap())
+            .unwrap();
+    let layer = orig["layers"][0]["digest"].as_str().unwrap();
+    assert!(w
+        .path("pulled-tag/blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"))
+        .is_file());
+    // Unknown names, tags and writes are refused.
+    assert_eq!(http_get(&addr, "/v2/team/web/manifests/v2").0, 404);
+    assert_eq!(http_get(&addr, "/v2/other/manifests/v1").0, 404);
+    let (code, _) = http_get(
+        &addr,
+        &format!("/v2/team/web/blobs/sha256:{}", "0".repeat(64)),
+    );
+    assert_eq!(code, 404);
+    let st = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .arg(format!("http://{addr}/v2/team/web/blobs/uploads/"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&st.stdout), "405");
+    // The byte counters saw the blobs come in and go out.
+    let http = w.status().unwrap().listen.unwrap();
+    let metrics = http_get(&http, "/metrics").1;
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let image_bytes = v["image_bytes"].as_u64().unwrap();
+    assert_eq!(value("cairn_image_bytes_fetched_total"), image_bytes);
+    assert_eq!(value("cairn_image_bytes_held"), image_bytes);
+    assert!(value("cairn_image_bytes_served_total") >= image_bytes);
+    terminate(&mut agent.0);
+}
+
+#[test]
+fn a_tampered_layer_is_refused_and_not_served() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(w.path("b.bundle")));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap().to_owned();
+    // Tamper with the layer in the repository (same size, other bytes).
+    let hex = digest.trim_start_matches("sha256:");
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(w.repo.join("objects/sha256").join(&hex[..2]).join(hex)).unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let lp = w.repo.join("objects/sha256").join(&layer[..2]).join(&layer);
+    let mut bytes = std::fs::read(&lp).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&lp, bytes).unwrap();
+
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the agent refuses the layer", || {
+        w.log("agent.log").contains("does not match its digest")
+    });
+    // The release itself is adopted; the image is not served, nor the layer.
+    wait_for(30, "adopted", || {
+        w.status().is_some_and(|s| s.adopted.is_some())
+    });
+    assert_eq!(http_get(&addr, "/v2/team/web/manifests/v1").0, 404);
+    assert_eq!(
+        http_get(&addr, &format!("/v2/team/web/blobs/sha256:{layer}")).0,
+        404
+    );
+    assert!(!w
+        .data
+        .join("images/sha256")
+        .join(&layer[..2])
+        .join(&layer)
+        .exists());
+    assert!(skopeo_pull(w, &format!("{addr}/team/web@{digest}"), &w.path("p")).is_err());
+    terminate(&mut agent.0);
+}
+
+#[test]
+fn an_unresolvable_tag_fails_the_build_naming_the_object() {
+    let s = Setup::new();
+    let missing = format!("{}/team/web:v9", s.reg.host());
+    commit_files(
+        &s.w.git,
+        &[("apps/web.yaml", &deployment(&missing))],
+        "v9",
+        "2024-01-03T00:00:00Z",
+    )
+    .unwrap();
+    let out = s.build("b.bundle", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("Deployment apps/web") && err.contains("tag `v9` not found"),
+        "{err}"
+    );
+    assert!(!s.w.path("b.bundle").exists());
+}
+
+#[test]
+fn pinned_digests_are_written_into_the_objects() {
+    let s = Setup::new();
+    let out = s.build("b.bundle", &["--pin-digests"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(s.w.path("b.bundle")));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap();
+    let mut objs = Vec::new();
+    cairn_bundle::bundle::read_bundle_file(
+        &s.w.path("b.bundle"),
+        &cairn_bundle::limits::Limits::default(),
+        |e, b| {
+            if e.kind == "Deployment" && e.name == "web" {
+                objs.push(String::from_utf8(b).unwrap());
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    let want = format!("\"image\":\"{}/team/web@{digest}\"", s.reg.host());
+    assert_eq!(objs[0].matches(&want).count(), 2, "{}", objs[0]);
+}
+
+/// A containerd daemon on a private socket (its CRI plugin off), stopped
+/// when dropped.
+struct Containerd {
+    child: std::process::Child,
+    sock: PathBuf,
+}
+
+impl Containerd {
+    fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            "version = 2\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+        )
+        .unwrap();
+        let sock = dir.join("c.sock");
+        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&sock)
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian package containerd) must be installed");
+        let c = Containerd { child, sock };
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            "containerd boots",
+            || c.ctr(&["version"]).status.success(),
+            || std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default(),
+        );
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.sock)
+            .args(["--namespace", "cairn-test"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn containerd_pulls_through_the_agent_mirror() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(w.path("b.bundle")));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap().to_owned();
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the agent serves the image", || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && http_get(&addr, "/v2/edge/app-0000/manifests/1.0.0").0 == 200
+    });
+    // containerd's mirror configuration, as docs/IMAGES.md writes it: the
+    // fixture's `registry.local` (which does not exist) mirrored by the agent.
+    let hosts = w.path("certs.d/registry.local");
+    std::fs::create_dir_all(&hosts).unwrap();
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"https://registry.local\"\n\n[host.\"http://{addr}\"]\n  \
+             capabilities = [\"pull\", \"resolve\"]\n  skip_verify = true\n"
+        ),
+    )
+    .unwrap();
+    let ctrd = Containerd::start(&w.path("containerd"));
+    let hosts_dir = w.path("certs.d");
+    let out = ctrd.ctr(&[
+        "content",
+        "fetch",
+        "--hosts-dir",
+        hosts_dir.to_str().unwrap(),
+        "registry.local/edge/app-0000:1.0.0",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr content fetch: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ls = String::from_utf8_lossy(&ctrd.ctr(&["content", "ls", "-q"]).stdout).into_owned();
+    assert!(
+        ls.contains(&digest),
+        "manifest {digest} in containerd: {ls}"
+    );
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            s.layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    assert!(ls.contains(layer), "layer {layer} in containerd: {ls}");
+    terminate(&mut agent.0);
+}
+
+#[test]
+fn an_oci_layout_directory_gives_the_same_images_as_the_registry() {
+    let s = Setup::new();
+    let w = &s.w;
+    // A layout whose images are named `repository:tag`, as `skopeo copy
+    // ... oci:DIR:NAME` writes them.
+    let named = w.path("named-layout");
+    for name in ["team/web:v1", "edge/app-0000:1.0.0"] {
+        ok(Command::new("skopeo")
+            .arg("copy")
+            .arg(format!("oci:{}:v1", s.layout.display()))
+            .arg(format!("oci:{}:{name}", named.display()))
+            .env("HOME", w.tmp.path()));
+    }
+    let from_registry = s.build("r.bundle", &[]);
+    assert!(from_registry.status.success());
+    let out = Command::new(cairn_bin())
+        .args(["bundle", "build", "--git"])
+        .arg(&w.git)
+        .arg("--out")
+        .arg(w.path("l.bundle"))
+        .arg("--images")
+        .arg(&named)
+        .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = |f: &str| {
+        ok(Command::new(cairn_bin())
+            .args(["bundle", "inspect", "--json"])
+            .arg(w.path(f)))
+    };
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&id("r.bundle")).unwrap(),
+        serde_json::from_str(&id("l.bundle")).unwrap(),
+    );
+    assert_eq!(a["images"], b["images"]);
+    assert_eq!(a["id"], b["id"], "same images, same signed bundle");
+}
