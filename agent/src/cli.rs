@@ -404,7 +404,7 @@ async fn run(cfg: Config, once: bool) -> Result<i32, Error> {
         "starting cairn-agent"
     );
     let agent = Agent::open(cfg).await?;
-    tracing::info!(agent_id = agent.agent_id(), "store verified");
+    tracing::info!(agent_id = %agent.agent_id(), "store verified");
     if once {
         let r = agent.run_once().await?;
         tracing::info!(
