@@ -668,11 +668,38 @@ pub fn decode_body(body: &[u8], limits: &MeshLimits) -> Result<Message, WireErro
                     limit: limit as u32,
                     actual: actual as u64,
                 },
-                other => WireError::Garbage(other.to_string()),
+                other => malformed_agent_id(body, limits)
+                    .unwrap_or_else(|| WireError::Garbage(other.to_string())),
             },
         )?;
     msg.validate(limits)?;
     Ok(msg)
+}
+
+/// Digests and pulls with their agent ids as bare strings: decoded only
+/// when a frame failed to decode, to tell a well-formed digest or pull
+/// whose agent id is malformed (an invalid message, as when ids were
+/// checked after decoding) from garbage.
+#[derive(Deserialize)]
+enum UntypedIds {
+    StatusDigest(Vec<(String, u64)>),
+    StatusPull(Vec<String>),
+}
+
+/// The invalid-message error for a digest or pull naming a malformed
+/// agent id, if `body` is one.
+fn malformed_agent_id(body: &[u8], limits: &MeshLimits) -> Option<WireError> {
+    let limit = limits.max_frame_bytes as usize;
+    let (what, ids): (&str, Vec<String>) =
+        match cairn_keys::codec::decode::<UntypedIds>("mesh frame", body, limit).ok()? {
+            UntypedIds::StatusDigest(d) => {
+                ("status digest", d.into_iter().map(|(id, _)| id).collect())
+            }
+            UntypedIds::StatusPull(p) => ("status pull", p),
+        };
+    ids.iter()
+        .find_map(|id| AgentId::parse(id).err())
+        .map(|e| WireError::Invalid(format!("{what}: {e}")))
 }
 
 /// Reads one frame from a blocking reader (the CLI; the agent reads
@@ -831,8 +858,13 @@ mod tests {
                 cairn_keys::codec::encode(&Untyped::StatusPull(vec!["ok".into(), bad.into()])),
             ] {
                 let err = decode_body(&body, &lim()).unwrap_err();
+                assert!(matches!(err, WireError::Invalid(_)), "{err}");
                 let text = err.to_string();
                 assert!(text.contains("bad agent id"), "{bad:?}: {text}");
+                assert!(
+                    text.contains("status digest") || text.contains("status pull"),
+                    "{text}"
+                );
                 assert!(!text.contains('\u{1b}'), "escaped: {text:?}");
                 assert!(text.len() < 400, "{}", text.len());
             }
