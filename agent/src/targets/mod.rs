@@ -325,18 +325,18 @@ pub trait Target: Send + Sync {
 pub fn from_config(
     cfg: &TargetConfig,
     store: Store,
-    agent_id: &str,
+    agent_id: &cairn_core::AgentId,
 ) -> Result<Arc<dyn Target>, TargetError> {
     match cfg {
         TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(
             dir.clone(),
             store,
-            agent_id.to_owned(),
+            agent_id.clone(),
         ))),
         TargetConfig::Kubernetes(k) => Ok(Arc::new(crate::kubernetes::KubernetesTarget::new(
             k.clone(),
             store,
-            agent_id.to_owned(),
+            agent_id.clone(),
         ))),
     }
 }
