@@ -336,26 +336,23 @@ fn plan_command(
 ) -> Result<String, String> {
     use crate::kubernetes;
     let limits = cairn_core::limits::Limits::default();
-    let size = std::fs::metadata(bundle)
-        .map_err(|e| format!("{}: {e}", bundle.display()))?
-        .len();
-    if size
-        > limits
-            .max_bundle_bytes
-            .saturating_add(2 * limits.max_manifest_bytes + 20)
-    {
-        return Err(format!(
-            "{}: {size} bytes is over the bundle limit",
-            bundle.display()
-        ));
-    }
-    let bytes = std::fs::read(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
-    let (manifest, objects) = cairn_core::bundle_file::decode_bundle_file(&bytes, bundle, &limits)
-        .map_err(|e| e.to_string())?;
+    // (object bytes, address) in entry order, read with core's one
+    // bundle-file parser (limits checked before anything is allocated).
+    let file = std::fs::File::open(bundle).map_err(|e| format!("{}: {e}", bundle.display()))?;
+    let mut objects: Vec<(Vec<u8>, String)> = Vec::new();
+    cairn_core::bundle_file::read_bundle(
+        &mut std::io::BufReader::new(file),
+        bundle,
+        &limits,
+        |e, bytes| {
+            objects.push((bytes, e.object.to_string()));
+            Ok(())
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let raw: Vec<(&[u8], &str)> = objects
         .iter()
-        .zip(&manifest.entries)
-        .map(|(b, e)| (*b, e.object.as_str()))
+        .map(|(b, a)| (b.as_slice(), a.as_str()))
         .collect();
     // Objects that are not Kubernetes objects fail here, before connecting.
     cairn_plan::diff::desired_objects(&cairn_plan::diff::split_site_documents(&raw).0, channel)
@@ -407,7 +404,7 @@ async fn run(cfg: Config, once: bool) -> Result<i32, Error> {
         "starting cairn-agent"
     );
     let agent = Agent::open(cfg).await?;
-    tracing::info!(agent_id = agent.agent_id(), "store verified");
+    tracing::info!(agent_id = %agent.agent_id(), "store verified");
     if once {
         let r = agent.run_once().await?;
         tracing::info!(

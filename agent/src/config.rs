@@ -9,6 +9,7 @@
 //! `docs/OPERATIONS.md`.
 
 use cairn_core::duration::parse_duration;
+use cairn_core::AgentId;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -80,7 +81,7 @@ pub struct Config {
     /// The file it was read from, if any.
     pub path: Option<PathBuf>,
     /// The agent id; `None` means generate once and persist in the store.
-    pub agent_id: Option<String>,
+    pub agent_id: Option<AgentId>,
     /// Where the store and status file live.
     pub data_dir: PathBuf,
     /// The channel followed.
@@ -241,12 +242,16 @@ impl Config {
         let mut errors = Vec::new();
         let mut err = |field: &str, msg: String| errors.push(format!("{origin}: {field}: {msg}"));
 
-        let agent_id = raw.agent_id.filter(|s| !s.is_empty());
-        if let Some(id) = &agent_id {
-            if let Err(m) = validate_agent_id(id) {
-                err("agentId", m);
-            }
-        }
+        let agent_id = match raw.agent_id.filter(|s| !s.is_empty()) {
+            None => None,
+            Some(id) => match AgentId::parse_owned(id) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    err("agentId", e.to_string());
+                    None
+                }
+            },
+        };
         let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
         if data_dir.as_os_str().is_empty() {
             err("dataDir", "must not be empty".into());
@@ -618,21 +623,6 @@ fn apply_env(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) {
             "false" => raw.insecure_allow_development_root = Some(false),
             _ => raw.bad_env_allow_development_root = Some(v),
         }
-    }
-}
-
-fn validate_agent_id(id: &str) -> Result<(), String> {
-    let ok = id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !id.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{id}`: use up to 128 characters of A-Z, a-z, 0-9, '-', '_' and '.', not starting with '.' or '-'"
-        ))
     }
 }
 

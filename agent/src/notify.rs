@@ -337,7 +337,7 @@ impl Notifier {
     /// A notifier for the configured sinks.
     pub fn new(
         sinks: Vec<Sink>,
-        agent_id: &str,
+        agent_id: &cairn_core::AgentId,
         channel: &str,
         store: StoreHandle,
         metrics: NotifyMetrics,
@@ -347,7 +347,7 @@ impl Notifier {
         Notifier {
             inner: Arc::new(NotifierInner {
                 sinks,
-                agent_id: agent_id.to_owned(),
+                agent_id: agent_id.to_string(),
                 channel: channel.to_owned(),
                 store,
                 metrics,

@@ -300,13 +300,13 @@ pub fn embedded_root_version() -> u64 {
 }
 
 /// The whole status document.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     /// [`STATUS_FORMAT`].
     pub format: u32,
     /// Agent id.
-    pub agent_id: String,
+    pub agent_id: cairn_core::AgentId,
     /// Process id of the agent that wrote it.
     pub pid: u32,
     /// When written, Unix seconds.
@@ -357,6 +357,33 @@ pub struct Status {
 pub const MAX_STATUS_BYTES: u64 = 16 << 20;
 
 impl Status {
+    /// An empty document about `agent_id` (format [`STATUS_FORMAT`]).
+    pub fn new(agent_id: cairn_core::AgentId) -> Self {
+        Status {
+            format: STATUS_FORMAT,
+            agent_id,
+            pid: 0,
+            updated: 0,
+            channel: String::new(),
+            labels: BTreeMap::new(),
+            target: String::new(),
+            listen: None,
+            root: RootStatus::default(),
+            adopted: None,
+            last_good: None,
+            failed_release: None,
+            rollout: None,
+            hold: None,
+            offline: false,
+            sources: Vec::new(),
+            last_rejection: None,
+            reconcile: None,
+            ready: false,
+            ready_reason: String::new(),
+            store: StoreStatus::default(),
+        }
+    }
+
     /// Writes the document atomically to `<data_dir>/status.json`, also on
     /// a full disk (see `write_without_space`).
     pub fn write(&self, data_dir: &Path) -> Result<(), Error> {

@@ -2,13 +2,14 @@
 //! are pure and live in [`cairn_core::bundle`]).
 //!
 //! A bundle file is the manifest followed by every object, in entry order,
-//! and is verified on every read.
+//! and is verified on every read. Parsing is core's
+//! ([`cairn_core::bundle_file`]); this module only opens and writes files.
 
 use cairn_core::bundle::{verify_object, Entry, Manifest};
-use cairn_core::bundle_file::{encode_head, read_head};
+use cairn_core::bundle_file::{encode_head, read_bundle};
 use cairn_core::limits::Limits;
 use cairn_core::{Error, Result};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 
 /// Writes a bundle file: magic, format, manifest length and bytes, then
@@ -44,40 +45,19 @@ pub fn write_bundle_file(
     Ok(())
 }
 
-/// Reads a bundle file, verifying the manifest and every object, and calls
-/// `each` with every verified entry and its bytes. Returns the manifest.
-/// Nothing larger than the limits is allocated.
+/// Reads a bundle file with the one parser,
+/// [`cairn_core::bundle_file::read_bundle`]: verifies the manifest and every
+/// object and calls `each` with every verified entry and its bytes. Returns
+/// the manifest. Errors name the file; nothing larger than the limits is
+/// allocated.
 pub fn read_bundle_file(
     path: &Path,
     limits: &Limits,
-    mut each: impl FnMut(&Entry, Vec<u8>) -> Result<()>,
+    each: impl FnMut(&Entry, Vec<u8>) -> Result<()>,
 ) -> Result<Manifest> {
-    let io = |source| Error::Io {
+    let f = std::fs::File::open(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let bad = |reason: String| Error::InvalidBundleFile {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let f = std::fs::File::open(path).map_err(io)?;
-    let mut r = std::io::BufReader::new(f);
-    let manifest = read_head(&mut r, path, limits)?;
-    for e in &manifest.entries {
-        let mut buf = vec![0u8; e.size as usize];
-        r.read_exact(&mut buf).map_err(|_| {
-            bad(format!(
-                "truncated at object {} ({})",
-                e.object,
-                e.display_name()
-            ))
-        })?;
-        verify_object(&e.object, &buf)?;
-        each(e, buf)?;
-    }
-    let mut extra = [0u8; 1];
-    if r.read(&mut extra).map_err(io)? != 0 {
-        return Err(bad("trailing bytes after the last object".into()));
-    }
-    Ok(manifest)
+    })?;
+    read_bundle(&mut std::io::BufReader::new(f), path, limits, each)
 }

@@ -209,7 +209,7 @@ struct State {
 
 struct Inner {
     config: Config,
-    agent_id: String,
+    agent_id: cairn_core::AgentId,
     store: StoreHandle,
     metrics: Metrics,
     limits: Limits,
@@ -402,7 +402,7 @@ impl Agent {
     }
 
     /// The agent id (configured, or generated once and persisted).
-    pub fn agent_id(&self) -> &str {
+    pub fn agent_id(&self) -> &cairn_core::AgentId {
         &self.inner.agent_id
     }
 

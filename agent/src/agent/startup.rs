@@ -1,5 +1,6 @@
 use super::*;
 use crate::ingest::Item;
+use cairn_core::AgentId;
 
 impl Agent {
     /// Checks every object of the adopted release; re-fetches missing or
@@ -93,7 +94,7 @@ impl Agent {
 
 /// What [`Agent::open`] reads from the store, verified.
 pub(super) struct LoadedState {
-    pub(super) agent_id: String,
+    pub(super) agent_id: AgentId,
     pub(super) chain: RootChain,
     pub(super) head: Option<HeadState>,
     pub(super) last_good: Option<ReleaseStatus>,
@@ -113,7 +114,13 @@ pub(super) fn load_stored(
         dir: data_dir.clone(),
         detail,
     };
-    let agent_id = match (&config.agent_id, store.agent_id()?) {
+    let stored = match store.agent_id()? {
+        None => None,
+        Some(s) => Some(
+            AgentId::parse_owned(s).map_err(|e| corrupt(format!("the stored agent id: {e}")))?,
+        ),
+    };
+    let agent_id = match (&config.agent_id, stored) {
         (Some(c), Some(s)) if *c == s => s,
         (Some(c), _) => {
             store.set_agent_id(c)?;
@@ -224,8 +231,7 @@ pub(super) fn load_head(
     }))
 }
 
-pub(super) fn generate_agent_id() -> String {
+pub(super) fn generate_agent_id() -> AgentId {
     use rand::Rng;
-    let n: u64 = rand::rng().random();
-    format!("agent-{:012x}", n & 0xffff_ffff_ffff)
+    AgentId::generated(rand::rng().random())
 }

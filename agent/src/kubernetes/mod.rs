@@ -78,13 +78,13 @@ pub struct KubernetesTarget {
     pub health_timeout: Duration,
     /// Server-side apply `force`.
     pub force: bool,
-    agent_id: String,
+    agent_id: cairn_core::AgentId,
 }
 
 impl KubernetesTarget {
     /// A target for the configured cluster. Connects lazily, so the agent
     /// starts (and keeps its last-good state) while the API server is down.
-    pub fn new(config: KubernetesConfig, store: Store, agent_id: String) -> Self {
+    pub fn new(config: KubernetesConfig, store: Store, agent_id: cairn_core::AgentId) -> Self {
         Self {
             health_timeout: config.health_timeout,
             force: config.force,

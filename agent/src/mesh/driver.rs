@@ -47,7 +47,7 @@ fn wall() -> UnixMillis {
 
 /// A fetch in progress: the verified candidate and what has arrived.
 struct FetchState {
-    peer: String,
+    peer: cairn_core::AgentId,
     roots: BTreeMap<u64, Vec<u8>>,
     release: Vec<u8>,
     ingest: Ingest,
@@ -389,7 +389,7 @@ impl Driver {
     fn verify_release(
         &mut self,
         fetch: FetchId,
-        peer: String,
+        peer: cairn_core::AgentId,
         channel: &str,
         release: Vec<u8>,
         roots: Vec<(u64, Vec<u8>)>,

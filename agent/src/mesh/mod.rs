@@ -290,7 +290,7 @@ pub enum MeshError {
 pub struct Mesh {
     agent: Agent,
     config: MeshConfig,
-    agent_id: String,
+    agent_id: cairn_core::AgentId,
     listener: tokio::net::TcpListener,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
@@ -320,7 +320,7 @@ impl Mesh {
                 )))
             }
         };
-        if agent_id != agent.agent_id() {
+        if agent_id != *agent.agent_id() {
             return Err(MeshError::Identity(format!(
                 "{} is for agent `{agent_id}` but this agent's id is `{}`; set agentId: {agent_id} or issue a certificate for `{}`",
                 config.credentials.cert.display(),

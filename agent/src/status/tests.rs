@@ -12,13 +12,13 @@ fn round_trip_and_render() {
     let d = tempfile::tempdir().unwrap();
     let s = Status {
         format: STATUS_FORMAT,
-        agent_id: "a".into(),
+        agent_id: cairn_core::AgentId::parse("a").unwrap(),
         channel: "stable".into(),
         sources: vec![SourceStatus {
             source: "/x".into(),
             ..Default::default()
         }],
-        ..Default::default()
+        ..Status::new(cairn_core::AgentId::parse("a").unwrap())
     };
     s.write(d.path()).unwrap();
     let back = Status::read(d.path()).unwrap();

@@ -46,7 +46,7 @@ const MAX_UNDO_COPY_BYTES: u64 = 256 << 20;
 pub struct ManifestsDir {
     dir: PathBuf,
     store: Store,
-    agent_id: String,
+    agent_id: cairn_core::AgentId,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -75,7 +75,7 @@ struct UndoCopies {
 impl ManifestsDir {
     /// A target writing into `dir` (created if missing) for the agent
     /// `agent_id`, keeping a copy of its inventory in `store`.
-    pub fn new(dir: PathBuf, store: Store, agent_id: String) -> Self {
+    pub fn new(dir: PathBuf, store: Store, agent_id: cairn_core::AgentId) -> Self {
         Self {
             dir,
             store,
@@ -192,7 +192,7 @@ impl ManifestsDir {
     ) -> Result<OwnerRecord, TargetError> {
         let rec = OwnerRecord {
             format: owner::RECORD_FORMAT,
-            agent: self.agent_id.clone(),
+            agent: self.agent_id.to_string(),
             target: self.describe(),
             sequence,
             files: files.clone(),
@@ -499,7 +499,7 @@ impl ManifestsDir {
         }
         let done = OwnerRecord {
             format: owner::RECORD_FORMAT,
-            agent: self.agent_id.clone(),
+            agent: self.agent_id.to_string(),
             target: self.describe(),
             sequence: Some(desired.sequence),
             files: p.after.clone(),

@@ -325,18 +325,18 @@ pub trait Target: Send + Sync {
 pub fn from_config(
     cfg: &TargetConfig,
     store: Store,
-    agent_id: &str,
+    agent_id: &cairn_core::AgentId,
 ) -> Result<Arc<dyn Target>, TargetError> {
     match cfg {
         TargetConfig::ManifestsDir(dir) => Ok(Arc::new(ManifestsDir::new(
             dir.clone(),
             store,
-            agent_id.to_owned(),
+            agent_id.clone(),
         ))),
         TargetConfig::Kubernetes(k) => Ok(Arc::new(crate::kubernetes::KubernetesTarget::new(
             k.clone(),
             store,
-            agent_id.to_owned(),
+            agent_id.clone(),
         ))),
     }
 }
@@ -345,9 +345,12 @@ pub fn from_config(
 /// has a valid one (manifests-dir only). Lets an agent whose data directory
 /// was lost, and whose config sets no `agentId`, take back its identity and
 /// with it the ownership of its files. Blocking (reads a file).
-pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<String> {
+pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<cairn_core::AgentId> {
     match cfg {
-        TargetConfig::ManifestsDir(dir) => owner::read(dir).ok().flatten().map(|r| r.agent),
+        TargetConfig::ManifestsDir(dir) => owner::read(dir)
+            .ok()
+            .flatten()
+            .and_then(|r| cairn_core::AgentId::parse_owned(r.agent).ok()),
         TargetConfig::Kubernetes(_) => None,
     }
 }

@@ -98,7 +98,7 @@ fn validate(rec: &OwnerRecord) -> Result<(), String> {
             rec.format
         ));
     }
-    if !is_agent_id(&rec.agent) {
+    if !cairn_core::ids::is_agent_id(&rec.agent) {
         return Err(format!("`agent`: {} is not an agent id", shown(&rec.agent)));
     }
     let check = |field: &str, name: &str, address: Option<&str>| -> Result<(), String> {
@@ -126,16 +126,6 @@ fn validate(rec: &OwnerRecord) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// An agent id as `config` accepts it.
-fn is_agent_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !id.starts_with(['.', '-'])
 }
 
 fn is_address(a: &str) -> bool {

@@ -643,7 +643,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
     let (a9, k9) = attacker(9);
     let now_ms = cairn_bundle::unix_now() * 1000;
     let record = |id: &str, time: u64, listen: Option<String>| StatusRecord {
-        agent_id: id.into(),
+        agent_id: cairn_core::AgentId::parse(id).unwrap(),
         channel: "stable".into(),
         labels: BTreeMap::new(),
         sequence: 2,
@@ -706,7 +706,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
     }
     let peers_frames = (0..500)
         .map(|i| PeerInfo {
-            agent_id: Some(format!("p{i}")),
+            agent_id: Some(cairn_core::AgentId::parse(&format!("p{i}")).unwrap()),
             addr: trap_addr(i),
         })
         .collect::<Vec<_>>()

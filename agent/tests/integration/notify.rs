@@ -318,7 +318,13 @@ fn a_broken_release_notifies_health_failed_rolled_back_and_breaker_tripped_once(
     let pick = |early: bool| {
         (0..200)
             .map(|n| format!("n-{n}"))
-            .find(|id| (cairn_bundle::rollout::bucket_ppm(id, &broken_id) < 500_000) == early)
+            .find(|id| {
+                (cairn_bundle::rollout::bucket_ppm(
+                    &cairn_core::AgentId::parse(id).unwrap(),
+                    &broken_id,
+                ) < 500_000)
+                    == early
+            })
             .expect("an id in each half")
     };
     let ids = vec![pick(true), pick(false)];

@@ -40,7 +40,10 @@ fn waves_follow_the_bucket_promote_keeps_the_bundle_and_a_hold_waits() {
     let held = 7;
     // Who is in the 50% wave, by the library's own function.
     let first: Vec<usize> = (0..8)
-        .filter(|&i| i != held && bucket_ppm(&ids[i], &bundle) < 500_000)
+        .filter(|&i| {
+            i != held
+                && bucket_ppm(&cairn_core::AgentId::parse(&ids[i]).unwrap(), &bundle) < 500_000
+        })
         .collect();
     let second: Vec<usize> = (0..8)
         .filter(|&i| i != held && !first.contains(&i))
@@ -208,7 +211,7 @@ fn a_broken_release_trips_the_breaker_and_the_rest_hold() {
     let mut late = Vec::new();
     for n in 0..200 {
         let id = format!("k8s-{n}");
-        let b = bucket_ppm(&id, &broken_id);
+        let b = bucket_ppm(&cairn_core::AgentId::parse(&id).unwrap(), &broken_id);
         if b < 500_000 && early.len() < 3 {
             early.push(id);
         } else if b >= 500_000 && late.len() < 3 {

@@ -1,7 +1,7 @@
-//! Decoding a self-contained bundle file (pure: it reads from any
-//! [`Read`], and opens nothing; the `cairn` CLI's `bundle_file` module
-//! reads and writes the files, the agent's `plan` command decodes them with
-//! [`decode_bundle_file`]).
+//! The one parser of self-contained bundle files (pure: it reads from any
+//! [`Read`] and opens nothing). The `cairn` CLI's `bundle_file` module
+//! opens and writes the files and reads them with [`read_bundle`]; the
+//! agent's `plan` command does the same.
 //!
 //! Layout (docs/FORMATS.md, "Bundle file"): magic `CAIRNBDL`, format
 //! (u32 BE, 1 or 2), the length (u64 BE) of the document at the bundle id,
@@ -9,7 +9,7 @@
 //! top document lists them, then every entry's object bytes in entry
 //! order.
 
-use crate::bundle::{check_format, verify_object, Assembly, Encoded, Head, Manifest};
+use crate::bundle::{check_format, verify_object, Assembly, Encoded, Entry, Head, Manifest};
 use crate::limits::Limits;
 use crate::{Error, Result};
 use std::io::Read;
@@ -86,37 +86,144 @@ pub fn read_head(r: &mut impl Read, path: &Path, limits: &Limits) -> Result<Mani
     Ok(manifest)
 }
 
-/// Decodes a bundle file's bytes (`path` only names it in errors),
-/// verifying the manifest and every object against its address. Returns
-/// the manifest and each entry's object bytes, in entry order.
-pub fn decode_bundle_file<'a>(
-    bytes: &'a [u8],
+/// Reads a whole bundle file from `r` (`path` only names the file in
+/// errors): the head ([`read_head`]), then every entry's object bytes,
+/// each verified against its address before `each` sees it, then checks
+/// that nothing follows the last object. Returns the manifest. Nothing
+/// over the limits is allocated: entry sizes were checked against them
+/// with the manifest. This is the one bundle-file parser: the `cairn` CLI
+/// (`verify`, `inspect`, `release`, `publish`, `diff`, …) opens the file and
+/// calls it, the agent's `plan` command likewise.
+pub fn read_bundle(
+    r: &mut impl Read,
     path: &Path,
     limits: &Limits,
-) -> Result<(Manifest, Vec<&'a [u8]>)> {
+    mut each: impl FnMut(&Entry, Vec<u8>) -> Result<()>,
+) -> Result<Manifest> {
     let bad = |reason: String| Error::InvalidBundleFile {
         path: path.to_path_buf(),
         reason,
     };
-    let mut rest = bytes;
-    let manifest = read_head(&mut rest, path, limits)?;
-    let mut objects = Vec::with_capacity(manifest.entries.len());
+    let manifest = read_head(r, path, limits)?;
     for e in &manifest.entries {
-        let size = usize::try_from(e.size).unwrap_or(usize::MAX);
-        if rest.len() < size {
+        // The size was checked against `max_object_bytes` with the
+        // manifest; `take` bounds the read whatever it says.
+        let mut buf = Vec::with_capacity(usize::try_from(e.size).unwrap_or(0));
+        let got = r
+            .by_ref()
+            .take(e.size)
+            .read_to_end(&mut buf)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if (got as u64) < e.size {
             return Err(bad(format!(
                 "truncated at object {} ({})",
                 e.object,
                 e.display_name()
             )));
         }
-        let (obj, tail) = rest.split_at(size);
-        verify_object(&e.object, obj)?;
-        objects.push(obj);
-        rest = tail;
+        verify_object(&e.object, &buf)
+            .map_err(|err| bad(format!("{err} ({})", e.display_name())))?;
+        each(e, buf)?;
     }
-    if !rest.is_empty() {
+    let mut extra = [0u8; 1];
+    let n = r.read(&mut extra).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if n != 0 {
         return Err(bad("trailing bytes after the last object".into()));
     }
-    Ok((manifest, objects))
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::{FORMAT_1, FORMAT_2};
+    use crate::testing::{manifest_format, object};
+
+    const PATH: &str = "/tmp/x.bundle";
+
+    /// A bundle file of two objects in `format`, its manifest and objects.
+    fn file(format: u32) -> (Vec<u8>, Manifest, Vec<Vec<u8>>) {
+        let objs = [object("ns", "a", "1"), object("ns", "b", "2")];
+        let m = manifest_format(format, &objs);
+        let mut out = encode_head(format, &m.encode_all());
+        let mut bodies = Vec::new();
+        for e in &m.entries {
+            let (_, b) = objs.iter().find(|(o, _)| o.object == e.object).unwrap();
+            out.extend_from_slice(b);
+            bodies.push(b.clone());
+        }
+        (out, m, bodies)
+    }
+
+    fn read(bytes: &[u8], limits: &Limits) -> Result<(Manifest, Vec<Vec<u8>>)> {
+        let mut got = Vec::new();
+        let m = read_bundle(&mut &bytes[..], Path::new(PATH), limits, |_, b| {
+            got.push(b);
+            Ok(())
+        })?;
+        Ok((m, got))
+    }
+
+    fn refused(bytes: &[u8], limits: &Limits) -> String {
+        let e = read(bytes, limits).unwrap_err().to_string();
+        assert!(e.contains(PATH), "names the file: {e}");
+        e
+    }
+
+    #[test]
+    fn reads_both_formats_and_verifies_every_object() {
+        for format in [FORMAT_1, FORMAT_2] {
+            let (bytes, m, bodies) = file(format);
+            let (back, got) = read(&bytes, &Limits::default()).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(got, bodies);
+        }
+    }
+
+    #[test]
+    fn bad_files_are_refused_naming_the_file() {
+        let limits = Limits::default();
+        for format in [FORMAT_1, FORMAT_2] {
+            let (bytes, _, _) = file(format);
+            let n = bytes.len();
+            let e = refused(&bytes[..n - 1], &limits);
+            assert!(e.contains("truncated at object"), "{e}");
+            let mut more = bytes.clone();
+            more.push(0);
+            let e = refused(&more, &limits);
+            assert!(e.contains("trailing bytes"), "{e}");
+            let mut flipped = bytes.clone();
+            flipped[n - 2] ^= 1;
+            let e = refused(&flipped, &limits);
+            assert!(e.contains("content hashes to"), "{e}");
+            let mut magic = bytes.clone();
+            magic[0] = b'X';
+            let e = refused(&magic, &limits);
+            assert!(e.contains("wrong magic"), "{e}");
+            let e = refused(&bytes[..19], &limits);
+            assert!(e.contains("truncated header"), "{e}");
+            let e = refused(&bytes[..40], &limits);
+            assert!(e.contains("truncated manifest"), "{e}");
+        }
+        // A length over the limit is refused before anything is allocated.
+        let (mut bytes, _, _) = file(FORMAT_1);
+        bytes[12..20].copy_from_slice(&u64::MAX.to_be_bytes());
+        let e = refused(&bytes, &limits);
+        assert!(e.contains("over the limit"), "{e}");
+        // Objects over the limits are refused with the manifest, before
+        // their bytes are read.
+        let (bytes, _, _) = file(FORMAT_1);
+        let small = Limits {
+            max_object_bytes: 8,
+            ..Limits::default()
+        };
+        let e = refused(&bytes, &small);
+        assert!(!e.contains("truncated"), "{e}");
+    }
 }

@@ -1,4 +1,4 @@
-//! Typed ids: content addresses, bundle ids and channel names.
+//! Typed ids: content addresses, bundle ids, channel names and agent ids.
 //!
 //! Each is a validated string. They serialize exactly as the bare string
 //! they wrap (`#[serde(transparent)]`), so signed CBOR bytes (releases,
@@ -13,6 +13,10 @@
 //!   as an object at [`BundleId::as_address`].
 //! * [`ChannelName`]: 1 to 63 characters of `a-z`, `0-9` and `-`, not
 //!   starting with `-` (a file name in a repository).
+//! * [`AgentId`]: 1 to 128 characters of `A-Z`, `a-z`, `0-9`, `-`, `_` and
+//!   `.`, not starting with `.` or `-` (the rule the agent's configuration
+//!   has always applied; agent ids appear in certificates, status records,
+//!   metrics labels, ownership records and file names).
 //!
 //! All deref to `str`, borrow as `str` (maps keyed by them are looked up
 //! with `&str`) and compare equal to `str`, `&str` and `String`.
@@ -54,6 +58,8 @@ impl IdError {
 
 const ADDRESS_EXPECTED: &str = "expected sha256:<64 lower-case hex digits>";
 const CHANNEL_EXPECTED: &str = "use 1-63 characters of a-z, 0-9 and '-', not starting with '-'";
+const AGENT_ID_EXPECTED: &str =
+    "use 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.', not starting with '.' or '-'";
 
 /// Whether `s` is a well-formed `sha256:<64 lower-case hex>` address.
 pub fn is_address(s: &str) -> bool {
@@ -71,6 +77,16 @@ pub fn is_channel_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
+}
+
+/// Whether `s` is a valid agent id: 1 to 128 characters of `A-Z`, `a-z`,
+/// `0-9`, `-`, `_` and `.`, not starting with `.` or `-`.
+pub fn is_agent_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !s.starts_with(['.', '-'])
 }
 
 /// A newtype over a `String` checked by `$valid`: `parse`, `parse_owned`
@@ -303,6 +319,26 @@ validated_string!(ChannelName, "channel", is_channel_name, CHANNEL_EXPECTED);
 
 string_id!(ChannelName);
 
+/// An agent id: 1 to 128 characters of `A-Z`, `a-z`, `0-9`, `-`, `_` and
+/// `.`, not starting with `.` or `-`. Who an agent is in the mesh (its
+/// certificate names it), in status records and digests, in rollout
+/// decisions (its bucket) and in ownership records.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AgentId(String);
+
+validated_string!(AgentId, "agent id", is_agent_id, AGENT_ID_EXPECTED);
+
+impl AgentId {
+    /// The id an agent gives itself when nothing names it:
+    /// `agent-<12 hex digits>` of the low 48 bits of `n` (random).
+    pub fn generated(n: u64) -> Self {
+        AgentId(format!("agent-{:012x}", n & 0xffff_ffff_ffff))
+    }
+}
+
+string_id!(AgentId);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +404,40 @@ mod tests {
             let e = ChannelName::parse(bad).unwrap_err();
             assert_eq!(e.kind, "channel");
         }
+    }
+
+    #[test]
+    fn agent_ids() {
+        for ok in [
+            "a",
+            "edge-berlin-1",
+            "edge-7.site_a",
+            "A_1",
+            &"a".repeat(128),
+        ] {
+            assert_eq!(AgentId::parse(ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "-a",
+            ".a",
+            "a b",
+            "a/b",
+            "a:b",
+            "ä",
+            "a\u{1b}",
+            &"a".repeat(129),
+        ] {
+            let e = AgentId::parse(bad).unwrap_err();
+            assert_eq!(e.kind, "agent id", "{bad:?}");
+            assert!(e.to_string().starts_with("bad agent id"), "{e}");
+        }
+        let g = AgentId::generated(u64::MAX);
+        assert_eq!(g, "agent-ffffffffffff");
+        assert!(is_agent_id(&g));
+        let cbor = cairn_keys::codec::encode(&"-x");
+        let e = cairn_keys::codec::decode::<AgentId>("t", &cbor, 1000).unwrap_err();
+        assert!(e.to_string().contains("bad agent id"), "{e}");
     }
 
     #[test]

@@ -34,4 +34,4 @@ pub mod trust;
 pub mod verify;
 
 pub use error::{Error, Result};
-pub use ids::{Address, BundleId, ChannelName, IdError};
+pub use ids::{Address, AgentId, BundleId, ChannelName, IdError};

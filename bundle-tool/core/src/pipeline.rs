@@ -234,7 +234,7 @@ pub enum Start {
 #[derive(Clone, Copy, Debug)]
 pub struct Audience<'a> {
     /// This agent's id (its rollout bucket).
-    pub agent_id: &'a str,
+    pub agent_id: &'a crate::ids::AgentId,
     /// This agent's labels (matched against the release's selector).
     pub labels: &'a BTreeMap<String, String>,
     /// What gossip says about the release's bundle (circuit breaker);
@@ -1003,8 +1003,9 @@ pub(crate) mod tests {
         let m = manifest(&[object("a", "one", "1")]);
         let c = ctx(r.root(), &limits, None);
         let labels: BTreeMap<String, String> = [("region".to_owned(), "eu".to_owned())].into();
+        let agent = crate::ids::AgentId::parse("agent-test").unwrap();
         let mut who = Audience {
-            agent_id: "agent-test",
+            agent_id: &agent,
             labels: &labels,
             reports: FleetReports::default(),
         };
@@ -1051,8 +1052,9 @@ pub(crate) mod tests {
         let m = manifest(&[object("a", "one", "1")]);
         let doc = release("stable", 1, &m.id(), NOW + 1000);
         let labels = BTreeMap::new();
+        let agent = crate::ids::AgentId::parse("agent-test").unwrap();
         let who = Audience {
-            agent_id: "agent-test",
+            agent_id: &agent,
             labels: &labels,
             reports: FleetReports::default(),
         };

@@ -6,6 +6,7 @@
 //! [`Decision`]. Two agents given the same inputs always agree, which is
 //! what lets a fleet roll out in waves with no hub.
 
+use crate::ids::AgentId;
 use crate::release::{FailureLimit, Release, Rollout, Wave};
 use std::collections::BTreeMap;
 
@@ -52,7 +53,7 @@ pub struct FleetReports {
 /// The agent's position in [0, 1) for a bundle, in millionths: the first
 /// eight bytes of SHA-256(agent id ‖ 0 ‖ bundle id), reduced uniformly.
 /// A new bundle reshuffles who goes first, so no agent is always the canary.
-pub fn bucket_ppm(agent_id: &str, bundle_id: &str) -> u32 {
+pub fn bucket_ppm(agent_id: &AgentId, bundle_id: &str) -> u32 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"cairn-rollout-bucket\0");
     ctx.update(agent_id.as_bytes());
@@ -102,7 +103,7 @@ pub fn wave_for(waves: &[Wave], bucket_ppm: u32) -> Option<(usize, &Wave)> {
 /// Decides what an agent does with `release` at `now`.
 pub fn decide(
     release: &Release,
-    agent_id: &str,
+    agent_id: &AgentId,
     labels: &BTreeMap<String, String>,
     reports: FleetReports,
     now: u64,
@@ -266,6 +267,10 @@ mod tests {
         }
     }
 
+    fn aid(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
     fn labels(l: &[(&str, &str)]) -> BTreeMap<String, String> {
         l.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -279,7 +284,7 @@ mod tests {
         assert_eq!(
             decide(
                 &r,
-                "a",
+                &aid("a"),
                 &labels(&[("region", "eu"), ("tier", "edge"), ("x", "y")]),
                 none,
                 2_000
@@ -287,7 +292,7 @@ mod tests {
             Decision::Adopt { wave: 0 }
         );
         assert_eq!(
-            decide(&r, "a", &labels(&[("region", "eu")]), none, 2_000),
+            decide(&r, &aid("a"), &labels(&[("region", "eu")]), none, 2_000),
             Decision::NotSelected {
                 missing: "tier=edge".into()
             }
@@ -295,7 +300,7 @@ mod tests {
         assert_eq!(
             decide(
                 &r,
-                "a",
+                &aid("a"),
                 &labels(&[("region", "us"), ("tier", "edge")]),
                 none,
                 2_000
@@ -313,7 +318,7 @@ mod tests {
         // Find agents in each wave by their bucket and check the boundaries.
         let mut seen = [false; 3];
         for i in 0..2_000 {
-            let id = format!("agent-{i}");
+            let id = aid(&format!("agent-{i}"));
             let b = bucket_ppm(&id, &r.bundle);
             let (wave, delay) = if b < 100_000 {
                 (1, 0)
@@ -345,7 +350,7 @@ mod tests {
     fn rollout_stopping_below_100_percent_leaves_the_rest() {
         let r = release("50%:0s", &[]);
         let outside = (0..100)
-            .map(|i| format!("a{i}"))
+            .map(|i| aid(&format!("a{i}")))
             .find(|id| bucket_ppm(id, &r.bundle) >= 500_000)
             .unwrap();
         assert!(matches!(
@@ -410,7 +415,7 @@ mod tests {
         assert_eq!(
             decide(
                 &r,
-                "x",
+                &aid("x"),
                 &BTreeMap::new(),
                 FleetReports {
                     adopted: 3,
@@ -432,7 +437,7 @@ mod tests {
         let bundle = cairn_keys::sha256_address(b"some bundle");
         let mut bins = [0u32; 10];
         for i in 0..10_000 {
-            bins[(bucket_ppm(&format!("edge-{i}"), &bundle) / 100_000) as usize] += 1;
+            bins[(bucket_ppm(&aid(&format!("edge-{i}")), &bundle) / 100_000) as usize] += 1;
         }
         for (i, n) in bins.iter().enumerate() {
             assert!((850..=1150).contains(n), "bin {i} has {n} agents: {bins:?}");
@@ -441,7 +446,7 @@ mod tests {
         let other = cairn_keys::sha256_address(b"another bundle");
         let moved = (0..1000)
             .filter(|i| {
-                let id = format!("edge-{i}");
+                let id = aid(&format!("edge-{i}"));
                 bucket_ppm(&id, &bundle) / 100_000 != bucket_ppm(&id, &other) / 100_000
             })
             .count();

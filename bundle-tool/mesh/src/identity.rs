@@ -3,7 +3,10 @@
 //! never from what the peer says on the wire; the protocol ([`crate::sync`],
 //! [`crate::wire`]) only sees the result.
 
-/// An agent id or operator name that is not acceptable.
+use cairn_core::ids::AgentId;
+
+/// An operator name that is not acceptable (agent ids are
+/// [`AgentId`]s, checked when one is made).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("identity `{0}`: use 1-128 characters of a-z, A-Z, 0-9, '.', '_' and '-'")]
 pub struct BadIdentity(pub String);
@@ -12,7 +15,7 @@ pub struct BadIdentity(pub String);
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PeerIdentity {
     /// A fleet agent, by agent id.
-    Agent(String),
+    Agent(AgentId),
     /// An operator CLI (may only read status).
     Operator(String),
 }
@@ -21,7 +24,8 @@ impl PeerIdentity {
     /// The id or name, without the kind.
     pub fn name(&self) -> &str {
         match self {
-            PeerIdentity::Agent(s) | PeerIdentity::Operator(s) => s,
+            PeerIdentity::Agent(id) => id.as_str(),
+            PeerIdentity::Operator(s) => s,
         }
     }
 }
@@ -35,8 +39,9 @@ impl std::fmt::Display for PeerIdentity {
     }
 }
 
-/// Agent ids and operator names: 1-128 of `[A-Za-z0-9._-]` (they appear in
-/// URIs, metrics labels and file names).
+/// Operator names: 1-128 of `[A-Za-z0-9._-]` (they appear in URIs, metrics
+/// labels and file names). Agent ids follow the stricter rule of
+/// [`AgentId`] (not starting with `.` or `-`).
 pub fn validate_identity(id: &str) -> Result<(), BadIdentity> {
     let ok = !id.is_empty()
         && id.len() <= 128
@@ -64,6 +69,9 @@ mod tests {
             PeerIdentity::Operator("ops".into()).to_string(),
             "operator ops"
         );
-        assert_eq!(PeerIdentity::Agent("a1".into()).name(), "a1");
+        assert_eq!(
+            PeerIdentity::Agent(AgentId::parse("a1").unwrap()).name(),
+            "a1"
+        );
     }
 }

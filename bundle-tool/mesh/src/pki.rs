@@ -51,9 +51,12 @@ pub enum PkiError {
         /// What is wrong.
         reason: String,
     },
-    /// An identity (agent id or operator name) is not acceptable.
+    /// An operator name is not acceptable.
     #[error("identity `{0}`: use 1-128 characters of a-z, A-Z, 0-9, '.', '_' and '-'")]
     BadIdentity(String),
+    /// A certificate names a malformed agent id.
+    #[error("certificate: {0}")]
+    BadAgentId(#[from] cairn_core::IdError),
     /// rcgen refused to build a certificate.
     #[error("certificate generation: {0}")]
     Generate(String),
@@ -76,8 +79,9 @@ pub type PkiResult<T> = std::result::Result<T, PkiError>;
 
 pub use crate::identity::PeerIdentity;
 
-/// Agent ids and operator names: 1-128 of `[A-Za-z0-9._-]`
-/// ([`crate::identity::validate_identity`]).
+/// Operator names: 1-128 of `[A-Za-z0-9._-]`
+/// ([`crate::identity::validate_identity`]; agent ids are
+/// [`cairn_core::AgentId`]s, valid by construction).
 pub fn validate_identity(id: &str) -> PkiResult<()> {
     crate::identity::validate_identity(id).map_err(|e| PkiError::BadIdentity(e.0))
 }
@@ -137,14 +141,29 @@ pub fn issue(
     now: u64,
     days: u32,
 ) -> PkiResult<IssuedCert> {
-    validate_identity(identity.name())?;
-    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(gen_err)?;
-    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).map_err(gen_err)?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    if let PeerIdentity::Operator(n) = identity {
+        validate_identity(n)?;
+    }
     let uri = match identity {
         PeerIdentity::Agent(id) => format!("{AGENT_URI_PREFIX}{id}"),
         PeerIdentity::Operator(n) => format!("{OPERATOR_URI_PREFIX}{n}"),
     };
+    let agent = matches!(identity, PeerIdentity::Agent(_));
+    issue_uri(ca_cert_pem, ca_key_pem, uri, agent, now, days)
+}
+
+/// [`issue`] for an identity URI as given (tests forge malformed ones).
+fn issue_uri(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    uri: String,
+    agent: bool,
+    now: u64,
+    days: u32,
+) -> PkiResult<IssuedCert> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(gen_err)?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).map_err(gen_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
     params
         .subject_alt_names
         .push(SanType::URI(uri.clone().try_into().map_err(gen_err)?));
@@ -152,7 +171,7 @@ pub fn issue(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if let PeerIdentity::Agent(_) = identity {
+    if agent {
         params.subject_alt_names.push(SanType::DnsName(
             MESH_SERVER_NAME.try_into().map_err(gen_err)?,
         ));
@@ -181,15 +200,12 @@ pub fn identity_of(cert_der: &[u8]) -> PkiResult<PeerIdentity> {
         .ok_or(PkiError::NoIdentity)?;
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(uri) = name {
-            let found = if let Some(id) = uri.strip_prefix(AGENT_URI_PREFIX) {
-                Some(PeerIdentity::Agent(id.to_owned()))
-            } else {
-                uri.strip_prefix(OPERATOR_URI_PREFIX)
-                    .map(|n| PeerIdentity::Operator(n.to_owned()))
-            };
-            if let Some(found) = found {
-                validate_identity(found.name())?;
-                return Ok(found);
+            if let Some(id) = uri.strip_prefix(AGENT_URI_PREFIX) {
+                return Ok(PeerIdentity::Agent(cairn_core::AgentId::parse(id)?));
+            }
+            if let Some(n) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
+                validate_identity(n)?;
+                return Ok(PeerIdentity::Operator(n.to_owned()));
             }
         }
     }
@@ -311,6 +327,7 @@ pub fn issue_to_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cairn_core::AgentId;
 
     const NOW: u64 = 1_800_000_000;
 
@@ -326,14 +343,14 @@ mod tests {
         let a = issue(
             &ca.cert_pem,
             &ca.key_pem,
-            &PeerIdentity::Agent("edge-7".into()),
+            &PeerIdentity::Agent(AgentId::parse("edge-7").unwrap()),
             NOW,
             1,
         )
         .unwrap();
         assert_eq!(
             identity_of(&der(&a.cert_pem)).unwrap(),
-            PeerIdentity::Agent("edge-7".into())
+            PeerIdentity::Agent(AgentId::parse("edge-7").unwrap())
         );
         let o = issue(
             &ca.cert_pem,
@@ -361,11 +378,29 @@ mod tests {
             let r = issue(
                 &ca.cert_pem,
                 &ca.key_pem,
-                &PeerIdentity::Agent(bad.into()),
+                &PeerIdentity::Operator(bad.into()),
                 NOW,
                 1,
             );
             assert!(matches!(r, Err(PkiError::BadIdentity(_))), "{bad}");
+            // An agent identity cannot even be made of it.
+            assert!(AgentId::parse(bad).is_err(), "{bad}");
+        }
+        // A certificate (signed by the fleet CA) naming a malformed agent
+        // id is refused when its identity is read, naming the id.
+        for bad in ["-x", ".x", "a%2Fb"] {
+            let c = issue_uri(
+                &ca.cert_pem,
+                &ca.key_pem,
+                format!("{AGENT_URI_PREFIX}{bad}"),
+                true,
+                NOW,
+                1,
+            )
+            .unwrap();
+            let e = identity_of(&der(&c.cert_pem)).unwrap_err();
+            assert!(matches!(e, PkiError::BadAgentId(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("bad agent id"), "{e}");
         }
     }
 
@@ -379,12 +414,19 @@ mod tests {
             Err(PkiError::Exists { .. })
         ));
         let out = d.path().join("a1");
-        let paths = issue_to_dir(&ca, &PeerIdentity::Agent("a1".into()), &out, NOW, 1).unwrap();
+        let paths = issue_to_dir(
+            &ca,
+            &PeerIdentity::Agent(AgentId::parse("a1").unwrap()),
+            &out,
+            NOW,
+            1,
+        )
+        .unwrap();
         assert_eq!(paths.len(), 3);
         let certs = read_certs(&out.join("agent.crt")).unwrap();
         assert_eq!(
             identity_of(&certs[0]).unwrap(),
-            PeerIdentity::Agent("a1".into())
+            PeerIdentity::Agent(AgentId::parse("a1").unwrap())
         );
         read_key(&out.join("agent.key")).unwrap();
         #[cfg(unix)]

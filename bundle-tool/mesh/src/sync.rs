@@ -77,6 +77,7 @@ use super::wire::{
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
+use cairn_core::AgentId;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
@@ -112,7 +113,7 @@ pub trait RecordKeys: std::fmt::Debug + Send {
         message: &[u8],
         signature: &[u8],
         now_ms: u64,
-    ) -> Result<String, RecordRejection>;
+    ) -> Result<AgentId, RecordRejection>;
 }
 
 /// A reading of a monotonic clock, in milliseconds since an epoch the
@@ -340,7 +341,7 @@ pub type FetchId = u64;
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
     /// This node's agent id (as in its certificate).
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Channels this node fetches.
     pub channels: Vec<String>,
     /// The address advertised in `Hello` (`host:port`), if listening.
@@ -389,9 +390,9 @@ pub struct SyncConfig {
 
 impl SyncConfig {
     /// A configuration with default timers and limits.
-    pub fn new(agent_id: impl Into<String>, channels: Vec<String>) -> Self {
+    pub fn new(agent_id: AgentId, channels: Vec<String>) -> Self {
         Self {
-            agent_id: agent_id.into(),
+            agent_id,
             channels,
             listen: None,
             seeds: Vec::new(),
@@ -486,7 +487,7 @@ pub enum Event {
         /// The fetch.
         fetch: FetchId,
         /// The peer's agent id.
-        peer: String,
+        peer: AgentId,
         /// The channel.
         channel: String,
         /// The head the peer advertised.
@@ -539,7 +540,7 @@ pub struct PeerEntry {
     /// `host:port`.
     pub addr: String,
     /// Agent id last seen at that address.
-    pub agent_id: Option<String>,
+    pub agent_id: Option<AgentId>,
     /// A configured seed (never evicted).
     pub seed: bool,
     /// Consecutive failed dials.
@@ -574,7 +575,7 @@ struct Conn {
     /// sent or announced it, or the peer sent or announced it. Gossip
     /// sends only what is newer, so an unchanged fleet costs nothing to
     /// exchange and a record crosses a connection at most once.
-    status_known: BTreeMap<String, u64>,
+    status_known: BTreeMap<AgentId, u64>,
 }
 
 /// One of our wants in flight.
@@ -617,7 +618,7 @@ enum Stage {
 #[derive(Debug)]
 struct Fetch {
     conn: ConnId,
-    peer: String,
+    peer: AgentId,
     head: Head,
     stage: Stage,
     queue: VecDeque<Item>,
@@ -700,11 +701,11 @@ pub struct Endpoint {
     /// rotation replaced the release keys that signed it).
     unbound_floors: BTreeSet<String>,
     keys: Box<dyn RecordKeys>,
-    status: BTreeMap<String, HeldStatus>,
+    status: BTreeMap<AgentId, HeldStatus>,
     peers: BTreeMap<String, PeerEntry>,
     /// Records pulled from a peer and not yet received: agent id ->
     /// (record time, pulled at), so one record is pulled once.
-    pulling: BTreeMap<String, (u64, u64)>,
+    pulling: BTreeMap<AgentId, (u64, u64)>,
     pending_dials: BTreeSet<String>,
     bans: BTreeMap<String, Ban>,
     next_anti_entropy: u64,
@@ -1590,11 +1591,11 @@ impl Endpoint {
             return;
         };
         if full || c.version < 3 {
-            let ids: Option<Vec<String>> = None;
+            let ids: Option<Vec<AgentId>> = None;
             return self.send_records(conn, ids, full, now, wall);
         }
         let known = &c.status_known;
-        let mut digest: Vec<(u64, String)> = self
+        let mut digest: Vec<(u64, AgentId)> = self
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
@@ -1630,7 +1631,7 @@ impl Endpoint {
     fn send_records(
         &mut self,
         conn: ConnId,
-        ids: Option<Vec<String>>,
+        ids: Option<Vec<AgentId>>,
         full: bool,
         now: u64,
         wall: u64,
@@ -1689,7 +1690,7 @@ impl Endpoint {
     /// A version 3 peer's digest: note what it holds, pull the records
     /// newer than ours (not about us, not expired or dated ahead, not
     /// already being pulled).
-    fn handle_digest(&mut self, conn: ConnId, digest: Vec<(String, u64)>, now: u64, wall: u64) {
+    fn handle_digest(&mut self, conn: ConnId, digest: Vec<(AgentId, u64)>, now: u64, wall: u64) {
         let (skew, ttl, timeout) = (
             self.config.max_clock_skew_ms,
             self.config.status_ttl_ms,
@@ -1740,7 +1741,7 @@ impl Endpoint {
     }
 
     /// A version 3 peer pulls records it lacks.
-    fn handle_pull(&mut self, conn: ConnId, ids: Vec<String>, now: u64, wall: u64) {
+    fn handle_pull(&mut self, conn: ConnId, ids: Vec<AgentId>, now: u64, wall: u64) {
         self.send_records(conn, Some(ids), false, now, wall);
     }
 
@@ -1889,17 +1890,16 @@ impl Endpoint {
     /// An agent's address from its own signed record: it replaces the
     /// addresses we learned for that agent but never connected to (one
     /// address per agent id; seeds stay).
-    fn learn_signed_address(&mut self, addr: &str, agent_id: &str) {
+    fn learn_signed_address(&mut self, addr: &str, agent_id: &AgentId) {
         if !is_dialable(addr) || self.peers.contains_key(addr) {
             return;
         }
-        self.peers.retain(|_, e| {
-            e.seed || e.last_connected > 0 || e.agent_id.as_deref() != Some(agent_id)
-        });
-        self.add_peer(addr, Some(agent_id.to_owned()), false);
+        self.peers
+            .retain(|_, e| e.seed || e.last_connected > 0 || e.agent_id.as_ref() != Some(agent_id));
+        self.add_peer(addr, Some(agent_id.clone()), false);
     }
 
-    fn add_peer(&mut self, addr: &str, agent_id: Option<String>, seed: bool) {
+    fn add_peer(&mut self, addr: &str, agent_id: Option<AgentId>, seed: bool) {
         if addr.is_empty()
             || addr.len() > self.config.limits.max_string
             || is_unspecified_host(addr)
@@ -1914,7 +1914,7 @@ impl Endpoint {
             return;
         }
         if self.config.listen.as_deref() == Some(addr)
-            || agent_id.as_deref() == Some(&self.config.agent_id)
+            || agent_id.as_ref() == Some(&self.config.agent_id)
         {
             return;
         }
@@ -1954,7 +1954,7 @@ impl Endpoint {
         if want == 0 {
             return;
         }
-        let connected_ids: BTreeSet<String> = self
+        let connected_ids: BTreeSet<AgentId> = self
             .conns
             .values()
             .filter_map(|c| match &c.peer {

@@ -1,6 +1,7 @@
 //! Helpers for tests and the fleet simulator (feature `testing`).
 
 use crate::sync::{RecordKeys, RecordRejection};
+use cairn_core::AgentId;
 use cairn_keys::sha256_address;
 
 /// Status record keys without X.509: the "certificate" is the agent id,
@@ -43,14 +44,14 @@ impl RecordKeys for SharedSecretKeys {
         message: &[u8],
         signature: &[u8],
         _now_ms: u64,
-    ) -> Result<String, RecordRejection> {
+    ) -> Result<AgentId, RecordRejection> {
         let id = std::str::from_utf8(cert)
             .map_err(|_| RecordRejection::Forged("certificate is not an agent id".into()))?;
         if let Some(id) = id.strip_prefix("expired:") {
             return Err(RecordRejection::Stale(format!("{id}: certificate expired")));
         }
         if Self::signature(self.secret, id, message) == signature {
-            Ok(id.to_owned())
+            AgentId::parse(id).map_err(|e| RecordRejection::Forged(format!("certificate: {e}")))
         } else {
             Err(RecordRejection::Forged("bad signature".into()))
         }

@@ -143,7 +143,7 @@ const MAX_CACHED_CERTS: usize = 8192;
 /// record from the same agent costs one signature check.
 #[derive(Debug, Clone)]
 struct VerifiedCert {
-    agent_id: String,
+    agent_id: cairn_core::AgentId,
     public_key: Vec<u8>,
     not_before_ms: u64,
     not_after_ms: u64,
@@ -266,7 +266,7 @@ impl RecordKeys for X509RecordKeys {
         message: &[u8],
         signature: &[u8],
         now_ms: u64,
-    ) -> Result<String, RecordRejection> {
+    ) -> Result<cairn_core::AgentId, RecordRejection> {
         let v = self.check_cert(cert, now_ms)?;
         ring::signature::UnparsedPublicKey::new(
             &ring::signature::ECDSA_P256_SHA256_ASN1,
@@ -353,11 +353,25 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca");
         init_ca_dir(&ca, "fleet", now(), 10).unwrap();
-        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
-        let b = creds(&d.path().join("b"), &ca, PeerIdentity::Agent("b".into()));
+        let a = creds(
+            &d.path().join("a"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap()),
+        );
+        let b = creds(
+            &d.path().join("b"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("b").unwrap()),
+        );
         let (s, c) = handshake(&a, &b);
-        assert_eq!(s.unwrap(), PeerIdentity::Agent("b".into()));
-        assert_eq!(c.unwrap(), PeerIdentity::Agent("a".into()));
+        assert_eq!(
+            s.unwrap(),
+            PeerIdentity::Agent(cairn_core::AgentId::parse("b").unwrap())
+        );
+        assert_eq!(
+            c.unwrap(),
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap())
+        );
         // An operator can connect as a client.
         let o = creds(
             &d.path().join("o"),
@@ -366,7 +380,10 @@ mod tests {
         );
         let (s, c) = handshake(&a, &o);
         assert_eq!(s.unwrap(), PeerIdentity::Operator("ops".into()));
-        assert_eq!(c.unwrap(), PeerIdentity::Agent("a".into()));
+        assert_eq!(
+            c.unwrap(),
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap())
+        );
     }
 
     #[test]
@@ -375,8 +392,16 @@ mod tests {
         let (ca, other) = (d.path().join("ca"), d.path().join("other"));
         init_ca_dir(&ca, "fleet", now(), 10).unwrap();
         init_ca_dir(&other, "intruder", now(), 10).unwrap();
-        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
-        let mut x = creds(&d.path().join("x"), &other, PeerIdentity::Agent("a".into()));
+        let a = creds(
+            &d.path().join("a"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap()),
+        );
+        let mut x = creds(
+            &d.path().join("x"),
+            &other,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap()),
+        );
         // The intruder even trusts the fleet CA, so only its own
         // certificate is wrong.
         x.roots = a.roots.clone();
@@ -398,8 +423,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ca = d.path().join("ca");
         init_ca_dir(&ca, "fleet", now(), 10).unwrap();
-        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
-        let b = creds(&d.path().join("b"), &ca, PeerIdentity::Agent("b".into()));
+        let a = creds(
+            &d.path().join("a"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap()),
+        );
+        let b = creds(
+            &d.path().join("b"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("b").unwrap()),
+        );
         let (ka, kb) = (
             X509RecordKeys::new(&a).unwrap(),
             X509RecordKeys::new(&b).unwrap(),
@@ -448,7 +481,7 @@ mod tests {
         let x = issue(
             &other.cert_pem,
             &other.key_pem,
-            &PeerIdentity::Agent("b".into()),
+            &PeerIdentity::Agent(cairn_core::AgentId::parse("b").unwrap()),
             now(),
             1,
         )
@@ -481,7 +514,11 @@ mod tests {
             &ca,
             PeerIdentity::Operator("ops".into()),
         );
-        let a = creds(&d.path().join("a"), &ca, PeerIdentity::Agent("a".into()));
+        let a = creds(
+            &d.path().join("a"),
+            &ca,
+            PeerIdentity::Agent(cairn_core::AgentId::parse("a").unwrap()),
+        );
         let (_s, c) = handshake(&o, &a);
         assert!(c.is_err());
     }

@@ -16,10 +16,10 @@
 //! ([`Message::Data`]'s `more`) and digest-first status gossip
 //! ([`Message::StatusDigest`]).
 
-use crate::identity::validate_identity;
 use crate::MeshLimits;
 use cairn_core::bundle::is_address;
 use cairn_core::release::validate_channel;
+use cairn_core::AgentId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -300,7 +300,7 @@ pub struct Found {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusRecord {
     /// The agent it describes.
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Its channel.
     pub channel: String,
     /// Its labels.
@@ -384,7 +384,8 @@ pub fn validate_record(r: &StatusRecord, limits: &MeshLimits) -> Result<(), Wire
             Ok(())
         }
     };
-    validate_identity(&r.agent_id).map_err(|e| WireError::Invalid(e.to_string()))?;
+    // `agent_id` is an `AgentId`: a malformed one was refused while
+    // decoding ("bad agent id …").
     if !r.channel.is_empty() {
         validate_channel(&r.channel).map_err(WireError::Invalid)?;
     }
@@ -443,7 +444,7 @@ pub struct RolloutRecord {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PeerInfo {
     /// Its agent id, if the sender has connected to it.
-    pub agent_id: Option<String>,
+    pub agent_id: Option<AgentId>,
     /// `host:port` to dial.
     pub addr: String,
 }
@@ -483,10 +484,10 @@ pub enum Message {
     /// not yet told the receiver about, as `(agent id, record time)` pairs.
     /// The receiver asks for those newer than its own with
     /// [`Message::StatusPull`].
-    StatusDigest(Vec<(String, u64)>),
+    StatusDigest(Vec<(AgentId, u64)>),
     /// Protocol version 3: the agent ids whose records the sender wants
     /// (answered with a `Status` message).
-    StatusPull(Vec<String>),
+    StatusPull(Vec<AgentId>),
     /// Signed status records (gossip, or the answer to `StatusRequest`).
     /// Peer exchange rides on them: each carries its author's address.
     Status(Vec<SignedStatus>),
@@ -611,19 +612,15 @@ impl Message {
                 }
             }
             Message::StatusDigest(ds) => {
+                // Agent ids are `AgentId`s, checked while decoding.
                 if ds.len() > limits.max_status_records {
                     return bad(format!("status digest of {} records", ds.len()));
                 }
-                for (id, _) in ds {
-                    validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
-                }
             }
             Message::StatusPull(ids) => {
+                // Agent ids are `AgentId`s, checked while decoding.
                 if ids.len() > limits.max_status_records {
                     return bad(format!("status pull of {} records", ids.len()));
-                }
-                for id in ids {
-                    validate_identity(id).map_err(|e| WireError::Invalid(e.to_string()))?;
                 }
             }
             Message::StatusRequest => {}
@@ -671,11 +668,38 @@ pub fn decode_body(body: &[u8], limits: &MeshLimits) -> Result<Message, WireErro
                     limit: limit as u32,
                     actual: actual as u64,
                 },
-                other => WireError::Garbage(other.to_string()),
+                other => malformed_agent_id(body, limits)
+                    .unwrap_or_else(|| WireError::Garbage(other.to_string())),
             },
         )?;
     msg.validate(limits)?;
     Ok(msg)
+}
+
+/// Digests and pulls with their agent ids as bare strings: decoded only
+/// when a frame failed to decode, to tell a well-formed digest or pull
+/// whose agent id is malformed (an invalid message, as when ids were
+/// checked after decoding) from garbage.
+#[derive(Deserialize)]
+enum UntypedIds {
+    StatusDigest(Vec<(String, u64)>),
+    StatusPull(Vec<String>),
+}
+
+/// The invalid-message error for a digest or pull naming a malformed
+/// agent id, if `body` is one.
+fn malformed_agent_id(body: &[u8], limits: &MeshLimits) -> Option<WireError> {
+    let limit = limits.max_frame_bytes as usize;
+    let (what, ids): (&str, Vec<String>) =
+        match cairn_keys::codec::decode::<UntypedIds>("mesh frame", body, limit).ok()? {
+            UntypedIds::StatusDigest(d) => {
+                ("status digest", d.into_iter().map(|(id, _)| id).collect())
+            }
+            UntypedIds::StatusPull(p) => ("status pull", p),
+        };
+    ids.iter()
+        .find_map(|id| AgentId::parse(id).err())
+        .map(|e| WireError::Invalid(format!("{what}: {e}")))
 }
 
 /// Reads one frame from a blocking reader (the CLI; the agent reads
@@ -722,6 +746,143 @@ mod tests {
         }
     }
 
+    fn aid(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
+    /// A status record's shape before agent ids were typed (`agent_id` a
+    /// bare string): what older agents sign, and what an attacker can
+    /// put in the bytes.
+    #[derive(Serialize)]
+    struct UntypedRecord {
+        agent_id: String,
+        channel: String,
+        labels: BTreeMap<String, String>,
+        sequence: u64,
+        bundle: String,
+        health: String,
+        time: u64,
+        rollout: Option<RolloutRecord>,
+        listen: Option<String>,
+        values_digest: Option<String>,
+    }
+
+    fn untyped(agent_id: &str) -> UntypedRecord {
+        UntypedRecord {
+            agent_id: agent_id.into(),
+            channel: "stable".into(),
+            labels: [("site".to_string(), "north".to_string())].into(),
+            sequence: 3,
+            bundle: cairn_keys::sha256_address(b"x"),
+            health: "healthy".into(),
+            time: 5,
+            rollout: Some(RolloutRecord {
+                pending_sequence: 4,
+                pending_bundle: cairn_keys::sha256_address(b"y"),
+                state: "waiting".into(),
+                wave: 2,
+                opens_at: 9,
+                held: false,
+                held_until: 0,
+            }),
+            listen: Some("10.0.0.1:7440".into()),
+            values_digest: Some(cairn_keys::sha256_address(b"v")),
+        }
+    }
+
+    #[test]
+    fn status_record_bytes_are_unchanged_by_the_typed_agent_id() {
+        let old = untyped("edge-berlin-1");
+        let new = StatusRecord {
+            agent_id: aid("edge-berlin-1"),
+            channel: old.channel.clone(),
+            labels: old.labels.clone(),
+            sequence: old.sequence,
+            bundle: old.bundle.clone(),
+            health: old.health.clone(),
+            time: old.time,
+            rollout: old.rollout.clone(),
+            listen: old.listen.clone(),
+            values_digest: old.values_digest.clone(),
+        };
+        let bytes = cairn_keys::codec::encode(&old);
+        // What is signed is the same, byte for byte.
+        assert_eq!(cairn_keys::codec::encode(&new), bytes);
+        // The id itself: the key `agent_id`, then a text string of 13.
+        let mut key_and_value = vec![0x68];
+        key_and_value.extend_from_slice(b"agent_id");
+        key_and_value.push(0x6d);
+        key_and_value.extend_from_slice(b"edge-berlin-1");
+        assert!(bytes
+            .windows(key_and_value.len())
+            .any(|w| w == key_and_value));
+        let s = SignedStatus {
+            record: bytes,
+            cert: vec![1],
+            sig: vec![2],
+        };
+        assert_eq!(s.decode_record(&lim()).unwrap(), new);
+        // Digests and pulls encode an id as the bare string too.
+        let typed = Message::StatusDigest(vec![(aid("a1"), 5)]);
+        #[derive(Serialize)]
+        enum Untyped {
+            StatusDigest(Vec<(String, u64)>),
+        }
+        assert_eq!(
+            cairn_keys::codec::encode(&typed),
+            cairn_keys::codec::encode(&Untyped::StatusDigest(vec![("a1".into(), 5)]))
+        );
+    }
+
+    /// A malformed agent id in a frame (a digest, a pull, a gossiped
+    /// record) is refused with an error naming the agent id, never a
+    /// panic, whatever its bytes.
+    #[test]
+    fn malformed_agent_ids_in_frames_are_refused_naming_the_field() {
+        #[derive(Serialize)]
+        enum Untyped {
+            StatusDigest(Vec<(String, u64)>),
+            StatusPull(Vec<String>),
+        }
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a b",
+            "a/../b",
+            "\u{1b}[2J",
+            &"a".repeat(129),
+        ] {
+            for body in [
+                cairn_keys::codec::encode(&Untyped::StatusDigest(vec![(bad.into(), 5)])),
+                cairn_keys::codec::encode(&Untyped::StatusPull(vec!["ok".into(), bad.into()])),
+            ] {
+                let err = decode_body(&body, &lim()).unwrap_err();
+                assert!(matches!(err, WireError::Invalid(_)), "{err}");
+                let text = err.to_string();
+                assert!(text.contains("bad agent id"), "{bad:?}: {text}");
+                assert!(
+                    text.contains("status digest") || text.contains("status pull"),
+                    "{text}"
+                );
+                assert!(!text.contains('\u{1b}'), "escaped: {text:?}");
+                assert!(text.len() < 400, "{}", text.len());
+            }
+            let record = cairn_keys::codec::encode(&untyped(bad));
+            let s = SignedStatus {
+                record,
+                cert: vec![1],
+                sig: vec![2],
+            };
+            let err = s.decode_record(&lim()).unwrap_err();
+            assert!(matches!(err, WireError::Invalid(_)), "{err}");
+            assert!(err.to_string().contains("bad agent id"), "{bad:?}: {err}");
+            let f = encode_frame(&Message::Status(vec![s]), lim().max_frame_bytes).unwrap();
+            let err = read_frame(&mut &f[..], &lim()).unwrap_err();
+            assert!(matches!(err, WireError::Invalid(_)), "{err}");
+        }
+    }
+
     fn sample() -> Vec<Message> {
         let a = cairn_keys::sha256_address(b"x");
         vec![
@@ -762,10 +923,10 @@ mod tests {
                     ranges: vec![(0, 5), (9, 1)],
                 })],
             },
-            Message::StatusDigest(vec![("a1".into(), 5)]),
-            Message::StatusPull(vec!["a1".into()]),
+            Message::StatusDigest(vec![(aid("a1"), 5)]),
+            Message::StatusPull(vec![aid("a1")]),
             Message::Status(vec![signed(&StatusRecord {
-                agent_id: "a1".into(),
+                agent_id: aid("a1"),
                 channel: "stable".into(),
                 labels: [("site".to_string(), "north".to_string())].into(),
                 sequence: 3,
@@ -856,23 +1017,27 @@ mod tests {
                 bundle: cairn_keys::sha256_address(b""),
                 root_version: 1,
             }]),
-            Message::Status(vec![signed(&StatusRecord {
-                agent_id: "bad id".into(),
-                channel: String::new(),
-                labels: BTreeMap::new(),
-                sequence: 0,
-                bundle: String::new(),
-                health: String::new(),
-                time: 0,
-                rollout: None,
-                listen: None,
-                values_digest: None,
-            })]),
+            Message::Status(vec![SignedStatus {
+                record: cairn_keys::codec::encode(&UntypedRecord {
+                    agent_id: "bad id".into(),
+                    channel: String::new(),
+                    labels: BTreeMap::new(),
+                    sequence: 0,
+                    bundle: String::new(),
+                    health: String::new(),
+                    time: 0,
+                    rollout: None,
+                    listen: None,
+                    values_digest: None,
+                }),
+                cert: vec![1; 16],
+                sig: vec![2; 8],
+            }]),
             // A certificate over the cap.
             Message::Status(vec![SignedStatus {
                 cert: vec![0; lim().max_cert_bytes + 1],
                 ..signed(&StatusRecord {
-                    agent_id: "a1".into(),
+                    agent_id: aid("a1"),
                     channel: String::new(),
                     labels: BTreeMap::new(),
                     sequence: 0,
@@ -960,7 +1125,7 @@ mod tests {
             Peers(Vec<PeerInfo>),
         }
         let body = cairn_keys::codec::encode(&V1::Peers(vec![PeerInfo {
-            agent_id: Some("a2".into()),
+            agent_id: Some(aid("a2")),
             addr: "10.0.0.2:7440".into(),
         }]));
         let err = decode_body(&body, &lim()).unwrap_err();

@@ -512,7 +512,9 @@ fn write_agent(
     let cert = dir.join("cert");
     pki::issue_to_dir(
         &layout.ca,
-        &PeerIdentity::Agent(id.clone()),
+        &PeerIdentity::Agent(
+            cairn_core::AgentId::parse(&id).with_context(|| format!("demo agent id {id}"))?,
+        ),
         &cert,
         crate::unix_now(),
         VALID_DAYS,

@@ -393,7 +393,7 @@ mod tests {
 
     fn rec(id: &str, bundle: &str, health: &str, pending: Option<(&str, &str)>) -> StatusRecord {
         StatusRecord {
-            agent_id: id.into(),
+            agent_id: cairn_core::AgentId::parse(id).unwrap(),
             channel: "stable".into(),
             labels: Default::default(),
             sequence: u64::from(!bundle.is_empty()),

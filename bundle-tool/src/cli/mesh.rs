@@ -73,7 +73,10 @@ pub(super) fn run(cmd: MeshCommand) -> Result<()> {
             days,
         } => {
             let identity = match (agent_id, operator) {
-                (Some(id), _) => PeerIdentity::Agent(id),
+                (Some(id), _) => PeerIdentity::Agent(
+                    cairn_core::AgentId::parse_owned(id)
+                        .map_err(|e| anyhow::anyhow!("--agent-id: {e}"))?,
+                ),
                 (None, Some(name)) => PeerIdentity::Operator(name),
                 (None, None) => anyhow::bail!("give --agent-id ID or --operator"),
             };

@@ -1140,3 +1140,32 @@ printf 'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: seen}\ndata:\n  args: 
         assert!(text.contains(r#""net":"lo,""#), "{text}");
     }
 }
+
+/// Every command that reads a bundle file uses core's one parser: a
+/// truncated file or one with bytes after the last object is refused,
+/// naming the file.
+#[test]
+fn truncated_and_padded_bundle_files_are_refused_naming_the_file() {
+    let f = Fixture::new(1, 1);
+    let (_, good) = f.build("good.bundle", &[]);
+    let bytes = std::fs::read(&good).unwrap();
+    let short = f.out("short.bundle");
+    std::fs::write(&short, &bytes[..bytes.len() - 1]).unwrap();
+    let long = f.out("long.bundle");
+    let mut padded = bytes.clone();
+    padded.push(b'\n');
+    std::fs::write(&long, &padded).unwrap();
+    for (file, why) in [
+        (&short, "truncated at object"),
+        (&long, "trailing bytes after the last object"),
+    ] {
+        for args in [
+            vec!["bundle", "inspect", file.as_str()],
+            vec!["bundle", "diff", good.as_str(), file.as_str()],
+        ] {
+            let e = fails(&args);
+            assert!(e.contains(file.as_str()), "{args:?}: {e}");
+            assert!(e.contains(why), "{args:?}: {e}");
+        }
+    }
+}

@@ -62,6 +62,7 @@ use cairn_core::pipeline::{
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
 use cairn_core::verify::VerifiedRelease;
+use cairn_core::AgentId;
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
@@ -575,7 +576,7 @@ impl driver::Fetch for SimFetch<'_> {
 /// relayed ahead of their wave, so origins act as the rollout's source.
 struct SimLocal<'a> {
     world: &'a World,
-    id: &'a str,
+    id: &'a AgentId,
     labels: &'a BTreeMap<String, String>,
     objects: &'a BTreeSet<u32>,
     adopted: Option<&'a Adopted>,
@@ -692,7 +693,7 @@ struct Adopted {
 }
 
 struct Node {
-    id: String,
+    id: AgentId,
     addr: String,
     role: Role,
     labels: BTreeMap<String, String>,
@@ -858,7 +859,7 @@ impl Sim {
                 }
             }
             nodes.push(Node {
-                id: format!("a{i}"),
+                id: AgentId::parse(&format!("a{i}")).expect("a<number> is an agent id"),
                 addr,
                 role,
                 labels: BTreeMap::from([("zone".to_owned(), format!("z{}", i % 4))]),
@@ -1115,7 +1116,7 @@ impl Sim {
             c.protocol_version = 2;
         }
         let keys = SharedSecretKeys {
-            id: n.id.clone(),
+            id: n.id.to_string(),
             secret: SIM_FLEET_SECRET,
         };
         Endpoint::new(c, 1, Box::new(keys))

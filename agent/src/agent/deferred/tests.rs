@@ -62,8 +62,10 @@ impl Who {
     }
 
     fn audience(&self) -> Audience<'_> {
+        static AGENT_1: std::sync::LazyLock<cairn_core::AgentId> =
+            std::sync::LazyLock::new(|| cairn_core::AgentId::parse("agent-1").unwrap());
         Audience {
-            agent_id: "agent-1",
+            agent_id: &AGENT_1,
             labels: &self.labels,
             reports: self.reports,
         }

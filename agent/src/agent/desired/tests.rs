@@ -80,7 +80,11 @@ fn a_store_fed_reconcile_holds_one_batch_and_applies_and_prunes_everything() {
     let store = Store::open(&d.path().join("data")).unwrap();
     let dir = d.path().join("manifests");
     let n = READ_BATCH * 4 + 7;
-    let target = ManifestsDir::new(dir.clone(), store.clone(), "edge-1".into());
+    let target = ManifestsDir::new(
+        dir.clone(),
+        store.clone(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
+    );
 
     let one = desired(&store, 1, objects(n, "1"));
     assert_eq!(one.entries.len(), n, "CairnValues is not applied");

@@ -23,7 +23,11 @@ fn writes_prunes_restores_and_spares_foreign_files() {
     let dir = d.path().join("manifests");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("foreign.yaml"), b"mine").unwrap();
-    let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
+    let t = ManifestsDir::new(
+        dir.clone(),
+        store,
+        cairn_core::AgentId::parse("edge-1").unwrap(),
+    );
     let a = object("web", "a", "1");
     let b = object("web", "b", "1");
     let r = t
@@ -68,7 +72,11 @@ fn foreign_file_with_a_desired_name_is_a_conflict() {
     let dir = d.path().join("m");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("web__ConfigMap__a.yaml"), b"someone else's").unwrap();
-    let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
+    let t = ManifestsDir::new(
+        dir.clone(),
+        store,
+        cairn_core::AgentId::parse("edge-1").unwrap(),
+    );
     let r = t
         .apply_blocking(&state(1, &[object("web", "a", "1")]))
         .unwrap();
@@ -99,7 +107,11 @@ fn a_failed_switch_is_undone_to_the_previous_files() {
     let d = tempfile::tempdir().unwrap();
     let store = Store::open(&d.path().join("data")).unwrap();
     let dir = d.path().join("m");
-    let t = ManifestsDir::new(dir.clone(), store.clone(), "edge-1".into());
+    let t = ManifestsDir::new(
+        dir.clone(),
+        store.clone(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
+    );
     let (a, b, z) = (
         object("web", "a", "1"),
         object("web", "b", "1"),
@@ -144,7 +156,7 @@ fn a_lost_data_dir_is_recognised_by_the_record() {
     let t = ManifestsDir::new(
         dir.clone(),
         Store::open(&d.path().join("data")).unwrap(),
-        "edge-1".into(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
     );
     t.apply_blocking(&state(1, &[a.clone(), b])).unwrap();
     std::fs::write(dir.join("foreign.yaml"), b"theirs").unwrap();
@@ -154,7 +166,7 @@ fn a_lost_data_dir_is_recognised_by_the_record() {
     let t = ManifestsDir::new(
         dir.clone(),
         Store::open(&d.path().join("data2")).unwrap(),
-        "edge-1".into(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
     );
     let r = t
         .apply_blocking(&state(2, std::slice::from_ref(&a)))
@@ -170,7 +182,7 @@ fn a_lost_data_dir_is_recognised_by_the_record() {
     let other = ManifestsDir::new(
         dir.clone(),
         Store::open(&d.path().join("data3")).unwrap(),
-        "edge-2".into(),
+        cairn_core::AgentId::parse("edge-2").unwrap(),
     );
     let e = other.apply_blocking(&state(3, &[])).unwrap_err();
     assert!(e.to_string().contains("managed by agent `edge-1`"), "{e}");
@@ -185,7 +197,7 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
     let t = ManifestsDir::new(
         dir.clone(),
         Store::open(&d.path().join("data")).unwrap(),
-        "edge-1".into(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
     );
     t.apply_blocking(&state(1, std::slice::from_ref(&a)))
         .unwrap();
@@ -211,7 +223,7 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
     let fresh = ManifestsDir::new(
         dir.clone(),
         Store::open(&d.path().join("data2")).unwrap(),
-        "edge-1".into(),
+        cairn_core::AgentId::parse("edge-1").unwrap(),
     );
     let e = fresh.apply_blocking(&state(4, &[])).unwrap_err();
     assert!(e.to_string().contains("\"../x\" is not a file name"), "{e}");
@@ -224,7 +236,11 @@ fn an_interrupted_switch_is_finished_without_drift() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("m");
     let store = Store::open(&d.path().join("data")).unwrap();
-    let t = ManifestsDir::new(dir.clone(), store, "edge-1".into());
+    let t = ManifestsDir::new(
+        dir.clone(),
+        store,
+        cairn_core::AgentId::parse("edge-1").unwrap(),
+    );
     let objs: Vec<_> = (0..6)
         .map(|i| object("web", &format!("o{i}"), "1"))
         .collect();

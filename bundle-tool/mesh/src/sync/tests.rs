@@ -12,6 +12,11 @@ use crate::testing::SharedSecretKeys;
 
 const FLEET_SECRET: &[u8] = b"sync tests fleet secret";
 
+/// An agent id the tests know is valid.
+fn aid(s: &str) -> AgentId {
+    AgentId::parse(s).unwrap()
+}
+
 /// Test record keys (see [`SharedSecretKeys`]).
 fn test_keys(id: &str) -> SharedSecretKeys {
     SharedSecretKeys {
@@ -41,7 +46,7 @@ fn signed_by(author: &str, r: &StatusRecord) -> SignedStatus {
 
 fn record(id: &str, health: &str, time: u64) -> StatusRecord {
     StatusRecord {
-        agent_id: id.into(),
+        agent_id: aid(id),
         channel: "stable".into(),
         labels: BTreeMap::new(),
         sequence: 1,
@@ -57,7 +62,7 @@ fn record(id: &str, health: &str, time: u64) -> StatusRecord {
 /// Agent ids in `ep`'s status view at `now`.
 fn status_ids(ep: &Endpoint, now: u64) -> Vec<String> {
     ep.status(UnixMillis(now))
-        .map(|r| r.agent_id.clone())
+        .map(|r| r.agent_id.to_string())
         .collect()
 }
 
@@ -183,7 +188,7 @@ struct Sim {
 }
 
 fn cfg(i: usize, seeds: Vec<usize>) -> SyncConfig {
-    let mut c = SyncConfig::new(format!("a{i}"), vec!["stable".into()]);
+    let mut c = SyncConfig::new(aid(&format!("a{i}")), vec!["stable".into()]);
     c.listen = Some(addr(i));
     c.seeds = seeds.into_iter().map(addr).collect();
     c.rng_seed = i as u64;
@@ -200,7 +205,7 @@ impl Sim {
             .into_iter()
             .enumerate()
             .map(|(i, c)| Node {
-                id: c.agent_id.clone(),
+                id: c.agent_id.to_string(),
                 addr: addr(i),
                 ep: new_ep(c),
                 objects: BTreeMap::new(),
@@ -368,13 +373,13 @@ impl Sim {
                         let ipi = self.nodes[i].addr.split(':').next().map(str::to_owned);
                         let ipj = self.nodes[j].addr.split(':').next().map(str::to_owned);
                         let ci = self.nodes[i].ep.connected(
-                            PeerIdentity::Agent(idj),
+                            PeerIdentity::Agent(aid(&idj)),
                             Some(addr),
                             ipj,
                             Millis(now),
                         );
                         let cj = self.nodes[j].ep.connected(
-                            PeerIdentity::Agent(idi),
+                            PeerIdentity::Agent(aid(&idi)),
                             None,
                             ipi,
                             Millis(now),
@@ -836,7 +841,7 @@ fn status_gossip_spreads_and_newest_wins() {
     let mut sim = Sim::line(5);
     for i in 0..5 {
         let r = StatusRecord {
-            agent_id: String::new(),
+            agent_id: aid("set-by-the-endpoint"),
             channel: "stable".into(),
             labels: BTreeMap::new(),
             sequence: 0,
@@ -947,7 +952,7 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
             rejected,
             vec![(
                 "forged_status".to_owned(),
-                PeerIdentity::Agent("evil".into())
+                PeerIdentity::Agent(cairn_core::AgentId::parse("evil").unwrap())
             )],
             "{what}"
         );
@@ -1171,7 +1176,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     );
     let table = |ep: &Endpoint| -> Vec<(String, Option<String>)> {
         ep.peer_table()
-            .map(|e| (e.addr.clone(), e.agent_id.clone()))
+            .map(|e| (e.addr.clone(), e.agent_id.as_ref().map(|a| a.to_string())))
             .collect()
     };
     assert_eq!(
@@ -1310,7 +1315,7 @@ fn peer_table_is_bounded_and_keeps_seeds() {
 }
 
 fn hello(ep: &mut Endpoint, id: &str, now: u64) -> ConnId {
-    let c = ep.connected(PeerIdentity::Agent(id.into()), None, None, Millis(now));
+    let c = ep.connected(PeerIdentity::Agent(aid(id)), None, None, Millis(now));
     ep.handle_message(
         c,
         Message::Hello(Hello::new(None)),
@@ -1337,12 +1342,22 @@ fn protocol_violations_cut_the_peer_off() {
     let addr0 = sha256_address(b"x");
     // Message before hello.
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
+    let c = ep.connected(
+        PeerIdentity::Agent(cairn_core::AgentId::parse("p").unwrap()),
+        None,
+        None,
+        Millis(now),
+    );
     ep.handle_message(c, Message::Heads(vec![]), Millis(now), UnixMillis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["no_hello"]);
     // Wrong protocol version.
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
+    let c = ep.connected(
+        PeerIdentity::Agent(cairn_core::AgentId::parse("p").unwrap()),
+        None,
+        None,
+        Millis(now),
+    );
     ep.handle_message(
         c,
         Message::Hello(Hello::speaking(99, 99, None)),
@@ -1387,11 +1402,21 @@ fn protocol_violations_cut_the_peer_off() {
     ep.handle_wire_error(c, WireFailure::OversizedFrame, "5 GB", Millis(now));
     assert_eq!(drain_rejections(&mut ep), vec!["oversized_frame"]);
     // ...and the peer stays banned: a reconnect is closed at once.
-    let c2 = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now + 1));
+    let c2 = ep.connected(
+        PeerIdentity::Agent(cairn_core::AgentId::parse("p").unwrap()),
+        None,
+        None,
+        Millis(now + 1),
+    );
     assert!(matches!(ep.poll_action(), Some(Action::Close { conn, .. }) if conn == c2));
     // After the ban it may come back.
     let later = now + ep.config().ban_base_ms + 1;
-    let c3 = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(later));
+    let c3 = ep.connected(
+        PeerIdentity::Agent(cairn_core::AgentId::parse("p").unwrap()),
+        None,
+        None,
+        Millis(later),
+    );
     assert!(matches!(ep.poll_action(), Some(Action::Send { conn, .. }) if conn == c3));
 }
 
@@ -1659,7 +1684,12 @@ fn oversized_or_malformed_compact_wants_cut_the_peer_off() {
     }
     // A compact want on a version 2 connection.
     let mut ep = new_ep(cfg(0, vec![]));
-    let c = ep.connected(PeerIdentity::Agent("p".into()), None, None, Millis(now));
+    let c = ep.connected(
+        PeerIdentity::Agent(cairn_core::AgentId::parse("p").unwrap()),
+        None,
+        None,
+        Millis(now),
+    );
     ep.handle_message(
         c,
         Message::Hello(Hello::speaking(2, 2, None)),
@@ -1744,7 +1774,7 @@ fn version_2_and_version_3_agents_fall_back_to_per_object_wants() {
 
 fn set_status(sim: &mut Sim, i: usize, health: &str) -> u64 {
     let now = sim.now;
-    let mut r = record("", health, 0);
+    let mut r = record("set-by-the-endpoint", health, 0);
     r.sequence = now;
     sim.nodes[i].ep.set_local_status(r, UnixMillis(now));
     sim.nodes[i]
@@ -1835,7 +1865,7 @@ fn a_flood_of_digests_keeps_pulls_bounded() {
     let mut pulled = 0;
     for round in 0..5u64 {
         let digest = (0..max as u64)
-            .map(|k| (format!("x{round}-{k}"), now))
+            .map(|k| (aid(&format!("x{round}-{k}")), now))
             .collect();
         ep.handle_message(
             c,

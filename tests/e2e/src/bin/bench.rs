@@ -207,11 +207,15 @@ fn row(
 
 /// A bundle file's manifest (objects verified and dropped).
 fn read_manifest(path: &Path) -> Result<cairn_core::bundle::Manifest> {
-    let bytes = std::fs::read(path)?;
+    let file = std::fs::File::open(path)?;
     let limits = cairn_core::limits::Limits::default();
-    let (m, _) = cairn_core::bundle_file::decode_bundle_file(&bytes, path, &limits)
-        .map_err(|e| anyhow!("{e}"))?;
-    Ok(m)
+    cairn_core::bundle_file::read_bundle(
+        &mut std::io::BufReader::new(file),
+        path,
+        &limits,
+        |_, _| Ok(()),
+    )
+    .map_err(|e| anyhow!("{e}"))
 }
 
 /// Format 2 groupings compared on the fixture (in process, no IO): for one
