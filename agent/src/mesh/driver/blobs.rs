@@ -315,9 +315,6 @@ fn spawn_writer(
             tx.blocking_send(Input::BlobWritten { job, attempt })
                 .is_ok()
         });
-        if result.is_err() || matches!(result, Ok(None)) {
-            let _ = std::fs::remove_file(&tmp);
-        }
         if let Some(result) = result.transpose() {
             let _ = tx.blocking_send(Input::BlobDone {
                 job,
@@ -340,9 +337,25 @@ fn temp_path(dest: &Path, job: u64, attempt: u64) -> PathBuf {
     ))
 }
 
-/// The writer's loop (blocking). `Ok(None)`: abandoned (the driver
-/// dropped the sender).
+/// The writer's loop (blocking): the blob in place, `Ok(None)` when
+/// abandoned (the driver dropped the sender), or why not. Unless the blob
+/// is in place, the temporary file is removed.
 fn write_blob(
+    rx: &mut mpsc::Receiver<WriterMsg>,
+    tmp: &Path,
+    dest: &Path,
+    digest: &str,
+    size: BlobSize,
+    written: impl FnMut() -> bool,
+) -> Result<Option<u64>, BlobFailure> {
+    let result = write_pieces(rx, tmp, dest, digest, size, written);
+    if !matches!(result, Ok(Some(_))) {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+fn write_pieces(
     rx: &mut mpsc::Receiver<WriterMsg>,
     tmp: &Path,
     dest: &Path,
@@ -402,4 +415,83 @@ fn write_blob(
     f.sync_all().map_err(|e| local(e, tmp))?;
     std::fs::rename(tmp, dest).map_err(|e| local(e, dest))?;
     Ok(Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the writer over `pieces` (then `Finish`, if `finish`).
+    fn write(
+        dir: &Path,
+        digest: &str,
+        size: BlobSize,
+        pieces: &[&[u8]],
+        finish: bool,
+    ) -> Result<Option<u64>, BlobFailure> {
+        let (tx, mut rx) = mpsc::channel(pieces.len() + 1);
+        for p in pieces {
+            tx.try_send(WriterMsg::Data(p.to_vec())).unwrap();
+        }
+        if finish {
+            tx.try_send(WriterMsg::Finish).unwrap();
+        }
+        drop(tx);
+        let dest = dir.join("blob");
+        let tmp = temp_path(&dest, 1, 1);
+        write_blob(&mut rx, &tmp, &dest, digest, size, || true)
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn only_pieces_that_make_the_blob_reach_the_destination() {
+        let blob = b"0123456789".repeat(100);
+        let d = cairn_keys::sha256_address(&blob);
+        let (a, b) = blob.split_at(512);
+        let dir = tempfile::tempdir().unwrap();
+        let exact = BlobSize::Exact(blob.len() as u64);
+        // Right pieces: renamed into place.
+        assert_eq!(
+            write(dir.path(), &d, exact, &[a, b], true).unwrap(),
+            Some(1000)
+        );
+        assert_eq!(std::fs::read(dir.path().join("blob")).unwrap(), blob);
+        std::fs::remove_file(dir.path().join("blob")).unwrap();
+        // A flipped byte, a short blob, one byte too many, an abandoned
+        // fetch: nothing is left behind.
+        let mut bad = b.to_vec();
+        bad[0] ^= 1;
+        let cases: Vec<(Vec<&[u8]>, bool)> = vec![
+            (vec![a, &bad], true),
+            (vec![a], true),
+            (vec![a, b, b"x"], true),
+            (vec![a], false),
+        ];
+        for (pieces, finish) in cases {
+            let r = write(dir.path(), &d, exact, &pieces, finish);
+            match (finish, r) {
+                (true, Err(BlobFailure::Mismatch(_))) | (false, Ok(None)) => {}
+                (_, other) => panic!("{other:?}"),
+            }
+            assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+        }
+        // An image list of unknown size: at most the limit.
+        assert!(matches!(
+            write(dir.path(), &d, BlobSize::AtMost(999), &[a, b], true),
+            Err(BlobFailure::Mismatch(_))
+        ));
+        assert_eq!(
+            write(dir.path(), &d, BlobSize::AtMost(8 << 20), &[a, b], true).unwrap(),
+            Some(1000)
+        );
+    }
 }
