@@ -12,6 +12,14 @@
 //! blocking thread ([`cairn_oci::blobfile`]), and renamed into place only
 //! when it matches. A tampered blob never reaches the directory.
 //!
+//! **Mesh.** With a mesh configured, a blob (or image list) no source
+//! has is fetched from meshed peers (protocol version 4, `Item::Blob`) in
+//! ranges of at most 1 MiB, written to a temporary file and hashed while
+//! written on a blocking thread, and renamed into place only when digest
+//! and size match ([`BlobRequest`], carried out by the mesh driver). A
+//! peer is served only blobs this agent holds for the verified image
+//! lists of its adopted and staged releases ([`Images::read_range`]).
+//!
 //! **Serve.** `GET`/`HEAD` of `/v2/`, `/v2/<name>/manifests/<tag|digest>`
 //! and `/v2/<name>/blobs/<digest>`, where `<name>` is an image's
 //! repository path and `<tag>` one the bundle recorded; only content of an
@@ -52,6 +60,8 @@ pub struct ImageMetrics {
     pub bytes_fetched: Counter,
     /// Blobs refused because they did not match their digest (or limit).
     pub blobs_refused: Counter,
+    /// Bytes of blobs (and image lists) fetched from mesh peers.
+    pub peer_bytes: Counter,
 }
 
 impl ImageMetrics {
@@ -76,6 +86,11 @@ impl ImageMetrics {
             "cairn_image_blobs_refused",
             "Image blobs refused from a source (wrong digest or over the limit)",
             self.blobs_refused.clone(),
+        );
+        r.register(
+            "cairn_image_peer_bytes",
+            "Bytes of image blobs and image lists fetched from mesh peers",
+            self.peer_bytes.clone(),
         );
     }
 }
@@ -158,6 +173,40 @@ impl Catalog {
     }
 }
 
+/// How many bytes a blob fetched from a peer must have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobSize {
+    /// Exactly this many (a blob named by a verified image list).
+    Exact(u64),
+    /// At most this many (an image list, whose size the manifest does not
+    /// give).
+    AtMost(u64),
+}
+
+/// A blob to fetch from mesh peers into `dest`, verified against
+/// `digest` and `size`; the answer is its size or why not.
+#[derive(Debug)]
+pub struct BlobRequest {
+    /// The digest (from a verified image list or bundle manifest).
+    pub digest: Address,
+    /// Its size.
+    pub size: BlobSize,
+    /// Where it goes (renamed into place only when it matches).
+    pub dest: PathBuf,
+    /// The answer.
+    pub reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+}
+
+/// The mesh's side of the images: blob requests to carry out, and the
+/// images to serve peers from.
+#[derive(Debug)]
+pub struct MeshLink {
+    /// Blobs to fetch from peers.
+    pub requests: tokio::sync::mpsc::Receiver<BlobRequest>,
+    /// The images (what may be served, and the metrics).
+    pub images: Images,
+}
+
 /// The agent's images: blob directory, catalog, metrics.
 #[derive(Clone, Debug)]
 pub struct Images {
@@ -166,6 +215,11 @@ pub struct Images {
     metrics: ImageMetrics,
     max_blob_bytes: u64,
     max_total_bytes: u64,
+    /// Digests a peer may be served: blobs on disk of the verified image
+    /// lists of adopted and staged releases, and those lists.
+    servable: Arc<RwLock<BTreeSet<String>>>,
+    /// Blob requests to the mesh, if one runs.
+    peers: Option<tokio::sync::mpsc::Sender<BlobRequest>>,
 }
 
 impl Images {
@@ -177,7 +231,74 @@ impl Images {
             metrics,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
             max_total_bytes: DEFAULT_MAX_TOTAL_BYTES,
+            servable: Default::default(),
+            peers: None,
         }
+    }
+
+    /// Connects the images to the mesh: blobs no source has are asked of
+    /// peers, and peers are served what [`Images::read_range`] allows.
+    pub fn link_mesh(&mut self) -> MeshLink {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        self.peers = Some(tx);
+        MeshLink {
+            requests: rx,
+            images: self.clone(),
+        }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &ImageMetrics {
+        &self.metrics
+    }
+
+    /// Up to `length` bytes of blob `digest` from `offset`, for a peer:
+    /// `None` unless the blob belongs to the verified image list of a
+    /// release adopted or staged now (or is that list) and is on disk.
+    ///
+    /// Blocking: runs on a blocking thread.
+    pub fn read_range(&self, digest: &str, offset: u64, length: u32) -> Option<Vec<u8>> {
+        use std::io::{Read, Seek};
+        if !self.servable.read().ok()?.contains(digest) {
+            return None;
+        }
+        let a = Address::parse(digest).ok()?;
+        let mut f = std::fs::File::open(self.blob_path(&a)).ok()?;
+        let len = f.metadata().ok()?.len();
+        let n = len.saturating_sub(offset).min(u64::from(length)) as usize;
+        f.seek(std::io::SeekFrom::Start(offset.min(len))).ok()?;
+        let mut buf = vec![0u8; n];
+        f.read_exact(&mut buf).ok()?;
+        Some(buf)
+    }
+
+    /// Fetches `digest` from mesh peers into `dest` (no mesh: an error).
+    async fn fetch_from_peers(
+        &self,
+        digest: &Address,
+        size: BlobSize,
+        dest: &Path,
+    ) -> Result<u64, String> {
+        let Some(peers) = &self.peers else {
+            return Err(format!("image blob {digest}: no source has it"));
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let req = BlobRequest {
+            digest: digest.clone(),
+            size,
+            dest: dest.to_path_buf(),
+            reply,
+        };
+        peers
+            .send(req)
+            .await
+            .map_err(|_| format!("image blob {digest}: the mesh is not running"))?;
+        let n = answer
+            .await
+            .map_err(|_| format!("image blob {digest}: the mesh is not running"))??;
+        self.metrics.peer_bytes.inc_by(n);
+        tracing::info!(blob = %digest, bytes = n, "image blob fetched from a mesh peer");
+        Ok(n)
     }
 
     fn blob_path(&self, a: &Address) -> PathBuf {
@@ -226,10 +347,14 @@ impl Images {
     /// blobs are all present are served even when others fail).
     async fn sync(&self, agent: &Agent, bundles: &BTreeSet<String>) -> Result<(), String> {
         let mut lists = Vec::new();
+        let mut list_addrs = Vec::new();
         let mut errors = Vec::new();
         for b in bundles {
             match self.list_of(agent, b).await {
-                Ok(Some(l)) => lists.push(l),
+                Ok(Some((addr, l))) => {
+                    list_addrs.push(addr.to_string());
+                    lists.push(l)
+                }
                 Ok(None) => {}
                 Err(e) => errors.push(e),
             }
@@ -267,6 +392,9 @@ impl Images {
             }
         }
         self.metrics.bytes_held.set(held as i64);
+        if let Ok(mut s) = self.servable.write() {
+            *s = present.iter().cloned().chain(list_addrs).collect();
+        }
         if let Ok(mut c) = self.catalog.write() {
             *c = catalog;
         }
@@ -278,7 +406,11 @@ impl Images {
     }
 
     /// The verified image list of `bundle`, if it names one.
-    async fn list_of(&self, agent: &Agent, bundle: &str) -> Result<Option<ImageList>, String> {
+    async fn list_of(
+        &self,
+        agent: &Agent,
+        bundle: &str,
+    ) -> Result<Option<(Address, ImageList)>, String> {
         let b = bundle.to_owned();
         let bytes = agent
             .store()
@@ -302,15 +434,41 @@ impl Images {
         .flatten();
         let bytes = match local {
             Some(b) => b,
-            None => agent
+            None => match agent
                 .sources()
                 .get_any(
                     &Item::Object(addr.to_string()),
                     cairn_core::images::MAX_LIST_BYTES,
                 )
                 .await
-                .map_err(|e| format!("image list {addr}: {e}"))?
-                .ok_or_else(|| format!("image list {addr}: no source has it"))?,
+            {
+                Ok(Some(b)) => b,
+                from_sources => {
+                    // No source has it: a peer that holds the release may.
+                    let max = cairn_core::images::MAX_LIST_BYTES;
+                    match self
+                        .fetch_from_peers(&addr, BlobSize::AtMost(max), &path)
+                        .await
+                    {
+                        Ok(_) => {
+                            let p = path.clone();
+                            tokio::task::spawn_blocking(move || {
+                                crate::fsread::read_regular_file_capped(&p, max)
+                            })
+                            .await
+                            .map_err(|e| format!("image list {addr}: {e}"))?
+                            .map_err(|e| format!("image list {addr}: {e}"))?
+                        }
+                        Err(peers) => {
+                            let sources = match from_sources {
+                                Err(e) => e.to_string(),
+                                _ => "no source has it".into(),
+                            };
+                            return Err(format!("image list {addr}: {sources}; {peers}"));
+                        }
+                    }
+                }
+            },
         };
         let list = ImageList::decode(&bytes, &addr, self.max_blob_bytes, self.max_total_bytes)
             .map_err(|e| format!("image list {addr} of bundle {bundle}: {e}"))?;
@@ -327,7 +485,7 @@ impl Images {
         .await
         .map_err(|e| format!("image list {addr}: {e}"))?
         .map_err(|e| format!("image list {addr}: {e}"))?;
-        Ok(Some(list))
+        Ok(Some((addr, list)))
     }
 
     async fn fetch_blob(
@@ -365,7 +523,14 @@ impl Images {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| format!("image blob {a}: no source has it")))
+        // No source has it (or none is reachable): the mesh peers.
+        match self.fetch_from_peers(a, BlobSize::Exact(size), dest).await {
+            Ok(_) => Ok(()),
+            Err(peers) => Err(match last {
+                Some(l) => format!("{l}; {peers}"),
+                None => peers,
+            }),
+        }
     }
 
     /// Serves the registry until the task is aborted.

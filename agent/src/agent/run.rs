@@ -85,6 +85,7 @@ impl Agent {
             let agent = self.clone();
             tasks.spawn(async move { crate::http::serve(listener, agent).await });
         }
+        let mut image_link = None;
         if let Some(addr) = self.inner.config.listen_registry {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -97,10 +98,13 @@ impl Agent {
                 source,
             })?;
             tracing::info!(address = %bound, "serving the image registry (/v2/)");
-            let images = crate::images::Images::new(
+            let mut images = crate::images::Images::new(
                 &self.inner.config.data_dir,
                 self.inner.metrics.images.clone(),
             );
+            if self.inner.config.mesh.is_some() {
+                image_link = Some(images.link_mesh());
+            }
             let agent = self.clone();
             tasks.spawn(images.clone().sync_loop(agent));
             tasks.spawn(images.serve(listener));
@@ -114,6 +118,10 @@ impl Agent {
                         lines: vec![format!("mesh: {e}")],
                     })
                 })?;
+            let mesh = match image_link.take() {
+                Some(link) => mesh.with_images(link),
+                None => mesh,
+            };
             tasks.spawn(mesh.run());
         }
         for source in self.inner.sources.iter().cloned() {

@@ -272,6 +272,22 @@ pub(super) enum Input {
         /// Detail for the log.
         detail: String,
     },
+    /// A blob writer wrote a piece from a peer: the next may be asked.
+    BlobWritten {
+        /// The blob job.
+        job: u64,
+        /// The attempt.
+        attempt: u64,
+    },
+    /// A blob writer finished: the blob is in place, or why not.
+    BlobDone {
+        /// The blob job.
+        job: u64,
+        /// The attempt.
+        attempt: u64,
+        /// Its size, or why it was not kept.
+        result: Result<u64, super::driver::BlobFailure>,
+    },
     /// The store's copy of a fetch's manifest was looked up (after the
     /// release verified).
     LocalManifest {

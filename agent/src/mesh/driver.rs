@@ -24,8 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+mod blobs;
 mod local;
 mod staged;
+
+pub(super) use blobs::BlobFailure;
 
 use staged::{serve_items, EntriesCache, StagedSource};
 
@@ -76,6 +79,11 @@ struct Driver {
     started: Instant,
     /// The entries of the bundle last served by index.
     entries_cache: EntriesCache,
+    /// The images (blobs served to peers), if the registry is on.
+    images: Option<crate::images::Images>,
+    /// Image blobs being fetched from peers.
+    blob_jobs: BTreeMap<u64, blobs::BlobJob>,
+    next_blob_job: u64,
 }
 
 pub(super) async fn run(mesh: Mesh) {
@@ -88,7 +96,12 @@ pub(super) async fn run(mesh: Mesh) {
         client,
         record_keys,
         metrics,
+        images,
     } = mesh;
+    let (images, mut blob_requests) = match images {
+        Some(link) => (Some(link.images), Some(link.requests)),
+        None => (None, None),
+    };
     let bound = listener.local_addr().ok();
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
     let accept = tokio::spawn(conn::accept_loop(
@@ -134,6 +147,9 @@ pub(super) async fn run(mesh: Mesh) {
         read_timeout,
         started: Instant::now(),
         entries_cache: EntriesCache::default(),
+        images,
+        blob_jobs: BTreeMap::new(),
+        next_blob_job: 1,
     };
     d.refresh_local();
     // Adoptions and newly staged (deferred) releases: both are advertised.
@@ -164,6 +180,18 @@ pub(super) async fn run(mesh: Mesh) {
                 d.refresh_status();
             }
             _ = persist_tick.tick() => d.persist_peers(),
+            req = async {
+                match blob_requests.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match req {
+                Some(req) => {
+                    let now = d.now();
+                    d.start_blob(req, now);
+                }
+                None => blob_requests = None,
+            },
         }
     }
 }
@@ -231,6 +259,12 @@ impl Driver {
                 bad,
                 detail,
             } => self.ep.serve_refused(conn, id, bad, &detail, now),
+            Input::BlobWritten { job, attempt } => self.blob_written(job, attempt, now),
+            Input::BlobDone {
+                job,
+                attempt,
+                result,
+            } => self.blob_done(job, attempt, result, now),
             Input::LocalManifest { fetch, manifest } => self.local_manifest(fetch, manifest, now),
             Input::Present { fetch, present } => self.present(fetch, present, now),
             Input::LocalChunks { fetch, chunks } => self.local_chunks(fetch, chunks, now),
@@ -315,8 +349,9 @@ impl Driver {
                     .peers_connected
                     .set(self.ep.connected_peers().len() as i64);
             }
-            Event::PeerDown { peer, .. } => {
+            Event::PeerDown { peer, conn } => {
                 tracing::info!(%peer, "mesh peer disconnected");
+                self.blob_peer_down(conn, now);
                 self.metrics
                     .peers_connected
                     .set(self.ep.connected_peers().len() as i64);
@@ -343,10 +378,25 @@ impl Driver {
                 let part_bytes = self.ep.config().limits.max_reply_bytes;
                 let limits = self.limits.clone();
                 let cache = self.entries_cache.clone();
+                let images = self.images.clone();
                 tokio::task::spawn_blocking(move || {
-                    serve_items(&agent, &tx, conn, id, items, part_bytes, &limits, &cache);
+                    let ctx = staged::ServeContext {
+                        agent: &agent,
+                        tx: &tx,
+                        part_bytes,
+                        limits: &limits,
+                        cache: &cache,
+                        images: images.as_ref(),
+                    };
+                    serve_items(&ctx, conn, id, items);
                 });
             }
+            Event::BlobPiece {
+                conn,
+                id,
+                range,
+                bytes,
+            } => self.blob_piece(conn, id, range, bytes, now),
             Event::VerifyRelease {
                 fetch,
                 peer,

@@ -296,6 +296,7 @@ pub struct Mesh {
     client: Arc<rustls::ClientConfig>,
     record_keys: X509RecordKeys,
     metrics: MeshMetrics,
+    images: Option<crate::images::MeshLink>,
 }
 
 impl Mesh {
@@ -347,7 +348,16 @@ impl Mesh {
             client,
             record_keys,
             metrics,
+            images: None,
         })
+    }
+
+    /// Moves image blobs over the mesh: blobs the images module asks for
+    /// are fetched from peers, and peers are served the blobs of our
+    /// adopted and staged releases (protocol version 4).
+    pub fn with_images(mut self, link: crate::images::MeshLink) -> Self {
+        self.images = Some(link);
+        self
     }
 
     /// The bound listen address.

@@ -6,7 +6,10 @@
 //! repository fetches and verifies them, and `skopeo copy` pulls the
 //! image from the agent's registry by digest and by tag. A tampered layer
 //! in the repository is refused and not served; a tag the registry does
-//! not have fails the build naming the object.
+//! not have fails the build naming the object. Over the mesh: three
+//! agents where only the first has a source all serve the image, a second
+//! release moves only its new layer, and a layer tampered on a peer's
+//! disk is refused by the agent fetching it.
 
 use crate::support::*;
 use cairn_test_support::fixture::commit_files;
@@ -152,21 +155,26 @@ impl Setup {
     }
 
     fn build(&self, out: &str, extra: &[&str]) -> std::process::Output {
-        Command::new(cairn_bin())
-            .args(["bundle", "build", "--git"])
-            .arg(&self.w.git)
-            .arg("--out")
-            .arg(self.w.path(out))
-            .args(["--images", &format!("oci://{}", self.reg.host())])
-            .arg("--images-ca-file")
-            .arg(self.reg.ca_file())
-            .arg("--images-credentials-file")
-            .arg(self.w.path("creds.json"))
-            .args(extra)
-            .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
-            .output()
-            .unwrap()
+        build_with(&self.w, &self.reg, out, extra)
     }
+}
+
+/// `cairn bundle build --images oci://<reg>` of the world's Git HEAD.
+fn build_with(w: &World, reg: &Registry, out: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(cairn_bin())
+        .args(["bundle", "build", "--git"])
+        .arg(&w.git)
+        .arg("--out")
+        .arg(w.path(out))
+        .args(["--images", &format!("oci://{}", reg.host())])
+        .arg("--images-ca-file")
+        .arg(reg.ca_file())
+        .arg("--images-credentials-file")
+        .arg(w.path("creds.json"))
+        .args(extra)
+        .env("CAIRN_KUBECTL", "/nonexistent-kubectl")
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -548,4 +556,329 @@ fn an_oci_layout_directory_gives_the_same_images_as_the_registry() {
     );
     assert_eq!(a["images"], b["images"]);
     assert_eq!(a["id"], b["id"], "same images, same signed bundle");
+}
+
+// ----- images over the mesh ----------------------------------------------
+
+/// Bytes of the large layer: more than two mesh pieces of 1 MiB.
+const BIG_LAYER: usize = (5 << 20) / 2;
+
+/// Deterministic incompressible bytes (a gzip layer stays as large).
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An OCI layout whose tag `v1` has one layer of [`BIG_LAYER`] noise
+/// bytes, and `v2` is `v1` with one more small layer on top.
+fn layered_image(dir: &Path) -> PathBuf {
+    let layout = dir.join("layout");
+    ok(Command::new("umoci")
+        .args(["init", "--layout"])
+        .arg(&layout));
+    let tag = |t: &str| format!("{}:{t}", layout.display());
+    ok(Command::new("umoci").args(["new", "--image", &tag("v1")]));
+    let b1 = dir.join("b1");
+    ok(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &tag("v1")])
+        .arg(&b1));
+    std::fs::write(b1.join("rootfs/big.bin"), noise(BIG_LAYER)).unwrap();
+    ok(Command::new("umoci")
+        .args(["repack", "--image", &tag("v1")])
+        .arg(&b1));
+    let b2 = dir.join("b2");
+    ok(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image", &tag("v1")])
+        .arg(&b2));
+    std::fs::write(b2.join("rootfs/etc-new.txt"), "the second release\n").unwrap();
+    ok(Command::new("umoci")
+        .args(["repack", "--image", &tag("v2")])
+        .arg(&b2));
+    layout
+}
+
+/// The layers (digest, size) of `tag` in an OCI layout, and its manifest
+/// digest.
+fn layers_of(layout: &Path, tag: &str) -> (String, Vec<(String, u64)>) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layers = m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_owned(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (digest, layers)
+}
+
+/// A world with the layered image pushed as `team/web:v1`, `team/web:v2`
+/// and (the fixture's own Deployment) `edge/app-0000:1.0.0`, and a
+/// Deployment naming `team/web:v1` committed.
+fn mesh_setup() -> (World, Registry, PathBuf) {
+    let w = World::new(1, 1, 1);
+    let reg = Registry::start().unwrap();
+    let (u, p) = reg.credentials();
+    std::fs::write(
+        w.path("creds.json"),
+        serde_json::json!({"username": u, "password": p}).to_string(),
+    )
+    .unwrap();
+    let layout = layered_image(&w.path("img"));
+    skopeo_push(&w, &reg, &layout, "v1", "team/web:v1");
+    skopeo_push(&w, &reg, &layout, "v2", "team/web:v2");
+    skopeo_push(&w, &reg, &layout, "v1", "edge/app-0000:1.0.0");
+    commit_image(&w, &reg, "v1", "2024-01-02T00:00:00Z");
+    (w, reg, layout)
+}
+
+fn commit_image(w: &World, reg: &Registry, tag: &str, date: &str) {
+    let image = format!("{}/team/web:{tag}", reg.host());
+    commit_files(&w.git, &[("apps/web.yaml", &deployment(&image))], tag, date).unwrap();
+}
+
+/// Starts fleet agent i with an image registry on a free loopback port:
+/// the repository as its only source if `source`, agent i-1 as its seed.
+/// Returns the registry's address.
+fn spawn_image_agent(f: &mut Fleet, i: usize, source: bool) -> String {
+    let cert = f.issue(&f.ca.clone(), i);
+    let sources = if source {
+        vec![f.w.repo.display().to_string()]
+    } else {
+        Vec::new()
+    };
+    let seeds = if i == 0 { vec![] } else { vec![f.addr(i - 1)] };
+    let mut c = f.agent_config(i, &sources, &seeds, &cert);
+    c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
+    let cfg = c.write(&f.dir(i, "config.yaml"));
+    f.spawn(i, &cfg);
+    let mut addr = String::new();
+    f.wait(30, "the image registry listens", |f| {
+        let line = f
+            .log(i)
+            .lines()
+            .find(|l| l.contains("serving the image registry"))
+            .map(str::to_owned);
+        if let Some(v) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok()) {
+            addr = v["address"].as_str().unwrap_or_default().to_owned();
+        }
+        !addr.is_empty()
+    });
+    addr
+}
+
+/// Sum of a metric's samples whose line contains every `filter`.
+fn metric(text: &str, name: &str, filters: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64
+}
+
+fn blob_file(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    data.join("images/sha256").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn images_cross_a_mesh_of_three_and_a_new_layer_moves_alone() {
+    let (w, reg, layout) = mesh_setup();
+    let b1 = build_with(&w, &reg, "b1.bundle", &[]);
+    assert!(
+        b1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&b1.stderr)
+    );
+    w.release(&w.path("b1.bundle"));
+    let (digest1, layers1) = layers_of(&layout, "v1");
+    let (digest2, layers2) = layers_of(&layout, "v2");
+    assert_eq!(layers1.len(), 1);
+    assert!(layers1[0].1 > 2 << 20, "the big layer takes three pieces");
+    assert_eq!(layers2.len(), 2);
+    assert_eq!(layers2[0], layers1[0], "v2 shares v1's layer");
+    let new_layer = layers2[1].clone();
+
+    let mut f = fleet(w, Vec::new());
+    f.log_filter = "info,cairn_agent::mesh=debug".into();
+    let regs: Vec<String> = (0..3)
+        .map(|i| spawn_image_agent(&mut f, i, i == 0))
+        .collect();
+    f.wait_sequence(&[0, 1, 2], 1, 90);
+    // The third agent, two hops from any source, serves the image to
+    // skopeo by digest, with the signed digest.
+    let mut last = String::new();
+    let dest = f.w.path("pulled-from-a2");
+    f.wait(90, "agent 2 serves the image", |f| {
+        match skopeo_pull(&f.w, &format!("{}/team/web@{digest1}", regs[2]), &dest) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest1, "skopeo got the signed digest from agent 2");
+    let (big, big_size) = &layers1[0];
+    assert!(dest
+        .join("blobs/sha256")
+        .join(big.trim_start_matches("sha256:"))
+        .is_file());
+    for (i, r) in regs.iter().enumerate() {
+        assert_eq!(
+            http_get(r, "/v2/team/web/manifests/v1").0,
+            200,
+            "agent {i} serves the tag"
+        );
+        assert!(blob_file(&f.dir(i, "data"), big).is_file(), "agent {i}");
+    }
+    // Agents 1 and 2 have no source: every image byte came from peers.
+    let m0 = f.metrics(0);
+    assert_eq!(metric(&m0, "cairn_image_peer_bytes_total", &[]), 0);
+    assert!(metric(&m0, "cairn_image_bytes_fetched_total", &[]) >= *big_size);
+    let mut before = Vec::new();
+    for i in [1, 2] {
+        let m = f.metrics(i);
+        assert_eq!(metric(&m, "cairn_image_bytes_fetched_total", &[]), 0);
+        let peer = metric(&m, "cairn_image_peer_bytes_total", &[]);
+        assert!(peer >= *big_size, "agent {i}: {peer} bytes from peers");
+        assert_eq!(metric(&m, "cairn_mesh_rejections_total", &[]), 0, "{m}");
+        before.push(peer);
+    }
+
+    // Release 2: the same image with one more layer. Only that layer (and
+    // the small new manifest, config and image list) moves.
+    commit_image(&f.w, &reg, "v2", "2024-01-03T00:00:00Z");
+    let b2 = build_with(&f.w, &reg, "b2.bundle", &[]);
+    assert!(
+        b2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&b2.stderr)
+    );
+    f.w.release(&f.w.path("b2.bundle"));
+    f.wait_sequence(&[0, 1, 2], 2, 90);
+    f.wait(90, "agents 1 and 2 serve v2", |_| {
+        [1, 2]
+            .iter()
+            .all(|&i| http_get(&regs[i], &format!("/v2/team/web/manifests/{digest2}")).0 == 200)
+    });
+    let pulled = skopeo_pull(
+        &f.w,
+        &format!("{}/team/web:v2", regs[2]),
+        &f.w.path("pulled-v2"),
+    )
+    .unwrap();
+    assert_eq!(pulled, digest2);
+    for (k, i) in [1usize, 2].into_iter().enumerate() {
+        let moved = metric(&f.metrics(i), "cairn_image_peer_bytes_total", &[]) - before[k];
+        eprintln!(
+            "agent {i}: {} bytes from peers for release 1, {moved} for release 2 (new layer {})",
+            before[k], new_layer.1
+        );
+        assert!(
+            moved >= new_layer.1 && moved < new_layer.1 + (64 << 10),
+            "agent {i}: {moved} bytes from peers for a new layer of {} (the old layer is {big_size})",
+            new_layer.1
+        );
+    }
+}
+
+#[test]
+fn a_layer_tampered_on_a_peer_is_refused_and_not_stored() {
+    let (w, reg, layout) = mesh_setup();
+    let b1 = build_with(&w, &reg, "b1.bundle", &[]);
+    assert!(
+        b1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&b1.stderr)
+    );
+    w.release(&w.path("b1.bundle"));
+    let (digest, layers) = layers_of(&layout, "v1");
+    let (big, _) = layers[0].clone();
+    let mut f = fleet(w, Vec::new());
+    f.log_filter = "info,cairn_agent::mesh=debug".into();
+    let r0 = spawn_image_agent(&mut f, 0, true);
+    f.wait(90, "agent 0 serves the image", |_| {
+        http_get(&r0, "/v2/team/web/manifests/v1").0 == 200
+    });
+    // Agent 0's copy of the layer on disk is altered (same size, last
+    // byte flipped) after it verified it: it now serves wrong bytes.
+    let path = blob_file(&f.dir(0, "data"), &big);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len() - 1;
+    bytes[n] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let r1 = spawn_image_agent(&mut f, 1, false);
+    f.wait_sequence(&[1], 1, 90);
+    f.wait(90, "agent 1 refuses the layer and cuts agent 0 off", |f| {
+        metric(
+            &f.metrics(1),
+            "cairn_mesh_rejections_total",
+            &["peer=\"a0\"", "reason=\"blob_mismatch\""],
+        ) >= 1
+    });
+    let m = f.metrics(1);
+    assert!(
+        metric(&m, "cairn_image_blobs_refused_total", &[]) >= 1,
+        "{m}"
+    );
+    assert!(
+        f.log(1).contains("image blob from mesh peer refused")
+            && f.log(1).contains("does not match its digest"),
+        "{}",
+        f.log(1)
+    );
+    // Nothing of it reached agent 1's store, not even a partial file.
+    let data1 = f.dir(1, "data");
+    assert!(!blob_file(&data1, &big).exists());
+    let hex = big.trim_start_matches("sha256:");
+    let dir = data1.join("images/sha256").join(&hex[..2]);
+    let leftovers: Vec<String> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?} in {}", dir.display());
+    assert_eq!(http_get(&r1, "/v2/team/web/manifests/v1").0, 404);
+    assert_eq!(http_get(&r1, &format!("/v2/team/web/blobs/{big}")).0, 404);
+    assert!(skopeo_pull(&f.w, &format!("{r1}/team/web@{digest}"), &f.w.path("p")).is_err());
 }

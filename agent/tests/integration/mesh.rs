@@ -371,7 +371,7 @@ async fn serve_evil<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
             .map(|item| {
                 let bytes = match &item {
                     Item::Release(_) => Some(p.release.clone()),
-                    Item::Root(_) | Item::Entries(_) => None,
+                    Item::Root(_) | Item::Entries(_) | Item::Blob(_) => None,
                     Item::Object(a) => p.repo.get_object(a, 1 << 24).ok().flatten().map(|mut b| {
                         let is_manifest = a == &p.head.bundle;
                         if p.behaviour == Evil::Tamper && !is_manifest {

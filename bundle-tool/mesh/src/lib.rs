@@ -56,6 +56,10 @@ pub struct MeshLimits {
     /// Bytes of object data we put in one `Data` reply (default 3 MiB);
     /// items beyond it are left out and asked for again.
     pub max_reply_bytes: usize,
+    /// Largest byte range of an image blob asked for or served in one
+    /// [`wire::Item::Blob`] (protocol version 4; default 1 MiB): a layer
+    /// of gigabytes moves in pieces, one in flight per blob.
+    pub max_blob_piece: u32,
     /// Heads in one message (default 64).
     pub max_heads: usize,
     /// Status records kept (default 4096: at most one per agent) and sent
@@ -91,6 +95,7 @@ impl Default for MeshLimits {
             max_outstanding_wants: 4,
             max_inbound_wants: 8,
             max_reply_bytes: 3 << 20,
+            max_blob_piece: 1 << 20,
             max_heads: 64,
             max_status_records: 4096,
             max_record_bytes: 4096,

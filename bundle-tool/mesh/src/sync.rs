@@ -72,8 +72,8 @@
 //! 0) are never dialed.
 
 use super::wire::{
-    BadWant, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo, SignedStatus,
-    StatusRecord, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    BadWant, BlobRange, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo,
+    SignedStatus, StatusRecord, BLOB_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
@@ -262,6 +262,9 @@ pub enum Offense {
     Unsolicited,
     /// An object whose bytes do not hash to its address.
     ObjectHashMismatch,
+    /// An image blob whose pieces do not make its digest and size, or a
+    /// piece longer than asked for (protocol version 4).
+    BlobMismatch,
     /// A status record not signed by the agent it describes.
     ForgedStatus,
     /// No hello in time.
@@ -288,6 +291,7 @@ impl Offense {
             Offense::TooManyRequests => "too_many_requests",
             Offense::Unsolicited => "unsolicited",
             Offense::ObjectHashMismatch => "object_hash_mismatch",
+            Offense::BlobMismatch => "blob_mismatch",
             Offense::ForgedStatus => "forged_status",
             Offense::HelloTimeout => "hello_timeout",
             Offense::Timeout => "timeout",
@@ -519,6 +523,21 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The answer to [`Endpoint::want_blob`]: at most the asked length of
+    /// the blob from the asked offset (checked here), or `None` when the
+    /// peer does not serve that blob. The shell writes and hashes it; a
+    /// blob that turns out wrong is reported with
+    /// [`Endpoint::blob_refused`].
+    BlobPiece {
+        /// The connection.
+        conn: ConnId,
+        /// The request id [`Endpoint::want_blob`] returned.
+        id: u64,
+        /// The range asked for.
+        range: BlobRange,
+        /// The bytes, if the peer serves the blob.
+        bytes: Option<Vec<u8>>,
+    },
     /// Status records changed (new or newer records arrived, or records
     /// expired).
     StatusChanged,
@@ -581,7 +600,11 @@ struct Conn {
 /// One of our wants in flight.
 #[derive(Debug)]
 struct Request {
+    /// The fetch it belongs to (fetch ids start at 1; 0: a blob range).
     fetch: FetchId,
+    /// A blob range ([`Endpoint::want_blob`]), answered as
+    /// [`Event::BlobPiece`].
+    blob: Option<BlobRange>,
     /// Items asked for by name, not yet answered.
     items: BTreeSet<Item>,
     /// Entries asked for by index (protocol version 3), not yet answered:
@@ -1318,6 +1341,74 @@ impl Endpoint {
             format!("want {id}: {detail}"),
             now,
         );
+    }
+
+    // ----- image blobs (protocol version 4) -----------------------------
+
+    /// Agent connections that speak protocol version 4 (image blobs by
+    /// range), with the peer's agent id.
+    pub fn blob_peers(&self) -> Vec<(ConnId, AgentId)> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.hello && c.version >= BLOB_PROTOCOL_VERSION)
+            .filter_map(|(id, c)| match &c.peer {
+                PeerIdentity::Agent(a) => Some((*id, a.clone())),
+                PeerIdentity::Operator(_) => None,
+            })
+            .collect()
+    }
+
+    /// Asks the peer on `conn` for a range of an image blob (the shell
+    /// names only blobs of an image list it verified, one range in flight
+    /// per blob). Returns the request id, answered by
+    /// [`Event::BlobPiece`]; `None` when the connection is gone, does not
+    /// speak version 4, already has [`MeshLimits::max_outstanding_wants`]
+    /// requests in flight, or the range is malformed or longer than
+    /// [`MeshLimits::max_blob_piece`]. An unanswered range times out like
+    /// any want (the peer is cut off: [`Event::PeerDown`]).
+    pub fn want_blob(&mut self, conn: ConnId, range: BlobRange, now: Millis) -> Option<u64> {
+        let now = now.0;
+        let limits = &self.config.limits;
+        let c = self.conns.get_mut(&conn)?;
+        if !c.hello
+            || c.version < BLOB_PROTOCOL_VERSION
+            || c.outstanding.len() >= limits.max_outstanding_wants
+            || check_blob_range(&range, limits).is_err()
+            || !cairn_core::bundle::is_address(&range.digest)
+        {
+            return None;
+        }
+        let id = self.next_request;
+        self.next_request += 1;
+        let item = Item::Blob(range.clone());
+        c.outstanding.insert(
+            id,
+            Request {
+                fetch: 0,
+                blob: Some(range),
+                items: BTreeSet::from([item.clone()]),
+                entries: BTreeMap::new(),
+                compact: None,
+                sent: now,
+                got_any: false,
+            },
+        );
+        self.send(
+            conn,
+            Message::Want {
+                id,
+                items: vec![item],
+            },
+            now,
+        );
+        Some(id)
+    }
+
+    /// The blob a peer served on `conn` does not match the image list
+    /// (wrong digest, wrong size): the peer is cut off and banned
+    /// ([`Offense::BlobMismatch`]).
+    pub fn blob_refused(&mut self, conn: ConnId, detail: &str, now: Millis) {
+        self.offense(conn, Offense::BlobMismatch, detail.to_owned(), now.0);
     }
 
     // ----- fetch inputs --------------------------------------------------
@@ -2097,6 +2188,7 @@ impl Endpoint {
             }
             let mut req = Request {
                 fetch,
+                blob: None,
                 items: BTreeSet::new(),
                 entries: BTreeMap::new(),
                 compact: None,
@@ -2197,6 +2289,9 @@ impl Endpoint {
                 now,
             );
         };
+        if let Some(range) = req.blob.take() {
+            return self.handle_blob_data(conn, id, range, items, entries, more, now);
+        }
         let fetch = req.fetch;
         let mut missing = Vec::new();
         let mut objects = Vec::new();
@@ -2229,7 +2324,7 @@ impl Endpoint {
                     req.compact = None;
                     true
                 }
-                Item::Entries(_) => false,
+                Item::Entries(_) | Item::Blob(_) => false,
                 item => req.items.remove(item),
             };
             if !asked {
@@ -2263,7 +2358,7 @@ impl Endpoint {
                         fs.release = Some(bytes);
                     }
                 }
-                Item::Entries(_) => {}
+                Item::Entries(_) | Item::Blob(_) => {}
             }
         }
         for (address, bytes) in objects {
@@ -2311,6 +2406,62 @@ impl Endpoint {
             }
         }
         self.pump(fetch, now);
+    }
+
+    /// The answer to a blob range: exactly one item, the range asked for,
+    /// in one frame, with at most the length asked for.
+    #[allow(clippy::too_many_arguments)]
+    fn handle_blob_data(
+        &mut self,
+        conn: ConnId,
+        id: u64,
+        range: BlobRange,
+        items: Vec<Found>,
+        entries: Vec<EntryFound>,
+        more: bool,
+        now: u64,
+    ) {
+        let mut items = items.into_iter();
+        let (Some(found), None, true, false) =
+            (items.next(), items.next(), entries.is_empty(), more)
+        else {
+            return self.offense(
+                conn,
+                Offense::Unsolicited,
+                format!("answer to blob want {id} is not one piece"),
+                now,
+            );
+        };
+        if found.item != Item::Blob(range.clone()) {
+            return self.offense(
+                conn,
+                Offense::Unsolicited,
+                format!("{:?} was not asked for", found.item),
+                now,
+            );
+        }
+        if let Some(b) = &found.bytes {
+            if b.len() as u64 > u64::from(range.length) {
+                return self.offense(
+                    conn,
+                    Offense::BlobMismatch,
+                    format!(
+                        "{} bytes of blob {} at {} (asked for {})",
+                        b.len(),
+                        range.digest,
+                        range.offset,
+                        range.length
+                    ),
+                    now,
+                );
+            }
+        }
+        self.actions.push_back(Action::Event(Event::BlobPiece {
+            conn,
+            id,
+            range,
+            bytes: found.bytes,
+        }));
     }
 
     fn fail_fetch(&mut self, fetch: FetchId, reason: String) {
@@ -2400,7 +2551,30 @@ fn either_entry(e: EntryFound) -> (usize, Result<Found, EntryFound>) {
 /// the objects named by all of them within `max_objects_per_want`.
 fn check_want(items: &[Item], version: u32, limits: &MeshLimits) -> Result<(), (BadWant, String)> {
     let mut total = 0usize;
+    let mut blobs = 0usize;
     for item in items {
+        if let Item::Blob(b) = item {
+            if version < BLOB_PROTOCOL_VERSION {
+                return Err((
+                    BadWant::NotNegotiated,
+                    format!("blob want on a version {version} connection"),
+                ));
+            }
+            blobs += 1;
+            if blobs > 1 {
+                return Err((BadWant::BadBlobRange, "more than one blob in a want".into()));
+            }
+            check_blob_range(b, limits).map_err(|bad| {
+                (
+                    bad,
+                    format!(
+                        "blob {} range {}+{} (at most {} bytes)",
+                        b.digest, b.offset, b.length, limits.max_blob_piece
+                    ),
+                )
+            })?;
+            continue;
+        }
         let Item::Entries(e) = item else { continue };
         if version < 3 {
             return Err((
@@ -2430,6 +2604,17 @@ fn check_want(items: &[Item], version: u32, limits: &MeshLimits) -> Result<(), (
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A blob range is 1 to `max_blob_piece` bytes and ends within `u64`.
+fn check_blob_range(b: &BlobRange, limits: &MeshLimits) -> Result<(), BadWant> {
+    if b.length == 0
+        || b.length > limits.max_blob_piece
+        || b.offset.checked_add(u64::from(b.length)).is_none()
+    {
+        return Err(BadWant::BadBlobRange);
     }
     Ok(())
 }

@@ -14,7 +14,8 @@
 //! [`MIN_PROTOCOL_VERSION`] (2) to [`PROTOCOL_VERSION`] (3); version 3 adds
 //! compact wants ([`Item::Entries`]) answered over several `Data` frames
 //! ([`Message::Data`]'s `more`) and digest-first status gossip
-//! ([`Message::StatusDigest`]).
+//! ([`Message::StatusDigest`]); version 4 adds image blobs in ranges
+//! ([`Item::Blob`]).
 
 use crate::MeshLimits;
 use cairn_core::bundle::is_address;
@@ -29,8 +30,11 @@ use std::io::{Read, Write};
 /// and carry its `listen` address; the unsigned `Peers` message of version
 /// 1 is gone (addresses travel only inside signed records). Version 3:
 /// compact wants ([`Item::Entries`], answered over several `Data` frames)
-/// and digest-first status gossip ([`Message::StatusDigest`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// and digest-first status gossip ([`Message::StatusDigest`]). Version 4:
+/// container image blobs by byte range ([`Item::Blob`]).
+pub const PROTOCOL_VERSION: u32 = 4;
+/// The first protocol version with [`Item::Blob`].
+pub const BLOB_PROTOCOL_VERSION: u32 = 4;
 /// The oldest mesh protocol version spoken by this build: what goes into
 /// [`Hello::version`], so that version 2 agents (which disconnect any
 /// other `version`) still talk to this one, with per-object wants.
@@ -157,6 +161,24 @@ pub enum Item {
     /// needed); a sender that does not hold the bundle answers this item
     /// itself with no bytes.
     Entries(EntryRanges),
+    /// Protocol version 4: a byte range of a container image blob (an
+    /// image list's index, manifest, config or layer, or the image list
+    /// itself) the sender holds for a release it adopted or staged.
+    /// Answered by one [`Found`] naming this item, with at most `length`
+    /// bytes from `offset` (fewer only at the blob's end), or no bytes
+    /// when the sender does not serve that blob.
+    Blob(BlobRange),
+}
+
+/// A byte range of an image blob ([`Item::Blob`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlobRange {
+    /// The blob's digest (`sha256:<64 hex>`).
+    pub digest: String,
+    /// The first byte wanted.
+    pub offset: u64,
+    /// Bytes wanted, 1 to [`MeshLimits::max_blob_piece`].
+    pub length: u32,
 }
 
 impl Item {
@@ -168,6 +190,7 @@ impl Item {
             Item::Release(c) => cairn_core::layout::channel_path(c),
             Item::Object(a) => cairn_core::layout::object_path_str(a).unwrap_or_default(),
             Item::Entries(e) => cairn_core::layout::object_path_str(&e.bundle).unwrap_or_default(),
+            Item::Blob(b) => cairn_core::layout::object_path_str(&b.digest).unwrap_or_default(),
         }
     }
 }
@@ -208,8 +231,13 @@ pub enum BadWant {
     MalformedRange,
     /// An index at or past the bundle's number of entries.
     IndexOutOfRange,
-    /// A compact want on a connection that did not agree on version 3.
+    /// A compact want on a connection that did not agree on version 3,
+    /// or a blob want on one that did not agree on version 4.
     NotNegotiated,
+    /// A blob range of length 0 or over [`MeshLimits::max_blob_piece`],
+    /// one that runs past `u64::MAX`, or more than one blob item in a
+    /// want.
+    BadBlobRange,
 }
 
 impl BadWant {
@@ -221,6 +249,7 @@ impl BadWant {
             BadWant::MalformedRange => "want_malformed_range",
             BadWant::IndexOutOfRange => "want_index_out_of_range",
             BadWant::NotNegotiated => "want_not_negotiated",
+            BadWant::BadBlobRange => "want_bad_blob_range",
         }
     }
 }
@@ -544,6 +573,8 @@ impl Message {
             Item::Object(a) => address(a),
             // The ranges are the endpoint's to check (a clear ban reason).
             Item::Entries(e) => address(&e.bundle),
+            // The range is the endpoint's to check (a clear ban reason).
+            Item::Blob(b) => address(&b.digest),
         };
         match self {
             Message::Hello(h) => {
@@ -921,6 +952,14 @@ mod tests {
                 items: vec![Item::Entries(EntryRanges {
                     bundle: a.clone(),
                     ranges: vec![(0, 5), (9, 1)],
+                })],
+            },
+            Message::Want {
+                id: 9,
+                items: vec![Item::Blob(BlobRange {
+                    digest: cairn_keys::sha256_address(b"layer"),
+                    offset: 1 << 20,
+                    length: 1 << 20,
                 })],
             },
             Message::StatusDigest(vec![(aid("a1"), 5)]),

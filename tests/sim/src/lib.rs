@@ -1454,7 +1454,8 @@ impl Sim {
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
             | Event::StatusChanged
-            | Event::StatusDropped { .. } => {}
+            | Event::StatusDropped { .. }
+            | Event::BlobPiece { .. } => {}
         }
     }
 
@@ -1476,7 +1477,7 @@ impl Sim {
                 Role::Forger => Some(self.world.forged.as_ref().clone()),
                 _ => n.adopted.as_ref().map(|a| a.envelope.as_ref().clone()),
             },
-            Item::Release(_) | Item::Entries(_) => None,
+            Item::Release(_) | Item::Entries(_) | Item::Blob(_) => None,
             Item::Object(a) => {
                 let id = *self.world.index.get(a)?;
                 if !n.objects.contains(&id) {

@@ -22,8 +22,8 @@ fn read_item(agent: &Agent, item: &Item) -> Option<Vec<u8>> {
             Ok(Some(b)) => Some(b),
             _ => store.bundle(a).ok().flatten(),
         },
-        // Resolved by `serve_items`.
-        Item::Entries(_) => None,
+        // Resolved by `serve_items`; blobs by the driver.
+        Item::Entries(_) | Item::Blob(_) => None,
     }
 }
 
@@ -70,28 +70,40 @@ fn bundle_entries(
     Some(entries)
 }
 
-/// Answers a peer's want from the store: plain items, and the entries of
-/// a compact want through the manifest we hold, handed to the endpoint in
+/// What serving a want needs.
+pub(super) struct ServeContext<'a> {
+    pub(super) agent: &'a Agent,
+    pub(super) tx: &'a mpsc::Sender<Input>,
+    /// Object bytes per part handed to the endpoint.
+    pub(super) part_bytes: usize,
+    pub(super) limits: &'a Limits,
+    pub(super) cache: &'a EntriesCache,
+    /// Image blobs (protocol version 4), if the registry is on.
+    pub(super) images: Option<&'a crate::images::Images>,
+}
+
+/// Answers a peer's want from the store: plain items, the entries of a
+/// compact want through the manifest we hold, handed to the endpoint in
 /// parts of about `part_bytes` (a peer asking for an index past the
-/// bundle's end is refused).
+/// bundle's end is refused), and a range of an image blob of a release we
+/// adopted or staged ([`crate::images::Images::read_range`]; any other
+/// digest is answered as not held).
 ///
 /// Blocking: runs on a blocking thread.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn serve_items(
-    agent: &Agent,
-    tx: &mpsc::Sender<Input>,
-    conn: ConnId,
-    id: u64,
-    items: Vec<Item>,
-    part_bytes: usize,
-    limits: &Limits,
-    cache: &EntriesCache,
-) {
+pub(super) fn serve_items(ctx: &ServeContext<'_>, conn: ConnId, id: u64, items: Vec<Item>) {
+    let (agent, tx, part_bytes, limits, cache) =
+        (ctx.agent, ctx.tx, ctx.part_bytes, ctx.limits, ctx.cache);
     let mut found = Vec::new();
     let mut ranges = Vec::new();
     for item in items {
         match item {
             Item::Entries(e) => ranges.push(e),
+            Item::Blob(b) => found.push(Found {
+                bytes: ctx
+                    .images
+                    .and_then(|im| im.read_range(&b.digest, b.offset, b.length)),
+                item: Item::Blob(b),
+            }),
             item => found.push(Found {
                 bytes: read_item(agent, &item),
                 item,

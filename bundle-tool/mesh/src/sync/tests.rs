@@ -420,6 +420,7 @@ impl Sim {
                         Item::Root(_) => None,
                         Item::Release(c) => n.releases.get(c).cloned(),
                         Item::Object(a) => object(n, a),
+                        Item::Blob(_) => None,
                         Item::Entries(e) => {
                             let Some(entries) = n.bundle_entries(&e.bundle) else {
                                 found.push(Found { item, bytes: None });
@@ -520,7 +521,8 @@ impl Sim {
             Event::PeerUp { .. }
             | Event::PeerDown { .. }
             | Event::StatusChanged
-            | Event::StatusDropped { .. } => {}
+            | Event::StatusDropped { .. }
+            | Event::BlobPiece { .. } => {}
         }
     }
 
@@ -1886,4 +1888,331 @@ fn a_flood_of_digests_keeps_pulls_bounded() {
     // At most twice the table's worth of pulls in flight at a time.
     assert_eq!(pulled, 2 * max);
     assert!(ep.pulling.len() <= 2 * max);
+}
+
+// ----- image blobs by range (protocol version 4) ------------------------
+
+/// Two endpoints, `a0` and `a1`, connected and past their hellos: returns
+/// them with each one's connection id for the other.
+fn blob_pair(now: u64, hello_b: Hello) -> (Endpoint, ConnId, Endpoint, ConnId) {
+    let mut a = new_ep(cfg(0, vec![]));
+    let mut b = new_ep(cfg(1, vec![]));
+    let ca = a.connected(PeerIdentity::Agent(aid("a1")), None, None, Millis(now));
+    let cb = b.connected(PeerIdentity::Agent(aid("a0")), None, None, Millis(now));
+    a.handle_message(ca, Message::Hello(hello_b), Millis(now), UnixMillis(now));
+    b.handle_message(
+        cb,
+        Message::Hello(Hello::new(None)),
+        Millis(now),
+        UnixMillis(now),
+    );
+    while a.poll_action().is_some() {}
+    while b.poll_action().is_some() {}
+    (a, ca, b, cb)
+}
+
+/// Moves every message `from` wants to send on `conn` to `to` on
+/// `to_conn`, through real frames; returns the events `from` emitted and
+/// the largest frame body sent.
+fn shuttle(
+    from: &mut Endpoint,
+    to: &mut Endpoint,
+    to_conn: ConnId,
+    now: u64,
+) -> (Vec<Event>, usize) {
+    let lim = MeshLimits::default();
+    let mut events = Vec::new();
+    let mut largest = 0;
+    while let Some(a) = from.poll_action() {
+        match a {
+            Action::Send { message, .. } => {
+                let frame = encode_frame(&message, lim.max_frame_bytes).unwrap();
+                largest = largest.max(frame.len() - 4);
+                let m = decode_body(&frame[4..], &lim).unwrap();
+                to.handle_message(to_conn, m, Millis(now), UnixMillis(now));
+            }
+            Action::Event(e) => events.push(e),
+            _ => {}
+        }
+    }
+    (events, largest)
+}
+
+/// A deterministic incompressible blob of `n` bytes.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_blob_moves_in_pieces_of_at_most_one_mib_between_version_4_agents() {
+    let now = 1_000_000;
+    let (mut a, ca, mut b, cb) = blob_pair(now, Hello::new(None));
+    assert_eq!(a.blob_peers(), vec![(ca, aid("a1"))]);
+    let blob = noise(2 * (1 << 20) + 12_345);
+    let digest = sha256_address(&blob);
+    let piece = MeshLimits::default().max_blob_piece;
+    // Too long a piece is not even asked for.
+    let too_long = BlobRange {
+        digest: digest.clone(),
+        offset: 0,
+        length: piece + 1,
+    };
+    assert_eq!(a.want_blob(ca, too_long, Millis(now)), None);
+    let mut got = Vec::new();
+    let mut pieces = 0;
+    loop {
+        let range = BlobRange {
+            digest: digest.clone(),
+            offset: got.len() as u64,
+            length: piece,
+        };
+        let id = a.want_blob(ca, range.clone(), Millis(now)).unwrap();
+        let (_, _) = shuttle(&mut a, &mut b, cb, now);
+        // b's shell: the asked range of the blob it holds.
+        let mut served = false;
+        let serves: Vec<Action> = std::iter::from_fn(|| b.poll_action()).collect();
+        for act in serves {
+            let Action::Event(Event::Serve { conn, id, items }) = act else {
+                continue;
+            };
+            assert_eq!(items, vec![Item::Blob(range.clone())]);
+            let start = (range.offset as usize).min(blob.len());
+            let end = (start + range.length as usize).min(blob.len());
+            let found = vec![Found {
+                item: items[0].clone(),
+                bytes: Some(blob[start..end].to_vec()),
+            }];
+            b.serve(conn, id, found, Millis(now));
+            served = true;
+        }
+        assert!(served);
+        let (_, largest) = shuttle(&mut b, &mut a, ca, now);
+        assert!(largest < (piece as usize) + 1024, "one piece per frame");
+        let (events, _) = shuttle(&mut a, &mut b, cb, now);
+        let piece_bytes = events
+            .into_iter()
+            .find_map(|e| match e {
+                Event::BlobPiece {
+                    id: i,
+                    range: r,
+                    bytes,
+                    ..
+                } if i == id && r == range => bytes,
+                _ => None,
+            })
+            .unwrap();
+        assert!(piece_bytes.len() <= piece as usize);
+        pieces += 1;
+        let done = piece_bytes.len() < piece as usize;
+        got.extend(piece_bytes);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(pieces, 3);
+    assert_eq!(got, blob);
+    assert!(!a.is_banned("a1", Millis(now)) && !b.is_banned("a0", Millis(now)));
+}
+
+#[test]
+fn a_peer_without_the_blob_says_so_and_is_not_banned() {
+    let now = 1_000_000;
+    let (mut a, ca, mut b, cb) = blob_pair(now, Hello::new(None));
+    let range = BlobRange {
+        digest: sha256_address(b"not held"),
+        offset: 0,
+        length: 10,
+    };
+    a.want_blob(ca, range.clone(), Millis(now)).unwrap();
+    shuttle(&mut a, &mut b, cb, now);
+    let serves: Vec<Action> = std::iter::from_fn(|| b.poll_action()).collect();
+    for act in serves {
+        if let Action::Event(Event::Serve { conn, id, items }) = act {
+            let found = vec![Found {
+                item: items[0].clone(),
+                bytes: None,
+            }];
+            b.serve(conn, id, found, Millis(now));
+        }
+    }
+    shuttle(&mut b, &mut a, ca, now);
+    let events: Vec<Event> = std::iter::from_fn(|| a.poll_action())
+        .filter_map(|x| match x {
+            Action::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::BlobPiece { bytes: None, range: r, .. } if *r == range
+    )));
+    assert!(!a.is_banned("a1", Millis(now)));
+}
+
+#[test]
+fn blob_wants_are_refused_before_version_4_and_when_malformed() {
+    let now = 1_000_000;
+    let d = sha256_address(b"blob");
+    let blob = |offset: u64, length: u32| {
+        Item::Blob(BlobRange {
+            digest: d.clone(),
+            offset,
+            length,
+        })
+    };
+    // We do not ask a version 3 peer, and a version 3 peer may not ask us.
+    let (mut a, ca, _, _) = blob_pair(now, Hello::speaking(2, 3, None));
+    assert!(a.blob_peers().is_empty());
+    assert_eq!(
+        a.want_blob(
+            ca,
+            BlobRange {
+                digest: d.clone(),
+                offset: 0,
+                length: 1
+            },
+            Millis(now)
+        ),
+        None
+    );
+    a.handle_message(
+        ca,
+        Message::Want {
+            id: 1,
+            items: vec![blob(0, 1)],
+        },
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut a), vec!["want_not_negotiated"]);
+    let max = MeshLimits::default().max_blob_piece;
+    let cases = vec![
+        vec![blob(0, 0)],
+        vec![blob(0, max + 1)],
+        vec![blob(u64::MAX, 2)],
+        vec![blob(0, 1), blob(1, 1)],
+    ];
+    for items in cases {
+        let mut ep = new_ep(cfg(0, vec![]));
+        let c = hello(&mut ep, "p", now);
+        ep.handle_message(
+            c,
+            Message::Want { id: 1, items },
+            Millis(now),
+            UnixMillis(now),
+        );
+        assert_eq!(drain_rejections(&mut ep), vec!["want_bad_blob_range"]);
+        assert!(ep.is_banned("p", Millis(now)));
+    }
+    // A well-formed blob want is handed to the shell.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    ep.handle_message(
+        c,
+        Message::Want {
+            id: 1,
+            items: vec![blob(5, max)],
+        },
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert!(std::iter::from_fn(|| ep.poll_action())
+        .any(|a| matches!(a, Action::Event(Event::Serve { id: 1, .. }))));
+}
+
+#[test]
+fn a_wrong_piece_or_a_wrong_blob_cuts_the_peer_off() {
+    let now = 1_000_000;
+    let d = sha256_address(b"blob");
+    let range = BlobRange {
+        digest: d.clone(),
+        offset: 0,
+        length: 4,
+    };
+    let data = |item: Item, bytes: &[u8]| Message::Data {
+        id: 1,
+        items: vec![Found {
+            item,
+            bytes: Some(bytes.to_vec()),
+        }],
+        more: false,
+        entries: vec![],
+    };
+    // Longer than asked.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    assert_eq!(ep.want_blob(c, range.clone(), Millis(now)), Some(1));
+    ep.handle_message(
+        c,
+        data(Item::Blob(range.clone()), b"12345"),
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["blob_mismatch"]);
+    assert!(ep.is_banned("p", Millis(now)));
+    // Another range than asked.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    ep.want_blob(c, range.clone(), Millis(now)).unwrap();
+    let other = BlobRange {
+        offset: 4,
+        ..range.clone()
+    };
+    ep.handle_message(
+        c,
+        data(Item::Blob(other), b"1234"),
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
+    // A blob range nobody asked for.
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    ep.handle_message(
+        c,
+        data(Item::Blob(range.clone()), b"1234"),
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert_eq!(drain_rejections(&mut ep), vec!["unsolicited"]);
+    // Pieces that do not hash to the digest (the shell's verdict).
+    let mut ep = new_ep(cfg(0, vec![]));
+    let c = hello(&mut ep, "p", now);
+    ep.want_blob(c, range.clone(), Millis(now)).unwrap();
+    ep.handle_message(
+        c,
+        data(Item::Blob(range), b"1234"),
+        Millis(now),
+        UnixMillis(now),
+    );
+    assert!(std::iter::from_fn(|| ep.poll_action())
+        .any(|a| matches!(a, Action::Event(Event::BlobPiece { .. }))));
+    ep.blob_refused(c, "blob does not match its digest", Millis(now));
+    assert_eq!(drain_rejections(&mut ep), vec!["blob_mismatch"]);
+    assert!(ep.is_banned("p", Millis(now)));
+    // An unanswered range times out like any want.
+    let mut ep = new_ep(cfg(0, vec![]));
+    ep.handle_timeout(Millis(now), UnixMillis(now));
+    let c = hello(&mut ep, "p", now);
+    ep.want_blob(
+        c,
+        BlobRange {
+            digest: d,
+            offset: 0,
+            length: 1,
+        },
+        Millis(now),
+    )
+    .unwrap();
+    let later = now + ep.config().request_timeout_ms;
+    ep.handle_timeout(Millis(later), UnixMillis(later));
+    assert_eq!(drain_rejections(&mut ep), vec!["timeout"]);
 }
