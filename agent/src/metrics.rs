@@ -568,11 +568,12 @@ mod tests {
         m.images.bytes_served.inc_by(10);
         m.images.bytes_fetched.inc_by(10);
         m.images.blobs_refused.inc();
+        m.images.peer_bytes.inc_by(10);
         let text = m.encode_prometheus_text();
         // Each registered family shows up (a new metric must be populated
         // above to be linted).
         let families = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
-        assert_eq!(families, 34, "{text}");
+        assert_eq!(families, 35, "{text}");
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# HELP ")).count(),
             families,
