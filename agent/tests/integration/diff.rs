@@ -15,18 +15,13 @@ fn configmap(name: &str, value: &str) -> String {
 }
 
 fn diff(dir: &Path, args: &[&str], kubeconfig: &Path) -> (i32, String, String) {
-    let out = std::process::Command::new(cairn_bin())
-        .arg("diff")
-        .args(args)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .current_dir(dir)
-        .output()
-        .expect("run cairn diff");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    cairn_test_support::run_code(
+        std::process::Command::new(cairn_bin())
+            .arg("diff")
+            .args(args)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .current_dir(dir),
     )
 }
 

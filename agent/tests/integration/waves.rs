@@ -169,20 +169,15 @@ fn a_bad_wave_annotation_is_an_error_naming_the_object() {
 }
 
 fn plan(w: &World, bundle: &Path, kubeconfig: &Path, cfg: &Path) -> (i32, String, String) {
-    let out = std::process::Command::new(crate::support::agent_bin())
-        .args(["plan", "--bundle"])
-        .arg(bundle)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--config")
-        .arg(cfg)
-        .current_dir(w.tmp.path())
-        .output()
-        .expect("run cairn-agent plan");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    cairn_test_support::run_code(
+        std::process::Command::new(crate::support::agent_bin())
+            .args(["plan", "--bundle"])
+            .arg(bundle)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--config")
+            .arg(cfg)
+            .current_dir(w.tmp.path()),
     )
 }
 

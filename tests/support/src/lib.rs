@@ -94,6 +94,18 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `cmd` and returns its exit code (-1 when killed by a signal),
+/// stdout and stderr: for commands whose exit code is the result (`cairn
+/// diff`, `cairn-agent plan`: 0 no changes, 1 changes, 2 error).
+pub fn run_code(cmd: &mut Command) -> (i32, String, String) {
+    let out = run(cmd);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `cmd`, panics if it succeeds, and returns its stderr (the error
 /// text to assert on).
 pub fn run_err(cmd: &mut Command) -> String {
