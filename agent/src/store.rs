@@ -379,6 +379,37 @@ impl Store {
         Ok(store)
     }
 
+    /// Closes the store and waits (up to 10 s) until the database lock is
+    /// free, so the directory can be opened again at once. Dropping a
+    /// `Store` closes it too, but sled's background threads let go of the
+    /// lock a moment later: an open in the same process right after a drop
+    /// can see [`StoreError::Locked`]. `Locked` here means another handle
+    /// (a clone of this store, another process) still holds it.
+    ///
+    /// Blocking.
+    pub fn close(self) -> StoreResult<()> {
+        use std::os::fd::AsRawFd;
+        let dir = self.inner.dir.clone();
+        let lock_file = Self::db_path(&dir).join("db");
+        drop(self);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            // A new open file description: its flock conflicts with
+            // sled's until sled's last descriptor is closed.
+            let Ok(f) = std::fs::OpenOptions::new().read(true).open(&lock_file) else {
+                return Ok(());
+            };
+            // SAFETY: flock on a valid open descriptor; no memory is shared.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                return Ok(()); // released when `f` closes
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StoreError::Locked { dir });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn open_handles(dir: &Path) -> StoreResult<Handles> {
         let io_err = |e: &std::io::Error, what: String| match not_writable(e) {
             Some(reason) => StoreError::NotWritable {

@@ -13,7 +13,7 @@ fn adopt_and_read_back() {
     assert!(matches!(s.get_object(&a), Err(StoreError::Corrupt { .. })));
     assert!(s.agent_id().unwrap().is_none());
     s.set_agent_id("x").unwrap();
-    drop(s);
+    s.close().unwrap();
     let s = Store::open(d.path()).unwrap();
     assert_eq!(s.agent_id().unwrap().as_deref(), Some("x"));
 }
@@ -50,7 +50,7 @@ fn large_values_are_files_and_sled_writes_no_blobs() {
         })
         .unwrap_or(0);
     assert_eq!(left, 0, "unreferenced value file kept");
-    drop(s);
+    s.close().unwrap();
     let s = Store::open(d.path()).unwrap();
     for (a, v) in &addrs {
         assert!(s.has_object(a).unwrap());
@@ -81,7 +81,7 @@ fn read_only_data_dir_is_not_called_damaged() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    drop(Store::open(d.path()).unwrap());
+    Store::open(d.path()).unwrap().close().unwrap();
     use std::os::unix::fs::PermissionsExt;
     for p in [d.path().to_path_buf(), Store::db_path(d.path())] {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o500)).unwrap();
