@@ -73,19 +73,25 @@ impl HttpSource {
         })
     }
 
-    /// Reads one path below the base URL (`Source::get` maps an item onto
-    /// its path); the limits, timeouts and redirect rules apply.
-    pub async fn fetch(&self, rel_path: &str, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
-        let url = format!("{}/{}", self.base, rel_path);
+    /// Sends the GET for `url` (`rel_path` below the base) with the
+    /// source's credentials: `None` for 404/410, unavailable for a
+    /// transport error or a 5xx (tried again later), invalid for any other
+    /// non-success status. The body is the caller's to read, within its
+    /// limit.
+    async fn get(
+        &self,
+        url: &str,
+        rel_path: &str,
+    ) -> Result<Option<reqwest::Response>, SourceError> {
         let unavailable = |reason: String| SourceError::Unavailable {
             source_name: self.base.clone(),
             reason,
         };
-        let mut req = self.client.get(&url);
+        let mut req = self.client.get(url);
         if let Some(c) = &self.credentials {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
-        let mut resp = req
+        let resp = req
             .send()
             .await
             .map_err(|e| unavailable(format!("GET {url}: {}", error_text(&e))))?;
@@ -103,6 +109,20 @@ impl HttpSource {
                 reason: format!("HTTP {status}"),
             });
         }
+        Ok(Some(resp))
+    }
+
+    /// Reads one path below the base URL (`Source::get` maps an item onto
+    /// its path); the limits, timeouts and redirect rules apply.
+    pub async fn fetch(&self, rel_path: &str, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
+        let url = format!("{}/{}", self.base, rel_path);
+        let unavailable = |reason: String| SourceError::Unavailable {
+            source_name: self.base.clone(),
+            reason,
+        };
+        let Some(mut resp) = self.get(&url, rel_path).await? else {
+            return Ok(None);
+        };
         let too_large = || SourceError::TooLarge {
             source_name: self.base.clone(),
             path: rel_path.to_owned(),
@@ -156,32 +176,9 @@ impl HttpSource {
             return Ok(None);
         };
         let url = format!("{}/{}", self.base, rel_path);
-        let unavailable = |reason: String| SourceError::Unavailable {
-            source_name: self.base.clone(),
-            reason,
-        };
-        let mut req = self.client.get(&url);
-        if let Some(c) = &self.credentials {
-            req = req.basic_auth(&c.username, Some(&c.password));
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| unavailable(format!("GET {url}: {}", error_text(&e))))?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+        let Some(resp) = self.get(&url, &rel_path).await? else {
             return Ok(None);
-        }
-        if status.is_server_error() {
-            return Err(unavailable(format!("GET {url}: HTTP {status}")));
-        }
-        if !status.is_success() {
-            return Err(SourceError::Invalid {
-                source_name: self.base.clone(),
-                path: rel_path,
-                reason: format!("HTTP {status}"),
-            });
-        }
+        };
         cairn_oci::blobfile::download_verified(resp, address, limit, dest, &format!("GET {url}"))
             .await
             .map(Some)
