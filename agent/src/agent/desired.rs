@@ -299,19 +299,7 @@ impl Agent {
         };
         const REASON: &str = "site-values";
         tracing::warn!(source, reason = REASON, error = %message, "release not adopted at this site");
-        self.inner.metrics.reject(REASON);
-        let r = RejectionStatus {
-            at: unix_now(),
-            source: source.to_owned(),
-            reason: REASON.to_owned(),
-            message: message.clone(),
-        };
-        let mut st = self.state();
-        st.last_rejection = Some(r.clone());
-        st.sources
-            .entry(source.to_owned())
-            .or_default()
-            .last_rejection = Some(r);
+        let mut st = self.note_rejection(source, REASON, message.clone());
         st.site = Some(crate::site::SiteStatus {
             error: Some(message),
             ..Default::default()

@@ -6,12 +6,25 @@ impl Agent {
     pub(super) fn record_rejection(&self, source: &str, rej: &Rejection) -> SyncOutcome {
         let reason = rej.reason();
         tracing::warn!(source, reason, stage = %rej.stage, error = %rej.error, "rejected");
+        drop(self.note_rejection(source, reason, rej.to_string()));
+        SyncOutcome::Rejected { reason }
+    }
+
+    /// Counts a rejected release and records it as the last rejection,
+    /// overall and for `source`; returns the state, still locked, for a
+    /// caller that records more about it.
+    pub(super) fn note_rejection(
+        &self,
+        source: &str,
+        reason: &str,
+        message: String,
+    ) -> MutexGuard<'_, State> {
         self.inner.metrics.reject(reason);
         let r = RejectionStatus {
             at: unix_now(),
             source: source.to_owned(),
             reason: reason.to_owned(),
-            message: rej.to_string(),
+            message,
         };
         let mut st = self.state();
         st.last_rejection = Some(r.clone());
@@ -19,7 +32,7 @@ impl Agent {
             .entry(source.to_owned())
             .or_default()
             .last_rejection = Some(r);
-        SyncOutcome::Rejected { reason }
+        st
     }
 
     /// Syncs from one source: follows new roots, reads the channel's
