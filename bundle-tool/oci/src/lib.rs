@@ -820,19 +820,10 @@ impl Client {
     /// GET a blob, at most `limit` bytes, checked against its digest.
     /// `None`: not found.
     pub async fn get_blob(&self, digest: &str, limit: u64) -> Result<Option<Vec<u8>>, OciError> {
-        if !is_address(digest) {
-            return Err(OciError::Invalid(format!("malformed digest `{digest}`")));
-        }
-        let url = self.reference.url(&format!("blobs/{digest}"));
-        let what = format!("GET {url}");
-        let resp = self.send(reqwest::Method::GET, &url, &[], None).await?;
-        let status = resp.status();
-        if status == reqwest::StatusCode::NOT_FOUND {
+        let Some(resp) = self.blob_response(digest).await? else {
             return Ok(None);
-        }
-        if !status.is_success() {
-            return Err(Self::status_error(&what, status));
-        }
+        };
+        let what = format!("GET {}", self.reference.url(&format!("blobs/{digest}")));
         let body = read_limited(resp, limit, &what).await?;
         check_digest(&what, digest, &body)?;
         Ok(Some(body))
