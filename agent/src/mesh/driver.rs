@@ -11,7 +11,6 @@ use crate::source::{Source, SourceError};
 use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_core::limits::Limits;
-use cairn_core::rollout::FleetReports;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
 use cairn_mesh::sync::{

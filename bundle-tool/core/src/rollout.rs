@@ -66,6 +66,73 @@ pub fn bucket_ppm(agent_id: &AgentId, bundle_id: &str) -> u32 {
     ((u128::from(u64::from_be_bytes(eight)) * 1_000_000) >> 64) as u32
 }
 
+/// An agent's rank in the fleet-wide status sample: the first eight bytes
+/// of SHA-256(`cairn-status-sample` ‖ 0 ‖ agent id). Every agent computes
+/// the same rank for an id, so every agent keeps the same sample (the
+/// agents with the smallest ranks: a bottom-k sample, docs/MESH.md);
+/// agent ids come from the fleet CA's certificates, so nobody picks a rank.
+pub fn status_sample_rank(agent_id: &AgentId) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"cairn-status-sample\0");
+    ctx.update(agent_id.as_bytes());
+    let d = ctx.finish();
+    let mut eight = [0u8; 8];
+    eight.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(eight)
+}
+
+/// The breaker's inputs for one bundle from a bottom-k status sample
+/// (`docs/MESH.md`, "Status sample").
+///
+/// * `failed`: every failure report held (failures are kept whatever their
+///   rank, so this count is exact).
+/// * `adopted`: exact when the sample is not full (`sample_full` is
+///   `None`: the table holds every live record); otherwise estimated from
+///   the sample, which is uniform because ranks are hashes: adopters among
+///   the `k` sampled records, scaled by the fleet size the sample implies
+///   (the k-th smallest rank `r_k` of a uniform hash over `n` ids is about
+///   `k / n` of the range, so `n ≈ (k − 1) · 2⁶⁴ / r_k`), and never below
+///   the adopters actually held.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleCounts {
+    /// Adopters held (sampled or failed).
+    pub adopted_held: u32,
+    /// Failure reports held.
+    pub failed_held: u32,
+    /// Adopters among the sampled records (rank within the sample).
+    pub adopted_in_sample: u32,
+}
+
+/// A full sample: its size `k` and the largest rank in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullSample {
+    /// Records in the sample.
+    pub k: u32,
+    /// The largest rank among them.
+    pub max_rank: u64,
+}
+
+impl SampleCounts {
+    /// The breaker's inputs; see [`SampleCounts`].
+    pub fn reports(&self, sample_full: Option<FullSample>) -> FleetReports {
+        let adopted = match sample_full {
+            Some(FullSample { k, max_rank }) if k >= 2 && max_rank > 0 => {
+                // n ≈ (k − 1) · 2⁶⁴ / r_k; adopted ≈ adopted_in_sample · n / k.
+                let n = (u128::from(k - 1) << 64) / u128::from(max_rank);
+                let est = n * u128::from(self.adopted_in_sample) / u128::from(k);
+                u32::try_from(est)
+                    .unwrap_or(u32::MAX)
+                    .max(self.adopted_held)
+            }
+            _ => self.adopted_held,
+        };
+        FleetReports {
+            adopted,
+            failed: self.failed_held,
+        }
+    }
+}
+
 /// Whether `labels` carry every `key=value` of `selector`; the first missing
 /// one otherwise.
 pub fn selector_mismatch(

@@ -77,6 +77,7 @@ use super::wire::{
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
+use cairn_core::rollout::{status_sample_rank, FleetReports, FullSample, SampleCounts};
 use cairn_core::AgentId;
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -336,6 +337,13 @@ impl StatusDrop {
     }
 }
 
+/// Whether a record reports its adopted release failed (and was rolled
+/// back): a failure report, which the breaker counts and every endpoint
+/// keeps whatever its rank.
+fn is_failure(r: &StatusRecord) -> bool {
+    r.health == "failed"
+}
+
 /// A connection, numbered by the endpoint.
 pub type ConnId = u64;
 /// A fetch (one release and its objects from one peer).
@@ -384,8 +392,17 @@ pub struct SyncConfig {
     /// author signed it) is dropped (default 10 min).
     pub status_ttl_ms: u64,
     /// Our own record is signed again after this long even if nothing
-    /// changed, so it never expires while we run (default 1 min).
+    /// changed, so it never expires while we run (default 4 min, well
+    /// inside the 10-minute TTL: a record is signed again when it changes
+    /// and rarely otherwise, because every new version travels).
     pub status_refresh_ms: u64,
+    /// How many healthy records of other agents the endpoint keeps: the
+    /// fleet-wide bottom-k sample by [`status_sample_rank`] (default 64;
+    /// docs/MESH.md, "Status sample"). Failure reports are kept whatever
+    /// their rank (up to [`MeshLimits::max_status_records`]), so the
+    /// breaker's failure count is exact; its adopter count is estimated
+    /// from the sample once the fleet outgrows it ([`Endpoint::fleet_reports`]).
+    pub status_sample: usize,
     /// The newest protocol version we speak (default
     /// [`PROTOCOL_VERSION`]; 2 makes the endpoint behave as a version 2
     /// agent: tests and simulations of mixed fleets).
@@ -414,7 +431,8 @@ impl SyncConfig {
             dial_backoff_max_ms: 10_000,
             max_clock_skew_ms: 300_000,
             status_ttl_ms: 600_000,
-            status_refresh_ms: 60_000,
+            status_refresh_ms: 240_000,
+            status_sample: 64,
             protocol_version: PROTOCOL_VERSION,
         }
     }
@@ -702,6 +720,8 @@ const MAX_ROOT_STEPS: u64 = 16;
 #[derive(Debug, Clone)]
 struct HeldStatus {
     record: StatusRecord,
+    /// [`status_sample_rank`] of the record's agent id.
+    rank: u64,
     /// `None` only for our own record when signing failed: it is then
     /// shown locally but not gossiped.
     signed: Option<SignedStatus>,
@@ -725,6 +745,9 @@ pub struct Endpoint {
     unbound_floors: BTreeSet<String>,
     keys: Box<dyn RecordKeys>,
     status: BTreeMap<AgentId, HeldStatus>,
+    /// The sampled records of `status` (rank, agent id): not ours and not
+    /// failure reports; at most `config.status_sample` after every merge.
+    sample: BTreeSet<(u64, AgentId)>,
     peers: BTreeMap<String, PeerEntry>,
     /// Records pulled from a peer and not yet received: agent id ->
     /// (record time, pulled at), so one record is pulled once.
@@ -753,6 +776,7 @@ impl Endpoint {
             unbound_floors: BTreeSet::new(),
             keys,
             status: BTreeMap::new(),
+            sample: BTreeSet::new(),
             peers: BTreeMap::new(),
             pulling: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
@@ -816,6 +840,82 @@ impl Endpoint {
             .values()
             .map(|h| &h.record)
             .filter(move |r| !self.expired(r, wall.0))
+    }
+
+    /// The rollout breaker's inputs from the gossiped view, per bundle
+    /// adopted on `channel`: failure reports counted exactly, adopters
+    /// exactly while the sample holds every healthy record we know of and
+    /// estimated from the sample once it is full
+    /// ([`SampleCounts::reports`]). The agent and the simulator both
+    /// decide on these.
+    pub fn fleet_reports(&self, channel: &str, wall: UnixMillis) -> BTreeMap<String, FleetReports> {
+        let full = self.sample_bound().map(|max_rank| FullSample {
+            k: u32::try_from(self.sample.len()).unwrap_or(u32::MAX),
+            max_rank,
+        });
+        let mut counts: BTreeMap<String, SampleCounts> = BTreeMap::new();
+        for h in self.status.values() {
+            let r = &h.record;
+            if r.channel != channel || r.bundle.is_empty() || self.expired(r, wall.0) {
+                continue;
+            }
+            let c = counts.entry(r.bundle.clone()).or_default();
+            c.adopted_held += 1;
+            if is_failure(r) {
+                c.failed_held += 1;
+            }
+            // Our own record and failure reports count in the sample when
+            // their rank is within it, as they would if they were healthy
+            // records of others: the sample stays uniform.
+            if full.is_none_or(|f| h.rank <= f.max_rank) {
+                c.adopted_in_sample += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(bundle, c)| (bundle, c.reports(full)))
+            .collect()
+    }
+
+    /// The largest rank in the sample when it is full (`None` while it
+    /// has room).
+    fn sample_bound(&self) -> Option<u64> {
+        if self.sample.len() < self.config.status_sample {
+            return None;
+        }
+        self.sample.last().map(|(rank, _)| *rank)
+    }
+
+    /// Whether a record with `rank` (not ours, not a failure report) has
+    /// a place in the sample.
+    fn sample_admits(&self, rank: u64) -> bool {
+        self.sample_bound().is_none_or(|b| rank < b)
+    }
+
+    /// Holds `held` (replacing that agent's record), keeping `sample` in
+    /// step, then trims the sample to its size: the largest ranks leave.
+    fn hold(&mut self, held: HeldStatus) {
+        let id = held.record.agent_id.clone();
+        let sampled = id != self.config.agent_id && !is_failure(&held.record);
+        let rank = held.rank;
+        self.unhold(&id);
+        if sampled {
+            self.sample.insert((rank, id.clone()));
+        }
+        self.status.insert(id, held);
+        while self.sample.len() > self.config.status_sample {
+            let Some((_, out)) = self.sample.pop_last() else {
+                break;
+            };
+            self.status.remove(&out);
+        }
+    }
+
+    /// Forgets an agent's record.
+    fn unhold(&mut self, id: &AgentId) {
+        if let Some(old) = self.status.remove(id) {
+            self.sample.remove(&(old.rank, id.clone()));
+        }
     }
 
     fn expired(&self, r: &StatusRecord, wall: u64) -> bool {
@@ -935,8 +1035,12 @@ impl Endpoint {
                 cert,
                 sig,
             });
-        self.status
-            .insert(record.agent_id.clone(), HeldStatus { record, signed });
+        let rank = status_sample_rank(&record.agent_id);
+        self.hold(HeldStatus {
+            record,
+            rank,
+            signed,
+        });
     }
 
     /// Adds peers (e.g. the persisted peer table at start-up).
@@ -1843,6 +1947,8 @@ impl Endpoint {
         let me = self.config.agent_id.clone();
         self.status
             .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > wall);
+        let status = &self.status;
+        self.sample.retain(|(_, id)| status.contains_key(id));
         if self.status.len() != before {
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
@@ -1901,6 +2007,15 @@ impl Endpoint {
             {
                 continue;
             }
+            // Outside the sample, not a failure report and not held: not
+            // ours to keep, so not worth a signature check.
+            let rank = status_sample_rank(&r.agent_id);
+            if !is_failure(&r)
+                && !self.sample_admits(rank)
+                && !self.status.contains_key(&r.agent_id)
+            {
+                continue;
+            }
             let message = SignedStatus::signed_message(&signed.record);
             match self.keys.verify(&signed.cert, &message, &signed.sig, wall) {
                 Ok(author) if author == r.agent_id => {}
@@ -1939,9 +2054,7 @@ impl Endpoint {
                     .min_by_key(|(_, h)| h.record.time)
                     .map(|(id, _)| id.clone());
                 match victim {
-                    Some(v) => {
-                        self.status.remove(&v);
-                    }
+                    Some(v) => self.unhold(&v),
                     None => {
                         *dropped.entry(StatusDrop::TableFull).or_default() += 1;
                         continue;
@@ -1951,14 +2064,15 @@ impl Endpoint {
             if let Some(l) = &r.listen {
                 learned.push((l.clone(), r.agent_id.clone()));
             }
-            self.status.insert(
-                r.agent_id.clone(),
-                HeldStatus {
-                    record: r,
-                    signed: Some(signed),
-                },
-            );
-            changed = true;
+            let id = r.agent_id.clone();
+            self.hold(HeldStatus {
+                record: r,
+                rank,
+                signed: Some(signed),
+            });
+            // The sample may have trimmed the record straight away (a
+            // full sample and a larger rank than all of it).
+            changed |= self.status.contains_key(&id);
         }
         for (addr, id) in learned {
             self.learn_signed_address(&addr, &id);

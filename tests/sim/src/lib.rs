@@ -1495,19 +1495,15 @@ impl Sim {
     }
 
     fn reports(&self, i: usize, bundle: &str) -> FleetReports {
-        let mut r = FleetReports::default();
-        if let Some(ep) = &self.nodes[i].ep {
-            for s in ep
-                .status(UnixMillis(self.now))
-                .filter(|s| s.bundle == bundle)
-            {
-                r.adopted += 1;
-                if s.health == "failed" {
-                    r.failed += 1;
-                }
-            }
-        }
-        r
+        self.nodes[i]
+            .ep
+            .as_ref()
+            .and_then(|ep| {
+                ep.fleet_reports(CHANNEL, UnixMillis(self.now))
+                    .get(bundle)
+                    .copied()
+            })
+            .unwrap_or_default()
     }
 
     /// The pipeline context of node `i` now: the world's root (one epoch),

@@ -98,23 +98,14 @@ impl Driver {
         self.update_fleet_reports();
     }
 
-    /// The rollout breaker's inputs from the gossiped status view: per
-    /// bundle, agents on our channel that adopted it, and those of them
-    /// reporting it failed (rolled back). The view holds only records
-    /// signed by the agent they describe and younger than the TTL.
+    /// The rollout breaker's inputs from the gossiped status view, per
+    /// bundle adopted on our channel (`Endpoint::fleet_reports`: failure
+    /// reports exactly, adopters from the status sample). The view holds
+    /// only records signed by the agent they describe and younger than
+    /// the TTL.
     pub(super) fn update_fleet_reports(&self) {
         let channel = &self.agent.config().channel;
-        let mut reports: BTreeMap<String, FleetReports> = BTreeMap::new();
-        for r in self.ep.status(wall()) {
-            if r.channel != *channel || r.bundle.is_empty() {
-                continue;
-            }
-            let e = reports.entry(r.bundle.clone()).or_default();
-            e.adopted += 1;
-            if r.health == "failed" {
-                e.failed += 1;
-            }
-        }
+        let reports = self.ep.fleet_reports(channel, wall());
         self.agent.replace_fleet_reports(reports);
     }
 

@@ -66,17 +66,15 @@ fn status_ids(ep: &Endpoint, now: u64) -> Vec<String> {
         .collect()
 }
 
-/// Adopters and failures of `bundle`, as the agent computes its breaker
-/// inputs from the status view.
+/// Adopters and failures of `bundle` on channel `stable`: the breaker
+/// inputs the agent and the simulator take from the endpoint.
 fn breaker_inputs(ep: &Endpoint, bundle: &str, now: u64) -> (u64, u64) {
-    let rs: Vec<&StatusRecord> = ep
-        .status(UnixMillis(now))
-        .filter(|r| r.bundle == bundle)
-        .collect();
-    (
-        rs.len() as u64,
-        rs.iter().filter(|r| r.health == "failed").count() as u64,
-    )
+    let r = ep
+        .fleet_reports("stable", UnixMillis(now))
+        .get(bundle)
+        .copied()
+        .unwrap_or_default();
+    (u64::from(r.adopted), u64::from(r.failed))
 }
 
 /// Toy release: (channel, sequence, manifest address, valid).
@@ -1124,6 +1122,110 @@ fn a_flood_cannot_evict_real_records() {
         UnixMillis(later),
     );
     assert_eq!(status_ids(&ep, later), vec!["a0", "a2", "a3", "n1"]);
+}
+
+/// `n` healthy records `n0..` and `failed` failure reports `f0..`, all
+/// on the same bundle, each signed by its agent.
+fn fleet_records(n: usize, failed: usize, now: u64) -> Vec<SignedStatus> {
+    (0..n)
+        .map(|i| (format!("n{i}"), "healthy"))
+        .chain((0..failed).map(|i| (format!("f{i}"), "failed")))
+        .map(|(id, health)| signed_by(&id, &record(&id, health, now - 1_000)))
+        .collect()
+}
+
+#[test]
+fn the_status_sample_keeps_the_lowest_ranks_and_every_failure() {
+    let now = 1_000_000;
+    let records = fleet_records(100, 5, now);
+    let mut lowest: Vec<(u64, String)> = (0..100)
+        .map(|i| {
+            let id = format!("n{i}");
+            (status_sample_rank(&aid(&id)), id)
+        })
+        .collect();
+    lowest.sort();
+    let mut expected: Vec<String> = lowest.iter().take(8).map(|(_, id)| id.clone()).collect();
+    expected.extend((0..5).map(|i| format!("f{i}")));
+    expected.push("a0".into());
+    expected.sort();
+    // Whatever order and batching the records arrive in, every endpoint
+    // keeps the same sample: the 8 lowest ranks, plus every failure
+    // report and its own record.
+    for (order, batch) in [(false, 105), (true, 7), (false, 1)] {
+        let mut c = cfg(0, vec![]);
+        c.status_sample = 8;
+        let mut ep = new_ep(c);
+        ep.handle_timeout(Millis(now), UnixMillis(now));
+        let conn = hello(&mut ep, "a1", now);
+        let mut rs = records.clone();
+        if order {
+            rs.reverse();
+        }
+        for chunk in rs.chunks(batch) {
+            ep.handle_message(
+                conn,
+                Message::Status(chunk.to_vec()),
+                Millis(now),
+                UnixMillis(now),
+            );
+        }
+        let mut held = status_ids(&ep, now);
+        held.sort();
+        assert_eq!(held, expected, "order reversed {order}, batches of {batch}");
+        assert!(!ep.is_banned("a1", Millis(now)));
+        // What it gossips on is what it holds: a full answer carries the
+        // sample and the failures, not the fleet.
+        while ep.poll_action().is_some() {}
+        ep.handle_message(conn, Message::StatusRequest, Millis(now), UnixMillis(now));
+        let sent = std::iter::from_fn(|| ep.poll_action())
+            .find_map(|a| match a {
+                Action::Send {
+                    message: Message::Status(rs),
+                    ..
+                } => Some(rs.len()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(sent, expected.len());
+    }
+}
+
+#[test]
+fn breaker_counts_failures_exactly_and_estimates_adopters_beyond_the_sample() {
+    let now = 1_000_000;
+    let bundle = sha256_address(b"bundle");
+    let records = fleet_records(2_000, 100, now);
+    for (sample, exact) in [(4_096, true), (256, false), (64, false)] {
+        let mut c = cfg(0, vec![]);
+        c.status_sample = sample;
+        let mut ep = new_ep(c);
+        ep.handle_timeout(Millis(now), UnixMillis(now));
+        let conn = hello(&mut ep, "a1", now);
+        for chunk in records.chunks(500) {
+            ep.handle_message(
+                conn,
+                Message::Status(chunk.to_vec()),
+                Millis(now),
+                UnixMillis(now),
+            );
+        }
+        let (adopted, failed) = breaker_inputs(&ep, &bundle, now);
+        assert_eq!(failed, 100, "sample {sample}: failures are exact");
+        if exact {
+            assert_eq!(adopted, 2_100);
+            assert_eq!(status_ids(&ep, now).len(), 2_101);
+        } else {
+            // A bottom-k estimate: within a few standard errors (1/sqrt k)
+            // of the 2,100 adopters, from k + 100 records held.
+            let tolerance = 2_100.0 * 3.0 / (sample as f64).sqrt();
+            assert!(
+                (adopted as f64 - 2_100.0).abs() <= tolerance,
+                "sample {sample}: estimated {adopted} adopters of 2,100"
+            );
+            assert!(status_ids(&ep, now).len() <= sample + 101);
+        }
+    }
 }
 
 #[test]
