@@ -612,7 +612,32 @@ struct Conn {
     /// sent or announced it, or the peer sent or announced it. Gossip
     /// sends only what is newer, so an unchanged fleet costs nothing to
     /// exchange and a record crosses a connection at most once.
-    status_known: BTreeMap<AgentId, u64>,
+    status_known: KnownRecords,
+}
+
+/// What the peer on one connection is known to hold: the newest record
+/// time per agent, keyed by the agent's [`status_sample_rank`] (8 bytes
+/// instead of an id string: there is one map per connection; two ids with
+/// one rank, which the fleet CA would have to issue about 2³² ids to
+/// produce, only spare one record one crossing of one connection). Cleared
+/// when it outgrows twice the record limit, which costs one resend.
+#[derive(Debug, Default)]
+struct KnownRecords(BTreeMap<u64, u64>);
+
+impl KnownRecords {
+    /// Whether the peer holds the record of `rank` dated `time` or newer.
+    fn holds(&self, rank: u64, time: u64) -> bool {
+        self.0.get(&rank).is_some_and(|t| *t >= time)
+    }
+
+    /// The peer holds the record of `rank` dated `time`.
+    fn note(&mut self, rank: u64, time: u64, max_records: usize) {
+        if self.0.len() > 2 * max_records {
+            self.0.clear();
+        }
+        let k = self.0.entry(rank).or_insert(time);
+        *k = (*k).max(time);
+    }
 }
 
 /// One of our wants in flight.
@@ -744,7 +769,9 @@ pub struct Endpoint {
     /// rotation replaced the release keys that signed it).
     unbound_floors: BTreeSet<String>,
     keys: Box<dyn RecordKeys>,
-    status: BTreeMap<AgentId, HeldStatus>,
+    /// Boxed: a record is a few hundred bytes, and a B-tree node holds
+    /// eleven slots whether used or not.
+    status: BTreeMap<AgentId, Box<HeldStatus>>,
     /// The sampled records of `status` (rank, agent id): not ours and not
     /// failure reports; at most `config.status_sample` after every merge.
     sample: BTreeSet<(u64, AgentId)>,
@@ -902,7 +929,7 @@ impl Endpoint {
         if sampled {
             self.sample.insert((rank, id.clone()));
         }
-        self.status.insert(id, held);
+        self.status.insert(id, Box::new(held));
         while self.sample.len() > self.config.status_sample {
             let Some((_, out)) = self.sample.pop_last() else {
                 break;
@@ -1087,7 +1114,7 @@ impl Endpoint {
                 serving: BTreeMap::new(),
                 outstanding: BTreeMap::new(),
                 fetch_backoff_until: 0,
-                status_known: BTreeMap::new(),
+                status_known: KnownRecords::default(),
             },
         );
         if let PeerIdentity::Agent(id) = &identity {
@@ -1790,16 +1817,12 @@ impl Endpoint {
             return self.send_records(conn, ids, full, now, wall);
         }
         let known = &c.status_known;
-        let mut digest: Vec<(u64, AgentId)> = self
+        let mut digest: Vec<(u64, AgentId, u64)> = self
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
-            .filter(|h| {
-                known
-                    .get(&h.record.agent_id)
-                    .is_none_or(|t| *t < h.record.time)
-            })
-            .map(|h| (h.record.time, h.record.agent_id.clone()))
+            .filter(|h| !known.holds(h.rank, h.record.time))
+            .map(|h| (h.record.time, h.record.agent_id.clone(), h.rank))
             .collect();
         if digest.is_empty() {
             return;
@@ -1809,14 +1832,11 @@ impl Endpoint {
         digest.truncate(self.config.limits.max_status_records);
         let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            if c.status_known.len() > 2 * max {
-                c.status_known.clear();
-            }
-            for (t, id) in &digest {
-                c.status_known.insert(id.clone(), *t);
+            for (t, _, rank) in &digest {
+                c.status_known.note(*rank, *t, max);
             }
         }
-        let digest = digest.into_iter().map(|(t, id)| (id, t)).collect();
+        let digest = digest.into_iter().map(|(t, id, _)| (id, t)).collect();
         self.send(conn, Message::StatusDigest(digest), now);
     }
 
@@ -1837,17 +1857,16 @@ impl Endpoint {
             return;
         };
         let mut records: Vec<&HeldStatus> = match &ids {
-            Some(ids) => ids.iter().filter_map(|id| self.status.get(id)).collect(),
-            None => self.status.values().collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| self.status.get(id).map(|h| &**h))
+                .collect(),
+            None => self.status.values().map(|h| &**h).collect(),
         };
         records.retain(|h| {
             h.signed.is_some()
                 && !self.expired(&h.record, wall)
-                && (full
-                    || ids.is_some()
-                    || already
-                        .get(&h.record.agent_id)
-                        .is_none_or(|t| *t < h.record.time))
+                && (full || ids.is_some() || !already.holds(h.rank, h.record.time))
         });
         if records.is_empty() && !full {
             return;
@@ -1868,15 +1887,12 @@ impl Endpoint {
             }
             used += n;
             out.push(signed.clone());
-            sent.push((h.record.agent_id.clone(), h.record.time));
+            sent.push((h.rank, h.record.time));
         }
+        let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            if c.status_known.len() > 2 * self.config.limits.max_status_records {
-                c.status_known.clear();
-            }
-            for (id, t) in sent {
-                let k = c.status_known.entry(id).or_insert(t);
-                *k = (*k).max(t);
+            for (rank, t) in sent {
+                c.status_known.note(rank, t, max);
             }
         }
         self.send(conn, Message::Status(out), now);
@@ -1901,11 +1917,7 @@ impl Endpoint {
                 continue;
             }
             if let Some(c) = self.conns.get_mut(&conn) {
-                if c.status_known.len() > 2 * max {
-                    c.status_known.clear();
-                }
-                let k = c.status_known.entry(id.clone()).or_insert(t);
-                *k = (*k).max(t);
+                c.status_known.note(status_sample_rank(&id), t, max);
             }
             let newer = self
                 .status
@@ -1975,12 +1987,9 @@ impl Endpoint {
                 continue;
             };
             // The peer holds it: never sent back on this connection.
+            let rank = status_sample_rank(&r.agent_id);
             if let Some(c) = self.conns.get_mut(&conn) {
-                if c.status_known.len() > 2 * limits.max_status_records {
-                    c.status_known.clear();
-                }
-                let k = c.status_known.entry(r.agent_id.clone()).or_insert(r.time);
-                *k = (*k).max(r.time);
+                c.status_known.note(rank, r.time, limits.max_status_records);
             }
             if self
                 .pulling
@@ -2009,7 +2018,6 @@ impl Endpoint {
             }
             // Outside the sample, not a failure report and not held: not
             // ours to keep, so not worth a signature check.
-            let rank = status_sample_rank(&r.agent_id);
             if !is_failure(&r)
                 && !self.sample_admits(rank)
                 && !self.status.contains_key(&r.agent_id)
