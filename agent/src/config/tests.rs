@@ -210,3 +210,27 @@ fn kubernetes_target_parses() {
         })
     );
 }
+
+#[test]
+fn the_mesh_status_sample_defaults_to_64_and_is_bounded_by_the_table() {
+    let mesh = "mesh:\n  cert: /c/agent.crt\n  key: /c/agent.key\n  ca: /c/ca.crt\n";
+    let c = Config::parse(&format!("{GOOD}{mesh}"), "config f.yaml").unwrap();
+    assert_eq!(
+        c.mesh.unwrap().status_sample,
+        crate::mesh::DEFAULT_STATUS_SAMPLE
+    );
+    let c = Config::parse(
+        &format!("{GOOD}{mesh}  statusSample: 4096\n"),
+        "config f.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.mesh.unwrap().status_sample, 4096);
+    for bad in ["0", "4097"] {
+        let l = lines(&format!("{GOOD}{mesh}  statusSample: {bad}\n"));
+        assert_eq!(l.len(), 1, "{l:?}");
+        assert!(
+            l[0].contains("mesh.statusSample") && l[0].contains(bad),
+            "{l:?}"
+        );
+    }
+}

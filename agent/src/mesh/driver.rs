@@ -119,6 +119,7 @@ pub(super) async fn run(mesh: Mesh) {
     sc.seeds = config.peers.clone();
     sc.rng_seed = rand::random();
     sc.anti_entropy_ms = config.anti_entropy_ms;
+    sc.status_sample = config.status_sample;
     let read_timeout = Duration::from_millis(sc.keepalive_ms * 3);
     let root_version = agent.root().root().version;
     let mut ep = Endpoint::new(sc, root_version, Box::new(record_keys));

@@ -48,7 +48,13 @@ pub struct MeshConfig {
     pub peers: Vec<String>,
     /// Anti-entropy period in milliseconds (default 5000).
     pub anti_entropy_ms: u64,
+    /// Healthy records of other agents kept and relayed: the fleet-wide
+    /// status sample (docs/MESH.md, "Status sample"; default 64).
+    pub status_sample: usize,
 }
+
+/// The default `mesh.statusSample`.
+pub const DEFAULT_STATUS_SAMPLE: usize = 64;
 
 /// The raw `mesh:` section as written in YAML.
 #[derive(Debug, Default, Deserialize)]
@@ -61,6 +67,7 @@ pub struct RawMeshConfig {
     ca: Option<String>,
     peers: Option<Vec<String>>,
     anti_entropy_interval: Option<String>,
+    status_sample: Option<u64>,
 }
 
 impl RawMeshConfig {
@@ -122,6 +129,19 @@ impl RawMeshConfig {
                 }
             },
         };
+        // The table holds at most `max_status_records` records in all.
+        let max_sample = cairn_mesh::MeshLimits::default().max_status_records;
+        let status_sample = match self.status_sample {
+            None => DEFAULT_STATUS_SAMPLE,
+            Some(n) if n >= 1 && n <= max_sample as u64 => n as usize,
+            Some(n) => {
+                errors.push((
+                    "mesh.statusSample".into(),
+                    format!("{n}: expected 1 to {max_sample} agents"),
+                ));
+                DEFAULT_STATUS_SAMPLE
+            }
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -131,6 +151,7 @@ impl RawMeshConfig {
             credentials,
             peers,
             anti_entropy_ms,
+            status_sample,
         })
     }
 }

@@ -820,3 +820,68 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
     }
     drop(rt);
 }
+
+#[test]
+fn with_a_status_sample_of_one_an_agent_keeps_its_own_record_and_the_lowest_ranked_other() {
+    // Four agents in a line, each configured to keep one other agent's
+    // healthy record (`mesh.statusSample: 1`): every agent converges on
+    // the same sampled agent, the one whose id has the lowest rank, and
+    // relays nothing else. (The default, 64, holds a fleet this small
+    // whole: the line test above shows all five.)
+    let w = World::new(2, 1, 1);
+    let b1 = w.build("HEAD", "b1.bundle");
+    w.release(&b1);
+    let mut f = mesh_fleet(w);
+    for i in 0..4 {
+        let cert = f.issue(&f.ca.clone(), i);
+        let sources = if i == 0 {
+            vec![f.w.repo.clone()]
+        } else {
+            vec![]
+        };
+        let seeds = if i < 3 { vec![f.addr(i + 1)] } else { vec![] };
+        let cfg = f.config(i, &sources, &seeds, &cert);
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.ends_with("antiEntropyInterval: 1s\n"), "{text}");
+        text.push_str("  statusSample: 1\n");
+        std::fs::write(&cfg, text).unwrap();
+        f.spawn(i, &cfg);
+    }
+    f.wait_sequence(&[0, 1, 2, 3], 1, 90);
+    let rank = |i: usize| {
+        cairn_bundle::rollout::status_sample_rank(
+            &cairn_bundle::ids::AgentId::parse(&f.id(i)).unwrap(),
+        )
+    };
+    let op = f.w.path("operator");
+    mesh_issue_operator(&f.ca, "ops", &op);
+    for peer in [0, 3] {
+        let lowest_other = (0..4)
+            .filter(|i| *i != peer)
+            .min_by_key(|i| rank(*i))
+            .unwrap();
+        let mut want = vec![f.id(peer), f.id(lowest_other)];
+        want.sort();
+        let mut last = serde_json::Value::Null;
+        wait_for(
+            30,
+            "agent's table holds itself and the sampled agent at sequence 1",
+            || {
+                last = fleet_status_json(&f, peer, &op);
+                let agents = last["agents"].as_array().cloned().unwrap_or_default();
+                let ids: Vec<String> = agents
+                    .iter()
+                    .map(|a| a["agent_id"].as_str().unwrap_or_default().to_owned())
+                    .collect();
+                ids == want && agents.iter().all(|a| a["sequence"] == 1)
+            },
+        );
+        // It stays that way: nobody relays the two records left out.
+        std::thread::sleep(Duration::from_secs(3));
+        let agents = fleet_status_json(&f, peer, &op)["agents"]
+            .as_array()
+            .unwrap()
+            .len();
+        assert_eq!(agents, 2, "agent {peer}: {last}");
+    }
+}
