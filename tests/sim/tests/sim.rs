@@ -214,6 +214,30 @@ fn mesh_bytes_per_agent_stay_within_bounds() {
 /// fleet (every agent's record reaches every agent), not with the number
 /// of connections.
 #[test]
+fn status_gossip_per_agent_is_bounded_by_the_sample_not_the_fleet() {
+    // 400 agents, six times the default status sample (64): each agent
+    // keeps and relays the sample, not the fleet, so a release costs
+    // about the sample's new versions per agent (plus its neighbours' own
+    // records, which it pulls once and drops), not one per agent as above.
+    let agents = 400;
+    let r = run(SimConfig {
+        status_gossip: true,
+        pause_ms: 60_000,
+        releases: 1,
+        ..SimConfig::new(agents, 5)
+    });
+    assert_clean(&r);
+    let rel = &r.releases[0];
+    let sample_bound = (64.0 + 16.0) * 2.0 * 400.0;
+    let whole_fleet = agents as f64 * 2.0 * 280.0;
+    assert!(
+        rel.gossip_period_mean <= sample_bound && sample_bound < whole_fleet / 3.0,
+        "{:.0} bytes per agent (bound {sample_bound:.0}, whole fleet {whole_fleet:.0}): {rel:?}",
+        rel.gossip_period_mean
+    );
+}
+
+#[test]
 fn status_gossip_per_agent_is_about_one_copy_of_each_new_record() {
     let agents = 60;
     let r = run(SimConfig {
