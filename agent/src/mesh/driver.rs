@@ -12,6 +12,7 @@ use crate::store::StoreHandle;
 use crate::{Agent, BoxFuture};
 use cairn_core::limits::Limits;
 use cairn_core::rollout::FleetReports;
+use cairn_core::Address;
 use cairn_keys::codec;
 use cairn_keys::text::escape_untrusted;
 use cairn_mesh::sync::{
@@ -519,7 +520,7 @@ impl Driver {
         let Some(state) = self.fetches.get_mut(&fetch) else {
             return;
         };
-        let bundle = state.ingest.release().release().bundle.to_string();
+        let bundle = state.ingest.release().release().bundle.as_address().clone();
         let want = match manifest {
             Some(m) => match state.ingest.handle_manifest(&m) {
                 Ok(()) => {
@@ -536,7 +537,7 @@ impl Driver {
 
     /// An object whose hash matched: the manifest, or an entry checked by
     /// the pipeline against it, then stored.
-    fn object(&mut self, fetch: FetchId, address: String, bytes: Vec<u8>, now: Millis) {
+    fn object(&mut self, fetch: FetchId, address: Address, bytes: Vec<u8>, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -548,7 +549,9 @@ impl Driver {
             .object_bytes_fetched
             .get_or_create(&from)
             .inc_by(bytes.len() as u64);
-        let result = if f.manifest.is_none() && address == f.ingest.release().release().bundle {
+        let result = if f.manifest.is_none()
+            && address == *f.ingest.release().release().bundle.as_address()
+        {
             f.ingest.handle_manifest(&bytes).map(|()| {
                 f.manifest = Some(bytes);
             })
@@ -598,7 +601,7 @@ impl Driver {
                 // Which of them the store holds: asked on a blocking
                 // thread, answered as an input.
                 f.checking = true;
-                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a.into()).collect();
+                let addresses: Vec<Address> = list.into_iter().map(|(a, _)| a).collect();
                 let (store, tx) = (self.agent.store().clone(), self.tx.clone());
                 tokio::spawn(async move {
                     let present = store
@@ -621,7 +624,7 @@ impl Driver {
                 // the last release) are read on a blocking thread and fed
                 // to the ingest; the rest are asked of the peer.
                 f.checking = true;
-                let addresses: Vec<String> = list.into_iter().map(|(a, _)| a.into()).collect();
+                let addresses: Vec<Address> = list.into_iter().map(|(a, _)| a).collect();
                 let (store, tx) = (self.agent.store().clone(), self.tx.clone());
                 tokio::spawn(async move {
                     let chunks = store
@@ -648,7 +651,7 @@ impl Driver {
     fn local_chunks(
         &mut self,
         fetch: FetchId,
-        chunks: Vec<(String, Option<Vec<u8>>)>,
+        chunks: Vec<(Address, Option<Vec<u8>>)>,
         now: Millis,
     ) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
@@ -686,7 +689,7 @@ impl Driver {
 
     /// The store's answer for the objects a fetch wants: ask the peer for
     /// the missing ones, or adopt.
-    fn present(&mut self, fetch: FetchId, present: Vec<(String, bool)>, now: Millis) {
+    fn present(&mut self, fetch: FetchId, present: Vec<(Address, bool)>, now: Millis) {
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
         };
@@ -708,7 +711,7 @@ impl Driver {
                 for (k, e) in m.entries.iter().enumerate() {
                     if let Ok(k) = u32::try_from(k) {
                         if missing.remove(e.object.as_str()) {
-                            entries.push((k, e.object.to_string()));
+                            entries.push((k, e.object.clone()));
                         }
                     }
                 }

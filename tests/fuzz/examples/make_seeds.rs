@@ -153,6 +153,8 @@ fn main() {
     write("envelope", "unsigned", &unsigned);
 
     // Mesh frames: one of each message, and a stream of several.
+    let stable = cairn_bundle::ChannelName::parse("stable").expect("a channel name");
+    let agent = |id: &str| cairn_bundle::ids::AgentId::parse(id).expect("an agent id");
     let messages = vec![
         (
             "hello",
@@ -173,8 +175,8 @@ fn main() {
                 id: 7,
                 items: vec![
                     Item::Root(2),
-                    Item::Release("stable".into()),
-                    Item::Object(bundle.to_string()),
+                    Item::Release(stable.clone()),
+                    Item::Object(bundle.as_address().clone()),
                 ],
             },
         ),
@@ -184,7 +186,7 @@ fn main() {
                 id: 7,
                 items: vec![
                     Found {
-                        item: Item::Release("stable".into()),
+                        item: Item::Release(stable.clone()),
                         bytes: Some(release_simple.clone()),
                     },
                     Found {
@@ -201,23 +203,23 @@ fn main() {
             Message::Want {
                 id: 8,
                 items: vec![Item::Entries(EntryRanges {
-                    bundle: bundle.to_string(),
+                    bundle: bundle.clone(),
                     ranges: vec![(0, 100), (250, 1)],
                 })],
             },
         ),
         (
             "status_digest",
-            Message::StatusDigest(vec![("edge-1".into(), 1_800_000_000_000)]),
+            Message::StatusDigest(vec![(agent("edge-1"), 1_800_000_000_000)]),
         ),
-        ("status_pull", Message::StatusPull(vec!["edge-1".into()])),
+        ("status_pull", Message::StatusPull(vec![agent("edge-1")])),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only
             // bounds them; verification is the receiver's `RecordKeys`.
             Message::Status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&StatusRecord {
-                    agent_id: "agent-1".into(),
+                    agent_id: agent("agent-1"),
                     channel: "stable".into(),
                     labels: [("site".to_string(), "north".to_string())].into(),
                     sequence: 3,
