@@ -77,7 +77,8 @@ use super::wire::{
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
-use cairn_core::{Address, AgentId, BundleId, ChannelName};
+use cairn_core::AgentId;
+use cairn_core::{Address, BundleId, ChannelName};
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
