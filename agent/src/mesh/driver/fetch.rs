@@ -181,49 +181,51 @@ impl Driver {
                 // Which of them the store holds: asked on a blocking
                 // thread, answered as an input.
                 f.checking = true;
-                let addresses: Vec<Address> = list.into_iter().map(|(a, _)| a).collect();
-                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let present = store
-                        .call(move |s| {
-                            Ok(addresses
-                                .into_iter()
-                                .map(|a| {
-                                    let held = s.has_object(&a).unwrap_or(false);
-                                    (a, held)
-                                })
-                                .collect())
-                        })
-                        .await
-                        .unwrap_or_default();
-                    let _ = tx.send(Input::Present { fetch, present }).await;
-                });
+                self.look_up(
+                    list,
+                    |s, a| s.has_object(a).unwrap_or(false),
+                    move |present| Input::Present { fetch, present },
+                );
             }
             Want::Chunks(list) => {
                 // Format 2: the chunks the store holds (unchanged since
                 // the last release) are read on a blocking thread and fed
                 // to the ingest; the rest are asked of the peer.
                 f.checking = true;
-                let addresses: Vec<Address> = list.into_iter().map(|(a, _)| a).collect();
-                let (store, tx) = (self.agent.store().clone(), self.tx.clone());
-                tokio::spawn(async move {
-                    let chunks = store
-                        .call(move |s| {
-                            Ok(addresses
-                                .into_iter()
-                                .map(|a| {
-                                    let b = s.get_object(&a).ok().flatten();
-                                    (a, b)
-                                })
-                                .collect())
-                        })
-                        .await
-                        .unwrap_or_default();
-                    let _ = tx.send(Input::LocalChunks { fetch, chunks }).await;
-                });
+                self.look_up(
+                    list,
+                    |s, a| s.get_object(a).ok().flatten(),
+                    move |chunks| Input::LocalChunks { fetch, chunks },
+                );
             }
             Want::Complete => self.adopt(fetch),
         }
+    }
+
+    /// Looks each wanted address up in the store (`look`) on a blocking
+    /// thread; the answer comes back as the input `answer` makes of it.
+    fn look_up<T: Send + 'static>(
+        &self,
+        wanted: Vec<(Address, u64)>,
+        look: fn(&crate::store::Store, &Address) -> T,
+        answer: impl FnOnce(Vec<(Address, T)>) -> Input + Send + 'static,
+    ) {
+        let (store, tx) = (self.agent.store().clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let found = store
+                .call(move |s| {
+                    Ok(wanted
+                        .into_iter()
+                        .map(|(a, _)| {
+                            let t = look(s, &a);
+                            (a, t)
+                        })
+                        .collect())
+                })
+                .await
+                .unwrap_or_default();
+            let _ = tx.send(answer(found)).await;
+        });
     }
 
     /// The store's copies of the wanted chunks: each is checked by the
