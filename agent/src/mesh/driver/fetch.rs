@@ -49,12 +49,7 @@ impl Driver {
         snapshot.root = root.root().clone();
         snapshot.epoch = cairn_keys::root::release_epoch(&chain).to_vec();
         match Ingest::start(&snapshot.context(channel, &self.limits), &release) {
-            Err(rej) => {
-                tracing::warn!(%peer, reason = rej.reason(), error = %rej, "release from mesh peer rejected");
-                self.agent.metrics().reject(rej.reason());
-                self.ep
-                    .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
-            }
+            Err(rej) => self.rejected(fetch, &peer, "release", &rej, now),
             Ok(Start::UpToDate) => self.ep.fetch_abandon(fetch, now),
             Ok(Start::Candidate(ingest)) => {
                 let state = FetchState {
@@ -152,12 +147,26 @@ impl Driver {
         };
         if let Err(rej) = result {
             let peer = f.peer.clone();
-            tracing::warn!(%peer, reason = rej.reason(), error = %rej, "object from mesh peer rejected");
-            self.agent.metrics().reject(rej.reason());
-            self.fetches.remove(&fetch);
-            self.ep
-                .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
+            self.rejected(fetch, &peer, "object", &rej, now);
         }
+    }
+
+    /// The pipeline refused what a peer sent for `fetch` (`what`: release,
+    /// object, bundle): logged and counted, the fetch dropped, and the
+    /// endpoint told (the peer is cut off unless it is not its fault).
+    fn rejected(
+        &mut self,
+        fetch: FetchId,
+        peer: &cairn_core::AgentId,
+        what: &str,
+        rej: &pipeline::Rejection,
+        now: Millis,
+    ) {
+        tracing::warn!(%peer, reason = rej.reason(), error = %rej, "{what} from mesh peer rejected");
+        self.agent.metrics().reject(rej.reason());
+        self.fetches.remove(&fetch);
+        self.ep
+            .release_rejected(fetch, VerifyFailure::of(rej), &rej.to_string(), now);
     }
 
     /// Everything asked for arrived: ask for the missing entries, or adopt.
@@ -252,12 +261,7 @@ impl Driver {
                 Err(rej) if !matches!(f.ingest.want(), Want::Chunks(_)) => {
                     // The chunks are fine, the manifest they make is not.
                     let peer = f.peer.clone();
-                    tracing::warn!(%peer, reason = rej.reason(), error = %rej, "bundle from mesh peer rejected");
-                    self.agent.metrics().reject(rej.reason());
-                    self.fetches.remove(&fetch);
-                    self.ep
-                        .release_rejected(fetch, VerifyFailure::of(&rej), &rej.to_string(), now);
-                    return;
+                    return self.rejected(fetch, &peer, "bundle", &rej, now);
                 }
                 Err(_) => missing.push(address),
             }
