@@ -3,9 +3,11 @@
 //! A frame is a 4-byte big-endian body length followed by that many bytes
 //! of CBOR ([`cairn_keys::codec`]) encoding one [`Message`]. The length is
 //! checked against [`MeshLimits::max_frame_bytes`] before the body is
-//! allocated, and every decoded message is checked by
-//! [`Message::validate`] (counts, string lengths, address syntax) before
-//! the protocol sees it.
+//! allocated. Ids are typed ([`ChannelName`], [`Address`], [`BundleId`],
+//! [`AgentId`], each the bare CBOR text string): a malformed one is refused
+//! while decoding, as an invalid message naming its field. Every decoded
+//! message is then checked by [`Message::validate`] (counts, string
+//! lengths, the heads' and records' ids) before the protocol sees it.
 //!
 //! Protocol versions are carried in [`Hello`]: a sender names the oldest
 //! ([`Hello::version`]) and the newest ([`Hello::max_version`]) version it
@@ -846,10 +848,6 @@ mod tests {
         AgentId::parse(s).unwrap()
     }
 
-    fn addr(bytes: &[u8]) -> Address {
-        Address::of(bytes)
-    }
-
     /// A status record's shape before agent ids were typed (`agent_id` a
     /// bare string): what older agents sign, and what an attacker can
     /// put in the bytes.
@@ -1225,14 +1223,14 @@ mod tests {
                 items: vec![
                     Item::Root(2),
                     Item::Release(ChannelName::parse("stable").unwrap()),
-                    Item::Object(addr(b"x")),
+                    Item::Object(Address::of(b"x")),
                 ],
             },
             Message::Data {
                 id: 7,
                 items: vec![
                     Found {
-                        item: Item::Object(addr(b"x")),
+                        item: Item::Object(Address::of(b"x")),
                         bytes: Some(b"x".to_vec()),
                     },
                     Found {
@@ -1253,7 +1251,7 @@ mod tests {
             Message::Want {
                 id: 9,
                 items: vec![Item::Blob(BlobRange {
-                    digest: addr(b"layer"),
+                    digest: Address::of(b"layer"),
                     offset: 1 << 20,
                     length: 1 << 20,
                 })],
