@@ -208,6 +208,12 @@ mod tests {
         assert_eq!(read(d.path()).unwrap(), None);
         write(d.path(), &record()).unwrap();
         assert_eq!(read(d.path()).unwrap(), Some(record()));
+        // The typed agent id is written as the bare string it always was.
+        let written = std::fs::read_to_string(record_path(d.path())).unwrap();
+        assert!(
+            written.starts_with(r#"{"format":1,"agent":"edge-1","target":"#),
+            "{written}"
+        );
         let bad = |edit: &dyn Fn(&mut OwnerRecord), want: &str| {
             let mut r = record();
             edit(&mut r);
