@@ -153,8 +153,6 @@ fn main() {
     write("envelope", "unsigned", &unsigned);
 
     // Mesh frames: one of each message, and a stream of several.
-    let stable = cairn_bundle::ChannelName::parse("stable").expect("a channel name");
-    let agent = |id: &str| cairn_bundle::ids::AgentId::parse(id).expect("an agent id");
     let messages = vec![
         (
             "hello",
@@ -175,7 +173,7 @@ fn main() {
                 id: 7,
                 items: vec![
                     Item::Root(2),
-                    Item::Release(stable.clone()),
+                    Item::Release("stable".parse().unwrap()),
                     Item::Object(bundle.as_address().clone()),
                 ],
             },
@@ -186,7 +184,7 @@ fn main() {
                 id: 7,
                 items: vec![
                     Found {
-                        item: Item::Release(stable.clone()),
+                        item: Item::Release("stable".parse().unwrap()),
                         bytes: Some(release_simple.clone()),
                     },
                     Found {
@@ -210,16 +208,19 @@ fn main() {
         ),
         (
             "status_digest",
-            Message::StatusDigest(vec![(agent("edge-1"), 1_800_000_000_000)]),
+            Message::StatusDigest(vec![("edge-1".parse().unwrap(), 1_800_000_000_000)]),
         ),
-        ("status_pull", Message::StatusPull(vec![agent("edge-1")])),
+        (
+            "status_pull",
+            Message::StatusPull(vec!["edge-1".parse().unwrap()]),
+        ),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only
             // bounds them; verification is the receiver's `RecordKeys`.
             Message::Status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&StatusRecord {
-                    agent_id: agent("agent-1"),
+                    agent_id: "agent-1".parse().unwrap(),
                     channel: "stable".into(),
                     labels: [("site".to_string(), "north".to_string())].into(),
                     sequence: 3,
