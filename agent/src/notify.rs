@@ -12,6 +12,7 @@
 
 use crate::retry::Backoff;
 use crate::store::StoreHandle;
+use cairn_core::AgentId;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,7 +117,7 @@ impl Event {
 #[derive(Serialize)]
 struct JsonPayload<'a> {
     id: String,
-    agent: &'a str,
+    agent: &'a AgentId,
     event: &'static str,
     time: u64,
     channel: &'a str,
@@ -140,7 +141,7 @@ pub enum Format {
 }
 
 /// The body sent for event number `number` in `format`.
-pub fn payload(format: Format, agent: &str, epoch: &str, number: u64, e: &Event) -> Vec<u8> {
+pub fn payload(format: Format, agent: &AgentId, epoch: &str, number: u64, e: &Event) -> Vec<u8> {
     let id = format!("{agent}/{epoch}/{number}");
     let body = match format {
         Format::Json => serde_json::to_vec(&JsonPayload {
@@ -316,7 +317,7 @@ pub struct Notifier {
 
 struct NotifierInner {
     sinks: Vec<Sink>,
-    agent_id: String,
+    agent_id: AgentId,
     channel: String,
     store: StoreHandle,
     metrics: NotifyMetrics,
@@ -337,7 +338,7 @@ impl Notifier {
     /// A notifier for the configured sinks.
     pub fn new(
         sinks: Vec<Sink>,
-        agent_id: &cairn_core::AgentId,
+        agent_id: &AgentId,
         channel: &str,
         store: StoreHandle,
         metrics: NotifyMetrics,
@@ -347,7 +348,7 @@ impl Notifier {
         Notifier {
             inner: Arc::new(NotifierInner {
                 sinks,
-                agent_id: agent_id.to_string(),
+                agent_id: agent_id.clone(),
                 channel: channel.to_owned(),
                 store,
                 metrics,
@@ -556,12 +557,13 @@ mod tests {
             bundle: Some("b1".into()),
             message: "release 3 adopted".into(),
         };
+        let a1 = AgentId::parse("a1").unwrap();
         assert_eq!(
-            String::from_utf8(payload(Format::Json, "a1", "0badcafe", 7, &e)).unwrap(),
+            String::from_utf8(payload(Format::Json, &a1, "0badcafe", 7, &e)).unwrap(),
             r#"{"id":"a1/0badcafe/7","agent":"a1","event":"adopted","time":1700000000,"channel":"stable","sequence":3,"bundle":"b1","message":"release 3 adopted"}"#
         );
         assert_eq!(
-            String::from_utf8(payload(Format::Slack, "a1", "0badcafe", 7, &e)).unwrap(),
+            String::from_utf8(payload(Format::Slack, &a1, "0badcafe", 7, &e)).unwrap(),
             r#"{"text":"[cairn a1] adopted: release 3 adopted (id a1/0badcafe/7)"}"#
         );
         assert_eq!(

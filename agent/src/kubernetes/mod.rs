@@ -259,7 +259,7 @@ impl KubernetesTarget {
 async fn write_status(
     cluster: &mut Cluster,
     namespace: &str,
-    agent_id: &str,
+    agent_id: &cairn_core::AgentId,
     desired: &DesiredState,
     report: &KubeReport,
     health: &Health,
@@ -280,7 +280,7 @@ async fn write_status(
             "labels": {plan::MANAGED_BY_LABEL: plan::MANAGER, "app.kubernetes.io/name": "cairn-agent"},
         },
         "data": {
-            "agentId": agent_id,
+            "agentId": agent_id.as_str(),
             "channel": desired.channel,
             "appliedSequence": desired.sequence.to_string(),
             "bundle": desired.bundle,

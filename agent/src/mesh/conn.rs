@@ -13,6 +13,7 @@
 //! so a flood cannot flood the log.
 
 use super::MeshMetrics;
+use cairn_core::Address;
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{ConnId, WireFailure};
 use cairn_mesh::tls;
@@ -301,7 +302,7 @@ pub(super) enum Input {
         /// The fetch.
         fetch: u64,
         /// Address and whether it is stored.
-        present: Vec<(String, bool)>,
+        present: Vec<(Address, bool)>,
     },
     /// The stored copies of the format 2 manifest chunks a fetch wants
     /// (`None`: not stored).
@@ -309,7 +310,7 @@ pub(super) enum Input {
         /// The fetch.
         fetch: u64,
         /// Address and the stored bytes, if any.
-        chunks: Vec<(String, Option<Vec<u8>>)>,
+        chunks: Vec<(Address, Option<Vec<u8>>)>,
     },
     /// An object fetched from a peer was written to the store.
     Stored {

@@ -192,7 +192,7 @@ impl ManifestsDir {
     ) -> Result<OwnerRecord, TargetError> {
         let rec = OwnerRecord {
             format: owner::RECORD_FORMAT,
-            agent: self.agent_id.to_string(),
+            agent: self.agent_id.clone(),
             target: self.describe(),
             sequence,
             files: files.clone(),
@@ -499,7 +499,7 @@ impl ManifestsDir {
         }
         let done = OwnerRecord {
             format: owner::RECORD_FORMAT,
-            agent: self.agent_id.to_string(),
+            agent: self.agent_id.clone(),
             target: self.describe(),
             sequence: Some(desired.sequence),
             files: p.after.clone(),

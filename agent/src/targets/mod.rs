@@ -347,10 +347,7 @@ pub fn from_config(
 /// with it the ownership of its files. Blocking (reads a file).
 pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<cairn_core::AgentId> {
     match cfg {
-        TargetConfig::ManifestsDir(dir) => owner::read(dir)
-            .ok()
-            .flatten()
-            .and_then(|r| cairn_core::AgentId::parse_owned(r.agent).ok()),
+        TargetConfig::ManifestsDir(dir) => owner::read(dir).ok().flatten().map(|r| r.agent),
         TargetConfig::Kubernetes(_) => None,
     }
 }

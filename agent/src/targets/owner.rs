@@ -18,6 +18,8 @@
 
 use super::local_file::{read_regular, LocalFile};
 use super::plan::{is_entry_name, Inventory, Pending};
+use cairn_core::AgentId;
+use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 /// The record's file name inside the manifests directory.
@@ -35,8 +37,10 @@ pub const MAX_RECORD_BYTES: u64 = 64 << 20;
 pub struct OwnerRecord {
     /// [`RECORD_FORMAT`].
     pub format: u32,
-    /// The agent id that manages the directory.
-    pub agent: String,
+    /// The agent id that manages the directory (a malformed one is
+    /// refused while reading: "`agent`: bad agent id …").
+    #[serde(deserialize_with = "agent_field")]
+    pub agent: AgentId,
     /// The target as the agent describes it (informational).
     pub target: String,
     /// The release the files belong to, when the last reconcile completed.
@@ -91,15 +95,19 @@ pub fn write(dir: &Path, rec: &OwnerRecord) -> std::io::Result<()> {
     cairn_keys::fs::write_atomic(&record_path(dir), &bytes, Some(0o644))
 }
 
+/// Reads the `agent` field as an [`AgentId`], naming the field when it is
+/// malformed (the value is escaped and cut short by [`AgentId::parse`]).
+fn agent_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AgentId, D::Error> {
+    let s = String::deserialize(d)?;
+    AgentId::parse_owned(s).map_err(|e| serde::de::Error::custom(format!("`agent`: {e}")))
+}
+
 fn validate(rec: &OwnerRecord) -> Result<(), String> {
     if rec.format != RECORD_FORMAT {
         return Err(format!(
             "format {} is not supported (this agent writes {RECORD_FORMAT})",
             rec.format
         ));
-    }
-    if !cairn_core::ids::is_agent_id(&rec.agent) {
-        return Err(format!("`agent`: {} is not an agent id", shown(&rec.agent)));
     }
     let check = |field: &str, name: &str, address: Option<&str>| -> Result<(), String> {
         if !is_entry_name(name) {
@@ -179,7 +187,7 @@ mod tests {
     fn record() -> OwnerRecord {
         OwnerRecord {
             format: RECORD_FORMAT,
-            agent: "edge-1".into(),
+            agent: AgentId::parse("edge-1").unwrap(),
             target: "manifests-dir /x".into(),
             sequence: Some(3),
             files: [("web__ConfigMap__a.yaml".to_string(), addr('a'))].into(),
@@ -200,6 +208,12 @@ mod tests {
         assert_eq!(read(d.path()).unwrap(), None);
         write(d.path(), &record()).unwrap();
         assert_eq!(read(d.path()).unwrap(), Some(record()));
+        // The typed agent id is written as the bare string it always was.
+        let written = std::fs::read_to_string(record_path(d.path())).unwrap();
+        assert!(
+            written.starts_with(r#"{"format":1,"agent":"edge-1","target":"#),
+            "{written}"
+        );
         let bad = |edit: &dyn Fn(&mut OwnerRecord), want: &str| {
             let mut r = record();
             edit(&mut r);
@@ -231,7 +245,21 @@ mod tests {
             },
             "not an object address",
         );
-        bad(&|r| r.agent = "\u{1b}[31mred".into(), "\\u{1b}");
+        // A malformed agent id (anyone who can write the directory can
+        // write one) is refused naming the field, escaped and cut short.
+        for agent in ["\u{1b}[31mred", "", "-x", "a/b", &"a".repeat(10_000)] {
+            let mut json = serde_json::to_value(record()).unwrap();
+            json["agent"] = agent.into();
+            std::fs::write(record_path(d.path()), json.to_string()).unwrap();
+            let e = read(d.path()).unwrap_err();
+            assert!(e.contains("`agent`: bad agent id"), "{e}");
+            assert!(!e.contains('\u{1b}'), "{e:?}");
+            assert!(e.len() < 400, "{}", e.len());
+        }
+        let mut json = serde_json::to_value(record()).unwrap();
+        json["agent"] = "\u{1b}[31mred".into();
+        std::fs::write(record_path(d.path()), json.to_string()).unwrap();
+        assert!(read(d.path()).unwrap_err().contains("\\x1b[31mred"));
         bad(&|r| r.format = 9, "format 9");
         std::fs::write(record_path(d.path()), b"{not json").unwrap();
         assert!(read(d.path()).is_err());

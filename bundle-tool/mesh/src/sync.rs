@@ -79,6 +79,7 @@ use super::MeshLimits;
 use crate::identity::PeerIdentity;
 use cairn_core::rollout::{status_sample_rank, FleetReports, FullSample, SampleCounts};
 use cairn_core::AgentId;
+use cairn_core::{Address, BundleId, ChannelName};
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
@@ -524,7 +525,7 @@ pub enum Event {
         /// The fetch.
         fetch: FetchId,
         /// The address.
-        address: String,
+        address: Address,
         /// The bytes.
         bytes: Vec<u8>,
     },
@@ -652,7 +653,7 @@ struct Request {
     items: BTreeSet<Item>,
     /// Entries asked for by index (protocol version 3), not yet answered:
     /// index -> address.
-    entries: BTreeMap<u32, String>,
+    entries: BTreeMap<u32, Address>,
     /// The compact item sent, if any: answered itself, without bytes, by
     /// a peer that does not hold the bundle.
     compact: Option<Item>,
@@ -691,7 +692,9 @@ struct Fetch {
     /// Objects wanted by their index in the bundle's entries, in index
     /// order: sent as [`Item::Entries`] to version 3 peers, as
     /// [`Item::Object`] items to version 2 peers.
-    entries: VecDeque<(u32, String)>,
+    entries: VecDeque<(u32, Address)>,
+    /// The advertised head's bundle id (checked when its `Heads` arrived).
+    bundle: BundleId,
     roots: BTreeMap<u64, Vec<u8>>,
     release: Option<Vec<u8>>,
     idle_reported: bool,
@@ -1505,7 +1508,6 @@ impl Endpoint {
             || c.version < BLOB_PROTOCOL_VERSION
             || c.outstanding.len() >= limits.max_outstanding_wants
             || check_blob_range(&range, limits).is_err()
-            || !cairn_core::bundle::is_address(&range.digest)
         {
             return None;
         }
@@ -1595,8 +1597,8 @@ impl Endpoint {
     /// Objects the shell lacks for a verified fetch (call it once after
     /// [`Endpoint::release_verified`], with an empty list if nothing is
     /// missing, and after each [`Event::FetchIdle`] as needed). Addresses
-    /// already queued or in flight, and malformed ones, are skipped.
-    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<String>, now: Millis) {
+    /// already queued or in flight are skipped.
+    pub fn fetch_want(&mut self, fetch: FetchId, addresses: Vec<Address>, now: Millis) {
         let now = now.0;
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
@@ -1606,7 +1608,7 @@ impl Endpoint {
         }
         let mut queued = Self::queued_objects(f, self.conns.get(&f.conn), fetch);
         for a in addresses {
-            if cairn_core::bundle::is_address(&a) && queued.insert(a.clone()) {
+            if queued.insert(a.clone()) {
                 f.queue.push_back(Item::Object(a));
             }
         }
@@ -1620,7 +1622,12 @@ impl Endpoint {
     /// version 3 peer, by address from a version 2 peer. Received objects
     /// are checked against the address given here, so a peer cannot
     /// substitute another entry. Otherwise as [`Endpoint::fetch_want`].
-    pub fn fetch_want_entries(&mut self, fetch: FetchId, entries: Vec<(u32, String)>, now: Millis) {
+    pub fn fetch_want_entries(
+        &mut self,
+        fetch: FetchId,
+        entries: Vec<(u32, Address)>,
+        now: Millis,
+    ) {
         let now = now.0;
         let Some(f) = self.fetches.get_mut(&fetch) else {
             return;
@@ -1629,12 +1636,12 @@ impl Endpoint {
             return;
         }
         let mut queued = Self::queued_objects(f, self.conns.get(&f.conn), fetch);
-        let mut new: Vec<(u32, String)> = entries
+        let mut new: Vec<(u32, Address)> = entries
             .into_iter()
-            .filter(|(_, a)| cairn_core::bundle::is_address(a) && queued.insert(a.clone()))
+            .filter(|(_, a)| queued.insert(a.clone()))
             .collect();
         new.sort();
-        let mut all: Vec<(u32, String)> = f.entries.drain(..).chain(new).collect();
+        let mut all: Vec<(u32, Address)> = f.entries.drain(..).chain(new).collect();
         all.sort();
         f.entries = all.into();
         f.idle_reported = false;
@@ -1642,7 +1649,7 @@ impl Endpoint {
     }
 
     /// Addresses of the objects a fetch has queued or in flight.
-    fn queued_objects(f: &Fetch, conn: Option<&Conn>, fetch: FetchId) -> BTreeSet<String> {
+    fn queued_objects(f: &Fetch, conn: Option<&Conn>, fetch: FetchId) -> BTreeSet<Address> {
         let in_flight = conn
             .into_iter()
             .flat_map(|c| c.outstanding.values())
@@ -2265,6 +2272,13 @@ impl Endpoint {
         let Some(PeerIdentity::Agent(peer)) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
+        // A peer's heads were checked when they arrived (`Message::validate`).
+        let (Ok(channel), Ok(bundle)) = (
+            ChannelName::parse(&head.channel),
+            BundleId::parse(&head.bundle),
+        ) else {
+            return;
+        };
         let fetch = self.next_fetch;
         self.next_fetch += 1;
         let mut queue = VecDeque::new();
@@ -2272,7 +2286,7 @@ impl Endpoint {
         for v in (self.root_version + 1)..=top {
             queue.push_back(Item::Root(v));
         }
-        queue.push_back(Item::Release(head.channel.clone()));
+        queue.push_back(Item::Release(channel));
         self.fetches.insert(
             fetch,
             Fetch {
@@ -2282,6 +2296,7 @@ impl Endpoint {
                 stage: Stage::Release,
                 queue,
                 entries: VecDeque::new(),
+                bundle,
                 roots: BTreeMap::new(),
                 release: None,
                 idle_reported: false,
@@ -2323,7 +2338,7 @@ impl Endpoint {
             if c.version >= 3 {
                 if !f.entries.is_empty() && items.len() < batch {
                     let take = f.entries.len().min(max_objects);
-                    let chunk: Vec<(u32, String)> = f.entries.drain(..take).collect();
+                    let chunk: Vec<(u32, Address)> = f.entries.drain(..take).collect();
                     let indices: Vec<u32> = chunk.iter().map(|(i, _)| *i).collect();
                     let (ranges, covered) = EntryRanges::compress(&indices, max_ranges);
                     for e in chunk[covered..].iter().rev() {
@@ -2331,7 +2346,7 @@ impl Endpoint {
                     }
                     req.entries.extend(chunk.into_iter().take(covered));
                     let item = Item::Entries(EntryRanges {
-                        bundle: f.head.bundle.clone(),
+                        bundle: f.bundle.clone(),
                         ranges,
                     });
                     req.compact = Some(item.clone());

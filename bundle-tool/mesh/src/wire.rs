@@ -3,9 +3,11 @@
 //! A frame is a 4-byte big-endian body length followed by that many bytes
 //! of CBOR ([`cairn_keys::codec`]) encoding one [`Message`]. The length is
 //! checked against [`MeshLimits::max_frame_bytes`] before the body is
-//! allocated, and every decoded message is checked by
-//! [`Message::validate`] (counts, string lengths, address syntax) before
-//! the protocol sees it.
+//! allocated. Ids are typed ([`ChannelName`], [`Address`], [`BundleId`],
+//! [`AgentId`], each the bare CBOR text string): a malformed one is refused
+//! while decoding, as an invalid message naming its field. Every decoded
+//! message is then checked by [`Message::validate`] (counts, string
+//! lengths, the heads' and records' ids) before the protocol sees it.
 //!
 //! Protocol versions are carried in [`Hello`]: a sender names the oldest
 //! ([`Hello::version`]) and the newest ([`Hello::max_version`]) version it
@@ -20,7 +22,7 @@
 use crate::MeshLimits;
 use cairn_core::bundle::is_address;
 use cairn_core::release::validate_channel;
-use cairn_core::AgentId;
+use cairn_core::{Address, AgentId, BundleId, ChannelName};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -152,9 +154,9 @@ pub enum Item {
     /// `roots/<version>`: a signed root envelope.
     Root(u64),
     /// `channels/<channel>`: the head release envelope of a channel.
-    Release(String),
+    Release(ChannelName),
     /// `objects/sha256/..`: an object by address.
-    Object(String),
+    Object(Address),
     /// Protocol version 3: the objects of a bundle's entries, by their
     /// index in the bundle's entry order. Answered with one
     /// [`Item::Object`] item per entry (over as many `Data` frames as
@@ -173,8 +175,9 @@ pub enum Item {
 /// A byte range of an image blob ([`Item::Blob`]).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct BlobRange {
-    /// The blob's digest (`sha256:<64 hex>`).
-    pub digest: String,
+    /// The blob's digest (`sha256:<64 lower-case hex>`: image blob
+    /// digests are content addresses, [`cairn_core::images`]).
+    pub digest: Address,
     /// The first byte wanted.
     pub offset: u64,
     /// Bytes wanted, 1 to [`MeshLimits::max_blob_piece`].
@@ -188,9 +191,9 @@ impl Item {
         match self {
             Item::Root(v) => cairn_core::layout::root_path(*v),
             Item::Release(c) => cairn_core::layout::channel_path(c),
-            Item::Object(a) => cairn_core::layout::object_path_str(a).unwrap_or_default(),
-            Item::Entries(e) => cairn_core::layout::object_path_str(&e.bundle).unwrap_or_default(),
-            Item::Blob(b) => cairn_core::layout::object_path_str(&b.digest).unwrap_or_default(),
+            Item::Object(a) => cairn_core::layout::object_path(a),
+            Item::Entries(e) => cairn_core::layout::object_path(e.bundle.as_address()),
+            Item::Blob(b) => cairn_core::layout::object_path(&b.digest),
         }
     }
 }
@@ -202,7 +205,7 @@ impl Item {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EntryRanges {
     /// The bundle id.
-    pub bundle: String,
+    pub bundle: BundleId,
     /// `[start, count]` pairs.
     pub ranges: Vec<(u32, u32)>,
 }
@@ -566,15 +569,13 @@ impl Message {
                 )))
             }
         };
+        // Channels, addresses, bundle ids and digests in items are typed,
+        // checked while decoding ("want item Object: bad address …"); the
+        // ranges of `Entries` and `Blob` are the endpoint's to check (a
+        // clear ban reason).
         let item = |i: &Item| match i {
-            Item::Root(v) if *v == 0 => bad("root version 0".into()),
-            Item::Root(_) => Ok(()),
-            Item::Release(c) => channel(c),
-            Item::Object(a) => address(a),
-            // The ranges are the endpoint's to check (a clear ban reason).
-            Item::Entries(e) => address(&e.bundle),
-            // The range is the endpoint's to check (a clear ban reason).
-            Item::Blob(b) => address(&b.digest),
+            Item::Root(0) => bad("root version 0".into()),
+            _ => Ok(()),
         };
         match self {
             Message::Hello(h) => {
@@ -699,7 +700,7 @@ pub fn decode_body(body: &[u8], limits: &MeshLimits) -> Result<Message, WireErro
                     limit: limit as u32,
                     actual: actual as u64,
                 },
-                other => malformed_agent_id(body, limits)
+                other => malformed_id(body, limits)
                     .unwrap_or_else(|| WireError::Garbage(other.to_string())),
             },
         )?;
@@ -707,30 +708,96 @@ pub fn decode_body(body: &[u8], limits: &MeshLimits) -> Result<Message, WireErro
     Ok(msg)
 }
 
-/// Digests and pulls with their agent ids as bare strings: decoded only
-/// when a frame failed to decode, to tell a well-formed digest or pull
-/// whose agent id is malformed (an invalid message, as when ids were
-/// checked after decoding) from garbage.
+/// The messages that carry typed ids, with every id as a bare string:
+/// decoded only when a frame failed to decode, to tell a well-formed
+/// message naming a malformed id (an invalid message naming the field, as
+/// when ids were checked after decoding) from garbage. Fields not listed
+/// are skipped.
 #[derive(Deserialize)]
 enum UntypedIds {
+    Want { items: Vec<UntypedItem> },
+    Data { items: Vec<UntypedFound> },
     StatusDigest(Vec<(String, u64)>),
     StatusPull(Vec<String>),
 }
 
-/// The invalid-message error for a digest or pull naming a malformed
-/// agent id, if `body` is one.
-fn malformed_agent_id(body: &[u8], limits: &MeshLimits) -> Option<WireError> {
+/// A [`Found`] with its item untyped (its bytes skipped).
+#[derive(Deserialize)]
+struct UntypedFound {
+    item: UntypedItem,
+}
+
+/// An [`Item`] with its ids as bare strings.
+#[derive(Deserialize)]
+enum UntypedItem {
+    Root(serde::de::IgnoredAny),
+    Release(String),
+    Object(String),
+    Entries(UntypedBundle),
+    Blob(UntypedDigest),
+}
+
+/// The id of an [`EntryRanges`] (its ranges skipped).
+#[derive(Deserialize)]
+struct UntypedBundle {
+    bundle: String,
+}
+
+/// The id of a [`BlobRange`] (its range skipped).
+#[derive(Deserialize)]
+struct UntypedDigest {
+    digest: String,
+}
+
+impl UntypedItem {
+    /// The item's field name and the error of its malformed id, if any.
+    fn malformed(&self) -> Option<(&'static str, cairn_core::ids::IdError)> {
+        match self {
+            UntypedItem::Root(_) => None,
+            UntypedItem::Release(c) => ChannelName::parse(c).err().map(|e| ("Release", e)),
+            UntypedItem::Object(a) => Address::parse(a).err().map(|e| ("Object", e)),
+            UntypedItem::Entries(e) => BundleId::parse(&e.bundle)
+                .err()
+                .map(|e| ("Entries.bundle", e)),
+            UntypedItem::Blob(b) => Address::parse(&b.digest).err().map(|e| ("Blob.digest", e)),
+        }
+    }
+}
+
+/// The invalid-message error for a message naming a malformed id (an
+/// item of a want or an answer, an agent id of a digest or pull), if
+/// `body` is one: `want item Object: bad address …`.
+fn malformed_id(body: &[u8], limits: &MeshLimits) -> Option<WireError> {
     let limit = limits.max_frame_bytes as usize;
-    let (what, ids): (&str, Vec<String>) =
-        match cairn_keys::codec::decode::<UntypedIds>("mesh frame", body, limit).ok()? {
-            UntypedIds::StatusDigest(d) => {
-                ("status digest", d.into_iter().map(|(id, _)| id).collect())
-            }
-            UntypedIds::StatusPull(p) => ("status pull", p),
-        };
-    ids.iter()
-        .find_map(|id| AgentId::parse(id).err())
-        .map(|e| WireError::Invalid(format!("{what}: {e}")))
+    let (what, e) = match cairn_keys::codec::decode::<UntypedIds>("mesh frame", body, limit).ok()? {
+        UntypedIds::Want { items } => malformed_item("want", items.iter())?,
+        UntypedIds::Data { items } => malformed_item("data", items.iter().map(|f| &f.item))?,
+        UntypedIds::StatusDigest(d) => {
+            malformed_agent_id("status digest", d.iter().map(|(id, _)| id))?
+        }
+        UntypedIds::StatusPull(p) => malformed_agent_id("status pull", p.iter())?,
+    };
+    Some(WireError::Invalid(format!("{what}: {e}")))
+}
+
+/// The first malformed id among `items`, named `<what> item <field>`.
+fn malformed_item<'a>(
+    what: &str,
+    mut items: impl Iterator<Item = &'a UntypedItem>,
+) -> Option<(String, cairn_core::ids::IdError)> {
+    items.find_map(|i| {
+        i.malformed()
+            .map(|(field, e)| (format!("{what} item {field}"), e))
+    })
+}
+
+/// The first malformed agent id among `ids`, named `what`.
+fn malformed_agent_id<'a>(
+    what: &str,
+    mut ids: impl Iterator<Item = &'a String>,
+) -> Option<(String, cairn_core::ids::IdError)> {
+    ids.find_map(|id| AgentId::parse(id).err())
+        .map(|e| (what.to_owned(), e))
 }
 
 /// Reads one frame from a blocking reader (the CLI; the agent reads
@@ -914,6 +981,233 @@ mod tests {
         }
     }
 
+    /// Wants and answers as they were before items were typed (channel,
+    /// addresses, bundle id and blob digest bare strings): what older
+    /// agents send, and what an attacker can put in the bytes.
+    mod untyped {
+        use serde::Serialize;
+
+        #[derive(Serialize)]
+        pub(super) enum Item {
+            Root(u64),
+            Release(String),
+            Object(String),
+            Entries(EntryRanges),
+            Blob(BlobRange),
+        }
+
+        #[derive(Serialize)]
+        pub(super) struct EntryRanges {
+            pub(super) bundle: String,
+            pub(super) ranges: Vec<(u32, u32)>,
+        }
+
+        #[derive(Serialize)]
+        pub(super) struct BlobRange {
+            pub(super) digest: String,
+            pub(super) offset: u64,
+            pub(super) length: u32,
+        }
+
+        #[derive(Serialize)]
+        pub(super) struct Found {
+            pub(super) item: Item,
+            #[serde(with = "serde_bytes")]
+            pub(super) bytes: Option<Vec<u8>>,
+        }
+
+        #[derive(Serialize)]
+        pub(super) enum Message {
+            Want {
+                id: u64,
+                items: Vec<Item>,
+            },
+            Data {
+                id: u64,
+                items: Vec<Found>,
+                more: bool,
+                entries: Vec<super::EntryFound>,
+            },
+        }
+    }
+
+    #[test]
+    fn item_bytes_are_unchanged_by_the_typed_ids() {
+        let a = cairn_keys::sha256_address(b"x");
+        let d = cairn_keys::sha256_address(b"layer");
+        let old_items = || {
+            vec![
+                untyped::Item::Root(2),
+                untyped::Item::Release("stable".into()),
+                untyped::Item::Object(a.clone()),
+                untyped::Item::Entries(untyped::EntryRanges {
+                    bundle: a.clone(),
+                    ranges: vec![(0, 5), (9, 1)],
+                }),
+                untyped::Item::Blob(untyped::BlobRange {
+                    digest: d.clone(),
+                    offset: 1 << 20,
+                    length: 1 << 20,
+                }),
+            ]
+        };
+        let new_items = || {
+            vec![
+                Item::Root(2),
+                Item::Release(ChannelName::parse("stable").unwrap()),
+                Item::Object(Address::parse(&a).unwrap()),
+                Item::Entries(EntryRanges {
+                    bundle: BundleId::parse(&a).unwrap(),
+                    ranges: vec![(0, 5), (9, 1)],
+                }),
+                Item::Blob(BlobRange {
+                    digest: Address::parse(&d).unwrap(),
+                    offset: 1 << 20,
+                    length: 1 << 20,
+                }),
+            ]
+        };
+        let old_want = untyped::Message::Want {
+            id: 7,
+            items: old_items(),
+        };
+        let new_want = Message::Want {
+            id: 7,
+            items: new_items(),
+        };
+        let old_data = untyped::Message::Data {
+            id: 7,
+            items: old_items()
+                .into_iter()
+                .map(|item| untyped::Found {
+                    item,
+                    bytes: Some(b"x".to_vec()),
+                })
+                .collect(),
+            more: true,
+            entries: vec![EntryFound(3, None)],
+        };
+        let new_data = Message::Data {
+            id: 7,
+            items: new_items()
+                .into_iter()
+                .map(|item| Found {
+                    item,
+                    bytes: Some(b"x".to_vec()),
+                })
+                .collect(),
+            more: true,
+            entries: vec![EntryFound(3, None)],
+        };
+        let limit = lim().max_frame_bytes;
+        for (old, new) in [(&old_want, &new_want), (&old_data, &new_data)] {
+            let old_frame = {
+                let body = cairn_keys::codec::encode(old);
+                let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                f.extend_from_slice(&body);
+                f
+            };
+            // What goes on the wire is the same, byte for byte, ...
+            assert_eq!(encode_frame(new, limit).unwrap(), old_frame);
+            // ... and what an older agent sends decodes to the typed items.
+            assert_eq!(&read_frame(&mut &old_frame[..], &lim()).unwrap(), new);
+        }
+        // An id itself: a text string (`Object`, then 71 characters).
+        let bytes = cairn_keys::codec::encode(&new_items()[2]);
+        let mut key_and_value = vec![0x66];
+        key_and_value.extend_from_slice(b"Object");
+        key_and_value.extend_from_slice(&[0x78, 71]);
+        key_and_value.extend_from_slice(a.as_bytes());
+        assert_eq!(bytes[1..], key_and_value[..]);
+    }
+
+    /// A malformed channel, address, bundle id or blob digest in an item
+    /// of a want or an answer is refused while decoding, as an invalid
+    /// message naming the item's field, never a panic, whatever its bytes.
+    #[test]
+    fn malformed_ids_in_items_are_refused_naming_the_field() {
+        let good = cairn_keys::sha256_address(b"x");
+        let long = "a".repeat(10_000);
+        let bad_addresses = [
+            "",
+            "sha256:../../etc/passwd",
+            "sha256:\u{1b}[2J",
+            &good.to_uppercase(),
+            &good[..good.len() - 1],
+            &long,
+        ];
+        let mut cases: Vec<(untyped::Item, &str, &str)> = Vec::new();
+        for bad in ["", "-x", "../x", "Stable", "\u{1b}[2J", &long] {
+            cases.push((untyped::Item::Release(bad.into()), "Release", "bad channel"));
+        }
+        for bad in bad_addresses {
+            cases.push((untyped::Item::Object(bad.into()), "Object", "bad address"));
+            cases.push((
+                untyped::Item::Entries(untyped::EntryRanges {
+                    bundle: bad.into(),
+                    ranges: vec![(0, 1)],
+                }),
+                "Entries.bundle",
+                "bad bundle id",
+            ));
+            cases.push((
+                untyped::Item::Blob(untyped::BlobRange {
+                    digest: bad.into(),
+                    offset: 0,
+                    length: 1,
+                }),
+                "Blob.digest",
+                "bad address",
+            ));
+        }
+        for (bad, field, kind) in cases {
+            let want = untyped::Message::Want {
+                id: 1,
+                // A good item first: the malformed one is found wherever it is.
+                items: vec![untyped::Item::Object(good.clone()), bad],
+            };
+            let body = cairn_keys::codec::encode(&want);
+            let untyped::Message::Want { items, .. } = want else {
+                unreachable!()
+            };
+            let data = untyped::Message::Data {
+                id: 1,
+                items: items
+                    .into_iter()
+                    .map(|item| untyped::Found {
+                        item,
+                        bytes: Some(vec![0; 32]),
+                    })
+                    .collect(),
+                more: false,
+                entries: vec![],
+            };
+            for (what, body) in [("want", body), ("data", cairn_keys::codec::encode(&data))] {
+                let err = decode_body(&body, &lim()).unwrap_err();
+                assert!(matches!(err, WireError::Invalid(_)), "{err}");
+                assert_eq!(err.reason(), "invalid_message");
+                let text = err.to_string();
+                assert!(
+                    text.contains(&format!("{what} item {field}: {kind}")),
+                    "{text}"
+                );
+                assert!(!text.contains('\u{1b}'), "escaped: {text:?}");
+                assert!(text.len() < 400, "{}", text.len());
+                let mut f = (body.len() as u32).to_be_bytes().to_vec();
+                f.extend_from_slice(&body);
+                let err = read_frame(&mut &f[..], &lim()).unwrap_err();
+                assert!(matches!(err, WireError::Invalid(_)), "{err}");
+            }
+        }
+        // A want that is not one at all stays garbage.
+        #[derive(Serialize)]
+        enum NotAWant {
+            Want { id: String },
+        }
+        let body = cairn_keys::codec::encode(&NotAWant::Want { id: "x".into() });
+        assert_eq!(decode_body(&body, &lim()).unwrap_err().reason(), "garbage");
+    }
+
     fn sample() -> Vec<Message> {
         let a = cairn_keys::sha256_address(b"x");
         vec![
@@ -928,15 +1222,15 @@ mod tests {
                 id: 7,
                 items: vec![
                     Item::Root(2),
-                    Item::Release("stable".into()),
-                    Item::Object(a.clone()),
+                    Item::Release(ChannelName::parse("stable").unwrap()),
+                    Item::Object(Address::of(b"x")),
                 ],
             },
             Message::Data {
                 id: 7,
                 items: vec![
                     Found {
-                        item: Item::Object(a.clone()),
+                        item: Item::Object(Address::of(b"x")),
                         bytes: Some(b"x".to_vec()),
                     },
                     Found {
@@ -950,14 +1244,14 @@ mod tests {
             Message::Want {
                 id: 8,
                 items: vec![Item::Entries(EntryRanges {
-                    bundle: a.clone(),
+                    bundle: BundleId::parse(&a).unwrap(),
                     ranges: vec![(0, 5), (9, 1)],
                 })],
             },
             Message::Want {
                 id: 9,
                 items: vec![Item::Blob(BlobRange {
-                    digest: cairn_keys::sha256_address(b"layer"),
+                    digest: Address::of(b"layer"),
                     offset: 1 << 20,
                     length: 1 << 20,
                 })],
@@ -1040,7 +1334,7 @@ mod tests {
         let cases = vec![
             Message::Want {
                 id: 1,
-                items: vec![Item::Object("sha256:../../etc/passwd".into())],
+                items: vec![Item::Root(0)],
             },
             Message::Want {
                 id: 1,
@@ -1253,7 +1547,7 @@ mod tests {
         let (r2, n2) = EntryRanges::compress(&[0, 1, 2, 5, 6, 9], 2);
         assert_eq!((r2, n2), (vec![(0, 3), (5, 2)], 5));
         let e = |ranges: Vec<(u32, u32)>| EntryRanges {
-            bundle: cairn_keys::sha256_address(b"b"),
+            bundle: BundleId::of_manifest(b"b"),
             ranges,
         };
         let l = lim();

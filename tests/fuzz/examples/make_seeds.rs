@@ -173,8 +173,8 @@ fn main() {
                 id: 7,
                 items: vec![
                     Item::Root(2),
-                    Item::Release("stable".into()),
-                    Item::Object(bundle.to_string()),
+                    Item::Release("stable".parse().unwrap()),
+                    Item::Object(bundle.as_address().clone()),
                 ],
             },
         ),
@@ -184,7 +184,7 @@ fn main() {
                 id: 7,
                 items: vec![
                     Found {
-                        item: Item::Release("stable".into()),
+                        item: Item::Release("stable".parse().unwrap()),
                         bytes: Some(release_simple.clone()),
                     },
                     Found {
@@ -201,23 +201,26 @@ fn main() {
             Message::Want {
                 id: 8,
                 items: vec![Item::Entries(EntryRanges {
-                    bundle: bundle.to_string(),
+                    bundle: bundle.clone(),
                     ranges: vec![(0, 100), (250, 1)],
                 })],
             },
         ),
         (
             "status_digest",
-            Message::StatusDigest(vec![("edge-1".into(), 1_800_000_000_000)]),
+            Message::StatusDigest(vec![("edge-1".parse().unwrap(), 1_800_000_000_000)]),
         ),
-        ("status_pull", Message::StatusPull(vec!["edge-1".into()])),
+        (
+            "status_pull",
+            Message::StatusPull(vec!["edge-1".parse().unwrap()]),
+        ),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only
             // bounds them; verification is the receiver's `RecordKeys`.
             Message::Status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&StatusRecord {
-                    agent_id: "agent-1".into(),
+                    agent_id: "agent-1".parse().unwrap(),
                     channel: "stable".into(),
                     labels: [("site".to_string(), "north".to_string())].into(),
                     sequence: 3,

@@ -62,7 +62,7 @@ use cairn_core::pipeline::{
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
 use cairn_core::verify::VerifiedRelease;
-use cairn_core::AgentId;
+use cairn_core::{Address, AgentId};
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
 use cairn_mesh::sync::{
@@ -679,11 +679,11 @@ impl driver::Local for SimLocal<'_> {
 /// What a fetch still needs.
 enum Wanted {
     Nothing,
-    Manifest(String),
+    Manifest(Address),
     /// Bundle format 2 chunks the node lacks, by address.
-    Chunks(Vec<String>),
+    Chunks(Vec<Address>),
     /// Missing entries: (index in the manifest's entry order, address).
-    Entries(Vec<(u32, String)>),
+    Entries(Vec<(u32, Address)>),
 }
 
 struct Adopted {
@@ -1410,7 +1410,7 @@ impl Sim {
                     match e.indices(entries.len()) {
                         Ok(ix) => {
                             for k in ix {
-                                let a = entries[k].object.to_string();
+                                let a = entries[k].object.clone();
                                 let bytes = self.serve_item(i, &Item::Object(a));
                                 answered.push(EntryFound(k as u32, bytes));
                             }
@@ -1479,7 +1479,7 @@ impl Sim {
             },
             Item::Release(_) | Item::Entries(_) | Item::Blob(_) => None,
             Item::Object(a) => {
-                let id = *self.world.index.get(a)?;
+                let id = *self.world.index.get(a.as_str())?;
                 if !n.objects.contains(&id) {
                     return None;
                 }
@@ -1596,7 +1596,7 @@ impl Sim {
                 .map(|id| world.content[*id as usize].1.clone());
             match stored.map(|b| p.ingest.handle_manifest(&b)) {
                 Some(Ok(())) => {}
-                _ => return Wanted::Manifest(address.to_string()),
+                _ => return Wanted::Manifest(address.as_address().clone()),
             }
         }
         if let Want::Chunks(list) = p.ingest.want() {
@@ -1611,7 +1611,7 @@ impl Sim {
                     .map(|id| world.content[*id as usize].1.clone());
                 match stored.map(|b| p.ingest.handle_object(&address, &b)) {
                     Some(Ok(())) => {}
-                    _ => out.push(address.to_string()),
+                    _ => out.push(address),
                 }
             }
             if !out.is_empty() || matches!(p.ingest.want(), Want::Chunks(_)) {
@@ -1619,10 +1619,8 @@ impl Sim {
             }
         }
         match p.ingest.want() {
-            Want::Manifest { address, .. } => Wanted::Manifest(address.to_string()),
-            Want::Chunks(list) => {
-                Wanted::Chunks(list.into_iter().map(|(a, _)| a.to_string()).collect())
-            }
+            Want::Manifest { address, .. } => Wanted::Manifest(address.into()),
+            Want::Chunks(list) => Wanted::Chunks(list.into_iter().map(|(a, _)| a).collect()),
             Want::Complete => Wanted::Nothing,
             Want::Objects(list) => {
                 let mut lacking = BTreeSet::new();
@@ -1643,7 +1641,7 @@ impl Sim {
                 if let Some(m) = p.ingest.manifest() {
                     for (k, e) in m.entries.iter().enumerate() {
                         if lacking.remove(e.object.as_str()) {
-                            out.push((k as u32, e.object.to_string()));
+                            out.push((k as u32, e.object.clone()));
                         }
                     }
                 }

@@ -135,7 +135,7 @@ impl Driver {
             BlobSize::AtMost(_) => piece,
         };
         let range = BlobRange {
-            digest: j.req.digest.to_string(),
+            digest: j.req.digest.clone(),
             offset: j.offset,
             length,
         };

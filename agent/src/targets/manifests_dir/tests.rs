@@ -249,7 +249,7 @@ fn an_interrupted_switch_is_finished_without_drift() {
     // written, temporary files of interrupted writes.
     let rec = OwnerRecord {
         format: owner::RECORD_FORMAT,
-        agent: "edge-1".into(),
+        agent: cairn_core::AgentId::parse("edge-1").unwrap(),
         target: t.describe(),
         sequence: None,
         files: Inventory::new(),

@@ -6,6 +6,11 @@ use super::*;
 use crate::wire::{decode_body, encode_frame};
 use cairn_keys::{codec, sha256_address};
 
+/// A well-formed address (object, blob, or the string of one).
+fn address(s: &str) -> Address {
+    Address::parse(s).unwrap()
+}
+
 const LATENCY: u64 = 5;
 
 use crate::testing::SharedSecretKeys;
@@ -125,7 +130,7 @@ impl Node {
         match self.objects.get(manifest) {
             None => self
                 .ep
-                .fetch_want(fetch, vec![manifest.to_owned()], Millis(now)),
+                .fetch_want(fetch, vec![address(manifest)], Millis(now)),
             Some(m) => {
                 let entries: Vec<String> = codec::decode("toy manifest", m, 1 << 20).unwrap();
                 let shift = if self.behaviour == Behaviour::PastTheEnd {
@@ -137,7 +142,7 @@ impl Node {
                     .into_iter()
                     .enumerate()
                     .filter(|(_, a)| !self.objects.contains_key(a))
-                    .map(|(i, a)| (i as u32 + shift, a))
+                    .map(|(i, a)| (i as u32 + shift, address(&a)))
                     .collect();
                 self.ep.fetch_want_entries(fetch, missing, Millis(now));
             }
@@ -416,7 +421,7 @@ impl Sim {
                             Some(format!("toy root {v}").into_bytes())
                         }
                         Item::Root(_) => None,
-                        Item::Release(c) => n.releases.get(c).cloned(),
+                        Item::Release(c) => n.releases.get(c.as_str()).cloned(),
                         Item::Object(a) => object(n, a),
                         Item::Blob(_) => None,
                         Item::Entries(e) => {
@@ -493,7 +498,7 @@ impl Sim {
                 );
                 n.object_bytes_in += bytes.len();
                 n.objects_in += 1;
-                n.objects.insert(address, bytes);
+                n.objects.insert(address.into_string(), bytes);
             }
             Event::FetchIdle { fetch } => {
                 let Some((head, manifest)) = n.pending.get(&fetch).cloned() else {
@@ -1493,7 +1498,7 @@ fn protocol_violations_cut_the_peer_off() {
             c,
             Message::Want {
                 id,
-                items: vec![Item::Object(addr0.clone())],
+                items: vec![Item::Object(address(&addr0))],
             },
             Millis(now),
             UnixMillis(now),
@@ -1665,7 +1670,7 @@ fn a_full_release_is_wanted_as_one_range_and_a_delta_as_one_entry() {
     let e = entries_items(&sim.wants_from(0));
     assert_eq!(e.len(), 1);
     assert_eq!(
-        (e[0].bundle.clone(), e[0].ranges.clone()),
+        (e[0].bundle.to_string(), e[0].ranges.clone()),
         (m2.clone(), vec![(137, 1)])
     );
     assert_eq!(sim.nodes[0].objects_in - n0, 2);
@@ -1751,7 +1756,7 @@ fn oversized_or_malformed_compact_wants_cut_the_peer_off() {
     let lim = MeshLimits::default();
     let entries = |ranges: Vec<(u32, u32)>| {
         vec![Item::Entries(EntryRanges {
-            bundle: bundle.clone(),
+            bundle: BundleId::parse(&bundle).unwrap(),
             ranges,
         })]
     };
@@ -1871,7 +1876,7 @@ fn version_2_and_version_3_agents_fall_back_to_per_object_wants() {
         && matches!(m, Message::Want { items, .. } if items.iter().any(|i| matches!(i, Item::Entries(_))))));
     // a1 fetched release 2 from a0 by address.
     assert!(sim.delivered.iter().any(|(to, m)| *to == 0
-        && matches!(m, Message::Want { items, .. } if items.contains(&Item::Object(sha256_address(b"changed"))))));
+        && matches!(m, Message::Want { items, .. } if items.contains(&Item::Object(Address::of(b"changed"))))));
 }
 
 // ----- protocol version 3: status gossip by digest ---------------------
@@ -2059,7 +2064,7 @@ fn a_blob_moves_in_pieces_of_at_most_one_mib_between_version_4_agents() {
     let (mut a, ca, mut b, cb) = blob_pair(now, Hello::new(None));
     assert_eq!(a.blob_peers(), vec![(ca, aid("a1"))]);
     let blob = noise(2 * (1 << 20) + 12_345);
-    let digest = sha256_address(&blob);
+    let digest = Address::of(&blob);
     let piece = MeshLimits::default().max_blob_piece;
     // Too long a piece is not even asked for.
     let too_long = BlobRange {
@@ -2129,7 +2134,7 @@ fn a_peer_without_the_blob_says_so_and_is_not_banned() {
     let now = 1_000_000;
     let (mut a, ca, mut b, cb) = blob_pair(now, Hello::new(None));
     let range = BlobRange {
-        digest: sha256_address(b"not held"),
+        digest: Address::of(b"not held"),
         offset: 0,
         length: 10,
     };
@@ -2162,7 +2167,7 @@ fn a_peer_without_the_blob_says_so_and_is_not_banned() {
 #[test]
 fn blob_wants_are_refused_before_version_4_and_when_malformed() {
     let now = 1_000_000;
-    let d = sha256_address(b"blob");
+    let d = Address::of(b"blob");
     let blob = |offset: u64, length: u32| {
         Item::Blob(BlobRange {
             digest: d.clone(),
@@ -2233,7 +2238,7 @@ fn blob_wants_are_refused_before_version_4_and_when_malformed() {
 #[test]
 fn a_wrong_piece_or_a_wrong_blob_cuts_the_peer_off() {
     let now = 1_000_000;
-    let d = sha256_address(b"blob");
+    let d = Address::of(b"blob");
     let range = BlobRange {
         digest: d.clone(),
         offset: 0,
