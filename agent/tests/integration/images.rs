@@ -89,7 +89,12 @@ fn skopeo_pull(w: &World, from: &str, dest: &Path) -> Result<String, String> {
 /// registry on a free loopback port; returns it and the registry's
 /// address (from its start-up log line).
 fn spawn_with_registry(w: &World) -> (AgentProcess, String) {
-    let mut c = w.agent_config(&[w.repo.display().to_string()]);
+    spawn_with_registry_from(w, &w.repo)
+}
+
+/// [`spawn_with_registry`] with `source` as the agent's only source.
+fn spawn_with_registry_from(w: &World, source: &Path) -> (AgentProcess, String) {
+    let mut c = w.agent_config(&[source.display().to_string()]);
     c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
     let cfg = c.write(&w.path("agent.yaml"));
     let agent = w.spawn(&cfg, "agent.log");
@@ -556,6 +561,359 @@ fn an_oci_layout_directory_gives_the_same_images_as_the_registry() {
     );
     assert_eq!(a["images"], b["images"]);
     assert_eq!(a["id"], b["id"], "same images, same signed bundle");
+}
+
+// ----- images on a USB stick (export / import) and `cairn verify` --------
+
+/// Runs `cairn ARGS`; returns (success, stdout + stderr).
+fn cairn(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(cairn_bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `cairn export --channel stable` of `repo` into `tar`.
+fn export(repo: &Path, tar: &Path) -> String {
+    let (ok, text) = cairn(&[
+        "export".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+        "--out".as_ref(),
+        tar.as_os_str(),
+    ]);
+    assert!(ok, "export: {text}");
+    text
+}
+
+fn import(tar: &Path, repo: &Path) -> (bool, String) {
+    cairn(&[
+        "import".as_ref(),
+        tar.as_os_str(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+    ])
+}
+
+fn verify(repo: &Path) -> (bool, String) {
+    cairn(&[
+        "verify".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+    ])
+}
+
+/// Every file under `dir` (relative path → bytes), hidden ones included.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The built bundle's image (manifest digest, layer digest).
+fn image_of(s: &Setup, bundle: &str) -> (String, String) {
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(s.w.path(bundle)));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap().to_owned();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            s.layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_owned();
+    (digest, layer)
+}
+
+fn object_file(repo: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    repo.join("objects/sha256").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn images_travel_in_an_export_archive_and_an_agent_serves_them_from_the_import() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (digest, layer) = image_of(&s, "b.bundle");
+    // `cairn verify` checks the image blobs too.
+    let (good, text) = verify(&w.repo);
+    assert!(good, "{text}");
+    assert!(text.contains("images   2 (3 blobs"), "{text}");
+
+    let tar = w.path("usb.tar");
+    let text = export(&w.repo, &tar);
+    assert!(text.contains("3 image blob(s)"), "{text}");
+    // The same repository state gives the same archive bytes.
+    export(&w.repo, &w.path("again.tar"));
+    assert_eq!(
+        std::fs::read(&tar).unwrap(),
+        std::fs::read(w.path("again.tar")).unwrap()
+    );
+
+    let site = w.path("site-repo");
+    let (good, text) = import(&tar, &site);
+    assert!(good, "{text}");
+    assert!(text.contains("(3 image blob(s))"), "{text}");
+    // Byte-identical: every object (image blobs and list included), root
+    // and channel head; no staging directory left behind.
+    assert_eq!(tree(&site), tree(&w.repo));
+    let (good, text) = verify(&site);
+    assert!(good, "{text}");
+    // Importing again changes nothing.
+    let (good, text) = import(&tar, &site);
+    assert!(good && text.contains("0 new object(s)"), "{text}");
+
+    // An agent whose only source is the imported repository serves the
+    // image with the signed digest.
+    let (mut agent, addr) = spawn_with_registry_from(w, &site);
+    let mut last = String::new();
+    wait_logged(w, 60, "the agent serves the image", || {
+        match skopeo_pull(w, &format!("{addr}/team/web@{digest}"), &w.path("pulled")) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest);
+    assert_eq!(
+        std::fs::read(
+            w.path("pulled/blobs/sha256")
+                .join(layer.trim_start_matches("sha256:"))
+        )
+        .unwrap(),
+        std::fs::read(object_file(&w.repo, &layer)).unwrap()
+    );
+    terminate(&mut agent.0);
+}
+
+/// A ustar archive without the member `name` (headers of 512 bytes, an
+/// octal size at 124, contents padded to 512).
+fn without_member(archive: &[u8], name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= archive.len() && archive[at] != 0 {
+        let h = &archive[at..at + 512];
+        let end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let size_field = String::from_utf8_lossy(&h[124..136]);
+        let size = u64::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+            .unwrap() as usize;
+        let next = at + 512 + size.div_ceil(512) * 512;
+        if &h[..end] != name.as_bytes() {
+            out.extend_from_slice(&archive[at..next]);
+        }
+        at = next;
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn a_tampered_or_incomplete_archive_is_refused_and_changes_nothing() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (_, layer) = image_of(&s, "b.bundle");
+    let tar = w.path("usb.tar");
+    export(&w.repo, &tar);
+    let archive = std::fs::read(&tar).unwrap();
+    let layer_bytes = std::fs::read(object_file(&w.repo, &layer)).unwrap();
+    let at = archive
+        .windows(layer_bytes.len())
+        .position(|x| x == layer_bytes.as_slice())
+        .expect("the layer is in the archive");
+
+    // A tampered layer (same size, last byte flipped).
+    let mut bad = archive.clone();
+    bad[at + layer_bytes.len() - 1] ^= 0xff;
+    let tampered = w.path("tampered.tar");
+    std::fs::write(&tampered, &bad).unwrap();
+    // Into a new directory: refused, and the directory is not left behind.
+    let fresh = w.path("fresh");
+    let (good, text) = import(&tampered, &fresh);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}"))
+            && text.contains("does not match its digest")
+            && text.contains("tampered.tar"),
+        "{text}"
+    );
+    assert!(!fresh.exists(), "nothing of a refused import is left");
+    // Into an existing repository: nothing changes, no staging left.
+    let site = w.path("site");
+    std::fs::create_dir_all(site.join("roots")).unwrap();
+    std::fs::write(site.join("README"), "site repository\n").unwrap();
+    let before = tree(&site);
+    let (good, text) = import(&tampered, &site);
+    assert!(!good, "{text}");
+    assert_eq!(tree(&site), before);
+    assert_eq!(
+        std::fs::read_dir(&site).unwrap().count(),
+        2,
+        "no staging dir"
+    );
+
+    // A layer left out of the archive: refused, naming it.
+    let hex = layer.trim_start_matches("sha256:");
+    let short = w.path("short.tar");
+    std::fs::write(
+        &short,
+        without_member(&archive, &format!("images/sha256/{}/{hex}", &hex[..2])),
+    )
+    .unwrap();
+    let (good, text) = import(&short, &site);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}"))
+            && text.contains("missing from the archive")
+            && text.contains("short.tar"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // A layer member of another size than the image list says (its header
+    // and content both changed, checksum fixed): refused before it is read.
+    let mut longer = archive.clone();
+    let header = at - 512;
+    let old_size = format!("{:011o}", layer_bytes.len());
+    let new_size = format!("{:011o}", layer_bytes.len() - 1);
+    assert_eq!(&longer[header + 124..header + 135], old_size.as_bytes());
+    longer[header + 124..header + 135].copy_from_slice(new_size.as_bytes());
+    longer[header + 148..header + 156].copy_from_slice(b"        ");
+    let sum: u32 = longer[header..header + 512]
+        .iter()
+        .map(|&b| u32::from(b))
+        .sum();
+    longer[header + 148..header + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let resized = w.path("resized.tar");
+    std::fs::write(&resized, &longer).unwrap();
+    let (good, text) = import(&resized, &site);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}")) && text.contains("the image list says"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // The untouched archive imports.
+    let (good, text) = import(&tar, &site);
+    assert!(good, "{text}");
+    assert!(verify(&site).0);
+}
+
+#[test]
+fn verify_names_a_missing_or_corrupted_image_blob() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (_, layer) = image_of(&s, "b.bundle");
+    let path = object_file(&w.repo, &layer);
+    let good_bytes = std::fs::read(&path).unwrap();
+    let hex = layer.trim_start_matches("sha256:");
+    let rel = format!("objects/sha256/{}/{hex}", &hex[..2]);
+
+    let mut bytes = good_bytes.clone();
+    let n = bytes.len() - 1;
+    bytes[n] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&rel) && text.contains("content hashes to") && text.contains(&layer),
+        "{text}"
+    );
+    // Export refuses to carry it.
+    let (good, text) = cairn(&[
+        "export".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        w.repo.as_os_str(),
+        "--out".as_ref(),
+        w.path("x.tar").as_os_str(),
+    ]);
+    assert!(!good && text.contains(&layer), "{text}");
+    assert!(!w.path("x.tar").exists());
+
+    std::fs::write(&path, &bytes[..n]).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&rel) && text.contains("the image list says"),
+        "{text}"
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("{rel}: missing (image blob {layer}")),
+        "{text}"
+    );
+    // --json lists the problem.
+    let out = Command::new(cairn_bin())
+        .args(["verify", "--json", "--channel", "stable", "--repo"])
+        .arg(&w.repo)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["problems"][0].as_str().unwrap().contains(&rel), "{v}");
+
+    std::fs::write(&path, &good_bytes).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(good, "{text}");
 }
 
 // ----- images over the mesh ----------------------------------------------
