@@ -364,8 +364,24 @@ pub fn import(
     now: u64,
     limits: &Limits,
 ) -> Result<ImportSummary> {
+    import_with_blobs(archive, repo, chain, now, limits, &BTreeMap::new())
+}
+
+/// [`import`], with image blobs the archive does not carry taken from
+/// `prestaged` (digest → a file on `repo`'s file system that the caller
+/// already verified against the digest, as `cairn pull` does while
+/// downloading): each one a release's image list names is checked for
+/// its listed size and moved into `objects/`; the others are left alone.
+pub fn import_with_blobs(
+    archive: &Path,
+    repo: &RepoDir,
+    chain: TrustChain,
+    now: u64,
+    limits: &Limits,
+    prestaged: &BTreeMap<String, std::path::PathBuf>,
+) -> Result<ImportSummary> {
     let existed = repo.path().exists();
-    let r = import_inner(archive, repo, chain, now, limits);
+    let r = import_inner(archive, repo, chain, now, limits, prestaged);
     if r.is_err() && !existed {
         // Only an empty directory: removing it fails otherwise.
         let _ = std::fs::remove_dir(repo.path());
@@ -391,6 +407,7 @@ fn import_inner(
     mut chain: TrustChain,
     now: u64,
     limits: &Limits,
+    prestaged: &BTreeMap<String, std::path::PathBuf>,
 ) -> Result<ImportSummary> {
     let bad = |reason: String| Error::Archive {
         path: archive.to_path_buf(),
@@ -639,6 +656,20 @@ fn import_inner(
     // the repository (as a regular file of the listed size).
     for (digest, (size, what)) in &blobs {
         if staged_blobs.contains_key(digest) {
+            continue;
+        }
+        if let Some(file) = prestaged.get(digest) {
+            let len = std::fs::symlink_metadata(file)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            if len != Some(*size) {
+                return Err(bad(format!(
+                    "{what}: {} is {len:?} bytes, the image list says {size}",
+                    file.display()
+                )));
+            }
+            staged_blobs.insert(digest.clone(), file.clone());
             continue;
         }
         let in_repo = object_path_str(digest)

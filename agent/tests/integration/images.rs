@@ -916,6 +916,122 @@ fn verify_names_a_missing_or_corrupted_image_blob() {
     assert!(good, "{text}");
 }
 
+/// `cairn push` / `cairn pull` of channel `stable` to or from `url`.
+fn registry_cmd(s: &Setup, verb: &str, url: &str, repo: &Path) -> (bool, String) {
+    let dir = if verb == "push" { "--to" } else { "--from" };
+    cairn(&[
+        verb.as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+        dir.as_ref(),
+        url.as_ref(),
+        "--ca-file".as_ref(),
+        s.reg.ca_file().as_os_str(),
+        "--credentials-file".as_ref(),
+        s.w.path("creds.json").as_os_str(),
+    ])
+}
+
+#[test]
+fn images_travel_through_an_oci_registry_and_an_oci_source_serves_them() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (digest, layer) = image_of(&s, "b.bundle");
+    let url = format!("oci://{}/fleet", s.reg.host());
+    let (good, text) = registry_cmd(&s, "push", &url, &w.repo);
+    assert!(good, "{text}");
+    // The layer is a blob of the registry repository, and a manifest of
+    // the artifact references it (so the registry's GC keeps it).
+    assert!(
+        !s.reg
+            .access_lines("PUT", "/v2/fleet/blobs/uploads/")
+            .is_empty(),
+        "uploads"
+    );
+    let (u, p) = s.reg.credentials();
+    let curl = |path: &str| {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(s.reg.ca_file())
+            .args(["-u", &format!("{u}:{p}")])
+            .arg(format!("https://{}/v2/fleet/{path}", s.reg.host()))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&format!("blobs/{layer}")).stdout),
+        "200"
+    );
+    // Pushing again uploads nothing new.
+    let (good, text) = registry_cmd(&s, "push", &url, &w.repo);
+    assert!(good && text.contains("0 blob(s) uploaded"), "{text}");
+
+    // Pull into a new repository: byte-identical, and it verifies.
+    let pulled = w.path("pulled-repo");
+    let (good, text) = registry_cmd(&s, "pull", &url, &pulled);
+    assert!(good, "{text}");
+    assert!(text.contains("(3 image blob(s))"), "{text}");
+    assert_eq!(tree(&pulled.join("objects")), tree(&w.repo.join("objects")));
+    assert_eq!(
+        tree(&pulled.join("channels")),
+        tree(&w.repo.join("channels"))
+    );
+    assert!(
+        std::fs::read_dir(&pulled)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with('.')),
+        "no staging directory left"
+    );
+    let (good, text) = verify(&pulled);
+    assert!(good, "{text}");
+
+    // An agent whose only source is the registry serves the image.
+    let mut c = w.agent_config(&[format!(
+        "{{url: \"{url}\", caFile: \"{}\", credentialsFile: \"{}\"}}",
+        s.reg.ca_file().display(),
+        w.path("creds.json").display()
+    )]);
+    c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
+    let cfg = c.write(&w.path("agent-oci.yaml"));
+    let mut agent = w.spawn(&cfg, "agent.log");
+    let mut addr = String::new();
+    wait_logged(w, 30, "the image registry listens", || {
+        let log = w.log("agent.log");
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving the image registry"));
+        if let Some(v) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            addr = v["address"].as_str().unwrap_or_default().to_owned();
+        }
+        !addr.is_empty()
+    });
+    let mut last = String::new();
+    wait_logged(w, 60, "the agent serves the image", || {
+        match skopeo_pull(w, &format!("{addr}/team/web@{digest}"), &w.path("pulled")) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest);
+    terminate(&mut agent.0);
+}
+
 // ----- images over the mesh ----------------------------------------------
 
 /// Bytes of the large layer: more than two mesh pieces of 1 MiB.
