@@ -1032,6 +1032,119 @@ fn images_travel_through_an_oci_registry_and_an_oci_source_serves_them() {
     terminate(&mut agent.0);
 }
 
+/// The digests of every blob (manifest, config, layers) of `tag` in an
+/// OCI layout.
+fn blobs_of(layout: &Path, tag: &str) -> Vec<String> {
+    let (manifest, _) = layers_of(layout, tag);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(manifest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = vec![manifest, m["config"]["digest"].as_str().unwrap().to_owned()];
+    out.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned()),
+    );
+    out
+}
+
+#[test]
+fn blobs_no_release_names_are_removed_after_adoption_and_temporaries_at_start() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b1.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b1.bundle"));
+    let a_blobs = blobs_of(&s.layout, "v1");
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the agent serves image A", || {
+        http_get(&addr, "/v2/team/web/manifests/v1").0 == 200
+    });
+    for d in &a_blobs {
+        assert!(blob_file(&w.data, d).is_file(), "{d}");
+    }
+
+    // Release 2 names only image B (no blob in common with A): both the
+    // Deployment and the fixture's `edge/app-0000:1.0.0` now resolve to B.
+    let b_layout = make_image(&w.path("img-b"), "v1", &[("etc/other.txt", "other\n")]);
+    let b_blobs = blobs_of(&b_layout, "v1");
+    assert!(a_blobs.iter().all(|d| !b_blobs.contains(d)));
+    skopeo_push(w, &s.reg, &b_layout, "v1", "team/other:v1");
+    skopeo_push(w, &s.reg, &b_layout, "v1", "edge/app-0000:1.0.0");
+    commit_files(
+        &w.git,
+        &[(
+            "apps/web.yaml",
+            &deployment(&format!("{}/team/other:v1", s.reg.host())),
+        )],
+        "other",
+        "2024-01-03T00:00:00Z",
+    )
+    .unwrap();
+    let out = s.build("b2.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b2.bundle"));
+    wait_logged(w, 60, "the agent serves image B", || {
+        http_get(&addr, "/v2/team/other/manifests/v1").0 == 200
+    });
+    wait_logged(w, 60, "A's blobs are removed", || {
+        a_blobs.iter().all(|d| !blob_file(&w.data, d).exists())
+    });
+    assert!(w
+        .log("agent.log")
+        .contains("image blobs no adopted or staged release names removed"));
+    for d in &b_blobs {
+        assert!(blob_file(&w.data, d).is_file(), "{d} kept");
+    }
+    assert_eq!(http_get(&addr, "/v2/team/web/manifests/v1").0, 404);
+    assert_eq!(
+        http_get(&addr, &format!("/v2/team/web/manifests/{}", a_blobs[0])).0,
+        404
+    );
+    assert_eq!(
+        http_get(&addr, &format!("/v2/team/web/blobs/{}", a_blobs[2])).0,
+        404
+    );
+    terminate(&mut agent.0);
+
+    // An interrupted fetch's temporary file, and a link named like an
+    // unused blob to a file outside: at restart the temporary file goes,
+    // the link and its target stay.
+    let b_layer = blob_file(&w.data, &b_blobs[2]);
+    let dir = b_layer.parent().unwrap().to_path_buf();
+    let hex = b_blobs[2].trim_start_matches("sha256:");
+    let temp = dir.join(format!(".{hex}.peer.4242.7.1"));
+    std::fs::write(&temp, b"half a layer").unwrap();
+    let outside = w.path("outside.txt");
+    std::fs::write(&outside, b"not an image").unwrap();
+    let link = dir.join(format!("{}{}", &hex[..2], "e".repeat(62)));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the temporary file is removed", || !temp.exists());
+    wait_logged(w, 60, "the agent serves image B again", || {
+        http_get(&addr, "/v2/team/other/manifests/v1").0 == 200
+    });
+    assert!(b_layer.is_file());
+    assert!(std::fs::symlink_metadata(&link).is_ok() && outside.is_file());
+    terminate(&mut agent.0);
+}
+
 // ----- images over the mesh ----------------------------------------------
 
 /// Bytes of the large layer: more than two mesh pieces of 1 MiB.
