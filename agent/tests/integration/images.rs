@@ -747,6 +747,36 @@ fn without_member(archive: &[u8], name: &str) -> Vec<u8> {
     out
 }
 
+/// One ustar member (header and padded content).
+fn tar_member(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(content);
+    out.resize(512 + content.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// `archive` with `member` appended after its last member.
+fn with_member(archive: &[u8], member: &[u8]) -> Vec<u8> {
+    let mut out = without_member(archive, "");
+    out.truncate(out.len() - 1024);
+    out.extend_from_slice(member);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
 #[test]
 fn a_tampered_or_incomplete_archive_is_refused_and_changes_nothing() {
     let s = Setup::new();
@@ -836,6 +866,39 @@ fn a_tampered_or_incomplete_archive_is_refused_and_changes_nothing() {
     assert!(!good);
     assert!(
         text.contains(&format!("image blob {layer}")) && text.contains("the image list says"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // A blob no image list names, and a channel after the image blobs.
+    let extra = b"not a layer of this release";
+    let hex = cairn_keys::sha256_address(extra)
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let unlisted = w.path("unlisted.tar");
+    std::fs::write(
+        &unlisted,
+        with_member(
+            &archive,
+            &tar_member(&format!("images/sha256/{}/{hex}", &hex[..2]), extra),
+        ),
+    )
+    .unwrap();
+    let (good, text) = import(&unlisted, &site);
+    assert!(
+        !good && text.contains("is not named by the image list of any release"),
+        "{text}"
+    );
+    let late = w.path("late.tar");
+    let head = std::fs::read(w.repo.join("channels/stable")).unwrap();
+    std::fs::write(
+        &late,
+        with_member(&archive, &tar_member("channels/other", &head)),
+    )
+    .unwrap();
+    let (good, text) = import(&late, &site);
+    assert!(
+        !good && text.contains("comes after the image blobs"),
         "{text}"
     );
     assert_eq!(tree(&site), before);
