@@ -237,16 +237,16 @@ fn main() {
         ),
         (
             "status_digest",
-            Message::StatusDigest(vec![("edge-1".into(), 1_800_000_000_000)]),
+            Message::StatusDigest(vec![("edge-1".parse().unwrap(), 1_800_000_000_000)]),
         ),
-        ("status_pull", Message::StatusPull(vec!["edge-1".into()])),
+        ("status_pull", Message::StatusPull(vec!["edge-1".parse().unwrap()])),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only
             // bounds them; verification is the receiver's `RecordKeys`.
             Message::Status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&StatusRecord {
-                    agent_id: "agent-1".into(),
+                    agent_id: "agent-1".parse().unwrap(),
                     channel: "stable".into(),
                     labels: [("site".to_string(), "north".to_string())].into(),
                     sequence: 3,
