@@ -239,7 +239,10 @@ fn main() {
             "status_digest",
             Message::StatusDigest(vec![("edge-1".parse().unwrap(), 1_800_000_000_000)]),
         ),
-        ("status_pull", Message::StatusPull(vec!["edge-1".parse().unwrap()])),
+        (
+            "status_pull",
+            Message::StatusPull(vec!["edge-1".parse().unwrap()]),
+        ),
         (
             "status",
             // Signature and certificate are placeholders: the decoder only
