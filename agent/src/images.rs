@@ -308,10 +308,35 @@ impl Images {
         self.dir.join(rel)
     }
 
+    /// Removes image blobs not kept ([`Pass::Unused`]) from
+    /// `<dataDir>/images`, or the temporary files of blob fetches
+    /// ([`Pass::Temporaries`]: names starting with `.`; only at start-up,
+    /// before any fetch runs). Only
+    /// regular files directly in `sha256/<2 hex>/` are removed: nothing
+    /// outside the images directory, no symbolic link followed or
+    /// removed, no file of another name. Runs on a blocking thread.
+    async fn collect_garbage(&self, pass: Pass) {
+        let dir = self.dir.join("sha256");
+        let done = tokio::task::spawn_blocking(move || collect_garbage(&dir, &pass)).await;
+        match done {
+            Ok(g) if g.blobs + g.temporaries > 0 => tracing::info!(
+                blobs = g.blobs,
+                bytes = g.bytes,
+                temporaries = g.temporaries,
+                "image blobs no adopted or staged release names removed"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "image garbage collection failed"),
+        }
+    }
+
     /// Keeps the images of the adopted and staged bundles fetched and
     /// served, re-checking on every change of either and retrying failed
-    /// fetches with backoff.
+    /// fetches with backoff. At start, first removes the temporary files
+    /// an interrupted fetch left; unused blobs go after every complete
+    /// pass (start-up and each adoption).
     pub async fn sync_loop(self, agent: Agent) {
+        self.collect_garbage(Pass::Temporaries).await;
         let mut adopted = agent.subscribe();
         let mut relay = agent.subscribe_relay();
         let mut backoff =
@@ -359,6 +384,9 @@ impl Images {
                 Err(e) => errors.push(e),
             }
         }
+        // Garbage collection needs every list: a list not read now would
+        // make its blobs look unused.
+        let every_list = errors.is_empty();
         // Fetch each missing blob once.
         let mut wanted: BTreeMap<String, (Address, u64)> = BTreeMap::new();
         for l in &lists {
@@ -393,10 +421,20 @@ impl Images {
         }
         self.metrics.bytes_held.set(held as i64);
         if let Ok(mut s) = self.servable.write() {
-            *s = present.iter().cloned().chain(list_addrs).collect();
+            *s = present
+                .iter()
+                .cloned()
+                .chain(list_addrs.iter().cloned())
+                .collect();
         }
         if let Ok(mut c) = self.catalog.write() {
             *c = catalog;
+        }
+        if every_list {
+            // Nothing serves the others any more (catalog and servable set
+            // replaced above): remove them from disk.
+            let keep: BTreeSet<String> = wanted.into_keys().chain(list_addrs).collect();
+            self.collect_garbage(Pass::Unused(keep)).await;
         }
         if errors.is_empty() {
             Ok(())
@@ -709,6 +747,84 @@ impl Images {
     }
 }
 
+/// What one garbage collection pass removes.
+#[derive(Debug)]
+enum Pass {
+    /// Temporary files of interrupted fetches (start-up, before any
+    /// fetch).
+    Temporaries,
+    /// Blobs whose digest is not in the set.
+    Unused(BTreeSet<String>),
+}
+
+/// What [`collect_garbage`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Garbage {
+    blobs: usize,
+    bytes: u64,
+    temporaries: usize,
+}
+
+/// Removes from `sha256` (`<dataDir>/images/sha256`) every regular file
+/// `<2 hex>/<64 hex>` whose digest is not kept ([`Pass::Unused`]), or
+/// every regular file whose name starts with `.` ([`Pass::Temporaries`]).
+/// Directory entries are judged by their own type
+/// (`DirEntry::file_type` does not follow links): symbolic links and
+/// anything else are left alone, and only `<2 hex>` directories that are
+/// real directories are entered. Emptied `<2 hex>` directories are
+/// removed. Blocking.
+fn collect_garbage(sha256: &Path, pass: &Pass) -> Garbage {
+    let mut g = Garbage::default();
+    let is_hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let Ok(top) = std::fs::read_dir(sha256) else {
+        return g;
+    };
+    for d in top.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !is_hex(&name, 2) || !d.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(files) = std::fs::read_dir(d.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            if !f.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            let fname = f.file_name().to_string_lossy().into_owned();
+            let remove = match pass {
+                Pass::Temporaries => fname.starts_with('.'),
+                Pass::Unused(keep) => {
+                    is_hex(&fname, 64)
+                        && fname.starts_with(&name)
+                        && !keep.contains(&format!("sha256:{fname}"))
+                }
+            };
+            if !remove {
+                continue;
+            }
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(f.path()) {
+                Ok(()) if fname.starts_with('.') => g.temporaries += 1,
+                Ok(()) => {
+                    g.blobs += 1;
+                    g.bytes += len;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %f.path().display(), error = %e, "cannot remove an unused image file")
+                }
+            }
+        }
+        // Only succeeds when empty.
+        let _ = std::fs::remove_dir(d.path());
+    }
+    g
+}
+
 async fn is_file(p: &Path) -> bool {
     let p = p.to_path_buf();
     tokio::task::spawn_blocking(move || p.is_file())
@@ -771,6 +887,47 @@ fn error(status: StatusCode, code: &str, msg: &str) -> Response<BoxBody<Bytes, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn garbage_collection_removes_only_unused_blobs_and_temporaries() {
+        let t = tempfile::tempdir().unwrap();
+        let sha = t.path().join("images/sha256");
+        let keep_hex = "ab".repeat(32);
+        let drop_hex = format!("ab{}", "c".repeat(62));
+        let other = t.path().join("outside");
+        std::fs::write(&other, b"not an image").unwrap();
+        let ab = sha.join("ab");
+        std::fs::create_dir_all(&ab).unwrap();
+        std::fs::write(ab.join(&keep_hex), b"kept").unwrap();
+        std::fs::write(ab.join(&drop_hex), b"unused").unwrap();
+        std::fs::write(ab.join(format!(".{keep_hex}.peer.1.2.3")), b"part").unwrap();
+        std::fs::write(ab.join("README"), b"not a digest").unwrap();
+        // A link named like an unused digest, to a file outside.
+        let link_hex = format!("ab{}", "d".repeat(62));
+        std::os::unix::fs::symlink(&other, ab.join(&link_hex)).unwrap();
+        // A linked directory is not entered.
+        std::os::unix::fs::symlink(t.path(), sha.join("cd")).unwrap();
+        let keep = BTreeSet::from([format!("sha256:{keep_hex}")]);
+
+        // Start-up pass: temporaries only.
+        let g = collect_garbage(&sha, &Pass::Temporaries);
+        assert_eq!((g.blobs, g.temporaries), (0, 1));
+        assert!(ab.join(&drop_hex).exists());
+        let g = collect_garbage(&sha, &Pass::Unused(keep));
+        assert_eq!(
+            g,
+            Garbage {
+                blobs: 1,
+                bytes: 6,
+                temporaries: 0
+            }
+        );
+        assert!(ab.join(&keep_hex).exists() && !ab.join(&drop_hex).exists());
+        assert!(ab.join("README").exists());
+        assert!(std::fs::symlink_metadata(ab.join(&link_hex)).is_ok());
+        assert!(other.exists() && t.path().join("images").exists());
+    }
 
     #[test]
     fn routes_split_names_with_slashes() {

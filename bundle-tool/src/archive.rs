@@ -3,9 +3,18 @@
 //!
 //! An archive holds the repository layout itself: `roots/<N>`,
 //! `objects/sha256/<xx>/<hex>` and `channels/<name>`, in that order
-//! (roots by version, objects and channels by path), as regular files with
-//! mode 0644, mtime 0, uid/gid 0 and no user names, so the same
-//! repository state always gives the same archive bytes.
+//! (roots by version, objects and channels by path), then, for releases
+//! that carry container images, every image blob as
+//! `images/sha256/<xx>/<hex>` (by path), as regular files with mode 0644,
+//! mtime 0, uid/gid 0 and no user names, so the same repository state
+//! always gives the same archive bytes.
+//!
+//! Image blobs come last so that import verifies the releases and their
+//! image lists before it reads a blob: a blob member is accepted only if
+//! a verified image list names it with exactly the member's size, and it
+//! is streamed (hashed while written, never held in memory) into a
+//! temporary directory inside the target repository, from where it is
+//! renamed into `objects/` when everything checked out.
 //!
 //! Import trusts nothing in the archive: every member's type, path and
 //! size is checked before it is read (links, devices, GNU long names, PAX
@@ -23,8 +32,9 @@ use crate::trust::TrustChain;
 use crate::verify::{binding_floor, check_sequence};
 use crate::{Error, Result};
 use cairn_keys::root::MAX_ROOT_BYTES;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// What an export wrote.
@@ -36,7 +46,9 @@ pub struct ExportSummary {
     pub roots: Vec<u64>,
     /// Objects included.
     pub objects: usize,
-    /// Bytes of file contents in the archive.
+    /// Image blobs included.
+    pub image_blobs: usize,
+    /// Bytes of file contents in the archive (image blobs included).
     pub bytes: u64,
 }
 
@@ -49,6 +61,9 @@ pub struct ImportSummary {
     pub unchanged: Vec<String>,
     /// Objects written (absent before).
     pub objects_written: usize,
+    /// Image blobs written (absent before; counted in `objects_written`
+    /// too).
+    pub image_blobs_written: usize,
     /// Objects the archive carried that no channel needs (not written).
     pub unreferenced: usize,
     /// Root versions written.
@@ -72,6 +87,8 @@ pub fn export(
     }
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut objects = BTreeSet::new();
+    // digest → (size, what) of every image blob the channels carry.
+    let mut blobs: BTreeMap<String, (u64, String)> = BTreeMap::new();
     let mut heads = Vec::new();
     let mut summary_channels = Vec::new();
     for ch in channels {
@@ -87,6 +104,20 @@ pub fn export(
         .verify(ch)
         .map_err(|e| Error::Repository(format!("channel `{ch}` does not verify: {e}")))?;
         objects.extend(v.objects.iter().cloned());
+        if let Some(images) = &v.images {
+            for (b, reference) in images.blobs() {
+                blobs.entry(b.digest.to_string()).or_insert_with(|| {
+                    (
+                        b.size,
+                        format!(
+                            "image blob {} of `{}` (channel `{ch}`)",
+                            b.digest,
+                            cairn_keys::text::escape_untrusted(reference)
+                        ),
+                    )
+                });
+            }
+        }
         summary_channels.push((ch.clone(), v.release.release().sequence));
         heads.push((channel_path(ch), v.release.bytes().to_vec()));
     }
@@ -142,6 +173,54 @@ pub fn export(
         for (p, b) in &heads {
             append(p, b)?;
         }
+        // Image blobs last, streamed from the repository and hashed on
+        // the way: a blob that is missing, of another size than its list
+        // says, or altered fails the export (the archive is not written).
+        for (digest, (size, what)) in &blobs {
+            let rel = object_path_str(digest)
+                .ok_or_else(|| Error::Repository(format!("{what}: malformed digest")))?;
+            let src = repo.path().join(&rel);
+            let blob_err = |reason: String| {
+                Error::Repository(format!(
+                    "{what}: {} {reason}; not exported (cairn verify names every bad blob)",
+                    src.display()
+                ))
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&src)
+                .map_err(|e| blob_err(format!("cannot be read: {e}")))?;
+            let meta = file
+                .metadata()
+                .map_err(|e| blob_err(format!("cannot be read: {e}")))?;
+            if !meta.is_file() || meta.len() != *size {
+                return Err(blob_err(format!(
+                    "is {} bytes, the image list says {size}",
+                    meta.len()
+                )));
+            }
+            let mut h = tar::Header::new_ustar();
+            h.set_path(format!("images/{}", rel.trim_start_matches("objects/")))
+                .map_err(io)?;
+            h.set_size(*size);
+            h.set_mode(0o644);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            let mut r = HashingReader::new(file.take(*size));
+            tar.append(&h, &mut r).map_err(io)?;
+            let (n, actual) = r.finish();
+            if n != *size {
+                return Err(blob_err(format!("ended after {n} of {size} bytes")));
+            }
+            if actual != *digest {
+                return Err(blob_err(format!("content hashes to {actual}")));
+            }
+            bytes += n;
+        }
         let mut w = tar.into_inner().map_err(io)?;
         w.flush().map_err(io)?;
     }
@@ -151,8 +230,40 @@ pub fn export(
         channels: summary_channels,
         roots,
         objects: object_paths.len(),
+        image_blobs: blobs.len(),
         bytes,
     })
+}
+
+/// A reader that hashes and counts what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: cairn_keys::AddressHasher,
+    n: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: cairn_keys::AddressHasher::default(),
+            n: 0,
+        }
+    }
+
+    /// Bytes read and their `sha256:` address.
+    fn finish(self) -> (u64, String) {
+        (self.n, self.hasher.finish())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let k = self.inner.read(buf)?;
+        self.hasher.update(&buf[..k]);
+        self.n += k as u64;
+        Ok(k)
+    }
 }
 
 /// A member path an archive may hold.
@@ -161,6 +272,8 @@ enum Member {
     Root(u64),
     Channel(String),
     Object(String),
+    /// An image blob (`images/sha256/XX/HEX`), by address.
+    Blob(String),
     /// A directory entry on the way to the above (ignored).
     Dir,
 }
@@ -174,6 +287,10 @@ fn classify(path: &str) -> Option<Member> {
     match parts.as_slice() {
         ["roots"] | ["channels"] | ["objects"] | ["objects", "sha256"] => Some(Member::Dir),
         ["objects", "sha256", xx] if xx.len() == 2 && is_hex(xx) => Some(Member::Dir),
+        ["images"] | ["images", "sha256"] => Some(Member::Dir),
+        ["images", "sha256", xx] if xx.len() == 2 && is_hex(xx) => Some(Member::Dir),
+        ["images", "sha256", xx, hex] => (hex.len() == 64 && is_hex(hex) && hex[..2] == **xx)
+            .then(|| Member::Blob(format!("sha256:{hex}"))),
         ["roots", n] => {
             let v: u64 = n.parse().ok()?;
             (v >= 1 && n.bytes().all(|b| b.is_ascii_digit()) && !n.starts_with('0'))
@@ -233,12 +350,64 @@ fn copy_hashed(from: &mut impl Read, to: &Path, limit: u64) -> std::io::Result<(
 /// most [`MAX_ARCHIVE_ROOT_BYTES`] of them. The tar is read raw: GNU long
 /// names and PAX headers, which the tar reader would otherwise buffer
 /// whole, are refused like any other non-regular member.
+///
+/// Image blobs (`images/...`, after every other member) are read only
+/// once the channels and their image lists verified: each must be named
+/// by a verified list with exactly its member size, and is streamed into
+/// a temporary directory inside `repo` (hashed while written). On any
+/// error nothing is left in `repo` (a repository directory this import
+/// created is removed again).
 pub fn import(
+    archive: &Path,
+    repo: &RepoDir,
+    chain: TrustChain,
+    now: u64,
+    limits: &Limits,
+) -> Result<ImportSummary> {
+    import_with_blobs(archive, repo, chain, now, limits, &BTreeMap::new())
+}
+
+/// [`import`], with image blobs the archive does not carry taken from
+/// `prestaged` (digest → a file on `repo`'s file system that the caller
+/// already verified against the digest, as `cairn pull` does while
+/// downloading): each one a release's image list names is checked for
+/// its listed size and moved into `objects/`; the others are left alone.
+pub fn import_with_blobs(
+    archive: &Path,
+    repo: &RepoDir,
+    chain: TrustChain,
+    now: u64,
+    limits: &Limits,
+    prestaged: &BTreeMap<String, std::path::PathBuf>,
+) -> Result<ImportSummary> {
+    let existed = repo.path().exists();
+    let r = import_inner(archive, repo, chain, now, limits, prestaged);
+    if r.is_err() && !existed {
+        // Only an empty directory: removing it fails otherwise.
+        let _ = std::fs::remove_dir(repo.path());
+    }
+    r
+}
+
+/// The verified channels of a staged archive and what importing them
+/// writes.
+struct Checked {
+    summary: ImportSummary,
+    /// Objects the channels need (image lists included).
+    needed: BTreeSet<String>,
+    /// Channel heads to write, with their sequences.
+    heads: Vec<(String, u64)>,
+    /// Image blobs the channels need: digest → (size, what).
+    blobs: BTreeMap<String, (u64, String)>,
+}
+
+fn import_inner(
     archive: &Path,
     repo: &RepoDir,
     mut chain: TrustChain,
     now: u64,
     limits: &Limits,
+    prestaged: &BTreeMap<String, std::path::PathBuf>,
 ) -> Result<ImportSummary> {
     let bad = |reason: String| Error::Archive {
         path: archive.to_path_buf(),
@@ -270,6 +439,11 @@ pub fn import(
     let mut roots: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut channels: BTreeSet<String> = BTreeSet::new();
     let mut archived_objects = BTreeSet::new();
+    // Set when the first image blob member arrives: the channels verified.
+    let mut checked: Option<Checked> = None;
+    // Image blobs read so far, in a temporary directory inside `repo`.
+    let mut blob_stage: Option<tempfile::TempDir> = None;
+    let mut staged_blobs: BTreeMap<String, std::path::PathBuf> = BTreeMap::new();
     for (n, entry) in tar
         .entries()
         .map_err(|e| bad(format!("not a tar archive: {e}")))?
@@ -301,7 +475,7 @@ pub fn import(
         let kind = entry.header().entry_type();
         let member = classify(trimmed).ok_or_else(|| {
             bad(format!(
-                "unexpected member `{shown}`: an archive holds only roots/N, channels/NAME and objects/sha256/XX/HEX"
+                "unexpected member `{shown}`: an archive holds only roots/N, channels/NAME, objects/sha256/XX/HEX and images/sha256/XX/HEX"
             ))
         })?;
         match (kind, &member) {
@@ -327,15 +501,68 @@ pub fn import(
         if !seen.insert(trimmed.to_owned()) {
             return Err(bad(format!("member `{shown}` appears twice")));
         }
+        let size = entry
+            .header()
+            .size()
+            .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
+        if let Member::Blob(address) = &member {
+            // The releases and their image lists first (every other
+            // member came before the blobs).
+            let c = match &mut checked {
+                Some(c) => c,
+                None => checked.insert(verify_staged(
+                    archive,
+                    repo,
+                    &stage,
+                    &mut chain,
+                    &roots,
+                    &channels,
+                    &archived_objects,
+                    now,
+                    limits,
+                )?),
+            };
+            let Some((want, what)) = c.blobs.get(address) else {
+                return Err(bad(format!(
+                    "member `{shown}`: image blob {address} is not named by the image list of any release in the archive"
+                )));
+            };
+            if size != *want {
+                return Err(bad(format!(
+                    "{what}: member `{shown}` is {size} bytes, the image list says {want}"
+                )));
+            }
+            let dir = match &blob_stage {
+                Some(d) => d.path().to_path_buf(),
+                None => {
+                    std::fs::create_dir_all(repo.path()).map_err(stage_io(repo.path()))?;
+                    let d = tempfile::Builder::new()
+                        .prefix(".cairn-import-")
+                        .tempdir_in(repo.path())
+                        .map_err(stage_io(repo.path()))?;
+                    blob_stage.insert(d).path().to_path_buf()
+                }
+            };
+            let dest = dir.join(address.trim_start_matches("sha256:"));
+            let read = cairn_oci::blobfile::copy_verified(&mut entry, address, size, &dest, what)
+                .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
+            if read != size {
+                let _ = std::fs::remove_file(&dest);
+                return Err(bad(format!("{what}: member `{shown}` is truncated")));
+            }
+            staged_blobs.insert(address.clone(), dest);
+            continue;
+        }
+        if checked.is_some() {
+            return Err(bad(format!(
+                "member `{shown}` comes after the image blobs (images/... members are last)"
+            )));
+        }
         let limit = match &member {
             Member::Root(_) => MAX_ROOT_BYTES as u64,
             Member::Channel(_) => limits.max_release_bytes,
             _ => limits.max_object_bytes.max(limits.max_manifest_bytes),
         };
-        let size = entry
-            .header()
-            .size()
-            .map_err(|e| bad(format!("member `{shown}`: {e}")))?;
         if size > limit {
             return Err(bad(format!(
                 "member `{shown}` is {size} bytes, over the limit of {limit}"
@@ -401,14 +628,65 @@ pub fn import(
                     _ => {}
                 }
             }
-            Member::Dir => {}
+            Member::Blob(_) | Member::Dir => {}
         }
     }
-    if channels.is_empty() {
-        return Err(bad("no channels/NAME member: nothing to import".into()));
+    let checked = match checked {
+        Some(c) => c,
+        None => verify_staged(
+            archive,
+            repo,
+            &stage,
+            &mut chain,
+            &roots,
+            &channels,
+            &archived_objects,
+            now,
+            limits,
+        )?,
+    };
+    let Checked {
+        mut summary,
+        needed,
+        heads,
+        blobs,
+    } = checked;
+
+    // Every image blob the releases name: from the archive, or already in
+    // the repository (as a regular file of the listed size).
+    for (digest, (size, what)) in &blobs {
+        if staged_blobs.contains_key(digest) {
+            continue;
+        }
+        if let Some(file) = prestaged.get(digest) {
+            let len = std::fs::symlink_metadata(file)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len());
+            if len != Some(*size) {
+                return Err(bad(format!(
+                    "{what}: {} is {len:?} bytes, the image list says {size}",
+                    file.display()
+                )));
+            }
+            staged_blobs.insert(digest.clone(), file.clone());
+            continue;
+        }
+        let in_repo = object_path_str(digest)
+            .and_then(|rel| std::fs::symlink_metadata(repo.path().join(rel)).ok())
+            .is_some_and(|m| m.is_file() && m.len() == *size);
+        if !in_repo {
+            return Err(bad(format!(
+                "{what}: missing from the archive (no member images/{}) and from {}",
+                object_path_str(digest)
+                    .unwrap_or_default()
+                    .trim_start_matches("objects/"),
+                repo.path().display()
+            )));
+        }
     }
-    chain.extend(&format!("archive {}", archive.display()), &roots)?;
-    chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
+
+    // Write: objects and image blobs, roots, channel heads last.
     let staged_channel = |name: &str| -> Result<Vec<u8>> {
         stage
             .channel(name, limits.max_release_bytes)?
@@ -419,19 +697,82 @@ pub fn import(
                 ))
             })
     };
+    let mut batch = repo.object_batch();
+    for address in &needed {
+        if repo.has_object(address) {
+            continue;
+        }
+        if let Some(data) = stage.get_object(
+            address,
+            limits.max_object_bytes.max(limits.max_manifest_bytes),
+        )? {
+            batch.add(address, &data)?;
+        }
+    }
+    for (address, file) in staged_blobs {
+        if batch.add_verified_file(&address, file)? {
+            summary.image_blobs_written += 1;
+        }
+    }
+    summary.objects_written = batch.commit()?;
+    for r in chain.roots() {
+        let rel = root_path(r.root().version);
+        if roots.iter().any(|(v, _)| *v == r.root().version)
+            && repo.read(&rel, MAX_ROOT_BYTES as u64)?.is_none()
+        {
+            repo.write(&rel, r.bytes())?;
+            summary.roots_written.push(r.root().version);
+        }
+    }
+    for (name, seq) in heads {
+        repo.write(&channel_path(&name), &staged_channel(&name)?)?;
+        summary.updated.push((name, seq));
+    }
+    drop(blob_stage);
+    Ok(summary)
+}
 
-    // Verify every channel in the staging area (objects may also come from
-    // the target repository) and decide what to write.
+/// Verifies the staged channels (objects may also come from the target
+/// repository) and decides what to write.
+#[allow(clippy::too_many_arguments)]
+fn verify_staged(
+    archive: &Path,
+    repo: &RepoDir,
+    stage: &RepoDir,
+    chain: &mut TrustChain,
+    roots: &[(u64, Vec<u8>)],
+    channels: &BTreeSet<String>,
+    archived_objects: &BTreeSet<String>,
+    now: u64,
+    limits: &Limits,
+) -> Result<Checked> {
+    let bad = |reason: String| Error::Archive {
+        path: archive.to_path_buf(),
+        reason,
+    };
+    if channels.is_empty() {
+        return Err(bad("no channels/NAME member: nothing to import".into()));
+    }
+    chain.extend(&format!("archive {}", archive.display()), roots)?;
+    chain.extend(&repo.path().display().to_string(), &repo.roots()?)?;
     let mut summary = ImportSummary::default();
     let mut needed = BTreeSet::new();
     let mut heads = Vec::new();
+    let mut blobs = BTreeMap::new();
     let chain_roots: Vec<cairn_keys::Root> =
         chain.roots().iter().map(|r| r.root().clone()).collect();
     let epoch = cairn_keys::root::release_epoch(&chain_roots).to_vec();
-    for name in &channels {
-        let bytes = &staged_channel(name)?;
+    for name in channels {
+        let bytes = stage
+            .channel(name, limits.max_release_bytes)?
+            .ok_or_else(|| {
+                bad(format!(
+                    "{}: missing from the staging area",
+                    channel_path(name)
+                ))
+            })?;
         let v = ChannelCheck {
-            repo: &stage,
+            repo: stage,
             fallback: Some(repo),
             root: chain.current().root(),
             now,
@@ -441,9 +782,23 @@ pub fn import(
         .verify(name)
         .map_err(|e| bad(format!("{}: {e}", channel_path(name))))?;
         needed.extend(v.objects.iter().cloned());
+        if let Some(images) = &v.images {
+            for (b, reference) in images.blobs() {
+                blobs.entry(b.digest.to_string()).or_insert_with(|| {
+                    (
+                        b.size,
+                        format!(
+                            "image blob {} of `{}` (channel `{name}`)",
+                            b.digest,
+                            cairn_keys::text::escape_untrusted(reference)
+                        ),
+                    )
+                });
+            }
+        }
         let seq = v.release.release().sequence;
         match repo.channel(name, limits.max_release_bytes)? {
-            Some(existing) if existing == *bytes => summary.unchanged.push(name.clone()),
+            Some(existing) if existing == bytes => summary.unchanged.push(name.clone()),
             Some(existing) => {
                 let (_, old) = Release::decode_envelope(&existing, limits.max_release_bytes)
                     .map_err(|e| {
@@ -462,35 +817,12 @@ pub fn import(
         }
     }
     summary.unreferenced = archived_objects.difference(&needed).count();
-
-    // Write: objects, roots, channel heads last.
-    let mut batch = repo.object_batch();
-    for address in &needed {
-        if repo.has_object(address) {
-            continue;
-        }
-        if let Some(data) = stage.get_object(
-            address,
-            limits.max_object_bytes.max(limits.max_manifest_bytes),
-        )? {
-            batch.add(address, &data)?;
-        }
-    }
-    summary.objects_written = batch.commit()?;
-    for r in chain.roots() {
-        let rel = root_path(r.root().version);
-        if roots.iter().any(|(v, _)| *v == r.root().version)
-            && repo.read(&rel, MAX_ROOT_BYTES as u64)?.is_none()
-        {
-            repo.write(&rel, r.bytes())?;
-            summary.roots_written.push(r.root().version);
-        }
-    }
-    for (name, seq) in heads {
-        repo.write(&channel_path(&name), &staged_channel(&name)?)?;
-        summary.updated.push((name, seq));
-    }
-    Ok(summary)
+    Ok(Checked {
+        summary,
+        needed,
+        heads,
+        blobs,
+    })
 }
 
 #[cfg(test)]
@@ -514,6 +846,13 @@ mod tests {
         );
         assert_eq!(classify(&format!("objects/sha256/cd/{hex}")), None);
         assert_eq!(classify("objects/sha256/ab"), Some(Member::Dir));
+        assert_eq!(
+            classify(&format!("images/sha256/ab/{hex}")),
+            Some(Member::Blob(format!("sha256:{hex}")))
+        );
+        assert_eq!(classify(&format!("images/sha256/cd/{hex}")), None);
+        assert_eq!(classify("images/sha256/ab"), Some(Member::Dir));
+        assert_eq!(classify("images/x"), None);
         assert_eq!(classify("etc/passwd"), None);
         assert_eq!(classify("roots/1/x"), None);
     }

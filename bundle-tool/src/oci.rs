@@ -54,6 +54,28 @@ pub async fn push(
             repo.path().display()
         )
     })?;
+    // The image blobs too, as `cairn verify` checks them.
+    if let Some(images) = &v.images {
+        let problems = crate::check::ChannelCheck {
+            repo,
+            fallback: None,
+            root: chain.current().root(),
+            now,
+            limits,
+            threads: 2,
+        }
+        .check_image_blobs(images);
+        if !problems.is_empty() {
+            return Err(anyhow::Error::from(crate::Error::Objects { problems })).with_context(
+                || {
+                    format!(
+                        "channel `{channel}` of {} does not verify",
+                        repo.path().display()
+                    )
+                },
+            );
+        }
+    }
     let sequence = v.release.release().sequence;
     let target = client.reference().to_string();
 
@@ -118,6 +140,22 @@ pub async fn push(
     for a in &v.objects {
         blobs.push((a.clone(), BlobSource::Object(a.clone())));
     }
+    // Image blobs: streamed from the repository file (never in memory),
+    // referenced by the object chunk manifests like objects.
+    let mut image_blobs = Vec::new();
+    if let Some(images) = &v.images {
+        sizes.insert(images.address.to_string(), images.size);
+        for (b, _) in images.blobs() {
+            let d = b.digest.to_string();
+            if sizes.insert(d.clone(), b.size).is_none() {
+                image_blobs.push(d.clone());
+                let path = repo
+                    .path()
+                    .join(crate::repo::object_path_str(&d).unwrap_or_default());
+                blobs.push((d, BlobSource::File(path, b.size)));
+            }
+        }
+    }
     let mut unique = std::collections::BTreeSet::new();
     blobs.retain(|(d, _)| unique.insert(d.clone()));
 
@@ -129,6 +167,10 @@ pub async fn push(
             }
             let bytes = match src {
                 BlobSource::Bytes(b) => b,
+                BlobSource::File(path, size) => {
+                    client.put_blob_file(&path, &digest, size).await?;
+                    return Ok(Some(size));
+                }
                 BlobSource::Object(a) => {
                     let repo = repo.clone();
                     tokio::task::spawn_blocking(move || repo.get_object(&a, object_limit))
@@ -171,6 +213,7 @@ pub async fn push(
     let objects: Vec<(String, u64)> = v
         .objects
         .iter()
+        .chain(image_blobs.iter())
         .map(|a| (a.clone(), sizes.get(a).copied().unwrap_or(0)))
         .collect();
     let mut index_entries = Vec::new();
@@ -219,6 +262,8 @@ pub async fn push(
 enum BlobSource {
     Bytes(Vec<u8>),
     Object(String),
+    /// An image blob: its repository file and size.
+    File(std::path::PathBuf, u64),
 }
 
 /// Pulls `channel` from the registry into `repo`: roots, the release and
@@ -319,6 +364,21 @@ pub async fn pull(
             .ok_or_else(|| anyhow::anyhow!("{target}: object {a} missing"))?;
         stage.put_object(a, &b)?;
     }
+    // Images: the list (an object), then every blob the repository lacks,
+    // streamed into a temporary directory inside the repository and
+    // hashed while written; `import` checks them against the verified
+    // list and moves them into place.
+    let repo_existed = repo.path().exists();
+    let result = pull_images(client, repo, &stage, &manifest, &target).await;
+    let (blob_dir, prestaged) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            if !repo_existed {
+                let _ = std::fs::remove_dir(repo.path());
+            }
+            return Err(e);
+        }
+    };
     for (v, b) in &roots {
         stage.write(&crate::repo::root_path(*v), b)?;
     }
@@ -326,7 +386,81 @@ pub async fn pull(
     // The staged repository as an export archive, then `import`.
     let tar_path = staging.path().join("pull.tar");
     write_layout_tar(staging.path(), &tar_path)?;
-    Ok(crate::archive::import(&tar_path, repo, start, now, limits)?)
+    let r = crate::archive::import_with_blobs(&tar_path, repo, start, now, limits, &prestaged);
+    drop(blob_dir);
+    if r.is_err() && !repo_existed {
+        let _ = std::fs::remove_dir(repo.path());
+    }
+    Ok(r?)
+}
+
+/// The bundle's image list (staged as an object) and the image blobs
+/// `repo` lacks, downloaded into a temporary directory inside `repo`
+/// (hashed while written): the directory and digest → file.
+async fn pull_images(
+    client: &Client,
+    repo: &crate::repo::RepoDir,
+    stage: &crate::repo::RepoDir,
+    manifest: &crate::bundle::Manifest,
+    target: &str,
+) -> anyhow::Result<(
+    Option<tempfile::TempDir>,
+    BTreeMap<String, std::path::PathBuf>,
+)> {
+    use cairn_core::images::{
+        ImageList, DEFAULT_MAX_BLOB_BYTES, DEFAULT_MAX_TOTAL_BYTES, MAX_LIST_BYTES,
+    };
+    let mut prestaged = BTreeMap::new();
+    let Some(addr) = cairn_core::images::list_address(manifest) else {
+        return Ok((None, prestaged));
+    };
+    let bytes = match repo.get_object(addr.as_str(), MAX_LIST_BYTES)? {
+        Some(b) => b,
+        None => {
+            let b = client
+                .get_blob(addr.as_str(), MAX_LIST_BYTES)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{target}: image list {addr} missing"))?;
+            stage.put_object(addr.as_str(), &b)?;
+            b
+        }
+    };
+    let list = ImageList::decode(
+        &bytes,
+        addr,
+        DEFAULT_MAX_BLOB_BYTES,
+        DEFAULT_MAX_TOTAL_BYTES,
+    )
+    .map_err(|e| anyhow::anyhow!("{target}: image list {addr}: {e}"))?;
+    let mut dir: Option<tempfile::TempDir> = None;
+    for b in list.distinct_blobs() {
+        let d = b.digest.as_str();
+        if repo.has_object(d) {
+            continue;
+        }
+        let path = match &dir {
+            Some(t) => t.path().to_path_buf(),
+            None => {
+                std::fs::create_dir_all(repo.path())?;
+                let t = tempfile::Builder::new()
+                    .prefix(".cairn-pull-")
+                    .tempdir_in(repo.path())?;
+                dir.insert(t).path().to_path_buf()
+            }
+        };
+        let dest = path.join(d.trim_start_matches("sha256:"));
+        let what = format!("{target}: image blob {d}");
+        let resp = client
+            .blob_response(d)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{what}: not in the registry"))?;
+        let n = cairn_oci::blobfile::download_verified(resp, d, b.size, &dest, &what).await?;
+        if n != b.size {
+            anyhow::bail!("{what}: {n} bytes, the image list says {}", b.size);
+        }
+        prestaged.insert(d.to_owned(), dest);
+    }
+    Ok((dir, prestaged))
 }
 
 /// Writes the repository files under `dir` (roots, objects, channels, in

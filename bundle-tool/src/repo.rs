@@ -212,6 +212,25 @@ impl ObjectBatch<'_> {
         Ok(true)
     }
 
+    /// Stages a file already verified against `address` (an image blob
+    /// streamed into a temporary file on the repository's file system) to
+    /// be renamed into place at commit, unless the repository or this
+    /// batch already has it. Returns whether it was staged. The caller
+    /// has checked the content; the file is moved, not copied.
+    pub fn add_verified_file(&mut self, address: &str, file: PathBuf) -> Result<bool> {
+        if self.names.contains(address) || self.repo.has_object(address) {
+            return Ok(false);
+        }
+        let rel = object_path_str(address)
+            .ok_or_else(|| Error::Repository(format!("malformed object address `{address}`")))?;
+        let dest = self.repo.root.join(rel);
+        let dir = dest.parent().unwrap_or(&self.repo.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(RepoDir::io(&dir))?;
+        self.pending.push((file, dest));
+        self.names.insert(address.to_owned());
+        Ok(true)
+    }
+
     /// Makes every staged object durable, renames them into place and
     /// syncs the directories. Returns how many objects were written.
     pub fn commit(mut self) -> Result<usize> {

@@ -89,7 +89,12 @@ fn skopeo_pull(w: &World, from: &str, dest: &Path) -> Result<String, String> {
 /// registry on a free loopback port; returns it and the registry's
 /// address (from its start-up log line).
 fn spawn_with_registry(w: &World) -> (AgentProcess, String) {
-    let mut c = w.agent_config(&[w.repo.display().to_string()]);
+    spawn_with_registry_from(w, &w.repo)
+}
+
+/// [`spawn_with_registry`] with `source` as the agent's only source.
+fn spawn_with_registry_from(w: &World, source: &Path) -> (AgentProcess, String) {
+    let mut c = w.agent_config(&[source.display().to_string()]);
     c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
     let cfg = c.write(&w.path("agent.yaml"));
     let agent = w.spawn(&cfg, "agent.log");
@@ -556,6 +561,651 @@ fn an_oci_layout_directory_gives_the_same_images_as_the_registry() {
     );
     assert_eq!(a["images"], b["images"]);
     assert_eq!(a["id"], b["id"], "same images, same signed bundle");
+}
+
+// ----- images on a USB stick (export / import) and `cairn verify` --------
+
+/// Runs `cairn ARGS`; returns (success, stdout + stderr).
+fn cairn(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = Command::new(cairn_bin()).args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `cairn export --channel stable` of `repo` into `tar`.
+fn export(repo: &Path, tar: &Path) -> String {
+    let (ok, text) = cairn(&[
+        "export".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+        "--out".as_ref(),
+        tar.as_os_str(),
+    ]);
+    assert!(ok, "export: {text}");
+    text
+}
+
+fn import(tar: &Path, repo: &Path) -> (bool, String) {
+    cairn(&[
+        "import".as_ref(),
+        tar.as_os_str(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+    ])
+}
+
+fn verify(repo: &Path) -> (bool, String) {
+    cairn(&[
+        "verify".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+    ])
+}
+
+/// Every file under `dir` (relative path → bytes), hidden ones included.
+fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(base: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            } else {
+                let rel = p.strip_prefix(base).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The built bundle's image (manifest digest, layer digest).
+fn image_of(s: &Setup, bundle: &str) -> (String, String) {
+    let inspect = ok(Command::new(cairn_bin())
+        .args(["bundle", "inspect", "--json"])
+        .arg(s.w.path(bundle)));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let digest = v["images"][0]["digest"].as_str().unwrap().to_owned();
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            s.layout
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_owned();
+    (digest, layer)
+}
+
+fn object_file(repo: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    repo.join("objects/sha256").join(&hex[..2]).join(hex)
+}
+
+#[test]
+fn images_travel_in_an_export_archive_and_an_agent_serves_them_from_the_import() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (digest, layer) = image_of(&s, "b.bundle");
+    // `cairn verify` checks the image blobs too.
+    let (good, text) = verify(&w.repo);
+    assert!(good, "{text}");
+    assert!(text.contains("images   2 (3 blobs"), "{text}");
+
+    let tar = w.path("usb.tar");
+    let text = export(&w.repo, &tar);
+    assert!(text.contains("3 image blob(s)"), "{text}");
+    // The same repository state gives the same archive bytes.
+    export(&w.repo, &w.path("again.tar"));
+    assert_eq!(
+        std::fs::read(&tar).unwrap(),
+        std::fs::read(w.path("again.tar")).unwrap()
+    );
+
+    let site = w.path("site-repo");
+    let (good, text) = import(&tar, &site);
+    assert!(good, "{text}");
+    assert!(text.contains("(3 image blob(s))"), "{text}");
+    // Byte-identical: every object (image blobs and list included), root
+    // and channel head; no staging directory left behind.
+    assert_eq!(tree(&site), tree(&w.repo));
+    let (good, text) = verify(&site);
+    assert!(good, "{text}");
+    // Importing again changes nothing.
+    let (good, text) = import(&tar, &site);
+    assert!(good && text.contains("0 new object(s)"), "{text}");
+
+    // An agent whose only source is the imported repository serves the
+    // image with the signed digest.
+    let (mut agent, addr) = spawn_with_registry_from(w, &site);
+    let mut last = String::new();
+    wait_logged(w, 60, "the agent serves the image", || {
+        match skopeo_pull(w, &format!("{addr}/team/web@{digest}"), &w.path("pulled")) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest);
+    assert_eq!(
+        std::fs::read(
+            w.path("pulled/blobs/sha256")
+                .join(layer.trim_start_matches("sha256:"))
+        )
+        .unwrap(),
+        std::fs::read(object_file(&w.repo, &layer)).unwrap()
+    );
+    terminate(&mut agent.0);
+}
+
+/// A ustar archive without the member `name` (headers of 512 bytes, an
+/// octal size at 124, contents padded to 512).
+fn without_member(archive: &[u8], name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 512 <= archive.len() && archive[at] != 0 {
+        let h = &archive[at..at + 512];
+        let end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let size_field = String::from_utf8_lossy(&h[124..136]);
+        let size = u64::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+            .unwrap() as usize;
+        let next = at + 512 + size.div_ceil(512) * 512;
+        if &h[..end] != name.as_bytes() {
+            out.extend_from_slice(&archive[at..next]);
+        }
+        at = next;
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+/// One ustar member (header and padded content).
+fn tar_member(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let mut out = h.to_vec();
+    out.extend_from_slice(content);
+    out.resize(512 + content.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// `archive` with `member` appended after its last member.
+fn with_member(archive: &[u8], member: &[u8]) -> Vec<u8> {
+    let mut out = without_member(archive, "");
+    out.truncate(out.len() - 1024);
+    out.extend_from_slice(member);
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
+
+#[test]
+fn a_tampered_or_incomplete_archive_is_refused_and_changes_nothing() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (_, layer) = image_of(&s, "b.bundle");
+    let tar = w.path("usb.tar");
+    export(&w.repo, &tar);
+    let archive = std::fs::read(&tar).unwrap();
+    let layer_bytes = std::fs::read(object_file(&w.repo, &layer)).unwrap();
+    let at = archive
+        .windows(layer_bytes.len())
+        .position(|x| x == layer_bytes.as_slice())
+        .expect("the layer is in the archive");
+
+    // A tampered layer (same size, last byte flipped).
+    let mut bad = archive.clone();
+    bad[at + layer_bytes.len() - 1] ^= 0xff;
+    let tampered = w.path("tampered.tar");
+    std::fs::write(&tampered, &bad).unwrap();
+    // Into a new directory: refused, and the directory is not left behind.
+    let fresh = w.path("fresh");
+    let (good, text) = import(&tampered, &fresh);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}"))
+            && text.contains("does not match its digest")
+            && text.contains("tampered.tar"),
+        "{text}"
+    );
+    assert!(!fresh.exists(), "nothing of a refused import is left");
+    // Into an existing repository: nothing changes, no staging left.
+    let site = w.path("site");
+    std::fs::create_dir_all(site.join("roots")).unwrap();
+    std::fs::write(site.join("README"), "site repository\n").unwrap();
+    let before = tree(&site);
+    let (good, text) = import(&tampered, &site);
+    assert!(!good, "{text}");
+    assert_eq!(tree(&site), before);
+    assert_eq!(
+        std::fs::read_dir(&site).unwrap().count(),
+        2,
+        "no staging dir"
+    );
+
+    // A layer left out of the archive: refused, naming it.
+    let hex = layer.trim_start_matches("sha256:");
+    let short = w.path("short.tar");
+    std::fs::write(
+        &short,
+        without_member(&archive, &format!("images/sha256/{}/{hex}", &hex[..2])),
+    )
+    .unwrap();
+    let (good, text) = import(&short, &site);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}"))
+            && text.contains("missing from the archive")
+            && text.contains("short.tar"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // A layer member of another size than the image list says (its header
+    // and content both changed, checksum fixed): refused before it is read.
+    let mut longer = archive.clone();
+    let header = at - 512;
+    let old_size = format!("{:011o}", layer_bytes.len());
+    let new_size = format!("{:011o}", layer_bytes.len() - 1);
+    assert_eq!(&longer[header + 124..header + 135], old_size.as_bytes());
+    longer[header + 124..header + 135].copy_from_slice(new_size.as_bytes());
+    longer[header + 148..header + 156].copy_from_slice(b"        ");
+    let sum: u32 = longer[header..header + 512]
+        .iter()
+        .map(|&b| u32::from(b))
+        .sum();
+    longer[header + 148..header + 156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let resized = w.path("resized.tar");
+    std::fs::write(&resized, &longer).unwrap();
+    let (good, text) = import(&resized, &site);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("image blob {layer}")) && text.contains("the image list says"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // A blob no image list names, and a channel after the image blobs.
+    let extra = b"not a layer of this release";
+    let hex = cairn_keys::sha256_address(extra)
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let unlisted = w.path("unlisted.tar");
+    std::fs::write(
+        &unlisted,
+        with_member(
+            &archive,
+            &tar_member(&format!("images/sha256/{}/{hex}", &hex[..2]), extra),
+        ),
+    )
+    .unwrap();
+    let (good, text) = import(&unlisted, &site);
+    assert!(
+        !good && text.contains("is not named by the image list of any release"),
+        "{text}"
+    );
+    let late = w.path("late.tar");
+    let head = std::fs::read(w.repo.join("channels/stable")).unwrap();
+    std::fs::write(
+        &late,
+        with_member(&archive, &tar_member("channels/other", &head)),
+    )
+    .unwrap();
+    let (good, text) = import(&late, &site);
+    assert!(
+        !good && text.contains("comes after the image blobs"),
+        "{text}"
+    );
+    assert_eq!(tree(&site), before);
+
+    // The untouched archive imports.
+    let (good, text) = import(&tar, &site);
+    assert!(good, "{text}");
+    assert!(verify(&site).0);
+}
+
+#[test]
+fn verify_names_a_missing_or_corrupted_image_blob() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (_, layer) = image_of(&s, "b.bundle");
+    let path = object_file(&w.repo, &layer);
+    let good_bytes = std::fs::read(&path).unwrap();
+    let hex = layer.trim_start_matches("sha256:");
+    let rel = format!("objects/sha256/{}/{hex}", &hex[..2]);
+
+    let mut bytes = good_bytes.clone();
+    let n = bytes.len() - 1;
+    bytes[n] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&rel) && text.contains("content hashes to") && text.contains(&layer),
+        "{text}"
+    );
+    // Export refuses to carry it.
+    let (good, text) = cairn(&[
+        "export".as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        w.repo.as_os_str(),
+        "--out".as_ref(),
+        w.path("x.tar").as_os_str(),
+    ]);
+    assert!(!good && text.contains(&layer), "{text}");
+    assert!(!w.path("x.tar").exists());
+
+    std::fs::write(&path, &bytes[..n]).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&rel) && text.contains("the image list says"),
+        "{text}"
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(!good);
+    assert!(
+        text.contains(&format!("{rel}: missing (image blob {layer}")),
+        "{text}"
+    );
+    // --json lists the problem.
+    let out = Command::new(cairn_bin())
+        .args(["verify", "--json", "--channel", "stable", "--repo"])
+        .arg(&w.repo)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(v["problems"][0].as_str().unwrap().contains(&rel), "{v}");
+
+    std::fs::write(&path, &good_bytes).unwrap();
+    let (good, text) = verify(&w.repo);
+    assert!(good, "{text}");
+}
+
+/// `cairn push` / `cairn pull` of channel `stable` to or from `url`.
+fn registry_cmd(s: &Setup, verb: &str, url: &str, repo: &Path) -> (bool, String) {
+    let dir = if verb == "push" { "--to" } else { "--from" };
+    cairn(&[
+        verb.as_ref(),
+        "--channel".as_ref(),
+        "stable".as_ref(),
+        "--repo".as_ref(),
+        repo.as_os_str(),
+        dir.as_ref(),
+        url.as_ref(),
+        "--ca-file".as_ref(),
+        s.reg.ca_file().as_os_str(),
+        "--credentials-file".as_ref(),
+        s.w.path("creds.json").as_os_str(),
+    ])
+}
+
+#[test]
+fn images_travel_through_an_oci_registry_and_an_oci_source_serves_them() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b.bundle"));
+    let (digest, layer) = image_of(&s, "b.bundle");
+    let url = format!("oci://{}/fleet", s.reg.host());
+    let (good, text) = registry_cmd(&s, "push", &url, &w.repo);
+    assert!(good, "{text}");
+    // The layer is a blob of the registry repository, and a manifest of
+    // the artifact references it (so the registry's GC keeps it).
+    assert!(
+        !s.reg
+            .access_lines("PUT", "/v2/fleet/blobs/uploads/")
+            .is_empty(),
+        "uploads"
+    );
+    let (u, p) = s.reg.credentials();
+    let curl = |path: &str| {
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(s.reg.ca_file())
+            .args(["-u", &format!("{u}:{p}")])
+            .arg(format!("https://{}/v2/fleet/{path}", s.reg.host()))
+            .output()
+            .unwrap()
+    };
+    assert_eq!(
+        String::from_utf8_lossy(&curl(&format!("blobs/{layer}")).stdout),
+        "200"
+    );
+    // Pushing again uploads nothing new.
+    let (good, text) = registry_cmd(&s, "push", &url, &w.repo);
+    assert!(good && text.contains("0 blob(s) uploaded"), "{text}");
+
+    // Pull into a new repository: byte-identical, and it verifies.
+    let pulled = w.path("pulled-repo");
+    let (good, text) = registry_cmd(&s, "pull", &url, &pulled);
+    assert!(good, "{text}");
+    assert!(text.contains("(3 image blob(s))"), "{text}");
+    assert_eq!(tree(&pulled.join("objects")), tree(&w.repo.join("objects")));
+    assert_eq!(
+        tree(&pulled.join("channels")),
+        tree(&w.repo.join("channels"))
+    );
+    assert!(
+        std::fs::read_dir(&pulled)
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with('.')),
+        "no staging directory left"
+    );
+    let (good, text) = verify(&pulled);
+    assert!(good, "{text}");
+
+    // An agent whose only source is the registry serves the image.
+    let mut c = w.agent_config(&[format!(
+        "{{url: \"{url}\", caFile: \"{}\", credentialsFile: \"{}\"}}",
+        s.reg.ca_file().display(),
+        w.path("creds.json").display()
+    )]);
+    c.http = "127.0.0.1:0\n  registry: 127.0.0.1:0".into();
+    let cfg = c.write(&w.path("agent-oci.yaml"));
+    let mut agent = w.spawn(&cfg, "agent.log");
+    let mut addr = String::new();
+    wait_logged(w, 30, "the image registry listens", || {
+        let log = w.log("agent.log");
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving the image registry"));
+        if let Some(v) = line.and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+            addr = v["address"].as_str().unwrap_or_default().to_owned();
+        }
+        !addr.is_empty()
+    });
+    let mut last = String::new();
+    wait_logged(w, 60, "the agent serves the image", || {
+        match skopeo_pull(w, &format!("{addr}/team/web@{digest}"), &w.path("pulled")) {
+            Ok(d) => {
+                last = d;
+                true
+            }
+            Err(e) => {
+                last = e;
+                false
+            }
+        }
+    });
+    assert_eq!(last, digest);
+    terminate(&mut agent.0);
+}
+
+/// The digests of every blob (manifest, config, layers) of `tag` in an
+/// OCI layout.
+fn blobs_of(layout: &Path, tag: &str) -> Vec<String> {
+    let (manifest, _) = layers_of(layout, tag);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(manifest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = vec![manifest, m["config"]["digest"].as_str().unwrap().to_owned()];
+    out.extend(
+        m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap().to_owned()),
+    );
+    out
+}
+
+#[test]
+fn blobs_no_release_names_are_removed_after_adoption_and_temporaries_at_start() {
+    let s = Setup::new();
+    let w = &s.w;
+    let out = s.build("b1.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b1.bundle"));
+    let a_blobs = blobs_of(&s.layout, "v1");
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the agent serves image A", || {
+        http_get(&addr, "/v2/team/web/manifests/v1").0 == 200
+    });
+    for d in &a_blobs {
+        assert!(blob_file(&w.data, d).is_file(), "{d}");
+    }
+
+    // Release 2 names only image B (no blob in common with A): both the
+    // Deployment and the fixture's `edge/app-0000:1.0.0` now resolve to B.
+    let b_layout = make_image(&w.path("img-b"), "v1", &[("etc/other.txt", "other\n")]);
+    let b_blobs = blobs_of(&b_layout, "v1");
+    assert!(a_blobs.iter().all(|d| !b_blobs.contains(d)));
+    skopeo_push(w, &s.reg, &b_layout, "v1", "team/other:v1");
+    skopeo_push(w, &s.reg, &b_layout, "v1", "edge/app-0000:1.0.0");
+    commit_files(
+        &w.git,
+        &[(
+            "apps/web.yaml",
+            &deployment(&format!("{}/team/other:v1", s.reg.host())),
+        )],
+        "other",
+        "2024-01-03T00:00:00Z",
+    )
+    .unwrap();
+    let out = s.build("b2.bundle", &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    w.release(&w.path("b2.bundle"));
+    wait_logged(w, 60, "the agent serves image B", || {
+        http_get(&addr, "/v2/team/other/manifests/v1").0 == 200
+    });
+    wait_logged(w, 60, "A's blobs are removed", || {
+        a_blobs.iter().all(|d| !blob_file(&w.data, d).exists())
+    });
+    assert!(w
+        .log("agent.log")
+        .contains("image blobs no adopted or staged release names removed"));
+    for d in &b_blobs {
+        assert!(blob_file(&w.data, d).is_file(), "{d} kept");
+    }
+    assert_eq!(http_get(&addr, "/v2/team/web/manifests/v1").0, 404);
+    assert_eq!(
+        http_get(&addr, &format!("/v2/team/web/manifests/{}", a_blobs[0])).0,
+        404
+    );
+    assert_eq!(
+        http_get(&addr, &format!("/v2/team/web/blobs/{}", a_blobs[2])).0,
+        404
+    );
+    terminate(&mut agent.0);
+
+    // An interrupted fetch's temporary file, and a link named like an
+    // unused blob to a file outside: at restart the temporary file goes,
+    // the link and its target stay.
+    let b_layer = blob_file(&w.data, &b_blobs[2]);
+    let dir = b_layer.parent().unwrap().to_path_buf();
+    let hex = b_blobs[2].trim_start_matches("sha256:");
+    let temp = dir.join(format!(".{hex}.peer.4242.7.1"));
+    std::fs::write(&temp, b"half a layer").unwrap();
+    let outside = w.path("outside.txt");
+    std::fs::write(&outside, b"not an image").unwrap();
+    let link = dir.join(format!("{}{}", &hex[..2], "e".repeat(62)));
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let (mut agent, addr) = spawn_with_registry(w);
+    wait_logged(w, 60, "the temporary file is removed", || !temp.exists());
+    wait_logged(w, 60, "the agent serves image B again", || {
+        http_get(&addr, "/v2/team/other/manifests/v1").0 == 200
+    });
+    assert!(b_layer.is_file());
+    assert!(std::fs::symlink_metadata(&link).is_ok() && outside.is_file());
+    terminate(&mut agent.0);
 }
 
 // ----- images over the mesh ----------------------------------------------

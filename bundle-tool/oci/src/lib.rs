@@ -856,6 +856,67 @@ impl Client {
     /// Uploads a blob (monolithic: POST, then PUT with the digest).
     pub async fn put_blob(&self, bytes: Vec<u8>) -> Result<String, OciError> {
         let digest = cairn_keys::sha256_address(&bytes);
+        let put = self.upload_url(&digest).await?;
+        let what = format!("PUT {}", put.split('?').next().unwrap_or_default());
+        let resp = self
+            .send(
+                reqwest::Method::PUT,
+                &put,
+                &[("Content-Type", "application/octet-stream")],
+                Some(bytes::Bytes::from(bytes)),
+            )
+            .await?;
+        if resp.status() != reqwest::StatusCode::CREATED {
+            return Err(Self::status_error(&what, resp.status()));
+        }
+        Ok(digest)
+    }
+
+    /// Uploads the file at `path` as the blob `digest` of `size` bytes,
+    /// streamed from disk (never held in memory; monolithic: POST, then
+    /// one PUT with the digest, which the registry checks). The token
+    /// flow, if any, happens on the POST.
+    pub async fn put_blob_file(
+        &self,
+        path: &Path,
+        digest: &str,
+        size: u64,
+    ) -> Result<(), OciError> {
+        if !is_address(digest) {
+            return Err(OciError::Invalid(format!("malformed digest `{digest}`")));
+        }
+        let put = self.upload_url(digest).await?;
+        let what = format!("PUT {}", put.split('?').next().unwrap_or_default());
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| OciError::Unavailable(format!("{what}: {}: {e}", path.display())))?;
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let len = size.to_string();
+        let resp = self
+            .build(
+                &reqwest::Method::PUT,
+                &put,
+                &[
+                    ("Content-Type", "application/octet-stream"),
+                    ("Content-Length", &len),
+                ],
+                None,
+            )
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+            .map_err(|e| OciError::Unavailable(format!("{what}: {}", error_text(&e))))?;
+        match resp.status() {
+            reqwest::StatusCode::CREATED => Ok(()),
+            reqwest::StatusCode::UNAUTHORIZED => Err(OciError::Auth(self.auth_refused(&what))),
+            s => Err(Self::status_error(&what, s)),
+        }
+    }
+
+    /// Starts an upload (`POST blobs/uploads/`); returns the URL to `PUT`
+    /// the blob `digest` to.
+    async fn upload_url(&self, digest: &str) -> Result<String, OciError> {
         let url = self.reference.url("blobs/uploads/");
         let what = format!("POST {url}");
         let resp = self.send(reqwest::Method::POST, &url, &[], None).await?;
@@ -872,21 +933,8 @@ impl Client {
         let mut put = base
             .join(location)
             .map_err(|e| OciError::Invalid(format!("{what}: bad Location: {e}")))?;
-        put.query_pairs_mut().append_pair("digest", &digest);
-        let put = put.to_string();
-        let what = format!("PUT {}", put.split('?').next().unwrap_or_default());
-        let resp = self
-            .send(
-                reqwest::Method::PUT,
-                &put,
-                &[("Content-Type", "application/octet-stream")],
-                Some(bytes::Bytes::from(bytes)),
-            )
-            .await?;
-        if resp.status() != reqwest::StatusCode::CREATED {
-            return Err(Self::status_error(&what, resp.status()));
-        }
-        Ok(digest)
+        put.query_pairs_mut().append_pair("digest", digest);
+        Ok(put.to_string())
     }
 
     /// PUT a manifest or index under `reference` (tag or its digest).

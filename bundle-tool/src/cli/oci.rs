@@ -149,11 +149,12 @@ pub(super) fn pull(a: PullArgs) -> Result<()> {
         eprintln!("channel {c}: already at the registry's release");
     }
     eprintln!(
-        "pulled {}:{} into {}: {} new object(s), {} new root(s)",
+        "pulled {}:{} into {}: {} new object(s) ({} image blob(s)), {} new root(s)",
         client.reference(),
         a.channel,
         repo.path().display(),
         s.objects_written,
+        s.image_blobs_written,
         s.roots_written.len()
     );
     Ok(())

@@ -218,6 +218,22 @@ pub(super) fn verify(a: VerifyArgs) -> Result<()> {
             e @ crate::Error::Objects { .. } => anyhow::Error::from(e),
             e => anyhow::Error::from(e).context(channel_path(&a.channel)),
         })?;
+        // The image blobs the release carries: present, of the listed
+        // size, hashing to their digests.
+        if let Some(images) = &v.images {
+            let problems = ChannelCheck {
+                repo: &repo,
+                fallback: None,
+                root: chain.current().root(),
+                now: crate::unix_now(),
+                limits: &limits,
+                threads: 2,
+            }
+            .check_image_blobs(images);
+            if !problems.is_empty() {
+                return Err(crate::Error::Objects { problems }.into());
+            }
+        }
         Ok((chain, v))
     })();
     let (chain, v) = match result {
@@ -266,6 +282,9 @@ pub(super) fn verify(a: VerifyArgs) -> Result<()> {
             "bytes": v.bytes,
             "rollout": crate::rollout::format_rollout(&r.rollout),
             "selector": r.selector,
+            "images": v.images.as_ref().map(|i| i.list.images.len()),
+            "image_blobs": v.images.as_ref().map(|i| i.list.distinct_blobs().len()),
+            "image_bytes": v.images.as_ref().map(|i| i.list.total_bytes()),
         });
         println!("{out}");
     } else {
@@ -286,6 +305,14 @@ pub(super) fn verify(a: VerifyArgs) -> Result<()> {
             m.entries.len(),
             v.bytes
         );
+        if let Some(i) = &v.images {
+            println!(
+                "images   {} ({} blobs, {} bytes, every blob checked)",
+                i.list.images.len(),
+                i.list.distinct_blobs().len(),
+                i.list.total_bytes()
+            );
+        }
         println!(
             "signed   {} of threshold {} release key(s), root v{}",
             signers.len(),
@@ -312,10 +339,11 @@ pub(super) fn export(a: ExportArgs) -> Result<()> {
     )?;
     let chans: Vec<String> = s.channels.iter().map(|(c, n)| format!("{c}@{n}")).collect();
     eprintln!(
-        "exported {} ({} root(s), {} object(s), {} bytes) to {}",
+        "exported {} ({} root(s), {} object(s), {} image blob(s), {} bytes) to {}",
         chans.join(" "),
         s.roots.len(),
         s.objects,
+        s.image_blobs,
         s.bytes,
         a.out.display()
     );
@@ -337,9 +365,10 @@ pub(super) fn import(a: ImportArgs) -> Result<()> {
         eprintln!("skipped {} object(s) that no channel needs", s.unreferenced);
     }
     eprintln!(
-        "imported into {}: {} new object(s), {} new root(s)",
+        "imported into {}: {} new object(s) ({} image blob(s)), {} new root(s)",
         display(repo.path()),
         s.objects_written,
+        s.image_blobs_written,
         s.roots_written.len()
     );
     Ok(())

@@ -7,8 +7,8 @@
 //! only messages signed here may ever verify.
 
 use cairn_bundle::mesh::wire::{
-    encode_frame, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, SignedStatus,
-    StatusRecord,
+    encode_frame, BlobRange, EntryFound, EntryRanges, Found, Head, Hello, Item, Message,
+    SignedStatus, StatusRecord,
 };
 use cairn_bundle::mesh::MeshLimits;
 use cairn_bundle::release::{FailureLimit, Release, Rollout, Wave, RELEASE_FORMAT};
@@ -204,6 +204,35 @@ fn main() {
                     bundle: bundle.clone(),
                     ranges: vec![(0, 100), (250, 1)],
                 })],
+            },
+        ),
+        (
+            // Protocol version 4: the second 1 MiB piece of an image layer.
+            "want_blob",
+            Message::Want {
+                id: 9,
+                items: vec![Item::Blob(BlobRange {
+                    digest: cairn_bundle::Address::of(b"fuzz seed layer"),
+                    offset: 1 << 20,
+                    length: 1 << 20,
+                })],
+            },
+        ),
+        (
+            // Its answer: a short last piece.
+            "data_blob",
+            Message::Data {
+                id: 9,
+                items: vec![Found {
+                    item: Item::Blob(BlobRange {
+                        digest: cairn_bundle::Address::of(b"fuzz seed layer"),
+                        offset: 1 << 20,
+                        length: 1 << 20,
+                    }),
+                    bytes: Some(b"the end of a layer".to_vec()),
+                }],
+                more: false,
+                entries: Vec::new(),
             },
         ),
         (

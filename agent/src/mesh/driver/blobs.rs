@@ -5,7 +5,10 @@
 //! thread before the next is asked for. The file is renamed into place
 //! only when its digest and size match; a peer whose bytes do not is cut
 //! off ([`Endpoint::blob_refused`]) and the next peer is tried from the
-//! start. Nothing is kept in memory beyond one piece.
+//! start. A peer that goes away or stops serving the blob costs nothing
+//! already written: the next peer is asked from the temporary file's
+//! length, whose bytes the new writer hashes again first. Nothing is kept
+//! in memory beyond one piece.
 
 use super::*;
 use crate::images::{BlobRequest, BlobSize};
@@ -29,6 +32,9 @@ enum WriterMsg {
     Data(Vec<u8>),
     /// Everything arrived: check and rename.
     Finish,
+    /// The bytes are bad: remove the temporary file. (Dropping the
+    /// sender instead keeps the file for the next peer to resume.)
+    Abort,
 }
 
 /// One blob being fetched.
@@ -46,7 +52,11 @@ pub(super) struct BlobJob {
     request: Option<u64>,
     /// The last piece was handed to the writer.
     last: bool,
+    /// Bytes of this attempt's file that came from earlier peers.
+    resumed_from: u64,
     writer: Option<mpsc::Sender<WriterMsg>>,
+    /// Closed when the current writer has let go of the file.
+    writer_done: Option<tokio::sync::oneshot::Receiver<()>>,
     last_error: Option<String>,
 }
 
@@ -66,21 +76,25 @@ impl Driver {
                 offset: 0,
                 request: None,
                 last: false,
+                resumed_from: 0,
                 writer: None,
+                writer_done: None,
                 last_error: None,
             },
         );
         self.next_blob_peer(job, now);
     }
 
-    /// Starts the blob over from a peer not tried yet, or answers that
-    /// no peer has it.
+    /// Continues the blob from a peer not tried yet, from the bytes
+    /// already written (`offset`; 0 after [`Driver::refuse_blob`]), or
+    /// answers that no peer has it.
     fn next_blob_peer(&mut self, job: u64, now: Millis) {
         let peers = self.ep.blob_peers();
         let Some(j) = self.blob_jobs.get_mut(&job) else {
             return;
         };
-        // Dropping the writer's sender makes it remove its file.
+        // Dropping the writer's sender makes it keep its file (written up
+        // to `offset`) and let go of it.
         j.writer = None;
         j.request = None;
         j.conn = None;
@@ -89,7 +103,15 @@ impl Driver {
             .find(|(_, p)| !j.tried.contains(p.as_str()))
         else {
             let j = self.blob_jobs.remove(&job);
-            if let Some(j) = j {
+            if let Some(mut j) = j {
+                // Nobody continues it: the file goes once its writer is done.
+                let (done, tmp) = (j.writer_done.take(), temp_path(&j.req.dest, job));
+                tokio::task::spawn_blocking(move || {
+                    if let Some(d) = done {
+                        let _ = d.blocking_recv();
+                    }
+                    let _ = std::fs::remove_file(tmp);
+                });
                 let why = j.last_error.unwrap_or_else(|| {
                     format!(
                         "image blob {}: no source has it and no mesh peer serves it",
@@ -104,16 +126,23 @@ impl Driver {
         j.attempt += 1;
         j.conn = Some(conn);
         j.peer = peer.to_string();
-        j.offset = 0;
         j.last = false;
-        j.writer = Some(spawn_writer(
+        j.resumed_from = j.offset;
+        if j.offset > 0 {
+            tracing::debug!(peer = %j.peer, blob = %j.req.digest, offset = j.offset, "resuming an image blob from another mesh peer");
+        }
+        let (writer, done) = spawn_writer(
             job,
             j.attempt,
             j.req.digest.to_string(),
             j.req.size,
             j.req.dest.clone(),
+            j.offset,
+            j.writer_done.take(),
             self.tx.clone(),
-        ));
+        );
+        j.writer = Some(writer);
+        j.writer_done = Some(done);
         self.ask_blob(job, now);
     }
 
@@ -193,21 +222,26 @@ impl Driver {
         if let Some(detail) = wrong {
             return self.refuse_blob(job, detail, now);
         }
-        j.offset += n;
-        j.last = match j.req.size {
-            BlobSize::Exact(size) => j.offset >= size,
-            BlobSize::AtMost(_) => n < u64::from(range.length),
-        };
         let sent = j
             .writer
             .as_ref()
             .is_some_and(|w| w.try_send(WriterMsg::Data(bytes)).is_ok());
         if !sent {
-            // The writer ended (its failure report is on the way) or
-            // cannot keep up with one piece: start over elsewhere.
+            // The writer ended (its failure report is on the way; it
+            // removed its file) or cannot keep up with one piece: start
+            // over elsewhere.
             j.last_error = Some(format!("image blob {}: writing failed", j.req.digest));
-            self.next_blob_peer(job, now);
+            if let Some(w) = j.writer.take() {
+                let _ = w.try_send(WriterMsg::Abort);
+            }
+            j.offset = 0;
+            return self.next_blob_peer(job, now);
         }
+        j.offset += n;
+        j.last = match j.req.size {
+            BlobSize::Exact(size) => j.offset >= size,
+            BlobSize::AtMost(_) => n < u64::from(range.length),
+        };
     }
 
     /// The writer wrote a piece: ask for the next, or finish.
@@ -251,6 +285,17 @@ impl Driver {
                     let _ = j.req.reply.send(Ok(n));
                 }
             }
+            // Part of the file came from earlier peers: nobody can be
+            // blamed. Start over from byte 0, this peer included.
+            Err(BlobFailure::Mismatch(detail)) if j.resumed_from > 0 => {
+                tracing::warn!(peer = %j.peer, blob = %j.req.digest, detail = %escape_untrusted(&detail), "a resumed image blob does not match; fetching it again from the start");
+                let peer = j.peer.clone();
+                j.tried.retain(|p| p.as_str() != peer);
+                j.writer = None;
+                j.offset = 0;
+                j.last_error = Some(format!("image blob {}: {detail}", j.req.digest));
+                self.next_blob_peer(job, now);
+            }
             Err(BlobFailure::Mismatch(detail)) => self.refuse_blob(job, detail, now),
             Err(BlobFailure::Local(e)) => {
                 if let Some(j) = self.blob_jobs.remove(&job) {
@@ -266,7 +311,12 @@ impl Driver {
         let Some(j) = self.blob_jobs.get_mut(&job) else {
             return;
         };
-        j.writer = None;
+        // Nothing of it is kept (the channel has room: at most one piece
+        // and `Finish` are queued).
+        if let Some(w) = j.writer.take() {
+            let _ = w.try_send(WriterMsg::Abort);
+        }
+        j.offset = 0;
         tracing::warn!(peer = %j.peer, blob = %j.req.digest, detail = %escape_untrusted(&detail), "image blob from mesh peer refused");
         if let Some(im) = &self.images {
             im.metrics().blobs_refused.inc();
@@ -298,23 +348,35 @@ impl Driver {
     }
 }
 
-/// Starts the writer of one attempt: a blocking thread that writes the
-/// pieces to a temporary file next to `dest`, hashing as it goes, and on
+/// Starts the writer of one attempt: a blocking thread that (after the
+/// previous attempt's writer let go, `after`) continues the job's
+/// temporary file next to `dest` from `resume` bytes (hashing those
+/// again) or starts it, writes the pieces, hashing as it goes, and on
 /// [`WriterMsg::Finish`] checks digest and size, syncs and renames. Its
-/// reports come back as inputs. When the driver drops the sender, or on
-/// any failure, the temporary file is removed.
+/// reports come back as inputs. When the driver drops the sender the
+/// file is kept for the next attempt; on [`WriterMsg::Abort`] or any
+/// failure it is removed. The returned receiver closes when the thread
+/// has let go of the file.
+#[allow(clippy::too_many_arguments)]
 fn spawn_writer(
     job: u64,
     attempt: u64,
     digest: String,
     size: BlobSize,
     dest: PathBuf,
+    resume: u64,
+    after: Option<tokio::sync::oneshot::Receiver<()>>,
     tx: mpsc::Sender<Input>,
-) -> mpsc::Sender<WriterMsg> {
-    let (wtx, mut wrx) = mpsc::channel::<WriterMsg>(2);
+) -> (mpsc::Sender<WriterMsg>, tokio::sync::oneshot::Receiver<()>) {
+    let (wtx, mut wrx) = mpsc::channel::<WriterMsg>(4);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::task::spawn_blocking(move || {
-        let tmp = temp_path(&dest, job, attempt);
-        let result = write_blob(&mut wrx, &tmp, &dest, &digest, size, || {
+        let _done = done_tx;
+        if let Some(a) = after {
+            let _ = a.blocking_recv();
+        }
+        let tmp = temp_path(&dest, job);
+        let result = write_blob(&mut wrx, &tmp, &dest, &digest, size, resume, || {
             tx.blocking_send(Input::BlobWritten { job, attempt })
                 .is_ok()
         });
@@ -326,46 +388,68 @@ fn spawn_writer(
             });
         }
     });
-    wtx
+    (wtx, done_rx)
 }
 
-fn temp_path(dest: &Path, job: u64, attempt: u64) -> PathBuf {
+/// The temporary file of blob job `job` (every attempt continues it).
+fn temp_path(dest: &Path, job: u64) -> PathBuf {
     let name = dest
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dest.with_file_name(format!(
-        ".{name}.peer.{}.{job}.{attempt}",
-        std::process::id()
-    ))
+    dest.with_file_name(format!(".{name}.peer.{}.{job}", std::process::id()))
+}
+
+/// How a writer's loop ended without the blob in place.
+enum Ended {
+    /// The blob is in place, with this size.
+    Done(u64),
+    /// The driver let go (another peer continues): keep the file.
+    Suspended,
+    /// The driver aborted: remove the file.
+    Aborted,
 }
 
 /// The writer's loop (blocking): the blob in place, `Ok(None)` when
-/// abandoned (the driver dropped the sender), or why not. Unless the blob
-/// is in place, the temporary file is removed.
+/// suspended (the driver dropped the sender: the file is kept for the
+/// next attempt) or aborted (the file is removed), or why not (the file
+/// is removed).
+#[allow(clippy::too_many_arguments)]
 fn write_blob(
     rx: &mut mpsc::Receiver<WriterMsg>,
     tmp: &Path,
     dest: &Path,
     digest: &str,
     size: BlobSize,
+    resume: u64,
     written: impl FnMut() -> bool,
 ) -> Result<Option<u64>, BlobFailure> {
-    let result = write_pieces(rx, tmp, dest, digest, size, written);
-    if !matches!(result, Ok(Some(_))) {
-        let _ = std::fs::remove_file(tmp);
+    match write_pieces(rx, tmp, dest, digest, size, resume, written) {
+        Ok(Ended::Done(n)) => Ok(Some(n)),
+        Ok(Ended::Suspended) => Ok(None),
+        Ok(Ended::Aborted) => {
+            let _ = std::fs::remove_file(tmp);
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            Err(e)
+        }
     }
-    result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_pieces(
     rx: &mut mpsc::Receiver<WriterMsg>,
     tmp: &Path,
     dest: &Path,
     digest: &str,
     size: BlobSize,
+    resume: u64,
     mut written: impl FnMut() -> bool,
-) -> Result<Option<u64>, BlobFailure> {
+) -> Result<Ended, BlobFailure> {
+    use std::io::{Read, Seek};
+    use std::os::unix::fs::OpenOptionsExt;
     let local = |e: std::io::Error, p: &Path| {
         BlobFailure::Local(format!("image blob {digest}: writing {}: {e}", p.display()))
     };
@@ -373,8 +457,11 @@ fn write_pieces(
         std::fs::create_dir_all(parent).map_err(|e| local(e, parent))?;
     }
     let mut f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(resume == 0)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(tmp)
         .map_err(|e| local(e, tmp))?;
     let max = match size {
@@ -382,9 +469,46 @@ fn write_pieces(
     };
     let mut hasher = cairn_keys::AddressHasher::default();
     let mut n = 0u64;
+    if resume > 0 {
+        // What earlier peers sent: hashed again from the file (it may have
+        // changed on disk; the final digest check covers it either way).
+        let len = f.metadata().map_err(|e| local(e, tmp))?.len();
+        if len < resume || resume > max {
+            return Err(BlobFailure::Local(format!(
+                "image blob {digest}: {} holds {len} bytes, {resume} expected to resume from",
+                tmp.display()
+            )));
+        }
+        f.set_len(resume).map_err(|e| local(e, tmp))?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut r = (&f).take(resume);
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => {
+                    hasher.update(&buf[..k]);
+                    n += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(local(e, tmp)),
+            }
+        }
+        if n != resume {
+            return Err(BlobFailure::Local(format!(
+                "image blob {digest}: {} ended after {n} of {resume} bytes",
+                tmp.display()
+            )));
+        }
+        f.seek(std::io::SeekFrom::End(0))
+            .map_err(|e| local(e, tmp))?;
+    }
     loop {
         match rx.blocking_recv() {
-            None => return Ok(None),
+            None => {
+                f.flush().map_err(|e| local(e, tmp))?;
+                return Ok(Ended::Suspended);
+            }
+            Some(WriterMsg::Abort) => return Ok(Ended::Aborted),
             Some(WriterMsg::Data(b)) => {
                 n += b.len() as u64;
                 if n > max {
@@ -395,7 +519,7 @@ fn write_pieces(
                 hasher.update(&b);
                 f.write_all(&b).map_err(|e| local(e, tmp))?;
                 if !written() {
-                    return Ok(None);
+                    return Ok(Ended::Suspended);
                 }
             }
             Some(WriterMsg::Finish) => break,
@@ -417,7 +541,7 @@ fn write_pieces(
     }
     f.sync_all().map_err(|e| local(e, tmp))?;
     std::fs::rename(tmp, dest).map_err(|e| local(e, dest))?;
-    Ok(Some(n))
+    Ok(Ended::Done(n))
 }
 
 #[cfg(test)]
@@ -432,17 +556,33 @@ mod tests {
         pieces: &[&[u8]],
         finish: bool,
     ) -> Result<Option<u64>, BlobFailure> {
+        write_from(dir, digest, size, 0, pieces, Some(finish))
+    }
+
+    /// The writer resuming job 1's file from `resume` bytes over
+    /// `pieces`, then `Finish` (`Some(true)`), nothing (`Some(false)`:
+    /// suspended) or `Abort` (`None`).
+    fn write_from(
+        dir: &Path,
+        digest: &str,
+        size: BlobSize,
+        resume: u64,
+        pieces: &[&[u8]],
+        end: Option<bool>,
+    ) -> Result<Option<u64>, BlobFailure> {
         let (tx, mut rx) = mpsc::channel(pieces.len() + 1);
         for p in pieces {
             tx.try_send(WriterMsg::Data(p.to_vec())).unwrap();
         }
-        if finish {
-            tx.try_send(WriterMsg::Finish).unwrap();
+        match end {
+            Some(true) => tx.try_send(WriterMsg::Finish).unwrap(),
+            Some(false) => {}
+            None => tx.try_send(WriterMsg::Abort).unwrap(),
         }
         drop(tx);
         let dest = dir.join("blob");
-        let tmp = temp_path(&dest, 1, 1);
-        write_blob(&mut rx, &tmp, &dest, digest, size, || true)
+        let tmp = temp_path(&dest, 1);
+        write_blob(&mut rx, &tmp, &dest, digest, size, resume, || true)
     }
 
     fn files(dir: &Path) -> Vec<String> {
@@ -469,20 +609,20 @@ mod tests {
         );
         assert_eq!(std::fs::read(dir.path().join("blob")).unwrap(), blob);
         std::fs::remove_file(dir.path().join("blob")).unwrap();
-        // A flipped byte, a short blob, one byte too many, an abandoned
+        // A flipped byte, a short blob, one byte too many, an aborted
         // fetch: nothing is left behind.
         let mut bad = b.to_vec();
         bad[0] ^= 1;
-        let cases: Vec<(Vec<&[u8]>, bool)> = vec![
-            (vec![a, &bad], true),
-            (vec![a], true),
-            (vec![a, b, b"x"], true),
-            (vec![a], false),
+        let cases: Vec<(Vec<&[u8]>, Option<bool>)> = vec![
+            (vec![a, &bad], Some(true)),
+            (vec![a], Some(true)),
+            (vec![a, b, b"x"], Some(true)),
+            (vec![a], None),
         ];
-        for (pieces, finish) in cases {
-            let r = write(dir.path(), &d, exact, &pieces, finish);
-            match (finish, r) {
-                (true, Err(BlobFailure::Mismatch(_))) | (false, Ok(None)) => {}
+        for (pieces, end) in cases {
+            let r = write_from(dir.path(), &d, exact, 0, &pieces, end);
+            match (end, r) {
+                (Some(true), Err(BlobFailure::Mismatch(_))) | (None, Ok(None)) => {}
                 (_, other) => panic!("{other:?}"),
             }
             assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
@@ -496,5 +636,56 @@ mod tests {
             write(dir.path(), &d, BlobSize::AtMost(8 << 20), &[a, b], true).unwrap(),
             Some(1000)
         );
+    }
+
+    #[test]
+    fn a_suspended_blob_resumes_from_its_file_and_a_bad_prefix_is_not_kept() {
+        let blob = b"0123456789".repeat(100);
+        let d = cairn_keys::sha256_address(&blob);
+        let (a, rest) = blob.split_at(300);
+        let (b, c) = rest.split_at(300);
+        let dir = tempfile::tempdir().unwrap();
+        let exact = BlobSize::Exact(blob.len() as u64);
+        let tmp = temp_path(&dir.path().join("blob"), 1);
+        // The first peer sends two pieces and goes away: the file stays.
+        assert!(write_from(dir.path(), &d, exact, 0, &[a, b], Some(false))
+            .unwrap()
+            .is_none());
+        assert_eq!(std::fs::read(&tmp).unwrap().len(), 600);
+        // The next peer is asked from byte 600 (bytes past it, say of a
+        // piece a dying writer half wrote, are cut off).
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&tmp)
+            .unwrap()
+            .write_all(b"junk")
+            .unwrap();
+        assert_eq!(
+            write_from(dir.path(), &d, exact, 600, &[c], Some(true)).unwrap(),
+            Some(1000)
+        );
+        assert_eq!(std::fs::read(dir.path().join("blob")).unwrap(), blob);
+        assert_eq!(files(dir.path()), vec!["blob".to_owned()]);
+        std::fs::remove_file(dir.path().join("blob")).unwrap();
+
+        // A prefix altered on disk while suspended: the prefix is hashed
+        // again, the blob refused, nothing kept.
+        write_from(dir.path(), &d, exact, 0, &[a], Some(false)).unwrap();
+        let mut f = std::fs::read(&tmp).unwrap();
+        f[0] ^= 1;
+        std::fs::write(&tmp, f).unwrap();
+        assert!(matches!(
+            write_from(dir.path(), &d, exact, 300, &[b, c], Some(true)),
+            Err(BlobFailure::Mismatch(_))
+        ));
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
+
+        // A file shorter than the resume point: a local failure, removed.
+        write_from(dir.path(), &d, exact, 0, &[a], Some(false)).unwrap();
+        assert!(matches!(
+            write_from(dir.path(), &d, exact, 600, &[c], Some(true)),
+            Err(BlobFailure::Local(_))
+        ));
+        assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
     }
 }
