@@ -127,7 +127,11 @@ async fn store_calls_run_on_at_most_store_threads_threads_at_once() {
     let active = std::sync::Arc::new(AtomicUsize::new(0));
     let most = std::sync::Arc::new(AtomicUsize::new(0));
     let calls = (0..32u32).map(|i| {
-        let h = if i % 2 == 0 { handle.clone() } else { other.clone() };
+        let h = if i % 2 == 0 {
+            handle.clone()
+        } else {
+            other.clone()
+        };
         let (active, most) = (active.clone(), most.clone());
         async move {
             h.call(move |s| {
@@ -149,7 +153,10 @@ async fn store_calls_run_on_at_most_store_threads_threads_at_once() {
         (0..32).collect::<Vec<_>>()
     );
     let most = most.load(Ordering::SeqCst);
-    assert!((1..=STORE_THREADS).contains(&most), "{most} calls ran at once");
+    assert!(
+        (1..=STORE_THREADS).contains(&most),
+        "{most} calls ran at once"
+    );
     assert_eq!(handle.peak_calls(), most);
     assert_eq!(other.peak_calls(), most);
 }

@@ -25,7 +25,9 @@
 
 use super::local_file::{read_regular, LocalFile};
 use super::owner::{self, OwnerRecord, Switch};
-use super::plan::{self, Action, DesiredFile, Inventory, Observed, Ownership, Pending, WriteReason};
+use super::plan::{
+    self, Action, DesiredFile, Inventory, Observed, Ownership, Pending, WriteReason,
+};
 use super::{ApplyReport, DesiredState, Target, TargetError, READ_BATCH};
 use crate::store::Store;
 use crate::BoxFuture;
@@ -143,9 +145,7 @@ impl ManifestsDir {
     /// changed: the agent cannot tell its files from foreign ones).
     fn load(&self) -> Result<Loaded, TargetError> {
         let stored_bytes = self.store.inventory(&self.key())?;
-        let stored = stored_bytes
-            .as_deref()
-            .map(cairn_keys::sha256_address);
+        let stored = stored_bytes.as_deref().map(cairn_keys::sha256_address);
         let path = owner::record_path(&self.dir);
         match owner::read(&self.dir) {
             Ok(Some(rec)) if rec.agent == self.agent_id => Ok(Loaded {

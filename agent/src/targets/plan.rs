@@ -155,7 +155,11 @@ impl Plan {
 /// (missing entries count as [`Observed::Missing`]). Takes the ownership
 /// by value: its files become [`Plan::before`] without a copy (at 30,000
 /// objects each such map is several MiB).
-pub fn plan(desired: &[DesiredFile], owned: Ownership, observed: &BTreeMap<&str, Observed>) -> Plan {
+pub fn plan(
+    desired: &[DesiredFile],
+    owned: Ownership,
+    observed: &BTreeMap<&str, Observed>,
+) -> Plan {
     let mut p = Plan::default();
     let look = |name: &str| observed.get(name).unwrap_or(&Observed::Missing);
     let Ownership { files, pending } = owned;
