@@ -157,6 +157,11 @@ async fn store_calls_run_on_at_most_store_threads_threads_at_once() {
         (1..=STORE_THREADS).contains(&most),
         "{most} calls ran at once"
     );
-    assert_eq!(handle.peak_calls(), most);
-    assert_eq!(other.peak_calls(), most);
+    // The store counts from just before to just after each closure.
+    let peak = handle.peak_calls();
+    assert!(
+        (most..=STORE_THREADS).contains(&peak),
+        "peak {peak}, most {most}"
+    );
+    assert_eq!(other.peak_calls(), peak);
 }
