@@ -144,6 +144,19 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The most blocking threads the agent's runtime keeps (tokio's default is
+/// 512). Blocking work is bounded by its callers already (store calls:
+/// [`crate::store::STORE_THREADS`]; a directory source: the fetch
+/// concurrency; one target apply), so this only caps the total; excess
+/// work waits in tokio's queue. No blocking task waits for another one,
+/// so a full pool cannot deadlock.
+const BLOCKING_THREADS: usize = 16;
+
+/// How long an idle blocking thread stays (tokio's default is 10 s):
+/// threads a sync needed end soon after it instead of keeping their stacks
+/// while the agent idles (docs/PERFORMANCE.md, "Memory").
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs the CLI with the process arguments and returns the exit code.
 pub fn main() -> i32 {
     ignore_sigpipe();
@@ -203,6 +216,8 @@ fn dispatch(cli: Cli) -> Result<i32, Error> {
             limit_malloc_arenas();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .max_blocking_threads(BLOCKING_THREADS)
+                .thread_keep_alive(BLOCKING_KEEP_ALIVE)
                 .enable_all()
                 .build()
                 .map_err(|source| Error::Io {

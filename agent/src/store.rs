@@ -73,7 +73,7 @@ mod handle;
 mod kv;
 pub mod outbox;
 mod records;
-pub use handle::StoreHandle;
+pub use handle::{StoreHandle, STORE_THREADS};
 
 use cairn_core::bundle::verify_object;
 use cairn_core::pipeline::Adoption;
@@ -254,6 +254,8 @@ struct Shared {
     /// IO errors seen since start (`cairn_store_errors_total`).
     errors: AtomicU64,
     tmp_counter: AtomicU64,
+    /// The bound on concurrent [`StoreHandle::call`]s.
+    calls: handle::CallGate,
 }
 
 /// The agent's store. Cheap to clone (all clones share one database, also
@@ -363,6 +365,7 @@ impl Store {
                 failure: Mutex::new(None),
                 errors: AtomicU64::new(0),
                 tmp_counter: AtomicU64::new(0),
+                calls: handle::CallGate::default(),
             }),
         };
         store.check_format()?;

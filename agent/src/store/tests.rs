@@ -116,3 +116,52 @@ fn garbage_database_is_a_clear_error() {
     assert!(e.to_string().contains("never wipes"), "{e}");
     assert!(db.join("db").exists(), "nothing deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_calls_run_on_at_most_store_threads_threads_at_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let d = tempfile::tempdir().unwrap();
+    let handle = StoreHandle::new(Store::open(d.path()).unwrap());
+    // A second handle on the same store shares the bound.
+    let other = StoreHandle::new(handle.blocking().clone());
+    let active = std::sync::Arc::new(AtomicUsize::new(0));
+    let most = std::sync::Arc::new(AtomicUsize::new(0));
+    let calls = (0..32u32).map(|i| {
+        let h = if i % 2 == 0 {
+            handle.clone()
+        } else {
+            other.clone()
+        };
+        let (active, most) = (active.clone(), most.clone());
+        async move {
+            h.call(move |s| {
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                // Work that takes a moment, so unbounded calls would overlap.
+                let obj = format!("{{\"n\":{i}}}").into_bytes();
+                s.put_object(&cairn_keys::sha256_address(&obj), &obj)?;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                active.fetch_sub(1, Ordering::SeqCst);
+                Ok(i)
+            })
+            .await
+        }
+    });
+    let done = futures::future::join_all(calls).await;
+    assert_eq!(
+        done.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        (0..32).collect::<Vec<_>>()
+    );
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (1..=STORE_THREADS).contains(&most),
+        "{most} calls ran at once"
+    );
+    // The store counts from just before to just after each closure.
+    let peak = handle.peak_calls();
+    assert!(
+        (most..=STORE_THREADS).contains(&peak),
+        "peak {peak}, most {most}"
+    );
+    assert_eq!(other.peak_calls(), peak);
+}

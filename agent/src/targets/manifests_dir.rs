@@ -25,7 +25,9 @@
 
 use super::local_file::{read_regular, LocalFile};
 use super::owner::{self, OwnerRecord, Switch};
-use super::plan::{self, Action, DesiredFile, Inventory, Observed, Ownership, WriteReason};
+use super::plan::{
+    self, Action, DesiredFile, Inventory, Observed, Ownership, Pending, WriteReason,
+};
 use super::{ApplyReport, DesiredState, Target, TargetError, READ_BATCH};
 use crate::store::Store;
 use crate::BoxFuture;
@@ -49,20 +51,42 @@ pub struct ManifestsDir {
     agent_id: cairn_core::AgentId,
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
+/// The store's copy of the inventory, as read (`format` and `dir` must be
+/// present; only `files` is used).
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
 struct StoredInventory {
     format: u32,
     dir: PathBuf,
     files: Inventory,
 }
 
+/// [`StoredInventory`] as written, borrowing the inventory (no copy of a
+/// map of every object).
+#[derive(serde::Serialize)]
+struct StoredInventoryRef<'a> {
+    format: u32,
+    dir: &'a Path,
+    files: &'a Inventory,
+}
+
+/// What a reconcile needs of the valid record of this agent besides the
+/// files, which move into [`Loaded::owned`] (no second copy).
+struct RecordSummary {
+    sequence: Option<u64>,
+    /// The record says nothing but its files, sequence, agent and format
+    /// would: it names this target and announces no switch.
+    plain: bool,
+}
+
 /// Ownership as loaded at the start of a reconcile.
 struct Loaded {
     owned: Ownership,
     /// The valid record of this agent, if there was one.
-    record: Option<OwnerRecord>,
-    /// The store's copy of the inventory, as stored.
-    stored: Option<Vec<u8>>,
+    record: Option<RecordSummary>,
+    /// The address (SHA-256) of the store's copy of the inventory, as
+    /// stored: enough to tell whether it needs rewriting.
+    stored: Option<String>,
 }
 
 /// Copies of old contents the store lacks, for undoing.
@@ -104,10 +128,10 @@ impl ManifestsDir {
     }
 
     fn stored_bytes(&self, files: &Inventory) -> Result<Vec<u8>, TargetError> {
-        let doc = StoredInventory {
+        let doc = StoredInventoryRef {
             format: 1,
-            dir: self.dir.clone(),
-            files: files.clone(),
+            dir: &self.dir,
+            files,
         };
         serde_json::to_vec(&doc).map_err(|e| TargetError::Inventory {
             target: self.describe(),
@@ -120,19 +144,19 @@ impl ManifestsDir {
     /// unusable record with no copy in the store, is an error (nothing is
     /// changed: the agent cannot tell its files from foreign ones).
     fn load(&self) -> Result<Loaded, TargetError> {
-        let stored = self.store.inventory(&self.key())?;
+        let stored_bytes = self.store.inventory(&self.key())?;
+        let stored = stored_bytes.as_deref().map(cairn_keys::sha256_address);
         let path = owner::record_path(&self.dir);
         match owner::read(&self.dir) {
             Ok(Some(rec)) if rec.agent == self.agent_id => Ok(Loaded {
+                record: Some(RecordSummary {
+                    sequence: rec.sequence,
+                    plain: rec.switch.is_none() && rec.target == self.describe(),
+                }),
                 owned: Ownership {
-                    files: rec.files.clone(),
-                    pending: rec
-                        .switch
-                        .as_ref()
-                        .map(|s| s.changes.clone())
-                        .unwrap_or_default(),
+                    files: rec.files,
+                    pending: rec.switch.map(|s| s.changes).unwrap_or_default(),
                 },
-                record: Some(rec),
                 stored,
             }),
             // Agent ids in a record are validated (safe to print).
@@ -147,7 +171,7 @@ impl ManifestsDir {
             }),
             Ok(None) => Ok(Loaded {
                 owned: Ownership {
-                    files: match &stored {
+                    files: match &stored_bytes {
                         Some(b) => self.parse_stored(b)?,
                         None => Inventory::new(),
                     },
@@ -156,7 +180,7 @@ impl ManifestsDir {
                 record: None,
                 stored,
             }),
-            Err(reason) => match &stored {
+            Err(reason) => match &stored_bytes {
                 Some(b) => {
                     let files = self.parse_stored(b)?;
                     tracing::warn!(
@@ -184,23 +208,34 @@ impl ManifestsDir {
         }
     }
 
+    /// Writes the record of `files` and the announced switch (its
+    /// sequence and changes), taking the maps for the write and putting
+    /// them back after, also on failure: maps of every object are not
+    /// copied.
     fn write_record(
         &self,
-        files: &Inventory,
+        files: &mut Inventory,
         sequence: Option<u64>,
-        switch: Option<Switch>,
-    ) -> Result<OwnerRecord, TargetError> {
+        mut switch: Option<(u64, &mut Pending)>,
+    ) -> Result<(), TargetError> {
         let rec = OwnerRecord {
             format: owner::RECORD_FORMAT,
             agent: self.agent_id.clone(),
             target: self.describe(),
             sequence,
-            files: files.clone(),
-            switch,
+            files: std::mem::take(files),
+            switch: switch.as_mut().map(|(sequence, changes)| Switch {
+                sequence: *sequence,
+                changes: std::mem::take(*changes),
+            }),
         };
         let path = owner::record_path(&self.dir);
-        owner::write(&self.dir, &rec).map_err(Self::io(&path))?;
-        Ok(rec)
+        let written = owner::write(&self.dir, &rec).map_err(Self::io(&path));
+        *files = rec.files;
+        if let (Some(s), Some((_, changes))) = (rec.switch, switch) {
+            *changes = s.changes;
+        }
+        written
     }
 
     /// Removes temporary files an interrupted atomic write left behind
@@ -423,25 +458,45 @@ impl ManifestsDir {
         self.remove_stale_temp_files()?;
         // Plan with entries only (names, addresses, sizes); bodies are
         // read in bounded batches when written.
-        let names = plan::file_names(&desired.entries);
-        let mut index_by_name = BTreeMap::new();
-        let mut want = Vec::with_capacity(names.len());
-        for (i, (name, e)) in names.iter().zip(&desired.entries).enumerate() {
-            want.push(DesiredFile {
-                name: name.clone(),
+        // Every map below is O(objects) (several MiB at 30,000): names are
+        // borrowed or moved, never copied.
+        let want: Vec<DesiredFile> = plan::file_names(&desired.entries)
+            .into_iter()
+            .zip(&desired.entries)
+            .map(|(name, e)| DesiredFile {
+                name,
                 address: e.object.to_string(),
                 size: e.size,
-            });
-            index_by_name.insert(name.as_str(), i);
-        }
-        let mut observed = BTreeMap::new();
-        let owned_names = loaded.owned.files.keys().chain(loaded.owned.pending.keys());
-        for name in want.iter().map(|d| &d.name).chain(owned_names) {
-            if !observed.contains_key(name) {
-                observed.insert(name.clone(), self.observe(name)?);
+            })
+            .collect();
+        let index_by_name: BTreeMap<&str, usize> = want
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.name.as_str(), i))
+            .collect();
+        let Loaded {
+            owned,
+            record,
+            stored,
+        } = loaded;
+        // Owned names no longer desired (files to delete; usually few) are
+        // copied, as the plan takes `owned`; desired names are borrowed.
+        let owned_only: Vec<String> = owned
+            .files
+            .keys()
+            .chain(owned.pending.keys())
+            .filter(|n| !index_by_name.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        let mut observed: BTreeMap<&str, Observed> = BTreeMap::new();
+        for name in want.iter().map(|d| &d.name).chain(&owned_only) {
+            if !observed.contains_key(name.as_str()) {
+                observed.insert(name.as_str(), self.observe(name)?);
             }
         }
-        let p = plan::plan(&want, &loaded.owned, &observed);
+        let mut p = plan::plan(&want, owned, &observed);
+        drop(observed);
+        drop(owned_only);
         let mut report = ApplyReport {
             unchanged: p.unchanged,
             ..ApplyReport::default()
@@ -451,15 +506,12 @@ impl ManifestsDir {
             .iter()
             .filter(|a| !matches!(a, Action::Conflict { .. }))
             .collect();
-        let before_sequence = loaded.record.as_ref().and_then(|r| r.sequence);
+        let before_sequence = record.as_ref().and_then(|r| r.sequence);
         if !changes.is_empty() {
             self.write_record(
-                &p.before,
+                &mut p.before,
                 before_sequence,
-                Some(Switch {
-                    sequence: desired.sequence,
-                    changes: p.pending.clone(),
-                }),
+                Some((desired.sequence, &mut p.pending)),
             )?;
         }
         let mut copies = UndoCopies::default();
@@ -473,7 +525,7 @@ impl ManifestsDir {
                 Ok(()) => {
                     // The announced switch is void; if this write fails
                     // the record still owns exactly the right files.
-                    if let Err(e) = self.write_record(&p.before, before_sequence, None) {
+                    if let Err(e) = self.write_record(&mut p.before, before_sequence, None) {
                         tracing::warn!(error = %e, "cannot clear the announced switch from the ownership record");
                     }
                     TargetError::SwitchUndone {
@@ -497,22 +549,20 @@ impl ManifestsDir {
                 report.conflicts.push(name.clone());
             }
         }
-        let done = OwnerRecord {
-            format: owner::RECORD_FORMAT,
-            agent: self.agent_id.clone(),
-            target: self.describe(),
-            sequence: Some(desired.sequence),
-            files: p.after.clone(),
-            switch: None,
-        };
+        // The record as it should be now: this release's files, no switch.
+        // A valid record of this agent with no switch owns exactly
+        // `p.before`.
+        let current = record.is_some_and(|r| {
+            r.plain && r.sequence == Some(desired.sequence) && p.before == p.after
+        });
         // Always after an announced switch (it must be cleared); else only
         // when the record is missing, stale, or was unusable.
-        if !changes.is_empty() || loaded.record.as_ref() != Some(&done) {
-            self.write_record(&done.files, done.sequence, None)?;
+        if !changes.is_empty() || !current {
+            self.write_record(&mut p.after, Some(desired.sequence), None)?;
         }
-        let stored = self.stored_bytes(&p.after)?;
-        if loaded.stored.as_deref() != Some(stored.as_slice()) {
-            self.store.set_inventory(&self.key(), &stored)?;
+        let bytes = self.stored_bytes(&p.after)?;
+        if stored.as_deref() != Some(cairn_keys::sha256_address(&bytes).as_str()) {
+            self.store.set_inventory(&self.key(), &bytes)?;
         }
         if !changes.is_empty() {
             self.sync_dir();

@@ -16,11 +16,8 @@ fn sized(name: &str, addr: &str, size: u64) -> DesiredFile {
     }
 }
 
-fn obs(pairs: &[(&str, Observed)]) -> BTreeMap<String, Observed> {
-    pairs
-        .iter()
-        .map(|(n, o)| (n.to_string(), o.clone()))
-        .collect()
+fn obs<'a>(pairs: &[(&'a str, Observed)]) -> BTreeMap<&'a str, Observed> {
+    pairs.iter().map(|(n, o)| (*n, o.clone())).collect()
 }
 
 fn inv(pairs: &[(&str, &str)]) -> Inventory {
@@ -64,7 +61,7 @@ fn write(name: &str, addr: &str, reason: WriteReason, previous: Option<&str>) ->
 fn fresh_directory_creates_everything_and_announces_it() {
     let p = plan(
         &[d("a", "1"), d("b", "2")],
-        &Ownership::default(),
+        Ownership::default(),
         &BTreeMap::new(),
     );
     assert_eq!(
@@ -81,7 +78,7 @@ fn fresh_directory_creates_everything_and_announces_it() {
 
 #[test]
 fn in_sync_is_noop() {
-    let p = plan(&[d("a", "1")], &owns(&[("a", "1")]), &obs(&[("a", c("1"))]));
+    let p = plan(&[d("a", "1")], owns(&[("a", "1")]), &obs(&[("a", c("1"))]));
     assert!(p.is_noop());
     assert!(p.pending.is_empty());
     assert_eq!(p.unchanged, 1);
@@ -91,7 +88,7 @@ fn in_sync_is_noop() {
 fn update_prune_and_drift_deletes_first() {
     let p = plan(
         &[d("a", "1"), d("b", "3"), d("e", "5")],
-        &owns(&[
+        owns(&[
             ("a", "1"),
             ("b", "2"),
             ("c", "4"),
@@ -130,7 +127,7 @@ fn writes_are_ordered_to_keep_the_peak_low() {
             sized("new", "n", 100),
             sized("shrink", "s2", 10),
         ],
-        &owns(&[("grow", "g1"), ("shrink", "s1"), ("old", "o")]),
+        owns(&[("grow", "g1"), ("shrink", "s1"), ("old", "o")]),
         &obs(&[
             ("grow", cs("g1", 400)),
             ("shrink", cs("s1", 900)),
@@ -162,7 +159,7 @@ fn an_interrupted_switch_is_unfinished_work_not_drift() {
     // The same release again: finish it.
     let p = plan(
         &[d("a", "2"), d("b", "3"), d("c", "4"), d("d", "5")],
-        &owned,
+        owned.clone(),
         &observed,
     );
     assert_eq!(
@@ -179,7 +176,7 @@ fn an_interrupted_switch_is_unfinished_work_not_drift() {
     );
     // A newer release that drops d and wants x back (x had the same
     // content before): d is pruned, x is recreated, nothing is drift.
-    let p = plan(&[d("a", "2"), d("x", "9")], &owned, &observed);
+    let p = plan(&[d("a", "2"), d("x", "9")], owned.clone(), &observed);
     assert!(p.actions.contains(&Action::Delete {
         name: "d".into(),
         previous: Some("5".into())
@@ -203,9 +200,9 @@ fn a_pending_name_with_foreign_content_is_not_owned() {
         pending: [("c".to_string(), Some("4".to_string()))].into(),
     };
     // Someone else's file took the name: a conflict, and never pruned.
-    let p = plan(&[d("c", "4")], &owned, &obs(&[("c", c("theirs"))]));
+    let p = plan(&[d("c", "4")], owned.clone(), &obs(&[("c", c("theirs"))]));
     assert_eq!(p.actions, vec![Action::Conflict { name: "c".into() }]);
-    let p = plan(&[], &owned, &obs(&[("c", c("theirs"))]));
+    let p = plan(&[], owned.clone(), &obs(&[("c", c("theirs"))]));
     assert!(p.is_noop());
 }
 
@@ -213,7 +210,7 @@ fn a_pending_name_with_foreign_content_is_not_owned() {
 fn foreign_files_are_never_touched() {
     let p = plan(
         &[d("a", "1"), d("same", "2")],
-        &Ownership::default(),
+        Ownership::default(),
         &obs(&[("a", c("other")), ("same", c("2")), ("foreign", c("f"))]),
     );
     assert_eq!(p.actions, vec![Action::Conflict { name: "a".into() }]);
@@ -229,7 +226,7 @@ fn foreign_files_are_never_touched() {
 fn changed_file_type_is_rewritten_only_if_owned() {
     let p = plan(
         &[d("a", "1")],
-        &owns(&[("a", "1")]),
+        owns(&[("a", "1")]),
         &obs(&[("a", Observed::Other)]),
     );
     assert!(matches!(
