@@ -105,18 +105,7 @@ pub fn export(
         .map_err(|e| Error::Repository(format!("channel `{ch}` does not verify: {e}")))?;
         objects.extend(v.objects.iter().cloned());
         if let Some(images) = &v.images {
-            for (b, reference) in images.blobs() {
-                blobs.entry(b.digest.to_string()).or_insert_with(|| {
-                    (
-                        b.size,
-                        format!(
-                            "image blob {} of `{}` (channel `{ch}`)",
-                            b.digest,
-                            cairn_keys::text::escape_untrusted(reference)
-                        ),
-                    )
-                });
-            }
+            images.note_blobs(ch, &mut blobs);
         }
         summary_channels.push((ch.clone(), v.release.release().sequence));
         heads.push((channel_path(ch), v.release.bytes().to_vec()));
@@ -783,18 +772,7 @@ fn verify_staged(
         .map_err(|e| bad(format!("{}: {e}", channel_path(name))))?;
         needed.extend(v.objects.iter().cloned());
         if let Some(images) = &v.images {
-            for (b, reference) in images.blobs() {
-                blobs.entry(b.digest.to_string()).or_insert_with(|| {
-                    (
-                        b.size,
-                        format!(
-                            "image blob {} of `{}` (channel `{name}`)",
-                            b.digest,
-                            cairn_keys::text::escape_untrusted(reference)
-                        ),
-                    )
-                });
-            }
+            images.note_blobs(name, &mut blobs);
         }
         let seq = v.release.release().sequence;
         match repo.channel(name, limits.max_release_bytes)? {

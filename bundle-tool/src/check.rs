@@ -91,6 +91,29 @@ impl VerifiedImages {
             })
             .collect()
     }
+
+    /// Adds every blob of the list to `blobs` (digest → size and a
+    /// description naming the image and `channel`, escaped for a
+    /// terminal), keeping the first description of a blob two channels
+    /// share.
+    pub fn note_blobs(
+        &self,
+        channel: &str,
+        blobs: &mut std::collections::BTreeMap<String, (u64, String)>,
+    ) {
+        for (b, reference) in self.blobs() {
+            blobs.entry(b.digest.to_string()).or_insert_with(|| {
+                (
+                    b.size,
+                    format!(
+                        "image blob {} of `{}` (channel `{channel}`)",
+                        b.digest,
+                        cairn_keys::text::escape_untrusted(reference)
+                    ),
+                )
+            });
+        }
+    }
 }
 
 impl ChannelCheck<'_> {
