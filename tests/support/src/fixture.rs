@@ -112,7 +112,8 @@ pub fn service(app: &str) -> String {
 }
 
 /// A `git` command for the fixture repository at `dir`: fixed identity and
-/// dates, no system or user configuration, no hooks, no signing.
+/// dates, no system or user configuration, no hooks, no signing, no
+/// automatic garbage collection.
 pub fn git(dir: &Path, date: &str) -> Command {
     let mut c = Command::new("git");
     c.current_dir(dir);
@@ -133,6 +134,12 @@ pub fn git(dir: &Path, date: &str) -> Command {
             "core.hooksPath=/dev/null",
             "-c",
             "core.autocrlf=false",
+            // No automatic `git gc`: a commit of thousands of files would
+            // start one in the background (gc.autoDetach), packing and
+            // pruning loose objects while the test's build reads them
+            // (seen once: "object ... could not be found" at 9,003 objects).
+            "-c",
+            "gc.auto=0",
         ]);
     c
 }
