@@ -502,9 +502,18 @@ fn client_certificates_are_presented_when_configured() {
         &creds,
     ];
     let err = fails(&base, dir.path());
-    // The registry ends the handshake without a client certificate.
+    // The registry ends the handshake without a client certificate. In
+    // TLS 1.3 the client's handshake is complete before the server checks
+    // its certificate, so the request may already be on its way when the
+    // server's alert and close arrive: the client then reports the alert,
+    // or a connection closed before the response (seen once in CI:
+    // "connection was not ready"). Either way the push fails naming the
+    // URL and nothing is uploaded.
     assert!(
-        err.contains("fatal alert") && err.contains("/v2/fleet/manifests/stable"),
+        err.contains("/v2/fleet/manifests/stable")
+            && (err.contains("fatal alert")
+                || err.contains("connection was not ready")
+                || err.contains("connection closed")),
         "{err}"
     );
     assert!(reg.access_lines("PUT", "/blobs/uploads/").is_empty());
