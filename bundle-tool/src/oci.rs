@@ -39,16 +39,15 @@ pub async fn push(
     use anyhow::Context;
     use futures::StreamExt;
     crate::release::validate_channel(channel).map_err(anyhow::Error::msg)?;
-    let v = crate::check::ChannelCheck {
+    let check = crate::check::ChannelCheck {
         repo,
         fallback: None,
         root: chain.current().root(),
         now,
         limits,
         threads: 2,
-    }
-    .verify(channel)
-    .with_context(|| {
+    };
+    let v = check.verify(channel).with_context(|| {
         format!(
             "channel `{channel}` of {} does not verify",
             repo.path().display()
@@ -56,15 +55,7 @@ pub async fn push(
     })?;
     // The image blobs too, as `cairn verify` checks them.
     if let Some(images) = &v.images {
-        let problems = crate::check::ChannelCheck {
-            repo,
-            fallback: None,
-            root: chain.current().root(),
-            now,
-            limits,
-            threads: 2,
-        }
-        .check_image_blobs(images);
+        let problems = check.check_image_blobs(images);
         if !problems.is_empty() {
             return Err(anyhow::Error::from(crate::Error::Objects { problems })).with_context(
                 || {
