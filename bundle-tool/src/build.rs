@@ -479,16 +479,16 @@ fn parse_parallel(
                 let bar = bar.clone();
                 s.spawn(move || {
                     let mut out = Vec::new();
-                    let repo = match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+                    let repo = match git::LimitedRepo::open(git_dir, MAX_SOURCE_FILE_BYTES) {
                         Ok(r) => r,
                         Err(e) => {
-                            let e = Error::Git(format!("{}: {e}", git_dir.display()));
                             out.push((t, Err(e)));
                             return out;
                         }
                     };
                     for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
-                        let r = git::read_blob(&repo, f, MAX_SOURCE_FILE_BYTES)
+                        let r = repo
+                            .read_blob(f)
                             .and_then(|bytes| {
                                 manifests::parse_file_full(&f.path, &bytes, max_object)
                             })

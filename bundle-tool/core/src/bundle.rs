@@ -395,6 +395,9 @@ fn cbor_array_header(out: &mut Vec<u8>, n: usize) {
     }
 }
 
+/// A chunk as one value (tests compare [`Manifest::encode_with`]'s
+/// chunks with it).
+#[cfg(test)]
 #[derive(Serialize)]
 struct ChunkOut<'a> {
     entries: &'a [Entry],
