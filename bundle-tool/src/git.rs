@@ -582,10 +582,15 @@ pub fn read_blob(repo: &gix::Repository, file: &TreeFile, limit: u64) -> Result<
 /// object (and any larger delta base) from the header *before*
 /// allocating, and a blob is opened and inflated once instead of twice
 /// (header, then body: [`read_blob`] on a loose object costs two opens and
-/// two inflates). Every failure is answered by [`read_blob`], so errors
-/// are exactly its own (`TooLarge` naming the file and the blob's size).
+/// two inflates). Every failure is answered by [`read_blob`] on a handle
+/// without gix's limit (opened on the first failure), so results and
+/// errors are exactly its own (`TooLarge` naming the file and the blob's
+/// size; a small blob stored as a delta of a base over the limit still
+/// reads).
 pub struct LimitedRepo {
     repo: gix::Repository,
+    git_dir: std::path::PathBuf,
+    checked: std::cell::OnceCell<gix::Repository>,
     limit: u64,
 }
 
@@ -601,6 +606,8 @@ impl LimitedRepo {
         .map_err(|e| git_err(format!("{}: {e}", git_dir.display())))?;
         Ok(Self {
             repo: with_delta_cache(repo),
+            git_dir: git_dir.to_path_buf(),
+            checked: std::cell::OnceCell::new(),
             limit,
         })
     }
@@ -610,8 +617,18 @@ impl LimitedRepo {
         match self.repo.find_blob(file.oid) {
             Ok(mut blob) if blob.data.len() as u64 <= self.limit => Ok(blob.take_data()),
             // Over the limit (gix refused it) or any other failure: the
-            // checked path gives the error.
-            _ => read_blob(&self.repo, file, self.limit),
+            // header-first path decides, as it always did.
+            _ => {
+                let repo = match self.checked.get() {
+                    Some(r) => r,
+                    None => {
+                        let r = gix::open_opts(&self.git_dir, gix::open::Options::isolated())
+                            .map_err(|e| git_err(format!("{}: {e}", self.git_dir.display())))?;
+                        self.checked.get_or_init(|| with_delta_cache(r))
+                    }
+                };
+                read_blob(repo, file, self.limit)
+            }
         }
     }
 }
