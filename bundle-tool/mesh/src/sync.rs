@@ -73,7 +73,8 @@
 
 use super::wire::{
     BadWant, BlobRange, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo,
-    SignedStatus, StatusRecord, BLOB_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SharedStatus, SignedStatus, StatusRecord, BLOB_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
@@ -83,6 +84,7 @@ use cairn_core::{Address, BundleId, ChannelName};
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Why a signed status record was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -620,24 +622,30 @@ struct Conn {
 /// time per agent, keyed by the agent's [`status_sample_rank`] (8 bytes
 /// instead of an id string: there is one map per connection; two ids with
 /// one rank, which the fleet CA would have to issue about 2³² ids to
-/// produce, only spare one record one crossing of one connection). Cleared
-/// when it outgrows twice the record limit, which costs one resend.
+/// produce, only spare one record one crossing of one connection), as a
+/// vector sorted by rank (16 bytes an entry, no tree nodes; a few hundred
+/// entries). Cleared when it outgrows twice the record limit, which costs
+/// one resend.
 #[derive(Debug, Default)]
-struct KnownRecords(BTreeMap<u64, u64>);
+struct KnownRecords(Vec<(u64, u64)>);
 
 impl KnownRecords {
     /// Whether the peer holds the record of `rank` dated `time` or newer.
     fn holds(&self, rank: u64, time: u64) -> bool {
-        self.0.get(&rank).is_some_and(|t| *t >= time)
+        self.0
+            .binary_search_by_key(&rank, |e| e.0)
+            .is_ok_and(|i| self.0[i].1 >= time)
     }
 
     /// The peer holds the record of `rank` dated `time`.
     fn note(&mut self, rank: u64, time: u64, max_records: usize) {
         if self.0.len() > 2 * max_records {
-            self.0.clear();
+            self.0 = Vec::new();
         }
-        let k = self.0.entry(rank).or_insert(time);
-        *k = (*k).max(time);
+        match self.0.binary_search_by_key(&rank, |e| e.0) {
+            Ok(i) => self.0[i].1 = self.0[i].1.max(time),
+            Err(i) => self.0.insert(i, (rank, time)),
+        }
     }
 }
 
@@ -747,12 +755,14 @@ const MAX_ROOT_STEPS: u64 = 16;
 /// A verified status record (or our own) and its signed form as gossiped.
 #[derive(Debug, Clone)]
 struct HeldStatus {
-    record: StatusRecord,
+    /// The record, shared with the [`SharedStatus`] it came in (every
+    /// endpoint and message holding it points at one copy).
+    record: Arc<StatusRecord>,
     /// [`status_sample_rank`] of the record's agent id.
     rank: u64,
     /// `None` only for our own record when signing failed: it is then
     /// shown locally but not gossiped.
-    signed: Option<SignedStatus>,
+    signed: Option<SharedStatus>,
 }
 
 /// One node's mesh state machine. See the module documentation.
@@ -772,9 +782,8 @@ pub struct Endpoint {
     /// rotation replaced the release keys that signed it).
     unbound_floors: BTreeSet<String>,
     keys: Box<dyn RecordKeys>,
-    /// Boxed: a record is a few hundred bytes, and a B-tree node holds
-    /// eleven slots whether used or not.
-    status: BTreeMap<AgentId, Box<HeldStatus>>,
+    /// Records are shared ([`SharedStatus`]): a slot is three words.
+    status: BTreeMap<AgentId, HeldStatus>,
     /// The sampled records of `status` (rank, agent id): not ours and not
     /// failure reports; at most `config.status_sample` after every merge.
     sample: BTreeSet<(u64, AgentId)>,
@@ -831,7 +840,13 @@ impl Endpoint {
 
     /// The next thing the shell must do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() && self.actions.capacity() > 64 {
+            // A burst (a frame of many objects) grew the queue: do not
+            // keep its room for the endpoint's lifetime.
+            self.actions.shrink_to(16);
+        }
+        action
     }
 
     /// When [`Endpoint::handle_timeout`] should next be called.
@@ -868,7 +883,7 @@ impl Endpoint {
     pub fn status(&self, wall: UnixMillis) -> impl Iterator<Item = &StatusRecord> + '_ {
         self.status
             .values()
-            .map(|h| &h.record)
+            .map(|h| &*h.record)
             .filter(move |r| !self.expired(r, wall.0))
     }
 
@@ -922,6 +937,20 @@ impl Endpoint {
         self.sample_bound().is_none_or(|b| rank < b)
     }
 
+    /// Whether a held record is offered to peers in gossip. Every record
+    /// we hold is a failure report or in the sample, except our own: that
+    /// one is offered only while a peer could keep it (a failure report,
+    /// or a rank within our sample: not full yet, or below its largest
+    /// rank). Outside a full sample, every peer whose sample has
+    /// converged (the same bottom-k fleet-wide) would pull it only to
+    /// drop it unread. It is still served when asked for (a pull, an
+    /// operator's `StatusRequest`).
+    fn offered(&self, h: &HeldStatus) -> bool {
+        h.record.agent_id != self.config.agent_id
+            || is_failure(&h.record)
+            || self.sample_admits(h.rank)
+    }
+
     /// Holds `held` (replacing that agent's record), keeping `sample` in
     /// step, then trims the sample to its size: the largest ranks leave.
     fn hold(&mut self, held: HeldStatus) {
@@ -932,7 +961,7 @@ impl Endpoint {
         if sampled {
             self.sample.insert((rank, id.clone()));
         }
-        self.status.insert(id, Box::new(held));
+        self.status.insert(id, held);
         while self.sample.len() > self.config.status_sample {
             let Some((_, out)) = self.sample.pop_last() else {
                 break;
@@ -1041,7 +1070,7 @@ impl Endpoint {
             .clone()
             .filter(|l| !is_unspecified_host(l));
         if let Some(held) = self.status.get(&record.agent_id) {
-            let mut same = held.record.clone();
+            let mut same = (*held.record).clone();
             same.time = record.time;
             if same == record
                 && held.signed.is_some()
@@ -1066,6 +1095,8 @@ impl Endpoint {
                 sig,
             });
         let rank = status_sample_rank(&record.agent_id);
+        let record = Arc::new(record);
+        let signed = signed.map(|s| SharedStatus::with_record(s, record.clone()));
         self.hold(HeldStatus {
             record,
             rank,
@@ -1763,7 +1794,7 @@ impl Endpoint {
             let record = self
                 .status
                 .get(&self.config.agent_id)
-                .map(|h| h.record.clone())
+                .map(|h| (*h.record).clone())
                 .unwrap_or_else(|| StatusRecord {
                     agent_id: self.config.agent_id.clone(),
                     channel: String::new(),
@@ -1828,7 +1859,7 @@ impl Endpoint {
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
-            .filter(|h| !known.holds(h.rank, h.record.time))
+            .filter(|h| self.offered(h) && !known.holds(h.rank, h.record.time))
             .map(|h| (h.record.time, h.record.agent_id.clone(), h.rank))
             .collect();
         if digest.is_empty() {
@@ -1864,16 +1895,15 @@ impl Endpoint {
             return;
         };
         let mut records: Vec<&HeldStatus> = match &ids {
-            Some(ids) => ids
-                .iter()
-                .filter_map(|id| self.status.get(id).map(|h| &**h))
-                .collect(),
-            None => self.status.values().map(|h| &**h).collect(),
+            Some(ids) => ids.iter().filter_map(|id| self.status.get(id)).collect(),
+            None => self.status.values().collect(),
         };
         records.retain(|h| {
             h.signed.is_some()
                 && !self.expired(&h.record, wall)
-                && (full || ids.is_some() || !already.holds(h.rank, h.record.time))
+                && (full
+                    || ids.is_some()
+                    || (self.offered(h) && !already.holds(h.rank, h.record.time)))
         });
         if records.is_empty() && !full {
             return;
@@ -1979,7 +2009,7 @@ impl Endpoint {
     /// and whose author signed them are kept. A forged record cuts the
     /// peer off. One record per agent id; a new agent id takes a free or
     /// expired slot, never a live record's.
-    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64, wall: u64) {
+    fn merge_status(&mut self, conn: ConnId, records: Vec<SharedStatus>, now: u64, wall: u64) {
         let Some(peer) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
@@ -1989,7 +2019,7 @@ impl Endpoint {
         let mut forged: Option<String> = None;
         let mut learned = Vec::new();
         for signed in records {
-            let Ok(r) = signed.decode_record(&limits) else {
+            let Ok(r) = signed.decoded(&limits).map(Arc::clone) else {
                 forged.get_or_insert_with(|| "undecodable status record".into());
                 continue;
             };

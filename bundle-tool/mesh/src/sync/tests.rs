@@ -889,7 +889,7 @@ fn status_records_from_the_future_or_about_us_are_ignored() {
     let c = hello(&mut ep, "a1", now);
     ep.handle_message(
         c,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a0", &record("a0", "failed", now)),
             signed_by("a9", &record("a9", "failed", now + 3_600_000)),
             signed_by("a2", &record("a2", "healthy", now)),
@@ -929,14 +929,14 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         let honest = hello(&mut ep, "a3", now);
         ep.handle_message(
             honest,
-            Message::Status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
+            Message::status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
             Millis(now),
             UnixMillis(now),
         );
         let c = hello(&mut ep, "evil", now);
         ep.handle_message(
             c,
-            Message::Status(vec![forged]),
+            Message::status(vec![forged]),
             Millis(now),
             UnixMillis(now),
         );
@@ -984,7 +984,7 @@ fn breaker_inputs_count_only_verified_records() {
     // Three genuine adopters, one of them failed.
     ep.handle_message(
         c,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a1", &record("a1", "healthy", now)),
             signed_by("a2", &record("a2", "failed", now)),
             signed_by("a3", &record("a3", "healthy", now)),
@@ -999,8 +999,8 @@ fn breaker_inputs_count_only_verified_records() {
     let forged = ["x1", "x2", "x3", "a3"]
         .iter()
         .map(|id| signed_by("evil", &record(id, "failed", now + 1)))
-        .collect();
-    ep.handle_message(e, Message::Status(forged), Millis(now), UnixMillis(now));
+        .collect::<Vec<_>>();
+    ep.handle_message(e, Message::status(forged), Millis(now), UnixMillis(now));
     assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
 }
 
@@ -1014,7 +1014,7 @@ fn expired_status_records_are_dropped_and_not_relayed() {
     let conn = hello(&mut ep, "a1", now);
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a2", &record("a2", "failed", now - 1_000)),
             // Already older than the TTL on arrival.
             signed_by("a3", &record("a3", "failed", now - ttl - 1)),
@@ -1052,7 +1052,7 @@ fn expired_status_records_are_dropped_and_not_relayed() {
     // An older copy relayed by a slow peer does not bring it back.
     ep.handle_message(
         conn,
-        Message::Status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
+        Message::status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
         Millis(later),
         UnixMillis(later),
     );
@@ -1071,7 +1071,7 @@ fn a_flood_cannot_evict_real_records() {
     ep.handle_timeout(Millis(now), UnixMillis(now));
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a1", &record("a1", "healthy", now - 30_000)),
             signed_by("a2", &record("a2", "healthy", now - 20_000)),
             signed_by("a3", &record("a3", "failed", now - 10_000)),
@@ -1099,7 +1099,7 @@ fn a_flood_cannot_evict_real_records() {
     let flood_conn = hello(&mut ep, "a9", now);
     ep.handle_message(
         flood_conn,
-        Message::Status(genuine.into_iter().map(|(_, s)| s).collect()),
+        Message::status(genuine.into_iter().map(|(_, s)| s)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1107,7 +1107,7 @@ fn a_flood_cannot_evict_real_records() {
     assert!(!ep.is_banned("a9", Millis(now)));
     ep.handle_message(
         flood_conn,
-        Message::Status(forged.into_iter().map(|(_, s)| s).collect()),
+        Message::status(forged.into_iter().map(|(_, s)| s)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1119,7 +1119,7 @@ fn a_flood_cannot_evict_real_records() {
     let conn = hello(&mut ep, "a2", later);
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("n1", &record("n1", "healthy", later)),
             signed_by("n2", &record("n2", "healthy", later)),
         ]),
@@ -1170,7 +1170,7 @@ fn the_status_sample_keeps_the_lowest_ranks_and_every_failure() {
         for chunk in rs.chunks(batch) {
             ep.handle_message(
                 conn,
-                Message::Status(chunk.to_vec()),
+                Message::status(chunk.to_vec()),
                 Millis(now),
                 UnixMillis(now),
             );
@@ -1210,7 +1210,7 @@ fn breaker_counts_failures_exactly_and_estimates_adopters_beyond_the_sample() {
         for chunk in records.chunks(500) {
             ep.handle_message(
                 conn,
-                Message::Status(chunk.to_vec()),
+                Message::status(chunk.to_vec()),
                 Millis(now),
                 UnixMillis(now),
             );
@@ -1271,7 +1271,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     };
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a2", &with_listen("a2", "10.0.0.2:7440", now)),
             // Not unicast, or no port: never dialed.
             signed_by("m1", &with_listen("m1", "224.0.0.1:7440", now)),
@@ -1295,7 +1295,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     // a2 moves: its newer signed record replaces the address.
     ep.handle_message(
         conn,
-        Message::Status(vec![signed_by(
+        Message::status(vec![signed_by(
             "a2",
             &with_listen("a2", "10.0.0.22:7440", now + 1),
         )]),
@@ -1316,10 +1316,10 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
                 &with_listen("a2", &format!("10.66.{}.{}:22", i / 250, i % 250), now + 2),
             )
         })
-        .collect();
+        .collect::<Vec<_>>();
     ep.handle_message(
         evil,
-        Message::Status(forged),
+        Message::status(forged),
         Millis(now + 2),
         UnixMillis(now + 2),
     );
@@ -1385,7 +1385,7 @@ fn stale_certificates_drop_records_without_blame() {
     };
     ep.handle_message(
         conn,
-        Message::Status(vec![stale]),
+        Message::status(vec![stale]),
         Millis(now),
         UnixMillis(now),
     );

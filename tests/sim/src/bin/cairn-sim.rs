@@ -10,7 +10,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
-use cairn_sim::{run, Churn, Partition, SimConfig};
+use cairn_sim::{Churn, Partition, Sim, SimConfig};
 use std::time::Instant;
 
 fn usage() -> &'static str {
@@ -98,7 +98,7 @@ fn real_main() -> Result<()> {
             ..base.clone()
         };
         let t = Instant::now();
-        let r = run(cfg);
+        let r = Sim::new(cfg).run_without_teardown();
         let wall = t.elapsed().as_secs_f64();
         let inv = if r.violations.is_empty() {
             "ok".to_owned()
