@@ -352,6 +352,12 @@ pub type ConnId = u64;
 /// A fetch (one release and its objects from one peer).
 pub type FetchId = u64;
 
+/// The default [`SyncConfig::status_sample`]: 48 sampled records, an
+/// adopter estimate within about ±14 % (1/√48) once the fleet outgrows
+/// it, and about 48 record versions per agent per release in gossip
+/// (docs/MESH.md, "Status sample"; docs/PERFORMANCE.md).
+pub const DEFAULT_STATUS_SAMPLE: usize = 48;
+
 /// Timers and behaviour of an [`Endpoint`]. All durations in milliseconds.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
@@ -400,7 +406,8 @@ pub struct SyncConfig {
     /// and rarely otherwise, because every new version travels).
     pub status_refresh_ms: u64,
     /// How many healthy records of other agents the endpoint keeps: the
-    /// fleet-wide bottom-k sample by [`status_sample_rank`] (default 64;
+    /// fleet-wide bottom-k sample by [`status_sample_rank`] (default
+    /// [`DEFAULT_STATUS_SAMPLE`], 48;
     /// docs/MESH.md, "Status sample"). Failure reports are kept whatever
     /// their rank (up to [`MeshLimits::max_status_records`]), so the
     /// breaker's failure count is exact; its adopter count is estimated
@@ -435,7 +442,7 @@ impl SyncConfig {
             max_clock_skew_ms: 300_000,
             status_ttl_ms: 600_000,
             status_refresh_ms: 240_000,
-            status_sample: 64,
+            status_sample: DEFAULT_STATUS_SAMPLE,
             protocol_version: PROTOCOL_VERSION,
         }
     }

@@ -1506,6 +1506,67 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_record_decodes_once_and_is_checked_against_every_callers_limits() {
+        let mut labels = BTreeMap::new();
+        labels.insert("zone".to_string(), "z1".to_string());
+        labels.insert("rack".to_string(), "r7".to_string());
+        let r = StatusRecord {
+            agent_id: "a1".parse().unwrap(),
+            channel: "stable".into(),
+            labels,
+            sequence: 3,
+            bundle: cairn_keys::sha256_address(b"m"),
+            health: "healthy".into(),
+            time: 5,
+            rollout: None,
+            listen: Some("n1:7440".into()),
+            values_digest: None,
+        };
+        let shared = SharedStatus::from(signed(&r));
+        let relayed = shared.clone();
+        let once = shared.decoded(&lim()).unwrap();
+        assert_eq!(**once, r);
+        // A clone (a relay, a table slot) is the same decoded record.
+        assert!(Arc::ptr_eq(once, relayed.decoded(&lim()).unwrap()));
+        // Cached or not, a caller with tighter limits is refused.
+        let small = MeshLimits {
+            max_labels: 1,
+            ..lim()
+        };
+        assert!(relayed.decoded(&small).is_err());
+        let tiny = MeshLimits {
+            max_record_bytes: 16,
+            ..lim()
+        };
+        assert!(relayed.decoded(&tiny).is_err());
+        // On the wire it is exactly a `SignedStatus`, and decoding a frame
+        // validates the record once (the decode is kept).
+        let frame = encode_frame(&Message::status([shared]), lim().max_frame_bytes).unwrap();
+        let plain = encode_frame(
+            &Message::status([SharedStatus::from(signed(&r))]),
+            lim().max_frame_bytes,
+        )
+        .unwrap();
+        assert_eq!(frame, plain);
+        match decode_body(&frame[HEADER_BYTES..], &lim()).unwrap() {
+            Message::Status(rs) => {
+                assert_eq!(rs.len(), 1);
+                assert_eq!(**rs[0].decoded(&lim()).unwrap(), r);
+                assert_eq!(rs[0], signed(&r));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Garbage bytes are an error every time, not a panic.
+        let bad = SharedStatus::from(SignedStatus {
+            record: vec![0xff; 8],
+            cert: vec![1],
+            sig: vec![2],
+        });
+        assert!(bad.decoded(&lim()).is_err());
+        assert!(bad.decoded(&lim()).is_err());
+    }
+
+    #[test]
     fn a_record_without_values_digest_decodes_with_none_and_a_bad_digest_is_refused() {
         // A record as an agent from before `values_digest` encodes it: the
         // same fields, without that key. Its signed bytes decode as is.

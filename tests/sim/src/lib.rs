@@ -218,6 +218,9 @@ pub struct ReleaseReport {
     /// Status gossip bytes received per agent from publishing until the
     /// next release (the window and the pause after it): mean.
     pub gossip_period_mean: f64,
+    /// The same period's gossip by frame kind: `Status` (records),
+    /// `StatusDigest` and `StatusPull` bytes received per agent: mean.
+    pub gossip_period_split: [f64; 3],
     /// That period's length (simulated ms).
     pub period_ms: u64,
     /// Size of the bundle (manifest + objects).
@@ -713,6 +716,8 @@ struct Node {
     object_bytes_in: u64,
     gossip_bytes_in: u64,
     want_bytes_in: u64,
+    /// Gossip bytes in by kind: `Status`, `StatusDigest`, `StatusPull`.
+    gossip_split_in: [u64; 3],
 }
 
 // ----- the event queue -------------------------------------------------
@@ -883,6 +888,7 @@ impl Sim {
                 object_bytes_in: 0,
                 gossip_bytes_in: 0,
                 want_bytes_in: 0,
+                gossip_split_in: [0; 3],
             });
         }
         let mut sim = Sim {
@@ -1050,6 +1056,12 @@ impl Sim {
                 match &msg {
                     Message::Status(_) | Message::StatusDigest(_) | Message::StatusPull(_) => {
                         n.gossip_bytes_in += bytes;
+                        let k = match &msg {
+                            Message::Status(_) => 0,
+                            Message::StatusDigest(_) => 1,
+                            _ => 2,
+                        };
+                        n.gossip_split_in[k] += bytes;
                     }
                     Message::Want { .. } => n.want_bytes_in += bytes,
                     _ => {}
@@ -1989,7 +2001,7 @@ impl Sim {
         self.push(self.now + part.duration_ms, Ev::Heal);
     }
 
-    fn window(&self) -> Vec<[u64; 4]> {
+    fn window(&self) -> Vec<[u64; 7]> {
         self.nodes
             .iter()
             .map(|n| {
@@ -1998,6 +2010,9 @@ impl Sim {
                     n.object_bytes_in,
                     n.gossip_bytes_in,
                     n.want_bytes_in,
+                    n.gossip_split_in[0],
+                    n.gossip_split_in[1],
+                    n.gossip_split_in[2],
                 ]
             })
             .collect()
@@ -2071,6 +2086,7 @@ impl Sim {
                 gossip_bytes_mean: sum(2),
                 want_bytes_mean: sum(3),
                 gossip_period_mean: 0.0,
+                gossip_period_split: [0.0; 3],
                 period_ms: 0,
                 bundle_bytes: p.bundle_bytes,
                 new_bytes: p.new_bytes,
@@ -2091,6 +2107,13 @@ impl Sim {
                     .map(|&i| end[i][2] - before[i][2])
                     .sum::<u64>() as f64
                     / count;
+                for (k, v) in r.gossip_period_split.iter_mut().enumerate() {
+                    *v = honest
+                        .iter()
+                        .map(|&i| end[i][4 + k] - before[i][4 + k])
+                        .sum::<u64>() as f64
+                        / count;
+                }
                 r.period_ms = self.now - t0;
             }
         }

@@ -1196,12 +1196,87 @@ fn the_status_sample_keeps_the_lowest_ranks_and_every_failure() {
     }
 }
 
+/// The digest `ep` sends a new peer `id` on connecting.
+fn digest_on_hello(ep: &mut Endpoint, id: &str, now: u64) -> (ConnId, Vec<String>) {
+    let c = ep.connected(PeerIdentity::Agent(aid(id)), None, None, Millis(now));
+    ep.handle_message(
+        c,
+        Message::Hello(Hello::new(None)),
+        Millis(now),
+        UnixMillis(now),
+    );
+    let mut ids = Vec::new();
+    while let Some(a) = ep.poll_action() {
+        if let Action::Send {
+            message: Message::StatusDigest(d),
+            ..
+        } = a
+        {
+            ids.extend(d.into_iter().map(|(id, _)| id.to_string()));
+        }
+    }
+    ids.sort();
+    (c, ids)
+}
+
+#[test]
+fn our_record_is_offered_only_while_a_peer_could_keep_it() {
+    let now = 1_000_000;
+    let records = fleet_records(100, 0, now);
+    let ours = status_sample_rank(&aid("a0"));
+    let below = (0..100)
+        .filter(|i| status_sample_rank(&aid(&format!("n{i}"))) < ours)
+        .count();
+    assert!(below >= 1, "a0 ranks lowest of the fleet: pick other ids");
+    // Not full (room for everyone): our record is offered with the rest.
+    // Full, with a lower rank than ours in it: not offered, since every
+    // peer with the same sample would drop it unread; still served when
+    // pulled; offered again once it reports a failure.
+    for (sample, offered) in [(4_096, true), (1, false)] {
+        let mut c = cfg(0, vec![]);
+        c.status_sample = sample;
+        let mut ep = new_ep(c);
+        ep.handle_timeout(Millis(now), UnixMillis(now));
+        ep.set_local_status(record("a0", "healthy", 0), UnixMillis(now));
+        let feed = hello(&mut ep, "a1", now);
+        ep.handle_message(
+            feed,
+            Message::status(records.clone()),
+            Millis(now),
+            UnixMillis(now),
+        );
+        while ep.poll_action().is_some() {}
+        let (conn, digest) = digest_on_hello(&mut ep, "a2", now);
+        assert_eq!(
+            digest.contains(&"a0".to_string()),
+            offered,
+            "sample {sample}: {digest:?}"
+        );
+        assert_eq!(digest.len(), sample.min(100) + usize::from(offered));
+        ep.handle_message(
+            conn,
+            Message::StatusPull(vec![aid("a0")]),
+            Millis(now),
+            UnixMillis(now),
+        );
+        let served = std::iter::from_fn(|| ep.poll_action()).any(|a| {
+            matches!(a, Action::Send { message: Message::Status(rs), .. }
+                if rs.len() == 1 && rs[0].decoded(&MeshLimits::default()).unwrap().agent_id == "a0")
+        });
+        assert!(served, "sample {sample}: a pulled record is served");
+        ep.set_local_status(record("a0", "failed", 0), UnixMillis(now + 1));
+        let (_, digest) = digest_on_hello(&mut ep, "a3", now + 1);
+        assert!(digest.contains(&"a0".to_string()), "{digest:?}");
+    }
+}
+
 #[test]
 fn breaker_counts_failures_exactly_and_estimates_adopters_beyond_the_sample() {
     let now = 1_000_000;
     let bundle = sha256_address(b"bundle");
     let records = fleet_records(2_000, 100, now);
-    for (sample, exact) in [(4_096, true), (256, false), (64, false)] {
+    let default = DEFAULT_STATUS_SAMPLE;
+    for (sample, exact) in [(4_096, true), (256, false), (64, false), (default, false)] {
         let mut c = cfg(0, vec![]);
         c.status_sample = sample;
         let mut ep = new_ep(c);

@@ -131,6 +131,17 @@ fn real_main() -> Result<()> {
                 r.events,
             );
         }
+        for rel in &r.releases {
+            let [st, dg, pl] = rel.gossip_period_split;
+            eprintln!(
+                "cairn-sim: {n} agents, release {}: gossip until the next release {:.1} KiB per agent: records {:.1}, digests {:.1}, pulls {:.1} KiB",
+                rel.sequence,
+                rel.gossip_period_mean / 1024.0,
+                st / 1024.0,
+                dg / 1024.0,
+                pl / 1024.0
+            );
+        }
         eprintln!(
             "cairn-sim: {n} agents: {} events, {} messages ({} lost), {:.1} MiB sent, {} crashes, rejections {:?}, trace {:016x}, {wall:.1} s",
             r.events,
