@@ -644,15 +644,22 @@ impl KnownRecords {
             .is_ok_and(|i| self.0[i].1 >= time)
     }
 
-    /// The peer holds the record of `rank` dated `time`.
-    fn note(&mut self, rank: u64, time: u64, max_records: usize) {
-        if self.0.len() > 2 * max_records {
+    /// The peer holds the records of these `(rank, time)` pairs (one
+    /// message's worth, at most the record limit). Merged in one sort,
+    /// O((n + m) log(n + m)), not an insertion each: a peer's digest of
+    /// thousands of ids costs no more than before.
+    fn note_all(&mut self, batch: Vec<(u64, u64)>, max_records: usize) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.0.len() + batch.len() > 2 * max_records {
             self.0 = Vec::new();
         }
-        match self.0.binary_search_by_key(&rank, |e| e.0) {
-            Ok(i) => self.0[i].1 = self.0[i].1.max(time),
-            Err(i) => self.0.insert(i, (rank, time)),
-        }
+        self.0.extend(batch);
+        // Newest first within a rank, so deduplicating keeps the newest.
+        self.0
+            .sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        self.0.dedup_by_key(|e| e.0);
     }
 }
 
@@ -1877,9 +1884,8 @@ impl Endpoint {
         digest.truncate(self.config.limits.max_status_records);
         let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            for (t, _, rank) in &digest {
-                c.status_known.note(*rank, *t, max);
-            }
+            let batch = digest.iter().map(|(t, _, rank)| (*rank, *t)).collect();
+            c.status_known.note_all(batch, max);
         }
         let digest = digest.into_iter().map(|(t, id, _)| (id, t)).collect();
         self.send(conn, Message::StatusDigest(digest), now);
@@ -1935,9 +1941,7 @@ impl Endpoint {
         }
         let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            for (rank, t) in sent {
-                c.status_known.note(rank, t, max);
-            }
+            c.status_known.note_all(sent, max);
         }
         self.send(conn, Message::Status(out), now);
     }
@@ -1953,6 +1957,8 @@ impl Endpoint {
         );
         let max = self.config.limits.max_status_records;
         let mut pull = Vec::new();
+        let mut held = Vec::new();
+        let mut swept = false;
         for (id, t) in digest {
             if id == self.config.agent_id
                 || t > wall.saturating_add(skew)
@@ -1960,9 +1966,7 @@ impl Endpoint {
             {
                 continue;
             }
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.status_known.note(status_sample_rank(&id), t, max);
-            }
+            held.push((status_sample_rank(&id), t));
             let newer = self
                 .status
                 .get(&id)
@@ -1974,10 +1978,14 @@ impl Endpoint {
             if newer && !pulling {
                 if self.pulling.len() >= 2 * max {
                     // Bounded whatever a peer announces: forget pulls
-                    // that timed out; if still full, pull later (the
+                    // that timed out (once per digest: nothing times
+                    // out meanwhile); if still full, pull later (the
                     // record is announced again with its next version).
-                    self.pulling
-                        .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    if !swept {
+                        swept = true;
+                        self.pulling
+                            .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    }
                     if self.pulling.len() >= 2 * max {
                         continue;
                     }
@@ -1985,6 +1993,9 @@ impl Endpoint {
                 self.pulling.insert(id.clone(), (t, now));
                 pull.push(id);
             }
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.status_known.note_all(held, max);
         }
         if !pull.is_empty() {
             self.send(conn, Message::StatusPull(pull), now);
@@ -2025,6 +2036,7 @@ impl Endpoint {
         let mut dropped: BTreeMap<StatusDrop, u64> = BTreeMap::new();
         let mut forged: Option<String> = None;
         let mut learned = Vec::new();
+        let mut held = Vec::new();
         for signed in records {
             let Ok(r) = signed.decoded(&limits).map(Arc::clone) else {
                 forged.get_or_insert_with(|| "undecodable status record".into());
@@ -2032,9 +2044,7 @@ impl Endpoint {
             };
             // The peer holds it: never sent back on this connection.
             let rank = status_sample_rank(&r.agent_id);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.status_known.note(rank, r.time, limits.max_status_records);
-            }
+            held.push((rank, r.time));
             if self
                 .pulling
                 .get(&r.agent_id)
@@ -2125,6 +2135,9 @@ impl Endpoint {
             // The sample may have trimmed the record straight away (a
             // full sample and a larger rank than all of it).
             changed |= self.status.contains_key(&id);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.status_known.note_all(held, limits.max_status_records);
         }
         for (addr, id) in learned {
             self.learn_signed_address(&addr, &id);
