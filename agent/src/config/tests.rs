@@ -219,6 +219,8 @@ fn the_mesh_status_sample_defaults_to_the_mesh_constant_and_is_bounded_by_the_ta
         c.mesh.unwrap().status_sample,
         crate::mesh::DEFAULT_STATUS_SAMPLE
     );
+    // docs/OPERATIONS.md and docs/MESH.md give this default.
+    assert_eq!(crate::mesh::DEFAULT_STATUS_SAMPLE, 48);
     let c = Config::parse(
         &format!("{GOOD}{mesh}  statusSample: 4096\n"),
         "config f.yaml",
