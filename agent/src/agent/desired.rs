@@ -7,7 +7,8 @@
 
 use super::*;
 use crate::site::{self, One, Renderer, Site};
-use crate::targets::{ObjectReader, TargetError};
+use crate::targets::plan::Digest;
+use crate::targets::{DesiredEntries, ObjectReader, TargetError};
 use cairn_core::bundle::Entry;
 
 /// What one pass over a release's stored objects found.
@@ -26,7 +27,7 @@ pub(super) enum Prepare {
 pub(super) struct Prepared {
     /// The entries to apply, as rendered (address and size of the rendered
     /// bytes), in manifest order.
-    pub(super) entries: Vec<Entry>,
+    pub(super) entries: DesiredEntries,
     /// Reads their bodies from the store.
     pub(super) reader: StoreObjects,
     /// Objects not applied at this site, one line each.
@@ -49,7 +50,11 @@ pub(super) struct StoreObjects {
 }
 
 impl ObjectReader for StoreObjects {
-    fn read(&self, entries: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
+    fn read(
+        &self,
+        entries: &DesiredEntries,
+        indices: &[usize],
+    ) -> Result<Vec<Vec<u8>>, TargetError> {
         let mut out = Vec::with_capacity(indices.len());
         for &i in indices {
             let Some(e) = entries.get(i) else {
@@ -58,27 +63,32 @@ impl ObjectReader for StoreObjects {
                     reason: format!("no desired object {i}"),
                 });
             };
-            let source = self.rendered_from.get(&i).unwrap_or(e);
-            let bytes =
-                self.store
-                    .get_object(&source.object)?
-                    .ok_or_else(|| TargetError::Object {
-                        address: source.object.to_string(),
-                        reason: "no longer in the store".into(),
-                    })?;
-            if !self.rendered_from.contains_key(&i) {
+            let source = match self.rendered_from.get(&i) {
+                Some(s) => s.object.to_string(),
+                None => e.address.to_string(),
+            };
+            let bytes = self
+                .store
+                .get_object(&source)?
+                .ok_or_else(|| TargetError::Object {
+                    address: source.clone(),
+                    reason: "no longer in the store".into(),
+                })?;
+            let Some(from) = self.rendered_from.get(&i) else {
                 out.push(bytes);
                 continue;
-            }
+            };
             let o = DesiredObject {
-                entry: source.clone(),
+                entry: from.clone(),
                 bytes,
             };
             match self.renderer.render_one(o, &self.site, self.decrypt) {
-                One::Apply(o) if o.entry.object == e.object => out.push(o.bytes),
+                One::Apply(o) if Digest::of_address(&o.entry.object) == e.address => {
+                    out.push(o.bytes)
+                }
                 _ => {
                     return Err(TargetError::Object {
-                        address: source.object.to_string(),
+                        address: source,
                         reason: "rendered differently than when the reconcile started".into(),
                     })
                 }
@@ -130,7 +140,7 @@ pub(super) fn prepare(
         let refs: Vec<&DesiredObject> = objects.iter().collect();
         Renderer::new(&refs, &site, &mut lines)
     };
-    let mut out = Vec::new();
+    let mut out = DesiredEntries::default();
     let mut rendered_from = BTreeMap::new();
     let mut object_errors = Vec::new();
     for e in entries {
@@ -148,7 +158,7 @@ pub(super) fn prepare(
                 if o.entry != source {
                     rendered_from.insert(out.len(), source);
                 }
-                out.push(o.entry);
+                out.push(&o.entry);
             }
             One::ObjectError(m) => object_errors.push(m),
             One::Errors(e) => lines.extend(e),
@@ -157,6 +167,7 @@ pub(super) fn prepare(
     if !missing.is_empty() {
         return Ok(Prepare::Missing(missing));
     }
+    out.shrink_to_fit();
     if let Err(e) = site::finish(lines) {
         return Ok(Prepare::Invalid(e.to_string()));
     }

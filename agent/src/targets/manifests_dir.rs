@@ -468,7 +468,7 @@ impl ManifestsDir {
                 .enumerate()
                 .map(|(i, e)| DesiredFile {
                     name: names.get(i),
-                    address: Digest::of_address(&e.object),
+                    address: e.address,
                     size: e.size,
                 })
                 .collect(),

@@ -25,6 +25,7 @@
 //! plan and the desired files, serialized as JSON maps without building
 //! them; addresses are 32-byte [`Digest`]s, written as `sha256:<hex>`.
 
+use super::DesiredEntries;
 use cairn_core::bundle::Entry;
 use serde::ser::SerializeMap;
 use std::collections::BTreeMap;
@@ -589,7 +590,7 @@ pub struct FileNames {
 
 impl FileNames {
     /// The names of `entries`, in entry order (see [`file_names`]).
-    pub fn of(entries: &[Entry]) -> Self {
+    pub fn of(entries: &DesiredEntries) -> Self {
         let plain = Self::build(entries, |_| false);
         // Names shared by several entries get the group.
         let mut order: Vec<u32> = (0..entries.len() as u32).collect();
@@ -609,7 +610,7 @@ impl FileNames {
         Self::build(entries, |i| shared[i])
     }
 
-    fn build(entries: &[Entry], with_group: impl Fn(usize) -> bool) -> Self {
+    fn build(entries: &DesiredEntries, with_group: impl Fn(usize) -> bool) -> Self {
         let mut out = Self {
             buf: String::new(),
             ends: Vec::with_capacity(entries.len()),
@@ -618,17 +619,17 @@ impl FileNames {
             let ns = if e.namespace.is_empty() {
                 "_cluster"
             } else {
-                e.namespace.as_str()
+                e.namespace
             };
             push_sanitized(&mut out.buf, ns);
             out.buf.push_str("__");
             if with_group(i) && !e.group().is_empty() {
                 push_sanitized(&mut out.buf, &format!("{}.{}", e.kind, e.group()));
             } else {
-                push_sanitized(&mut out.buf, &e.kind);
+                push_sanitized(&mut out.buf, e.kind);
             }
             out.buf.push_str("__");
-            push_sanitized(&mut out.buf, &e.name);
+            push_sanitized(&mut out.buf, e.name);
             out.buf.push_str(".yaml");
             out.ends.push(out.buf.len() as u32);
         }
@@ -663,7 +664,7 @@ impl FileNames {
 /// outside `A-Za-z0-9._-` are replaced by `_` so a name can never leave the
 /// directory. Returns names in entry order.
 pub fn file_names(entries: &[Entry]) -> Vec<String> {
-    let names = FileNames::of(entries);
+    let names = FileNames::of(&entries.iter().collect());
     (0..names.len()).map(|i| names.get(i).to_owned()).collect()
 }
 

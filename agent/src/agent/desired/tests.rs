@@ -183,7 +183,10 @@ fn the_kubernetes_pass_reads_bodies_one_batch_at_a_time() {
     let objs = crate::kubernetes::reconcile::desired_objects(&state).unwrap();
     assert_eq!(objs.len(), n);
     assert_eq!(objs[n - 1].object.name, format!("cm-{:04}", n - 1));
-    assert_eq!(objs[0].address, state.entries[0].object.to_string());
+    assert_eq!(
+        objs[0].address,
+        state.entries.get(0).unwrap().address.to_string()
+    );
     assert!(objs.iter().all(|o| o.prunable));
     assert_eq!(state.held().total(), n);
     assert!(state.held().peak() <= READ_BATCH, "{}", state.held().peak());
