@@ -473,3 +473,53 @@ pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<cairn_core::AgentId> {
         TargetConfig::Kubernetes(_) => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(api_version: &str, kind: &str, namespace: &str, name: &str, body: &[u8]) -> Entry {
+        Entry {
+            path: "apps/x.yaml".into(),
+            document: 3,
+            api_version: api_version.into(),
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            object: cairn_core::Address::of(body),
+            size: body.len() as u64,
+        }
+    }
+
+    /// The compact entries give back every part the targets use, for
+    /// empty parts and non-ASCII names too, in order.
+    #[test]
+    fn desired_entries_keep_what_targets_need() {
+        let es = [
+            entry("v1", "Namespace", "", "web", b"a"),
+            entry("apps/v1", "Deployment", "web", "ünï", b"bb"),
+            entry("", "", "", "", b""),
+            entry("networking.k8s.io/v1", "Ingress", "web", "x", b"ccc"),
+        ];
+        let d: DesiredEntries = es.iter().collect();
+        assert_eq!(d.len(), es.len());
+        for (e, c) in es.iter().zip(d.iter()) {
+            assert_eq!(c.api_version, e.api_version);
+            assert_eq!(c.kind, e.kind);
+            assert_eq!(c.namespace, e.namespace);
+            assert_eq!(c.name, e.name);
+            assert_eq!(c.group(), e.group());
+            assert_eq!(c.address.to_string(), e.object.to_string());
+            assert_eq!(c.size, e.size);
+        }
+        assert!(d.get(es.len()).is_none());
+        // The file names from compact entries are those of the entries.
+        let names = plan::FileNames::of(&d);
+        let direct = plan::file_names(&es);
+        assert_eq!(
+            (0..names.len()).map(|i| names.get(i)).collect::<Vec<_>>(),
+            direct
+        );
+        assert_eq!(direct[3], "web__Ingress__x.yaml");
+    }
+}
