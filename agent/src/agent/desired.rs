@@ -7,7 +7,8 @@
 
 use super::*;
 use crate::site::{self, One, Renderer, Site};
-use crate::targets::{ObjectReader, TargetError};
+use crate::targets::plan::Digest;
+use crate::targets::{DesiredEntries, ObjectReader, TargetError};
 use cairn_core::bundle::Entry;
 
 /// What one pass over a release's stored objects found.
@@ -26,7 +27,7 @@ pub(super) enum Prepare {
 pub(super) struct Prepared {
     /// The entries to apply, as rendered (address and size of the rendered
     /// bytes), in manifest order.
-    pub(super) entries: Vec<Entry>,
+    pub(super) entries: DesiredEntries,
     /// Reads their bodies from the store.
     pub(super) reader: StoreObjects,
     /// Objects not applied at this site, one line each.
@@ -49,7 +50,11 @@ pub(super) struct StoreObjects {
 }
 
 impl ObjectReader for StoreObjects {
-    fn read(&self, entries: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
+    fn read(
+        &self,
+        entries: &DesiredEntries,
+        indices: &[usize],
+    ) -> Result<Vec<Vec<u8>>, TargetError> {
         let mut out = Vec::with_capacity(indices.len());
         for &i in indices {
             let Some(e) = entries.get(i) else {
@@ -58,33 +63,189 @@ impl ObjectReader for StoreObjects {
                     reason: format!("no desired object {i}"),
                 });
             };
-            let source = self.rendered_from.get(&i).unwrap_or(e);
-            let bytes =
-                self.store
-                    .get_object(&source.object)?
-                    .ok_or_else(|| TargetError::Object {
-                        address: source.object.to_string(),
-                        reason: "no longer in the store".into(),
-                    })?;
-            if !self.rendered_from.contains_key(&i) {
+            let source = match self.rendered_from.get(&i) {
+                Some(s) => s.object.to_string(),
+                None => e.address.to_string(),
+            };
+            let bytes = self
+                .store
+                .get_object(&source)?
+                .ok_or_else(|| TargetError::Object {
+                    address: source.clone(),
+                    reason: "no longer in the store".into(),
+                })?;
+            let Some(from) = self.rendered_from.get(&i) else {
                 out.push(bytes);
                 continue;
-            }
+            };
             let o = DesiredObject {
-                entry: source.clone(),
+                entry: from.clone(),
                 bytes,
             };
             match self.renderer.render_one(o, &self.site, self.decrypt) {
-                One::Apply(o) if o.entry.object == e.object => out.push(o.bytes),
+                One::Apply(o) if Digest::of_address(&o.entry.object) == e.address => {
+                    out.push(o.bytes)
+                }
                 _ => {
                     return Err(TargetError::Object {
-                        address: source.object.to_string(),
+                        address: source,
                         reason: "rendered differently than when the reconcile started".into(),
                     })
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// The adopted manifest's entries read from the store one chunk at a time
+/// (format 2), so a reconcile never holds every [`Entry`] of a large
+/// bundle at once (at 30,003 objects the whole decoded manifest was the
+/// reconcile's largest allocation, 13 MiB). The top document is checked
+/// against the bundle id and each chunk as [`cairn_core::bundle::Assembly`]
+/// checks it (listed, exact size, address, canonical, entry count, and its
+/// entries sorted, unique and within the object limit); across chunks the
+/// order, the entry count and the total size are checked as the entries
+/// pass. Not re-checked: uniqueness of an object across two chunks, which
+/// adoption checked over these same hash-checked bytes. A format 1
+/// manifest is decoded whole, as before. Any failure ends the iteration
+/// and leaves [`StoredEntries::failed`] set: the manifest is then treated
+/// as unreadable, as before.
+pub(super) struct StoredEntries<R> {
+    /// Reads a chunk by address (`Ok(None)`: not stored).
+    read_chunk: R,
+    limits: Limits,
+    top: Option<cairn_core::bundle::Top>,
+    next_chunk: usize,
+    current: std::vec::IntoIter<Entry>,
+    prev: Option<(String, u32)>,
+    count: usize,
+    bytes: u64,
+    failed: Option<String>,
+}
+
+type ReadChunk<'s> = Box<dyn FnMut(&cairn_core::Address) -> Result<Option<Vec<u8>>, String> + 's>;
+
+impl<'s> StoredEntries<ReadChunk<'s>> {
+    /// The entries of `release`'s manifest in `store`; `None` when the
+    /// document at its bundle id is not stored or unreadable (blocking).
+    pub(super) fn open(
+        store: &'s Store,
+        release: &Release,
+        limits: &Limits,
+    ) -> std::result::Result<Option<Self>, StoreError> {
+        let Some(bytes) = store.bundle(&release.bundle)? else {
+            return Ok(None);
+        };
+        let read: ReadChunk<'s> = Box::new(move |a| store.get_object(a).map_err(|e| e.to_string()));
+        Ok(Self::of_document(&bytes, &release.bundle, limits, read))
+    }
+}
+
+impl<R: FnMut(&cairn_core::Address) -> Result<Option<Vec<u8>>, String>> StoredEntries<R> {
+    /// The entries of the document `bytes` at `bundle_id`, its chunks
+    /// read by `read_chunk`; `None` when the document is unreadable.
+    fn of_document(bytes: &[u8], bundle_id: &str, limits: &Limits, read_chunk: R) -> Option<Self> {
+        use cairn_core::bundle::Head;
+        let mut out = Self {
+            read_chunk,
+            limits: limits.clone(),
+            top: None,
+            next_chunk: 0,
+            current: Vec::new().into_iter(),
+            prev: None,
+            count: 0,
+            bytes: 0,
+            failed: None,
+        };
+        match Head::decode(bytes, Some(bundle_id), limits) {
+            Ok(Head::Whole(m)) => out.current = m.entries.into_iter(),
+            Ok(Head::Chunked(top)) => out.top = Some(top),
+            Err(_) => return None,
+        }
+        Some(out)
+    }
+
+    /// Why the iteration ended early, if it did.
+    pub(super) fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// The next chunk's entries, checked; `None` after the last one.
+    fn next_chunk(&mut self) -> Result<Option<Vec<Entry>>, String> {
+        use cairn_core::bundle::{Assembly, Top};
+        let Some(top) = &self.top else {
+            return Ok(None);
+        };
+        let Some(c) = top.chunks.get(self.next_chunk) else {
+            return Ok(None);
+        };
+        self.next_chunk += 1;
+        let n = self.next_chunk;
+        let bytes = (self.read_chunk)(&c.address)?
+            .ok_or_else(|| format!("bundle manifest chunk {n} ({}) is missing", c.address))?;
+        // A one-chunk top document: `Assembly` checks the chunk and its
+        // entries exactly as it does for the whole.
+        let mut one = Assembly::new(Top {
+            format: top.format,
+            source: top.source.clone(),
+            chunks: vec![c.clone()],
+            images: None,
+        });
+        one.add(&c.address, &bytes, &self.limits)
+            .and_then(|()| one.finish(&self.limits))
+            .map(|m| Some(m.entries))
+            .map_err(|e| format!("bundle manifest chunk {n}: {e}"))
+    }
+
+    fn check(&mut self, e: &Entry) -> Result<(), String> {
+        if let Some((path, document)) = &self.prev {
+            if (path, *document) >= (&e.path, e.document) {
+                return Err("entries are not sorted".into());
+            }
+        }
+        self.prev = Some((e.path.clone(), e.document));
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(e.size);
+        if self.count > self.limits.max_entries {
+            return Err(format!("more than {} entries", self.limits.max_entries));
+        }
+        if self.bytes > self.limits.max_bundle_bytes {
+            return Err(format!(
+                "the bundle exceeds {} bytes",
+                self.limits.max_bundle_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<R: FnMut(&cairn_core::Address) -> Result<Option<Vec<u8>>, String>> Iterator
+    for StoredEntries<R>
+{
+    type Item = Entry;
+
+    fn next(&mut self) -> Option<Entry> {
+        if self.failed.is_some() {
+            return None;
+        }
+        loop {
+            if let Some(e) = self.current.next() {
+                if let Err(m) = self.check(&e) {
+                    self.failed = Some(m);
+                    return None;
+                }
+                return Some(e);
+            }
+            match self.next_chunk() {
+                Ok(Some(entries)) => self.current = entries.into_iter(),
+                Ok(None) => return None,
+                Err(m) => {
+                    self.failed = Some(m);
+                    return None;
+                }
+            }
+        }
     }
 }
 
@@ -130,7 +291,7 @@ pub(super) fn prepare(
         let refs: Vec<&DesiredObject> = objects.iter().collect();
         Renderer::new(&refs, &site, &mut lines)
     };
-    let mut out = Vec::new();
+    let mut out = DesiredEntries::default();
     let mut rendered_from = BTreeMap::new();
     let mut object_errors = Vec::new();
     for e in entries {
@@ -148,7 +309,7 @@ pub(super) fn prepare(
                 if o.entry != source {
                     rendered_from.insert(out.len(), source);
                 }
-                out.push(o.entry);
+                out.push(&o.entry);
             }
             One::ObjectError(m) => object_errors.push(m),
             One::Errors(e) => lines.extend(e),
@@ -157,6 +318,7 @@ pub(super) fn prepare(
     if !missing.is_empty() {
         return Ok(Prepare::Missing(missing));
     }
+    out.shrink_to_fit();
     if let Err(e) = site::finish(lines) {
         return Ok(Prepare::Invalid(e.to_string()));
     }
@@ -195,20 +357,30 @@ impl Agent {
             let load_site = self.site_loader();
             let pass = self
                 .blocking(move |store| {
-                    let Some(manifest) = stored_manifest(store, &release, &limits)? else {
+                    // Two passes over the stored manifest, one chunk at a
+                    // time: the values first (every object renders with
+                    // them), then every entry.
+                    let Some(mut first) = StoredEntries::open(store, &release, &limits)? else {
                         return Ok(None);
                     };
+                    let values: Vec<Entry> = first.by_ref().filter(site::is_values).collect();
+                    if let Some(reason) = first.failed() {
+                        tracing::warn!(%reason, "the stored manifest is unreadable");
+                        return Ok(None);
+                    }
                     let site = match load_site() {
                         Ok(s) => s,
                         Err(m) => return Ok(Some(Prepare::Invalid(m))),
                     };
-                    let values: Vec<Entry> = manifest
-                        .entries
-                        .iter()
-                        .filter(|e| site::is_values(e))
-                        .cloned()
-                        .collect();
-                    prepare(store, &values, manifest.entries.into_iter(), site, true).map(Some)
+                    let Some(mut all) = StoredEntries::open(store, &release, &limits)? else {
+                        return Ok(None);
+                    };
+                    let prepared = prepare(store, &values, &mut all, site, true)?;
+                    if let Some(reason) = all.failed() {
+                        tracing::warn!(%reason, "the stored manifest is unreadable");
+                        return Ok(None);
+                    }
+                    Ok(Some(prepared))
                 })
                 .await?;
             let prepared = match pass {

@@ -212,13 +212,15 @@ fn kubernetes_target_parses() {
 }
 
 #[test]
-fn the_mesh_status_sample_defaults_to_64_and_is_bounded_by_the_table() {
+fn the_mesh_status_sample_defaults_to_the_mesh_constant_and_is_bounded_by_the_table() {
     let mesh = "mesh:\n  cert: /c/agent.crt\n  key: /c/agent.key\n  ca: /c/ca.crt\n";
     let c = Config::parse(&format!("{GOOD}{mesh}"), "config f.yaml").unwrap();
     assert_eq!(
         c.mesh.unwrap().status_sample,
         crate::mesh::DEFAULT_STATUS_SAMPLE
     );
+    // docs/OPERATIONS.md and docs/MESH.md give this default.
+    assert_eq!(crate::mesh::DEFAULT_STATUS_SAMPLE, 48);
     let c = Config::parse(
         &format!("{GOOD}{mesh}  statusSample: 4096\n"),
         "config f.yaml",

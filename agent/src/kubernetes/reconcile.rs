@@ -81,7 +81,11 @@ pub fn desired_objects(desired: &DesiredState) -> Result<Vec<KubeObject>, String
             out.push(KubeObject {
                 object: r,
                 prunable: plan::prunable(&v),
-                address: desired.entries[i].object.to_string(),
+                address: desired
+                    .entries
+                    .get(i)
+                    .map(|e| e.address.to_string())
+                    .unwrap_or_default(),
                 wave,
             });
         }

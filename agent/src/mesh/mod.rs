@@ -49,12 +49,12 @@ pub struct MeshConfig {
     /// Anti-entropy period in milliseconds (default 5000).
     pub anti_entropy_ms: u64,
     /// Healthy records of other agents kept and relayed: the fleet-wide
-    /// status sample (docs/MESH.md, "Status sample"; default 64).
+    /// status sample (docs/MESH.md, "Status sample"; default 48).
     pub status_sample: usize,
 }
 
-/// The default `mesh.statusSample`.
-pub const DEFAULT_STATUS_SAMPLE: usize = 64;
+/// The default `mesh.statusSample` (the mesh endpoint's default).
+pub const DEFAULT_STATUS_SAMPLE: usize = cairn_mesh::sync::DEFAULT_STATUS_SAMPLE;
 
 /// The raw `mesh:` section as written in YAML.
 #[derive(Debug, Default, Deserialize)]

@@ -24,9 +24,10 @@
 //! 5. records the new inventory.
 
 use super::local_file::{read_regular, LocalFile};
-use super::owner::{self, OwnerRecord, Switch};
+use super::owner::{self, RecordOut, SwitchOut};
 use super::plan::{
-    self, Action, DesiredFile, Inventory, Observed, Ownership, Pending, WriteReason,
+    self, Action, DesiredFile, DesiredFiles, Digest, FileNames, Inventory, Observations, Observed,
+    Ownership, Plan, WriteReason,
 };
 use super::{ApplyReport, DesiredState, Target, TargetError, READ_BATCH};
 use crate::store::Store;
@@ -58,16 +59,19 @@ pub struct ManifestsDir {
 struct StoredInventory {
     format: u32,
     dir: PathBuf,
+    /// Checked like the record's files (names the agent writes, object
+    /// addresses).
+    #[serde(deserialize_with = "owner::files_field")]
     files: Inventory,
 }
 
-/// [`StoredInventory`] as written, borrowing the inventory (no copy of a
-/// map of every object).
+/// [`StoredInventory`] as written, from a view of the plan (no map of
+/// every object is built).
 #[derive(serde::Serialize)]
-struct StoredInventoryRef<'a> {
+struct StoredInventoryRef<'a, F: serde::Serialize> {
     format: u32,
     dir: &'a Path,
-    files: &'a Inventory,
+    files: F,
 }
 
 /// What a reconcile needs of the valid record of this agent besides the
@@ -84,15 +88,15 @@ struct Loaded {
     owned: Ownership,
     /// The valid record of this agent, if there was one.
     record: Option<RecordSummary>,
-    /// The address (SHA-256) of the store's copy of the inventory, as
-    /// stored: enough to tell whether it needs rewriting.
-    stored: Option<String>,
+    /// The SHA-256 of the store's copy of the inventory, as stored:
+    /// enough to tell whether it needs rewriting.
+    stored: Option<Digest>,
 }
 
 /// Copies of old contents the store lacks, for undoing.
 #[derive(Default)]
 struct UndoCopies {
-    by_address: BTreeMap<String, Vec<u8>>,
+    by_address: BTreeMap<Digest, Vec<u8>>,
     bytes: u64,
 }
 
@@ -127,7 +131,7 @@ impl ManifestsDir {
             })
     }
 
-    fn stored_bytes(&self, files: &Inventory) -> Result<Vec<u8>, TargetError> {
+    fn stored_bytes<F: serde::Serialize>(&self, files: F) -> Result<Vec<u8>, TargetError> {
         let doc = StoredInventoryRef {
             format: 1,
             dir: &self.dir,
@@ -145,7 +149,7 @@ impl ManifestsDir {
     /// changed: the agent cannot tell its files from foreign ones).
     fn load(&self) -> Result<Loaded, TargetError> {
         let stored_bytes = self.store.inventory(&self.key())?;
-        let stored = stored_bytes.as_deref().map(cairn_keys::sha256_address);
+        let stored = stored_bytes.as_deref().map(Digest::of);
         let path = owner::record_path(&self.dir);
         match owner::read(&self.dir) {
             Ok(Some(rec)) if rec.agent == self.agent_id => Ok(Loaded {
@@ -209,33 +213,25 @@ impl ManifestsDir {
     }
 
     /// Writes the record of `files` and the announced switch (its
-    /// sequence and changes), taking the maps for the write and putting
-    /// them back after, also on failure: maps of every object are not
-    /// copied.
-    fn write_record(
+    /// sequence and changes), streaming both maps (views of the plan or
+    /// the owned inventory): no map of every object is copied.
+    fn write_record<F: serde::Serialize, C: serde::Serialize>(
         &self,
-        files: &mut Inventory,
+        files: F,
         sequence: Option<u64>,
-        mut switch: Option<(u64, &mut Pending)>,
+        switch: Option<(u64, C)>,
     ) -> Result<(), TargetError> {
-        let rec = OwnerRecord {
+        let target = self.describe();
+        let rec = RecordOut {
             format: owner::RECORD_FORMAT,
-            agent: self.agent_id.clone(),
-            target: self.describe(),
+            agent: &self.agent_id,
+            target: &target,
             sequence,
-            files: std::mem::take(files),
-            switch: switch.as_mut().map(|(sequence, changes)| Switch {
-                sequence: *sequence,
-                changes: std::mem::take(*changes),
-            }),
+            files,
+            switch: switch.map(|(sequence, changes)| SwitchOut { sequence, changes }),
         };
         let path = owner::record_path(&self.dir);
-        let written = owner::write(&self.dir, &rec).map_err(Self::io(&path));
-        *files = rec.files;
-        if let (Some(s), Some((_, changes))) = (rec.switch, switch) {
-            *changes = s.changes;
-        }
-        written
+        owner::write(&self.dir, &rec).map_err(Self::io(&path))
     }
 
     /// Removes temporary files an interrupted atomic write left behind
@@ -272,7 +268,7 @@ impl ManifestsDir {
             match read_regular(&p, MAX_OBSERVED_BYTES).map_err(Self::io(&p))? {
                 LocalFile::Missing => Observed::Missing,
                 LocalFile::Bytes(b) => Observed::Content {
-                    address: cairn_keys::sha256_address(&b),
+                    address: Digest::of(&b),
                     size: b.len() as u64,
                 },
                 LocalFile::NotRegular | LocalFile::TooLarge(_) => Observed::Other,
@@ -282,19 +278,17 @@ impl ManifestsDir {
 
     /// Before a file holding `address` is replaced or deleted: keep a copy
     /// in memory if the store cannot provide the content for an undo.
-    fn keep_copy(&self, name: &str, address: &str, copies: &mut UndoCopies) {
-        if self.store.has_object(address).unwrap_or(false)
-            || copies.by_address.contains_key(address)
+    fn keep_copy(&self, name: &str, address: Digest, copies: &mut UndoCopies) {
+        if copies.by_address.contains_key(&address)
+            || self.store.has_object(&address.to_string()).unwrap_or(false)
         {
             return;
         }
         let path = self.dir.join(name);
         if let Ok(LocalFile::Bytes(b)) = read_regular(&path, MAX_OBSERVED_BYTES) {
-            if copies.bytes + b.len() as u64 <= MAX_UNDO_COPY_BYTES
-                && cairn_keys::sha256_address(&b) == address
-            {
+            if copies.bytes + b.len() as u64 <= MAX_UNDO_COPY_BYTES && Digest::of(&b) == address {
                 copies.bytes += b.len() as u64;
-                copies.by_address.insert(address.to_owned(), b);
+                copies.by_address.insert(address, b);
             }
         }
     }
@@ -303,19 +297,20 @@ impl ManifestsDir {
     fn carry_out(
         &self,
         action: &Action,
+        want: &DesiredFiles<'_>,
         bytes: &[u8],
         copies: &mut UndoCopies,
         report: &mut ApplyReport,
     ) -> Result<(), TargetError> {
         match action {
             Action::Write {
-                name,
+                index,
                 reason,
                 previous,
-                ..
             } => {
+                let name = want.name(*index);
                 if let Some(old) = previous {
-                    self.keep_copy(name, old, copies);
+                    self.keep_copy(name, *old, copies);
                 }
                 let path = self.dir.join(name);
                 cairn_keys::fs::write_atomic(&path, bytes, Some(0o644)).map_err(Self::io(&path))?;
@@ -330,7 +325,7 @@ impl ManifestsDir {
             }
             Action::Delete { name, previous } => {
                 if let Some(old) = previous {
-                    self.keep_copy(name, old, copies);
+                    self.keep_copy(name, *old, copies);
                 }
                 let path = self.dir.join(name);
                 match std::fs::remove_file(&path) {
@@ -351,7 +346,7 @@ impl ManifestsDir {
         &self,
         desired: &DesiredState,
         changes: &[&Action],
-        index_by_name: &BTreeMap<&str, usize>,
+        want: &DesiredFiles<'_>,
         copies: &mut UndoCopies,
         report: &mut ApplyReport,
     ) -> Result<(), (usize, TargetError)> {
@@ -360,7 +355,7 @@ impl ManifestsDir {
             let wanted: Vec<usize> = chunk
                 .iter()
                 .filter_map(|a| match a {
-                    Action::Write { name, .. } => index_by_name.get(name.as_str()).copied(),
+                    Action::Write { index, .. } => Some(*index),
                     _ => None,
                 })
                 .collect();
@@ -374,7 +369,7 @@ impl ManifestsDir {
                     }
                     _ => &[],
                 };
-                self.carry_out(action, bytes, copies, report)
+                self.carry_out(action, want, bytes, copies, report)
                     .map_err(|e| (done, e))?;
                 done += 1;
             }
@@ -383,13 +378,13 @@ impl ManifestsDir {
     }
 
     /// Puts back the content `address` under `name`.
-    fn restore(&self, name: &str, address: &str, copies: &UndoCopies) -> Result<(), TargetError> {
+    fn restore(&self, name: &str, address: Digest, copies: &UndoCopies) -> Result<(), TargetError> {
         let path = self.dir.join(name);
-        let bytes = match copies.by_address.get(address) {
+        let bytes = match copies.by_address.get(&address) {
             Some(b) => b.clone(),
             None => self
                 .store
-                .get_object(address)?
+                .get_object(&address.to_string())?
                 .ok_or_else(|| TargetError::Io {
                     path: path.clone(),
                     source: std::io::Error::new(
@@ -404,7 +399,12 @@ impl ManifestsDir {
     /// Undoes `done` (in reverse: removing what was created frees space
     /// before old contents come back). Returns the first failure; keeps
     /// going past it so as much as possible is undone.
-    fn undo(&self, done: &[&Action], copies: &UndoCopies) -> Result<(), TargetError> {
+    fn undo(
+        &self,
+        done: &[&Action],
+        want: &DesiredFiles<'_>,
+        copies: &UndoCopies,
+    ) -> Result<(), TargetError> {
         let mut first = None;
         for a in done.iter().rev() {
             let r = match a {
@@ -415,11 +415,11 @@ impl ManifestsDir {
                     ..
                 } => Ok(()),
                 Action::Write {
-                    name,
+                    index,
                     previous: None,
                     ..
                 } => {
-                    let path = self.dir.join(name);
+                    let path = self.dir.join(want.name(*index));
                     match std::fs::remove_file(&path) {
                         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                             Err(Self::io(&path)(e))
@@ -428,14 +428,14 @@ impl ManifestsDir {
                     }
                 }
                 Action::Write {
-                    name,
+                    index,
                     previous: Some(old),
                     ..
-                }
-                | Action::Delete {
+                } => self.restore(want.name(*index), *old, copies),
+                Action::Delete {
                     name,
                     previous: Some(old),
-                } => self.restore(name, old, copies),
+                } => self.restore(name, *old, copies),
                 Action::Delete { previous: None, .. } | Action::Conflict { .. } => Ok(()),
             };
             if let Err(e) = r {
@@ -457,46 +457,59 @@ impl ManifestsDir {
         let loaded = self.load()?;
         self.remove_stale_temp_files()?;
         // Plan with entries only (names, addresses, sizes); bodies are
-        // read in bounded batches when written.
-        // Every map below is O(objects) (several MiB at 30,000): names are
-        // borrowed or moved, never copied.
-        let want: Vec<DesiredFile> = plan::file_names(&desired.entries)
-            .into_iter()
-            .zip(&desired.entries)
-            .map(|(name, e)| DesiredFile {
-                name,
-                address: e.object.to_string(),
-                size: e.size,
-            })
-            .collect();
-        let index_by_name: BTreeMap<&str, usize> = want
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d.name.as_str(), i))
-            .collect();
+        // read in bounded batches when written. Every structure below is
+        // O(objects) (MiB at 30,000): the names live in one buffer, the
+        // plan refers to them by index, addresses are 32-byte digests.
+        let names = FileNames::of(&desired.entries);
+        let want = DesiredFiles::new(
+            desired
+                .entries
+                .iter()
+                .enumerate()
+                .map(|(i, e)| DesiredFile {
+                    name: names.get(i),
+                    address: e.address,
+                    size: e.size,
+                })
+                .collect(),
+        );
         let Loaded {
             owned,
             record,
             stored,
         } = loaded;
-        // Owned names no longer desired (files to delete; usually few) are
-        // copied, as the plan takes `owned`; desired names are borrowed.
-        let owned_only: Vec<String> = owned
-            .files
-            .keys()
-            .chain(owned.pending.keys())
-            .filter(|n| !index_by_name.contains_key(n.as_str()))
-            .cloned()
-            .collect();
-        let mut observed: BTreeMap<&str, Observed> = BTreeMap::new();
-        for name in want.iter().map(|d| &d.name).chain(&owned_only) {
-            if !observed.contains_key(name.as_str()) {
-                observed.insert(name.as_str(), self.observe(name)?);
+        let mut observed = Observations {
+            desired: Vec::with_capacity(want.files().len()),
+            other: BTreeMap::new(),
+        };
+        for (i, f) in want.files().iter().enumerate() {
+            // Of files sharing a name only the one that counts is looked at.
+            observed.desired.push(if want.index_of(f.name) == Some(i) {
+                self.observe(f.name)?
+            } else {
+                Observed::Missing
+            });
+        }
+        // Owned names no longer desired (files to delete; usually few).
+        for name in owned.files.keys().chain(owned.pending.keys()) {
+            if want.index_of(name).is_none() && !observed.other.contains_key(name) {
+                observed.other.insert(name.clone(), self.observe(name)?);
             }
         }
-        let mut p = plan::plan(&want, owned, &observed);
+        let p = plan::plan(&want, owned, &observed);
         drop(observed);
-        drop(owned_only);
+        self.carry_out_plan(desired, &want, p, record, stored)
+    }
+
+    /// Announces, carries out and records `p`.
+    fn carry_out_plan(
+        &self,
+        desired: &DesiredState,
+        want: &DesiredFiles<'_>,
+        p: Plan,
+        record: Option<RecordSummary>,
+        stored: Option<Digest>,
+    ) -> Result<ApplyReport, TargetError> {
         let mut report = ApplyReport {
             unchanged: p.unchanged,
             ..ApplyReport::default()
@@ -509,23 +522,24 @@ impl ManifestsDir {
         let before_sequence = record.as_ref().and_then(|r| r.sequence);
         if !changes.is_empty() {
             self.write_record(
-                &mut p.before,
+                &p.before,
                 before_sequence,
-                Some((desired.sequence, &mut p.pending)),
+                Some((desired.sequence, p.pending(want))),
             )?;
         }
         let mut copies = UndoCopies::default();
         if let Err((i, cause)) =
-            self.carry_out_all(desired, &changes, &index_by_name, &mut copies, &mut report)
+            self.carry_out_all(desired, &changes, want, &mut copies, &mut report)
         {
-            let undone = self.undo(&changes[..i], &copies);
+            let undone = self.undo(&changes[..i], want, &copies);
             self.sync_dir();
             let cause = Box::new(cause);
             return Err(match undone {
                 Ok(()) => {
                     // The announced switch is void; if this write fails
                     // the record still owns exactly the right files.
-                    if let Err(e) = self.write_record(&mut p.before, before_sequence, None) {
+                    if let Err(e) = self.write_record(&p.before, before_sequence, None::<(u64, ())>)
+                    {
                         tracing::warn!(error = %e, "cannot clear the announced switch from the ownership record");
                     }
                     TargetError::SwitchUndone {
@@ -541,27 +555,29 @@ impl ManifestsDir {
             });
         }
         for action in &p.actions {
-            if let Action::Conflict { name } = action {
+            if let Action::Conflict { index } = action {
+                let name = want.name(*index);
                 tracing::warn!(
                     file = %self.dir.join(name).display(),
                     "a file not written by cairn-agent occupies this object's name; left alone"
                 );
-                report.conflicts.push(name.clone());
+                report.conflicts.push(name.to_owned());
             }
         }
         // The record as it should be now: this release's files, no switch.
         // A valid record of this agent with no switch owns exactly
         // `p.before`.
+        let after = p.after(want);
         let current = record.is_some_and(|r| {
-            r.plain && r.sequence == Some(desired.sequence) && p.before == p.after
+            r.plain && r.sequence == Some(desired.sequence) && after.same_as(&p.before)
         });
         // Always after an announced switch (it must be cleared); else only
         // when the record is missing, stale, or was unusable.
         if !changes.is_empty() || !current {
-            self.write_record(&mut p.after, Some(desired.sequence), None)?;
+            self.write_record(&after, Some(desired.sequence), None::<(u64, ())>)?;
         }
-        let bytes = self.stored_bytes(&p.after)?;
-        if stored.as_deref() != Some(cairn_keys::sha256_address(&bytes).as_str()) {
+        let bytes = self.stored_bytes(&after)?;
+        if stored != Some(Digest::of(&bytes)) {
             self.store.set_inventory(&self.key(), &bytes)?;
         }
         if !changes.is_empty() {

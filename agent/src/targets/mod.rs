@@ -21,6 +21,7 @@ use crate::config::TargetConfig;
 use crate::store::{Store, StoreError};
 use crate::BoxFuture;
 use cairn_core::bundle::Entry;
+use plan::Digest;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -46,14 +47,134 @@ pub const READ_BATCH: usize = 64;
 pub trait ObjectReader: Send + Sync {
     /// The bytes of the objects `indices` (into [`DesiredState::entries`]),
     /// in that order, each checked against its entry's address.
-    fn read(&self, entries: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError>;
+    fn read(
+        &self,
+        entries: &DesiredEntries,
+        indices: &[usize],
+    ) -> Result<Vec<Vec<u8>>, TargetError>;
+}
+
+/// The entries of the desired objects, compact (issue 17): per object
+/// its API version, kind, namespace and name in one shared text buffer,
+/// its 32-byte address and its size — what targets plan with. (A
+/// manifest [`Entry`] holds six separately allocated strings, among them
+/// the file path, which no target needs.)
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredEntries {
+    text: String,
+    items: Vec<CompactEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct CompactEntry {
+    /// Ends of API version, kind, namespace and name in `text`.
+    ends: [u32; 4],
+    address: Digest,
+    size: u64,
+}
+
+/// One desired entry, borrowed from [`DesiredEntries`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    /// `apiVersion`.
+    pub api_version: &'a str,
+    /// `kind`.
+    pub kind: &'a str,
+    /// `metadata.namespace`, empty for cluster-scoped objects.
+    pub namespace: &'a str,
+    /// `metadata.name`.
+    pub name: &'a str,
+    /// Address of the object's bytes (as rendered for the site).
+    pub address: Digest,
+    /// Size of the object's bytes.
+    pub size: u64,
+}
+
+impl EntryRef<'_> {
+    /// The API group (`""` for core), as [`Entry::group`].
+    pub fn group(&self) -> &str {
+        self.api_version
+            .rsplit_once('/')
+            .map(|(g, _)| g)
+            .unwrap_or("")
+    }
+}
+
+impl DesiredEntries {
+    /// Adds `e`.
+    pub fn push(&mut self, e: &Entry) {
+        let mut ends = [0u32; 4];
+        for (end, part) in ends
+            .iter_mut()
+            .zip([&e.api_version, &e.kind, &e.namespace, &e.name])
+        {
+            self.text.push_str(part);
+            *end = u32::try_from(self.text.len()).unwrap_or(u32::MAX);
+        }
+        self.items.push(CompactEntry {
+            ends,
+            address: Digest::of_address(&e.object),
+            size: e.size,
+        });
+    }
+
+    /// Releases spare capacity (after the last [`DesiredEntries::push`]).
+    pub fn shrink_to_fit(&mut self) {
+        self.text.shrink_to_fit();
+        self.items.shrink_to_fit();
+    }
+
+    /// How many entries.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The `i`-th entry.
+    pub fn get(&self, i: usize) -> Option<EntryRef<'_>> {
+        let item = self.items.get(i)?;
+        let start = match i.checked_sub(1).and_then(|p| self.items.get(p)) {
+            Some(prev) => prev.ends[3],
+            None => 0,
+        };
+        let part = |from: u32, to: u32| self.text.get(from as usize..to as usize).unwrap_or("");
+        let [v, k, ns, n] = item.ends;
+        Some(EntryRef {
+            api_version: part(start, v),
+            kind: part(v, k),
+            namespace: part(k, ns),
+            name: part(ns, n),
+            address: item.address,
+            size: item.size,
+        })
+    }
+
+    /// Every entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = EntryRef<'_>> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+}
+
+impl<'e> FromIterator<&'e Entry> for DesiredEntries {
+    fn from_iter<I: IntoIterator<Item = &'e Entry>>(iter: I) -> Self {
+        let mut out = Self::default();
+        for e in iter {
+            out.push(e);
+        }
+        out.shrink_to_fit();
+        out
+    }
 }
 
 /// Object bodies held in memory (tests, `cairn-agent plan`).
 struct InMemory(Vec<Vec<u8>>);
 
 impl ObjectReader for InMemory {
-    fn read(&self, _: &[Entry], indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
+    fn read(&self, _: &DesiredEntries, indices: &[usize]) -> Result<Vec<Vec<u8>>, TargetError> {
         indices
             .iter()
             .map(|&i| {
@@ -135,7 +256,7 @@ pub struct DesiredState {
     pub bundle: String,
     /// Every object's entry, in manifest order (as rendered for the site:
     /// the address and size are those of the bytes the reader returns).
-    pub entries: Vec<Entry>,
+    pub entries: DesiredEntries,
     /// A newer release that failed its health checks and was rolled back
     /// from (sequence, reason), for targets that publish status.
     pub failed_release: Option<(u64, String)>,
@@ -160,7 +281,7 @@ impl DesiredState {
         channel: String,
         sequence: u64,
         bundle: String,
-        entries: Vec<Entry>,
+        entries: DesiredEntries,
         reader: Arc<dyn ObjectReader>,
     ) -> Self {
         Self {
@@ -181,7 +302,8 @@ impl DesiredState {
         bundle: String,
         objects: Vec<DesiredObject>,
     ) -> Self {
-        let (entries, bodies) = objects.into_iter().map(|o| (o.entry, o.bytes)).unzip();
+        let entries = objects.iter().map(|o| &o.entry).collect();
+        let bodies = objects.into_iter().map(|o| o.bytes).collect();
         Self::new(
             channel,
             sequence,
@@ -349,5 +471,55 @@ pub fn recorded_agent_id(cfg: &TargetConfig) -> Option<cairn_core::AgentId> {
     match cfg {
         TargetConfig::ManifestsDir(dir) => owner::read(dir).ok().flatten().map(|r| r.agent),
         TargetConfig::Kubernetes(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(api_version: &str, kind: &str, namespace: &str, name: &str, body: &[u8]) -> Entry {
+        Entry {
+            path: "apps/x.yaml".into(),
+            document: 3,
+            api_version: api_version.into(),
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            object: cairn_core::Address::of(body),
+            size: body.len() as u64,
+        }
+    }
+
+    /// The compact entries give back every part the targets use, for
+    /// empty parts and non-ASCII names too, in order.
+    #[test]
+    fn desired_entries_keep_what_targets_need() {
+        let es = [
+            entry("v1", "Namespace", "", "web", b"a"),
+            entry("apps/v1", "Deployment", "web", "ünï", b"bb"),
+            entry("", "", "", "", b""),
+            entry("networking.k8s.io/v1", "Ingress", "web", "x", b"ccc"),
+        ];
+        let d: DesiredEntries = es.iter().collect();
+        assert_eq!(d.len(), es.len());
+        for (e, c) in es.iter().zip(d.iter()) {
+            assert_eq!(c.api_version, e.api_version);
+            assert_eq!(c.kind, e.kind);
+            assert_eq!(c.namespace, e.namespace);
+            assert_eq!(c.name, e.name);
+            assert_eq!(c.group(), e.group());
+            assert_eq!(c.address.to_string(), e.object.to_string());
+            assert_eq!(c.size, e.size);
+        }
+        assert!(d.get(es.len()).is_none());
+        // The file names from compact entries are those of the entries.
+        let names = plan::FileNames::of(&d);
+        let direct = plan::file_names(&es);
+        assert_eq!(
+            (0..names.len()).map(|i| names.get(i)).collect::<Vec<_>>(),
+            direct
+        );
+        assert_eq!(direct[3], "web__Ingress__x.yaml");
     }
 }

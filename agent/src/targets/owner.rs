@@ -17,9 +17,10 @@
 //! (temporary file, fsync, rename, directory fsync).
 
 use super::local_file::{read_regular, LocalFile};
-use super::plan::{is_entry_name, Inventory, Pending};
+use super::plan::{is_entry_name, shown, Digest, Inventory, Pending};
 use cairn_core::AgentId;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The record's file name inside the manifests directory.
@@ -46,7 +47,9 @@ pub struct OwnerRecord {
     /// The release the files belong to, when the last reconcile completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequence: Option<u64>,
-    /// Files the agent wrote, as the last completed reconcile left them.
+    /// Files the agent wrote, as the last completed reconcile left them
+    /// (every name and address checked while reading).
+    #[serde(deserialize_with = "files_field")]
     pub files: Inventory,
     /// A switch announced and not known to be finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,8 +62,42 @@ pub struct OwnerRecord {
 pub struct Switch {
     /// The release being applied.
     pub sequence: u64,
-    /// Name → address being written, or `null` for a delete.
+    /// Name → address being written, or `null` for a delete (every name
+    /// and address checked while reading).
+    #[serde(deserialize_with = "changes_field")]
     pub changes: Pending,
+}
+
+/// The record as written: [`OwnerRecord`]'s fields in its order, with the
+/// maps as anything that serializes as one (views of a plan, streamed
+/// without building a map of every object). The same values give the
+/// same bytes as [`OwnerRecord`].
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordOut<'a, F: serde::Serialize, C: serde::Serialize> {
+    /// [`RECORD_FORMAT`].
+    pub format: u32,
+    /// The agent id.
+    pub agent: &'a AgentId,
+    /// The target as the agent describes it.
+    pub target: &'a str,
+    /// The release the files belong to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// Name → address, in name order.
+    pub files: F,
+    /// A switch announced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub switch: Option<SwitchOut<C>>,
+}
+
+/// [`Switch`] as written (see [`RecordOut`]).
+#[derive(serde::Serialize)]
+pub struct SwitchOut<C: serde::Serialize> {
+    /// The release being applied.
+    pub sequence: u64,
+    /// Name → address or `null`, in name order.
+    pub changes: C,
 }
 
 /// The record's path in `dir`.
@@ -89,8 +126,9 @@ pub fn read(dir: &Path) -> Result<Option<OwnerRecord>, String> {
     Ok(Some(rec))
 }
 
-/// Writes the record into `dir` atomically and durably.
-pub fn write(dir: &Path, rec: &OwnerRecord) -> std::io::Result<()> {
+/// Writes the record (an [`OwnerRecord`] or a [`RecordOut`]) into `dir`
+/// atomically and durably.
+pub fn write<R: serde::Serialize>(dir: &Path, rec: &R) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
     cairn_keys::fs::write_atomic(&record_path(dir), &bytes, Some(0o644))
 }
@@ -109,53 +147,82 @@ fn validate(rec: &OwnerRecord) -> Result<(), String> {
             rec.format
         ));
     }
-    let check = |field: &str, name: &str, address: Option<&str>| -> Result<(), String> {
-        if !is_entry_name(name) {
-            return Err(format!(
-                "`{field}`: {} is not a file name the agent writes",
-                shown(name)
-            ));
-        }
-        if let Some(a) = address.filter(|a| !is_address(a)) {
-            return Err(format!(
-                "`{field}`: {}: {} is not an object address",
-                shown(name),
-                shown(a)
-            ));
-        }
-        Ok(())
-    };
-    for (name, address) in &rec.files {
-        check("files", name, Some(address))?;
-    }
-    if let Some(s) = &rec.switch {
-        for (name, address) in &s.changes {
-            check("switch.changes", name, address.as_deref())?;
-        }
-    }
     Ok(())
 }
 
-fn is_address(a: &str) -> bool {
-    a.strip_prefix("sha256:").is_some_and(|h| {
-        h.len() == 64
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+/// Reads `files` (name → address) checking each entry as it is read: no
+/// map of unchecked strings is built.
+pub(crate) fn files_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Inventory, D::Error> {
+    d.deserialize_map(Entries::<String>("files", std::marker::PhantomData))
+}
+
+/// Reads `switch.changes` (name → address or `null`), checked likewise.
+fn changes_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Pending, D::Error> {
+    d.deserialize_map(Entries::<Option<String>>(
+        "switch.changes",
+        std::marker::PhantomData,
+    ))
+}
+
+/// A map of file names to addresses (`A` = `String`) or to addresses or
+/// `null` (`A` = `Option<String>`), named `.0` in messages.
+struct Entries<A>(&'static str, std::marker::PhantomData<A>);
+
+/// An address as read, turned into its digest.
+trait ReadAddress: for<'de> Deserialize<'de> {
+    type Out;
+    fn check(self, field: &str, name: &str) -> Result<Self::Out, String>;
+}
+
+fn address_of(field: &str, name: &str, a: &str) -> Result<Digest, String> {
+    Digest::parse(a).ok_or_else(|| {
+        format!(
+            "`{field}`: {}: {} is not an object address",
+            shown(name),
+            shown(a)
+        )
     })
 }
 
-/// An untrusted string for a message: escaped, at most 80 characters.
-fn shown(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(80)
-        .collect::<String>()
-        .escape_debug()
-        .collect();
-    if s.chars().count() > 80 {
-        out.push('…');
+impl ReadAddress for String {
+    type Out = Digest;
+    fn check(self, field: &str, name: &str) -> Result<Digest, String> {
+        address_of(field, name, &self)
     }
-    format!("\"{out}\"")
+}
+
+impl ReadAddress for Option<String> {
+    type Out = Option<Digest>;
+    fn check(self, field: &str, name: &str) -> Result<Option<Digest>, String> {
+        self.map(|a| address_of(field, name, &a)).transpose()
+    }
+}
+
+impl<'de, A: ReadAddress> serde::de::Visitor<'de> for Entries<A> {
+    type Value = BTreeMap<String, A::Out>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a map of file names to object addresses")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<Self::Value, M::Error> {
+        let field = self.0;
+        let mut out = BTreeMap::new();
+        while let Some(name) = m.next_key::<String>()? {
+            let address: A = m.next_value()?;
+            if !is_entry_name(&name) {
+                return Err(serde::de::Error::custom(format!(
+                    "`{field}`: {} is not a file name the agent writes",
+                    shown(&name)
+                )));
+            }
+            let digest = address
+                .check(field, &name)
+                .map_err(serde::de::Error::custom)?;
+            out.insert(name, digest);
+        }
+        Ok(out)
+    }
 }
 
 /// Whether `file_name` is a temporary file `cairn_keys::fs::write_atomic`
@@ -180,8 +247,8 @@ pub fn is_own_temp_file(file_name: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn addr(c: char) -> String {
-        format!("sha256:{}", c.to_string().repeat(64))
+    fn addr(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
     }
 
     fn record() -> OwnerRecord {
@@ -239,12 +306,21 @@ mod tests {
             },
             "`switch.changes`",
         );
-        bad(
-            &|r| {
-                r.files.insert("x.yaml".into(), "sha256:zz".into());
-            },
-            "not an object address",
-        );
+        for (at, field) in [("files", "`files`"), ("switch.changes", "`switch.changes`")] {
+            let mut json = serde_json::to_value(record()).unwrap();
+            let map = match at {
+                "files" => &mut json["files"],
+                _ => &mut json["switch"]["changes"],
+            };
+            map["x.yaml"] = "sha256:zz\u{1b}".into();
+            std::fs::write(record_path(d.path()), json.to_string()).unwrap();
+            let e = read(d.path()).unwrap_err();
+            assert!(e.contains(field), "{e}");
+            assert!(
+                e.contains("\"x.yaml\": \"sha256:zz\\u{1b}\" is not an object address"),
+                "{e}"
+            );
+        }
         // A malformed agent id (anyone who can write the directory can
         // write one) is refused naming the field, escaped and cut short.
         for agent in ["\u{1b}[31mred", "", "-x", "a/b", &"a".repeat(10_000)] {
@@ -269,6 +345,61 @@ mod tests {
         std::fs::write(&elsewhere, serde_json::to_vec(&record()).unwrap()).unwrap();
         std::os::unix::fs::symlink(&elsewhere, record_path(d.path())).unwrap();
         assert_eq!(read(d.path()).unwrap_err(), "not a regular file");
+    }
+
+    /// The record's bytes are exactly what the `String` maps of format 1
+    /// produced: written from a plan's views ([`RecordOut`]) or from an
+    /// [`OwnerRecord`] with digests.
+    #[test]
+    fn record_bytes_are_unchanged_by_digests_and_views() {
+        let expected = format!(
+            concat!(
+                r#"{{"format":1,"agent":"edge-1","target":"manifests-dir /x","sequence":3,"#,
+                r#""files":{{"web__ConfigMap__a.yaml":"sha256:{a}"}},"#,
+                r#""switch":{{"sequence":4,"changes":{{"web__ConfigMap__a.yaml":null,"web__ConfigMap__b.yaml":"sha256:{b}"}}}}}}"#
+            ),
+            a = "a".repeat(64),
+            b = "b".repeat(64)
+        );
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &record()).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(record_path(d.path())).unwrap(),
+            expected
+        );
+        // The same through the writer's view of borrowed maps.
+        let rec = record();
+        let switch = rec.switch.as_ref().unwrap();
+        let out = RecordOut {
+            format: rec.format,
+            agent: &rec.agent,
+            target: &rec.target,
+            sequence: rec.sequence,
+            files: &rec.files,
+            switch: Some(SwitchOut {
+                sequence: switch.sequence,
+                changes: &switch.changes,
+            }),
+        };
+        write(d.path(), &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(record_path(d.path())).unwrap(),
+            expected
+        );
+        // Without sequence and switch, both are left out, as before.
+        let plain = RecordOut::<_, &Pending> {
+            format: 1,
+            agent: &rec.agent,
+            target: "t",
+            sequence: None,
+            files: &Inventory::new(),
+            switch: None,
+        };
+        write(d.path(), &plain).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(record_path(d.path())).unwrap(),
+            r#"{"format":1,"agent":"edge-1","target":"t","files":{}}"#
+        );
     }
 
     #[test]

@@ -681,7 +681,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
     let mut with_victim_cert = sign(&k9, &record("a0", now_ms, None));
     with_victim_cert.cert = a0_cert;
     forged.insert(0, with_victim_cert);
-    let forge_frames = vec![frame(&Message::Status(forged))];
+    let forge_frames = vec![frame(&Message::status(forged))];
     // a8: 4,096 records dated an hour ahead, each with an address to dial.
     let flood: Vec<SignedStatus> = (0..4096)
         .map(|i| {
@@ -697,7 +697,7 @@ fn forged_gossip_cannot_trip_the_breaker_evict_records_or_redirect_dials() {
         .collect();
     let flood_frames = flood
         .chunks(1024)
-        .map(|c| frame(&Message::Status(c.to_vec())))
+        .map(|c| frame(&Message::status(c.to_vec())))
         .collect();
     // a7: protocol 1's unsigned peer exchange, 500 addresses of ours.
     #[derive(serde::Serialize)]

@@ -73,7 +73,8 @@
 
 use super::wire::{
     BadWant, BlobRange, EntryFound, EntryRanges, Found, Head, Hello, Item, Message, PeerInfo,
-    SignedStatus, StatusRecord, BLOB_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    SharedStatus, SignedStatus, StatusRecord, BLOB_PROTOCOL_VERSION, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use super::MeshLimits;
 use crate::identity::PeerIdentity;
@@ -83,6 +84,7 @@ use cairn_core::{Address, BundleId, ChannelName};
 use cairn_keys::text::escape_untrusted;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Why a signed status record was not accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -350,6 +352,12 @@ pub type ConnId = u64;
 /// A fetch (one release and its objects from one peer).
 pub type FetchId = u64;
 
+/// The default [`SyncConfig::status_sample`]: 48 sampled records, an
+/// adopter estimate within about ±14 % (1/√48) once the fleet outgrows
+/// it, and about 48 record versions per agent per release in gossip
+/// (docs/MESH.md, "Status sample"; docs/PERFORMANCE.md).
+pub const DEFAULT_STATUS_SAMPLE: usize = 48;
+
 /// Timers and behaviour of an [`Endpoint`]. All durations in milliseconds.
 #[derive(Clone, Debug)]
 pub struct SyncConfig {
@@ -398,7 +406,8 @@ pub struct SyncConfig {
     /// and rarely otherwise, because every new version travels).
     pub status_refresh_ms: u64,
     /// How many healthy records of other agents the endpoint keeps: the
-    /// fleet-wide bottom-k sample by [`status_sample_rank`] (default 64;
+    /// fleet-wide bottom-k sample by [`status_sample_rank`] (default
+    /// [`DEFAULT_STATUS_SAMPLE`], 48;
     /// docs/MESH.md, "Status sample"). Failure reports are kept whatever
     /// their rank (up to [`MeshLimits::max_status_records`]), so the
     /// breaker's failure count is exact; its adopter count is estimated
@@ -433,7 +442,7 @@ impl SyncConfig {
             max_clock_skew_ms: 300_000,
             status_ttl_ms: 600_000,
             status_refresh_ms: 240_000,
-            status_sample: 64,
+            status_sample: DEFAULT_STATUS_SAMPLE,
             protocol_version: PROTOCOL_VERSION,
         }
     }
@@ -620,24 +629,37 @@ struct Conn {
 /// time per agent, keyed by the agent's [`status_sample_rank`] (8 bytes
 /// instead of an id string: there is one map per connection; two ids with
 /// one rank, which the fleet CA would have to issue about 2³² ids to
-/// produce, only spare one record one crossing of one connection). Cleared
-/// when it outgrows twice the record limit, which costs one resend.
+/// produce, only spare one record one crossing of one connection), as a
+/// vector sorted by rank (16 bytes an entry, no tree nodes; a few hundred
+/// entries). Cleared when it outgrows twice the record limit, which costs
+/// one resend.
 #[derive(Debug, Default)]
-struct KnownRecords(BTreeMap<u64, u64>);
+struct KnownRecords(Vec<(u64, u64)>);
 
 impl KnownRecords {
     /// Whether the peer holds the record of `rank` dated `time` or newer.
     fn holds(&self, rank: u64, time: u64) -> bool {
-        self.0.get(&rank).is_some_and(|t| *t >= time)
+        self.0
+            .binary_search_by_key(&rank, |e| e.0)
+            .is_ok_and(|i| self.0[i].1 >= time)
     }
 
-    /// The peer holds the record of `rank` dated `time`.
-    fn note(&mut self, rank: u64, time: u64, max_records: usize) {
-        if self.0.len() > 2 * max_records {
-            self.0.clear();
+    /// The peer holds the records of these `(rank, time)` pairs (one
+    /// message's worth, at most the record limit). Merged in one sort,
+    /// O((n + m) log(n + m)), not an insertion each: a peer's digest of
+    /// thousands of ids costs no more than before.
+    fn note_all(&mut self, batch: Vec<(u64, u64)>, max_records: usize) {
+        if batch.is_empty() {
+            return;
         }
-        let k = self.0.entry(rank).or_insert(time);
-        *k = (*k).max(time);
+        if self.0.len() + batch.len() > 2 * max_records {
+            self.0 = Vec::new();
+        }
+        self.0.extend(batch);
+        // Newest first within a rank, so deduplicating keeps the newest.
+        self.0
+            .sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        self.0.dedup_by_key(|e| e.0);
     }
 }
 
@@ -747,12 +769,14 @@ const MAX_ROOT_STEPS: u64 = 16;
 /// A verified status record (or our own) and its signed form as gossiped.
 #[derive(Debug, Clone)]
 struct HeldStatus {
-    record: StatusRecord,
+    /// The record, shared with the [`SharedStatus`] it came in (every
+    /// endpoint and message holding it points at one copy).
+    record: Arc<StatusRecord>,
     /// [`status_sample_rank`] of the record's agent id.
     rank: u64,
     /// `None` only for our own record when signing failed: it is then
     /// shown locally but not gossiped.
-    signed: Option<SignedStatus>,
+    signed: Option<SharedStatus>,
 }
 
 /// One node's mesh state machine. See the module documentation.
@@ -772,9 +796,8 @@ pub struct Endpoint {
     /// rotation replaced the release keys that signed it).
     unbound_floors: BTreeSet<String>,
     keys: Box<dyn RecordKeys>,
-    /// Boxed: a record is a few hundred bytes, and a B-tree node holds
-    /// eleven slots whether used or not.
-    status: BTreeMap<AgentId, Box<HeldStatus>>,
+    /// Records are shared ([`SharedStatus`]): a slot is three words.
+    status: BTreeMap<AgentId, HeldStatus>,
     /// The sampled records of `status` (rank, agent id): not ours and not
     /// failure reports; at most `config.status_sample` after every merge.
     sample: BTreeSet<(u64, AgentId)>,
@@ -831,7 +854,13 @@ impl Endpoint {
 
     /// The next thing the shell must do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() && self.actions.capacity() > 64 {
+            // A burst (a frame of many objects) grew the queue: do not
+            // keep its room for the endpoint's lifetime.
+            self.actions.shrink_to(16);
+        }
+        action
     }
 
     /// When [`Endpoint::handle_timeout`] should next be called.
@@ -868,7 +897,7 @@ impl Endpoint {
     pub fn status(&self, wall: UnixMillis) -> impl Iterator<Item = &StatusRecord> + '_ {
         self.status
             .values()
-            .map(|h| &h.record)
+            .map(|h| &*h.record)
             .filter(move |r| !self.expired(r, wall.0))
     }
 
@@ -922,6 +951,20 @@ impl Endpoint {
         self.sample_bound().is_none_or(|b| rank < b)
     }
 
+    /// Whether a held record is offered to peers in gossip. Every record
+    /// we hold is a failure report or in the sample, except our own: that
+    /// one is offered only while a peer could keep it (a failure report,
+    /// or a rank within our sample: not full yet, or below its largest
+    /// rank). Outside a full sample, every peer whose sample has
+    /// converged (the same bottom-k fleet-wide) would pull it only to
+    /// drop it unread. It is still served when asked for (a pull, an
+    /// operator's `StatusRequest`).
+    fn offered(&self, h: &HeldStatus) -> bool {
+        h.record.agent_id != self.config.agent_id
+            || is_failure(&h.record)
+            || self.sample_admits(h.rank)
+    }
+
     /// Holds `held` (replacing that agent's record), keeping `sample` in
     /// step, then trims the sample to its size: the largest ranks leave.
     fn hold(&mut self, held: HeldStatus) {
@@ -932,7 +975,7 @@ impl Endpoint {
         if sampled {
             self.sample.insert((rank, id.clone()));
         }
-        self.status.insert(id, Box::new(held));
+        self.status.insert(id, held);
         while self.sample.len() > self.config.status_sample {
             let Some((_, out)) = self.sample.pop_last() else {
                 break;
@@ -1041,7 +1084,7 @@ impl Endpoint {
             .clone()
             .filter(|l| !is_unspecified_host(l));
         if let Some(held) = self.status.get(&record.agent_id) {
-            let mut same = held.record.clone();
+            let mut same = (*held.record).clone();
             same.time = record.time;
             if same == record
                 && held.signed.is_some()
@@ -1066,6 +1109,8 @@ impl Endpoint {
                 sig,
             });
         let rank = status_sample_rank(&record.agent_id);
+        let record = Arc::new(record);
+        let signed = signed.map(|s| SharedStatus::with_record(s, record.clone()));
         self.hold(HeldStatus {
             record,
             rank,
@@ -1763,7 +1808,7 @@ impl Endpoint {
             let record = self
                 .status
                 .get(&self.config.agent_id)
-                .map(|h| h.record.clone())
+                .map(|h| (*h.record).clone())
                 .unwrap_or_else(|| StatusRecord {
                     agent_id: self.config.agent_id.clone(),
                     channel: String::new(),
@@ -1828,7 +1873,7 @@ impl Endpoint {
             .status
             .values()
             .filter(|h| h.signed.is_some() && !self.expired(&h.record, wall))
-            .filter(|h| !known.holds(h.rank, h.record.time))
+            .filter(|h| self.offered(h) && !known.holds(h.rank, h.record.time))
             .map(|h| (h.record.time, h.record.agent_id.clone(), h.rank))
             .collect();
         if digest.is_empty() {
@@ -1839,9 +1884,8 @@ impl Endpoint {
         digest.truncate(self.config.limits.max_status_records);
         let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            for (t, _, rank) in &digest {
-                c.status_known.note(*rank, *t, max);
-            }
+            let batch = digest.iter().map(|(t, _, rank)| (*rank, *t)).collect();
+            c.status_known.note_all(batch, max);
         }
         let digest = digest.into_iter().map(|(t, id, _)| (id, t)).collect();
         self.send(conn, Message::StatusDigest(digest), now);
@@ -1864,16 +1908,15 @@ impl Endpoint {
             return;
         };
         let mut records: Vec<&HeldStatus> = match &ids {
-            Some(ids) => ids
-                .iter()
-                .filter_map(|id| self.status.get(id).map(|h| &**h))
-                .collect(),
-            None => self.status.values().map(|h| &**h).collect(),
+            Some(ids) => ids.iter().filter_map(|id| self.status.get(id)).collect(),
+            None => self.status.values().collect(),
         };
         records.retain(|h| {
             h.signed.is_some()
                 && !self.expired(&h.record, wall)
-                && (full || ids.is_some() || !already.holds(h.rank, h.record.time))
+                && (full
+                    || ids.is_some()
+                    || (self.offered(h) && !already.holds(h.rank, h.record.time)))
         });
         if records.is_empty() && !full {
             return;
@@ -1898,9 +1941,7 @@ impl Endpoint {
         }
         let max = self.config.limits.max_status_records;
         if let Some(c) = self.conns.get_mut(&conn) {
-            for (rank, t) in sent {
-                c.status_known.note(rank, t, max);
-            }
+            c.status_known.note_all(sent, max);
         }
         self.send(conn, Message::Status(out), now);
     }
@@ -1916,6 +1957,8 @@ impl Endpoint {
         );
         let max = self.config.limits.max_status_records;
         let mut pull = Vec::new();
+        let mut held = Vec::new();
+        let mut swept = false;
         for (id, t) in digest {
             if id == self.config.agent_id
                 || t > wall.saturating_add(skew)
@@ -1923,9 +1966,7 @@ impl Endpoint {
             {
                 continue;
             }
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.status_known.note(status_sample_rank(&id), t, max);
-            }
+            held.push((status_sample_rank(&id), t));
             let newer = self
                 .status
                 .get(&id)
@@ -1937,10 +1978,14 @@ impl Endpoint {
             if newer && !pulling {
                 if self.pulling.len() >= 2 * max {
                     // Bounded whatever a peer announces: forget pulls
-                    // that timed out; if still full, pull later (the
+                    // that timed out (once per digest: nothing times
+                    // out meanwhile); if still full, pull later (the
                     // record is announced again with its next version).
-                    self.pulling
-                        .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    if !swept {
+                        swept = true;
+                        self.pulling
+                            .retain(|_, (_, at)| now < at.saturating_add(timeout));
+                    }
                     if self.pulling.len() >= 2 * max {
                         continue;
                     }
@@ -1948,6 +1993,9 @@ impl Endpoint {
                 self.pulling.insert(id.clone(), (t, now));
                 pull.push(id);
             }
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.status_known.note_all(held, max);
         }
         if !pull.is_empty() {
             self.send(conn, Message::StatusPull(pull), now);
@@ -1979,7 +2027,7 @@ impl Endpoint {
     /// and whose author signed them are kept. A forged record cuts the
     /// peer off. One record per agent id; a new agent id takes a free or
     /// expired slot, never a live record's.
-    fn merge_status(&mut self, conn: ConnId, records: Vec<SignedStatus>, now: u64, wall: u64) {
+    fn merge_status(&mut self, conn: ConnId, records: Vec<SharedStatus>, now: u64, wall: u64) {
         let Some(peer) = self.conns.get(&conn).map(|c| c.peer.clone()) else {
             return;
         };
@@ -1988,16 +2036,15 @@ impl Endpoint {
         let mut dropped: BTreeMap<StatusDrop, u64> = BTreeMap::new();
         let mut forged: Option<String> = None;
         let mut learned = Vec::new();
+        let mut held = Vec::new();
         for signed in records {
-            let Ok(r) = signed.decode_record(&limits) else {
+            let Ok(r) = signed.decoded(&limits).map(Arc::clone) else {
                 forged.get_or_insert_with(|| "undecodable status record".into());
                 continue;
             };
             // The peer holds it: never sent back on this connection.
             let rank = status_sample_rank(&r.agent_id);
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.status_known.note(rank, r.time, limits.max_status_records);
-            }
+            held.push((rank, r.time));
             if self
                 .pulling
                 .get(&r.agent_id)
@@ -2088,6 +2135,9 @@ impl Endpoint {
             // The sample may have trimmed the record straight away (a
             // full sample and a larger rank than all of it).
             changed |= self.status.contains_key(&id);
+        }
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.status_known.note_all(held, limits.max_status_records);
         }
         for (addr, id) in learned {
             self.learn_signed_address(&addr, &id);

@@ -26,6 +26,7 @@ use cairn_core::{Address, AgentId, BundleId, ChannelName};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::sync::{Arc, OnceLock};
 
 /// The newest mesh protocol version spoken by this build. Version 2:
 /// status records are signed by the agent they describe ([`SignedStatus`])
@@ -406,6 +407,109 @@ impl SignedStatus {
     }
 }
 
+/// A [`SignedStatus`] as messages carry it and endpoints hold it: shared
+/// (cloning is a reference count, so a record relayed to many peers or held
+/// in a table is one allocation) and immutable, with its record decoded at
+/// most once. The decoded record is a pure function of the bytes, so it is
+/// cached beside them; the size limit and [`validate_record`] are applied
+/// again on every [`SharedStatus::decoded`], against the caller's limits.
+/// On the wire it is exactly a [`SignedStatus`].
+#[derive(Clone)]
+pub struct SharedStatus(Arc<SharedInner>);
+
+struct SharedInner {
+    signed: SignedStatus,
+    /// The record decoded from `signed.record` (or why it does not decode).
+    decoded: OnceLock<Result<Arc<StatusRecord>, String>>,
+}
+
+impl SharedStatus {
+    /// A record we signed ourselves: its decoded form is the record we
+    /// encoded (no decoding needed).
+    pub fn with_record(signed: SignedStatus, record: Arc<StatusRecord>) -> Self {
+        Self(Arc::new(SharedInner {
+            signed,
+            decoded: OnceLock::from(Ok(record)),
+        }))
+    }
+
+    /// The signed form (what the signature covers and what is sent).
+    pub fn signed(&self) -> &SignedStatus {
+        &self.0.signed
+    }
+
+    /// The record, decoded once and validated against `limits` (as
+    /// [`SignedStatus::decode_record`]). Says nothing about who wrote it.
+    pub fn decoded(&self, limits: &MeshLimits) -> Result<&Arc<StatusRecord>, WireError> {
+        let bytes = &self.0.signed.record;
+        if bytes.len() > limits.max_record_bytes {
+            return Err(WireError::Invalid(format!(
+                "status record of {} bytes (limit {})",
+                bytes.len(),
+                limits.max_record_bytes
+            )));
+        }
+        let decoded = self.0.decoded.get_or_init(|| {
+            cairn_keys::codec::decode::<StatusRecord>("status record", bytes, bytes.len())
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
+        });
+        let r = decoded
+            .as_ref()
+            .map_err(|e| WireError::Invalid(e.clone()))?;
+        validate_record(r, limits)?;
+        Ok(r)
+    }
+}
+
+impl From<SignedStatus> for SharedStatus {
+    fn from(signed: SignedStatus) -> Self {
+        Self(Arc::new(SharedInner {
+            signed,
+            decoded: OnceLock::new(),
+        }))
+    }
+}
+
+impl std::ops::Deref for SharedStatus {
+    type Target = SignedStatus;
+    fn deref(&self) -> &SignedStatus {
+        &self.0.signed
+    }
+}
+
+impl std::fmt::Debug for SharedStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.signed.fmt(f)
+    }
+}
+
+impl PartialEq for SharedStatus {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.signed == other.0.signed
+    }
+}
+
+impl Eq for SharedStatus {}
+
+impl PartialEq<SignedStatus> for SharedStatus {
+    fn eq(&self, other: &SignedStatus) -> bool {
+        self.0.signed == *other
+    }
+}
+
+impl Serialize for SharedStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.signed.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        SignedStatus::deserialize(d).map(Self::from)
+    }
+}
+
 /// Checks a status record's fields against `limits`.
 pub fn validate_record(r: &StatusRecord, limits: &MeshLimits) -> Result<(), WireError> {
     let bad = |s: String| Err(WireError::Invalid(s));
@@ -522,7 +626,7 @@ pub enum Message {
     StatusPull(Vec<AgentId>),
     /// Signed status records (gossip, or the answer to `StatusRequest`).
     /// Peer exchange rides on them: each carries its author's address.
-    Status(Vec<SignedStatus>),
+    Status(Vec<SharedStatus>),
     /// Asks for every status record the receiver holds (operator CLI).
     StatusRequest,
     /// The sender is closing, and why.
@@ -530,6 +634,11 @@ pub enum Message {
 }
 
 impl Message {
+    /// A `Status` message of `records`.
+    pub fn status<R: Into<SharedStatus>>(records: impl IntoIterator<Item = R>) -> Self {
+        Message::Status(records.into_iter().map(Into::into).collect())
+    }
+
     /// A short name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -640,7 +749,7 @@ impl Message {
                             limits.max_signature_bytes
                         ));
                     }
-                    r.decode_record(limits)?;
+                    r.decoded(limits)?;
                 }
             }
             Message::StatusDigest(ds) => {
@@ -975,7 +1084,7 @@ mod tests {
             let err = s.decode_record(&lim()).unwrap_err();
             assert!(matches!(err, WireError::Invalid(_)), "{err}");
             assert!(err.to_string().contains("bad agent id"), "{bad:?}: {err}");
-            let f = encode_frame(&Message::Status(vec![s]), lim().max_frame_bytes).unwrap();
+            let f = encode_frame(&Message::status(vec![s]), lim().max_frame_bytes).unwrap();
             let err = read_frame(&mut &f[..], &lim()).unwrap_err();
             assert!(matches!(err, WireError::Invalid(_)), "{err}");
         }
@@ -1258,7 +1367,7 @@ mod tests {
             },
             Message::StatusDigest(vec![(aid("a1"), 5)]),
             Message::StatusPull(vec![aid("a1")]),
-            Message::Status(vec![signed(&StatusRecord {
+            Message::status(vec![signed(&StatusRecord {
                 agent_id: aid("a1"),
                 channel: "stable".into(),
                 labels: [("site".to_string(), "north".to_string())].into(),
@@ -1350,7 +1459,7 @@ mod tests {
                 bundle: cairn_keys::sha256_address(b""),
                 root_version: 1,
             }]),
-            Message::Status(vec![SignedStatus {
+            Message::status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&UntypedRecord {
                     agent_id: "bad id".into(),
                     channel: String::new(),
@@ -1367,7 +1476,7 @@ mod tests {
                 sig: vec![2; 8],
             }]),
             // A certificate over the cap.
-            Message::Status(vec![SignedStatus {
+            Message::status(vec![SignedStatus {
                 cert: vec![0; lim().max_cert_bytes + 1],
                 ..signed(&StatusRecord {
                     agent_id: aid("a1"),
@@ -1383,7 +1492,7 @@ mod tests {
                 })
             }]),
             // Record bytes that are not a record.
-            Message::Status(vec![SignedStatus {
+            Message::status(vec![SignedStatus {
                 record: vec![0xff; 8],
                 cert: vec![],
                 sig: vec![],
@@ -1394,6 +1503,67 @@ mod tests {
             let err = read_frame(&mut &f[..], &lim()).unwrap_err();
             assert!(matches!(err, WireError::Invalid(_)), "{m:?}: {err}");
         }
+    }
+
+    #[test]
+    fn a_shared_record_decodes_once_and_is_checked_against_every_callers_limits() {
+        let mut labels = BTreeMap::new();
+        labels.insert("zone".to_string(), "z1".to_string());
+        labels.insert("rack".to_string(), "r7".to_string());
+        let r = StatusRecord {
+            agent_id: "a1".parse().unwrap(),
+            channel: "stable".into(),
+            labels,
+            sequence: 3,
+            bundle: cairn_keys::sha256_address(b"m"),
+            health: "healthy".into(),
+            time: 5,
+            rollout: None,
+            listen: Some("n1:7440".into()),
+            values_digest: None,
+        };
+        let shared = SharedStatus::from(signed(&r));
+        let relayed = shared.clone();
+        let once = shared.decoded(&lim()).unwrap();
+        assert_eq!(**once, r);
+        // A clone (a relay, a table slot) is the same decoded record.
+        assert!(Arc::ptr_eq(once, relayed.decoded(&lim()).unwrap()));
+        // Cached or not, a caller with tighter limits is refused.
+        let small = MeshLimits {
+            max_labels: 1,
+            ..lim()
+        };
+        assert!(relayed.decoded(&small).is_err());
+        let tiny = MeshLimits {
+            max_record_bytes: 16,
+            ..lim()
+        };
+        assert!(relayed.decoded(&tiny).is_err());
+        // On the wire it is exactly a `SignedStatus`, and decoding a frame
+        // validates the record once (the decode is kept).
+        let frame = encode_frame(&Message::status([shared]), lim().max_frame_bytes).unwrap();
+        let plain = encode_frame(
+            &Message::status([SharedStatus::from(signed(&r))]),
+            lim().max_frame_bytes,
+        )
+        .unwrap();
+        assert_eq!(frame, plain);
+        match decode_body(&frame[HEADER_BYTES..], &lim()).unwrap() {
+            Message::Status(rs) => {
+                assert_eq!(rs.len(), 1);
+                assert_eq!(**rs[0].decoded(&lim()).unwrap(), r);
+                assert_eq!(rs[0], signed(&r));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Garbage bytes are an error every time, not a panic.
+        let bad = SharedStatus::from(SignedStatus {
+            record: vec![0xff; 8],
+            cert: vec![1],
+            sig: vec![2],
+        });
+        assert!(bad.decoded(&lim()).is_err());
+        assert!(bad.decoded(&lim()).is_err());
     }
 
     #[test]

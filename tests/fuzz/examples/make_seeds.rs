@@ -247,7 +247,7 @@ fn main() {
             "status",
             // Signature and certificate are placeholders: the decoder only
             // bounds them; verification is the receiver's `RecordKeys`.
-            Message::Status(vec![SignedStatus {
+            Message::status(vec![SignedStatus {
                 record: cairn_keys::codec::encode(&StatusRecord {
                     agent_id: "agent-1".parse().unwrap(),
                     channel: "stable".into(),

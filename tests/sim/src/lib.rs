@@ -218,6 +218,9 @@ pub struct ReleaseReport {
     /// Status gossip bytes received per agent from publishing until the
     /// next release (the window and the pause after it): mean.
     pub gossip_period_mean: f64,
+    /// The same period's gossip by frame kind: `Status` (records),
+    /// `StatusDigest` and `StatusPull` bytes received per agent: mean.
+    pub gossip_period_split: [f64; 3],
     /// That period's length (simulated ms).
     pub period_ms: u64,
     /// Size of the bundle (manifest + objects).
@@ -713,6 +716,8 @@ struct Node {
     object_bytes_in: u64,
     gossip_bytes_in: u64,
     want_bytes_in: u64,
+    /// Gossip bytes in by kind: `Status`, `StatusDigest`, `StatusPull`.
+    gossip_split_in: [u64; 3],
 }
 
 // ----- the event queue -------------------------------------------------
@@ -811,6 +816,11 @@ pub struct Sim {
     violations: Vec<String>,
     /// Adoption instants per sequence.
     adoptions: BTreeMap<u64, Vec<u64>>,
+    /// Bumped whenever what [`Sim::run_until`]'s conditions read may have
+    /// changed (an adoption, an agent up or down, a partition healed):
+    /// they scan the fleet, so they are evaluated only then, not after
+    /// every event.
+    epoch: u64,
 }
 
 /// Status record keys of the simulated fleet: thousands of X.509
@@ -878,6 +888,7 @@ impl Sim {
                 object_bytes_in: 0,
                 gossip_bytes_in: 0,
                 want_bytes_in: 0,
+                gossip_split_in: [0; 3],
             });
         }
         let mut sim = Sim {
@@ -900,6 +911,7 @@ impl Sim {
             rejections: BTreeMap::new(),
             violations: Vec::new(),
             adoptions: BTreeMap::new(),
+            epoch: 0,
         };
         for i in 0..n {
             let at = sim.rng.random_range(0..1000);
@@ -961,9 +973,13 @@ impl Sim {
 
     /// Runs events until `done` holds or simulated time passes `until`.
     fn run_until(&mut self, until: u64, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let mut checked = None;
         loop {
-            if done(self) {
-                return true;
+            if checked != Some(self.epoch) {
+                checked = Some(self.epoch);
+                if done(self) {
+                    return true;
+                }
             }
             let Some(top) = self.queue.peek() else {
                 return false;
@@ -985,10 +1001,12 @@ impl Sim {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Up(i) => {
+                self.epoch += 1;
                 self.trace.add(1 << 32 | i as u64);
                 self.start(i);
             }
             Ev::Down(i) => {
+                self.epoch += 1;
                 self.trace.add(2 << 32 | i as u64);
                 self.crash(i);
             }
@@ -1038,6 +1056,12 @@ impl Sim {
                 match &msg {
                     Message::Status(_) | Message::StatusDigest(_) | Message::StatusPull(_) => {
                         n.gossip_bytes_in += bytes;
+                        let k = match &msg {
+                            Message::Status(_) => 0,
+                            Message::StatusDigest(_) => 1,
+                            _ => 2,
+                        };
+                        n.gossip_split_in[k] += bytes;
                     }
                     Message::Want { .. } => n.want_bytes_in += bytes,
                     _ => {}
@@ -1098,6 +1122,7 @@ impl Sim {
                 self.push(self.now + c.interval_ms.max(1), Ev::ChurnTick);
             }
             Ev::Heal => {
+                self.epoch += 1;
                 self.trace.add(7 << 32);
                 self.partitioned = None;
             }
@@ -1853,6 +1878,7 @@ impl Sim {
             self.violations
                 .push(format!("{}: adopted the forged release", n.id));
         }
+        self.epoch += 1;
         self.trace.add(10 << 32 | i as u64);
         self.trace.add(release.sequence);
         if n.role != Role::Forger {
@@ -1975,7 +2001,7 @@ impl Sim {
         self.push(self.now + part.duration_ms, Ev::Heal);
     }
 
-    fn window(&self) -> Vec<[u64; 4]> {
+    fn window(&self) -> Vec<[u64; 7]> {
         self.nodes
             .iter()
             .map(|n| {
@@ -1984,6 +2010,9 @@ impl Sim {
                     n.object_bytes_in,
                     n.gossip_bytes_in,
                     n.want_bytes_in,
+                    n.gossip_split_in[0],
+                    n.gossip_split_in[1],
+                    n.gossip_split_in[2],
                 ]
             })
             .collect()
@@ -1991,6 +2020,19 @@ impl Sim {
 
     /// Runs the whole scenario and checks the invariants.
     pub fn run(mut self) -> Report {
+        self.run_scenario()
+    }
+
+    /// [`Sim::run`], then leaves the simulation's memory to the process's
+    /// exit: freeing 100,000 endpoints one allocation at a time takes
+    /// longer than the run's last phase. For a binary that exits soon.
+    pub fn run_without_teardown(mut self) -> Report {
+        let report = self.run_scenario();
+        std::mem::forget(self);
+        report
+    }
+
+    fn run_scenario(&mut self) -> Report {
         let mut releases = Vec::new();
         self.run_until(self.cfg.settle_ms, |_| false);
         let total = self.world.releases.len() as u64;
@@ -2044,6 +2086,7 @@ impl Sim {
                 gossip_bytes_mean: sum(2),
                 want_bytes_mean: sum(3),
                 gossip_period_mean: 0.0,
+                gossip_period_split: [0.0; 3],
                 period_ms: 0,
                 bundle_bytes: p.bundle_bytes,
                 new_bytes: p.new_bytes,
@@ -2064,6 +2107,13 @@ impl Sim {
                     .map(|&i| end[i][2] - before[i][2])
                     .sum::<u64>() as f64
                     / count;
+                for (k, v) in r.gossip_period_split.iter_mut().enumerate() {
+                    *v = honest
+                        .iter()
+                        .map(|&i| end[i][4 + k] - before[i][4 + k])
+                        .sum::<u64>() as f64
+                        / count;
+                }
                 r.period_ms = self.now - t0;
             }
         }
@@ -2102,9 +2152,9 @@ impl Sim {
             messages: self.messages,
             lost: self.lost,
             bytes: self.bytes,
-            rejections: self.rejections,
+            rejections: std::mem::take(&mut self.rejections),
             crashes: self.crashes,
-            violations: self.violations,
+            violations: std::mem::take(&mut self.violations),
             trace_hash: self.trace.0,
         }
     }

@@ -1,3 +1,4 @@
+use super::owner::{OwnerRecord, Switch};
 use super::*;
 use crate::targets::DesiredObject;
 use cairn_core::testing::object;
@@ -203,7 +204,8 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
         .unwrap();
     std::fs::write(d.path().join("x"), b"outside").unwrap();
     let mut rec = owner::read(&dir).unwrap().unwrap();
-    rec.files.insert("../x".into(), a.0.object.to_string());
+    rec.files
+        .insert("../x".into(), Digest::of_address(&a.0.object));
     owner::write(&dir, &rec).unwrap();
     // With the store's copy: the record is rebuilt from it.
     t.apply_blocking(&state(2, &[])).unwrap();
@@ -218,7 +220,8 @@ fn a_tampered_record_never_reaches_outside_the_directory() {
     t.apply_blocking(&state(3, std::slice::from_ref(&a)))
         .unwrap();
     let mut rec = owner::read(&dir).unwrap().unwrap();
-    rec.files.insert("../x".into(), a.0.object.to_string());
+    rec.files
+        .insert("../x".into(), Digest::of_address(&a.0.object));
     owner::write(&dir, &rec).unwrap();
     let fresh = ManifestsDir::new(
         dir.clone(),
@@ -258,7 +261,7 @@ fn an_interrupted_switch_is_finished_without_drift() {
             changes: names
                 .iter()
                 .zip(&objs)
-                .map(|(n, o)| (n.clone(), Some(o.0.object.to_string())))
+                .map(|(n, o)| (n.clone(), Some(Digest::of_address(&o.0.object))))
                 .collect(),
         }),
     };

@@ -889,7 +889,7 @@ fn status_records_from_the_future_or_about_us_are_ignored() {
     let c = hello(&mut ep, "a1", now);
     ep.handle_message(
         c,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a0", &record("a0", "failed", now)),
             signed_by("a9", &record("a9", "failed", now + 3_600_000)),
             signed_by("a2", &record("a2", "healthy", now)),
@@ -929,14 +929,14 @@ fn forged_status_records_are_refused_and_cut_the_peer_off() {
         let honest = hello(&mut ep, "a3", now);
         ep.handle_message(
             honest,
-            Message::Status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
+            Message::status(vec![signed_by("a2", &record("a2", "healthy", now - 10))]),
             Millis(now),
             UnixMillis(now),
         );
         let c = hello(&mut ep, "evil", now);
         ep.handle_message(
             c,
-            Message::Status(vec![forged]),
+            Message::status(vec![forged]),
             Millis(now),
             UnixMillis(now),
         );
@@ -984,7 +984,7 @@ fn breaker_inputs_count_only_verified_records() {
     // Three genuine adopters, one of them failed.
     ep.handle_message(
         c,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a1", &record("a1", "healthy", now)),
             signed_by("a2", &record("a2", "failed", now)),
             signed_by("a3", &record("a3", "healthy", now)),
@@ -999,8 +999,8 @@ fn breaker_inputs_count_only_verified_records() {
     let forged = ["x1", "x2", "x3", "a3"]
         .iter()
         .map(|id| signed_by("evil", &record(id, "failed", now + 1)))
-        .collect();
-    ep.handle_message(e, Message::Status(forged), Millis(now), UnixMillis(now));
+        .collect::<Vec<_>>();
+    ep.handle_message(e, Message::status(forged), Millis(now), UnixMillis(now));
     assert_eq!(breaker_inputs(&ep, &bundle, now), (3, 1));
 }
 
@@ -1014,7 +1014,7 @@ fn expired_status_records_are_dropped_and_not_relayed() {
     let conn = hello(&mut ep, "a1", now);
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a2", &record("a2", "failed", now - 1_000)),
             // Already older than the TTL on arrival.
             signed_by("a3", &record("a3", "failed", now - ttl - 1)),
@@ -1052,7 +1052,7 @@ fn expired_status_records_are_dropped_and_not_relayed() {
     // An older copy relayed by a slow peer does not bring it back.
     ep.handle_message(
         conn,
-        Message::Status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
+        Message::status(vec![signed_by("a2", &record("a2", "failed", now - 1_000))]),
         Millis(later),
         UnixMillis(later),
     );
@@ -1071,7 +1071,7 @@ fn a_flood_cannot_evict_real_records() {
     ep.handle_timeout(Millis(now), UnixMillis(now));
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a1", &record("a1", "healthy", now - 30_000)),
             signed_by("a2", &record("a2", "healthy", now - 20_000)),
             signed_by("a3", &record("a3", "failed", now - 10_000)),
@@ -1099,7 +1099,7 @@ fn a_flood_cannot_evict_real_records() {
     let flood_conn = hello(&mut ep, "a9", now);
     ep.handle_message(
         flood_conn,
-        Message::Status(genuine.into_iter().map(|(_, s)| s).collect()),
+        Message::status(genuine.into_iter().map(|(_, s)| s)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1107,7 +1107,7 @@ fn a_flood_cannot_evict_real_records() {
     assert!(!ep.is_banned("a9", Millis(now)));
     ep.handle_message(
         flood_conn,
-        Message::Status(forged.into_iter().map(|(_, s)| s).collect()),
+        Message::status(forged.into_iter().map(|(_, s)| s)),
         Millis(now),
         UnixMillis(now),
     );
@@ -1119,7 +1119,7 @@ fn a_flood_cannot_evict_real_records() {
     let conn = hello(&mut ep, "a2", later);
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("n1", &record("n1", "healthy", later)),
             signed_by("n2", &record("n2", "healthy", later)),
         ]),
@@ -1170,7 +1170,7 @@ fn the_status_sample_keeps_the_lowest_ranks_and_every_failure() {
         for chunk in rs.chunks(batch) {
             ep.handle_message(
                 conn,
-                Message::Status(chunk.to_vec()),
+                Message::status(chunk.to_vec()),
                 Millis(now),
                 UnixMillis(now),
             );
@@ -1196,12 +1196,87 @@ fn the_status_sample_keeps_the_lowest_ranks_and_every_failure() {
     }
 }
 
+/// The digest `ep` sends a new peer `id` on connecting.
+fn digest_on_hello(ep: &mut Endpoint, id: &str, now: u64) -> (ConnId, Vec<String>) {
+    let c = ep.connected(PeerIdentity::Agent(aid(id)), None, None, Millis(now));
+    ep.handle_message(
+        c,
+        Message::Hello(Hello::new(None)),
+        Millis(now),
+        UnixMillis(now),
+    );
+    let mut ids = Vec::new();
+    while let Some(a) = ep.poll_action() {
+        if let Action::Send {
+            message: Message::StatusDigest(d),
+            ..
+        } = a
+        {
+            ids.extend(d.into_iter().map(|(id, _)| id.to_string()));
+        }
+    }
+    ids.sort();
+    (c, ids)
+}
+
+#[test]
+fn our_record_is_offered_only_while_a_peer_could_keep_it() {
+    let now = 1_000_000;
+    let records = fleet_records(100, 0, now);
+    let ours = status_sample_rank(&aid("a0"));
+    let below = (0..100)
+        .filter(|i| status_sample_rank(&aid(&format!("n{i}"))) < ours)
+        .count();
+    assert!(below >= 1, "a0 ranks lowest of the fleet: pick other ids");
+    // Not full (room for everyone): our record is offered with the rest.
+    // Full, with a lower rank than ours in it: not offered, since every
+    // peer with the same sample would drop it unread; still served when
+    // pulled; offered again once it reports a failure.
+    for (sample, offered) in [(4_096, true), (1, false)] {
+        let mut c = cfg(0, vec![]);
+        c.status_sample = sample;
+        let mut ep = new_ep(c);
+        ep.handle_timeout(Millis(now), UnixMillis(now));
+        ep.set_local_status(record("a0", "healthy", 0), UnixMillis(now));
+        let feed = hello(&mut ep, "a1", now);
+        ep.handle_message(
+            feed,
+            Message::status(records.clone()),
+            Millis(now),
+            UnixMillis(now),
+        );
+        while ep.poll_action().is_some() {}
+        let (conn, digest) = digest_on_hello(&mut ep, "a2", now);
+        assert_eq!(
+            digest.contains(&"a0".to_string()),
+            offered,
+            "sample {sample}: {digest:?}"
+        );
+        assert_eq!(digest.len(), sample.min(100) + usize::from(offered));
+        ep.handle_message(
+            conn,
+            Message::StatusPull(vec![aid("a0")]),
+            Millis(now),
+            UnixMillis(now),
+        );
+        let served = std::iter::from_fn(|| ep.poll_action()).any(|a| {
+            matches!(a, Action::Send { message: Message::Status(rs), .. }
+                if rs.len() == 1 && rs[0].decoded(&MeshLimits::default()).unwrap().agent_id == "a0")
+        });
+        assert!(served, "sample {sample}: a pulled record is served");
+        ep.set_local_status(record("a0", "failed", 0), UnixMillis(now + 1));
+        let (_, digest) = digest_on_hello(&mut ep, "a3", now + 1);
+        assert!(digest.contains(&"a0".to_string()), "{digest:?}");
+    }
+}
+
 #[test]
 fn breaker_counts_failures_exactly_and_estimates_adopters_beyond_the_sample() {
     let now = 1_000_000;
     let bundle = sha256_address(b"bundle");
     let records = fleet_records(2_000, 100, now);
-    for (sample, exact) in [(4_096, true), (256, false), (64, false)] {
+    let default = DEFAULT_STATUS_SAMPLE;
+    for (sample, exact) in [(4_096, true), (256, false), (64, false), (default, false)] {
         let mut c = cfg(0, vec![]);
         c.status_sample = sample;
         let mut ep = new_ep(c);
@@ -1210,7 +1285,7 @@ fn breaker_counts_failures_exactly_and_estimates_adopters_beyond_the_sample() {
         for chunk in records.chunks(500) {
             ep.handle_message(
                 conn,
-                Message::Status(chunk.to_vec()),
+                Message::status(chunk.to_vec()),
                 Millis(now),
                 UnixMillis(now),
             );
@@ -1271,7 +1346,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     };
     ep.handle_message(
         conn,
-        Message::Status(vec![
+        Message::status(vec![
             signed_by("a2", &with_listen("a2", "10.0.0.2:7440", now)),
             // Not unicast, or no port: never dialed.
             signed_by("m1", &with_listen("m1", "224.0.0.1:7440", now)),
@@ -1295,7 +1370,7 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
     // a2 moves: its newer signed record replaces the address.
     ep.handle_message(
         conn,
-        Message::Status(vec![signed_by(
+        Message::status(vec![signed_by(
             "a2",
             &with_listen("a2", "10.0.0.22:7440", now + 1),
         )]),
@@ -1316,10 +1391,10 @@ fn addresses_are_learned_only_from_signed_records_one_per_agent() {
                 &with_listen("a2", &format!("10.66.{}.{}:22", i / 250, i % 250), now + 2),
             )
         })
-        .collect();
+        .collect::<Vec<_>>();
     ep.handle_message(
         evil,
-        Message::Status(forged),
+        Message::status(forged),
         Millis(now + 2),
         UnixMillis(now + 2),
     );
@@ -1385,7 +1460,7 @@ fn stale_certificates_drop_records_without_blame() {
     };
     ep.handle_message(
         conn,
-        Message::Status(vec![stale]),
+        Message::status(vec![stale]),
         Millis(now),
         UnixMillis(now),
     );

@@ -10,7 +10,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 use anyhow::{anyhow, bail, Context, Result};
-use cairn_sim::{run, Churn, Partition, SimConfig};
+use cairn_sim::{Churn, Partition, Sim, SimConfig};
 use std::time::Instant;
 
 fn usage() -> &'static str {
@@ -98,7 +98,7 @@ fn real_main() -> Result<()> {
             ..base.clone()
         };
         let t = Instant::now();
-        let r = run(cfg);
+        let r = Sim::new(cfg).run_without_teardown();
         let wall = t.elapsed().as_secs_f64();
         let inv = if r.violations.is_empty() {
             "ok".to_owned()
@@ -129,6 +129,17 @@ fn real_main() -> Result<()> {
                 rel.bundle_bytes as f64 / 1024.0,
                 rel.new_bytes as f64 / 1024.0,
                 r.events,
+            );
+        }
+        for rel in &r.releases {
+            let [st, dg, pl] = rel.gossip_period_split;
+            eprintln!(
+                "cairn-sim: {n} agents, release {}: gossip until the next release {:.1} KiB per agent: records {:.1}, digests {:.1}, pulls {:.1} KiB",
+                rel.sequence,
+                rel.gossip_period_mean / 1024.0,
+                st / 1024.0,
+                dg / 1024.0,
+                pl / 1024.0
             );
         }
         eprintln!(
