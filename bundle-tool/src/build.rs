@@ -25,7 +25,7 @@ use crate::git::{self, escape_name, GitTree, TreeFile};
 use crate::helm;
 use crate::limits::Limits;
 use crate::manifests::{self, ParsedFile, ParsedObject};
-use crate::{Error, Result};
+use crate::{BundleId, Error, Result};
 use cairn_keys::text::escape_untrusted;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -137,12 +137,13 @@ impl BuiltBundle {
         self.manifest.id().to_string()
     }
 
-    /// Writes the bundle file (atomically).
-    pub fn write_file(&self, path: &Path) -> Result<()> {
+    /// Writes the bundle file (atomically) and returns the bundle id (of
+    /// the same encoding of the manifest that was written).
+    pub fn write_file(&self, path: &Path) -> Result<BundleId> {
         write_bundle_file(path, &self.manifest, |e| {
             self.objects
                 .get(e.object.as_str())
-                .cloned()
+                .map(Vec::as_slice)
                 .ok_or_else(|| Error::ObjectMissing {
                     address: e.object.to_string(),
                     what: format!("{} in {}", e.display_name(), e.path),
@@ -478,16 +479,16 @@ fn parse_parallel(
                 let bar = bar.clone();
                 s.spawn(move || {
                     let mut out = Vec::new();
-                    let repo = match gix::open_opts(git_dir, gix::open::Options::isolated()) {
+                    let repo = match git::LimitedRepo::open(git_dir, MAX_SOURCE_FILE_BYTES) {
                         Ok(r) => r,
                         Err(e) => {
-                            let e = Error::Git(format!("{}: {e}", git_dir.display()));
                             out.push((t, Err(e)));
                             return out;
                         }
                     };
                     for (i, f) in files.iter().enumerate().skip(t).step_by(threads) {
-                        let r = git::read_blob(&repo, f, MAX_SOURCE_FILE_BYTES)
+                        let r = repo
+                            .read_blob(f)
                             .and_then(|bytes| {
                                 manifests::parse_file_full(&f.path, &bytes, max_object)
                             })

@@ -8,18 +8,19 @@
 use cairn_core::bundle::{verify_object, Entry, Manifest};
 use cairn_core::bundle_file::{encode_head, read_bundle};
 use cairn_core::limits::Limits;
-use cairn_core::{Error, Result};
+use cairn_core::{BundleId, Error, Result};
 use std::io::Write;
 use std::path::Path;
 
 /// Writes a bundle file: magic, format, manifest length and bytes, then
-/// each entry's object bytes in entry order. `object` returns the bytes of
-/// an entry.
-pub fn write_bundle_file(
+/// each entry's object bytes in entry order (each checked against its
+/// entry's address). `object` returns the bytes of an entry. Returns the
+/// bundle id, the address of the manifest document written.
+pub fn write_bundle_file<B: AsRef<[u8]>>(
     path: &Path,
     manifest: &Manifest,
-    mut object: impl FnMut(&Entry) -> Result<Vec<u8>>,
-) -> Result<()> {
+    mut object: impl FnMut(&Entry) -> Result<B>,
+) -> Result<BundleId> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -29,20 +30,24 @@ pub fn write_bundle_file(
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    let id;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        w.write_all(&encode_head(manifest.format, &manifest.encode_all()))
+        let encoded = manifest.encode_all();
+        w.write_all(&encode_head(manifest.format, &encoded))
             .map_err(io)?;
+        id = encoded.id();
         for e in &manifest.entries {
             let bytes = object(e)?;
-            verify_object(&e.object, &bytes)?;
-            w.write_all(&bytes).map_err(io)?;
+            let bytes = bytes.as_ref();
+            verify_object(&e.object, bytes)?;
+            w.write_all(bytes).map_err(io)?;
         }
         w.flush().map_err(io)?;
     }
     tmp.as_file().sync_all().map_err(io)?;
     tmp.persist(path).map_err(|e| io(e.error))?;
-    Ok(())
+    Ok(id)
 }
 
 /// Reads a bundle file with the one parser,

@@ -576,9 +576,128 @@ pub fn read_blob(repo: &gix::Repository, file: &TreeFile, limit: u64) -> Result<
     Ok(blob.take_data())
 }
 
+/// A repository handle for reading blobs of at most `limit` bytes in one
+/// pass. gix is given the limit as its object allocation limit
+/// (`gitoxide.objects.allocLimit`), so it refuses a larger loose or packed
+/// object (and any larger delta base) from the header *before*
+/// allocating, and a blob is opened and inflated once instead of twice
+/// (header, then body: [`read_blob`] on a loose object costs two opens and
+/// two inflates). Every failure is answered by [`read_blob`] on a handle
+/// without gix's limit (opened on the first failure), so results and
+/// errors are exactly its own (`TooLarge` naming the file and the blob's
+/// size; a small blob stored as a delta of a base over the limit still
+/// reads).
+pub struct LimitedRepo {
+    repo: gix::Repository,
+    git_dir: std::path::PathBuf,
+    checked: std::cell::OnceCell<gix::Repository>,
+    limit: u64,
+}
+
+impl LimitedRepo {
+    /// Opens the Git directory `git_dir` (isolated from user and system
+    /// configuration) for blobs of at most `limit` bytes.
+    pub fn open(git_dir: &Path, limit: u64) -> Result<Self> {
+        let alloc_limit = format!("gitoxide.objects.allocLimit={}", limit.max(1));
+        let repo = gix::open_opts(
+            git_dir,
+            gix::open::Options::isolated().config_overrides([alloc_limit]),
+        )
+        .map_err(|e| git_err(format!("{}: {e}", git_dir.display())))?;
+        Ok(Self {
+            repo: with_delta_cache(repo),
+            git_dir: git_dir.to_path_buf(),
+            checked: std::cell::OnceCell::new(),
+            limit,
+        })
+    }
+
+    /// Reads a blob, refusing blobs over the limit before reading them.
+    pub fn read_blob(&self, file: &TreeFile) -> Result<Vec<u8>> {
+        match self.repo.find_blob(file.oid) {
+            Ok(mut blob) if blob.data.len() as u64 <= self.limit => Ok(blob.take_data()),
+            // Over the limit (gix refused it) or any other failure: the
+            // header-first path decides, as it always did.
+            _ => {
+                let repo = match self.checked.get() {
+                    Some(r) => r,
+                    None => {
+                        let r = gix::open_opts(&self.git_dir, gix::open::Options::isolated())
+                            .map_err(|e| git_err(format!("{}: {e}", self.git_dir.display())))?;
+                        self.checked.get_or_init(|| with_delta_cache(r))
+                    }
+                };
+                read_blob(repo, file, self.limit)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limited_reads_refuse_large_blobs_before_allocating_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("git")
+                .args(args)
+                .current_dir(dir)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{st:?}");
+            String::from_utf8(st.stdout).unwrap().trim().to_owned()
+        };
+        run(&["init", "-q"]);
+        std::fs::write(dir.join("small"), "x".repeat(100)).unwrap();
+        std::fs::write(dir.join("large"), "y".repeat(1000)).unwrap();
+        let small = run(&["hash-object", "-w", "small"]);
+        let large = run(&["hash-object", "-w", "large"]);
+        let file = |oid: &str, path: &str| TreeFile {
+            path: path.into(),
+            oid: ObjectId::from_hex(oid.as_bytes()).unwrap(),
+        };
+        for packed in [false, true] {
+            if packed {
+                run(&["add", "small", "large"]);
+                run(&[
+                    "-c",
+                    "user.name=t",
+                    "-c",
+                    "user.email=t@t",
+                    "commit",
+                    "-qm",
+                    "m",
+                ]);
+                run(&["repack", "-adq"]);
+            }
+            let r = LimitedRepo::open(&dir.join(".git"), 500).unwrap();
+            // gix itself refuses the large blob (the limit took effect) ...
+            assert!(
+                r.repo.find_blob(file(&large, "l").oid).is_err(),
+                "packed {packed}"
+            );
+            // ... and the error is read_blob's, naming the file and size.
+            match r.read_blob(&file(&large, "dir/large")) {
+                Err(Error::TooLarge {
+                    what,
+                    limit: 500,
+                    actual: 1000,
+                }) => assert_eq!(what, "dir/large"),
+                other => panic!("packed {packed}: {other:?}"),
+            }
+            assert_eq!(
+                r.read_blob(&file(&small, "small")).unwrap(),
+                "x".repeat(100).into_bytes()
+            );
+            let missing = "0123456789012345678901234567890123456789";
+            assert!(r.read_blob(&file(missing, "gone")).is_err());
+        }
+    }
 
     #[test]
     fn only_normal_single_components_are_entry_names() {

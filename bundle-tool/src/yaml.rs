@@ -232,9 +232,10 @@ impl Composer<'_> {
             }
             lines.insert(key.clone(), km.line);
             let (vev, vm) = self.next()?;
-            path.push(key.clone());
+            // The key moves into the path and back out (no copy).
+            path.push(key);
             let v = self.node(vev, vm, path)?;
-            path.pop();
+            let key = path.pop().unwrap_or_default();
             out.insert(key, v);
         }
         // Merge keys: explicit keys win, then earlier merged maps.
@@ -348,6 +349,17 @@ impl Composer<'_> {
         match tag {
             None if style == Style::Plain => {
                 let v = resolved(value)?;
+                // Text YAML 1.1 reads as a string and that does not start
+                // like a number is a string in YAML 1.2 too (1.2's nulls and
+                // booleans are 1.1's as well): no second resolution.
+                if v.is_string()
+                    && !matches!(
+                        value.as_bytes().first(),
+                        Some(b'0'..=b'9' | b'+' | b'-' | b'.')
+                    )
+                {
+                    return Ok(v);
+                }
                 let v12 = resolve_yaml12(value);
                 if v12.as_ref() != Some(&v) {
                     let other = match v12 {

@@ -205,11 +205,23 @@ impl Manifest {
                 chunks: Vec::new(),
             };
         }
+        // Each entry is encoded once: its size decides the grouping, and a
+        // chunk's bytes are its entries' bytes after the chunk's own
+        // header, exactly what encoding `Chunk` as a whole gives
+        // (`chunks_are_their_entries_encoded_once` compares the two).
+        let encoded: Vec<Vec<u8>> = self.entries.iter().map(codec::encode).collect();
+        let sizes: Vec<usize> = encoded.iter().map(Vec::len).collect();
         let mut refs = Vec::new();
         let mut chunks = Vec::new();
-        for range in chunker.split(&self.entries) {
-            let entries = &self.entries[range];
-            let bytes = codec::encode(&ChunkOut { entries });
+        for range in chunker.split_sizes(&self.entries, &sizes) {
+            let entries = &self.entries[range.clone()];
+            let body: usize = sizes[range.clone()].iter().sum();
+            let mut bytes = Vec::with_capacity(CHUNK_HEADER.len() + 5 + body);
+            bytes.extend_from_slice(CHUNK_HEADER);
+            cbor_array_header(&mut bytes, entries.len());
+            for e in &encoded[range] {
+                bytes.extend_from_slice(e);
+            }
             let address = Address::of(&bytes);
             refs.push(ChunkRef {
                 address: address.clone(),
@@ -358,6 +370,34 @@ pub struct ChunkRef {
     pub entries: u32,
 }
 
+/// The bytes of a `Chunk` before its array of entries: a map of one
+/// entry (`a1`) and the key `"entries"` (`67 "entries"`).
+const CHUNK_HEADER: &[u8] = b"\xa1\x67entries";
+
+/// Appends the CBOR header of an array of `n` items (major type 4, the
+/// shortest form, as serde_cbor writes a slice's length).
+fn cbor_array_header(out: &mut Vec<u8>, n: usize) {
+    match n {
+        0..=23 => out.push(0x80 | n as u8),
+        24..=0xff => out.extend_from_slice(&[0x98, n as u8]),
+        0x100..=0xffff => {
+            out.push(0x99);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0x9a);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(0x9b);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+}
+
+/// A chunk as one value (tests compare [`Manifest::encode_with`]'s
+/// chunks with it).
+#[cfg(test)]
 #[derive(Serialize)]
 struct ChunkOut<'a> {
     entries: &'a [Entry],
@@ -689,10 +729,16 @@ impl Chunker {
     /// before an entry that would take a chunk over
     /// [`CHUNK_TARGET_MAX_BYTES`].
     pub fn split(&self, entries: &[Entry]) -> Vec<std::ops::Range<usize>> {
+        let sizes: Vec<usize> = entries.iter().map(|e| codec::encode(e).len()).collect();
+        self.split_sizes(entries, &sizes)
+    }
+
+    /// [`Chunker::split`] with each entry's encoded size given
+    /// (`sizes[i]` for `entries[i]`; the same length).
+    fn split_sizes(&self, entries: &[Entry], sizes: &[usize]) -> Vec<std::ops::Range<usize>> {
         let mut out = Vec::new();
         let (mut start, mut bytes) = (0usize, 0usize);
-        for (i, e) in entries.iter().enumerate() {
-            let size = codec::encode(e).len();
+        for (i, (e, &size)) in entries.iter().zip(sizes).enumerate() {
             if i > start && bytes + size > CHUNK_TARGET_MAX_BYTES {
                 out.push(start..i);
                 (start, bytes) = (i, 0);
@@ -800,6 +846,45 @@ mod tests {
             a.add(&Address::of(c), c, limits)?;
         }
         a.finish(limits)
+    }
+
+    #[test]
+    fn chunks_are_their_entries_encoded_once() {
+        // Chunks of 1 to 300 entries cover the array headers 0x80+n, 0x98
+        // and 0x99; each must be exactly `Chunk` encoded as a whole.
+        for n in [1, 2, 23, 24, 25, 255, 256, 257, 300] {
+            let m = v2(&objs(n, None, None));
+            for chunker in [
+                Chunker::DEFAULT,
+                Chunker::Fixed { entries: 1 },
+                Chunker::Fixed { entries: 24 },
+                Chunker::Fixed { entries: 1000 },
+            ] {
+                let enc = m.encode_with(&chunker);
+                let ranges = chunker.split(&m.entries);
+                assert_eq!(enc.chunks.len(), ranges.len());
+                for ((address, bytes), range) in enc.chunks.iter().zip(ranges) {
+                    assert_eq!(bytes, &chunk_bytes(&m.entries[range]), "{n} entries");
+                    assert_eq!(address, &Address::of(bytes));
+                }
+            }
+        }
+        let mut h = Vec::new();
+        for n in [0usize, 23, 24, 255, 256, 65535, 65536, 1 << 32] {
+            h.clear();
+            cbor_array_header(&mut h, n);
+            let want: &[u8] = match n {
+                0 => &[0x80],
+                23 => &[0x97],
+                24 => &[0x98, 24],
+                255 => &[0x98, 0xff],
+                256 => &[0x99, 1, 0],
+                65535 => &[0x99, 0xff, 0xff],
+                65536 => &[0x9a, 0, 1, 0, 0],
+                _ => &[0x9b, 0, 0, 0, 1, 0, 0, 0, 0],
+            };
+            assert_eq!(h, want, "{n}");
+        }
     }
 
     #[test]

@@ -233,7 +233,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
             for w in &built.warnings {
                 eprintln!("warning: {w}");
             }
-            built.write_file(&out)?;
+            let id = built.write_file(&out)?;
             let m = &built.manifest;
             eprintln!(
                 "built {} object(s), {} bytes, from {} commit {}{} into {}",
@@ -252,7 +252,7 @@ pub(super) fn run(cmd: BundleCommand) -> Result<()> {
                 },
                 out.display()
             );
-            println!("{}", built.id());
+            println!("{id}");
         }
         BundleCommand::Inspect {
             file,

@@ -693,3 +693,83 @@ fn every_scalar_form_reads_as_kubectl_reads_it() {
     }
     assert_eq!(ours, theirs);
 }
+
+/// Bundle ids are content addresses: a change to the builder (parsing,
+/// canonical JSON, manifest encoding, chunking, the bundle file) must not
+/// change a single byte of what a given commit builds. The constants were
+/// taken from the builder before the format 2 encoding was made single-pass
+/// (commit `8e43a1e`); both formats, several chunks, YAML 1.1 scalars,
+/// anchors and merge keys, lists, JSON, escapes and Unicode.
+#[test]
+fn bundle_bytes_of_a_commit_never_change() {
+    use cairn_test_support::fixture::{make_manifest_repo, FixtureOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let git = tmp.path().join("git");
+    make_manifest_repo(
+        &git,
+        &FixtureOptions {
+            apps: 120,
+            configmap_kb: 1,
+            commits: 1,
+        },
+    )
+    .unwrap();
+    commit_files(
+        &git,
+        &[
+            ("clusters/edge/zz/deployment.yaml", DEPLOYMENT),
+            ("clusters/edge/zz/service.yaml", SERVICE),
+            (
+                "clusters/edge/zz/mixed.yaml",
+                "# leading comment\n---\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: anchors\n  labels: &l {a: \"1\", b: 'two'}\n  annotations:\n    <<: *l\n    c: |\n      line one\n      line \"two\" \\ tab\there\n    d: >\n      folded\n      text\ndata:\n  unicode: \"h\u{e9}llo \u{2603} \\u00e9 \\U0001F600\"\n  ctl: \"a\\x01b\\u2028c\"\n  empty: ''\n  keyyes: \"yes\"\n  slash: </script>\n---\napiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: Secret, metadata: {name: s1}, stringData: {k: v}}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: s2, namespace: other}\n  spec: {ports: [{port: 80, targetPort: 8080}], x: [1, -2, 3.5, 1e300, 0.1, -0, null, true, ~]}\n",
+            ),
+            (
+                "clusters/edge/zz/j.json",
+                "\u{feff}{\"apiVersion\": \"v1\", \"kind\": \"ConfigMap\", \"metadata\": {\"name\": \"j\"}, \"data\": {\"n\": \"\\u00e9\\n\"}, \"x\": [1.0, 2.5e3, -7, 18446744073709551615]}\n",
+            ),
+        ],
+        "more shapes",
+        FIRST_DATE,
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    for format in ["1", "2"] {
+        let out = tmp.path().join(format!("f{format}.bundle"));
+        let o = cairn(&[
+            "bundle",
+            "build",
+            "--git",
+            git.to_str().unwrap(),
+            "--path",
+            "clusters/edge",
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let id = String::from_utf8(o.stdout).unwrap().trim().to_owned();
+        let file = cairn_bundle::Address::of(&std::fs::read(&out).unwrap()).to_string();
+        got.push((format, id, file));
+    }
+    let want = [
+        (
+            "1",
+            "sha256:8fb12eb72017b083164a46733838226261bded5900ced18417ac249748d0a670",
+            "sha256:bf655131a60343bfcac82da52405ba98a2d3ab5d4c069b8a92d107a3b34a175f",
+        ),
+        (
+            "2",
+            "sha256:20be44923978c1b2d0d5fcd551b3375ed5afe36d4800c95da370ec4526d9b1d2",
+            "sha256:4705f8c0f7612868d05b6cd091a5b4b02a21440ecf2f679dbb4206ed759481d8",
+        ),
+    ];
+    let got_ref: Vec<(&str, &str, &str)> = got
+        .iter()
+        .map(|(f, i, b)| (*f, i.as_str(), b.as_str()))
+        .collect();
+    assert_eq!(
+        got_ref, want,
+        "bundle id and bundle file address per format"
+    );
+}

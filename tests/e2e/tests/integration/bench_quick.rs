@@ -6,6 +6,7 @@ use std::process::Command;
 
 const ROWS: &[&str] = &[
     "bundle build (93 objects) vs `git archive | sha256sum`",
+    "bundle build --format 1 (93 objects) vs `git archive | sha256sum`",
     "bundle build (93 objects) vs `kubectl kustomize`",
     "kustomize directory in the large repository: bundle build vs `kubectl kustomize` on it",
     "verify (",
@@ -73,6 +74,7 @@ fn bench_quick_prints_every_row_with_sane_numbers() {
     assert_eq!(num(&v, "objects"), 93.0);
     for key in [
         "build_secs",
+        "build_format1_secs",
         "git_archive_secs",
         "kustomize_secs",
         "verify_secs",
