@@ -30,10 +30,15 @@ pub use root::{Role, RoleKeys, Root, RootChain, VerifiedRoot};
 /// Hex-encoded SHA-256 of `bytes`, prefixed `sha256:`: the address format
 /// used for every content-addressed thing in Cairn.
 pub fn sha256_address(bytes: &[u8]) -> String {
-    format!(
-        "sha256:{}",
-        hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
-    )
+    format!("sha256:{}", hex::encode(sha256(bytes)))
+}
+
+/// The SHA-256 of `bytes`, as its 32 bytes (what [`sha256_address`]
+/// writes in hex).
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
 }
 
 /// [`sha256_address`] computed over a stream (for contents too large to

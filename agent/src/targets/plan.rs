@@ -27,7 +27,6 @@
 
 use super::DesiredEntries;
 use cairn_core::bundle::Entry;
-use serde::ser::SerializeMap;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -65,7 +64,7 @@ impl Digest {
 
     /// The SHA-256 of `bytes`.
     pub fn of(bytes: &[u8]) -> Self {
-        Self::of_address(&cairn_core::Address::of(bytes))
+        Self(cairn_keys::sha256(bytes))
     }
 
     /// As an [`cairn_core::Address`] (for the store, and messages).
@@ -403,11 +402,7 @@ impl PendingView<'_> {
 
 impl serde::Serialize for PendingView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        for (name, address) in self.iter() {
-            m.serialize_entry(name, &address)?;
-        }
-        m.end()
+        s.collect_map(self.iter())
     }
 }
 
@@ -450,11 +445,7 @@ impl AfterView<'_> {
 
 impl serde::Serialize for AfterView<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(None)?;
-        for (name, address) in self.iter() {
-            m.serialize_entry(name, &address)?;
-        }
-        m.end()
+        s.collect_map(self.iter())
     }
 }
 
