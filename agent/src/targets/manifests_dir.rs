@@ -484,7 +484,7 @@ impl ManifestsDir {
         };
         for (i, f) in want.files().iter().enumerate() {
             // Of files sharing a name only the one that counts is looked at.
-            observed.desired.push(if want.index_of(f.name) == Some(i) {
+            observed.desired.push(if want.counts(i) {
                 self.observe(f.name)?
             } else {
                 Observed::Missing

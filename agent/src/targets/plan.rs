@@ -194,7 +194,7 @@ impl<'a> DesiredFiles<'a> {
     }
 
     /// Whether `index` is the file that counts for its name.
-    fn counts(&self, index: usize) -> bool {
+    pub fn counts(&self, index: usize) -> bool {
         self.files.get(index).and_then(|f| self.index_of(f.name)) == Some(index)
     }
 }
