@@ -72,8 +72,10 @@ mod files;
 mod handle;
 mod kv;
 pub mod outbox;
+mod pack;
 mod records;
 pub use handle::{StoreHandle, STORE_THREADS};
+pub use pack::MAX_OBJECT_BYTES;
 
 use cairn_core::bundle::verify_object;
 use cairn_core::pipeline::Adoption;
@@ -85,8 +87,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 /// Store format written by this build (`meta/format`). Format 1 (all values
-/// inside sled) is read and upgraded in place.
-pub const STORE_FORMAT: u32 = 2;
+/// inside sled) and format 2 (objects in sled's `objects` tree or as files
+/// under `objects/sha256/`) are read as they are and marked format 3; new
+/// objects go to the object pack only.
+pub const STORE_FORMAT: u32 = 3;
 
 /// Largest value kept inside sled; larger values are files (see the module
 /// documentation for why).
@@ -256,6 +260,8 @@ struct Shared {
     tmp_counter: AtomicU64,
     /// The bound on concurrent [`StoreHandle::call`]s.
     calls: handle::CallGate,
+    /// Object bodies ([`pack`]).
+    pack: pack::Pack,
 }
 
 /// The agent's store. Cheap to clone (all clones share one database, also
@@ -355,6 +361,22 @@ impl Store {
     pub fn open(data_dir: &Path) -> StoreResult<Self> {
         let dir = data_dir.to_path_buf();
         let handles = Self::open_handles(&dir)?;
+        let pack = pack::Pack::open(&dir.join("objects")).map_err(|e| match e {
+            pack::PackError::Io(what, e) => match not_writable(&e) {
+                Some(reason) => StoreError::NotWritable {
+                    dir: dir.clone(),
+                    reason: format!("{reason}: {what}"),
+                },
+                None => StoreError::Open {
+                    dir: dir.clone(),
+                    reason: format!("{what}: {e}"),
+                },
+            },
+            pack::PackError::Corrupt(reason) => StoreError::Corrupt {
+                dir: dir.clone(),
+                reason,
+            },
+        })?;
         let store = Store {
             inner: Arc::new(Shared {
                 dir,
@@ -366,6 +388,7 @@ impl Store {
                 errors: AtomicU64::new(0),
                 tmp_counter: AtomicU64::new(0),
                 calls: handle::CallGate::default(),
+                pack,
             }),
         };
         store.check_format()?;
@@ -494,11 +517,14 @@ impl Store {
         match self.meta_get("format")? {
             None => self.meta_put("format", STORE_FORMAT.to_string().as_bytes()),
             Some(v) if v == STORE_FORMAT.to_string().as_bytes() => Ok(()),
-            // Format 1 kept everything in sled; its records read as they
-            // are, so upgrading is just recording the new format.
-            Some(v) if v == b"1" => self.meta_put("format", STORE_FORMAT.to_string().as_bytes()),
+            // Format 1 kept everything in sled, format 2 objects in sled or
+            // files: both read as they are (objects: pack first, then the
+            // `objects` tree), so upgrading is just recording the new format.
+            Some(v) if v == b"1" || v == b"2" => {
+                self.meta_put("format", STORE_FORMAT.to_string().as_bytes())
+            }
             Some(v) => Err(self.corrupt(format!(
-                "store format `{}`, this build understands 1 and {STORE_FORMAT}",
+                "store format `{}`, this build understands 1 to {STORE_FORMAT}",
                 String::from_utf8_lossy(&v)
             ))),
         }
@@ -625,6 +651,13 @@ impl Store {
         }
     }
 
+    fn pack_err(&self, e: pack::PackError) -> StoreError {
+        match e {
+            pack::PackError::Io(what, e) => self.io_fail(what, e),
+            pack::PackError::Corrupt(reason) => self.corrupt(reason),
+        }
+    }
+
     fn invalid(&self, reason: String) -> StoreError {
         StoreError::Db {
             dir: self.inner.dir.clone(),
@@ -638,10 +671,31 @@ impl Store {
 pub mod dangerous {
     use super::{Store, StoreResult, T};
 
-    /// Stores `bytes` under `address` without checking the hash.
+    /// Stores `bytes` under `address` without checking the hash
+    /// (replacing any stored copy).
     pub fn put_object_unchecked(store: &Store, address: &str, bytes: &[u8]) -> StoreResult<()> {
+        let d = super::pack::digest_of(address)
+            .ok_or_else(|| store.invalid(format!("bad address {address}")))?;
+        store
+            .inner
+            .pack
+            .put(&d, bytes, true)
+            .map_err(|e| store.pack_err(e))?;
+        store.flush()
+    }
+
+    /// Stores `bytes` under `address` the way a format 2 store did (in
+    /// sled's `objects` tree, or as a file if large), without a check: for
+    /// tests of stores written by earlier builds.
+    pub fn put_object_format2(store: &Store, address: &str, bytes: &[u8]) -> StoreResult<()> {
         store.put(T::Objects, address.as_bytes(), bytes)?;
         store.flush()
+    }
+
+    /// The current object pack and index files (for tests that damage
+    /// them).
+    pub fn pack_files(store: &Store) -> (std::path::PathBuf, std::path::PathBuf) {
+        store.inner.pack.files()
     }
 
     /// Replaces a channel head without any check.

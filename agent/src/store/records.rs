@@ -66,6 +66,11 @@ impl Store {
         let _g = self.lock_values();
         let manifest_rec = self.record(T::Bundles, manifest_bytes)?;
         let head_rec = self.record(T::Heads, release_bytes)?;
+        // The pack (objects, chunks) and its index, durable before the head.
+        self.inner
+            .pack
+            .write_index()
+            .map_err(|e| self.pack_err(e))?;
         self.sync_files()?;
         let h = self.handles()?;
         use sled::Transactional;
@@ -103,10 +108,17 @@ impl Store {
         }
     }
 
-    /// Whether an object is stored. A record whose file a power cut lost
-    /// (written, never flushed) is dropped and reported absent, so the
-    /// object is fetched again; content is checked on read.
+    /// Whether an object is stored: in the object pack, or (stores written
+    /// by format 2 builds) in the `objects` tree. A format 2 record whose
+    /// file a power cut lost (written, never flushed) is dropped and
+    /// reported absent, so the object is fetched again; content is checked
+    /// on read.
     pub fn has_object(&self, address: &str) -> StoreResult<bool> {
+        if let Some(d) = pack::digest_of(address) {
+            if self.inner.pack.contains(&d).map_err(|e| self.pack_err(e))? {
+                return Ok(true);
+            }
+        }
         let tree = self.tree(T::Objects)?;
         let Some(raw) = tree.get(address.as_bytes()).map_err(|e| self.db_err(e))? else {
             return Ok(false);
@@ -127,28 +139,60 @@ impl Store {
         }
     }
 
-    /// Reads an object and checks it against its address: a mismatch (or
-    /// a lost object file) is [`StoreError::Corrupt`].
+    /// Reads an object and checks it against its address: a mismatch, a
+    /// lost object file or a damaged pack is [`StoreError::Corrupt`]
+    /// naming the file.
     pub fn get_object(&self, address: &str) -> StoreResult<Option<Vec<u8>>> {
-        match self.get(T::Objects, address.as_bytes())? {
-            Some(bytes) => {
-                verify_object(address, &bytes).map_err(|e| self.corrupt(format!("stored {e}")))?;
-                Ok(Some(bytes))
-            }
-            None => Ok(None),
-        }
+        let packed = match pack::digest_of(address) {
+            Some(d) => self.inner.pack.get(&d).map_err(|e| self.pack_err(e))?,
+            None => None,
+        };
+        let (bytes, from) = match packed {
+            Some(b) => (b, "object pack"),
+            None => match self.get(T::Objects, address.as_bytes())? {
+                Some(b) => (b, "objects tree"),
+                None => return Ok(None),
+            },
+        };
+        verify_object(address, &bytes).map_err(|e| {
+            let file = if from == "object pack" {
+                self.inner.pack.files().0.display().to_string()
+            } else {
+                from.to_owned()
+            };
+            self.corrupt(format!("stored {e} (in {file})"))
+        })?;
+        Ok(Some(bytes))
     }
 
-    /// Stores an object after checking it against its address (durable at
-    /// the next flush; [`Store::adopt`] flushes).
+    /// Stores an object after checking it against its address, appended to
+    /// the object pack unless present (durable at the next flush;
+    /// [`Store::adopt`] flushes).
     pub fn put_object(&self, address: &str, bytes: &[u8]) -> StoreResult<()> {
         verify_object(address, bytes).map_err(|e| self.invalid(e.to_string()))?;
-        self.put(T::Objects, address.as_bytes(), bytes)
+        let d = pack::digest_of(address)
+            .ok_or_else(|| self.invalid(format!("bad address {address}")))?;
+        let index_now = self
+            .inner
+            .pack
+            .put(&d, bytes, false)
+            .map_err(|e| self.pack_err(e))?;
+        if index_now {
+            self.inner
+                .pack
+                .write_index()
+                .map_err(|e| self.pack_err(e))?;
+        }
+        Ok(())
     }
 
     /// Removes an object (used to drop a corrupt copy before re-fetching
-    /// it), with its file.
+    /// it): from the pack (its bytes are garbage until a compaction) and
+    /// from a format 2 store's tree, with its file.
     pub fn remove_object(&self, address: &str) -> StoreResult<()> {
+        if let Some(d) = pack::digest_of(address) {
+            self.inner.pack.remove(&d).map_err(|e| self.pack_err(e))?;
+        }
         self.remove(T::Objects, address.as_bytes())?;
         if let Some(p) = self.file_path(T::Objects, address) {
             // Only a corrupt copy is removed; a manifest sharing the file
@@ -158,9 +202,10 @@ impl Store {
         Ok(())
     }
 
-    /// Number of stored objects.
+    /// Number of stored objects (packed, plus a format 2 store's).
     pub fn object_count(&self) -> usize {
-        self.tree(T::Objects).map(|t| t.len()).unwrap_or(0)
+        let legacy = self.tree(T::Objects).map(|t| t.len()).unwrap_or(0);
+        usize::try_from(self.inner.pack.count()).unwrap_or(usize::MAX) + legacy
     }
 
     // ---- last good, inventory, sync status -----------------------------
