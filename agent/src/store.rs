@@ -1,13 +1,16 @@
 //! The agent's local store: everything it needs to keep enforcing its
 //! last-good state with no network, in `<dataDir>`: small records in one
-//! sled database at `<dataDir>/db`, large values as files beside it.
+//! sled database at `<dataDir>/db`, object bodies in an append-only object
+//! pack with a sorted on-disk index (`store/pack.rs`:
+//! `<dataDir>/objects/pack-<gen>.{pack,idx}`), other large values as files
+//! beside them.
 //!
 //! | tree | key | value |
 //! |---|---|---|
 //! | `roots` | version (u64, big-endian) | root envelope bytes (verified before insert) |
 //! | `heads` | channel | the adopted release envelope bytes |
 //! | `bundles` | bundle id | bundle manifest bytes (format 2: the top document; its chunks are objects) |
-//! | `objects` | `sha256:<hex>` | object bytes (content-addressed) |
+//! | `objects` | `sha256:<hex>` | object bytes; only in stores written before format 3 (read, never written): objects now live in the pack |
 //! | `last_good` | channel | release envelope last reconciled successfully |
 //! | `inventory` | target id | the target's inventory (opaque to the store) |
 //! | `sync` | source name | last sync result of that source (opaque JSON) |
@@ -32,9 +35,12 @@
 //!   near the blob threshold (a unit test checks that `db/blobs` stays
 //!   empty) — and `conf` and sled's directories are fsynced at open.
 //!
-//! Larger values are files beside sled:
+//! Object bodies (objects and format 2 manifest chunks) are in the object
+//! pack, never in sled: sled keeps a tree's values in its in-memory leaves,
+//! and the agent's memory would grow with the bundle (docs/AGENT.md,
+//! "Object pack decision"). Larger other values are files beside sled:
 //!
-//! * content-addressed values (objects, manifests) in
+//! * large manifests (and, in format 2 stores, large objects) in
 //!   `<dataDir>/objects/sha256/<2 hex>/<62 hex>`, written to a temporary
 //!   file and renamed, then fsynced together (files, then their
 //!   directories, from a few threads) before the records that need them
@@ -50,12 +56,15 @@
 //! read as they are.
 //!
 //! **Crash safety.** Objects and the manifest are written first; adopting a
-//! release makes every file durable (fsync), then one transaction
+//! release makes the object pack and its index durable (pack fsync, then
+//! the index: temporary file, fsync, rename, directory fsync) and every
+//! file durable (fsync), then one transaction
 //! inserts the manifest record and switches the channel head, then a
 //! flush (fsync of sled's log) before the adoption is reported. A crash or
 //! power cut at any point leaves either the old head or the new one, each
 //! with all its objects. Objects of a release that was never adopted are
-//! harmless: only a head makes anything enforceable.
+//! harmless: only a head makes anything enforceable; pack bytes appended
+//! after the last index write are cut off at the next open.
 //!
 //! **IO errors.** sled keeps its first IO error (a full disk, say) and
 //! fails every later call with it. The store records such an error

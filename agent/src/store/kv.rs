@@ -157,8 +157,8 @@ impl Store {
 
     /// Rewrites the object pack without its garbage (removed and replaced
     /// objects; also any object whose bytes no longer match its address):
-    /// see [`pack`]. [`Store::flush`] does it when garbage passes
-    /// [`pack::COMPACT_MIN_GARBAGE`] and the live bytes. Returns how many
+    /// see `store/pack.rs`. [`Store::flush`] does it when garbage is at
+    /// least 1 MiB and more than the live bytes. Returns how many
     /// damaged objects were dropped (they read as absent, so are fetched
     /// again).
     pub fn compact_objects(&self) -> StoreResult<u64> {
