@@ -701,6 +701,32 @@ pub mod dangerous {
         store.flush()
     }
 
+    /// Rewrites the store in the layout of format 2 (every object moved
+    /// from the pack into sled's `objects` tree or a file, `meta/format`
+    /// 2): for tests that an upgraded agent reads an old store.
+    pub fn rewrite_as_format2(store: &Store) -> StoreResult<()> {
+        let digests = store
+            .inner
+            .pack
+            .digests()
+            .map_err(|e| store.pack_err(e))?;
+        for d in digests {
+            let address = format!("sha256:{}", hex_of(&d));
+            let bytes = store
+                .get_object(&address)?
+                .ok_or_else(|| store.corrupt(format!("{address} vanished")))?;
+            store.put(T::Objects, address.as_bytes(), &bytes)?;
+            store.inner.pack.remove(&d).map_err(|e| store.pack_err(e))?;
+        }
+        store.meta_put("format", b"2")?;
+        store.flush()?;
+        store.compact_objects().map(|_| ())
+    }
+
+    fn hex_of(d: &[u8; 32]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// The current object pack and index files (for tests that damage
     /// them).
     pub fn pack_files(store: &Store) -> (std::path::PathBuf, std::path::PathBuf) {

@@ -690,6 +690,19 @@ impl Pack {
         Ok(())
     }
 
+    /// Every live digest, in order (after an index write; for tests).
+    pub(super) fn digests(&self) -> PResult<Vec<[u8; 32]>> {
+        self.write_index()?;
+        let s = self.lock();
+        let mut out = Vec::new();
+        if let Some(mut it) = IdxStream::new(s.idx.as_deref()) {
+            while let Some((d, _)) = it.next_entry().map_err(io("reading the object index"))? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
     /// Live objects.
     pub(super) fn count(&self) -> u64 {
         self.lock().count
