@@ -705,11 +705,7 @@ pub mod dangerous {
     /// from the pack into sled's `objects` tree or a file, `meta/format`
     /// 2): for tests that an upgraded agent reads an old store.
     pub fn rewrite_as_format2(store: &Store) -> StoreResult<()> {
-        let digests = store
-            .inner
-            .pack
-            .digests()
-            .map_err(|e| store.pack_err(e))?;
+        let digests = store.inner.pack.digests().map_err(|e| store.pack_err(e))?;
         for d in digests {
             let address = format!("sha256:{}", hex_of(&d));
             let bytes = store
