@@ -10,7 +10,7 @@
 //! | `roots` | version (u64, big-endian) | root envelope bytes (verified before insert) |
 //! | `heads` | channel | the adopted release envelope bytes |
 //! | `bundles` | bundle id | bundle manifest bytes (format 2: the top document; its chunks are objects) |
-//! | `objects` | `sha256:<hex>` | object bytes; only in stores written before format 3 (read, never written): objects now live in the pack |
+//! | `objects` | `sha256:<hex>` | object bytes; only in stores written before format 3, moved into the pack at open (read as a fallback, never written) |
 //! | `last_good` | channel | release envelope last reconciled successfully |
 //! | `inventory` | target id | the target's inventory (opaque to the store) |
 //! | `sync` | source name | last sync result of that source (opaque JSON) |
@@ -97,8 +97,8 @@ use std::time::Duration;
 
 /// Store format written by this build (`meta/format`). Format 1 (all values
 /// inside sled) and format 2 (objects in sled's `objects` tree or as files
-/// under `objects/sha256/`) are read as they are and marked format 3; new
-/// objects go to the object pack only.
+/// under `objects/sha256/`) are marked format 3 and their objects moved
+/// into the object pack at open; new objects go to the pack only.
 pub const STORE_FORMAT: u32 = 3;
 
 /// Largest value kept inside sled; larger values are files (see the module
@@ -402,6 +402,7 @@ impl Store {
         };
         store.check_format()?;
         store.remove_temp_files();
+        store.migrate_objects()?;
         // Files an earlier process wrote but never synced (it was killed
         // before its flush) may still be only in the page cache: make them
         // durable once, before anything new can depend on them.

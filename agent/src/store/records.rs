@@ -202,6 +202,78 @@ impl Store {
         Ok(())
     }
 
+    /// Moves the objects of a store written before format 3 (inline in
+    /// the `objects` tree, or files under `objects/sha256/`) into the pack,
+    /// so sled stops holding them: copied as they are (a damaged one stays
+    /// damaged and is caught on read; one whose file is lost, or over the
+    /// size limit, is left out and so fetched again), the pack and its
+    /// index made durable, and only then the tree cleared, sled flushed and
+    /// the object files no bundle record names removed. A crash on the way
+    /// leaves the old records in place and the next open repeats it.
+    pub(super) fn migrate_objects(&self) -> StoreResult<()> {
+        let tree = self.tree(T::Objects)?;
+        if tree.is_empty() {
+            return Ok(());
+        }
+        let mut files = Vec::new();
+        for r in tree.iter() {
+            let (k, raw) = r.map_err(|e| self.db_err(e))?;
+            let Some(d) = std::str::from_utf8(&k).ok().and_then(pack::digest_of) else {
+                continue;
+            };
+            let bytes = match decode(&raw) {
+                Stored::Inline(v) => v,
+                Stored::File { len, address } => {
+                    let Some(path) = self.file_path(T::Objects, &address) else {
+                        continue;
+                    };
+                    let ok = std::fs::metadata(&path).is_ok_and(|m| m.len() == len);
+                    if !ok || len > pack::MAX_OBJECT_BYTES {
+                        continue;
+                    }
+                    let b = std::fs::read(&path)
+                        .map_err(|e| self.io_fail(format!("reading {}", path.display()), e))?;
+                    files.push(path);
+                    b
+                }
+            };
+            if bytes.len() as u64 > pack::MAX_OBJECT_BYTES {
+                continue;
+            }
+            // Not `replace`: a copy already in the pack (an earlier,
+            // interrupted migration) wins.
+            let index_now = self
+                .inner
+                .pack
+                .put(&d, &bytes, false)
+                .map_err(|e| self.pack_err(e))?;
+            if index_now {
+                self.inner
+                    .pack
+                    .write_index()
+                    .map_err(|e| self.pack_err(e))?;
+            }
+        }
+        self.inner
+            .pack
+            .write_index()
+            .map_err(|e| self.pack_err(e))?;
+        tree.clear().map_err(|e| self.db_err(e))?;
+        self.flush()?;
+        // Large manifests share the directory: keep the files they name.
+        let mut manifests = std::collections::BTreeSet::new();
+        for r in self.tree(T::Bundles)?.iter() {
+            let (_, v) = r.map_err(|e| self.db_err(e))?;
+            if let Stored::File { address, .. } = decode(&v) {
+                manifests.extend(self.file_path(T::Bundles, &address));
+            }
+        }
+        for f in files.iter().filter(|f| !manifests.contains(*f)) {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+
     /// Number of stored objects (packed, plus a format 2 store's).
     pub fn object_count(&self) -> usize {
         let legacy = self.tree(T::Objects).map(|t| t.len()).unwrap_or(0);

@@ -430,46 +430,71 @@ fn compaction_drops_garbage_and_keeps_live_objects() {
 }
 
 #[test]
-fn a_format_2_store_is_read_and_new_objects_go_to_the_pack() {
+fn a_format_2_store_is_read_then_migrated_into_the_pack() {
     let d = tempfile::tempdir().unwrap();
     let s = Store::open(d.path()).unwrap();
-    // The layout today's main writes: small objects inline in sled's
+    // The layout main wrote before format 3: small objects inline in sled's
     // `objects` tree, large ones as files under objects/sha256/.
     let small = objects(20, 100);
     let large = objects(3, 8 << 10);
     for (a, v) in small.iter().chain(&large) {
         dangerous::put_object_format2(&s, a, v).unwrap();
     }
-    s.meta_put("format", b"2").unwrap();
-    s.flush().unwrap();
-    assert!(d.path().join("objects/sha256").exists());
-    s.close().unwrap();
-    let s = Store::open(d.path()).unwrap();
-    assert_eq!(
-        s.meta_get("format").unwrap().unwrap(),
-        STORE_FORMAT.to_string().as_bytes()
-    );
+    // Read in place (as until the next open migrates them); a damaged
+    // format 2 copy is caught, and removable.
     assert_eq!(s.object_count(), 23);
     for (a, v) in small.iter().chain(&large) {
         assert!(s.has_object(a).unwrap());
         assert_eq!(&s.get_object(a).unwrap().unwrap(), v);
     }
-    // A damaged format 2 copy is still caught, and removable.
-    dangerous::put_object_format2(&s, &small[0].0, b"bit rot").unwrap();
+    let bad = objects(1, 50).remove(0);
+    dangerous::put_object_format2(&s, &bad.0, b"bit rot").unwrap();
     assert!(matches!(
-        s.get_object(&small[0].0),
+        s.get_object(&bad.0),
         Err(StoreError::Corrupt { .. })
     ));
-    s.remove_object(&small[0].0).unwrap();
-    assert!(!s.has_object(&small[0].0).unwrap());
-    // New objects (and a re-fetched one) go to the pack only.
+    s.remove_object(&bad.0).unwrap();
+    assert!(!s.has_object(&bad.0).unwrap());
+    // A damaged copy and a lost file, for the migration below.
+    let rot = objects(2, 60);
+    dangerous::put_object_format2(&s, &rot[0].0, b"bit rot").unwrap();
+    let lost = vec![b'l'; 8 << 10];
+    let lost_a = cairn_keys::sha256_address(&lost);
+    dangerous::put_object_format2(&s, &lost_a, &lost).unwrap();
+    std::fs::remove_file(s.file_path(T::Objects, &lost_a).unwrap()).unwrap();
+    s.meta_put("format", b"2").unwrap();
+    s.flush().unwrap();
+    assert!(d.path().join("objects/sha256").exists());
+    s.close().unwrap();
+    // The upgraded open moves every object into the pack.
+    let s = Store::open(d.path()).unwrap();
+    assert_eq!(
+        s.meta_get("format").unwrap().unwrap(),
+        STORE_FORMAT.to_string().as_bytes()
+    );
+    assert_eq!(
+        s.tree(T::Objects).unwrap().len(),
+        0,
+        "sled still holds objects"
+    );
+    assert!(!s.file_path(T::Objects, &large[0].0).unwrap().exists());
+    assert_eq!(s.object_count(), 24);
+    for (a, v) in small.iter().chain(&large) {
+        assert!(s.has_object(a).unwrap());
+        assert_eq!(&s.get_object(a).unwrap().unwrap(), v);
+    }
+    assert!(matches!(
+        s.get_object(&rot[0].0),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(!s.has_object(&lost_a).unwrap());
+    // New objects go to the pack only.
     let fresh = objects(5, 9000);
-    s.put_object(&small[0].0, &small[0].1).unwrap();
     for (a, v) in &fresh {
         s.put_object(a, v).unwrap();
     }
     s.flush().unwrap();
-    assert_eq!(s.tree(T::Objects).unwrap().len(), 22);
+    assert_eq!(s.tree(T::Objects).unwrap().len(), 0);
     assert!(!s.file_path(T::Objects, &fresh[0].0).unwrap().exists());
     s.close().unwrap();
     let s = Store::open(d.path()).unwrap();
