@@ -147,7 +147,14 @@ impl Idx {
         let mut lo = if b == 0 { 0 } else { self.fanout[b - 1] as u64 };
         let mut hi = self.fanout[b] as u64;
         let mut buf = [0u8; ENTRY as usize];
-        let read_err = |e| PackError::Io(format!("reading {}", self.path.display()), e);
+        let read_err = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                // Checked at open: it shrank under the running store.
+                PackError::Corrupt(format!("object index {} is truncated", self.path.display()))
+            } else {
+                PackError::Io(format!("reading {}", self.path.display()), e)
+            }
+        };
         while hi - lo > SCAN {
             let mid = lo + (hi - lo) / 2;
             self.file

@@ -368,6 +368,18 @@ fn damaged_index_or_pack_is_a_clear_error_and_changes_nothing() {
     f.set_len(pack::PACK_HEADER + 10).unwrap();
     let e = s.get_object(&objs[40].0).unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
+    // So does the index.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&idx_path)
+        .unwrap();
+    f.set_len(pack::IDX_HEADER + 3).unwrap();
+    let e = s.has_object(&objs[41].0).unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&idx_path.display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]
