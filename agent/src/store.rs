@@ -1,13 +1,16 @@
 //! The agent's local store: everything it needs to keep enforcing its
 //! last-good state with no network, in `<dataDir>`: small records in one
-//! sled database at `<dataDir>/db`, large values as files beside it.
+//! sled database at `<dataDir>/db`, object bodies in an append-only object
+//! pack with a sorted on-disk index (`store/pack.rs`:
+//! `<dataDir>/objects/pack-<gen>.{pack,idx}`), other large values as files
+//! beside them.
 //!
 //! | tree | key | value |
 //! |---|---|---|
 //! | `roots` | version (u64, big-endian) | root envelope bytes (verified before insert) |
 //! | `heads` | channel | the adopted release envelope bytes |
 //! | `bundles` | bundle id | bundle manifest bytes (format 2: the top document; its chunks are objects) |
-//! | `objects` | `sha256:<hex>` | object bytes (content-addressed) |
+//! | `objects` | `sha256:<hex>` | object bytes; only in stores written before format 3, moved into the pack at open (read as a fallback, never written) |
 //! | `last_good` | channel | release envelope last reconciled successfully |
 //! | `inventory` | target id | the target's inventory (opaque to the store) |
 //! | `sync` | source name | last sync result of that source (opaque JSON) |
@@ -32,9 +35,12 @@
 //!   near the blob threshold (a unit test checks that `db/blobs` stays
 //!   empty) — and `conf` and sled's directories are fsynced at open.
 //!
-//! Larger values are files beside sled:
+//! Object bodies (objects and format 2 manifest chunks) are in the object
+//! pack, never in sled: sled keeps a tree's values in its in-memory leaves,
+//! and the agent's memory would grow with the bundle (docs/AGENT.md,
+//! "Object pack decision"). Larger other values are files beside sled:
 //!
-//! * content-addressed values (objects, manifests) in
+//! * large manifests (and, in format 2 stores, large objects) in
 //!   `<dataDir>/objects/sha256/<2 hex>/<62 hex>`, written to a temporary
 //!   file and renamed, then fsynced together (files, then their
 //!   directories, from a few threads) before the records that need them
@@ -50,12 +56,15 @@
 //! read as they are.
 //!
 //! **Crash safety.** Objects and the manifest are written first; adopting a
-//! release makes every file durable (fsync), then one transaction
+//! release makes the object pack and its index durable (pack fsync, then
+//! the index: temporary file, fsync, rename, directory fsync) and every
+//! file durable (fsync), then one transaction
 //! inserts the manifest record and switches the channel head, then a
 //! flush (fsync of sled's log) before the adoption is reported. A crash or
 //! power cut at any point leaves either the old head or the new one, each
 //! with all its objects. Objects of a release that was never adopted are
-//! harmless: only a head makes anything enforceable.
+//! harmless: only a head makes anything enforceable; pack bytes appended
+//! after the last index write are cut off at the next open.
 //!
 //! **IO errors.** sled keeps its first IO error (a full disk, say) and
 //! fails every later call with it. The store records such an error
@@ -72,8 +81,10 @@ mod files;
 mod handle;
 mod kv;
 pub mod outbox;
+mod pack;
 mod records;
 pub use handle::{StoreHandle, STORE_THREADS};
+pub use pack::MAX_OBJECT_BYTES;
 
 use cairn_core::bundle::verify_object;
 use cairn_core::pipeline::Adoption;
@@ -85,8 +96,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 /// Store format written by this build (`meta/format`). Format 1 (all values
-/// inside sled) is read and upgraded in place.
-pub const STORE_FORMAT: u32 = 2;
+/// inside sled) and format 2 (objects in sled's `objects` tree or as files
+/// under `objects/sha256/`) are marked format 3 and their objects moved
+/// into the object pack at open; new objects go to the pack only.
+pub const STORE_FORMAT: u32 = 3;
 
 /// Largest value kept inside sled; larger values are files (see the module
 /// documentation for why).
@@ -256,6 +269,8 @@ struct Shared {
     tmp_counter: AtomicU64,
     /// The bound on concurrent [`StoreHandle::call`]s.
     calls: handle::CallGate,
+    /// Object bodies ([`pack`]).
+    pack: pack::Pack,
 }
 
 /// The agent's store. Cheap to clone (all clones share one database, also
@@ -355,6 +370,22 @@ impl Store {
     pub fn open(data_dir: &Path) -> StoreResult<Self> {
         let dir = data_dir.to_path_buf();
         let handles = Self::open_handles(&dir)?;
+        let pack = pack::Pack::open(&dir.join("objects")).map_err(|e| match e {
+            pack::PackError::Io(what, e) => match not_writable(&e) {
+                Some(reason) => StoreError::NotWritable {
+                    dir: dir.clone(),
+                    reason: format!("{reason}: {what}"),
+                },
+                None => StoreError::Open {
+                    dir: dir.clone(),
+                    reason: format!("{what}: {e}"),
+                },
+            },
+            pack::PackError::Corrupt(reason) => StoreError::Corrupt {
+                dir: dir.clone(),
+                reason,
+            },
+        })?;
         let store = Store {
             inner: Arc::new(Shared {
                 dir,
@@ -366,10 +397,12 @@ impl Store {
                 errors: AtomicU64::new(0),
                 tmp_counter: AtomicU64::new(0),
                 calls: handle::CallGate::default(),
+                pack,
             }),
         };
         store.check_format()?;
         store.remove_temp_files();
+        store.migrate_objects()?;
         // Files an earlier process wrote but never synced (it was killed
         // before its flush) may still be only in the page cache: make them
         // durable once, before anything new can depend on them.
@@ -494,11 +527,14 @@ impl Store {
         match self.meta_get("format")? {
             None => self.meta_put("format", STORE_FORMAT.to_string().as_bytes()),
             Some(v) if v == STORE_FORMAT.to_string().as_bytes() => Ok(()),
-            // Format 1 kept everything in sled; its records read as they
-            // are, so upgrading is just recording the new format.
-            Some(v) if v == b"1" => self.meta_put("format", STORE_FORMAT.to_string().as_bytes()),
+            // Format 1 kept everything in sled, format 2 objects in sled or
+            // files: both read as they are (objects: pack first, then the
+            // `objects` tree), so upgrading is just recording the new format.
+            Some(v) if v == b"1" || v == b"2" => {
+                self.meta_put("format", STORE_FORMAT.to_string().as_bytes())
+            }
             Some(v) => Err(self.corrupt(format!(
-                "store format `{}`, this build understands 1 and {STORE_FORMAT}",
+                "store format `{}`, this build understands 1 to {STORE_FORMAT}",
                 String::from_utf8_lossy(&v)
             ))),
         }
@@ -625,6 +661,13 @@ impl Store {
         }
     }
 
+    fn pack_err(&self, e: pack::PackError) -> StoreError {
+        match e {
+            pack::PackError::Io(what, e) => self.io_fail(what, e),
+            pack::PackError::Corrupt(reason) => self.corrupt(reason),
+        }
+    }
+
     fn invalid(&self, reason: String) -> StoreError {
         StoreError::Db {
             dir: self.inner.dir.clone(),
@@ -638,10 +681,53 @@ impl Store {
 pub mod dangerous {
     use super::{Store, StoreResult, T};
 
-    /// Stores `bytes` under `address` without checking the hash.
+    /// Stores `bytes` under `address` without checking the hash
+    /// (replacing any stored copy).
     pub fn put_object_unchecked(store: &Store, address: &str, bytes: &[u8]) -> StoreResult<()> {
+        let d = super::pack::digest_of(address)
+            .ok_or_else(|| store.invalid(format!("bad address {address}")))?;
+        store
+            .inner
+            .pack
+            .put(&d, bytes, true)
+            .map_err(|e| store.pack_err(e))?;
+        store.flush()
+    }
+
+    /// Stores `bytes` under `address` the way a format 2 store did (in
+    /// sled's `objects` tree, or as a file if large), without a check: for
+    /// tests of stores written by earlier builds.
+    pub fn put_object_format2(store: &Store, address: &str, bytes: &[u8]) -> StoreResult<()> {
         store.put(T::Objects, address.as_bytes(), bytes)?;
         store.flush()
+    }
+
+    /// Rewrites the store in the layout of format 2 (every object moved
+    /// from the pack into sled's `objects` tree or a file, `meta/format`
+    /// 2): for tests that an upgraded agent reads an old store.
+    pub fn rewrite_as_format2(store: &Store) -> StoreResult<()> {
+        let digests = store.inner.pack.digests().map_err(|e| store.pack_err(e))?;
+        for d in digests {
+            let address = format!("sha256:{}", hex_of(&d));
+            let bytes = store
+                .get_object(&address)?
+                .ok_or_else(|| store.corrupt(format!("{address} vanished")))?;
+            store.put(T::Objects, address.as_bytes(), &bytes)?;
+            store.inner.pack.remove(&d).map_err(|e| store.pack_err(e))?;
+        }
+        store.meta_put("format", b"2")?;
+        store.flush()?;
+        store.compact_objects().map(|_| ())
+    }
+
+    fn hex_of(d: &[u8; 32]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The current object pack and index files (for tests that damage
+    /// them).
+    pub fn pack_files(store: &Store) -> (std::path::PathBuf, std::path::PathBuf) {
+        store.inner.pack.files()
     }
 
     /// Replaces a channel head without any check.

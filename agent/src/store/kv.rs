@@ -134,6 +134,10 @@ impl Store {
     /// log, then unreferenced value files are removed.
     pub fn flush(&self) -> StoreResult<()> {
         let _g = self.lock_values();
+        self.inner
+            .pack
+            .write_index()
+            .map_err(|e| self.pack_err(e))?;
         self.sync_files()?;
         let h = self.handles()?;
         h.db.flush().map_err(|e| self.db_err(e))?;
@@ -145,6 +149,22 @@ impl Store {
         if self.inner.values_gc.swap(false, Ordering::AcqRel) {
             self.collect_values()?;
         }
+        if self.inner.pack.wants_compaction() {
+            self.compact_objects()?;
+        }
         Ok(())
+    }
+
+    /// Rewrites the object pack without its garbage (removed and replaced
+    /// objects; also any object whose bytes no longer match its address):
+    /// see `store/pack.rs`. [`Store::flush`] does it when garbage is at
+    /// least 1 MiB and more than the live bytes. Returns how many
+    /// damaged objects were dropped (they read as absent, so are fetched
+    /// again).
+    pub fn compact_objects(&self) -> StoreResult<u64> {
+        self.inner
+            .pack
+            .compact(|d, bytes| &cairn_keys::sha256(bytes) == d)
+            .map_err(|e| self.pack_err(e))
     }
 }

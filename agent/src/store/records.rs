@@ -66,6 +66,11 @@ impl Store {
         let _g = self.lock_values();
         let manifest_rec = self.record(T::Bundles, manifest_bytes)?;
         let head_rec = self.record(T::Heads, release_bytes)?;
+        // The pack (objects, chunks) and its index, durable before the head.
+        self.inner
+            .pack
+            .write_index()
+            .map_err(|e| self.pack_err(e))?;
         self.sync_files()?;
         let h = self.handles()?;
         use sled::Transactional;
@@ -103,10 +108,17 @@ impl Store {
         }
     }
 
-    /// Whether an object is stored. A record whose file a power cut lost
-    /// (written, never flushed) is dropped and reported absent, so the
-    /// object is fetched again; content is checked on read.
+    /// Whether an object is stored: in the object pack, or (stores written
+    /// by format 2 builds) in the `objects` tree. A format 2 record whose
+    /// file a power cut lost (written, never flushed) is dropped and
+    /// reported absent, so the object is fetched again; content is checked
+    /// on read.
     pub fn has_object(&self, address: &str) -> StoreResult<bool> {
+        if let Some(d) = pack::digest_of(address) {
+            if self.inner.pack.contains(&d).map_err(|e| self.pack_err(e))? {
+                return Ok(true);
+            }
+        }
         let tree = self.tree(T::Objects)?;
         let Some(raw) = tree.get(address.as_bytes()).map_err(|e| self.db_err(e))? else {
             return Ok(false);
@@ -127,28 +139,60 @@ impl Store {
         }
     }
 
-    /// Reads an object and checks it against its address: a mismatch (or
-    /// a lost object file) is [`StoreError::Corrupt`].
+    /// Reads an object and checks it against its address: a mismatch, a
+    /// lost object file or a damaged pack is [`StoreError::Corrupt`]
+    /// naming the file.
     pub fn get_object(&self, address: &str) -> StoreResult<Option<Vec<u8>>> {
-        match self.get(T::Objects, address.as_bytes())? {
-            Some(bytes) => {
-                verify_object(address, &bytes).map_err(|e| self.corrupt(format!("stored {e}")))?;
-                Ok(Some(bytes))
-            }
-            None => Ok(None),
-        }
+        let packed = match pack::digest_of(address) {
+            Some(d) => self.inner.pack.get(&d).map_err(|e| self.pack_err(e))?,
+            None => None,
+        };
+        let (bytes, from) = match packed {
+            Some(b) => (b, "object pack"),
+            None => match self.get(T::Objects, address.as_bytes())? {
+                Some(b) => (b, "objects tree"),
+                None => return Ok(None),
+            },
+        };
+        verify_object(address, &bytes).map_err(|e| {
+            let file = if from == "object pack" {
+                self.inner.pack.files().0.display().to_string()
+            } else {
+                from.to_owned()
+            };
+            self.corrupt(format!("stored {e} (in {file})"))
+        })?;
+        Ok(Some(bytes))
     }
 
-    /// Stores an object after checking it against its address (durable at
-    /// the next flush; [`Store::adopt`] flushes).
+    /// Stores an object after checking it against its address, appended to
+    /// the object pack unless present (durable at the next flush;
+    /// [`Store::adopt`] flushes).
     pub fn put_object(&self, address: &str, bytes: &[u8]) -> StoreResult<()> {
         verify_object(address, bytes).map_err(|e| self.invalid(e.to_string()))?;
-        self.put(T::Objects, address.as_bytes(), bytes)
+        let d = pack::digest_of(address)
+            .ok_or_else(|| self.invalid(format!("bad address {address}")))?;
+        let index_now = self
+            .inner
+            .pack
+            .put(&d, bytes, false)
+            .map_err(|e| self.pack_err(e))?;
+        if index_now {
+            self.inner
+                .pack
+                .write_index()
+                .map_err(|e| self.pack_err(e))?;
+        }
+        Ok(())
     }
 
     /// Removes an object (used to drop a corrupt copy before re-fetching
-    /// it), with its file.
+    /// it): from the pack (its bytes are garbage until a compaction) and
+    /// from a format 2 store's tree, with its file.
     pub fn remove_object(&self, address: &str) -> StoreResult<()> {
+        if let Some(d) = pack::digest_of(address) {
+            self.inner.pack.remove(&d).map_err(|e| self.pack_err(e))?;
+        }
         self.remove(T::Objects, address.as_bytes())?;
         if let Some(p) = self.file_path(T::Objects, address) {
             // Only a corrupt copy is removed; a manifest sharing the file
@@ -158,9 +202,82 @@ impl Store {
         Ok(())
     }
 
-    /// Number of stored objects.
+    /// Moves the objects of a store written before format 3 (inline in
+    /// the `objects` tree, or files under `objects/sha256/`) into the pack,
+    /// so sled stops holding them: copied as they are (a damaged one stays
+    /// damaged and is caught on read; one whose file is lost, or over the
+    /// size limit, is left out and so fetched again), the pack and its
+    /// index made durable, and only then the tree cleared, sled flushed and
+    /// the object files no bundle record names removed. A crash on the way
+    /// leaves the old records in place and the next open repeats it.
+    pub(super) fn migrate_objects(&self) -> StoreResult<()> {
+        let tree = self.tree(T::Objects)?;
+        if tree.is_empty() {
+            return Ok(());
+        }
+        let mut files = Vec::new();
+        for r in tree.iter() {
+            let (k, raw) = r.map_err(|e| self.db_err(e))?;
+            let Some(d) = std::str::from_utf8(&k).ok().and_then(pack::digest_of) else {
+                continue;
+            };
+            let bytes = match decode(&raw) {
+                Stored::Inline(v) => v,
+                Stored::File { len, address } => {
+                    let Some(path) = self.file_path(T::Objects, &address) else {
+                        continue;
+                    };
+                    let ok = std::fs::metadata(&path).is_ok_and(|m| m.len() == len);
+                    if !ok || len > pack::MAX_OBJECT_BYTES {
+                        continue;
+                    }
+                    let b = std::fs::read(&path)
+                        .map_err(|e| self.io_fail(format!("reading {}", path.display()), e))?;
+                    files.push(path);
+                    b
+                }
+            };
+            if bytes.len() as u64 > pack::MAX_OBJECT_BYTES {
+                continue;
+            }
+            // Not `replace`: a copy already in the pack (an earlier,
+            // interrupted migration) wins.
+            let index_now = self
+                .inner
+                .pack
+                .put(&d, &bytes, false)
+                .map_err(|e| self.pack_err(e))?;
+            if index_now {
+                self.inner
+                    .pack
+                    .write_index()
+                    .map_err(|e| self.pack_err(e))?;
+            }
+        }
+        self.inner
+            .pack
+            .write_index()
+            .map_err(|e| self.pack_err(e))?;
+        tree.clear().map_err(|e| self.db_err(e))?;
+        self.flush()?;
+        // Large manifests share the directory: keep the files they name.
+        let mut manifests = std::collections::BTreeSet::new();
+        for r in self.tree(T::Bundles)?.iter() {
+            let (_, v) = r.map_err(|e| self.db_err(e))?;
+            if let Stored::File { address, .. } = decode(&v) {
+                manifests.extend(self.file_path(T::Bundles, &address));
+            }
+        }
+        for f in files.iter().filter(|f| !manifests.contains(*f)) {
+            let _ = std::fs::remove_file(f);
+        }
+        Ok(())
+    }
+
+    /// Number of stored objects (packed, plus a format 2 store's).
     pub fn object_count(&self) -> usize {
-        self.tree(T::Objects).map(|t| t.len()).unwrap_or(0)
+        let legacy = self.tree(T::Objects).map(|t| t.len()).unwrap_or(0);
+        usize::try_from(self.inner.pack.count()).unwrap_or(usize::MAX) + legacy
     }
 
     // ---- last good, inventory, sync status -----------------------------

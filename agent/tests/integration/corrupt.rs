@@ -106,3 +106,47 @@ fn second_agent_on_the_same_data_dir_is_refused() {
     assert!(err.contains("locked by another process"), "{err}");
     terminate(&mut agent);
 }
+
+#[test]
+fn a_format_2_store_is_enforced_offline_by_an_upgraded_agent() {
+    let (w, _, objects) = adopted_world();
+    {
+        let store = Store::open(&w.data).unwrap();
+        dangerous::rewrite_as_format2(&store).unwrap();
+        let (pack, _) = dangerous::pack_files(&store);
+        // The pack is empty: every object is where a format 2 build put it.
+        assert_eq!(std::fs::metadata(pack).unwrap().len(), 24);
+        assert!(store.object_count() >= objects.len());
+        store.close().unwrap();
+    }
+    // No source has anything: every object must come from the old layout.
+    let server = StaticServer::start(w.path("empty")).unwrap();
+    let cfg = w.config("offline.yaml", &[server.url()]);
+    let logs = w.once_ok(&cfg);
+    assert!(!logs.contains("re-fetched"), "{logs}");
+    let store = Store::open(&w.data).unwrap();
+    for a in &objects {
+        assert!(store.get_object(a).unwrap().is_some(), "{a}");
+    }
+}
+
+#[test]
+fn damaged_object_index_is_a_clear_error_and_is_left_alone() {
+    let (w, cfg, _) = adopted_world();
+    let idx = {
+        let store = Store::open(&w.data).unwrap();
+        let (_, idx) = dangerous::pack_files(&store);
+        store.close().unwrap();
+        idx
+    };
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = bytes.len() - 20; // inside the last entry's digest
+    bytes[n] ^= 0x10;
+    std::fs::write(&idx, &bytes).unwrap();
+    let out = w.once(&cfg);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&idx.display().to_string()), "{err}");
+    assert!(err.contains("never wipes"), "{err}");
+    assert_eq!(std::fs::read(&idx).unwrap(), bytes, "index changed");
+}

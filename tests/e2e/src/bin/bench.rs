@@ -271,6 +271,21 @@ fn chunking_rows(
     }
 }
 
+/// Bytes of the files under `dir` (allocated blocks, as `du` counts).
+fn tree_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -979,6 +994,7 @@ impl Bench {
         let server = StaticServer::start(repo)?;
         let runs = self.o.runs.min(3);
         let (mut idle, mut peak) = (Vec::new(), Vec::new());
+        let (mut sync, mut disk) = (Vec::new(), Vec::new());
         for r in 0..runs {
             progress(&format!("footprint run {}/{runs}", r + 1));
             let cfg =
@@ -991,7 +1007,8 @@ impl Bench {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            let res = (|| -> Result<(u64, u64)> {
+            let started = Instant::now();
+            let res = (|| -> Result<(u64, u64, f64, u64)> {
                 wait_until(
                     Duration::from_secs(300),
                     "the agent to apply the bundle",
@@ -1002,20 +1019,32 @@ impl Bench {
                         }))
                     },
                 )?;
+                let took = started.elapsed().as_secs_f64();
                 // Idle: let the post-adoption work and allocator settle.
                 std::thread::sleep(Duration::from_secs(3));
                 let st = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
                 Ok((
                     proc_kib(&st, "VmRSS")? * 1024,
                     proc_kib(&st, "VmHWM")? * 1024,
+                    took,
+                    tree_bytes(&data),
                 ))
             })();
             let _ = child.kill();
             let _ = child.wait();
-            let (i, p) = res?;
+            let (i, p, t, b) = res?;
             idle.push(i as f64);
             peak.push(p as f64);
+            sync.push(t);
+            disk.push(b as f64);
         }
+        let (sync, disk) = (median(sync), median(disk));
+        self.record("sync_seconds", json!(sync));
+        self.record("data_dir_bytes", json!(disk));
+        progress(&format!(
+            "footprint: start to applied {sync:.1} s, data dir {} (median)",
+            mib(disk)
+        ));
         let (idle, peak) = (median(idle), median(peak));
         let n = self.objects;
         rows.push(row(
