@@ -21,6 +21,17 @@
 //! where a node starts (so `key: a[0]` or `echo hi!` are plain text), skips
 //! comments, quoted scalars and block scalars, and over-estimates where it
 //! has to. Only then is the text parsed.
+//!
+//! Two readers follow the scan. [`transcode_documents`] writes libyaml's
+//! events straight as canonical JSON (the builder's common case: no value
+//! tree, one buffer per document, a mapping's members sorted when it
+//! ends); it gives up on whatever it does not handle exactly as the
+//! composer does (anchors, aliases, merge keys, tags, duplicate or
+//! non-string keys, errors), and [`parse_documents`] (events composed into
+//! `serde_json::Value`s) then gives the result or the error. Sorting
+//! copies a mapping's bytes once when it ends, so a document costs at most
+//! its size times its nesting depth (≤ [`MAX_NESTING`]) in copies, and no
+//! more memory than twice its canonical size.
 
 use crate::libyaml::{Event, Mark, Parser, Style};
 use cairn_keys::text::escape_untrusted;
