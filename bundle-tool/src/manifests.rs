@@ -121,6 +121,17 @@ pub fn parse_file(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<Vec
 /// bombs, non-core tags) is refused before parsing, in time linear in the
 /// input. Never panics, whatever the bytes.
 pub fn parse_file_full(path: &str, bytes: &[u8], max_object_bytes: u64) -> Result<ParsedFile> {
+    parse_file_with(path, bytes, max_object_bytes, true)
+}
+
+/// [`parse_file_full`], with the transcoder tried first for YAML when
+/// `transcode` (tests compare both paths).
+fn parse_file_with(
+    path: &str,
+    bytes: &[u8],
+    max_object_bytes: u64,
+    transcode: bool,
+) -> Result<ParsedFile> {
     let err = |reason: String| Error::Manifest {
         file: path.to_owned(),
         reason,
@@ -153,6 +164,12 @@ pub fn parse_file_full(path: &str, bytes: &[u8], max_object_bytes: u64) -> Resul
             index = index.saturating_add(1);
         }
     } else {
+        if let Some(f) = transcode
+            .then(|| parse_yaml_transcoded(path, text, max_object_bytes))
+            .flatten()
+        {
+            return Ok(f);
+        }
         for doc in yaml::parse_documents(text).map_err(|e| err(e.to_string()))? {
             out.warnings
                 .extend(doc.warnings.iter().map(|w| format!("{path}: {w}")));
@@ -202,6 +219,47 @@ pub fn parse_file_full(path: &str, bytes: &[u8], max_object_bytes: u64) -> Resul
         offset = offset.saturating_add(count.saturating_sub(1));
     }
     Ok(out)
+}
+
+/// [`parse_file_full`] of a YAML text through
+/// [`yaml::transcode_documents`]: canonical bytes written straight from
+/// the parser's events, identity from the few fields
+/// [`validate_object`] reads. `None` wherever that path does not apply
+/// or anything is wrong (a `List`, an object over the size limit, a
+/// document that does not validate, and whatever the transcoder leaves
+/// to the composer); the composer's path then gives the result or the
+/// error, so both paths give the same bytes, warnings and errors
+/// (`tests::transcoder_and_composer_agree`).
+fn parse_yaml_transcoded(path: &str, text: &str, max_object_bytes: u64) -> Option<ParsedFile> {
+    let docs = yaml::transcode_documents(text)?;
+    let mut out = ParsedFile::default();
+    for doc in docs {
+        out.warnings
+            .extend(doc.warnings.iter().map(|w| format!("{path}: {w}")));
+        let Some(bytes) = doc.bytes else { continue };
+        let serde_json::Value::Object(id) = &doc.identity else {
+            return None;
+        };
+        if !id.contains_key("apiVersion") && !id.contains_key("kind") {
+            out.not_objects.push((doc.index, doc.line));
+            continue;
+        }
+        if let Some(serde_json::Value::String(kind)) = id.get("kind") {
+            if kind.ends_with("List") {
+                return None;
+            }
+        }
+        let obj = validate_object(&doc.identity).ok()?;
+        if bytes.len() as u64 > max_object_bytes {
+            return None;
+        }
+        out.objects.push(ParsedObject {
+            document: doc.index,
+            bytes,
+            ..obj
+        });
+    }
+    Some(out)
 }
 
 /// The items of a list document (`kind` ending in `List` with an `items`
@@ -574,5 +632,404 @@ mod tests {
             e,
             "dir/f.yaml: document 0: `data`: duplicate key `x` (first at line 6) (line 8 column 3)"
         );
+    }
+}
+
+/// The transcoder ([`parse_yaml_transcoded`]) against the composer: same
+/// objects, bytes, warnings, non-objects and errors, on the fixtures and a
+/// generated corpus.
+#[cfg(test)]
+mod transcoder_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    const MAX: u64 = 1 << 20;
+
+    /// Both paths on one text; whether the transcoder took it.
+    fn agree(path: &str, text: &str, max: u64) -> std::result::Result<bool, String> {
+        let show = |r: Result<ParsedFile>| r.map_err(|e| e.to_string());
+        let fast = show(parse_file_with(path, text.as_bytes(), max, true));
+        let composed = show(parse_file_with(path, text.as_bytes(), max, false));
+        if fast != composed {
+            return Err(format!(
+                "{text:?}\ntranscoded: {fast:?}\ncomposed:   {composed:?}"
+            ));
+        }
+        Ok(parse_yaml_transcoded(path, text, max).is_some())
+    }
+
+    #[test]
+    fn transcoder_and_composer_agree_on_the_fixtures() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut texts: Vec<(String, String)> = Vec::new();
+        for dir in [
+            "tests/fuzz/corpus/yaml_objects",
+            "deploy/kubernetes",
+            "bundle-tool/tests/fixtures/helm/repo/apps/plain",
+        ] {
+            let dir = format!("{root}/{dir}");
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+                    let t = std::fs::read_to_string(&p).unwrap();
+                    texts.push((p.display().to_string(), t));
+                }
+            }
+        }
+        use cairn_test_support::fixture as fx;
+        let app = fx::app_name(7);
+        for t in [
+            fx::CRD.to_owned(),
+            format!("{}---\n{}", fx::CRD, fx::SENSOR),
+            fx::configmap(&app, 3, 2),
+            fx::deployment(&app),
+            fx::service(&app),
+        ] {
+            texts.push(("fixture.yaml".into(), t));
+        }
+        assert!(texts.len() >= 10, "{}", texts.len());
+        let mut fast = 0;
+        for (path, text) in &texts {
+            if agree(path, text, MAX).unwrap_or_else(|e| panic!("{e}")) {
+                fast += 1;
+            }
+        }
+        // The bench fixture's files all take the transcoder.
+        for (_, text) in texts.iter().rev().take(5) {
+            assert!(
+                parse_yaml_transcoded("f.yaml", text, MAX).is_some(),
+                "{text}"
+            );
+        }
+        assert!(fast >= texts.len() / 2, "{fast} of {}", texts.len());
+        // What the transcoder leaves to the composer, each once.
+        for text in [
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nbase: &b {x: 1}\ndata:\n  <<: *b\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: !!str 1}\n",
+            "apiVersion: v1\nkind: List\nitems:\n- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: 1, x: 2}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {1: x}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ''}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: [a]}\n",
+            "- a\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\nx: .nan\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a\n",
+        ] {
+            assert!(!agree("f.yaml", text, MAX).unwrap_or_else(|e| panic!("{e}")), "{text}");
+        }
+        // Over the size limit: the composer's error.
+        let text = fx::configmap(&app, 1, 1);
+        assert!(!agree("f.yaml", &text, 100).unwrap_or_else(|e| panic!("{e}")));
+    }
+
+    /// A generated YAML node.
+    #[derive(Clone, Debug)]
+    enum Node {
+        Scalar(&'static str),
+        Seq(Vec<Node>),
+        Map(Vec<(&'static str, Node)>),
+    }
+
+    /// Scalars: YAML 1.1 and 1.2 numbers, booleans and nulls, quoted text
+    /// with escapes, Unicode.
+    const SCALARS: &[&str] = &[
+        "x",
+        "hello world",
+        "yes",
+        "No",
+        "on",
+        "OFF",
+        "y",
+        "~",
+        "null",
+        "",
+        "true",
+        "0755",
+        "0o17",
+        "0x1F",
+        "-0x10",
+        "0b101",
+        "1e1",
+        "1.5",
+        ".5",
+        "-.5e3",
+        "+12",
+        "-0",
+        "1_000",
+        "09",
+        "1e400",
+        "9223372036854775807",
+        "9223372036854775808",
+        "18446744073709551616",
+        "2001-12-14",
+        "1:20",
+        "tRUE",
+        "-",
+        "\"quoted \\\" é \\n\"",
+        "'single ''q'''",
+        "\"\\t\\u00e9\\x41\\U0001F600\"",
+        "héllo wörld",
+        "\"😀\"",
+        "'0755'",
+        "\"\"",
+        "'yes'",
+        "\"line\\u2028sep\"",
+        "\"\\u0000\\u001f\\u007f\"",
+        "a\\b",
+        "\"</script>\"",
+        "12.0",
+        "1e-7",
+        "3.14159265358979323846",
+        "0.1",
+        "-1",
+        "1_2.5",
+        "0x_1",
+        "+.5",
+        "1.",
+        "0b2",
+        "08",
+        "0o8",
+        "-9223372036854775808",
+        ".e1",
+    ];
+
+    /// Scalars the transcoder leaves to the composer (tags, anchors,
+    /// aliases, values JSON cannot hold).
+    const ODD_SCALARS: &[&str] = &["!!str 1", "!!int 7", "&a x", "*a", ".nan", "-.inf"];
+
+    /// Keys: YAML 1.1 booleans (kept as text, warned), quoted and Unicode
+    /// keys, identity field names in other places.
+    const KEYS: &[&str] = &[
+        "a",
+        "b",
+        "z",
+        "A",
+        "_",
+        "é",
+        "ü",
+        "a b",
+        "yes",
+        "on",
+        "N",
+        "\"1\"",
+        "'x y'",
+        "\"k\\u00e9\"",
+        "name",
+        "namespace",
+        "items",
+        "data",
+        "\"\"",
+        "aa",
+        "a.b",
+        "'~'",
+        "\"\\u0000\"",
+        "Z",
+        "ab",
+    ];
+
+    /// Keys the transcoder leaves to the composer (not strings, merge
+    /// keys) or that clash with the identity fields.
+    const ODD_KEYS: &[&str] = &["1", "~", "<<", "kind", "apiVersion", "metadata", "true"];
+
+    fn scalar() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            300 => prop::sample::select(SCALARS),
+            1 => prop::sample::select(ODD_SCALARS),
+        ]
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            300 => prop::sample::select(KEYS),
+            1 => prop::sample::select(ODD_KEYS),
+        ]
+    }
+
+    fn node() -> impl Strategy<Value = Node> {
+        let leaf = scalar().prop_map(Node::Scalar);
+        leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Node::Seq),
+                (prop::collection::vec((key(), inner), 0..5), 0..8u8)
+                    .prop_map(|(m, dup)| Node::Map(distinct(m, dup))),
+            ]
+        })
+    }
+
+    /// The members with each key once, except now and then (`dup` 0), so
+    /// that duplicate keys are tested but do not dominate.
+    fn distinct(mut m: Vec<(&'static str, Node)>, dup: u8) -> Vec<(&'static str, Node)> {
+        if dup != 0 {
+            let mut seen = std::collections::BTreeSet::new();
+            m.retain(|(k, _)| seen.insert(*k));
+        }
+        m
+    }
+
+    fn flow(n: &Node, out: &mut String) {
+        match n {
+            Node::Scalar(s) => out.push_str(s),
+            Node::Seq(items) => {
+                out.push('[');
+                for (i, v) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    flow(v, out);
+                }
+                out.push(']');
+            }
+            Node::Map(members) => {
+                out.push('{');
+                for (i, (k, v)) in members.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push_str(k);
+                    out.push_str(": ");
+                    flow(v, out);
+                }
+                out.push('}');
+            }
+        }
+    }
+
+    fn block(members: &[(&str, Node)], indent: usize, out: &mut String) {
+        let pad = " ".repeat(indent);
+        for (k, v) in members {
+            out.push_str(&pad);
+            out.push_str(k);
+            out.push(':');
+            match v {
+                Node::Map(m) if !m.is_empty() => {
+                    out.push('\n');
+                    block(m, indent + 2, out);
+                }
+                Node::Seq(items) if !items.is_empty() => {
+                    out.push('\n');
+                    for item in items {
+                        out.push_str(&pad);
+                        out.push_str("  - ");
+                        flow(item, out);
+                        out.push('\n');
+                    }
+                }
+                other => {
+                    out.push(' ');
+                    flow(other, out);
+                    out.push('\n');
+                }
+            }
+        }
+    }
+
+    /// A stream: documents that are mostly objects (identity fields first,
+    /// then random members, block or flow style), empty documents and
+    /// the odd bare node.
+    fn stream() -> impl Strategy<Value = String> {
+        // Mostly valid identities, sometimes not.
+        fn pick(
+            good: &'static [&'static str],
+            bad: &'static [&'static str],
+        ) -> impl Strategy<Value = &'static str> {
+            prop_oneof![8 => prop::sample::select(good), 1 => prop::sample::select(bad)]
+        }
+        let doc = (
+            pick(&["v1", "apps/v1", "'v1'"], &["~", "1", "a/b/c"]),
+            pick(
+                &["ConfigMap", "Deployment", "Service", "\"Secret\""],
+                &["FooList", "x y", "''", "Namespace", "ClusterRole"],
+            ),
+            pick(
+                &["a", "'b'", "\"c-1\"", "'yes'", "x.y"],
+                &["~", "''", "yes", "0755"],
+            ),
+            pick(&["", "edge", "default", "''"], &["Bad", "~"]),
+            prop::collection::vec((key(), node()), 0..6),
+            0..10u8,
+            0..8u8,
+        );
+        prop::collection::vec(doc, 0..4).prop_map(|docs| {
+            let mut out = String::new();
+            for (i, (api, kind, name, ns, members, shape, dup)) in docs.into_iter().enumerate() {
+                let members = distinct(members, dup);
+                if i > 0 || shape == 1 {
+                    out.push_str("---\n");
+                }
+                match shape {
+                    // An empty document.
+                    0 => continue,
+                    // A bare node.
+                    2 => {
+                        flow(
+                            &members
+                                .first()
+                                .map(|m| m.1.clone())
+                                .unwrap_or(Node::Scalar("x")),
+                            &mut out,
+                        );
+                        out.push('\n');
+                        continue;
+                    }
+                    // Flow style throughout.
+                    3 => {
+                        let mut m = vec![
+                            ("apiVersion", Node::Scalar(api)),
+                            ("kind", Node::Scalar(kind)),
+                        ];
+                        m.extend(members);
+                        flow(&Node::Map(m), &mut out);
+                        out.push('\n');
+                        continue;
+                    }
+                    _ => {}
+                }
+                if shape != 4 {
+                    out.push_str(&format!("apiVersion: {api}\nkind: {kind}\n"));
+                }
+                let mut meta = vec![("name", Node::Scalar(name))];
+                if !ns.is_empty() {
+                    meta.push(("namespace", Node::Scalar(ns)));
+                }
+                if shape == 5 {
+                    meta.push(("labels", Node::Map(vec![("app", Node::Scalar("x"))])));
+                }
+                block(&[("metadata", Node::Map(meta))], 0, &mut out);
+                block(&members, 0, &mut out);
+            }
+            out
+        })
+    }
+
+    #[test]
+    fn transcoder_and_composer_agree_on_a_generated_corpus() {
+        let mut runner = TestRunner::new(Config {
+            cases: 3000,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let fast = std::cell::Cell::new(0usize);
+        let objects = std::cell::Cell::new(0usize);
+        runner
+            .run(&stream(), |text| {
+                let took = agree("f.yaml", &text, MAX).map_err(TestCaseError::fail)?;
+                if took {
+                    fast.set(fast.get() + 1);
+                    if let Some(f) = parse_yaml_transcoded("f.yaml", &text, MAX) {
+                        objects.set(objects.get() + f.objects.len());
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        // The corpus exercises the transcoder, not only the fallback.
+        eprintln!(
+            "transcoder took {} of 3000 streams, {} objects",
+            fast.get(),
+            objects.get()
+        );
+        assert!(fast.get() >= 600, "transcoder took {} streams", fast.get());
+        assert!(objects.get() >= 600, "{} objects transcoded", objects.get());
     }
 }

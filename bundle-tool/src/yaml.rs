@@ -21,6 +21,17 @@
 //! where a node starts (so `key: a[0]` or `echo hi!` are plain text), skips
 //! comments, quoted scalars and block scalars, and over-estimates where it
 //! has to. Only then is the text parsed.
+//!
+//! Two readers follow the scan. [`transcode_documents`] writes libyaml's
+//! events straight as canonical JSON (the builder's common case: no value
+//! tree, one buffer per document, a mapping's members sorted when it
+//! ends); it gives up on whatever it does not handle exactly as the
+//! composer does (anchors, aliases, merge keys, tags, duplicate or
+//! non-string keys, errors), and [`parse_documents`] (events composed into
+//! `serde_json::Value`s) then gives the result or the error. Sorting
+//! copies a mapping's bytes once when it ends, so a document costs at most
+//! its size times its nesting depth (≤ [`MAX_NESTING`]) in copies, and no
+//! more memory than twice its canonical size.
 
 use crate::libyaml::{Event, Mark, Parser, Style};
 use cairn_keys::text::escape_untrusted;
@@ -348,36 +359,7 @@ impl Composer<'_> {
             |v: &str| resolve_yaml11(v).map_err(|e| err_at(m, format!("{}: {e}", where_(path))));
         match tag {
             None if style == Style::Plain => {
-                let v = resolved(value)?;
-                // Text YAML 1.1 reads as a string and that does not start
-                // like a number is a string in YAML 1.2 too (1.2's nulls and
-                // booleans are 1.1's as well): no second resolution.
-                if v.is_string()
-                    && !matches!(
-                        value.as_bytes().first(),
-                        Some(b'0'..=b'9' | b'+' | b'-' | b'.')
-                    )
-                {
-                    return Ok(v);
-                }
-                let v12 = resolve_yaml12(value);
-                if v12.as_ref() != Some(&v) {
-                    let other = match v12 {
-                        Some(x) => x.to_string(),
-                        None => "a number JSON cannot hold".into(),
-                    };
-                    self.warnings.push(format!(
-                        "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2{} reads {}; write it as {v}, or quote it for the text",
-                        m.line,
-                        where_(path),
-                        escape_untrusted(value),
-                        // Kustomize (go-yaml v3) keeps 1.1's numbers but
-                        // not its booleans.
-                        if v.is_boolean() { " (and so Kustomize)" } else { "" },
-                        escape_untrusted(&other),
-                    ));
-                }
-                Ok(v)
+                plain_scalar(value, m, &mut self.warnings, || where_(path))
             }
             None | Some(TAG_STR) => Ok(J::String(value.to_owned())),
             Some(t @ (TAG_INT | TAG_FLOAT | TAG_BOOL | TAG_NULL)) => {
@@ -411,6 +393,48 @@ impl Composer<'_> {
             )),
         }
     }
+}
+
+/// A plain, untagged scalar read as kubectl reads it (YAML 1.1), with a
+/// warning in `warnings` where YAML 1.2 reads it differently. `where_`
+/// names the node (`the document` or a backquoted key path); it is called
+/// only for a warning or an error.
+fn plain_scalar(
+    value: &str,
+    m: Mark,
+    warnings: &mut Vec<String>,
+    where_: impl Fn() -> String,
+) -> Result<serde_json::Value, YamlError> {
+    let v = resolve_yaml11(value).map_err(|e| err_at(m, format!("{}: {e}", where_())))?;
+    // Text YAML 1.1 reads as a string and that does not start like a
+    // number is a string in YAML 1.2 too (1.2's nulls and booleans are
+    // 1.1's as well): no second resolution.
+    if v.is_string()
+        && !matches!(
+            value.as_bytes().first(),
+            Some(b'0'..=b'9' | b'+' | b'-' | b'.')
+        )
+    {
+        return Ok(v);
+    }
+    let v12 = resolve_yaml12(value);
+    if v12.as_ref() != Some(&v) {
+        let other = match v12 {
+            Some(x) => x.to_string(),
+            None => "a number JSON cannot hold".into(),
+        };
+        warnings.push(format!(
+            "line {}: {}: `{}` is read as {v} (YAML 1.1, as `kubectl apply -f` reads it) where YAML 1.2{} reads {}; write it as {v}, or quote it for the text",
+            m.line,
+            where_(),
+            escape_untrusted(value),
+            // Kustomize (go-yaml v3) keeps 1.1's numbers but not its
+            // booleans.
+            if v.is_boolean() { " (and so Kustomize)" } else { "" },
+            escape_untrusted(&other),
+        ));
+    }
+    Ok(v)
 }
 
 /// A number as kubectl sends it: Go encodes YAML's numbers as JSON, and
@@ -669,6 +693,344 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, YamlError> {
         }
     }
     Ok(out)
+}
+
+/// One YAML document transcoded straight to canonical JSON by
+/// [`transcode_documents`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanonicalDocument {
+    /// Index in the stream (0-based, counting empty documents).
+    pub index: u32,
+    /// 1-based line where the document starts.
+    pub line: usize,
+    /// The document as canonical JSON (compact, keys sorted bytewise: what
+    /// `serde_json::to_vec` writes for [`Document::value`]); `None` for an
+    /// empty document.
+    pub bytes: Option<Vec<u8>>,
+    /// The fields a Kubernetes object is identified by, as they are in the
+    /// document: `apiVersion`, `kind` and `metadata` with only its `name`,
+    /// `namespace` and `generateName` (each only if present). An object
+    /// (empty for an empty document).
+    pub identity: serde_json::Value,
+    /// As [`Document::warnings`].
+    pub warnings: Vec<String>,
+}
+
+/// A document the transcoder does not handle exactly as
+/// [`parse_documents`] does: the caller takes that path instead.
+struct Fallback;
+
+/// One step of the key path (for warnings).
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// A mapping member being transcoded: its key and where its value's
+/// canonical bytes are in the output buffer.
+struct Member {
+    key: String,
+    start: usize,
+    end: usize,
+}
+
+/// libyaml events written straight as canonical JSON: no value tree, one
+/// output buffer per document, members of a mapping sorted once when the
+/// mapping ends.
+struct Transcoder<'a> {
+    parser: Parser<'a>,
+    warnings: Vec<String>,
+    /// The document's canonical JSON so far.
+    out: Vec<u8>,
+    /// Members of the open mappings, innermost last.
+    members: Vec<Member>,
+    /// Scratch for a mapping's sorted encoding.
+    sorted: Vec<u8>,
+    path: Vec<Seg>,
+    identity: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where an identity field of [`CanonicalDocument::identity`] is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// `apiVersion` or `kind`.
+    Top,
+    /// `metadata` itself.
+    Metadata,
+    /// `metadata.name`, `metadata.namespace`, `metadata.generateName`.
+    Meta,
+}
+
+impl Transcoder<'_> {
+    fn next(&mut self) -> Result<(Event, Mark), Fallback> {
+        match self.parser.next_event() {
+            Ok(Some(e)) => Ok(e),
+            _ => Err(Fallback),
+        }
+    }
+
+    fn where_(&self) -> String {
+        if self.path.is_empty() {
+            return "the document".to_owned();
+        }
+        let mut s = String::new();
+        for (i, seg) in self.path.iter().enumerate() {
+            if i > 0 {
+                s.push('.');
+            }
+            match seg {
+                Seg::Key(k) => s.push_str(k),
+                Seg::Index(n) => s.push_str(&n.to_string()),
+            }
+        }
+        format!("`{}`", escape_untrusted(&s))
+    }
+
+    /// Whether the node at the current path is an identity field.
+    fn slot(&self) -> Option<Slot> {
+        match self.path.as_slice() {
+            [Seg::Key(k)] if k == "apiVersion" || k == "kind" => Some(Slot::Top),
+            [Seg::Key(k)] if k == "metadata" => Some(Slot::Metadata),
+            [Seg::Key(m), Seg::Key(k)]
+                if m == "metadata"
+                    && matches!(k.as_str(), "name" | "namespace" | "generateName") =>
+            {
+                Some(Slot::Meta)
+            }
+            _ => None,
+        }
+    }
+
+    fn capture(&mut self, slot: Slot, v: serde_json::Value) {
+        let key = |s: &Seg| match s {
+            Seg::Key(k) => k.clone(),
+            Seg::Index(n) => n.to_string(),
+        };
+        match (slot, self.path.as_slice()) {
+            (Slot::Top | Slot::Metadata, [k]) => {
+                self.identity.insert(key(k), v);
+            }
+            (Slot::Meta, [_, k]) => {
+                if let Some(serde_json::Value::Object(m)) = self.identity.get_mut("metadata") {
+                    m.insert(key(k), v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn node(&mut self, ev: Event, m: Mark) -> Result<(), Fallback> {
+        match ev {
+            Event::Scalar {
+                anchor: None,
+                tag: None,
+                value,
+                style,
+            } => {
+                let slot = self.slot();
+                if style == Style::Plain {
+                    let mut warnings = std::mem::take(&mut self.warnings);
+                    let v = plain_scalar(&value, m, &mut warnings, || self.where_());
+                    self.warnings = warnings;
+                    let v = v.map_err(|_| Fallback)?;
+                    serde_json::to_writer(&mut self.out, &v).map_err(|_| Fallback)?;
+                    if let Some(slot) = slot {
+                        self.capture(slot, v);
+                    }
+                } else {
+                    serde_json::to_writer(&mut self.out, value.as_str()).map_err(|_| Fallback)?;
+                    if let Some(slot) = slot {
+                        self.capture(slot, serde_json::Value::String(value));
+                    }
+                }
+                Ok(())
+            }
+            Event::SequenceStart {
+                anchor: None,
+                tag: None,
+            } => {
+                if self.slot().is_some() {
+                    return Err(Fallback);
+                }
+                self.out.push(b'[');
+                let mut n = 0;
+                loop {
+                    let (ev, m2) = self.next()?;
+                    if ev == Event::SequenceEnd {
+                        break;
+                    }
+                    if n > 0 {
+                        self.out.push(b',');
+                    }
+                    self.path.push(Seg::Index(n));
+                    self.node(ev, m2)?;
+                    self.path.pop();
+                    n += 1;
+                }
+                self.out.push(b']');
+                Ok(())
+            }
+            Event::MappingStart {
+                anchor: None,
+                tag: None,
+            } => {
+                match self.slot() {
+                    None => {}
+                    Some(Slot::Metadata) => {
+                        self.capture(
+                            Slot::Metadata,
+                            serde_json::Value::Object(serde_json::Map::new()),
+                        );
+                    }
+                    Some(_) => return Err(Fallback),
+                }
+                self.mapping()
+            }
+            // Anchors, aliases, tags: the composer's business.
+            _ => Err(Fallback),
+        }
+    }
+
+    fn mapping(&mut self) -> Result<(), Fallback> {
+        let start = self.out.len();
+        let base = self.members.len();
+        loop {
+            let (kev, km) = self.next()?;
+            let key = match kev {
+                Event::MappingEnd => break,
+                Event::Scalar {
+                    anchor: None,
+                    tag: None,
+                    value,
+                    style,
+                } => {
+                    if style == Style::Plain {
+                        // Merge keys, and keys that are not strings.
+                        if value == "<<"
+                            || !matches!(resolve_yaml12(&value), Some(serde_json::Value::String(_)))
+                        {
+                            return Err(Fallback);
+                        }
+                        if let Ok(v11 @ serde_json::Value::Bool(_)) = resolve_yaml11(&value) {
+                            self.warnings.push(format!(
+                                "line {}: {}: key `{}` is kept as text; kubectl would send it as the key `{v11}` (YAML 1.1); quote it to silence this",
+                                km.line,
+                                self.where_(),
+                                escape_untrusted(&value)
+                            ));
+                        }
+                    }
+                    value
+                }
+                _ => return Err(Fallback),
+            };
+            let (vev, vm) = self.next()?;
+            self.path.push(Seg::Key(key));
+            let vstart = self.out.len();
+            self.node(vev, vm)?;
+            let Some(Seg::Key(key)) = self.path.pop() else {
+                return Err(Fallback);
+            };
+            self.members.push(Member {
+                key,
+                start: vstart,
+                end: self.out.len(),
+            });
+        }
+        let members = &mut self.members[base..];
+        members.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        if members.windows(2).any(|w| w[0].key == w[1].key) {
+            // Duplicate keys: the composer names them.
+            return Err(Fallback);
+        }
+        let sorted = &mut self.sorted;
+        sorted.clear();
+        sorted.push(b'{');
+        for (i, mem) in members.iter().enumerate() {
+            if i > 0 {
+                sorted.push(b',');
+            }
+            serde_json::to_writer(&mut *sorted, mem.key.as_str()).map_err(|_| Fallback)?;
+            sorted.push(b':');
+            sorted.extend_from_slice(&self.out[mem.start..mem.end]);
+        }
+        sorted.push(b'}');
+        self.out.truncate(start);
+        self.out.extend_from_slice(sorted);
+        self.members.truncate(base);
+        Ok(())
+    }
+}
+
+/// Transcodes a multi-document YAML stream straight to canonical JSON:
+/// the bytes, warnings, document indices and lines that
+/// [`parse_documents`] followed by `serde_json::to_vec` of each value
+/// gives, without building a value tree. [`prescan`] runs first, as
+/// there. `None` for a stream this path does not handle exactly as the
+/// composer does — anchors, aliases, merge keys, tags, duplicate or
+/// non-string keys, a document that is neither a mapping nor empty, an
+/// identity field (see [`CanonicalDocument::identity`]) that is a
+/// collection, any error — and the caller then takes
+/// [`parse_documents`], which gives the result or the error.
+pub fn transcode_documents(text: &str) -> Option<Vec<CanonicalDocument>> {
+    prescan(text).ok()?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut t = Transcoder {
+        parser: Parser::new(text),
+        warnings: Vec::new(),
+        out: Vec::new(),
+        members: Vec::new(),
+        sorted: Vec::new(),
+        path: Vec::new(),
+        identity: serde_json::Map::new(),
+    };
+    let mut out = Vec::new();
+    loop {
+        let (ev, m) = t.next().ok()?;
+        match ev {
+            Event::StreamStart | Event::DocumentEnd => {}
+            Event::StreamEnd => break,
+            Event::DocumentStart => {
+                let index = u32::try_from(out.len()).ok()?;
+                let (ev, m2) = t.next().ok()?;
+                let bytes = match ev {
+                    Event::MappingStart {
+                        anchor: None,
+                        tag: None,
+                    } => {
+                        t.mapping().ok()?;
+                        let bytes = t.out.to_vec();
+                        t.out.clear();
+                        Some(bytes)
+                    }
+                    // An empty document (or `~`); any other scalar is not
+                    // an object, which the composer's path reports.
+                    Event::Scalar {
+                        anchor: None,
+                        tag: None,
+                        value,
+                        style: Style::Plain,
+                    } => {
+                        let v = plain_scalar(&value, m2, &mut t.warnings, || where_(&[])).ok()?;
+                        if !v.is_null() {
+                            return None;
+                        }
+                        None
+                    }
+                    _ => return None,
+                };
+                out.push(CanonicalDocument {
+                    index,
+                    line: m2.line.max(m.line),
+                    bytes,
+                    identity: serde_json::Value::Object(std::mem::take(&mut t.identity)),
+                    warnings: std::mem::take(&mut t.warnings),
+                });
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
 }
 
 /// An anchored node whose end the scanner has not reached yet.
