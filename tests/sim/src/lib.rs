@@ -61,7 +61,7 @@ use cairn_core::pipeline::{
 };
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
-use cairn_core::verify::VerifiedRelease;
+use cairn_core::verify::{SignatureMemo, VerifiedRelease};
 use cairn_core::{Address, AgentId};
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
@@ -283,6 +283,11 @@ struct World {
     by_bundle: BTreeMap<String, usize>,
     forged: Arc<Vec<u8>>,
     forged_head: Head,
+    /// Release signature checks passed, shared by every agent: each
+    /// distinct envelope's signatures are checked once, not at every
+    /// offer, ingest and commit (every other release check runs each
+    /// time; see [`SignatureMemo`]).
+    memo: SignatureMemo,
 }
 
 impl World {
@@ -347,6 +352,7 @@ fn build_world(cfg: &SimConfig) -> World {
             bundle: String::new(),
             root_version: 1,
         },
+        memo: SignatureMemo::new(),
     };
     let mut versions = vec![1u64; cfg.objects.max(1)];
     let mut prev: BTreeSet<String> = BTreeSet::new();
@@ -620,6 +626,10 @@ impl driver::Local for SimLocal<'_> {
     }
 
     fn root_rejected(&self, _rejection: &Rejection) {}
+
+    fn signature_memo(&self) -> Option<&SignatureMemo> {
+        Some(&self.world.memo)
+    }
 
     fn snapshot(&self) -> Snapshot {
         let world = self.world;
@@ -1544,6 +1554,7 @@ impl Sim {
             }),
             now: secs(self.now),
             limits: &self.world.limits,
+            memo: Some(&self.world.memo),
         }
     }
 
