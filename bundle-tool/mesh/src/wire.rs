@@ -787,6 +787,13 @@ pub fn encode_frame(msg: &Message, limit: u32) -> Result<Vec<u8>, WireError> {
     Ok(out)
 }
 
+/// The length of the frame [`encode_frame`] makes of `msg` (header and
+/// body), counted without encoding it, with no limit applied; for callers
+/// that only count bytes (the fleet simulator).
+pub fn frame_len(msg: &Message) -> u64 {
+    (HEADER_BYTES + cairn_keys::codec::encoded_len(msg)) as u64
+}
+
 /// The body length announced by a frame header, checked against `limit`
 /// before anything is allocated.
 pub fn body_len(header: [u8; HEADER_BYTES], limit: u32) -> Result<usize, WireError> {
@@ -1382,6 +1389,42 @@ mod tests {
             Message::StatusRequest,
             Message::Bye("done".into()),
         ]
+    }
+
+    #[test]
+    fn frame_len_is_the_encoded_frames_length_for_every_frame_kind() {
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut messages = sample();
+        // Sizes across CBOR's length widths (1, 2, 4 bytes of length).
+        for n in [0usize, 23, 24, 255, 256, 65_535, 65_536, 300_000] {
+            messages.push(Message::Data {
+                id: n as u64,
+                items: vec![Found {
+                    item: Item::Object(Address::of(b"x")),
+                    bytes: Some(vec![7; n]),
+                }],
+                more: n % 2 == 0,
+                entries: vec![EntryFound(n as u32, Some(vec![1; n / 3]))],
+            });
+            messages.push(Message::Bye("b".repeat(n.min(4096))));
+        }
+        for m in &messages {
+            kinds.insert(m.kind());
+            let f = encode_frame(m, u32::MAX).unwrap();
+            assert_eq!(frame_len(m), f.len() as u64, "{}", m.kind());
+        }
+        let all = [
+            "hello",
+            "heads",
+            "want",
+            "data",
+            "status",
+            "status_digest",
+            "status_pull",
+            "status_request",
+            "bye",
+        ];
+        assert_eq!(kinds, all.into_iter().collect());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //!
 //! * the mesh: [`cairn_mesh::sync::Endpoint`] (the sans-IO sync state
 //!   machine the agent runs), fed and drained as the agent's mesh driver
-//!   does; its frames are encoded with [`encode_frame`] to count their
-//!   real size; status records are signed with
+//!   does; its frames are counted with [`frame_len`] (the exact length
+//!   of the frame `encode_frame` makes, without encoding it); status records are signed with
 //!   [`cairn_mesh::testing::SharedSecretKeys`] instead of X.509 keys;
 //! * a release offered by a peer: [`Ingest::start`] and
 //!   [`adoption_gate`] before any object is asked for, then
@@ -70,7 +70,7 @@ use cairn_mesh::sync::{
 };
 use cairn_mesh::testing::SharedSecretKeys;
 use cairn_mesh::wire::{
-    encode_frame, EntryFound, Found, Head, Item, Message, PeerInfo, StatusRecord,
+    frame_len, EntryFound, Found, Head, Item, Message, PeerInfo, StatusRecord, HEADER_BYTES,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1321,17 +1321,18 @@ impl Sim {
                     .ep
                     .as_ref()
                     .map_or(4 << 20, |e| e.config().limits.max_frame_bytes);
-                let size = match encode_frame(&message, limit) {
-                    Ok(f) => f.len() as u64,
-                    Err(e) => {
-                        self.violations.push(format!(
-                            "{}: cannot encode a {} frame: {e}",
-                            self.nodes[i].id,
-                            message.kind()
-                        ));
-                        return;
-                    }
-                };
+                // The exact size of the frame the agent would send
+                // (`encode_frame`), counted without encoding it.
+                let size = frame_len(&message);
+                if size - HEADER_BYTES as u64 > u64::from(limit) {
+                    self.violations.push(format!(
+                        "{}: cannot encode a {} frame: {} bytes, more than {limit}",
+                        self.nodes[i].id,
+                        message.kind(),
+                        size - HEADER_BYTES as u64,
+                    ));
+                    return;
+                }
                 let Some(link) = self.nodes[i].links.get(&conn) else {
                     return;
                 };
