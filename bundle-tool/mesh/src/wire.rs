@@ -421,6 +421,9 @@ struct SharedInner {
     signed: SignedStatus,
     /// The record decoded from `signed.record` (or why it does not decode).
     decoded: OnceLock<Result<Arc<StatusRecord>, String>>,
+    /// [`cairn_core::rollout::status_sample_rank`] of the decoded record's
+    /// agent id, computed once.
+    rank: OnceLock<u64>,
 }
 
 impl SharedStatus {
@@ -430,6 +433,7 @@ impl SharedStatus {
         Self(Arc::new(SharedInner {
             signed,
             decoded: OnceLock::from(Ok(record)),
+            rank: OnceLock::new(),
         }))
     }
 
@@ -460,6 +464,20 @@ impl SharedStatus {
         validate_record(r, limits)?;
         Ok(r)
     }
+
+    /// The status sample rank
+    /// ([`cairn_core::rollout::status_sample_rank`]) of the record's agent
+    /// id, computed once per record; `None` until
+    /// [`SharedStatus::decoded`] has decoded it (or if it does not decode).
+    pub fn sample_rank(&self) -> Option<u64> {
+        let r = self.0.decoded.get()?.as_ref().ok()?;
+        Some(
+            *self
+                .0
+                .rank
+                .get_or_init(|| cairn_core::rollout::status_sample_rank(&r.agent_id)),
+        )
+    }
 }
 
 impl From<SignedStatus> for SharedStatus {
@@ -467,6 +485,7 @@ impl From<SignedStatus> for SharedStatus {
         Self(Arc::new(SharedInner {
             signed,
             decoded: OnceLock::new(),
+            rank: OnceLock::new(),
         }))
     }
 }
@@ -1567,8 +1586,18 @@ mod tests {
         };
         let shared = SharedStatus::from(signed(&r));
         let relayed = shared.clone();
+        // No rank before the record is decoded; after, its agent id's.
+        assert_eq!(shared.sample_rank(), None);
         let once = shared.decoded(&lim()).unwrap();
         assert_eq!(**once, r);
+        let rank = cairn_core::rollout::status_sample_rank(&r.agent_id);
+        assert_eq!(relayed.sample_rank(), Some(rank));
+        let garbage = SharedStatus::from(SignedStatus {
+            record: b"not cbor".to_vec(),
+            ..signed(&r)
+        });
+        assert!(garbage.decoded(&lim()).is_err());
+        assert_eq!(garbage.sample_rank(), None);
         // A clone (a relay, a table slot) is the same decoded record.
         assert!(Arc::ptr_eq(once, relayed.decoded(&lim()).unwrap()));
         // Cached or not, a caller with tighter limits is refused.
