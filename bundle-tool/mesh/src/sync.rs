@@ -2041,9 +2041,11 @@ impl Endpoint {
         let me = self.config.agent_id.clone();
         self.status
             .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > wall);
-        let status = &self.status;
-        self.sample.retain(|(_, id)| status.contains_key(id));
+        // The sample is a subset of the table: only what left the table
+        // leaves the sample.
         if self.status.len() != before {
+            let status = &self.status;
+            self.sample.retain(|(_, id)| status.contains_key(id));
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
     }
