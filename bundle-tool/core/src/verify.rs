@@ -65,8 +65,12 @@ pub const MAX_SEQUENCE_STEP: u64 = 1 << 32;
 /// over.
 #[derive(Debug, Default)]
 pub struct SignatureMemo {
-    passed: Mutex<HashMap<[u8; 32], Vec<(Root, Vec<KeyId>)>>>,
+    passed: Mutex<HashMap<[u8; 32], Passed>>,
 }
+
+/// The roots an envelope passed, each with the keys whose signatures
+/// counted.
+type Passed = Vec<(Root, Vec<KeyId>)>;
 
 impl SignatureMemo {
     /// Most distinct envelopes remembered before the memo starts over.
