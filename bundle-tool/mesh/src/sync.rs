@@ -771,6 +771,12 @@ fn peer_id_hash(id: &AgentId) -> u32 {
     })
 }
 
+/// Whether a peer table entry counts in `Endpoint::failed_unconnected`:
+/// not a seed, never connected, and a dial to it failed.
+fn failed_unconnected(e: &PeerEntry) -> bool {
+    !e.seed && e.last_connected == 0 && e.failures > 0
+}
+
 /// Replaces `old`'s hash by `new`'s in the sorted multiset `ids`.
 fn index_peer_id(ids: &mut Vec<u32>, old: Option<&AgentId>, new: Option<&AgentId>) {
     if let Some(old) = old {
@@ -829,6 +835,11 @@ pub struct Endpoint {
     /// here before it scans the table for that agent's older addresses,
     /// which a new agent (most of them) has none of. 4 bytes an entry.
     peer_ids: Vec<u32>,
+    /// Entries of `peers` that are not seeds, never connected and failed
+    /// a dial ([`failed_unconnected`]): while there are none, the entry a
+    /// full table evicts is the last never-connected one, found from the
+    /// end instead of by a scan.
+    failed_unconnected: usize,
     /// Records pulled from a peer and not yet received: agent id ->
     /// (record time, pulled at), so one record is pulled once.
     pulling: BTreeMap<AgentId, (u64, u64)>,
@@ -859,6 +870,7 @@ impl Endpoint {
             sample: BTreeSet::new(),
             peers: BTreeMap::new(),
             peer_ids: Vec::new(),
+            failed_unconnected: 0,
             pulling: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
             bans: BTreeMap::new(),
@@ -1198,8 +1210,10 @@ impl Endpoint {
                 if let Some(e) = self.peers.get_mut(addr) {
                     let old = e.agent_id.replace(id.clone());
                     index_peer_id(&mut self.peer_ids, old.as_ref(), Some(id));
+                    self.failed_unconnected -= usize::from(failed_unconnected(e));
                     e.failures = 0;
                     e.last_connected = now;
+                    self.failed_unconnected += usize::from(failed_unconnected(e));
                     e.is_self = *id == self.config.agent_id;
                 }
             }
@@ -1234,7 +1248,9 @@ impl Endpoint {
             self.config.dial_backoff_max_ms,
         );
         if let Some(e) = self.peers.get_mut(addr) {
+            self.failed_unconnected -= usize::from(failed_unconnected(e));
             e.failures = e.failures.saturating_add(1);
+            self.failed_unconnected += usize::from(failed_unconnected(e));
             let shift = e.failures.saturating_sub(1).min(20);
             e.next_attempt = now + base.saturating_mul(1 << shift).min(max);
         }
@@ -1335,8 +1351,10 @@ impl Endpoint {
                     {
                         self.add_peer(&addr, Some(id.clone()), false);
                         if let Some(e) = self.peers.get_mut(&addr) {
+                            self.failed_unconnected -= usize::from(failed_unconnected(e));
                             e.last_connected = now;
                             e.failures = 0;
+                            self.failed_unconnected += usize::from(failed_unconnected(e));
                         }
                     }
                 }
@@ -2196,16 +2214,26 @@ impl Endpoint {
             return;
         }
         if self.peer_ids.binary_search(&peer_id_hash(agent_id)).is_ok() {
-            let ids = &mut self.peer_ids;
+            let (ids, failed) = (&mut self.peer_ids, &mut self.failed_unconnected);
             self.peers.retain(|_, e| {
                 let keep = e.seed || e.last_connected > 0 || e.agent_id.as_ref() != Some(agent_id);
                 if !keep {
                     index_peer_id(ids, e.agent_id.as_ref(), None);
+                    *failed -= usize::from(failed_unconnected(e));
                 }
                 keep
             });
         }
         self.add_peer(addr, Some(agent_id.clone()), false);
+    }
+
+    /// `failed_unconnected` recounted from the table (checked in debug
+    /// builds).
+    fn failed_unconnected_recounted(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|e| failed_unconnected(e))
+            .count()
     }
 
     /// `peer_ids` recounted from the table (checked in debug builds).
@@ -2227,12 +2255,15 @@ impl Endpoint {
             return;
         }
         if let Some(e) = self.peers.get_mut(addr) {
+            self.failed_unconnected -= usize::from(failed_unconnected(e));
             e.seed |= seed;
+            self.failed_unconnected += usize::from(failed_unconnected(e));
             if agent_id.is_some() && e.last_connected == 0 {
                 index_peer_id(&mut self.peer_ids, e.agent_id.as_ref(), agent_id.as_ref());
                 e.agent_id = agent_id;
             }
             debug_assert_eq!(self.peer_ids, self.peer_ids_recounted());
+            debug_assert_eq!(self.failed_unconnected, self.failed_unconnected_recounted());
             return;
         }
         if self.config.listen.as_deref() == Some(addr)
@@ -2243,16 +2274,31 @@ impl Endpoint {
         if !seed && self.peers.len() >= self.config.limits.max_peer_table {
             // Evict a non-seed entry that never connected, or the one with
             // most failures.
-            let victim = self
-                .peers
-                .values()
-                .filter(|e| !e.seed)
-                .max_by_key(|e| (e.last_connected == 0, e.failures))
+            // The last (by address) of the non-seeds with the greatest
+            // (never connected, failures). With no never-connected entry
+            // that failed, that is the last never-connected non-seed, if
+            // there is one.
+            let fast = (self.failed_unconnected == 0)
+                .then(|| {
+                    self.peers
+                        .values()
+                        .rev()
+                        .find(|e| !e.seed && e.last_connected == 0)
+                })
+                .flatten();
+            let victim = fast
+                .or_else(|| {
+                    self.peers
+                        .values()
+                        .filter(|e| !e.seed)
+                        .max_by_key(|e| (e.last_connected == 0, e.failures))
+                })
                 .map(|e| e.addr.clone());
             match victim {
                 Some(v) => {
                     if let Some(e) = self.peers.remove(&v) {
                         index_peer_id(&mut self.peer_ids, e.agent_id.as_ref(), None);
+                        self.failed_unconnected -= usize::from(failed_unconnected(&e));
                     }
                 }
                 None => return,
@@ -2272,6 +2318,7 @@ impl Endpoint {
             },
         );
         debug_assert_eq!(self.peer_ids, self.peer_ids_recounted());
+        debug_assert_eq!(self.failed_unconnected, self.failed_unconnected_recounted());
     }
 
     fn dial_more(&mut self, now: u64) {
