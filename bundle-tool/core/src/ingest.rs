@@ -116,6 +116,7 @@ impl Snapshot {
             }),
             now: self.now,
             limits,
+            memo: None,
         }
     }
 }
@@ -160,6 +161,12 @@ pub trait Local: Send + Sync {
     /// Stores a verified object (or a staged manifest).
     fn put_object(&self, address: String, bytes: Vec<u8>)
         -> BoxFuture<'_, Result<(), Self::Error>>;
+    /// Release signature checks already passed, if the caller keeps them
+    /// ([`crate::verify::SignatureMemo`]; the fleet simulator does). `None`
+    /// by default: every check runs in full.
+    fn signature_memo(&self) -> Option<&crate::verify::SignatureMemo> {
+        None
+    }
     /// Something happened that the caller may want to log or count (the
     /// driver itself logs nothing). Ignored by default.
     fn event(&self, event: Event<'_>) {
@@ -305,7 +312,11 @@ where
         return outcome(root_rejected, Driven::NoRelease, counts);
     };
     let snapshot = local.snapshot();
-    let mut ingest = match Ingest::start(&snapshot.context(channel, limits), &release_bytes) {
+    let ctx = Context {
+        memo: local.signature_memo(),
+        ..snapshot.context(channel, limits)
+    };
+    let mut ingest = match Ingest::start(&ctx, &release_bytes) {
         Ok(Start::UpToDate) => return outcome(root_rejected, Driven::UpToDate, counts),
         Ok(Start::Candidate(i)) => i,
         Err(rej) => return outcome(root_rejected, Driven::Rejected(rej), counts),

@@ -28,7 +28,7 @@ use crate::bundle::{verify_object, Assembly, Entry, Head, Manifest};
 use crate::ids::{Address, BundleId};
 use crate::limits::Limits;
 use crate::rollout::{self, Decision, FleetReports};
-use crate::verify::{binding_floor, ReleaseCheck, VerifiedRelease};
+use crate::verify::{binding_floor_with, ReleaseCheck, SignatureMemo, VerifiedRelease};
 use cairn_keys::{Root, VerifiedRoot};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -140,6 +140,11 @@ pub struct Context<'a> {
     pub now: u64,
     /// Size limits.
     pub limits: &'a Limits,
+    /// Release signature checks already passed ([`SignatureMemo`]), if
+    /// the caller keeps them: the candidate's and the adopted release's
+    /// signatures are then checked once per envelope and root; every
+    /// other check runs every time. `None`: check every time.
+    pub memo: Option<&'a SignatureMemo>,
 }
 
 impl Context<'_> {
@@ -147,10 +152,11 @@ impl Context<'_> {
         ReleaseCheck {
             root: self.root,
             channel: self.channel,
-            last_sequence: binding_floor(
+            last_sequence: binding_floor_with(
                 self.epoch,
                 self.adopted.as_ref().map(|a| (a.sequence, a.bytes)),
                 self.limits,
+                self.memo,
             ),
             now: self.now,
             limits: self.limits,
@@ -373,7 +379,7 @@ impl Ingest {
         }
         let release = ctx
             .release_check()
-            .verify(release_bytes)
+            .verify_with(release_bytes, ctx.memo)
             .map_err(|e| Rejection::new(Stage::Release, e))?;
         Ok(Start::Candidate(Box::new(Ingest {
             release,
@@ -553,7 +559,7 @@ impl Ingest {
         }
         let release = ctx
             .release_check()
-            .verify(self.release.bytes())
+            .verify_with(self.release.bytes(), ctx.memo)
             .map_err(|e| Rejection::new(Stage::Release, e))?;
         Ok(Adoption {
             release,
@@ -691,6 +697,7 @@ pub(crate) mod tests {
             adopted,
             now: NOW,
             limits,
+            memo: None,
         }
     }
 

@@ -8,6 +8,8 @@ use crate::limits::Limits;
 use crate::release::Release;
 use crate::{Error, Result};
 use cairn_keys::{Envelope, KeyId, Role, Root};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// A release whose envelope passed every check.
 ///
@@ -45,16 +47,117 @@ impl VerifiedRelease {
 /// and so no bound.
 pub const MAX_SEQUENCE_STEP: u64 = 1 << 32;
 
+/// Release signature checks that passed: for an envelope (by the SHA-256
+/// of its exact bytes) and a root (compared whole), the release keys whose
+/// signatures counted. A fleet simulator (or anything verifying the same
+/// envelope many times) shares one so that each distinct envelope's
+/// Ed25519 signatures are checked once per root instead of at every offer,
+/// ingest and commit.
+///
+/// Only a check that passed records anything, and only this module
+/// records: a hit means *these exact bytes* passed *this exact root*'s
+/// release threshold before, so trusting it is as strong as checking again
+/// (given SHA-256's collision resistance, which every address in Cairn
+/// already relies on). Everything else a release check does (decode,
+/// channel, rollback floor, expiry, root expiry) runs every time. Failures
+/// are not remembered: a forged envelope is refused by a full check each
+/// time. Bounded: past [`SignatureMemo::CAPACITY`] envelopes it starts
+/// over.
+#[derive(Debug, Default)]
+pub struct SignatureMemo {
+    passed: Mutex<HashMap<[u8; 32], Passed>>,
+}
+
+/// The roots an envelope passed, each with the keys whose signatures
+/// counted.
+type Passed = Vec<(Root, Vec<KeyId>)>;
+
+impl SignatureMemo {
+    /// Most distinct envelopes remembered before the memo starts over.
+    pub const CAPACITY: usize = 4096;
+
+    /// An empty memo.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many distinct envelopes it remembers.
+    pub fn len(&self) -> usize {
+        self.passed.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether it remembers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `root.check_threshold(Role::Release, env, what)` for the envelope
+    /// `env` decoded from `bytes`, remembered when it passes.
+    fn release_threshold(
+        &self,
+        root: &Root,
+        bytes: &[u8],
+        env: &Envelope,
+        what: &str,
+    ) -> Result<Vec<KeyId>> {
+        let digest = cairn_keys::sha256(bytes);
+        {
+            let passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, signers)) = passed
+                .get(&digest)
+                .and_then(|v| v.iter().find(|(r, _)| r == root))
+            {
+                return Ok(signers.clone());
+            }
+        }
+        let signers = root.check_threshold(Role::Release, env, what)?;
+        let mut passed = self.passed.lock().unwrap_or_else(|e| e.into_inner());
+        if passed.len() >= Self::CAPACITY && !passed.contains_key(&digest) {
+            passed.clear();
+        }
+        passed
+            .entry(digest)
+            .or_default()
+            .push((root.clone(), signers.clone()));
+        Ok(signers)
+    }
+}
+
+/// A release threshold check of `root` over the envelope `env` decoded
+/// from `bytes`, through `memo` if there is one.
+fn release_threshold(
+    root: &Root,
+    bytes: &[u8],
+    env: &Envelope,
+    what: &str,
+    memo: Option<&SignatureMemo>,
+) -> Result<Vec<KeyId>> {
+    match memo {
+        Some(m) => m.release_threshold(root, bytes, env, what),
+        None => Ok(root.check_threshold(Role::Release, env, what)?),
+    }
+}
+
 /// Whether a threshold of release keys of one of `roots` signed the
 /// release envelope `bytes` (garbage is simply `false`).
 pub fn signed_under_any(roots: &[Root], bytes: &[u8], limits: &Limits) -> bool {
+    signed_under_any_with(roots, bytes, limits, None)
+}
+
+/// [`signed_under_any`], remembering passed signature checks in `memo`.
+pub fn signed_under_any_with(
+    roots: &[Root],
+    bytes: &[u8],
+    limits: &Limits,
+    memo: Option<&SignatureMemo>,
+) -> bool {
     let Ok((env, release)) = Release::decode_envelope(bytes, limits.max_release_bytes) else {
         return false;
     };
     let what = format!("release {}", release.sequence);
     roots
         .iter()
-        .any(|r| r.check_threshold(Role::Release, &env, &what).is_ok())
+        .any(|r| release_threshold(r, bytes, &env, &what, memo).is_ok())
 }
 
 /// The rollback floor that binds a candidate, from the release adopted (or
@@ -72,8 +175,18 @@ pub fn binding_floor(
     previous: Option<(u64, &[u8])>,
     limits: &Limits,
 ) -> Option<u64> {
+    binding_floor_with(epoch, previous, limits, None)
+}
+
+/// [`binding_floor`], remembering passed signature checks in `memo`.
+pub fn binding_floor_with(
+    epoch: &[Root],
+    previous: Option<(u64, &[u8])>,
+    limits: &Limits,
+    memo: Option<&SignatureMemo>,
+) -> Option<u64> {
     let (sequence, bytes) = previous?;
-    signed_under_any(epoch, bytes, limits).then_some(sequence)
+    signed_under_any_with(epoch, bytes, limits, memo).then_some(sequence)
 }
 
 /// The sequence rule: strictly above a binding `floor` (rollback), and at
@@ -124,8 +237,18 @@ impl ReleaseCheck<'_> {
     /// above it ([`check_sequence`]), not expired (freeze), and the root
     /// itself not expired.
     pub fn verify(&self, bytes: &[u8]) -> Result<VerifiedRelease> {
+        self.verify_with(bytes, None)
+    }
+
+    /// [`ReleaseCheck::verify`], with the signature check remembered in
+    /// (and answered from) `memo`; every other check runs every time.
+    pub fn verify_with(
+        &self,
+        bytes: &[u8],
+        memo: Option<&SignatureMemo>,
+    ) -> Result<VerifiedRelease> {
         let (env, release) = Release::decode_envelope(bytes, self.limits.max_release_bytes)?;
-        let signers = self.check_signatures(&env, &release)?;
+        let signers = self.check_signatures(bytes, &env, &release, memo)?;
         if release.channel != self.channel {
             return Err(Error::WrongChannel {
                 expected: self.channel.to_owned(),
@@ -160,7 +283,7 @@ impl ReleaseCheck<'_> {
     /// expires (with a warning).
     pub fn reverify_adopted(&self, bytes: &[u8]) -> Result<VerifiedRelease> {
         let (env, release) = Release::decode_envelope(bytes, self.limits.max_release_bytes)?;
-        let signers = self.check_signatures(&env, &release)?;
+        let signers = self.check_signatures(bytes, &env, &release, None)?;
         if release.channel != self.channel {
             return Err(Error::WrongChannel {
                 expected: self.channel.to_owned(),
@@ -174,12 +297,18 @@ impl ReleaseCheck<'_> {
         })
     }
 
-    fn check_signatures(&self, env: &Envelope, release: &Release) -> Result<Vec<KeyId>> {
+    fn check_signatures(
+        &self,
+        bytes: &[u8],
+        env: &Envelope,
+        release: &Release,
+        memo: Option<&SignatureMemo>,
+    ) -> Result<Vec<KeyId>> {
         let what = format!(
             "release {} on channel `{}`",
             release.sequence, release.channel
         );
-        Ok(self.root.check_threshold(Role::Release, env, &what)?)
+        release_threshold(self.root, bytes, env, &what, memo)
     }
 }
 
@@ -300,6 +429,109 @@ mod tests {
             .is_ok());
         // Garbage as the previous release never binds and never panics.
         assert_eq!(binding_floor(epoch, Some((9, b"junk")), &limits), None);
+    }
+
+    #[test]
+    fn the_signature_memo_remembers_only_passed_checks_per_root_and_skips_no_other_check() {
+        let limits = Limits::default();
+        let rk = KeyPair::generate().unwrap();
+        let (good, other) = (KeyPair::generate().unwrap(), KeyPair::generate().unwrap());
+        let v1 = root(1, &rk, &[&good], 1);
+        let v_other = root(1, &rk, &[&other], 1);
+        let memo = SignatureMemo::new();
+        let r5 = release(5, &[&good]);
+
+        // A pass is remembered and answered the same way.
+        let first = check(&v1, None, &limits)
+            .verify_with(&r5, Some(&memo))
+            .unwrap();
+        assert_eq!(memo.len(), 1);
+        let again = check(&v1, None, &limits)
+            .verify_with(&r5, Some(&memo))
+            .unwrap();
+        assert_eq!(first, again);
+        assert_eq!(again, check(&v1, None, &limits).verify(&r5).unwrap());
+
+        // A remembered pass under one root counts for nothing under another.
+        let e = check(&v_other, None, &limits)
+            .verify_with(&r5, Some(&memo))
+            .unwrap_err();
+        assert_eq!(e.reason(), "signature_threshold");
+
+        // Every other check still runs on a remembered envelope: rollback,
+        // wrong channel, expiry.
+        let e = check(&v1, Some(5), &limits)
+            .verify_with(&r5, Some(&memo))
+            .unwrap_err();
+        assert_eq!(e.reason(), "rollback");
+        let elsewhere = ReleaseCheck {
+            channel: "beta",
+            ..check(&v1, None, &limits)
+        };
+        assert_eq!(
+            elsewhere
+                .verify_with(&r5, Some(&memo))
+                .unwrap_err()
+                .reason(),
+            "wrong_channel"
+        );
+        let late = ReleaseCheck {
+            now: NOW + 5000,
+            ..check(&v1, None, &limits)
+        };
+        assert_eq!(
+            late.verify_with(&r5, Some(&memo)).unwrap_err().reason(),
+            "expired"
+        );
+
+        // A failure is never remembered: a forged envelope (a key the root
+        // does not name), and the good envelope with one byte of its
+        // signature flipped, are refused every time.
+        let forged = release(6, &[&other]);
+        for _ in 0..2 {
+            let e = check(&v1, Some(5), &limits)
+                .verify_with(&forged, Some(&memo))
+                .unwrap_err();
+            assert_eq!(e.reason(), "signature_threshold");
+        }
+        let mut tampered = r5.clone();
+        let last = tampered.len() - 2;
+        tampered[last] ^= 1;
+        for _ in 0..2 {
+            assert!(check(&v1, None, &limits)
+                .verify_with(&tampered, Some(&memo))
+                .is_err());
+        }
+        assert_eq!(memo.len(), 1);
+
+        // The floor check goes through the memo too, with the same answer.
+        assert_eq!(
+            binding_floor_with(
+                std::slice::from_ref(&v1),
+                Some((5, &r5)),
+                &limits,
+                Some(&memo)
+            ),
+            Some(5)
+        );
+        assert_eq!(
+            binding_floor_with(
+                std::slice::from_ref(&v_other),
+                Some((5, &r5)),
+                &limits,
+                Some(&memo)
+            ),
+            None
+        );
+        assert_eq!(
+            binding_floor_with(
+                std::slice::from_ref(&v1),
+                Some((6, &forged)),
+                &limits,
+                Some(&memo)
+            ),
+            None
+        );
     }
 
     #[test]

@@ -763,6 +763,34 @@ impl Rng {
     }
 }
 
+/// A 32-bit FNV-1a hash of an agent id, for [`Endpoint`]'s `peer_ids`
+/// filter (a collision only costs a scan of the peer table).
+fn peer_id_hash(id: &AgentId) -> u32 {
+    id.as_str().bytes().fold(0x811c_9dc5, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Whether a peer table entry counts in `Endpoint::failed_unconnected`:
+/// not a seed, never connected, and a dial to it failed.
+fn failed_unconnected(e: &PeerEntry) -> bool {
+    !e.seed && e.last_connected == 0 && e.failures > 0
+}
+
+/// Replaces `old`'s hash by `new`'s in the sorted multiset `ids`.
+fn index_peer_id(ids: &mut Vec<u32>, old: Option<&AgentId>, new: Option<&AgentId>) {
+    if let Some(old) = old {
+        if let Ok(k) = ids.binary_search(&peer_id_hash(old)) {
+            ids.remove(k);
+        }
+    }
+    if let Some(new) = new {
+        let h = peer_id_hash(new);
+        let k = ids.partition_point(|x| *x < h);
+        ids.insert(k, h);
+    }
+}
+
 /// Most root versions fetched ahead in one fetch.
 const MAX_ROOT_STEPS: u64 = 16;
 
@@ -802,6 +830,16 @@ pub struct Endpoint {
     /// failure reports; at most `config.status_sample` after every merge.
     sample: BTreeSet<(u64, AgentId)>,
     peers: BTreeMap<String, PeerEntry>,
+    /// [`peer_id_hash`] of the agent id of every entry of `peers` that has
+    /// one, sorted (a multiset): learning an agent's signed address looks
+    /// here before it scans the table for that agent's older addresses,
+    /// which a new agent (most of them) has none of. 4 bytes an entry.
+    peer_ids: Vec<u32>,
+    /// Entries of `peers` that are not seeds, never connected and failed
+    /// a dial ([`failed_unconnected`]): while there are none, the entry a
+    /// full table evicts is the last never-connected one, found from the
+    /// end instead of by a scan.
+    failed_unconnected: usize,
     /// Records pulled from a peer and not yet received: agent id ->
     /// (record time, pulled at), so one record is pulled once.
     pulling: BTreeMap<AgentId, (u64, u64)>,
@@ -831,6 +869,8 @@ impl Endpoint {
             status: BTreeMap::new(),
             sample: BTreeSet::new(),
             peers: BTreeMap::new(),
+            peer_ids: Vec::new(),
+            failed_unconnected: 0,
             pulling: BTreeMap::new(),
             pending_dials: BTreeSet::new(),
             bans: BTreeMap::new(),
@@ -1168,9 +1208,12 @@ impl Endpoint {
         if let PeerIdentity::Agent(id) = &identity {
             if let Some(addr) = &dialed {
                 if let Some(e) = self.peers.get_mut(addr) {
-                    e.agent_id = Some(id.clone());
+                    let old = e.agent_id.replace(id.clone());
+                    index_peer_id(&mut self.peer_ids, old.as_ref(), Some(id));
+                    self.failed_unconnected -= usize::from(failed_unconnected(e));
                     e.failures = 0;
                     e.last_connected = now;
+                    self.failed_unconnected += usize::from(failed_unconnected(e));
                     e.is_self = *id == self.config.agent_id;
                 }
             }
@@ -1205,7 +1248,9 @@ impl Endpoint {
             self.config.dial_backoff_max_ms,
         );
         if let Some(e) = self.peers.get_mut(addr) {
+            self.failed_unconnected -= usize::from(failed_unconnected(e));
             e.failures = e.failures.saturating_add(1);
+            self.failed_unconnected += usize::from(failed_unconnected(e));
             let shift = e.failures.saturating_sub(1).min(20);
             e.next_attempt = now + base.saturating_mul(1 << shift).min(max);
         }
@@ -1306,8 +1351,10 @@ impl Endpoint {
                     {
                         self.add_peer(&addr, Some(id.clone()), false);
                         if let Some(e) = self.peers.get_mut(&addr) {
+                            self.failed_unconnected -= usize::from(failed_unconnected(e));
                             e.last_connected = now;
                             e.failures = 0;
+                            self.failed_unconnected += usize::from(failed_unconnected(e));
                         }
                     }
                 }
@@ -1966,11 +2013,9 @@ impl Endpoint {
             {
                 continue;
             }
-            held.push((status_sample_rank(&id), t));
-            let newer = self
-                .status
-                .get(&id)
-                .is_none_or(|h| h.record.time < t || self.expired(&h.record, wall));
+            let ours = self.status.get(&id);
+            held.push((ours.map_or_else(|| status_sample_rank(&id), |h| h.rank), t));
+            let newer = ours.is_none_or(|h| h.record.time < t || self.expired(&h.record, wall));
             let pulling = self
                 .pulling
                 .get(&id)
@@ -2014,9 +2059,11 @@ impl Endpoint {
         let me = self.config.agent_id.clone();
         self.status
             .retain(|id, h| *id == me || h.record.time.saturating_add(ttl) > wall);
-        let status = &self.status;
-        self.sample.retain(|(_, id)| status.contains_key(id));
+        // The sample is a subset of the table: only what left the table
+        // leaves the sample.
         if self.status.len() != before {
+            let status = &self.status;
+            self.sample.retain(|(_, id)| status.contains_key(id));
             self.actions.push_back(Action::Event(Event::StatusChanged));
         }
     }
@@ -2043,7 +2090,9 @@ impl Endpoint {
                 continue;
             };
             // The peer holds it: never sent back on this connection.
-            let rank = status_sample_rank(&r.agent_id);
+            let rank = signed
+                .sample_rank()
+                .unwrap_or_else(|| status_sample_rank(&r.agent_id));
             held.push((rank, r.time));
             if self
                 .pulling
@@ -2164,9 +2213,38 @@ impl Endpoint {
         if !is_dialable(addr) || self.peers.contains_key(addr) {
             return;
         }
-        self.peers
-            .retain(|_, e| e.seed || e.last_connected > 0 || e.agent_id.as_ref() != Some(agent_id));
+        if self.peer_ids.binary_search(&peer_id_hash(agent_id)).is_ok() {
+            let (ids, failed) = (&mut self.peer_ids, &mut self.failed_unconnected);
+            self.peers.retain(|_, e| {
+                let keep = e.seed || e.last_connected > 0 || e.agent_id.as_ref() != Some(agent_id);
+                if !keep {
+                    index_peer_id(ids, e.agent_id.as_ref(), None);
+                    *failed -= usize::from(failed_unconnected(e));
+                }
+                keep
+            });
+        }
         self.add_peer(addr, Some(agent_id.clone()), false);
+    }
+
+    /// `failed_unconnected` recounted from the table (checked in debug
+    /// builds).
+    fn failed_unconnected_recounted(&self) -> usize {
+        self.peers
+            .values()
+            .filter(|e| failed_unconnected(e))
+            .count()
+    }
+
+    /// `peer_ids` recounted from the table (checked in debug builds).
+    fn peer_ids_recounted(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .peers
+            .values()
+            .filter_map(|e| e.agent_id.as_ref().map(peer_id_hash))
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     fn add_peer(&mut self, addr: &str, agent_id: Option<AgentId>, seed: bool) {
@@ -2177,10 +2255,15 @@ impl Endpoint {
             return;
         }
         if let Some(e) = self.peers.get_mut(addr) {
+            self.failed_unconnected -= usize::from(failed_unconnected(e));
             e.seed |= seed;
+            self.failed_unconnected += usize::from(failed_unconnected(e));
             if agent_id.is_some() && e.last_connected == 0 {
+                index_peer_id(&mut self.peer_ids, e.agent_id.as_ref(), agent_id.as_ref());
                 e.agent_id = agent_id;
             }
+            debug_assert_eq!(self.peer_ids, self.peer_ids_recounted());
+            debug_assert_eq!(self.failed_unconnected, self.failed_unconnected_recounted());
             return;
         }
         if self.config.listen.as_deref() == Some(addr)
@@ -2191,19 +2274,37 @@ impl Endpoint {
         if !seed && self.peers.len() >= self.config.limits.max_peer_table {
             // Evict a non-seed entry that never connected, or the one with
             // most failures.
-            let victim = self
-                .peers
-                .values()
-                .filter(|e| !e.seed)
-                .max_by_key(|e| (e.last_connected == 0, e.failures))
+            // The last (by address) of the non-seeds with the greatest
+            // (never connected, failures). With no never-connected entry
+            // that failed, that is the last never-connected non-seed, if
+            // there is one.
+            let fast = (self.failed_unconnected == 0)
+                .then(|| {
+                    self.peers
+                        .values()
+                        .rev()
+                        .find(|e| !e.seed && e.last_connected == 0)
+                })
+                .flatten();
+            let victim = fast
+                .or_else(|| {
+                    self.peers
+                        .values()
+                        .filter(|e| !e.seed)
+                        .max_by_key(|e| (e.last_connected == 0, e.failures))
+                })
                 .map(|e| e.addr.clone());
             match victim {
                 Some(v) => {
-                    self.peers.remove(&v);
+                    if let Some(e) = self.peers.remove(&v) {
+                        index_peer_id(&mut self.peer_ids, e.agent_id.as_ref(), None);
+                        self.failed_unconnected -= usize::from(failed_unconnected(&e));
+                    }
                 }
                 None => return,
             }
         }
+        index_peer_id(&mut self.peer_ids, None, agent_id.as_ref());
         self.peers.insert(
             addr.to_owned(),
             PeerEntry {
@@ -2216,6 +2317,8 @@ impl Endpoint {
                 is_self: false,
             },
         );
+        debug_assert_eq!(self.peer_ids, self.peer_ids_recounted());
+        debug_assert_eq!(self.failed_unconnected, self.failed_unconnected_recounted());
     }
 
     fn dial_more(&mut self, now: u64) {

@@ -421,6 +421,9 @@ struct SharedInner {
     signed: SignedStatus,
     /// The record decoded from `signed.record` (or why it does not decode).
     decoded: OnceLock<Result<Arc<StatusRecord>, String>>,
+    /// [`cairn_core::rollout::status_sample_rank`] of the decoded record's
+    /// agent id, computed once.
+    rank: OnceLock<u64>,
 }
 
 impl SharedStatus {
@@ -430,6 +433,7 @@ impl SharedStatus {
         Self(Arc::new(SharedInner {
             signed,
             decoded: OnceLock::from(Ok(record)),
+            rank: OnceLock::new(),
         }))
     }
 
@@ -460,6 +464,20 @@ impl SharedStatus {
         validate_record(r, limits)?;
         Ok(r)
     }
+
+    /// The status sample rank
+    /// ([`cairn_core::rollout::status_sample_rank`]) of the record's agent
+    /// id, computed once per record; `None` until
+    /// [`SharedStatus::decoded`] has decoded it (or if it does not decode).
+    pub fn sample_rank(&self) -> Option<u64> {
+        let r = self.0.decoded.get()?.as_ref().ok()?;
+        Some(
+            *self
+                .0
+                .rank
+                .get_or_init(|| cairn_core::rollout::status_sample_rank(&r.agent_id)),
+        )
+    }
 }
 
 impl From<SignedStatus> for SharedStatus {
@@ -467,6 +485,7 @@ impl From<SignedStatus> for SharedStatus {
         Self(Arc::new(SharedInner {
             signed,
             decoded: OnceLock::new(),
+            rank: OnceLock::new(),
         }))
     }
 }
@@ -785,6 +804,13 @@ pub fn encode_frame(msg: &Message, limit: u32) -> Result<Vec<u8>, WireError> {
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// The length of the frame [`encode_frame`] makes of `msg` (header and
+/// body), counted without encoding it, with no limit applied; for callers
+/// that only count bytes (the fleet simulator).
+pub fn frame_len(msg: &Message) -> u64 {
+    (HEADER_BYTES + cairn_keys::codec::encoded_len(msg)) as u64
 }
 
 /// The body length announced by a frame header, checked against `limit`
@@ -1385,6 +1411,42 @@ mod tests {
     }
 
     #[test]
+    fn frame_len_is_the_encoded_frames_length_for_every_frame_kind() {
+        let mut kinds = std::collections::BTreeSet::new();
+        let mut messages = sample();
+        // Sizes across CBOR's length widths (1, 2, 4 bytes of length).
+        for n in [0usize, 23, 24, 255, 256, 65_535, 65_536, 300_000] {
+            messages.push(Message::Data {
+                id: n as u64,
+                items: vec![Found {
+                    item: Item::Object(Address::of(b"x")),
+                    bytes: Some(vec![7; n]),
+                }],
+                more: n % 2 == 0,
+                entries: vec![EntryFound(n as u32, Some(vec![1; n / 3]))],
+            });
+            messages.push(Message::Bye("b".repeat(n.min(4096))));
+        }
+        for m in &messages {
+            kinds.insert(m.kind());
+            let f = encode_frame(m, u32::MAX).unwrap();
+            assert_eq!(frame_len(m), f.len() as u64, "{}", m.kind());
+        }
+        let all = [
+            "hello",
+            "heads",
+            "want",
+            "data",
+            "status",
+            "status_digest",
+            "status_pull",
+            "status_request",
+            "bye",
+        ];
+        assert_eq!(kinds, all.into_iter().collect());
+    }
+
+    #[test]
     fn frames_round_trip() {
         for m in sample() {
             let f = encode_frame(&m, lim().max_frame_bytes).unwrap();
@@ -1524,8 +1586,18 @@ mod tests {
         };
         let shared = SharedStatus::from(signed(&r));
         let relayed = shared.clone();
+        // No rank before the record is decoded; after, its agent id's.
+        assert_eq!(shared.sample_rank(), None);
         let once = shared.decoded(&lim()).unwrap();
         assert_eq!(**once, r);
+        let rank = cairn_core::rollout::status_sample_rank(&r.agent_id);
+        assert_eq!(relayed.sample_rank(), Some(rank));
+        let garbage = SharedStatus::from(SignedStatus {
+            record: b"not cbor".to_vec(),
+            ..signed(&r)
+        });
+        assert!(garbage.decoded(&lim()).is_err());
+        assert_eq!(garbage.sample_rank(), None);
         // A clone (a relay, a table slot) is the same decoded record.
         assert!(Arc::ptr_eq(once, relayed.decoded(&lim()).unwrap()));
         // Cached or not, a caller with tighter limits is refused.

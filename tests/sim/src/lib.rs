@@ -5,8 +5,8 @@
 //!
 //! * the mesh: [`cairn_mesh::sync::Endpoint`] (the sans-IO sync state
 //!   machine the agent runs), fed and drained as the agent's mesh driver
-//!   does; its frames are encoded with [`encode_frame`] to count their
-//!   real size; status records are signed with
+//!   does; its frames are counted with [`frame_len`] (the exact length
+//!   of the frame `encode_frame` makes, without encoding it); status records are signed with
 //!   [`cairn_mesh::testing::SharedSecretKeys`] instead of X.509 keys;
 //! * a release offered by a peer: [`Ingest::start`] and
 //!   [`adoption_gate`] before any object is asked for, then
@@ -61,7 +61,7 @@ use cairn_core::pipeline::{
 };
 use cairn_core::release::{Release, Rollout, RELEASE_FORMAT};
 use cairn_core::rollout::FleetReports;
-use cairn_core::verify::VerifiedRelease;
+use cairn_core::verify::{SignatureMemo, VerifiedRelease};
 use cairn_core::{Address, AgentId};
 use cairn_keys::{sha256_address, KeyPair, Root, VerifiedRoot};
 use cairn_mesh::identity::PeerIdentity;
@@ -70,7 +70,7 @@ use cairn_mesh::sync::{
 };
 use cairn_mesh::testing::SharedSecretKeys;
 use cairn_mesh::wire::{
-    encode_frame, EntryFound, Found, Head, Item, Message, PeerInfo, StatusRecord,
+    frame_len, EntryFound, Found, Head, Item, Message, PeerInfo, StatusRecord, HEADER_BYTES,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -283,6 +283,11 @@ struct World {
     by_bundle: BTreeMap<String, usize>,
     forged: Arc<Vec<u8>>,
     forged_head: Head,
+    /// Release signature checks passed, shared by every agent: each
+    /// distinct envelope's signatures are checked once, not at every
+    /// offer, ingest and commit (every other release check runs each
+    /// time; see [`SignatureMemo`]).
+    memo: SignatureMemo,
 }
 
 impl World {
@@ -347,6 +352,7 @@ fn build_world(cfg: &SimConfig) -> World {
             bundle: String::new(),
             root_version: 1,
         },
+        memo: SignatureMemo::new(),
     };
     let mut versions = vec![1u64; cfg.objects.max(1)];
     let mut prev: BTreeSet<String> = BTreeSet::new();
@@ -620,6 +626,10 @@ impl driver::Local for SimLocal<'_> {
     }
 
     fn root_rejected(&self, _rejection: &Rejection) {}
+
+    fn signature_memo(&self) -> Option<&SignatureMemo> {
+        Some(&self.world.memo)
+    }
 
     fn snapshot(&self) -> Snapshot {
         let world = self.world;
@@ -1311,17 +1321,18 @@ impl Sim {
                     .ep
                     .as_ref()
                     .map_or(4 << 20, |e| e.config().limits.max_frame_bytes);
-                let size = match encode_frame(&message, limit) {
-                    Ok(f) => f.len() as u64,
-                    Err(e) => {
-                        self.violations.push(format!(
-                            "{}: cannot encode a {} frame: {e}",
-                            self.nodes[i].id,
-                            message.kind()
-                        ));
-                        return;
-                    }
-                };
+                // The exact size of the frame the agent would send
+                // (`encode_frame`), counted without encoding it.
+                let size = frame_len(&message);
+                if size - HEADER_BYTES as u64 > u64::from(limit) {
+                    self.violations.push(format!(
+                        "{}: cannot encode a {} frame: {} bytes, more than {limit}",
+                        self.nodes[i].id,
+                        message.kind(),
+                        size - HEADER_BYTES as u64,
+                    ));
+                    return;
+                }
                 let Some(link) = self.nodes[i].links.get(&conn) else {
                     return;
                 };
@@ -1544,6 +1555,7 @@ impl Sim {
             }),
             now: secs(self.now),
             limits: &self.world.limits,
+            memo: Some(&self.world.memo),
         }
     }
 
@@ -1707,6 +1719,15 @@ impl Sim {
 
     /// Stores verified bytes; the one way into a node's store.
     fn store(&mut self, i: usize, address: &str, bytes: &[u8]) -> bool {
+        // Bytes equal to the content interned at this address hash to it
+        // (it was verified when interned): no need to hash them again.
+        // Anything else is hashed.
+        if let Some(&id) = self.world.index.get(address) {
+            if self.world.content[id as usize].1.as_slice() == bytes {
+                self.nodes[i].objects.insert(id);
+                return true;
+            }
+        }
         if let Err(e) = verify_object(address, bytes) {
             self.violations.push(format!(
                 "{}: an unverified object reached the store: {e}",

@@ -13,6 +13,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use cairn_sim::{Churn, Partition, Sim, SimConfig};
 use std::time::Instant;
 
+/// Billions of small allocations in a large run: mimalloc instead of glibc
+/// malloc (same results; see `docs/PERFORMANCE.md`, "Fleet simulator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn usage() -> &'static str {
     "usage: cairn-sim [--agents 100,1000,10000] [--seed N] [--loss P] [--churn EVERY_MS:DOWN_MS] \
      [--partition FRACTION:MS] [--malicious N] [--status] [--objects N] [--object-bytes N] \
