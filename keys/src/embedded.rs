@@ -9,7 +9,7 @@
 //! Agents refuse to run with it unless explicitly allowed
 //! (`insecureAllowDevelopmentRoot`), and the development release key used
 //! by `cairn demo` is compiled in only when the embedded root is the
-//! development one ([`development_release_key`]).
+//! development one (`development_release_key`, behind the crate feature `development-key`).
 
 use crate::root::VerifiedRoot;
 use crate::Result;
