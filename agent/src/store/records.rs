@@ -172,10 +172,16 @@ impl Store {
         verify_object(address, bytes).map_err(|e| self.invalid(e.to_string()))?;
         let d = pack::digest_of(address)
             .ok_or_else(|| self.invalid(format!("bad address {address}")))?;
+        self.pack_object(&d, bytes)
+    }
+
+    /// Appends `bytes` to the pack under `d` (a copy already there wins),
+    /// writing the index when the pending table is full.
+    fn pack_object(&self, d: &[u8; 32], bytes: &[u8]) -> StoreResult<()> {
         let index_now = self
             .inner
             .pack
-            .put(&d, bytes, false)
+            .put(d, bytes, false)
             .map_err(|e| self.pack_err(e))?;
         if index_now {
             self.inner
@@ -242,17 +248,7 @@ impl Store {
             }
             // Not `replace`: a copy already in the pack (an earlier,
             // interrupted migration) wins.
-            let index_now = self
-                .inner
-                .pack
-                .put(&d, &bytes, false)
-                .map_err(|e| self.pack_err(e))?;
-            if index_now {
-                self.inner
-                    .pack
-                    .write_index()
-                    .map_err(|e| self.pack_err(e))?;
-            }
+            self.pack_object(&d, &bytes)?;
         }
         self.inner
             .pack
